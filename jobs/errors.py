@@ -1,0 +1,57 @@
+"""One exception tree for the whole project.
+
+``InputError`` and its children are the user's fault: they are reported with a
+message that names the bad value and are never retried. ``TransientError`` and
+its children are the environment's fault (storage or broker hiccups) and are
+retried by the worker.
+"""
+
+from __future__ import annotations
+
+
+class DeblurError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class InputError(DeblurError):
+    """Bad input from the user: not retried, reported as is."""
+
+
+class ConfigurationError(InputError):
+    """A setting (environment variable or option) is missing or malformed."""
+
+
+class InvalidURIError(InputError):
+    """A storage URI is malformed or points somewhere it may not."""
+
+
+class StorageNotFoundError(InputError):
+    """A bucket, key or prefix does not exist."""
+
+
+class UnknownModelError(InputError):
+    """A model name is not in the registry."""
+
+
+class InvalidModelSpecError(InputError):
+    """A model spec (``NAME[:PARAMS][:WEIGHT]``) is malformed or has bad parameters."""
+
+
+class LicenseError(InputError):
+    """A model's licence forbids its use unless the operator opts in."""
+
+
+class WeightsError(InputError):
+    """Model weights are missing, corrupt or fail their checksum."""
+
+
+class ImageDecodeError(InputError):
+    """An input file is not a readable image."""
+
+
+class UnknownJobError(InputError):
+    """No job has the given id."""
+
+
+class TransientError(DeblurError):
+    """A temporary failure (storage, broker, database): the task is retried."""

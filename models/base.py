@@ -1,0 +1,140 @@
+"""The typed descriptor every restoration model is wrapped in.
+
+Workers never touch a raw ``nn.Module``: they call a :class:`RestorationModel`
+with a batch in float [0, 1], NCHW, and get a :class:`Restored` back with the
+same shape. The wrapper handles the channel count the network needs (grey is
+replicated to RGB and averaged back), reflect-padding to the model's size
+multiple, ``inference_mode``, mixed precision on CUDA where the model allows
+it, and clamping.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models.registry import ModelInfo
+
+
+@dataclass
+class Restored:
+    """A model's output for a batch.
+
+    ``image``: (N, C, H, W) float32 in [0, 1], same shape as the input.
+    ``kernels``: (N, kh, kw) estimated blur kernels summing to 1, for blind
+    methods; ``None`` otherwise.
+    ``metrics``: per-image scalar diagnostics, each a tensor of shape (N,)
+    (e.g. ``kernel_size``), stored by the worker as metrics of this model.
+    """
+
+    image: torch.Tensor
+    kernels: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RestorationModel(ABC):
+    """Base class for every model the worker can run.
+
+    Subclasses implement :meth:`restore_batch` on a tensor that already has
+    ``self.channels`` channels (3 unless a subclass says 1 or ``None`` for
+    "any") and sides that are multiples of ``info.size_multiple``.
+    """
+
+    channels: int | None = 3
+
+    def __init__(self, info: ModelInfo, params: Mapping[str, object], device: torch.device) -> None:
+        self.info = info
+        self.params = dict(params)
+        self.device = device
+
+    @property
+    def version(self) -> str:
+        """Identifies the exact computation (name, code version, parameters)."""
+        shown = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.info.name}@{self.info.version}" + (f"[{shown}]" if shown else "")
+
+    @abstractmethod
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        """Restore ``x`` (N, C, H, W) float in [0, 1] on ``self.device``."""
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """Reduced precision to run in on CUDA, if the model supports one."""
+        if self.device.type != "cuda":
+            return None
+        if "bfloat16" in self.info.dtypes and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if "float16" in self.info.dtypes:
+            return torch.float16
+        return None
+
+    def __call__(self, x: torch.Tensor) -> Restored:
+        if x.ndim != 4:
+            raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        x = x.to(self.device, torch.float32)
+        work = _adapt_channels(x, self.channels)
+        multiple = max(1, self.info.size_multiple)
+        min_side = max(1, self.info.min_size)
+        target_h = max(min_side, -(-h // multiple) * multiple)
+        target_w = max(min_side, -(-w // multiple) * multiple)
+        target_h = -(-target_h // multiple) * multiple
+        target_w = -(-target_w // multiple) * multiple
+        if (target_h, target_w) != (h, w):
+            work = _pad(work, target_h - h, target_w - w)
+        amp = self.autocast_dtype()
+        with torch.inference_mode():
+            if amp is not None:
+                with torch.autocast(device_type="cuda", dtype=amp):
+                    out = self.restore_batch(work)
+            else:
+                out = self.restore_batch(work)
+        image = out.image.float()[..., :h, :w]
+        if image.shape[1] != c:
+            image = _restore_channels(image, c)
+        out.image = image.clamp_(0.0, 1.0)
+        return out
+
+
+def _adapt_channels(x: torch.Tensor, wanted: int | None) -> torch.Tensor:
+    c = x.shape[1]
+    if wanted is None or c == wanted:
+        return x
+    if wanted == 3 and c == 1:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if wanted == 1 and c == 3:
+        return x.mean(dim=1, keepdim=True)
+    raise ValueError(f"cannot feed {c} channels to a model that needs {wanted}")
+
+
+def _restore_channels(image: torch.Tensor, c: int) -> torch.Tensor:
+    if c == 1:
+        return image.mean(dim=1, keepdim=True)
+    if c == 3 and image.shape[1] == 1:
+        return image.expand(-1, 3, -1, -1)
+    raise ValueError(f"model returned {image.shape[1]} channels for a {c}-channel input")
+
+
+def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Reflect-pad bottom/right; falls back to replicate where reflect cannot reach."""
+    h, w = x.shape[-2:]
+    if pad_h < h and pad_w < w:
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """The device named by ``setting`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+
+    ``auto`` takes CUDA when present, else the CPU; nothing is hard-coded.
+    """
+    setting = (setting or "auto").strip().lower()
+    if setting == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {setting!r} requested but CUDA is not available; use DEBLUR_DEVICE=cpu")
+    return device

@@ -1,0 +1,37 @@
+"""Turning a validated :class:`ModelSpec` into a ready :class:`RestorationModel`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from jobs.errors import LicenseError
+from models.base import RestorationModel
+from models.catalog import REGISTRY
+from models.registry import ModelSpec
+
+
+def noncommercial_allowed() -> bool:
+    return os.environ.get("DEBLUR_ALLOW_NONCOMMERCIAL", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_license(name: str) -> None:
+    """Refuse models under non-commercial licences unless the operator opted in."""
+    info = REGISTRY.get(name)
+    if info.noncommercial and not noncommercial_allowed():
+        raise LicenseError(
+            f"model {name!r} is licensed {info.license!r}, which forbids commercial use; "
+            "set DEBLUR_ALLOW_NONCOMMERCIAL=1 to confirm your use is non-commercial"
+        )
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> RestorationModel:
+    """Build the model named by ``spec`` on ``device`` (weights loaded, eval mode)."""
+    info = REGISTRY.get(spec.name)
+    check_license(info.name)
+    module_name, _, function_name = info.factory.partition(":")
+    factory = getattr(importlib.import_module(module_name), function_name)
+    model: RestorationModel = factory(REGISTRY.resolved_params(spec), device)
+    return model

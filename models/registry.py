@@ -1,0 +1,328 @@
+"""The model registry's vocabulary, importable without torch.
+
+A model is *declared* by a :class:`ModelInfo` (name, family, licence, weights,
+size rules, parameters and the dotted path of the factory that builds it) and
+*requested* by a :class:`ModelSpec` parsed from the command line form
+``NAME[:PARAMS][:WEIGHT]``, e.g. ``wiener``, ``wiener:0.5``,
+``wiener:psf=motion:length=15,angle=30``, ``l0-blind:kernel=31,lambda=4e-3:2``.
+
+The producer validates specs against the registry before anything is enqueued;
+only workers turn a spec into a torch module (:mod:`models.loading`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from jobs.errors import InvalidModelSpecError, UnknownModelError
+
+Family = Literal["classic", "learned-official", "learned-seed"]
+FAMILIES: tuple[str, ...] = ("classic", "learned-official", "learned-seed")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One named parameter a model accepts in its spec.
+
+    ``kind`` converts the text from the spec (``float``, ``int``, ``str`` or
+    ``bool``); ``check`` may further validate or normalise the converted value
+    and must raise ``ValueError`` with a readable message when it is wrong.
+    """
+
+    name: str
+    kind: type
+    default: object
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[object], object] | None = None
+
+    def convert(self, model: str, text: str) -> object:
+        try:
+            if self.kind is bool:
+                lowered = text.strip().lower()
+                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(f"expected a boolean, got {text!r}")
+                value: object = lowered in {"1", "true", "yes", "on"}
+            elif self.kind is int:
+                value = int(text)
+            elif self.kind is float:
+                value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError(f"expected a finite number, got {text!r}")
+            else:
+                value = text
+            if self.minimum is not None and float(value) < self.minimum:  # type: ignore[arg-type]
+                raise ValueError(f"must be >= {self.minimum}, got {text}")
+            if self.maximum is not None and float(value) > self.maximum:  # type: ignore[arg-type]
+                raise ValueError(f"must be <= {self.maximum}, got {text}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}; got {text!r}")
+            if self.check is not None:
+                value = self.check(value)
+        except ValueError as exc:
+            raise InvalidModelSpecError(
+                f"model {model!r}: parameter {self.name!r}: {exc}"
+            ) from None
+        return value
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where a model's weights come from and how to check them.
+
+    ``shipped`` weights live in this repository (``models/weights/``); others
+    are looked up in ``DEBLUR_WEIGHTS_DIR`` and fetched by ``deblur models pull``.
+    """
+
+    filename: str
+    sha256: str | None = None
+    url: str | None = None
+    shipped: bool = False
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything known about a model without loading it."""
+
+    name: str
+    family: Family
+    license: str
+    summary: str
+    factory: str  # "package.module:function", called as factory(params, device)
+    params: tuple[Param, ...] = ()
+    weights: WeightsFile | None = None
+    noncommercial: bool = False
+    size_multiple: int = 1
+    min_size: int = 1
+    tile_size: int | None = None
+    dtypes: tuple[str, ...] = ("float32",)
+    produces_kernel: bool = False
+    version: str = "1"
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def size_rules(self) -> str:
+        rules = []
+        if self.size_multiple > 1:
+            rules.append(f"padded to a multiple of {self.size_multiple}")
+        if self.min_size > 1:
+            rules.append(f"min side {self.min_size}")
+        if self.tile_size:
+            rules.append(f"tiles of {self.tile_size}")
+        return ", ".join(rules) or "any size"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A requested model: its name, explicit parameters and ensemble weight."""
+
+    name: str
+    params: tuple[tuple[str, object], ...] = ()
+    weight: float = 1.0
+
+    @property
+    def param_dict(self) -> dict[str, object]:
+        return dict(self.params)
+
+    def key(self) -> str:
+        """Canonical text naming the model and its parameters (not its weight).
+
+        Used as the model cache key in workers and as the model name under
+        which metrics are stored, so two specs that mean the same model share it.
+        """
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+
+    def to_text(self) -> str:
+        """The spec in the command-line form, weight included when not 1."""
+        text = self.key()
+        if self.weight != 1.0:
+            text += f":{_fmt(self.weight)}"
+        return text
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if value != int(value) else str(int(value)) if abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "=" not in text
+
+
+class Registry:
+    """An explicit, duplicate-checked table of :class:`ModelInfo` by name."""
+
+    def __init__(self, entries: Iterable[ModelInfo] = ()) -> None:
+        self._entries: dict[str, ModelInfo] = {}
+        for entry in entries:
+            self.register(entry)
+
+    def register(self, info: ModelInfo) -> None:
+        if info.name in self._entries:
+            raise ValueError(f"model {info.name!r} is registered twice")
+        if info.family not in FAMILIES:
+            raise ValueError(f"model {info.name!r}: unknown family {info.family!r}")
+        if ":" not in info.factory:
+            raise ValueError(f"model {info.name!r}: factory must be 'module:function'")
+        names = [p.name for p in info.params]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model {info.name!r}: duplicate parameter names {names}")
+        self._entries[info.name] = info
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._entries[n] for n in self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> ModelInfo:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = [n for n in self.names() if n.split("-")[0] in name or name in n]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UnknownModelError(
+                f"unknown model {name!r}; known: {', '.join(self.names())}.{hint} "
+                "Run 'deblur models list' to see them all."
+            ) from None
+
+    def parse(self, text: str) -> ModelSpec:
+        """Parse ``NAME[:PARAMS][:WEIGHT]`` and validate it against the registry.
+
+        Parameters are ``key=value`` pairs separated by commas. A value may
+        itself contain ``:`` and ``,`` (``psf=motion:length=15,angle=30``): a
+        comma-separated piece whose key is not a parameter of the model is
+        taken as part of the previous value. A trailing ``:NUMBER`` is the
+        ensemble weight.
+        """
+        text = text.strip()
+        if not text:
+            raise InvalidModelSpecError("empty model spec; expected NAME[:PARAMS][:WEIGHT]")
+        name, _, rest = text.partition(":")
+        info = self.get(name.strip())
+        weight = 1.0
+        if rest:
+            head, sep, tail = rest.rpartition(":")
+            if _looks_like_number(rest):
+                weight, rest = float(rest), ""
+            elif sep and _looks_like_number(tail):
+                weight, rest = float(tail), head
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidModelSpecError(
+                f"model {info.name!r}: ensemble weight must be a finite number >= 0, got {weight}"
+            )
+        raw: dict[str, str] = {}
+        last: str | None = None
+        for piece in rest.split(",") if rest else []:
+            key, eq, value = piece.partition("=")
+            key = key.strip()
+            if eq and info.param(key) is not None:
+                if key in raw:
+                    raise InvalidModelSpecError(f"model {info.name!r}: parameter {key!r} given twice")
+                raw[key] = value.strip()
+                last = key
+            elif last is not None:
+                raw[last] += "," + piece
+            else:
+                known = ", ".join(p.name for p in info.params) or "none"
+                raise InvalidModelSpecError(
+                    f"model {info.name!r}: unknown parameter {piece!r}; its parameters: {known}"
+                )
+        params = tuple(
+            (p.name, p.convert(info.name, raw[p.name])) for p in info.params if p.name in raw
+        )
+        return ModelSpec(info.name, params, weight)
+
+    def resolved_params(self, spec: ModelSpec) -> dict[str, object]:
+        """The spec's parameters with every default filled in."""
+        info = self.get(spec.name)
+        values = {p.name: p.default for p in info.params}
+        values.update(spec.param_dict)
+        return values
+
+
+def weights_dir() -> Path:
+    """The operator's weights folder (``DEBLUR_WEIGHTS_DIR``)."""
+    configured = os.environ.get("DEBLUR_WEIGHTS_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "deblur" / "weights"
+
+
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def find_weights(info: ModelInfo) -> Path | None:
+    """The weights file for ``info`` if present: operator folder first, then shipped."""
+    if info.weights is None:
+        return None
+    for folder in (weights_dir(), SHIPPED_WEIGHTS_DIR):
+        candidate = folder / info.weights.filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def weights_present(info: ModelInfo) -> bool:
+    return info.weights is None or find_weights(info) is not None
+
+
+def describe(info: ModelInfo) -> Mapping[str, object]:
+    """A JSON-ready description, as printed by ``deblur models list --format json``."""
+    return {
+        "name": info.name,
+        "family": info.family,
+        "license": info.license,
+        "noncommercial": info.noncommercial,
+        "weights_present": weights_present(info),
+        "weights_file": info.weights.filename if info.weights else None,
+        "summary": info.summary,
+        "size_rules": info.size_rules(),
+        "size_multiple": info.size_multiple,
+        "tile_size": info.tile_size,
+        "dtypes": list(info.dtypes),
+        "produces_kernel": info.produces_kernel,
+        "params": [
+            {"name": p.name, "type": p.kind.__name__, "default": p.default, "help": p.help}
+            for p in info.params
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """Members of an ensemble with their weights, plus the restoration strength."""
+
+    members: tuple[ModelSpec, ...]
+    strength: float = 1.0
+    extras: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def normalised_weights(self) -> list[float]:
+        total = sum(m.weight for m in self.members)
+        if total <= 0:
+            raise InvalidModelSpecError("ensemble weights sum to zero; give at least one weight > 0")
+        return [m.weight / total for m in self.members]
