@@ -1,0 +1,158 @@
+"""Every setting in one place, read from the environment and validated once.
+
+Precedence, highest first: an explicit value (a CLI option), the environment
+variable, the running local stack's connection file (written by ``deblur stack
+up`` in ``DEBLUR_HOME``), the default below. AWS credentials and region are
+read by boto3 the standard way (environment, ``~/.aws``, instance roles);
+``DEBLUR_S3_ENDPOINT_URL`` points at MinIO, moto or another S3-compatible
+server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import ConfigurationError
+
+
+def deblur_home() -> Path:
+    """Folder for the local stack's state, logs and SQLite database."""
+    return Path(os.environ.get("DEBLUR_HOME", "~/.deblur")).expanduser()
+
+
+def stack_file() -> Path:
+    return deblur_home() / "stack" / "connection.json"
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    env: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :func:`load_settings`."""
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = ""  # default: SQLite file in DEBLUR_HOME
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    weights_dir: str = "~/.cache/deblur/weights"
+    device: str = "auto"
+    torch_threads: int = 0
+    allow_noncommercial: bool = False
+    batch_size: int = 8
+    io_threads: int = 8
+    queue: str = "deblur"
+    task_max_retries: int = 5
+    image_max_pixels: int = 200_000_000
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_basic_auth: str | None = None
+    api_address: str = "127.0.0.1"
+    api_port: int = 8000
+    api_token: str | None = None
+    strip_metadata: bool = False
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{deblur_home() / 'deblur.db'}"
+
+
+HELP: dict[str, SettingInfo] = {
+    "broker_url": SettingInfo("DEBLUR_BROKER_URL", "Redis URL of the Celery broker"),
+    "database_url": SettingInfo(
+        "DEBLUR_DATABASE_URL",
+        "SQLAlchemy URL: sqlite:///path.db (default: $DEBLUR_HOME/deblur.db) or "
+        "postgresql+psycopg://user@host/db",
+    ),
+    "s3_endpoint_url": SettingInfo("DEBLUR_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, moto); unset for AWS"),
+    "s3_region": SettingInfo("DEBLUR_S3_REGION", "S3 region"),
+    "weights_dir": SettingInfo("DEBLUR_WEIGHTS_DIR", "folder of downloaded model weights"),
+    "device": SettingInfo("DEBLUR_DEVICE", "auto, cpu, cuda or cuda:N (auto picks CUDA when present)"),
+    "torch_threads": SettingInfo("DEBLUR_TORCH_THREADS", "CPU threads per worker process (0: torch's default)"),
+    "allow_noncommercial": SettingInfo(
+        "DEBLUR_ALLOW_NONCOMMERCIAL", "1 to allow models under non-commercial licences (MPRNet, Restormer)"
+    ),
+    "batch_size": SettingInfo("DEBLUR_BATCH_SIZE", "images per Celery task"),
+    "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
+    "queue": SettingInfo("DEBLUR_QUEUE", "Celery queue the jobs go to"),
+    "task_max_retries": SettingInfo("DEBLUR_TASK_MAX_RETRIES", "retries of a batch after transient failures"),
+    "image_max_pixels": SettingInfo("DEBLUR_IMAGE_MAX_PIXELS", "largest image accepted, in pixels"),
+    "flower_address": SettingInfo("DEBLUR_FLOWER_ADDRESS", "address Flower listens on"),
+    "flower_port": SettingInfo("DEBLUR_FLOWER_PORT", "port Flower listens on"),
+    "flower_basic_auth": SettingInfo("DEBLUR_FLOWER_BASIC_AUTH", "user:password for Flower (unset: API open on loopback)"),
+    "api_address": SettingInfo("DEBLUR_API_ADDRESS", "address the HTTP API listens on"),
+    "api_port": SettingInfo("DEBLUR_API_PORT", "port the HTTP API listens on"),
+    "api_token": SettingInfo("DEBLUR_API_TOKEN", "bearer token the HTTP API requires (unset: no auth)"),
+    "strip_metadata": SettingInfo("DEBLUR_STRIP_METADATA", "1 to drop EXIF/ICC/XMP from outputs"),
+}
+
+
+def _convert(name: str, kind: Any, text: str) -> Any:
+    env = HELP[name].env
+    try:
+        if kind in (bool, "bool"):
+            lowered = text.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError
+        if kind in (int, "int"):
+            return int(text)
+        return text
+    except ValueError:
+        raise ConfigurationError(f"{env}={text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def _stack_values() -> dict[str, str]:
+    path = stack_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: str(v) for k, v in data.items() if k in HELP and v is not None}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings: overrides (non-None) > environment > local stack > defaults."""
+    base = Settings()
+    values: dict[str, Any] = {}
+    stack = _stack_values()
+    for f in fields(Settings):
+        env = HELP[f.name].env
+        if overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+        elif env in os.environ:
+            values[f.name] = _convert(f.name, f.type, os.environ[env])
+        elif f.name in stack:
+            values[f.name] = _convert(f.name, f.type, stack[f.name])
+    settings = replace(base, **values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not s.broker_url.startswith(("redis://", "rediss://", "unix://", "memory://")):
+        raise ConfigurationError(
+            f"DEBLUR_BROKER_URL={s.broker_url!r}: expected a Redis URL such as redis://127.0.0.1:6379/0"
+        )
+    url = s.resolved_database_url()
+    if not url.startswith(("sqlite", "postgresql")):
+        raise ConfigurationError(
+            f"DEBLUR_DATABASE_URL={url!r}: expected sqlite:///file.db or postgresql+psycopg://user@host/db"
+        )
+    if s.s3_endpoint_url and not s.s3_endpoint_url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"DEBLUR_S3_ENDPOINT_URL={s.s3_endpoint_url!r}: expected http(s)://host:port")
+    for name in ("batch_size", "io_threads", "flower_port", "api_port"):
+        if getattr(s, name) < 1:
+            raise ConfigurationError(f"{HELP[name].env} must be >= 1, got {getattr(s, name)}")
+    if s.torch_threads < 0:
+        raise ConfigurationError(f"DEBLUR_TORCH_THREADS must be >= 0, got {s.torch_threads}")

@@ -1,0 +1,177 @@
+"""Synthetic blur for demos, benchmarks and training (NumPy/SciPy, no torch).
+
+Kernels are float64 arrays that sum to 1 with odd sides. Images are float
+arrays in [0, 1], HxW or HxWxC.
+
+The camera-shake model follows the random-trajectory generator widely used for
+motion-blur benchmarks (Boracchi & Foi 2012 style): a 2-D random walk with
+inertia, impulsive jerks and a drift towards the centre, sampled over the
+exposure and rasterised with sub-pixel bilinear splatting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+
+def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
+    """Isotropic Gaussian PSF with standard deviation ``sigma`` pixels."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    radius = int(np.ceil(3.0 * sigma)) if size is None else size // 2
+    ax = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-(ax**2) / (2 * sigma**2))
+    k = np.outer(g, g)
+    return k / k.sum()
+
+
+def disk_kernel(radius: float) -> np.ndarray:
+    """Defocus PSF: a uniform disc of ``radius`` pixels, anti-aliased at its rim."""
+    if radius <= 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    r = int(np.ceil(radius))
+    supersample = 8
+    ax = (np.arange(-r * supersample, (r + 1) * supersample) + 0.5) / supersample - 0.5
+    yy, xx = np.meshgrid(ax, ax, indexing="ij")
+    inside = (xx**2 + yy**2 <= radius**2).astype(np.float64)
+    k = inside.reshape(2 * r + 1, supersample, 2 * r + 1, supersample).mean(axis=(1, 3))
+    return k / k.sum()
+
+
+def linear_motion_kernel(length: float, angle_deg: float) -> np.ndarray:
+    """Uniform straight-line motion of ``length`` pixels at ``angle_deg`` (counter-clockwise)."""
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    size = int(np.ceil(length)) | 1
+    theta = np.deg2rad(angle_deg)
+    steps = max(2, int(np.ceil(length * 8)))
+    t = np.linspace(-0.5, 0.5, steps) * (length - 1)
+    xs = t * np.cos(theta)
+    ys = -t * np.sin(theta)
+    return _rasterise(xs, ys, size)
+
+
+def _rasterise(xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear splat of a centred trajectory into a ``size``×``size`` kernel."""
+    k = np.zeros((size, size), dtype=np.float64)
+    c = size // 2
+    for x, y in zip(xs + c, ys + c, strict=True):
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        fx, fy = x - x0, y - y0
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            for dx, wx in ((0, 1 - fx), (1, fx)):
+                yy, xx = y0 + dy, x0 + dx
+                if 0 <= yy < size and 0 <= xx < size:
+                    k[yy, xx] += wy * wx
+    total = k.sum()
+    if total <= 0:
+        k[c, c] = 1.0
+        return k
+    return k / total
+
+
+def random_motion_kernel(size: int, rng: np.random.Generator, intensity: float | None = None) -> np.ndarray:
+    """A random camera-shake kernel whose trajectory fits in ``size``×``size`` (odd).
+
+    ``intensity`` in [0, 1] controls how erratic the path is (default: random).
+    """
+    if size < 3:
+        raise ValueError(f"kernel size must be >= 3, got {size}")
+    size |= 1
+    if intensity is None:
+        intensity = float(rng.uniform(0.0, 1.0))
+    n = 2000
+    anxiety = 0.005 * intensity
+    centripetal = 0.7 * rng.uniform(0, 1)
+    gaussian_term = 10.0 * rng.uniform(0, 1)
+    freq_big_shakes = 0.2 * intensity
+    max_len = float(size - 1)
+    v = complex(np.cos(rng.uniform(0, 2 * np.pi)), np.sin(rng.uniform(0, 2 * np.pi)))
+    v = v * max_len / (n - 1) * rng.uniform(0.5, 1.0) * 2.5
+    x = np.zeros(n, dtype=np.complex128)
+    for t in range(n - 1):
+        if rng.uniform() < freq_big_shakes * anxiety * 100 / n:
+            nextdir = 2 * v * np.exp(1j * (np.pi + (rng.uniform() - 0.5)))
+        else:
+            nextdir = 0
+        dv = nextdir + anxiety * (
+            gaussian_term * complex(rng.standard_normal(), rng.standard_normal()) - centripetal * x[t]
+        ) * (max_len / (n - 1))
+        v = v + dv
+        speed = abs(v)
+        if speed > 0:
+            v = (v / speed) * max_len / (n - 1) * 2.5
+        x[t + 1] = x[t] + v
+    x -= x.mean()
+    span = max(np.ptp(x.real), np.ptp(x.imag), 1e-9)
+    scale = min(1.0, (size - 2) / span) * rng.uniform(0.6, 1.0)
+    x *= scale
+    x -= (x.real.max() + x.real.min()) / 2 + 1j * (x.imag.max() + x.imag.min()) / 2
+    return _rasterise(x.real, x.imag, size)
+
+
+def blur_image(
+    image: np.ndarray,
+    kernel: np.ndarray,
+    noise_sigma: float = 0.0,
+    rng: np.random.Generator | None = None,
+    mode: str = "reflect",
+) -> np.ndarray:
+    """Convolve ``image`` (HxW or HxWxC, float [0, 1]) with ``kernel`` and add noise.
+
+    ``mode='reflect'`` pads by reflection so the output has the input's size
+    and no dark frame; ``mode='valid'`` returns only fully-covered pixels.
+    """
+    img = np.asarray(image, dtype=np.float64)
+    kh, kw = kernel.shape
+    ph, pw = kh // 2, kw // 2
+    chans = img[..., None] if img.ndim == 2 else img
+    out = []
+    for c in range(chans.shape[2]):
+        ch = chans[..., c]
+        if mode == "reflect":
+            padded = np.pad(ch, ((ph, ph), (pw, pw)), mode="reflect")
+            out.append(fftconvolve(padded, kernel, mode="valid"))
+        elif mode == "valid":
+            out.append(fftconvolve(ch, kernel, mode="valid"))
+        else:
+            raise ValueError(f"unknown mode {mode!r}; use 'reflect' or 'valid'")
+    result = np.stack(out, axis=2)
+    if noise_sigma > 0:
+        rng = rng or np.random.default_rng()
+        result = result + rng.normal(0.0, noise_sigma, result.shape)
+    result = np.clip(result, 0.0, 1.0)
+    return result[..., 0] if img.ndim == 2 else result
+
+
+def sample_photographs() -> dict[str, np.ndarray]:
+    """Natural photographs that ship inside installed packages, as uint8 arrays.
+
+    Needs scikit-image (and scikit-learn for two more); missing packages just
+    contribute nothing.
+    """
+    photos: dict[str, np.ndarray] = {}
+    try:
+        from skimage import data
+
+        for name in ("astronaut", "camera", "coffee", "chelsea", "rocket", "immunohistochemistry",
+                     "retina", "hubble_deep_field", "cat", "brick", "grass", "gravel"):
+            loader = getattr(data, name, None)
+            if loader is None:
+                continue
+            try:
+                photos[name] = np.asarray(loader())
+            except Exception:  # some need pooch downloads; skip them offline
+                continue
+    except ImportError:
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        bunch = load_sample_images()
+        for fname, img in zip(bunch.filenames, bunch.images, strict=True):
+            photos[fname.rsplit("/", 1)[-1].split(".")[0]] = np.asarray(img)
+    except ImportError:
+        pass
+    return photos
