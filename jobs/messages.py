@@ -1,0 +1,52 @@
+"""The versioned JSON messages that travel through the broker.
+
+Messages carry URIs and options, never pixels. The job row in SQL stays the
+source of truth; a message only says which images a task must process and how.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MESSAGE_VERSION = 1
+JobKind = Literal["deblur", "evaluate"]
+
+PROCESS_BATCH_TASK = "deblur.process_batch"
+
+
+class ImageItem(BaseModel):
+    """One image of a batch: where to read it, where to write it, what to compare with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    output: str | None = None
+    reference: str | None = None  # the sharp image, for evaluation jobs
+
+
+class BatchMessage(BaseModel):
+    """The body of a ``deblur.process_batch`` task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: int = Field(default=MESSAGE_VERSION)
+    job_id: str
+    kind: JobKind
+    models: list[str] = Field(min_length=1)
+    strength: float = Field(default=1.0, ge=0.0, le=1.0)
+    strip_metadata: bool = False
+    write_outputs: bool = True
+    images: list[ImageItem] = Field(min_length=1)
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "BatchMessage":
+        """Parse a received payload, refusing versions this code does not know."""
+        version = payload.get("v")
+        if version != MESSAGE_VERSION:
+            raise ValueError(
+                f"message version {version!r} is not supported by this worker (expects {MESSAGE_VERSION}); "
+                "upgrade the worker or drain the queue with the matching version"
+            )
+        return cls.model_validate(payload)

@@ -1,0 +1,115 @@
+"""boto3 access to S3-compatible storage, shared by producer and worker.
+
+Clients are cached per process and thread-safe for the calls used here. The
+listing is a generator over pages, so memory stays flat for any prefix size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from jobs.errors import StorageNotFoundError, TransientError
+from jobs.s3uri import S3URI
+from jobs.settings import Settings
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
+@functools.lru_cache(maxsize=8)
+def _client(endpoint_url: str | None, region: str, pool: int):  # type: ignore[no-untyped-def]
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        config=Config(
+            max_pool_connections=pool,
+            retries={"max_attempts": 5, "mode": "adaptive"},
+            connect_timeout=10,
+            read_timeout=60,
+        ),
+    )
+
+
+def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
+    """A boto3 S3 client for the configured endpoint (cached per process)."""
+    return _client(settings.s3_endpoint_url, settings.s3_region, max(10, settings.io_threads * 2))
+
+
+def _is_missing(exc: ClientError) -> bool:
+    code = exc.response.get("Error", {}).get("Code", "")
+    return code in {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+def translate(exc: Exception, what: str) -> Exception:
+    """Map a boto error to the project's tree: missing → StorageNotFoundError, else transient."""
+    if isinstance(exc, ClientError):
+        if _is_missing(exc):
+            return StorageNotFoundError(f"{what}: not found")
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            return StorageNotFoundError(f"{what}: access denied ({code}); check the AWS credentials")
+        return TransientError(f"{what}: S3 error {code}: {exc}")
+    if isinstance(exc, EndpointConnectionError):
+        return TransientError(f"{what}: cannot reach the S3 endpoint ({exc}); check DEBLUR_S3_ENDPOINT_URL")
+    if isinstance(exc, BotoCoreError):
+        return TransientError(f"{what}: {exc}")
+    return exc
+
+
+def check_bucket(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """Raise StorageNotFoundError naming the bucket when it does not exist or is not accessible."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (ClientError, BotoCoreError) as exc:
+        err = translate(exc, f"bucket {bucket!r}")
+        if isinstance(err, StorageNotFoundError):
+            raise StorageNotFoundError(
+                f"bucket {bucket!r} does not exist or is not accessible; create it or fix the URI"
+            ) from None
+        raise err from None
+
+
+def object_exists(client, uri: S3URI) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        client.head_object(Bucket=uri.bucket, Key=uri.key)
+        return True
+    except ClientError as exc:
+        if _is_missing(exc):
+            return False
+        raise translate(exc, str(uri)) from None
+
+
+def iter_objects(client, prefix: S3URI, page_size: int = 1000) -> Iterator[tuple[S3URI, int]]:  # type: ignore[no-untyped-def]
+    """Yield (uri, size) for every object under ``prefix``, one listing page at a time."""
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(
+            Bucket=prefix.bucket, Prefix=prefix.key, PaginationConfig={"PageSize": page_size}
+        ):
+            for obj in page.get("Contents", ()):
+                yield S3URI(prefix.bucket, obj["Key"]), int(obj.get("Size", 0))
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"listing {prefix}") from None
+
+
+def is_image_key(key: str) -> bool:
+    return key.lower().endswith(IMAGE_SUFFIXES)
+
+
+def get_bytes(client, uri: S3URI) -> bytes:  # type: ignore[no-untyped-def]
+    try:
+        return client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, str(uri)) from None
+
+
+def put_bytes(client, uri: S3URI, data: bytes, content_type: str = "application/octet-stream") -> None:  # type: ignore[no-untyped-def]
+    try:
+        client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type)
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, str(uri)) from None
