@@ -95,7 +95,7 @@ class RestorationModel(ABC):
         image = out.image.float()[..., :h, :w]
         if image.shape[1] != c:
             image = _restore_channels(image, c)
-        out.image = image.clamp_(0.0, 1.0)
+        out.image = image.clamp(0.0, 1.0)  # not in place: the tensor was made under inference_mode
         return out
 
 

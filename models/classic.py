@@ -1,0 +1,65 @@
+"""Non-blind classics: Wiener and Richardson-Lucy deconvolution with a given PSF.
+
+Both work on any number of channels (each channel on its own), in float32 on
+whatever device they are built for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from jobs.errors import InvalidModelSpecError
+from models.base import RestorationModel, Restored
+from models.catalog import REGISTRY
+from models.deconv import richardson_lucy, wiener
+from models.psf import psf_kernel
+
+
+class _PSFModel(RestorationModel):
+    """A model that deconvolves by a kernel given in its ``psf`` parameter."""
+
+    channels = None
+
+    def __init__(self, name: str, params: Mapping[str, object], device: torch.device) -> None:
+        info = REGISTRY.get(name)
+        resolved = {p.name: p.default for p in info.params}
+        resolved.update(params)
+        super().__init__(info, resolved, device)
+        try:
+            self.kernel = psf_kernel(str(self.params["psf"]), device)
+        except ValueError as exc:
+            raise InvalidModelSpecError(f"model {name!r}: parameter 'psf': {exc}") from None
+
+
+class WienerModel(_PSFModel):
+    """Wiener deconvolution (gradient-weighted noise-to-signal ratio ``nsr``)."""
+
+    def __init__(self, params: Mapping[str, object], device: torch.device) -> None:
+        super().__init__("wiener", params, device)
+        self.nsr = float(self.params["nsr"])  # type: ignore[arg-type]
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        return Restored(wiener(x, self.kernel, self.nsr))
+
+
+class RichardsonLucyModel(_PSFModel):
+    """Richardson-Lucy deconvolution with a fixed number of ``iterations``."""
+
+    def __init__(self, params: Mapping[str, object], device: torch.device) -> None:
+        super().__init__("richardson-lucy", params, device)
+        self.iterations = int(self.params["iterations"])  # type: ignore[call-overload]
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        return Restored(richardson_lucy(x, self.kernel, self.iterations))
+
+
+def build_wiener(params: Mapping[str, object], device: torch.device) -> WienerModel:
+    """Factory named in the catalog for ``wiener``."""
+    return WienerModel(params, device)
+
+
+def build_richardson_lucy(params: Mapping[str, object], device: torch.device) -> RichardsonLucyModel:
+    """Factory named in the catalog for ``richardson-lucy``."""
+    return RichardsonLucyModel(params, device)
