@@ -1,0 +1,1 @@
+"""SQL storage: schema, engine and sessions, migrations and queries."""

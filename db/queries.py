@@ -1,0 +1,388 @@
+"""Every read and write the producer, worker and API make, in one place.
+
+Writes are idempotent where a redelivered task could repeat them: image rows
+are unique per (job, input) and a batch's results replace earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.schema import (
+    IMAGE_STATUSES,
+    TERMINAL_IMAGE_STATUSES,
+    Image,
+    Job,
+    Metric,
+    utcnow,
+)
+from jobs.errors import UnknownJobError
+
+
+def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
+    """Insert a job, or return the existing one with the same ``job_key``.
+
+    Returns ``(job, created)``. Safe against two producers racing on one key.
+    """
+    if job_key:
+        existing = session.scalar(select(Job).where(Job.job_key == job_key))
+        if existing is not None:
+            return existing, False
+    job = Job(kind=kind, spec=spec, job_key=job_key, status="submitting", total=0)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.job_key == job_key))
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise UnknownJobError(f"no job with id {job_id!r}; list recent jobs with 'deblur status'")
+    return job
+
+
+def recent_jobs(session: Session, limit: int = 20) -> list[Job]:
+    return list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+
+
+def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int) -> int:
+    """Bulk-insert image rows (``input_uri``, ``output_uri``, ``reference_uri``).
+
+    Duplicates of an existing (job, input) are skipped. Returns the number of
+    rows given (the caller counts distinct inputs itself).
+    """
+    if not rows:
+        return 0
+    values = [
+        {"job_id": job_id, "status": "pending", "attempts": 0, "batch": batch, **row} for row in rows
+    ]
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(Image).values(values).on_conflict_do_nothing(
+            index_elements=["job_id", "input_uri"]
+        )
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(Image).values(values).on_conflict_do_nothing(
+            index_elements=["job_id", "input_uri"]
+        )
+    else:  # pragma: no cover - other dialects are not supported by the engine factory
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    session.execute(stmt)
+    return len(values)
+
+
+def set_job_state(session: Session, job_id: str, **changes: Any) -> None:
+    changes.setdefault("updated_at", utcnow())
+    session.execute(update(Job).where(Job.id == job_id).values(**changes))
+
+
+def status_counts(session: Session, job_id: str) -> dict[str, int]:
+    """Number of images per status (every status present, zero when none)."""
+    rows = session.execute(
+        select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
+    ).all()
+    counts = {status: 0 for status in IMAGE_STATUSES}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str) -> list[str]:
+    """Claim a batch's images; returns the inputs still to process (not cancelled/done).
+
+    Images already ``done`` (an earlier delivery of the same batch finished
+    them) are skipped, so a redelivered task only finishes what was left.
+    """
+    inputs = list(inputs)
+    now = utcnow()
+    job = session.get(Job, job_id)
+    if job is None or job.status == "cancelled":
+        return []
+    if job.started_at is None or job.status == "queued":
+        # A job still "submitting" keeps that status until its producer has
+        # listed every input, so it cannot be declared done too early.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=case((Job.status == "queued", "running"), else_=Job.status),
+                started_at=func.coalesce(Job.started_at, now),
+                updated_at=now,
+            )
+        )
+    todo = list(
+        session.scalars(
+            select(Image.input_uri).where(
+                Image.job_id == job_id,
+                Image.input_uri.in_(inputs),
+                Image.status.in_(("pending", "running", "failed")),
+            )
+        )
+    )
+    if todo:
+        session.execute(
+            update(Image)
+            .where(Image.job_id == job_id, Image.input_uri.in_(todo))
+            .values(status="running", started_at=now, worker=worker, attempts=Image.attempts + 1)
+        )
+    return todo
+
+
+def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], status: str) -> set[str]:
+    """Which of ``inputs`` currently have ``status``."""
+    return set(
+        session.scalars(
+            select(Image.input_uri).where(
+                Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == status
+            )
+        )
+    )
+
+
+@dataclass
+class ImageOutcome:
+    """What the worker learned about one image."""
+
+    input_uri: str
+    status: str  # done | failed
+    output_uri: str | None = None
+    error: str | None = None
+    kernel_uri: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    bit_depth: int | None = None
+    download_s: float | None = None
+    inference_s: float | None = None
+    upload_s: float | None = None
+    device: str | None = None
+    worker: str | None = None
+    model_versions: dict[str, Any] | None = None
+    metrics: list[tuple[str, str, float | None]] = field(default_factory=list)  # (model, name, value)
+
+
+def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutcome]) -> None:
+    """Write a batch's results and metrics (replacing earlier ones) in the session's transaction."""
+    if not outcomes:
+        return
+    now = utcnow()
+    ids = dict(
+        session.execute(
+            select(Image.input_uri, Image.id).where(
+                Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])
+            )
+        ).all()
+    )
+    for o in outcomes:
+        image_id = ids.get(o.input_uri)
+        if image_id is None:
+            continue
+        session.execute(
+            update(Image)
+            .where(Image.id == image_id)
+            .values(
+                status=o.status, error=o.error, kernel_uri=o.kernel_uri,
+                # a failed image keeps its planned output key, so a retry writes the same key
+                output_uri=func.coalesce(o.output_uri, Image.output_uri),
+                width=o.width, height=o.height, format=o.format, bit_depth=o.bit_depth,
+                download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
+                device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
+            )
+        )
+    session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
+    metric_rows = [
+        {"image_id": ids[o.input_uri], "model": model, "name": name, "value": _finite_or_inf(value)}
+        for o in outcomes
+        if o.input_uri in ids
+        for model, name, value in o.metrics
+    ]
+    if metric_rows:
+        session.execute(Metric.__table__.insert(), metric_rows)
+
+
+def _finite_or_inf(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def finish_if_complete(session: Session, job_id: str) -> str | None:
+    """Mark the job done once every image is terminal; returns the new status, if any."""
+    job = session.get(Job, job_id)
+    if job is None or job.status in {"submitting", "cancelled", "done", "failed"}:
+        return None
+    counts = status_counts(session, job_id)
+    unfinished = sum(n for s, n in counts.items() if s not in TERMINAL_IMAGE_STATUSES)
+    if unfinished:
+        return None
+    status = "failed" if counts["done"] == 0 and counts["failed"] > 0 else "done"
+    now = utcnow()
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status.notin_(("cancelled",)))
+        .values(status=status, finished_at=now, updated_at=now)
+    )
+    return status
+
+
+def cancel_job(session: Session, job_id: str) -> int:
+    """Cancel a job: pending images become ``cancelled``. Returns how many were cancelled."""
+    get_job(session, job_id)
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.status == "pending")
+        .values(status="cancelled", finished_at=now)
+    )
+    set_job_state(session, job_id, status="cancelled", finished_at=now)
+    return int(result.rowcount or 0)
+
+
+def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before: datetime | None) -> list[Image]:
+    """Failed images, and/or images pending or running since before ``stalled_before``."""
+    conditions = []
+    if failed:
+        conditions.append(Image.status == "failed")
+    if stalled_before is not None:
+        conditions.append(
+            and_(
+                Image.status.in_(("pending", "running")),
+                func.coalesce(Image.started_at, Image.finished_at, Job.created_at) < stalled_before,
+            )
+        )
+    if not conditions:
+        return []
+    from sqlalchemy import or_
+
+    return list(
+        session.scalars(
+            select(Image).join(Job, Job.id == Image.job_id).where(Image.job_id == job_id, or_(*conditions))
+            .order_by(Image.id)
+        )
+    )
+
+
+def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> None:
+    session.execute(
+        update(Image).where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)))
+        .values(status="pending", error=None)
+    )
+    set_job_state(session, job_id, status="queued", finished_at=None)
+
+
+def image_rows(
+    session: Session,
+    job_id: str,
+    status: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    order_by_metric: tuple[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Image results with their metrics, as plain dicts (one per image).
+
+    ``metrics`` maps a metric name to the ensemble's value (``psnr``, ``ssim``,
+    sharpness…) and ``metrics_by_model`` holds every model's, including
+    ``input``. ``order_by_metric=(model, name)`` sorts ascending by that metric
+    (worst PSNR first), images without it last.
+    """
+    query = select(Image).where(Image.job_id == job_id)
+    if status:
+        query = query.where(Image.status == status)
+    if order_by_metric is not None:
+        model, name = order_by_metric
+        value = (
+            select(Metric.value)
+            .where(Metric.image_id == Image.id, Metric.model == model, Metric.name == name)
+            .scalar_subquery()
+        )
+        query = query.order_by(case((value.is_(None), 1), else_=0), value, Image.id)
+    else:
+        query = query.order_by(Image.id)
+    if limit is not None:
+        query = query.limit(limit)
+    if offset:
+        query = query.offset(offset)
+    images = list(session.scalars(query))
+    metrics = metrics_for(session, [i.id for i in images])
+    return [image_dict(image, metrics.get(image.id, {})) for image in images]
+
+
+def metrics_for(session: Session, image_ids: Sequence[int]) -> dict[int, dict[str, dict[str, float | None]]]:
+    """{image_id: {model: {name: value}}}, fetched in chunks."""
+    out: dict[int, dict[str, dict[str, float | None]]] = {}
+    ids = list(image_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        for image_id, model, name, value in session.execute(
+            select(Metric.image_id, Metric.model, Metric.name, Metric.value).where(Metric.image_id.in_(chunk))
+        ):
+            out.setdefault(image_id, {}).setdefault(model, {})[name] = value
+    return out
+
+
+def image_dict(image: Image, by_model: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
+
+    headline: dict[str, float | None] = {}
+    for name, value in by_model.get(INPUT_MODEL, {}).items():
+        headline[f"input_{name}"] = value
+    headline.update(by_model.get(ENSEMBLE_MODEL, {}))
+    return {
+        "id": image.id,
+        "input": image.input_uri,
+        "output": image.output_uri if image.status == "done" else None,
+        "reference": image.reference_uri,
+        "kernel": image.kernel_uri,
+        "status": image.status,
+        "error": image.error,
+        "attempts": image.attempts,
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "bit_depth": image.bit_depth,
+        "download_s": image.download_s,
+        "inference_s": image.inference_s,
+        "upload_s": image.upload_s,
+        "device": image.device,
+        "worker": image.worker,
+        "model_versions": image.model_versions,
+        "started_at": image.started_at.isoformat() if image.started_at else None,
+        "finished_at": image.finished_at.isoformat() if image.finished_at else None,
+        "metrics": headline,
+        "metrics_by_model": by_model,
+    }
+
+
+def metric_summary(session: Session, job_id: str) -> list[dict[str, Any]]:
+    """Mean of every (model, metric) over the job's done images, with counts."""
+    rows = session.execute(
+        select(Metric.model, Metric.name, func.avg(Metric.value), func.count(Metric.value))
+        .join(Image, Image.id == Metric.image_id)
+        .where(Image.job_id == job_id, Image.status == "done", Metric.value.is_not(None))
+        .group_by(Metric.model, Metric.name)
+    ).all()
+    return [{"model": m, "name": n, "mean": float(v) if v is not None else None, "count": int(c)}
+            for m, n, v, c in rows]
+
+
+def job_timing(session: Session, job_id: str) -> dict[str, float | None]:
+    """Mean per-image seconds of each stage over done images."""
+    row = session.execute(
+        select(func.avg(Image.download_s), func.avg(Image.inference_s), func.avg(Image.upload_s))
+        .where(Image.job_id == job_id, Image.status == "done")
+    ).one()
+    return {"download_s": row[0], "inference_s": row[1], "upload_s": row[2]}

@@ -1,0 +1,108 @@
+"""SQLAlchemy 2 schema: jobs, their images, and per-image metrics.
+
+The job row and its image rows are the source of truth for progress: the
+broker only carries work. An image is unique per (job, input URI), so a
+redelivered batch updates its rows instead of duplicating them. A metric is
+unique per (image, model, name); ``model`` is ``input`` for the unrestored
+image, a model's spec key for a member, or ``ensemble``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JOB_STATUSES = ("submitting", "queued", "running", "done", "failed", "cancelled")
+IMAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled")
+TERMINAL_IMAGE_STATUSES = ("done", "failed", "cancelled")
+
+INPUT_MODEL = "input"
+ENSEMBLE_MODEL = "ensemble"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_job_id)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="submitting", index=True)
+    job_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    images: Mapped[list["Image"]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="noload")
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("job_id", "input_uri", name="uq_images_job_input"),
+        Index("ix_images_job_status", "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    input_uri: Mapped[str] = mapped_column(String(2048))
+    output_uri: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    reference_uri: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    kernel_uri: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    batch: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    format: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    bit_depth: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    download_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    inference_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    upload_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    model_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="images")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("image_id", "model", "name", name="uq_metrics_image_model_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(512))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1,0 +1,334 @@
+"""The ``deblur`` command line.
+
+Subcommands that need torch (worker, restore, train, models) are imported only
+when run, so ``deblur submit`` works on a producer install without torch.
+Every option also reads an environment variable: ``DEBLUR_<COMMAND>_<OPTION>``
+(e.g. ``DEBLUR_SUBMIT_OUTPUT``), shown in each ``--help``; connection settings
+use the variables listed by ``deblur config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from jobs.errors import DeblurError, InputError
+from jobs.settings import HELP, Settings, load_settings
+
+console = Console(stderr=True)
+out = Console()
+
+# name → (module:attribute, one-line help); imported on first use.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "worker": ("worker.cli:worker_command", "Run a worker that pulls batches from Redis and restores them."),
+    "flower": ("worker.cli:flower_command", "Run Flower, the web monitor for workers and tasks."),
+    "stack": ("deploy.cli:stack_group", "Start, stop or inspect the embedded local stack."),
+    "models": ("models.cli:models_group", "List registered models or download official weights."),
+    "train": ("models.train_cli:train_command", "Train a registered architecture on image pairs or synthetic blur."),
+    "restore": ("worker.local_restore:restore_command", "Restore local files in this process (no queue)."),
+    "demo": ("deploy.demo:demo_command", "Bring the local stack up and run a real ensemble deblur job."),
+    "report": ("producer.report_cli:report_command", "Print a job's paper-style table and write an HTML report."),
+    "ensemble": ("producer.ensemble_cli:ensemble_group", "Fit and save ensemble weights from an evaluation job."),
+    "api": ("producer.api_cli:api_command", "Serve the HTTP API for backend teams."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            target, _ = LAZY_COMMANDS[name]
+            module, _, attr = target.partition(":")
+            try:
+                command = getattr(importlib.import_module(module), attr)
+            except ImportError as exc:
+                raise click.ClickException(
+                    f"'deblur {name}' needs packages that are not installed ({exc.name or exc}); "
+                    "install the worker extra: pip install 'deblur[worker]'"
+                ) from None
+            return command
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                command = super().get_command(ctx, name)
+                if command is not None and not command.hidden:
+                    rows.append((name, command.get_short_help_str(80)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeblurError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            sys.exit(2 if isinstance(exc, InputError) else 1)
+
+
+def option(*names: str, **kwargs: Any) -> Callable[[Any], Any]:
+    """``click.option`` that shows its environment variable in ``--help``."""
+    kwargs.setdefault("show_envvar", True)
+    return click.option(*names, **kwargs)
+
+
+@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "DEBLUR", "help_option_names": ["-h", "--help"],
+                                              "max_content_width": 100})
+@click.version_option(package_name="deblur")
+def main() -> None:
+    """deblur: restore blurred photographs at archive scale.
+
+    Producers submit jobs that point at images in S3-compatible storage; workers
+    restore them with one model or an ensemble, write the results back to S3
+    and record per-image metrics in SQL.
+
+    \b
+    Start here:
+      deblur demo                      local stack + a real job, end to end
+      deblur submit s3://b/in/ --output s3://b/out/ --wait
+      deblur status JOB --watch        progress from the database
+      deblur results JOB --format json one object per image
+    """
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+MODEL_HELP = (
+    "Model as NAME[:PARAMS][:WEIGHT], e.g. wiener, l0-blind:kernel=31, "
+    "wiener:psf=motion:length=15,angle=30:0.5. Repeat for an ensemble (outputs averaged "
+    "with the weights). Default: the default ensemble (see 'deblur models list')."
+)
+
+
+def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
+    from producer.submit import submit
+    from producer.tracking import print_status, watch
+
+    settings = _settings()
+    with console.status("listing inputs and enqueueing batches…") as status:
+        result = submit(request, settings, progress=lambda n: status.update(f"enqueued {n} images…"))
+    click.echo(result.job_id)
+    if not quiet:
+        verb = "submitted" if result.created else "already submitted (same --job-key)"
+        console.print(f"{verb}: job {result.job_id} with {result.total} images")
+    if wait:
+        info = watch(settings, result.job_id, console)
+        if not quiet:
+            print_status(info, console)
+        if info["status"] != "done" or info["counts"]["failed"]:
+            sys.exit(3)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@option("--output", "-o", required=True, help="S3 prefix for the restored images, e.g. s3://bucket/restored/.")
+@option("--model", "-m", "models", multiple=True, help=MODEL_HELP)
+@option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+        help="Blend of restored and input: 1 = fully restored, 0 = unchanged.")
+@option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task (default: DEBLUR_BATCH_SIZE or 8).")
+@option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
+@option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
+@option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
+@option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
+@option("--quiet", "-q", is_flag=True, help="Print only the job id.")
+def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], strength: float, batch_size: int | None,
+           priority: int, strip_metadata: bool, job_key: str | None, wait: bool, quiet: bool) -> None:
+    """Submit a deblur job and print its id.
+
+    INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
+    recursive; outputs mirror the path relative to it) or a manifest file
+    (one S3 URI per line, or CSV with the URI in the first column).
+    Everything is validated before anything is enqueued.
+    """
+    from producer.submit import JobRequest
+
+    request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
+                         batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key)
+    _submit_and_report(request, wait, quiet)
+
+
+@main.command()
+@option("--blurred", "blurred", multiple=True, required=True,
+        help="S3 prefix of blurred images (or of a GoPro tree with --gopro), or a CSV manifest of blurred,sharp URIs.")
+@option("--sharp", default=None, help="S3 prefix of the sharp images; paired with --blurred by relative path.")
+@option("--gopro", is_flag=True, help="GoPro layout: pair */blur/* with */sharp/* under the --blurred prefix.")
+@option("--model", "-m", "models", multiple=True, help=MODEL_HELP)
+@option("--output", "-o", default=None, help="Optional S3 prefix to write the restored images to.")
+@option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Restoration strength.")
+@option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
+@option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
+@option("--job-key", default=None, help="Idempotency key.")
+@option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
+@option("--quiet", "-q", is_flag=True, help="Print only the job id.")
+def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], output: str | None,
+             strength: float, batch_size: int | None, priority: int, job_key: str | None, wait: bool,
+             quiet: bool) -> None:
+    """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
+    from producer.submit import JobRequest
+
+    request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
+                         models=list(models), strength=strength, batch_size=batch_size, priority=priority,
+                         job_key=job_key)
+    _submit_and_report(request, wait, quiet)
+
+
+@main.command()
+@click.argument("job", required=False)
+@option("--watch", "-w", is_flag=True, help="Keep a live progress bar until the job finishes.")
+@option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format.")
+def status(job: str | None, watch: bool, fmt: str) -> None:
+    """Show a job's progress (done, failed, pending, images/s, ETA); without JOB, list recent jobs."""
+    import json
+
+    from producer.tracking import job_status, print_status
+    from producer.tracking import watch as watch_job
+
+    settings = _settings()
+    if job is None:
+        _list_jobs(settings, fmt)
+        return
+    info = watch_job(settings, job, console) if watch else job_status(settings, job)
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        print_status(info, out)
+
+
+def _list_jobs(settings: Settings, fmt: str) -> None:
+    import json
+
+    from rich.table import Table
+
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        jobs = [
+            {"id": j.id, "kind": j.kind, "status": j.status, "total": j.total, "created_at": j.created_at.isoformat()}
+            for j in queries.recent_jobs(session)
+        ]
+    if fmt == "json":
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    table = Table("id", "kind", "status", "images", "created")
+    for j in jobs:
+        table.add_row(j["id"], j["kind"], j["status"], str(j["total"]), j["created_at"][:19])
+    out.print(table)
+
+
+@main.command()
+@click.argument("job")
+@option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+        help="table for people, csv/json for scripts.")
+@option("--failed", is_flag=True, help="Only failed images (with their errors).")
+@option("--status", "status_filter", type=click.Choice(["pending", "running", "done", "failed", "cancelled"]),
+        default=None, help="Only images with this status.")
+@option("--worst", type=click.IntRange(1), default=None, help="Only the N images with the lowest --metric (ensemble).")
+@option("--metric", default="psnr", show_default=True, help="Metric --worst sorts by.")
+@option("--limit", type=click.IntRange(1), default=None, help="At most this many rows.")
+@option("--offset", type=click.IntRange(0), default=0, help="Skip this many rows (paging).")
+def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str,
+            limit: int | None, offset: int) -> None:
+    """Per-image results of a job: input, output, status, error and metrics."""
+    from producer.tracking import fetch_results, results_csv, results_json, results_table
+
+    rows = fetch_results(_settings(), job, status="failed" if failed else status_filter, worst=worst, metric=metric,
+                         limit=limit, offset=offset)
+    if fmt == "json":
+        click.echo(results_json(rows))
+    elif fmt == "csv":
+        click.echo(results_csv(rows), nl=False)
+    else:
+        results_table(rows, out)
+
+
+@main.command()
+@click.argument("job")
+def cancel(job: str) -> None:
+    """Cancel a job: pending images are skipped; images already running finish."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+
+    url = _settings().resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        n = queries.cancel_job(session, job)
+    console.print(f"job {job} cancelled; {n} pending images will be skipped")
+
+
+@main.command()
+@click.argument("job")
+@option("--failed", is_flag=True, help="Re-enqueue the images that failed.")
+@option("--stalled", is_flag=True, help="Re-enqueue images pending or running for longer than --stalled-after.")
+@option("--stalled-after", type=click.IntRange(1), default=3600, show_default=True,
+        help="Seconds after which a pending/running image counts as stalled.")
+def retry(job: str, failed: bool, stalled: bool, stalled_after: int) -> None:
+    """Re-enqueue a job's failed and/or stalled images (same outputs, overwritten)."""
+    from producer.retry import retry_images
+
+    if not failed and not stalled:
+        raise click.UsageError("say what to retry: --failed, --stalled or both")
+    n = retry_images(_settings(), job, failed=failed, stalled_after=stalled_after if stalled else None)
+    console.print(f"re-enqueued {n} images of job {job}")
+
+
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations (creates the schema from nothing)."""
+    from db.engine import current_revision, upgrade
+
+    url = _settings().resolved_database_url()
+    upgrade(url, revision)
+    console.print(f"database at revision {current_revision(url)} ({_safe_url(url)})")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@main.command()
+def config() -> None:
+    """Show every setting, its environment variable and its current value."""
+    settings = _settings()
+    from rich.table import Table
+
+    table = Table("environment variable", "value", "meaning")
+    for name, info in HELP.items():
+        value = getattr(settings, name)
+        if name == "database_url":
+            value = _safe_url(settings.resolved_database_url())
+        if name in {"api_token", "flower_basic_auth"} and value:
+            value = "***"
+        table.add_row(info.env, str(value), info.help)
+    out.print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

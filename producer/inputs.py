@@ -1,0 +1,174 @@
+"""Expanding what the user named (keys, prefixes, manifests) into a lazy stream
+of work items, and validating it before anything is written.
+
+Output keys mirror each input's path relative to the prefix it came from, so
+the same job submitted twice writes the same keys (a redelivered task
+overwrites instead of duplicating).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
+from jobs.messages import ImageItem
+from jobs.s3uri import S3URI, parse_s3_uri
+from jobs.storage import check_bucket, is_image_key, iter_objects, object_exists
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing the user named: a single key, a prefix, or a manifest file."""
+
+    kind: str  # "key" | "prefix" | "manifest"
+    uri: S3URI | None = None
+    path: Path | None = None
+    text: str = ""
+
+
+def classify(text: str) -> Source:
+    """Decide what an INPUT argument is; raises InvalidURIError naming the argument."""
+    if text.startswith("s3://"):
+        uri = parse_s3_uri(text)
+        if uri.is_prefix or not is_image_key(uri.key):
+            return Source("prefix", uri=uri.as_prefix(), text=text)
+        return Source("key", uri=uri, text=text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return Source("manifest", path=path, text=text)
+    raise InvalidURIError(
+        f"{text!r} is neither an S3 URI (s3://bucket/key or s3://bucket/prefix/) nor a manifest file"
+    )
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) for every non-empty, non-comment row of a manifest."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        head = handle.read(4096)
+        handle.seek(0)
+        is_csv = path.suffix.lower() == ".csv" or ("," in head and "s3://" in head)
+        if is_csv:
+            reader = csv.reader(handle)
+            for number, row in enumerate(reader, start=1):
+                fields = [f.strip() for f in row]
+                if not fields or not fields[0] or fields[0].startswith("#"):
+                    continue
+                if number == 1 and not fields[0].startswith("s3://"):
+                    continue  # header row
+                yield number, fields
+        else:
+            for number, line in enumerate(handle, start=1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield number, [line]
+
+
+@dataclass
+class Plan:
+    """A validated deblur or evaluation request, ready to stream items from."""
+
+    sources: list[Source]
+    output: S3URI | None
+    references: S3URI | None = None  # sharp prefix for evaluation jobs
+    gopro: bool = False
+
+    def items(self, client) -> Iterator[ImageItem]:  # type: ignore[no-untyped-def]
+        """Every image to process, lazily, with its output and reference URIs."""
+        for source in self.sources:
+            if source.kind == "key" and source.uri is not None:
+                yield self._item(source.uri, source.uri.name, client)
+            elif source.kind == "prefix" and source.uri is not None:
+                for uri, _size in iter_objects(client, source.uri):
+                    if not is_image_key(uri.key):
+                        continue
+                    relative = uri.relative_to(source.uri)
+                    if self.gopro:
+                        if "/blur/" not in "/" + relative:
+                            continue
+                        reference = source.uri.join(_gopro_sharp(relative))
+                        yield ImageItem(
+                            input=str(uri),
+                            output=str(self.output.join(relative)) if self.output else None,
+                            reference=str(reference),
+                        )
+                        continue
+                    yield self._item(uri, relative, client)
+            elif source.path is not None:
+                for number, fields in _manifest_rows(source.path):
+                    try:
+                        uri = parse_s3_uri(fields[0], want_prefix=False)
+                        reference = parse_s3_uri(fields[1], want_prefix=False) if len(fields) > 1 and fields[1] else None
+                    except InvalidURIError as exc:
+                        raise InvalidURIError(f"{source.path}:{number}: {exc}") from None
+                    out = self.output.join(uri.key) if self.output else None
+                    yield ImageItem(input=str(uri), output=str(out) if out else None,
+                                    reference=str(reference) if reference else None)
+
+    def _item(self, uri: S3URI, relative: str, client) -> ImageItem:  # type: ignore[no-untyped-def]
+        out = self.output.join(relative) if self.output else None
+        ref = self.references.join(relative) if self.references else None
+        return ImageItem(input=str(uri), output=str(out) if out else None, reference=str(ref) if ref else None)
+
+
+def _gopro_sharp(relative: str) -> str:
+    """GoPro layout: ``SCENE/blur/000001.png`` ↔ ``SCENE/sharp/000001.png``."""
+    padded = "/" + relative
+    index = padded.rfind("/blur/")
+    return (padded[:index] + "/sharp/" + padded[index + len("/blur/"):]).lstrip("/")
+
+
+def build_plan(
+    client,  # type: ignore[no-untyped-def]
+    inputs: Sequence[str],
+    output: str | None,
+    references: str | None = None,
+    gopro: bool = False,
+    require_output: bool = True,
+) -> Plan:
+    """Parse and check every argument against storage; raise before anything is written.
+
+    Checks: URIs well formed, buckets exist, single keys exist, manifests
+    readable, and the output prefix is not inside (or equal to) an input prefix.
+    """
+    if not inputs:
+        raise InputError("no input given; name S3 keys, prefixes (s3://bucket/prefix/) or a manifest file")
+    sources = [classify(text) for text in inputs]
+    out_uri: S3URI | None = None
+    if output:
+        out_uri = parse_s3_uri(output, want_prefix=True)
+    elif require_output:
+        raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
+    ref_uri = parse_s3_uri(references, want_prefix=True) if references else None
+    buckets = {s.uri.bucket for s in sources if s.uri is not None}
+    if out_uri:
+        buckets.add(out_uri.bucket)
+    if ref_uri:
+        buckets.add(ref_uri.bucket)
+    for bucket in sorted(buckets):
+        check_bucket(client, bucket)
+    for source in sources:
+        if source.kind == "key" and source.uri is not None and not object_exists(client, source.uri):
+            raise StorageNotFoundError(f"input {source.uri} does not exist")
+        if out_uri is not None and source.kind == "prefix" and source.uri is not None and source.uri.contains(out_uri):
+            raise InvalidURIError(
+                f"output prefix {out_uri} lies inside input prefix {source.uri}: the outputs would be "
+                "read back as inputs next time; choose an output prefix outside the input"
+            )
+        if out_uri is not None and source.kind == "key" and source.uri is not None \
+                and out_uri.join(source.uri.name) == source.uri:
+            raise InvalidURIError(f"output {out_uri} would overwrite the input {source.uri}")
+        if source.kind == "manifest" and source.path is not None:
+            try:
+                first = next(_manifest_rows(source.path), None)
+            except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                raise InputError(f"manifest {source.path} cannot be read: {exc}") from None
+            if first is None:
+                raise InputError(f"manifest {source.path} lists no URIs")
+            try:
+                parse_s3_uri(first[1][0], want_prefix=False)
+            except InvalidURIError as exc:
+                raise InvalidURIError(f"{source.path}:{first[0]}: {exc}") from None
+    return Plan(sources, out_uri, ref_uri, gopro)

@@ -1,0 +1,161 @@
+"""Submitting jobs: validate, write the job row, stream image rows, send batches.
+
+Memory stays flat however many keys a prefix holds: the listing is consumed
+page by page, image rows are written in chunks and one Celery task is sent per
+small batch after its rows are committed (a worker must find them). No chords
+or giant groups: the job row and its image rows are the source of truth.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.errors import InputError
+from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.settings import Settings
+from jobs.storage import s3_client
+from models.catalog import parse_ensemble
+from producer.inputs import build_plan
+
+ROWS_PER_TRANSACTION = 1000
+
+
+@dataclass
+class JobRequest:
+    """Everything a deblur or evaluation job needs; mirrors the CLI options."""
+
+    kind: JobKind
+    inputs: list[str]
+    output: str | None = None
+    models: list[str] = field(default_factory=list)
+    references: str | None = None
+    gopro: bool = False
+    strength: float = 1.0
+    batch_size: int | None = None
+    priority: int = 5
+    strip_metadata: bool = False
+    job_key: str | None = None
+
+    def validated_models(self) -> list[str]:
+        """Model specs in canonical text form (validated against the registry)."""
+        if not 0.0 <= self.strength <= 1.0:
+            raise InputError(f"--strength must be within 0..1, got {self.strength}")
+        ensemble = parse_ensemble(self.models, strength=self.strength)
+        return [m.to_text() for m in ensemble.members]
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    created: bool
+    total: int
+
+
+def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
+    while True:
+        chunk = list(itertools.islice(items, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def submit(
+    request: JobRequest,
+    settings: Settings,
+    progress: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Validate ``request``, then write and enqueue the job. Returns its id.
+
+    Nothing is written when validation fails. With a ``job_key`` already
+    used, the first job is returned and nothing new is enqueued.
+    """
+    from jobs.celery_app import app, broker_priority
+
+    models = request.validated_models()
+    batch_size = request.batch_size or settings.batch_size
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        priority = broker_priority(request.priority)
+    except ValueError as exc:
+        raise InputError(f"--priority: {exc}") from None
+    if request.kind == "deblur" and not request.output:
+        raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
+    client = s3_client(settings)
+    plan = build_plan(
+        client, request.inputs, request.output, request.references, request.gopro,
+        require_output=request.kind == "deblur",
+    )
+    if request.kind == "evaluate" and plan.references is None and not plan.gopro and not any(
+        s.kind == "manifest" for s in plan.sources
+    ):
+        raise InputError("an evaluation job needs --sharp PREFIX, --gopro, or a manifest of blurred,sharp pairs")
+    items = plan.items(client)
+    first = next(items, None)
+    if first is None:
+        raise InputError(f"no images (.png .jpg .jpeg .tif .tiff .webp) found in {', '.join(request.inputs)}")
+
+    db_url = settings.resolved_database_url()
+    ensure_schema(db_url)
+    spec: dict[str, Any] = {
+        "inputs": list(request.inputs),
+        "output": str(plan.output) if plan.output else None,
+        "references": str(plan.references) if plan.references else None,
+        "gopro": request.gopro,
+        "models": models,
+        "strength": request.strength,
+        "batch_size": batch_size,
+        "priority": request.priority,
+        "strip_metadata": request.strip_metadata,
+    }
+    with session_scope(db_url) as session:
+        job, created = queries.create_job(session, request.kind, spec, request.job_key)
+        job_id = job.id
+    if not created:
+        return SubmitResult(job_id, False, job.total)
+
+    def message(batch: Sequence[ImageItem]) -> dict[str, Any]:
+        return BatchMessage(
+            job_id=job_id, kind=request.kind, models=models, strength=request.strength,
+            strip_metadata=request.strip_metadata, write_outputs=plan.output is not None,
+            images=list(batch),
+        ).model_dump(mode="json")
+
+    total = 0
+    batch_number = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for chunk in _chunks(itertools.chain([first], items), ROWS_PER_TRANSACTION):
+                batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+                with session_scope(db_url) as session:
+                    for offset, batch in enumerate(batches):
+                        queries.insert_images(
+                            session, job_id,
+                            [{"input_uri": i.input, "output_uri": i.output, "reference_uri": i.reference}
+                             for i in batch],
+                            batch=batch_number + offset,
+                        )
+                for batch in batches:
+                    app.send_task(PROCESS_BATCH_TASK, args=[message(batch)], queue=settings.queue,
+                                  priority=priority, producer=producer)
+                batch_number += len(batches)
+                total += len(chunk)
+                if progress:
+                    progress(total)
+    except BaseException as exc:
+        with session_scope(db_url) as session:
+            queries.set_job_state(session, job_id, status="failed",
+                                  error=f"submission interrupted after {total} images: {exc!r}")
+        raise
+    with session_scope(db_url) as session:
+        counts = queries.status_counts(session, job_id)
+        distinct = sum(counts.values())
+        started = counts["running"] + counts["done"] + counts["failed"] > 0
+        queries.set_job_state(session, job_id, total=distinct, status="running" if started else "queued")
+        queries.finish_if_complete(session, job_id)
+    return SubmitResult(job_id, True, distinct)

@@ -1,0 +1,197 @@
+"""Reading progress and results from SQL for people and scripts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.settings import Settings
+
+
+def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
+    """A job's state, counts per image status, throughput and ETA."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        counts = queries.status_counts(session, job_id)
+        info = {
+            "id": job.id,
+            "kind": job.kind,
+            "status": job.status,
+            "total": max(job.total, sum(counts.values())),
+            "counts": counts,
+            "error": job.error,
+            "spec": job.spec,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        }
+    finished = counts["done"] + counts["failed"] + counts["cancelled"]
+    rate = None
+    eta = None
+    if info["started_at"] is not None and counts["done"] + counts["failed"] > 0:
+        end = info["finished_at"] or datetime.now(timezone.utc)
+        start = info["started_at"]
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=timezone.utc)
+        if end.tzinfo is None:
+            end = end.replace(tzinfo=timezone.utc)
+        elapsed = max((end - start).total_seconds(), 1e-6)
+        rate = (counts["done"] + counts["failed"]) / elapsed
+        remaining = info["total"] - finished
+        eta = remaining / rate if rate > 0 and remaining > 0 else 0.0
+    info["finished"] = finished
+    info["images_per_s"] = rate
+    info["eta_s"] = eta
+    for key in ("created_at", "started_at", "finished_at"):
+        info[key] = info[key].isoformat() if info[key] else None
+    return info
+
+
+def is_finished(info: dict[str, Any]) -> bool:
+    return info["status"] in {"cancelled", "failed", "done"}
+
+
+def watch(settings: Settings, job_id: str, console: Console, interval: float = 1.0,
+          timeout: float | None = None) -> dict[str, Any]:
+    """Show a live progress bar until the job finishes; returns the final status."""
+    info = job_status(settings, job_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(job_id[:8], total=info["total"] or None, detail="")
+        while True:
+            info = job_status(settings, job_id)
+            c = info["counts"]
+            rate = info["images_per_s"]
+            eta = info["eta_s"]
+            detail = (
+                f"done {c['done']}  failed {c['failed']}  pending {c['pending'] + c['running']}"
+                + (f"  {rate:.2f} img/s" if rate else "")
+                + (f"  ETA {_duration(eta)}" if eta else "")
+                + f"  [{info['status']}]"
+            )
+            progress.update(task, total=info["total"] or None, completed=info["finished"], detail=detail)
+            if is_finished(info):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(interval)
+    return info
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or math.isinf(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def print_status(info: dict[str, Any], console: Console) -> None:
+    c = info["counts"]
+    console.print(f"[bold]job[/bold] {info['id']}  ({info['kind']})  status: [bold]{info['status']}[/bold]")
+    console.print(
+        f"images: {info['total']}  done {c['done']}  failed {c['failed']}  running {c['running']}  "
+        f"pending {c['pending']}  cancelled {c['cancelled']}"
+    )
+    if info["images_per_s"]:
+        console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {_duration(info['eta_s'])}")
+    spec = info["spec"] or {}
+    console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
+    if spec.get("output"):
+        console.print(f"output: {spec['output']}")
+    if info["error"]:
+        console.print(f"[red]error:[/red] {info['error']}")
+
+
+def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
+                  metric: str = "psnr", limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        queries.get_job(session, job_id)
+        order = None
+        if worst is not None:
+            order = ("ensemble", metric)
+            limit = worst
+        return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def results_json(rows: list[dict[str, Any]]) -> str:
+    """One object per image: input, output, status, error, metrics by name (JSON-safe: inf → "inf")."""
+    return json.dumps([_json_safe(row) for row in rows], indent=2)
+
+
+def _metric_names(rows: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for name in row["metrics"]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    names = _metric_names(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names])
+    for row in rows:
+        writer.writerow([row["input"], row["output"] or "", row["status"], row["error"] or "",
+                         row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
+                         *(_fmt(row["metrics"].get(n)) for n in names)])
+    return buffer.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4f}"
+    return str(value)
+
+
+def results_table(rows: list[dict[str, Any]], console: Console) -> None:
+    names = _metric_names(rows)
+    table = Table(show_lines=False)
+    for column in ("input", "status", "size", "s", *names, "output / error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        size = f"{row['width']}x{row['height']}" if row["width"] else ""
+        tail = row["output"] or "" if row["status"] == "done" else (row["error"] or "")
+        table.add_row(
+            row["input"], row["status"], size, _fmt(row["inference_s"]),
+            *(_fmt(row["metrics"].get(n)) for n in names), tail,
+        )
+    console.print(table)
+

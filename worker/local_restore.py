@@ -1,0 +1,79 @@
+"""``deblur restore``: the same models and ensemble on local files, no queue.
+
+It runs exactly the worker's per-image path (decode, models, ensemble,
+strength, encode with metadata) so what you try locally is what the workers
+will produce.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+
+from jobs.errors import DeblurError
+from jobs.messages import BatchMessage, ImageItem
+from jobs.settings import load_settings
+from models.catalog import parse_ensemble
+
+console = Console(stderr=True)
+
+
+def restore_file(path: Path, output_dir: Path, message: BatchMessage) -> dict[str, float | None]:
+    """Restore one file into ``output_dir`` under the same name; returns its metrics."""
+    from db.queries import ImageOutcome
+    from worker.imageio import encode_image
+    from worker.pipeline import Work, _decode, _no_reference, _restore, kernel_png
+
+    work = Work(ImageItem(input=str(path)), ImageOutcome(input_uri=str(path), status="done"))
+    work.data = path.read_bytes()
+    _decode(work, load_settings())
+    if work.outcome.status != "done":
+        raise DeblurError(work.outcome.error or f"{path}: cannot decode")
+    _restore(work, message)
+    _no_reference(work)
+    target = output_dir / path.name
+    target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata))
+    for model, kernel in work.kernels.items():
+        (output_dir / f"{path.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
+    return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
+
+
+@click.command("restore")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), show_envvar=True,
+              help="Folder to write the restored files to (same file names).")
+@click.option("--model", "-m", "models", multiple=True, show_envvar=True,
+              help="Model as NAME[:PARAMS][:WEIGHT]; repeat for an ensemble. Default: the default ensemble.")
+@click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, show_envvar=True,
+              help="1 = fully restored, 0 = unchanged.")
+@click.option("--strip-metadata", is_flag=True, show_envvar=True, help="Do not copy EXIF/ICC/XMP.")
+def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ...], strength: float,
+                    strip_metadata: bool) -> None:
+    """Restore local image FILES in this process and write OUTPUT/<same name>.
+
+    Useful for trying models and for scripts; bulk work belongs in 'deblur submit'.
+    A file that cannot be read fails alone; the exit code is 1 if any failed.
+    """
+    ensemble = parse_ensemble(list(models), strength=strength)
+    message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
+                           strength=strength, strip_metadata=strip_metadata,
+                           images=[ImageItem(input=str(f)) for f in files])
+    output.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("restoring", total=len(files))
+        for path in files:
+            try:
+                metrics = restore_file(path, output, message)
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
+                console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}")
+            except DeblurError as exc:
+                failures += 1
+                console.print(f"[red]failed[/red] {path}: {exc}")
+            progress.advance(task)
+    if failures:
+        sys.exit(1)

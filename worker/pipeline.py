@@ -1,0 +1,275 @@
+"""One batch of a job, start to finish, in a worker process.
+
+download (threads) → decode → every member model → ensemble average and
+disagreement → strength blend → encode in the input's format and bit depth →
+upload to the mirrored key (threads) → metrics → one SQL transaction with
+every image row and metric of the batch.
+
+One image failing (corrupt file, missing key, a model error) fails that image
+alone; storage or database outages raise :class:`TransientError` so Celery
+retries the whole batch, which is safe because outputs go to deterministic
+keys and rows are updated in place.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from db import queries
+from db.engine import session_scope
+from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
+from jobs.errors import InputError, TransientError
+from jobs.messages import BatchMessage, ImageItem
+from jobs.s3uri import S3URI, parse_s3_uri
+from jobs.settings import Settings
+from jobs.storage import get_bytes, put_bytes, s3_client
+from models.catalog import REGISTRY
+from worker import runtime
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Work:
+    """One image travelling through the batch."""
+
+    item: ImageItem
+    outcome: queries.ImageOutcome
+    data: bytes | None = None
+    reference_data: bytes | None = None
+    decoded: Any = None
+    reference: Any = None
+    restored: np.ndarray | None = None
+    kernels: dict[str, np.ndarray] = field(default_factory=dict)
+    uploads: list[tuple[S3URI, bytes, str]] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        self.outcome.status = "failed"
+        self.outcome.error = message
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _download(client, work: Work) -> None:  # type: ignore[no-untyped-def]
+    def fetch() -> None:
+        work.data = get_bytes(client, parse_s3_uri(work.item.input, want_prefix=False))
+        if work.item.reference:
+            try:
+                work.reference_data = get_bytes(client, parse_s3_uri(work.item.reference, want_prefix=False))
+            except InputError as exc:
+                raise InputError(f"sharp reference {work.item.reference}: {exc}") from None
+
+    try:
+        _, seconds = _timed(fetch)
+        work.outcome.download_s = seconds
+    except InputError as exc:
+        work.fail(str(exc))
+
+
+def _decode(work: Work, settings: Settings) -> None:
+    from worker.imageio import decode_image
+
+    try:
+        work.decoded = decode_image(work.data or b"", work.item.input, max_pixels=settings.image_max_pixels)
+        if work.reference_data is not None:
+            work.reference = decode_image(work.reference_data, work.item.reference or "",
+                                          max_pixels=settings.image_max_pixels)
+            if work.reference.pixels.shape[:2] != work.decoded.pixels.shape[:2]:
+                raise InputError(
+                    f"sharp image {work.item.reference} is {work.reference.width}x{work.reference.height} "
+                    f"but the blurred one is {work.decoded.width}x{work.decoded.height}"
+                )
+    except InputError as exc:
+        work.fail(str(exc))
+        return
+    d = work.decoded
+    work.outcome.width, work.outcome.height = d.width, d.height
+    work.outcome.format, work.outcome.bit_depth = d.format, d.bit_depth
+    work.data = work.reference_data = None  # free the compressed bytes early
+
+
+def _restore(work: Work, message: BatchMessage) -> None:
+    """Run every member, average them, blend by strength and collect metrics."""
+    import torch
+
+    from models.ensemble import apply_strength, average, disagreement
+
+    pixels = work.decoded.pixels
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+    specs = [REGISTRY.parse(text) for text in message.models]
+    outputs = []
+    versions: dict[str, Any] = {}
+    metrics = work.outcome.metrics
+
+    def run() -> None:
+        for spec in specs:
+            model = runtime.get_model(spec)
+            out = model(x)
+            outputs.append(out.image.detach().float().cpu())
+            versions[spec.key()] = model.version
+            for name, value in out.metrics.items():
+                metrics.append((spec.key(), name, float(value.reshape(-1)[0])))
+            if out.kernels is not None:
+                work.kernels[spec.key()] = out.kernels[0].detach().float().cpu().numpy()
+
+    _, seconds = _timed(run)
+    weights = [s.weight for s in specs]
+    ensemble = average(outputs, weights)
+    if len(outputs) > 1:
+        metrics.append((ENSEMBLE_MODEL, "disagreement", float(disagreement(outputs, ensemble)[0])))
+    final = apply_strength(ensemble, x, message.strength)
+    work.restored = final[0].numpy().transpose(1, 2, 0)
+    work.outcome.inference_s = seconds
+    work.outcome.device = str(runtime.device())
+    work.outcome.model_versions = versions
+    if message.kind == "evaluate":
+        _evaluate(work, specs, outputs)
+
+
+def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[type-arg]
+    """Full-reference metrics of the input, every member and the ensemble."""
+    from models.metrics import full_reference_metrics
+
+    sharp = _as_original_dtype(work.reference, work.reference.pixels)
+    candidates: list[tuple[str, np.ndarray]] = [(INPUT_MODEL, work.decoded.pixels)]
+    if len(specs) > 1:
+        candidates += [(s.key(), o[0].numpy().transpose(1, 2, 0)) for s, o in zip(specs, outputs, strict=True)]
+    candidates.append((ENSEMBLE_MODEL, work.restored))
+    for model, image in candidates:
+        for name, value in full_reference_metrics(_as_original_dtype(work.reference, image), sharp).items():
+            work.outcome.metrics.append((model, name, value))
+    if len(specs) == 1:
+        # A single model is its own ensemble: store its figures under its name too.
+        key = specs[0].key()
+        work.outcome.metrics += [(key, n, v) for m, n, v in list(work.outcome.metrics) if m == ENSEMBLE_MODEL]
+
+
+def _as_original_dtype(decoded: Any, pixels: np.ndarray) -> np.ndarray:
+    """Quantise float [0, 1] pixels to the decoded image's sample type, as saved files are."""
+    dtype = np.dtype(decoded.dtype)
+    if dtype.kind == "f":
+        return pixels.astype(np.float32)
+    top = np.iinfo(dtype).max
+    return np.clip(np.rint(pixels.astype(np.float64) * top), 0, top).astype(dtype)
+
+
+def _no_reference(work: Work) -> None:
+    from models.metrics import no_reference_metrics
+
+    if work.decoded.width < 8 or work.decoded.height < 8:
+        return
+    for model, image in ((INPUT_MODEL, work.decoded.pixels), (ENSEMBLE_MODEL, work.restored)):
+        for name, value in no_reference_metrics(image).items():
+            work.outcome.metrics.append((model, name, value))
+
+
+def _encode(work: Work, message: BatchMessage) -> None:
+    from worker.imageio import content_type, encode_image
+
+    if not message.write_outputs or not work.item.output:
+        return
+    out_uri = parse_s3_uri(work.item.output, want_prefix=False)
+    data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata)
+    work.uploads.append((out_uri, data, content_type(work.decoded.format)))
+    work.outcome.output_uri = str(out_uri)
+    for index, (model, kernel) in enumerate(sorted(work.kernels.items())):
+        stem = out_uri.key.rsplit(".", 1)[0]
+        suffix = ".kernel.png" if len(work.kernels) == 1 else f".kernel.{model.split(':')[0]}.png"
+        kernel_uri = S3URI(out_uri.bucket, stem + suffix)
+        work.uploads.append((kernel_uri, kernel_png(kernel), "image/png"))
+        if index == 0:
+            work.outcome.kernel_uri = str(kernel_uri)
+
+
+def kernel_png(kernel: np.ndarray) -> bytes:
+    """A blur kernel as a 16-bit grey PNG scaled to its maximum (for inspection)."""
+    import cv2
+
+    k = np.asarray(kernel, dtype=np.float64)
+    k = k / k.max() if k.max() > 0 else k
+    ok, buf = cv2.imencode(".png", np.rint(k * 65535).astype(np.uint16))
+    if not ok:  # pragma: no cover - OpenCV always encodes a 2-D uint16 array
+        raise RuntimeError("could not encode the kernel PNG")
+    return io.BytesIO(buf.tobytes()).getvalue()
+
+
+def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
+    def send() -> None:
+        for uri, data, kind in work.uploads:
+            put_bytes(client, uri, data, kind)
+
+    _, seconds = _timed(send)
+    work.outcome.upload_s = seconds
+    work.uploads = []
+
+
+def run_batch(message: BatchMessage, settings: Settings) -> dict[str, int]:
+    """Process one batch; returns counts of done and failed images."""
+    db_url = settings.resolved_database_url()
+    worker_name = runtime.hostname()
+    inputs = [item.input for item in message.images]
+    with session_scope(db_url) as session:
+        todo = set(queries.mark_running(session, message.job_id, inputs, worker_name))
+    works = [
+        Work(item, queries.ImageOutcome(input_uri=item.input, status="done", worker=worker_name))
+        for item in message.images
+        if item.input in todo
+    ]
+    if not works:
+        return {"done": 0, "failed": 0}
+    client = s3_client(settings)
+    with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
+        list(pool.map(lambda w: _download(client, w), works))
+        for work in works:
+            if work.outcome.status != "done":
+                continue
+            _decode(work, settings)
+            if work.outcome.status != "done":
+                continue
+            try:
+                _restore(work, message)
+                _no_reference(work)
+                _encode(work, message)
+            except InputError as exc:
+                work.fail(str(exc))
+            except TransientError:
+                raise
+            except Exception as exc:  # a model or codec bug must fail this image only
+                log.exception("image %s failed", work.item.input)
+                work.fail(f"{type(exc).__name__}: {exc}")
+            work.decoded = work.reference = work.restored = None  # keep memory per batch flat
+        list(pool.map(lambda w: _upload(client, w), [w for w in works if w.uploads]))
+    for work in works:
+        if work.outcome.status != "done":
+            work.outcome.output_uri = None
+            work.outcome.kernel_uri = None
+    with session_scope(db_url) as session:
+        queries.record_outcomes(session, message.job_id, [w.outcome for w in works])
+        queries.finish_if_complete(session, message.job_id)
+    done = sum(w.outcome.status == "done" for w in works)
+    return {"done": done, "failed": len(works) - done}
+
+
+def fail_batch(message: BatchMessage, settings: Settings, error: str) -> None:
+    """Mark every unfinished image of the batch failed (retries exhausted)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        outcomes = [
+            queries.ImageOutcome(input_uri=item.input, status="failed", error=error, worker=runtime.hostname())
+            for item in message.images
+        ]
+        done = queries.inputs_with_status(session, message.job_id, [o.input_uri for o in outcomes], "done")
+        queries.record_outcomes(session, message.job_id, [o for o in outcomes if o.input_uri not in done])
+        queries.finish_if_complete(session, message.job_id)

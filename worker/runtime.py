@@ -1,0 +1,98 @@
+"""Per-process worker state: settings, device, and the lazily filled model cache.
+
+Nothing here touches torch at import time. Celery's prefork parent imports
+``worker.tasks`` (and so this module) before forking; torch is imported and
+models are loaded only in the child, on the first task, so the fork never
+inherits torch's thread pools or a CUDA context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from jobs.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.base import RestorationModel
+    from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_models: dict[str, "RestorationModel"] = {}
+_state: dict[str, object] = {}
+
+
+def settings() -> Settings:
+    cached = _state.get("settings")
+    if cached is None:
+        cached = load_settings()
+        _state["settings"] = cached
+    return cached  # type: ignore[return-value]
+
+
+def hostname() -> str:
+    return str(_state.get("hostname") or os.environ.get("DEBLUR_WORKER_NAME") or socket.gethostname())
+
+
+def set_hostname(name: str) -> None:
+    _state["hostname"] = name
+
+
+def init_process() -> None:
+    """Prepare torch in this (child) process: threads and device. Cheap and idempotent."""
+    import torch
+
+    if _state.get("initialised"):
+        return
+    threads = settings().torch_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
+    _state["initialised"] = True
+    log.info("worker process ready on %s with %d torch threads", device(), torch.get_num_threads())
+
+
+def device() -> "torch.device":
+    from models.base import pick_device
+
+    cached = _state.get("device")
+    if cached is None:
+        cached = pick_device(settings().device)
+        _state["device"] = cached
+    return cached  # type: ignore[return-value]
+
+
+def get_model(spec: "ModelSpec") -> "RestorationModel":
+    """The loaded model for ``spec``, built on first use and cached for the process."""
+    from models.loading import load_model
+
+    key = spec.key()
+    with _lock:
+        model = _models.get(key)
+        if model is None:
+            init_process()
+            log.info("loading model %s on %s", key, device())
+            model = load_model(spec, device())
+            _models[key] = model
+        return model
+
+
+def loaded_models() -> list[str]:
+    return sorted(_models)
+
+
+def release() -> None:
+    """Drop cached models (and CUDA memory) — called when the process shuts down."""
+    with _lock:
+        _models.clear()
+    if "device" in _state:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,69 @@
+"""The Celery task the producer sends: ``deblur.process_batch``.
+
+Importing this module is cheap and torch-free (the prefork parent imports it
+before forking); the work itself happens in :mod:`worker.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from jobs.celery_app import app
+from jobs.errors import TransientError
+from jobs.messages import PROCESS_BATCH_TASK, BatchMessage
+from worker import runtime
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _child_started(**_: Any) -> None:
+    # Runs in each pool child (and in --pool solo). Keep it fast: Celery kills a
+    # child that blocks here for more than 4 s, so models load on first use.
+    runtime.init_process()
+
+
+@worker_process_shutdown.connect
+def _child_stopping(**_: Any) -> None:
+    try:
+        runtime.release()
+    except Exception:  # never let clean-up crash the shutdown
+        log.exception("error while releasing models")
+
+
+@worker_ready.connect
+def _ready(sender: Any = None, **_: Any) -> None:
+    if sender is not None and getattr(sender, "hostname", None):
+        runtime.set_hostname(sender.hostname)
+
+
+@app.task(name=PROCESS_BATCH_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
+def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Restore (or evaluate) one batch of images; see :func:`worker.pipeline.run_batch`."""
+    from worker.pipeline import fail_batch, run_batch
+
+    if self.request.hostname:
+        runtime.set_hostname(self.request.hostname)
+    try:
+        message = BatchMessage.from_payload(payload)
+    except (ValidationError, ValueError) as exc:
+        # A malformed message can never succeed: log it and drop it (acked).
+        log.error("dropping malformed batch message: %s", exc)
+        return {"done": 0, "failed": 0}
+    settings = runtime.settings()
+    try:
+        return run_batch(message, settings)
+    except (TransientError, OperationalError) as exc:
+        retries = self.request.retries
+        if retries >= settings.task_max_retries:
+            log.error("batch of job %s failed after %d retries: %s", message.job_id, retries, exc)
+            fail_batch(message, settings, f"gave up after {retries} retries: {exc}")
+            return {"done": 0, "failed": len(message.images)}
+        countdown = min(300, 2 ** retries * 5)
+        log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown, exc)
+        raise self.retry(exc=exc, countdown=countdown) from None
