@@ -110,7 +110,7 @@ def _convert(name: str, kind: Any, text: str) -> Any:
         raise ConfigurationError(f"{env}={text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
-def _stack_values() -> dict[str, str]:
+def _read_stack_file() -> dict[str, Any]:
     path = stack_file()
     if not path.is_file():
         return {}
@@ -118,14 +118,28 @@ def _stack_values() -> dict[str, str]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stack_values(data: dict[str, Any] | None = None) -> dict[str, str]:
+    data = _read_stack_file() if data is None else data
     return {k: str(v) for k, v in data.items() if k in HELP and v is not None}
+
+
+def _export_stack_credentials(data: dict[str, Any]) -> None:
+    """Give boto3 the local stack's dummy credentials (moto accepts any) unless real ones are set."""
+    key, secret = data.get("aws_access_key_id"), data.get("aws_secret_access_key")
+    if key and secret and "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_SECRET_ACCESS_KEY" not in os.environ:
+        os.environ["AWS_ACCESS_KEY_ID"] = str(key)
+        os.environ["AWS_SECRET_ACCESS_KEY"] = str(secret)
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Read settings: overrides (non-None) > environment > local stack > defaults."""
     base = Settings()
     values: dict[str, Any] = {}
-    stack = _stack_values()
+    raw_stack = _read_stack_file()
+    stack = _stack_values(raw_stack)
     for f in fields(Settings):
         env = HELP[f.name].env
         if overrides.get(f.name) is not None:
@@ -136,6 +150,8 @@ def load_settings(**overrides: Any) -> Settings:
             values[f.name] = _convert(f.name, f.type, stack[f.name])
     settings = replace(base, **values)
     _validate(settings)
+    if "s3_endpoint_url" in stack and settings.s3_endpoint_url == stack["s3_endpoint_url"]:
+        _export_stack_credentials(raw_stack)
     return settings
 
 

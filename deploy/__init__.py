@@ -1,0 +1,1 @@
+"""Deployment: the embedded local stack (``deblur stack``), Docker Compose, Kubernetes and Prometheus files."""
