@@ -1,0 +1,481 @@
+"""Image I/O round trips on real photographs, checked with independent readers.
+
+Inputs are written by OpenCV, Pillow and tifffile; outputs are read back by
+the same independent libraries, never only by the module under test.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image, ImageCms, ImageOps, JpegImagePlugin, PngImagePlugin
+from skimage import data
+
+from jobs.errors import ImageDecodeError
+from worker.imageio import DecodedImage, content_type, decode_image, encode_image, format_from_name
+
+RGB = np.ascontiguousarray(data.astronaut()[90:138, 150:214])  # 48x64, face and suit
+GREY = np.ascontiguousarray(data.camera()[100:148, 200:264])
+ALPHA = np.ascontiguousarray(data.camera()[300:348, 100:164])  # a real, non-trivial alpha mask
+RNG = np.random.default_rng(0)
+# 16-bit samples that are not multiples of 257, so an 8-bit detour would show.
+RGB16 = (RGB.astype(np.uint16) * 257 + RNG.integers(0, 200, RGB.shape)).astype(np.uint16)
+GREY16 = (GREY.astype(np.uint16) * 257 + RNG.integers(0, 200, GREY.shape)).astype(np.uint16)
+ALPHA16 = (ALPHA.astype(np.uint16) * 257 + 7).astype(np.uint16)
+
+ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" dc:format="image/x-test"/>'
+    b"</rdf:RDF></x:xmpmeta>"
+)
+ARTIST = "Ansel Adams"
+TAKEN = "2019:12:31 23:59:59"
+CHANGED = "2020:01:02 03:04:05"
+
+
+def _exif(orientation: int | None = None) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x013B] = ARTIST
+    exif[0x0132] = CHANGED
+    if orientation is not None:
+        exif[0x0112] = orientation
+    exif.get_ifd(0x8769)[0x9003] = TAKEN
+    return exif
+
+
+def _cv(ext: str, array: np.ndarray, params: list[int] | None = None) -> bytes:
+    """OpenCV-encode an RGB(A)/grey array."""
+    if array.ndim == 3 and array.shape[2] >= 3:
+        array = np.concatenate([array[..., 2::-1], array[..., 3:]], axis=2)
+    ok, buffer = cv2.imencode(ext, array, params or [])
+    assert ok
+    return buffer.tobytes()
+
+
+def _pil(array: np.ndarray, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _tiff(array: np.ndarray, **options: object) -> bytes:
+    out = io.BytesIO()
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    tifffile.imwrite(
+        out,
+        array,
+        photometric="rgb" if channels >= 3 else "minisblack",
+        planarconfig="contig" if channels > 1 else None,
+        extrasamples=["unassalpha"] if channels in (2, 4) else None,
+        metadata=None,
+        **options,
+    )
+    return out.getvalue()
+
+
+def _tiff_planar(array: np.ndarray) -> bytes:
+    """An RGB TIFF stored plane by plane (PlanarConfiguration 2)."""
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.moveaxis(array, -1, 0), photometric="rgb", planarconfig="separate", metadata=None)
+    return out.getvalue()
+
+
+def _png_grey_alpha16(grey: np.ndarray, alpha: np.ndarray) -> bytes:
+    """A 16-bit grey+alpha PNG, which neither OpenCV nor Pillow writes; unfiltered."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = grey.shape
+    rows = np.dstack([grey, alpha]).astype(">u2").reshape(height, -1).view(np.uint8)
+    raw = np.hstack([np.zeros((height, 1), np.uint8), rows]).tobytes()
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _rgba(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return np.dstack([colour, alpha.astype(colour.dtype)])
+
+
+def _grey_alpha(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return np.dstack([grey, alpha.astype(grey.dtype)])
+
+
+# name -> (encoded input, colour samples, alpha samples or None, lossless?)
+Case = tuple[bytes, np.ndarray, "np.ndarray | None", bool]
+CASES: dict[str, Callable[[], Case]] = {
+    "png-grey8": lambda: (_cv(".png", GREY), GREY, None, True),
+    "png-rgb8": lambda: (_cv(".png", RGB), RGB, None, True),
+    "png-rgba8": lambda: (_cv(".png", _rgba(RGB, ALPHA)), RGB, ALPHA, True),
+    "png-greyalpha8": lambda: (_pil(_grey_alpha(GREY, ALPHA), "PNG"), GREY, ALPHA, True),
+    "png-grey16": lambda: (_cv(".png", GREY16), GREY16, None, True),
+    "png-rgb16": lambda: (_cv(".png", RGB16), RGB16, None, True),
+    "png-rgba16": lambda: (_cv(".png", _rgba(RGB16, ALPHA16)), RGB16, ALPHA16, True),
+    "png-greyalpha16": lambda: (_png_grey_alpha16(GREY16, ALPHA16), GREY16, ALPHA16, True),
+    "jpeg-grey": lambda: (_cv(".jpg", GREY, [cv2.IMWRITE_JPEG_QUALITY, 90]), GREY, None, False),
+    "jpeg-rgb": lambda: (_cv(".jpg", RGB, [cv2.IMWRITE_JPEG_QUALITY, 90]), RGB, None, False),
+    "tiff-grey8": lambda: (_tiff(GREY), GREY, None, True),
+    "tiff-rgb8": lambda: (_tiff(RGB, compression="adobe_deflate"), RGB, None, True),
+    "tiff-rgba8": lambda: (_tiff(_rgba(RGB, ALPHA)), RGB, ALPHA, True),
+    "tiff-rgba8-lzw": lambda: (_tiff(_rgba(RGB, ALPHA), compression="lzw"), RGB, ALPHA, True),
+    "tiff-rgb16-planar": lambda: (_tiff_planar(RGB16), RGB16, None, True),
+    "tiff-greyalpha8": lambda: (_tiff(_grey_alpha(GREY, ALPHA)), GREY, ALPHA, True),
+    "tiff-grey16": lambda: (_tiff(GREY16), GREY16, None, True),
+    "tiff-rgb16": lambda: (_tiff(RGB16), RGB16, None, True),
+    "tiff-rgba16": lambda: (_tiff(_rgba(RGB16, ALPHA16), compression="adobe_deflate"), RGB16, ALPHA16, True),
+    "tiff-float32": lambda: (_tiff(RGB.astype(np.float32) / 255), RGB.astype(np.float32) / 255, None, True),
+    "webp-rgb-lossy": lambda: (_pil(RGB, "WEBP", quality=90), RGB, None, False),
+    "webp-rgba-lossless": lambda: (_pil(_rgba(RGB, ALPHA), "WEBP", lossless=True, exact=True), RGB, ALPHA, True),
+    "webp-rgba-lossy": lambda: (_pil(_rgba(RGB, ALPHA), "WEBP", quality=90), RGB, ALPHA, False),
+}
+
+
+def _unit(samples: np.ndarray) -> np.ndarray:
+    if samples.dtype == np.float32:
+        return samples
+    return samples.astype(np.float32) / np.iinfo(samples.dtype).max
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _independent_read(encoded: bytes, fmt: str) -> np.ndarray:
+    """Samples as another library sees them: H×W[×C], RGB(A) order, original dtype."""
+    if fmt == "tiff":
+        return tifffile.imread(io.BytesIO(encoded))
+    if fmt == "webp":
+        return np.asarray(Image.open(io.BytesIO(encoded)))
+    array = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    if fmt == "png" and encoded[25] == 4:  # grey+alpha, which OpenCV expands to BGRA
+        return array[..., [0, 3]]
+    if array.ndim == 3:
+        array = np.concatenate([array[..., 2::-1], array[..., 3:]], axis=2)
+    return array
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_keeps_format_depth_channels_alpha(case: str) -> None:
+    encoded, colour, alpha, lossless = CASES[case]()
+    fmt = case.split("-")[0]
+    image = decode_image(encoded, f"scan.{fmt}")
+
+    expected_channels = (1 if colour.ndim == 2 else 3) + (alpha is not None)
+    assert (image.format, image.width, image.height) == (fmt, colour.shape[1], colour.shape[0])
+    assert image.dtype == colour.dtype
+    assert image.channels == expected_channels
+    assert image.pixels.dtype == np.float32 and image.pixels.shape[2] == (1 if colour.ndim == 2 else 3)
+    reference = _unit(colour).reshape(image.pixels.shape)
+    if lossless:
+        np.testing.assert_array_equal(image.pixels, reference)  # also proves RGB order, not BGR
+    else:
+        assert _psnr(image.pixels, reference) > 30
+    if alpha is None:
+        assert image.alpha is None
+    else:
+        assert image.alpha is not None and image.alpha.dtype == alpha.dtype
+        np.testing.assert_array_equal(image.alpha, alpha)
+
+    output = encode_image(image, image.pixels)
+    seen = _independent_read(output, fmt)
+    assert seen.dtype == colour.dtype
+    assert seen.shape[:2] == colour.shape[:2]
+    assert (1 if seen.ndim == 2 else seen.shape[2]) == expected_channels
+    if alpha is not None:
+        np.testing.assert_array_equal(seen[..., -1], alpha)
+    again = decode_image(output, f"out.{fmt}")
+    assert (again.format, again.dtype, again.channels) == (fmt, image.dtype, image.channels)
+    if lossless:
+        np.testing.assert_array_equal(again.pixels, image.pixels)
+        seen_colour = seen if seen.ndim == 2 else seen[..., : image.pixels.shape[2]]
+        np.testing.assert_array_equal(seen_colour.reshape(colour.shape), colour)
+    else:
+        assert _psnr(again.pixels, image.pixels) > 30
+
+
+def test_restored_pixels_are_what_gets_written() -> None:
+    encoded, _, _, _ = CASES["png-rgb16"]()
+    image = decode_image(encoded, "a.png")
+    restored = np.clip(image.pixels[::-1] * 0.5 + 0.25, 0, 1)  # anything but the input
+    seen = _independent_read(encode_image(image, restored), "png")
+    np.testing.assert_array_equal(seen, np.rint(restored * 65535).astype(np.uint16))
+
+
+def test_out_of_range_pixels_are_clipped_not_wrapped() -> None:
+    image = decode_image(_cv(".png", GREY), "g.png")
+    wild = np.full(image.pixels.shape, 1.7, np.float32)
+    wild[:10] = -0.3
+    seen = _independent_read(encode_image(image, wild), "png")
+    assert seen[:10].max() == 0 and seen[10:].min() == 255
+
+
+def test_encode_refuses_pixels_of_another_shape() -> None:
+    image = decode_image(_cv(".png", RGB), "a.png")
+    with pytest.raises(ValueError, match=r"shape \(48, 63, 3\)"):
+        encode_image(image, image.pixels[:, :63])
+    with pytest.raises(ValueError, match="quality 0"):
+        encode_image(image, image.pixels, quality=0)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _metadata_input(fmt: str) -> bytes:
+    if fmt == "png16":
+        if not hasattr(cv2, "imencodeWithMetadata"):
+            pytest.skip("this OpenCV cannot write PNG metadata")
+        kinds = [cv2.IMAGE_METADATA_EXIF, cv2.IMAGE_METADATA_ICCP, cv2.IMAGE_METADATA_XMP]
+        blobs = [np.frombuffer(b, np.uint8) for b in (_exif().tobytes()[6:], ICC, XMP)]
+        ok, buffer = cv2.imencodeWithMetadata(".png", RGB16[..., ::-1], kinds, blobs)
+        assert ok
+        return buffer.tobytes()
+    if fmt in ("tiff8", "tiff16"):
+        array = RGB if fmt == "tiff8" else RGB16
+        tags = [(315, "s", 0, ARTIST, True), (306, "s", 0, CHANGED, True), (700, "B", len(XMP), XMP, True)]
+        return _tiff(array, iccprofile=ICC, extratags=tags, software=False)
+    options: dict[str, object] = {"exif": _exif(), "icc_profile": ICC, "xmp": XMP}
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", XMP.decode())
+        info.add_text("Title", "moon walk")
+        options["pnginfo"] = info
+    return _pil(RGB, {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], **options)
+
+
+def _read_metadata(encoded: bytes) -> tuple[Image.Exif, bytes | None, bytes | None]:
+    """EXIF, ICC and XMP as Pillow (and tifffile, for TIFF XMP) see them."""
+    image = Image.open(io.BytesIO(encoded))
+    xmp = image.info.get("xmp")
+    if image.format == "TIFF":
+        with tifffile.TiffFile(io.BytesIO(encoded)) as tif:
+            xmp = tif.pages.first.tags.valueof(700)
+    return image.getexif(), image.info.get("icc_profile"), xmp
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "png16", "webp", "tiff8", "tiff16"])
+def test_exif_icc_xmp_survive(fmt: str) -> None:
+    image = decode_image(_metadata_input(fmt), f"meta.{fmt}")
+    assert image.metadata.icc == ICC
+    output = encode_image(image, image.pixels)
+    exif, icc, xmp = _read_metadata(output)
+    assert exif.get(0x013B) == ARTIST
+    assert exif.get(0x0132) == CHANGED
+    if not fmt.startswith("tiff"):  # these inputs carry an EXIF sub-directory too
+        assert exif.get_ifd(0x8769).get(0x9003) == TAKEN
+    assert icc == ICC
+    assert xmp is not None and b"image/x-test" in bytes(xmp)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "png16", "webp", "tiff8", "tiff16"])
+def test_strip_metadata_drops_exif_icc_xmp(fmt: str) -> None:
+    image = decode_image(_metadata_input(fmt), f"meta.{fmt}")
+    kept = encode_image(image, image.pixels)
+    stripped = encode_image(image, image.pixels, strip_metadata=True)
+    exif, icc, xmp = _read_metadata(stripped)
+    assert 0x013B not in exif and 0x0132 not in exif and not exif.get_ifd(0x8769)
+    assert icc is None and not xmp
+    assert len(stripped) < len(kept) - len(ICC) // 2
+    if fmt == "png":
+        assert "Title" not in Image.open(io.BytesIO(stripped)).info
+    assert decode_image(stripped, "s").pixels.shape == image.pixels.shape
+
+
+def test_png_text_and_resolution_survive() -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", "moon walk")
+    encoded = _pil(RGB, "PNG", pnginfo=info, dpi=(300, 300))
+    image = decode_image(encoded, "t.png")
+    assert image.metadata.dpi == pytest.approx((300, 300), abs=0.1)
+    written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
+    assert written.info["Title"] == "moon walk"
+    assert written.info["dpi"] == pytest.approx((300, 300), abs=0.1)
+
+
+def test_tiff_exif_directories_are_written_and_read_back() -> None:
+    image = decode_image(_metadata_input("tiff16"), "in.tif")
+    exif = Image.Exif()
+    exif.load(image.metadata.exif)
+    exif.get_ifd(0x8769).update({0x9003: TAKEN, 0x829A: 0.004})
+    exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 30.0, 1.5)})
+    image.metadata.exif = exif.tobytes()
+    output = encode_image(image, image.pixels)
+
+    with tifffile.TiffFile(io.BytesIO(output)) as tif:
+        tags = tif.pages.first.tags
+        assert tags.valueof("ExifTag")["DateTimeOriginal"] == TAKEN
+        assert tags.valueof("GPSTag")["GPSLatitudeRef"] == "N"
+        assert tags.valueof("Artist") == ARTIST
+        np.testing.assert_array_equal(tif.asarray(), RGB16)
+    seen = Image.open(io.BytesIO(output)).getexif()
+    assert seen.get_ifd(0x8769)[0x829A] == pytest.approx(0.004)
+    again = decode_image(output, "out.tif")  # and our own reader finds them in a TIFF
+    reread = Image.Exif()
+    reread.load(again.metadata.exif)
+    assert reread.get_ifd(0x8769)[0x9003] == TAKEN and reread.get_ifd(0x8825)[1] == "N"
+
+
+@pytest.mark.parametrize("quality", [50, 75, 92])
+def test_jpeg_quality_is_estimated_and_reused(quality: int) -> None:
+    image = decode_image(_cv(".jpg", RGB, [cv2.IMWRITE_JPEG_QUALITY, quality]), "q.jpg")
+    assert image.metadata.jpeg_quality is not None
+    assert abs(image.metadata.jpeg_quality - quality) <= 1
+    output = encode_image(image, image.pixels)
+    written = Image.open(io.BytesIO(output))
+    assert isinstance(written, JpegImagePlugin.JpegImageFile)
+    assert written.quantization == Image.open(io.BytesIO(_cv(".jpg", RGB, [cv2.IMWRITE_JPEG_QUALITY, image.metadata.jpeg_quality]))).quantization  # type: ignore[attr-defined]
+    assert decode_image(encode_image(image, image.pixels, quality=30), "q").metadata.jpeg_quality == 30
+
+
+def test_jpeg_chroma_subsampling_and_dpi_are_kept() -> None:
+    encoded = _pil(RGB, "JPEG", quality=90, subsampling=0, dpi=(240, 240))  # 4:4:4
+    image = decode_image(encoded, "s.jpg")
+    written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
+    assert JpegImagePlugin.get_sampling(written) == 0
+    assert written.info["dpi"] == pytest.approx((240, 240))
+
+
+# ---------------------------------------------------------------- orientation
+
+
+def _oriented_input(fmt: str, orientation: int) -> bytes:
+    if fmt == "tiff":
+        return _tiff(RGB, extratags=[(274, "H", 1, orientation, True)])
+    return _pil(RGB, {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], exif=_exif(orientation), quality=95)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "tiff"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_orientation_applied_and_reset(fmt: str, orientation: int) -> None:
+    encoded = _oriented_input(fmt, orientation)
+    image = decode_image(encoded, f"o.{fmt}")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(encoded)))).astype(np.float32) / 255
+    assert image.pixels.shape == upright.shape
+    assert image.metadata.orientation == orientation
+    if fmt in ("png", "tiff"):
+        np.testing.assert_array_equal(image.pixels, upright)
+    else:
+        assert _psnr(image.pixels, upright) > 35
+
+    output = encode_image(image, image.pixels)
+    written = Image.open(io.BytesIO(output))
+    assert written.getexif().get(0x0112, 1) == 1
+    if fmt != "tiff":
+        assert written.getexif().get(0x013B) == ARTIST  # the rest of the EXIF block is intact
+    viewed = ImageOps.exif_transpose(written)  # what a viewer shows: no second rotation
+    assert viewed.size == (image.width, image.height)
+    again = decode_image(output, "out")
+    assert again.metadata.orientation == 1 and again.pixels.shape == image.pixels.shape
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_matches_pillow(orientation: int) -> None:
+    encoded = _pil(_rgba(RGB, ALPHA), "PNG", exif=_exif(orientation))
+    image = decode_image(encoded, "o.png")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(encoded))))
+    np.testing.assert_array_equal(np.rint(image.pixels * 255).astype(np.uint8), upright[..., :3])
+    assert image.alpha is not None
+    np.testing.assert_array_equal(image.alpha, upright[..., 3])
+
+
+def test_tiff_opencv_fallback_is_oriented_once() -> None:
+    # A palette TIFF is left to OpenCV, which would apply the orientation
+    # itself; the decoder hides the tag from it and rotates exactly once.
+    palette = Image.fromarray(RGB).quantize(64)
+    out = io.BytesIO()
+    palette.save(out, "TIFF", tiffinfo={274: 6})
+    image = decode_image(out.getvalue(), "p.tif")
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue()))).convert("RGB"))
+    assert image.channels == 3 and image.metadata.orientation == 6
+    np.testing.assert_array_equal(np.rint(image.pixels * 255).astype(np.uint8), upright)
+    written = tifffile.TiffFile(io.BytesIO(encode_image(image, image.pixels)))
+    assert written.pages.first.tags.valueof(274) == 1
+    written.close()
+
+
+def test_xmp_orientation_is_reset_with_exif() -> None:
+    xmp = XMP.replace(b'dc:format="image/x-test"', b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"')
+    encoded = _pil(RGB, "JPEG", exif=_exif(6), xmp=xmp)
+    image = decode_image(encoded, "x.jpg")
+    assert image.metadata.xmp is not None and b'tiff:Orientation="1"' in image.metadata.xmp
+    assert b'tiff:Orientation="1"' in Image.open(io.BytesIO(encode_image(image, image.pixels))).info["xmp"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _valid(fmt: str) -> bytes:
+    return {
+        "png": _cv(".png", RGB),
+        "jpeg": _cv(".jpg", RGB),
+        "tiff": _tiff(RGB16),
+        "webp": _pil(RGB, "WEBP", quality=80),
+    }[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "tiff", "webp"])
+def test_truncated_files_are_refused_with_their_name(fmt: str) -> None:
+    encoded = _valid(fmt)
+    for cut in (len(encoded) // 2, len(encoded) - 3, 30):
+        with pytest.raises(ImageDecodeError, match=rf"^archive/broken\.{fmt}: not a readable image \(.+\)$"):
+            decode_image(encoded[:cut], f"archive/broken.{fmt}")
+
+
+@pytest.mark.parametrize(
+    ("payload", "found"),
+    [
+        (b"", "empty file"),
+        (b"GIF89a" + bytes(40), "found GIF"),
+        (b"hello, this is not a photograph", "not PNG, JPEG, TIFF or WebP"),
+        (b"%PDF-1.7\n" + bytes(40), "found PDF"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(40), "PNG"),
+        (b"\xff\xd8\xff\xe0" + bytes(40), "JPEG"),
+    ],
+)
+def test_non_images_are_refused_naming_what_was_found(payload: bytes, found: str) -> None:
+    with pytest.raises(ImageDecodeError, match=f"^in/x.png: not a readable image .*{found}"):
+        decode_image(payload, "in/x.png")
+
+
+def test_corrupt_image_data_is_refused() -> None:
+    encoded = bytearray(_cv(".png", RGB))
+    encoded[60:200] = bytes(140)  # inside IDAT
+    with pytest.raises(ImageDecodeError, match="c.png: not a readable image"):
+        decode_image(bytes(encoded), "c.png")
+
+
+def test_decompression_bomb_refused_from_the_header() -> None:
+    # A 100000x100000 PNG header followed by a tiny (wrong) image: the limit
+    # must trip before any decoder would allocate 10^10 pixels.
+    small = _cv(".png", GREY)
+    bomb = bytearray(small)
+    struct.pack_into(">II", bomb, 16, 100_000, 100_000)
+    struct.pack_into(">I", bomb, 29, zlib.crc32(bytes(bomb[12:29])))
+    with pytest.raises(ImageDecodeError, match=r"bomb.png: .*100000x100000 .*limit of 200,000,000"):
+        decode_image(bytes(bomb), "bomb.png")
+    with pytest.raises(ImageDecodeError, match=r"limit of 1,000"):
+        decode_image(small, "small.png", max_pixels=1000)
+    assert decode_image(small, "small.png", max_pixels=GREY.size).width == GREY.shape[1]
+
+
+def test_format_helpers() -> None:
+    assert format_from_name("a/b/Scan_001.TIF") == "tiff"
+    assert format_from_name("x.jpeg") == format_from_name("y.JPG") == "jpeg"
+    assert format_from_name("photo.webp") == "webp" and format_from_name("p.png") == "png"
+    assert format_from_name("notes.txt") is None and format_from_name("dir.png/file") is None
+    assert content_type("tiff") == "image/tiff" and content_type("jpeg") == "image/jpeg"
+    with pytest.raises(ValueError, match="'gif'"):
+        content_type("gif")
+
+
+def test_decoded_image_properties() -> None:
+    image: DecodedImage = decode_image(_tiff(_rgba(RGB16, ALPHA16)), "p.tif")
+    assert (image.width, image.height, image.bit_depth, image.channels) == (64, 48, 16, 4)

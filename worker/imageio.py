@@ -1,0 +1,1065 @@
+"""Decode and encode photographs without losing what archives care about.
+
+The worker restores pixels and nothing else: everything around them goes back
+out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF and WebP with
+OpenCV (8- and 16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the
+EXIF orientation, sets the alpha channel aside untouched and hands the model
+float32 pixels in [0, 1]. :func:`encode_image` writes the restored pixels back
+in the same format, bit depth and channel layout, re-attaches the alpha
+channel byte for byte and carries the metadata over: EXIF (with orientation
+reset to 1, since the pixels are now upright), the ICC profile and XMP, plus
+the resolution, PNG text and colour chunks, and JPEG quality and chroma
+subsampling.
+
+The containers are read by small parsers in this module rather than by
+Pillow: they read sizes from the header before any pixel is decoded (the
+decompression-bomb guard), they do not depend on Pillow's process-wide
+``MAX_IMAGE_PIXELS``, and they let the EXIF block pass through byte for byte
+(maker notes and thumbnails included) with only its orientation value
+patched. Pillow is used to encode WebP and to (re)build TIFF EXIF
+directories; ``tifffile`` writes TIFF, which OpenCV cannot tag.
+
+Known limits: only the first frame of a multi-page TIFF or an animated WebP
+is read and written; palette PNGs come back as truecolour; CMYK JPEGs are
+converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
+clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
+input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
+that point outside themselves may break (as with most TIFF writers).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+from jobs.errors import ImageDecodeError
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("png", "jpeg", "tiff", "webp")
+
+DEFAULT_MAX_PIXELS: int = Settings.image_max_pixels
+"""Limit used when :func:`decode_image` is given no ``max_pixels``."""
+
+DEFAULT_JPEG_QUALITY = 95
+
+_EXTENSIONS = {
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".jpe": "jpeg",
+    ".jfif": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".webp": "webp",
+}
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "webp": "image/webp"}
+
+_EXIF_PREFIX = b"Exif\x00\x00"
+_XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
+_ICC_JPEG_PREFIX = b"ICC_PROFILE\x00"
+_XMP_PNG_KEYWORD = b"XML:com.adobe.xmp"
+_ORIENTATION_TAG = 0x0112
+_EXIF_IFD_TAG = 0x8769
+_GPS_IFD_TAG = 0x8825
+_INTEROP_IFD_TAG = 0xA005
+
+# PNG ancillary chunks carried over as they are. Colour and resolution hints
+# survive strip_metadata; text and time do not.
+_PNG_RENDERING_CHUNKS = frozenset({b"pHYs", b"gAMA", b"cHRM", b"sRGB", b"cICP", b"mDCV", b"cLLI"})
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME"})
+_PNG_OWN_CHUNKS = frozenset({b"eXIf", b"iCCP"}) | _PNG_RENDERING_CHUNKS | _PNG_TEXT_CHUNKS
+
+# Descriptive TIFF IFD0 tags (all ASCII) that travel with the EXIF block.
+_TIFF_TEXT_TAGS = (269, 270, 271, 272, 285, 305, 306, 315, 316, 33432)
+_TIFF_ICC_TAG = 34675
+# Input TIFF compression -> what the output is written with. Lossy ones (JPEG,
+# WebP, …) become Deflate: a restored archive master should not lose twice.
+_TIFF_WRITE_COMPRESSION: dict[int, str | None] = {
+    1: None,
+    5: "lzw",
+    8: "adobe_deflate",
+    32946: "adobe_deflate",
+    32773: "packbits",
+    34925: "lzma",
+    50000: "zstd",
+}
+_TIFF_XMP_TAG = 700
+
+# JPEG Annex K luminance table: the base libjpeg scales by the quality factor.
+_STD_LUMINANCE_SUM = sum((
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+))  # fmt: skip
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_SUBSAMPLING = {(1, 1): "4:4:4", (2, 1): "4:2:2", (2, 2): "4:2:0", (1, 2): "4:4:0", (4, 1): "4:1:1"}
+_CV_SAMPLING = {
+    "4:4:4": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+    "4:2:2": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+    "4:2:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+    "4:4:0": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,
+    "4:1:1": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
+}
+_MAX_SEGMENT = 65533  # largest JPEG marker segment payload
+
+
+@dataclass
+class ImageMetadata:
+    """What travels with the pixels from input to output.
+
+    ``exif`` is a TIFF-structured EXIF block with its ``b"Exif\\0\\0"`` prefix
+    and orientation already reset to 1; ``orientation`` is the value the input
+    had (and that :func:`decode_image` applied). The remaining fields are
+    encoder hints read from the input so the output looks like it.
+    """
+
+    exif: bytes | None = None
+    icc: bytes | None = None
+    xmp: bytes | None = None
+    orientation: int = 1
+    dpi: tuple[float, float] | None = None
+    jpeg_quality: int | None = None
+    jpeg_subsampling: str | None = None
+    jpeg_progressive: bool = False
+    webp_lossless: bool | None = None
+    tiff_compression: int = 1  # TIFF Compression tag of the input
+    tiff_alpha_kind: int = 2  # TIFF ExtraSamples: 1 associated (premultiplied), 2 unassociated
+    png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def stripped(self) -> ImageMetadata:
+        """A copy without EXIF, ICC, XMP and textual chunks; encoder hints stay."""
+        return replace(
+            self,
+            exif=None,
+            icc=None,
+            xmp=None,
+            png_chunks=[(kind, body) for kind, body in self.png_chunks if kind in _PNG_RENDERING_CHUNKS],
+        )
+
+
+@dataclass
+class DecodedImage:
+    """An image ready for a model, and everything needed to write it back.
+
+    ``pixels`` is float32 H×W×C in [0, 1] (C = 1 grey or 3 RGB), upright;
+    ``alpha`` is the H×W alpha channel in the original dtype (rotated with the
+    pixels, values untouched) or None; ``dtype`` is the original sample type
+    and ``channels`` the original channel count including alpha (1–4).
+    """
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    format: str
+    dtype: np.dtype
+    channels: int
+    metadata: ImageMetadata
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def bit_depth(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * 8)
+
+
+class _Unreadable(Exception):
+    """Internal: what was wrong with the bytes, before the file name is known."""
+
+
+@dataclass
+class _Probe:
+    """What the container header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    metadata: ImageMetadata
+    grey_alpha: bool = False  # PNG colour type 4 / TIFF with two samples
+    orientation: int | None = None  # stated by the container itself (TIFF tag 274)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def format_from_name(name: str) -> str | None:
+    """The image format a file name's extension announces ("png", …), or None."""
+    dot = name.rfind(".")
+    if dot < 0 or "/" in name[dot:]:
+        return None
+    return _EXTENSIONS.get(name[dot:].lower())
+
+
+def content_type(fmt: str) -> str:
+    """MIME type to upload an encoded image of format ``fmt`` with."""
+    try:
+        return _CONTENT_TYPES[fmt]
+    except KeyError:
+        raise ValueError(f"unknown image format {fmt!r}; known: {', '.join(FORMATS)}") from None
+
+
+def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> DecodedImage:
+    """Decode an encoded PNG, JPEG, TIFF or WebP file into a :class:`DecodedImage`.
+
+    The format is taken from the bytes, not from ``name`` (which is only used
+    in error messages). Width × height is checked against ``max_pixels``
+    (default :data:`DEFAULT_MAX_PIXELS`) from the header, before decoding.
+
+    Raises:
+        ImageDecodeError: empty, truncated, corrupt or unsupported data, or
+            too many pixels; the message names the file and what was found.
+    """
+    label = name or "image"
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        probe = _probe(bytes(data))
+        if probe.width * probe.height > limit:
+            raise _Unreadable(
+                f"{probe.width}x{probe.height} = {probe.width * probe.height:,} pixels is more than the "
+                f"limit of {limit:,}; raise DEBLUR_IMAGE_MAX_PIXELS to accept it"
+            )
+        samples, bgr = _decode_samples(bytes(data), probe)
+        return _assemble(samples, bgr, probe)
+    except _Unreadable as exc:
+        raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
+
+
+def encode_image(
+    image: DecodedImage,
+    pixels: np.ndarray,
+    strip_metadata: bool = False,
+    quality: int | None = None,
+) -> bytes:
+    """Encode restored ``pixels`` like ``image`` was: same format, depth, channels.
+
+    ``pixels`` is float32 H×W×C in [0, 1] with the shape of ``image.pixels``
+    (H×W is accepted for grey); values outside [0, 1] are clipped. The alpha
+    channel of ``image`` is re-attached unchanged. Metadata is carried over
+    unless ``strip_metadata``. ``quality`` (1–100) overrides the JPEG quality
+    estimated from the input (default 95) and the lossy WebP quality.
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape != image.pixels.shape:
+        raise ValueError(f"pixels have shape {arr.shape}; the decoded image has {image.pixels.shape}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise ValueError(f"quality {quality} is outside 1..100")
+    samples = _from_unit(arr, np.dtype(image.dtype))
+    metadata = image.metadata.stripped() if strip_metadata else image.metadata
+    return _ENCODERS[image.format](samples, image.alpha, metadata, quality)
+
+
+# ---------------------------------------------------------------- probing
+
+
+def _probe(data: bytes) -> _Probe:
+    if not data:
+        raise _Unreadable("empty file")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _probe_png(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return _probe_jpeg(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _probe_tiff(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _probe_webp(data)
+    raise _Unreadable(_describe_unknown(data))
+
+
+def _describe_unknown(data: bytes) -> str:
+    known = {
+        b"GIF8": "GIF",
+        b"BM": "BMP",
+        b"%PDF": "PDF",
+        b"PK\x03\x04": "a ZIP archive",
+        b"\x1f\x8b": "gzip data",
+        b"<": "text/markup",
+        b"{": "JSON text",
+    }
+    for magic, what in known.items():
+        if data.startswith(magic):
+            return f"found {what}; supported: PNG, JPEG, TIFF, WebP"
+    if data[4:8] == b"ftyp":
+        return f"found an ISO media file ({data[8:12].decode('latin-1')!r}); supported: PNG, JPEG, TIFF, WebP"
+    return f"{len(data)} bytes starting with {data[:8].hex(' ')}, not PNG, JPEG, TIFF or WebP"
+
+
+def _probe_png(data: bytes) -> _Probe:
+    metadata = ImageMetadata()
+    size: tuple[int, int] | None = None
+    colour_type = 0
+    seen_idat = seen_iend = False
+    view = memoryview(data)
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data):
+            raise _Unreadable(f"truncated PNG: chunk {kind!r} at byte {pos} runs past the end")
+        body = view[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            if length != 13:
+                raise _Unreadable("corrupt PNG header")
+            width, height, _depth, colour_type = struct.unpack_from(">IIBB", body)
+            size = (width, height)
+        elif kind == b"IDAT":
+            seen_idat = True
+        elif kind == b"IEND":
+            seen_iend = True
+            break
+        elif kind == b"eXIf":
+            metadata.exif = _with_exif_prefix(bytes(body))
+        elif kind == b"iCCP":
+            metadata.icc = _png_icc(bytes(body))
+        elif kind in (b"iTXt", b"tEXt", b"zTXt") and bytes(body[: len(_XMP_PNG_KEYWORD) + 1]) == _XMP_PNG_KEYWORD + b"\x00":
+            metadata.xmp = _png_text(kind, bytes(body))
+        elif kind in _PNG_OWN_CHUNKS:
+            metadata.png_chunks.append((kind, bytes(body)))
+            if kind == b"pHYs" and length == 9:
+                ppu_x, ppu_y, unit = struct.unpack_from(">IIB", body)
+                if unit == 1:
+                    metadata.dpi = (ppu_x * 0.0254, ppu_y * 0.0254)
+        pos = end
+    if size is None:
+        raise _Unreadable("PNG without a header chunk")
+    if not seen_idat or not seen_iend:
+        raise _Unreadable("truncated PNG: " + ("no image data" if not seen_idat else "no end chunk"))
+    return _Probe("png", size[0], size[1], metadata, grey_alpha=colour_type == 4)
+
+
+def _png_icc(body: bytes) -> bytes | None:
+    nul = body.find(b"\x00")
+    if nul < 0 or nul + 2 > len(body):
+        return None
+    try:
+        return zlib.decompress(body[nul + 2 :])
+    except zlib.error:
+        log.warning("ignoring a corrupt PNG iCCP chunk")
+        return None
+
+
+def _png_text(kind: bytes, body: bytes) -> bytes | None:
+    """The text of a tEXt, zTXt or iTXt chunk (XMP is meant for iTXt; OpenCV writes tEXt)."""
+    nul = body.find(b"\x00")
+    if kind == b"tEXt":
+        return body[nul + 1 :]
+    if kind == b"zTXt":
+        compressed, text = True, body[nul + 2 :]
+    else:  # iTXt: keyword \0 flag method language \0 translated-keyword \0 text
+        parts = body[nul + 3 :].split(b"\x00", 2)
+        if len(parts) < 3:
+            return None
+        compressed, text = body[nul + 1] == 1, parts[2]
+    try:
+        return zlib.decompress(text) if compressed else text
+    except zlib.error:
+        log.warning("ignoring a corrupt compressed PNG %s chunk", kind.decode())
+        return None
+
+
+def _probe_jpeg(data: bytes) -> _Probe:
+    metadata = ImageMetadata()
+    icc_parts: dict[int, bytes] = {}
+    tables: list[list[int]] = []
+    size: tuple[int, int] | None = None
+    view = memoryview(data)
+    pos = 2
+    while True:
+        if pos + 4 > len(data):
+            raise _Unreadable("truncated JPEG: ends inside its headers")
+        if data[pos] != 0xFF:
+            raise _Unreadable(f"corrupt JPEG: no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker == 0xD9:
+            raise _Unreadable("corrupt JPEG: ends before any image data")
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if pos + 2 + length > len(data):
+            raise _Unreadable("truncated JPEG: ends inside its headers")
+        if marker == 0xDA:
+            break
+        body = view[pos + 4 : pos + 2 + length]
+        if marker in _JPEG_SOF:
+            _precision, height, width, ncomp = struct.unpack_from(">BHHB", body)
+            size = (width, height)
+            metadata.jpeg_progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            if ncomp == 3 and len(body) >= 9:
+                sampling = (body[7] >> 4, body[7] & 15)
+                metadata.jpeg_subsampling = _JPEG_SUBSAMPLING.get(sampling)
+        elif marker == 0xDB:
+            tables.extend(_jpeg_dqt(bytes(body)))
+        elif marker == 0xE0 and bytes(body[:5]) == b"JFIF\x00" and len(body) >= 12:
+            units, x_density, y_density = struct.unpack_from(">BHH", body, 7)
+            if units in (1, 2) and x_density and y_density:
+                scale = 1.0 if units == 1 else 2.54
+                metadata.dpi = (x_density * scale, y_density * scale)
+        elif marker == 0xE1 and bytes(body[:6]) == _EXIF_PREFIX and metadata.exif is None:
+            metadata.exif = bytes(body)
+        elif marker == 0xE1 and bytes(body[: len(_XMP_JPEG_PREFIX)]) == _XMP_JPEG_PREFIX:
+            metadata.xmp = bytes(body[len(_XMP_JPEG_PREFIX) :])
+        elif marker == 0xE2 and bytes(body[:12]) == _ICC_JPEG_PREFIX and len(body) > 14:
+            icc_parts[body[12]] = bytes(body[14:])
+        pos += 2 + length
+    if size is None:
+        raise _Unreadable("corrupt JPEG: no frame header before the image data")
+    if data.rfind(b"\xff\xd9", pos) < 0:
+        raise _Unreadable("truncated JPEG: no end-of-image marker")
+    if icc_parts:
+        metadata.icc = b"".join(icc_parts[k] for k in sorted(icc_parts))
+    if tables:
+        metadata.jpeg_quality = _estimate_jpeg_quality(tables[0])
+    return _Probe("jpeg", size[0], size[1], metadata)
+
+
+def _jpeg_dqt(body: bytes) -> list[list[int]]:
+    """Quantisation tables of one DQT segment, in the order they are defined."""
+    tables = []
+    i = 0
+    while i < len(body):
+        wide = body[i] >> 4
+        step = 2 if wide else 1
+        raw = body[i + 1 : i + 1 + 64 * step]
+        if len(raw) < 64 * step:
+            break
+        tables.append(list(struct.unpack(">64H", raw)) if wide else list(raw))
+        i += 1 + 64 * step
+    return tables
+
+
+def _estimate_jpeg_quality(luminance: list[int]) -> int:
+    """Invert libjpeg's quality scaling of the standard luminance table.
+
+    Exact for files written by libjpeg-based encoders (most software); for
+    cameras with their own tables it gives the libjpeg quality of similar
+    coarseness, which is what the re-encode needs.
+    """
+    scale = 100.0 * sum(luminance) / _STD_LUMINANCE_SUM
+    quality = (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+    return int(min(100, max(1, round(quality))))
+
+
+def _probe_webp(data: bytes) -> _Probe:
+    metadata = ImageMetadata()
+    (riff_size,) = struct.unpack_from("<I", data, 4)
+    end = 8 + riff_size
+    if end > len(data):
+        raise _Unreadable(f"truncated WebP: {len(data)} of {end} bytes")
+    size: tuple[int, int] | None = None
+    canvas: tuple[int, int] | None = None
+    view = memoryview(data)
+    pos = 12
+    while pos + 8 <= end:
+        kind = bytes(view[pos : pos + 4])
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        if pos + 8 + length > end:
+            raise _Unreadable(f"truncated WebP: chunk {kind!r} runs past the end")
+        body = view[pos + 8 : pos + 8 + length]
+        if kind == b"VP8X" and length >= 10:
+            canvas = (1 + int.from_bytes(body[4:7], "little"), 1 + int.from_bytes(body[7:10], "little"))
+        elif kind == b"VP8L" and length >= 5 and size is None:
+            bits = int.from_bytes(body[1:5], "little")
+            size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+            metadata.webp_lossless = True
+        elif kind == b"VP8 " and length >= 10 and size is None:
+            if bytes(body[3:6]) != b"\x9d\x01\x2a":
+                raise _Unreadable("corrupt WebP: bad VP8 frame header")
+            width, height = struct.unpack_from("<HH", body, 6)
+            size = (width & 0x3FFF, height & 0x3FFF)
+            metadata.webp_lossless = False
+        elif kind == b"ICCP":
+            metadata.icc = bytes(body)
+        elif kind == b"EXIF":
+            metadata.exif = _with_exif_prefix(bytes(body))
+        elif kind == b"XMP ":
+            metadata.xmp = bytes(body)
+        pos += 8 + length + (length & 1)
+    found = canvas or size
+    if found is None:
+        raise _Unreadable("WebP without image data")
+    return _Probe("webp", found[0], found[1], metadata)
+
+
+def _probe_tiff(data: bytes) -> _Probe:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            shape = page.shape
+            tags = page.tags
+            width, height = int(page.imagewidth), int(page.imagelength)
+            samples = int(page.samplesperpixel)
+            extras = tags.valueof(338)
+            compression = int(page.compression)
+            icc = tags.valueof(_TIFF_ICC_TAG)
+            xmp = tags.valueof(_TIFF_XMP_TAG)
+            resolution = _tiff_dpi(tags.valueof(282), tags.valueof(283), tags.valueof(296))
+            orientation = tags.valueof(274)
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
+    except _Unreadable:
+        raise
+    except Exception as exc:  # tifffile raises many kinds on corrupt files
+        raise _Unreadable(f"corrupt TIFF: {exc}") from None
+    if end > len(data):
+        raise _Unreadable(f"truncated TIFF: image data ends at byte {end}, file has {len(data)}")
+    if not shape:
+        raise _Unreadable("TIFF without image data")
+    extra_kind = extras[0] if isinstance(extras, tuple) else extras
+    metadata = ImageMetadata(
+        exif=_tiff_exif(data),
+        icc=bytes(icc) if icc else None,
+        xmp=bytes(xmp) if xmp else None,
+        dpi=resolution,
+        tiff_compression=compression,
+        tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
+    )
+    return _Probe(
+        "tiff",
+        width,
+        height,
+        metadata,
+        grey_alpha=samples == 2,
+        orientation=int(orientation) if orientation in range(1, 9) else None,
+    )
+
+
+def _tiff_dpi(x: Any, y: Any, unit: Any) -> tuple[float, float] | None:
+    def value(r: Any) -> float:
+        return r[0] / r[1] if isinstance(r, tuple) else float(r)
+
+    try:
+        if x is None or y is None or int(unit or 2) not in (2, 3):
+            return None
+        scale = 2.54 if int(unit or 2) == 3 else 1.0
+        return (value(x) * scale, value(y) * scale)
+    except (ZeroDivisionError, TypeError, ValueError):
+        return None
+
+
+def _tiff_exif(data: bytes) -> bytes | None:
+    """The descriptive tags and EXIF/GPS directories of a TIFF, as an EXIF block.
+
+    A classic TIFF file is itself a TIFF-structured EXIF block, so Pillow's
+    EXIF reader walks its first directory; image-structure tags (strips,
+    sizes) are left behind.
+    """
+    from PIL import Image
+
+    if data[2:4] in (b"+\x00", b"\x00+"):
+        return None  # BigTIFF: Pillow's EXIF reader only knows classic TIFF
+    try:
+        source = Image.Exif()
+        source.load(data)
+        out = Image.Exif()
+        for tag in _TIFF_TEXT_TAGS:
+            if tag in source:
+                out[tag] = source[tag]
+        if _ORIENTATION_TAG in source:
+            out[_ORIENTATION_TAG] = int(source[_ORIENTATION_TAG])
+        subifds = _exif_subifds(source)
+        for sub, entries in subifds.items():
+            out.get_ifd(sub).update(entries)
+        return out.tobytes() if len(out) or subifds else None
+    except Exception as exc:  # a damaged EXIF directory must not lose the picture
+        log.warning("ignoring unreadable TIFF EXIF tags: %s", exc)
+        return None
+
+
+def _exif_subifds(exif: Any) -> dict[int, dict[int, Any]]:
+    """The non-empty EXIF and GPS directories of a loaded ``PIL.Image.Exif``."""
+    found = {}
+    for sub in (_EXIF_IFD_TAG, _GPS_IFD_TAG):
+        entries = dict(exif.get_ifd(sub))
+        if sub == _EXIF_IFD_TAG and _INTEROP_IFD_TAG in entries:
+            interop = dict(exif.get_ifd(_INTEROP_IFD_TAG))
+            if interop:
+                entries[_INTEROP_IFD_TAG] = interop
+            else:
+                del entries[_INTEROP_IFD_TAG]
+        if entries:
+            found[sub] = entries
+    return found
+
+
+# ---------------------------------------------------------------- EXIF patching
+
+
+def _with_exif_prefix(block: bytes) -> bytes:
+    return block if block.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + block
+
+
+def _orientation_slot(tiff: bytes, base: int = 0) -> tuple[int, str] | None:
+    """Byte offset of IFD0's Orientation value in a TIFF structure at ``base``, and its byte order.
+
+    Works on EXIF blocks (base 6, after the prefix) and on TIFF files,
+    classic or BigTIFF.
+    """
+    order = {b"II": "<", b"MM": ">"}.get(tiff[base : base + 2])
+    if order is None or len(tiff) < base + 16:
+        return None
+    big = struct.unpack_from(order + "H", tiff, base + 2)[0] == 43
+    offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+    (ifd,) = struct.unpack_from(order + offset_format, tiff, base + (8 if big else 4))
+    start = base + ifd
+    head = struct.calcsize(count_format)
+    if start + head > len(tiff):
+        return None
+    (count,) = struct.unpack_from(order + count_format, tiff, start)
+    for i in range(count):
+        entry = start + head + entry_size * i
+        if entry + entry_size > len(tiff):
+            return None
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag == _ORIENTATION_TAG and kind == 3:
+            return entry + (12 if big else 8), order
+    return None
+
+
+def _exif_orientation_slot(exif: bytes) -> tuple[int, str] | None:
+    return _orientation_slot(exif, len(_EXIF_PREFIX))
+
+
+def _upright(tiff: bytes, slot: tuple[int, str] | None) -> bytes:
+    """``tiff`` with the Orientation value at ``slot`` set to 1, every other byte untouched."""
+    if slot is None:
+        return tiff
+    patched = bytearray(tiff)
+    struct.pack_into(slot[1] + "H", patched, slot[0], 1)
+    return bytes(patched)
+
+
+def _exif_orientation(exif: bytes | None) -> int:
+    slot = _exif_orientation_slot(exif) if exif else None
+    if slot is None or exif is None:
+        return 1
+    (value,) = struct.unpack_from(slot[1] + "H", exif, slot[0])
+    return value if 1 <= value <= 8 else 1
+
+
+_XMP_ORIENTATION = re.compile(rb"(tiff:Orientation\s*=\s*[\"']|<tiff:Orientation>\s*)([1-8])")
+
+
+def _xmp_orientation(xmp: bytes | None) -> int:
+    match = _XMP_ORIENTATION.search(xmp) if xmp else None
+    return int(match.group(2)) if match else 1
+
+
+def _xmp_upright(xmp: bytes) -> bytes:
+    return _XMP_ORIENTATION.sub(rb"\g<1>1", xmp)
+
+
+# ---------------------------------------------------------------- pixels in
+
+
+def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
+    """Decoded samples H×W×C in their own dtype, and whether colour is BGR."""
+    if probe.format == "tiff":
+        samples = _tiff_samples(data)
+        if samples is not None:
+            return samples, False
+        if probe.orientation not in (None, 1):
+            # OpenCV applies TIFF orientation itself (depending on its version):
+            # hide it so that every path is oriented once, in _assemble.
+            data = _upright(data, _orientation_slot(data))
+    buffer = np.frombuffer(data, np.uint8)
+    try:
+        samples = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise _Unreadable(f"{probe.format.upper()} decoder failed: {exc.err}") from None
+    if samples is None:
+        raise _Unreadable(f"corrupt {probe.format.upper()} data")
+    if probe.format == "jpeg" and samples.ndim == 3 and samples.shape[2] == 4:
+        # CMYK JPEG: let OpenCV convert it; its ICC profile describes CMYK, not RGB.
+        samples = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        probe.metadata.icc = None
+    if samples.ndim == 2:
+        samples = samples[..., None]
+    return samples, True
+
+
+def _tiff_samples(data: bytes) -> np.ndarray | None:
+    """First-page samples of a grey or RGB(A) TIFF read by tifffile, else None.
+
+    OpenCV reads 8-bit RGBA TIFF through libtiff's RGBA interface, which
+    premultiplies the colour by alpha, and it drops the alpha of grey+alpha
+    TIFFs; tifffile returns the stored samples. Palette, CMYK, bilevel and
+    other photometrics are left to OpenCV, which converts them to RGB.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            photometric = int(page.photometric)
+            if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7):
+                return None
+            if page.dtype not in (np.uint8, np.uint16, np.float32) or page.axes not in ("YX", "YXS", "SYX"):
+                return None
+            samples = page.asarray()
+            axes = page.axes
+    except Exception as exc:  # a codec tifffile lacks, or damage: let OpenCV have a go
+        log.debug("tifffile could not read the TIFF (%s); trying OpenCV", exc)
+        return None
+    if axes == "SYX":
+        samples = np.moveaxis(samples, 0, -1)
+    return samples if samples.ndim == 3 else samples[..., None]
+
+
+def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
+    dtype = samples.dtype
+    if dtype not in (np.uint8, np.uint16, np.float32):
+        raise _Unreadable(f"{dtype} samples are not supported (only 8/16-bit integer and 32-bit float)")
+    if samples.shape[0] != probe.height or samples.shape[1] != probe.width:
+        raise _Unreadable(
+            f"decoded {samples.shape[1]}x{samples.shape[0]} pixels, header says {probe.width}x{probe.height}"
+        )
+    count = samples.shape[2]
+    alpha: np.ndarray | None = None
+    if probe.grey_alpha and count == 4:  # OpenCV expands grey+alpha PNG to BGRA
+        colour, alpha, channels = samples[..., :1], samples[..., 3], 2
+    elif count == 2:
+        colour, alpha, channels = samples[..., :1], samples[..., 1], 2
+    elif count in (1, 3):
+        colour, channels = samples, count
+    elif count == 4:
+        colour, alpha, channels = samples[..., :3], samples[..., 3], 4
+    else:
+        raise _Unreadable(f"{count} channels are not supported (only grey, grey+alpha, RGB, RGBA)")
+    if bgr and colour.shape[2] == 3:
+        colour = colour[..., ::-1]
+    metadata = probe.metadata
+    if probe.orientation is not None:
+        orientation = probe.orientation
+    elif metadata.exif and _exif_orientation_slot(metadata.exif):
+        orientation = _exif_orientation(metadata.exif)
+    else:  # some editors record the orientation only in XMP
+        orientation = _xmp_orientation(metadata.xmp)
+    colour = _orient(colour, orientation)
+    alpha = None if alpha is None else np.ascontiguousarray(_orient(alpha, orientation))
+    metadata.orientation = orientation
+    if metadata.exif is not None:
+        metadata.exif = _upright(metadata.exif, _exif_orientation_slot(metadata.exif))
+    if metadata.xmp is not None:
+        metadata.xmp = _xmp_upright(metadata.xmp)
+    if orientation in (5, 6, 7, 8) and metadata.dpi is not None:
+        metadata.dpi = (metadata.dpi[1], metadata.dpi[0])
+    return DecodedImage(
+        pixels=_to_unit(colour),
+        alpha=alpha,
+        format=probe.format,
+        dtype=dtype,
+        channels=channels,
+        metadata=metadata,
+    )
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1–8) to an array whose first axes are H, W."""
+    if orientation == 2:
+        return array[:, ::-1]
+    if orientation == 3:
+        return array[::-1, ::-1]
+    if orientation == 4:
+        return array[::-1]
+    if orientation == 5:
+        return array.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(array, -1)
+    if orientation == 7:
+        return np.rot90(array, 2).swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(array, 1)
+    return array
+
+
+def _to_unit(samples: np.ndarray) -> np.ndarray:
+    if samples.dtype == np.float32:
+        return np.ascontiguousarray(np.clip(np.nan_to_num(samples), 0.0, 1.0))
+    top = np.float32(np.iinfo(samples.dtype).max)
+    return np.ascontiguousarray(samples, dtype=np.float32) / top
+
+
+def _from_unit(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    clipped = np.clip(np.nan_to_num(pixels.astype(np.float32, copy=False)), 0.0, 1.0)
+    if dtype == np.float32:
+        return clipped
+    return np.rint(clipped * np.float32(np.iinfo(dtype).max)).astype(dtype)
+
+
+def _stack(samples: np.ndarray, alpha: np.ndarray | None, bgr: bool) -> np.ndarray:
+    """Samples H×W×C (RGB or grey) + alpha → the array an encoder takes."""
+    colour = samples[..., ::-1] if bgr and samples.shape[2] == 3 else samples
+    if alpha is not None:
+        colour = np.dstack([colour, alpha.astype(samples.dtype, copy=False)])
+    return np.ascontiguousarray(colour[..., 0] if colour.shape[2] == 1 else colour)
+
+
+# ---------------------------------------------------------------- pixels out
+
+
+def _cv_encode(ext: str, array: np.ndarray, params: list[int]) -> bytes:
+    ok, buffer = cv2.imencode(ext, array, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {array.shape} {array.dtype} array as {ext}")
+    return buffer.tobytes()
+
+
+def _encode_png(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
+    array = _stack(samples, alpha, bgr=True)
+    if array.ndim == 3 and array.shape[2] == 2:
+        encoded = _png_grey_alpha(array)
+    else:
+        encoded = _cv_encode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    chunks: list[tuple[bytes, bytes]] = []
+    if meta.icc:
+        chunks.append((b"iCCP", b"ICC profile\x00\x00" + zlib.compress(meta.icc)))
+    if meta.exif:
+        chunks.append((b"eXIf", meta.exif[len(_EXIF_PREFIX) :]))
+    if meta.xmp:
+        chunks.append((b"iTXt", _XMP_PNG_KEYWORD + b"\x00\x00\x00\x00\x00" + meta.xmp))
+    chunks.extend(meta.png_chunks)
+    return _png_with_chunks(encoded, chunks)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_with_chunks(encoded: bytes, chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """Insert ``chunks`` after IHDR, dropping any the encoder wrote of the same kinds."""
+    (ihdr_length,) = struct.unpack_from(">I", encoded, 8)
+    head_end = 8 + 12 + ihdr_length
+    out = [encoded[:head_end], *(_png_chunk(kind, body) for kind, body in chunks)]
+    pos = head_end
+    while pos < len(encoded):
+        length, kind = struct.unpack_from(">I4s", encoded, pos)
+        end = pos + 12 + length
+        if kind not in _PNG_OWN_CHUNKS:
+            out.append(encoded[pos:end])
+        pos = end
+    return b"".join(out)
+
+
+def _png_grey_alpha(array: np.ndarray) -> bytes:
+    """A PNG of colour type 4 (OpenCV writes only 1, 3 or 4 channels)."""
+    height, width = array.shape[:2]
+    depth = array.dtype.itemsize * 8
+    rows = array.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).view(np.uint8)
+    step = 2 * array.dtype.itemsize
+    filtered = rows.copy()
+    filtered[:, step:] -= rows[:, :-step]  # PNG "Sub" filter, modulo 256
+    lines = np.hstack([np.ones((height, 1), np.uint8), filtered])
+    header = struct.pack(">IIBBBBB", width, height, depth, 4, 0, 0, 0)
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", zlib.compress(lines.tobytes(), 6)),
+        _png_chunk(b"IEND", b""),
+    ))  # fmt: skip
+
+
+def _encode_jpeg(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, quality: int | None) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality or meta.jpeg_quality or DEFAULT_JPEG_QUALITY]
+    if meta.jpeg_subsampling in _CV_SAMPLING and samples.shape[2] == 3:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[meta.jpeg_subsampling]]
+    if meta.jpeg_progressive:
+        params += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    encoded = _cv_encode(".jpg", _stack(samples, None, bgr=True), params)
+    return _jpeg_with_segments(encoded, meta)
+
+
+def _jpeg_segment(marker: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body
+
+
+def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
+    """Put EXIF, XMP and ICC segments (and the dpi) after the encoder's JFIF header."""
+    pos = 2
+    head = [encoded[:2]]
+    if encoded[2:4] == b"\xff\xe0":  # JFIF APP0
+        (length,) = struct.unpack_from(">H", encoded, 4)
+        app0 = bytearray(encoded[2 : 4 + length])
+        if meta.dpi and app0[4:9] == b"JFIF\x00":
+            dpi = (min(65535, max(1, round(meta.dpi[0]))), min(65535, max(1, round(meta.dpi[1]))))
+            struct.pack_into(">BHH", app0, 11, 1, *dpi)
+        head.append(bytes(app0))
+        pos = 4 + length
+    segments = []
+    if meta.exif:
+        if len(meta.exif) <= _MAX_SEGMENT:
+            segments.append(_jpeg_segment(0xE1, meta.exif))
+        else:
+            log.warning("dropping a %d-byte EXIF block: JPEG segments hold at most %d", len(meta.exif), _MAX_SEGMENT)
+    if meta.xmp:
+        if len(_XMP_JPEG_PREFIX) + len(meta.xmp) <= _MAX_SEGMENT:
+            segments.append(_jpeg_segment(0xE1, _XMP_JPEG_PREFIX + meta.xmp))
+        else:
+            log.warning("dropping a %d-byte XMP packet: extended XMP is not written", len(meta.xmp))
+    if meta.icc:
+        room = _MAX_SEGMENT - len(_ICC_JPEG_PREFIX) - 2
+        parts = [meta.icc[i : i + room] for i in range(0, len(meta.icc), room)]
+        for i, part in enumerate(parts[:255]):
+            segments.append(_jpeg_segment(0xE2, _ICC_JPEG_PREFIX + bytes([i + 1, len(parts)]) + part))
+    return b"".join([*head, *segments, encoded[pos:]])
+
+
+def _encode_webp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, quality: int | None) -> bytes:
+    from PIL import Image
+
+    array = _stack(samples, alpha, bgr=False)
+    if array.ndim == 2:  # WebP has no grey mode; OpenCV never decodes one to grey either
+        array = np.dstack([array] * 3)
+    out = io.BytesIO()
+    lossless = bool(meta.webp_lossless)
+    options: dict[str, Any] = {
+        "lossless": lossless,
+        "quality": 80 if lossless else (quality or DEFAULT_JPEG_QUALITY),
+        "method": 4,
+        "exact": True,
+    }
+    if meta.exif:
+        options["exif"] = meta.exif
+    if meta.icc:
+        options["icc_profile"] = meta.icc
+    if meta.xmp:
+        options["xmp"] = meta.xmp
+    Image.fromarray(array).save(out, "WEBP", **options)
+    return out.getvalue()
+
+
+def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
+    import tifffile
+
+    array = _stack(samples, alpha, bgr=False)
+    grey = samples.shape[2] == 1
+    tags = _tiff_tags_from_exif(meta.exif)
+    extratags: list[tuple[int, str, int, Any, bool]] = [
+        (tag, "s", 0, value, True) for tag, value in tags.text.items() if tag not in (270, 305, 306)
+    ]
+    if tags.orientation is not None:
+        extratags.append((_ORIENTATION_TAG, "H", 1, 1, True))
+    if meta.xmp:
+        extratags.append((_TIFF_XMP_TAG, "B", len(meta.xmp), meta.xmp, True))
+    for sub in tags.subifds:
+        # tifffile refuses to write pointer tags: write the tag just below,
+        # which sorts to the same place, and turn it into the pointer after.
+        extratags.append((sub - 1, "I", 1, 0, True))
+    compression = _TIFF_WRITE_COMPRESSION.get(meta.tiff_compression, "adobe_deflate")
+    out = io.BytesIO()
+    tifffile.imwrite(
+        out,
+        array,
+        photometric="minisblack" if grey else "rgb",
+        planarconfig="contig" if array.ndim == 3 else None,
+        extrasamples=[meta.tiff_alpha_kind] if alpha is not None else None,
+        compression=compression,
+        predictor=compression in ("lzw", "adobe_deflate", "zstd", "lzma"),
+        iccprofile=meta.icc or None,
+        description=tags.text.get(270),
+        software=tags.text.get(305, False),
+        datetime=tags.text.get(306),
+        resolution=meta.dpi,
+        resolutionunit="INCH" if meta.dpi else "NONE",
+        metadata=None,
+        extratags=extratags,
+        byteorder="<",
+    )
+    return _tiff_append_subifds(out.getvalue(), tags.subifds)
+
+
+@dataclass
+class _TiffTags:
+    text: dict[int, str] = field(default_factory=dict)
+    orientation: int | None = None
+    subifds: dict[int, dict[int, Any]] = field(default_factory=dict)
+
+
+def _tiff_tags_from_exif(exif: bytes | None) -> _TiffTags:
+    """Split an EXIF block into TIFF IFD0 text tags and EXIF/GPS sub-directories."""
+    from PIL import Image
+
+    tags = _TiffTags()
+    if not exif:
+        return tags
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        for tag in _TIFF_TEXT_TAGS:
+            value = parsed.get(tag)
+            if isinstance(value, str) and value and value.isascii():
+                tags.text[tag] = value
+        if _ORIENTATION_TAG in parsed:
+            tags.orientation = 1
+        tags.subifds = _exif_subifds(parsed)
+    except Exception as exc:
+        log.warning("writing TIFF without unreadable EXIF tags: %s", exc)
+    return tags
+
+
+def _tiff_append_subifds(encoded: bytes, subifds: dict[int, dict[int, Any]]) -> bytes:
+    """Append EXIF/GPS directories to a little-endian classic TIFF and point IFD0 at them.
+
+    IFD0 holds a placeholder LONG tagged one below each pointer tag; it gets
+    the pointer's tag number and the directory's offset.
+    """
+    if not subifds:
+        return encoded
+    from PIL import TiffImagePlugin
+
+    out = bytearray(encoded)
+    if out[:4] != b"II*\x00":
+        log.warning("not writing EXIF directories into a BigTIFF")
+        return encoded
+    (ifd0,) = struct.unpack_from("<I", out, 4)
+    (count,) = struct.unpack_from("<H", out, ifd0)
+    slots = {}
+    for i in range(count):
+        entry = ifd0 + 2 + 12 * i
+        (tag,) = struct.unpack_from("<H", out, entry)
+        if tag + 1 in subifds:
+            slots[tag + 1] = entry
+    for sub, entries in subifds.items():
+        if sub not in slots:
+            log.warning("TIFF writer left no slot for EXIF directory %#x; not written", sub)
+            continue
+        if len(out) % 2:
+            out += b"\x00"
+        directory = TiffImagePlugin.ImageFileDirectory_v2(ifh=b"II*\x00\x08\x00\x00\x00")
+        for tag, value in entries.items():
+            directory[tag] = value
+        offset = len(out)
+        out += directory.tobytes(offset)
+        struct.pack_into("<H", out, slots[sub], sub)
+        struct.pack_into("<I", out, slots[sub] + 8, offset)
+    return bytes(out)
+
+
+_Encoder = Callable[[np.ndarray, "np.ndarray | None", ImageMetadata, "int | None"], bytes]
+_ENCODERS: dict[str, _Encoder] = {
+    "png": _encode_png,
+    "jpeg": _encode_jpeg,
+    "tiff": _encode_tiff,
+    "webp": _encode_webp,
+}
