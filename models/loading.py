@@ -10,7 +10,8 @@ import torch
 from jobs.errors import LicenseError
 from models.base import RestorationModel
 from models.catalog import REGISTRY
-from models.registry import ModelSpec
+from models.registry import ModelSpec, common_param_names
+from models.tiling import apply_inference_options
 
 
 def noncommercial_allowed() -> bool:
@@ -28,10 +29,18 @@ def check_license(name: str) -> None:
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> RestorationModel:
-    """Build the model named by ``spec`` on ``device`` (weights loaded, eval mode)."""
+    """Build the model named by ``spec`` on ``device`` (weights loaded, eval mode).
+
+    The common inference options (``tile``, ``tile_overlap``, ``self_ensemble``;
+    :data:`models.registry.COMMON_PARAMS`) are not passed to the factory: the
+    built model is wrapped to apply them, and the wrapper is itself a
+    :class:`RestorationModel`.
+    """
     info = REGISTRY.get(spec.name)
     check_license(info.name)
     module_name, _, function_name = info.factory.partition(":")
     factory = getattr(importlib.import_module(module_name), function_name)
-    model: RestorationModel = factory(REGISTRY.resolved_params(spec), device)
-    return model
+    params = REGISTRY.resolved_params(spec)
+    options = {name: params.pop(name) for name in common_param_names(info)}
+    model: RestorationModel = factory(params, device)
+    return apply_inference_options(model, options)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -170,6 +170,45 @@ def _looks_like_number(text: str) -> bool:
     return "=" not in text
 
 
+# Inference options every model accepts. ``Registry.register`` appends them to
+# each entry that does not declare a parameter of the same name itself, and
+# ``models.loading`` strips them before calling the factory and applies them by
+# wrapping the built model (tiling, self-ensemble).
+COMMON_PARAMS: tuple[Param, ...] = (
+    Param(
+        "tile",
+        int,
+        0,
+        "tile side in pixels for large images (0: the model's default tile size, "
+        "if any; -1: never tile)",
+        minimum=-1,
+    ),
+    Param(
+        "tile_overlap",
+        int,
+        32,
+        "overlap between neighbouring tiles in pixels, blended with a raised-cosine ramp",
+        minimum=0,
+        maximum=4096,
+    ),
+    Param(
+        "self_ensemble",
+        bool,
+        False,
+        "average the outputs over the 8 flips and 90-degree rotations (8x slower)",
+    ),
+)
+
+
+def common_param_names(info: ModelInfo) -> tuple[str, ...]:
+    """Names of the :data:`COMMON_PARAMS` the registry added to ``info``.
+
+    A parameter the entry declares itself under the same name is not counted:
+    its factory handles it.
+    """
+    return tuple(p.name for p in info.params if any(p is c for c in COMMON_PARAMS))
+
+
 class Registry:
     """An explicit, duplicate-checked table of :class:`ModelInfo` by name."""
 
@@ -188,6 +227,9 @@ class Registry:
         names = [p.name for p in info.params]
         if len(names) != len(set(names)):
             raise ValueError(f"model {info.name!r}: duplicate parameter names {names}")
+        missing = tuple(p for p in COMMON_PARAMS if p.name not in names)
+        if missing:
+            info = replace(info, params=info.params + missing)
         self._entries[info.name] = info
 
     def names(self) -> list[str]:

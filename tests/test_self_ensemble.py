@@ -1,0 +1,108 @@
+"""Self-ensemble over flips and rotations: exact inverses, averaging, kernels, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from jobs.errors import InvalidModelSpecError
+from models.base import Restored, RestorationModel
+from models.registry import ModelInfo
+from models.self_ensemble import (
+    TRANSFORMS_4,
+    TRANSFORMS_8,
+    SelfEnsembleModel,
+    forward_transform,
+    inverse_transform,
+)
+
+CPU = torch.device("cpu")
+INFO = ModelInfo(name="probe", family="classic", license="Apache-2.0", summary="test", factory="tests:none")
+
+
+class Identity(RestorationModel):
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        return Restored(x.clone())
+
+
+class AddsAPattern(RestorationModel):
+    """Adds a fixed, position-dependent pattern: not equivariant under any transform."""
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        h, w = x.shape[-2:]
+        ys = torch.linspace(0, 0.2, h)[:, None]
+        xs = torch.linspace(0, 0.1, w)[None, :] ** 2
+        return Restored(x * 0.5 + ys + xs, metrics={"pattern": torch.full((x.shape[0],), float(h))})
+
+
+class CentreKernel(RestorationModel):
+    """Returns the normalised 3x3 centre of the image as its 'kernel' (equivariant on odd squares)."""
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        h, w = x.shape[-2:]
+        centre = x[:, 0, h // 2 - 1 : h // 2 + 2, w // 2 - 1 : w // 2 + 2] + 1e-3
+        return Restored(x.clone(), kernels=centre / centre.sum(dim=(-2, -1), keepdim=True))
+
+
+def photo(h: int, w: int) -> torch.Tensor:
+    image = np.asarray(data.coffee(), dtype=np.float32)[100 : 100 + h, 200 : 200 + w] / 255.0
+    return torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+
+
+def test_every_transform_is_undone_exactly_on_non_square_images() -> None:
+    x = photo(30, 47)
+    outputs = []
+    for t in TRANSFORMS_8:
+        y = forward_transform(x, t)
+        outputs.append(y)
+        assert torch.equal(inverse_transform(y, t), x)
+    distinct = {tuple(o.flatten()[:200].tolist()) for o in outputs}
+    assert len(distinct) == 8
+
+
+def test_an_identity_model_is_unchanged_by_the_ensemble() -> None:
+    x = photo(33, 40)
+    out = SelfEnsembleModel(Identity(INFO, {}, CPU))(x)
+    assert (out.image - x).abs().max().item() < 1e-6
+
+
+def test_the_ensemble_averages_out_what_depends_on_orientation() -> None:
+    x = photo(48, 48)
+    out = SelfEnsembleModel(AddsAPattern(INFO, {}, CPU))(x)
+    residual = out.image - 0.5 * x
+    # averaged over the whole group, the added pattern is symmetric under every transform
+    for t in TRANSFORMS_8:
+        assert torch.allclose(forward_transform(residual, t), residual, atol=1e-6)
+    assert torch.equal(out.metrics["pattern"], torch.tensor([48.0]))
+
+
+def test_four_flips_average_over_flips_only() -> None:
+    x = photo(40, 40)
+    out = SelfEnsembleModel(AddsAPattern(INFO, {}, CPU), transforms=4)(x)
+    residual = out.image - 0.5 * x
+    for t in TRANSFORMS_4:
+        assert torch.allclose(forward_transform(residual, t), residual, atol=1e-6)
+    transpose = (1, True)  # a quarter turn then a flip = transpose: not in the flip group
+    assert not torch.allclose(forward_transform(residual, transpose), residual, atol=1e-4)
+
+
+def test_kernels_are_turned_back_before_averaging() -> None:
+    x = photo(31, 31)
+    inner = CentreKernel(INFO, {}, CPU)
+    out = SelfEnsembleModel(inner)(x)
+    assert out.kernels is not None
+    assert torch.allclose(out.kernels, inner(x).kernels, atol=1e-6)
+    assert torch.allclose(out.kernels.sum(dim=(-2, -1)), torch.ones(1))
+
+
+def test_only_four_or_eight_transforms_exist() -> None:
+    with pytest.raises(InvalidModelSpecError, match="got 3"):
+        SelfEnsembleModel(Identity(INFO, {}, CPU), transforms=3)
+
+
+def test_the_wrapper_is_a_typed_model_that_names_the_option() -> None:
+    model = SelfEnsembleModel(Identity(INFO, {"a": 1}, CPU))
+    assert isinstance(model, RestorationModel)
+    assert "self_ensemble=8" in model.version and "a=1" in model.version
