@@ -8,7 +8,7 @@ to ``ENTRIES`` below. Importing this module imports no torch.
 from __future__ import annotations
 
 from models.psf_spec import check_psf
-from models.registry import EnsembleSpec, ModelInfo, ModelSpec, Param, Registry
+from models.registry import EnsembleSpec, ModelInfo, ModelSpec, Param, Registry, WeightsFile
 
 _PSF_HELP = (
     "point-spread function: gaussian:sigma=S, disk:radius=R or "
@@ -46,7 +46,108 @@ CLASSIC: list[ModelInfo] = [
 # family's declarations stay together).
 BLIND: list[ModelInfo] = []
 LEARNED_SEED: list[ModelInfo] = []
-LEARNED_OFFICIAL: list[ModelInfo] = []
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+
+
+def _check_checkpoint_path(value: object) -> object:
+    text = str(value).strip()
+    if not text.lower().endswith(_CHECKPOINT_SUFFIXES):
+        raise ValueError(
+            f"expected a checkpoint file ending in {', '.join(_CHECKPOINT_SUFFIXES)}, got {text!r}"
+        )
+    return text
+
+
+def _path_param(default_help: str) -> Param:
+    return Param("path", str, "", default_help, check=_check_checkpoint_path)
+
+
+_OFFICIAL_DTYPES = ("float32", "bfloat16")
+_ACADEMIC = "Academic Public License (non-commercial)"
+
+
+def _official(
+    name: str, builder: str, summary: str, licence: str, filename: str, url: str, size_multiple: int
+) -> ModelInfo:
+    """A published checkpoint loaded through spandrel, default tile 512 px."""
+    return ModelInfo(
+        name=name,
+        family="learned-official",
+        license=licence,
+        noncommercial=licence == _ACADEMIC,
+        summary=summary,
+        factory=f"models.official:{builder}",
+        params=(_path_param(f"checkpoint file; default: {filename} in DEBLUR_WEIGHTS_DIR"),),
+        weights=WeightsFile(filename, url=url),
+        size_multiple=size_multiple,
+        tile_size=512,
+        dtypes=_OFFICIAL_DTYPES,
+    )
+
+
+# Official checkpoints, loaded through spandrel (models/official.py). No
+# sha256 is recorded because the upstream projects publish none; 'deblur
+# models pull' then prints the checksum it computed (trust on first use).
+# Google Drive and SharePoint links serve an HTML confirmation page to
+# scripts for large files: download those in a browser into DEBLUR_WEIGHTS_DIR.
+LEARNED_OFFICIAL: list[ModelInfo] = [
+    _official(
+        "nafnet-gopro",
+        "build_nafnet",
+        "NAFNet width 64 trained on GoPro (Chen et al. 2022; 33.71 dB on GoPro).",
+        "MIT",
+        "NAFNet-GoPro-width64.pth",
+        "https://drive.google.com/uc?export=download&id=1S0PVRbyTakYY9a82kujgZLbMihfNBLfC",
+        size_multiple=16,
+    ),
+    _official(
+        "restormer-gopro",
+        "build_restormer",
+        "Restormer motion deblurring, trained on GoPro (Zamir et al. 2022; 32.92 dB on GoPro).",
+        _ACADEMIC,
+        "restormer_motion_deblurring.pth",
+        "https://github.com/swz30/Restormer/releases/download/v1.0/motion_deblurring.pth",
+        size_multiple=8,
+    ),
+    _official(
+        "mprnet-gopro",
+        "build_mprnet",
+        "MPRNet deblurring, trained on GoPro (Zamir et al. 2021; 32.66 dB on GoPro).",
+        _ACADEMIC,
+        "MPRNet_model_deblurring.pth",
+        "https://drive.google.com/uc?export=download&id=1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb",
+        size_multiple=8,
+    ),
+    _official(
+        "fftformer-gopro",
+        "build_fftformer",
+        "FFTformer trained on GoPro (Kong et al. 2023; 34.21 dB on GoPro).",
+        "MIT",
+        "fftformer_GoPro.pth",
+        "https://github.com/kkkls/FFTformer/releases/download/pretrain_model/fftformer_GoPro.pth",
+        size_multiple=32,
+    ),
+    _official(
+        "uformer-gopro",
+        "build_uformer",
+        "Uformer-B trained on GoPro (Wang et al. 2022; 33.06 dB on GoPro); square inputs.",
+        "MIT",
+        "Uformer_B_GoPro.pth",
+        "https://mailustceducn-my.sharepoint.com/:u:/g/personal/zhendongwang_mail_ustc_edu_cn/"
+        "EfCPoTSEKJRAshoE6EAC_3YB7oNkbLUX6AUgWSCwoJe0oA?e=jai90x",
+        size_multiple=128,
+    ),
+    ModelInfo(
+        name="spandrel",
+        family="learned-official",
+        license="per detected architecture (non-commercial ones need DEBLUR_ALLOW_NONCOMMERCIAL=1)",
+        summary="Any same-size restoration checkpoint spandrel recognises, e.g. spandrel:path=/models/x.pth.",
+        factory="models.official:build_any",
+        params=(_path_param("checkpoint file to load (required)"),),
+        tile_size=512,
+        dtypes=_OFFICIAL_DTYPES,
+    ),
+]
 
 ENTRIES: list[ModelInfo] = [*CLASSIC, *BLIND, *LEARNED_SEED, *LEARNED_OFFICIAL]
 

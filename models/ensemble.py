@@ -145,11 +145,13 @@ def _unit_float(image: np.ndarray) -> np.ndarray:
     raise EnsembleError(f"images of dtype {arr.dtype} are not supported; use unsigned integers or float in [0, 1]")
 
 
-def _mean_psnr(members: list[np.ndarray], targets: list[np.ndarray], weights: np.ndarray) -> float:
+def _mean_psnr(members: Sequence[np.ndarray], targets: Sequence[np.ndarray], weights: np.ndarray) -> float:
+    """Mean over images of the PSNR (range 1) of the weighted mix; images are
+    converted one at a time so memory stays at one image's worth."""
     values = []
     for stack, target in zip(members, targets, strict=True):
-        mix = np.tensordot(weights, stack, axes=1)
-        mse = float(np.mean((mix - target) ** 2))
+        mix = np.tensordot(weights, _unit_float(stack), axes=1)
+        mse = float(np.mean((mix - _unit_float(target)) ** 2))
         values.append(math.inf if mse == 0 else -10.0 * math.log10(mse))
     return float(np.mean(values))
 
@@ -169,11 +171,12 @@ def fit_weights(
     Unsigned-integer arrays are scaled by their range, floats taken as [0, 1].
     Pixels are pooled over all images and subsampled (at most ``max_samples``,
     spread over images in proportion to their size, reproducible by ``seed``)
-    to bound memory. Solved by ``scipy.optimize.nnls`` with one heavily
-    weighted extra row enforcing ``sum(w) = 1``: the ensemble normalises its
-    weights, so the fit respects that instead of renormalising an
-    unconstrained fit (which is not the best normalised mix when members are
-    biased in brightness).
+    to bound memory; arrays are converted to float only where sampled, and
+    one image at a time for the report. Solved by ``scipy.optimize.nnls``
+    with one heavily weighted extra row enforcing ``sum(w) = 1``: the
+    ensemble normalises its weights, so the fit respects that instead of
+    renormalising an unconstrained fit (which is not the best normalised mix
+    when members are biased in brightness).
 
     Returns the weights (M,) and a :class:`FitReport` comparing mean PSNR with
     fitted and equal weights on the full images.
@@ -184,24 +187,22 @@ def fit_weights(
         raise EnsembleError(f"got member outputs for {len(member_outputs)} images but {len(targets)} targets")
     if max_samples < 1:
         raise EnsembleError(f"max_samples must be positive, got {max_samples}")
-    members = [_unit_float(m) for m in member_outputs]
-    sharp = [_unit_float(t) for t in targets]
-    count = members[0].shape[0]
-    for i, (stack, target) in enumerate(zip(members, sharp, strict=True)):
-        if stack.shape[1:] != target.shape or stack.shape[0] != count:
+    count = np.shape(member_outputs[0])[0]
+    for i, (stack, target) in enumerate(zip(member_outputs, targets, strict=True)):
+        if np.shape(stack)[1:] != np.shape(target) or np.shape(stack)[0] != count:
             raise EnsembleError(
-                f"image {i}: member outputs have shape {stack.shape}, expected ({count}, *{target.shape}) "
+                f"image {i}: member outputs have shape {np.shape(stack)}, expected ({count}, *{np.shape(target)}) "
                 "to match the target and the other images"
             )
-    sizes = np.array([t.size for t in sharp], dtype=np.float64)
+    sizes = np.array([np.size(t) for t in targets], dtype=np.float64)
     quota = np.maximum(1, np.floor(max_samples * sizes / sizes.sum())).astype(int)
     rng = np.random.default_rng(seed)
     rows, values = [], []
-    for stack, target, q in zip(members, sharp, quota, strict=True):
-        flat = stack.reshape(count, -1)
-        idx = rng.choice(target.size, size=min(q, target.size), replace=False)
-        rows.append(flat[:, idx].T)
-        values.append(target.reshape(-1)[idx])
+    for stack, target, q in zip(member_outputs, targets, quota, strict=True):
+        # Sample before converting: only the chosen pixels become float64.
+        idx = rng.choice(np.size(target), size=min(q, np.size(target)), replace=False)
+        rows.append(_unit_float(np.reshape(stack, (count, -1))[:, idx]).T)
+        values.append(_unit_float(np.reshape(target, -1)[idx]))
     a = np.concatenate(rows)
     b = np.concatenate(values)
     penalty = 10.0 * math.sqrt(len(b))
@@ -209,14 +210,14 @@ def fit_weights(
     b = np.append(b, penalty)
     raw, _ = nnls(a, b)
     weights = raw / raw.sum()  # the constraint row keeps the sum near 1, never 0
-    fitted = _mean_psnr(members, sharp, weights)
-    equal = _mean_psnr(members, sharp, np.full(count, 1.0 / count))
+    fitted = _mean_psnr(member_outputs, targets, weights)
+    equal = _mean_psnr(member_outputs, targets, np.full(count, 1.0 / count))
     report = FitReport(
         weights=[float(w) for w in weights],
         psnr_fitted=fitted,
         psnr_equal=equal,
         gain_db=fitted - equal,
-        images=len(sharp),
+        images=len(targets),
         samples=len(b) - 1,
     )
     return weights, report
