@@ -1,0 +1,208 @@
+"""Downloading registered checkpoints into the weights folder, verified.
+
+``deblur models pull NAME`` streams the entry's URL into a hidden temporary
+file inside the weights folder (same filesystem, so the final step is an
+atomic rename), hashing as it goes, with a progress bar. Only a file whose
+sha256 matches the registry (or the ``--sha256`` given) is renamed into
+place; on a mismatch, an HTML page instead of a checkpoint, or any error, the
+temporary file is removed and nothing is left behind. Importing this module
+imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from jobs.errors import TransientError, WeightsError
+from models.registry import ModelInfo, weights_dir
+
+CHUNK_BYTES = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` did: the stored file, its sha256 and whether it was fetched."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    downloaded: bool
+    verified: bool  # False when no expected sha256 was known (trust on first use)
+
+
+class _Progress(Protocol):
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> object: ...
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def normalise_sha256(value: str | None) -> str | None:
+    """Lower-case and validate a hex sha256; ``None``/empty stays ``None``."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip().lower()
+    if not _SHA256.match(text):
+        raise WeightsError(f"{value!r} is not a sha256 checksum (64 hexadecimal characters)")
+    return text
+
+
+def pull(
+    info: ModelInfo,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    force: bool = False,
+    dest_dir: Path | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> PullResult:
+    """Download ``info``'s checkpoint into ``dest_dir`` (default: the weights folder).
+
+    ``url`` and ``sha256`` override the registry's. An existing file is kept
+    (and checked against the expected sha256) unless ``force`` is set.
+    Raises :class:`WeightsError` when the entry has no weights or no URL,
+    the checksum does not match, or the server answers with an error or an
+    HTML page; :class:`TransientError` when the server cannot be reached.
+    """
+    if info.weights is None:
+        raise WeightsError(f"model {info.name!r} needs no weights file; nothing to pull")
+    source = url or info.weights.url
+    if not source:
+        raise WeightsError(
+            f"model {info.name!r} has no registered download URL; pass --url URL, or copy "
+            f"the checkpoint to {weights_dir() / info.weights.filename}"
+        )
+    expected = normalise_sha256(sha256) or normalise_sha256(info.weights.sha256)
+    folder = (dest_dir or weights_dir()).expanduser()
+    target = folder / info.weights.filename
+    if target.is_file() and not force:
+        actual = sha256_of(target)
+        if expected is not None and actual != expected:
+            raise WeightsError(
+                f"{target} exists but its sha256 is {actual}, not the expected {expected}; "
+                "run again with --force to replace it"
+            )
+        return PullResult(target, actual, target.stat().st_size, False, expected is not None)
+    folder.mkdir(parents=True, exist_ok=True)
+    actual, size = download(source, target, expected, progress=progress, timeout=timeout)
+    return PullResult(target, actual, size, True, expected is not None)
+
+
+def download(
+    url: str,
+    target: Path,
+    expected_sha256: str | None,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> tuple[str, int]:
+    """Stream ``url`` to ``target`` atomically; return (sha256, size in bytes).
+
+    Nothing is written at ``target`` unless the whole body arrived and, when
+    ``expected_sha256`` is given, matched it.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        raise WeightsError(f"download URL {url!r} must start with http:// or https://")
+    request = urllib.request.Request(url, headers={"User-Agent": "deblur-models-pull"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - scheme checked above
+    except urllib.error.HTTPError as exc:
+        raise WeightsError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TransientError(f"cannot reach {url}: {reason}; check the network and retry") from None
+    with response, _temporary_beside(target) as (handle, temp_path):
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() in {"text/html", "application/xhtml+xml"}:
+            raise WeightsError(
+                f"{url} answered with an HTML page, not a checkpoint (a sign-in or "
+                "'virus scan' interstitial of a file host?). Download the file in a browser "
+                f"and copy it to {target}, or pass --url with a direct link."
+            )
+        total = _content_length(response.headers.get("Content-Length"))
+        digest = hashlib.sha256()
+        size = 0
+        bar = _progress_bar(total, target.name, enabled=progress)
+        try:
+            while chunk := response.read(CHUNK_BYTES):
+                handle.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransientError(f"download of {url} was interrupted after {size} bytes: {exc}") from None
+        finally:
+            bar.close()
+        if total is not None and size != total:
+            raise TransientError(f"download of {url} ended after {size} of {total} bytes; retry")
+        actual = digest.hexdigest()
+        if expected_sha256 is not None and actual != expected_sha256:
+            raise WeightsError(
+                f"checksum mismatch for {url}: expected sha256 {expected_sha256}, got {actual}; "
+                "the file was discarded (corrupt download, or the URL serves a different file)"
+            )
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(temp_path, target)
+    return actual, size
+
+
+@contextmanager
+def _temporary_beside(target: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A hidden temporary file next to ``target``, removed unless it was renamed away."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    temp_path = Path(name)
+    handle = os.fdopen(fd, "wb")
+    try:
+        yield handle, temp_path
+    finally:
+        if not handle.closed:
+            handle.close()
+        temp_path.unlink(missing_ok=True)
+
+
+def _content_length(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _progress_bar(total: int | None, label: str, *, enabled: bool) -> _Progress:
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # producer-only installs may lack tqdm; the download still works
+        return _NoProgress()
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=True)

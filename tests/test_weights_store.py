@@ -1,0 +1,178 @@
+"""Downloading checkpoints: verified, atomic, nothing left behind (against a loopback HTTP server)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from jobs.errors import TransientError, WeightsError
+from models.registry import ModelInfo, WeightsFile
+from models.weights_store import normalise_sha256, pull, sha256_of
+
+PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not a multiple of the chunk size
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@dataclass
+class Server:
+    base: str
+    hits: list[str] = field(default_factory=list)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits: list[str]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.hits.append(self.path)
+        if self.path == "/model.pth":
+            self._reply(200, "application/octet-stream", PAYLOAD)
+        elif self.path == "/interstitial":
+            self._reply(200, "text/html; charset=utf-8", b"<html>Virus scan warning</html>")
+        elif self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:1000])
+            self.close_connection = True
+        else:
+            self._reply(404, "text/plain", b"not found")
+
+    def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        return None
+
+
+@pytest.fixture()
+def server() -> Iterator[Server]:
+    hits: list[str] = []
+    handler = type("Handler", (_Handler,), {"hits": hits})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", hits)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def entry(url: str | None, sha256: str | None = PAYLOAD_SHA) -> ModelInfo:
+    return ModelInfo(
+        name="probe-net",
+        family="learned-official",
+        license="MIT",
+        summary="test entry",
+        factory="models.official:build_any",
+        weights=WeightsFile("probe.pth", sha256=sha256, url=url),
+    )
+
+
+def test_a_good_download_is_stored_and_verified(server: Server, tmp_path: Path) -> None:
+    result = pull(entry(f"{server.base}/model.pth"), dest_dir=tmp_path, progress=False)
+    assert result.path == tmp_path / "probe.pth"
+    assert result.path.read_bytes() == PAYLOAD
+    assert (result.sha256, result.size_bytes, result.downloaded, result.verified) == (
+        PAYLOAD_SHA,
+        len(PAYLOAD),
+        True,
+        True,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.pth"]
+
+
+def test_a_wrong_checksum_is_rejected_and_nothing_is_left_behind(server: Server, tmp_path: Path) -> None:
+    wrong = "0" * 64
+    with pytest.raises(WeightsError, match=f"expected sha256 {wrong}, got {PAYLOAD_SHA}"):
+        pull(entry(f"{server.base}/model.pth", sha256=wrong), dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_good_file_is_not_downloaded_again_unless_forced(server: Server, tmp_path: Path) -> None:
+    info = entry(f"{server.base}/model.pth")
+    pull(info, dest_dir=tmp_path, progress=False)
+    again = pull(info, dest_dir=tmp_path, progress=False)
+    assert not again.downloaded and len(server.hits) == 1
+    forced = pull(info, dest_dir=tmp_path, progress=False, force=True)
+    assert forced.downloaded and len(server.hits) == 2
+
+
+def test_an_existing_file_with_the_wrong_checksum_is_reported(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "probe.pth").write_bytes(b"something else")
+    with pytest.raises(WeightsError, match="--force"):
+        pull(entry(f"{server.base}/model.pth"), dest_dir=tmp_path, progress=False)
+    assert server.hits == []
+
+
+def test_an_explicit_url_and_checksum_override_the_registry(server: Server, tmp_path: Path) -> None:
+    info = entry("https://example.invalid/never-used.pth", sha256=None)
+    result = pull(info, url=f"{server.base}/model.pth", sha256=PAYLOAD_SHA.upper(), dest_dir=tmp_path, progress=False)
+    assert result.verified and result.path.read_bytes() == PAYLOAD
+
+
+def test_without_a_known_checksum_the_file_is_kept_but_marked_unverified(server: Server, tmp_path: Path) -> None:
+    result = pull(entry(f"{server.base}/model.pth", sha256=None), dest_dir=tmp_path, progress=False)
+    assert result.downloaded and not result.verified and result.sha256 == PAYLOAD_SHA
+
+
+def test_an_html_page_is_rejected_and_nothing_is_left_behind(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="HTML page"):
+        pull(entry(f"{server.base}/interstitial", sha256=None), dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_body_is_a_transient_error_and_leaves_nothing(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(TransientError):
+        pull(entry(f"{server.base}/truncated"), dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_errors_name_the_status(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="HTTP 404"):
+        pull(entry(f"{server.base}/missing.pth"), dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_server_is_transient(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago and now has no listener
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TransientError, match="cannot reach"):
+        pull(entry(f"http://127.0.0.1:{port}/model.pth"), dest_dir=tmp_path, progress=False, timeout=5)
+
+
+def test_entries_without_a_url_or_weights_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="--url"):
+        pull(entry(None), dest_dir=tmp_path, progress=False)
+    bare = ModelInfo(name="w", family="classic", license="MIT", summary="s", factory="m:f")
+    with pytest.raises(WeightsError, match="needs no weights"):
+        pull(bare, dest_dir=tmp_path, progress=False)
+
+
+def test_only_http_urls_are_fetched(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="http"):
+        pull(entry("file:///etc/passwd", sha256=None), dest_dir=tmp_path, progress=False)
+
+
+def test_checksums_are_validated_and_normalised(tmp_path: Path) -> None:
+    assert normalise_sha256(f"  {PAYLOAD_SHA.upper()} ") == PAYLOAD_SHA
+    assert normalise_sha256("") is None
+    with pytest.raises(WeightsError, match="'abc' is not a sha256"):
+        normalise_sha256("abc")
+    path = tmp_path / "f"
+    path.write_bytes(PAYLOAD)
+    assert sha256_of(path) == PAYLOAD_SHA
