@@ -479,3 +479,57 @@ def test_format_helpers() -> None:
 def test_decoded_image_properties() -> None:
     image: DecodedImage = decode_image(_tiff(_rgba(RGB16, ALPHA16)), "p.tif")
     assert (image.width, image.height, image.bit_depth, image.channels) == (64, 48, 16, 4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about damaged TIFF tags
+def test_damaged_files_raise_only_image_decode_errors() -> None:
+    # Truncations and byte flips in headers and data of every case: the
+    # decoder either reads an image or raises ImageDecodeError, nothing else.
+    rng = np.random.default_rng(1)
+    for name, make in sorted(CASES.items()):
+        encoded = make()[0]
+        for trial in range(40):
+            damaged = bytearray(encoded[: rng.integers(1, len(encoded))] if trial % 2 else encoded)
+            reach = len(damaged) if trial % 4 == 3 else min(len(damaged), 300)
+            for _ in range(int(rng.integers(0, 5))):
+                damaged[rng.integers(0, reach)] = rng.integers(0, 256)
+            try:
+                image = decode_image(bytes(damaged), name)
+            except ImageDecodeError as exc:
+                assert str(exc).startswith(f"{name}: not a readable image (")
+            else:
+                assert image.pixels.ndim == 3 and np.isfinite(image.pixels).all()
+
+
+def test_tiff_keeps_lossless_compression_and_replaces_lossy() -> None:
+    for compression, written in (("lzw", 5), ("packbits", 32773), ("adobe_deflate", 8), (None, 1), ("jpeg", 8)):
+        image = decode_image(_tiff(RGB, compression=compression), "c.tif")
+        with tifffile.TiffFile(io.BytesIO(encode_image(image, image.pixels))) as tif:
+            assert int(tif.pages.first.compression) == written, compression
+
+
+def test_first_frame_of_animations_and_pages() -> None:
+    frames = [Image.fromarray(RGB), Image.fromarray(np.ascontiguousarray(RGB[::-1]))]
+    for fmt in ("WEBP", "PNG"):
+        out = io.BytesIO()
+        frames[0].save(out, fmt, save_all=True, append_images=frames[1:], lossless=True)
+        image = decode_image(out.getvalue(), f"anim.{fmt}")
+        np.testing.assert_array_equal(np.rint(image.pixels * 255).astype(np.uint8), RGB)
+        assert getattr(Image.open(io.BytesIO(encode_image(image, image.pixels))), "n_frames", 1) == 1
+    pages = decode_image(_tiff(np.stack([RGB16, RGB16[::-1]])), "pages.tif")
+    np.testing.assert_array_equal(pages.pixels, _unit(RGB16))
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    out = io.BytesIO()
+    Image.fromarray(RGB).convert("CMYK").save(out, "JPEG", quality=95)
+    encoded = out.getvalue()
+    image = decode_image(encoded, "print.jpg")
+    assert image.channels == 3 and image.metadata.icc is None
+    assert _psnr(image.pixels, _unit(RGB)) > 30
+
+
+def test_buffers_other_than_bytes_are_accepted() -> None:
+    encoded = _cv(".png", RGB)
+    for buffer in (bytearray(encoded), memoryview(encoded)):
+        assert decode_image(buffer, "b.png").width == RGB.shape[1]  # type: ignore[arg-type]

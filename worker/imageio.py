@@ -1,9 +1,9 @@
 """Decode and encode photographs without losing what archives care about.
 
 The worker restores pixels and nothing else: everything around them goes back
-out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF and WebP with
-OpenCV (8- and 16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the
-EXIF orientation, sets the alpha channel aside untouched and hands the model
+out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF and WebP (8- and
+16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the EXIF
+orientation, sets the alpha channel aside untouched and hands the model
 float32 pixels in [0, 1]. :func:`encode_image` writes the restored pixels back
 in the same format, bit depth and channel layout, re-attaches the alpha
 channel byte for byte and carries the metadata over: EXIF (with orientation
@@ -11,13 +11,19 @@ reset to 1, since the pixels are now upright), the ICC profile and XMP, plus
 the resolution, PNG text and colour chunks, and JPEG quality and chroma
 subsampling.
 
+Pixels are decoded by OpenCV, except TIFF, which tifffile reads: OpenCV
+premultiplies 8-bit RGBA TIFF, drops the alpha of grey+alpha TIFF and applies
+TIFF orientation by itself. OpenCV stays the fallback for palette, CMYK and
+other TIFF layouts, with the orientation tag hidden from it.
+
 The containers are read by small parsers in this module rather than by
 Pillow: they read sizes from the header before any pixel is decoded (the
 decompression-bomb guard), they do not depend on Pillow's process-wide
 ``MAX_IMAGE_PIXELS``, and they let the EXIF block pass through byte for byte
 (maker notes and thumbnails included) with only its orientation value
 patched. Pillow is used to encode WebP and to (re)build TIFF EXIF
-directories; ``tifffile`` writes TIFF, which OpenCV cannot tag.
+directories; tifffile writes TIFF, which OpenCV cannot tag, keeping the
+input's lossless compression (lossy TIFF compressions become Deflate).
 
 Known limits: only the first frame of a multi-page TIFF or an animated WebP
 is read and written; palette PNGs come back as truecolour; CMYK JPEGs are
@@ -227,17 +233,20 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
     """
     label = name or "image"
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    data = bytes(data)  # no copy for bytes; makes bytearray/memoryview input safe to slice
     try:
-        probe = _probe(bytes(data))
+        probe = _probe(data)
         if probe.width * probe.height > limit:
             raise _Unreadable(
                 f"{probe.width}x{probe.height} = {probe.width * probe.height:,} pixels is more than the "
                 f"limit of {limit:,}; raise DEBLUR_IMAGE_MAX_PIXELS to accept it"
             )
-        samples, bgr = _decode_samples(bytes(data), probe)
+        samples, bgr = _decode_samples(data, probe)
         return _assemble(samples, bgr, probe)
     except _Unreadable as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
+    except (struct.error, IndexError) as exc:  # a header field pointing past the data
+        raise ImageDecodeError(f"{label}: not a readable image (malformed header: {exc})") from None
 
 
 def encode_image(
@@ -377,7 +386,7 @@ def _png_text(kind: bytes, body: bytes) -> bytes | None:
 def _probe_jpeg(data: bytes) -> _Probe:
     metadata = ImageMetadata()
     icc_parts: dict[int, bytes] = {}
-    tables: list[list[int]] = []
+    tables: dict[int, list[int]] = {}
     size: tuple[int, int] | None = None
     view = memoryview(data)
     pos = 2
@@ -409,7 +418,7 @@ def _probe_jpeg(data: bytes) -> _Probe:
                 sampling = (body[7] >> 4, body[7] & 15)
                 metadata.jpeg_subsampling = _JPEG_SUBSAMPLING.get(sampling)
         elif marker == 0xDB:
-            tables.extend(_jpeg_dqt(bytes(body)))
+            tables.update(_jpeg_dqt(bytes(body)))
         elif marker == 0xE0 and bytes(body[:5]) == b"JFIF\x00" and len(body) >= 12:
             units, x_density, y_density = struct.unpack_from(">BHH", body, 7)
             if units in (1, 2) and x_density and y_density:
@@ -428,14 +437,14 @@ def _probe_jpeg(data: bytes) -> _Probe:
         raise _Unreadable("truncated JPEG: no end-of-image marker")
     if icc_parts:
         metadata.icc = b"".join(icc_parts[k] for k in sorted(icc_parts))
-    if tables:
-        metadata.jpeg_quality = _estimate_jpeg_quality(tables[0])
+    if tables:  # table 0 quantises luminance in every common encoder
+        metadata.jpeg_quality = _estimate_jpeg_quality(tables.get(0) or next(iter(tables.values())))
     return _Probe("jpeg", size[0], size[1], metadata)
 
 
-def _jpeg_dqt(body: bytes) -> list[list[int]]:
-    """Quantisation tables of one DQT segment, in the order they are defined."""
-    tables = []
+def _jpeg_dqt(body: bytes) -> dict[int, list[int]]:
+    """Quantisation tables of one DQT segment, by table id."""
+    tables = {}
     i = 0
     while i < len(body):
         wide = body[i] >> 4
@@ -443,7 +452,7 @@ def _jpeg_dqt(body: bytes) -> list[list[int]]:
         raw = body[i + 1 : i + 1 + 64 * step]
         if len(raw) < 64 * step:
             break
-        tables.append(list(struct.unpack(">64H", raw)) if wide else list(raw))
+        tables[body[i] & 15] = list(struct.unpack(">64H", raw)) if wide else list(raw)
         i += 1 + 64 * step
     return tables
 
@@ -1056,7 +1065,7 @@ def _tiff_append_subifds(encoded: bytes, subifds: dict[int, dict[int, Any]]) -> 
     return bytes(out)
 
 
-_Encoder = Callable[[np.ndarray, "np.ndarray | None", ImageMetadata, "int | None"], bytes]
+_Encoder = Callable[[np.ndarray, np.ndarray | None, ImageMetadata, int | None], bytes]
 _ENCODERS: dict[str, _Encoder] = {
     "png": _encode_png,
     "jpeg": _encode_jpeg,
