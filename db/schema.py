@@ -61,7 +61,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    images: Mapped[list["Image"]] = relationship(back_populates="job", cascade="all, delete-orphan", lazy="noload")
+    images: Mapped[list["Image"]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class Image(Base):

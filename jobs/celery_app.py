@@ -27,8 +27,9 @@ def broker_priority(user_priority: int) -> int:
     return PRIORITY_LEVELS - 1 - user_priority
 
 
-def make_app(settings: Settings) -> Celery:
-    app = Celery("deblur", broker=settings.broker_url, set_as_current=True, include=["worker.tasks"])
+def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
+    """A Celery app for ``settings`` (broker, queue, visibility timeout)."""
+    app = Celery("deblur", broker=settings.broker_url, set_as_current=set_as_current, include=["worker.tasks"])
     visibility = int(os.environ.get("DEBLUR_VISIBILITY_TIMEOUT", "3600"))
     app.conf.update(
         task_serializer="json",
@@ -62,3 +63,17 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(load_settings())
+
+_apps: dict[tuple[str, str], Celery] = {}
+
+
+def app_for(settings: Settings) -> Celery:
+    """The app to send with for ``settings``: the module app when it matches,
+    else one made (and cached) for that broker and queue. Lets one process talk
+    to several brokers, as tests and multi-tenant producers do."""
+    if app.conf.broker_url == settings.broker_url and app.conf.task_default_queue == settings.queue:
+        return app
+    key = (settings.broker_url, settings.queue)
+    if key not in _apps:
+        _apps[key] = make_app(settings, set_as_current=False)
+    return _apps[key]

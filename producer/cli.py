@@ -73,7 +73,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DeblurError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False, markup=True)
             sys.exit(2 if isinstance(exc, InputError) else 1)
 
 

@@ -31,7 +31,7 @@ class Source:
 
 def classify(text: str) -> Source:
     """Decide what an INPUT argument is; raises InvalidURIError naming the argument."""
-    if text.startswith("s3://"):
+    if text.startswith(("s3:", "S3:")) or "://" in text:
         uri = parse_s3_uri(text)
         if uri.is_prefix or not is_image_key(uri.key):
             return Source("prefix", uri=uri.as_prefix(), text=text)

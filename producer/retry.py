@@ -16,8 +16,9 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
 
     Outputs go to the same keys, so retried images overwrite partial results.
     """
-    from jobs.celery_app import app, broker_priority
+    from jobs.celery_app import app_for, broker_priority
 
+    app = app_for(settings)
     url = settings.resolved_database_url()
     ensure_schema(url)
     stalled_before = utcnow() - timedelta(seconds=stalled_after) if stalled_after is not None else None

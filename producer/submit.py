@@ -74,8 +74,9 @@ def submit(
     Nothing is written when validation fails. With a ``job_key`` already
     used, the first job is returned and nothing new is enqueued.
     """
-    from jobs.celery_app import app, broker_priority
+    from jobs.celery_app import app_for, broker_priority
 
+    app = app_for(settings)
     models = request.validated_models()
     batch_size = request.batch_size or settings.batch_size
     if batch_size < 1:

@@ -1,0 +1,52 @@
+# Two commands do all the set-up on a fresh Debian machine with Python 3.11:
+#   make demo   install, start the embedded local stack, run a real deblur job
+#   make test   install, start the services the tests need, run the whole suite
+#
+# The virtual environment lives outside the clone (torch with CUDA libraries is
+# several GB) and is reused between clones; VENV=... puts it elsewhere.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= $(HOME)/.cache/deblur/venv
+BIN := $(VENV)/bin
+# Re-install when the dependencies or the checkout location change.
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; pwd) | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: install services demo test test-fast bench-l0 clean-stack help
+
+help:
+	@echo "make demo   - install, start the local stack, run a real ensemble deblur job"
+	@echo "make test   - install, start the services, run the whole test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[all]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+services:
+	bash deploy/ensure-services.sh $(SERVICES)
+
+demo: install
+	$(MAKE) --no-print-directory services SERVICES=demo
+	$(BIN)/deblur demo
+
+test: install
+	$(MAKE) --no-print-directory services SERVICES=test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench-l0: install
+	$(BIN)/python bench/bench_l0_blind.py
+
+clean-stack:
+	-$(BIN)/deblur stack down

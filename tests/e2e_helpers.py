@@ -1,0 +1,162 @@
+"""Building blocks for end-to-end tests: sample images, a worker process, Flower."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.conftest import free_port, stop, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sample:
+    relative: str
+    data: bytes
+    fmt: str
+    dtype: str
+    channels: int
+    shape: tuple[int, int]
+
+
+def _photo(h: int, w: int, offset: int = 0) -> np.ndarray:
+    from skimage import data
+
+    img = data.astronaut()[100 + offset:100 + offset + h, 150:150 + w]
+    return np.ascontiguousarray(img)
+
+
+def _blurred(rgb: np.ndarray) -> np.ndarray:
+    from models.synthetic_blur import blur_image, linear_motion_kernel
+
+    out = blur_image(rgb.astype(np.float64) / 255.0, linear_motion_kernel(7, 30))
+    return out
+
+
+def _encode(ext: str, arr: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(ext, arr, params or [])
+    if not ok:
+        raise RuntimeError(f"could not encode {ext}")
+    return buf.tobytes()
+
+
+def mixed_samples() -> list[Sample]:
+    """Twelve small images of mixed formats, bit depths and layouts, in nested folders."""
+    samples: list[Sample] = []
+
+    def add(relative: str, ext: str, arr: np.ndarray, fmt: str, params: list[int] | None = None) -> None:
+        channels = 1 if arr.ndim == 2 else arr.shape[2]
+        samples.append(Sample(relative, _encode(ext, arr, params), fmt, str(arr.dtype), channels, arr.shape[:2]))
+
+    for i in range(12):
+        rgb = _blurred(_photo(72, 96, offset=i * 7))
+        bgr8 = cv2.cvtColor(np.rint(rgb * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+        bgr16 = cv2.cvtColor(np.rint(rgb * 65535).astype(np.uint16), cv2.COLOR_RGB2BGR)
+        grey8 = cv2.cvtColor(bgr8, cv2.COLOR_BGR2GRAY)
+        kind = i % 8
+        if kind == 0:
+            add(f"a/rgb8_{i}.png", ".png", bgr8, "png")
+        elif kind == 1:
+            add(f"a/rgb16_{i}.png", ".png", bgr16, "png")
+        elif kind == 2:
+            alpha = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (72, 1))
+            add(f"b/rgba_{i}.png", ".png", np.dstack([bgr8, alpha]), "png")
+        elif kind == 3:
+            add(f"b/c/photo_{i}.jpg", ".jpg", bgr8, "jpeg", [cv2.IMWRITE_JPEG_QUALITY, 92])
+        elif kind == 4:
+            add(f"tiff/scan16_{i}.tif", ".tif", bgr16, "tiff")
+        elif kind == 5:
+            add(f"grey_{i}.png", ".png", grey8, "png")
+        elif kind == 6:
+            add(f"web/p_{i}.webp", ".webp", bgr8, "webp", [cv2.IMWRITE_WEBP_QUALITY, 101])
+        else:
+            add(f"tiff/scan8_{i}.tiff", ".tiff", bgr8, "tiff")
+    return samples
+
+
+def upload(client, bucket: str, prefix: str, samples: list[Sample]) -> None:  # type: ignore[no-untyped-def]
+    for s in samples:
+        client.put_object(Bucket=bucket, Key=prefix + s.relative, Body=s.data)
+
+
+def decode(data: bytes) -> np.ndarray:
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise AssertionError("output is not a decodable image")
+    return arr
+
+
+def service_env(settings_env: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(settings_env)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("DEBLUR_TORCH_THREADS", "1")
+    return env
+
+
+class WorkerProcess:
+    """A real Celery worker process for the configured broker, queue and database."""
+
+    def __init__(self, env: dict[str, str], log: Path, pool: str = "solo", concurrency: int = 1) -> None:
+        self.name = f"test-{uuid.uuid4().hex[:6]}@localhost"
+        self.log = log
+        self._log_handle = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "jobs.celery_app", "worker", "--pool", pool,
+             "--concurrency", str(concurrency), "-Q", env.get("DEBLUR_QUEUE", "deblur"), "-E",
+             "--loglevel", "INFO", "-n", self.name, "--without-gossip", "--without-mingle"],
+            env=env, cwd=ROOT, stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, app, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log.read_text()[-3000:]}")
+            replies = app.control.ping(destination=[self.name], timeout=1.0) or []
+            if any(self.name in r for r in replies):
+                return
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        stop(self.proc, timeout=20)
+        self._log_handle.close()
+
+
+class FlowerProcess:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        env = dict(env, FLOWER_UNAUTHENTICATED_API="1")
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "jobs.celery_app", "flower", "--address=127.0.0.1",
+             f"--port={self.port}"],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port, 60, self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._log.close()

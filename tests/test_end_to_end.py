@@ -1,0 +1,171 @@
+"""A real job through Redis, a Celery worker process, an S3 server and SQL.
+
+Given a prefix of mixed images in S3 (moto_server over HTTP), when a deblur
+job is submitted and a real worker processes it, then every output exists in
+S3 with the input's format, size, bit depth and alpha, SQL holds one done row
+per image with metrics, and Flower's API lists the worker. Runs on SQLite and
+on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.e2e_helpers import FlowerProcess, WorkerProcess, decode, mixed_samples, service_env, upload
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "DEBLUR_BROKER_URL": redis_url,
+        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
+        "DEBLUR_DATABASE_URL": database_url,
+        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",  # isolates tests sharing one Redis
+        "DEBLUR_HOME": str(tmp_path / "home"),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def s3(env: dict[str, str]):  # type: ignore[no-untyped-def]
+    return boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+
+
+@pytest.fixture
+def worker(env: dict[str, str], tmp_path: Path) -> Iterator[WorkerProcess]:
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    proc = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        proc.wait_ready(app_for(load_settings()))
+        yield proc
+    finally:
+        proc.stop()
+
+
+def wait_done(job_id: str, timeout: float = 240) -> dict:  # type: ignore[type-arg]
+    from jobs.settings import load_settings
+    from producer.tracking import job_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_status(load_settings(), job_id)
+        if info["status"] in {"done", "failed", "cancelled"}:
+            return info
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} not finished after {timeout}s: {info}")
+
+
+def run_cli(*args: str) -> str:
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_prefix_job_restores_every_image_and_records_metrics(env, s3, worker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s3.create_bucket(Bucket="archive")
+    samples = mixed_samples()
+    upload(s3, "archive", "scans/", samples)
+    s3.put_object(Bucket="archive", Key="scans/notes.txt", Body=b"not an image, not listed")
+
+    job_id = run_cli("submit", "s3://archive/scans/", "--output", "s3://archive/restored/",
+                     "--model", "wiener:psf=motion:length=7,angle=30", "--model", "richardson-lucy:0.5",
+                     "--batch-size", "5", "--quiet").strip()
+    uuid.UUID(job_id)
+    info = wait_done(job_id)
+    assert info["status"] == "done", info
+    assert info["counts"]["done"] == len(samples) and info["counts"]["failed"] == 0
+
+    for s in samples:
+        out = s3.get_object(Bucket="archive", Key="restored/" + s.relative)
+        got = decode(out["Body"].read())
+        src = decode(s.data)
+        assert got.shape == src.shape, s.relative
+        assert got.dtype == src.dtype, s.relative
+        if s.channels == 4:
+            assert np.array_equal(got[..., 3], src[..., 3]), "alpha must pass through untouched"
+        if s.fmt in {"png", "tiff"}:
+            assert out["Body"] is not None
+        assert not np.array_equal(got[..., :3] if got.ndim == 3 else got, src[..., :3] if src.ndim == 3 else src)
+
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert len(rows) == len(samples)
+    for row in rows:
+        assert row["status"] == "done" and row["error"] is None
+        assert row["output"].startswith("s3://archive/restored/")
+        assert row["metrics"]["disagreement"] >= 0
+        assert row["metrics"]["laplacian_variance"] > 0 and row["metrics"]["input_laplacian_variance"] > 0
+        assert row["inference_s"] > 0 and row["download_s"] is not None and row["upload_s"] is not None
+        assert set(row["model_versions"]) == {"wiener:psf=motion:length=7,angle=30", "richardson-lucy"}
+
+    # an independent client reads the same rows
+    url = env["DEBLUR_DATABASE_URL"]
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            statuses = conn.execute("SELECT status, count(*) FROM images WHERE job_id=? GROUP BY status",
+                                    (job_id,)).fetchall()
+            n_metrics = conn.execute(
+                "SELECT count(*) FROM metrics m JOIN images i ON i.id=m.image_id WHERE i.job_id=?", (job_id,)
+            ).fetchone()[0]
+    else:
+        import psycopg
+
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            statuses = conn.execute("SELECT status, count(*) FROM images WHERE job_id=%s GROUP BY status",
+                                    (job_id,)).fetchall()
+            n_metrics = conn.execute(
+                "SELECT count(*) FROM metrics m JOIN images i ON i.id=m.image_id WHERE i.job_id=%s", (job_id,)
+            ).fetchone()[0]
+    assert dict(statuses) == {"done": len(samples)}
+    assert n_metrics >= len(samples) * 5
+
+
+def test_corrupt_image_fails_alone_and_flower_lists_worker(env, s3, worker, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s3.create_bucket(Bucket="mixed")
+    samples = mixed_samples()[:3]
+    upload(s3, "mixed", "in/", samples)
+    s3.put_object(Bucket="mixed", Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\n garbage")
+    job_id = run_cli("submit", "s3://mixed/in/", "--output", "s3://mixed/out/", "--model", "wiener", "-q").strip()
+    info = wait_done(job_id)
+    assert info["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1, "cancelled": 0}
+    failed = json.loads(run_cli("results", job_id, "--format", "json", "--failed"))
+    assert len(failed) == 1 and failed[0]["input"] == "s3://mixed/in/broken.png"
+    assert "broken.png" in failed[0]["error"] and failed[0]["output"] is None
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="mixed", Prefix="out/").get("Contents", [])}
+    assert keys == {"out/" + s.relative for s in samples}
+
+    flower = FlowerProcess(service_env(env), tmp_path / "flower.log")
+    try:
+        deadline = time.monotonic() + 30
+        workers: dict = {}  # type: ignore[type-arg]
+        while time.monotonic() < deadline and worker.name not in workers:
+            try:
+                with urllib.request.urlopen(flower.url + "/api/workers?refresh=1", timeout=10) as resp:
+                    workers = json.loads(resp.read())
+            except OSError:
+                pass
+            time.sleep(1)
+        assert worker.name in workers
+        with urllib.request.urlopen(flower.url + "/metrics", timeout=10) as resp:
+            assert b"flower_" in resp.read()
+    finally:
+        flower.stop()

@@ -1,0 +1,157 @@
+"""Submission against a real Redis, S3 endpoint and database (no worker).
+
+Validation refuses bad jobs before anything is written or enqueued; the
+listing of a large prefix is streamed page by page; idempotency keys return
+the first job.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+from click.testing import CliRunner
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "DEBLUR_BROKER_URL": redis_url,
+        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
+        "DEBLUR_DATABASE_URL": database_url,
+        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
+        "DEBLUR_HOME": str(tmp_path / "home"),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def s3(env):  # type: ignore[no-untyped-def]
+    client = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="in/a.png", Body=b"fake png bytes are fine for submission")
+    client.put_object(Bucket=bucket, Key="in/sub/b.jpg", Body=b"x")
+    return client, bucket
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    from producer.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def queue_length(env: dict[str, str]) -> int:
+    """Messages waiting in the queue, over all its priority lists (kombu keeps one per level)."""
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    keys = [k for k in client.keys(env["DEBLUR_QUEUE"] + "*") if client.type(k) == b"list"]
+    return sum(int(client.llen(k)) for k in keys)
+
+
+def job_count(env: dict[str, str]) -> int:
+    from sqlalchemy import func, inspect, select
+
+    from db.engine import get_engine
+    from db.schema import Job
+
+    engine = get_engine(env["DEBLUR_DATABASE_URL"])
+    if not inspect(engine).has_table("jobs"):
+        return 0
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(Job)).scalar_one())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "nafnet-gorpo"], "unknown model 'nafnet-gorpo'"),
+        (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "wiener:psf=disk"], "needs radius"),
+        (["s3:/{b}/in/", "--output", "s3://{b}/out/"], "not an S3 URI"),
+        (["s3://{b}/in/", "--output", "s3://A_bad_bucket/out/"], "not a valid bucket name"),
+        (["s3://missing-bucket-xyz/in/", "--output", "s3://{b}/out/"], "missing-bucket-xyz"),
+        (["s3://{b}/in/", "--output", "s3://{b}/in/restored/"], "inside input prefix"),
+        (["s3://{b}/in/", "--output", "s3://{b}/in/"], "inside input prefix"),
+        (["s3://{b}/in/nope.png", "--output", "s3://{b}/out/"], "does not exist"),
+        (["s3://{b}/empty/", "--output", "s3://{b}/out/"], "no images"),
+    ],
+)
+def test_invalid_jobs_are_refused_before_anything_is_written(env, s3, args, message) -> None:  # type: ignore[no-untyped-def]
+    _, bucket = s3
+    result = invoke("submit", *[a.format(b=bucket) for a in args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert job_count(env) == 0
+    assert queue_length(env) == 0
+
+
+def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
+    _, bucket = s3
+    args = ["submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--job-key", "nightly-42", "-q"]
+    first = invoke(*args)
+    second = invoke(*args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert first.stdout.strip() == second.stdout.strip()
+    assert job_count(env) == 1
+    assert queue_length(env) == 1  # two images, one batch, sent once
+
+
+def test_manifest_and_single_keys(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    client, bucket = s3
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# scans to redo\ns3://{bucket}/in/a.png\n\ns3://{bucket}/in/sub/b.jpg\n")
+    result = invoke("submit", str(manifest), f"s3://{bucket}/in/a.png", "--output", f"s3://{bucket}/out/",
+                    "--batch-size", "1", "-q")
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    rows = json.loads(invoke("results", job_id, "--format", "json").stdout)
+    # the duplicate of a.png (manifest and argument) is one image
+    assert sorted(r["input"] for r in rows) == [f"s3://{bucket}/in/a.png", f"s3://{bucket}/in/sub/b.jpg"]
+    assert queue_length(env) == 3  # one task per batch sent; the duplicate row is ignored by the worker
+
+
+def test_streaming_listing_of_5000_keys(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+    from producer.submit import JobRequest, submit
+
+    client, bucket = s3
+    keys = [f"big/{i // 100:03d}/{i:05d}.png" for i in range(5000)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"."), keys))
+
+    events: list[str] = []
+    settings = load_settings()
+    s3_for_submit = __import__("jobs.storage", fromlist=["s3_client"]).s3_client(settings)
+    s3_for_submit.meta.events.register("after-call.s3.ListObjectsV2", lambda **_: events.append("page"))
+    app = app_for(settings)
+    real_send = app.send_task
+
+    def recording_send(*args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append("send")
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", recording_send)
+    tracemalloc.start()
+    result = submit(JobRequest(kind="deblur", inputs=[f"s3://{bucket}/big/"], output=f"s3://{bucket}/out/",
+                               batch_size=10), settings)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    assert result.total == 5000
+    assert events.count("page") == 5 and events.count("send") == 500
+    # the first tasks go out before the second listing page is read: the listing is never collected first
+    second_page = events.index("page", events.index("page") + 1)
+    assert events.index("send") < second_page
+    assert queue_length(env) == 500
+    assert peak < 60 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
