@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import nnls
 from skimage import data, transform
 
 from jobs.errors import InputError
@@ -166,3 +167,16 @@ class TestFitWeights:
             ensemble.fit_weights(outputs, targets[:1])
         with pytest.raises(EnsembleError, match=r"image 1: member outputs have shape \(2, 40, 40, 3\)"):
             ensemble.fit_weights([outputs[0], outputs[1][:2]], targets)
+
+    def test_biased_members_are_mixed_under_the_sum_to_one_constraint(self) -> None:
+        # One member too bright, one too dark (and a little noisy): unconstrained
+        # NNLS would scale the bright one down to fit exactly, and renormalising
+        # that weight to 1 would leave a 20 % brightness error.
+        sharp = transform.resize(data.coffee(), (40, 40), anti_aliasing=True)
+        noise = np.random.default_rng(1).normal(0, 0.01, sharp.shape)
+        stack = np.stack([sharp * 1.2, sharp * 0.8 + noise])
+        plain, _ = nnls(stack.reshape(2, -1).T, sharp.reshape(-1))
+        assert plain[1] < 0.05  # the pitfall is real for this data
+        weights, report = ensemble.fit_weights([stack], [sharp])
+        np.testing.assert_allclose(weights, [0.5, 0.5], atol=0.02)
+        assert report.psnr_fitted > 35
