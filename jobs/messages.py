@@ -38,6 +38,7 @@ class BatchMessage(BaseModel):
     strength: float = Field(default=1.0, ge=0.0, le=1.0)
     strip_metadata: bool = False
     write_outputs: bool = True
+    output_root: str | None = None  # the job's output prefix (member outputs of evaluations go under it)
     images: list[ImageItem] = Field(min_length=1)
 
     @classmethod

@@ -124,7 +124,7 @@ def submit(
         return BatchMessage(
             job_id=job_id, kind=request.kind, models=models, strength=request.strength,
             strip_metadata=request.strip_metadata, write_outputs=plan.output is not None,
-            images=list(batch),
+            output_root=str(plan.output) if plan.output else None, images=list(batch),
         ).model_dump(mode="json")
 
     total = 0

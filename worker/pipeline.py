@@ -30,6 +30,7 @@ from jobs.errors import InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
+from jobs.layout import kernel_uri, member_output_uri
 from jobs.storage import get_bytes, put_bytes, s3_client
 from models.catalog import REGISTRY
 from worker import runtime
@@ -49,6 +50,7 @@ class Work:
     decoded: Any = None
     reference: Any = None
     restored: np.ndarray | None = None
+    members: dict[str, np.ndarray] = field(default_factory=dict)
     kernels: dict[str, np.ndarray] = field(default_factory=dict)
     uploads: list[tuple[S3URI, bytes, str]] = field(default_factory=list)
 
@@ -137,6 +139,9 @@ def _restore(work: Work, message: BatchMessage) -> None:
     work.outcome.model_versions = versions
     if message.kind == "evaluate":
         _evaluate(work, specs, outputs)
+        if len(specs) > 1 and message.write_outputs:
+            # kept so reports and 'deblur ensemble fit' can use every member's output
+            work.members = {s.key(): o[0].numpy().transpose(1, 2, 0) for s, o in zip(specs, outputs, strict=True)}
 
 
 def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[type-arg]
@@ -185,13 +190,19 @@ def _encode(work: Work, message: BatchMessage) -> None:
     data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata)
     work.uploads.append((out_uri, data, content_type(work.decoded.format)))
     work.outcome.output_uri = str(out_uri)
+    if work.members and message.output_root:
+        root = parse_s3_uri(message.output_root, want_prefix=True)
+        relative = out_uri.relative_to(root)
+        for key, pixels in work.members.items():
+            member_uri = member_output_uri(root, key, relative)
+            work.uploads.append((member_uri, encode_image(work.decoded, pixels, strip_metadata=True),
+                                 content_type(work.decoded.format)))
+        work.members = {}
     for index, (model, kernel) in enumerate(sorted(work.kernels.items())):
-        stem = out_uri.key.rsplit(".", 1)[0]
-        suffix = ".kernel.png" if len(work.kernels) == 1 else f".kernel.{model.split(':')[0]}.png"
-        kernel_uri = S3URI(out_uri.bucket, stem + suffix)
-        work.uploads.append((kernel_uri, kernel_png(kernel), "image/png"))
+        target = kernel_uri(out_uri, model, several=len(work.kernels) > 1)
+        work.uploads.append((target, kernel_png(kernel), "image/png"))
         if index == 0:
-            work.outcome.kernel_uri = str(kernel_uri)
+            work.outcome.kernel_uri = str(target)
 
 
 def kernel_png(kernel: np.ndarray) -> bytes:
