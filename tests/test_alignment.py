@@ -4,6 +4,7 @@ mask see the restoration, not the misregistration."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from skimage import data, transform
@@ -23,8 +24,6 @@ def _photo() -> np.ndarray:
 
 def _moved(image: np.ndarray, warp: np.ndarray = TRUE_WARP) -> np.ndarray:
     """``image`` resampled so that moved(warp @ p) = image(p)."""
-    import cv2
-
     out = cv2.warpPerspective(image.astype(np.float32), warp, (image.shape[1], image.shape[0]),
                               flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     return np.clip(out.astype(np.float64), 0.0, 1.0)
