@@ -127,3 +127,26 @@ def test_bad_inputs_are_named() -> None:
         AlignOptions(intensity="median")
     with pytest.raises(AlignmentError, match="got 4"):
         AlignOptions(gauss_filter_size=4)
+
+
+def test_masked_metrics_match_realblurs_evaluation_formulas() -> None:
+    """RealBlur computes PSNR as sum of squared errors over sum(mask) and SSIM
+    as skimage's full Gaussian SSIM map times the mask, cropped by the window
+    radius, averaged per channel over the mask."""
+    from skimage.metrics import structural_similarity
+
+    sharp = _photo()
+    result = alignment.align_to_reference(_moved(sharp), sharp)
+    image, ref, mask = result.image, result.reference, result.mask
+
+    expected_psnr = 10 * np.log10(1.0 / (np.sum((ref - image) ** 2) / np.sum(mask)))
+    assert metrics.psnr(image, ref, 1.0, mask=mask) == pytest.approx(expected_psnr, abs=1e-9)
+
+    _, smap = structural_similarity(ref, image, channel_axis=-1, gaussian_weights=True,
+                                    use_sample_covariance=False, data_range=1.0, full=True)
+    pad = 5
+    cropped, cropped_mask = (smap * mask)[pad:-pad, pad:-pad], mask[pad:-pad, pad:-pad]
+    expected_ssim = np.mean(cropped.sum(axis=(0, 1)) / cropped_mask.sum(axis=(0, 1)))
+    ours = metrics.ssim(image, ref, 1.0, variant=metrics.SSIM_CHANNEL_MEAN, mask=mask)
+    assert abs(ours - expected_ssim) < 1e-6
+    assert ours < 0.999  # a real (imperfect) alignment, not a trivial pair
