@@ -381,6 +381,16 @@ def luminance(image: np.ndarray, channel_order: str = "RGB") -> FloatArray:
     return values @ weights
 
 
+def _luminance_at_least(image: np.ndarray, channel_order: str, side: int) -> FloatArray:
+    luma = luminance(image, channel_order)
+    if min(luma.shape) < side:
+        raise MetricInputError(
+            f"image of {luma.shape[0]}x{luma.shape[1]} pixels is too small for a sharpness measure "
+            f"(needs at least {side}x{side})"
+        )
+    return luma
+
+
 def laplacian_variance(image: np.ndarray, channel_order: str = "RGB") -> float:
     """Variance of the 4-neighbour Laplacian of the luminance in [0, 1] (so 8-
     and 16-bit versions of one picture score alike). Higher means sharper;
@@ -388,9 +398,7 @@ def laplacian_variance(image: np.ndarray, channel_order: str = "RGB") -> float:
 
     ``image``: HW or HWC, uint8/uint16 or float in [0, 1].
     """
-    luma = luminance(image, channel_order)
-    if min(luma.shape) < 3:
-        raise MetricInputError(f"image of {luma.shape[0]}x{luma.shape[1]} pixels is too small for a Laplacian")
+    luma = _luminance_at_least(image, channel_order, 3)
     return float(cv2.Laplacian(luma, cv2.CV_64F, ksize=1, borderType=cv2.BORDER_REFLECT).var())
 
 
@@ -400,11 +408,12 @@ def no_reference_metrics(image: np.ndarray, channel_order: str = "RGB") -> dict[
     ``image``: HW or HWC (alpha ignored), uint8/uint16 or float in [0, 1].
     Returns ``laplacian_variance`` (higher is sharper) and ``blur_effect``
     (Crete et al.'s perceptual blur via ``skimage.measure.blur_effect``, in
-    [0, 1], higher is blurrier), both on the luminance in [0, 1].
+    [0, 1], higher is blurrier), both on the luminance in [0, 1]. Needs at
+    least 4x4 pixels (blur_effect's border trim leaves nothing below that).
     """
     from skimage.measure import blur_effect
 
-    luma = luminance(image, channel_order)
+    luma = _luminance_at_least(image, channel_order, 4)
     return {
         "laplacian_variance": laplacian_variance(luma),
         "blur_effect": float(blur_effect(luma)),

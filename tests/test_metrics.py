@@ -277,3 +277,9 @@ class TestNoReference:
     def test_flat_image_has_no_sharpness(self) -> None:
         flat = np.full((32, 32, 3), 77, np.uint8)
         assert metrics.no_reference_metrics(flat)["laplacian_variance"] == 0.0
+
+    def test_too_small_is_refused_not_nan(self) -> None:
+        with pytest.raises(MetricInputError, match=r"3x3 pixels .* at least 4x4"):
+            metrics.no_reference_metrics(np.zeros((3, 3), np.uint8))
+        values = metrics.no_reference_metrics(RNG.random((4, 4, 3)))
+        assert all(math.isfinite(v) for v in values.values())
