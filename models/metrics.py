@@ -28,7 +28,12 @@ Two SSIM variants are provided, both with the MATLAB protocol's constants
     (sigma 1.5 along rows, columns **and channels**, 11 taps per axis), pads
     every axis by replicating the edge, and averages the full-size map over all
     ``H x W x C`` positions. On a grey image it reduces to MATLAB's 2-D
-    ``ssim`` (replicate padding, full map).
+    ``ssim`` (replicate padding, full map). This is MATLAB's ``ssim.m``
+    (``getGaussianWeightingFilter`` builds an 11x11x11 Gaussian for 3-D input,
+    ``imfilter(..., 'conv', 'replicate')``, ``mean(ssimmap(:))``) and the
+    ``_ssim_3d`` Python ports in NAFNet's and Restormer's code (a Conv3d with
+    replicate padding). We compute in float64; MATLAB releases that run
+    integer images in single precision differ by about 1e-6.
 """
 
 from __future__ import annotations
