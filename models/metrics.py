@@ -32,9 +32,9 @@ Two SSIM variants are provided, both with the MATLAB protocol's constants
     (``getGaussianWeightingFilter`` builds an 11x11x11 Gaussian for 3-D input,
     ``imfilter(..., 'conv', 'replicate')``, ``mean(ssimmap(:))``) and the
     ``_ssim_3d`` Python ports in NAFNet's and Restormer's code (a Conv3d with
-    replicate padding, run in float32). We compute in float64, so ports and
-    MATLAB releases that work in single precision can differ in the last
-    digits, far below the 3-4 decimals the tables print.
+    replicate padding, run in float32). We compute in float64; the float32
+    port differs from it by about 4e-5 on a 640x360 photograph (cancellation
+    in E[x^2] - E[x]^2), below the 3 decimals the tables print.
 """
 
 from __future__ import annotations
