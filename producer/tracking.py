@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import json
 import math
 import time
@@ -181,17 +182,53 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+SHORT_NAMES = {"laplacian_variance": "sharpness", "blur_effect": "blur", "disagreement": "disagree",
+               "ssim_channel_mean": "ssim_ch", "ssim_3d": "ssim3d"}
+
+
+def _common_prefix(uris: list[str]) -> str:
+    if not uris:
+        return ""
+    prefix = os.path.commonprefix(uris)
+    return prefix[: prefix.rfind("/") + 1]
+
+
 def results_table(rows: list[dict[str, Any]], console: Console) -> None:
-    names = _metric_names(rows)
-    table = Table(show_lines=False)
-    for column in ("input", "status", "size", "s", *names, "output / error"):
-        table.add_column(column, overflow="fold")
+    """Compact per-image table: paths relative to the common prefix, one column
+    per metric showing ``input → output`` where both exist."""
+    names = [n for n in _metric_names(rows) if not n.startswith("input_")]
+    names = [n for n in names if n not in {"ssim_3d"}]  # 'ssim' already is the 3-D figure
+    prefix = _common_prefix([r["input"] for r in rows])
+    table = Table(show_lines=False, title=f"images under {prefix}" if prefix else None, title_justify="left")
+    any_error = any(r["error"] for r in rows)
+    headers = ["image", "status", "size", "sec", *(SHORT_NAMES.get(n, n) for n in names)]
+    for column in headers + (["error"] if any_error else []):
+        table.add_column(column, overflow="fold", no_wrap=column not in {"image", "error"})
+    out_prefix = _common_prefix([r["output"] for r in rows if r["output"]])
     for row in rows:
         size = f"{row['width']}x{row['height']}" if row["width"] else ""
-        tail = row["output"] or "" if row["status"] == "done" else (row["error"] or "")
-        table.add_row(
-            row["input"], row["status"], size, _fmt(row["inference_s"]),
-            *(_fmt(row["metrics"].get(n)) for n in names), tail,
-        )
+        cells = []
+        for name in names:
+            before, after = row["metrics"].get(f"input_{name}"), row["metrics"].get(name)
+            if name == "laplacian_variance" and before and after is not None:
+                cells.append(f"×{after / before:.2f}")  # sharpness gain is what matters
+            elif before is not None:
+                cells.append(f"{_short(before)}→{_short(after)}")
+            else:
+                cells.append(_short(after))
+        tail = [f"[red]{row['error'] or ''}[/red]"] if any_error else []
+        table.add_row(row["input"].removeprefix(prefix), row["status"], size,
+                      _short(row["inference_s"]), *cells, *tail)
     console.print(table)
+    if out_prefix:
+        console.print(f"outputs under {out_prefix}")
 
+
+def _short(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
