@@ -1,0 +1,179 @@
+"""The seeds' learned models as :class:`RestorationModel` descriptors, with safe weight loading.
+
+Factories (``build_seed001``, ``build_seed002``, ``build_seed003``) are named by
+the registry entries in :mod:`models.catalog`. Weights are ``.safetensors``
+files only (no pickle): the shipped ones in ``models/weights/``, or a file
+given with the ``weights=PATH`` parameter, or ``DEBLUR_WEIGHTS_DIR/<file>``.
+The file's metadata records the architecture and its options, so a file
+trained with other widths loads into the right network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from jobs.errors import WeightsError
+from models.base import RestorationModel, Restored
+from models.registry import ModelInfo
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class SeedModel:
+    """How a registered learned seed model maps to an architecture and its options."""
+
+    arch: str
+    arch_kwargs: Mapping[str, object]
+
+
+# Architecture options of the registered models (the shipped weights were trained with these).
+SEED_MODELS: dict[str, SeedModel] = {
+    "seed001-gan": SeedModel("seed001", {"width": 32, "scale": 2, "reduce_activation": True}),
+    "seed002-unet": SeedModel("seed002", {"width": 16}),
+    "seed003-vit": SeedModel("seed003", {}),
+}
+
+
+def resolve_arch(name: str) -> tuple[str, dict[str, object]]:
+    """(architecture, options) for an architecture name or a registered learned seed model name."""
+    from models.archs import ARCHITECTURES
+
+    if name in ARCHITECTURES:
+        return name, {}
+    if name in SEED_MODELS:
+        model = SEED_MODELS[name]
+        return model.arch, dict(model.arch_kwargs)
+    known = ", ".join([*ARCHITECTURES, *SEED_MODELS])
+    raise WeightsError(f"unknown architecture or learned model {name!r}; known: {known}")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_path(info: ModelInfo, explicit: str = "") -> Path:
+    """Where the weights of ``info`` are: ``explicit`` if given, else the shipped or weights-dir file."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"model {info.name!r}: weights file {explicit!r} does not exist")
+        return path
+    if info.weights is None:
+        raise WeightsError(
+            f"model {info.name!r} has no registered weights; train some with "
+            f"'deblur train {info.name} -o RUN_DIR' and pass weights=RUN_DIR/best.safetensors"
+        )
+    if info.weights.shipped:
+        path = SHIPPED_DIR / info.weights.filename
+    else:
+        path = Path(os.environ.get("DEBLUR_WEIGHTS_DIR", "~/.cache/deblur/weights")).expanduser() / info.weights.filename
+    if not path.is_file():
+        raise WeightsError(
+            f"model {info.name!r}: weights file {str(path)!r} is missing; reinstall the package or "
+            f"train them with 'deblur train {info.name} -o RUN_DIR' and pass weights=RUN_DIR/best.safetensors"
+        )
+    return path
+
+
+def load_network(path: Path, expected_arch: str | None = None, check_sha256: str | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """Build the network recorded in a ``.safetensors`` file's metadata and load its tensors.
+
+    Returns the network (CPU, eval mode) and the file's metadata. Raises
+    :class:`WeightsError` on a checksum mismatch, a file that is not
+    safetensors, missing metadata, another architecture or mismatched tensors.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from models.archs import build_network
+
+    if check_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != check_sha256.lower():
+            raise WeightsError(
+                f"weights file {str(path)!r} has sha256 {actual}, expected {check_sha256}; "
+                "it is corrupt or not the registered file"
+            )
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+    arch = meta.get("arch")
+    if not arch:
+        raise WeightsError(f"{str(path)!r} has no 'arch' metadata; was it written by 'deblur train'?")
+    if expected_arch is not None and arch != expected_arch:
+        raise WeightsError(f"{str(path)!r} holds a {arch!r} network, not {expected_arch!r}")
+    kwargs = json.loads(meta.get("arch_kwargs", "{}"))
+    net = build_network(arch, **kwargs)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{str(path)!r} does not match the {arch!r} network {kwargs}: {exc}") from None
+    return net.eval(), meta
+
+
+class LearnedSeedModel(RestorationModel):
+    """A trained seed network behind the :class:`RestorationModel` interface.
+
+    The base class pads inputs to ``info.size_multiple`` (reflect), handles
+    grey inputs, ``inference_mode`` and clamping; this class maps [0, 1] to the
+    network's own value range and back.
+    """
+
+    channels = 3
+
+    def __init__(self, info: ModelInfo, params: Mapping[str, object], device: torch.device, net: nn.Module) -> None:
+        super().__init__(info, params, device)
+        self.net = net.to(device).eval()
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        from models.archs import run_network
+
+        return Restored(image=run_network(self.net, x))
+
+
+def _build(name: str, params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+    from models.catalog import REGISTRY
+
+    info = REGISTRY.get(name)
+    explicit = str(params.get("weights") or "")
+    path = weights_path(info, explicit)
+    expected_sha = None if explicit or info.weights is None else info.weights.sha256
+    net, _ = load_network(path, SEED_MODELS[name].arch, expected_sha)
+    multiple = int(getattr(net, "size_multiple", 1))
+    if info.size_multiple % multiple:
+        raise WeightsError(
+            f"{str(path)!r} needs sides that are multiples of {multiple}, but {name!r} pads to {info.size_multiple}"
+        )
+    return LearnedSeedModel(info, params, device, net)
+
+
+def build_seed001(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+    """Factory for ``seed001-gan`` (registry entry in :mod:`models.catalog`)."""
+    return _build("seed001-gan", params, device)
+
+
+def build_seed002(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+    """Factory for ``seed002-unet``."""
+    return _build("seed002-unet", params, device)
+
+
+def build_seed003(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+    """Factory for ``seed003-vit`` (needs ``weights=PATH``: no weights ship for it)."""
+    return _build("seed003-vit", params, device)

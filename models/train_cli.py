@@ -1,0 +1,209 @@
+"""``deblur train``: train one of the seeds' architectures (mounted by the main CLI).
+
+Every option also reads an environment variable ``DEBLUR_TRAIN_<OPTION>``
+(e.g. ``DEBLUR_TRAIN_STEPS=20000``), for container deployments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from jobs.errors import InputError
+
+_ENV = "DEBLUR_TRAIN_"
+
+
+def _env(name: str) -> str:
+    return _ENV + name.upper().replace("-", "_")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``key=value`` architecture options; values are parsed as JSON where possible (``width=48``)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--arch-option")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@click.command(
+    "train",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.argument("arch", envvar=_env("arch"))
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, envvar=_env("output"),
+              help="Run directory: train.log, last.pt (checkpoint for --resume) and best.safetensors go here.")
+@click.option("--pairs", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("pairs"),
+              help="Folder of real blurred/sharp pairs in GoPro layout (SCENE/blur/X.png next to SCENE/sharp/X.png).")
+@click.option("--blurred-prefix", envvar=_env("blurred_prefix"),
+              help="S3 prefix of blurred images (s3://bucket/blur/); pairs with --sharp-prefix by relative key.")
+@click.option("--sharp-prefix", envvar=_env("sharp_prefix"), help="S3 prefix of the matching sharp images.")
+@click.option("--sharp", "sharp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("sharp"),
+              help="Folder of sharp images to blur synthetically. Default (no data option): the photographs "
+                   "shipped inside installed packages (scikit-image, scikit-learn, matplotlib).")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True,
+              envvar=_env("val_fraction"), help="Share of images or pairs held out for validation.")
+@click.option("--val-count", type=click.IntRange(1), default=16, show_default=True, envvar=_env("val_count"),
+              help="Validation crops drawn from the held-out images (synthetic blur, fixed seed).")
+@click.option("--val-size", type=click.IntRange(32), default=192, show_default=True, envvar=_env("val_size"),
+              help="Side of each validation crop in pixels.")
+@click.option("--steps", type=click.IntRange(1), default=10_000, show_default=True, envvar=_env("steps"),
+              help="Optimiser steps in total (a resumed run continues up to this number).")
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=500, show_default=True,
+              envvar=_env("steps_per_epoch"), help="Steps between validations and checkpoints.")
+@click.option("--max-minutes", type=click.FloatRange(0.1), envvar=_env("max_minutes"),
+              help="Stop (after validating and checkpointing) once this much wall-clock time has passed.")
+@click.option("--batch-size", type=click.IntRange(1), envvar=_env("batch_size"),
+              help="Patches per step [default: the seed's, 4 for seed001/seed003, 8 for seed002].")
+@click.option("--patch", type=click.IntRange(16), default=128, show_default=True, envvar=_env("patch"),
+              help="Side of the square training patches in pixels.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), envvar=_env("optimizer"),
+              help="[default: the seed's: Adam for seed001/seed003, RMSprop (rho 0.9) for seed002]")
+@click.option("--lr", type=click.FloatRange(0.0, min_open=True), envvar=_env("lr"),
+              help="Learning rate [default: the seed's: 5e-4, 1e-3, 1e-4].")
+@click.option("--weight-decay", type=click.FloatRange(0.0), envvar=_env("weight_decay"),
+              help="L2 weight decay [default: 5e-4 for seed001, else 0].")
+@click.option("--schedule", type=click.Choice(["plateau", "cosine", "constant"]), envvar=_env("schedule"),
+              help="Learning-rate schedule [default: plateau (halve after 5 flat epochs) for seed001, else constant].")
+@click.option("--loss", type=click.Choice(["seed001", "seed002", "l1", "mse"]), envvar=_env("loss"),
+              help="seed001 = MSE + 0.3(1-SSIM) + 0.01 adversarial; seed002 = MAE + Sobel + Fourier "
+                   "[default: the architecture's own; l1 for seed003].")
+@click.option("--adversarial/--no-adversarial", default=None, envvar=_env("adversarial"),
+              help="Train a PatchGAN discriminator alongside [default: on for seed001].")
+@click.option("--adv-start", type=click.IntRange(0), default=0, show_default=True, envvar=_env("adv_start"),
+              help="Step at which the adversarial term is switched on (pixel losses only before).")
+@click.option("--disc-width", type=click.IntRange(4), default=64, show_default=True, envvar=_env("disc_width"),
+              help="Channels of the discriminator's first layer.")
+@click.option("--arch-option", "arch_options", multiple=True, envvar=_env("arch_option"),
+              help="Architecture option KEY=VALUE, repeatable (seed001: width, scale; seed002: width; "
+                   "seed003: hidden_dim, layers, heads, vit_checkpoint).")
+@click.option("--seed", type=int, default=0, show_default=True, envvar=_env("seed"),
+              help="Random seed; the same seed, data and thread count give the same run.")
+@click.option("--resume/--no-resume", default=False, envvar=_env("resume"),
+              help="Continue from OUTPUT/last.pt if it exists.")
+@click.option("--export", type=click.Path(dir_okay=False, path_type=Path), envvar=_env("export"),
+              help="Also copy the best weights (.safetensors) here whenever validation improves.")
+@click.option("--device", default="auto", show_default=True, envvar=_env("device"),
+              help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, envvar=_env("threads"),
+              help="CPU threads torch may use.")
+@click.option("--progress/--no-progress", default=True, envvar=_env("progress"), help="Show a progress bar.")
+def train_command(
+    arch: str,
+    output: Path,
+    pairs: Path | None,
+    blurred_prefix: str | None,
+    sharp_prefix: str | None,
+    sharp_dir: Path | None,
+    val_fraction: float,
+    val_count: int,
+    val_size: int,
+    steps: int,
+    steps_per_epoch: int,
+    max_minutes: float | None,
+    batch_size: int | None,
+    patch: int,
+    optimizer: str | None,
+    lr: float | None,
+    weight_decay: float | None,
+    schedule: str | None,
+    loss: str | None,
+    adversarial: bool | None,
+    adv_start: int,
+    disc_width: int,
+    arch_options: tuple[str, ...],
+    seed: int,
+    resume: bool,
+    export: Path | None,
+    device: str,
+    threads: int,
+    progress: bool,
+) -> None:
+    """Train ARCH on blurred/sharp pairs and write its weights as .safetensors.
+
+    ARCH is an architecture (seed001, seed002, seed003) or a learned seed model
+    from the registry (seed001-gan, seed002-unet, seed003-vit), whose shipped
+    architecture options are then used.
+
+    \b
+    Data (choose one; default: synthetic blur of package photographs):
+      --pairs DIR                          real pairs in GoPro layout
+      --blurred-prefix S3 --sharp-prefix S3  real pairs on S3
+      --sharp DIR                          sharp images, blurred on the fly
+    Synthetic blur = random camera shake (5-25 px), defocus discs (1-6 px),
+    Gaussian, noise (0-2%) and occasional JPEG.
+
+    \b
+    Example:
+      deblur train seed002-unet -o runs/unet --steps 20000 --max-minutes 90
+      deblur train seed002-unet -o runs/unet --steps 20000 --resume
+    """
+    import numpy as np
+    import torch
+
+    from models.learned import resolve_arch
+    from models.training import data as D
+    from models.training.loop import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    try:
+        arch_name, arch_kwargs = resolve_arch(arch)
+        arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
+        rng = np.random.default_rng(seed)
+        validation: list[tuple[np.ndarray, np.ndarray]]
+        if pairs is not None or blurred_prefix or sharp_prefix:
+            if pairs is not None:
+                loaded = D.pairs_from_folder(pairs)
+                described = f"pairs from folder {pairs.name}"
+            else:
+                if not (blurred_prefix and sharp_prefix):
+                    raise InputError("give both --blurred-prefix and --sharp-prefix for S3 pairs")
+                loaded = D.pairs_from_s3(blurred_prefix, sharp_prefix)
+                described = f"pairs from {blurred_prefix} / {sharp_prefix}"
+            order = rng.permutation(len(loaded))
+            n_val = int(round(val_fraction * len(loaded))) if len(loaded) > 1 else 0
+            val_pairs = [loaded[i] for i in order[:n_val]]
+            source: D.PairSource = D.PairedImages([loaded[i] for i in order[n_val:]])
+            validation = [(b[:val_size, :val_size], s[:val_size, :val_size]) for b, s in val_pairs]
+        else:
+            if sharp_dir is not None:
+                files = sorted(p for p in sharp_dir.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES)
+                if not files:
+                    raise InputError(f"no images ({', '.join(D.IMAGE_SUFFIXES)}) under {str(sharp_dir)!r}")
+                photos = {p.relative_to(sharp_dir).as_posix(): D.read_image(p) for p in files}
+                names = sorted(photos)
+                held = [names[i] for i in rng.permutation(len(names))[: int(round(val_fraction * len(names)))]]
+                train_imgs, val_imgs = D.split_photographs(photos, held)
+                described = f"synthetic blur of {len(train_imgs)} images from {sharp_dir.name}"
+            else:
+                train_imgs, val_imgs = D.split_photographs(D.package_photographs())
+                described = f"synthetic blur of {len(train_imgs)} package photographs"
+            source = D.SyntheticPairs(train_imgs)
+            validation = D.synthetic_validation_set(val_imgs, val_count, val_size) if val_imgs else []
+            if val_imgs:
+                described += f"; validation: {', '.join(sorted(val_imgs))}"
+        config = TrainConfig(
+            arch=arch_name, output_dir=output, arch_kwargs=arch_kwargs, steps=steps, steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size, patch=patch, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            schedule=schedule, loss=loss, adversarial=adversarial, adv_start=adv_start, disc_width=disc_width,
+            seed=seed, resume=resume, max_minutes=max_minutes, export=export, device=device, progress=progress,
+            data_description=described,
+        )
+        click.echo(f"training {arch_name} {arch_kwargs} on {described}; logging to {output / 'train.log'}", err=True)
+        reports = train(config, source, validation)
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+    if reports:
+        last = reports[-1]
+        click.echo(
+            f"step {last.step}: validation PSNR {last.val_psnr:.2f} dB (blurred input {last.input_psnr:.2f} dB, "
+            f"gain {last.gain_db:+.2f} dB), SSIM {last.val_ssim:.4f}; best weights: {output / 'best.safetensors'}"
+        )

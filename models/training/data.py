@@ -1,0 +1,442 @@
+"""Training pairs: synthetic blur of sharp photographs, or blurred/sharp pairs on disk or S3.
+
+Everything here is NumPy (float32 HxWx3 in [0, 1]); :mod:`models.training.loop`
+turns batches into tensors. Three sources produce ``(blurred, sharp)`` patch
+pairs through the same :class:`PairSource` interface:
+
+* :class:`SyntheticPairs` blurs sharp images on the fly with
+  :class:`BlurSynthesizer` — random camera-shake trajectories, defocus discs,
+  Gaussian blur, sensor noise and JPEG — from :mod:`models.synthetic_blur`.
+  The blur is computed from a margin around each patch ("valid"
+  convolution), so patches have no border artefacts.
+* :class:`PairedImages` reads GoPro-style pairs: every file under a ``blur``
+  directory matched with the file at the same relative path under the
+  sibling ``sharp`` directory (``GOPRO_Large/train/SCENE/blur/000001.png`` ↔
+  ``.../SCENE/sharp/000001.png``), from a local folder
+  (:func:`pairs_from_folder`) or from two S3 prefixes (:func:`pairs_from_s3`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+from scipy.signal import fftconvolve
+
+from jobs.errors import InputError, StorageNotFoundError
+from models.synthetic_blur import disk_kernel, gaussian_kernel, random_motion_kernel, sample_photographs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+# Photographs held out of training for validation (``cat`` is the same picture
+# as ``chelsea`` in scikit-image, so both are held out).
+VALIDATION_PHOTOS: tuple[str, ...] = ("chelsea", "cat", "coffee")
+
+# scikit-image images beyond those of sample_photographs() that are photographs
+# (scans, micrographs, astronomy) rather than drawings or binary masks.
+_EXTRA_SKIMAGE = ("clock", "coins", "moon", "page", "text", "cell")
+_MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
+
+
+def to_float_rgb(image: np.ndarray) -> np.ndarray:
+    """An image as float32 HxWx3 in [0, 1] (grey replicated, alpha dropped, 8/16-bit scaled)."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise InputError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {img.shape}")
+    img = img[..., :3]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    if img.dtype == bool:
+        return img.astype(np.float32)
+    return np.clip(img.astype(np.float32), 0.0, 1.0)
+
+
+def package_photographs() -> dict[str, np.ndarray]:
+    """Every natural photograph shipped inside installed packages, float32 HxWx3 in [0, 1].
+
+    :func:`models.synthetic_blur.sample_photographs` plus more scikit-image
+    photographs, both views of ``stereo_motorcycle`` and matplotlib's sample
+    photographs, when present. Missing packages contribute nothing.
+    """
+    photos = {name: to_float_rgb(img) for name, img in sample_photographs().items()}
+    try:
+        from skimage import data
+
+        for name in _EXTRA_SKIMAGE:
+            loader = getattr(data, name, None)
+            if loader is not None:
+                try:
+                    photos[name] = to_float_rgb(loader())
+                except Exception:  # some images need a download; offline they are skipped
+                    pass
+        try:
+            left, right, _ = data.stereo_motorcycle()
+            photos["motorcycle_left"] = to_float_rgb(left)
+            photos["motorcycle_right"] = to_float_rgb(right)
+        except Exception:
+            pass
+    except ImportError:
+        pass
+    try:
+        import matplotlib
+
+        folder = Path(matplotlib.get_data_path()) / "sample_data"
+        for fname in _MATPLOTLIB_PHOTOS:
+            path = folder / fname
+            if path.is_file():
+                photos[path.stem] = read_image(path)
+    except ImportError:
+        pass
+    return photos
+
+
+def split_photographs(
+    photos: dict[str, np.ndarray], validation: Sequence[str] = VALIDATION_PHOTOS
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Split into (training, validation) by name; unknown validation names are ignored."""
+    held = set(validation)
+    train = {k: v for k, v in photos.items() if k not in held}
+    val = {k: v for k, v in photos.items() if k in held}
+    return train, val
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as float32 HxWx3 RGB in [0, 1] (8- or 16-bit)."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    return decode_image(data.tobytes(), str(path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode encoded image bytes to float32 HxWx3 RGB in [0, 1]; ``name`` is for errors."""
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"cannot decode image {name!r}; is it a PNG, JPEG, TIFF, BMP or WebP file?")
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return to_float_rgb(img)
+
+
+@dataclass(frozen=True)
+class BlurSynthesizer:
+    """The distribution of synthetic degradations used for training and validation.
+
+    Each call to :meth:`sample_kernel` draws one of: a random camera-shake
+    trajectory (side ``motion_size``), a defocus disc (radius
+    ``defocus_radius``) or a Gaussian (``gaussian_sigma``), with the given
+    probabilities (the rest of the mass goes to Gaussian). :meth:`degrade`
+    then adds Gaussian noise with σ uniform in ``noise_sigma`` (with
+    probability ``noise_prob``) and JPEG compression (probability
+    ``jpeg_prob``, quality in ``jpeg_quality``).
+    """
+
+    motion_prob: float = 0.6
+    defocus_prob: float = 0.28
+    motion_size: tuple[int, int] = (5, 25)
+    defocus_radius: tuple[float, float] = (1.0, 6.0)
+    gaussian_sigma: tuple[float, float] = (0.6, 3.0)
+    noise_prob: float = 0.8
+    noise_sigma: tuple[float, float] = (0.0, 0.02)
+    jpeg_prob: float = 0.15
+    jpeg_quality: tuple[int, int] = (60, 95)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.motion_prob + self.defocus_prob <= 1:
+            raise ValueError(
+                f"motion_prob + defocus_prob must be in [0, 1], got {self.motion_prob} + {self.defocus_prob}"
+            )
+        if self.motion_size[0] < 3 or self.motion_size[1] < self.motion_size[0]:
+            raise ValueError(f"motion_size must be (low >= 3, high >= low), got {self.motion_size}")
+
+    @property
+    def max_kernel(self) -> int:
+        """The largest kernel side this synthesizer can produce (odd)."""
+        disc = 2 * int(np.ceil(self.defocus_radius[1])) + 1
+        gauss = 2 * int(np.ceil(3.0 * self.gaussian_sigma[1])) + 1
+        return max(self.motion_size[1] | 1, disc, gauss)
+
+    def sample_kernel(self, rng: np.random.Generator) -> np.ndarray:
+        u = rng.uniform()
+        if u < self.motion_prob:
+            size = int(rng.integers(self.motion_size[0], self.motion_size[1] + 1)) | 1
+            return random_motion_kernel(size, rng)
+        if u < self.motion_prob + self.defocus_prob:
+            return disk_kernel(float(rng.uniform(*self.defocus_radius)))
+        return gaussian_kernel(float(rng.uniform(*self.gaussian_sigma)))
+
+    def degrade(self, sharp_with_margin: np.ndarray, kernel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Blur ``sharp_with_margin`` (HxWx3) with ``kernel`` keeping only fully covered pixels.
+
+        The result is smaller by ``kernel side - 1`` in each dimension; it lines
+        up with ``sharp_with_margin`` cropped by ``kernel side // 2`` on each side.
+        """
+        blurred = np.stack(
+            [fftconvolve(sharp_with_margin[..., c], kernel, mode="valid") for c in range(3)], axis=2
+        )
+        if rng.uniform() < self.noise_prob:
+            sigma = float(rng.uniform(*self.noise_sigma))
+            blurred = blurred + rng.normal(0.0, sigma, blurred.shape)
+        blurred = np.clip(blurred, 0.0, 1.0).astype(np.float32)
+        if rng.uniform() < self.jpeg_prob:
+            blurred = jpeg_roundtrip(blurred, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
+        return blurred
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """Encode an RGB float image as JPEG at ``quality`` and decode it again."""
+    u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed at quality {quality}")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+def augment_pair(blurred: np.ndarray, sharp: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The same random flip / 90° rotation (one of the 8 dihedral transforms) applied to both."""
+    k = int(rng.integers(0, 4))
+    flip = bool(rng.integers(0, 2))
+    out = []
+    for img in (blurred, sharp):
+        img = np.rot90(img, k, axes=(0, 1))
+        if flip:
+            img = img[:, ::-1]
+        out.append(np.ascontiguousarray(img))
+    return out[0], out[1]
+
+
+class PairSource(Protocol):
+    """Anything that yields training batches of (blurred, sharp) patches."""
+
+    def batch(self, size: int, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Two float32 arrays (size, patch, patch, 3) in [0, 1]."""
+        ...
+
+
+def _texture(img: np.ndarray) -> float:
+    grey = img.mean(axis=2)
+    return float(np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean())
+
+
+class SyntheticPairs:
+    """Patches of sharp images blurred on the fly by a :class:`BlurSynthesizer`.
+
+    Images are also used at reduced scales (``scales``), which multiplies the
+    variety of content and gives crisper sharp targets from large soft
+    photographs. Nearly flat patches (no edges to restore) are re-drawn with
+    probability ``flat_reject``. A small bank of camera-shake kernels is kept
+    and partly refreshed every batch (kernels are also flipped and rotated),
+    because generating a trajectory costs more than a training step's share.
+    """
+
+    def __init__(
+        self,
+        images: dict[str, np.ndarray] | Sequence[np.ndarray],
+        synth: BlurSynthesizer | None = None,
+        scales: Sequence[float] = (1.0, 0.75, 0.5),
+        flat_reject: float = 0.8,
+        kernel_bank: int = 256,
+        augment: bool = True,
+    ) -> None:
+        imgs = list(images.values()) if isinstance(images, dict) else list(images)
+        if not imgs:
+            raise InputError("no training images: give at least one sharp image")
+        self.synth = synth or BlurSynthesizer()
+        self.pyramid: list[np.ndarray] = []
+        for img in imgs:
+            img = to_float_rgb(img)
+            for s in scales:
+                scaled = img if s == 1.0 else cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+                self.pyramid.append(np.ascontiguousarray(scaled, dtype=np.float32))
+        # Area-weighted, capped so one huge (and mostly dark) image cannot dominate.
+        areas = np.array([min(p.shape[0] * p.shape[1], 640 * 512) for p in self.pyramid], dtype=np.float64)
+        self.weights = areas / areas.sum()
+        self.flat_reject = flat_reject
+        self.kernel_bank_size = kernel_bank
+        self._bank: list[np.ndarray] = []
+        self.augment = augment
+
+    def _kernel(self, rng: np.random.Generator) -> np.ndarray:
+        if self.kernel_bank_size <= 0:
+            return self.synth.sample_kernel(rng)
+        if len(self._bank) < self.kernel_bank_size or rng.uniform() < 0.15:
+            k = self.synth.sample_kernel(rng)
+            if len(self._bank) < self.kernel_bank_size:
+                self._bank.append(k)
+            else:
+                self._bank[int(rng.integers(0, len(self._bank)))] = k
+            return k
+        k = self._bank[int(rng.integers(0, len(self._bank)))]
+        k = np.rot90(k, int(rng.integers(0, 4)))
+        return np.ascontiguousarray(k[:, ::-1] if rng.integers(0, 2) else k)
+
+    def state_dict(self) -> dict[str, object]:
+        """The kernel bank, so that a resumed training run draws the same batches."""
+        return {"kernel_bank": [k.tolist() for k in self._bank]}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        bank = state.get("kernel_bank", [])
+        self._bank = [np.asarray(k, dtype=np.float64) for k in bank]  # type: ignore[union-attr]
+
+    def pair(self, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One (blurred, sharp) pair of ``patch``×``patch`` pixels."""
+        kernel = self._kernel(rng)
+        m = kernel.shape[0] // 2
+        side = patch + 2 * m
+        for _ in range(10):
+            img = self.pyramid[int(rng.choice(len(self.pyramid), p=self.weights))]
+            h, w = img.shape[:2]
+            if h < side or w < side:
+                img = cv2.resize(img, (max(w, side), max(h, side)), interpolation=cv2.INTER_CUBIC)
+                h, w = img.shape[:2]
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = img[y : y + side, x : x + side]
+            if _texture(crop) > 0.02 or rng.uniform() > self.flat_reject:
+                break
+        blurred = self.synth.degrade(crop, kernel, rng)
+        sharp = crop[m : m + patch, m : m + patch]
+        if self.augment:
+            return augment_pair(blurred, sharp, rng)
+        return blurred, np.ascontiguousarray(sharp)
+
+    def batch(self, size: int, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self.pair(patch, rng) for _ in range(size)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def synthetic_validation_set(
+    images: dict[str, np.ndarray] | Sequence[np.ndarray],
+    count: int = 12,
+    size: int = 192,
+    seed: int = 1234,
+    synth: BlurSynthesizer | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed list of ``count`` (blurred, sharp) crops of ``size`` pixels, the same for a given seed."""
+    source = SyntheticPairs(images, synth, scales=(1.0,), flat_reject=0.5, kernel_bank=0, augment=False)
+    rng = np.random.default_rng(seed)
+    return [source.pair(size, rng) for _ in range(count)]
+
+
+class PairedImages:
+    """Aligned (blurred, sharp) image pairs held in memory, sampled as random aligned patches."""
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], augment: bool = True) -> None:
+        if not pairs:
+            raise InputError("no image pairs found")
+        for i, (b, s) in enumerate(pairs):
+            if b.shape != s.shape:
+                raise InputError(f"pair {i}: blurred shape {b.shape} differs from sharp shape {s.shape}")
+        self.pairs = list(pairs)
+        self.augment = augment
+
+    def batch(self, size: int, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        bs, ss = [], []
+        for _ in range(size):
+            b, s = self.pairs[int(rng.integers(0, len(self.pairs)))]
+            h, w = b.shape[:2]
+            if h < patch or w < patch:
+                raise InputError(f"image of {w}x{h} pixels is smaller than the {patch}-pixel training patch")
+            y, x = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+            pb, ps = b[y : y + patch, x : x + patch], s[y : y + patch, x : x + patch]
+            if self.augment:
+                pb, ps = augment_pair(pb, ps, rng)
+            bs.append(pb)
+            ss.append(ps)
+        return np.stack(bs), np.stack(ss)
+
+
+def _pair_paths(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Match ``.../blur/REL`` with ``.../sharp/REL`` among relative paths (``/``-separated)."""
+    blurs: dict[str, str] = {}
+    sharps: dict[str, str] = {}
+    for p in paths:
+        if not p.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        parts = p.split("/")
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] in ("blur", "sharp"):
+                key = "/".join(parts[:i] + ["*"] + parts[i + 1 :])
+                (blurs if parts[i] == "blur" else sharps)[key] = p
+                break
+    return [(blurs[k], sharps[k]) for k in sorted(blurs) if k in sharps]
+
+
+def pairs_from_folder(root: str | os.PathLike[str], limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load GoPro-layout pairs (``…/blur/NAME`` ↔ ``…/sharp/NAME``) found under ``root``."""
+    base = Path(root)
+    if not base.is_dir():
+        raise StorageNotFoundError(f"training folder {str(root)!r} does not exist or is not a directory")
+    rel = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+    matched = _pair_paths(rel)[:limit]
+    if not matched:
+        raise InputError(
+            f"no blurred/sharp pairs under {str(root)!r}: expected GoPro layout "
+            "(SCENE/blur/NAME.png next to SCENE/sharp/NAME.png)"
+        )
+    return [(read_image(base / b), read_image(base / s)) for b, s in matched]
+
+
+def pairs_from_s3(
+    blurred_prefix: str, sharp_prefix: str, limit: int | None = None, client: object | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load pairs matched by relative key under two S3 prefixes (``s3://bucket/blur/`` and ``…/sharp/``)."""
+    from jobs.settings import load_settings
+    from jobs.storage import get_bytes, is_image_key, iter_objects, s3_client
+    from jobs.s3uri import parse_s3_uri
+
+    blur_uri = parse_s3_uri(blurred_prefix, want_prefix=True)
+    sharp_uri = parse_s3_uri(sharp_prefix, want_prefix=True)
+    s3 = client if client is not None else s3_client(load_settings())
+    sharp_keys = {u.relative_to(sharp_uri): u for u, _ in iter_objects(s3, sharp_uri) if is_image_key(u.key)}
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for uri, _ in iter_objects(s3, blur_uri):
+        if not is_image_key(uri.key):
+            continue
+        rel = uri.relative_to(blur_uri)
+        if rel not in sharp_keys:
+            continue
+        pairs.append(
+            (decode_image(get_bytes(s3, uri), str(uri)), decode_image(get_bytes(s3, sharp_keys[rel]), str(sharp_keys[rel])))
+        )
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise InputError(f"no pairs with the same relative key under {blurred_prefix!r} and {sharp_prefix!r}")
+    return pairs
+
+
+def iter_batches(
+    source: PairSource, size: int, patch: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless batches from ``source``."""
+    while True:
+        yield source.batch(size, patch, rng)
+
+
+__all__ = [
+    "BlurSynthesizer",
+    "PairSource",
+    "PairedImages",
+    "SyntheticPairs",
+    "VALIDATION_PHOTOS",
+    "augment_pair",
+    "decode_image",
+    "iter_batches",
+    "jpeg_roundtrip",
+    "package_photographs",
+    "pairs_from_folder",
+    "pairs_from_s3",
+    "read_image",
+    "split_photographs",
+    "synthetic_validation_set",
+    "to_float_rgb",
+]

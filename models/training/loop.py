@@ -1,0 +1,424 @@
+"""The training loop behind ``deblur train``.
+
+One :class:`TrainConfig` describes a run: the architecture and its options,
+the optimiser and schedule (each seed's own by default, see :data:`RECIPES`),
+patches and batches, how long to train, and where to write. :func:`train`
+then repeats: draw a batch of (blurred, sharp) patches (flips/rotations are
+applied by the data source), take one optimiser step (plus a discriminator
+step for seed 001's GAN), and every ``steps_per_epoch`` steps validate
+(PSNR/SSIM of the restored validation crops and of their blurred inputs),
+step the schedule, write ``last.pt`` and, when validation PSNR improved,
+``best.safetensors`` (and the ``export`` copy). ``resume=True`` continues
+from ``last.pt`` exactly where it stopped: model, optimiser, schedule, random
+generators and the data source's kernel bank are all restored, so a resumed
+run matches an uninterrupted one.
+
+Runs are deterministic for a given seed on a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from jobs.errors import InputError
+from models.archs import ARCHITECTURES, build_network, run_network, value_range
+from models.training.data import PairSource
+from models.training.losses import Seed001Loss, Seed002Loss, discriminator_loss, psnr, ssim
+
+log = logging.getLogger("deblur.train")
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+SCHEDULES = ("plateau", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A seed's own training defaults."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    batch_size: int
+    loss: str  # "seed001" (MSE + SSIM + adversarial), "seed002" (MAE + Sobel + Fourier), "l1"
+    adversarial: bool = False
+
+
+RECIPES: dict[str, Recipe] = {
+    # Adam 5e-4, weight decay 5e-4, ReduceLROnPlateau(×0.5, patience 5), batch 4, GAN.
+    "seed001": Recipe("adam", 5e-4, 5e-4, "plateau", 4, "seed001", adversarial=True),
+    # RMSprop (ρ = 0.9) at 1e-3, found by the seed's grid search; no schedule given.
+    "seed002": Recipe("rmsprop", 1e-3, 0.0, "constant", 8, "seed002"),
+    # L1 loss with Adam (the seed's first variant).
+    "seed003": Recipe("adam", 1e-4, 0.0, "constant", 4, "l1"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; ``None`` means the seed's recipe value."""
+
+    arch: str
+    output_dir: Path
+    arch_kwargs: dict[str, object] = field(default_factory=dict)
+    steps: int = 10_000
+    steps_per_epoch: int = 500
+    batch_size: int | None = None
+    patch: int = 128
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    loss: str | None = None
+    adversarial: bool | None = None
+    adv_start: int = 0
+    disc_width: int = 64
+    seed: int = 0
+    resume: bool = False
+    max_minutes: float | None = None
+    export: Path | None = None
+    device: str = "auto"
+    progress: bool = True
+    data_description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise InputError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        recipe = RECIPES[self.arch]
+        self.batch_size = self.batch_size or recipe.batch_size
+        self.optimizer = (self.optimizer or recipe.optimizer).lower()
+        self.lr = recipe.lr if self.lr is None else self.lr
+        self.weight_decay = recipe.weight_decay if self.weight_decay is None else self.weight_decay
+        self.schedule = (self.schedule or recipe.schedule).lower()
+        self.loss = (self.loss or recipe.loss).lower()
+        self.adversarial = recipe.adversarial if self.adversarial is None else self.adversarial
+        self.output_dir = Path(self.output_dir)
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.loss not in ("seed001", "seed002", "l1", "mse"):
+            raise InputError(f"unknown loss {self.loss!r}; choose seed001, seed002, l1 or mse")
+        if self.steps < 1 or self.steps_per_epoch < 1:
+            raise InputError(f"steps ({self.steps}) and steps per epoch ({self.steps_per_epoch}) must be >= 1")
+        if self.patch < 16:
+            raise InputError(f"patch must be at least 16 pixels, got {self.patch}")
+        if self.adversarial and self.patch < 64:
+            raise InputError(f"adversarial training needs patches of at least 64 pixels, got {self.patch}")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}, sort_keys=True)
+
+
+@dataclass
+class EpochReport:
+    """Validation figures after one epoch."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    val_psnr: float
+    val_ssim: float
+    input_psnr: float
+    input_ssim: float
+    lr: float
+    seconds: float
+
+    @property
+    def gain_db(self) -> float:
+        return self.val_psnr - self.input_psnr
+
+
+def _to_net(x: torch.Tensor, net: nn.Module) -> torch.Tensor:
+    """``x`` in [0, 1] mapped to the network's value range (what the discriminator sees)."""
+    lo, hi = value_range(net)
+    return x if (lo, hi) == (0.0, 1.0) else x * (hi - lo) + lo
+
+
+def _make_optimizer(name: str, params: Sequence[nn.Parameter] | object, lr: float, wd: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, weight_decay=wd)  # type: ignore[arg-type]
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)  # type: ignore[arg-type]
+
+
+def _make_schedule(name: str, opt: torch.optim.Optimizer, total_steps: int) -> object:
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=5)
+    if name == "cosine":
+        warmup = min(200, max(1, total_steps // 20))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def _loss_fn(name: str) -> object:
+    if name == "seed001":
+        return Seed001Loss()
+    if name == "seed002":
+        return Seed002Loss()
+    if name == "l1":
+        return lambda r, s, fake=None: {"total": torch.nn.functional.l1_loss(r, s)}
+    return lambda r, s, fake=None: {"total": torch.nn.functional.mse_loss(r, s)}
+
+
+def _nchw(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def validate(
+    net: nn.Module, pairs: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device, size_multiple: int = 1
+) -> tuple[float, float, float, float]:
+    """Mean (restored PSNR, restored SSIM, blurred PSNR, blurred SSIM) over ``pairs`` (HxWx3 arrays).
+
+    Inputs are reflect-padded to ``size_multiple`` and cropped back.
+    """
+    was_training = net.training
+    net.eval()
+    rp, rs, bp, bs = [], [], [], []
+    with torch.inference_mode():
+        for blurred, sharp in pairs:
+            b = _nchw(blurred[None], device)
+            s = _nchw(sharp[None], device)
+            h, w = b.shape[-2:]
+            ph, pw = (-h) % size_multiple, (-w) % size_multiple
+            padded = torch.nn.functional.pad(b, (0, pw, 0, ph), mode="reflect") if (ph or pw) else b
+            out = run_network(net, padded)[..., :h, :w].clamp(0, 1)
+            rp.append(float(psnr(out, s)[0]))
+            rs.append(float(ssim(out, s)[0]))
+            bp.append(float(psnr(b, s)[0]))
+            bs.append(float(ssim(b, s)[0]))
+    net.train(was_training)
+    return float(np.mean(rp)), float(np.mean(rs)), float(np.mean(bp)), float(np.mean(bs))
+
+
+def export_weights(net: nn.Module, path: Path, arch: str, arch_kwargs: dict[str, object], info: dict[str, object]) -> None:
+    """Write the network's state dict to a ``.safetensors`` file with the architecture in its metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {"arch": arch, "arch_kwargs": json.dumps(arch_kwargs, sort_keys=True)}
+    meta.update({k: str(v) for k, v in info.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _setup_logging(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def train(
+    config: TrainConfig,
+    source: PairSource,
+    validation: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> list[EpochReport]:
+    """Run (or resume) the training described by ``config``; returns this call's epoch reports."""
+    from models.base import pick_device
+
+    device = pick_device(config.device)
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(out / "train.log")
+    try:
+        return _train(config, source, validation, device, out)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(
+    config: TrainConfig,
+    source: PairSource,
+    validation: Sequence[tuple[np.ndarray, np.ndarray]],
+    device: torch.device,
+    out: Path,
+) -> list[EpochReport]:
+    torch.manual_seed(config.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    rng = np.random.default_rng(config.seed)
+    net = build_network(config.arch, **config.arch_kwargs).to(device)
+    multiple = int(getattr(net, "size_multiple", 1))
+    if config.patch % multiple:
+        raise InputError(f"patch {config.patch} must be a multiple of {multiple} for {config.arch}")
+    opt_name, sched_name = str(config.optimizer), str(config.schedule)
+    lr, wd = float(config.lr or 0.0), float(config.weight_decay or 0.0)
+    opt = _make_optimizer(opt_name, net.parameters(), lr, wd)
+    sched = _make_schedule(sched_name, opt, config.steps)
+    loss_fn = _loss_fn(str(config.loss))
+    disc: nn.Module | None = None
+    d_opt = d_sched = None
+    if config.adversarial:
+        from models.archs.seed001 import PatchDiscriminator
+
+        disc = PatchDiscriminator(config.disc_width).to(device)
+        d_opt = _make_optimizer(opt_name, disc.parameters(), lr, wd)
+        d_sched = _make_schedule(sched_name, d_opt, config.steps)
+
+    step, epoch, best = 0, 0, -math.inf
+    ckpt_path = out / "last.pt"
+    if config.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["arch"] != config.arch:
+            raise InputError(f"checkpoint {str(ckpt_path)!r} is for {ckpt['arch']!r}, not {config.arch!r}")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["schedule"])  # type: ignore[attr-defined]
+        if disc is not None and "disc" in ckpt:
+            disc.load_state_dict(ckpt["disc"])
+            d_opt.load_state_dict(ckpt["disc_optimizer"])  # type: ignore[union-attr]
+            d_sched.load_state_dict(ckpt["disc_schedule"])  # type: ignore[union-attr]
+        step, epoch, best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_psnr"])
+        rng.bit_generator.state = json.loads(ckpt["numpy_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if hasattr(source, "load_state_dict") and "source" in ckpt:
+            source.load_state_dict(ckpt["source"])
+        log.info("resumed from %s at step %d (epoch %d, best PSNR %.3f dB)", ckpt_path, step, epoch, best)
+    else:
+        log.info("start %s", config.to_json())
+        log.info("parameters: %d", sum(p.numel() for p in net.parameters()))
+
+    reports: list[EpochReport] = []
+    start = time.monotonic()
+    deadline = start + 60 * config.max_minutes if config.max_minutes else math.inf
+    running, count = 0.0, 0
+    net.train()
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.arch}", unit="step", mininterval=5.0)
+    try:
+        while step < config.steps:
+            blurred, sharp = source.batch(int(config.batch_size or 1), config.patch, rng)
+            b, s = _nchw(blurred, device), _nchw(sharp, device)
+            restored = run_network(net, b)
+            fake_logits = None
+            use_adv = disc is not None and step >= config.adv_start
+            if use_adv and disc is not None and d_opt is not None:
+                d_opt.zero_grad(set_to_none=True)
+                d_loss = discriminator_loss(disc.logits(_to_net(s, net)), disc.logits(_to_net(restored.detach(), net)))
+                d_loss.backward()
+                d_opt.step()
+                fake_logits = disc.logits(_to_net(restored, net))
+            terms = loss_fn(restored, s, fake_logits)  # type: ignore[operator]
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            step += 1
+            if config.schedule != "plateau":
+                sched.step()  # type: ignore[attr-defined]
+                if d_sched is not None:
+                    with warnings.catch_warnings():
+                        # before --adv-start the discriminator's schedule advances without optimiser
+                        # steps, so that both networks share one learning-rate curve
+                        warnings.simplefilter("ignore", UserWarning)
+                        d_sched.step()  # type: ignore[attr-defined]
+            value = float(terms["total"].detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"training diverged at step {step}: loss {value}; lower --lr")
+            running += value
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", best=f"{best:.2f}dB", refresh=False)
+            out_of_time = time.monotonic() > deadline
+            if step % config.steps_per_epoch == 0 or step == config.steps or out_of_time:
+                epoch += 1
+                vp, vs, ip, is_ = validate(net, validation, device, multiple) if validation else (math.nan,) * 4
+                report = EpochReport(
+                    epoch, step, running / max(1, count), vp, vs, ip, is_, opt.param_groups[0]["lr"],
+                    time.monotonic() - start,
+                )
+                reports.append(report)
+                running, count = 0.0, 0
+                if config.schedule == "plateau":
+                    sched.step(-vp if validation else report.train_loss)  # type: ignore[attr-defined]
+                    if d_sched is not None:
+                        d_sched.step(-vp if validation else report.train_loss)  # type: ignore[attr-defined]
+                log.info(
+                    "epoch %d step %d loss %.5f val PSNR %.3f dB (input %.3f, gain %+.3f) SSIM %.4f (input %.4f) lr %.2e",
+                    epoch, step, report.train_loss, vp, ip, report.gain_db, vs, is_, report.lr,
+                )
+                improved = bool(validation) and vp > best
+                if improved or (not validation and epoch == 1):
+                    best = vp if validation else best
+                    info = {"step": step, "epoch": epoch, "val_psnr": f"{vp:.4f}", "val_input_psnr": f"{ip:.4f}",
+                            "val_ssim": f"{vs:.4f}", "val_input_ssim": f"{is_:.4f}", "data": config.data_description}
+                    export_weights(net, out / "best.safetensors", config.arch, config.arch_kwargs, info)
+                    if config.export is not None:
+                        Path(config.export).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(out / "best.safetensors", config.export)
+                    log.info("new best %.3f dB at step %d → %s", vp, step, out / "best.safetensors")
+                _save_checkpoint(ckpt_path, config, net, opt, sched, disc, d_opt, d_sched, step, epoch, best, rng, source)
+                if out_of_time:
+                    log.info("stopping at step %d: the %.1f-minute limit was reached", step, config.max_minutes)
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return reports
+
+
+def _save_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: object,
+    disc: nn.Module | None,
+    d_opt: torch.optim.Optimizer | None,
+    d_sched: object,
+    step: int,
+    epoch: int,
+    best: float,
+    rng: np.random.Generator,
+    source: PairSource,
+) -> None:
+    ckpt: dict[str, object] = {
+        "arch": config.arch,
+        "arch_kwargs": json.dumps(config.arch_kwargs, sort_keys=True),
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "schedule": sched.state_dict(),  # type: ignore[attr-defined]
+        "step": step,
+        "epoch": epoch,
+        "best_psnr": best,
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if disc is not None and d_opt is not None:
+        ckpt["disc"] = disc.state_dict()
+        ckpt["disc_optimizer"] = d_opt.state_dict()
+        ckpt["disc_schedule"] = d_sched.state_dict()  # type: ignore[attr-defined]
+    if hasattr(source, "state_dict"):
+        ckpt["source"] = source.state_dict()
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)

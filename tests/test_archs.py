@@ -1,0 +1,113 @@
+"""Shape, size-rule and structure tests for the seeds' architectures (models/archs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.archs import ARCHITECTURES, build_network, run_network
+from models.archs.seed001 import PatchDiscriminator, Seed001Generator
+from models.archs.seed002 import Seed002UNet
+from models.archs.seed003 import ViTDeblur
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_seed001_generator_keeps_shape_and_is_residual(scale: int) -> None:
+    torch.manual_seed(0)
+    net = Seed001Generator(width=8, scale=scale).eval()
+    x = torch.rand(2, 3, 24, 40) * 2 - 1
+    y = net(x)
+    assert y.shape == x.shape
+    # tanh residual: the output never strays more than 1 from the input.
+    assert (y - x).abs().max() <= 1.0
+    # zeroing the last conv makes the network the identity (global residual connection).
+    torch.nn.init.zeros_(net.final_conv.weight)
+    torch.nn.init.zeros_(net.final_conv.bias)
+    assert torch.allclose(net(x), x)
+
+
+def test_seed001_listing_channel_counts() -> None:
+    """At width 32 and scale 1 the layers have the seed listing's channel counts."""
+    net = Seed001Generator(width=32, scale=1, reduce_activation=False)
+    assert net.l1[0].in_channels == 3 and net.l1[0].out_channels == 32
+    assert net.l2[0].out_channels == 64
+    assert net.t3_reduce_l6.in_channels == 192
+    assert net.t3_reduce_l8_l9.in_channels == 128
+    assert net.t3_reduce_l11.in_channels == 96
+    assert net.final_conv.out_channels == 3
+
+
+def test_seed001_rejects_bad_width() -> None:
+    with pytest.raises(ValueError, match="width"):
+        Seed001Generator(width=7)
+
+
+def test_patch_discriminator_gives_a_patch_map() -> None:
+    d = PatchDiscriminator(width=8)
+    out = d(torch.rand(2, 3, 96, 96))
+    assert out.shape == (2, 1, 3, 3)
+    assert ((out > 0) & (out < 1)).all()
+    with pytest.raises(ValueError, match="64"):
+        d(torch.rand(1, 3, 32, 32))
+
+
+def test_seed002_parameter_count_is_the_seeds() -> None:
+    n = sum(p.numel() for p in Seed002UNet().parameters())
+    assert abs(n - 972_739) / 972_739 < 0.03, n
+
+
+def test_seed002_shapes_and_size_rule() -> None:
+    net = Seed002UNet(width=4).eval()
+    x = torch.rand(1, 3, 20, 36)
+    assert net(x).shape == x.shape
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net(torch.rand(1, 3, 21, 36))
+
+
+def test_seed003_shapes_with_interpolated_positions() -> None:
+    net = ViTDeblur(hidden_dim=32, layers=1, heads=2).eval()
+    for h, w in [(32, 48), (64, 16)]:
+        assert net(torch.rand(1, 3, h, w)).shape == (1, 3, h, w)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        net(torch.rand(1, 3, 20, 32))
+
+
+def test_seed003_loads_a_torchvision_vit_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=1, hidden_dim=64, mlp_dim=96)
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    net = ViTDeblur(vit_checkpoint=str(path))
+    assert len(net.vit.encoder.layers) == 2 and net.vit.hidden_dim == 64
+    assert torch.equal(net.vit.conv_proj.weight, vit.conv_proj.weight)
+    # the encoder with the checkpoint's own grid gives the ViT's own token features
+    x = torch.rand(1, 3, 32, 32)
+    ours = net.encode(x)
+    tokens = vit._process_input((x - net.mean) / net.std)
+    theirs = vit.encoder(torch.cat([vit.class_token, tokens], dim=1))
+    assert torch.allclose(ours.flatten(2).transpose(1, 2), theirs[:, 1:], atol=1e-5)
+
+
+def test_seed003_rejects_a_non_vit_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a torchvision VisionTransformer"):
+        ViTDeblur(vit_checkpoint=str(path))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_build_network_and_value_range(arch: str) -> None:
+    small = {"seed001": {"width": 8}, "seed002": {"width": 4}, "seed003": {"hidden_dim": 32, "layers": 1, "heads": 1}}
+    net = build_network(arch, **small[arch]).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert run_network(net, x).shape == x.shape
+
+
+def test_unknown_architecture_is_named() -> None:
+    with pytest.raises(ValueError, match="seed009"):
+        build_network("seed009")

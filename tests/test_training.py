@@ -1,0 +1,198 @@
+"""Training data, losses and the loop: determinism, loss going down, checkpoints and resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs.errors import InputError
+from models.synthetic_blur import sample_photographs
+from models.training.data import (
+    BlurSynthesizer,
+    PairedImages,
+    SyntheticPairs,
+    package_photographs,
+    pairs_from_folder,
+    split_photographs,
+    synthetic_validation_set,
+    to_float_rgb,
+)
+from models.training.losses import Seed001Loss, Seed002Loss, fourier_loss, psnr, sobel_loss, ssim
+from models.training.loop import TrainConfig, train
+
+torch.set_num_threads(1)
+
+SMALL_BLUR = BlurSynthesizer(motion_size=(5, 9), defocus_radius=(1.0, 2.5), gaussian_sigma=(0.6, 1.2))
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A 96x128 crop of a real photograph, float RGB."""
+    return to_float_rgb(sample_photographs()["astronaut"])[40:136, 180:308]
+
+
+def test_synthesizer_kernels_are_normalised_and_blur_shrinks_by_the_margin(photo: np.ndarray) -> None:
+    synth = BlurSynthesizer()
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        k = synth.sample_kernel(rng)
+        assert k.shape[0] % 2 == 1 and k.shape[0] <= synth.max_kernel
+        assert abs(k.sum() - 1) < 1e-9 and (k >= 0).all()
+    k = synth.sample_kernel(rng)
+    out = synth.degrade(photo, k, rng)
+    assert out.shape == (photo.shape[0] - k.shape[0] + 1, photo.shape[1] - k.shape[1] + 1, 3)
+    assert out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_synthetic_pairs_are_blurred_aligned_and_reproducible(photo: np.ndarray) -> None:
+    source = SyntheticPairs([photo], SMALL_BLUR, kernel_bank=4)
+    b1, s1 = source.batch(3, 32, np.random.default_rng(5))
+    source2 = SyntheticPairs([photo], SMALL_BLUR, kernel_bank=4)
+    b2, s2 = source2.batch(3, 32, np.random.default_rng(5))
+    assert b1.shape == s1.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(s1, s2)
+    # blurred patches are close to, but not, their sharp targets (aligned, not shifted)
+    gain = psnr(torch.from_numpy(b1).permute(0, 3, 1, 2), torch.from_numpy(s1).permute(0, 3, 1, 2))
+    assert (gain > 15).all() and torch.isfinite(gain).all()
+
+
+def test_package_photographs_split_keeps_validation_out() -> None:
+    photos = package_photographs()
+    train_imgs, val_imgs = split_photographs(photos)
+    assert {"chelsea", "coffee"} <= set(val_imgs)
+    assert not set(train_imgs) & set(val_imgs)
+    assert len(train_imgs) >= 10
+    assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.float32 for img in photos.values())
+
+
+def test_losses_are_zero_on_identical_images_and_positive_otherwise() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 24)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    assert torch.isinf(psnr(x, x)).all()
+    for fn in (sobel_loss, fourier_loss):
+        assert float(fn(x, x)) == pytest.approx(0.0, abs=1e-6)
+        assert float(fn(x, y)) > 0
+    assert float(Seed002Loss()(x, y)["total"]) > float(Seed002Loss()(x, x)["total"])
+    terms = Seed001Loss()(x, y, torch.zeros(2, 1, 3, 3))
+    assert set(terms) == {"mse", "ssim", "adv", "total"}
+    assert float(terms["adv"]) == pytest.approx(np.log(2), rel=1e-5)
+
+
+def _config(tmp_path: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        arch="seed002", output_dir=tmp_path, arch_kwargs={"width": 4}, steps=30, steps_per_epoch=10,
+        batch_size=4, patch=32, optimizer="adam", lr=3e-3, schedule="constant", seed=3, progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _data(photo: np.ndarray) -> tuple[SyntheticPairs, list[tuple[np.ndarray, np.ndarray]]]:
+    return (
+        SyntheticPairs([photo], SMALL_BLUR, kernel_bank=8),
+        synthetic_validation_set([photo], count=2, size=48, synth=SMALL_BLUR),
+    )
+
+
+def test_short_training_lowers_the_loss_and_is_deterministic(tmp_path: Path, photo: np.ndarray) -> None:
+    source, val = _data(photo)
+    reports = train(_config(tmp_path / "a"), source, val)
+    assert [r.step for r in reports] == [10, 20, 30]
+    assert reports[-1].train_loss < reports[0].train_loss
+    source, val = _data(photo)
+    again = train(_config(tmp_path / "b"), source, val)
+    assert [r.train_loss for r in again] == [r.train_loss for r in reports]
+    assert [r.val_psnr for r in again] == [r.val_psnr for r in reports]
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "epoch 3 step 30" in log and "val PSNR" in log
+    assert (tmp_path / "a" / "best.safetensors").is_file()
+
+
+def test_resume_continues_exactly(tmp_path: Path, photo: np.ndarray) -> None:
+    source, val = _data(photo)
+    straight = train(_config(tmp_path / "straight", steps=20), source, val)
+    source, val = _data(photo)
+    train(_config(tmp_path / "split", steps=10), source, val)
+    source, val = _data(photo)  # a fresh process: the bank comes back from the checkpoint
+    resumed = train(_config(tmp_path / "split", steps=20, resume=True), source, val)
+    assert [r.step for r in resumed] == [20]
+    assert resumed[-1].train_loss == straight[-1].train_loss
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gan_training_checkpoints_the_discriminator(tmp_path: Path, photo: np.ndarray) -> None:
+    source, val = _data(photo)
+    cfg = _config(tmp_path, arch="seed001", arch_kwargs={"width": 8}, steps=4, steps_per_epoch=2, patch=64,
+                  batch_size=2, adversarial=True, disc_width=8, adv_start=2)
+    reports = train(cfg, source, val)
+    assert len(reports) == 2 and all(np.isfinite(r.val_psnr) for r in reports)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "disc" in ckpt and ckpt["arch"] == "seed001"
+    assert json.loads(ckpt["arch_kwargs"]) == {"width": 8}
+
+
+def test_config_names_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="seed042"):
+        TrainConfig(arch="seed042", output_dir=tmp_path)
+    with pytest.raises(InputError, match="lion"):
+        TrainConfig(arch="seed002", output_dir=tmp_path, optimizer="lion")
+    with pytest.raises(InputError, match="64"):
+        TrainConfig(arch="seed001", output_dir=tmp_path, patch=32)
+    defaults = TrainConfig(arch="seed001", output_dir=tmp_path)
+    assert (defaults.optimizer, defaults.lr, defaults.weight_decay, defaults.schedule) == ("adam", 5e-4, 5e-4, "plateau")
+    assert TrainConfig(arch="seed002", output_dir=tmp_path).optimizer == "rmsprop"
+
+
+def _write_gopro(root: Path, photo: np.ndarray, n: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        for kind in ("blur", "sharp"):
+            (root / "scene1" / kind).mkdir(parents=True, exist_ok=True)
+        sharp = photo
+        blurred = np.clip(cv2.GaussianBlur(sharp, (5, 5), 1.5) + rng.normal(0, 0.01, sharp.shape), 0, 1)
+        for kind, img in (("blur", blurred), ("sharp", sharp)):
+            bgr = cv2.cvtColor((img * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(root / "scene1" / kind / f"{i:06d}.png"), bgr)
+    (root / "scene1" / "blur" / "extra.png").write_bytes((root / "scene1" / "blur" / "000000.png").read_bytes())
+
+
+def test_gopro_folder_pairs(tmp_path: Path, photo: np.ndarray) -> None:
+    _write_gopro(tmp_path, photo)
+    pairs = pairs_from_folder(tmp_path)
+    assert len(pairs) == 3  # extra.png has no sharp partner
+    batch_b, batch_s = PairedImages(pairs).batch(2, 32, np.random.default_rng(0))
+    assert batch_b.shape == batch_s.shape == (2, 32, 32, 3)
+    with pytest.raises(InputError, match="GoPro layout"):
+        pairs_from_folder(tmp_path / "scene1" / "blur")
+
+
+def test_cli_help_and_environment_variables(tmp_path: Path, photo: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.train_cli import train_command
+
+    runner = CliRunner()
+    help_text = runner.invoke(train_command, ["--help"]).output
+    assert "GoPro layout" in help_text and "--resume" in help_text and "--max-minutes" in help_text
+    _write_gopro(tmp_path / "data", photo, n=4)
+    monkeypatch.setenv("DEBLUR_TRAIN_STEPS", "3")
+    monkeypatch.setenv("DEBLUR_TRAIN_PATCH", "32")
+    result = runner.invoke(
+        train_command,
+        ["seed002", "-o", str(tmp_path / "run"), "--pairs", str(tmp_path / "data"), "--steps-per-epoch", "3",
+         "--arch-option", "width=4", "--batch-size", "2", "--val-size", "64", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "step 3: validation PSNR" in result.output
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+    bad = runner.invoke(train_command, ["seed002", "-o", str(tmp_path / "x"), "--blurred-prefix", "s3://b/blur/"])
+    assert bad.exit_code != 0 and "--sharp-prefix" in bad.output
