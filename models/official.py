@@ -23,6 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from spandrel import ArchRegistry, ImageModelDescriptor, ModelLoader, UnsupportedModelError
+from spandrel import MAIN_REGISTRY as SPANDREL_REGISTRY
+from spandrel_extra_arches import EXTRA_REGISTRY
 
 from jobs.errors import InvalidModelSpecError, LicenseError, WeightsError
 from models.base import Restored, RestorationModel
@@ -47,15 +50,8 @@ class OfficialModel(RestorationModel):
         info: ModelInfo,
         params: Mapping[str, object],
         device: torch.device,
-        descriptor: object,
+        descriptor: ImageModelDescriptor,
     ) -> None:
-        from spandrel import ImageModelDescriptor
-
-        if not isinstance(descriptor, ImageModelDescriptor):
-            raise WeightsError(
-                f"model {info.name!r}: the checkpoint holds a {type(descriptor).__name__}, "
-                "not an image-to-image network"
-            )
         required = descriptor.size_requirements
         multiple = math.lcm(max(1, info.size_multiple), max(1, required.multiple_of))
         info = replace(
@@ -161,14 +157,12 @@ def resolve_weights(info: ModelInfo, explicit: str) -> Path:
     return found
 
 
-def describe_checkpoint(state_dict: StateDict, source: Path | str) -> object:
+def describe_checkpoint(state_dict: StateDict, source: Path | str) -> ImageModelDescriptor:
     """Let spandrel detect the architecture of ``state_dict`` and build the network.
 
     Only same-size, image-to-image restoration networks are accepted; the
     result is a spandrel ``ImageModelDescriptor`` in eval mode on the CPU.
     """
-    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
-
     try:
         descriptor = ModelLoader(registry=_registry()).load_from_state_dict(state_dict)
     except UnsupportedModelError:
@@ -198,26 +192,21 @@ def is_noncommercial_architecture(architecture_id: str) -> bool:
     That package holds the architectures with restrictive licences (MPRNet,
     Restormer, CodeFormer, ...), mostly academic/non-commercial.
     """
-    from spandrel_extra_arches import EXTRA_REGISTRY
-
     return architecture_id in EXTRA_REGISTRY
 
 
 @lru_cache(maxsize=1)
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> ArchRegistry:
     """spandrel's architectures plus the extra ones, without touching spandrel's global registry."""
-    from spandrel import MAIN_REGISTRY, ArchRegistry
-    from spandrel_extra_arches import EXTRA_REGISTRY
-
     registry = ArchRegistry()
-    registry.add(*MAIN_REGISTRY, *EXTRA_REGISTRY, ignore_duplicates=True)
+    registry.add(*SPANDREL_REGISTRY, *EXTRA_REGISTRY, ignore_duplicates=True)
     return registry
 
 
-def _dtypes(descriptor: object) -> tuple[str, ...]:
+def _dtypes(descriptor: ImageModelDescriptor) -> tuple[str, ...]:
     dtypes = ["float32"]
-    if getattr(descriptor, "supports_bfloat16", False):
+    if descriptor.supports_bfloat16:
         dtypes.append("bfloat16")
-    if getattr(descriptor, "supports_half", False):
+    if descriptor.supports_half:
         dtypes.append("float16")
     return tuple(dtypes)
