@@ -533,3 +533,20 @@ def test_buffers_other_than_bytes_are_accepted() -> None:
     encoded = _cv(".png", RGB)
     for buffer in (bytearray(encoded), memoryview(encoded)):
         assert decode_image(buffer, "b.png").width == RGB.shape[1]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", [".png", ".tif"])
+def test_every_16_bit_value_survives(fmt: str) -> None:
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    encoded = _cv(".png", every) if fmt == ".png" else _tiff(every)
+    image = decode_image(encoded, f"all{fmt}")
+    restored = _independent_read(encode_image(image, image.pixels), "png" if fmt == ".png" else "tiff")
+    np.testing.assert_array_equal(restored, every)
+
+
+def test_nan_and_infinite_pixels_are_written_as_black_and_white() -> None:
+    image = decode_image(_cv(".png", GREY), "g.png")
+    pixels = image.pixels.copy()
+    pixels[0, :3, 0] = [np.nan, np.inf, -np.inf]
+    seen = _independent_read(encode_image(image, pixels), "png")
+    assert seen[0, :3].tolist() == [0, 255, 0]
