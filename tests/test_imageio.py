@@ -174,6 +174,7 @@ def test_round_trip_keeps_format_depth_channels_alpha(case: str) -> None:
     assert image.dtype == colour.dtype
     assert image.channels == expected_channels
     assert image.pixels.dtype == np.float32 and image.pixels.shape[2] == (1 if colour.ndim == 2 else 3)
+    assert image.pixels.flags.c_contiguous  # torch.from_numpy refuses negative strides
     reference = _unit(colour).reshape(image.pixels.shape)
     if lossless:
         np.testing.assert_array_equal(image.pixels, reference)  # also proves RGB order, not BGR
@@ -384,6 +385,7 @@ def test_every_orientation_matches_pillow(orientation: int) -> None:
     np.testing.assert_array_equal(np.rint(image.pixels * 255).astype(np.uint8), upright[..., :3])
     assert image.alpha is not None
     np.testing.assert_array_equal(image.alpha, upright[..., 3])
+    assert image.pixels.flags.c_contiguous and image.alpha.flags.c_contiguous
 
 
 def test_tiff_opencv_fallback_is_oriented_once() -> None:

@@ -57,7 +57,8 @@ FORMATS = ("png", "jpeg", "tiff", "webp")
 DEFAULT_MAX_PIXELS: int = Settings.image_max_pixels
 """Limit used when :func:`decode_image` is given no ``max_pixels``."""
 
-DEFAULT_JPEG_QUALITY = 95
+DEFAULT_QUALITY = 95
+"""JPEG quality when the input's cannot be estimated, and lossy WebP quality."""
 
 _EXTENSIONS = {
     ".png": "png",
@@ -89,6 +90,7 @@ _PNG_OWN_CHUNKS = frozenset({b"eXIf", b"iCCP"}) | _PNG_RENDERING_CHUNKS | _PNG_T
 # Descriptive TIFF IFD0 tags (all ASCII) that travel with the EXIF block.
 _TIFF_TEXT_TAGS = (269, 270, 271, 272, 285, 305, 306, 315, 316, 33432)
 _TIFF_ICC_TAG = 34675
+_TIFF_XMP_TAG = 700
 # Input TIFF compression -> what the output is written with. Lossy ones (JPEG,
 # WebP, …) become Deflate: a restored archive master should not lose twice.
 _TIFF_WRITE_COMPRESSION: dict[int, str | None] = {
@@ -100,7 +102,6 @@ _TIFF_WRITE_COMPRESSION: dict[int, str | None] = {
     34925: "lzma",
     50000: "zstd",
 }
-_TIFF_XMP_TAG = 700
 
 # JPEG Annex K luminance table: the base libjpeg scales by the quality factor.
 _STD_LUMINANCE_SUM = sum((
@@ -805,8 +806,8 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
 
 def _to_unit(samples: np.ndarray) -> np.ndarray:
     if samples.dtype == np.float32:
-        return _clip_unit(samples.copy(), 1.0)
-    unit = samples.astype(np.float32)
+        return _clip_unit(samples.copy(order="C"), 1.0)
+    unit = samples.astype(np.float32, order="C")  # rotated/BGR views become plain C arrays
     unit /= np.float32(np.iinfo(samples.dtype).max)
     return unit
 
@@ -901,7 +902,7 @@ def _png_grey_alpha(array: np.ndarray) -> bytes:
 
 
 def _encode_jpeg(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, quality: int | None) -> bytes:
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality or meta.jpeg_quality or DEFAULT_JPEG_QUALITY]
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality or meta.jpeg_quality or DEFAULT_QUALITY]
     if meta.jpeg_subsampling in _CV_SAMPLING and samples.shape[2] == 3:
         params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _CV_SAMPLING[meta.jpeg_subsampling]]
     if meta.jpeg_progressive:
@@ -955,7 +956,7 @@ def _encode_webp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
     lossless = bool(meta.webp_lossless)
     options: dict[str, Any] = {
         "lossless": lossless,
-        "quality": 80 if lossless else (quality or DEFAULT_JPEG_QUALITY),
+        "quality": 80 if lossless else (quality or DEFAULT_QUALITY),
         "method": 4,
         "exact": True,
     }
