@@ -552,3 +552,38 @@ def test_nan_and_infinite_pixels_are_written_as_black_and_white() -> None:
     pixels[0, :3, 0] = [np.nan, np.inf, -np.inf]
     seen = _independent_read(encode_image(image, pixels), "png")
     assert seen[0, :3].tolist() == [0, 255, 0]
+
+
+CAPTION = b"Moon walk, Apollo 11"
+IIM = b"\x1c\x02\x78" + struct.pack(">H", len(CAPTION)) + CAPTION + b"\x1c\x02\x19\x00\x04moon"
+PHOTOSHOP = b"8BIM" + struct.pack(">H", 0x0404) + b"\x00\x00" + struct.pack(">I", len(IIM)) + IIM + b"\x00" * (len(IIM) % 2)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "tiff"])
+def test_iptc_captions_survive_and_strip(fmt: str) -> None:
+    from PIL import IptcImagePlugin
+
+    if fmt == "jpeg":
+        plain = _pil(RGB, "JPEG", quality=90)
+        app13 = b"Photoshop 3.0\x00" + PHOTOSHOP
+        encoded = plain[:2] + b"\xff\xed" + struct.pack(">H", len(app13) + 2) + app13 + plain[2:]
+    else:
+        encoded = _tiff(RGB16, extratags=[(33723, 7, len(IIM), IIM, True), (34377, 7, len(PHOTOSHOP), PHOTOSHOP, True)])
+    image = decode_image(encoded, f"iptc.{fmt}")
+    info = IptcImagePlugin.getiptcinfo(Image.open(io.BytesIO(encode_image(image, image.pixels))))
+    assert info is not None and info[(2, 120)] == CAPTION and info[(2, 25)] == b"moon"
+    stripped = Image.open(io.BytesIO(encode_image(image, image.pixels, strip_metadata=True)))
+    assert IptcImagePlugin.getiptcinfo(stripped) is None
+
+
+def test_png_imagemagick_raw_exif_profile_is_read_and_replaced() -> None:
+    block = _exif(6).tobytes()
+    text = f"\nexif\n{len(block):8d}\n" + "\n".join(block.hex()[i : i + 72] for i in range(0, len(block) * 2, 72))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", text, zip=True)
+    encoded = _pil(RGB, "PNG", pnginfo=info)
+    image = decode_image(encoded, "im.png")
+    assert image.metadata.orientation == 6 and image.pixels.shape == (RGB.shape[1], RGB.shape[0], 3)
+    written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
+    assert written.getexif().get(0x0112) == 1 and written.getexif().get(0x013B) == ARTIST
+    assert "Raw profile type exif" not in written.info  # its orientation 6 would rotate again

@@ -75,6 +75,8 @@ _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff"
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
 _ICC_JPEG_PREFIX = b"ICC_PROFILE\x00"
+_PHOTOSHOP_JPEG_PREFIX = b"Photoshop 3.0\x00"
+_PNG_RAW_EXIF_KEYWORD = b"Raw profile type exif"
 _XMP_PNG_KEYWORD = b"XML:com.adobe.xmp"
 _ORIENTATION_TAG = 0x0112
 _EXIF_IFD_TAG = 0x8769
@@ -91,6 +93,8 @@ _PNG_OWN_CHUNKS = frozenset({b"eXIf", b"iCCP"}) | _PNG_RENDERING_CHUNKS | _PNG_T
 _TIFF_TEXT_TAGS = (269, 270, 271, 272, 285, 305, 306, 315, 316, 33432)
 _TIFF_ICC_TAG = 34675
 _TIFF_XMP_TAG = 700
+_TIFF_IPTC_TAG = 33723
+_TIFF_PHOTOSHOP_TAG = 34377
 # Input TIFF compression -> what the output is written with. Lossy ones (JPEG,
 # WebP, …) become Deflate: a restored archive master should not lose twice.
 _TIFF_WRITE_COMPRESSION: dict[int, str | None] = {
@@ -128,13 +132,17 @@ class ImageMetadata:
 
     ``exif`` is a TIFF-structured EXIF block with its ``b"Exif\\0\\0"`` prefix
     and orientation already reset to 1; ``orientation`` is the value the input
-    had (and that :func:`decode_image` applied). The remaining fields are
-    encoder hints read from the input so the output looks like it.
+    had (and that :func:`decode_image` applied). ``iptc`` and ``photoshop``
+    carry archive captions, keywords and credits where the format has them.
+    The remaining fields are encoder hints read from the input so the output
+    looks like it.
     """
 
     exif: bytes | None = None
     icc: bytes | None = None
     xmp: bytes | None = None
+    iptc: bytes | None = None  # IPTC-IIM records (TIFF tag 33723)
+    photoshop: bytes | None = None  # Photoshop image resources, IPTC inside (JPEG APP13, TIFF tag 34377)
     orientation: int = 1
     dpi: tuple[float, float] | None = None
     jpeg_quality: int | None = None
@@ -146,12 +154,14 @@ class ImageMetadata:
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def stripped(self) -> ImageMetadata:
-        """A copy without EXIF, ICC, XMP and textual chunks; encoder hints stay."""
+        """A copy without EXIF, ICC, XMP, IPTC and textual chunks; encoder hints stay."""
         return replace(
             self,
             exif=None,
             icc=None,
             xmp=None,
+            iptc=None,
+            photoshop=None,
             png_chunks=[(kind, body) for kind, body in self.png_chunks if kind in _PNG_RENDERING_CHUNKS],
         )
 
@@ -316,6 +326,7 @@ def _probe_png(data: bytes) -> _Probe:
     size: tuple[int, int] | None = None
     colour_type = 0
     seen_idat = seen_iend = False
+    raw_exif: bytes | None = None
     view = memoryview(data)
     pos = 8
     while pos + 8 <= len(data):
@@ -338,8 +349,12 @@ def _probe_png(data: bytes) -> _Probe:
             metadata.exif = _with_exif_prefix(bytes(body))
         elif kind == b"iCCP":
             metadata.icc = _png_icc(bytes(body))
-        elif kind in (b"iTXt", b"tEXt", b"zTXt") and bytes(body[: len(_XMP_PNG_KEYWORD) + 1]) == _XMP_PNG_KEYWORD + b"\x00":
+        elif kind in (b"iTXt", b"tEXt", b"zTXt") and _png_keyword(body) == _XMP_PNG_KEYWORD:
             metadata.xmp = _png_text(kind, bytes(body))
+        elif kind in (b"iTXt", b"tEXt", b"zTXt") and _png_keyword(body) == _PNG_RAW_EXIF_KEYWORD:
+            # ImageMagick's copy of the EXIF block: read it if there is no eXIf,
+            # never carry it (its orientation would rotate the output again).
+            raw_exif = _png_raw_profile(_png_text(kind, bytes(body)))
         elif kind in _PNG_OWN_CHUNKS:
             metadata.png_chunks.append((kind, bytes(body)))
             if kind == b"pHYs" and length == 9:
@@ -347,6 +362,8 @@ def _probe_png(data: bytes) -> _Probe:
                 if unit == 1:
                     metadata.dpi = (ppu_x * 0.0254, ppu_y * 0.0254)
         pos = end
+    if metadata.exif is None and raw_exif:
+        metadata.exif = _with_exif_prefix(raw_exif)
     if size is None:
         raise _Unreadable("PNG without a header chunk")
     if not seen_idat or not seen_iend:
@@ -362,6 +379,19 @@ def _png_icc(body: bytes) -> bytes | None:
         return zlib.decompress(body[nul + 2 :])
     except zlib.error:
         log.warning("ignoring a corrupt PNG iCCP chunk")
+        return None
+
+
+def _png_keyword(body: memoryview) -> bytes:
+    return bytes(body[:80]).split(b"\x00", 1)[0]
+
+
+def _png_raw_profile(text: bytes | None) -> bytes | None:
+    """Bytes of an ImageMagick "Raw profile type …" text: name, length, then hex lines."""
+    lines = (text or b"").strip().split(b"\n", 2)
+    try:
+        return bytes.fromhex(b"".join(lines[2].split()).decode("ascii")) if len(lines) == 3 else None
+    except ValueError:
         return None
 
 
@@ -431,6 +461,9 @@ def _probe_jpeg(data: bytes) -> _Probe:
             metadata.xmp = bytes(body[len(_XMP_JPEG_PREFIX) :])
         elif marker == 0xE2 and bytes(body[:12]) == _ICC_JPEG_PREFIX and len(body) > 14:
             icc_parts[body[12]] = bytes(body[14:])
+        elif marker == 0xED and bytes(body[: len(_PHOTOSHOP_JPEG_PREFIX)]) == _PHOTOSHOP_JPEG_PREFIX:
+            part = bytes(body[len(_PHOTOSHOP_JPEG_PREFIX) :])
+            metadata.photoshop = (metadata.photoshop or b"") + part  # long blocks span segments
         pos += 2 + length
     if size is None:
         raise _Unreadable("corrupt JPEG: no frame header before the image data")
@@ -527,6 +560,7 @@ def _probe_tiff(data: bytes) -> _Probe:
             xmp = tags.valueof(_TIFF_XMP_TAG)
             resolution = _tiff_dpi(tags.valueof(282), tags.valueof(283), tags.valueof(296))
             orientation = tags.valueof(274)
+            iptc, photoshop = (_tiff_raw_tag(data, tags.get(code)) for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
     except _Unreadable:
         raise
@@ -541,6 +575,8 @@ def _probe_tiff(data: bytes) -> _Probe:
         exif=_tiff_exif(data),
         icc=bytes(icc) if icc else None,
         xmp=bytes(xmp) if xmp else None,
+        iptc=iptc,
+        photoshop=photoshop,
         dpi=resolution,
         tiff_compression=compression,
         tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
@@ -553,6 +589,13 @@ def _probe_tiff(data: bytes) -> _Probe:
         grey_alpha=samples == 2,
         orientation=int(orientation) if orientation in range(1, 9) else None,
     )
+
+
+def _tiff_raw_tag(data: bytes, tag: Any) -> bytes | None:
+    """A tag's value bytes as stored (IPTC is often typed LONG, so no decoding)."""
+    if tag is None or not tag.valuebytecount:
+        return None
+    return data[tag.valueoffset : tag.valueoffset + tag.valuebytecount]
 
 
 def _tiff_dpi(x: Any, y: Any, unit: Any) -> tuple[float, float] | None:
@@ -916,7 +959,7 @@ def _jpeg_segment(marker: int, body: bytes) -> bytes:
 
 
 def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
-    """Put EXIF, XMP and ICC segments (and the dpi) after the encoder's JFIF header."""
+    """Put EXIF, XMP, Photoshop/IPTC and ICC segments (and the dpi) after the encoder's JFIF header."""
     pos = 2
     head = [encoded[:2]]
     if encoded[2:4] == b"\xff\xe0":  # JFIF APP0
@@ -938,6 +981,10 @@ def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
             segments.append(_jpeg_segment(0xE1, _XMP_JPEG_PREFIX + meta.xmp))
         else:
             log.warning("dropping a %d-byte XMP packet: extended XMP is not written", len(meta.xmp))
+    if meta.photoshop:
+        room = _MAX_SEGMENT - len(_PHOTOSHOP_JPEG_PREFIX)
+        for i in range(0, len(meta.photoshop), room):
+            segments.append(_jpeg_segment(0xED, _PHOTOSHOP_JPEG_PREFIX + meta.photoshop[i : i + room]))
     if meta.icc:
         room = _MAX_SEGMENT - len(_ICC_JPEG_PREFIX) - 2
         parts = [meta.icc[i : i + room] for i in range(0, len(meta.icc), room)]
@@ -983,6 +1030,9 @@ def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
         extratags.append((_ORIENTATION_TAG, "H", 1, 1, True))
     if meta.xmp:
         extratags.append((_TIFF_XMP_TAG, "B", len(meta.xmp), meta.xmp, True))
+    for code, blob in ((_TIFF_IPTC_TAG, meta.iptc), (_TIFF_PHOTOSHOP_TAG, meta.photoshop)):
+        if blob:
+            extratags.append((code, 7, len(blob), blob, True))  # UNDEFINED: bytes as they were
     for sub in tags.subifds:
         # tifffile refuses to write pointer tags: write the tag just below,
         # which sorts to the same place, and turn it into the pointer after.
