@@ -95,6 +95,23 @@ def decode(data: bytes) -> np.ndarray:
     return arr
 
 
+def use_services(monkeypatch, redis_url: str, s3_endpoint: str, database_url: str, home: Path,  # type: ignore[no-untyped-def]
+                 **extra: str) -> dict[str, str]:
+    """Point this process's settings at the session's services, with a queue of its own
+    (isolates tests sharing one Redis) and ``extra`` variables; returns them for child processes."""
+    values = {
+        "DEBLUR_BROKER_URL": redis_url,
+        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
+        "DEBLUR_DATABASE_URL": database_url,
+        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
+        "DEBLUR_HOME": str(home),
+        **extra,
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
 def service_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(settings_env)
@@ -122,6 +139,9 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited early:\n{self.log.read_text()[-3000:]}")
+            # a solo-pool worker busy with a task cannot answer pings: its log says it is ready
+            if f"{self.name} ready." in self.log.read_text(errors="replace"):
+                return
             replies = app.control.ping(destination=[self.name], timeout=1.0) or []
             if any(self.name in r for r in replies):
                 return

@@ -1,0 +1,558 @@
+"""The HTTP API for backend teams: submit jobs, poll them, page through results.
+
+``create_app(settings)`` builds a FastAPI application; ``deblur api`` serves it
+with uvicorn. Every route under ``/v1`` speaks JSON, is described by pydantic
+models (schema at ``/openapi.json``, interactive docs at ``/docs``) and, when
+``DEBLUR_API_TOKEN`` is set, requires ``Authorization: Bearer <token>``.
+``/healthz``, ``/openapi.json`` and ``/docs`` stay open for load balancers and
+people.
+
+Errors:
+
+- a malformed body or query → 422 in FastAPI's shape, ``loc`` naming the field;
+- a job the registry, storage or database refuses (unknown model, malformed or
+  missing S3 URI, output inside the input, …) → 422 in the same shape, with
+  the project's own message and the field it concerns;
+- an unknown job id → 404 ``{"detail": "no job with id …"}``; a job id that is
+  not a UUID → 422 naming the ``job_id`` path parameter;
+- storage, broker or database unreachable → 503 naming what failed.
+
+Metric values are floats, except PSNR of identical images, which is +inf and
+is sent as the string ``"inf"`` (JSON has no infinity), as ``deblur results
+--format json`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from kombu.exceptions import OperationalError as BrokerError
+from pydantic_core import PydanticCustomError
+from sqlalchemy.exc import OperationalError as DatabaseError
+from sqlalchemy.orm import Session
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.errors import (
+    InputError,
+    InvalidModelSpecError,
+    LicenseError,
+    TransientError,
+    UnknownJobError,
+    UnknownModelError,
+    WeightsError,
+)
+from jobs.s3uri import parse_s3_uri
+from jobs.settings import Settings
+from models.catalog import REGISTRY
+from models.registry import describe
+from producer.retry import retry_images
+from producer.submit import JobRequest, submit
+from producer.tracking import fetch_results, job_status, results_json
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+MAX_PAGE = 1000
+HEALTH_TIMEOUT_S = 5.0
+
+# +inf (PSNR of identical images) travels as the string "inf".
+MetricValue = float | Literal["inf", "-inf"] | None
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def _check_input_uri(text: str) -> str:
+    # Only S3 URIs: a manifest path would be read from the API server's own disk.
+    try:
+        parse_s3_uri(text)
+    except InputError as exc:
+        raise PydanticCustomError("value_error", str(exc)) from None
+    return text
+
+
+def _check_prefix_uri(text: str | None) -> str | None:
+    if text is not None:
+        try:
+            parse_s3_uri(text, want_prefix=True)
+        except InputError as exc:
+            raise PydanticCustomError("value_error", str(exc)) from None
+    return text
+
+
+def _check_model_spec(text: str) -> str:
+    try:
+        REGISTRY.parse(text)
+    except InputError as exc:
+        raise PydanticCustomError("value_error", str(exc)) from None
+    return text
+
+
+class JobSubmission(BaseModel):
+    """A deblur or evaluation job; the fields mirror ``deblur submit`` / ``deblur evaluate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["deblur", "evaluate"] = Field(
+        "deblur", description="deblur: restore and write outputs; evaluate: PSNR/SSIM against sharp references.")
+    inputs: list[Annotated[str, AfterValidator(_check_input_uri)]] = Field(
+        min_length=1,
+        description="S3 keys (s3://bucket/scan.tif) or prefixes (s3://bucket/scans/, recursive). For an "
+                    "evaluation job, the blurred images. Manifest files are a CLI feature: list the URIs here.",
+        examples=[["s3://archive/scans/"]],
+    )
+    output: Annotated[str | None, AfterValidator(_check_prefix_uri)] = Field(
+        None, description="S3 prefix for the restored images (required for deblur jobs); outputs mirror the "
+                          "input's relative paths.", examples=["s3://archive/restored/"])
+    models: list[Annotated[str, AfterValidator(_check_model_spec)]] = Field(
+        default_factory=list,
+        description="Model specs NAME[:PARAMS][:WEIGHT] (see GET /v1/models); several form an ensemble. "
+                    "Empty: the default ensemble.",
+        examples=[["wiener:psf=motion:length=7,angle=30", "richardson-lucy:0.5"]],
+    )
+    sharp: Annotated[str | None, AfterValidator(_check_prefix_uri)] = Field(
+        None, description="Evaluation jobs: S3 prefix of the sharp images, paired with inputs by relative path.")
+    gopro: bool = Field(False, description="Evaluation jobs: GoPro layout, */blur/* paired with */sharp/*.")
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="1 = fully restored, 0 = the input unchanged.")
+    batch_size: int | None = Field(None, ge=1, le=10_000, description="Images per task (default: the server's).")
+    priority: int = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
+    strip_metadata: bool = Field(False, description="Do not copy EXIF/ICC/XMP to the outputs.")
+    job_key: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
+
+    def to_request(self, job_key: str | None) -> JobRequest:
+        return JobRequest(
+            kind=self.kind, inputs=list(self.inputs), output=self.output, models=list(self.models),
+            references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
+            priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
+        )
+
+
+class RetryRequest(BaseModel):
+    """Which images of a job to send again (their outputs are overwritten)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    failed: bool = Field(True, description="Re-enqueue the images that failed.")
+    stalled: bool = Field(False, description="Re-enqueue images pending or running for over stalled_after seconds.")
+    stalled_after: int = Field(3600, ge=1, description="Seconds after which a pending/running image is stalled.")
+
+    @model_validator(mode="after")
+    def _something_selected(self) -> RetryRequest:
+        if not self.failed and not self.stalled:
+            raise PydanticCustomError("value_error", "say what to retry: failed, stalled or both must be true")
+        return self
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class JobCreated(BaseModel):
+    id: str = Field(description="The job id (a UUID).")
+    created: bool = Field(description="false when an idempotency key returned an earlier job.")
+    total: int = Field(description="Images in the job.")
+    status_url: str
+
+
+class JobListItem(BaseModel):
+    id: str
+    kind: str
+    status: str
+    total: int
+    created_at: str
+    status_url: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: str
+    status: str = Field(description="submitting, queued, running, done, failed or cancelled.")
+    total: int
+    counts: dict[str, int] = Field(description="Images per status: pending, running, done, failed, cancelled.")
+    finished: int = Field(description="Images done, failed or cancelled.")
+    images_per_s: float | None = Field(description="Throughput since the first image started.")
+    eta_s: float | None = Field(description="Estimated seconds until every image is finished.")
+    error: str | None
+    spec: dict[str, Any] | None = Field(description="The job as submitted (models canonicalised).")
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    images_url: str
+    summary_url: str
+
+
+class ImageResult(BaseModel):
+    id: int
+    input: str
+    output: str | None = Field(description="The restored image; null unless done.")
+    reference: str | None
+    kernel: str | None = Field(description="Estimated blur kernel, when the model produced one.")
+    status: str
+    error: str | None
+    attempts: int
+    width: int | None
+    height: int | None
+    format: str | None
+    bit_depth: int | None
+    download_s: float | None
+    inference_s: float | None
+    upload_s: float | None
+    device: str | None
+    worker: str | None
+    model_versions: dict[str, Any] | None
+    started_at: str | None
+    finished_at: str | None
+    metrics: dict[str, MetricValue] = Field(
+        description="The ensemble's metrics by name (psnr, ssim, …) and the input's as input_<name>.")
+    metrics_by_model: dict[str, dict[str, MetricValue]] = Field(
+        description="Every model's metrics, including 'input' and 'ensemble'.")
+
+
+class ImagePage(BaseModel):
+    job_id: str
+    items: list[ImageResult]
+    limit: int
+    offset: int
+    total: int = Field(description="Images matching the filter (capped at worst when given).")
+    next_offset: int | None = Field(description="offset of the next page; null on the last page.")
+
+
+class SummaryRow(BaseModel):
+    model: str = Field(description="A member model, 'ensemble' or 'input'.")
+    name: str = Field(description="Metric name (psnr, ssim, …).")
+    mean: MetricValue
+    count: int = Field(description="Done images the mean is over.")
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: str
+    metrics: list[SummaryRow]
+
+
+class CancelResult(BaseModel):
+    id: str
+    status: str
+    cancelled: int = Field(description="Pending images that will be skipped; running images still finish.")
+
+
+class RetryResult(BaseModel):
+    id: str
+    requeued: int
+
+
+class ModelParam(BaseModel):
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+class ModelDescription(BaseModel):
+    name: str = Field(description="The NAME to use in a model spec.")
+    family: str
+    license: str
+    noncommercial: bool
+    weights_present: bool
+    weights_file: str | None
+    summary: str
+    size_rules: str
+    size_multiple: int
+    tile_size: int | None
+    dtypes: list[str]
+    produces_kernel: bool
+    params: list[ModelParam]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description="'ok' or what went wrong, per dependency.")
+
+
+# --------------------------------------------------------------------------- helpers
+
+JobId = Annotated[uuid.UUID, Path(description="The job id (a UUID) returned by POST /v1/jobs.")]
+
+# Our error messages quote CLI options; map them to the body field they concern.
+_OPTION_FIELDS = {"--strength": "strength", "--batch-size": "batch_size", "--priority": "priority",
+                  "--output": "output", "--sharp": "sharp"}
+_MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, WeightsError)
+
+
+def _error_field(exc: InputError, body: JobSubmission) -> str | None:
+    """The body field an InputError from submission concerns, when the message tells."""
+    if isinstance(exc, _MODEL_ERRORS):
+        return "models"
+    message = str(exc)
+    for option, name in _OPTION_FIELDS.items():
+        if message.startswith(option) or f"needs {option}" in message:
+            return name
+    if message.startswith("output"):
+        return "output"
+    if message.startswith(("input", "no images", "no input")):
+        return "inputs"
+    bucket = re.match(r"bucket '([^']+)'", message)
+    if bucket:
+        fields = (("inputs", body.inputs), ("output", [body.output]), ("sharp", [body.sharp]))
+        for name, uris in fields:
+            if any(u and u.startswith(f"s3://{bucket.group(1)}/") or u == f"s3://{bucket.group(1)}" for u in uris):
+                return name
+    return None
+
+
+def _validation_error(loc: tuple[str | int, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
+def _json_ready(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # results_json is the one place that turns +inf into "inf"; reuse it rather than copy it.
+    return json.loads(results_json(rows))  # type: ignore[no-any-return]
+
+
+def _probe(check: Callable[[], None]) -> str:
+    """Run ``check`` with a time limit; 'ok' or a one-line reason."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(check)
+        try:
+            future.result(timeout=HEALTH_TIMEOUT_S)
+        except FutureTimeout:
+            return f"no answer within {HEALTH_TIMEOUT_S:g} s"
+        except Exception as exc:  # any failure means "down"; the type and first line say why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"{type(exc).__name__}: {first[:200]}"
+    return "ok"
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API for ``settings`` (database, broker, S3, token); serve it with any ASGI server."""
+    db_url = settings.resolved_database_url()
+    prefix = f"/{API_VERSION}"
+
+    app = FastAPI(
+        title="deblur",
+        version=API_VERSION,
+        summary="Submit deblur and evaluation jobs over images in S3, follow them and read per-image metrics.",
+        description=__doc__,
+    )
+
+    @contextmanager
+    def session() -> Iterator[Session]:
+        ensure_schema(db_url)
+        with session_scope(db_url) as s:
+            yield s
+
+    bearer = HTTPBearer(auto_error=False, description="The server's DEBLUR_API_TOKEN.")
+    expected = settings.api_token.encode() if settings.api_token else None
+
+    # a default rather than Annotated: postponed annotations cannot see the local ``bearer``
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if credentials is None or not secrets.compare_digest(given, expected):
+            raise HTTPException(
+                401, "missing or wrong bearer token: send 'Authorization: Bearer <DEBLUR_API_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    guarded = [Depends(require_token)] if expected is not None else []
+
+    @app.exception_handler(UnknownJobError)
+    def _unknown_job(_: Request, exc: UnknownJobError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(InputError)
+    def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": [{"loc": [], "msg": str(exc), "type": "value_error"}]}, status_code=422)
+
+    @app.exception_handler(TransientError)
+    def _transient(_: Request, exc: TransientError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(BrokerError)
+    def _broker_down(_: Request, exc: BrokerError) -> JSONResponse:
+        log.warning("broker unreachable: %s", exc)
+        return JSONResponse({"detail": f"the broker (Redis) is unreachable: {exc}"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(DatabaseError)
+    def _database_down(_: Request, exc: DatabaseError) -> JSONResponse:
+        # the driver's message can quote SQL and parameters: keep it in the server log only
+        log.warning("database error: %s", exc)
+        return JSONResponse({"detail": f"the database is unreachable or refused the query "
+                                       f"({type(exc.orig).__name__}); see the API server's log"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    def urls(job_id: str) -> dict[str, str]:
+        return {"status_url": f"{prefix}/jobs/{job_id}", "images_url": f"{prefix}/jobs/{job_id}/images",
+                "summary_url": f"{prefix}/jobs/{job_id}/summary"}
+
+    @app.post(
+        f"{prefix}/jobs", response_model=JobCreated, status_code=201, dependencies=guarded, tags=["jobs"],
+        responses={200: {"model": JobCreated, "description": "The key was used before: the first job."},
+                   422: {"description": "A field is malformed or refused (unknown model, missing bucket, …)."}},
+    )
+    def create_job(
+        body: Annotated[JobSubmission, Body()],
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255,
+                                                      description="Same as job_key in the body.")] = None,
+    ) -> JobCreated:
+        """Validate and enqueue a job (201); a repeated idempotency key returns the first job (200).
+
+        Nothing is written or enqueued when validation fails. Listing a large
+        prefix streams page by page, so this call can take a while for
+        millions of keys.
+        """
+        if idempotency_key and body.job_key and idempotency_key != body.job_key:
+            raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
+                                    f"Idempotency-Key header {idempotency_key!r}; send one of them")
+        try:
+            result = submit(body.to_request(idempotency_key or body.job_key), settings)
+        except InputError as exc:
+            field = _error_field(exc, body)
+            raise _validation_error(("body", field) if field else ("body",), str(exc)) from None
+        if not result.created:
+            response.status_code = 200
+        response.headers["Location"] = urls(result.job_id)["status_url"]
+        return JobCreated(id=result.job_id, created=result.created, total=result.total,
+                          status_url=urls(result.job_id)["status_url"])
+
+    @app.get(f"{prefix}/jobs", response_model=list[JobListItem], dependencies=guarded, tags=["jobs"])
+    def list_jobs(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> list[JobListItem]:
+        """The most recent jobs, newest first."""
+        with session() as s:
+            return [
+                JobListItem(id=j.id, kind=j.kind, status=j.status, total=j.total,
+                            created_at=j.created_at.isoformat(), status_url=urls(j.id)["status_url"])
+                for j in queries.recent_jobs(s, limit)
+            ]
+
+    @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=guarded, tags=["jobs"],
+             responses={404: {"description": "No job with this id."}})
+    def get_job(job_id: JobId) -> JobStatus:
+        """A job's state, counts per image status, throughput (images/s) and ETA."""
+        info = job_status(settings, str(job_id))
+        links = urls(info["id"])
+        return JobStatus(**info, images_url=links["images_url"], summary_url=links["summary_url"])
+
+    @app.get(f"{prefix}/jobs/{{job_id}}/images", response_model=ImagePage, dependencies=guarded, tags=["results"],
+             responses={404: {"description": "No job with this id."}})
+    def list_images(
+        job_id: JobId,
+        status: Annotated[Literal["pending", "running", "done", "failed", "cancelled"] | None,
+                          Query(description="Only images with this status.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")] = 100,
+        offset: Annotated[int, Query(ge=0, description="Images to skip (use next_offset).")] = 0,
+        worst: Annotated[int | None, Query(ge=1, description="Only the N images with the lowest metric "
+                                                             "(ensemble), worst first.")] = None,
+        metric: Annotated[str, Query(min_length=1, description="Metric that worst sorts by.")] = "psnr",
+    ) -> ImagePage:
+        """Page through a job's per-image results and metrics (ordered by image, or worst first)."""
+        key = str(job_id)
+        with session() as s:
+            queries.get_job(s, key)
+            counts = queries.status_counts(s, key)
+        matching = counts[status] if status else sum(counts.values())
+        if worst is not None:
+            matching = min(matching, worst)
+            take = max(0, min(limit, worst - offset))
+            rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset) if take else []
+        else:
+            rows = fetch_results(settings, key, status=status, limit=limit, offset=offset)
+        end = offset + len(rows)
+        more = len(rows) == limit and end < matching
+        return ImagePage(job_id=key, items=[ImageResult(**row) for row in _json_ready(rows)], limit=limit,
+                         offset=offset, total=matching, next_offset=end if more else None)
+
+    @app.get(f"{prefix}/jobs/{{job_id}}/summary", response_model=JobSummary, dependencies=guarded,
+             tags=["results"], responses={404: {"description": "No job with this id."}})
+    def summary(job_id: JobId) -> JobSummary:
+        """Mean of every metric per model (input, each member, ensemble) over the done images."""
+        key = str(job_id)
+        with session() as s:
+            job = queries.get_job(s, key)
+            rows = queries.metric_summary(s, key)
+            status = job.status
+        rows.sort(key=lambda r: (r["model"], r["name"]))
+        return JobSummary(job_id=key, status=status, metrics=[SummaryRow(**r) for r in _json_ready(rows)])
+
+    @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=guarded,
+              tags=["jobs"], responses={404: {"description": "No job with this id."},
+                                        409: {"description": "The job already finished."}})
+    def cancel(job_id: JobId) -> CancelResult:
+        """Cancel a job: pending images are skipped, images already running finish.
+
+        Cancelling a cancelled job again is harmless; a job that already
+        finished (done or failed) answers 409.
+        """
+        key = str(job_id)
+        with session() as s:
+            job = queries.get_job(s, key)
+            if job.status in {"done", "failed"}:
+                raise HTTPException(409, f"job {key} already finished ({job.status}); nothing to cancel")
+            n = queries.cancel_job(s, key)
+        return CancelResult(id=key, status="cancelled", cancelled=n)
+
+    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=guarded, tags=["jobs"],
+              responses={404: {"description": "No job with this id."}})
+    def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None) -> RetryResult:
+        """Re-enqueue a job's failed and/or stalled images; outputs go to the same keys.
+
+        Without a body, the failed images are retried.
+        """
+        body = body or RetryRequest()
+        key = str(job_id)
+        n = retry_images(settings, key, failed=body.failed,
+                         stalled_after=body.stalled_after if body.stalled else None)
+        return RetryResult(id=key, requeued=n)
+
+    @app.get(f"{prefix}/models", response_model=list[ModelDescription], dependencies=guarded, tags=["models"])
+    def list_models() -> list[dict[str, Any]]:
+        """Every registered model: family, licence, whether its weights are present, parameters."""
+        return [dict(describe(info)) for info in REGISTRY]
+
+    @app.get("/healthz", response_model=Health, tags=["operations"],
+             responses={503: {"model": Health, "description": "A dependency is down; checks says which."}})
+    def healthz(response: Response) -> Health:
+        """Whether the database and the broker answer (no auth, for load balancers and probes)."""
+        from jobs.celery_app import app_for
+
+        def database() -> None:
+            from sqlalchemy import text
+
+            from db.engine import get_engine
+
+            with get_engine(db_url).connect() as connection:
+                connection.execute(text("SELECT 1"))
+
+        def broker() -> None:
+            with app_for(settings).connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=HEALTH_TIMEOUT_S)
+
+        checks = {"database": _probe(database), "broker": _probe(broker)}
+        healthy = all(v == "ok" for v in checks.values())
+        if not healthy:
+            response.status_code = 503
+        return Health(status="ok" if healthy else "unavailable", checks=checks)
+
+    return app

@@ -1,0 +1,254 @@
+"""The HTTP API as backend teams use it: a real server process and an HTTP client.
+
+Given a running ``deblur api`` (uvicorn in its own process, bearer token set)
+in front of a real Redis, ``moto_server`` and SQL database, when jobs are
+submitted, followed, paged, summarised, cancelled and retried over HTTP with
+``httpx``, then the answers match what a real worker process did; bad
+requests get 401, 404 or 422 naming the field.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import free_port, stop, wait_for_port
+from tests.e2e_helpers import ROOT, WorkerProcess, mixed_samples, service_env, upload, use_services
+
+pytestmark = [pytest.mark.integration]
+
+TOKEN = f"token-{uuid.uuid4().hex}"
+MODEL = "wiener:psf=motion:length=7,angle=30"
+
+
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    return use_services(monkeypatch, redis_url, s3_endpoint, database_url, tmp_path / "home",
+                        DEBLUR_API_TOKEN=TOKEN)
+
+
+@pytest.fixture
+def bucket(env: dict[str, str]) -> tuple[Any, str]:
+    client = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    name = f"api-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+@pytest.fixture
+def api(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """``deblur api`` in a subprocess on a free loopback port; yields its base URL."""
+    port = free_port()
+    with (tmp_path / "api.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+                                env=service_env(env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_for_port(port, 60, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n{(tmp_path / 'api.log').read_text()[-3000:]}") from None
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)
+
+
+@pytest.fixture
+def client(api: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        yield c
+
+
+def wait_finished(client: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        info = response.json()
+        if info["status"] in {"done", "failed", "cancelled"}:
+            return info
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} not finished after {timeout}s: {info}")
+
+
+def all_pages(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = client.get(path, params={**params, "offset": offset})
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert len(body["items"]) <= params["limit"]
+        items += body["items"]
+        offset = body["next_offset"]
+    return items
+
+
+def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s3, name = bucket
+    samples = mixed_samples()[:4]
+    upload(s3, name, "in/", samples)
+    s3.put_object(Bucket=name, Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\n not really a png")
+    body = {"kind": "deblur", "inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/", "models": [MODEL],
+            "batch_size": 2}
+
+    # No worker yet: a job cancelled now keeps every image cancelled.
+    doomed = client.post("/v1/jobs", json={**body, "output": f"s3://{name}/doomed/"})
+    assert doomed.status_code == 201, doomed.text
+    doomed_id = doomed.json()["id"]
+    cancelled = client.post(f"/v1/jobs/{doomed_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json() == {"id": doomed_id, "status": "cancelled",
+                                                                 "cancelled": 5}
+    assert client.post(f"/v1/jobs/{doomed_id}/cancel").json()["cancelled"] == 0
+
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        key = {"Idempotency-Key": f"batch-{uuid.uuid4().hex}"}
+        first = client.post("/v1/jobs", json=body, headers=key)
+        assert first.status_code == 201, first.text
+        created = first.json()
+        uuid.UUID(created["id"])
+        assert created["created"] is True and created["total"] == 5
+        assert first.headers["location"] == created["status_url"] == f"/v1/jobs/{created['id']}"
+        again = client.post("/v1/jobs", json=body, headers=key)
+        assert again.status_code == 200 and again.json()["id"] == created["id"] and not again.json()["created"]
+        job_id = created["id"]
+
+        info = wait_finished(client, job_id)
+        assert info["status"] == "done", info
+        assert info["counts"] == {"pending": 0, "running": 0, "done": 4, "failed": 1, "cancelled": 0}
+        assert info["images_per_s"] > 0 and info["eta_s"] == 0
+        assert info["spec"]["models"] == [MODEL]
+
+        images = all_pages(client, f"/v1/jobs/{job_id}/images", limit=2)
+        assert len(images) == 5 and len({i["id"] for i in images}) == 5
+        assert {i["input"] for i in images} == {f"s3://{name}/in/{s.relative}" for s in samples} | {
+            f"s3://{name}/in/broken.png"}
+        done = [i for i in images if i["status"] == "done"]
+        for image in done:
+            assert image["output"] == image["input"].replace("/in/", "/out/")
+            s3.head_object(Bucket=name, Key=image["output"].removeprefix(f"s3://{name}/"))
+            assert image["metrics"]["laplacian_variance"] > 0
+            assert image["metrics_by_model"]["ensemble"]["laplacian_variance"] == image["metrics"][
+                "laplacian_variance"]
+
+        failed = client.get(f"/v1/jobs/{job_id}/images", params={"status": "failed"}).json()
+        assert failed["total"] == 1 and failed["next_offset"] is None
+        assert failed["items"][0]["input"].endswith("broken.png") and "broken.png" in failed["items"][0]["error"]
+
+        worst = client.get(f"/v1/jobs/{job_id}/images",
+                           params={"worst": 3, "metric": "laplacian_variance", "limit": 2}).json()
+        assert worst["total"] == 3 and worst["next_offset"] == 2
+        rest = client.get(f"/v1/jobs/{job_id}/images",
+                          params={"worst": 3, "metric": "laplacian_variance", "limit": 2, "offset": 2}).json()
+        assert len(rest["items"]) == 1 and rest["next_offset"] is None
+        values = [i["metrics"]["laplacian_variance"] for i in worst["items"] + rest["items"]]
+        assert values == sorted(i["metrics"]["laplacian_variance"] for i in done)[:3]
+
+        summary = client.get(f"/v1/jobs/{job_id}/summary").json()
+        rows = {(r["model"], r["name"]): r for r in summary["metrics"]}
+        sharpness = rows[("ensemble", "laplacian_variance")]
+        assert sharpness["count"] == 4
+        expected = sum(i["metrics"]["laplacian_variance"] for i in done) / 4
+        assert sharpness["mean"] == pytest.approx(expected, rel=1e-9)
+        assert rows[("input", "laplacian_variance")]["count"] == 4
+
+        retried = client.post(f"/v1/jobs/{job_id}/retry", json={"failed": True})
+        assert retried.status_code == 200 and retried.json() == {"id": job_id, "requeued": 1}
+        info = wait_finished(client, job_id)
+        assert info["counts"]["failed"] == 1 and info["counts"]["done"] == 4
+        again_failed = client.get(f"/v1/jobs/{job_id}/images", params={"status": "failed"}).json()["items"][0]
+        assert again_failed["attempts"] == 2, "the retried image was processed a second time"
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    finally:
+        worker.kill()  # nothing left to finish gracefully; SIGTERM's warm shutdown takes seconds
+        worker.stop()
+
+    doomed_info = client.get(f"/v1/jobs/{doomed_id}").json()
+    assert doomed_info["status"] == "cancelled" and doomed_info["counts"]["cancelled"] == 5
+    listed = client.get("/v1/jobs", params={"limit": 10}).json()
+    assert {j["id"] for j in listed} == {job_id, doomed_id}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> None:  # type: ignore[no-untyped-def]
+    s3, name = bucket
+    upload(s3, name, "in/", mixed_samples()[:1])
+    good = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/"}
+
+    health = httpx.get(api + "/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok",
+                                                           "checks": {"database": "ok", "broker": "ok"}}
+    assert httpx.get(api + "/docs").status_code == 200
+    schema = httpx.get(api + "/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images", "/v1/jobs/{job_id}/summary",
+            "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/models", "/healthz"} <= set(schema["paths"])
+    assert "JobSubmission" in schema["components"]["schemas"]
+
+    anonymous = httpx.get(api + "/v1/jobs")
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(api + "/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(api + "/v1/jobs", json=good).status_code == 401
+
+    def refused(payload: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        response = client.post("/v1/jobs", json=payload, **kwargs)
+        assert response.status_code == 422, response.text
+        return response.json()["detail"]  # type: ignore[no-any-return]
+
+    [error] = refused({**good, "models": ["wiener", "nafnet-gorpo"]})
+    assert error["loc"] == ["body", "models", 1] and "unknown model 'nafnet-gorpo'" in error["msg"]
+    assert {tuple(e["loc"]) for e in refused({"output": 3, "strength": 2, "colour": "red"})} == {
+        ("body", "inputs"), ("body", "output"), ("body", "strength"), ("body", "colour")}
+    malformed = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert malformed.status_code == 422
+    [error] = refused({**good, "inputs": ["s3://no-such-bucket-here/in/"]})
+    assert error["loc"] == ["body", "inputs"] and "no-such-bucket-here" in error["msg"]
+    [error] = refused({**good, "output": f"s3://{name}/in/restored/"})
+    assert error["loc"] == ["body", "output"] and "inside input prefix" in error["msg"]
+    [error] = refused({"inputs": good["inputs"]})
+    assert error["loc"] == ["body", "output"] and "output" in error["msg"]
+    [error] = refused({**good, "kind": "evaluate"})
+    assert error["loc"] == ["body", "sharp"]
+    [error] = refused({**good, "job_key": "a"}, headers={"Idempotency-Key": "b"})
+    assert error["loc"] == ["body", "job_key"]
+    assert client.get("/v1/jobs").json() == [], "a refused submission writes nothing"
+
+    unknown = client.get(f"/v1/jobs/{uuid.uuid4()}")
+    assert unknown.status_code == 404 and unknown.json()["detail"].startswith("no job with id")
+    for path in ("/images", "/summary"):
+        assert client.get(f"/v1/jobs/{uuid.uuid4()}{path}").status_code == 404
+    assert client.post(f"/v1/jobs/{uuid.uuid4()}/retry").status_code == 404
+    not_uuid = client.get("/v1/jobs/not-a-uuid")
+    assert not_uuid.status_code == 422 and not_uuid.json()["detail"][0]["loc"] == ["path", "job_id"]
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+    models = client.get("/v1/models").json()
+    wiener = next(m for m in models if m["name"] == "wiener")
+    assert wiener["family"] == "classic" and wiener["weights_present"] is True
+
+
+def test_cli_refuses_an_open_address_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from producer.api_cli import api_command, is_loopback
+
+    monkeypatch.delenv("DEBLUR_API_TOKEN", raising=False)
+    result = CliRunner().invoke(api_command, ["--address", "0.0.0.0"])
+    assert result.exit_code == 2 and "without a token" in result.output
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+    help_text = CliRunner().invoke(api_command, ["--help"]).output
+    assert "DEBLUR_API_TOKEN" in help_text and "/docs" in help_text
