@@ -522,13 +522,16 @@ def test_first_frame_of_animations_and_pages() -> None:
     np.testing.assert_array_equal(pages.pixels, _unit(RGB16))
 
 
-def test_cmyk_jpeg_becomes_rgb() -> None:
+def test_cmyk_jpeg_becomes_rgb_without_its_cmyk_profile() -> None:
+    cmyk_profile = ICC[:16] + b"CMYK" + ICC[20:]  # the header is what says which colour space
     out = io.BytesIO()
-    Image.fromarray(RGB).convert("CMYK").save(out, "JPEG", quality=95)
-    encoded = out.getvalue()
-    image = decode_image(encoded, "print.jpg")
+    Image.fromarray(RGB).convert("CMYK").save(out, "JPEG", quality=95, icc_profile=cmyk_profile)
+    image = decode_image(out.getvalue(), "print.jpg")
     assert image.channels == 3 and image.metadata.icc is None
     assert _psnr(image.pixels, _unit(RGB)) > 30
+    assert "icc_profile" not in Image.open(io.BytesIO(encode_image(image, image.pixels))).info
+    grey = decode_image(_pil(GREY, "JPEG", icc_profile=ICC), "grey-with-rgb-profile.jpg")
+    assert grey.metadata.icc is None
 
 
 def test_buffers_other_than_bytes_are_accepted() -> None:

@@ -743,10 +743,8 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
         raise _Unreadable(f"{probe.format.upper()} decoder failed: {exc.err}") from None
     if samples is None:
         raise _Unreadable(f"corrupt {probe.format.upper()} data")
-    if probe.format == "jpeg" and samples.ndim == 3 and samples.shape[2] == 4:
-        # CMYK JPEG: let OpenCV convert it; its ICC profile describes CMYK, not RGB.
+    if probe.format == "jpeg" and samples.ndim == 3 and samples.shape[2] == 4:  # CMYK: OpenCV converts
         samples = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        probe.metadata.icc = None
     if samples.ndim == 2:
         samples = samples[..., None]
     return samples, True
@@ -803,6 +801,11 @@ def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
     if bgr and colour.shape[2] == 3:
         colour = colour[..., ::-1]
     metadata = probe.metadata
+    if metadata.icc is not None and not _icc_fits(metadata.icc, grey=colour.shape[2] == 1):
+        # A CMYK/Lab profile of a converted file, or a mislabelled one: writing
+        # it with RGB or grey pixels would tell viewers to misread every colour.
+        log.info("dropping an ICC profile for %r data from %s pixels", metadata.icc[16:20], colour.shape[2])
+        metadata.icc = None
     if probe.orientation is not None:
         orientation = probe.orientation
     elif metadata.exif and _exif_orientation_slot(metadata.exif):
@@ -826,6 +829,11 @@ def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
         channels=channels,
         metadata=metadata,
     )
+
+
+def _icc_fits(icc: bytes, grey: bool) -> bool:
+    """Whether the profile's data colour space (header bytes 16–20) is that of the pixels."""
+    return icc[16:20] == (b"GRAY" if grey else b"RGB ")
 
 
 def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
