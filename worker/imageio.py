@@ -996,7 +996,10 @@ def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
     if meta.icc:
         room = _MAX_SEGMENT - len(_ICC_JPEG_PREFIX) - 2
         parts = [meta.icc[i : i + room] for i in range(0, len(meta.icc), room)]
-        for i, part in enumerate(parts[:255]):
+        if len(parts) > 255:  # the sequence number is one byte
+            log.warning("dropping a %d-byte ICC profile: too large for JPEG", len(meta.icc))
+            parts = []
+        for i, part in enumerate(parts):
             segments.append(_jpeg_segment(0xE2, _ICC_JPEG_PREFIX + bytes([i + 1, len(parts)]) + part))
     return b"".join([*head, *segments, encoded[pos:]])
 
