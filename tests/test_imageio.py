@@ -590,3 +590,11 @@ def test_png_imagemagick_raw_exif_profile_is_read_and_replaced() -> None:
     written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
     assert written.getexif().get(0x0112) == 1 and written.getexif().get(0x013B) == ARTIST
     assert "Raw profile type exif" not in written.info  # its orientation 6 would rotate again
+
+
+def test_icc_profile_spanning_several_jpeg_segments() -> None:
+    padded = ICC + bytes(150_000)  # > two 64 KB APP2 segments
+    big = struct.pack(">I", len(padded)) + padded[4:]
+    image = decode_image(_pil(RGB, "JPEG", icc_profile=big), "big-icc.jpg")
+    assert image.metadata.icc == big
+    assert Image.open(io.BytesIO(encode_image(image, image.pixels))).info["icc_profile"] == big
