@@ -168,6 +168,21 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         assert sharpness["mean"] == pytest.approx(expected, rel=1e-9)
         assert rows[("input", "laplacian_variance")]["count"] == 4
 
+        # Each image compared with itself: the input's PSNR is +inf, sent as "inf".
+        upload(s3, name, "pairs/", samples[:2])
+        evaluation = client.post("/v1/jobs", json={"kind": "evaluate", "inputs": [f"s3://{name}/pairs/"],
+                                                   "sharp": f"s3://{name}/pairs/", "models": [MODEL]})
+        assert evaluation.status_code == 201, evaluation.text
+        eval_id = evaluation.json()["id"]
+        assert wait_finished(client, eval_id)["counts"]["done"] == 2
+        pairs = client.get(f"/v1/jobs/{eval_id}/images").json()["items"]
+        assert [p["metrics"]["input_psnr"] for p in pairs] == ["inf", "inf"]
+        assert all(p["metrics"]["input_ssim"] == pytest.approx(1.0) for p in pairs)
+        assert all(isinstance(p["metrics"]["psnr"], float) and p["output"] is None for p in pairs)
+        means = {(r["model"], r["name"]): r["mean"] for r in client.get(f"/v1/jobs/{eval_id}/summary").json()[
+            "metrics"]}
+        assert means[("input", "psnr")] == "inf" and isinstance(means[("ensemble", "psnr")], float)
+
         retried = client.post(f"/v1/jobs/{job_id}/retry", json={"failed": True})
         assert retried.status_code == 200 and retried.json() == {"id": job_id, "requeued": 1}
         info = wait_finished(client, job_id)
@@ -182,7 +197,7 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
     doomed_info = client.get(f"/v1/jobs/{doomed_id}").json()
     assert doomed_info["status"] == "cancelled" and doomed_info["counts"]["cancelled"] == 5
     listed = client.get("/v1/jobs", params={"limit": 10}).json()
-    assert {j["id"] for j in listed} == {job_id, doomed_id}
+    assert {j["id"] for j in listed} == {job_id, doomed_id, eval_id}
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

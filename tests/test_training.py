@@ -196,3 +196,16 @@ def test_cli_help_and_environment_variables(tmp_path: Path, photo: np.ndarray, m
     assert (tmp_path / "run" / "best.safetensors").is_file()
     bad = runner.invoke(train_command, ["seed002", "-o", str(tmp_path / "x"), "--blurred-prefix", "s3://b/blur/"])
     assert bad.exit_code != 0 and "--sharp-prefix" in bad.output
+
+
+def test_seed003_trains_and_exports(tmp_path: Path, photo: np.ndarray) -> None:
+    source, val = _data(photo)
+    cfg = _config(tmp_path, arch="seed003", arch_kwargs={"hidden_dim": 32, "layers": 1, "heads": 2}, steps=2,
+                  steps_per_epoch=2, optimizer=None, lr=None, schedule=None)
+    assert (cfg.optimizer, cfg.loss) == ("adam", "l1")
+    reports = train(cfg, source, val)
+    assert len(reports) == 1 and np.isfinite(reports[0].train_loss)
+    from models.learned import load_network
+
+    net, meta = load_network(tmp_path / "best.safetensors", "seed003")
+    assert meta["step"] == "2" and net.vit.hidden_dim == 32

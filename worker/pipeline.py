@@ -163,12 +163,11 @@ def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[t
 
 
 def _as_original_dtype(decoded: Any, pixels: np.ndarray) -> np.ndarray:
-    """Quantise float [0, 1] pixels to the decoded image's sample type, as saved files are."""
-    dtype = np.dtype(decoded.dtype)
-    if dtype.kind == "f":
-        return pixels.astype(np.float32)
-    top = np.iinfo(dtype).max
-    return np.clip(np.rint(pixels.astype(np.float64) * top), 0, top).astype(dtype)
+    """Quantise float [0, 1] pixels exactly as the encoder will when writing the file,
+    so stored metrics describe the file that lands in S3."""
+    from worker.imageio import quantise
+
+    return quantise(pixels, np.dtype(decoded.dtype))
 
 
 def _no_reference(work: Work) -> None:

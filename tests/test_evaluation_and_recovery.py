@@ -1,0 +1,136 @@
+"""Evaluation jobs store the papers' figures; a dead worker's batch is redelivered.
+
+Both run through a real Redis, real worker processes, moto_server and SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from tests.e2e_helpers import WorkerProcess, decode, service_env
+from tests.test_end_to_end import run_cli, wait_done
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "DEBLUR_BROKER_URL": redis_url,
+        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
+        "DEBLUR_DATABASE_URL": f"sqlite:///{tmp_path / 'deblur.db'}",
+        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
+        "DEBLUR_HOME": str(tmp_path / "home"),
+        "DEBLUR_VISIBILITY_TIMEOUT": "8",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def _pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from skimage import data
+
+    from models.synthetic_blur import blur_image, gaussian_kernel
+
+    pairs = []
+    for name, image in (("astro.png", data.astronaut()[60:156, 140:268]), ("coffee.png", data.coffee()[80:176, 200:328])):
+        sharp = np.ascontiguousarray(image)
+        blurred = np.rint(blur_image(sharp / 255.0, gaussian_kernel(1.5)) * 255).astype(np.uint8)
+        pairs.append((name, blurred, sharp))
+    return pairs
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_evaluation_job_stores_psnr_ssim_equal_to_an_independent_computation(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="evalset")
+    for name, blurred, sharp in _pairs():
+        s3.put_object(Bucket="evalset", Key=f"blur/{name}", Body=_png(blurred))
+        s3.put_object(Bucket="evalset", Key=f"sharp/{name}", Body=_png(sharp))
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        job_id = run_cli("evaluate", "--blurred", "s3://evalset/blur/", "--sharp", "s3://evalset/sharp/",
+                         "--model", "wiener:psf=gaussian:sigma=1.5", "--model", "richardson-lucy:psf=gaussian:sigma=1.5",
+                         "--output", "s3://evalset/out/", "-q").strip()
+        info = wait_done(job_id)
+    finally:
+        worker.stop()
+    assert info["status"] == "done", info
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert len(rows) == 2
+    for row in rows:
+        sharp = cv2.cvtColor(decode(s3.get_object(Bucket="evalset", Key=row["reference"][len("s3://evalset/"):])["Body"].read()),
+                             cv2.COLOR_BGR2RGB)
+        blurred = cv2.cvtColor(decode(s3.get_object(Bucket="evalset", Key=row["input"][len("s3://evalset/"):])["Body"].read()),
+                               cv2.COLOR_BGR2RGB)
+        restored = cv2.cvtColor(decode(s3.get_object(Bucket="evalset", Key=row["output"][len("s3://evalset/"):])["Body"].read()),
+                                cv2.COLOR_BGR2RGB)
+        by_model = row["metrics_by_model"]
+        assert set(by_model) >= {"input", "ensemble", "wiener:psf=gaussian:sigma=1.5",
+                                 "richardson-lucy:psf=gaussian:sigma=1.5"}
+        for model, image in (("input", blurred), ("ensemble", restored)):
+            stored = by_model[model]
+            assert stored["psnr"] == pytest.approx(peak_signal_noise_ratio(sharp, image, data_range=255), abs=1e-6)
+            expected_ssim = structural_similarity(sharp, image, data_range=255, channel_axis=-1, gaussian_weights=True,
+                                                  sigma=1.5, use_sample_covariance=False)
+            assert stored["ssim_channel_mean"] == pytest.approx(expected_ssim, abs=1e-6)
+            assert 0 < stored["ssim_3d"] <= 1
+        assert by_model["ensemble"]["psnr"] > by_model["input"]["psnr"]
+        # every member's output is kept for reports and weight fitting
+        member_keys = [o["Key"] for o in s3.list_objects_v2(Bucket="evalset", Prefix="out/_members/")["Contents"]]
+        assert len([k for k in member_keys if k.endswith(row["input"].rsplit("/", 1)[1])]) == 2
+
+
+def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="crashy")
+    name, blurred, _ = _pairs()[0]
+    big = cv2.resize(blurred, (512, 384))
+    for i in range(3):
+        s3.put_object(Bucket="crashy", Key=f"in/{i}.png", Body=_png(big))
+    app = app_for(load_settings())
+    first = WorkerProcess(service_env(env), tmp_path / "first.log")
+    first.wait_ready(app)
+    # Richardson-Lucy with many iterations keeps the first worker busy long enough to kill it mid-batch.
+    job_id = run_cli("submit", "s3://crashy/in/", "--output", "s3://crashy/out/", "--batch-size", "3",
+                     "--model", "richardson-lucy:iterations=80", "-q").strip()
+    from producer.tracking import job_status
+
+    deadline = time.monotonic() + 60
+    while job_status(load_settings(), job_id)["counts"]["running"] == 0:
+        assert time.monotonic() < deadline, "the first worker never started the batch"
+        time.sleep(0.2)
+    first.kill()
+    assert job_status(load_settings(), job_id)["counts"]["done"] < 3
+    second = WorkerProcess(service_env(env), tmp_path / "second.log")
+    try:
+        second.wait_ready(app)
+        info = wait_done(job_id, timeout=300)
+    finally:
+        second.stop()
+    assert info["status"] == "done" and info["counts"]["done"] == 3, info
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert all(r["attempts"] >= 2 for r in rows), [r["attempts"] for r in rows]
+    assert {r["worker"] for r in rows} == {second.name}
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="crashy", Prefix="out/")["Contents"])
+    assert keys == ["out/0.png", "out/1.png", "out/2.png"]

@@ -1,0 +1,101 @@
+"""The learned seed models behind the RestorationModel interface, and their shipped weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.errors import WeightsError
+from models.archs import build_network
+from models.catalog import LEARNED_SEED, REGISTRY
+from models.learned import SHIPPED_DIR, load_network, sha256_file
+from models.loading import load_model
+from models.synthetic_blur import blur_image, disk_kernel, random_motion_kernel, sample_photographs
+from models.training.loop import export_weights
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+def _tiny_weights(tmp_path: Path, arch: str, kwargs: dict[str, object]) -> Path:
+    torch.manual_seed(0)
+    net = build_network(arch, **kwargs)
+    path = tmp_path / f"{arch}.safetensors"
+    export_weights(net, path, arch, kwargs, {"step": 0})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "kwargs"),
+    [
+        ("seed001-gan", "seed001", {"width": 8, "scale": 2}),
+        ("seed002-unet", "seed002", {"width": 4}),
+        ("seed003-vit", "seed003", {"hidden_dim": 32, "layers": 1, "heads": 1}),
+    ],
+)
+def test_any_size_and_grey_inputs_through_the_wrapper(tmp_path: Path, name: str, arch: str, kwargs: dict[str, object]) -> None:
+    path = _tiny_weights(tmp_path, arch, kwargs)
+    model = load_model(REGISTRY.parse(f"{name}:weights={path}"), CPU)
+    for shape in [(1, 3, 37, 53), (2, 1, 20, 17)]:
+        out = model(torch.rand(*shape))
+        assert out.image.shape == shape
+        assert 0 <= float(out.image.min()) and float(out.image.max()) <= 1
+        assert out.kernels is None
+
+
+def test_weights_errors_name_the_problem(tmp_path: Path) -> None:
+    path = _tiny_weights(tmp_path, "seed002", {"width": 4})
+    with pytest.raises(WeightsError, match="holds a 'seed002' network, not 'seed001'"):
+        load_model(REGISTRY.parse(f"seed001-gan:weights={path}"), CPU)
+    with pytest.raises(WeightsError, match="expected 0000"):
+        load_network(path, "seed002", check_sha256="0" * 64)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_model(REGISTRY.parse(f"seed002-unet:weights={tmp_path / 'nope.safetensors'}"), CPU)
+    pickle = tmp_path / "evil.safetensors"
+    torch.save({"a": torch.zeros(1)}, pickle)
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_network(pickle)
+    with pytest.raises(WeightsError, match="deblur train seed003-vit"):
+        load_model(REGISTRY.parse("seed003-vit"), CPU)
+
+
+SHIPPED = [info for info in LEARNED_SEED if info.weights is not None and info.weights.shipped]
+
+
+@pytest.mark.parametrize("info", SHIPPED, ids=[i.name for i in SHIPPED])
+def test_shipped_weights_are_present_small_and_registered(info) -> None:  # type: ignore[no-untyped-def]
+    path = SHIPPED_DIR / info.weights.filename
+    assert path.is_file(), f"{info.name}: shipped weights {path.name} missing"
+    assert path.stat().st_size < 10 * 1024 * 1024
+    assert info.weights.sha256 == sha256_file(path)
+    assert info.family == "learned-seed" and info.license == "Apache-2.0"
+
+
+def _held_out_blurs() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Motion and defocus blur of crops of the held-out validation photographs (chelsea, coffee)."""
+    photos = sample_photographs()
+    rng = np.random.default_rng(7)
+    cases = []
+    for name, (y, x) in (("chelsea", (60, 120)), ("coffee", (100, 200))):
+        sharp = photos[name][y : y + 128, x : x + 128].astype(np.float64) / 255
+        for kernel in (random_motion_kernel(13, rng), disk_kernel(3.0)):
+            cases.append((blur_image(sharp, kernel, noise_sigma=0.005, rng=rng), sharp))
+    return cases
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+@pytest.mark.parametrize("info", SHIPPED, ids=[i.name for i in SHIPPED])
+def test_shipped_weights_improve_blurred_held_out_photos(info) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(REGISTRY.parse(info.name), CPU)
+    gains = []
+    for blurred, sharp in _held_out_blurs():
+        x = torch.from_numpy(blurred).permute(2, 0, 1)[None].float()
+        out = model(x).image[0].permute(1, 2, 0).double().numpy()
+        gains.append(_psnr(out, sharp) - _psnr(blurred, sharp))
+    assert np.mean(gains) > 0.5, gains

@@ -1,0 +1,239 @@
+"""``deblur report``: the table equals the stored metrics' means, and the HTML
+page is self-contained and renders.
+
+Given evaluation and deblur jobs run for real (Redis, a worker process,
+moto_server, SQLite), when the report is built, then its figures are the
+means of what SQL holds, every picture is a data URI, the crops are the
+detailed windows of the images in S3, and headless Chromium draws the page
+(the screenshot is kept under test-artifacts/).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from producer.report import detail_window, histogram_svg
+from tests.conftest import missing_service
+from tests.evaluation_stack import MEMBERS, Stack, running_stack, sample_pairs, upload_pairs
+from tests.test_end_to_end import run_cli, wait_done
+
+CHROMIUM = "/usr/bin/chromium"
+IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
+
+
+# ------------------------------------------------------------ pure helpers
+
+
+def test_detail_window_finds_the_textured_region() -> None:
+    from models.synthetic_blur import sample_photographs
+
+    photo = sample_photographs()["camera"] if "camera" in sample_photographs() else None
+    if photo is None:
+        pytest.skip("skimage's camera photograph is not installed")
+    canvas = np.full((300, 400), 0.5)
+    canvas[150:250, 260:380] = photo[200:300, 200:320] / 255.0
+    top, left, h, w = detail_window(canvas, size=100)
+    assert (h, w) == (100, 100)
+    assert 150 - 5 <= top <= 150 + 5 and 260 <= left <= 280
+    # windows are clipped to small images
+    assert detail_window(canvas[:40, :60], size=100) == (0, 0, 40, 60)
+
+
+def test_histogram_counts_every_value_and_colours_losses_red() -> None:
+    values = [-1.0, -0.5, 0.5, 1.0, 2.0, 2.5, 3.0, float("inf")]
+    svg = histogram_svg(values, "gain")
+    counts = [int(c) for c in re.findall(r"<title>[^<]*: (\d+)</title></rect>", svg)]
+    assert sum(counts) == 7  # the infinite value is left out
+    red = re.findall(r'fill="#c0392b"><title>[^<]*: (\d+)<', svg)
+    assert sum(int(c) for c in red) == 2
+    assert "n = 7" in svg and "http" not in svg
+    assert "no finite values" in histogram_svg([float("inf")], "gain")
+
+
+# ------------------------------------------------------------- real jobs
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("report")
+    with running_stack(redis_url, s3_endpoint, f"sqlite:///{tmp / 'deblur.db'}", tmp) as running:
+        upload_pairs(running.s3, "report-eval", sample_pairs(3))
+        yield running
+
+
+def _finished(job_id: str) -> str:
+    info = wait_done(job_id)
+    if info["counts"]["failed"]:
+        pytest.fail(f"job {job_id} failed: {[r['error'] for r in _stored_rows(job_id) if r['error']]}")
+    assert info["status"] == "done" and info["counts"]["done"] == 3, info
+    return job_id
+
+
+@pytest.fixture(scope="module")
+def evaluation_job(stack: Stack) -> str:
+    models = [arg for m in MEMBERS for arg in ("--model", m)]
+    return _finished(run_cli("evaluate", "--blurred", "s3://report-eval/blur/", "--sharp", "s3://report-eval/sharp/",
+                             *models, "--output", "s3://report-eval/out/", "-q").strip())
+
+
+def _report(job: str, *args: str) -> str:
+    return run_cli("report", job, *args)
+
+
+def _stored_rows(job: str) -> list[dict[str, Any]]:
+    return json.loads(run_cli("results", job, "--format", "json"))
+
+
+def _mean(rows: list[dict[str, Any]], model: str, name: str) -> float:
+    return float(np.mean([r["metrics_by_model"][model][name] for r in rows]))
+
+
+def _data_pngs(page: str) -> list[np.ndarray]:
+    sources = IMG_SRC.findall(page)
+    images = []
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        arr = cv2.imdecode(np.frombuffer(base64.b64decode(src.split(",", 1)[1]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert arr is not None and arr.size > 0
+        images.append(arr)
+    return images
+
+
+def _screenshot(page: Path, target: Path, tmp: Path) -> np.ndarray:
+    """Render ``page`` in headless Chromium; returns the screenshot's pixels."""
+    binary = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if binary is None:
+        missing_service("chromium is not installed (apt-get install -y chromium, or run 'make test')")
+    target.unlink(missing_ok=True)
+    subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp / 'chromium-profile'}", f"--screenshot={target}", "--window-size=1280,2000",
+         page.resolve().as_uri()],
+        check=True, timeout=120, capture_output=True,
+    )
+    shot = cv2.imread(str(target))
+    assert shot is not None, f"no screenshot written at {target}"
+    return shot
+
+
+def _non_trivial(shot: np.ndarray) -> None:
+    assert shot.shape[:2] == (2000, 1280)
+    colours = np.unique(shot.reshape(-1, 3), axis=0)
+    assert len(colours) > 500, f"only {len(colours)} colours: the page did not draw its pictures"
+    assert float(shot.std()) > 20
+
+
+def test_table_is_the_mean_of_the_stored_metrics(evaluation_job: str, tmp_path: Path) -> None:
+    table = json.loads(_report(evaluation_job, "--format", "json", "--crops", "0",
+                               "--html", str(tmp_path / "r.html")))
+    rows = _stored_rows(evaluation_job)
+    by_model = {r["model"]: r for r in table["rows"]}
+    assert [r["model"] for r in table["rows"]] == ["input", *MEMBERS, "ensemble"]
+    base = _mean(rows, "input", "psnr")
+    for model, row in by_model.items():
+        assert row["psnr"] == pytest.approx(_mean(rows, model, "psnr"), abs=1e-9)
+        assert row["ssim"] == pytest.approx(_mean(rows, model, "ssim"), abs=1e-12)
+        assert row["images"] == 3
+        if model == "input":
+            assert row["delta_psnr"] is None and row["seconds_per_image"] is None
+        else:
+            assert row["delta_psnr"] == pytest.approx(_mean(rows, model, "psnr") - base, abs=1e-9)
+    assert by_model["ensemble"]["seconds_per_image"] == pytest.approx(np.mean([r["inference_s"] for r in rows]))
+    assert by_model["ensemble"]["delta_psnr"] > 0, "Wiener with the true PSF must beat the blurred input"
+    markdown = _report(evaluation_job, "--format", "markdown", "--crops", "0", "--html", str(tmp_path / "r.html"))
+    assert len(markdown.strip().splitlines()) == 2 + 4
+    assert f"| {MEMBERS[0]} | {by_model[MEMBERS[0]]['psnr']:.2f} |" in markdown
+
+
+def test_html_report_is_self_contained_and_renders(evaluation_job: str, stack: Stack, tmp_path: Path,
+                                                   artifacts: Path) -> None:
+    page_path = tmp_path / "report.html"
+    _report(evaluation_job, "--crops", "2", "--html", str(page_path))
+    page = page_path.read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page and 'src="//' not in page
+    assert "<link" not in page and "<script" not in page
+    pictures = _data_pngs(page)
+    # 3 images ranked into 2 worst + 1 best, each blurred | 2 members | ensemble | sharp
+    assert len(pictures) == 3 * 5
+    assert page.count("<svg") == 3, "one gain histogram per member and for the ensemble"
+    for label in (*MEMBERS, "ensemble", "blurred", "sharp"):
+        assert f">{label}<" in page
+    assert "not available" not in page
+
+    # the sharp crop shown is the most detailed window of the sharp image in S3
+    sharp_crops = [img for img in pictures if img.shape[:2] == (128, 160)]
+    assert len(sharp_crops) == 15
+    rows = {r["reference"]: r for r in _stored_rows(evaluation_job)}
+    first_sharp = re.search(r"<h3>(s3://[^<]*?) —", page).group(1).replace("/blur/", "/sharp/")
+    sharp = cv2.imdecode(np.frombuffer(stack.s3.get_object(Bucket="report-eval", Key=first_sharp.split("/", 3)[3])
+                                       ["Body"].read(), np.uint8), cv2.IMREAD_COLOR)
+    assert first_sharp in rows
+    top, left, h, w = detail_window(cv2.cvtColor(sharp, cv2.COLOR_BGR2RGB) / 255.0)
+    assert np.array_equal(pictures[4], sharp[top:top + h, left:left + w])
+    psnr = rows[first_sharp]["metrics_by_model"]["ensemble"]["psnr"]
+    assert f"{psnr:.2f} dB" in page
+
+    shot = _screenshot(page_path, artifacts / "report-evaluation.png", tmp_path)
+    _non_trivial(shot)
+
+
+def test_single_model_without_output_shows_what_exists(stack: Stack, tmp_path: Path) -> None:
+    job = _finished(run_cli("evaluate", "--blurred", "s3://report-eval/blur/", "--sharp", "s3://report-eval/sharp/",
+                            "--model", MEMBERS[0], "-q").strip())
+    table = json.loads(_report(job, "--format", "json", "--crops", "1", "--html", str(tmp_path / "one.html")))
+    assert [r["model"] for r in table["rows"]] == ["input", MEMBERS[0]]
+    page = (tmp_path / "one.html").read_text(encoding="utf-8")
+    assert "is its own ensemble" in page
+    # no --output: the restored image was not kept, blurred and sharp are shown
+    assert page.count("not available") == 2 * 2
+    assert len(_data_pngs(page)) == 2 * 2
+
+
+def test_deblur_job_report_has_sharpness_table_crops_and_kernels(stack: Stack, tmp_path: Path,
+                                                                 artifacts: Path) -> None:
+    from models.catalog import REGISTRY
+
+    if "l0-blind" not in REGISTRY:
+        pytest.skip("the blind L0 model (which estimates kernels) is not registered in this checkout")
+    job = _finished(run_cli("submit", "s3://report-eval/blur/", "--output", "s3://report-eval/restored/",
+                            "--model", "l0-blind:kernel=15", "-q").strip())
+    page_path = tmp_path / "deblur.html"
+    table = json.loads(_report(job, "--format", "json", "--crops", "1", "--html", str(page_path)))
+    rows = _stored_rows(job)
+    assert [r["model"] for r in table["rows"]] == ["input", "ensemble"]
+    for row in table["rows"]:
+        assert row["laplacian_variance"] == pytest.approx(_mean(rows, row["model"], "laplacian_variance"))
+        assert row["blur_effect"] == pytest.approx(_mean(rows, row["model"], "blur_effect"))
+    ratio = table["rows"][1]["sharpness_ratio"]
+    assert ratio == pytest.approx(_mean(rows, "ensemble", "laplacian_variance")
+                                  / _mean(rows, "input", "laplacian_variance"))
+    assert "l0-blind:kernel=15" in table["diagnostics"]
+    page = page_path.read_text(encoding="utf-8")
+    assert ">input<" in page and ">restored<" in page and "Laplacian var." in page
+    kernels = re.findall(r'<figure class=k><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert len(kernels) == 2, "the best and the worst image each show their estimated kernel"
+    kernel = cv2.imdecode(np.frombuffer(base64.b64decode(kernels[0]), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert kernel.shape[0] == kernel.shape[1] and kernel.max() == 255
+    assert len(_data_pngs(page)) == 2 * 2 + 2
+    _non_trivial(_screenshot(page_path, artifacts / "report-deblur.png", tmp_path))
+
+
+def test_unknown_job_is_an_input_error(stack: Stack) -> None:
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, ["report", "00000000-0000-0000-0000-000000000000"])
+    assert result.exit_code == 2
+    assert "no job with id" in result.output

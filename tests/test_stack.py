@@ -1,0 +1,201 @@
+"""``deblur stack``: a real local stack in a temporary DEBLUR_HOME, checked with independent clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.stack import LOCAL_AWS_CREDENTIAL, STACK_WORKER_NAME, LocalStack, process_alive, process_start_time
+from tests.conftest import missing_service
+
+pytestmark = pytest.mark.integration
+
+# What the developer's shell may point at must not leak into the stack under test.
+SERVICE_ENV = ("DEBLUR_BROKER_URL", "DEBLUR_S3_ENDPOINT_URL", "DEBLUR_DATABASE_URL", "DEBLUR_FLOWER_PORT",
+               "DEBLUR_FLOWER_BASIC_AUTH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CUDA_VISIBLE_DEVICES")  # fmt: skip
+
+
+def stack_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV}
+    env.update(DEBLUR_HOME=str(home), DEBLUR_TORCH_THREADS="1", **extra)
+    return env
+
+
+def stack_cli(home: Path, *args: str, timeout: float = 150, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args],
+        env=stack_env(home, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def require_services() -> None:
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed (apt-get install -y redis-server, or run 'make test')")
+    if not (Path(sys.executable).parent / "moto_server").exists() and shutil.which("moto_server") is None:
+        missing_service("moto_server is not installed (pip install 'deblur[stack]')")
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, object], str]]:
+    """A full stack (with its worker) brought up through the CLI; always brought down again."""
+    require_services()
+    home = tmp_path_factory.mktemp("deblur-home")
+    up = stack_cli(home, "up", "--timeout", "120")
+    try:
+        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+        connection = json.loads((home / "stack" / "connection.json").read_text())
+        yield home, connection, up.stdout
+    finally:
+        stack_cli(home, "down", "--timeout", "20")
+
+
+def test_services_answer_independent_clients(running_stack: tuple[Path, dict[str, object], str]) -> None:
+    import boto3
+    import redis
+
+    home, connection, _ = running_stack
+    assert str(connection["broker_url"]).startswith("redis://127.0.0.1:")
+    assert redis.Redis.from_url(str(connection["broker_url"])).ping() is True
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=str(connection["s3_endpoint_url"]),
+        region_name="us-east-1",
+        aws_access_key_id=str(connection["aws_access_key_id"]),
+        aws_secret_access_key=str(connection["aws_secret_access_key"]),
+    )
+    s3.create_bucket(Bucket="stack-check")
+    s3.put_object(Bucket="stack-check", Key="a/b.txt", Body=b"hello")
+    assert "stack-check" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert s3.get_object(Bucket="stack-check", Key="a/b.txt")["Body"].read() == b"hello"
+
+    assert connection["database_url"] == f"sqlite:///{home.resolve() / 'deblur.db'}"
+    assert (home / "deblur.db").exists()
+
+
+def test_flower_lists_the_worker_with_the_batch_task(running_stack: tuple[Path, dict[str, object], str]) -> None:
+    _, connection, _ = running_stack
+    base = f"http://{connection['flower_address']}:{connection['flower_port']}"
+    workers = get_json(base + "/api/workers?refresh=1")
+    assert isinstance(workers, dict)
+    (name,) = [n for n in workers if n.startswith(STACK_WORKER_NAME + "@")]
+    assert "deblur.process_batch" in workers[name]["registered"]
+    assert workers[name]["stats"]["pool"]["max-concurrency"] == 1
+    # the worker's events (-E) reach Flower, which exports them as Prometheus text
+    online = f'flower_worker_online{{worker="{name}"}} 1.0'
+    deadline = time.monotonic() + 20
+    while online not in (metrics := get_text(base + "/metrics")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert online in metrics
+
+
+def test_settings_follow_the_connection_file(
+    running_stack: tuple[Path, dict[str, object], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.settings import load_settings
+
+    home, connection, _ = running_stack
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DEBLUR_HOME", str(home))
+    settings = load_settings()
+    assert settings.broker_url == connection["broker_url"]
+    assert settings.s3_endpoint_url == connection["s3_endpoint_url"]
+    assert settings.flower_port == connection["flower_port"]
+    assert os.environ["AWS_ACCESS_KEY_ID"] == LOCAL_AWS_CREDENTIAL  # boto3 needs some credentials; moto takes any
+    monkeypatch.setenv("DEBLUR_BROKER_URL", "redis://elsewhere:6379/0")
+    assert load_settings().broker_url == "redis://elsewhere:6379/0"  # the environment still wins
+
+
+def test_status_and_idempotent_up(running_stack: tuple[Path, dict[str, object], str]) -> None:
+    home, _, _ = running_stack
+    status = stack_cli(home, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for service in ("redis", "s3", "flower", "worker"):
+        (line,) = [row for row in status.stdout.splitlines() if row.startswith(service + " ")]
+        assert " running " in line and str(home / "stack" / f"{service}.log") in line
+
+    before = json.loads(stack_cli(home, "status", "--format", "json").stdout)
+    again = stack_cli(home, "up", "--timeout", "60")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already running") == 4
+    after = json.loads(stack_cli(home, "status", "--format", "json").stdout)
+    assert [s["pid"] for s in after] == [s["pid"] for s in before]
+
+
+def test_failed_start_names_the_log_and_stops_what_it_started(tmp_path: Path) -> None:
+    require_services()
+    # a worker option the worker refuses makes its process exit during start-up
+    up = stack_cli(tmp_path, "up", "--timeout", "90", DEBLUR_WORKER_POOL="gevent-nope")
+    assert up.returncode == 1
+    assert "worker exited while starting" in up.stderr and str(tmp_path / "stack" / "worker.log") in up.stderr
+    assert "gevent-nope" in up.stderr  # the log's tail is quoted
+    assert not (tmp_path / "stack" / "state.json").exists()
+    started = [int(line.split("pid ")[1].split(",")[0]) for line in up.stdout.splitlines() if "started" in line]
+    assert len(started) == 4
+    deadline = time.monotonic() + 10
+    while any(process_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) for pid in started)
+
+
+def test_missing_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    up = stack_cli(tmp_path, "up", PATH=str(empty))
+    assert up.returncode == 1
+    assert "apt-get install -y redis-server" in up.stderr
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_service() -> None:
+    me = os.getpid()
+    started = process_start_time(me)
+    assert process_alive(me, started)
+    if started is not None:  # Linux: the start time tells a recycled pid apart
+        assert not process_alive(me, started + 1)
+
+
+def test_down_leaves_no_process_behind(running_stack: tuple[Path, dict[str, object], str]) -> None:
+    """Runs last in this file: it brings the module's stack down (the fixture's own down is then a no-op)."""
+    home, connection, _ = running_stack
+    state = LocalStack(home).load_state()
+    pids = {name: (r.pid, r.started) for name, r in state.items() if r.pid is not None}
+    assert set(pids) == {"redis", "s3", "flower", "worker"}
+    workers = get_json(f"http://127.0.0.1:{connection['flower_port']}/api/workers?refresh=1")
+    assert isinstance(workers, dict)
+    pool = [pid for info in workers.values() for pid in info["stats"]["pool"]["processes"]]
+    assert pool and all(process_alive(pid) for pid in pool)
+
+    down = stack_cli(home, "down")
+    assert down.returncode == 0, down.stderr
+    for name in ("worker", "flower", "s3", "redis"):
+        assert f"{name}: stopped (pid {pids[name][0]})" in down.stdout
+    assert not any(process_alive(pid, started) for pid, started in pids.values())
+    assert not any(process_alive(pid) for pid in pool)  # Celery's pool children went with their parent
+    assert not (home / "stack" / "connection.json").exists()
+    assert (home / "stack" / "redis.log").exists()  # logs stay for post-mortems
+    status = stack_cli(home, "status")
+    assert status.returncode == 3 and "no stack is running" in status.stdout

@@ -1,0 +1,283 @@
+"""``deblur worker`` and ``deblur flower``: GPU detection, process plans, signals, options and their env vars."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from worker import cli as wcli
+
+NVIDIA_SMI_TWO_GPUS = """\
+GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-3b1f0c2e-1111-2222-3333-444455556666)
+GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-9a8b7c6d-1111-2222-3333-444455556666)
+"""
+
+
+def fake_nvidia_smi(folder: Path, stdout: str, exit_code: int = 0) -> Path:
+    """An ``nvidia-smi`` executable in ``folder`` that prints ``stdout`` for ``-L``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    # shell builtins only: the tests run it with PATH reduced to this folder
+    lines = "".join(f"echo '{line}'\n" for line in stdout.splitlines())
+    script.write_text(f'#!/bin/sh\n[ "$1" = "-L" ] || exit 64\n{lines}exit {exit_code}\n')
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith(("DEBLUR_WORKER_", "DEBLUR_FLOWER_", "FLOWER_")) or name in {
+            "CUDA_VISIBLE_DEVICES", "DEBLUR_DEVICE", "DEBLUR_QUEUE", "DEBLUR_TORCH_THREADS",
+        }:  # fmt: skip
+            monkeypatch.delenv(name)
+    for name in ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH"):
+        # recorded by setenv, so what the flower command sets is undone after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+# -- GPU detection ----------------------------------------------------------------------------
+
+
+def test_detect_gpus_reads_nvidia_smi_listing(tmp_path: Path) -> None:
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", NVIDIA_SMI_TWO_GPUS)
+    assert wcli.detect_gpus({"PATH": str(bin_dir)}) == ["0", "1"]
+
+
+def test_detect_gpus_without_or_with_a_failing_nvidia_smi_is_cpu(tmp_path: Path) -> None:
+    assert wcli.detect_gpus({"PATH": str(tmp_path / "empty")}) == []
+    failing = fake_nvidia_smi(tmp_path / "bin", "NVIDIA-SMI has failed because it couldn't communicate\n", 9)
+    assert wcli.detect_gpus({"PATH": str(failing)}) == []
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [("2,3", ["2", "3"]), ("", []), ("-1", []), ("1,-1,2", ["1"]), ("GPU-abc", ["GPU-abc"])],
+)
+def test_cuda_visible_devices_wins_over_nvidia_smi(tmp_path: Path, visible: str, expected: list[str]) -> None:
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", NVIDIA_SMI_TWO_GPUS)
+    assert wcli.detect_gpus({"PATH": str(bin_dir), "CUDA_VISIBLE_DEVICES": visible}) == expected
+
+
+def test_select_gpus_forms() -> None:
+    available = ["0", "1", "2"]
+    assert wcli.select_gpus("auto", available) == ["0", "1", "2"]
+    assert wcli.select_gpus("2", available) == ["0", "1"]
+    assert wcli.select_gpus("0", available) == []
+    assert wcli.select_gpus("1,2", available) == ["1", "2"]
+    assert wcli.select_gpus("2,", []) == ["2"]  # explicit ids are trusted even when undetected
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [("4", "asks for 4 GPU(s) but 3 detected"), ("many", "'many'"), (",", "no device")])
+def test_select_gpus_errors_name_the_value(spec: str, fragment: str) -> None:
+    with pytest.raises(wcli.GpuSelectionError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        wcli.select_gpus(spec, ["0", "1", "2"])
+
+
+# -- process plans ----------------------------------------------------------------------------
+
+
+def test_plan_one_process_per_gpu_with_distinct_names() -> None:
+    plans = wcli.plan_workers(
+        gpus=["0", "1"], concurrency=2, pool="solo", queue="q1", loglevel="info",
+        hostname="deblur@%h", torch_threads=None,
+    )  # fmt: skip
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1"]
+    assert all(p.env["DEBLUR_DEVICE"] == "cuda" and p.env["DEBLUR_QUEUE"] == "q1" for p in plans)
+    names = [next(a for a in p.argv if a.startswith("--hostname=")) for p in plans]
+    assert names == ["--hostname=deblur-gpu0@%h", "--hostname=deblur-gpu1@%h"]
+    assert all({"worker", "--task-events", "--concurrency=2", "--pool=solo", "--queues=q1"} <= set(p.argv) for p in plans)
+
+
+def test_plan_single_gpu_keeps_the_hostname_and_uuid_ids_make_valid_names() -> None:
+    (plan,) = wcli.plan_workers(
+        gpus=["GPU-3b1f"], concurrency=1, pool="prefork", queue="deblur", loglevel="info",
+        hostname="w@h", torch_threads=None,
+    )  # fmt: skip
+    assert "--hostname=w@h" in plan.argv and plan.env["CUDA_VISIBLE_DEVICES"] == "GPU-3b1f"
+    assert wcli.gpu_hostname("w@h", "GPU-3b1f") == "w-gpuGPU-3b1f@h"
+
+
+def test_cpu_plan_divides_the_cpus_between_pool_processes() -> None:
+    (plan,) = wcli.plan_workers(
+        gpus=[], concurrency=3, pool="prefork", queue="deblur", loglevel="warning",
+        hostname="deblur@%h", torch_threads=None, cpu_count=8,
+    )  # fmt: skip
+    assert plan.env == {"DEBLUR_QUEUE": "deblur", "DEBLUR_TORCH_THREADS": "2"}
+    assert "CUDA_VISIBLE_DEVICES" not in plan.env and "--loglevel=WARNING" in plan.argv
+    (explicit,) = wcli.plan_workers(
+        gpus=[], concurrency=3, pool="prefork", queue="deblur", loglevel="info",
+        hostname="deblur@%h", torch_threads=5, cpu_count=8,
+    )  # fmt: skip
+    assert explicit.env["DEBLUR_TORCH_THREADS"] == "5"
+    assert wcli.torch_threads_for(4, 2) == 1
+
+
+# -- the worker command -----------------------------------------------------------------------
+
+
+def test_worker_help_lists_every_env_var() -> None:
+    result = CliRunner().invoke(wcli.worker_command, ["--help"])
+    assert result.exit_code == 0
+    for env in ("DEBLUR_WORKER_CONCURRENCY", "DEBLUR_WORKER_POOL", "DEBLUR_QUEUE", "DEBLUR_WORKER_GPUS",
+                "DEBLUR_TORCH_THREADS", "DEBLUR_WORKER_LOGLEVEL", "DEBLUR_WORKER_HOSTNAME"):
+        assert env in result.output
+
+
+def test_worker_options_come_from_env_vars(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    runs: list[wcli.WorkerProcess] = []
+    clean_env.setattr(wcli, "_run_in_process", runs.append)
+    clean_env.setenv("PATH", str(tmp_path / "no-gpu-here"))
+    env = {
+        "DEBLUR_WORKER_CONCURRENCY": "3", "DEBLUR_WORKER_POOL": "threads", "DEBLUR_QUEUE": "urgent",
+        "DEBLUR_WORKER_LOGLEVEL": "debug", "DEBLUR_WORKER_HOSTNAME": "w1@box", "DEBLUR_TORCH_THREADS": "2",
+    }  # fmt: skip
+    result = CliRunner().invoke(wcli.worker_command, [], env=env)
+    assert result.exit_code == 0, result.output
+    (plan,) = runs
+    assert {"--concurrency=3", "--pool=threads", "--queues=urgent", "--loglevel=DEBUG", "--hostname=w1@box"} <= set(
+        plan.argv
+    )
+    assert plan.env == {"DEBLUR_QUEUE": "urgent", "DEBLUR_TORCH_THREADS": "2"}
+
+
+def test_worker_with_two_gpus_supervises_one_celery_process_each(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("PATH", str(fake_nvidia_smi(tmp_path / "bin", NVIDIA_SMI_TWO_GPUS)))
+    launched: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_supervise(commands: list[tuple[list[str], dict[str, str]]]) -> int:
+        launched.extend(commands)
+        return 0
+
+    clean_env.setattr(wcli, "supervise", fake_supervise)
+    clean_env.setattr(wcli, "_run_in_process", pytest.fail)  # never start a real worker here
+    result = CliRunner().invoke(wcli.worker_command, ["--gpus", "auto"])
+    assert result.exit_code == 0, result.output
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in launched] == ["0", "1"]
+    for argv, _ in launched:
+        assert argv[:5] == [sys.executable, "-m", "celery", "-A", "jobs.celery_app:app"]
+        assert argv[5] == "worker"
+
+
+def test_worker_device_cpu_ignores_detected_gpus(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("PATH", str(fake_nvidia_smi(tmp_path / "bin", NVIDIA_SMI_TWO_GPUS)))
+    runs: list[wcli.WorkerProcess] = []
+    clean_env.setattr(wcli, "_run_in_process", runs.append)
+    result = CliRunner().invoke(wcli.worker_command, [], env={"DEBLUR_DEVICE": "cpu"})
+    assert result.exit_code == 0, result.output
+    assert len(runs) == 1 and "CUDA_VISIBLE_DEVICES" not in runs[0].env
+
+
+def test_worker_rejects_more_gpus_than_present(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("PATH", str(tmp_path / "none"))
+    result = CliRunner().invoke(wcli.worker_command, ["--gpus", "2"])
+    assert result.exit_code == 2
+    assert "--gpus" in result.output and "asks for 2 GPU(s) but 0 detected" in result.output
+
+
+def test_worker_module_does_not_import_torch() -> None:
+    code = "import sys, worker.cli, jobs.celery_app; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- supervision ------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import signal, sys, time, pathlib
+    marker = pathlib.Path(sys.argv[1])
+    def stop(signum, frame):
+        marker.write_text(str(signum))
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    pathlib.Path(str(marker) + ".ready").touch()
+    time.sleep(60)
+    """
+)
+
+
+def test_supervise_exits_with_a_failing_child_and_stops_the_others(tmp_path: Path) -> None:
+    marker = tmp_path / "survivor"
+    commands = [
+        ([sys.executable, "-c", CHILD, str(marker)], {}),
+        ([sys.executable, "-c", f"import time, pathlib, sys\n"
+          f"while not pathlib.Path({str(marker) + '.ready'!r}).exists(): time.sleep(0.05)\nsys.exit(3)"], {}),
+    ]  # fmt: skip
+    started = time.monotonic()
+    assert wcli.supervise(commands) == 3
+    assert time.monotonic() - started < 30
+    assert marker.read_text() == str(int(signal.SIGTERM))
+
+
+def test_supervisor_forwards_sigterm_to_every_child(tmp_path: Path) -> None:
+    markers = [tmp_path / "gpu0", tmp_path / "gpu1"]
+    script = tmp_path / "supervisor.py"
+    script.write_text(
+        "import sys\nfrom worker.cli import supervise\n"
+        f"child = {CHILD!r}\n"
+        f"sys.exit(supervise([([sys.executable, '-c', child, m], {{}}) for m in {[str(m) for m in markers]!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 30
+        while not all(Path(str(m) + ".ready").exists() for m in markers):
+            assert time.monotonic() < deadline, "children did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [m.read_text() for m in markers] == [str(int(signal.SIGTERM))] * 2
+
+
+# -- the flower command -----------------------------------------------------------------------
+
+
+def test_flower_help_explains_the_unauthenticated_api() -> None:
+    result = CliRunner().invoke(wcli.flower_command, ["--help"])
+    assert result.exit_code == 0
+    for text in ("FLOWER_UNAUTHENTICATED_API=1", "DEBLUR_FLOWER_ADDRESS", "DEBLUR_FLOWER_PORT", "DEBLUR_FLOWER_BASIC_AUTH"):
+        assert text in result.output
+
+
+def test_flower_on_loopback_opens_the_api(clean_env: pytest.MonkeyPatch) -> None:
+    from jobs.celery_app import app
+
+    calls: list[list[str]] = []
+    clean_env.setattr(app, "start", calls.append)
+    result = CliRunner().invoke(wcli.flower_command, [], env={"DEBLUR_FLOWER_PORT": "5999"})
+    assert result.exit_code == 0, result.output
+    assert calls == [["flower", "--address=127.0.0.1", "--port=5999"]]
+    assert os.environ["FLOWER_UNAUTHENTICATED_API"] == "1"
+
+
+def test_flower_basic_auth_goes_through_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    from jobs.celery_app import app
+
+    calls: list[list[str]] = []
+    clean_env.setattr(app, "start", calls.append)
+    result = CliRunner().invoke(
+        wcli.flower_command, ["--address", "0.0.0.0"], env={"DEBLUR_FLOWER_BASIC_AUTH": "ops:s3cret"}
+    )
+    assert result.exit_code == 0, result.output
+    assert os.environ["FLOWER_BASIC_AUTH"] == "ops:s3cret" and "FLOWER_UNAUTHENTICATED_API" not in os.environ
+    assert not any("s3cret" in arg for arg in calls[0])
+
+
+def test_flower_refuses_the_network_without_auth_and_hides_bad_passwords(clean_env: pytest.MonkeyPatch) -> None:
+    result = CliRunner().invoke(wcli.flower_command, [], env={"DEBLUR_FLOWER_ADDRESS": "0.0.0.0"})
+    assert result.exit_code == 2 and "'0.0.0.0' without --basic-auth" in result.output
+    result = CliRunner().invoke(wcli.flower_command, ["--basic-auth", "justapassword"])
+    assert result.exit_code == 2 and "expected user:password" in result.output
+    assert "justapassword" not in result.output
