@@ -19,7 +19,7 @@ from PIL import Image, ImageCms, ImageOps, JpegImagePlugin, PngImagePlugin
 from skimage import data
 
 from jobs.errors import ImageDecodeError
-from worker.imageio import DecodedImage, content_type, decode_image, encode_image, format_from_name
+from worker.imageio import DecodedImage, content_type, decode_image, encode_image, format_from_name, quantise
 
 RGB = np.ascontiguousarray(data.astronaut()[90:138, 150:214])  # 48x64, face and suit
 GREY = np.ascontiguousarray(data.camera()[100:148, 200:264])
@@ -209,6 +209,9 @@ def test_restored_pixels_are_what_gets_written() -> None:
     restored = np.clip(image.pixels[::-1] * 0.5 + 0.25, 0, 1)  # anything but the input
     seen = _independent_read(encode_image(image, restored), "png")
     np.testing.assert_array_equal(seen, np.rint(restored * 65535).astype(np.uint16))
+    np.testing.assert_array_equal(seen, quantise(restored, np.dtype(np.uint16)))  # what metrics may measure
+    with pytest.raises(ValueError, match="int32"):
+        quantise(restored, np.dtype(np.int32))
 
 
 def test_out_of_range_pixels_are_clipped_not_wrapped() -> None:

@@ -281,7 +281,7 @@ def encode_image(
         raise ValueError(f"pixels have shape {arr.shape}; the decoded image has {image.pixels.shape}")
     if quality is not None and not 1 <= quality <= 100:
         raise ValueError(f"quality {quality} is outside 1..100")
-    samples = _from_unit(arr, np.dtype(image.dtype))
+    samples = quantise(arr, np.dtype(image.dtype))
     metadata = image.metadata.stripped() if strip_metadata else image.metadata
     return _ENCODERS[image.format](samples, image.alpha, metadata, quality)
 
@@ -870,9 +870,18 @@ def _clip_unit(values: np.ndarray, top: float) -> np.ndarray:
     return values
 
 
-def _from_unit(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def quantise(pixels: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float [0, 1] pixels as :func:`encode_image` stores them in ``dtype`` samples.
+
+    uint8/uint16: clipped to [0, 1], scaled to the full range and rounded to
+    nearest; float32: clipped to [0, 1]. NaN becomes 0. Use it to measure
+    exactly the values that land in the output file.
+    """
+    dtype = np.dtype(dtype)
     if dtype == np.float32:
         return _clip_unit(np.array(pixels, dtype=np.float32), 1.0)
+    if dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"cannot quantise to {dtype}; images are stored as uint8, uint16 or float32")
     top = np.iinfo(dtype).max
     scaled = _clip_unit(np.multiply(pixels, np.float32(top), dtype=np.float32), top)
     np.rint(scaled, out=scaled)
