@@ -165,9 +165,9 @@ def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[t
 def _as_original_dtype(decoded: Any, pixels: np.ndarray) -> np.ndarray:
     """Quantise float [0, 1] pixels exactly as the encoder will when writing the file,
     so stored metrics describe the file that lands in S3."""
-    from worker.imageio import _from_unit
+    from worker.imageio import quantise
 
-    return _from_unit(pixels, np.dtype(decoded.dtype))
+    return quantise(pixels, np.dtype(decoded.dtype))
 
 
 def _no_reference(work: Work) -> None:

@@ -1,0 +1,99 @@
+"""A Python client for backend teams: submit, track, read results, cancel, retry.
+
+>>> from producer.client import Client
+>>> client = Client()                       # settings from the environment
+>>> job = client.submit(["s3://archive/scans/"], output="s3://archive/restored/",
+...                     models=["l0-blind", "seed002-unet:0.5"], job_key="nightly-2026-11-22")
+>>> client.wait(job)["counts"]
+{'pending': 0, 'running': 0, 'done': 120, 'failed': 0, 'cancelled': 0}
+>>> rows = client.results(job, status="failed")
+
+It needs no torch. Errors are :class:`jobs.errors.DeblurError` subclasses;
+:class:`jobs.errors.InputError` means the request itself is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.settings import Settings, load_settings
+from producer.retry import retry_images
+from producer.submit import JobRequest, submit
+from producer.tracking import fetch_results, is_finished, job_status
+
+
+class Client:
+    """Talks to the database and broker named by ``settings`` (default: the environment)."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = settings or load_settings(**overrides)
+
+    def submit(
+        self,
+        inputs: Sequence[str],
+        output: str,
+        models: Sequence[str] = (),
+        *,
+        strength: float = 1.0,
+        batch_size: int | None = None,
+        priority: int = 5,
+        strip_metadata: bool = False,
+        job_key: str | None = None,
+    ) -> str:
+        """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued."""
+        request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
+                             strength=strength, batch_size=batch_size, priority=priority,
+                             strip_metadata=strip_metadata, job_key=job_key)
+        return submit(request, self.settings).job_id
+
+    def evaluate(
+        self,
+        blurred: Sequence[str],
+        sharp: str | None = None,
+        models: Sequence[str] = (),
+        *,
+        gopro: bool = False,
+        output: str | None = None,
+        batch_size: int | None = None,
+        priority: int = 5,
+        job_key: str | None = None,
+    ) -> str:
+        """Submit an evaluation job (PSNR/SSIM per image for input, members and ensemble)."""
+        request = JobRequest(kind="evaluate", inputs=list(blurred), references=sharp, gopro=gopro, output=output,
+                             models=list(models), batch_size=batch_size, priority=priority, job_key=job_key)
+        return submit(request, self.settings).job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """State, counts per status, images/s and ETA."""
+        return job_status(self.settings, job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, interval: float = 1.0) -> dict[str, Any]:
+        """Block until the job is done, failed or cancelled; raises TimeoutError after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.status(job_id)
+            if is_finished(info):
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {info['status']} after {timeout}s: {info['counts']}")
+            time.sleep(interval)
+
+    def results(self, job_id: str, status: str | None = None, limit: int | None = None,
+                offset: int = 0) -> list[dict[str, Any]]:
+        """One dict per image: input, output, status, error, timings, metrics."""
+        return fetch_results(self.settings, job_id, status=status, limit=limit, offset=offset)
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job; returns how many pending images will be skipped."""
+        url = self.settings.resolved_database_url()
+        ensure_schema(url)
+        with session_scope(url) as session:
+            return queries.cancel_job(session, job_id)
+
+    def retry(self, job_id: str, failed: bool = True, stalled_after: int | None = None) -> int:
+        """Re-enqueue failed (and, with ``stalled_after`` seconds, stalled) images."""
+        return retry_images(self.settings, job_id, failed=failed, stalled_after=stalled_after)
