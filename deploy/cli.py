@@ -40,7 +40,7 @@ def stack_group() -> None:
     "--worker/--no-worker",
     default=True,
     show_default=True,
-    envvar="DEBLUR_STACK_WORKER",
+    envvar="DEBLUR_STACK_UP_WORKER",
     show_envvar=True,
     help="Start a worker too; --no-worker to run `deblur worker` yourself in the foreground.",
 )
@@ -49,7 +49,7 @@ def stack_group() -> None:
     type=click.FloatRange(min=1),
     default=180.0,
     show_default=True,
-    envvar="DEBLUR_STACK_TIMEOUT",
+    envvar="DEBLUR_STACK_UP_TIMEOUT",
     show_envvar=True,
     help="Seconds to wait for all services to answer.",
 )
@@ -65,7 +65,7 @@ def up_command(worker: bool, timeout: float) -> None:
     type=click.FloatRange(min=0),
     default=20.0,
     show_default=True,
-    envvar="DEBLUR_STACK_STOP_TIMEOUT",
+    envvar="DEBLUR_STACK_DOWN_TIMEOUT",
     show_envvar=True,
     help="Seconds between SIGTERM and SIGKILL (a worker finishes its current batch first).",
 )
@@ -82,7 +82,7 @@ def down_command(timeout: float) -> None:
     type=click.Choice(["table", "json"]),
     default="table",
     show_default=True,
-    envvar="DEBLUR_STACK_FORMAT",
+    envvar="DEBLUR_STACK_STATUS_FORMAT",
     show_envvar=True,
 )
 def status_command(fmt: str) -> None:

@@ -309,7 +309,7 @@ class LocalStack:
                     if record.pid is not None:
                         stop_process(record.pid, record.started, timeout=10)
                     records.pop(record.name, None)
-                if records:
+                if any(record.pid is not None for record in records.values()):
                     self._save_state(records)
                 else:
                     self.state_path.unlink(missing_ok=True)
