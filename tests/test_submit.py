@@ -155,3 +155,17 @@ def test_streaming_listing_of_5000_keys(env, s3, monkeypatch) -> None:  # type: 
     assert events.index("send") < second_page
     assert queue_length(env) == 500
     assert peak < 60 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
+
+
+def test_python_client_submit_status_cancel(env, s3) -> None:  # type: ignore[no-untyped-def]
+    from producer.client import Client
+
+    _, bucket = s3
+    client = Client()
+    job_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=["wiener:2"], job_key="k1")
+    assert client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", job_key="k1") == job_id
+    info = client.status(job_id)
+    assert info["status"] == "queued" and info["counts"]["pending"] == 2 and info["spec"]["models"] == ["wiener:2"]
+    assert client.cancel(job_id) == 2
+    assert client.wait(job_id, timeout=5)["status"] == "cancelled"
+    assert {r["status"] for r in client.results(job_id)} == {"cancelled"}
