@@ -327,15 +327,16 @@ def _json_ready(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _probe(check: Callable[[], None]) -> str:
     """Run ``check`` with a time limit; 'ok' or a one-line reason."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(check)
-        try:
-            future.result(timeout=HEALTH_TIMEOUT_S)
-        except FutureTimeout:
-            return f"no answer within {HEALTH_TIMEOUT_S:g} s"
-        except Exception as exc:  # any failure means "down"; the type and first line say why
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return f"{type(exc).__name__}: {first[:200]}"
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz")
+    try:
+        pool.submit(check).result(timeout=HEALTH_TIMEOUT_S)
+    except FutureTimeout:
+        return f"no answer within {HEALTH_TIMEOUT_S:g} s"
+    except Exception as exc:  # any failure means "down"; the type and first line say why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first[:200]}"
+    finally:
+        pool.shutdown(wait=False)  # a hung check must not hold the answer back
     return "ok"
 
 
