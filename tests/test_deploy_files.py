@@ -1,0 +1,110 @@
+"""The deployment files agree with the code: setting names, CLI options, queue lists, ports.
+
+No Docker engine or cluster is needed: the files are parsed and checked against
+the settings module, the click commands and the Celery app they configure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from jobs.settings import HELP
+from worker.cli import flower_command, worker_command
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def compose() -> dict[str, Any]:
+    return load_all(DEPLOY / "docker-compose.yml")[0]
+
+
+def k8s_objects() -> list[dict[str, Any]]:
+    return [doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in load_all(path)]
+
+
+def known_env_vars() -> set[str]:
+    names = {info.env for info in HELP.values()} | {"DEBLUR_HOME"}
+    for command in (worker_command, flower_command):
+        names |= {p.envvar for p in command.params if isinstance(p, click.Option) and isinstance(p.envvar, str)}
+    return names
+
+
+def containers() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for obj in k8s_objects():
+        spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+        found += [(obj["metadata"]["name"], c) for c in spec.get("containers", [])]
+    return found
+
+
+def test_every_deblur_variable_in_compose_and_k8s_is_a_real_setting() -> None:
+    known = known_env_vars()
+    used: set[str] = set()
+    for service in compose()["services"].values():
+        used |= set(service.get("environment") or {})
+    for obj in k8s_objects():
+        if obj["kind"] in {"ConfigMap", "Secret"}:
+            used |= set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+    for _, container in containers():
+        used |= {e["name"] for e in container.get("env", [])}
+    unknown = sorted(name for name in used if name.startswith("DEBLUR_") and name not in known)
+    assert unknown == []
+    assert {"DEBLUR_BROKER_URL", "DEBLUR_DATABASE_URL", "DEBLUR_S3_ENDPOINT_URL"} <= used
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_worker_and_flower_command_lines_parse(where: str) -> None:
+    if where == "compose":
+        lines = [s["command"] for s in compose()["services"].values() if "command" in s and s.get("image", "").startswith("deblur")]
+    else:
+        lines = [c["args"] for _, c in containers()]
+    commands = {"worker": worker_command, "flower": flower_command}
+    checked = set()
+    for argv in lines:
+        if argv and argv[0] in commands:
+            # make_context parses and validates the options without running anything
+            commands[argv[0]].make_context(argv[0], list(argv[1:]))
+            checked.add(argv[0])
+    assert checked == {"worker", "flower"}
+
+
+def test_network_facing_flower_always_gets_basic_auth() -> None:
+    flower = compose()["services"]["flower"]
+    assert "0.0.0.0" in flower["command"] and "DEBLUR_FLOWER_BASIC_AUTH" in flower["environment"]
+    secrets = [o for o in k8s_objects() if o["kind"] == "Secret"]
+    assert any("DEBLUR_FLOWER_BASIC_AUTH" in s.get("stringData", {}) for s in secrets)
+
+
+def test_keda_watches_every_list_the_celery_redis_transport_fills() -> None:
+    from kombu.transport.redis import Channel
+
+    from jobs.celery_app import app
+
+    config = next(o for o in k8s_objects() if o["kind"] == "ConfigMap")
+    queue = config["data"]["DEBLUR_QUEUE"]
+    steps = app.conf.broker_transport_options["priority_steps"]
+    expected = {queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in steps}
+    scaled = next(o for o in k8s_objects() if o["kind"] == "ScaledObject")
+    watched = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
+    assert watched == expected
+    worker = next(o for o in k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == scaled["spec"]["scaleTargetRef"]["name"])
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_prometheus_scrapes_the_port_flower_listens_on() -> None:
+    flower_cmd = compose()["services"]["flower"]["command"]
+    port = flower_cmd[flower_cmd.index("--port") + 1]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "deblur-flower")
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"flower:{port}"]
