@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploy.stack import LOCAL_AWS_CREDENTIAL, STACK_WORKER_NAME, LocalStack, process_alive, process_start_time
@@ -110,6 +111,41 @@ def test_flower_lists_the_worker_with_the_batch_task(running_stack: tuple[Path, 
     while online not in (metrics := get_text(base + "/metrics")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert online in metrics
+
+
+def test_a_job_submitted_with_no_exports_runs_on_the_stack_worker(
+    running_stack: tuple[Path, dict[str, object], str],
+) -> None:
+    """The CLI finds the stack through connection.json alone; the stack's worker restores the image."""
+    import boto3
+    import cv2
+    from skimage import data
+
+    home, connection, _ = running_stack
+    s3 = boto3.client(
+        "s3", endpoint_url=str(connection["s3_endpoint_url"]), region_name="us-east-1",
+        aws_access_key_id=LOCAL_AWS_CREDENTIAL, aws_secret_access_key=LOCAL_AWS_CREDENTIAL,
+    )  # fmt: skip
+    s3.create_bucket(Bucket="stack-job")
+    image = cv2.resize(data.camera(), (96, 96), interpolation=cv2.INTER_AREA)
+    s3.put_object(Bucket="stack-job", Key="in/camera.png", Body=cv2.imencode(".png", image)[1].tobytes())
+
+    def deblur(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args], env=stack_env(home),
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    submit = deblur("submit", "s3://stack-job/in/", "--output", "s3://stack-job/out/", "--model", "wiener", "--wait")
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = submit.stdout.split()[0]
+    results = deblur("results", job_id, "--format", "json")
+    assert results.returncode == 0, results.stderr
+    (row,) = json.loads(results.stdout)
+    assert row["status"] == "done" and row["output"] == "s3://stack-job/out/camera.png"
+    restored = s3.get_object(Bucket="stack-job", Key="out/camera.png")["Body"].read()
+    decoded = cv2.imdecode(np.frombuffer(restored, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.shape == image.shape and decoded.dtype == image.dtype
 
 
 def test_settings_follow_the_connection_file(
