@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "v1"
 MAX_PAGE = 1000
 HEALTH_TIMEOUT_S = 5.0
+MAX_INPUTS = 100_000  # URIs in one request body; list more under a prefix
 
 # +inf (PSNR of identical images) travels as the string "inf".
 MetricValue = float | Literal["inf", "-inf"] | None
@@ -111,7 +112,7 @@ class JobSubmission(BaseModel):
     kind: Literal["deblur", "evaluate"] = Field(
         "deblur", description="deblur: restore and write outputs; evaluate: PSNR/SSIM against sharp references.")
     inputs: list[Annotated[str, AfterValidator(_check_input_uri)]] = Field(
-        min_length=1,
+        min_length=1, max_length=MAX_INPUTS,
         description="S3 keys (s3://bucket/scan.tif) or prefixes (s3://bucket/scans/, recursive). For an "
                     "evaluation job, the blurred images. Manifest files are a CLI feature: list the URIs here.",
         examples=[["s3://archive/scans/"]],

@@ -11,7 +11,7 @@ import ipaddress
 import click
 from rich.console import Console
 
-from jobs.settings import HELP, load_settings
+from jobs.settings import HELP, Settings, load_settings
 
 console = Console(stderr=True)
 
@@ -27,11 +27,11 @@ def is_loopback(address: str) -> bool:
 
 
 @click.command(name="api")
-@click.option("--address", default="127.0.0.1", show_default=True, envvar=HELP["api_address"].env,
+@click.option("--address", default=Settings.api_address, show_default=True, envvar=HELP["api_address"].env,
               show_envvar=True,
               help="Address to listen on. The default only accepts connections from this machine; "
                    "0.0.0.0 listens on every interface (then set a token).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=Settings.api_port, show_default=True,
               envvar=HELP["api_port"].env, show_envvar=True, help="TCP port to listen on.")
 @click.option("--token", default=None, envvar=HELP["api_token"].env, show_envvar=True,
               help="Require 'Authorization: Bearer TOKEN' on every /v1 route. Prefer the environment "
@@ -72,5 +72,5 @@ def api_command(address: str, port: int, token: str | None, allow_no_token: bool
     host = f"[{settings.api_address}]" if ":" in settings.api_address else settings.api_address
     auth = "bearer token required" if settings.api_token else "no token (DEBLUR_API_TOKEN unset)"
     console.print(f"deblur API on http://{host}:{settings.api_port}  docs: /docs  auth: {auth}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     uvicorn.run(create_app(settings), host=settings.api_address, port=settings.api_port, log_level=log_level)
