@@ -367,10 +367,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     # a default rather than Annotated: postponed annotations cannot see the local ``bearer``
     def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if expected is None:
-            return
         given = credentials.credentials.encode() if credentials is not None else b""
-        if credentials is None or not secrets.compare_digest(given, expected):
+        if expected is not None and not (credentials and secrets.compare_digest(given, expected)):
             raise HTTPException(
                 401, "missing or wrong bearer token: send 'Authorization: Bearer <DEBLUR_API_TOKEN>'",
                 headers={"WWW-Authenticate": "Bearer"},
