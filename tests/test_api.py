@@ -239,6 +239,10 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert malformed.status_code == 422
     [error] = refused({**good, "inputs": ["s3://no-such-bucket-here/in/"]})
     assert error["loc"] == ["body", "inputs"] and "no-such-bucket-here" in error["msg"]
+    [error] = refused({**good, "output": "s3://no-such-bucket-here/out/"})
+    assert error["loc"] == ["body", "output"] and "no-such-bucket-here" in error["msg"]
+    [error] = refused({**good, "inputs": [f"s3://{name}/in/missing.png"]})
+    assert error["loc"] == ["body", "inputs"] and "missing.png does not exist" in error["msg"]
     [error] = refused({**good, "output": f"s3://{name}/in/restored/"})
     assert error["loc"] == ["body", "output"] and "inside input prefix" in error["msg"]
     [error] = refused({"inputs": good["inputs"]})
