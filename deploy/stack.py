@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -205,8 +206,8 @@ def http_answers(url: str) -> bool:
         return False
 
 
-def stack_worker_names(broker_url: str, timeout: float = 1.0) -> list[str]:
-    """Node names of the stack's workers that answer a Celery ping on ``broker_url``."""
+def answering_workers(broker_url: str, timeout: float = 1.0) -> list[str]:
+    """Node names of every Celery worker that answers a ping on ``broker_url``."""
     from celery import Celery
 
     probe = Celery("deblur-stack-probe", broker=broker_url, set_as_current=False)
@@ -217,8 +218,13 @@ def stack_worker_names(broker_url: str, timeout: float = 1.0) -> list[str]:
         return []
     finally:
         probe.close()
-    names = [name for reply in replies for name in reply]
-    return [name for name in names if name.partition("@")[0].startswith(STACK_WORKER_NAME)]
+    return [name for reply in replies for name in reply]
+
+
+def is_node_of(node: str, worker_name: str) -> bool:
+    """True for ``worker_name@host`` and its per-GPU children ``worker_name-gpuN@host``."""
+    name = node.partition("@")[0]
+    return name == worker_name or name.startswith(worker_name + "-gpu")
 
 
 # -- the stack -------------------------------------------------------------------------------
@@ -261,6 +267,8 @@ class LocalStack:
         self.dir = self.home / "stack"
         self.state_path = self.dir / "state.json"
         self.connection_path = self.dir / "connection.json"
+        # unique per state folder: two stacks may share one Redis (DEBLUR_BROKER_URL)
+        self.worker_name = f"{STACK_WORKER_NAME}-{hashlib.sha1(str(self.home).encode()).hexdigest()[:8]}"
 
     # state ---------------------------------------------------------------------------------
 
@@ -330,8 +338,9 @@ class LocalStack:
         redis_rec = self._ensure_redis(records, started, echo)
         s3_rec = self._ensure_s3(records, started, echo)
         self._save_state(records)
-        self._wait(redis_rec, lambda: redis_answers(redis_rec.url), deadline)
-        self._wait(s3_rec, lambda: http_answers(s3_rec.url), deadline)
+        self._wait(
+            [(redis_rec, lambda: redis_answers(redis_rec.url)), (s3_rec, lambda: http_answers(s3_rec.url))], deadline
+        )
 
         db_rec = self._ensure_database(records, echo)
         self._save_state(records)
@@ -342,9 +351,12 @@ class LocalStack:
         if not worker and "worker" in records:
             self._stop_record(records.pop("worker"), 20, echo)
         self._save_state(records)
-        self._wait(flower_rec, lambda: http_answers(flower_rec.url + "healthcheck"), deadline)
+        checks = [(flower_rec, lambda: http_answers(flower_rec.url + "healthcheck"))]
         if worker_rec is not None:
-            self._wait(worker_rec, lambda: bool(stack_worker_names(redis_rec.url)), deadline)
+            checks.append(
+                (worker_rec, lambda: any(is_node_of(n, self.worker_name) for n in answering_workers(redis_rec.url)))
+            )
+        self._wait(checks, deadline)
 
         connection: dict[str, object] = {
             "broker_url": redis_rec.url,
@@ -512,23 +524,28 @@ class LocalStack:
             return kept
         argv = [
             sys.executable, "-m", "worker.cli", "worker",
-            "--hostname", f"{STACK_WORKER_NAME}@%h", "--concurrency", "1",
+            "--hostname", f"{self.worker_name}@%h", "--concurrency", "1",
         ]  # fmt: skip
-        record = self._spawn("worker", argv, None, f"celery node {STACK_WORKER_NAME}@{socket.gethostname()}", env)
+        record = self._spawn("worker", argv, None, f"celery node {self.worker_name}@{socket.gethostname()}", env)
         return self._started(records, started, record, echo)
 
-    def _wait(self, record: ServiceRecord, answers: Callable[[], bool], deadline: float) -> None:
-        while True:
-            if answers():
-                return
-            if record.pid is not None and not self.is_alive(record):
-                raise StackError(
-                    f"{record.name} exited while starting; see {record.log}:\n{log_tail(record.log)}"
-                )
-            if time.monotonic() > deadline:
+    def _wait(self, checks: list[tuple[ServiceRecord, Callable[[], bool]]], deadline: float) -> None:
+        """Wait until every service answers; fail as soon as one of them exits, or at the deadline."""
+        pending = list(checks)
+        while pending:
+            for record, answers in list(pending):
+                if answers():
+                    pending.remove((record, answers))
+                elif record.pid is not None and not self.is_alive(record):
+                    raise StackError(
+                        f"{record.name} exited while starting; see {record.log}:\n{log_tail(record.log)}"
+                    )
+            if pending and time.monotonic() > deadline:
+                record = pending[0][0]
                 where = f"; see {record.log}:\n{log_tail(record.log)}" if record.log else ""
                 raise StackError(f"{record.name} ({record.url}) did not answer in time{where}")
-            time.sleep(0.25)
+            if pending:
+                time.sleep(0.25)
 
     # down / status -------------------------------------------------------------------------
 

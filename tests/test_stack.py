@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.stack import LOCAL_AWS_CREDENTIAL, STACK_WORKER_NAME, LocalStack, process_alive, process_start_time
+from deploy.stack import LOCAL_AWS_CREDENTIAL, LocalStack, process_alive, process_start_time
 from tests.conftest import missing_service
 
 pytestmark = pytest.mark.integration
@@ -98,11 +100,11 @@ def test_services_answer_independent_clients(running_stack: tuple[Path, dict[str
 
 
 def test_flower_lists_the_worker_with_the_batch_task(running_stack: tuple[Path, dict[str, object], str]) -> None:
-    _, connection, _ = running_stack
+    home, connection, _ = running_stack
     base = f"http://{connection['flower_address']}:{connection['flower_port']}"
     workers = get_json(base + "/api/workers?refresh=1")
     assert isinstance(workers, dict)
-    (name,) = [n for n in workers if n.startswith(STACK_WORKER_NAME + "@")]
+    (name,) = [n for n in workers if n.startswith(LocalStack(home).worker_name + "@")]
     assert "deblur.process_batch" in workers[name]["registered"]
     assert workers[name]["stats"]["pool"]["max-concurrency"] == 1
     # the worker's events (-E) reach Flower, which exports them as Prometheus text
@@ -130,19 +132,17 @@ def test_a_job_submitted_with_no_exports_runs_on_the_stack_worker(
     image = cv2.resize(data.camera(), (96, 96), interpolation=cv2.INTER_AREA)
     s3.put_object(Bucket="stack-job", Key="in/camera.png", Body=cv2.imencode(".png", image)[1].tobytes())
 
-    def deblur(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "producer.cli", *args], env=stack_env(home),
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-
-    submit = deblur("submit", "s3://stack-job/in/", "--output", "s3://stack-job/out/", "--model", "wiener", "--wait")
+    submit = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", "s3://stack-job/in/", "--output", "s3://stack-job/out/",
+         "--model", "wiener", "--wait"],
+        env=stack_env(home), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = submit.stdout.split()[0]
-    results = deblur("results", job_id, "--format", "json")
-    assert results.returncode == 0, results.stderr
-    (row,) = json.loads(results.stdout)
-    assert row["status"] == "done" and row["output"] == "s3://stack-job/out/camera.png"
+    # read by an independent client, straight from the stack's SQLite file
+    with contextlib.closing(sqlite3.connect(home / "deblur.db")) as db:
+        rows = db.execute("SELECT status, output_uri FROM images WHERE job_id = ?", (job_id,)).fetchall()
+    assert rows == [("done", "s3://stack-job/out/camera.png")]
     restored = s3.get_object(Bucket="stack-job", Key="out/camera.png")["Body"].read()
     decoded = cv2.imdecode(np.frombuffer(restored, np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded.shape == image.shape and decoded.dtype == image.dtype
@@ -174,28 +174,37 @@ def test_status_and_idempotent_up(running_stack: tuple[Path, dict[str, object], 
         (line,) = [row for row in status.stdout.splitlines() if row.startswith(service + " ")]
         assert " running " in line and str(home / "stack" / f"{service}.log") in line
 
-    before = json.loads(stack_cli(home, "status", "--format", "json").stdout)
+    listed = json.loads(stack_cli(home, "status", "--format", "json").stdout)
+    before = {service["name"]: service["pid"] for service in listed}
+    assert {s["name"]: s["state"] for s in listed}["database"] == "present"
     again = stack_cli(home, "up", "--timeout", "60")
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already running") == 4
-    after = json.loads(stack_cli(home, "status", "--format", "json").stdout)
-    assert [s["pid"] for s in after] == [s["pid"] for s in before]
+    assert {name: record.pid for name, record in LocalStack(home).load_state().items()} == before
 
 
-def test_failed_start_names_the_log_and_stops_what_it_started(tmp_path: Path) -> None:
-    require_services()
+def test_failed_start_names_the_log_and_stops_only_what_it_started(
+    running_stack: tuple[Path, dict[str, object], str], tmp_path: Path
+) -> None:
+    """A second stack reuses the first one's Redis (DEBLUR_BROKER_URL answers) and fails on its worker."""
+    import redis
+
+    _, connection, _ = running_stack
+    broker = str(connection["broker_url"])
     # a worker option the worker refuses makes its process exit during start-up
-    up = stack_cli(tmp_path, "up", "--timeout", "90", DEBLUR_WORKER_POOL="gevent-nope")
+    up = stack_cli(tmp_path, "up", "--timeout", "90", DEBLUR_WORKER_POOL="gevent-nope", DEBLUR_BROKER_URL=broker)
     assert up.returncode == 1
+    assert f"redis: using DEBLUR_BROKER_URL={broker}" in up.stdout
     assert "worker exited while starting" in up.stderr and str(tmp_path / "stack" / "worker.log") in up.stderr
     assert "gevent-nope" in up.stderr  # the log's tail is quoted
     assert not (tmp_path / "stack" / "state.json").exists()
     started = [int(line.split("pid ")[1].split(",")[0]) for line in up.stdout.splitlines() if "started" in line]
-    assert len(started) == 4
+    assert len(started) == 3  # s3, flower, worker: not the reused Redis
     deadline = time.monotonic() + 10
     while any(process_alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(pid) for pid in started)
+    assert redis.Redis.from_url(broker).ping() is True  # someone else's Redis is left alone
 
 
 def test_missing_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
