@@ -40,6 +40,7 @@ class JobRequest:
     priority: int = 5
     strip_metadata: bool = False
     job_key: str | None = None
+    ensemble: str | None = None  # a saved ensemble's name (deblur ensemble fit); excludes ``models``
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -77,6 +78,10 @@ def submit(
     from jobs.celery_app import app_for, broker_priority
 
     app = app_for(settings)
+    if request.ensemble is not None:
+        from producer.ensembles import expand_request
+
+        request = expand_request(request, settings)
     models = request.validated_models()
     batch_size = request.batch_size or settings.batch_size
     if batch_size < 1:
@@ -113,6 +118,7 @@ def submit(
         "batch_size": batch_size,
         "priority": request.priority,
         "strip_metadata": request.strip_metadata,
+        "ensemble": request.ensemble,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)
@@ -150,7 +156,8 @@ def submit(
                     progress(total)
     except BaseException as exc:
         with session_scope(db_url) as session:
-            queries.set_job_state(session, job_id, status="failed",
+            # the key is released so that submitting again with it starts afresh
+            queries.set_job_state(session, job_id, status="failed", job_key=None,
                                   error=f"submission interrupted after {total} images: {exc!r}")
         raise
     with session_scope(db_url) as session:
