@@ -136,6 +136,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @option("--output", "-o", required=True, help="S3 prefix for the restored images, e.g. s3://bucket/restored/.")
 @option("--model", "-m", "models", multiple=True, help=MODEL_HELP)
+@option("--ensemble", default=None, help="A saved ensemble (see 'deblur ensemble list') instead of --model.")
 @option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True,
         help="Blend of restored and input: 1 = fully restored, 0 = unchanged.")
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task (default: DEBLUR_BATCH_SIZE or 8).")
@@ -144,8 +145,9 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
-def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], strength: float, batch_size: int | None,
-           priority: int, strip_metadata: bool, job_key: str | None, wait: bool, quiet: bool) -> None:
+def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
+           batch_size: int | None, priority: int, strip_metadata: bool, job_key: str | None, wait: bool,
+           quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -156,7 +158,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], streng
     from producer.submit import JobRequest
 
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
-                         batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key)
+                         batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
+                         ensemble=ensemble)
     _submit_and_report(request, wait, quiet)
 
 
@@ -166,6 +169,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], streng
 @option("--sharp", default=None, help="S3 prefix of the sharp images; paired with --blurred by relative path.")
 @option("--gopro", is_flag=True, help="GoPro layout: pair */blur/* with */sharp/* under the --blurred prefix.")
 @option("--model", "-m", "models", multiple=True, help=MODEL_HELP)
+@option("--ensemble", default=None, help="A saved ensemble (see 'deblur ensemble list') instead of --model.")
 @option("--output", "-o", default=None, help="Optional S3 prefix to write the restored images to.")
 @option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Restoration strength.")
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
@@ -173,15 +177,15 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], streng
 @option("--job-key", default=None, help="Idempotency key.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
-def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], output: str | None,
-             strength: float, batch_size: int | None, priority: int, job_key: str | None, wait: bool,
-             quiet: bool) -> None:
+def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
+             output: str | None, strength: float, batch_size: int | None, priority: int, job_key: str | None,
+             wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
-                         job_key=job_key)
+                         job_key=job_key, ensemble=ensemble)
     _submit_and_report(request, wait, quiet)
 
 
