@@ -206,6 +206,24 @@ CHILD = textwrap.dedent(
 )
 
 
+def start_supervisor(tmp_path: Path, markers: list[Path]) -> subprocess.Popen[bytes]:
+    """A process running :func:`worker.cli.supervise` over one CHILD per marker, once every child is ready."""
+    script = tmp_path / "supervisor.py"
+    script.write_text(
+        "import sys\nfrom worker.cli import supervise\n"
+        f"child = {CHILD!r}\n"
+        f"sys.exit(supervise([([sys.executable, '-c', child, m], {{}}) for m in {[str(m) for m in markers]!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.monotonic() + 30
+    while not all(Path(str(m) + ".ready").exists() for m in markers):
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the supervised children did not start")
+        time.sleep(0.05)
+    return proc
+
+
 def test_supervise_exits_with_a_failing_child_and_stops_the_others(tmp_path: Path) -> None:
     marker = tmp_path / "survivor"
     commands = [
@@ -221,20 +239,27 @@ def test_supervise_exits_with_a_failing_child_and_stops_the_others(tmp_path: Pat
 
 def test_supervisor_forwards_sigterm_to_every_child(tmp_path: Path) -> None:
     markers = [tmp_path / "gpu0", tmp_path / "gpu1"]
-    script = tmp_path / "supervisor.py"
-    script.write_text(
-        "import sys\nfrom worker.cli import supervise\n"
-        f"child = {CHILD!r}\n"
-        f"sys.exit(supervise([([sys.executable, '-c', child, m], {{}}) for m in {[str(m) for m in markers]!r}]))\n"
-    )
-    proc = subprocess.Popen([sys.executable, str(script)])
+    proc = start_supervisor(tmp_path, markers)
     try:
-        deadline = time.monotonic() + 30
-        while not all(Path(str(m) + ".ready").exists() for m in markers):
-            assert time.monotonic() < deadline, "children did not start"
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [m.read_text() for m in markers] == [str(int(signal.SIGTERM))] * 2
+
+
+def test_children_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux only")
+    markers = [tmp_path / "gpu0", tmp_path / "gpu1"]
+    proc = start_supervisor(tmp_path, markers)
+    try:
+        proc.kill()  # SIGKILL: no chance to forward anything
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while not all(m.exists() for m in markers) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -281,3 +306,38 @@ def test_flower_refuses_the_network_without_auth_and_hides_bad_passwords(clean_e
     result = CliRunner().invoke(wcli.flower_command, ["--basic-auth", "justapassword"])
     assert result.exit_code == 2 and "expected user:password" in result.output
     assert "justapassword" not in result.output
+
+
+@pytest.mark.integration
+def test_two_fake_gpus_run_two_real_workers_that_stop_on_sigterm(redis_url: str, tmp_path: Path) -> None:
+    """The GPU path end to end minus CUDA: two Celery workers register, one SIGTERM stops both."""
+    from deploy.stack import answering_workers
+
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", NVIDIA_SMI_TWO_GPUS)
+    name = f"gputest{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if k not in {"CUDA_VISIBLE_DEVICES", "DEBLUR_DEVICE"}}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", DEBLUR_BROKER_URL=redis_url, DEBLUR_HOME=str(tmp_path),
+        DEBLUR_QUEUE=f"q-{name}",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker", "--pool", "solo", "--hostname", f"{name}@%h",
+         "--loglevel", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        nodes: list[str] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            nodes = sorted(n.partition("@")[0] for n in answering_workers(redis_url) if n.startswith(name))
+            if len(nodes) == 2:
+                break
+            time.sleep(0.5)
+        assert nodes == [f"{name}-gpu0", f"{name}-gpu1"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not [n for n in answering_workers(redis_url) if n.startswith(name)]

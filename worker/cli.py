@@ -10,6 +10,7 @@ supervisor exits when its workers do.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ LOGLEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_HOSTNAME = "deblur@%h"
 # Signals the supervisor hands on to its workers (Celery: TERM/INT warm shutdown, QUIT cold).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class GpuSelectionError(click.BadParameter):
@@ -161,6 +163,15 @@ def plan_workers(
     return plans
 
 
+def _die_with_parent() -> None:
+    """In a child: have Linux send it SIGTERM when the supervisor dies, even by SIGKILL (no orphaned GPU workers)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
 def _signal_quietly(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -189,7 +200,9 @@ def supervise(commands: Sequence[tuple[list[str], Mapping[str, str]]]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         for argv, env in commands:
-            proc = subprocess.Popen(argv, env={**os.environ, **env}, process_group=0)
+            proc = subprocess.Popen(
+                argv, env={**os.environ, **env}, process_group=0, preexec_fn=_die_with_parent
+            )
             children[proc.pid] = proc
         exit_code = 0
         # os.wait, not Popen.poll/send_signal: those reap children behind the loop's back.
