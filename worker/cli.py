@@ -204,6 +204,9 @@ def supervise(commands: Sequence[tuple[list[str], Mapping[str, str]]]) -> int:
                 argv, env={**os.environ, **env}, process_group=0, preexec_fn=_die_with_parent
             )
             children[proc.pid] = proc
+        if stopping:  # a signal came while spawning: the children started after it never got it
+            for pid in children:
+                _signal_quietly(pid, signal.SIGTERM)
         exit_code = 0
         # os.wait, not Popen.poll/send_signal: those reap children behind the loop's back.
         while any(proc.returncode is None for proc in children.values()):
