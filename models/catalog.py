@@ -44,7 +44,32 @@ CLASSIC: list[ModelInfo] = [
 
 # Other families append their entries here (kept as separate lists so each
 # family's declarations stay together).
-BLIND: list[ModelInfo] = []
+BLIND: list[ModelInfo] = [
+    ModelInfo(
+        name="l0-blind",
+        family="classic",
+        license="Apache-2.0",
+        summary=(
+            "Blind deblurring: coarse-to-fine kernel estimation with the L0 gradient prior "
+            "(Pan et al. 2014, Anger et al. 2019), then TV or hyper-Laplacian deconvolution; "
+            "returns the estimated kernel and falls back to a gentle result when the estimate collapses."
+        ),
+        factory="models.l0_blind:build_l0_blind",
+        params=(
+            Param("kernel", int, 0, "odd maximum kernel side in pixels; 0 = automatic (35, less on small images)",
+                  minimum=0, maximum=101),
+            Param("lambda", float, 4e-3, "initial L0 gradient-prior weight (decays x0.9 to 1e-4)",
+                  minimum=1e-5, maximum=1.0),
+            Param("iterations", int, 5, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),
+            Param("final", str, "tv", "final non-blind deconvolution prior", choices=("hyper", "tv", "wiener")),
+            Param("final_lambda", float, 3e-3, "prior weight (or Wiener NSR) of the final deconvolution",
+                  minimum=1e-6, maximum=1.0),
+            Param("guard", bool, True, "detect collapsed kernel estimates and fall back to a gentle result"),
+        ),
+        dtypes=("float32",),
+        produces_kernel=True,
+    ),
+]
 LEARNED_SEED: list[ModelInfo] = []
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 

@@ -218,3 +218,63 @@ def richardson_lucy(x: torch.Tensor, kernel: torch.Tensor, iterations: int) -> t
         ratio = mask * observed / filter_fft(estimate, otf).clamp(min=eps)
         estimate = estimate * filter_fft(ratio, adjoint).clamp(min=0.0) / norm
     return crop(estimate, margin, x.shape[-2:])
+
+
+def shrink(v: torch.Tensor, tau: float | torch.Tensor, alpha: float) -> torch.Tensor:
+    """Approximate proximal step of ``tau * |w|**alpha`` (p-shrinkage, Chartrand 2012).
+
+    ``alpha = 1`` is exact soft thresholding (TV); ``alpha < 1`` (hyper-Laplacian)
+    zeroes small values and shrinks large ones less, which keeps strong edges.
+    """
+    mag = v.abs()
+    if alpha == 1.0:
+        return torch.sign(v) * (mag - tau).clamp(min=0.0)
+    cut = tau ** (2.0 - alpha) * mag.clamp(min=1e-12) ** (alpha - 1.0)
+    return torch.sign(v) * (mag - cut).clamp(min=0.0)
+
+
+def sparse_deconv(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    lam: float,
+    alpha: float = 0.8,
+    iterations: int = 40,
+    penalty: float = 30.0,
+) -> torch.Tensor:
+    """Deconvolution with a sparse gradient prior and unknown boundaries.
+
+    Minimises ``1/2 ||M (k * u - x)||² + lam * sum |grad u|**alpha`` over the
+    padded domain, where ``M`` keeps only the photograph's own pixels, so
+    nothing outside the frame has to be explained and the borders do not
+    ring. ``alpha = 1`` is total variation, ``alpha ≈ 0.8`` the hyper-Laplacian
+    prior of natural-image gradients (Krishnan & Fergus 2009).
+
+    Solved by ADMM with two splittings, ``v = k * u`` (data, an element-wise
+    step that honours the mask; Almeida & Figueiredo 2013) and ``w = grad u``
+    (prior, a shrinkage step), both with penalty ``penalty * lam``; the
+    ``u`` step is a closed-form FFT solve.
+    """
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    padded, margin, otf = padded_problem(x, kernel)
+    mask = image_mask(padded, margin, x.shape[-2:])
+    size = padded.shape[-2:]
+    dx, dy = gradient_otfs(size, x.device, x.dtype)
+    rho = penalty * lam
+    denom = otf.abs() ** 2 + dx.abs() ** 2 + dy.abs() ** 2
+    u = padded
+    v = padded
+    a = torch.zeros_like(padded)
+    wx, wy = grad(padded)
+    cx, cy = torch.zeros_like(padded), torch.zeros_like(padded)
+    for _ in range(iterations):
+        numer = otf.conj() * torch.fft.rfft2(v - a) + torch.fft.rfft2(grad_adjoint(wx - cx, wy - cy))
+        spectrum = numer / denom
+        u = torch.fft.irfft2(spectrum, s=size)
+        blurred = torch.fft.irfft2(spectrum * otf, s=size)
+        v = (mask * padded + rho * (blurred + a)) / (mask + rho)
+        gx, gy = grad(u)
+        wx, wy = shrink(gx + cx, lam / rho, alpha), shrink(gy + cy, lam / rho, alpha)
+        a = a + blurred - v
+        cx, cy = cx + gx - wx, cy + gy - wy
+    return crop(u, margin, x.shape[-2:])
