@@ -20,8 +20,6 @@ import pytest
 from deploy.stack import LOCAL_AWS_CREDENTIAL, LocalStack, process_alive, process_start_time
 from tests.conftest import missing_service
 
-pytestmark = pytest.mark.integration
-
 # What the developer's shell may point at must not leak into the stack under test.
 SERVICE_ENV = ("DEBLUR_BROKER_URL", "DEBLUR_S3_ENDPOINT_URL", "DEBLUR_DATABASE_URL", "DEBLUR_FLOWER_PORT",
                "DEBLUR_FLOWER_BASIC_AUTH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CUDA_VISIBLE_DEVICES")  # fmt: skip
@@ -75,6 +73,7 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pa
         stack_cli(home, "down", "--timeout", "20")
 
 
+@pytest.mark.integration
 def test_services_answer_independent_clients(running_stack: tuple[Path, dict[str, object], str]) -> None:
     import boto3
     import redis
@@ -99,6 +98,7 @@ def test_services_answer_independent_clients(running_stack: tuple[Path, dict[str
     assert (home / "deblur.db").exists()
 
 
+@pytest.mark.integration
 def test_flower_lists_the_worker_with_the_batch_task(running_stack: tuple[Path, dict[str, object], str]) -> None:
     home, connection, _ = running_stack
     base = f"http://{connection['flower_address']}:{connection['flower_port']}"
@@ -115,6 +115,7 @@ def test_flower_lists_the_worker_with_the_batch_task(running_stack: tuple[Path, 
     assert online in metrics
 
 
+@pytest.mark.integration
 def test_a_job_submitted_with_no_exports_runs_on_the_stack_worker(
     running_stack: tuple[Path, dict[str, object], str],
 ) -> None:
@@ -148,6 +149,7 @@ def test_a_job_submitted_with_no_exports_runs_on_the_stack_worker(
     assert decoded.shape == image.shape and decoded.dtype == image.dtype
 
 
+@pytest.mark.integration
 def test_settings_follow_the_connection_file(
     running_stack: tuple[Path, dict[str, object], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,6 +168,7 @@ def test_settings_follow_the_connection_file(
     assert load_settings().broker_url == "redis://elsewhere:6379/0"  # the environment still wins
 
 
+@pytest.mark.integration
 def test_status_and_idempotent_up(running_stack: tuple[Path, dict[str, object], str]) -> None:
     home, _, _ = running_stack
     status = stack_cli(home, "status")
@@ -183,6 +186,7 @@ def test_status_and_idempotent_up(running_stack: tuple[Path, dict[str, object], 
     assert {name: record.pid for name, record in LocalStack(home).load_state().items()} == before
 
 
+@pytest.mark.integration
 def test_failed_start_names_the_log_and_stops_only_what_it_started(
     running_stack: tuple[Path, dict[str, object], str], tmp_path: Path
 ) -> None:
@@ -215,6 +219,34 @@ def test_missing_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
     assert "apt-get install -y redis-server" in up.stderr
 
 
+def test_stack_credentials_are_exported_only_for_the_stack_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.settings import load_settings
+
+    connection = {
+        "broker_url": "redis://127.0.0.1:1/0", "s3_endpoint_url": "http://127.0.0.1:2",
+        "aws_access_key_id": LOCAL_AWS_CREDENTIAL, "aws_secret_access_key": LOCAL_AWS_CREDENTIAL,
+    }  # fmt: skip
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "connection.json").write_text(json.dumps(connection))
+    monkeypatch.setenv("DEBLUR_HOME", str(tmp_path))
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DEBLUR_S3_ENDPOINT_URL", "https://s3.example.org")
+    assert load_settings().s3_endpoint_url == "https://s3.example.org"
+    assert "AWS_ACCESS_KEY_ID" not in os.environ  # real S3: boto3 finds the real credentials itself
+    monkeypatch.delenv("DEBLUR_S3_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mine")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "my-secret")
+    assert load_settings().s3_endpoint_url == "http://127.0.0.1:2"
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "mine"  # credentials already set are kept
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    load_settings()
+    assert os.environ["AWS_ACCESS_KEY_ID"] == os.environ["AWS_SECRET_ACCESS_KEY"] == LOCAL_AWS_CREDENTIAL
+
+
 def test_a_reused_pid_is_not_mistaken_for_the_service() -> None:
     me = os.getpid()
     started = process_start_time(me)
@@ -223,6 +255,7 @@ def test_a_reused_pid_is_not_mistaken_for_the_service() -> None:
         assert not process_alive(me, started + 1)
 
 
+@pytest.mark.integration
 def test_down_leaves_no_process_behind(running_stack: tuple[Path, dict[str, object], str]) -> None:
     """Runs last in this file: it brings the module's stack down (the fixture's own down is then a no-op)."""
     home, connection, _ = running_stack
