@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import heapq
 import html
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +27,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
+from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, Image, Metric
 from jobs.errors import InputError, StorageNotFoundError
 from jobs.layout import kernel_uri as layout_kernel_uri
 from jobs.s3uri import parse_s3_uri
@@ -40,6 +42,7 @@ from producer.ensembles import Member, decode_from_s3, job_members, member_outpu
 CROP_SIZE = 160
 DEFAULT_CROPS = 3
 PAGE = 1000
+Metrics = dict[str, dict[str, float | None]]  # {model: {name: value}} of one image
 
 
 # ------------------------------------------------------------------ the table
@@ -210,67 +213,78 @@ class ImageStats:
     best: list[dict[str, Any]]
 
 
-def _done_rows(session: Any, job_id: str) -> Iterator[dict[str, Any]]:
-    offset = 0
-    while True:
-        page = queries.image_rows(session, job_id, status="done", limit=PAGE, offset=offset)
-        yield from page
-        if len(page) < PAGE:
-            return
-        offset += PAGE
+def _done_metrics(session: Any, job_id: str, names: Sequence[str]) -> Iterator[tuple[int, Metrics]]:
+    """``(image id, {model: {name: value}})`` for every done image, streamed in
+    id order by one query (no offset paging, so millions of images stay linear)."""
+    query = (
+        select(Metric.image_id, Metric.model, Metric.name, Metric.value)
+        .join(Image, Image.id == Metric.image_id)
+        .where(Image.job_id == job_id, Image.status == "done", Metric.name.in_(list(names)))
+        .order_by(Metric.image_id)
+        .execution_options(yield_per=PAGE)
+    )
+    for image_id, group in itertools.groupby(session.execute(query), key=lambda r: r[0]):
+        by_model: Metrics = {}
+        for _, model, name, value in group:
+            by_model.setdefault(model, {})[name] = value
+        yield int(image_id), by_model
 
 
-def _metric(row: dict[str, Any], model: str, name: str) -> float | None:
-    value = row["metrics_by_model"].get(model, {}).get(name)
+def _rows_by_id(session: Any, ids: Sequence[int]) -> list[dict[str, Any]]:
+    images = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(list(ids))))}
+    metrics = queries.metrics_for(session, list(ids))
+    return [queries.image_dict(images[i], metrics.get(i, {})) for i in ids]
+
+
+def _metric(by_model: Metrics, model: str, name: str) -> float | None:
+    value = by_model.get(model, {}).get(name)
     return None if value is None or math.isnan(value) else float(value)
 
 
-def image_score(kind: str, row: dict[str, Any], model: str) -> float | None:
-    """How much ``model`` improved this image: PSNR gain in dB (evaluation),
-    or the ratio of Laplacian variances restored/input (deblur)."""
-    if kind == "evaluate":
-        out, base = _metric(row, model, "psnr"), _metric(row, INPUT_MODEL, "psnr")
-        if out is None or base is None or not (math.isfinite(out) and math.isfinite(base)):
-            return None
-        return out - base
-    out, base = _metric(row, model, "laplacian_variance"), _metric(row, INPUT_MODEL, "laplacian_variance")
-    if out is None or not base:
+def image_score(kind: str, by_model: Metrics, model: str) -> float | None:
+    """How much ``model`` improved an image, from its metrics by model: PSNR
+    gain in dB (evaluation), or the ratio of Laplacian variances
+    restored/input (deblur)."""
+    name = "psnr" if kind == "evaluate" else "laplacian_variance"
+    out, base = _metric(by_model, model, name), _metric(by_model, INPUT_MODEL, name)
+    if out is None or base is None or not (math.isfinite(out) and math.isfinite(base)):
         return None
-    return out / base
+    if kind == "evaluate":
+        return out - base
+    return out / base if base else None
 
 
 def collect_stats(session: Any, table: ReportTable, n: int) -> ImageStats:
     """Per-model gains for the histograms and the ``n`` worst and best images,
-    in one paged pass (memory: the gains plus 2n rows)."""
+    in one streamed pass (memory: one float per image and model, plus 2n ids)."""
     models = [r.model for r in table.rows if r.model != INPUT_MODEL]
     ranked = models[-1]
     gains: dict[str, list[float]] = {m: [] for m in models}
-    worst: list[tuple[float, int, dict[str, Any]]] = []  # max-heap on -score
-    best: list[tuple[float, int, dict[str, Any]]] = []
-    for row in _done_rows(session, table.job_id):
+    worst: list[tuple[float, int]] = []  # min-heaps of (key, -id): the root is the first to drop
+    best: list[tuple[float, int]] = []
+    names = ["psnr"] if table.kind == "evaluate" else ["laplacian_variance"]
+    for image_id, by_model in _done_metrics(session, table.job_id, names):
         for model in models:
-            score = image_score(table.kind, row, model)
+            score = image_score(table.kind, by_model, model)
             if score is not None:
                 gains[model].append(score)
-        score = image_score(table.kind, row, ranked)
+        score = image_score(table.kind, by_model, ranked)
         if score is None or n <= 0:
             continue
         for heap, key in ((worst, -score), (best, score)):
-            item = (key, -row["id"], row)
             if len(heap) < n:
-                heapq.heappush(heap, item)
-            elif item[:2] > heap[0][:2]:
-                heapq.heapreplace(heap, item)
-    worst_rows = [r for _, _, r in sorted(worst, key=lambda t: t[:2], reverse=True)]
-    best_rows = [r for _, _, r in sorted(best, key=lambda t: t[:2], reverse=True)]
-    worst_ids = {r["id"] for r in worst_rows}
-    if worst_ids & {r["id"] for r in best_rows}:
+                heapq.heappush(heap, (key, -image_id))
+            elif (key, -image_id) > heap[0]:
+                heapq.heapreplace(heap, (key, -image_id))
+    worst_ids = [-i for _, i in sorted(worst, reverse=True)]
+    best_ids = [-i for _, i in sorted(best, reverse=True)]
+    if set(worst_ids) & set(best_ids):
         # fewer than 2n images: both lists hold the same ones, so split them in halves instead
-        ordered = worst_rows + [r for r in reversed(best_rows) if r["id"] not in worst_ids]
+        ordered = worst_ids + [i for i in reversed(best_ids) if i not in worst_ids]
         half = math.ceil(len(ordered) / 2)
-        worst_rows, best_rows = ordered[:half], ordered[half:][::-1]
+        worst_ids, best_ids = ordered[:half], ordered[half:][::-1]
     name = "PSNR gain over the input (dB)" if table.kind == "evaluate" else "sharpness × input (Laplacian var.)"
-    return ImageStats(name, gains, worst_rows, best_rows)
+    return ImageStats(name, gains, _rows_by_id(session, worst_ids), _rows_by_id(session, best_ids))
 
 
 # ---------------------------------------------------------------- the crops
@@ -363,7 +377,7 @@ def _kernel_uris(row: dict[str, Any], members: Sequence[Member], client: Any) ->
 
 
 def _psnr_caption(row: dict[str, Any], model: str) -> str:
-    value = _metric(row, model, "psnr")
+    value = _metric(row["metrics_by_model"], model, "psnr")
     return "" if value is None else f"{_number(value, 2)} dB"
 
 
@@ -389,7 +403,7 @@ def _crop_row(client: Any, row: dict[str, Any], table: ReportTable, members: Seq
             if evaluate:
                 caption = _psnr_caption(row, model) if model else "reference"
             else:
-                value = _metric(row, model, "laplacian_variance")
+                value = _metric(row["metrics_by_model"], model, "laplacian_variance")
                 caption = "" if value is None else f"Laplacian var. {value:.5f}"
             crop = None
             if img is not None and img.shape[:2] == anchor.shape[:2]:
@@ -439,8 +453,8 @@ def build_report(settings: Settings, job_id: str, crops: int = DEFAULT_CROPS, cr
         ranked = table.rows[-1].model
         with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
             def make(row: dict[str, Any]) -> CropRow:
-                return _crop_row(client, row, table, members, spec, image_score(table.kind, row, ranked),
-                                 crop_size, settings.image_max_pixels)
+                score = image_score(table.kind, row["metrics_by_model"], ranked)
+                return _crop_row(client, row, table, members, spec, score, crop_size, settings.image_max_pixels)
 
             worst = list(pool.map(make, stats.worst))
             best = list(pool.map(make, stats.best))
@@ -575,7 +589,8 @@ def render_html(report: Report) -> str:
     )
     notes = "".join(f'<li class=note>{html.escape(n)}</li>' for n in [*t.notes, *report.crop_notes])
     c = t.counts
-    ranking = ("ensemble PSNR gain over the blurred input" if t.kind == "evaluate"
+    ranked = "ensemble" if t.rows[-1].model == ENSEMBLE_MODEL else t.rows[-1].model
+    ranking = (f"{ranked} PSNR gain over the blurred input" if t.kind == "evaluate"
                else "ratio of the restored image's Laplacian variance to the input's")
     return "".join([
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
