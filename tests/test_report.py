@@ -62,6 +62,64 @@ def test_histogram_counts_every_value_and_colours_losses_red() -> None:
     assert "no finite values" in histogram_svg([float("inf")], "gain")
 
 
+def _recorded_job(url: str, gains: list[float]) -> str:
+    """An evaluation job whose done images have input PSNR 25 and the given ensemble gains."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job, _ = queries.create_job(session, "evaluate", {"models": list(MEMBERS), "output": None})
+        inputs = [f"s3://b/blur/{i}.png" for i in range(len(gains))]
+        queries.insert_images(session, job.id, [{"input_uri": u, "reference_uri": u.replace("blur", "sharp")}
+                                                for u in inputs], batch=0)
+        queries.record_outcomes(session, job.id, [
+            queries.ImageOutcome(u, "done", inference_s=0.5 + i, metrics=[
+                ("input", "psnr", 25.0), ("input", "ssim", 0.8), (MEMBERS[0], "psnr", 25.0 + 2 * g),
+                (MEMBERS[1], "psnr", 25.0), ("ensemble", "psnr", 25.0 + g), ("ensemble", "ssim", 0.9)])
+            for i, (u, g) in enumerate(zip(inputs, gains, strict=True))
+        ])
+        return job.id
+
+
+def test_stats_rank_worst_and_best_without_repeating_images(tmp_path: Path) -> None:
+    from db.engine import session_scope
+    from producer.report import build_table, collect_stats
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    job = _recorded_job(url, [1.0, -0.5, 3.0, 2.0, 0.25])
+    with session_scope(url) as session:
+        table = build_table(session, job)
+        rows = {r.model: r for r in table.rows}
+        assert rows["ensemble"].values["psnr"] == pytest.approx(25 + 5.75 / 5)
+        assert rows[MEMBERS[0]].values["delta_psnr"] == pytest.approx(2 * 5.75 / 5)
+        assert rows["ensemble"].seconds_per_image == pytest.approx(2.5)
+        assert rows["input"].values["ssim"] == pytest.approx(0.8) and rows[MEMBERS[1]].values["ssim"] is None
+        stats = collect_stats(session, table, 2)
+        assert [r["input"] for r in stats.worst] == ["s3://b/blur/1.png", "s3://b/blur/4.png"]
+        assert [r["input"] for r in stats.best] == ["s3://b/blur/2.png", "s3://b/blur/3.png"]
+        assert sorted(stats.gains[MEMBERS[0]]) == [-1.0, 0.5, 2.0, 4.0, 6.0]
+        # fewer images than 2n: split in halves, nothing shown twice
+        stats = collect_stats(session, table, 4)
+        assert [r["input"][-5:] for r in stats.worst] == ["1.png", "4.png", "0.png"]
+        assert [r["input"][-5:] for r in stats.best] == ["2.png", "3.png"]
+
+
+def test_a_job_without_done_images_still_renders(tmp_path: Path) -> None:
+    from db.engine import session_scope
+    from producer.report import Report, build_table, collect_stats, render_html
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    job = _recorded_job(url, [])
+    with session_scope(url) as session:
+        table = build_table(session, job)
+        stats = collect_stats(session, table, 3)
+    assert all(r.images == 0 and r.values["psnr"] is None for r in table.rows)
+    assert table.markdown().count("—") >= 3 * 4
+    page = render_html(Report(table, stats, [], [], [], "now"))
+    assert page.count("no finite values") == 3 and "<img" not in page
+
+
 # ------------------------------------------------------------- real jobs
 
 
@@ -113,7 +171,7 @@ def _data_pngs(page: str) -> list[np.ndarray]:
 
 def _screenshot(page: Path, target: Path, tmp: Path) -> np.ndarray:
     """Render ``page`` in headless Chromium; returns the screenshot's pixels."""
-    binary = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    binary = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
         missing_service("chromium is not installed (apt-get install -y chromium, or run 'make test')")
     target.unlink(missing_ok=True)
