@@ -113,8 +113,10 @@ def _official(
 # Official checkpoints, loaded through spandrel (models/official.py). No
 # sha256 is recorded because the upstream projects publish none; 'deblur
 # models pull' then prints the checksum it computed (trust on first use).
-# Google Drive and SharePoint links serve an HTML confirmation page to
-# scripts for large files: download those in a browser into DEBLUR_WEIGHTS_DIR.
+# NAFNet and MPRNet are the authors' Google Drive files (by file id, through
+# Drive's direct-download host); Uformer's is a SharePoint share link that
+# answers scripts with an HTML page, which pull detects: download it in a
+# browser into DEBLUR_WEIGHTS_DIR instead.
 LEARNED_OFFICIAL: list[ModelInfo] = [
     _official(
         "nafnet-gopro",
@@ -122,7 +124,7 @@ LEARNED_OFFICIAL: list[ModelInfo] = [
         "NAFNet width 64 trained on GoPro (Chen et al. 2022; 33.71 dB on GoPro).",
         "MIT",
         "NAFNet-GoPro-width64.pth",
-        "https://drive.google.com/uc?export=download&id=1S0PVRbyTakYY9a82kujgZLbMihfNBLfC",
+        "https://drive.usercontent.google.com/download?id=1S0PVRbyTakYY9a82kujgZLbMihfNBLfC&export=download&confirm=t",
         size_multiple=16,
     ),
     _official(
@@ -140,7 +142,7 @@ LEARNED_OFFICIAL: list[ModelInfo] = [
         "MPRNet deblurring, trained on GoPro (Zamir et al. 2021; 32.66 dB on GoPro).",
         _ACADEMIC,
         "MPRNet_model_deblurring.pth",
-        "https://drive.google.com/uc?export=download&id=1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb",
+        "https://drive.usercontent.google.com/download?id=1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb&export=download&confirm=t",
         size_multiple=8,
     ),
     _official(

@@ -26,7 +26,7 @@ def models_group() -> None:
     """
 
 
-@models_group.command(name="list")
+@models_group.command(name="list", short_help="Show the models: family, licence, weights, size rules.")
 @click.option(
     "--format",
     "output_format",
@@ -58,7 +58,7 @@ def list_models(output_format: str, family: str | None) -> None:
     _print_table(entries)
 
 
-@models_group.command(name="pull")
+@models_group.command(name="pull", short_help="Download a model's official checkpoint, checksum verified.")
 @click.argument("name")
 @click.option(
     "--url",
