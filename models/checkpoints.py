@@ -79,6 +79,11 @@ def read_checkpoint(path: str | Path) -> Mapping[str, object]:
             "plain state dict or to .safetensors on a machine you trust."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        if "TorchScript" in str(exc):
+            raise WeightsError(
+                f"checkpoint {str(path)!r} is a TorchScript archive, which carries code; "
+                "export its state_dict() (or .safetensors) on a machine you trust"
+            ) from None
         raise WeightsError(
             f"checkpoint {str(path)!r} could not be read (truncated download, TorchScript "
             f"archive or not a PyTorch file?): {_first_line(exc)}"

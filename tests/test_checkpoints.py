@@ -116,3 +116,10 @@ def test_a_corrupt_safetensors_file_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(WeightsError, match="safetensors"):
         read_checkpoint(path)
+
+
+def test_a_torchscript_archive_is_refused_because_it_carries_code(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3)), str(path))
+    with pytest.raises(WeightsError, match="TorchScript archive"):
+        read_checkpoint(path)
