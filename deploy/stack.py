@@ -335,23 +335,23 @@ class LocalStack:
         echo: Echo,
     ) -> dict[str, object]:
         deadline = time.monotonic() + timeout
+        # The schema first: the worker may find queued batches as soon as it connects.
+        db_rec = self._ensure_database(records, echo)
+        # Then everything at once: Flower and the worker retry the broker until Redis answers,
+        # so their (slow) Python start-up overlaps with Redis's and moto's.
         redis_rec = self._ensure_redis(records, started, echo)
         s3_rec = self._ensure_s3(records, started, echo)
-        self._save_state(records)
-        self._wait(
-            [(redis_rec, lambda: redis_answers(redis_rec.url)), (s3_rec, lambda: http_answers(s3_rec.url))], deadline
-        )
-
-        db_rec = self._ensure_database(records, echo)
-        self._save_state(records)
-
         env = self._child_env(redis_rec.url, s3_rec, db_rec.url)
         flower_rec = self._ensure_flower(records, started, env, echo)
         worker_rec = self._ensure_worker(records, started, env, echo) if worker else None
         if not worker and "worker" in records:
             self._stop_record(records.pop("worker"), 20, echo)
         self._save_state(records)
-        checks = [(flower_rec, lambda: http_answers(flower_rec.url + "healthcheck"))]
+        checks = [
+            (redis_rec, lambda: redis_answers(redis_rec.url)),
+            (s3_rec, lambda: http_answers(s3_rec.url)),
+            (flower_rec, lambda: http_answers(flower_rec.url + "healthcheck")),
+        ]
         if worker_rec is not None:
             checks.append(
                 (worker_rec, lambda: any(is_node_of(n, self.worker_name) for n in answering_workers(redis_rec.url)))
@@ -385,7 +385,12 @@ class LocalStack:
         previous = records.get(name)
         port = fixed or (previous.port if previous and previous.port else None)
         if port is None:
-            return free_port()
+            # services bind seconds after they start: never hand out a port another one is about to take
+            taken = {r.port for r in records.values() if r.port}
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            return port
         if not port_is_free(port):
             raise StackError(
                 f"{name}: port {port} on {LOOPBACK} is taken by another program; "
