@@ -385,21 +385,26 @@ def _crop_row(client: Any, row: dict[str, Any], table: ReportTable, members: Seq
               spec: dict[str, Any], score: float | None, size: int, max_pixels: int) -> CropRow:
     evaluate = table.kind == "evaluate"
     member_uris = member_output_uris(spec, row["output"]) if evaluate else {}
-    sources: list[tuple[str, str | None, str]] = [
-        ("blurred" if evaluate else "input", row["input"], INPUT_MODEL)
+    # (label, uri, model whose metric is the caption, shown even when it cannot be read)
+    sources: list[tuple[str, str | None, str, bool]] = [
+        ("blurred" if evaluate else "input", row["input"], INPUT_MODEL, True)
     ]
-    sources += [(key, str(uri), key) for key, uri in member_uris.items()]
+    sources += [(key, str(uri), key, False) for key, uri in member_uris.items()]
     restored_model = table.rows[-1].model
     label = restored_model if restored_model != ENSEMBLE_MODEL else "ensemble" if evaluate else "restored"
-    sources.append((label, row["output"], restored_model))
+    sources.append((label, row["output"], restored_model, True))
     if evaluate:
-        sources.append(("sharp", row["reference"], ""))
-    images = [_fetch(client, uri, max_pixels) for _, uri, _ in sources]
+        sources.append(("sharp", row["reference"], "", True))
+    # panels without a file (no --output) or with member outputs absent are left out
+    # (the page's notes say so); a core image that fails to read shows as missing
+    fetched = [(source, _fetch(client, source[1], max_pixels)) for source in sources if source[1]]
+    fetched = [(source, img) for source, img in fetched if img is not None or source[3]]
+    images = [img for _, img in fetched]
     anchor = next((img for img in reversed(images) if img is not None), None)
     panels: list[Panel] = []
     if anchor is not None:
         top, left, h, w = detail_window(anchor, size)
-        for (label, _, model), img in zip(sources, images, strict=True):
+        for (label, _, model, _), img in fetched:
             if evaluate:
                 caption = _psnr_caption(row, model) if model else "reference"
             else:
@@ -464,11 +469,11 @@ def build_report(settings: Settings, job_id: str, crops: int = DEFAULT_CROPS, cr
 
 def _member_notes(client: Any, spec: dict[str, Any], members: Sequence[Member], row: dict[str, Any]) -> list[str]:
     """Say why member crops are missing, when they are."""
+    if not spec.get("output"):
+        return ["the job ran without --output, so no restored images were kept: crops show blurred | sharp only"]
     if len(members) < 2:
         return [f"a single model ({members[0].key if members else '?'}) is its own ensemble: "
                 "crops show blurred | restored | sharp"]
-    if not spec.get("output"):
-        return ["the job ran without --output, so no restored images were kept: crops show blurred | sharp only"]
     uris = member_output_uris(spec, row["output"])
     if uris and not all(object_exists(client, uri) for uri in uris.values()):
         return ["the members' own outputs (<output>/_members/) are not in storage: "

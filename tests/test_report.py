@@ -37,11 +37,9 @@ IMG_SRC = re.compile(r'<img[^>]*\ssrc="([^"]*)"')
 
 
 def test_detail_window_finds_the_textured_region() -> None:
-    from models.synthetic_blur import sample_photographs
+    from skimage import data
 
-    photo = sample_photographs()["camera"] if "camera" in sample_photographs() else None
-    if photo is None:
-        pytest.skip("skimage's camera photograph is not installed")
+    photo = data.camera()
     canvas = np.full((300, 400), 0.5)
     canvas[150:250, 260:380] = photo[200:300, 200:320] / 255.0
     top, left, h, w = detail_window(canvas, size=100)
@@ -254,10 +252,23 @@ def test_single_model_without_output_shows_what_exists(stack: Stack, tmp_path: P
     table = json.loads(_report(job, "--format", "json", "--crops", "1", "--html", str(tmp_path / "one.html")))
     assert [r["model"] for r in table["rows"]] == ["input", MEMBERS[0]]
     page = (tmp_path / "one.html").read_text(encoding="utf-8")
-    assert "is its own ensemble" in page
     # no --output: the restored image was not kept, blurred and sharp are shown
-    assert page.count("not available") == 2 * 2
+    assert "ran without --output, so no restored images were kept" in page and "not available" not in page
+    assert re.findall(r"<figcaption>(\w+)<br>", page) == ["blurred", "sharp"] * 2
     assert len(_data_pngs(page)) == 2 * 2
+
+
+def test_missing_member_outputs_leave_blurred_ensemble_sharp(stack: Stack, tmp_path: Path) -> None:
+    models = [arg for m in MEMBERS for arg in ("--model", m)]
+    job = _finished(run_cli("evaluate", "--blurred", "s3://report-eval/blur/", "--sharp", "s3://report-eval/sharp/",
+                            *models, "--output", "s3://report-eval/pruned/", "-q").strip())
+    for obj in stack.s3.list_objects_v2(Bucket="report-eval", Prefix="pruned/_members/")["Contents"]:
+        stack.s3.delete_object(Bucket="report-eval", Key=obj["Key"])
+    _report(job, "--crops", "1", "--html", str(tmp_path / "pruned.html"))
+    page = (tmp_path / "pruned.html").read_text(encoding="utf-8")
+    assert "outputs (&lt;output&gt;/_members/) are not in storage" in page
+    assert re.findall(r"<figcaption>(\w+)<br>", page) == ["blurred", "ensemble", "sharp"] * 2
+    assert len(_data_pngs(page)) == 3 * 2
 
 
 def test_deblur_job_report_has_sharpness_table_crops_and_kernels(stack: Stack, tmp_path: Path,
