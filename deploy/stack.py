@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -377,7 +378,7 @@ class LocalStack:
         if record is None:
             return None
         if record.external or self.is_alive(record):
-            echo(f"{name}: already running ({record.url}{_pid_text(record)})")
+            echo(f"{name}: already running ({redact(record.url)}{_pid_text(record)})")
             return record
         return None
 
@@ -442,11 +443,11 @@ class LocalStack:
         if not external:
             return None
         if answers(external):
-            echo(f"{name}: using {env_var}={external}")
+            echo(f"{name}: using {env_var}={redact(external)}")
             records[name] = ServiceRecord(name=name, url=external, external=True)
             return records[name]
         echo(
-            f"{name}: {env_var}={external} does not answer; starting a local one. "
+            f"{name}: {env_var}={redact(external)} does not answer; starting a local one. "
             f"Unset {env_var} so that other commands use it too."
         )
         return None
@@ -484,13 +485,13 @@ class LocalStack:
         records["database"] = record
         migrate = _find_upgrade()
         if migrate is None:
-            echo(f"database: {url} (schema not created: this installation has no db package)")
+            echo(f"database: {redact(url)} (schema not created: this installation has no db package)")
             return record
         try:
             migrate(url)
         except Exception as exc:
-            raise StackError(f"database: migrating {url} failed: {exc}") from exc
-        echo(f"database: {url} (migrated)")
+            raise StackError(f"database: migrating {redact(url)} failed: {exc}") from exc
+        echo(f"database: {redact(url)} (migrated)")
         return record
 
     def _child_env(self, broker_url: str, s3: ServiceRecord, database_url: str) -> dict[str, str]:
@@ -548,7 +549,7 @@ class LocalStack:
             if pending and time.monotonic() > deadline:
                 record = pending[0][0]
                 where = f"; see {record.log}:\n{log_tail(record.log)}" if record.log else ""
-                raise StackError(f"{record.name} ({record.url}) did not answer in time{where}")
+                raise StackError(f"{record.name} ({redact(record.url)}) did not answer in time{where}")
             if pending:
                 time.sleep(0.25)
 
@@ -557,7 +558,7 @@ class LocalStack:
     def _stop_record(self, record: ServiceRecord, timeout: float, echo: Echo) -> None:
         if record.pid is None:
             if record.external:
-                echo(f"{record.name}: external ({record.url}), left running")
+                echo(f"{record.name}: external ({redact(record.url)}), left running")
             return
         if not self.is_alive(record):
             echo(f"{record.name}: was not running (pid {record.pid})")
@@ -596,7 +597,7 @@ class LocalStack:
                 state = "external"
             else:
                 state = "running" if self.is_alive(record) else "stopped"
-            result.append(ServiceStatus(name, state, record.pid, record.url, record.log))
+            result.append(ServiceStatus(name, state, record.pid, redact(record.url), record.log))
         return result
 
 
@@ -618,8 +619,20 @@ def _find_upgrade() -> Callable[[str], object] | None:
     return getattr(module, "upgrade", None)
 
 
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and status output."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _write_json(path: Path, data: object) -> None:
+    """Write atomically, readable by the owner only: URLs from the environment may hold passwords."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.stack import LOCAL_AWS_CREDENTIAL, LocalStack, process_alive, process_start_time
+from deploy.stack import LOCAL_AWS_CREDENTIAL, LocalStack, process_alive, process_start_time, redact
 from tests.conftest import missing_service
 
 # What the developer's shell may point at must not leak into the stack under test.
@@ -245,6 +245,12 @@ def test_stack_credentials_are_exported_only_for_the_stack_endpoint(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     load_settings()
     assert os.environ["AWS_ACCESS_KEY_ID"] == os.environ["AWS_SECRET_ACCESS_KEY"] == LOCAL_AWS_CREDENTIAL
+
+
+def test_passwords_in_service_urls_never_reach_the_output() -> None:
+    assert redact("postgresql+psycopg://deblur:s3cret@db:5432/deblur") == "postgresql+psycopg://deblur:***@db:5432/deblur"
+    assert redact("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact("sqlite:////var/lib/deblur/deblur.db") == "sqlite:////var/lib/deblur/deblur.db"
 
 
 def test_a_reused_pid_is_not_mistaken_for_the_service() -> None:
