@@ -200,6 +200,9 @@ COMMON_PARAMS: tuple[Param, ...] = (
 )
 
 
+_COMMON_OVERLAP_DEFAULT = next(p.default for p in COMMON_PARAMS if p.name == "tile_overlap")
+
+
 def common_param_names(info: ModelInfo) -> tuple[str, ...]:
     """Names of the :data:`COMMON_PARAMS` the registry added to ``info``.
 
@@ -207,6 +210,19 @@ def common_param_names(info: ModelInfo) -> tuple[str, ...]:
     its factory handles it.
     """
     return tuple(p.name for p in info.params if any(p is c for c in COMMON_PARAMS))
+
+
+def _check_tiling(info: ModelInfo, given: Mapping[str, object]) -> None:
+    """Reject an explicit tile that its overlap would not fit, before anything is enqueued."""
+    if not {"tile", "tile_overlap"} <= set(common_param_names(info)):
+        return
+    tile = given.get("tile")
+    overlap = given.get("tile_overlap", _COMMON_OVERLAP_DEFAULT)
+    if isinstance(tile, int) and isinstance(overlap, int) and 0 < tile <= 2 * overlap:
+        raise InvalidModelSpecError(
+            f"model {info.name!r}: tile_overlap={overlap} must be less than half of tile={tile}; "
+            "lower tile_overlap or raise tile"
+        )
 
 
 class Registry:
@@ -297,6 +313,7 @@ class Registry:
         params = tuple(
             (p.name, p.convert(info.name, raw[p.name])) for p in info.params if p.name in raw
         )
+        _check_tiling(info, dict(params))
         return ModelSpec(info.name, params, weight)
 
     def resolved_params(self, spec: ModelSpec) -> dict[str, object]:

@@ -159,3 +159,12 @@ def test_load_model_strips_the_common_options_before_the_factory() -> None:
     assert "tile" in model.version
     x = photo(100, 150)
     assert model(x).image.shape == x.shape
+
+
+def test_an_impossible_tile_overlap_is_refused_when_the_spec_is_parsed() -> None:
+    with pytest.raises(InvalidModelSpecError, match="tile_overlap=32 must be less than half of tile=48"):
+        REGISTRY.parse("wiener:tile=48")
+    with pytest.raises(InvalidModelSpecError, match="tile_overlap=40"):
+        REGISTRY.parse("wiener:tile_overlap=40,tile=64")
+    assert REGISTRY.parse("wiener:tile=48,tile_overlap=8").param_dict["tile"] == 48
+    assert REGISTRY.parse("wiener:tile_overlap=300").param_dict["tile_overlap"] == 300  # default tile: clamped
