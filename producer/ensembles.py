@@ -55,8 +55,16 @@ class Member:
 
 
 def job_members(spec: dict[str, Any]) -> list[Member]:
-    """The members recorded in a job's spec, in submission order."""
-    return [Member(text, REGISTRY.parse(text).key()) for text in spec.get("models", [])]
+    """The members recorded in a job's spec, in submission order. A model no
+    longer in the registry keeps its text as key, so old jobs stay readable."""
+    members = []
+    for text in spec.get("models", []):
+        try:
+            key = REGISTRY.parse(text).key()
+        except InputError:
+            key = text
+        members.append(Member(text, key))
+    return members
 
 
 def member_output_uris(spec: dict[str, Any], output_uri: str | None) -> dict[str, S3URI]:

@@ -38,6 +38,7 @@ from tests.test_end_to_end import run_cli, wait_done
 # ------------------------------------------------------------ storage only
 
 
+@pytest.mark.integration  # runs on PostgreSQL too
 def test_saved_ensembles_round_trip_through_the_migrated_schema(database_url: str) -> None:
     ensure_schema(database_url)
     with session_scope(database_url) as session:
@@ -134,6 +135,7 @@ def _mean_psnr(stack: Stack, weights: list[float]) -> float:
     return float(np.mean(values))
 
 
+@pytest.mark.integration
 def test_fit_saves_weights_that_beat_equal_ones_and_submit_uses_them(stack: Stack) -> None:
     job = _evaluate(*[a for m in FIT_MEMBERS for a in ("--model", m)], "--output", "s3://fit-eval/eval/")
     printed = run_cli("ensemble", "fit", job, "--name", "fit-eval-set", "--threads", "2")
@@ -170,6 +172,7 @@ def test_fit_saves_weights_that_beat_equal_ones_and_submit_uses_them(stack: Stac
     assert re.search(r"unknown ensemble 'nope'; known: .*fit-eval-set", unknown)
 
 
+@pytest.mark.integration
 def test_fit_names_what_is_wrong_with_the_job(stack: Stack) -> None:
     single = _evaluate("--model", MEMBERS[0], "--output", "s3://fit-eval/single/")
     assert "evaluated a single model" in _fails("ensemble", "fit", single, "--name", "x")
@@ -180,6 +183,7 @@ def test_fit_names_what_is_wrong_with_the_job(stack: Stack) -> None:
     assert "no job with id" in _fails("ensemble", "fit", "00000000-0000-0000-0000-000000000000", "--name", "x")
 
 
+@pytest.mark.integration
 def test_fit_explains_missing_member_outputs(stack: Stack) -> None:
     job = _evaluate(*[a for m in FIT_MEMBERS for a in ("--model", m)], "--output", "s3://fit-eval/gone/")
     listed = stack.s3.list_objects_v2(Bucket="fit-eval", Prefix="gone/_members/")["Contents"]

@@ -192,6 +192,7 @@ def _non_trivial(shot: np.ndarray) -> None:
     assert float(shot.std()) > 20
 
 
+@pytest.mark.integration
 def test_table_is_the_mean_of_the_stored_metrics(evaluation_job: str, tmp_path: Path) -> None:
     table = json.loads(_report(evaluation_job, "--format", "json", "--crops", "0",
                                "--html", str(tmp_path / "r.html")))
@@ -214,6 +215,7 @@ def test_table_is_the_mean_of_the_stored_metrics(evaluation_job: str, tmp_path: 
     assert f"| {MEMBERS[0]} | {by_model[MEMBERS[0]]['psnr']:.2f} |" in markdown
 
 
+@pytest.mark.integration
 def test_html_report_is_self_contained_and_renders(evaluation_job: str, stack: Stack, tmp_path: Path,
                                                    artifacts: Path) -> None:
     page_path = tmp_path / "report.html"
@@ -246,6 +248,7 @@ def test_html_report_is_self_contained_and_renders(evaluation_job: str, stack: S
     _non_trivial(shot)
 
 
+@pytest.mark.integration
 def test_single_model_without_output_shows_what_exists(stack: Stack, tmp_path: Path) -> None:
     job = _finished(run_cli("evaluate", "--blurred", "s3://report-eval/blur/", "--sharp", "s3://report-eval/sharp/",
                             "--model", MEMBERS[0], "-q").strip())
@@ -258,6 +261,7 @@ def test_single_model_without_output_shows_what_exists(stack: Stack, tmp_path: P
     assert len(_data_pngs(page)) == 2 * 2
 
 
+@pytest.mark.integration
 def test_missing_member_outputs_leave_blurred_ensemble_sharp(stack: Stack, tmp_path: Path) -> None:
     models = [arg for m in MEMBERS for arg in ("--model", m)]
     job = _finished(run_cli("evaluate", "--blurred", "s3://report-eval/blur/", "--sharp", "s3://report-eval/sharp/",
@@ -271,6 +275,7 @@ def test_missing_member_outputs_leave_blurred_ensemble_sharp(stack: Stack, tmp_p
     assert len(_data_pngs(page)) == 3 * 2
 
 
+@pytest.mark.integration
 def test_deblur_job_report_has_sharpness_table_crops_and_kernels(stack: Stack, tmp_path: Path,
                                                                  artifacts: Path) -> None:
     from models.catalog import REGISTRY
@@ -300,6 +305,7 @@ def test_deblur_job_report_has_sharpness_table_crops_and_kernels(stack: Stack, t
     _non_trivial(_screenshot(page_path, artifacts / "report-deblur.png", tmp_path))
 
 
+@pytest.mark.integration
 def test_unknown_job_is_an_input_error(stack: Stack) -> None:
     from producer.cli import main
 
