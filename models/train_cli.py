@@ -76,6 +76,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--loss", type=click.Choice(["seed001", "seed002", "l1", "mse"]), envvar=_env("loss"),
               help="seed001 = MSE + 0.3(1-SSIM) + 0.01 adversarial; seed002 = MAE + Sobel + Fourier "
                    "[default: the architecture's own; l1 for seed003].")
+@click.option("--balance", type=click.Choice(["mean", "log"]), default="mean", show_default=True,
+              envvar=_env("balance"),
+              help="How per-image losses are averaged: mean (the seeds'), or log (every image's relative "
+                   "improvement counts the same, like mean PSNR; keeps mild blurs from being over-sharpened).")
 @click.option("--adversarial/--no-adversarial", default=None, envvar=_env("adversarial"),
               help="Train a PatchGAN discriminator alongside [default: on for seed001].")
 @click.option("--adv-start", type=click.IntRange(0), default=0, show_default=True, envvar=_env("adv_start"),
@@ -87,6 +91,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
                    "seed003: hidden_dim, layers, heads, vit_checkpoint).")
 @click.option("--seed", type=int, default=0, show_default=True, envvar=_env("seed"),
               help="Random seed; the same seed, data and thread count give the same run.")
+@click.option("--init", "init_weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar=_env("init"), help="Start from these .safetensors weights (fine-tuning) instead of random ones.")
 @click.option("--resume/--no-resume", default=False, envvar=_env("resume"),
               help="Continue from OUTPUT/last.pt if it exists.")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path), envvar=_env("export"),
@@ -116,11 +122,13 @@ def train_command(
     weight_decay: float | None,
     schedule: str | None,
     loss: str | None,
+    balance: str,
     adversarial: bool | None,
     adv_start: int,
     disc_width: int,
     arch_options: tuple[str, ...],
     seed: int,
+    init_weights: Path | None,
     resume: bool,
     export: Path | None,
     device: str,
@@ -193,8 +201,8 @@ def train_command(
         config = TrainConfig(
             arch=arch_name, output_dir=output, arch_kwargs=arch_kwargs, steps=steps, steps_per_epoch=steps_per_epoch,
             batch_size=batch_size, patch=patch, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, loss=loss, adversarial=adversarial, adv_start=adv_start, disc_width=disc_width,
-            seed=seed, resume=resume, max_minutes=max_minutes, export=export, device=device, progress=progress,
+            schedule=schedule, loss=loss, balance=balance, adversarial=adversarial, adv_start=adv_start, disc_width=disc_width,
+            seed=seed, init=init_weights, resume=resume, max_minutes=max_minutes, export=export, device=device, progress=progress,
             data_description=described,
         )
         click.echo(f"training {arch_name} {arch_kwargs} on {described}; logging to {output / 'train.log'}", err=True)

@@ -209,3 +209,33 @@ def test_seed003_trains_and_exports(tmp_path: Path, photo: np.ndarray) -> None:
 
     net, meta = load_network(tmp_path / "best.safetensors", "seed003")
     assert meta["step"] == "2" and net.vit.hidden_dim == 32
+
+
+def test_log_balance_averages_each_terms_logarithm() -> None:
+    torch.manual_seed(1)
+    sharp = torch.rand(3, 3, 24, 24)
+    restored = (sharp + torch.tensor([0.01, 0.05, 0.2]).view(3, 1, 1, 1) * torch.randn_like(sharp)).clamp(0, 1)
+    mse = (restored - sharp).pow(2).flatten(1).mean(1)
+    dssim = 1 - ssim(restored, sharp)
+    got = Seed001Loss(balance="log")(restored, sharp)["total"]
+    assert torch.allclose(got, torch.log(mse + 1e-8).mean() + 0.3 * torch.log(dssim + 1e-8).mean())
+    # a plain mean is dominated by the worst image; the log mean is not
+    plain = Seed002Loss()(restored, sharp)["total"]
+    assert float(plain) == pytest.approx(float(Seed002Loss()(restored, sharp)["mae"] + 0.5 * sobel_loss(restored, sharp)
+                                               + 0.5 * fourier_loss(restored, sharp)), rel=1e-5)
+    with pytest.raises(ValueError, match="balance"):
+        Seed002Loss(balance="median")(restored, sharp)
+
+
+def test_init_weights_start_from_a_file(tmp_path: Path, photo: np.ndarray) -> None:
+    source, val = _data(photo)
+    train(_config(tmp_path / "first", steps=10), source, val)
+    weights = tmp_path / "first" / "best.safetensors"
+    source, val = _data(photo)
+    reports = train(_config(tmp_path / "tuned", steps=1, steps_per_epoch=1, init=weights, lr=1e-9), source, val)
+    first = train(_config(tmp_path / "again", steps=1, steps_per_epoch=1, lr=1e-9), *_data(photo))
+    # with a negligible learning rate the fine-tuned net is the initial one, not a fresh one
+    assert reports[0].val_psnr != first[0].val_psnr
+    with pytest.raises(InputError, match="not 'seed001'"):
+        train(_config(tmp_path / "bad", arch="seed001", arch_kwargs={"width": 8}, patch=64, init=weights,
+                      adversarial=False), *_data(photo))

@@ -36,7 +36,7 @@ from torch import nn
 from jobs.errors import InputError
 from models.archs import ARCHITECTURES, build_network, run_network, value_range
 from models.training.data import PairSource
-from models.training.losses import Seed001Loss, Seed002Loss, discriminator_loss, psnr, ssim
+from models.training.losses import BALANCES, Seed001Loss, Seed002Loss, discriminator_loss, psnr, ssim
 
 log = logging.getLogger("deblur.train")
 
@@ -83,10 +83,12 @@ class TrainConfig:
     weight_decay: float | None = None
     schedule: str | None = None
     loss: str | None = None
+    balance: str = "mean"
     adversarial: bool | None = None
     adv_start: int = 0
     disc_width: int = 64
     seed: int = 0
+    init: Path | None = None
     resume: bool = False
     max_minutes: float | None = None
     export: Path | None = None
@@ -112,6 +114,8 @@ class TrainConfig:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.loss not in ("seed001", "seed002", "l1", "mse"):
             raise InputError(f"unknown loss {self.loss!r}; choose seed001, seed002, l1 or mse")
+        if self.balance not in BALANCES:
+            raise InputError(f"unknown loss balance {self.balance!r}; choose one of {', '.join(BALANCES)}")
         if self.steps < 1 or self.steps_per_epoch < 1:
             raise InputError(f"steps ({self.steps}) and steps per epoch ({self.steps_per_epoch}) must be >= 1")
         if self.patch < 16:
@@ -175,11 +179,11 @@ def _make_schedule(name: str, opt: torch.optim.Optimizer, total_steps: int) -> o
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def _loss_fn(name: str) -> object:
+def _loss_fn(name: str, balance: str) -> object:
     if name == "seed001":
-        return Seed001Loss()
+        return Seed001Loss(balance=balance)
     if name == "seed002":
-        return Seed002Loss()
+        return Seed002Loss(balance=balance)
     if name == "l1":
         return lambda r, s, fake=None: {"total": torch.nn.functional.l1_loss(r, s)}
     return lambda r, s, fake=None: {"total": torch.nn.functional.mse_loss(r, s)}
@@ -226,6 +230,26 @@ def export_weights(net: nn.Module, path: Path, arch: str, arch_kwargs: dict[str,
     tmp.replace(path)
 
 
+def _init_from(net: nn.Module, path: Path, arch: str) -> None:
+    """Start from the weights in a ``.safetensors`` file (fine-tuning); they must fit ``net`` exactly."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            found = (fh.metadata() or {}).get("arch")
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"cannot read initial weights {str(path)!r}: {exc}") from None
+    if found not in (None, arch):
+        raise InputError(f"initial weights {str(path)!r} are for {found!r}, not {arch!r}")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"initial weights {str(path)!r} do not fit this {arch} network: {exc}") from None
+    log.info("initialised from %s", path)
+
+
 def _setup_logging(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -264,6 +288,8 @@ def _train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     rng = np.random.default_rng(config.seed)
     net = build_network(config.arch, **config.arch_kwargs).to(device)
+    if config.init is not None and not config.resume:
+        _init_from(net, Path(config.init), config.arch)
     multiple = int(getattr(net, "size_multiple", 1))
     if config.patch % multiple:
         raise InputError(f"patch {config.patch} must be a multiple of {multiple} for {config.arch}")
@@ -271,7 +297,7 @@ def _train(
     lr, wd = float(config.lr or 0.0), float(config.weight_decay or 0.0)
     opt = _make_optimizer(opt_name, net.parameters(), lr, wd)
     sched = _make_schedule(sched_name, opt, config.steps)
-    loss_fn = _loss_fn(str(config.loss))
+    loss_fn = _loss_fn(str(config.loss), config.balance)
     disc: nn.Module | None = None
     d_opt = d_sched = None
     if config.adversarial:

@@ -47,42 +47,74 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10 * torch.log10(data_range**2 / mse)
 
 
-def sobel_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of horizontal and vertical Sobel responses (seed 002)."""
+def _reduce(per_pixel: torch.Tensor, reduction: str) -> torch.Tensor:
+    per_sample = per_pixel.flatten(1).mean(dim=1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def sobel_loss(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean absolute difference of horizontal and vertical Sobel responses (seed 002).
+
+    ``reduction='none'`` gives one value per image, shape (N,).
+    """
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype) / 4
     k = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3)
     c = x.shape[1]
     k = k.repeat(c, 1, 1, 1)
     gx = F.conv2d(x, k, groups=c)
     gy = F.conv2d(y, k, groups=c)
-    return (gx - gy).abs().mean()
+    return _reduce((gx - gy).abs(), reduction)
 
 
-def fourier_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def fourier_loss(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Mean absolute difference of the 2-D Fourier transforms (orthonormal; seed 002)."""
     fx = torch.fft.rfft2(x.float(), norm="ortho")
     fy = torch.fft.rfft2(y.float(), norm="ortho")
-    return (fx - fy).abs().mean()
+    return _reduce((fx - fy).abs(), reduction)
+
+
+BALANCES = ("mean", "log")
+
+
+def _aggregate(weighted: list[tuple[float, torch.Tensor]], balance: str) -> torch.Tensor:
+    """Combine weighted per-image loss terms, each (N,): Σ λ·mean(term), or Σ λ·mean(log term).
+
+    With ``balance='log'`` every image's *relative* improvement counts the same,
+    as in a mean PSNR over images (the MSE term becomes −PSNR/10·ln 10); a plain
+    mean is dominated by the most blurred images and lets the network
+    over-sharpen mildly blurred ones.
+    """
+    if balance == "log":
+        return sum(w * torch.log(t + 1e-8).mean() for w, t in weighted if w)  # type: ignore[return-value]
+    if balance == "mean":
+        return sum(w * t.mean() for w, t in weighted if w)  # type: ignore[return-value]
+    raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
 
 
 @dataclass(frozen=True)
 class Seed001Loss:
     """Seed 001's generator objective: λ_mse·MSE + λ_ssim·(1 − SSIM) + λ_adv·BCE(D(G(x)), real).
 
-    Defaults are the seed's (1.0, 0.3, 0.01). The adversarial term is given
-    the discriminator's logits on the restored images (``None`` skips it).
+    Defaults are the seed's (1.0, 0.3, 0.01). With ``balance='log'`` the
+    MSE and SSIM terms are averaged over images in the log domain (see
+    :func:`_aggregate`); the adversarial term stays as it is. It is given the
+    discriminator's logits on the restored images (``None`` skips it).
     """
 
     mse: float = 1.0
     ssim: float = 0.3
     adv: float = 0.01
+    balance: str = "mean"
 
     def __call__(self, restored: torch.Tensor, sharp: torch.Tensor, fake_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        terms = {
-            "mse": F.mse_loss(restored, sharp),
-            "ssim": 1.0 - ssim(restored, sharp).mean(),
-        }
-        total = self.mse * terms["mse"] + self.ssim * terms["ssim"]
+        mse = (restored - sharp).pow(2).flatten(1).mean(dim=1)
+        dssim = 1.0 - ssim(restored, sharp)
+        terms = {"mse": mse.mean(), "ssim": dssim.mean()}
+        total = _aggregate([(self.mse, mse), (self.ssim, dssim)], self.balance)
         if fake_logits is not None and self.adv > 0:
             terms["adv"] = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
             total = total + self.adv * terms["adv"]
@@ -102,18 +134,18 @@ class Seed002Loss:
     """Seed 002's merged objective: λ_mae·MAE + λ_sobel·Sobel + λ_fourier·Fourier.
 
     The seed names the terms but not their weights; these defaults give the
-    three terms similar magnitudes on blurred inputs.
+    three terms similar magnitudes on blurred inputs. ``balance='log'``
+    averages each term's logarithm over images (see :func:`_aggregate`).
     """
 
     mae: float = 1.0
     sobel: float = 0.5
     fourier: float = 0.5
+    balance: str = "mean"
 
     def __call__(self, restored: torch.Tensor, sharp: torch.Tensor, fake_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        terms = {
-            "mae": F.l1_loss(restored, sharp),
-            "sobel": sobel_loss(restored, sharp),
-            "fourier": fourier_loss(restored, sharp),
-        }
-        terms["total"] = self.mae * terms["mae"] + self.sobel * terms["sobel"] + self.fourier * terms["fourier"]
-        return terms
+        mae = (restored - sharp).abs().flatten(1).mean(dim=1)
+        sob = sobel_loss(restored, sharp, reduction="none")
+        fou = fourier_loss(restored, sharp, reduction="none")
+        total = _aggregate([(self.mae, mae), (self.sobel, sob), (self.fourier, fou)], self.balance)
+        return {"mae": mae.mean(), "sobel": sob.mean(), "fourier": fou.mean(), "total": total}
