@@ -540,6 +540,7 @@ h1{font-size:20px}h2{font-size:17px;margin-top:28px}
 table.t{border-collapse:collapse}table.t td,table.t th{border-bottom:1px solid #ddd;padding:4px 10px}
 table.t td.n{text-align:right;font-variant-numeric:tabular-nums}table.t tr.ens td{font-weight:600}
 .meta{color:#555}.note{color:#8a5a00}.hists{display:flex;flex-wrap:wrap;gap:16px}
+.hists figcaption{max-width:380px;font-weight:600;font-size:13px}
 svg .t{font-size:12px;font-weight:600}svg .l{font-size:10px;fill:#444}svg .ax{stroke:#444}
 svg .zero{stroke:#222;stroke-dasharray:3 3}
 .crops{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start;margin-bottom:18px}
@@ -588,8 +589,8 @@ def render_html(report: Report) -> str:
     )
     zero = 0.0 if t.kind == "evaluate" else 1.0
     hists = "".join(
-        f"<figure>{histogram_svg(values, report.stats.score_name, zero=zero)}"
-        f"<figcaption>{html.escape(model)}</figcaption></figure>"
+        f"<figure><figcaption>{html.escape(model)}</figcaption>"
+        f"{histogram_svg(values, report.stats.score_name, zero=zero)}</figure>"
         for model, values in report.stats.gains.items()
     )
     notes = "".join(f'<li class=note>{html.escape(n)}</li>' for n in [*t.notes, *report.crop_notes])
