@@ -125,7 +125,7 @@ LEARNED_OFFICIAL: list[ModelInfo] = [
         "MIT",
         "NAFNet-GoPro-width64.pth",
         "https://drive.usercontent.google.com/download?id=1S0PVRbyTakYY9a82kujgZLbMihfNBLfC&export=download&confirm=t",
-        size_multiple=16,
+        size_multiple=1,  # the network zero-pads itself to a multiple of 16, as the official code does
     ),
     _official(
         "restormer-gopro",

@@ -33,12 +33,11 @@ CPU = torch.device("cpu")
 
 # entry name -> (small config of the official topology, input height, width)
 ARCHITECTURES: dict[str, tuple[Callable[[], torch.nn.Module], int, int]] = {
-    # spandrel's NAFNet call zero-pads inside the network; the project reflect-pads
-    # to the multiple of 16 first, so parity is checked on a multiple of 16.
+    # sizes that are not multiples of the architecture's, so padding is compared too
     "nafnet-gopro": (
         lambda: NAFNet(img_channel=3, width=8, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 2], dec_blk_nums=[1, 1, 1, 1]),
-        48,
-        64,
+        45,
+        61,
     ),
     "restormer-gopro": (
         lambda: Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 2, 2]),
@@ -273,3 +272,24 @@ def test_official_checkpoints_are_never_unpickled_unsafely(tmp_path: Path) -> No
     with pytest.raises(WeightsError, match="unrestricted unpickling"):
         load_model(REGISTRY.parse(f"nafnet-gopro:path={path}"), CPU)
     assert not sentinel.exists()
+
+
+PUBLISHED: dict[str, Callable[[], torch.nn.Module]] = {
+    "nafnet-gopro": lambda: NAFNet(width=64, enc_blk_nums=[1, 1, 1, 28], middle_blk_num=1, dec_blk_nums=[1, 1, 1, 1]),
+    "restormer-gopro": lambda: Restormer(),
+    "mprnet-gopro": lambda: MPRNet(n_feat=96, scale_unetfeats=48, scale_orsnetfeats=32, num_cab=8),
+    "fftformer-gopro": lambda: FFTformer(),
+    "uformer-gopro": lambda: Uformer(embed_dim=32, depths=[1, 2, 8, 8, 2, 8, 8, 2, 1], win_size=8, modulator=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_published_configuration_loads_and_matches_spandrel(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(0)
+    sd = PUBLISHED[name]().state_dict()
+    path = tmp_path / "published.pth"
+    torch.save({"params": sd}, path)
+    model = load_model(REGISTRY.parse(f"{name}:path={path},tile=-1"), CPU)
+    x = photo(128, 128) if name == "uformer-gopro" else photo(45, 61)
+    assert (model(x).image - spandrel_reference(sd, x)).abs().max().item() < 1e-5
