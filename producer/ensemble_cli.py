@@ -69,7 +69,7 @@ def fit_command(job: str, name: str, replace: bool, threads: int | None, max_ima
 
 @ensemble_group.command("list")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              show_envvar=True, help="table for people, json for scripts.")
+              envvar="DEBLUR_ENSEMBLE_LIST_FORMAT", show_envvar=True, help="table for people, json for scripts.")
 def list_command(fmt: str) -> None:
     """List saved ensembles with their members, weights and fitted PSNR."""
     from db.engine import ensure_schema, session_scope

@@ -33,9 +33,10 @@ def print_table(table: ReportTable, console: Console) -> None:
 @click.command("report")
 @click.argument("job")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              show_envvar=True, help="Where to write the HTML report (default: report-<job>.html).")
+              envvar="DEBLUR_REPORT_HTML", show_envvar=True,
+              help="Where to write the HTML report (default: report-<job>.html).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
-              show_default=True, show_envvar=True, help="How to print the table.")
+              show_default=True, envvar="DEBLUR_REPORT_FORMAT", show_envvar=True, help="How to print the table.")
 @click.option("--crops", type=click.IntRange(0, 50), default=DEFAULT_CROPS, show_default=True, show_envvar=True,
               help="Worst and best images to show as crops in the HTML (0: none, no S3 reads).")
 def report_command(job: str, html_path: Path | None, fmt: str, crops: int) -> None:
