@@ -6,6 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import db.ensembles  # noqa: F401  (registers the ensembles table on Base.metadata)
 from db.schema import Base
 
 config = context.config
