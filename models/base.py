@@ -54,7 +54,13 @@ class RestorationModel(ABC):
     @property
     def version(self) -> str:
         """Identifies the exact computation (name, code version, parameters)."""
-        shown = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        from models.registry import common_param_names
+
+        # tiling/self-ensemble options appear only when they change something
+        defaults = {p.name: p.default for p in self.info.params if p.name in common_param_names(self.info)}
+        shown = ",".join(
+            f"{k}={v}" for k, v in sorted(self.params.items()) if k not in defaults or defaults[k] != v
+        )
         return f"{self.info.name}@{self.info.version}" + (f"[{shown}]" if shown else "")
 
     @abstractmethod
