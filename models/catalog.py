@@ -58,9 +58,9 @@ BLIND: list[ModelInfo] = [
         params=(
             Param("kernel", int, 0, "odd maximum kernel side in pixels; 0 = automatic (35, less on small images)",
                   minimum=0, maximum=101),
-            Param("lambda", float, 4e-3, "initial L0 gradient-prior weight (decays x0.9 to 1e-4)",
+            Param("lambda", float, 2e-3, "initial L0 gradient-prior weight at each pyramid level (decays x0.9)",
                   minimum=1e-5, maximum=1.0),
-            Param("iterations", int, 5, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),
+            Param("iterations", int, 6, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),
             Param("final", str, "tv", "final non-blind deconvolution prior", choices=("hyper", "tv", "wiener")),
             Param("final_lambda", float, 3e-3, "prior weight (or Wiener NSR) of the final deconvolution",
                   minimum=1e-6, maximum=1.0),

@@ -54,6 +54,7 @@ MAX_AUTO_KERNEL = 35
 GUARD_MIN_AGREEMENT = 0.55
 GUARD_MAX_RESIDUAL = 3.0
 NO_BLUR_EXTENT = 2
+NO_BLUR_EFFECT = 0.42
 FINAL_METHODS = ("hyper", "tv", "wiener")
 
 
@@ -62,14 +63,16 @@ class L0Settings:
     """Parameters of the method (see the module docstring for their roles)."""
 
     kernel: int = 0  # odd kernel side; 0 chooses one from the image size
-    lam: float = 4e-3  # initial weight of the L0 gradient prior
+    lam: float = 2e-3  # initial weight of the L0 gradient prior
     lam_floor: float = 1e-4
     lam_decay: float = 0.9
     select_edges: bool = False  # kernel step on the strongest latent edges only
     finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
     restart_lambda: bool = True
+    refill_for_kernel: bool = True
+    kernel_noise: float = 3.0
     centre: str = "box"  # how the final kernel is centred: "box" (support) or "centroid"  # restart λ at every pyramid level instead of decaying throughout
-    iterations: int = 5  # alternations per pyramid level
+    iterations: int = 6  # alternations per pyramid level
     gamma: float = 0.3  # L2 penalty of the kernel step, relative to the latent gradient energy
     final: str = "tv"
     final_lambda: float = 3e-3  # prior weight of the final deconvolution
@@ -342,7 +345,8 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[
             otf = psf2otf(k[:, None], padded_size)
             latent, observed = l0_latent(padded, mask, otf, lam)
             edges = strong_gradients(latent, mask, ks) if settings.select_edges else grad(latent)
-            k = prune_kernel(kernel_step(edges, observed, ks, settings.gamma))
+            data = observed if settings.refill_for_kernel else padded
+            k = prune_kernel(kernel_step(edges, data, ks, settings.gamma), noise_threshold=settings.kernel_noise)
             k = centre_kernel(k, "centroid")
             lam = max(lam * settings.lam_decay, settings.lam_floor)
     final = normalise_kernel(centre_kernel(prune_kernel(resize_kernel(k, side)), settings.centre))
@@ -375,6 +379,28 @@ def explained_residual(y: torch.Tensor, latent: torch.Tensor, kernels: torch.Ten
     return (reblurred - target).pow(2).flatten(1).mean(dim=1).sqrt()
 
 
+def blur_effect(y: torch.Tensor, size: int = 11) -> torch.Tensor:
+    """No-reference blur measure of images (N, 1, H, W) -> (N,), 0 = sharp, 1 = very blurred.
+
+    Crété-Roffet et al. (2007), as in ``skimage.measure.blur_effect``: the share
+    of the image's edge strength that survives blurring it again with a
+    ``size``-pixel box filter, along each axis; the larger of the two.
+    """
+    sobel = y.new_tensor([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
+    scores = []
+    for axis in (0, 1):
+        kernel = (sobel if axis == 0 else sobel.T).reshape(1, 1, 3, 3)
+        pad = (0, 0, size // 2, size // 2) if axis == 0 else (size // 2, size // 2, 0, 0)
+        box = (size, 1) if axis == 0 else (1, size)
+        reblurred = F.avg_pool2d(F.pad(y, pad, mode="reflect"), box, stride=1)
+        sharp_edges = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), kernel).abs()[..., 2:-1, 2:-1]
+        blur_edges = F.conv2d(F.pad(reblurred, (1, 1, 1, 1), mode="reflect"), kernel).abs()[..., 2:-1, 2:-1]
+        total = sharp_edges.flatten(1).sum(dim=1).clamp(min=1e-12)
+        lost = (sharp_edges - blur_edges).clamp(min=0.0).flatten(1).sum(dim=1)
+        scores.append((total - lost).abs() / total)
+    return torch.maximum(scores[0], scores[1])
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -389,46 +415,53 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
 def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     """Estimate a kernel per image of ``x`` (N, C, H, W) in [0, 1] and deconvolve with it.
 
-    Images whose estimate fails the guard (see :func:`trust`) come back as
-    they went in, with a delta kernel and ``kernel_fallback`` = 1; so do images
-    whose kernel is no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo).
+    With ``settings.guard`` on, images that do not look blurred
+    (:func:`blur_effect` below ``NO_BLUR_EFFECT``; ``blur_detected`` = 0) and
+    images whose estimate fails :func:`trust` (``kernel_fallback`` = 1) come
+    back as they went in, with a delta kernel; so do images whose kernel is
+    no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo).
     """
     n, _, h, w = x.shape
     side = settings.kernel_side(h, w)
     y = luminance(x)
-    kernels, previous = estimate_kernels(y, settings, side)
-    image = final_deconvolution(x, kernels, settings).clamp(0.0, 1.0)
-    agreement = kernel_agreement(kernels, previous)
-    sigma = noise_sigma(y)
-    residual = explained_residual(y, luminance(image), kernels)
-    ok = trust(kernels, agreement, residual, sigma) if settings.guard else torch.ones_like(sigma, dtype=torch.bool)
+    blurred = blur_effect(y) >= NO_BLUR_EFFECT if settings.guard else torch.ones(n, dtype=torch.bool, device=x.device)
+    if bool(blurred.any()):
+        kernels, previous = estimate_kernels(y, settings, side)
+        image = final_deconvolution(x, kernels, settings).clamp(0.0, 1.0)
+        agreement = kernel_agreement(kernels, previous)
+        sigma = noise_sigma(y)
+        residual = explained_residual(y, luminance(image), kernels) / sigma.clamp(min=1e-4)
+    else:  # nothing looks blurred: skip the work
+        kernels = normalise_kernel(x.new_zeros(n, side, side))
+        image, agreement, residual = x, x.new_ones(n), x.new_zeros(n)
+    ok = trust(agreement, residual) if settings.guard else torch.ones_like(blurred)
     delta = normalise_kernel(torch.zeros_like(kernels))
-    kernels = torch.where(ok.view(n, 1, 1), kernels, delta)
+    kernels = torch.where((ok & blurred).view(n, 1, 1), kernels, delta)
     support = kernels > 0
     extent = torch.maximum(_span(support.any(dim=2)), _span(support.any(dim=1))).to(x.dtype)
     # a kernel of at most 2 px means no blur worth removing: keep the input as it is
-    changed = ok & (extent > NO_BLUR_EXTENT)
+    changed = ok & blurred & (extent > NO_BLUR_EXTENT)
     image = torch.where(changed.view(n, 1, 1, 1), image, x)
     metrics = {
         "kernel_size": extent,
         "kernel_sparsity": 1.0 - support.flatten(1).float().mean(dim=1),
-        "kernel_fallback": (~ok).to(x.dtype),
+        "kernel_fallback": (blurred & ~ok).to(x.dtype),
+        "blur_detected": blurred.to(x.dtype),
         "kernel_scale_agreement": agreement,
-        "kernel_residual_ratio": residual / sigma.clamp(min=1e-4),
+        "kernel_residual_ratio": residual,
     }
     return Restored(image, kernels=kernels, metrics=metrics)
 
 
-def trust(kernels: torch.Tensor, agreement: torch.Tensor, residual: torch.Tensor, sigma: torch.Tensor
-          ) -> torch.Tensor:
+def trust(agreement: torch.Tensor, residual_ratio: torch.Tensor) -> torch.Tensor:
     """Whether each kernel estimate is believable (N,) bool.
 
     A collapsed estimate shows as a kernel that changed shape at the last
     pyramid level (low agreement with the level before), or a restoration
     that, blurred again, no longer explains the input within a few noise
-    levels.
+    levels (``residual_ratio`` = residual RMS / noise RMS).
     """
-    return (agreement >= GUARD_MIN_AGREEMENT) & (residual <= GUARD_MAX_RESIDUAL * sigma.clamp(min=2e-3))
+    return (agreement >= GUARD_MIN_AGREEMENT) & (residual_ratio <= GUARD_MAX_RESIDUAL)
 
 
 def _span(mask: torch.Tensor) -> torch.Tensor:

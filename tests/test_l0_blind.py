@@ -1,0 +1,147 @@
+"""The l0-blind model: kernel recovery, deconvolution, wrapper contract, fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import l0_blind
+from models.catalog import REGISTRY
+from models.l0_blind import (
+    L0Settings,
+    final_deconvolution,
+    kernel_agreement,
+    luminance,
+    prune_kernel,
+)
+from models.loading import load_model
+from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """PSNR in dB of float images in [0, 1]."""
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    return float(10 * np.log10(1.0 / np.mean((a64 - b64) ** 2)))
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    arr = img[..., None] if img.ndim == 2 else img
+    return torch.from_numpy(arr.transpose(2, 0, 1)[None].copy()).float()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, np.ndarray]:
+    return sample_photographs()
+
+
+@pytest.fixture(scope="module")
+def shake() -> np.ndarray:
+    """A fixed 15-px camera-shake kernel."""
+    return random_motion_kernel(15, np.random.default_rng(3))
+
+
+@pytest.fixture(scope="module")
+def blurred_camera(photos: dict[str, np.ndarray], shake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sharp, blurred) 192x192 crops of skimage's camera, 0.5% noise."""
+    sharp = photos["camera"][40:232, 150:342] / 255.0
+    blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(0))
+    return sharp, blurred
+
+
+def test_recovers_a_known_kernel(blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray) -> None:
+    _, blurred = blurred_camera
+    model = load_model(REGISTRY.parse("l0-blind:kernel=21"), CPU)
+    out = model(to_tensor(blurred))
+    assert out.kernels is not None and out.kernels.shape == (1, 21, 21)
+    assert float(out.kernels.sum()) == pytest.approx(1.0, abs=1e-4)
+    assert float(out.kernels.min()) >= 0.0
+    truth = torch.zeros(1, 21, 21)
+    truth[0, 3:18, 3:18] = torch.from_numpy(shake).float()
+    similarity = float(kernel_agreement(out.kernels, truth)[0])
+    assert similarity > 0.75, f"kernel similarity {similarity:.3f}"
+    assert float(out.metrics["kernel_fallback"][0]) == 0.0
+    assert 8 <= float(out.metrics["kernel_size"][0]) <= 21
+
+
+def test_true_kernel_deconvolution_beats_the_input(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
+) -> None:
+    sharp, blurred = blurred_camera
+    with torch.inference_mode():
+        out = final_deconvolution(to_tensor(blurred), torch.from_numpy(shake).float(), L0Settings())
+    assert psnr(out[0, 0].clamp(0, 1), sharp) > psnr(blurred, sharp) + 3.0
+
+
+def test_colour_grey_and_16_bit_inputs_keep_shape_range_and_dtype(photos: dict[str, np.ndarray]) -> None:
+    model = load_model(REGISTRY.parse("l0-blind:kernel=9,iterations=2"), CPU)
+    rng = np.random.default_rng(1)
+    kernel = random_motion_kernel(7, rng)
+    colour = blur_image(photos["astronaut"][100:228, 150:278] / 255.0, kernel)
+    deep = (photos["coffee"][100:228, 200:350].astype(np.uint16) * 257)  # a 16-bit RGB image
+    deep_blurred = blur_image(deep / 65535.0, kernel)
+    grey = blur_image(photos["camera"][:120, :136] / 255.0, kernel)
+    batch = torch.stack([to_tensor(colour)[0], to_tensor(colour[::-1].copy())[0]])
+    for x in (to_tensor(colour), to_tensor(deep_blurred), to_tensor(grey), batch):
+        out = model(x)
+        assert out.image.shape == x.shape
+        assert out.image.dtype == torch.float32
+        assert 0.0 <= float(out.image.min()) and float(out.image.max()) <= 1.0
+        assert out.kernels is not None and out.kernels.shape == (x.shape[0], 9, 9)
+        for name in ("kernel_size", "kernel_sparsity", "kernel_fallback"):
+            assert out.metrics[name].shape == (x.shape[0],)
+    back = np.round(model(to_tensor(deep_blurred)).image[0].numpy().transpose(1, 2, 0) * 65535).astype(np.uint16)
+    assert back.shape == deep.shape and back.dtype == np.uint16 and int(back.max()) > 255
+
+
+def test_sharp_input_is_left_essentially_unchanged(photos: dict[str, np.ndarray]) -> None:
+    sharp = photos["chelsea"][60:220, 100:260] / 255.0
+    out = load_model(REGISTRY.parse("l0-blind"), CPU)(to_tensor(sharp))
+    assert psnr(out.image[0].numpy().transpose(1, 2, 0), sharp) > 38.0
+    assert float(out.metrics["kernel_size"][0]) <= 5
+
+
+def test_guard_falls_back_to_the_input(
+    blurred_camera: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When an estimate is not trusted the image comes back untouched with a delta kernel."""
+    _, blurred = blurred_camera
+    monkeypatch.setattr(l0_blind, "GUARD_MIN_AGREEMENT", 1.01)  # nothing can pass
+    x = to_tensor(blurred[:128, :128])
+    out = load_model(REGISTRY.parse("l0-blind:kernel=15,iterations=2"), CPU)(x)
+    assert float(out.metrics["kernel_fallback"][0]) == 1.0
+    torch.testing.assert_close(out.image, x)
+    assert out.kernels is not None and float(out.kernels[0, 7, 7]) == 1.0
+
+
+def test_prune_keeps_components_by_mass_and_drops_specks() -> None:
+    k = torch.zeros(1, 15, 15)
+    k[0, 3, 2:7] = 0.1  # stroke A, mass 0.5
+    k[0, 10, 8:12] = 0.1  # stroke B, disconnected, mass 0.4
+    k[0, 13, 13] = 0.09  # a speck, 9% of the mass
+    k[0, 0, 14] = -0.02  # negative noise
+    pruned = prune_kernel(k, noise_threshold=0.0)
+    assert float(pruned[0, 3, 4]) > 0 and float(pruned[0, 10, 9]) > 0
+    assert float(pruned[0, 13, 13]) == 0.0
+    assert float(pruned.min()) >= 0.0
+    assert float(pruned.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_luminance_of_grey_is_identity_and_rgb_weights_sum_to_one() -> None:
+    grey = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(luminance(grey), grey)
+    white = torch.ones(1, 3, 4, 4)
+    torch.testing.assert_close(luminance(white), torch.ones(1, 1, 4, 4))
+
+
+def test_bad_final_method_is_named() -> None:
+    with pytest.raises(Exception, match="final"):
+        REGISTRY.parse("l0-blind:final=magic")
