@@ -149,6 +149,9 @@ def train_command(
     Synthetic blur = random camera shake (5-25 px), defocus discs (1-6 px),
     Gaussian, noise (0-2%) and occasional JPEG.
 
+    Every option can also be set with an environment variable
+    DEBLUR_TRAIN_<OPTION>, e.g. DEBLUR_TRAIN_STEPS=20000.
+
     \b
     Example:
       deblur train seed002-unet -o runs/unet --steps 20000 --max-minutes 90

@@ -239,3 +239,21 @@ def test_init_weights_start_from_a_file(tmp_path: Path, photo: np.ndarray) -> No
     with pytest.raises(InputError, match="not 'seed001'"):
         train(_config(tmp_path / "bad", arch="seed001", arch_kwargs={"width": 8}, patch=64, init=weights,
                       adversarial=False), *_data(photo))
+
+
+def test_pairs_from_s3_prefixes(s3_endpoint: str, photo: np.ndarray) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="train-pairs")
+    ok, png = cv2.imencode(".png", (photo[..., ::-1] * 255).astype(np.uint8))
+    assert ok
+    for key in ("blur/a/1.png", "sharp/a/1.png", "blur/a/2.png", "sharp/a/2.png", "blur/only.png", "blur/notes.txt"):
+        client.put_object(Bucket="train-pairs", Key=key, Body=png.tobytes())
+    from models.training.data import pairs_from_s3
+
+    pairs = pairs_from_s3("s3://train-pairs/blur/", "s3://train-pairs/sharp/", client=client)
+    assert len(pairs) == 2
+    assert pairs[0][0].shape == photo.shape
+    with pytest.raises(InputError, match="no pairs"):
+        pairs_from_s3("s3://train-pairs/sharp/a/", "s3://train-pairs/blur/x/", client=client)
