@@ -3,27 +3,32 @@
 One uniform blur kernel per image is estimated coarse to fine on the
 luminance, then every colour channel is deconvolved with it:
 
-1. **Pyramid.** The luminance is downscaled by √2 per level until the kernel
-   is about 3 px; the kernel estimated at one level, resized, starts the next.
+1. **Pyramid.** The luminance (a window of at most ``estimate_side`` pixels
+   with the most edges) is downscaled by √2 per level until the kernel is
+   about 3 px; the kernel of one level, resized, starts the next.
 2. **Latent step.** ``min_x ||k * x - y||² + λ ||∇x||_0`` by half-quadratic
    splitting (β doubling from 2λ to 1e5; hard thresholding of the gradients;
-   a closed-form FFT solve per β). The border margin is treated as unknown
-   data (refilled with the re-blurred estimate), so frame edges do not count
-   as blur evidence.
+   a closed-form FFT solve per β). The padded margin is unknown data, refilled
+   with the re-blurred estimate, so frame edges are not blur evidence.
 3. **Kernel step.** ``min_k ||∇x * k - ∇y||² + γ ||k||²`` in closed form by
-   FFT, cut to the kernel window, then non-negativity, a threshold at 5% of
-   the peak, removal of connected components holding less than 10% of the
-   mass (small specks, not every component but the largest), re-centring and
-   normalisation. λ decays by 0.9 per alternation from 4e-3 to a 1e-4 floor,
-   with about five alternations per level.
-4. **Final deconvolution** of each channel with a hyper-Laplacian (α = 0.8),
-   TV or Wiener prior and unknown-boundary border handling
+   FFT (γ relative to the latent's gradient energy), cut to the kernel
+   window, then non-negativity, a threshold at the larger of 5% of the peak
+   and 3× the estimate's own noise (read off its negative entries), removal
+   of 8-connected components holding < 10% of the mass (components are kept
+   by mass, not only the largest), centring and normalisation. λ starts at
+   2e-3 on each level and decays ×0.9 per alternation (floor 1e-4); six
+   alternations per level.
+4. **Final deconvolution** of each channel with a TV (default), hyper-Laplacian
+   (α = 0.8) or Wiener prior, borders handled as unknown data
    (:mod:`models.deconv`).
-5. **Guard.** Kernel estimates occasionally collapse. An estimate is accepted
-   only if the deconvolved luminance, blurred again by it, explains the input
-   about as well as the noise allows, and the kernel is neither smeared over
-   its window nor piled against its edge; otherwise the image gets a gentle
-   result and the metric ``kernel_fallback`` is 1.
+5. **Guards.** Images that do not look blurred (no-reference blur measure) are
+   returned untouched; sharp photographs otherwise yield small spurious
+   kernels that damage them. A kernel estimate that changed shape at the last
+   pyramid level, or whose restoration re-blurred no longer explains the input
+   within a few noise levels, is not trusted: the image comes back unchanged
+   and the metric ``kernel_fallback`` is 1.
+
+Measured on ``bench/bench_l0_blind.py`` (see ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ GUARD_MIN_AGREEMENT = 0.55
 GUARD_MAX_RESIDUAL = 3.0
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
-FINAL_METHODS = ("hyper", "tv", "wiener")
 
 
 @dataclass(frozen=True)
@@ -63,21 +67,21 @@ class L0Settings:
     """Parameters of the method (see the module docstring for their roles)."""
 
     kernel: int = 0  # odd kernel side; 0 chooses one from the image size
-    lam: float = 2e-3  # initial weight of the L0 gradient prior
+    lam: float = 2e-3  # initial weight of the L0 gradient prior on each level
     lam_floor: float = 1e-4
-    lam_decay: float = 0.9
-    select_edges: bool = False  # kernel step on the strongest latent edges only
-    finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
-    restart_lambda: bool = True
-    refill_for_kernel: bool = True
-    kernel_noise: float = 3.0
-    centre: str = "box"  # how the final kernel is centred: "box" (support) or "centroid"  # restart λ at every pyramid level instead of decaying throughout
+    lam_decay: float = 0.9  # per alternation
+    restart_lambda: bool = True  # restart λ on every level (False: one decay across all levels)
     iterations: int = 6  # alternations per pyramid level
     gamma: float = 0.3  # L2 penalty of the kernel step, relative to the latent gradient energy
-    final: str = "tv"
-    final_lambda: float = 3e-3  # prior weight of the final deconvolution
+    kernel_cut: float = 0.05  # kernel entries below this share of the peak are cleared
+    kernel_noise: float = 3.0  # ... and those below this many noise levels of the estimate
+    select_edges: bool = False  # kernel step on the strongest latent edges only (Cho & Lee)
+    finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
+    centre: str = "box"  # final kernel centred by its support box, or "centroid"
+    final: str = "tv"  # final deconvolution: tv, hyper or wiener
+    final_lambda: float = 3e-3  # its prior weight (the NSR for wiener)
     estimate_side: int = 512  # the kernel is estimated on a window at most this big
-    guard: bool = True
+    guard: bool = True  # no-blur gate and collapse guard
 
     def kernel_side(self, height: int, width: int) -> int:
         """The odd kernel side used for an image of this size."""
@@ -345,8 +349,8 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[
             otf = psf2otf(k[:, None], padded_size)
             latent, observed = l0_latent(padded, mask, otf, lam)
             edges = strong_gradients(latent, mask, ks) if settings.select_edges else grad(latent)
-            data = observed if settings.refill_for_kernel else padded
-            k = prune_kernel(kernel_step(edges, data, ks, settings.gamma), noise_threshold=settings.kernel_noise)
+            k = prune_kernel(kernel_step(edges, observed, ks, settings.gamma), settings.kernel_cut,
+                             settings.kernel_noise)
             k = centre_kernel(k, "centroid")
             lam = max(lam * settings.lam_decay, settings.lam_floor)
     final = normalise_kernel(centre_kernel(prune_kernel(resize_kernel(k, side)), settings.centre))
