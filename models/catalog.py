@@ -62,8 +62,8 @@ BLIND: list[ModelInfo] = [
                   minimum=1e-5, maximum=1.0),
             Param("iterations", int, 6, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),
             Param("final", str, "tv", "final non-blind deconvolution prior", choices=("hyper", "tv", "wiener")),
-            Param("final_lambda", float, 3e-3, "prior weight (or Wiener NSR) of the final deconvolution",
-                  minimum=1e-6, maximum=1.0),
+            Param("final_lambda", float, 0.0, "prior weight (or Wiener NSR) of the final deconvolution; "
+                  "0 = proportional to the measured noise variance", minimum=0.0, maximum=1.0),
             Param("guard", bool, True, "detect collapsed kernel estimates and fall back to a gentle result"),
         ),
         dtypes=("float32",),

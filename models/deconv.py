@@ -236,7 +236,7 @@ def shrink(v: torch.Tensor, tau: float | torch.Tensor, alpha: float) -> torch.Te
 def sparse_deconv(
     x: torch.Tensor,
     kernel: torch.Tensor,
-    lam: float,
+    lam: float | torch.Tensor,
     alpha: float = 0.8,
     iterations: int = 40,
     penalty: float = 30.0,
@@ -252,9 +252,10 @@ def sparse_deconv(
     Solved by ADMM with two splittings, ``v = k * u`` (data, an element-wise
     step that honours the mask; Almeida & Figueiredo 2013) and ``w = grad u``
     (prior, a shrinkage step), both with penalty ``penalty * lam``; the
-    ``u`` step is a closed-form FFT solve.
+    ``u`` step is a closed-form FFT solve. ``lam`` may be a (N, 1, 1, 1)
+    tensor, one weight per image.
     """
-    if lam <= 0:
+    if float(torch.as_tensor(lam).min()) <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     padded, margin, otf = padded_problem(x, kernel)
     mask = image_mask(padded, margin, x.shape[-2:])
@@ -274,7 +275,7 @@ def sparse_deconv(
         blurred = torch.fft.irfft2(spectrum * otf, s=size)
         v = (mask * padded + rho * (blurred + a)) / (mask + rho)
         gx, gy = grad(u)
-        wx, wy = shrink(gx + cx, lam / rho, alpha), shrink(gy + cy, lam / rho, alpha)
+        wx, wy = shrink(gx + cx, 1.0 / penalty, alpha), shrink(gy + cy, 1.0 / penalty, alpha)
         a = a + blurred - v
         cx, cy = cx + gx - wx, cy + gy - wy
     return crop(u, margin, x.shape[-2:])

@@ -20,7 +20,8 @@ luminance, then every colour channel is deconvolved with it:
    alternations per level.
 4. **Final deconvolution** of each channel with a TV (default), hyper-Laplacian
    (α = 0.8) or Wiener prior, borders handled as unknown data
-   (:mod:`models.deconv`).
+   (:mod:`models.deconv`), its weight proportional to the measured noise
+   variance unless given.
 5. **Guards.** Images that do not look blurred (no-reference blur measure) are
    returned untouched; sharp photographs otherwise yield small spurious
    kernels that damage them. A kernel estimate that changed shape at the last
@@ -58,8 +59,11 @@ from models.deconv import (
 MAX_AUTO_KERNEL = 35
 GUARD_MIN_AGREEMENT = 0.55
 GUARD_MAX_RESIDUAL = 3.0
+GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
+AUTO_LAMBDA_PER_VARIANCE = 67.0  # 3e-3 at 1% RGB noise (σ of the luminance 0.0067)
+AUTO_LAMBDA_RANGE = (3e-4, 1e-2)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class L0Settings:
     finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
     centre: str = "box"  # final kernel centred by its support box, or "centroid"
     final: str = "tv"  # final deconvolution: tv, hyper or wiener
-    final_lambda: float = 3e-3  # its prior weight (the NSR for wiener)
+    final_lambda: float = 0.0  # its prior weight (the NSR for wiener); 0 = from the measured noise
     estimate_side: int = 512  # the kernel is estimated on a window at most this big
     guard: bool = True  # no-blur gate and collapse guard
 
@@ -409,11 +413,20 @@ def blur_effect(y: torch.Tensor, size: int = 11) -> torch.Tensor:
 
 
 def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings) -> torch.Tensor:
-    """Non-blind deconvolution of every channel of ``x`` (N, C, H, W) by its image's kernel."""
+    """Non-blind deconvolution of every channel of ``x`` (N, C, H, W) by its image's kernel.
+
+    ``settings.final_lambda`` = 0 picks the prior weight per image from its
+    measured noise (``AUTO_LAMBDA_PER_VARIANCE`` × σ², within ``AUTO_LAMBDA_RANGE``).
+    """
+    if settings.final_lambda > 0:
+        lam: float | torch.Tensor = settings.final_lambda
+    else:
+        sigma = noise_sigma(luminance(x))
+        lam = (AUTO_LAMBDA_PER_VARIANCE * sigma**2).clamp(*AUTO_LAMBDA_RANGE).view(-1, 1, 1, 1)
     if settings.final == "wiener":
-        return wiener(x, kernels, nsr=settings.final_lambda)
+        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()))
     alpha = 1.0 if settings.final == "tv" else 0.8
-    return sparse_deconv(x, kernels, settings.final_lambda, alpha=alpha)
+    return sparse_deconv(x, kernels, lam, alpha=alpha)
 
 
 def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
@@ -434,7 +447,7 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
         image = final_deconvolution(x, kernels, settings).clamp(0.0, 1.0)
         agreement = kernel_agreement(kernels, previous)
         sigma = noise_sigma(y)
-        residual = explained_residual(y, luminance(image), kernels) / sigma.clamp(min=1e-4)
+        residual = explained_residual(y, luminance(image), kernels) / sigma.clamp(min=GUARD_NOISE_FLOOR)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
         image, agreement, residual = x, x.new_ones(n), x.new_zeros(n)
