@@ -88,21 +88,24 @@ def job_count(env: dict[str, str]) -> int:
 )
 def test_invalid_jobs_are_refused_before_anything_is_written(env, s3, args, message) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
+    jobs_before = job_count(env)  # the PostgreSQL database is shared by the session's tests
     result = invoke("submit", *[a.format(b=bucket) for a in args])
     assert result.exit_code != 0
     assert message in result.output
-    assert job_count(env) == 0
+    assert job_count(env) == jobs_before
     assert queue_length(env) == 0
 
 
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
-    args = ["submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--job-key", "nightly-42", "-q"]
+    key = f"nightly-{uuid.uuid4().hex[:6]}"
+    args = ["submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--job-key", key, "-q"]
+    jobs_before = job_count(env)
     first = invoke(*args)
     second = invoke(*args)
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     assert first.stdout.strip() == second.stdout.strip()
-    assert job_count(env) == 1
+    assert job_count(env) == jobs_before + 1
     assert queue_length(env) == 1  # two images, one batch, sent once
 
 
@@ -162,8 +165,8 @@ def test_python_client_submit_status_cancel(env, s3) -> None:  # type: ignore[no
 
     _, bucket = s3
     client = Client()
-    job_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=["wiener:2"], job_key="k1")
-    assert client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", job_key="k1") == job_id
+    job_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=["wiener:2"], job_key=bucket)
+    assert client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", job_key=bucket) == job_id
     info = client.status(job_id)
     assert info["status"] == "queued" and info["counts"]["pending"] == 2 and info["spec"]["models"] == ["wiener:2"]
     assert client.cancel(job_id) == 2
