@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import boto3
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from tests.e2e_helpers import WorkerProcess, decode, service_env
+from tests.e2e_helpers import WorkerProcess, decode, service_env, use_services
 from tests.test_end_to_end import run_cli, wait_done
 
 pytestmark = [pytest.mark.integration]
@@ -24,17 +23,8 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.fixture
 def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "DEBLUR_BROKER_URL": redis_url,
-        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
-        "DEBLUR_DATABASE_URL": f"sqlite:///{tmp_path / 'deblur.db'}",
-        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
-        "DEBLUR_HOME": str(tmp_path / "home"),
-        "DEBLUR_VISIBILITY_TIMEOUT": "8",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+    return use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
+                        tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8")
 
 
 def _pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -18,22 +18,15 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from tests.e2e_helpers import use_services
+
 pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
 def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "DEBLUR_BROKER_URL": redis_url,
-        "DEBLUR_S3_ENDPOINT_URL": s3_endpoint,
-        "DEBLUR_DATABASE_URL": database_url,
-        "DEBLUR_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
-        "DEBLUR_HOME": str(tmp_path / "home"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+    return use_services(monkeypatch, redis_url, s3_endpoint, database_url, tmp_path / "home")
 
 
 @pytest.fixture
