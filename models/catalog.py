@@ -63,14 +63,56 @@ BLIND: list[ModelInfo] = [
             Param("iterations", int, 6, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),
             Param("final", str, "tv", "final non-blind deconvolution prior", choices=("hyper", "tv", "wiener")),
             Param("final_lambda", float, 0.0, "prior weight (or Wiener NSR) of the final deconvolution; "
-                  "0 = proportional to the measured noise variance", minimum=0.0, maximum=1.0),
+                  "0 = proportional to the measured noise level", minimum=0.0, maximum=1.0),
             Param("guard", bool, True, "detect collapsed kernel estimates and fall back to a gentle result"),
         ),
         dtypes=("float32",),
         produces_kernel=True,
     ),
 ]
-LEARNED_SEED: list[ModelInfo] = []
+
+
+def _learned_seed(name: str, summary: str, factory: str, size_multiple: int, dtypes: tuple[str, ...],
+                  weights: str | None = None, sha256: str | None = None) -> ModelInfo:
+    """A learned seed model: its weights ship in models/weights/ (or come from weights=PATH)."""
+    return ModelInfo(
+        name=name,
+        family="learned-seed",
+        license="Apache-2.0",
+        summary=summary,
+        factory=factory,
+        params=(Param("weights", str, "", "path to a .safetensors file from 'deblur train' "
+                      "(default: the registered weights)"),),
+        weights=WeightsFile(filename=weights, sha256=sha256, shipped=True) if weights else None,
+        size_multiple=size_multiple,
+        min_size=size_multiple,
+        tile_size=512,
+        dtypes=dtypes,
+    )
+
+
+LEARNED_SEED: list[ModelInfo] = [
+    _learned_seed(
+        "seed001-gan",
+        "Seed 001's CNN generator (t1/t2/t4 blocks, skip concatenations, tanh residual output), "
+        "trained here with its PatchGAN discriminator on synthetic camera shake and defocus.",
+        "models.learned:build_seed001", 2, ("float32", "bfloat16", "float16"),
+        weights="seed001-gan.safetensors", sha256="dccc4a155bc661a0aa80d57f0d4b13c3f80b22fcf4080e35ebb256b6e9c6dbaa",
+    ),
+    _learned_seed(
+        "seed002-unet",
+        "Seed 002's U-Net/ResNet hybrid (0.96 M parameters), trained here on synthetic camera shake and defocus.",
+        "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
+        weights="seed002-unet.safetensors", sha256="110f28de8fa85169bc5d61e6bf0adbe3c29ed1511eec07d84bbbd1cdc7ced3d8",
+    ),
+    _learned_seed(
+        "seed003-vit",
+        "Seed 003's ViTDeblur (ViT encoder + CNN decoder); no weights ship: train it with "
+        "'deblur train seed003-vit' and pass weights=PATH.",
+        "models.learned:build_seed003", 16, ("float32", "bfloat16"),
+    ),
+]
+
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
 
