@@ -21,7 +21,7 @@ luminance, then every colour channel is deconvolved with it:
 4. **Final deconvolution** of each channel with a TV (default), hyper-Laplacian
    (α = 0.8) or Wiener prior, borders handled as unknown data
    (:mod:`models.deconv`), its weight proportional to the measured noise
-   variance unless given.
+   level unless given.
 5. **Guards.** Images that do not look blurred (no-reference blur measure) are
    returned untouched; sharp photographs otherwise yield small spurious
    kernels that damage them. A kernel estimate that changed shape at the last
@@ -62,7 +62,7 @@ GUARD_MAX_RESIDUAL = 3.0
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
-AUTO_LAMBDA_PER_VARIANCE = 67.0  # 3e-3 at 1% RGB noise (σ of the luminance 0.0067)
+AUTO_LAMBDA_PER_SIGMA = 0.45  # 3e-3 at 1% RGB noise (σ of the luminance 0.0067)
 AUTO_LAMBDA_RANGE = (3e-4, 1e-2)
 
 
@@ -416,13 +416,14 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     """Non-blind deconvolution of every channel of ``x`` (N, C, H, W) by its image's kernel.
 
     ``settings.final_lambda`` = 0 picks the prior weight per image from its
-    measured noise (``AUTO_LAMBDA_PER_VARIANCE`` × σ², within ``AUTO_LAMBDA_RANGE``).
+    measured noise (``AUTO_LAMBDA_PER_SIGMA`` × σ, within ``AUTO_LAMBDA_RANGE``;
+    proportional to σ² over-smoothed grey images in the benchmark).
     """
     if settings.final_lambda > 0:
         lam: float | torch.Tensor = settings.final_lambda
     else:
         sigma = noise_sigma(luminance(x))
-        lam = (AUTO_LAMBDA_PER_VARIANCE * sigma**2).clamp(*AUTO_LAMBDA_RANGE).view(-1, 1, 1, 1)
+        lam = (AUTO_LAMBDA_PER_SIGMA * sigma).clamp(*AUTO_LAMBDA_RANGE).view(-1, 1, 1, 1)
     if settings.final == "wiener":
         return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()))
     alpha = 1.0 if settings.final == "tv" else 0.8
