@@ -97,13 +97,13 @@ LEARNED_SEED: list[ModelInfo] = [
         "Seed 001's CNN generator (t1/t2/t4 blocks, skip concatenations, tanh residual output), "
         "trained here with its PatchGAN discriminator on synthetic camera shake and defocus.",
         "models.learned:build_seed001", 2, ("float32", "bfloat16", "float16"),
-        weights="seed001-gan.safetensors", sha256="dccc4a155bc661a0aa80d57f0d4b13c3f80b22fcf4080e35ebb256b6e9c6dbaa",
+        weights="seed001-gan.safetensors", sha256="0781e03a3d3d876c3339117b1f47549b83b47d44267bb3d47c1a0ccbc3af8888",
     ),
     _learned_seed(
         "seed002-unet",
         "Seed 002's U-Net/ResNet hybrid (0.96 M parameters), trained here on synthetic camera shake and defocus.",
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
-        weights="seed002-unet.safetensors", sha256="110f28de8fa85169bc5d61e6bf0adbe3c29ed1511eec07d84bbbd1cdc7ced3d8",
+        weights="seed002-unet.safetensors", sha256="661eb028c2b0971c639e0d34d4244c3f3d1deb3f335cdc71dc5afa0178797640",
     ),
     _learned_seed(
         "seed003-vit",
