@@ -23,7 +23,12 @@ import torch
 from models.catalog import REGISTRY
 from models.ensemble import fit_weights
 from models.loading import load_model
-from models.synthetic_blur import blur_image, disk_kernel, random_motion_kernel, sample_photographs
+from models.synthetic_blur import (
+    blur_image,
+    disk_kernel,
+    random_motion_kernel,
+    sample_photographs,
+)
 
 
 def cases(crops: int, size: int, seed: int = 11) -> list[tuple[str, np.ndarray, np.ndarray]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from torch import nn
 
 from jobs.errors import WeightsError
 from models.base import RestorationModel, Restored
-from models.registry import ModelInfo
+from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, weights_dir
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_DIR = SHIPPED_WEIGHTS_DIR
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def weights_path(info: ModelInfo, explicit: str = "") -> Path:
     if info.weights.shipped:
         path = SHIPPED_DIR / info.weights.filename
     else:
-        path = Path(os.environ.get("DEBLUR_WEIGHTS_DIR", "~/.cache/deblur/weights")).expanduser() / info.weights.filename
+        path = weights_dir() / info.weights.filename
     if not path.is_file():
         raise WeightsError(
             f"model {info.name!r}: weights file {str(path)!r} is missing; reinstall the package or "

@@ -180,7 +180,7 @@ def train_command(
                 loaded = D.pairs_from_s3(blurred_prefix, sharp_prefix)
                 described = f"pairs from {blurred_prefix} / {sharp_prefix}"
             order = rng.permutation(len(loaded))
-            n_val = int(round(val_fraction * len(loaded))) if len(loaded) > 1 else 0
+            n_val = round(val_fraction * len(loaded)) if len(loaded) > 1 else 0
             val_pairs = [loaded[i] for i in order[:n_val]]
             source: D.PairSource = D.PairedImages([loaded[i] for i in order[n_val:]])
             validation = [(b[:val_size, :val_size], s[:val_size, :val_size]) for b, s in val_pairs]
@@ -191,7 +191,7 @@ def train_command(
                     raise InputError(f"no images ({', '.join(D.IMAGE_SUFFIXES)}) under {str(sharp_dir)!r}")
                 photos = {p.relative_to(sharp_dir).as_posix(): D.read_image(p) for p in files}
                 names = sorted(photos)
-                held = [names[i] for i in rng.permutation(len(names))[: int(round(val_fraction * len(names)))]]
+                held = [names[i] for i in rng.permutation(len(names))[: round(val_fraction * len(names))]]
                 train_imgs, val_imgs = D.split_photographs(photos, held)
                 described = f"synthetic blur of {len(train_imgs)} images from {sharp_dir.name}"
             else:

@@ -13,7 +13,12 @@ from models.archs import build_network
 from models.catalog import LEARNED_SEED, REGISTRY
 from models.learned import SHIPPED_DIR, load_network, sha256_file
 from models.loading import load_model
-from models.synthetic_blur import blur_image, disk_kernel, random_motion_kernel, sample_photographs
+from models.synthetic_blur import (
+    blur_image,
+    disk_kernel,
+    random_motion_kernel,
+    sample_photographs,
+)
 from models.training.loop import export_weights
 
 torch.set_num_threads(1)

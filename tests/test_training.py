@@ -23,8 +23,15 @@ from models.training.data import (
     synthetic_validation_set,
     to_float_rgb,
 )
-from models.training.losses import Seed001Loss, Seed002Loss, fourier_loss, psnr, sobel_loss, ssim
 from models.training.loop import TrainConfig, train
+from models.training.losses import (
+    Seed001Loss,
+    Seed002Loss,
+    fourier_loss,
+    psnr,
+    sobel_loss,
+    ssim,
+)
 
 torch.set_num_threads(1)
 

@@ -12,10 +12,15 @@ restored batch of the same shape, with sides a multiple of its
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 ARCHITECTURES: tuple[str, ...] = ("seed001", "seed002", "seed003")
 
 
-def build_network(arch: str, **kwargs: object) -> "torch.nn.Module":  # noqa: F821 - torch imported lazily
+def build_network(arch: str, **kwargs: object) -> torch.nn.Module:
     """A fresh (randomly initialised) network of architecture ``arch`` with keyword options."""
     if arch == "seed001":
         from models.archs.seed001 import Seed001Generator
@@ -38,7 +43,7 @@ def value_range(net: object) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def run_network(net: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def run_network(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply ``net`` to ``x`` in [0, 1], mapping to and from the net's value range; output not clamped."""
     lo, hi = value_range(net)
     if (lo, hi) == (0.0, 1.0):

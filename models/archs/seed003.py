@@ -59,7 +59,7 @@ def _vit_shape(state: dict[str, torch.Tensor]) -> dict[str, int]:
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.encoder_layer_(\d+)\.", k)))
     mlp = state["encoder.layers.encoder_layer_0.mlp.0.weight"].shape[0]
     tokens = state["encoder.pos_embedding"].shape[1] - 1
-    grid = int(round(tokens**0.5))
+    grid = round(tokens**0.5)
     return {"hidden_dim": hidden, "layers": layers, "mlp_dim": mlp, "patch_size": patch, "image_size": grid * patch}
 
 
@@ -128,7 +128,7 @@ class ViTDeblur(nn.Module):
         cls = vit.class_token.expand(n, -1, -1)
         pos = vit.encoder.pos_embedding
         cls_pos, grid_pos = pos[:, :1], pos[:, 1:]
-        g0 = int(round(grid_pos.shape[1] ** 0.5))
+        g0 = round(grid_pos.shape[1] ** 0.5)
         if (gh, gw) != (g0, g0):
             grid_pos = grid_pos.reshape(1, g0, g0, d).permute(0, 3, 1, 2)
             grid_pos = F.interpolate(grid_pos, size=(gh, gw), mode="bicubic", align_corners=False)

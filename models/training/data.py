@@ -19,7 +19,7 @@ pairs through the same :class:`PairSource` interface:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +29,12 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from jobs.errors import InputError, StorageNotFoundError
-from models.synthetic_blur import disk_kernel, gaussian_kernel, random_motion_kernel, sample_photographs
+from models.synthetic_blur import (
+    disk_kernel,
+    gaussian_kernel,
+    random_motion_kernel,
+    sample_photographs,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -78,13 +83,13 @@ def package_photographs() -> dict[str, np.ndarray]:
             if loader is not None:
                 try:
                     photos[name] = to_float_rgb(loader())
-                except Exception:  # some images need a download; offline they are skipped
+                except (ImportError, OSError, ValueError):  # some need a download; offline they are skipped
                     pass
         try:
             left, right, _ = data.stereo_motorcycle()
             photos["motorcycle_left"] = to_float_rgb(left)
             photos["motorcycle_right"] = to_float_rgb(right)
-        except Exception:
+        except (ImportError, OSError, ValueError):
             pass
     except ImportError:
         pass
@@ -389,9 +394,9 @@ def pairs_from_s3(
     blurred_prefix: str, sharp_prefix: str, limit: int | None = None, client: object | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Load pairs matched by relative key under two S3 prefixes (``s3://bucket/blur/`` and ``…/sharp/``)."""
+    from jobs.s3uri import parse_s3_uri
     from jobs.settings import load_settings
     from jobs.storage import get_bytes, is_image_key, iter_objects, s3_client
-    from jobs.s3uri import parse_s3_uri
 
     blur_uri = parse_s3_uri(blurred_prefix, want_prefix=True)
     sharp_uri = parse_s3_uri(sharp_prefix, want_prefix=True)
@@ -414,23 +419,14 @@ def pairs_from_s3(
     return pairs
 
 
-def iter_batches(
-    source: PairSource, size: int, patch: int, rng: np.random.Generator
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless batches from ``source``."""
-    while True:
-        yield source.batch(size, patch, rng)
-
-
 __all__ = [
+    "VALIDATION_PHOTOS",
     "BlurSynthesizer",
     "PairSource",
     "PairedImages",
     "SyntheticPairs",
-    "VALIDATION_PHOTOS",
     "augment_pair",
     "decode_image",
-    "iter_batches",
     "jpeg_roundtrip",
     "package_photographs",
     "pairs_from_folder",

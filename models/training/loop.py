@@ -36,7 +36,14 @@ from torch import nn
 from jobs.errors import InputError
 from models.archs import ARCHITECTURES, build_network, run_network, value_range
 from models.training.data import PairSource
-from models.training.losses import BALANCES, Seed001Loss, Seed002Loss, discriminator_loss, psnr, ssim
+from models.training.losses import (
+    BALANCES,
+    Seed001Loss,
+    Seed002Loss,
+    discriminator_loss,
+    psnr,
+    ssim,
+)
 
 log = logging.getLogger("deblur.train")
 
