@@ -39,6 +39,8 @@ class BatchMessage(BaseModel):
     strip_metadata: bool = False
     write_outputs: bool = True
     output_root: str | None = None  # the job's output prefix (member outputs of evaluations go under it)
+    align: bool = False  # evaluations: RealBlur protocol (intensity matching + ECC homography) before metrics
+    crop_border: int = Field(default=0, ge=0)  # evaluations: pixels ignored at each border
     images: list[ImageItem] = Field(min_length=1)
 
     @classmethod

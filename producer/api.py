@@ -133,6 +133,9 @@ class JobSubmission(BaseModel):
     batch_size: int | None = Field(None, ge=1, le=10_000, description="Images per task (default: the server's).")
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
     strip_metadata: bool = Field(False, description="Do not copy EXIF/ICC/XMP to the outputs.")
+    align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
+                                           "alignment to the sharp image) before measuring.")
+    crop_border: int = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
         description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
@@ -142,6 +145,7 @@ class JobSubmission(BaseModel):
             kind=self.kind, inputs=list(self.inputs), output=self.output, models=list(self.models),
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
+            align=self.align, crop_border=self.crop_border,
         )
 
 

@@ -171,20 +171,25 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--ensemble", default=None, help="A saved ensemble (see 'deblur ensemble list') instead of --model.")
 @option("--output", "-o", default=None, help="Optional S3 prefix to write the restored images to.")
 @option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="Restoration strength.")
+@option("--align", is_flag=True,
+        help="RealBlur protocol: match intensities and align each result to its sharp image (ECC homography) "
+             "before measuring, on the valid region only. Slower; for pairs that are not pixel-registered.")
+@option("--crop-border", type=click.IntRange(0), default=0, show_default=True,
+        help="Ignore this many pixels at each border when measuring.")
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--job-key", default=None, help="Idempotency key.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
-             output: str | None, strength: float, batch_size: int | None, priority: int, job_key: str | None,
-             wait: bool, quiet: bool) -> None:
+             output: str | None, strength: float, align: bool, crop_border: int, batch_size: int | None,
+             priority: int, job_key: str | None, wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
-                         job_key=job_key, ensemble=ensemble)
+                         job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border)
     _submit_and_report(request, wait, quiet)
 
 

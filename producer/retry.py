@@ -36,7 +36,8 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
             message = BatchMessage(
                 job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
                 strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
-                output_root=spec.get("output"),
+                output_root=spec.get("output"), align=bool(spec.get("align", False)),
+                crop_border=int(spec.get("crop_border", 0)),
                 images=items[start:start + batch_size],
             )
             app.send_task(PROCESS_BATCH_TASK, args=[message.model_dump(mode="json")], queue=settings.queue,

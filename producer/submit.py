@@ -40,6 +40,8 @@ class JobRequest:
     priority: int = 5
     strip_metadata: bool = False
     job_key: str | None = None
+    align: bool = False
+    crop_border: int = 0
     ensemble: str | None = None  # a saved ensemble's name (deblur ensemble fit); excludes ``models``
 
     def validated_models(self) -> list[str]:
@@ -90,6 +92,10 @@ def submit(
         priority = broker_priority(request.priority)
     except ValueError as exc:
         raise InputError(f"--priority: {exc}") from None
+    if request.crop_border < 0:
+        raise InputError(f"--crop-border must be >= 0, got {request.crop_border}")
+    if request.kind == "deblur" and (request.align or request.crop_border):
+        raise InputError("--align and --crop-border apply to evaluation jobs only")
     if request.kind == "deblur" and not request.output:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
     client = s3_client(settings)
@@ -118,6 +124,8 @@ def submit(
         "batch_size": batch_size,
         "priority": request.priority,
         "strip_metadata": request.strip_metadata,
+        "align": request.align,
+        "crop_border": request.crop_border,
         "ensemble": request.ensemble,
     }
     with session_scope(db_url) as session:
@@ -130,7 +138,8 @@ def submit(
         return BatchMessage(
             job_id=job_id, kind=request.kind, models=models, strength=request.strength,
             strip_metadata=request.strip_metadata, write_outputs=plan.output is not None,
-            output_root=str(plan.output) if plan.output else None, images=list(batch),
+            output_root=str(plan.output) if plan.output else None, align=request.align,
+            crop_border=request.crop_border, images=list(batch),
         ).model_dump(mode="json")
 
     total = 0

@@ -60,8 +60,20 @@ def test_evaluation_job_stores_psnr_ssim_equal_to_an_independent_computation(env
                          "--model", "wiener:psf=gaussian:sigma=1.5", "--model", "richardson-lucy:psf=gaussian:sigma=1.5",
                          "--output", "s3://evalset/out/", "-q").strip()
         info = wait_done(job_id)
+        cropped_id = run_cli("evaluate", "--blurred", "s3://evalset/blur/", "--sharp", "s3://evalset/sharp/",
+                             "--model", "wiener:psf=gaussian:sigma=1.5", "--crop-border", "8", "-q").strip()
+        aligned_id = run_cli("evaluate", "--blurred", "s3://evalset/blur/", "--sharp", "s3://evalset/sharp/",
+                             "--model", "wiener:psf=gaussian:sigma=1.5", "--align", "-q").strip()
+        assert wait_done(cropped_id)["status"] == "done" and wait_done(aligned_id)["status"] == "done"
     finally:
         worker.stop()
+    for row in json.loads(run_cli("results", cropped_id, "--format", "json")):
+        sharp = decode(s3.get_object(Bucket="evalset", Key=row["reference"][len("s3://evalset/"):])["Body"].read())
+        blurred = decode(s3.get_object(Bucket="evalset", Key=row["input"][len("s3://evalset/"):])["Body"].read())
+        expected = peak_signal_noise_ratio(sharp[8:-8, 8:-8], blurred[8:-8, 8:-8], data_range=255)
+        assert row["metrics_by_model"]["input"]["psnr"] == pytest.approx(expected, abs=1e-6)
+    for row in json.loads(run_cli("results", aligned_id, "--format", "json")):
+        assert 0.5 < row["metrics_by_model"]["input"]["alignment_valid_fraction"] <= 1.0
     assert info["status"] == "done", info
     rows = json.loads(run_cli("results", job_id, "--format", "json"))
     assert len(rows) == 2

@@ -138,13 +138,13 @@ def _restore(work: Work, message: BatchMessage) -> None:
     work.outcome.device = str(runtime.device())
     work.outcome.model_versions = versions
     if message.kind == "evaluate":
-        _evaluate(work, specs, outputs)
+        _evaluate(work, specs, outputs, message)
         if len(specs) > 1 and message.write_outputs:
             # kept so reports and 'deblur ensemble fit' can use every member's output
             work.members = {s.key(): o[0].numpy().transpose(1, 2, 0) for s, o in zip(specs, outputs, strict=True)}
 
 
-def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[type-arg]
+def _evaluate(work: Work, specs: list, outputs: list, message: BatchMessage) -> None:  # type: ignore[type-arg]
     """Full-reference metrics of the input, every member and the ensemble."""
     from models.metrics import full_reference_metrics
 
@@ -154,7 +154,9 @@ def _evaluate(work: Work, specs: list, outputs: list) -> None:  # type: ignore[t
         candidates += [(s.key(), o[0].numpy().transpose(1, 2, 0)) for s, o in zip(specs, outputs, strict=True)]
     candidates.append((ENSEMBLE_MODEL, work.restored))
     for model, image in candidates:
-        for name, value in full_reference_metrics(_as_original_dtype(work.reference, image), sharp).items():
+        figures = full_reference_metrics(_as_original_dtype(work.reference, image), sharp,
+                                         crop_border=message.crop_border, align=message.align)
+        for name, value in figures.items():
             work.outcome.metrics.append((model, name, value))
     if len(specs) == 1:
         # A single model is its own ensemble: store its figures under its name too.
