@@ -149,6 +149,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's settings pointed at the session's services (a queue of its own);
+    returns the variables for child processes. Parametrised over SQLite and PostgreSQL."""
+    from tests.e2e_helpers import use_services
+
+    return use_services(monkeypatch, redis_url, s3_endpoint, database_url, tmp_path / "home")
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

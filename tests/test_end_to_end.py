@@ -22,15 +22,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.e2e_helpers import FlowerProcess, WorkerProcess, decode, mixed_samples, service_env, upload, use_services
+from tests.e2e_helpers import FlowerProcess, WorkerProcess, decode, mixed_samples, service_env, upload
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture
-def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    return use_services(monkeypatch, redis_url, s3_endpoint, database_url, tmp_path / "home")
 
 
 @pytest.fixture

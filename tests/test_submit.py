@@ -11,22 +11,13 @@ import json
 import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import boto3
 import pytest
 import redis
 from click.testing import CliRunner
 
-from tests.e2e_helpers import use_services
-
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture
-def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    return use_services(monkeypatch, redis_url, s3_endpoint, database_url, tmp_path / "home")
 
 
 @pytest.fixture
