@@ -266,7 +266,7 @@ def centre_kernel(k: torch.Tensor, by: str = "centroid") -> torch.Tensor:
             mass = ki.sum().clamp(min=1e-12)
             cy = float((ki.sum(dim=1) * ys).sum() / mass)
             cx = float((ki.sum(dim=0) * xs).sum() / mass)
-        sy, sx = int(round(h // 2 - cy)), int(round(w // 2 - cx))
+        sy, sx = round(h // 2 - cy), round(w // 2 - cx)
         out[i] = _shift_no_wrap(ki, sy, sx)
     return out
 
@@ -291,13 +291,11 @@ def resize_kernel(k: torch.Tensor, side: int) -> torch.Tensor:
 
 def pyramid_sides(kernel: int) -> list[tuple[float, int]]:
     """(scale, kernel side) per level, coarsest first, the scale shrinking by √2 per level."""
-    levels = max(1, int(math.floor(math.log(kernel / 3.0) / math.log(math.sqrt(2.0)))) + 1)
+    levels = max(1, math.floor(math.log(kernel / 3.0) / math.log(math.sqrt(2.0))) + 1)
     out = []
     for i in range(levels):
         scale = math.sqrt(0.5) ** (levels - 1 - i)
-        side = max(3, int(round(kernel * scale)) | 1)
-        if side > kernel:
-            side = kernel
+        side = min(kernel, max(3, round(kernel * scale) | 1))
         out.append((scale, side))
     return out
 
@@ -344,7 +342,7 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[
         if settings.restart_lambda:
             lam = settings.lam
         h, w = y.shape[-2:]
-        size = (max(ks + 2, int(round(h * scale))), max(ks + 2, int(round(w * scale))))
+        size = (max(ks + 2, round(h * scale)), max(ks + 2, round(w * scale)))
         ys = y if scale == 1.0 else F.interpolate(y, size=size, mode="bilinear", antialias=True,
                                                   align_corners=False)
         margin = pad_margin(ks)
