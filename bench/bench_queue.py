@@ -74,22 +74,22 @@ def main() -> None:
             keys.append(key)
 
         # side 1: a plain script loop in this process
-        from worker.pipeline import Work, _decode, _restore  # the same per-image code the worker runs
+        from worker.pipeline import Work, decode_work, restore_work  # the same per-image code the worker runs
         from db.queries import ImageOutcome
 
         message = BatchMessage(job_id="bench", kind="deblur", models=[args.model],
                                images=[ImageItem(input=f"s3://bench/{k}") for k in keys[:1]])
-        _restore_warm = Work(message.images[0], ImageOutcome(input_uri="", status="done"))
-        _restore_warm.data = get_bytes(client, parse_s3_uri(f"s3://bench/{keys[0]}"))
-        _decode(_restore_warm, settings)
-        _restore(_restore_warm, message)  # loads the model once, outside the timing
+        warm = Work(message.images[0], ImageOutcome(input_uri="", status="done"))
+        warm.data = get_bytes(client, parse_s3_uri(f"s3://bench/{keys[0]}"))
+        decode_work(warm, settings)
+        restore_work(warm, message)  # loads the model once, outside the timing
         start = time.perf_counter()
         for key in keys:
             data = get_bytes(client, parse_s3_uri(f"s3://bench/{key}"))
             decoded = decode_image(data, key)
             work = Work(ImageItem(input=f"s3://bench/{key}"), ImageOutcome(input_uri=key, status="done"))
             work.decoded = decoded
-            _restore(work, message)
+            restore_work(work, message)
             put_bytes(client, parse_s3_uri(f"s3://bench/loop/{key}"), encode_image(decoded, work.restored),
                       content_type(decoded.format))
         loop_s = time.perf_counter() - start

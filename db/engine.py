@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -115,7 +115,3 @@ def ensure_schema(url: str) -> None:
     """Migrate to head when the database is behind (once per process and URL)."""
     if current_revision(url) != head_revision():
         upgrade(url)
-
-
-def has_table(url: str, name: str) -> bool:
-    return inspect(get_engine(url)).has_table(name)

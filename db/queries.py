@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.schema import (
+    ENSEMBLE_MODEL,
     IMAGE_STATUSES,
+    INPUT_MODEL,
     TERMINAL_IMAGE_STATUSES,
     Image,
     Job,
@@ -266,8 +268,6 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
         )
     if not conditions:
         return []
-    from sqlalchemy import or_
-
     return list(
         session.scalars(
             select(Image).join(Job, Job.id == Image.job_id).where(Image.job_id == job_id, or_(*conditions))
@@ -335,8 +335,6 @@ def metrics_for(session: Session, image_ids: Sequence[int]) -> dict[int, dict[st
 
 
 def image_dict(image: Image, by_model: dict[str, dict[str, float | None]]) -> dict[str, Any]:
-    from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
-
     headline: dict[str, float | None] = {}
     for name, value in by_model.get(INPUT_MODEL, {}).items():
         headline[f"input_{name}"] = value

@@ -7,8 +7,9 @@ from datetime import timedelta
 from db import queries
 from db.engine import ensure_schema, session_scope
 from db.schema import utcnow
-from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem
+from jobs.messages import PROCESS_BATCH_TASK, ImageItem
 from jobs.settings import Settings
+from producer.submit import batch_payload
 
 
 def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: int | None) -> int:
@@ -33,14 +34,8 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     batch_size = int(spec.get("batch_size") or settings.batch_size)
     with app.producer_or_acquire() as producer:
         for start in range(0, len(items), batch_size):
-            message = BatchMessage(
-                job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
-                strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
-                output_root=spec.get("output"), align=bool(spec.get("align", False)),
-                crop_border=int(spec.get("crop_border", 0)),
-                images=items[start:start + batch_size],
-            )
-            app.send_task(PROCESS_BATCH_TASK, args=[message.model_dump(mode="json")], queue=settings.queue,
+            payload = batch_payload(job_id, kind, spec, items[start:start + batch_size])
+            app.send_task(PROCESS_BATCH_TASK, args=[payload], queue=settings.queue,
                           priority=broker_priority(int(spec.get("priority", 5))), producer=producer)
     return len(items)
 

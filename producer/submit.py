@@ -59,6 +59,20 @@ class SubmitResult:
     total: int
 
 
+def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequence[ImageItem]) -> dict[str, Any]:
+    """The JSON task body for ``images`` of a job, derived from the job's stored spec.
+
+    Submission and retries both build messages here, so a retried batch is
+    processed exactly like the original one.
+    """
+    return BatchMessage(
+        job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
+        strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
+        output_root=spec.get("output"), align=bool(spec.get("align", False)),
+        crop_border=int(spec.get("crop_border", 0)), images=list(images),
+    ).model_dump(mode="json")
+
+
 def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
     while True:
         chunk = list(itertools.islice(items, size))
@@ -134,14 +148,6 @@ def submit(
     if not created:
         return SubmitResult(job_id, False, job.total)
 
-    def message(batch: Sequence[ImageItem]) -> dict[str, Any]:
-        return BatchMessage(
-            job_id=job_id, kind=request.kind, models=models, strength=request.strength,
-            strip_metadata=request.strip_metadata, write_outputs=plan.output is not None,
-            output_root=str(plan.output) if plan.output else None, align=request.align,
-            crop_border=request.crop_border, images=list(batch),
-        ).model_dump(mode="json")
-
     total = 0
     batch_number = 0
     try:
@@ -157,7 +163,8 @@ def submit(
                             batch=batch_number + offset,
                         )
                 for batch in batches:
-                    app.send_task(PROCESS_BATCH_TASK, args=[message(batch)], queue=settings.queue,
+                    app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, request.kind, spec, batch)],
+                                  queue=settings.queue,
                                   priority=priority, producer=producer)
                 batch_number += len(batches)
                 total += len(chunk)

@@ -26,15 +26,15 @@ def restore_file(path: Path, output_dir: Path, message: BatchMessage) -> dict[st
     """Restore one file into ``output_dir`` under the same name; returns its metrics."""
     from db.queries import ImageOutcome
     from worker.imageio import encode_image
-    from worker.pipeline import Work, _decode, _no_reference, _restore, kernel_png
+    from worker.pipeline import Work, decode_work, add_no_reference_metrics, restore_work, kernel_png
 
     work = Work(ImageItem(input=str(path)), ImageOutcome(input_uri=str(path), status="done"))
     work.data = path.read_bytes()
-    _decode(work, load_settings())
+    decode_work(work, load_settings())
     if work.outcome.status != "done":
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
-    _restore(work, message)
-    _no_reference(work)
+    restore_work(work, message)
+    add_no_reference_metrics(work)
     target = output_dir / path.name
     target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata))
     for model, kernel in work.kernels.items():

@@ -81,7 +81,8 @@ def _download(client, work: Work) -> None:  # type: ignore[no-untyped-def]
         work.fail(str(exc))
 
 
-def _decode(work: Work, settings: Settings) -> None:
+def decode_work(work: Work, settings: Settings) -> None:
+    """Decode the downloaded input (and sharp reference); a bad file fails this image only."""
     from worker.imageio import decode_image
 
     try:
@@ -103,7 +104,7 @@ def _decode(work: Work, settings: Settings) -> None:
     work.data = work.reference_data = None  # free the compressed bytes early
 
 
-def _restore(work: Work, message: BatchMessage) -> None:
+def restore_work(work: Work, message: BatchMessage) -> None:
     """Run every member, average them, blend by strength and collect metrics."""
     import torch
 
@@ -172,7 +173,8 @@ def _as_original_dtype(decoded: Any, pixels: np.ndarray) -> np.ndarray:
     return quantise(pixels, np.dtype(decoded.dtype))
 
 
-def _no_reference(work: Work) -> None:
+def add_no_reference_metrics(work: Work) -> None:
+    """Sharpness of the input and of the result, which need no ground truth."""
     from models.metrics import no_reference_metrics
 
     if work.decoded.width < 8 or work.decoded.height < 8:
@@ -248,12 +250,12 @@ def run_batch(message: BatchMessage, settings: Settings) -> dict[str, int]:
         for work in works:
             if work.outcome.status != "done":
                 continue
-            _decode(work, settings)
+            decode_work(work, settings)
             if work.outcome.status != "done":
                 continue
             try:
-                _restore(work, message)
-                _no_reference(work)
+                restore_work(work, message)
+                add_no_reference_metrics(work)
                 _encode(work, message)
             except InputError as exc:
                 work.fail(str(exc))

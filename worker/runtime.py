@@ -83,10 +83,6 @@ def get_model(spec: "ModelSpec") -> "RestorationModel":
         return model
 
 
-def loaded_models() -> list[str]:
-    return sorted(_models)
-
-
 def release() -> None:
     """Drop cached models (and CUDA memory) — called when the process shuts down."""
     with _lock:

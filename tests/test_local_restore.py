@@ -1,0 +1,40 @@
+"""``deblur restore FILE... --output DIR``: the worker's per-image path on local files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from click.testing import CliRunner
+from skimage import data
+
+from models.synthetic_blur import blur_image, linear_motion_kernel
+
+
+def test_restore_writes_same_names_and_a_bad_file_fails_alone(tmp_path: Path) -> None:
+    from producer.cli import main
+
+    sharp = data.astronaut()[100:196, 150:278] / 255.0
+    blurred = blur_image(sharp, linear_motion_kernel(7, 30))
+    png = tmp_path / "in" / "photo.png"
+    tif = tmp_path / "in" / "scan16.tif"
+    bad = tmp_path / "in" / "broken.jpg"
+    png.parent.mkdir()
+    cv2.imwrite(str(png), np.rint(blurred[..., ::-1] * 255).astype(np.uint8))
+    cv2.imwrite(str(tif), np.rint(blurred[..., ::-1] * 65535).astype(np.uint16))
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+
+    result = CliRunner().invoke(main, ["restore", str(png), str(bad), str(tif), "--output", str(out),
+                                       "--model", "wiener:psf=motion:length=7,angle=30"])
+
+    assert result.exit_code == 1, result.output  # one file failed
+    assert "broken.jpg" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["photo.png", "scan16.tif"]
+    restored = cv2.imread(str(out / "scan16.tif"), cv2.IMREAD_UNCHANGED)
+    assert restored.dtype == np.uint16 and restored.shape == (96, 128, 3)
+    restored8 = cv2.imread(str(out / "photo.png"))[..., ::-1] / 255.0
+    error_in = np.mean((blurred - sharp) ** 2)
+    error_out = np.mean((restored8 - sharp) ** 2)
+    assert error_out < error_in * 0.8
