@@ -65,6 +65,8 @@ BLIND: list[ModelInfo] = [
             Param("final_lambda", float, 0.0, "prior weight (or Wiener NSR) of the final deconvolution; "
                   "0 = proportional to the measured noise level", minimum=0.0, maximum=1.0),
             Param("guard", bool, True, "detect collapsed kernel estimates and fall back to a gentle result"),
+            Param("candidates", int, 3, "kernel estimator variants tried per image; the one whose restoration "
+                  "best explains the input wins (1 = fastest, about 3x less time)", minimum=1, maximum=3),
         ),
         dtypes=("float32",),
         produces_kernel=True,
