@@ -69,7 +69,9 @@ GUARD_MAX_RESIDUAL = 3.0
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
-AUTO_LAMBDA_PER_SIGMA = 0.3  # 2e-3 at 1% RGB noise (σ of the luminance 0.0067)
+# 8e-4 at 1% RGB noise (σ of the luminance 0.0067). 0.3 was the best weight with one
+# estimator; with the candidate selection kernels are trustworthy enough for a weaker prior.
+AUTO_LAMBDA_PER_SIGMA = 0.12
 CHROMA_WEIGHT = 2.5  # chroma prior weight / luminance prior weight in the final step
 AUTO_LAMBDA_RANGE = (3e-4, 1e-2)
 # Estimator variants tried per image, in order (kernel solver, initial λ as a multiple of
