@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from models.catalog import REGISTRY
+from models.catalog import REGISTRY, default_ensemble
 from models.ensemble import fit_weights
 from models.loading import load_model
 from models.synthetic_blur import (
@@ -110,6 +110,12 @@ def main() -> None:
         weights, report = fit_weights(stacks, targets)
         print("fitted weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights, strict=True))
               + f" -> gain {report.psnr_fitted - np.mean(base):+.3f} dB")
+        shipped = {spec.name: spec.weight for spec in default_ensemble().members}
+        if all(REGISTRY.parse(n).name in shipped for n in names):
+            w = np.array([shipped[REGISTRY.parse(n).name] for n in names])
+            mixed = [np.tensordot(w / w.sum(), st, axes=1) for st in stacks]
+            label = " : ".join(f"{x:g}" for x in w)
+            print(f"  shipped default weights ({label}): gain {np.mean(_gains(mixed, data, base)):+.3f} dB")
         for lw in (0.0, 0.25, 0.5, 1.0):
             w = np.array([1.0] + [lw] * len(specs))
             mixed = [np.tensordot(w / w.sum(), st, axes=1) for st in stacks]
