@@ -104,8 +104,8 @@ class L0Settings:
     guard: bool = True  # no-blur gate and collapse guard
     kernel_solver: str = "fft"  # kernel step: "fft" (whole padded domain) or "masked" (observed pixels only)
     candidates: int = 3  # estimates compared per image (1..len(CANDIDATES)); the one that explains the input best wins
-    cg_iterations: int = 15
-    beta_growth: float = 2.0  # factor by which the splitting weight β grows in the latent step  # conjugate-gradient iterations of the masked kernel step
+    cg_iterations: int = 15  # conjugate-gradient iterations of the masked kernel step
+    beta_growth: float = 2.0  # factor by which the splitting weight β grows in the latent step
 
     def kernel_side(self, height: int, width: int) -> int:
         """The odd kernel side used for an image of this size."""
