@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +34,7 @@ from scipy.signal import correlate, fftconvolve  # noqa: E402
 
 from models.base import pick_device  # noqa: E402
 from models.catalog import REGISTRY  # noqa: E402
-from models.l0_blind import final_deconvolution  # noqa: E402
+from models.l0_blind import L0Settings, final_deconvolution  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.synthetic_blur import random_motion_kernel, sample_photographs  # noqa: E402
 
@@ -64,11 +65,18 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
     return best - base
 
 
-def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float
+def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
+              sides: tuple[int, int] = (11, 35), grey: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sharp crop, blurred crop with noise, true kernel) for one photograph."""
+    """(sharp crop, blurred crop with noise, true kernel) for one photograph.
+
+    The kernel's odd side is drawn uniformly in ``sides``; ``grey`` converts
+    the photograph to its luminance first (as in grey benchmarks like Levin et al.'s).
+    """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
-    side = int(rng.integers(5, 18)) * 2 + 1  # odd, 11..35
+    if grey and img.ndim == 3:
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
     kernel = random_motion_kernel(side, rng)
     h, w = img.shape[:2]
     big = min(size + side - 1, h, w)
@@ -84,6 +92,37 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     if window.ndim == 2:
         return sharp[..., 0], blurred[..., 0], kernel
     return sharp, blurred, kernel
+
+
+def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
+    """``settings`` with ``FIELD=VALUE`` pairs applied, each value cast to the field's type."""
+    changes: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(settings, key):
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a field of L0Settings")
+        kind = type(getattr(settings, key))
+        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return replace(settings, **changes)
+
+
+def time_one_megapixel(model: object, device: torch.device, threads: int) -> int:
+    """Restore one 1024x1024 colour camera-shake case and print its wall and CPU seconds."""
+    from scipy.ndimage import zoom
+
+    photo = sample_photographs()["astronaut"].astype(np.float64) / 255.0
+    big = np.clip(zoom(photo, (1100 / photo.shape[0], 1100 / photo.shape[1], 1), order=1), 0.0, 1.0)
+    rng = np.random.default_rng(0)
+    kernel = random_motion_kernel(25, rng)
+    blurred = np.stack([fftconvolve(big[..., c], kernel, mode="valid") for c in range(3)], 2)[:1024, :1024]
+    blurred = np.clip(blurred + rng.normal(0.0, 0.01, blurred.shape), 0.0, 1.0)
+    x = to_tensor(blurred, device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model(x)  # type: ignore[operator]
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    mp = blurred.shape[0] * blurred.shape[1] / 1e6
+    print(f"# 1024x1024 colour, {threads} thread(s): {wall / mp:.1f} s/MP wall, {cpu / mp:.1f} s/MP CPU")
+    return 0
 
 
 def to_tensor(img: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -109,9 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 1)),
                         help="torch CPU threads (env BENCH_THREADS)")
     parser.add_argument("--noise", type=float, default=0.01, help="Gaussian noise sigma (default 0.01 = 1%%)")
+    parser.add_argument("--kernel-sizes", default="11-35",
+                        help="range of odd kernel sides MIN-MAX (default 11-35)")
+    parser.add_argument("--grey", action="store_true",
+                        help="convert the photographs to grey first (Levin et al.'s benchmark is grey)")
     parser.add_argument("--model", default="l0-blind", help="model spec to benchmark (default l0-blind)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override an L0Settings field the model spec does not expose "
+                             "(e.g. --set gamma=0.1), repeatable; for tuning experiments")
     parser.add_argument("--device", default=os.environ.get("DEBLUR_DEVICE", "auto"),
                         help="auto, cpu, cuda, ... (env DEBLUR_DEVICE)")
+    parser.add_argument("--speed", action="store_true",
+                        help="only time one 1024x1024 colour image (astronaut scaled up, 25 px shake, "
+                             "1%% noise) and print seconds per megapixel")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the true-kernel non-blind reference")
     args = parser.parse_args(argv)
@@ -119,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model = load_model(REGISTRY.parse(args.model), device)
+    if args.overrides:
+        model.settings = override_settings(model.settings, args.overrides)
+    if args.speed:
+        return time_one_megapixel(model, device, args.threads)
+    low, _, high = args.kernel_sizes.partition("-")
+    sides = (int(low), int(high or low))
     photos = sample_photographs()
     names = sorted(photos)
     rng = np.random.default_rng(args.seed)
-    print(f"# {args.model} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "
+    print(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "
+          f"kernels {sides[0]}-{sides[1]} px{', grey' if args.grey else ''}, "
           f"seed {args.seed}, {args.threads} thread(s)")
     header = (f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
               f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
@@ -130,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(args.count):
         name = names[i % len(names)]
-        sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise)
+        sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey)
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         out = model(x)
