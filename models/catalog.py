@@ -67,6 +67,9 @@ BLIND: list[ModelInfo] = [
             Param("guard", bool, True, "detect collapsed kernel estimates and fall back to a gentle result"),
             Param("candidates", int, 3, "kernel estimator variants tried per image; the one whose restoration "
                   "best explains the input wins (1 = fastest, about 3x less time)", minimum=1, maximum=3),
+            Param("polish", int, 8, "extra kernel/latent alternations at full resolution with a weak prior, "
+                  "which undo the pyramid's bias towards small round kernels (0 = off, faster)",
+                  minimum=0, maximum=30),
         ),
         dtypes=("float32",),
         produces_kernel=True,
