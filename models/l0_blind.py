@@ -644,9 +644,9 @@ def best_estimate(y: torch.Tensor, settings: L0Settings, side: int
     images, so the choice is more often right than any one of them (mean
     +0.3 dB on the benchmark, and fewer large losses). Returns the kernels,
     their estimates one level before the last (for :func:`trust`) and the
-    index of the variant chosen, as floats (N,).
+    index of the variant chosen, as floats (N,). The chosen kernels are then
+    polished (:func:`polish_kernels`) unless ``settings.polish_iterations`` is 0.
     """
-    n = y.shape[0]
     window = estimation_window(y, settings.estimate_side)
     best_k, best_prev, chosen = select_candidate(window, settings, side)
     if settings.polish_iterations <= 0:
