@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.signal import correlate, fftconvolve  # noqa: E402
 
-from models.base import pick_device  # noqa: E402
+from models.base import RestorationModel, pick_device  # noqa: E402
 from models.catalog import REGISTRY  # noqa: E402
 from models.l0_blind import L0Settings, final_deconvolution  # noqa: E402
 from models.loading import load_model  # noqa: E402
@@ -106,7 +106,7 @@ def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
     return replace(settings, **changes)
 
 
-def time_one_megapixel(model: object, device: torch.device, threads: int) -> int:
+def time_one_megapixel(model: RestorationModel, device: torch.device, threads: int) -> int:
     """Restore one 1024x1024 colour camera-shake case and print its wall and CPU seconds."""
     from scipy.ndimage import zoom
 
@@ -118,7 +118,7 @@ def time_one_megapixel(model: object, device: torch.device, threads: int) -> int
     blurred = np.clip(blurred + rng.normal(0.0, 0.01, blurred.shape), 0.0, 1.0)
     x = to_tensor(blurred, device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model(x)  # type: ignore[operator]
+    model(x)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     mp = blurred.shape[0] * blurred.shape[1] / 1e6
     print(f"# 1024x1024 colour, {threads} thread(s): {wall / mp:.1f} s/MP wall, {cpu / mp:.1f} s/MP CPU")

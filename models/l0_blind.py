@@ -108,7 +108,7 @@ class L0Settings:
     kernel_noise: float = 3.0  # ... and those below this many noise levels of the estimate
     select_edges: bool = False  # kernel step on the strongest latent edges only (Cho & Lee)
     finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
-    centre: str = "box"  # final kernel centred by its support box, or "centroid"
+    centre: str = "box"  # final kernel centred by the box of its central 96% of mass, or "centroid"
     final: str = "tv"  # final deconvolution: tv, hyper or wiener
     final_lambda: float = 0.0  # its prior weight (the NSR for wiener); 0 = from the measured noise
     lambda_per_sigma: float = AUTO_LAMBDA_PER_SIGMA  # automatic final weight per unit of noise σ
@@ -502,8 +502,12 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[
         previous = k
         k, lam = alternate(problem, resize_kernel(k, ks), settings, lam, settings.gamma, settings.iterations,
                            settings.lam_decay)
-    final = normalise_kernel(centre_kernel(prune_kernel(resize_kernel(k, side)), settings.centre))
-    return final, resize_kernel(previous, side)
+    return finish_kernel(k, side, settings), resize_kernel(previous, side)
+
+
+def finish_kernel(k: torch.Tensor, side: int, settings: L0Settings) -> torch.Tensor:
+    """An estimate (N, h, w) as a final kernel: resized to ``side``, pruned, centred by ``settings.centre``, sum 1."""
+    return normalise_kernel(centre_kernel(prune_kernel(resize_kernel(k, side)), settings.centre))
 
 
 def kernel_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -659,12 +663,14 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings)
 
     ``settings.polish_iterations`` alternations with the weak prior and
     penalty (``polish_lambda``, ``polish_gamma``) on the whole image, by the
-    FFT kernel step; then pruned and centred like any final estimate.
+    FFT kernel step; then finished like any final estimate (:func:`finish_kernel`).
+    The padded problem is rebuilt here rather than kept from the pyramid's
+    finest level: padding costs one FFT blur, next to the eight alternations.
     """
-    problem = LevelProblem.build(y, kernels.shape[-1])
-    k, _ = alternate(problem, kernels, replace(settings, kernel_solver="fft"), settings.polish_lambda,
-                     settings.polish_gamma, settings.polish_iterations)
-    return normalise_kernel(centre_kernel(prune_kernel(k), settings.centre))
+    side = kernels.shape[-1]
+    k, _ = alternate(LevelProblem.build(y, side), kernels, replace(settings, kernel_solver="fft"),
+                     settings.polish_lambda, settings.polish_gamma, settings.polish_iterations)
+    return finish_kernel(k, side, settings)
 
 
 def select_candidate(window: torch.Tensor, settings: L0Settings, side: int
