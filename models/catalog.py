@@ -73,6 +73,7 @@ BLIND: list[ModelInfo] = [
         ),
         dtypes=("float32",),
         produces_kernel=True,
+        shared_results=True,
     ),
 ]
 

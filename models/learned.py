@@ -147,32 +147,130 @@ class LearnedSeedModel(RestorationModel):
         return Restored(image=run_network(self.net, x))
 
 
-def _build(name: str, params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+class JointNetwork(RestorationModel):
+    """A refiner's network on its joint input ``[image, prior result]`` (6 channels in, 3 out).
+
+    Pads to the size multiple, picks the precision and clamps like the base
+    class; it is what tiling and self-ensemble wrap for a refiner, so the
+    prior runs once on the whole image while the network may go tile by tile.
+    """
+
+    channels = None
+
+    def __init__(self, info: ModelInfo, params: Mapping[str, object], device: torch.device, net: nn.Module) -> None:
+        super().__init__(info, params, device)
+        self.net = net.to(device).eval()
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        from models.archs import run_network
+
+        return Restored(image=run_network(self.net, x))
+
+    def __call__(self, x: torch.Tensor) -> Restored:
+        from models.base import _pad
+
+        if x.ndim != 4 or x.shape[1] != 6:
+            raise ValueError(f"expected an (N, 6, H, W) batch of image and prior, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        multiple = max(1, self.info.size_multiple)
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if pad_h or pad_w:
+            x = _pad(x, pad_h, pad_w)
+        amp = self.autocast_dtype()
+        with torch.inference_mode():
+            if amp is not None:
+                with torch.autocast(device_type="cuda", dtype=amp):
+                    image = self.restore_batch(x).image
+            else:
+                image = self.restore_batch(x).image
+        return Restored(image=image.float()[..., :h, :w].clamp(0.0, 1.0))
+
+
+class RefinerModel(RestorationModel):
+    """A seed network conditioned on a blind model's result (``prior`` in the weights' metadata).
+
+    The prior (e.g. ``l0-blind``) runs on the whole image first; the network
+    (:class:`JointNetwork`, tiled and self-ensembled when asked) then sees
+    ``[image, prior result]`` and returns a corrected image. The prior's
+    kernel and metrics are passed through, so the worker stores them as this
+    model's artefacts too. When the same prior is also an ensemble member it
+    is computed once (:mod:`models.shared_results`).
+    """
+
+    channels = None
+
+    def __init__(
+        self, info: ModelInfo, params: Mapping[str, object], device: torch.device,
+        network: RestorationModel, prior: RestorationModel,
+    ) -> None:
+        super().__init__(info, params, device)
+        self.network = network
+        self.prior = prior
+
+    @property
+    def version(self) -> str:
+        return f"{super().version}<{self.prior.version}>"
+
+    def apply_inference_options(self, options: Mapping[str, object]) -> RestorationModel:
+        """Tile / self-ensemble the network only (the prior needs the whole image); returns ``self``."""
+        from models.tiling import apply_inference_options
+
+        self.network = apply_inference_options(self.network, options)
+        self.params.update({k: v for k, v in self.network.params.items() if k in options})
+        return self
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        return self(x)
+
+    def __call__(self, x: torch.Tensor) -> Restored:
+        if x.ndim != 4:
+            raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+        c = x.shape[1]
+        if c not in (1, 3):
+            raise ValueError(f"a refiner takes grey or RGB images, got {c} channels")
+        x = x.to(self.device, torch.float32)
+        prior = self.prior(x)
+        rgb = x.expand(-1, 3, -1, -1) if c == 1 else x
+        prior_rgb = prior.image.expand(-1, 3, -1, -1) if prior.image.shape[1] == 1 else prior.image
+        image = self.network(torch.cat([rgb, prior_rgb.to(rgb.device, torch.float32)], dim=1)).image
+        image = image.to(x.device)
+        if c == 1:
+            image = image.mean(dim=1, keepdim=True)
+        return Restored(image=image, kernels=prior.kernels, metrics=dict(prior.metrics))
+
+
+def _build(name: str, params: Mapping[str, object], device: torch.device) -> RestorationModel:
     from models.catalog import REGISTRY
 
     info = REGISTRY.get(name)
     explicit = str(params.get("weights") or "")
     path = weights_path(info, explicit)
     expected_sha = None if explicit or info.weights is None else info.weights.sha256
-    net, _ = load_network(path, SEED_MODELS[name].arch, expected_sha)
+    net, meta = load_network(path, SEED_MODELS[name].arch, expected_sha)
     multiple = int(getattr(net, "size_multiple", 1))
     if info.size_multiple % multiple:
         raise WeightsError(
             f"{str(path)!r} needs sides that are multiples of {multiple}, but {name!r} pads to {info.size_multiple}"
         )
+    prior_text = meta.get("prior", "")
+    if prior_text:
+        from models.loading import load_model
+
+        prior = load_model(REGISTRY.parse(prior_text), device)
+        return RefinerModel(info, params, device, JointNetwork(info, params, device, net), prior)
     return LearnedSeedModel(info, params, device, net)
 
 
-def build_seed001(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+def build_seed001(params: Mapping[str, object], device: torch.device) -> RestorationModel:
     """Factory for ``seed001-gan`` (registry entry in :mod:`models.catalog`)."""
     return _build("seed001-gan", params, device)
 
 
-def build_seed002(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+def build_seed002(params: Mapping[str, object], device: torch.device) -> RestorationModel:
     """Factory for ``seed002-unet``."""
     return _build("seed002-unet", params, device)
 
 
-def build_seed003(params: Mapping[str, object], device: torch.device) -> LearnedSeedModel:
+def build_seed003(params: Mapping[str, object], device: torch.device) -> RestorationModel:
     """Factory for ``seed003-vit`` (needs ``weights=PATH``: no weights ship for it)."""
     return _build("seed003-vit", params, device)

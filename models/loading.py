@@ -43,4 +43,12 @@ def load_model(spec: ModelSpec, device: torch.device) -> RestorationModel:
     params = REGISTRY.resolved_params(spec)
     options = {name: params.pop(name) for name in common_param_names(info)}
     model: RestorationModel = factory(params, device)
-    return apply_inference_options(model, options)
+    if hasattr(model, "apply_inference_options"):  # a model that wraps only a part of itself (a refiner)
+        model = model.apply_inference_options(options)
+    else:
+        model = apply_inference_options(model, options)
+    if info.shared_results:
+        from models.shared_results import SharedResultModel
+
+        model = SharedResultModel(model)
+    return model

@@ -106,6 +106,8 @@ class ModelInfo:
     dtypes: tuple[str, ...] = ("float32",)
     produces_kernel: bool = False
     version: str = "1"
+    # keep the latest result so an ensemble member and a refiner's prior compute it once
+    shared_results: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

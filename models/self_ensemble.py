@@ -71,13 +71,13 @@ class SelfEnsembleModel(RestorationModel):
         return self.restore_batch(x)
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        total: torch.Tensor | None = None  # shaped by the first output (a refiner returns fewer channels)
         kernels: list[torch.Tensor] = []
         metric_sums: dict[str, torch.Tensor] = {}
         for t in self.transforms:
             out = self.inner(forward_transform(x, t))
             image = inverse_transform(out.image, t).to(x.device, torch.float32)
-            total.add_(image)
+            total = image.clone() if total is None else total.add_(image)
             if out.kernels is not None:
                 kernels.append(inverse_transform(out.kernels, t).to(x.device, torch.float32))
             for name, value in out.metrics.items():
@@ -90,7 +90,7 @@ class SelfEnsembleModel(RestorationModel):
         elif kernels:
             kernel = kernels[0]  # identity transform: shapes differ, so no average is defined
         return Restored(
-            image=total.div_(count).clamp_(0.0, 1.0),
+            image=total.div_(count).clamp_(0.0, 1.0),  # type: ignore[union-attr]
             kernels=kernel,
             metrics={name: value / count for name, value in metric_sums.items()},
         )

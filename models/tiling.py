@@ -107,10 +107,10 @@ class TiledModel(RestorationModel):
         return self.restore_batch(x)
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         tile_h, tile_w = min(self.tile, h), min(self.tile, w)
         cpu = torch.device("cpu")
-        out = torch.zeros((n, c, h, w), dtype=torch.float32, device=cpu)
+        out: torch.Tensor | None = None  # shaped by the first tile's output (a refiner returns fewer channels)
         weight = torch.zeros((h, w), dtype=torch.float32, device=cpu)
         metric_sums: dict[str, torch.Tensor] = {}
         tiles = 0
@@ -120,6 +120,8 @@ class TiledModel(RestorationModel):
                 wx = blend_ramp(tile_w, self.overlap, rise=x0 > 0, fall=x0 + tile_w < w)
                 mask = wy[:, None] * wx[None, :]
                 result = self.inner(x[..., y0 : y0 + tile_h, x0 : x0 + tile_w])
+                if out is None:
+                    out = torch.zeros((n, result.image.shape[1], h, w), dtype=torch.float32, device=cpu)
                 out[..., y0 : y0 + tile_h, x0 : x0 + tile_w].addcmul_(
                     result.image.to(cpu, torch.float32), mask
                 )
@@ -128,6 +130,7 @@ class TiledModel(RestorationModel):
                     value = value.to(cpu, torch.float32)
                     metric_sums[name] = value if name not in metric_sums else metric_sums[name] + value
                 tiles += 1
+        assert out is not None  # at least one tile
         out.div_(weight).clamp_(0.0, 1.0)
         return Restored(
             image=out.to(x.device),

@@ -89,6 +89,17 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--arch-option", "arch_options", multiple=True, envvar=_env("arch_option"),
               help="Architecture option KEY=VALUE, repeatable (seed001: width, scale; seed002: width; "
                    "seed003: hidden_dim, layers, heads, vit_checkpoint).")
+@click.option("--prior", envvar=_env("prior"),
+              help="Train a refiner conditioned on this weight-free model's result (e.g. l0-blind): the network "
+                   "sees [blurred, prior] and corrects the prior. Its results on synthetic training patches are "
+                   "computed once into --prior-cache.")
+@click.option("--prior-cache", type=click.Path(file_okay=False, path_type=Path), envvar=_env("prior_cache"),
+              help="Directory of the prior's cached results [default: OUTPUT/prior-cache]. Start the same "
+                   "command in a second shell to fill it on two cores; an interrupted build resumes.")
+@click.option("--prior-patches", type=click.IntRange(1), default=1000, show_default=True,
+              envvar=_env("prior_patches"), help="Synthetic training patches to run the prior on.")
+@click.option("--prior-size", type=click.IntRange(64), default=192, show_default=True, envvar=_env("prior_size"),
+              help="Side of those patches (training crops of --patch pixels are cut from them).")
 @click.option("--seed", type=int, default=0, show_default=True, envvar=_env("seed"),
               help="Random seed; the same seed, data and thread count give the same run.")
 @click.option("--init", "init_weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -127,6 +138,10 @@ def train_command(
     adv_start: int,
     disc_width: int,
     arch_options: tuple[str, ...],
+    prior: str | None,
+    prior_cache: Path | None,
+    prior_patches: int,
+    prior_size: int,
     seed: int,
     init_weights: Path | None,
     resume: bool,
@@ -170,6 +185,8 @@ def train_command(
         arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
         rng = np.random.default_rng(seed)
         validation: list[tuple[np.ndarray, np.ndarray]]
+        if prior and (pairs is not None or blurred_prefix or sharp_prefix):
+            raise InputError("--prior trains on synthetic blur only; drop --pairs / --blurred-prefix")
         if pairs is not None or blurred_prefix or sharp_prefix:
             if pairs is not None:
                 loaded = D.pairs_from_folder(pairs)
@@ -201,12 +218,26 @@ def train_command(
             validation = D.synthetic_validation_set(val_imgs, val_count, val_size) if val_imgs else []
             if val_imgs:
                 described += f"; validation: {', '.join(sorted(val_imgs))}"
+            if prior:
+                from models.training import prior as P
+
+                if patch > prior_size:
+                    raise InputError(f"--patch {patch} is larger than --prior-size {prior_size}")
+                cache = prior_cache or output / "prior-cache"
+                click.echo(f"running {prior} on {prior_patches} training patches into {cache} "
+                           "(cached; reused by later runs)", err=True)
+                # the cache does not depend on --seed, so runs with different seeds share it
+                P.build_cache(cache, train_imgs, prior, prior_patches, prior_size, progress=progress)
+                source = P.PriorPairs(P.load_cache(cache, prior_patches))
+                validation = P.validation_triplets(cache, validation, prior)
+                arch_kwargs["in_channels"] = 6
+                described += f"; refining {prior} ({prior_patches} cached patches of {prior_size} px)"
         config = TrainConfig(
             arch=arch_name, output_dir=output, arch_kwargs=arch_kwargs, steps=steps, steps_per_epoch=steps_per_epoch,
             batch_size=batch_size, patch=patch, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
             schedule=schedule, loss=loss, balance=balance, adversarial=adversarial, adv_start=adv_start, disc_width=disc_width,
             seed=seed, init=init_weights, resume=resume, max_minutes=max_minutes, export=export, device=device, progress=progress,
-            data_description=described,
+            data_description=described, prior=prior or "",
         )
         click.echo(f"training {arch_name} {arch_kwargs} on {described}; logging to {output / 'train.log'}", err=True)
         reports = train(config, source, validation)

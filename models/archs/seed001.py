@@ -19,6 +19,11 @@ listing exactly):
   field, which camera-shake blur of 5–25 px needs.
 * ``reduce_activation``: a ReLU after each ``t3`` reduction conv; in the
   listing those convs are linear, so the body has almost no non-linearity.
+
+``in_channels=6`` makes it a *refiner* conditioned on a blind method's
+result: the input is the blurred image concatenated with that result
+(``[blurred, prior]``), and the residual is added to the prior's channels
+(the last three), so an untrained refiner returns the prior unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Seed001Generator(nn.Module):
             raise ValueError(f"width must be an even number >= 4, got {width}")
         if scale < 1:
             raise ValueError(f"scale must be >= 1, got {scale}")
+        if in_channels not in (3, 6):
+            raise ValueError(f"in_channels must be 3 (blurred image) or 6 (blurred image + prior), got {in_channels}")
         self.width = width
         self.scale = scale
         self.in_channels = in_channels
@@ -63,7 +70,7 @@ class Seed001Generator(nn.Module):
         self.t3_reduce_l6 = nn.Conv2d(6 * w, 2 * w, 3, 1, 1)
         self.t3_reduce_l8_l9 = nn.Conv2d(4 * w, 2 * w, 3, 1, 1)
         self.t3_reduce_l11 = nn.Conv2d(3 * w, w, 3, 1, 1)
-        self.final_conv = nn.Conv2d(w, body_in, 3, 1, 1)
+        self.final_conv = nn.Conv2d(w, 3 * scale * scale, 3, 1, 1)
         self.reduce_activation = reduce_activation
 
     @property
@@ -101,7 +108,8 @@ class Seed001Generator(nn.Module):
         residual = self.final_conv(l12_out)
         if self.scale > 1:
             residual = F.pixel_shuffle(residual, self.scale)
-        return torch.tanh(residual) + x_input
+        # the residual refines the image in the last three channels (the prior's, for a refiner)
+        return torch.tanh(residual) + x_input[:, -3:]
 
 
 class PatchDiscriminator(nn.Module):

@@ -40,7 +40,11 @@ class ResidualBlock(nn.Module):
 
 
 class Seed002UNet(nn.Module):
-    """The seed's U-Net/ResNet hybrid. ``width`` is the first conv's channel count (16)."""
+    """The seed's U-Net/ResNet hybrid. ``width`` is the first conv's channel count (16).
+
+    ``in_channels=6`` makes it a refiner: the input is ``[blurred, prior]``
+    and the residual is added to the prior (see :mod:`models.training.prior`).
+    """
 
     value_range: tuple[float, float] = (0.0, 1.0)
     size_multiple: int = 4
@@ -60,7 +64,9 @@ class Seed002UNet(nn.Module):
         self.fuse1 = nn.Sequential(nn.Conv2d(2 * w3, w3, 1), nn.ReLU(inplace=True))
         self.up2 = nn.Sequential(nn.ConvTranspose2d(w3, w2, 3, 2, 1, output_padding=1), nn.ReLU(inplace=True))
         self.fuse2 = nn.Sequential(nn.Conv2d(2 * w2, w2, 1), nn.ReLU(inplace=True))
-        self.out = nn.Conv2d(w2, in_channels, 3, 1, 1)
+        if in_channels not in (3, 6):
+            raise ValueError(f"in_channels must be 3 (blurred image) or 6 (blurred image + prior), got {in_channels}")
+        self.out = nn.Conv2d(w2, 3, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 4 or x.shape[-1] % 4:
@@ -70,4 +76,5 @@ class Seed002UNet(nn.Module):
         f3 = self.res2(self.res1(self.pool(f2)))
         u1 = self.fuse1(torch.cat([self.up1(f3), f2], dim=1))
         u2 = self.fuse2(torch.cat([self.up2(u1), f1], dim=1))
-        return x + self.out(u2)
+        # the residual refines the last three channels: the image, or a refiner's prior
+        return x[:, -3:] + self.out(u2)

@@ -102,6 +102,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     data_description: str = ""
+    prior: str = ""  # the blind model a refiner is conditioned on (stored in the weights' metadata)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -205,7 +206,9 @@ def validate(
 ) -> tuple[float, float, float, float]:
     """Mean (restored PSNR, restored SSIM, blurred PSNR, blurred SSIM) over ``pairs`` (HxWx3 arrays).
 
-    Inputs are reflect-padded to ``size_multiple`` and cropped back.
+    Inputs are reflect-padded to ``size_multiple`` and cropped back. A
+    refiner's inputs (HxWx6, blurred then prior) are scored against their
+    first three channels, the blurred image.
     """
     was_training = net.training
     net.eval()
@@ -220,8 +223,9 @@ def validate(
             out = run_network(net, padded)[..., :h, :w].clamp(0, 1)
             rp.append(float(psnr(out, s)[0]))
             rs.append(float(ssim(out, s)[0]))
-            bp.append(float(psnr(b, s)[0]))
-            bs.append(float(ssim(b, s)[0]))
+            # a refiner's input is [blurred, prior]: the figures are against the blurred image
+            bp.append(float(psnr(b[:, :3], s)[0]))
+            bs.append(float(ssim(b[:, :3], s)[0]))
     net.train(was_training)
     return float(np.mean(rp)), float(np.mean(rs)), float(np.mean(bp)), float(np.mean(bs))
 
@@ -336,6 +340,10 @@ def _train(
     else:
         log.info("start %s", config.to_json())
         log.info("parameters: %d", sum(p.numel() for p in net.parameters()))
+        if config.prior and validation:
+            prior_psnr = np.mean([float(psnr(_nchw(b[None, ..., 3:], device), _nchw(s[None], device))[0])
+                                  for b, s in validation])
+            log.info("validation: the prior %s alone reaches %.3f dB", config.prior, prior_psnr)
 
     reports: list[EpochReport] = []
     start = time.monotonic()
@@ -404,6 +412,8 @@ def _train(
                     best = vp if validation else best
                     info = {"step": step, "epoch": epoch, "val_psnr": f"{vp:.4f}", "val_input_psnr": f"{ip:.4f}",
                             "val_ssim": f"{vs:.4f}", "val_input_ssim": f"{is_:.4f}", "data": config.data_description}
+                    if config.prior:
+                        info["prior"] = config.prior
                     export_weights(net, out / "best.safetensors", config.arch, config.arch_kwargs, info)
                     if config.export is not None:
                         Path(config.export).parent.mkdir(parents=True, exist_ok=True)

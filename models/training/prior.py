@@ -1,0 +1,198 @@
+"""Training data for refiners: networks conditioned on a blind method's result.
+
+A refiner sees the blurred image *and* what a weight-free blind method (by
+default ``l0-blind``) made of it, and learns to correct that result: ringing
+from a slightly wrong kernel, noise the deconvolution amplified, blur the
+kernel estimate missed. Running the blind method costs seconds per patch, far
+more than a training step, so its results are computed once into a cache
+directory and training then samples patches from the cache:
+
+* :func:`build_cache` fills ``DIR/chunk-NNNNN.npz`` files, each holding
+  ``chunk_size`` (blurred, prior, sharp) triplets of synthetic blur made by
+  :class:`~models.training.data.SyntheticPairs` with a generator seeded by
+  (seed, chunk index) — so chunks are reproducible and independent. Several
+  processes may fill the same directory at once (each claims a chunk with a
+  lock file), which is how both cores of a machine are used.
+* :func:`validation_triplets` does the same for the fixed validation crops.
+* :class:`PriorPairs` samples random crops of the cached triplets (with the
+  same flip/rotation on all three) as 6-channel inputs ``[blurred, prior]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jobs.errors import InputError
+from models.training.data import SyntheticPairs, augment_pair
+
+Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def prior_runner(spec: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping a float32 HxWx3 image in [0, 1] to the result of the model ``spec`` (CPU)."""
+    import torch
+
+    from models.catalog import REGISTRY
+    from models.loading import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(REGISTRY.parse(spec), torch.device("cpu"))
+
+    def run(image: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        return model(x).image[0].permute(1, 2, 0).numpy().astype(np.float32)
+
+    return run
+
+
+def _chunk_path(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:05d}.npz"
+
+
+def _save(path: Path, triplets: Sequence[Triplet], spec: str) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        blurred=np.stack([t[0] for t in triplets]).astype(np.float16),
+        prior=np.stack([t[1] for t in triplets]).astype(np.float16),
+        sharp=np.stack([t[2] for t in triplets]).astype(np.float16),
+        spec=np.array(spec),
+    )
+    tmp.replace(path)
+
+
+def build_cache(
+    folder: Path,
+    images: dict[str, np.ndarray],
+    spec: str,
+    patches: int,
+    size: int = 192,
+    chunk_size: int = 25,
+    seed: int = 0,
+    progress: bool = True,
+) -> int:
+    """Fill ``folder`` with chunks until it holds ``patches`` triplets of ``size`` pixels; returns the count.
+
+    Chunks already present (or claimed by another process, see the module
+    docstring) are skipped, so an interrupted build resumes where it stopped.
+    A cache made with another prior spec is refused.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = -(-patches // chunk_size)
+    todo = [i for i in range(chunks) if not _chunk_path(folder, i).exists()]
+    _check_cache(folder, spec, size)
+    runner = prior_runner(spec) if todo else None
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo) * chunk_size, desc=f"{spec} on training patches", unit="patch", mininterval=5.0)
+    try:
+        for index in todo:
+            lock = folder / f"chunk-{index:05d}.lock"
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue  # another process is making this chunk
+            os.close(fd)
+            try:
+                if _chunk_path(folder, index).exists():
+                    continue
+                source = SyntheticPairs(images, kernel_bank=0, augment=False)
+                rng = np.random.default_rng([seed, index])
+                triplets = []
+                for _ in range(chunk_size):
+                    blurred, sharp = source.pair(size, rng)
+                    assert runner is not None
+                    triplets.append((blurred, runner(blurred), sharp))
+                    if bar is not None:
+                        bar.update(1)
+                _save(_chunk_path(folder, index), triplets, spec)
+            finally:
+                lock.unlink(missing_ok=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    return sum(len(np.load(p)["sharp"]) for p in sorted(folder.glob("chunk-*.npz")) if ".tmp" not in p.name)
+
+
+def _check_cache(folder: Path, spec: str, size: int) -> None:
+    """Refuse a cache made with another prior spec or patch size."""
+    for path in sorted(folder.glob("chunk-*.npz")):
+        if ".tmp" in path.name:
+            continue
+        data = np.load(path)
+        found, side = str(data["spec"]), int(data["sharp"].shape[1])
+        if found != spec or side != size:
+            raise InputError(
+                f"prior cache {str(folder)!r} holds {side}-pixel patches made with {found!r}, not {size}-pixel "
+                f"patches of {spec!r}; give another --prior-cache directory"
+            )
+        return
+
+
+def load_cache(folder: Path, limit: int | None = None) -> list[Triplet]:
+    """The (blurred, prior, sharp) float32 triplets of every complete chunk in ``folder``."""
+    out: list[Triplet] = []
+    for path in sorted(folder.glob("chunk-*.npz")):
+        if ".tmp" in path.name:
+            continue
+        data = np.load(path)
+        for b, p, s in zip(data["blurred"], data["prior"], data["sharp"], strict=True):
+            out.append((b.astype(np.float32), p.astype(np.float32), s.astype(np.float32)))
+    if not out:
+        raise InputError(f"prior cache {str(folder)!r} holds no complete chunks; build it first")
+    return out[:limit]
+
+
+def validation_triplets(
+    folder: Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]], spec: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validation pairs ``(concat[blurred, prior], sharp)``, the prior's results cached in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = f"validation-{len(pairs)}-{pairs[0][0].shape[0]}x{pairs[0][0].shape[1]}.npz" if pairs else ""
+    if not pairs:
+        return []
+    path = folder / key
+    priors: list[np.ndarray]
+    if path.exists() and str(np.load(path)["spec"]) == spec:
+        priors = [p.astype(np.float32) for p in np.load(path)["prior"]]
+    else:
+        runner = prior_runner(spec)
+        # rounded as stored, so a run validates the same whether the cache existed or not
+        priors = [runner(b).astype(np.float16).astype(np.float32) for b, _ in pairs]
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, prior=np.stack(priors).astype(np.float16), spec=np.array(spec))
+        tmp.replace(path)
+    return [(np.concatenate([b, p], axis=2), s) for (b, s), p in zip(pairs, priors, strict=True)]
+
+
+class PriorPairs:
+    """Random crops of cached (blurred, prior, sharp) triplets as ``([blurred, prior], sharp)`` pairs."""
+
+    def __init__(self, triplets: Sequence[Triplet], augment: bool = True) -> None:
+        if not triplets:
+            raise InputError("no cached prior triplets to train on")
+        self.triplets = list(triplets)
+        self.augment = augment
+
+    def batch(self, size: int, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        inputs, targets = [], []
+        for _ in range(size):
+            b, p, s = self.triplets[int(rng.integers(0, len(self.triplets)))]
+            h, w = s.shape[:2]
+            if h < patch or w < patch:
+                raise InputError(f"cached patches of {w}x{h} pixels are smaller than the {patch}-pixel training patch")
+            y, x = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+            both = np.concatenate([b[y : y + patch, x : x + patch], p[y : y + patch, x : x + patch]], axis=2)
+            target = s[y : y + patch, x : x + patch]
+            if self.augment:
+                both, target = augment_pair(both, target, rng)
+            inputs.append(both)
+            targets.append(np.ascontiguousarray(target))
+        return np.stack(inputs), np.stack(targets)
