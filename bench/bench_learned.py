@@ -98,6 +98,11 @@ def main() -> None:
     if len(specs) > 1:
         avg = [np.mean([outputs[s][i] for s in specs], axis=0) for i in range(len(data))]
         print(f"{'equal average':>28}: gain {np.mean(_gains(avg, data, base)):+.3f} dB")
+        learned_stacks = [np.stack([outputs[s][i] for s in specs]) for i in range(len(data))]
+        lw, lrep = fit_weights(learned_stacks, [s for _, _, s in data])
+        print("  learned-only weights fitted on these cases (in-sample): "
+              + ", ".join(f"{n}={w:.3f}" for n, w in zip(specs, lw, strict=True))
+              + f" -> gain {lrep.psnr_fitted - np.mean(base):+.3f} dB")
     if args.l0:
         t = time.perf_counter()
         outputs["l0-blind"] = run("l0-blind", data)

@@ -44,6 +44,22 @@ def test_seed001_rejects_bad_width() -> None:
         Seed001Generator(width=7)
 
 
+def test_seed001_leaky_reductions_keep_gradients_when_the_units_are_dead() -> None:
+    """With a plain ReLU a reduction whose pre-activations are all negative passes no gradient."""
+    grads = {}
+    for slope in (0.0, 0.1):
+        torch.manual_seed(0)
+        net = Seed001Generator(width=8, reduce_slope=slope)
+        with torch.no_grad():
+            net.t3_reduce_l11.bias.fill_(-100.0)  # every l11 unit below zero: a dead layer
+        net(torch.rand(1, 3, 32, 32) * 2 - 1).square().sum().backward()
+        grads[slope] = float(net.l1[0].weight.grad.abs().sum())
+    assert grads[0.0] == 0.0
+    assert grads[0.1] > 0.0
+    with pytest.raises(ValueError, match="reduce_slope"):
+        Seed001Generator(reduce_slope=1.5)
+
+
 def test_patch_discriminator_gives_a_patch_map() -> None:
     d = PatchDiscriminator(width=8)
     out = d(torch.rand(2, 3, 96, 96))

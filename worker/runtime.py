@@ -85,8 +85,11 @@ def get_model(spec: "ModelSpec") -> "RestorationModel":
 
 def release() -> None:
     """Drop cached models (and CUDA memory) — called when the process shuts down."""
+    from models import shared_results
+
     with _lock:
         _models.clear()
+    shared_results.clear()
     if "device" in _state:
         import torch
 
