@@ -79,7 +79,7 @@ BLIND: list[ModelInfo] = [
 
 
 def _learned_seed(name: str, summary: str, factory: str, size_multiple: int, dtypes: tuple[str, ...],
-                  weights: str | None = None, sha256: str | None = None) -> ModelInfo:
+                  weights: str | None = None, sha256: str | None = None, produces_kernel: bool = False) -> ModelInfo:
     """A learned seed model: its weights ship in models/weights/ (or come from weights=PATH)."""
     return ModelInfo(
         name=name,
@@ -94,6 +94,7 @@ def _learned_seed(name: str, summary: str, factory: str, size_multiple: int, dty
         min_size=size_multiple,
         tile_size=512,
         dtypes=dtypes,
+        produces_kernel=produces_kernel,
     )
 
 
@@ -110,6 +111,15 @@ LEARNED_SEED: list[ModelInfo] = [
         "Seed 002's U-Net/ResNet hybrid (0.96 M parameters), trained here on synthetic camera shake and defocus.",
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
         weights="seed002-unet.safetensors", sha256="a111d7f080a60352155e99bc140cee3966c3d4426a3f9fe5460648d38608e90c",
+    ),
+    _learned_seed(
+        "seed002-refine",
+        "Seed 002's U-Net/ResNet hybrid as a refiner of l0-blind: it sees the blurred image and "
+        "l0-blind's result and corrects the latter (ringing, noise, missed blur); runs l0-blind first "
+        "and stores its kernel.",
+        "models.learned:build_seed002_refine", 4, ("float32", "bfloat16", "float16"),
+        weights="seed002-refine.safetensors", sha256="256034d3fc5eb84f2c866a5ab45dac0e48fc27a422472ee11490d2ef6913ad2c",
+        produces_kernel=True,
     ),
     _learned_seed(
         "seed003-vit",

@@ -32,14 +32,22 @@ class SeedModel:
 
     arch: str
     arch_kwargs: Mapping[str, object]
+    prior: str = ""  # a refiner's blind model: its weights must record the same prior
 
 
 # Architecture options of the registered models (the shipped weights were trained with these).
 SEED_MODELS: dict[str, SeedModel] = {
     "seed001-gan": SeedModel("seed001", {"width": 32, "scale": 2, "reduce_activation": True}),
     "seed002-unet": SeedModel("seed002", {"width": 16}),
+    "seed002-refine": SeedModel("seed002", {"width": 16, "in_channels": 6}, prior="l0-blind"),
     "seed003-vit": SeedModel("seed003", {}),
 }
+
+
+def default_prior(name: str) -> str:
+    """The blind model a registered refiner is trained on ("" for other names)."""
+    model = SEED_MODELS.get(name)
+    return model.prior if model is not None else ""
 
 
 def resolve_arch(name: str) -> tuple[str, dict[str, object]]:
@@ -253,6 +261,12 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
             f"{str(path)!r} needs sides that are multiples of {multiple}, but {name!r} pads to {info.size_multiple}"
         )
     prior_text = meta.get("prior", "")
+    wanted = SEED_MODELS[name].prior
+    if wanted and not prior_text:
+        raise WeightsError(
+            f"{str(path)!r} is not a refiner (no 'prior' in its metadata), but {name!r} refines {wanted}; "
+            f"train one with 'deblur train {name} -o RUN_DIR'"
+        )
     if prior_text:
         from models.loading import load_model
 
@@ -269,6 +283,11 @@ def build_seed001(params: Mapping[str, object], device: torch.device) -> Restora
 def build_seed002(params: Mapping[str, object], device: torch.device) -> RestorationModel:
     """Factory for ``seed002-unet``."""
     return _build("seed002-unet", params, device)
+
+
+def build_seed002_refine(params: Mapping[str, object], device: torch.device) -> RestorationModel:
+    """Factory for ``seed002-refine`` (seed 002's U-Net refining l0-blind's result)."""
+    return _build("seed002-refine", params, device)
 
 
 def build_seed003(params: Mapping[str, object], device: torch.device) -> RestorationModel:

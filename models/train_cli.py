@@ -153,8 +153,9 @@ def train_command(
     """Train ARCH on blurred/sharp pairs and write its weights as .safetensors.
 
     ARCH is an architecture (seed001, seed002, seed003) or a learned seed model
-    from the registry (seed001-gan, seed002-unet, seed003-vit), whose shipped
-    architecture options are then used.
+    from the registry (seed001-gan, seed002-unet, seed002-refine, seed003-vit),
+    whose shipped architecture options are then used. seed002-refine is a
+    refiner of l0-blind's result: it implies --prior l0-blind.
 
     \b
     Data (choose one; default: synthetic blur of package photographs):
@@ -171,11 +172,12 @@ def train_command(
     Example:
       deblur train seed002-unet -o runs/unet --steps 20000 --max-minutes 90
       deblur train seed002-unet -o runs/unet --steps 20000 --resume
+      deblur train seed002-refine -o runs/refine --prior-cache runs/l0cache --steps 5000
     """
     import numpy as np
     import torch
 
-    from models.learned import resolve_arch
+    from models.learned import default_prior, resolve_arch
     from models.training import data as D
     from models.training.loop import TrainConfig, train
 
@@ -183,6 +185,9 @@ def train_command(
     try:
         arch_name, arch_kwargs = resolve_arch(arch)
         arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
+        prior = prior or default_prior(arch)
+        if int(arch_kwargs.get("in_channels", 3)) == 6 and not prior:  # type: ignore[call-overload]
+            raise InputError("a refiner (in_channels=6) needs --prior, e.g. --prior l0-blind")
         rng = np.random.default_rng(seed)
         validation: list[tuple[np.ndarray, np.ndarray]]
         if prior and (pairs is not None or blurred_prefix or sharp_prefix):

@@ -192,3 +192,27 @@ def test_tiling_and_self_ensemble_wrap_the_network_not_the_prior(tmp_path: Path,
         # a prior run tile by tile would taper every tile's borders: the zero-residual result would differ
         torch.testing.assert_close(model(x).image, expected, atol=1e-5, rtol=0, msg=options)
         assert options.split(",")[0].split("=")[0] in model.version
+
+
+def test_the_registered_refiner_refuses_weights_without_a_prior(tmp_path: Path) -> None:
+    from jobs.errors import WeightsError
+
+    net = Seed002UNet(width=4, in_channels=6)
+    meta = {"arch": "seed002", "arch_kwargs": json.dumps({"width": 4, "in_channels": 6})}
+    path = tmp_path / "no-prior.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    with pytest.raises(WeightsError, match="not a refiner"):
+        load_model(REGISTRY.parse(f"seed002-refine:weights={path}"), torch.device("cpu"))
+
+
+def test_the_shipped_refiner_records_l0_blind_and_returns_its_kernel(photo: np.ndarray) -> None:
+    shared_results.clear()
+    model = load_model(REGISTRY.parse("seed002-refine"), torch.device("cpu"))
+    assert isinstance(model, RefinerModel) and model.prior.info.name == "l0-blind"
+    sharp = photo[:96, :96].astype(np.float64)
+    blurred = blur_image(sharp, random_motion_kernel(11, np.random.default_rng(3)), noise_sigma=0.005,
+                         rng=np.random.default_rng(4))
+    out = model(torch.from_numpy(blurred).permute(2, 0, 1)[None].float())
+    assert out.kernels is not None and abs(float(out.kernels.sum()) - 1.0) < 1e-4
+    assert {"kernel_size", "kernel_sparsity", "kernel_fallback"} <= set(out.metrics)  # l0-blind's diagnostics
+    shared_results.clear()
