@@ -58,23 +58,44 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(-10 * np.log10(np.mean((a - b) ** 2)))
 
 
-def run(spec: str, data: list[tuple[str, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    model = load_model(REGISTRY.parse(spec), torch.device("cpu"))
-    outs = []
+def run_all(specs: list[str], data: list[tuple[str, np.ndarray, np.ndarray]]) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
+    """Every model's outputs and seconds, case by case.
+
+    Case-major order lets refiners reuse l0-blind's result on each case
+    (:mod:`models.shared_results`): the first model in ``specs`` that needs
+    it pays for it, so list ``l0-blind`` first to time the refiners alone.
+    """
+    models = {spec: load_model(REGISTRY.parse(spec), torch.device("cpu")) for spec in specs}
+    outs: dict[str, list[np.ndarray]] = {spec: [] for spec in specs}
+    seconds = dict.fromkeys(specs, 0.0)
     for _, blurred, _ in data:
         x = torch.from_numpy(blurred).permute(2, 0, 1)[None].float()
-        outs.append(model(x).image[0].permute(1, 2, 0).double().numpy())
-    return outs
+        for spec, model in models.items():
+            t = time.perf_counter()
+            outs[spec].append(model(x).image[0].permute(1, 2, 0).double().numpy())
+            seconds[spec] += time.perf_counter() - t
+    return outs, seconds
 
 
 def _gains(outs: list[np.ndarray], data: list[tuple[str, np.ndarray, np.ndarray]], base: list[float]) -> list[float]:
     return [psnr(o, s) - b0 for o, (_, _, s), b0 in zip(outs, data, base, strict=True)]
 
 
+def _print_mix(mix: dict[str, float], outputs: dict[str, list[np.ndarray]],
+               data: list[tuple[str, np.ndarray, np.ndarray]], base: list[float]) -> None:
+    total = sum(mix.values())
+    mixed = [sum(w / total * outputs[n][i] for n, w in mix.items()) for i in range(len(data))]
+    gains = _gains(mixed, data, base)  # type: ignore[arg-type]
+    label = " + ".join(f"{n}:{w:g}" for n, w in mix.items())
+    print(f"  {label}: gain {np.mean(gains):+.3f} dB ({sum(g < 0 for g in gains)} of {len(gains)} worse)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", action="append", default=None, help="learned model spec (repeatable)")
     parser.add_argument("--l0", action="store_true", help="also run l0-blind and fit ensemble weights")
+    parser.add_argument("--mix", action="append", default=None,
+                        help="a weighted average to score, e.g. 'l0-blind=1;seed002-refine=3' (repeatable)")
     parser.add_argument("--crops", type=int, default=4)
     parser.add_argument("--size", type=int, default=192)
     args = parser.parse_args()
@@ -84,43 +105,43 @@ def main() -> None:
     base = [psnr(b, s) for _, b, s in data]
     print(f"{len(data)} cases ({args.crops} crops of {args.size}px per held-out photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
-    outputs: dict[str, list[np.ndarray]] = {}
-    for spec in specs:
-        t = time.perf_counter()
-        outputs[spec] = run(spec, data)
+    names = ["l0-blind", *specs] if args.l0 else specs
+    outputs, seconds = run_all(names, data)
+    for spec in names:
         gains = _gains(outputs[spec], data, base)
         by_kind = ", ".join(
             f"{kind} {np.mean([g for g, (lab, _, _) in zip(gains, data, strict=True) if kind in lab]):+.3f}"
             for kind in ("motion", "disk")
         )
         print(f"{spec:>28}: gain {np.mean(gains):+.3f} dB (median {np.median(gains):+.3f}; {by_kind}; "
-              f"{sum(g < 0 for g in gains)} of {len(gains)} worse)  [{time.perf_counter() - t:.1f} s]")
+              f"{sum(g < 0 for g in gains)} of {len(gains)} worse)  [{seconds[spec]:.1f} s]")
     if len(specs) > 1:
         avg = [np.mean([outputs[s][i] for s in specs], axis=0) for i in range(len(data))]
         print(f"{'equal average':>28}: gain {np.mean(_gains(avg, data, base)):+.3f} dB")
         learned_stacks = [np.stack([outputs[s][i] for s in specs]) for i in range(len(data))]
-        lw, lrep = fit_weights(learned_stacks, [s for _, _, s in data])
+        fitted, lrep = fit_weights(learned_stacks, [s for _, _, s in data])
         print("  learned-only weights fitted on these cases (in-sample): "
-              + ", ".join(f"{n}={w:.3f}" for n, w in zip(specs, lw, strict=True))
+              + ", ".join(f"{n}={w:.3f}" for n, w in zip(specs, fitted, strict=True))
               + f" -> gain {lrep.psnr_fitted - np.mean(base):+.3f} dB")
     if args.l0:
-        t = time.perf_counter()
-        outputs["l0-blind"] = run("l0-blind", data)
-        gains = _gains(outputs["l0-blind"], data, base)
-        print(f"{'l0-blind':>28}: gain {np.mean(gains):+.3f} dB ({sum(g < 0 for g in gains)} worse)"
-              f"  [{time.perf_counter() - t:.1f} s]")
-        names = ["l0-blind", *specs]
         stacks = [np.stack([outputs[n][i] for n in names]) for i in range(len(data))]
         targets = [s for _, _, s in data]
         weights, report = fit_weights(stacks, targets)
         print("fitted weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights, strict=True))
               + f" -> gain {report.psnr_fitted - np.mean(base):+.3f} dB")
-        shipped = {spec.name: spec.weight for spec in default_ensemble().members}
-        if all(REGISTRY.parse(n).name in shipped for n in names):
-            w = np.array([shipped[REGISTRY.parse(n).name] for n in names])
-            mixed = [np.tensordot(w / w.sum(), st, axes=1) for st in stacks]
-            label = " : ".join(f"{x:g}" for x in w)
-            print(f"  shipped default weights ({label}): gain {np.mean(_gains(mixed, data, base)):+.3f} dB")
+        default = default_ensemble().members
+        by_name = {REGISTRY.parse(n).name: n for n in names}
+        if all(m.name in by_name for m in default):
+            mixes = [{by_name[m.name]: m.weight for m in default}]
+            print("  shipped default ensemble:", end="")
+            _print_mix(mixes[0], outputs, data, base)
+    for text in args.mix or []:
+        mix = {name: float(w) for name, _, w in (part.rpartition("=") for part in text.split(";"))}
+        missing = [n for n in mix if n not in outputs]
+        if missing:
+            raise SystemExit(f"--mix names {missing} that were not run; add them with --model")
+        _print_mix(mix, outputs, data, base)
+    if args.l0:
         for lw in (0.0, 0.25, 0.5, 1.0):
             w = np.array([1.0] + [lw] * len(specs))
             mixed = [np.tensordot(w / w.sum(), st, axes=1) for st in stacks]
