@@ -112,14 +112,20 @@ LEARNED_SEED: list[ModelInfo] = [
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
         weights="seed002-unet.safetensors", sha256="a111d7f080a60352155e99bc140cee3966c3d4426a3f9fe5460648d38608e90c",
     ),
-    _learned_seed(
-        "seed002-refine",
-        "Seed 002's U-Net/ResNet hybrid as a refiner of l0-blind: it sees the blurred image and "
-        "l0-blind's result and corrects the latter (ringing, noise, missed blur); runs l0-blind first "
-        "and stores its kernel.",
-        "models.learned:build_seed002_refine", 4, ("float32", "bfloat16", "float16"),
-        weights="seed002-refine.safetensors", sha256="256034d3fc5eb84f2c866a5ab45dac0e48fc27a422472ee11490d2ef6913ad2c",
-        produces_kernel=True,
+    *(
+        _learned_seed(
+            name,
+            f"{network} as a refiner of l0-blind: it sees the blurred image and l0-blind's result and "
+            "corrects the latter (ringing, noise, missed blur); runs l0-blind first and stores its kernel.",
+            f"models.learned:build_{name.replace('-', '_')}", multiple, ("float32", "bfloat16", "float16"),
+            weights=f"{name}.safetensors", sha256=sha256, produces_kernel=True,
+        )
+        for name, network, multiple, sha256 in (
+            ("seed001-refine", "Seed 001's generator (leaky reductions, PatchGAN loss)", 2,
+             "d6be7878575ac5da9f2951176c6e12c55ddc93f26f52853fed9a64626ffa6ee9"),
+            ("seed002-refine", "Seed 002's U-Net/ResNet hybrid", 4,
+             "256034d3fc5eb84f2c866a5ab45dac0e48fc27a422472ee11490d2ef6913ad2c"),
+        )
     ),
     _learned_seed(
         "seed003-vit",
@@ -238,12 +244,12 @@ ENTRIES: list[ModelInfo] = [*CLASSIC, *BLIND, *LEARNED_SEED, *LEARNED_OFFICIAL]
 
 REGISTRY = Registry(ENTRIES)
 
-# The ensemble used when a job names no model.
-# Weights measured on two held-out sets: on camera shake (the demo's evaluation job)
-# l0-blind alone 27.95 dB, equal weights 27.51, these 28.13; on small noisy crops with
-# defocus (bench/bench_learned.py --l0) l0-blind alone +0.88 dB, these weights +1.61 dB
-# (fitted: +1.71 dB with seed001-gan at 0). seed002-unet earns more than seed001-gan.
-DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:3", "seed001-gan:0.5", "seed002-unet:1")
+# The ensemble used when a job names no model. Measured with bench/bench_learned.py --l0 on
+# the held-out photographs (camera shake and defocus, 0.5% noise; see bench/RESULTS.md):
+# 30 crops of 256 px: l0-blind alone +1.76 dB, seed002-refine +2.60, these weights +2.61;
+# 20 crops of 288 px: l0-blind +2.54, seed002-refine +3.12, these weights +3.13. The
+# refiners run l0-blind inside, and its result is shared with the l0-blind member.
+DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:1", "seed001-refine:1", "seed002-refine:8", "seed002-unet:1")
 
 
 def default_ensemble() -> EnsembleSpec:

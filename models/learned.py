@@ -39,6 +39,10 @@ class SeedModel:
 SEED_MODELS: dict[str, SeedModel] = {
     "seed001-gan": SeedModel("seed001", {"width": 32, "scale": 2, "reduce_activation": True}),
     "seed002-unet": SeedModel("seed002", {"width": 16}),
+    "seed001-refine": SeedModel(
+        "seed001", {"width": 32, "scale": 2, "reduce_activation": True, "reduce_slope": 0.1, "in_channels": 6},
+        prior="l0-blind",
+    ),
     "seed002-refine": SeedModel("seed002", {"width": 16, "in_channels": 6}, prior="l0-blind"),
     "seed003-vit": SeedModel("seed003", {}),
 }
@@ -283,6 +287,11 @@ def build_seed001(params: Mapping[str, object], device: torch.device) -> Restora
 def build_seed002(params: Mapping[str, object], device: torch.device) -> RestorationModel:
     """Factory for ``seed002-unet``."""
     return _build("seed002-unet", params, device)
+
+
+def build_seed001_refine(params: Mapping[str, object], device: torch.device) -> RestorationModel:
+    """Factory for ``seed001-refine`` (seed 001's generator refining l0-blind's result)."""
+    return _build("seed001-refine", params, device)
 
 
 def build_seed002_refine(params: Mapping[str, object], device: torch.device) -> RestorationModel:
