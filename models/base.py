@@ -99,7 +99,9 @@ class RestorationModel(ABC):
             else:
                 out = self.restore_batch(work)
         image = out.image.float()[..., :h, :w]
-        if image.shape[1] != c:
+        if image.shape[1] != c and self.channels is not None:
+            # the input was adapted to the model's channel count; a model taking any count
+            # (channels None) returns what it returns (a refiner: 6 channels in, 3 out)
             image = _restore_channels(image, c)
         out.image = image.clamp(0.0, 1.0)  # not in place: the tensor was made under inference_mode
         return out

@@ -159,43 +159,15 @@ class LearnedSeedModel(RestorationModel):
         return Restored(image=run_network(self.net, x))
 
 
-class JointNetwork(RestorationModel):
+class JointNetwork(LearnedSeedModel):
     """A refiner's network on its joint input ``[image, prior result]`` (6 channels in, 3 out).
 
-    Pads to the size multiple, picks the precision and clamps like the base
-    class; it is what tiling and self-ensemble wrap for a refiner, so the
-    prior runs once on the whole image while the network may go tile by tile.
+    The base class pads, picks the precision and clamps; this is what tiling
+    and self-ensemble wrap for a refiner, so the prior runs once on the whole
+    image while the network may go tile by tile.
     """
 
     channels = None
-
-    def __init__(self, info: ModelInfo, params: Mapping[str, object], device: torch.device, net: nn.Module) -> None:
-        super().__init__(info, params, device)
-        self.net = net.to(device).eval()
-
-    def restore_batch(self, x: torch.Tensor) -> Restored:
-        from models.archs import run_network
-
-        return Restored(image=run_network(self.net, x))
-
-    def __call__(self, x: torch.Tensor) -> Restored:
-        from models.base import _pad
-
-        if x.ndim != 4 or x.shape[1] != 6:
-            raise ValueError(f"expected an (N, 6, H, W) batch of image and prior, got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        multiple = max(1, self.info.size_multiple)
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-        if pad_h or pad_w:
-            x = _pad(x, pad_h, pad_w)
-        amp = self.autocast_dtype()
-        with torch.inference_mode():
-            if amp is not None:
-                with torch.autocast(device_type="cuda", dtype=amp):
-                    image = self.restore_batch(x).image
-            else:
-                image = self.restore_batch(x).image
-        return Restored(image=image.float()[..., :h, :w].clamp(0.0, 1.0))
 
 
 class RefinerModel(RestorationModel):
@@ -235,19 +207,17 @@ class RefinerModel(RestorationModel):
         return self(x)
 
     def __call__(self, x: torch.Tensor) -> Restored:
+        from models.base import _adapt_channels, _restore_channels
+
         if x.ndim != 4:
             raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
         c = x.shape[1]
-        if c not in (1, 3):
-            raise ValueError(f"a refiner takes grey or RGB images, got {c} channels")
         x = x.to(self.device, torch.float32)
         prior = self.prior(x)
-        rgb = x.expand(-1, 3, -1, -1) if c == 1 else x
-        prior_rgb = prior.image.expand(-1, 3, -1, -1) if prior.image.shape[1] == 1 else prior.image
-        image = self.network(torch.cat([rgb, prior_rgb.to(rgb.device, torch.float32)], dim=1)).image
-        image = image.to(x.device)
-        if c == 1:
-            image = image.mean(dim=1, keepdim=True)
+        joint = torch.cat([_adapt_channels(x, 3), _adapt_channels(prior.image.to(x.device), 3)], dim=1)
+        image = self.network(joint).image.to(x.device)
+        if c != 3:
+            image = _restore_channels(image, c)
         return Restored(image=image, kernels=prior.kernels, metrics=dict(prior.metrics))
 
 

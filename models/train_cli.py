@@ -153,9 +153,9 @@ def train_command(
     """Train ARCH on blurred/sharp pairs and write its weights as .safetensors.
 
     ARCH is an architecture (seed001, seed002, seed003) or a learned seed model
-    from the registry (seed001-gan, seed002-unet, seed002-refine, seed003-vit),
-    whose shipped architecture options are then used. seed002-refine is a
-    refiner of l0-blind's result: it implies --prior l0-blind.
+    from the registry (seed001-gan, seed002-unet, seed001-refine, seed002-refine,
+    seed003-vit), whose shipped architecture options are then used. The
+    -refine models correct l0-blind's result: they imply --prior l0-blind.
 
     \b
     Data (choose one; default: synthetic blur of package photographs):

@@ -32,15 +32,13 @@ from models.training.data import SyntheticPairs, augment_pair
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def prior_runner(spec: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def prior_runner(spec: str) -> Callable[[np.ndarray], np.ndarray]:
     """A function mapping a float32 HxWx3 image in [0, 1] to the result of the model ``spec`` (CPU)."""
     import torch
 
     from models.catalog import REGISTRY
     from models.loading import load_model
 
-    if threads:
-        torch.set_num_threads(threads)
     model = load_model(REGISTRY.parse(spec), torch.device("cpu"))
 
     def run(image: np.ndarray) -> np.ndarray:
@@ -52,6 +50,22 @@ def prior_runner(spec: str, threads: int | None = None) -> Callable[[np.ndarray]
 
 def _chunk_path(folder: Path, index: int) -> Path:
     return folder / f"chunk-{index:05d}.npz"
+
+
+def _complete_chunks(folder: Path) -> list[Path]:
+    """The finished chunk files (a chunk being written is ``chunk-N.tmp.npz``)."""
+    return [p for p in sorted(folder.glob("chunk-*.npz")) if ".tmp" not in p.name]
+
+
+def _stored_shape(path: Path, name: str = "sharp") -> tuple[int, ...]:
+    """Shape of one array in an ``.npz`` file, read from its header without loading the data."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(member)
+    return tuple(shape)
 
 
 def _save(path: Path, triplets: Sequence[Triplet], spec: str) -> None:
@@ -87,6 +101,7 @@ def build_cache(
     todo = [i for i in range(chunks) if not _chunk_path(folder, i).exists()]
     _check_cache(folder, spec, size)
     runner = prior_runner(spec) if todo else None
+    source = SyntheticPairs(images, kernel_bank=0, augment=False) if todo else None
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -103,12 +118,11 @@ def build_cache(
             try:
                 if _chunk_path(folder, index).exists():
                     continue
-                source = SyntheticPairs(images, kernel_bank=0, augment=False)
-                rng = np.random.default_rng([seed, index])
+                rng = np.random.default_rng([seed, index])  # stateless source: a chunk depends on its index only
                 triplets = []
                 for _ in range(chunk_size):
+                    assert runner is not None and source is not None
                     blurred, sharp = source.pair(size, rng)
-                    assert runner is not None
                     triplets.append((blurred, runner(blurred), sharp))
                     if bar is not None:
                         bar.update(1)
@@ -118,33 +132,29 @@ def build_cache(
     finally:
         if bar is not None:
             bar.close()
-    return sum(len(np.load(p)["sharp"]) for p in sorted(folder.glob("chunk-*.npz")) if ".tmp" not in p.name)
+    return sum(_stored_shape(p)[0] for p in _complete_chunks(folder))
 
 
 def _check_cache(folder: Path, spec: str, size: int) -> None:
-    """Refuse a cache made with another prior spec or patch size."""
-    for path in sorted(folder.glob("chunk-*.npz")):
-        if ".tmp" in path.name:
-            continue
-        data = np.load(path)
-        found, side = str(data["spec"]), int(data["sharp"].shape[1])
+    """Refuse a cache made with another prior spec or patch size (the first chunk tells)."""
+    for path in _complete_chunks(folder)[:1]:
+        with np.load(path) as data:
+            found = str(data["spec"])
+        side = _stored_shape(path)[1]
         if found != spec or side != size:
             raise InputError(
                 f"prior cache {str(folder)!r} holds {side}-pixel patches made with {found!r}, not {size}-pixel "
                 f"patches of {spec!r}; give another --prior-cache directory"
             )
-        return
 
 
 def load_cache(folder: Path, limit: int | None = None) -> list[Triplet]:
     """The (blurred, prior, sharp) float32 triplets of every complete chunk in ``folder``."""
     out: list[Triplet] = []
-    for path in sorted(folder.glob("chunk-*.npz")):
-        if ".tmp" in path.name:
-            continue
-        data = np.load(path)
-        for b, p, s in zip(data["blurred"], data["prior"], data["sharp"], strict=True):
-            out.append((b.astype(np.float32), p.astype(np.float32), s.astype(np.float32)))
+    for path in _complete_chunks(folder):
+        with np.load(path) as data:
+            for b, p, s in zip(data["blurred"], data["prior"], data["sharp"], strict=True):
+                out.append((b.astype(np.float32), p.astype(np.float32), s.astype(np.float32)))
     if not out:
         raise InputError(f"prior cache {str(folder)!r} holds no complete chunks; build it first")
     return out[:limit]
@@ -154,15 +164,16 @@ def validation_triplets(
     folder: Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]], spec: str
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Validation pairs ``(concat[blurred, prior], sharp)``, the prior's results cached in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key = f"validation-{len(pairs)}-{pairs[0][0].shape[0]}x{pairs[0][0].shape[1]}.npz" if pairs else ""
     if not pairs:
         return []
-    path = folder / key
-    priors: list[np.ndarray]
-    if path.exists() and str(np.load(path)["spec"]) == spec:
-        priors = [p.astype(np.float32) for p in np.load(path)["prior"]]
-    else:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"validation-{len(pairs)}-{pairs[0][0].shape[0]}x{pairs[0][0].shape[1]}.npz"
+    priors: list[np.ndarray] = []
+    if path.exists():
+        with np.load(path) as data:
+            if str(data["spec"]) == spec:
+                priors = [p.astype(np.float32) for p in data["prior"]]
+    if not priors:
         runner = prior_runner(spec)
         # rounded as stored, so a run validates the same whether the cache existed or not
         priors = [runner(b).astype(np.float16).astype(np.float32) for b, _ in pairs]
