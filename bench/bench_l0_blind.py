@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model = load_model(REGISTRY.parse(args.model), device)
+    # load_model wraps l0-blind so repeated calls on one image share a result; its settings live inside
+    estimator = getattr(model, "inner", model)
     if args.overrides:
-        model.settings = override_settings(model.settings, args.overrides)
+        estimator.settings = override_settings(estimator.settings, args.overrides)
     if args.speed:
         return time_one_megapixel(model, device, args.threads)
     low, _, high = args.kernel_sizes.partition("-")
@@ -196,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         est = out.kernels[0].cpu().numpy() if out.kernels is not None else np.ones((1, 1))
         fallback = float(out.metrics.get("kernel_fallback", torch.zeros(1))[0])
         reference = float("nan")
-        if not args.no_reference and hasattr(model, "settings"):
+        if not args.no_reference and hasattr(estimator, "settings"):
             with torch.inference_mode():
-                ref = final_deconvolution(x, torch.from_numpy(kernel).float().to(device), model.settings)
+                ref = final_deconvolution(x, torch.from_numpy(kernel).float().to(device), estimator.settings)
             reference = psnr(to_numpy(ref.clamp(0, 1)), sharp)
         chans = 1 if blurred.ndim == 2 else blurred.shape[2]
         mp = blurred.shape[0] * blurred.shape[1] / 1e6
