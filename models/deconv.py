@@ -233,13 +233,22 @@ def shrink(v: torch.Tensor, tau: float | torch.Tensor, alpha: float) -> torch.Te
     return torch.sign(v) * (mag - cut).clamp(min=0.0)
 
 
+def shrink_vector(vx: torch.Tensor, vy: torch.Tensor, tau: float | torch.Tensor, alpha: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shrink` applied to the length of the vector field ``(vx, vy)``, keeping its direction."""
+    length = torch.sqrt(vx * vx + vy * vy)
+    scale = shrink(length, tau, alpha) / length.clamp(min=1e-12)
+    return vx * scale, vy * scale
+
+
 def sparse_deconv(
     x: torch.Tensor,
     kernel: torch.Tensor,
     lam: float | torch.Tensor,
     alpha: float = 0.8,
     iterations: int = 40,
-    penalty: float = 30.0,
+    penalty: float = 100.0,
+    isotropic: bool = True,
 ) -> torch.Tensor:
     """Deconvolution with a sparse gradient prior and unknown boundaries.
 
@@ -254,6 +263,13 @@ def sparse_deconv(
     (prior, a shrinkage step), both with penalty ``penalty * lam``; the
     ``u`` step is a closed-form FFT solve. ``lam`` may be a (N, 1, 1, 1)
     tensor, one weight per image.
+
+    ``isotropic`` penalises the gradient's length ``|(u_x, u_y)|`` rather than
+    ``|u_x| + |u_y|``: the anisotropic form favours horizontal and vertical
+    edges and staircases diagonal ones. With 40 iterations the penalty
+    matters as much as the prior: 30 had not converged (restoring with the
+    true kernel gained 0.7 dB less than the converged solution on the
+    ``l0-blind`` benchmark), 100 gets within 0.1 dB of it (bench/RESULTS.md).
     """
     if float(torch.as_tensor(lam).min()) <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
@@ -275,7 +291,10 @@ def sparse_deconv(
         blurred = torch.fft.irfft2(spectrum * otf, s=size)
         v = (mask * padded + rho * (blurred + a)) / (mask + rho)
         gx, gy = grad(u)
-        wx, wy = shrink(gx + cx, 1.0 / penalty, alpha), shrink(gy + cy, 1.0 / penalty, alpha)
+        if isotropic:
+            wx, wy = shrink_vector(gx + cx, gy + cy, 1.0 / penalty, alpha)
+        else:
+            wx, wy = shrink(gx + cx, 1.0 / penalty, alpha), shrink(gy + cy, 1.0 / penalty, alpha)
         a = a + blurred - v
         cx, cy = cx + gx - wx, cy + gy - wy
     return crop(u, margin, x.shape[-2:])
