@@ -246,10 +246,10 @@ REGISTRY = Registry(ENTRIES)
 
 # The ensemble used when a job names no model. Measured with bench/bench_learned.py --l0 on
 # the held-out photographs (camera shake and defocus, 0.5% noise; see bench/RESULTS.md):
-# 30 crops of 256 px: l0-blind alone +1.76 dB, seed002-refine +2.60, these weights +2.61;
-# 20 crops of 288 px: l0-blind +2.54, seed002-refine +3.12, these weights +3.13. The
+# 30 crops of 256 px: l0-blind alone +2.49 dB, seed002-refine +2.93, these weights +2.98;
+# 20 crops of 288 px: l0-blind +3.44, seed001-refine +3.52, these weights +3.65. The
 # refiners run l0-blind inside, and its result is shared with the l0-blind member.
-DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:1", "seed001-refine:1", "seed002-refine:8", "seed002-unet:1")
+DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:1", "seed001-refine:3", "seed002-refine:6")
 
 
 def default_ensemble() -> EnsembleSpec:
