@@ -90,6 +90,21 @@ def _print_mix(mix: dict[str, float], outputs: dict[str, list[np.ndarray]],
     print(f"  {label}: gain {np.mean(gains):+.3f} dB ({sum(g < 0 for g in gains)} of {len(gains)} worse)")
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``'l0-blind=1;seed002-refine=3'`` as {spec: weight}; exits with a usage message when malformed."""
+    mix: dict[str, float] = {}
+    for part in text.split(";"):
+        name, sep, weight = part.strip().rpartition("=")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name or mix[name] <= 0:
+            raise SystemExit(f"--mix {text!r}: expected MODEL=WEIGHT pairs with positive weights, "
+                             "separated by ';' (e.g. 'l0-blind=1;seed002-refine=3')")
+    return mix
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", action="append", default=None, help="learned model spec (repeatable)")
@@ -101,11 +116,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = args.model or ["seed001-gan", "seed002-unet"]
+    names = ["l0-blind", *specs] if args.l0 else specs
+    mixes = [parse_mix(text) for text in args.mix or []]  # checked before minutes of restoring
+    for mix in mixes:
+        missing = [n for n in mix if n not in names]
+        if missing:
+            raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
+                             "(or --l0 for l0-blind)")
     data = cases(args.crops, args.size)
     base = [psnr(b, s) for _, b, s in data]
     print(f"{len(data)} cases ({args.crops} crops of {args.size}px per held-out photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
-    names = ["l0-blind", *specs] if args.l0 else specs
     outputs, seconds = run_all(names, data)
     for spec in names:
         gains = _gains(outputs[spec], data, base)
@@ -132,14 +153,9 @@ def main() -> None:
         default = default_ensemble().members
         by_name = {REGISTRY.parse(n).name: n for n in names}
         if all(m.name in by_name for m in default):
-            mixes = [{by_name[m.name]: m.weight for m in default}]
             print("  shipped default ensemble:", end="")
-            _print_mix(mixes[0], outputs, data, base)
-    for text in args.mix or []:
-        mix = {name: float(w) for name, _, w in (part.rpartition("=") for part in text.split(";"))}
-        missing = [n for n in mix if n not in outputs]
-        if missing:
-            raise SystemExit(f"--mix names {missing} that were not run; add them with --model")
+            _print_mix({by_name[m.name]: m.weight for m in default}, outputs, data, base)
+    for mix in mixes:
         _print_mix(mix, outputs, data, base)
     if args.l0:
         for lw in (0.0, 0.25, 0.5, 1.0):

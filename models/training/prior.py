@@ -119,9 +119,9 @@ def build_cache(
                 if _chunk_path(folder, index).exists():
                     continue
                 rng = np.random.default_rng([seed, index])  # stateless source: a chunk depends on its index only
+                assert runner is not None and source is not None  # both exist whenever there is work to do
                 triplets = []
                 for _ in range(chunk_size):
-                    assert runner is not None and source is not None
                     blurred, sharp = source.pair(size, rng)
                     triplets.append((blurred, runner(blurred), sharp))
                     if bar is not None:
