@@ -14,6 +14,13 @@ _PSF_HELP = (
     "point-spread function: gaussian:sigma=S, disk:radius=R or "
     "motion:length=L,angle=DEG"
 )
+# Clipped highlights break the blur model; deconvolutions leave them out of the data term.
+_SATURATION = Param(
+    "saturation", float, 0.985,
+    "pixels at least this bright (share of the full range) in any channel are clipped highlights "
+    "and treated as unknown data (0 = off)",
+    minimum=0.0, maximum=1.0,
+)
 
 CLASSIC: list[ModelInfo] = [
     ModelInfo(
@@ -25,6 +32,7 @@ CLASSIC: list[ModelInfo] = [
         params=(
             Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
             Param("nsr", float, 0.01, "noise-to-signal power ratio (regularisation)", minimum=1e-6, maximum=10),
+            _SATURATION,
         ),
         dtypes=("float32",),
     ),
@@ -37,6 +45,7 @@ CLASSIC: list[ModelInfo] = [
         params=(
             Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
             Param("iterations", int, 30, "number of multiplicative updates", minimum=1, maximum=1000),
+            _SATURATION,
         ),
         dtypes=("float32",),
     ),
@@ -70,6 +79,7 @@ BLIND: list[ModelInfo] = [
             Param("polish", int, 8, "extra kernel/latent alternations at full resolution with a weak prior, "
                   "which undo the pyramid's bias towards small round kernels (0 = off, faster)",
                   minimum=0, maximum=30),
+            _SATURATION,
         ),
         dtypes=("float32",),
         produces_kernel=True,

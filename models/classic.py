@@ -13,7 +13,7 @@ import torch
 from jobs.errors import InvalidModelSpecError
 from models.base import RestorationModel, Restored
 from models.catalog import REGISTRY
-from models.deconv import richardson_lucy, wiener
+from models.deconv import richardson_lucy, unsaturated_mask, wiener
 from models.psf import psf_kernel
 
 
@@ -31,6 +31,14 @@ class _PSFModel(RestorationModel):
             self.kernel = psf_kernel(str(self.params["psf"]), device)
         except ValueError as exc:
             raise InvalidModelSpecError(f"model {name!r}: parameter 'psf': {exc}") from None
+        self.saturation = float(self.params["saturation"])  # type: ignore[arg-type]
+
+    def known(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the pixels of ``x`` that are data: all but clipped highlights (``None``: all)."""
+        if self.saturation <= 0:
+            return None
+        mask = unsaturated_mask(x, self.saturation)
+        return None if bool(mask.min() > 0) else mask
 
 
 class WienerModel(_PSFModel):
@@ -41,7 +49,7 @@ class WienerModel(_PSFModel):
         self.nsr = float(self.params["nsr"])  # type: ignore[arg-type]
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        return Restored(wiener(x, self.kernel, self.nsr))
+        return Restored(wiener(x, self.kernel, self.nsr, known=self.known(x)))
 
 
 class RichardsonLucyModel(_PSFModel):
@@ -52,7 +60,7 @@ class RichardsonLucyModel(_PSFModel):
         self.iterations = int(self.params["iterations"])  # type: ignore[call-overload]
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        return Restored(richardson_lucy(x, self.kernel, self.iterations))
+        return Restored(richardson_lucy(x, self.kernel, self.iterations, known=self.known(x)))
 
 
 def build_wiener(params: Mapping[str, object], device: torch.device) -> WienerModel:

@@ -13,6 +13,13 @@ takes that jump at face value rings along the borders. Two remedies live here:
 * :func:`sparse_deconv` treats the margin as *unknown* data: the data term only
   counts pixels inside the image (the "unknown boundary" splitting of Almeida &
   Figueiredo 2013), so nothing outside the photograph has to be explained.
+
+The same device handles clipped highlights: a saturated pixel does not obey
+the blur model (the sensor recorded less light than fell on it), so every
+solver here accepts a ``known`` mask (:func:`unsaturated_mask`) and treats
+the pixels it excludes like the margin, as unknown data the solution fills in.
+Without it a light source smeared into a clipped streak makes the
+deconvolution ring across the whole photograph.
 """
 
 from __future__ import annotations
@@ -161,14 +168,37 @@ def crop(x: torch.Tensor, margin: int, shape: tuple[int, int]) -> torch.Tensor:
     return x[..., margin:margin + shape[0], margin:margin + shape[1]]
 
 
-def image_mask(padded: torch.Tensor, margin: int, shape: tuple[int, int]) -> torch.Tensor:
-    """1 over the original pixels of a padded image, 0 over the margin, as (H', W')."""
-    mask = padded.new_zeros(padded.shape[-2:])
-    mask[margin:margin + shape[0], margin:margin + shape[1]] = 1.0
+def image_mask(padded: torch.Tensor, margin: int, shape: tuple[int, int],
+               known: torch.Tensor | None = None) -> torch.Tensor:
+    """1 over the original pixels of a padded image, 0 over the margin.
+
+    Returns (H', W'), or (N, 1, H', W') when ``known`` (N, 1, H, W), a 0/1
+    mask of the pixels that count as data, is given: its zeros stay unknown.
+    """
+    if known is None:
+        mask = padded.new_zeros(padded.shape[-2:])
+        mask[margin:margin + shape[0], margin:margin + shape[1]] = 1.0
+        return mask
+    mask = padded.new_zeros((known.shape[0], 1, *padded.shape[-2:]))
+    mask[..., margin:margin + shape[0], margin:margin + shape[1]] = known.to(padded.dtype)
     return mask
 
 
-def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iterations: int = 8) -> torch.Tensor:
+def unsaturated_mask(x: torch.Tensor, level: float = 0.985, grow: int = 1) -> torch.Tensor:
+    """(N, 1, H, W) mask, 0 where any channel of ``x`` (N, C, H, W) in [0, 1] is clipped.
+
+    A pixel counts as clipped at ``level`` (a fraction of the full range) or
+    above; the clipped areas are grown by ``grow`` pixels, because compression
+    and demosaicking smear a clipped highlight's edge into its neighbours.
+    """
+    clipped = (x >= level).any(dim=1, keepdim=True).to(x.dtype)
+    if grow > 0 and bool(clipped.any()):
+        clipped = F.max_pool2d(clipped, 2 * grow + 1, stride=1, padding=grow)
+    return 1.0 - clipped
+
+
+def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iterations: int = 8,
+           known: torch.Tensor | None = None) -> torch.Tensor:
     """Wiener deconvolution of ``x`` (N, C, H, W) by ``kernel``.
 
     The signal spectrum is modelled as falling like 1/|f|² (natural images), so
@@ -177,12 +207,13 @@ def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iteration
     as is. Borders: the image is padded by :func:`periodic_pad`, then the
     margin is treated as missing data and refilled ``boundary_iterations``
     times with the re-blurred estimate (expectation-maximisation), so the
-    solution only has to explain the pixels inside the photograph.
+    solution only has to explain the pixels inside the photograph (and, with
+    ``known``, only those the mask keeps: see :func:`unsaturated_mask`).
     """
     if nsr <= 0:
         raise ValueError(f"nsr must be > 0, got {nsr}")
     padded, margin, otf = padded_problem(x, kernel)
-    mask = image_mask(padded, margin, x.shape[-2:])
+    mask = image_mask(padded, margin, x.shape[-2:], known)
     dx, dy = gradient_otfs(padded.shape[-2:], x.device, x.dtype)
     gain = otf.conj() / (otf.abs() ** 2 + nsr * (dx.abs() ** 2 + dy.abs() ** 2))
     observed = padded
@@ -196,27 +227,33 @@ def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iteration
     return crop(out, margin, x.shape[-2:])
 
 
-def richardson_lucy(x: torch.Tensor, kernel: torch.Tensor, iterations: int) -> torch.Tensor:
+def richardson_lucy(x: torch.Tensor, kernel: torch.Tensor, iterations: int,
+                    known: torch.Tensor | None = None) -> torch.Tensor:
     """Richardson-Lucy deconvolution (multiplicative EM updates for Poisson data).
 
     Starts from the blurred image itself; more iterations sharpen more and
     amplify noise more. Only pixels inside the photograph count as data (the
     margin added by :func:`periodic_pad` is unknown), with the update
     normalised by the kernel's adjoint applied to that mask (Bertero & Boccacci
-    2005), so the borders do not ring.
+    2005), so the borders do not ring; ``known`` excludes clipped pixels the
+    same way.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     eps = 1e-6
     padded, margin, otf = padded_problem(x.clamp(min=0.0), kernel)
-    mask = image_mask(padded, margin, x.shape[-2:])
+    mask = image_mask(padded, margin, x.shape[-2:], known)
     adjoint = otf.conj()
-    norm = filter_fft(mask.expand_as(padded), adjoint).clamp(min=1e-3)
+    norm = filter_fft(mask.expand_as(padded), adjoint)
+    # pixels no known pixel sees (deep in a clipped area, or far out in the margin) keep their value
+    seen = norm > 1e-2
+    norm = norm.clamp(min=1e-2)
     observed = padded.clamp(min=eps)
     estimate = observed.clone()
     for _ in range(iterations):
         ratio = mask * observed / filter_fft(estimate, otf).clamp(min=eps)
-        estimate = estimate * filter_fft(ratio, adjoint).clamp(min=0.0) / norm
+        update = filter_fft(ratio, adjoint).clamp(min=0.0) / norm
+        estimate = estimate * torch.where(seen, update, torch.ones_like(update))
     return crop(estimate, margin, x.shape[-2:])
 
 
@@ -249,6 +286,7 @@ def sparse_deconv(
     iterations: int = 40,
     penalty: float = 100.0,
     isotropic: bool = True,
+    known: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deconvolution with a sparse gradient prior and unknown boundaries.
 
@@ -256,7 +294,9 @@ def sparse_deconv(
     padded domain, where ``M`` keeps only the photograph's own pixels, so
     nothing outside the frame has to be explained and the borders do not
     ring. ``alpha = 1`` is total variation, ``alpha ≈ 0.8`` the hyper-Laplacian
-    prior of natural-image gradients (Krishnan & Fergus 2009).
+    prior of natural-image gradients (Krishnan & Fergus 2009). ``known``
+    (N, 1, H, W) removes more pixels from the data term, such as clipped
+    highlights (:func:`unsaturated_mask`); the prior fills them in.
 
     Solved by ADMM with two splittings, ``v = k * u`` (data, an element-wise
     step that honours the mask; Almeida & Figueiredo 2013) and ``w = grad u``
@@ -274,7 +314,7 @@ def sparse_deconv(
     if float(torch.as_tensor(lam).min()) <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     padded, margin, otf = padded_problem(x, kernel)
-    mask = image_mask(padded, margin, x.shape[-2:])
+    mask = image_mask(padded, margin, x.shape[-2:], known)
     size = padded.shape[-2:]
     dx, dy = gradient_otfs(size, x.device, x.dtype)
     rho = penalty * lam

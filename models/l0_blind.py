@@ -38,7 +38,12 @@ luminance, then every colour channel is deconvolved with it:
    shape; the same with a doubled λ), and the kernel whose luminance
    restoration (at 2.5× the final step's prior weight), re-blurred, explains
    the input best is kept (``candidates=1`` runs only the first).
-7. **Guards.** Images that do not look blurred (no-reference blur measure) are
+7. **Clipped highlights.** Pixels at the top of the range in any channel
+   (``saturation``, grown by a pixel) do not obey the blur model: a light
+   smeared into a clipped streak recorded less light than fell on it. They
+   are unknown data in every step, like the padded margin: the kernel is
+   fitted to the rest and the final deconvolution fills them in.
+8. **Guards.** Images that do not look blurred (no-reference blur measure) are
    returned untouched; sharp photographs otherwise yield small spurious
    kernels that damage them. A kernel estimate that changed shape at the last
    pyramid level, or whose restoration re-blurred no longer explains the input
@@ -69,6 +74,7 @@ from models.deconv import (
     periodic_pad,
     psf2otf,
     sparse_deconv,
+    unsaturated_mask,
     wiener,
 )
 
@@ -123,6 +129,7 @@ class L0Settings:
     select_weight: float = SELECT_WEIGHT  # candidates are compared after a final step at this many times its prior weight
     cg_iterations: int = 15  # conjugate-gradient iterations of the masked kernel step
     beta_growth: float = 2.0  # factor by which the splitting weight β grows in the latent step
+    saturation: float = 0.985  # pixels this bright in any channel are clipped: unknown data (0 = off)
 
     def kernel_side(self, height: int, width: int) -> int:
         """The odd kernel side used for an image of this size."""
@@ -249,7 +256,7 @@ def masked_kernel_step(
     r = side // 2
     size = observed.shape[-2:]
     spectra = [torch.fft.rfft2(g) for g in latent_grads]
-    share = valid.sum() / valid.numel()
+    share = valid.flatten(1).mean(dim=1).view(-1, 1, 1) if valid.ndim == 4 else valid.mean()
     energy = sum((g * g).sum(dim=(-3, -2, -1)) for g in latent_grads).view(n, 1, 1) * share
 
     def forward(k: torch.Tensor) -> list[torch.Tensor]:
@@ -281,10 +288,12 @@ def masked_kernel_step(
 
 
 def erode_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """``mask`` (H, W) of 0/1 with ``radius`` pixels taken off every edge of its support."""
+    """``mask`` (H, W) or (N, 1, H, W) of 0/1 with ``radius`` pixels taken off every edge of its support."""
     if radius <= 0:
         return mask
-    return 1.0 - F.max_pool2d((1.0 - mask)[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+    batch = mask if mask.ndim == 4 else mask[None, None]
+    eroded = 1.0 - F.max_pool2d(1.0 - batch, 2 * radius + 1, stride=1, padding=radius)
+    return eroded if mask.ndim == 4 else eroded[0, 0]
 
 
 def connected_labels(support: torch.Tensor) -> torch.Tensor:
@@ -408,26 +417,48 @@ def pyramid_sides(kernel: int) -> list[tuple[float, int]]:
     return out
 
 
-def estimation_window(y: torch.Tensor, side: int) -> torch.Tensor:
-    """The ``side``-pixel window of ``y`` (N, 1, H, W) with the most edge content.
+def estimation_box(y: torch.Tensor, side: int, known: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the ``side``-pixel window of ``y`` (N, 1, H, W) with the most edge content.
 
     Candidate windows on a coarse grid are scored by the mean gradient
-    magnitude; the batch shares one window position (the best on average).
+    magnitude over the pixels ``known`` (N, 1, H, W) keeps, so a window is not
+    chosen for the edges of clipped highlights; the batch shares one window
+    position (the best on average).
     """
     h, w = y.shape[-2:]
     if h <= side and w <= side:
-        return y
+        return 0, 0, h, w
     wh, ww = min(h, side), min(w, side)
     gx, gy = grad(y)
-    energy = (gx.abs() + gy.abs())[..., :-1, :-1].mean(dim=(0, 1))
+    magnitude = gx.abs() + gy.abs()
+    if known is not None:
+        magnitude = magnitude * erode_mask(known, 1)
+    energy = magnitude[..., :-1, :-1].mean(dim=(0, 1))
     best, best_pos = -1.0, (0, 0)
     for top in torch.linspace(0, h - wh, 5).round().long().unique().tolist():
         for left in torch.linspace(0, w - ww, 5).round().long().unique().tolist():
             score = float(energy[top:top + wh - 1, left:left + ww - 1].mean())
             if score > best:
                 best, best_pos = score, (top, left)
-    top, left = best_pos
+    return best_pos[0], best_pos[1], wh, ww
+
+
+def estimation_window(y: torch.Tensor, side: int) -> torch.Tensor:
+    """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks."""
+    top, left, wh, ww = estimation_box(y, side)
     return y[..., top:top + wh, left:left + ww]
+
+
+def level_known(known: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A 0/1 data mask (N, 1, H, W) at another image ``size``: known only where every pixel it covers was.
+
+    Downscaled images mix neighbouring pixels (antialiased), so a coarse pixel
+    next to a clipped one is lost as well (one more pixel of erosion).
+    """
+    if tuple(known.shape[-2:]) == tuple(size):
+        return known
+    covered = F.interpolate(known, size=size, mode="area")
+    return erode_mask((covered > 0.999).to(known.dtype), 1)
 
 
 @dataclass(frozen=True)
@@ -435,9 +466,10 @@ class LevelProblem:
     """One pyramid level's padded luminance, ready for the alternation.
 
     ``padded`` (N, 1, H', W') is the level's image with a smooth periodic
-    margin; ``mask`` is 1 over the image's own pixels; ``valid`` is ``mask``
-    eroded by one pixel (where forward differences see only real pixels);
-    ``side`` is the level's odd kernel side.
+    margin; ``mask`` is 1 over the image's own pixels ((H', W'), or
+    (N, 1, H', W') when clipped pixels are excluded too); ``valid`` is
+    ``mask`` eroded by one pixel (where forward differences see only real
+    pixels); ``side`` is the level's odd kernel side.
     """
 
     padded: torch.Tensor
@@ -446,13 +478,17 @@ class LevelProblem:
     side: int
 
     @classmethod
-    def build(cls, y: torch.Tensor, side: int) -> LevelProblem:
-        """The problem for luminance ``y`` (N, 1, H, W) and a kernel of ``side`` pixels."""
+    def build(cls, y: torch.Tensor, side: int, known: torch.Tensor | None = None) -> LevelProblem:
+        """The problem for luminance ``y`` (N, 1, H, W) and a kernel of ``side`` pixels.
+
+        ``known`` (N, 1, H, W) at ``y``'s size or larger marks the pixels that are data (see
+        :func:`level_known`); ``None`` means all of them.
+        """
         size = (y.shape[-2], y.shape[-1])
         margin = pad_margin(side)
         padded_size = (fft_size(size[0] + 2 * margin), fft_size(size[1] + 2 * margin))
         padded = periodic_pad(y, margin, padded_size)
-        mask = image_mask(padded, margin, size)
+        mask = image_mask(padded, margin, size, None if known is None else level_known(known, size))
         return cls(padded, mask, erode_mask(mask, 1), side)
 
 
@@ -479,15 +515,19 @@ def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam:
     return k, lam
 
 
-def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blind kernel estimates (N, side, side) for blurred luminance images ``y`` (N, 1, H, W).
 
+    ``known`` (N, 1, H, W) marks the pixels that are data (``None``: all).
     Returns the final estimates and those of the level before the last,
     resized to ``side``: a trustworthy estimate changes little at the last
     level, a collapsing one does not.
     """
     n = y.shape[0]
-    y = estimation_window(y, settings.estimate_side)
+    top, left, wh, ww = estimation_box(y, settings.estimate_side, known)
+    y = y[..., top:top + wh, left:left + ww]
+    known = None if known is None else known[..., top:top + wh, left:left + ww]
     levels = [lv for lv in pyramid_sides(side) if lv[0] <= settings.finest_scale + 1e-6]
     k = torch.zeros(n, 3, 3, device=y.device, dtype=y.dtype)
     k[:, 1, 1] = 1.0
@@ -502,7 +542,7 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int) -> tuple[
         size = (max(ks + 2, round(h * scale)), max(ks + 2, round(w * scale)))
         ys = y if scale == 1.0 else F.interpolate(y, size=size, mode="bilinear", antialias=True,
                                                   align_corners=False)
-        problem = LevelProblem.build(ys, ks)
+        problem = LevelProblem.build(ys, ks, known)
         previous = k
         k, lam = alternate(problem, resize_kernel(k, ks), settings, lam, settings.gamma, settings.iterations,
                            settings.lam_decay)
@@ -522,22 +562,40 @@ def kernel_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return corr.flatten(1).amax(dim=1) / norms.clamp(min=1e-12)
 
 
-def noise_sigma(y: torch.Tensor) -> torch.Tensor:
-    """Gaussian noise level of images (N, 1, H, W), Immerkaer's (1996) fast estimator -> (N,)."""
+def noise_sigma(y: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian noise level of images (N, 1, H, W), Immerkaer's (1996) fast estimator -> (N,).
+
+    With ``known`` (N, 1, H, W), only pixels whose 3×3 neighbourhood is known
+    count: a clipped area is flat and would read as noise-free.
+    """
     mask = y.new_tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]).view(1, 1, 3, 3)
-    response = F.conv2d(y, mask).abs().flatten(1).mean(dim=1)
-    return response * math.sqrt(math.pi / 2.0) / 6.0
+    response = F.conv2d(y, mask).abs()
+    if known is None:
+        mean = response.flatten(1).mean(dim=1)
+    else:
+        weight = erode_mask(known, 1)[..., 1:-1, 1:-1].flatten(1)
+        mean = (response.flatten(1) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+    return mean * math.sqrt(math.pi / 2.0) / 6.0
 
 
-def explained_residual(y: torch.Tensor, latent: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """RMS of ``k * latent - y`` over the pixels a kernel of this size fully covers -> (N,)."""
+def explained_residual(y: torch.Tensor, latent: torch.Tensor, kernels: torch.Tensor,
+                       known: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS of ``k * latent - y`` over the pixels a kernel of this size fully covers -> (N,).
+
+    With ``known`` (N, 1, H, W) only known pixels of ``y`` count (a clipped
+    pixel is not explained by any kernel).
+    """
     side = kernels.shape[-1]
     pad = side // 2
     flipped = torch.flip(kernels, dims=(-2, -1))[:, None]
     n = y.shape[0]
     reblurred = F.conv2d(latent.transpose(0, 1), flipped, groups=n).transpose(0, 1)
-    target = y[..., pad:pad + reblurred.shape[-2], pad:pad + reblurred.shape[-1]]
-    return (reblurred - target).pow(2).flatten(1).mean(dim=1).sqrt()
+    h, w = reblurred.shape[-2:]
+    error = (reblurred - y[..., pad:pad + h, pad:pad + w]).pow(2).flatten(1)
+    if known is None:
+        return error.mean(dim=1).sqrt()
+    weight = known[..., pad:pad + h, pad:pad + w].flatten(1)
+    return ((error * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)).sqrt()
 
 
 def blur_effect(y: torch.Tensor, size: int = 11) -> torch.Tensor:
@@ -568,7 +626,8 @@ def blur_effect(y: torch.Tensor, size: int = 11) -> torch.Tensor:
 RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
-def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings) -> torch.Tensor:
+def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
+                        known: torch.Tensor | None = None) -> torch.Tensor:
     """Non-blind deconvolution of every channel of ``x`` (N, C, H, W) by its image's kernel.
 
     ``settings.final_lambda`` = 0 picks the prior weight per image from its
@@ -578,22 +637,24 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     plus two chroma channels (YCbCr), the chroma with that many times the
     luminance's weight: colour differences carry little detail and as much
     noise, so they take a stronger prior than the three correlated RGB
-    channels would each get.
+    channels would each get. ``known`` (N, 1, H, W) leaves clipped pixels out
+    of the data term (the prior fills them in).
     """
     if settings.final_lambda > 0:
         lam: float | torch.Tensor = settings.final_lambda
     else:
-        sigma = noise_sigma(luminance(x))
+        sigma = noise_sigma(luminance(x), known)
         lam = (settings.lambda_per_sigma * sigma).clamp(*AUTO_LAMBDA_RANGE).view(-1, 1, 1, 1)
     if settings.final == "wiener":
-        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()))
+        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()), known=known)
     alpha = 1.0 if settings.final == "tv" else 0.8
     if x.shape[1] != 3 or settings.chroma_weight <= 0:
-        return sparse_deconv(x, kernels, lam, alpha=alpha)
+        return sparse_deconv(x, kernels, lam, alpha=alpha, known=known)
     to_ycc = x.new_tensor(RGB_TO_YCC)
     ycc = torch.einsum("ij,njhw->nihw", to_ycc, x)
-    out = torch.cat([sparse_deconv(ycc[:, :1], kernels, lam, alpha=alpha),
-                     sparse_deconv(ycc[:, 1:], kernels, lam * settings.chroma_weight, alpha=alpha)], dim=1)
+    out = torch.cat([sparse_deconv(ycc[:, :1], kernels, lam, alpha=alpha, known=known),
+                     sparse_deconv(ycc[:, 1:], kernels, lam * settings.chroma_weight, alpha=alpha, known=known)],
+                    dim=1)
     return torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycc), out)
 
 
@@ -604,19 +665,22 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     (:func:`blur_effect` below ``NO_BLUR_EFFECT``; ``blur_detected`` = 0) and
     images whose estimate fails :func:`trust` (``kernel_fallback`` = 1) come
     back as they went in, with a delta kernel; so do images whose kernel is
-    no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo).
+    no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo). Clipped pixels
+    (``settings.saturation``) are unknown data throughout; their share is the
+    metric ``saturated_share``.
     """
     n, _, h, w = x.shape
     side = settings.kernel_side(h, w)
     y = luminance(x)
+    known = clipped_mask(x, settings)
     blurred = blur_effect(y) >= NO_BLUR_EFFECT if settings.guard else torch.ones(n, dtype=torch.bool, device=x.device)
     chosen = x.new_zeros(n)
     if bool(blurred.any()):
-        kernels, previous, chosen = best_estimate(y, settings, side)
-        image = final_deconvolution(x, kernels, settings).clamp(0.0, 1.0)
+        kernels, previous, chosen = best_estimate(y, settings, side, known)
+        image = final_deconvolution(x, kernels, settings, known).clamp(0.0, 1.0)
         agreement = kernel_agreement(kernels, previous)
-        sigma = noise_sigma(y)
-        residual = explained_residual(y, luminance(image), kernels) / sigma.clamp(min=GUARD_NOISE_FLOOR)
+        sigma = noise_sigma(y, known)
+        residual = explained_residual(y, luminance(image), kernels, known) / sigma.clamp(min=GUARD_NOISE_FLOOR)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
         image, agreement, residual = x, x.new_ones(n), x.new_zeros(n)
@@ -636,11 +700,20 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
         "kernel_scale_agreement": agreement,
         "kernel_residual_ratio": residual,
         "kernel_candidate": chosen,
+        "saturated_share": x.new_zeros(n) if known is None else 1.0 - known.flatten(1).mean(dim=1),
     }
     return Restored(image, kernels=kernels, metrics=metrics)
 
 
-def best_estimate(y: torch.Tensor, settings: L0Settings, side: int
+def clipped_mask(x: torch.Tensor, settings: L0Settings) -> torch.Tensor | None:
+    """The data mask (N, 1, H, W) that leaves out clipped pixels of ``x``, or ``None`` if none are clipped."""
+    if settings.saturation <= 0:
+        return None
+    known = unsaturated_mask(x, settings.saturation)
+    return None if bool(known.min() > 0) else known
+
+
+def best_estimate(y: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel estimates for luminance images ``y`` (N, 1, H, W), the best of several per image.
 
@@ -655,15 +728,19 @@ def best_estimate(y: torch.Tensor, settings: L0Settings, side: int
     their estimates one level before the last (for :func:`trust`) and the
     index of the variant chosen, as floats (N,). The chosen kernels are then
     polished (:func:`polish_kernels`) unless ``settings.polish_iterations`` is 0.
+    ``known`` (N, 1, H, W) marks the pixels that are data (``None``: all).
     """
-    window = estimation_window(y, settings.estimate_side)
-    best_k, best_prev, chosen = select_candidate(window, settings, side)
+    top, left, wh, ww = estimation_box(y, settings.estimate_side, known)
+    window = y[..., top:top + wh, left:left + ww]
+    known = None if known is None else known[..., top:top + wh, left:left + ww]
+    best_k, best_prev, chosen = select_candidate(window, settings, side, known)
     if settings.polish_iterations <= 0:
         return best_k, best_prev, chosen
-    return polish_kernels(window, best_k, settings), best_prev, chosen
+    return polish_kernels(window, best_k, settings, known), best_prev, chosen
 
 
-def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings) -> torch.Tensor:
+def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
+                   known: torch.Tensor | None = None) -> torch.Tensor:
     """Kernels (N, side, side) for luminance ``y`` (N, 1, H, W) after the full-resolution polish.
 
     ``settings.polish_iterations`` alternations with the weak prior and
@@ -673,29 +750,29 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings)
     finest level: padding costs one FFT blur, next to the eight alternations.
     """
     side = kernels.shape[-1]
-    k, _ = alternate(LevelProblem.build(y, side), kernels, replace(settings, kernel_solver="fft"),
+    k, _ = alternate(LevelProblem.build(y, side, known), kernels, replace(settings, kernel_solver="fft"),
                      settings.polish_lambda, settings.polish_gamma, settings.polish_iterations)
     return finish_kernel(k, side, settings)
 
 
-def select_candidate(window: torch.Tensor, settings: L0Settings, side: int
+def select_candidate(window: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The candidate estimates for ``window`` (N, 1, H, W) that explain it best: see :func:`best_estimate`."""
     n = window.shape[0]
     count = max(1, min(settings.candidates, len(CANDIDATES)))
     if count == 1:  # the estimator as configured (by default the classic one, CANDIDATES[0])
-        kernels, previous = estimate_kernels(window, settings, side)
+        kernels, previous = estimate_kernels(window, settings, side, known)
         return kernels, previous, window.new_zeros(n)
-    sigma = noise_sigma(window).clamp(min=GUARD_NOISE_FLOOR)
+    sigma = noise_sigma(window, known).clamp(min=GUARD_NOISE_FLOOR)
     scoring = replace(settings, lambda_per_sigma=settings.lambda_per_sigma * settings.select_weight,
                       final_lambda=settings.final_lambda * settings.select_weight)
     best_k = best_prev = best_res = None
     chosen = window.new_zeros(n)
     for index, (solver, lam_scale) in enumerate(CANDIDATES[:count]):
         variant = replace(settings, kernel_solver=solver, lam=settings.lam * lam_scale)
-        kernels, previous = estimate_kernels(window, variant, side)
-        latent = final_deconvolution(window, kernels, scoring).clamp(0.0, 1.0)
-        res = explained_residual(window, latent, kernels) / sigma
+        kernels, previous = estimate_kernels(window, variant, side, known)
+        latent = final_deconvolution(window, kernels, scoring, known).clamp(0.0, 1.0)
+        res = explained_residual(window, latent, kernels, known) / sigma
         if best_k is None or best_prev is None or best_res is None:
             best_k, best_prev, best_res = kernels, previous, res
             continue
@@ -747,6 +824,7 @@ class L0BlindModel(RestorationModel):
             guard=bool(p["guard"]),
             candidates=int(p["candidates"]),  # type: ignore[call-overload]
             polish_iterations=int(p["polish"]),  # type: ignore[call-overload]
+            saturation=float(p["saturation"]),  # type: ignore[arg-type]
         )
 
     def restore_batch(self, x: torch.Tensor) -> Restored:

@@ -111,6 +111,23 @@ def random_motion_kernel(size: int, rng: np.random.Generator, intensity: float |
     return _rasterise(x.real, x.imag, size)
 
 
+def add_light_sources(image: np.ndarray, count: int, rng: np.random.Generator, brightness: float = 15.0,
+                      dim: float = 0.8) -> np.ndarray:
+    """``image`` (float, [0, 1]) dimmed by ``dim`` with ``count`` small squares of over-bright light.
+
+    Each light is 3 or 5 pixels wide and 0.5-1 x ``brightness`` times white,
+    so once blurred and clipped to [0, 1] it leaves a saturated streak, as
+    street lights and specular highlights do in a shaken night shot. The
+    result is not clipped: blur it first, then clip.
+    """
+    out = np.asarray(image, dtype=np.float64) * dim
+    h, w = out.shape[:2]
+    for _ in range(count):
+        cy, cx, rad = int(rng.integers(0, h)), int(rng.integers(0, w)), int(rng.integers(1, 3))
+        out[max(0, cy - rad):cy + rad + 1, max(0, cx - rad):cx + rad + 1] = brightness * rng.uniform(0.5, 1.0)
+    return out
+
+
 def blur_image(
     image: np.ndarray,
     kernel: np.ndarray,

@@ -12,29 +12,15 @@ from models.deconv import fft_size, periodic_pad, psf2otf, wiener
 from models.loading import load_model
 from models.psf import psf_array, psf_kernel
 from models.synthetic_blur import blur_image, sample_photographs
+from tests.image_helpers import psnr, to_numpy, to_tensor
 
 CPU = torch.device("cpu")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of float images in [0, 1]."""
-    return float(10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - b) ** 2)))
 
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     """A 160x160 RGB crop of skimage's astronaut, float in [0, 1]."""
     return sample_photographs()["astronaut"][90:250, 150:310] / 255.0
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    arr = img[..., None] if img.ndim == 2 else img
-    return torch.from_numpy(arr.transpose(2, 0, 1)[None].copy()).float()
-
-
-def to_numpy(x: torch.Tensor) -> np.ndarray:
-    arr = x[0].numpy().transpose(1, 2, 0)
-    return arr[..., 0] if arr.shape[2] == 1 else arr
 
 
 def run(spec: str, img: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from models.l0_blind import (
 )
 from models.loading import load_model
 from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
+from tests.image_helpers import psnr, to_tensor
 
 CPU = torch.device("cpu")
 
@@ -28,18 +29,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """PSNR in dB of float images in [0, 1]."""
-    a64 = np.asarray(a, dtype=np.float64)
-    b64 = np.asarray(b, dtype=np.float64)
-    return float(10 * np.log10(1.0 / np.mean((a64 - b64) ** 2)))
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    arr = img[..., None] if img.ndim == 2 else img
-    return torch.from_numpy(arr.transpose(2, 0, 1)[None].copy()).float()
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,10 @@ CHILD = textwrap.dedent(
     import signal, sys, time, pathlib
     marker = pathlib.Path(sys.argv[1])
     def stop(signum, frame):
-        marker.write_text(str(signum))
+        # written aside and renamed, so a reader that sees the marker sees its content
+        partial = pathlib.Path(str(marker) + ".partial")
+        partial.write_text(str(signum))
+        partial.rename(marker)
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
     pathlib.Path(str(marker) + ".ready").touch()
