@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from models.learned import RefinerModel
 from models.loading import load_model
 from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
 from models.training.data import to_float_rgb
-from models.training.prior import PriorPairs, build_cache, load_cache, validation_triplets
+from models.training.prior import PriorPairs, build_cache, claim, load_cache, validation_triplets
 
 torch.set_num_threads(1)
 
@@ -76,6 +80,19 @@ def test_cache_builds_in_chunks_resumes_and_refuses_another_prior(tmp_path: Path
         build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=64, chunk_size=2, progress=False)
     with pytest.raises(InputError, match="no complete chunks"):
         load_cache(tmp_path / "empty")
+
+
+def test_a_chunk_whose_claimant_died_is_claimed_again(tmp_path: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    host, dead_pid = socket.gethostname(), int(finished.stdout)
+    lock = tmp_path / "chunk-00000.lock"
+    lock.write_text(f"{host} {dead_pid}")  # a builder that was killed mid-chunk
+    assert claim(lock)
+    assert lock.read_text() == f"{host} {os.getpid()}"
+    assert not claim(lock), "a lock held by a live process (this one) is respected"
+    lock.write_text(f"elsewhere.invalid {dead_pid}")
+    assert not claim(lock), "another host's process cannot be checked, so its claim stands"
 
 
 def test_prior_pairs_crop_all_three_images_alike(tmp_path: Path) -> None:

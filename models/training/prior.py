@@ -12,7 +12,9 @@ directory and training then samples patches from the cache:
   :class:`~models.training.data.SyntheticPairs` with a generator seeded by
   (seed, chunk index) — so chunks are reproducible and independent. Several
   processes may fill the same directory at once (each claims a chunk with a
-  lock file), which is how both cores of a machine are used.
+  lock file naming its host and process), which is how both cores of a
+  machine are used; a chunk whose claimant on this host has died (killed,
+  out of memory) is claimed again.
 * :func:`validation_triplets` does the same for the fixed validation crops.
 * :class:`PriorPairs` samples random crops of the cached triplets (with the
   same flip/rotation on all three) as 6-channel inputs ``[blurred, prior]``.
@@ -21,6 +23,7 @@ directory and training then samples patches from the cache:
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -110,11 +113,8 @@ def build_cache(
     try:
         for index in todo:
             lock = folder / f"chunk-{index:05d}.lock"
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                continue  # another process is making this chunk
-            os.close(fd)
+            if not claim(lock):
+                continue  # another live process is making this chunk
             try:
                 if _chunk_path(folder, index).exists():
                     continue
@@ -133,6 +133,44 @@ def build_cache(
         if bar is not None:
             bar.close()
     return sum(_stored_shape(p)[0] for p in _complete_chunks(folder))
+
+
+def claim(lock: Path) -> bool:
+    """Create ``lock`` (holding ``host pid``) unless a live process holds it; True if this process now does.
+
+    A lock left by a process of this host that no longer runs is taken over;
+    one from another host is respected, since its process cannot be checked.
+    """
+    mine = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _stale(lock):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(mine)
+        return True
+    return False
+
+
+def _stale(lock: Path) -> bool:
+    """Whether ``lock`` was written by a process of this host that is gone."""
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(" ")
+    except OSError:
+        return False
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False
 
 
 def _check_cache(folder: Path, spec: str, size: int) -> None:
