@@ -17,7 +17,10 @@ the same final deconvolution with the *true* kernel.
 With ``--lights N`` every photograph is dimmed to 80% and gets N small
 light sources up to 15x brighter than white before it is blurred, so the
 blurred image has clipped light streaks, as night shots and specular
-highlights do (the sharp reference is clipped the same way).
+highlights do (the sharp reference is clipped the same way). With
+``--exposure G`` the scene is G times brighter than the sensor's white
+before it is blurred (G > 1 overexposes: skies, white walls, a print's paper
+come out clipped over large areas, often in one channel only).
 
 Example: ``python bench/bench_l0_blind.py --count 14 --size 320 --threads 1``
 """
@@ -75,13 +78,14 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
 
 
 def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
-              sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0
+              sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sharp crop, blurred crop with noise, true kernel) for one photograph.
 
     The kernel's odd side is drawn uniformly in ``sides``; ``grey`` converts
     the photograph to its luminance first (as in grey benchmarks like Levin et al.'s);
-    ``lights`` adds that many over-bright light sources (see the module docstring).
+    ``lights`` adds that many over-bright light sources and ``exposure``
+    scales the scene before it is blurred (see the module docstring).
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
@@ -96,6 +100,7 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     window = img[top:top + big, left:left + big]
     if lights:
         window = add_light_sources(window, lights, rng)
+    window = window * exposure
     chans = window[..., None] if window.ndim == 2 else window
     blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
@@ -164,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="range of odd kernel sides MIN-MAX (default 11-35)")
     parser.add_argument("--lights", type=int, default=0,
                         help="add this many clipped light sources to each case (default 0)")
+    parser.add_argument("--exposure", type=float, default=1.0,
+                        help="scene brightness relative to the sensor's white before blurring; above 1 "
+                             "overexposes (default 1)")
     parser.add_argument("--grey", action="store_true",
                         help="convert the photographs to grey first (Levin et al.'s benchmark is grey)")
     parser.add_argument("--model", default="l0-blind", help="model spec to benchmark (default l0-blind)")
@@ -195,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     print(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "
           f"kernels {sides[0]}-{sides[1]} px{', grey' if args.grey else ''}"
-          f"{f', {args.lights} lights' if args.lights else ''}, "
+          f"{f', {args.lights} lights' if args.lights else ''}"
+          f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}, "
           f"seed {args.seed}, {args.threads} thread(s)")
     header = (f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
               f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
@@ -203,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(args.count):
         name = names[i % len(names)]
-        sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights)
+        sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
+                                           args.exposure)
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         out = model(x)
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_reference and hasattr(estimator, "settings"):
             with torch.inference_mode():
                 ref = final_deconvolution(x, torch.from_numpy(kernel).float().to(device), estimator.settings,
-                                          clipped_mask(x, estimator.settings))
+                                          clipped_mask(x, estimator.settings, per_channel=True))
             reference = psnr(to_numpy(ref.clamp(0, 1)), sharp)
         chans = 1 if blurred.ndim == 2 else blurred.shape[2]
         mp = blurred.shape[0] * blurred.shape[1] / 1e6

@@ -17,8 +17,8 @@ _PSF_HELP = (
 # Clipped highlights break the blur model; deconvolutions leave them out of the data term.
 _SATURATION = Param(
     "saturation", float, 0.985,
-    "pixels at least this bright (share of the full range) in any channel are clipped highlights "
-    "and treated as unknown data (0 = off)",
+    "values at least this bright (share of the full range) are clipped highlights and treated as "
+    "unknown data, channel by channel (0 = off)",
     minimum=0.0, maximum=1.0,
 )
 

@@ -13,7 +13,7 @@ import torch
 from jobs.errors import InvalidModelSpecError
 from models.base import RestorationModel, Restored
 from models.catalog import REGISTRY
-from models.deconv import richardson_lucy, unsaturated_mask, wiener
+from models.deconv import clipped_floor, richardson_lucy, unsaturated_mask, wiener
 from models.psf import psf_kernel
 
 
@@ -34,10 +34,10 @@ class _PSFModel(RestorationModel):
         self.saturation = float(self.params["saturation"])  # type: ignore[arg-type]
 
     def known(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Mask of the pixels of ``x`` that are data: all but clipped highlights (``None``: all)."""
+        """Per-channel mask of the values of ``x`` that are data: all but clipped highlights (``None``: all)."""
         if self.saturation <= 0:
             return None
-        mask = unsaturated_mask(x, self.saturation)
+        mask = unsaturated_mask(x, self.saturation, per_channel=True)
         return None if bool(mask.min() > 0) else mask
 
 
@@ -49,7 +49,9 @@ class WienerModel(_PSFModel):
         self.nsr = float(self.params["nsr"])  # type: ignore[arg-type]
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        return Restored(wiener(x, self.kernel, self.nsr, known=self.known(x)))
+        known = self.known(x)
+        floor = None if known is None else clipped_floor(x, self.saturation)
+        return Restored(wiener(x, self.kernel, self.nsr, known=known, floor=floor))
 
 
 class RichardsonLucyModel(_PSFModel):

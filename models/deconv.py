@@ -19,15 +19,24 @@ the blur model (the sensor recorded less light than fell on it), so every
 solver here accepts a ``known`` mask (:func:`unsaturated_mask`) and treats
 the pixels it excludes like the margin, as unknown data the solution fills in.
 Without it a light source smeared into a clipped streak makes the
-deconvolution ring across the whole photograph.
+deconvolution ring across the whole photograph. The mask may be per channel
+(a pixel whose red clipped still has a valid green and blue), and
+:func:`clipped_floor` adds what a clipped value does tell: the blurred scene
+was at least that bright there.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+
+# clipped values this far inside a clipped area bound the solution from below (see clipped_floor)
+FLOOR_DEPTH = 4
 
 
 def fft_size(n: int) -> int:
@@ -172,33 +181,128 @@ def image_mask(padded: torch.Tensor, margin: int, shape: tuple[int, int],
                known: torch.Tensor | None = None) -> torch.Tensor:
     """1 over the original pixels of a padded image, 0 over the margin.
 
-    Returns (H', W'), or (N, 1, H', W') when ``known`` (N, 1, H, W), a 0/1
-    mask of the pixels that count as data, is given: its zeros stay unknown.
+    Returns (H', W'), or (N, K, H', W') when ``known`` (N, K, H, W), a 0/1
+    mask of the pixels that count as data (K = 1 or one per channel), is
+    given: its zeros stay unknown.
     """
     if known is None:
         mask = padded.new_zeros(padded.shape[-2:])
         mask[margin:margin + shape[0], margin:margin + shape[1]] = 1.0
         return mask
-    mask = padded.new_zeros((known.shape[0], 1, *padded.shape[-2:]))
+    mask = padded.new_zeros((*known.shape[:2], *padded.shape[-2:]))
     mask[..., margin:margin + shape[0], margin:margin + shape[1]] = known.to(padded.dtype)
     return mask
 
 
-def unsaturated_mask(x: torch.Tensor, level: float = 0.985, grow: int = 1) -> torch.Tensor:
-    """(N, 1, H, W) mask, 0 where any channel of ``x`` (N, C, H, W) in [0, 1] is clipped.
+def unsaturated_mask(x: torch.Tensor, level: float = 0.985, grow: int = 1, per_channel: bool = False) -> torch.Tensor:
+    """0/1 mask of the pixels of ``x`` (N, C, H, W) in [0, 1] that are not clipped.
 
-    A pixel counts as clipped at ``level`` (a fraction of the full range) or
+    A value counts as clipped at ``level`` (a fraction of the full range) or
     above; the clipped areas are grown by ``grow`` pixels, because compression
     and demosaicking smear a clipped highlight's edge into its neighbours.
+    (N, 1, H, W), 0 where any channel is clipped; or with ``per_channel``
+    (N, C, H, W), each channel on its own: a pixel whose red clipped still
+    has a valid green and blue.
     """
-    clipped = (x >= level).any(dim=1, keepdim=True).to(x.dtype)
+    clipped = (x >= level).to(x.dtype)
+    if not per_channel:
+        clipped = clipped.amax(dim=1, keepdim=True)
     if grow > 0 and bool(clipped.any()):
         clipped = F.max_pool2d(clipped, 2 * grow + 1, stride=1, padding=grow)
     return 1.0 - clipped
 
 
+def clipped_floor(x: torch.Tensor, level: float = 0.985, depth: int = FLOOR_DEPTH) -> torch.Tensor:
+    """Lower bounds (N, C, H, W) on the blurred image that clipped values of ``x`` still tell.
+
+    A clipped value does not say how bright the blurred scene was there, only
+    that it was at least ``level``. Solvers that leave clipped values out of
+    the data term (``known``) use the bound so that a large overexposed area
+    (a sky, the paper around a print) is filled in bright rather than with
+    the grey of its surroundings. It is set only ``depth`` pixels or more
+    inside a clipped area (``-inf``, no bound, elsewhere): a narrow clipped
+    streak is a point light smeared by the shake, whose sharp scene is a
+    bright spike on a dark background that a sparse-gradient prior cannot
+    form, and bounding it spreads the light into a bright smear instead.
+    """
+    clipped = (x >= level).to(x.dtype)
+    if depth > 0:
+        clipped = 1.0 - F.max_pool2d(1.0 - clipped, 2 * depth + 1, stride=1, padding=depth)
+    return torch.where(clipped > 0, torch.full_like(x, level), torch.full_like(x, -torch.inf))
+
+
+def padded_floor(floor: torch.Tensor, padded: torch.Tensor, margin: int) -> torch.Tensor:
+    """``floor`` (N, C, H, W) placed inside a padded image's frame; no bound over the margin."""
+    out = torch.full_like(padded, -torch.inf)
+    h, w = floor.shape[-2:]
+    out[..., margin:margin + h, margin:margin + w] = floor
+    return out
+
+
+def raise_to_floor(v: torch.Tensor, bound: torch.Tensor, space: torch.Tensor | None = None,
+                   back: torch.Tensor | None = None) -> torch.Tensor:
+    """``v`` raised where it falls below ``bound``, in the channels ``space @ v`` (``back`` its inverse).
+
+    In mixed channels this is not the exact projection of the data step (that
+    would weigh channels by their penalties) but a feasible point next to it.
+    """
+    if space is None:
+        return torch.maximum(v, bound)
+    mixed = torch.einsum("ij,njhw->nihw", space, v)
+    raised = torch.maximum(mixed, bound)
+    return v + torch.einsum("ij,njhw->nihw", back, raised - mixed)
+
+
+@dataclass(frozen=True)
+class PartiallyKnown:
+    """The data step of :func:`sparse_deconv` at pixels where only some recorded channels are known.
+
+    At such a pixel ``v`` (C values in the working channels, ``recorded = D v``)
+    minimises ``1/2 |T M (D v - x)|² + 1/2 sum_i rho_i (v_i - t_i)²`` with
+    ``T = D⁻¹``, ``M`` the pixel's 0/1 channel mask and ``x`` its recorded
+    values; with ``M = I`` this is the working channels' own data term. The
+    minimiser is affine in ``t``, ``v = offset + gain @ t``, precomputed once
+    per such pixel (they are few: the rims of clipped highlights).
+    """
+
+    batch: torch.Tensor  # (K,) image index of each partially known pixel
+    flat: torch.Tensor  # (K,) its index in the flattened padded image
+    offset: torch.Tensor  # (K, C)
+    gain: torch.Tensor  # (K, C, C)
+
+    @classmethod
+    def build(cls, padded: torch.Tensor, mask: torch.Tensor, data_space: torch.Tensor,
+              rho: float | torch.Tensor) -> PartiallyKnown:
+        """From the padded working image (N, C, H', W'), its per-channel mask in recorded channels and ``rho``."""
+        n, c = padded.shape[:2]
+        count = mask.sum(dim=1).flatten(1)
+        batch, flat = torch.nonzero((count > 0) & (count < c), as_tuple=True)
+        d = data_space.to(padded)
+        t = torch.linalg.inv(d)
+        r = torch.as_tensor(rho, dtype=padded.dtype, device=padded.device)
+        r = r.reshape(r.shape if r.dim() == 4 else (1, 1, 1, 1)).expand(n, c, 1, 1).reshape(n, c)
+        weights = torch.diag_embed(r)[batch]  # (K, C, C)
+        m = torch.diag_embed(mask.flatten(2)[batch, :, flat])  # (K, C, C)
+        p = m @ t.T @ t @ m
+        q = t.T @ weights @ t
+        recorded = padded.flatten(2)[batch, :, flat] @ d.T  # (K, C)
+        solve = torch.linalg.inv(p + q)
+        offset = (t @ (solve @ (p @ recorded.unsqueeze(-1)))).squeeze(-1)
+        gain = t @ solve @ t.T @ weights
+        return cls(batch, flat, offset, gain)
+
+    def data_step(self, v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``v`` with the partially known pixels replaced by their minimiser for ``target`` (= ``t``)."""
+        if self.batch.numel() == 0:
+            return v
+        t = target.flatten(2)[self.batch, :, self.flat]
+        out = v.flatten(2).clone()
+        out[self.batch, :, self.flat] = self.offset + (self.gain @ t.unsqueeze(-1)).squeeze(-1)
+        return out.view_as(v)
+
+
 def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iterations: int = 8,
-           known: torch.Tensor | None = None) -> torch.Tensor:
+           known: torch.Tensor | None = None, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Wiener deconvolution of ``x`` (N, C, H, W) by ``kernel``.
 
     The signal spectrum is modelled as falling like 1/|f|² (natural images), so
@@ -214,6 +318,7 @@ def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iteration
         raise ValueError(f"nsr must be > 0, got {nsr}")
     padded, margin, otf = padded_problem(x, kernel)
     mask = image_mask(padded, margin, x.shape[-2:], known)
+    bound = None if floor is None else padded_floor(floor, padded, margin)
     dx, dy = gradient_otfs(padded.shape[-2:], x.device, x.dtype)
     gain = otf.conj() / (otf.abs() ** 2 + nsr * (dx.abs() ** 2 + dy.abs() ** 2))
     observed = padded
@@ -222,6 +327,8 @@ def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iteration
         if step == boundary_iterations:
             break
         reblurred = torch.fft.irfft2(spectrum * otf, s=padded.shape[-2:])
+        if bound is not None:
+            reblurred = torch.maximum(reblurred, bound)
         observed = mask * padded + (1 - mask) * reblurred
     out = torch.fft.irfft2(spectrum, s=padded.shape[-2:])
     return crop(out, margin, x.shape[-2:])
@@ -287,6 +394,8 @@ def sparse_deconv(
     penalty: float = 100.0,
     isotropic: bool = True,
     known: torch.Tensor | None = None,
+    floor: torch.Tensor | None = None,
+    data_space: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deconvolution with a sparse gradient prior and unknown boundaries.
 
@@ -296,7 +405,16 @@ def sparse_deconv(
     ring. ``alpha = 1`` is total variation, ``alpha ≈ 0.8`` the hyper-Laplacian
     prior of natural-image gradients (Krishnan & Fergus 2009). ``known``
     (N, 1, H, W) removes more pixels from the data term, such as clipped
-    highlights (:func:`unsaturated_mask`); the prior fills them in.
+    highlights (:func:`unsaturated_mask`); the prior fills them in, and
+    ``floor`` (N, C, H, W; see :func:`clipped_floor`) keeps the re-blurred
+    solution at least as bright as a clipped pixel was.
+
+    ``data_space`` (C×C) says that ``x``'s channels are a linear transform of
+    the channels the data was recorded in, ``recorded = data_space @ x`` (e.g.
+    ``x`` in YCbCr, recorded in RGB). ``known`` may then be given per recorded
+    channel (N, C, H, W) and ``floor`` is in recorded channels: a pixel whose
+    red channel clipped still tells its green and blue. The data term stays
+    the plain one in ``x``'s channels where all channels are known.
 
     Solved by ADMM with two splittings, ``v = k * u`` (data, an element-wise
     step that honours the mask; Almeida & Figueiredo 2013) and ``w = grad u``
@@ -315,9 +433,15 @@ def sparse_deconv(
         raise ValueError(f"lam must be > 0, got {lam}")
     padded, margin, otf = padded_problem(x, kernel)
     mask = image_mask(padded, margin, x.shape[-2:], known)
+    bound = None if floor is None else padded_floor(floor, padded, margin)
+    back = None if data_space is None else torch.linalg.inv(data_space)
     size = padded.shape[-2:]
     dx, dy = gradient_otfs(size, x.device, x.dtype)
     rho = penalty * lam
+    partial = None
+    if data_space is not None and mask.dim() == 4 and mask.shape[1] > 1:
+        partial = PartiallyKnown.build(padded, mask, data_space, rho)
+        mask = mask.amin(dim=1, keepdim=True)
     denom = otf.abs() ** 2 + dx.abs() ** 2 + dy.abs() ** 2
     u = padded
     v = padded
@@ -330,6 +454,10 @@ def sparse_deconv(
         u = torch.fft.irfft2(spectrum, s=size)
         blurred = torch.fft.irfft2(spectrum * otf, s=size)
         v = (mask * padded + rho * (blurred + a)) / (mask + rho)
+        if partial is not None:
+            v = partial.data_step(v, blurred + a)
+        if bound is not None:
+            v = raise_to_floor(v, bound, data_space, back)
         gx, gy = grad(u)
         if isotropic:
             wx, wy = shrink_vector(gx + cx, gy + cy, 1.0 / penalty, alpha)

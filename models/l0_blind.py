@@ -42,7 +42,10 @@ luminance, then every colour channel is deconvolved with it:
    (``saturation``, grown by a pixel) do not obey the blur model: a light
    smeared into a clipped streak recorded less light than fell on it. They
    are unknown data in every step, like the padded margin: the kernel is
-   fitted to the rest and the final deconvolution fills them in.
+   fitted to the pixels whose luminance is clean, and the final
+   deconvolution leaves out only the clipped channels (an overexposed orange
+   keeps its green and blue) and fills them in, no darker than white deep
+   inside wide clipped areas.
 8. **Guards.** Images that do not look blurred (no-reference blur measure) are
    returned untouched; sharp photographs otherwise yield small spurious
    kernels that damage them. A kernel estimate that changed shape at the last
@@ -65,6 +68,7 @@ import torch.nn.functional as F
 from models.base import RestorationModel, Restored
 from models.catalog import REGISTRY
 from models.deconv import (
+    clipped_floor,
     fft_size,
     grad,
     grad_adjoint,
@@ -637,25 +641,29 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     plus two chroma channels (YCbCr), the chroma with that many times the
     luminance's weight: colour differences carry little detail and as much
     noise, so they take a stronger prior than the three correlated RGB
-    channels would each get. ``known`` (N, 1, H, W) leaves clipped pixels out
-    of the data term (the prior fills them in).
+    channels would each get. ``known`` (N, 1 or C, H, W) leaves clipped
+    pixels (or clipped channels of a pixel) out of the data term; the prior
+    fills them in, kept at least as bright as the clipped value
+    (:func:`clipped_floor`).
     """
     if settings.final_lambda > 0:
         lam: float | torch.Tensor = settings.final_lambda
     else:
-        sigma = noise_sigma(luminance(x), known)
+        sigma = noise_sigma(luminance(x), None if known is None else known.amin(dim=1, keepdim=True))
         lam = (settings.lambda_per_sigma * sigma).clamp(*AUTO_LAMBDA_RANGE).view(-1, 1, 1, 1)
+    floor = None if known is None else clipped_floor(x, settings.saturation)
     if settings.final == "wiener":
-        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()), known=known)
+        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()), known=known, floor=floor)
     alpha = 1.0 if settings.final == "tv" else 0.8
     if x.shape[1] != 3 or settings.chroma_weight <= 0:
-        return sparse_deconv(x, kernels, lam, alpha=alpha, known=known)
+        return sparse_deconv(x, kernels, lam, alpha=alpha, known=known, floor=floor)
     to_ycc = x.new_tensor(RGB_TO_YCC)
     ycc = torch.einsum("ij,njhw->nihw", to_ycc, x)
-    out = torch.cat([sparse_deconv(ycc[:, :1], kernels, lam, alpha=alpha, known=known),
-                     sparse_deconv(ycc[:, 1:], kernels, lam * settings.chroma_weight, alpha=alpha, known=known)],
-                    dim=1)
-    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_ycc), out)
+    weights = x.new_tensor([1.0, settings.chroma_weight, settings.chroma_weight]).view(1, 3, 1, 1)
+    to_rgb = torch.linalg.inv(to_ycc)
+    out = sparse_deconv(ycc, kernels, torch.as_tensor(lam, dtype=x.dtype, device=x.device) * weights, alpha=alpha,
+                        known=known, floor=floor, data_space=to_rgb)
+    return torch.einsum("ij,njhw->nihw", to_rgb, out)
 
 
 def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
@@ -677,7 +685,8 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     chosen = x.new_zeros(n)
     if bool(blurred.any()):
         kernels, previous, chosen = best_estimate(y, settings, side, known)
-        image = final_deconvolution(x, kernels, settings, known).clamp(0.0, 1.0)
+        channel_known = None if known is None else clipped_mask(x, settings, per_channel=True)
+        image = final_deconvolution(x, kernels, settings, channel_known).clamp(0.0, 1.0)
         agreement = kernel_agreement(kernels, previous)
         sigma = noise_sigma(y, known)
         residual = explained_residual(y, luminance(image), kernels, known) / sigma.clamp(min=GUARD_NOISE_FLOOR)
@@ -705,11 +714,15 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     return Restored(image, kernels=kernels, metrics=metrics)
 
 
-def clipped_mask(x: torch.Tensor, settings: L0Settings) -> torch.Tensor | None:
-    """The data mask (N, 1, H, W) that leaves out clipped pixels of ``x``, or ``None`` if none are clipped."""
+def clipped_mask(x: torch.Tensor, settings: L0Settings, per_channel: bool = False) -> torch.Tensor | None:
+    """The data mask that leaves out clipped pixels of ``x``, or ``None`` if none are clipped.
+
+    (N, 1, H, W) for the kernel estimate, which works on luminance; with
+    ``per_channel`` (N, C, H, W) for the final deconvolution of every channel.
+    """
     if settings.saturation <= 0:
         return None
-    known = unsaturated_mask(x, settings.saturation)
+    known = unsaturated_mask(x, settings.saturation, per_channel=per_channel)
     return None if bool(known.min() > 0) else known
 
 
