@@ -27,9 +27,8 @@ was at least that bright there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -404,7 +403,7 @@ def sparse_deconv(
     nothing outside the frame has to be explained and the borders do not
     ring. ``alpha = 1`` is total variation, ``alpha ≈ 0.8`` the hyper-Laplacian
     prior of natural-image gradients (Krishnan & Fergus 2009). ``known``
-    (N, 1, H, W) removes more pixels from the data term, such as clipped
+    (N, 1 or C, H, W) removes more pixels (or single channels) from the data term, such as clipped
     highlights (:func:`unsaturated_mask`); the prior fills them in, and
     ``floor`` (N, C, H, W; see :func:`clipped_floor`) keeps the re-blurred
     solution at least as bright as a clipped pixel was.

@@ -133,7 +133,7 @@ class L0Settings:
     select_weight: float = SELECT_WEIGHT  # candidates are compared after a final step at this many times its prior weight
     cg_iterations: int = 15  # conjugate-gradient iterations of the masked kernel step
     beta_growth: float = 2.0  # factor by which the splitting weight β grows in the latent step
-    saturation: float = 0.985  # pixels this bright in any channel are clipped: unknown data (0 = off)
+    saturation: float = 0.985  # values this bright are clipped: unknown data, channel by channel (0 = off)
 
     def kernel_side(self, height: int, width: int) -> int:
         """The odd kernel side used for an image of this size."""
@@ -447,10 +447,17 @@ def estimation_box(y: torch.Tensor, side: int, known: torch.Tensor | None = None
     return best_pos[0], best_pos[1], wh, ww
 
 
+def estimation_crop(y: torch.Tensor, side: int, known: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks, and the same window of ``known``."""
+    top, left, wh, ww = estimation_box(y, side, known)
+    window = y[..., top:top + wh, left:left + ww]
+    return window, None if known is None else known[..., top:top + wh, left:left + ww]
+
+
 def estimation_window(y: torch.Tensor, side: int) -> torch.Tensor:
     """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks."""
-    top, left, wh, ww = estimation_box(y, side)
-    return y[..., top:top + wh, left:left + ww]
+    return estimation_crop(y, side)[0]
 
 
 def level_known(known: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -529,9 +536,7 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int, known: to
     level, a collapsing one does not.
     """
     n = y.shape[0]
-    top, left, wh, ww = estimation_box(y, settings.estimate_side, known)
-    y = y[..., top:top + wh, left:left + ww]
-    known = None if known is None else known[..., top:top + wh, left:left + ww]
+    y, known = estimation_crop(y, settings.estimate_side, known)
     levels = [lv for lv in pyramid_sides(side) if lv[0] <= settings.finest_scale + 1e-6]
     k = torch.zeros(n, 3, 3, device=y.device, dtype=y.dtype)
     k[:, 1, 1] = 1.0
@@ -680,12 +685,13 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     n, _, h, w = x.shape
     side = settings.kernel_side(h, w)
     y = luminance(x)
-    known = clipped_mask(x, settings)
+    # clipped channels for the final deconvolution; the estimate, on luminance, drops a pixel if any clipped
+    channel_known = clipped_mask(x, settings, per_channel=True)
+    known = None if channel_known is None else channel_known.amin(dim=1, keepdim=True)
     blurred = blur_effect(y) >= NO_BLUR_EFFECT if settings.guard else torch.ones(n, dtype=torch.bool, device=x.device)
     chosen = x.new_zeros(n)
     if bool(blurred.any()):
         kernels, previous, chosen = best_estimate(y, settings, side, known)
-        channel_known = None if known is None else clipped_mask(x, settings, per_channel=True)
         image = final_deconvolution(x, kernels, settings, channel_known).clamp(0.0, 1.0)
         agreement = kernel_agreement(kernels, previous)
         sigma = noise_sigma(y, known)
@@ -743,9 +749,7 @@ def best_estimate(y: torch.Tensor, settings: L0Settings, side: int, known: torch
     polished (:func:`polish_kernels`) unless ``settings.polish_iterations`` is 0.
     ``known`` (N, 1, H, W) marks the pixels that are data (``None``: all).
     """
-    top, left, wh, ww = estimation_box(y, settings.estimate_side, known)
-    window = y[..., top:top + wh, left:left + ww]
-    known = None if known is None else known[..., top:top + wh, left:left + ww]
+    window, known = estimation_crop(y, settings.estimate_side, known)
     best_k, best_prev, chosen = select_candidate(window, settings, side, known)
     if settings.polish_iterations <= 0:
         return best_k, best_prev, chosen
