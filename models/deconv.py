@@ -38,17 +38,24 @@ import torch.nn.functional as F
 FLOOR_DEPTH = 4
 
 
-def fft_size(n: int) -> int:
-    """The smallest integer >= ``n`` whose only prime factors are 2, 3 and 5 (fast FFTs)."""
+def fft_size(n: int, odd: bool = False) -> int:
+    """The smallest integer >= ``n`` whose only prime factors are 2, 3 and 5 (fast FFTs).
+
+    ``odd=True``: the smallest odd one whose factors are 3, 5 and 7 (no
+    Nyquist frequency, for shifts by fractions of a pixel).
+    """
     n = max(1, int(n))
+    primes, step = ((3, 5, 7), 2) if odd else ((2, 3, 5), 1)
+    if odd:
+        n |= 1
     while True:
         m = n
-        for p in (2, 3, 5):
+        for p in primes:
             while m % p == 0:
                 m //= p
         if m == 1:
             return n
-        n += 1
+        n += step
 
 
 def as_batch_kernel(kernel: torch.Tensor) -> torch.Tensor:

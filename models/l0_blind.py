@@ -17,7 +17,9 @@ luminance, then every colour channel is deconvolved with it:
    of 8-connected components holding < 10% of the mass (components are kept
    by mass, not only the largest), centring and normalisation (the final
    kernel by the box of the central 96% of its mass, so a stray speck does
-   not shift the output). λ starts at
+   not shift the output; that box is measured to a fraction of a pixel and
+   the output is moved by the sub-pixel remainder the whole-pixel centring
+   leaves, so it lines up with the input). λ starts at
    2e-3 on each level and decays ×0.9 per alternation (floor 1e-4); six
    alternations per level.
 4. **Polish.** The kernel chosen among the candidates (step 6) gets eight
@@ -122,6 +124,7 @@ class L0Settings:
     select_edges: bool = False  # kernel step on the strongest latent edges only (Cho & Lee)
     finest_scale: float = 1.0  # stop the pyramid at this scale and upsample the kernel
     centre: str = "box"  # final kernel centred by the box of its central 96% of mass, or "centroid"
+    subpixel: bool = True  # move the output by the sub-pixel remainder of that centring (False: whole pixels only)
     final: str = "tv"  # final deconvolution: tv, hyper or wiener
     final_lambda: float = 0.0  # its prior weight (the NSR for wiener); 0 = from the measured noise
     lambda_per_sigma: float = AUTO_LAMBDA_PER_SIGMA  # automatic final weight per unit of noise σ
@@ -358,25 +361,50 @@ def centre_kernel(k: torch.Tensor, by: str = "centroid") -> torch.Tensor:
 
     Blind deconvolution cannot tell a shifted kernel from a shifted image;
     centring fixes that ambiguity so the output stays aligned with the input.
+    What whole pixels cannot remove is :func:`centre_offset`.
     """
     n, h, w = k.shape
     out = torch.empty_like(k)
-    ys = torch.arange(h, device=k.device, dtype=k.dtype)
-    xs = torch.arange(w, device=k.device, dtype=k.dtype)
     for i in range(n):
-        ki = k[i]
-        if by == "box":
-            if float(ki.sum()) <= 0:
-                out[i] = ki
-                continue
-            cy, cx = _trimmed_middle(ki.sum(dim=1)), _trimmed_middle(ki.sum(dim=0))
-        else:
-            mass = ki.sum().clamp(min=1e-12)
-            cy = float((ki.sum(dim=1) * ys).sum() / mass)
-            cx = float((ki.sum(dim=0) * xs).sum() / mass)
-        sy, sx = round(h // 2 - cy), round(w // 2 - cx)
-        out[i] = _shift_no_wrap(ki, sy, sx)
+        cy, cx = kernel_middle(k[i], by)
+        out[i] = _shift_no_wrap(k[i], round(h // 2 - cy), round(w // 2 - cx))
     return out
+
+
+def centre_offset(k: torch.Tensor, by: str = "box") -> torch.Tensor:
+    """(N, 2) sub-pixel distance (rows, columns) from each kernel's middle to its centre pixel.
+
+    For a kernel already centred by :func:`centre_kernel` each entry is within
+    half a pixel: the shift that would centre it exactly. Deconvolving with
+    the kernel moved by ``d`` gives the restoration moved by ``-d``, so
+    :func:`subpixel_shift` by ``-centre_offset`` does that without a second
+    deconvolution (and without the blur that interpolating the kernel adds).
+    """
+    n, h, w = k.shape
+    out = k.new_zeros(n, 2)
+    for i in range(n):
+        cy, cx = kernel_middle(k[i], by)
+        out[i, 0], out[i, 1] = h // 2 - cy, w // 2 - cx
+    return out
+
+
+def kernel_middle(k: torch.Tensor, by: str = "box") -> tuple[float, float]:
+    """(row, column) of a 2-D kernel's middle in pixels, to a fraction of a pixel.
+
+    ``by="box"``: the middle of the box holding the central 96% of its mass
+    (:func:`_trimmed_middle`); ``"centroid"``: its centre of mass. An
+    all-zero kernel's middle is its centre pixel.
+    """
+    h, w = k.shape
+    if float(k.sum()) <= 0:
+        return float(h // 2), float(w // 2)
+    rows, cols = k.sum(dim=1), k.sum(dim=0)
+    if by == "box":
+        return _trimmed_middle(rows), _trimmed_middle(cols)
+    mass = k.sum()
+    cy = float((rows * torch.arange(h, device=k.device, dtype=k.dtype)).sum() / mass)
+    cx = float((cols * torch.arange(w, device=k.device, dtype=k.dtype)).sum() / mass)
+    return cy, cx
 
 
 def _trimmed_middle(profile: torch.Tensor, share: float = BOX_TRIM) -> float:
@@ -384,12 +412,45 @@ def _trimmed_middle(profile: torch.Tensor, share: float = BOX_TRIM) -> float:
 
     A plain support box moves by pixels when one faint speck survives the
     pruning; trimming 2% of the mass at each end ignores such specks and
-    still matches the box of a clean trajectory.
+    still matches the box of a clean trajectory. Each pixel's mass is taken
+    as spread evenly across it (pixel ``j`` covers ``j - 0.5`` to ``j + 0.5``),
+    so the ends, and the middle, are found to a fraction of a pixel: a
+    uniform stroke over pixels 2 to 8 has its middle at exactly 5.0.
     """
-    cumulative = torch.cumsum(profile, dim=0) / profile.sum().clamp(min=1e-12)
-    low = int(torch.nonzero(cumulative >= share)[0])
-    high = int(torch.nonzero(cumulative >= 1.0 - share - 1e-6)[0])
-    return (low + high) / 2.0
+    values = profile.detach().double().cpu()
+    cumulative = torch.cat([values.new_zeros(1), torch.cumsum(values, dim=0)]) / values.sum().clamp(min=1e-12)
+
+    def position(level: float) -> float:
+        j = int(torch.nonzero(cumulative >= level - 1e-12)[0])  # first edge at which the mass reaches `level`
+        if j == 0:
+            return -0.5
+        below, above = float(cumulative[j - 1]), float(cumulative[j])
+        return j - 1.5 + (level - below) / max(above - below, 1e-12)
+
+    return (position(share) + position(1.0 - share)) / 2.0
+
+
+def subpixel_shift(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Images ``x`` (N, C, H, W) moved by ``offset`` (N, 2) pixels (rows, columns), fractions included.
+
+    A phase ramp in the Fourier domain (band-limited interpolation: it does not
+    blur, as bilinear interpolation would), on a copy padded to wrap around
+    smoothly (:func:`periodic_pad`), so the frame's edges do not ring. The
+    padded sides are odd, so there is no Nyquist frequency whose shift a real
+    image cannot represent. Meant for shifts under a pixel; an offset of zero
+    returns the image unchanged.
+    """
+    n, c, h, w = x.shape
+    margin = 16
+    size = (fft_size(h + 2 * margin, odd=True), fft_size(w + 2 * margin, odd=True))
+    padded = periodic_pad(x, margin, size)
+    hp, wp = padded.shape[-2:]
+    fy = torch.fft.fftfreq(hp, device=x.device, dtype=x.dtype).view(1, hp, 1)
+    fx = torch.fft.rfftfreq(wp, device=x.device, dtype=x.dtype).view(1, 1, -1)
+    dy, dx = offset[:, 0].view(n, 1, 1).to(x.dtype), offset[:, 1].view(n, 1, 1).to(x.dtype)
+    ramp = torch.polar(torch.ones_like(fy * dy + fx * dx), -2.0 * math.pi * (fy * dy + fx * dx))
+    moved = torch.fft.irfft2(torch.fft.rfft2(padded) * ramp[:, None], s=(hp, wp))
+    return moved[..., margin:margin + h, margin:margin + w]
 
 
 def _shift_no_wrap(k: torch.Tensor, sy: int, sx: int) -> torch.Tensor:
@@ -678,7 +739,9 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     (:func:`blur_effect` below ``NO_BLUR_EFFECT``; ``blur_detected`` = 0) and
     images whose estimate fails :func:`trust` (``kernel_fallback`` = 1) come
     back as they went in, with a delta kernel; so do images whose kernel is
-    no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo). Clipped pixels
+    no wider than ``NO_BLUR_EXTENT`` pixels (nothing to undo). The others are
+    moved by their kernel's sub-pixel centring remainder (``settings.subpixel``;
+    the returned kernels stay centred to whole pixels). Clipped pixels
     (``settings.saturation``) are unknown data throughout; their share is the
     metric ``saturated_share``.
     """
@@ -706,6 +769,10 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     extent = torch.maximum(_span(support.any(dim=2)), _span(support.any(dim=1))).to(x.dtype)
     # a kernel of at most 2 px means no blur worth removing: keep the input as it is
     changed = ok & blurred & (extent > NO_BLUR_EXTENT)
+    if settings.subpixel and bool(changed.any()):
+        # the kernels are centred to the nearest pixel; move the output the rest of the way
+        offset = torch.where(changed.view(n, 1), centre_offset(kernels, settings.centre), 0.0)
+        image = subpixel_shift(image, -offset).clamp(0.0, 1.0)
     image = torch.where(changed.view(n, 1, 1, 1), image, x)
     metrics = {
         "kernel_size": extent,

@@ -112,3 +112,9 @@ def test_bad_psf_is_named() -> None:
         REGISTRY.parse("wiener:psf=disk:radius=-1")
     with pytest.raises(ValueError, match="sigma"):
         psf_kernel("gaussian:size=3")
+
+
+def test_fft_sizes_have_small_prime_factors_and_odd_ones_no_factor_two() -> None:
+    assert [fft_size(n) for n in (1, 7, 97, 1025)] == [1, 8, 100, 1080]
+    # odd sizes (no Nyquist bin, for sub-pixel shifts) use 3, 5 and 7
+    assert [fft_size(n, odd=True) for n in (1, 2, 11, 1056)] == [1, 3, 15, 1125]
