@@ -9,7 +9,7 @@ learned models, and (with ``--l0``) the weights that
 the gain of a few fixed weightings.
 
     python bench/bench_learned.py [--l0] [--crops 4] [--size 192] \
-        [--model seed001-gan:weights=PATH ...]
+        [--model seed002-unet --model seed001-gan:weights=PATH ...]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", action="append", default=None, help="learned model spec (repeatable)")
+    parser.add_argument("--model", action="append", default=None, help="learned model spec (repeatable; default: the shipped seed002-unet, seed001-refine, seed002-refine)")
     parser.add_argument("--l0", action="store_true", help="also run l0-blind and fit ensemble weights")
     parser.add_argument("--mix", action="append", default=None,
                         help="a weighted average to score, e.g. 'l0-blind=1;seed002-refine=3' (repeatable)")
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    specs = args.model or ["seed001-gan", "seed002-unet"]
+    specs = args.model or ["seed002-unet", "seed001-refine", "seed002-refine"]
     names = ["l0-blind", *specs] if args.l0 else specs
     mixes = [parse_mix(text) for text in args.mix or []]  # checked before minutes of restoring
     for mix in mixes:
