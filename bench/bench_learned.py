@@ -107,7 +107,9 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", action="append", default=None, help="learned model spec (repeatable; default: the shipped seed002-unet, seed001-refine, seed002-refine)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="learned model spec (repeatable; default: the shipped seed002-unet, seed001-refine, "
+                             "seed002-refine)")
     parser.add_argument("--l0", action="store_true", help="also run l0-blind and fit ensemble weights")
     parser.add_argument("--mix", action="append", default=None,
                         help="a weighted average to score, e.g. 'l0-blind=1;seed002-refine=3' (repeatable)")

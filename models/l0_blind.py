@@ -438,7 +438,7 @@ def subpixel_shift(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     smoothly (:func:`periodic_pad`), so the frame's edges do not ring. The
     padded sides are odd, so there is no Nyquist frequency whose shift a real
     image cannot represent. Meant for shifts under a pixel; an offset of zero
-    returns the image unchanged.
+    returns the image unchanged up to floating-point rounding.
     """
     n, c, h, w = x.shape
     margin = 16
