@@ -144,8 +144,12 @@ def _print_table(entries: list[ModelInfo]) -> None:
         row = describe(info)
         if info.weights is not None:
             weights = "present" if row["weights_present"] else "missing"
+        elif info.param("path") is not None:
+            weights = "path= parameter"
+        elif info.param("weights") is not None:
+            weights = "none ship: deblur train, then weights="
         else:
-            weights = "path= parameter" if info.param("path") is not None else "not needed"
+            weights = "not needed"
         licence = info.license
         if info.noncommercial and "non-commercial" not in licence:
             licence += " (non-commercial)"

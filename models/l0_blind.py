@@ -72,6 +72,7 @@ from models.catalog import REGISTRY
 from models.deconv import (
     clipped_floor,
     fft_size,
+    filter_fft,
     grad,
     grad_adjoint,
     gradient_otfs,
@@ -363,11 +364,10 @@ def centre_kernel(k: torch.Tensor, by: str = "centroid") -> torch.Tensor:
     centring fixes that ambiguity so the output stays aligned with the input.
     What whole pixels cannot remove is :func:`centre_offset`.
     """
-    n, h, w = k.shape
+    offset = centre_offset(k, by)
     out = torch.empty_like(k)
-    for i in range(n):
-        cy, cx = kernel_middle(k[i], by)
-        out[i] = _shift_no_wrap(k[i], round(h // 2 - cy), round(w // 2 - cx))
+    for i in range(k.shape[0]):
+        out[i] = _shift_no_wrap(k[i], round(float(offset[i, 0])), round(float(offset[i, 1])))
     return out
 
 
@@ -448,8 +448,8 @@ def subpixel_shift(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     fy = torch.fft.fftfreq(hp, device=x.device, dtype=x.dtype).view(1, hp, 1)
     fx = torch.fft.rfftfreq(wp, device=x.device, dtype=x.dtype).view(1, 1, -1)
     dy, dx = offset[:, 0].view(n, 1, 1).to(x.dtype), offset[:, 1].view(n, 1, 1).to(x.dtype)
-    ramp = torch.polar(torch.ones_like(fy * dy + fx * dx), -2.0 * math.pi * (fy * dy + fx * dx))
-    moved = torch.fft.irfft2(torch.fft.rfft2(padded) * ramp[:, None], s=(hp, wp))
+    phase = -2.0 * math.pi * (fy * dy + fx * dx)
+    moved = filter_fft(padded, torch.polar(torch.ones_like(phase), phase)[:, None])
     return moved[..., margin:margin + h, margin:margin + w]
 
 

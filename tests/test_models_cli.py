@@ -80,6 +80,15 @@ def test_list_table_shows_licence_weights_and_size_rules(weights: Path) -> None:
     assert "wiener" not in result.output
 
 
+def test_list_table_says_how_to_get_weights_for_learned_models_that_ship_none(weights: Path) -> None:
+    result = run("list", "--family", "learned-seed", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ seed")}
+    assert "present" in lines["seed002-refine"]
+    for name in ("seed001-gan", "seed003-vit"):
+        assert "deblur train" in lines[name] and "not needed" not in lines[name]
+
+
 def test_pull_stores_a_verified_checkpoint_with_a_progress_bar(served: str, weights: Path) -> None:
     digest = hashlib.sha256(BODY).hexdigest()
     result = run("pull", "fftformer-gopro", "--url", served, "--sha256", digest)
