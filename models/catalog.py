@@ -89,7 +89,8 @@ BLIND: list[ModelInfo] = [
 
 
 def _learned_seed(name: str, summary: str, factory: str, size_multiple: int, dtypes: tuple[str, ...],
-                  weights: str | None = None, sha256: str | None = None, produces_kernel: bool = False) -> ModelInfo:
+                  weights: str | None = None, sha256: str | None = None, produces_kernel: bool = False,
+                  option_defaults: tuple[tuple[str, object], ...] = ()) -> ModelInfo:
     """A learned seed model: its weights ship in models/weights/ (or come from weights=PATH)."""
     return ModelInfo(
         name=name,
@@ -105,6 +106,7 @@ def _learned_seed(name: str, summary: str, factory: str, size_multiple: int, dty
         tile_size=512,
         dtypes=dtypes,
         produces_kernel=produces_kernel,
+        option_defaults=option_defaults,
     )
 
 
@@ -118,9 +120,12 @@ LEARNED_SEED: list[ModelInfo] = [
     ),
     _learned_seed(
         "seed002-unet",
-        "Seed 002's U-Net/ResNet hybrid (0.96 M parameters), trained here on synthetic camera shake and defocus.",
+        "Seed 002's U-Net/ResNet hybrid (0.96 M parameters), trained here on synthetic camera shake and defocus; "
+        "averages its answers over the 8 flips and rotations by default (+0.08 dB; self_ensemble=false is 8x "
+        "faster).",
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
         weights="seed002-unet.safetensors", sha256="3565a6980ab3ccd5ae45027c1209c8bb28a393d8b4a00cded453ea2143a19e2a",
+        option_defaults=(("self_ensemble", True),),
     ),
     *(
         _learned_seed(

@@ -42,6 +42,8 @@ class Param:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     check: Callable[[object], object] | None = None
+    # one of COMMON_PARAMS (possibly with a model's own default): applied by wrapping, not by the factory
+    common: bool = False
 
     def convert(self, model: str, text: str) -> object:
         try:
@@ -106,6 +108,8 @@ class ModelInfo:
     dtypes: tuple[str, ...] = ("float32",)
     produces_kernel: bool = False
     version: str = "1"
+    # defaults of COMMON_PARAMS that differ for this model, e.g. (("self_ensemble", True),)
+    option_defaults: tuple[tuple[str, object], ...] = ()
     # keep the latest result so an ensemble member and a refiner's prior compute it once
     shared_results: bool = False
 
@@ -184,6 +188,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
         "tile side in pixels for large images (0: the model's default tile size, "
         "if any; -1: never tile)",
         minimum=-1,
+        common=True,
     ),
     Param(
         "tile_overlap",
@@ -192,12 +197,14 @@ COMMON_PARAMS: tuple[Param, ...] = (
         "overlap between neighbouring tiles in pixels, blended with a raised-cosine ramp",
         minimum=0,
         maximum=4096,
+        common=True,
     ),
     Param(
         "self_ensemble",
         bool,
         False,
         "average the outputs over the 8 flips and 90-degree rotations (8x slower)",
+        common=True,
     ),
 )
 
@@ -211,7 +218,7 @@ def common_param_names(info: ModelInfo) -> tuple[str, ...]:
     A parameter the entry declares itself under the same name is not counted:
     its factory handles it.
     """
-    return tuple(p.name for p in info.params if any(p is c for c in COMMON_PARAMS))
+    return tuple(p.name for p in info.params if p.common)
 
 
 def _check_tiling(info: ModelInfo, given: Mapping[str, object]) -> None:
@@ -246,6 +253,14 @@ class Registry:
         if len(names) != len(set(names)):
             raise ValueError(f"model {info.name!r}: duplicate parameter names {names}")
         missing = tuple(p for p in COMMON_PARAMS if p.name not in names)
+        overrides = dict(info.option_defaults)
+        unknown = sorted(set(overrides) - {p.name for p in missing})
+        if unknown:
+            raise ValueError(f"model {info.name!r}: option_defaults {unknown} are not common options it inherits")
+        for p in missing:
+            if p.name in overrides and not isinstance(overrides[p.name], p.kind):
+                raise ValueError(f"model {info.name!r}: default of {p.name!r} must be a {p.kind.__name__}")
+        missing = tuple(replace(p, default=overrides[p.name]) if p.name in overrides else p for p in missing)
         if missing:
             info = replace(info, params=info.params + missing)
         self._entries[info.name] = info

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,31 @@ def test_the_wrapper_is_a_typed_model_that_names_the_option() -> None:
     model = SelfEnsembleModel(Identity(INFO, {"a": 1}, CPU))
     assert isinstance(model, RestorationModel)
     assert "self_ensemble=8" in model.version and "a=1" in model.version
+
+
+def test_a_model_can_default_to_the_self_ensemble_and_the_spec_turns_it_off() -> None:
+    from models.catalog import REGISTRY
+    from models.loading import load_model
+    from models.tiling import TiledModel
+
+    def unwrap(model: RestorationModel) -> RestorationModel:
+        return model.inner if isinstance(model, TiledModel) else model
+
+    assert REGISTRY.get("seed002-unet").param("self_ensemble").default is True  # type: ignore[union-attr]
+    assert isinstance(unwrap(load_model(REGISTRY.parse("seed002-unet"), CPU)), SelfEnsembleModel)
+    assert not isinstance(unwrap(load_model(REGISTRY.parse("seed002-unet:self_ensemble=false"), CPU)),
+                          SelfEnsembleModel)
+    # every other model keeps the common default: off
+    assert not isinstance(unwrap(load_model(REGISTRY.parse("wiener"), CPU)), SelfEnsembleModel)
+
+
+def test_a_models_option_defaults_must_name_inherited_options_with_the_right_type() -> None:
+    from models.registry import Registry, common_param_names
+
+    registry = Registry([replace(INFO, name="fine", option_defaults=(("tile", 256),))])
+    assert registry.get("fine").param("tile").default == 256  # type: ignore[union-attr]
+    assert "tile" in common_param_names(registry.get("fine"))
+    with pytest.raises(ValueError, match=r"\['strength'\] are not common options"):
+        Registry([replace(INFO, option_defaults=(("strength", 1.0),))])
+    with pytest.raises(ValueError, match="default of 'self_ensemble' must be a bool"):
+        Registry([replace(INFO, option_defaults=(("self_ensemble", "yes"),))])
