@@ -153,7 +153,11 @@ def main() -> None:
         print("fitted weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights, strict=True))
               + f" -> gain {report.psnr_fitted - np.mean(base):+.3f} dB")
         default = default_ensemble().members
-        by_name = {REGISTRY.parse(n).name: n for n in names}
+        by_name: dict[str, str] = {}
+        for n in names:  # the plain spec of a model if it runs, else its first variant
+            name = REGISTRY.parse(n).name
+            if name not in by_name or n == name:
+                by_name[name] = n
         if all(m.name in by_name for m in default):
             print("  shipped default ensemble:", end="")
             _print_mix({by_name[m.name]: m.weight for m in default}, outputs, data, base)

@@ -137,9 +137,9 @@ LEARNED_SEED: list[ModelInfo] = [
         )
         for name, network, multiple, sha256 in (
             ("seed001-refine", "Seed 001's generator (leaky reductions, PatchGAN loss)", 2,
-             "d6be7878575ac5da9f2951176c6e12c55ddc93f26f52853fed9a64626ffa6ee9"),
+             "b2791289847c74b052cdf4598742398305778611641b4734b249101acc33d647"),
             ("seed002-refine", "Seed 002's U-Net/ResNet hybrid", 4,
-             "256034d3fc5eb84f2c866a5ab45dac0e48fc27a422472ee11490d2ef6913ad2c"),
+             "abdd6748e504549754ec5927f17af1c547d04fa6fb1c48ebe84ee807ad4f9a11"),
         )
     ),
     _learned_seed(
@@ -266,7 +266,7 @@ REGISTRY = Registry(ENTRIES)
 # l0-blind's output is aligned to a fraction of a pixel it outscores the refiners trained on
 # its earlier output, so it carries half the weight. The refiners run l0-blind inside, and
 # its result is shared with the l0-blind member.
-DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:3", "seed001-refine:1", "seed002-refine:2")
+DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:1", "seed001-refine:1", "seed002-refine:2")
 
 
 def default_ensemble() -> EnsembleSpec:
