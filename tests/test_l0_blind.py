@@ -310,3 +310,37 @@ def test_candidates_pick_the_estimate_that_explains_the_input(
     assert int(none_chosen[0]) == 0
     assert residual(kernels) <= residual(classic) + 1e-6
     assert float(kernel_agreement(kernels, torch.from_numpy(shake).float()[None])) > 0.75
+
+
+def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sharp, blurred = blurred_camera
+    x = to_tensor(blurred)
+    settings = L0Settings(polish_iterations=0)
+    side = settings.kernel_side(*x.shape[-2:])
+    margin = (side - shake.shape[0]) // 2
+    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    streak = torch.zeros(1, side, side)
+    streak[0, side // 2, side // 2 - 7: side // 2 + 8] = 1 / 15
+    upright = streak.transpose(1, 2).contiguous()  # a level before that disagrees: the estimate changed shape
+
+    def ranked(previous_of_second: torch.Tensor):  # type: ignore[no-untyped-def]
+        def rank(window, settings, side, known=None):  # type: ignore[no-untyped-def]
+            return (torch.stack([streak, true]), torch.stack([upright, previous_of_second]),
+                    torch.tensor([[0, 1]]))
+        return rank
+
+    monkeypatch.setattr(l0_blind, "rank_candidates", ranked(true))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 0.0
+    assert int(out.metrics["kernel_candidate"][0]) == 1
+    assert float(kernel_agreement(out.kernels, true)) > 0.99
+    restored = out.image[0].permute(1, 2, 0).numpy()[..., 0]
+    assert psnr(restored, sharp) > psnr(blurred, sharp) + 3.0
+
+    # when every candidate fails, the image comes back as it went in
+    monkeypatch.setattr(l0_blind, "rank_candidates", ranked(upright))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 1.0
+    assert torch.equal(out.image, x)
