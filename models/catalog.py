@@ -261,11 +261,11 @@ REGISTRY = Registry(ENTRIES)
 
 # The ensemble used when a job names no model. Measured with bench/bench_learned.py --l0 on
 # the held-out photographs (camera shake and defocus, 0.5% noise; see bench/RESULTS.md):
-# 30 crops of 256 px: l0-blind alone +3.79 dB, seed001-refine +3.78, these weights +3.94;
-# 20 crops of 288 px: l0-blind +4.02, seed001-refine +3.92, these weights +4.11. Since
-# l0-blind's output is aligned to a fraction of a pixel it outscores the refiners trained on
-# its earlier output, so it carries half the weight. The refiners run l0-blind inside, and
-# its result is shared with the l0-blind member.
+# 30 crops of 256 px: l0-blind alone +3.79 dB, seed002-refine +3.86, these weights +3.95;
+# 20 crops of 288 px: l0-blind +4.02, seed002-refine +4.01, these weights +4.12. The
+# refiners, fine-tuned on l0-blind's sub-pixel-aligned output, are level with it or above,
+# so they carry three quarters of the weight. The refiners run l0-blind inside, and its
+# result is shared with the l0-blind member.
 DEFAULT_ENSEMBLE_TEXT: tuple[str, ...] = ("l0-blind:1", "seed001-refine:1", "seed002-refine:2")
 
 
