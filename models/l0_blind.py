@@ -809,18 +809,15 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     n = x.shape[0]
     sigma = noise_sigma(y, known).clamp(min=GUARD_NOISE_FLOOR)
     window, window_known = estimation_crop(y, settings.estimate_side, known)
-    candidates, previous, order = rank_candidates(window, settings, side, window_known)
+    ranked = rank_candidates(window, settings, side, window_known)
     kernels = x.new_zeros(n, side, side)
     image = x.clone()
     agreement, residual, chosen = x.new_zeros(n), x.new_zeros(n), x.new_zeros(n)
     rows = torch.arange(n, device=x.device)
-    for rank in range(order.shape[1]):
-        pick = order[rows, rank]
-        k = candidates[pick, rows]
-        if settings.polish_iterations > 0:
-            k = polish_kernels(window[rows], k, settings, _rows(window_known, rows))
+    for rank in range(ranked[2].shape[1]):
+        k, before, pick = ranked_choice(window, window_known, ranked, rows, rank, settings)
         restored = final_deconvolution(x[rows], k, settings, _rows(channel_known, rows)).clamp(0.0, 1.0)
-        agree = kernel_agreement(k, previous[pick, rows])
+        agree = kernel_agreement(k, before)
         ratio = explained_residual(y[rows], luminance(restored), k, _rows(known, rows)) / sigma[rows]
         good = trust(agree, ratio) if settings.guard else torch.ones_like(agree, dtype=torch.bool)
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
@@ -864,10 +861,27 @@ def best_estimate(y: torch.Tensor, settings: L0Settings, side: int, known: torch
     ``known`` (N, 1, H, W) marks the pixels that are data (``None``: all).
     """
     window, known = estimation_crop(y, settings.estimate_side, known)
-    best_k, best_prev, chosen = select_candidate(window, settings, side, known)
-    if settings.polish_iterations <= 0:
-        return best_k, best_prev, chosen
-    return polish_kernels(window, best_k, settings, known), best_prev, chosen
+    ranked = rank_candidates(window, settings, side, known)
+    rows = torch.arange(y.shape[0], device=y.device)
+    kernels, previous, pick = ranked_choice(window, known, ranked, rows, 0, settings)
+    return kernels, previous, pick.to(y.dtype)
+
+
+def ranked_choice(window: torch.Tensor, known: torch.Tensor | None,
+                  ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: torch.Tensor, rank: int,
+                  settings: L0Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank``-th candidate of the images ``rows``: kernels (polished unless
+    ``settings.polish_iterations`` is 0), their previous-level estimates and variant indices.
+
+    ``ranked`` is what :func:`rank_candidates` returned for the estimation
+    ``window`` (N, 1, H, W) of the whole batch, ``known`` its data mask.
+    """
+    candidates, previous, order = ranked
+    pick = order[rows, rank]
+    kernels = candidates[pick, rows]
+    if settings.polish_iterations > 0:
+        kernels = polish_kernels(window[rows], kernels, settings, _rows(known, rows))
+    return kernels, previous[pick, rows], pick
 
 
 def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
@@ -884,15 +898,6 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     k, _ = alternate(LevelProblem.build(y, side, known), kernels, replace(settings, kernel_solver="fft"),
                      settings.polish_lambda, settings.polish_gamma, settings.polish_iterations)
     return finish_kernel(k, side, settings)
-
-
-def select_candidate(window: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The candidate estimates for ``window`` (N, 1, H, W) that explain it best: see :func:`best_estimate`."""
-    candidates, previous, order = rank_candidates(window, settings, side, known)
-    rows = torch.arange(window.shape[0], device=window.device)
-    best = order[:, 0]
-    return candidates[best, rows], previous[best, rows], best.to(window.dtype)
 
 
 def rank_candidates(window: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
