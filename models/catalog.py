@@ -65,7 +65,8 @@ BLIND: list[ModelInfo] = [
         ),
         factory="models.l0_blind:build_l0_blind",
         params=(
-            Param("kernel", int, 0, "odd maximum kernel side in pixels; 0 = automatic (35, less on small images)",
+            Param("kernel", int, 0, "odd kernel side in pixels; 0 = automatic (35, wider when a quick estimate at "
+                  "reduced resolution measures a wider blur; less on small images)",
                   minimum=0, maximum=101),
             Param("lambda", float, 2e-3, "initial L0 gradient-prior weight at each pyramid level (decays x0.9)",
                   minimum=1e-5, maximum=1.0),

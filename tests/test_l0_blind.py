@@ -344,3 +344,65 @@ def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
     out = restore(x, settings)
     assert float(out.metrics["kernel_fallback"][0]) == 1.0
     assert torch.equal(out.image, x)
+
+
+def test_kernel_extent_ignores_a_faint_far_speck() -> None:
+    k = torch.zeros(1, 41, 41)
+    k[0, 20, 10:31] = 1.0  # a 21-px horizontal stroke
+    assert float(l0_blind.kernel_extent(l0_blind.normalise_kernel(k))[0]) == 21.0
+    k[0, 2, 2] = 0.1  # under 1% of the mass, far away
+    assert float(l0_blind.kernel_extent(l0_blind.normalise_kernel(k))[0]) == 21.0
+
+
+def test_the_scout_widens_the_kernel_window_for_a_wide_blur_only(photos: dict[str, np.ndarray]) -> None:
+    sharp = photos["camera"][32:480, 32:480] / 255.0  # 448 px: large enough to scout at half resolution
+    rng = np.random.default_rng(5)
+    settings = L0Settings()
+    wide = random_motion_kernel(55, rng, intensity=0.3)
+    narrow = random_motion_kernel(13, rng, intensity=0.3)
+    true_extent = float(l0_blind.kernel_extent(torch.from_numpy(wide).float()[None], 0.0)[0])
+    assert true_extent > 45  # wider than the default 35-px window could hold
+
+    def side_for(kernel: np.ndarray, settings: L0Settings = settings) -> int:
+        blurred = blur_image(sharp, kernel, noise_sigma=0.01, rng=np.random.default_rng(0))
+        return l0_blind.choose_kernel_side(luminance(to_tensor(blurred)), settings)
+
+    side = side_for(wide)
+    assert true_extent <= side <= l0_blind.MAX_SCOUTED_KERNEL and side % 2 == 1
+    assert side_for(narrow) == l0_blind.MAX_AUTO_KERNEL
+    assert side_for(wide, L0Settings(kernel=21)) == 21  # a configured size is never second-guessed
+
+
+def test_images_too_small_to_scout_keep_the_default_window(photos: dict[str, np.ndarray]) -> None:
+    y = luminance(to_tensor(photos["camera"][:300, :300] / 255.0))
+    assert l0_blind.scout_extent(y, L0Settings()) is None
+    assert l0_blind.choose_kernel_side(y, L0Settings()) == l0_blind.MAX_AUTO_KERNEL
+
+
+def test_a_restoration_moved_by_a_texture_period_is_not_trusted(
+    photos: dict[str, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On bricks a kernel whose mass sits a period off its middle explains the input and moves the scene."""
+    sharp = photos["brick"][40:232, 150:342] / 255.0
+    blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(0))
+    x = to_tensor(blurred)
+    settings = L0Settings(polish_iterations=0)
+    side = settings.kernel_side(*x.shape[-2:])
+    margin = (side - shake.shape[0]) // 2
+    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    moved = torch.roll(true, shifts=6, dims=2)  # the same shape, 6 px to the side: the scene moves 6 px
+
+    restored = final_deconvolution(x, moved, settings).clamp(0, 1)
+    assert float(l0_blind.centring(x, restored, side)[0]) < l0_blind.GUARD_MIN_CENTRED
+    in_place = final_deconvolution(x, true, settings).clamp(0, 1)
+    assert float(l0_blind.centring(x, in_place, side)[0]) > 0.9
+
+    def rank(window, settings, side, known=None):  # type: ignore[no-untyped-def]
+        return torch.stack([moved, true]), torch.stack([moved, true]), torch.tensor([[0, 1]])
+
+    monkeypatch.setattr(l0_blind, "rank_candidates", rank)
+    monkeypatch.setattr(l0_blind, "blur_effect", lambda y: torch.ones(y.shape[0]))  # bricks may read as sharp
+    out = restore(x, settings)
+    assert int(out.metrics["kernel_candidate"][0]) == 1 and float(out.metrics["kernel_fallback"][0]) == 0.0
+    assert float(out.metrics["output_centring"][0]) > 0.9
+    assert psnr(out.image[0, 0].numpy(), sharp) > psnr(blurred, sharp) + 2.0
