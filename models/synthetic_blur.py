@@ -192,3 +192,24 @@ def sample_photographs() -> dict[str, np.ndarray]:
     except ImportError:
         pass
     return photos
+
+
+def other_photographs() -> dict[str, np.ndarray]:
+    """Four photographs from installed packages outside :func:`sample_photographs`, uint8 HxWx3.
+
+    scikit-image's ``motorcycle`` (left view of its stereo pair), ``coins``
+    and ``moon`` (grey, returned as three equal channels) and matplotlib's
+    ``grace_hopper`` portrait. The blind method's settings were tuned on
+    :func:`sample_photographs`, so its benchmark can check them on these.
+    They are *not* unseen by the learned models: their training data
+    (:func:`models.training.data.package_photographs`) includes them.
+    """
+    import matplotlib.cbook
+    import matplotlib.image
+    from skimage import data
+
+    photos = {"motorcycle": data.stereo_motorcycle()[0], "coins": data.coins(), "moon": data.moon()}
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        photos["grace_hopper"] = matplotlib.image.imread(handle)
+    return {name: np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else np.asarray(img[..., :3])
+            for name, img in photos.items()}

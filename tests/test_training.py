@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from jobs.errors import InputError
-from models.synthetic_blur import sample_photographs
+from models.synthetic_blur import other_photographs, sample_photographs
 from models.training.data import (
     BlurSynthesizer,
     PairedImages,
@@ -77,6 +77,16 @@ def test_package_photographs_split_keeps_validation_out() -> None:
     assert not set(train_imgs) & set(val_imgs)
     assert len(train_imgs) >= 10
     assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.float32 for img in photos.values())
+
+
+def test_other_photographs_are_new_to_the_blind_benchmark_but_not_to_training() -> None:
+    others = other_photographs()
+    assert len(others) == 4
+    assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 for img in others.values())
+    assert not set(others) & set(sample_photographs())  # the blind method was tuned on those
+    training = package_photographs()  # the learned models were trained on these: they include the others' pictures
+    for name, img in others.items():
+        assert any(t.shape == img.shape and np.allclose(t, img / 255.0, atol=1e-6) for t in training.values()), name
 
 
 def test_losses_are_zero_on_identical_images_and_positive_otherwise() -> None:
