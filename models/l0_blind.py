@@ -665,8 +665,10 @@ def scout_extent(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | No
     cover the largest kernel the image allows (up to ``MAX_SCOUTED_KERNEL``),
     keeping at least ``SCOUT_MIN_SIDE`` pixels on its short side and reducing
     at least by half. At that resolution the blur is a few pixels wide and
-    the noise averaged away, so its extent comes out within about ±8 px of
-    the truth for 30-70 px camera shake on 512-px photographs. ``None`` when
+    the noise averaged away, so on 448-512 px photographs with edges its
+    extent comes out within about ±10 px of the truth for 15-70 px camera
+    shake; textures (grass, gravel, brick, retina) can miss by 15-40 px
+    either way, which costs them the better window. ``None`` when
     the image is too small for that (short side under twice
     ``SCOUT_MIN_SIDE``): on 256-px photographs, reduced to 128 px, textures
     such as brick or porcelain read as 40-50 px blurs when they are 11-21 px,
