@@ -936,8 +936,9 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
         k, before, pick = ranked_choice(window, window_known, ranked, rows, rank, settings)
         restored = final_deconvolution(x[rows], k, settings, _rows(channel_known, rows)).clamp(0.0, 1.0)
         agree = kernel_agreement(k, before)
-        ratio = explained_residual(y[rows], luminance(restored), k, _rows(known, rows)) / sigma[rows]
-        centred = centring(y[rows], luminance(restored), side)
+        restored_y = luminance(restored)
+        ratio = explained_residual(y[rows], restored_y, k, _rows(known, rows)) / sigma[rows]
+        centred = centring(y[rows], restored_y, side)
         good = trust(agree, ratio, centred) if settings.guard else torch.ones_like(agree, dtype=torch.bool)
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
         into = rows[take]

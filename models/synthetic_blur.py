@@ -194,22 +194,22 @@ def sample_photographs() -> dict[str, np.ndarray]:
     return photos
 
 
+# package_photographs() names of the photographs other_photographs() returns, and the names it gives them
+_OTHER_PHOTOS = {"motorcycle_left": "motorcycle", "coins": "coins", "moon": "moon", "grace_hopper": "grace_hopper"}
+
+
 def other_photographs() -> dict[str, np.ndarray]:
     """Four photographs from installed packages outside :func:`sample_photographs`, uint8 HxWx3.
 
     scikit-image's ``motorcycle`` (left view of its stereo pair), ``coins``
-    and ``moon`` (grey, returned as three equal channels) and matplotlib's
-    ``grace_hopper`` portrait. The blind method's settings were tuned on
+    and ``moon`` (grey, as three equal channels) and matplotlib's
+    ``grace_hopper`` portrait, taken from the learned models' training set
+    (:func:`models.training.data.package_photographs`), so they are *not*
+    unseen by those models. The blind method's settings were tuned on
     :func:`sample_photographs`, so its benchmark can check them on these.
-    They are *not* unseen by the learned models: their training data
-    (:func:`models.training.data.package_photographs`) includes them.
     """
-    import matplotlib.cbook
-    import matplotlib.image
-    from skimage import data
+    from models.training.data import package_photographs  # imports this module: not at the top
 
-    photos = {"motorcycle": data.stereo_motorcycle()[0], "coins": data.coins(), "moon": data.moon()}
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
-        photos["grace_hopper"] = matplotlib.image.imread(handle)
-    return {name: np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else np.asarray(img[..., :3])
-            for name, img in photos.items()}
+    photos = package_photographs()
+    return {short: np.round(photos[name] * 255.0).astype(np.uint8)
+            for name, short in _OTHER_PHOTOS.items() if name in photos}
