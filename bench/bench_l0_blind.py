@@ -53,6 +53,7 @@ from models.synthetic_blur import (  # noqa: E402
     random_motion_kernel,
     sample_photographs,
     other_photographs,
+    unseen_photographs,
 )
 
 
@@ -179,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                              "overexposes (default 1)")
     parser.add_argument("--grey", action="store_true",
                         help="convert the photographs to grey first (Levin et al.'s benchmark is grey)")
-    parser.add_argument("--photos", choices=("packaged", "other"), default="packaged",
+    parser.add_argument("--photos", choices=("packaged", "other", "unseen"), default="packaged",
                         help="packaged: the 14 photographs the settings were tuned on (default); other: four "
-                             "others (motorcycle, coins, moon, grace_hopper), reused with new kernels past four")
+                             "others (motorcycle, coins, moon, grace_hopper), reused with new kernels past four; "
+                             "unseen: PyWavelets' ascent and aero, which no model here was tuned or trained on")
     parser.add_argument("--model", default="l0-blind", help="model spec to benchmark (default l0-blind)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an L0Settings field the model spec does not expose "
@@ -206,14 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         return time_one_megapixel(model, device, args.threads)
     low, _, high = args.kernel_sizes.partition("-")
     sides = (int(low), int(high or low))
-    photos = other_photographs() if args.photos == "other" else sample_photographs()
+    photos = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}[args.photos]()
+    if not photos:
+        parser.error(f"no {args.photos} photographs available: install PyWavelets for --photos unseen")
     names = sorted(photos)
     rng = np.random.default_rng(args.seed)
     print(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "
           f"kernels {sides[0]}-{sides[1]} px{', grey' if args.grey else ''}"
           f"{f', {args.lights} lights' if args.lights else ''}"
           f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}, "
-          f"{'other photographs, ' if args.photos == 'other' else ''}seed {args.seed}, {args.threads} thread(s)")
+          f"{args.photos + ' photographs, ' if args.photos != 'packaged' else ''}seed {args.seed}, {args.threads} thread(s)")
     header = (f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
               f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
     print(header)

@@ -1,7 +1,8 @@
 """PSNR gains of the learned seed models on held-out photographs, alone, averaged, and next to l0-blind.
 
 Test cases: crops of the two photographs held out of training (scikit-image's
-``chelsea`` and ``coffee``), each blurred with random camera-shake kernels and
+``chelsea`` and ``coffee``; or, with ``--photos unseen``, PyWavelets' ``ascent``
+and ``aero``, which nothing here was trained, tuned or selected on), each blurred with random camera-shake kernels and
 defocus discs (reflect borders, 0.5 % Gaussian noise). Prints each model's
 mean PSNR gain over the blurred input, the equal-weight average of the
 learned models, and (with ``--l0``) the weights that
@@ -28,16 +29,33 @@ from models.synthetic_blur import (
     disk_kernel,
     random_motion_kernel,
     sample_photographs,
+    unseen_photographs,
 )
 
 
-def cases(crops: int, size: int, seed: int = 11) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(label, blurred, sharp) float64 HxWx3 test cases from the held-out photographs."""
-    rng = np.random.default_rng(seed)
+def test_photographs(which: str) -> dict[str, np.ndarray]:
+    """The photographs to crop test cases from, uint8 HxWx3.
+
+    ``held-out``: scikit-image's ``chelsea`` and ``coffee``, kept out of the
+    learned models' training but used to pick checkpoints and ensemble
+    weights; ``unseen``: PyWavelets' ``ascent`` and ``aero``, which no
+    model or setting here was trained, tuned or selected on.
+    """
+    if which == "unseen":
+        photos = unseen_photographs()
+        if not photos:
+            raise SystemExit("--photos unseen needs PyWavelets (pip install PyWavelets)")
+        return photos
     photos = sample_photographs()
+    return {name: photos[name] for name in ("chelsea", "coffee")}
+
+
+def cases(crops: int, size: int, seed: int = 11, which: str = "held-out") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`test_photographs`)."""
+    rng = np.random.default_rng(seed)
     out = []
-    for name in ("chelsea", "coffee"):
-        img = photos[name].astype(np.float64) / 255
+    for name, photo in test_photographs(which).items():
+        img = photo.astype(np.float64) / 255
         h, w = img.shape[:2]
         for _ in range(crops):
             y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -113,8 +131,11 @@ def main() -> None:
     parser.add_argument("--l0", action="store_true", help="also run l0-blind and fit ensemble weights")
     parser.add_argument("--mix", action="append", default=None,
                         help="a weighted average to score, e.g. 'l0-blind=1;seed002-refine=3' (repeatable)")
-    parser.add_argument("--crops", type=int, default=4)
-    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--crops", type=int, default=4, help="random crops per photograph (5 blurs each)")
+    parser.add_argument("--size", type=int, default=192, help="side of the square crops in pixels")
+    parser.add_argument("--photos", choices=("held-out", "unseen"), default="held-out",
+                        help="held-out: chelsea and coffee, out of training but used to pick checkpoints and "
+                             "weights (default); unseen: PyWavelets' ascent and aero, never used for anything")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = args.model or ["seed002-unet", "seed001-refine", "seed002-refine"]
@@ -125,9 +146,9 @@ def main() -> None:
         if missing:
             raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
                              "(or --l0 for l0-blind)")
-    data = cases(args.crops, args.size)
+    data = cases(args.crops, args.size, which=args.photos)
     base = [psnr(b, s) for _, b, s in data]
-    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per held-out photo x 5 blurs); "
+    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos} photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
     outputs, seconds = run_all(names, data)
     for spec in names:

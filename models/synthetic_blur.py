@@ -213,3 +213,25 @@ def other_photographs() -> dict[str, np.ndarray]:
     photos = package_photographs()
     return {short: np.round(photos[name] * 255.0).astype(np.uint8)
             for name, short in _OTHER_PHOTOS.items() if name in photos}
+
+
+def unseen_photographs() -> dict[str, np.ndarray]:
+    """Photographs no model of this project has seen, uint8 HxWx3 (grey as three equal channels).
+
+    PyWavelets' ``ascent`` (people on a stone staircase) and ``aero`` (an
+    aerial view of a town), 512x512 grey. They are deliberately left out of
+    the learned models' training photographs
+    (:func:`models.training.data.package_photographs`) and out of the
+    photographs the blind method was tuned on (:func:`sample_photographs`),
+    so a benchmark on them is a held-out test for both. Empty without
+    PyWavelets (``pip install PyWavelets``; the ``test`` extra has it).
+    """
+    try:
+        from pywt import data
+    except ImportError:
+        return {}
+    photos = {}
+    for name in ("ascent", "aero"):
+        grey = np.asarray(getattr(data, name)())
+        photos[name] = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
+    return photos

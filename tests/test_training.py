@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from jobs.errors import InputError
-from models.synthetic_blur import other_photographs, sample_photographs
+from models.synthetic_blur import other_photographs, sample_photographs, unseen_photographs
 from models.training.data import (
     BlurSynthesizer,
     PairedImages,
@@ -87,6 +87,18 @@ def test_other_photographs_are_new_to_the_blind_benchmark_but_not_to_training() 
     training = package_photographs()  # the learned models were trained on these: they include the others' pictures
     for name, img in others.items():
         assert any(t.shape == img.shape and np.allclose(t, img / 255.0, atol=1e-6) for t in training.values()), name
+
+
+def test_unseen_photographs_are_in_neither_training_nor_tuning_sets() -> None:
+    unseen = unseen_photographs()
+    assert set(unseen) == {"ascent", "aero"}  # PyWavelets is in the test extra
+    assert all(img.shape == (512, 512, 3) and img.dtype == np.uint8 for img in unseen.values())
+    known = [img / 255.0 for img in sample_photographs().values()] + list(package_photographs().values())
+    for name, img in unseen.items():
+        grey = img[..., 0] / 255.0
+        for other in known:
+            other_grey = other if other.ndim == 2 else other[..., 0]
+            assert not (other_grey.shape == grey.shape and np.allclose(other_grey, grey, atol=1e-3)), name
 
 
 def test_losses_are_zero_on_identical_images_and_positive_otherwise() -> None:
