@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from models.l0_blind import (
     final_deconvolution,
     kernel_agreement,
     luminance,
+    polish_penalty,
     prune_kernel,
     restore,
     subpixel_shift,
@@ -189,10 +192,20 @@ def test_polish_settings_keep_the_true_kernel_where_the_pyramid_settings_drift(
     true[0, offset:offset + shake.shape[0], offset:offset + shake.shape[1]] = torch.from_numpy(shake).float()
     settings = L0Settings()
     pyramid, _ = alternate(problem, true, settings, settings.lam, settings.gamma, rounds=6)
-    polish, _ = alternate(problem, true, settings, settings.polish_lambda, settings.polish_gamma, rounds=6)
+    polish, _ = alternate(problem, true, settings, settings.polish_lambda, polish_penalty(to_tensor(blurred), settings),
+                          rounds=6)
     drifted, kept = float(kernel_agreement(pyramid, true)[0]), float(kernel_agreement(polish, true)[0])
     assert kept > 0.93
     assert kept > drifted + 0.03
+
+
+def test_the_polish_penalty_weakens_on_clean_photographs(photos: dict[str, np.ndarray], shake: np.ndarray) -> None:
+    sharp = photos["camera"][40:232, 150:342] / 255.0
+    settings = L0Settings()
+    gammas = [float(polish_penalty(to_tensor(blur_image(sharp, shake, noise_sigma=s, rng=np.random.default_rng(0))),
+                                   settings)) for s in (0.0005, 0.01)]
+    assert gammas == [pytest.approx(0.02), pytest.approx(0.05)]  # the range's ends: clean, then noisy
+    assert polish_penalty(to_tensor(sharp), replace(settings, polish_gamma=0.1)) == 0.1  # a set value is kept
 
 
 def test_box_centring_ignores_a_faint_speck() -> None:
