@@ -2,14 +2,14 @@
 
 Test cases: crops of the two photographs held out of training (scikit-image's
 ``chelsea`` and ``coffee``; or, with ``--photos unseen``, PyWavelets' ``ascent``
-and ``aero``, which nothing here was trained, tuned or selected on), each blurred with random camera-shake kernels and
-defocus discs (reflect borders, 0.5 % Gaussian noise). Prints each model's
-mean PSNR gain over the blurred input, the equal-weight average of the
-learned models, and (with ``--l0``) the weights that
-``models.ensemble.fit_weights`` gives l0-blind and the learned models, with
-the gain of a few fixed weightings.
+and ``aero``, which nothing here was trained, tuned or selected on), each
+blurred with random camera-shake kernels and defocus discs (reflect borders,
+0.5 % Gaussian noise). Prints each model's mean PSNR gain over the blurred
+input, the equal-weight average of the learned models, and (with ``--l0``)
+the weights that ``models.ensemble.fit_weights`` gives l0-blind and the
+learned models, with the gain of a few fixed weightings.
 
-    python bench/bench_learned.py [--l0] [--crops 4] [--size 192] \
+    python bench/bench_learned.py [--l0] [--crops 4] [--size 192] [--photos unseen] \
         [--model seed002-unet --model seed001-gan:weights=PATH ...]
 """
 
@@ -33,7 +33,7 @@ from models.synthetic_blur import (
 )
 
 
-def test_photographs(which: str) -> dict[str, np.ndarray]:
+def bench_photographs(which: str) -> dict[str, np.ndarray]:
     """The photographs to crop test cases from, uint8 HxWx3.
 
     ``held-out``: scikit-image's ``chelsea`` and ``coffee``, kept out of the
@@ -51,10 +51,10 @@ def test_photographs(which: str) -> dict[str, np.ndarray]:
 
 
 def cases(crops: int, size: int, seed: int = 11, which: str = "held-out") -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`test_photographs`)."""
+    """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`)."""
     rng = np.random.default_rng(seed)
     out = []
-    for name, photo in test_photographs(which).items():
+    for name, photo in bench_photographs(which).items():
         img = photo.astype(np.float64) / 255
         h, w = img.shape[:2]
         for _ in range(crops):

@@ -27,7 +27,8 @@ luminance, then every colour channel is deconvolved with it:
    alternations per level.
 4. **Polish.** The kernel chosen among the candidates (step 6) gets eight
    more alternations at full resolution with a weak prior (λ 1e-4) and a
-   weak kernel penalty (γ 0.05, down to 0.02 on nearly noise-free images). The pyramid's strong λ and γ keep the
+   weak kernel penalty (γ 0.05, down to 0.02 on nearly noise-free images,
+   :func:`polish_penalty`). The pyramid's strong λ and γ keep the
    estimate on course but bias it: started from the true kernel, six
    alternations at λ 2e-3, γ 0.3 drift to 0.78 mean similarity with it, at
    λ 1e-4, γ 0.05 only to 0.92 (14 grey benchmark images); the polish lets
@@ -115,7 +116,7 @@ SELECT_WEIGHT = 2.5
 AUTO_LAMBDA_RANGE = (3e-4, 1e-2)
 # The polish's kernel penalty γ per unit of the luminance noise σ, within this range: 0.05 at 0.5 % noise and
 # above (the value tuned on the usual benchmark sets), 0.02 on nearly clean photographs, where the data pins the
-# kernel down better than the penalty does (+0.2 to +0.6 dB at 0.1 % noise; at 1 % noise 0.02 costs 0.1 dB).
+# kernel down better than the penalty does (+0.2 to +0.45 dB at 0.1 % noise; at 1 % noise 0.02 costs 0.1 dB).
 POLISH_GAMMA_PER_SIGMA = 10.0
 POLISH_GAMMA_RANGE = (0.02, 0.05)
 # Estimator variants tried per image, in order (kernel solver, initial λ as a multiple of
