@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     sides = (int(low), int(high or low))
     photos = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}[args.photos]()
     if not photos:
-        parser.error(f"no {args.photos} photographs available: install PyWavelets for --photos unseen")
+        needs = {"packaged": "scikit-image and scikit-learn", "other": "scikit-image and matplotlib",
+                 "unseen": "PyWavelets"}
+        parser.error(f"no {args.photos} photographs available: install {needs[args.photos]} "
+                     "(pip install -e '.[test]' brings them all)")
     names = sorted(photos)
     rng = np.random.default_rng(args.seed)
     print(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "

@@ -44,7 +44,7 @@ def bench_photographs(which: str) -> dict[str, np.ndarray]:
     if which == "unseen":
         photos = unseen_photographs()
         if not photos:
-            raise SystemExit("--photos unseen needs PyWavelets (pip install PyWavelets)")
+            raise SystemExit("--photos unseen needs PyWavelets: pip install PyWavelets, or pip install -e '.[test]'")
         return photos
     photos = sample_photographs()
     return {name: photos[name] for name in ("chelsea", "coffee")}
