@@ -20,8 +20,10 @@ from models.l0_blind import (
     final_deconvolution,
     kernel_agreement,
     luminance,
+    polish_kernels,
     polish_penalty,
     prune_kernel,
+    refit_kernels,
     restore,
     subpixel_shift,
 )
@@ -208,6 +210,31 @@ def test_the_polish_penalty_weakens_on_clean_photographs(photos: dict[str, np.nd
     assert polish_penalty(to_tensor(sharp), replace(settings, polish_gamma=0.1)) == 0.1  # a set value is kept
 
 
+def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
+    photos: dict[str, np.ndarray], shake: np.ndarray
+) -> None:
+    # Nearly noise-free, the polish started from the true kernel settles on a slightly wider one (its
+    # latent has ideal step edges); refitted to its own TV restoration it comes back towards the truth.
+    sharp = photos["camera"][40:232, 150:342] / 255.0
+    y = to_tensor(blur_image(sharp, shake, noise_sigma=0.001, rng=np.random.default_rng(0)))
+    side = 21
+    margin = (side - shake.shape[0]) // 2
+    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    settings = L0Settings()
+    widened = polish_kernels(y, true, settings)
+    refitted, changed = refit_kernels(y, widened, settings)
+    assert bool(changed[0]) and refitted.shape == true.shape and float(refitted.sum()) == pytest.approx(1.0, abs=1e-5)
+    before, after = float(kernel_agreement(widened, true)[0]), float(kernel_agreement(refitted, true)[0])
+    assert after > before + 0.005
+    gain = [psnr(final_deconvolution(y, k, settings).clamp(0, 1)[0, 0].numpy(), sharp) for k in (widened, refitted)]
+    assert gain[1] > gain[0] + 0.1
+    assert torch.equal(refit_kernels(y, widened, replace(settings, refit_iterations=0))[0], widened)
+    # under heavy noise the penalty that would keep the noise out of the kernel would also spread it: no refit
+    noisy = to_tensor(blur_image(sharp, shake, noise_sigma=0.03, rng=np.random.default_rng(0)))
+    kept, changed = refit_kernels(noisy, widened, settings)
+    assert not bool(changed[0]) and torch.equal(kept, widened)
+
+
 def test_box_centring_ignores_a_faint_speck() -> None:
     stroke = torch.zeros(1, 21, 21)
     stroke[0, 4, 2:9] = 1.0 / 7  # a clean horizontal stroke, off-centre
@@ -330,7 +357,7 @@ def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
 ) -> None:
     sharp, blurred = blurred_camera
     x = to_tensor(blurred)
-    settings = L0Settings(polish_iterations=0)
+    settings = L0Settings(polish_iterations=0, refit_iterations=0)
     side = settings.kernel_side(*x.shape[-2:])
     margin = (side - shake.shape[0]) // 2
     true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
@@ -357,6 +384,53 @@ def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
     out = restore(x, settings)
     assert float(out.metrics["kernel_fallback"][0]) == 1.0
     assert torch.equal(out.image, x)
+
+
+def test_only_kernels_the_guard_trusts_are_refitted_and_a_refit_must_pass_it_too(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refit fits any kernel closer to the data, so a collapsed estimate, refitted, could pass the guard:
+    # the guard judges the polished estimate, and the refit only replaces a result that held.
+    sharp, blurred = blurred_camera
+    x = to_tensor(blurred)
+    settings = L0Settings(polish_iterations=0)
+    side = settings.kernel_side(*x.shape[-2:])
+    margin = (side - shake.shape[0]) // 2
+    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    streak = torch.zeros(1, side, side)
+    streak[0, side // 2, side // 2 - 7: side // 2 + 8] = 1 / 15
+    upright = streak.transpose(1, 2).contiguous()
+
+    def rank_only(kernel: torch.Tensor, before: torch.Tensor):  # type: ignore[no-untyped-def]
+        return lambda window, settings, side, known=None: (kernel[None], before[None], torch.tensor([[0]]))
+
+    refits: list[int] = []
+
+    def refit_to(kernel: torch.Tensor):  # type: ignore[no-untyped-def]
+        def refit(y, kernels, settings, known=None):  # type: ignore[no-untyped-def]
+            refits.append(kernels.shape[0])
+            return kernel.expand_as(kernels).clone(), torch.ones(kernels.shape[0], dtype=torch.bool)
+        return refit
+
+    # a collapsed estimate is not refitted, even by a refit that would have found the true kernel
+    monkeypatch.setattr(l0_blind, "rank_candidates", rank_only(streak, upright))
+    monkeypatch.setattr(l0_blind, "refit_kernels", refit_to(true))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 1.0 and float(out.metrics["kernel_refit"][0]) == 0.0
+    assert refits == [] and torch.equal(out.image, x)
+
+    # a trusted estimate is refitted, but a refit that fails the guard is dropped
+    monkeypatch.setattr(l0_blind, "rank_candidates", rank_only(true, true))
+    monkeypatch.setattr(l0_blind, "refit_kernels", refit_to(upright))  # disagrees with the level before
+    out = restore(x, settings)
+    assert refits == [1] and float(out.metrics["kernel_refit"][0]) == 0.0
+    assert float(out.metrics["kernel_fallback"][0]) == 0.0 and float(kernel_agreement(out.kernels, true)) > 0.99
+
+    # and one that passes is kept
+    monkeypatch.setattr(l0_blind, "refit_kernels", refit_to(true))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_refit"][0]) == 1.0
+    assert psnr(out.image[0, 0].numpy(), sharp) > psnr(blurred, sharp) + 3.0
 
 
 def test_kernel_extent_ignores_a_faint_far_speck() -> None:
@@ -399,7 +473,7 @@ def test_a_restoration_moved_by_a_texture_period_is_not_trusted(
     sharp = photos["brick"][40:232, 150:342] / 255.0
     blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(0))
     x = to_tensor(blurred)
-    settings = L0Settings(polish_iterations=0)
+    settings = L0Settings(polish_iterations=0, refit_iterations=0)
     side = settings.kernel_side(*x.shape[-2:])
     margin = (side - shake.shape[0]) // 2
     true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
