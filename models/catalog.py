@@ -80,8 +80,9 @@ BLIND: list[ModelInfo] = [
             Param("polish", int, 8, "extra kernel/latent alternations at full resolution with a weak prior, "
                   "which undo the pyramid's bias towards small round kernels (0 = off, faster)",
                   minimum=0, maximum=30),
-            Param("refit", int, 4, "rounds refitting the kernel to its own TV restoration after the polish, "
-                  "which removes the width the L0 latent's ideal edges add to it (0 = off, faster)",
+            Param("refit", int, 0, "rounds refitting the kernel to its own TV restoration after the polish, "
+                  "which removes the width the L0 latent's ideal edges add to it on nearly clean photographs "
+                  "(4 is a good value; 0 = off, the default, faster)",
                   minimum=0, maximum=20),
             _SATURATION,
         ),

@@ -33,15 +33,17 @@ luminance, then every colour channel is deconvolved with it:
    alternations at λ 2e-3, γ 0.3 drift to 0.78 mean similarity with it, at
    λ 1e-4, γ 0.05 only to 0.92 (14 grey benchmark images); the polish lets
    the estimate settle where the bias is smaller (``polish=0`` skips it).
-   **Refit.** The L0 latent is piecewise flat: its edges are ideal steps, so
+   **Refit (opt-in).** The L0 latent is piecewise flat: its edges are ideal steps, so
    the kernel fitted to it also absorbs the scene's own edge softness and
    comes out a fraction of a pixel too wide, which costs several dB once the
-   noise is low. Four more rounds alternate the final step's TV restoration
+   noise is low. ``refit=N`` more rounds alternate the final step's TV restoration
    of the window (which keeps edge profiles and texture) with the kernel fitted
    by conjugate gradients to the pixels the kernel window fully covers, at a
    penalty set by the noise-to-signal ratio; images too noisy or flat for it
    keep their kernel, and a refitted kernel must pass the guards (step 8) like
-   any other (:func:`refit_kernels`; ``refit=0`` skips it).
+   any other (:func:`refit_kernels`). Opt-in (``refit=4``): +0.4 dB on the
+   low-noise grey benchmark, neutral on photographs its settings were not
+   chosen on, and up to half as much time again on a clean photograph.
 5. **Final deconvolution** of each channel with an isotropic TV (default),
    hyper-Laplacian (α = 0.8) or Wiener prior, borders handled as unknown data
    (:mod:`models.deconv`), its weight proportional to the measured noise
@@ -156,7 +158,7 @@ class L0Settings:
     polish_iterations: int = 8  # alternations at full resolution with a weak prior and penalty, on the chosen kernel
     polish_lambda: float = 1e-4
     polish_gamma: float = 0.0  # > 0 fixes it; 0 = from the measured noise (polish_penalty)
-    refit_iterations: int = 4  # after the polish: TV restoration / kernel fit rounds on the window (refit_kernels)
+    refit_iterations: int = 0  # > 0: after the polish, TV restoration / kernel fit rounds (refit_kernels); opt-in
     refit_gamma_per_nsr: float = REFIT_GAMMA_PER_NSR
     kernel_cut: float = 0.05  # kernel entries below this share of the peak are cleared
     kernel_noise: float = 3.0  # ... and those below this many noise levels of the estimate
@@ -896,9 +898,9 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     moved by their kernel's sub-pixel centring remainder (``settings.subpixel``;
     the returned kernels stay centred to whole pixels). When the best-ranked
     candidate estimate fails :func:`trust`, the next ones are tried before
-    falling back (:func:`_restore_trusted`); a trusted kernel is then refitted
-    (:func:`refit_kernels`) and kept so if the result still passes (metric
-    ``kernel_refit`` = 1). Clipped pixels
+    falling back (:func:`_restore_trusted`); with ``settings.refit_iterations``
+    > 0 a trusted kernel is then refitted (:func:`refit_kernels`) and kept so
+    if the result still passes (metric ``kernel_refit`` = 1). Clipped pixels
     (``settings.saturation``) are unknown data throughout; their share is the
     metric ``saturated_share``.
     """
@@ -963,12 +965,13 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     falls back. Extra candidates cost a polish and a final deconvolution each,
     and only for the images that need them.
 
-    Then the kernels that held are refitted (:func:`refit_kernels`) and their
-    images restored again; a refitted result replaces the polished one only if
-    it passes :func:`trust` too and its restoration, re-blurred, explains the
-    input within ``REFIT_RESIDUAL_RISE`` of the polished one's residual (on a
-    brick wall at 0.5 % noise a refit that moved mass along the texture's
-    period raised it by 10 % and lost 1.1 dB). The guard judges the polished kernel first
+    With ``settings.refit_iterations`` > 0 the kernels that held are then
+    refitted (:func:`refit_kernels`) and their images restored again; a
+    refitted result replaces the polished one only if it passes :func:`trust`
+    too and its restoration, re-blurred, explains the input within
+    ``REFIT_RESIDUAL_RISE`` of the polished one's residual (on a brick wall at
+    0.5 % noise a refit that moved mass along the texture's period raised it
+    by 10 % and lost 1.1 dB). The guard judges the polished kernel first
     because a refit fits any kernel closer to the data: a collapsed estimate
     refitted can explain its input well enough to pass (retina on the grey
     benchmark, −9 dB).
@@ -1129,7 +1132,8 @@ def refit_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     the kernel. Where γ would exceed ``REFIT_GAMMA_MAX`` (σ²/e above 0.01:
     most photographs under 1 % noise, flat ones under less) the penalty that
     keeps the noise out also spreads the kernel, and the refit was a coin flip
-    on the benchmark (up to ±5 dB on single images): those images keep their kernels. Returns the kernels and which of them were refitted (N,).
+    on the benchmark (up to ±5 dB on single images): those images keep their
+    kernels. Returns the kernels and which of them were refitted (N,).
     Measured in bench/RESULTS.md.
     """
     n, side = kernels.shape[0], kernels.shape[-1]

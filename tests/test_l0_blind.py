@@ -220,7 +220,7 @@ def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
     side = 21
     margin = (side - shake.shape[0]) // 2
     true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
-    settings = L0Settings()
+    settings = L0Settings(refit_iterations=4)
     widened = polish_kernels(y, true, settings)
     refitted, changed = refit_kernels(y, widened, settings)
     assert bool(changed[0]) and refitted.shape == true.shape and float(refitted.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -393,7 +393,7 @@ def test_only_kernels_the_guard_trusts_are_refitted_and_a_refit_must_pass_it_too
     # the guard judges the polished estimate, and the refit only replaces a result that held.
     sharp, blurred = blurred_camera
     x = to_tensor(blurred)
-    settings = L0Settings(polish_iterations=0)
+    settings = L0Settings(polish_iterations=0, refit_iterations=4)
     side = settings.kernel_side(*x.shape[-2:])
     margin = (side - shake.shape[0]) // 2
     true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
