@@ -1014,13 +1014,13 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     if settings.refit_iterations > 0 and rows.numel() > 0:
         k, changed = refit_kernels(window[rows], kernels[rows], settings, _rows(window_known, rows))
         rows, k = rows[changed], k[changed]
-    if settings.refit_iterations > 0 and rows.numel() > 0:
-        restored, agree, ratio, centred, good = judge(rows, k, previous[rows])
-        good &= ratio <= REFIT_RESIDUAL_RISE * residual[rows]  # it must explain the input as well as before
-        into = rows[good]
-        kernels[into], image[into] = k[good], restored[good]
-        agreement[into], residual[into], centre_score[into] = agree[good], ratio[good], centred[good]
-        refitted[into] = True
+        if rows.numel() > 0:
+            restored, agree, ratio, centred, good = judge(rows, k, previous[rows])
+            good &= ratio <= REFIT_RESIDUAL_RISE * residual[rows]  # it must explain the input as well as before
+            into = rows[good]
+            kernels[into], image[into] = k[good], restored[good]
+            agreement[into], residual[into], centre_score[into] = agree[good], ratio[good], centred[good]
+            refitted[into] = True
     return kernels, image, agreement, residual, chosen, centre_score, refitted
 
 

@@ -58,6 +58,20 @@ def blurred_camera(photos: dict[str, np.ndarray], shake: np.ndarray) -> tuple[np
     return sharp, blurred
 
 
+def padded(kernel: np.ndarray, side: int) -> torch.Tensor:
+    """``kernel`` (k, k) centred in a (1, side, side) window."""
+    margin = (side - kernel.shape[0]) // 2
+    return torch.nn.functional.pad(torch.from_numpy(kernel).float(), (margin,) * 4)[None]
+
+
+def streak_pair(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 15-px horizontal streak (1, side, side) and the same streak upright: an estimate and a level
+    before it that disagrees (the estimate changed shape, so the guard does not trust it)."""
+    streak = torch.zeros(1, side, side)
+    streak[0, side // 2, side // 2 - 7: side // 2 + 8] = 1 / 15
+    return streak, streak.transpose(1, 2).contiguous()
+
+
 def test_recovers_a_known_kernel(blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray) -> None:
     _, blurred = blurred_camera
     model = load_model(REGISTRY.parse("l0-blind:kernel=21"), CPU)
@@ -189,9 +203,7 @@ def test_polish_settings_keep_the_true_kernel_where_the_pyramid_settings_drift(
     _, blurred = blurred_camera
     side = 21
     problem = LevelProblem.build(to_tensor(blurred), side)
-    true = torch.zeros(1, side, side)
-    offset = (side - shake.shape[0]) // 2
-    true[0, offset:offset + shake.shape[0], offset:offset + shake.shape[1]] = torch.from_numpy(shake).float()
+    true = padded(shake, side)
     settings = L0Settings()
     pyramid, _ = alternate(problem, true, settings, settings.lam, settings.gamma, rounds=6)
     polish, _ = alternate(problem, true, settings, settings.polish_lambda, polish_penalty(to_tensor(blurred), settings),
@@ -217,9 +229,7 @@ def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
     # latent has ideal step edges); refitted to its own TV restoration it comes back towards the truth.
     sharp = photos["camera"][40:232, 150:342] / 255.0
     y = to_tensor(blur_image(sharp, shake, noise_sigma=0.001, rng=np.random.default_rng(0)))
-    side = 21
-    margin = (side - shake.shape[0]) // 2
-    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    true = padded(shake, 21)
     settings = L0Settings(refit_iterations=4)
     widened = polish_kernels(y, true, settings)
     refitted, changed = refit_kernels(y, widened, settings)
@@ -357,13 +367,10 @@ def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
 ) -> None:
     sharp, blurred = blurred_camera
     x = to_tensor(blurred)
-    settings = L0Settings(polish_iterations=0, refit_iterations=0)
+    settings = L0Settings(polish_iterations=0)
     side = settings.kernel_side(*x.shape[-2:])
-    margin = (side - shake.shape[0]) // 2
-    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
-    streak = torch.zeros(1, side, side)
-    streak[0, side // 2, side // 2 - 7: side // 2 + 8] = 1 / 15
-    upright = streak.transpose(1, 2).contiguous()  # a level before that disagrees: the estimate changed shape
+    true = padded(shake, side)
+    streak, upright = streak_pair(side)
 
     def ranked(previous_of_second: torch.Tensor):  # type: ignore[no-untyped-def]
         def rank(window, settings, side, known=None):  # type: ignore[no-untyped-def]
@@ -395,11 +402,8 @@ def test_only_kernels_the_guard_trusts_are_refitted_and_a_refit_must_pass_it_too
     x = to_tensor(blurred)
     settings = L0Settings(polish_iterations=0, refit_iterations=4)
     side = settings.kernel_side(*x.shape[-2:])
-    margin = (side - shake.shape[0]) // 2
-    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
-    streak = torch.zeros(1, side, side)
-    streak[0, side // 2, side // 2 - 7: side // 2 + 8] = 1 / 15
-    upright = streak.transpose(1, 2).contiguous()
+    true = padded(shake, side)
+    streak, upright = streak_pair(side)
 
     def rank_only(kernel: torch.Tensor, before: torch.Tensor):  # type: ignore[no-untyped-def]
         return lambda window, settings, side, known=None: (kernel[None], before[None], torch.tensor([[0]]))
@@ -473,10 +477,9 @@ def test_a_restoration_moved_by_a_texture_period_is_not_trusted(
     sharp = photos["brick"][40:232, 150:342] / 255.0
     blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(0))
     x = to_tensor(blurred)
-    settings = L0Settings(polish_iterations=0, refit_iterations=0)
+    settings = L0Settings(polish_iterations=0)
     side = settings.kernel_side(*x.shape[-2:])
-    margin = (side - shake.shape[0]) // 2
-    true = torch.nn.functional.pad(torch.from_numpy(shake).float(), (margin,) * 4)[None]
+    true = padded(shake, side)
     moved = torch.roll(true, shifts=6, dims=2)  # the same shape, 6 px to the side: the scene moves 6 px
 
     restored = final_deconvolution(x, moved, settings).clamp(0, 1)

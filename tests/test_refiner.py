@@ -142,7 +142,7 @@ def test_a_weights_file_with_a_prior_loads_as_a_refiner(tmp_path: Path, photo: n
 
 
 def test_refiner_and_member_share_one_l0_blind_run(tmp_path: Path, photo: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = "l0-blind:candidates=1,polish=0,refit=0,iterations=2"
+    spec = "l0-blind:candidates=1,polish=0,iterations=2"
     weights = _refiner_file(tmp_path / "refiner.safetensors", spec)
     shared_results.clear()
     member = load_model(REGISTRY.parse(spec), torch.device("cpu"))
