@@ -26,6 +26,11 @@ With ``--photos other`` the cases come from four other photographs in the
 installed packages (motorcycle, coins, moon, Grace Hopper), which no setting
 of the method was tuned on.
 
+Single results are chaotic in the input: a change that only alters float
+rounding moved per-image gains with a standard deviation of 0.8 dB and one
+set's mean by up to 0.3 dB (bench/RESULTS.md, 2026-12-03 evening). Judge a
+change on several sets and seeds, side by side, not on one.
+
 Example: ``python bench/bench_l0_blind.py --count 14 --size 320 --threads 1``
 """
 
