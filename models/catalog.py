@@ -129,7 +129,7 @@ LEARNED_SEED: list[ModelInfo] = [
         "averages its answers over the 8 flips and rotations by default (+0.08 dB; self_ensemble=false is 8x "
         "faster).",
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
-        weights="seed002-unet.safetensors", sha256="3565a6980ab3ccd5ae45027c1209c8bb28a393d8b4a00cded453ea2143a19e2a",
+        weights="seed002-unet.safetensors", sha256="c956739566229683b0776a2e39a8dc6209c01d4502b109f967331c8c6e926222",
         option_defaults=(("self_ensemble", True),),
     ),
     *(
