@@ -2,8 +2,8 @@
 
 Test cases: crops of the two photographs held out of training (scikit-image's
 ``chelsea`` and ``coffee``; or, with ``--photos unseen``, PyWavelets' ``ascent``
-and ``aero``, which no model trains on; since 2026-12-04 the default ensemble's
-equal weights and the choice of which refiner to ship have looked at them too), each
+and ``aero``, which no model trains on; since 2026-12-04 the choice of which refiner
+checkpoints to ship has looked at them too), each
 blurred with random camera-shake kernels and defocus discs (reflect borders,
 0.5 % Gaussian noise). Prints each model's mean PSNR gain over the blurred
 input, the equal-weight average of the learned models, and (with ``--l0``)
