@@ -40,7 +40,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 )
 @click.argument("arch", envvar=_env("arch"))
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), required=True, envvar=_env("output"),
-              help="Run directory: train.log, last.pt (checkpoint for --resume) and best.safetensors go here.")
+              help="Run directory: train.log, last.pt (checkpoint for --resume), best.safetensors (best validation) "
+                   "and last.safetensors (latest epoch) go here.")
 @click.option("--pairs", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("pairs"),
               help="Folder of real blurred/sharp pairs in GoPro layout (SCENE/blur/X.png next to SCENE/sharp/X.png).")
 @click.option("--blurred-prefix", envvar=_env("blurred_prefix"),
@@ -252,5 +253,6 @@ def train_command(
         last = reports[-1]
         click.echo(
             f"step {last.step}: validation PSNR {last.val_psnr:.2f} dB (blurred input {last.input_psnr:.2f} dB, "
-            f"gain {last.gain_db:+.2f} dB), SSIM {last.val_ssim:.4f}; best weights: {output / 'best.safetensors'}"
+            f"gain {last.gain_db:+.2f} dB), SSIM {last.val_ssim:.4f}; best weights: {output / 'best.safetensors'}, "
+            f"latest: {output / 'last.safetensors'}"
         )

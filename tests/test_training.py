@@ -144,6 +144,12 @@ def test_short_training_lowers_the_loss_and_is_deterministic(tmp_path: Path, pho
     log = (tmp_path / "a" / "train.log").read_text()
     assert "epoch 3 step 30" in log and "val PSNR" in log
     assert (tmp_path / "a" / "best.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "last.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["step"] == "30" and meta["arch"] == "seed002"
+    assert float(meta["val_psnr"]) == pytest.approx(reports[-1].val_psnr, abs=1e-4)
 
 
 def test_resume_continues_exactly(tmp_path: Path, photo: np.ndarray) -> None:

@@ -7,8 +7,9 @@ then repeats: draw a batch of (blurred, sharp) patches (flips/rotations are
 applied by the data source), take one optimiser step (plus a discriminator
 step for seed 001's GAN), and every ``steps_per_epoch`` steps validate
 (PSNR/SSIM of the restored validation crops and of their blurred inputs),
-step the schedule, write ``last.pt`` and, when validation PSNR improved,
-``best.safetensors`` (and the ``export`` copy). ``resume=True`` continues
+step the schedule, write ``last.pt`` and ``last.safetensors`` (the latest
+weights, with their validation figures in the metadata) and, when validation
+PSNR improved, ``best.safetensors`` (and the ``export`` copy). ``resume=True`` continues
 from ``last.pt`` exactly where it stopped: model, optimiser, schedule, random
 generators and the data source's kernel bank are all restored, so a resumed
 run matches an uninterrupted one.
@@ -407,14 +408,16 @@ def _train(
                     "epoch %d step %d loss %.5f val PSNR %.3f dB (input %.3f, gain %+.3f) SSIM %.4f (input %.4f) lr %.2e",
                     epoch, step, report.train_loss, vp, ip, report.gain_db, vs, is_, report.lr,
                 )
+                info = {"step": step, "epoch": epoch, "val_psnr": f"{vp:.4f}", "val_input_psnr": f"{ip:.4f}",
+                        "val_ssim": f"{vs:.4f}", "val_input_ssim": f"{is_:.4f}", "data": config.data_description}
+                if config.prior:
+                    info["prior"] = config.prior
+                # the latest weights too: with a decaying rate they can beat the best-validation ones
+                export_weights(net, out / "last.safetensors", config.arch, config.arch_kwargs, info)
                 improved = bool(validation) and vp > best
                 if improved or (not validation and epoch == 1):
                     best = vp if validation else best
-                    info = {"step": step, "epoch": epoch, "val_psnr": f"{vp:.4f}", "val_input_psnr": f"{ip:.4f}",
-                            "val_ssim": f"{vs:.4f}", "val_input_ssim": f"{is_:.4f}", "data": config.data_description}
-                    if config.prior:
-                        info["prior"] = config.prior
-                    export_weights(net, out / "best.safetensors", config.arch, config.arch_kwargs, info)
+                    shutil.copyfile(out / "last.safetensors", out / "best.safetensors")
                     if config.export is not None:
                         Path(config.export).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(out / "best.safetensors", config.export)
