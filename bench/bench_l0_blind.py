@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
               f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
     print(header)
-    rows = []
+    rows, discs = [], 0
     for i in range(args.count):
         name = names[i % len(names)]
         sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         restored = to_numpy(out.image)
         est = out.kernels[0].cpu().numpy() if out.kernels is not None else np.ones((1, 1))
         fallback = float(out.metrics.get("kernel_fallback", torch.zeros(1))[0])
+        discs += float(out.metrics.get("defocus_radius", torch.zeros(1))[0]) > 0
         reference = float("nan")
         if not args.no_reference and hasattr(estimator, "settings"):
             with torch.inference_mode():
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
           f"gain after best shift {arr[:, 7].mean():+.2f} dB, "
           f"true-kernel reference gain {reference_gain:+.2f} dB, "
           f"mean kernel similarity {arr[:, 3].mean():.3f}, fallbacks {int(arr[:, 4].sum())}, "
+          f"estimates replaced by a defocus disc {discs}, "
           f"colour s/MP {colour[:, 5].mean() if len(colour) else float('nan'):.1f} wall, "
           f"{colour[:, 8].mean() if len(colour) else float('nan'):.1f} CPU")
     return 0

@@ -84,6 +84,8 @@ BLIND: list[ModelInfo] = [
                   "which removes the width the L0 latent's ideal edges add to it on nearly clean photographs "
                   "(4 is a good value; 0 = off, the default, faster)",
                   minimum=0, maximum=20),
+            Param("defocus", bool, True, "replace an estimate that looks like a defocus disc by the disc whose "
+                  "radius best explains the image's spectrum (sharper than the free-form estimate; 0 = off)"),
             _SATURATION,
         ),
         dtypes=("float32",),
