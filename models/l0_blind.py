@@ -926,7 +926,10 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     > 0 a trusted kernel is then refitted (:func:`refit_kernels`) and kept so
     if the result still passes (metric ``kernel_refit`` = 1). Clipped pixels
     (``settings.saturation``) are unknown data throughout; their share is the
-    metric ``saturated_share``.
+    metric ``saturated_share``. With ``settings.defocus`` on, a trusted estimate
+    that looks like a defocus disc is replaced by the disc that best explains
+    the estimation window's spectrum (:func:`defocus_kernels`; its radius is the
+    metric ``defocus_radius``, 0 where the estimate stays).
     """
     n, _, h, w = x.shape
     y = luminance(x)
