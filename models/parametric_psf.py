@@ -2,7 +2,7 @@
 
 A free-form blind estimate (:mod:`models.l0_blind`) fits any kernel shape, so
 on a defocused photograph it returns a disc that is roughly right but
-ragged: a few tenths of a pixel of error at its rim cost 0.5-2 dB. When the
+ragged: a few tenths of a pixel of error at its rim cost 0.5 dB to several dB. When the
 blur belongs to a family with one parameter, the parameter can be found far
 more precisely by asking which member of the family makes the observed image
 most probable.
@@ -23,7 +23,11 @@ the frame's edges do not read as a cross in the spectrum.
 
 On crops of photographs blurred by discs of radius 2 and 4 px with 0.5 %
 noise, the best disc's radius was right to 0.1 px in 20 of 20 cases
-(``bench/RESULTS.md``, 2026-12-05).
+(``bench/RESULTS.md``, 2026-12-05). Within one family the score is sharp;
+*between* families it is not to be trusted: the image model is only roughly
+right, and a Gaussian of σ 1.1 px explains a 1.5-px disc better than the disc
+does at low noise. Callers choose the family by other evidence
+(:func:`models.l0_blind.defocus_kernels` asks the free-form estimate).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class ParametricFit:
 
     family: str  # "disk" (parameter: radius) or "gaussian" (parameter: sigma)
     parameters: torch.Tensor  # (N,) radius or sigma in pixels
-    scores: torch.Tensor  # (N,) negative log-likelihood per pixel (lower explains the image better)
+    scores: torch.Tensor  # (N,) negative log-likelihood per frequency (lower explains the image better)
 
 
 def family_kernel(family: str, parameter: float) -> np.ndarray:
