@@ -941,15 +941,16 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
         else settings.kernel_side(h, w)
     chosen, centred, refitted = x.new_zeros(n), x.new_ones(n), torch.zeros(n, dtype=torch.bool, device=x.device)
     if bool(blurred.any()):
+        # the window the kernel is estimated on, and where the defocus step reads the spectrum
+        window, window_known = estimation_crop(y, settings.window_side(side), known)
         kernels, image, agreement, residual, chosen, centred, refitted = _restore_trusted(
-            x, y, known, channel_known, blurred, settings, side)
+            x, y, known, channel_known, blurred, settings, side, window, window_known)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
         image, agreement, residual = x, x.new_ones(n), x.new_zeros(n)
     ok = trust(agreement, residual, centred) if settings.guard else torch.ones_like(blurred)
     radius = x.new_zeros(n)
     if settings.defocus and bool((ok & blurred).any()):
-        window, window_known = estimation_crop(y, settings.window_side(side), known)
         rows = (ok & blurred).nonzero().flatten()
         discs, radii = defocus_kernels(window[rows], _rows(window_known, rows), kernels[rows])
         snapped = radii > 0
@@ -990,9 +991,12 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 
 
 def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None,
-                     channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int
-                     ) -> tuple[torch.Tensor, ...]:
+                     channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int,
+                     window: torch.Tensor, window_known: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Kernels, restorations, agreements, residual ratios, chosen variants, centrings and refit flags for ``x``.
+
+    ``window`` (and ``window_known``) is the :func:`estimation_crop` of ``y``
+    the kernels are estimated on.
 
     Every image is restored with its best-ranked candidate (:func:`rank_candidates`,
     polished). A blurred image whose result fails :func:`trust` is restored again
@@ -1016,7 +1020,6 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     """
     n = x.shape[0]
     sigma = noise_sigma(y, known).clamp(min=GUARD_NOISE_FLOOR)
-    window, window_known = estimation_crop(y, settings.window_side(side), known)
     ranked = rank_candidates(window, settings, side, window_known)
     kernels, previous = x.new_zeros(n, side, side), x.new_zeros(n, side, side)
     image = x.clone()

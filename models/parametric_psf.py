@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.deconv import psf2otf
 from models.synthetic_blur import disk_kernel, gaussian_kernel
 
 LOG_SCALES = torch.linspace(-9.0, 1.0, 21)  # log10 of the image model's scale A, searched per kernel
@@ -94,8 +95,8 @@ class SpectrumScorer:
     def __init__(self, y: torch.Tensor, sigma: torch.Tensor) -> None:
         """``y`` (N, 1, H, W) luminance in [0, 1]; ``sigma`` (N,) its noise level."""
         y = y.double()
-        self.shape = tuple(y.shape[-2:])
-        h, w = self.shape
+        h, w = y.shape[-2:]
+        self.shape = (h, w)
         p = periodic_component(y)
         spectrum = torch.fft.rfft2(p - p.mean(dim=(-2, -1), keepdim=True))
         power = (spectrum.real**2 + spectrum.imag**2) / (h * w)
@@ -119,13 +120,7 @@ class SpectrumScorer:
 
     def transfer_power(self, kernel: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``|K(f)|²`` of one kernel (kh, kw) on this scorer's frequency grid."""
-        k = torch.as_tensor(kernel, dtype=torch.float64, device=self.power.device)
-        h, w = self.shape
-        kh, kw = k.shape
-        padded = k.new_zeros(h, w)
-        padded[:kh, :kw] = k
-        padded = torch.roll(padded, shifts=(-(kh // 2), -(kw // 2)), dims=(0, 1))
-        otf = torch.fft.rfft2(padded)
+        otf = psf2otf(torch.as_tensor(kernel, dtype=torch.float64, device=self.power.device), self.shape)
         return otf.real**2 + otf.imag**2
 
     def score(self, transfer_power: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
@@ -152,17 +147,23 @@ class SpectrumScorer:
         largest = MIN_PARAMETER
         while family_extent(family, largest + FINE_STEP) <= max_side and largest + FINE_STEP <= cap:
             largest += FINE_STEP
+        powers: dict[float, torch.Tensor] = {}  # each parameter's |K|² once, shared by the images and both searches
+
+        def power(parameter: float) -> torch.Tensor:
+            key = round(parameter, 6)
+            if key not in powers:
+                powers[key] = self.transfer_power(family_kernel(family, parameter))
+            return powers[key]
+
         coarse = np.arange(MIN_PARAMETER, largest + 1e-9, COARSE_STEP)
         n = self.power.shape[0]
-        coarse_scores = torch.stack([self.score(self.transfer_power(family_kernel(family, float(p))))
-                                     for p in coarse], dim=1)  # (N, P)
+        coarse_scores = torch.stack([self.score(power(float(p))) for p in coarse], dim=1)  # (N, P)
         best_param, best_score = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
         for i in range(n):
             centre = float(coarse[int(coarse_scores[i].argmin())])
             fine = np.arange(max(MIN_PARAMETER, centre - COARSE_STEP + FINE_STEP),
                              min(largest, centre + COARSE_STEP - FINE_STEP) + 1e-9, FINE_STEP)
-            scores = torch.stack([self.score(self.transfer_power(family_kernel(family, float(p))), [i])[0]
-                                  for p in fine])
+            scores = torch.stack([self.score(power(float(p)), [i])[0] for p in fine])
             j = int(scores.argmin())
             best_param[i], best_score[i] = float(fine[j]), scores[j]
         return ParametricFit(family, best_param, best_score)

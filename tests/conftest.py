@@ -163,3 +163,15 @@ def env(redis_url: str, s3_endpoint: str, database_url: str, tmp_path: Path,
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def one_torch_thread() -> None:
+    """Torch on one thread, so a model test's figures do not depend on the machine's core count.
+
+    Modules that restore images opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``;
+    torch is imported here, not at the top, so torch-free tests never load it.
+    """
+    import torch
+
+    torch.set_num_threads(1)
