@@ -1,4 +1,4 @@
-"""Benchmark of the ``l0-blind`` model on synthetic camera shake.
+"""Benchmark of the ``l0-blind`` model on synthetic camera shake (or defocus).
 
 Each photograph that ships with scikit-image / scikit-learn is cropped to a
 square (``--size``), blurred with a random camera-shake kernel (random-walk
@@ -21,6 +21,10 @@ highlights do (the sharp reference is clipped the same way). With
 ``--exposure G`` the scene is G times brighter than the sensor's white
 before it is blurred (G > 1 overexposes: skies, white walls, a print's paper
 come out clipped over large areas, often in one channel only).
+
+With ``--blur disc`` or ``--blur gaussian`` the kernels are defocus discs
+(radius 1.5-6 px) or Gaussians (sigma 0.8-2.5 px) instead of camera shake;
+the summary counts how many estimates were replaced by a defocus disc.
 
 With ``--photos other`` the cases come from four other photographs in the
 installed packages (motorcycle, coins, moon, Grace Hopper), which no setting
@@ -55,11 +59,17 @@ from models.l0_blind import L0Settings, clipped_mask, final_deconvolution  # noq
 from models.loading import load_model  # noqa: E402
 from models.synthetic_blur import (  # noqa: E402
     add_light_sources,
+    disk_kernel,
+    gaussian_kernel,
     random_motion_kernel,
     sample_photographs,
     other_photographs,
     unseen_photographs,
 )
+
+
+DISC_RADII = (1.5, 6.0)  # px, --blur disc
+GAUSSIAN_SIGMAS = (0.8, 2.5)  # px, --blur gaussian
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,11 +99,13 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
 
 
 def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
-              sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0,
+              blur: str = "shake") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sharp crop, blurred crop with noise, true kernel) for one photograph.
 
-    The kernel's odd side is drawn uniformly in ``sides``; ``grey`` converts
+    ``blur`` "shake": a camera-shake kernel whose odd side is drawn uniformly
+    in ``sides``; "disc": a defocus disc of radius drawn uniformly in
+    ``DISC_RADII``; "gaussian": a Gaussian of sigma drawn in ``GAUSSIAN_SIGMAS``. ``grey`` converts
     the photograph to its luminance first (as in grey benchmarks like Levin et al.'s);
     ``lights`` adds that many over-bright light sources and ``exposure``
     scales the scene before it is blurred (see the module docstring).
@@ -101,8 +113,14 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
         img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
-    side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
-    kernel = random_motion_kernel(side, rng)
+    if blur == "shake":
+        side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
+        kernel = random_motion_kernel(side, rng)
+    elif blur == "disc":
+        kernel = disk_kernel(float(rng.uniform(*DISC_RADII)))
+    else:
+        kernel = gaussian_kernel(float(rng.uniform(*GAUSSIAN_SIGMAS)))
+    side = kernel.shape[0]
     h, w = img.shape[:2]
     big = min(size + side - 1, h, w)
     crop = big - side + 1
@@ -134,22 +152,31 @@ def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
     return replace(settings, **changes)
 
 
-def time_one_megapixel(model: RestorationModel, device: torch.device, threads: int) -> int:
-    """Restore one 1024x1024 colour camera-shake case and print its wall and CPU seconds."""
+def time_one_megapixel(model: RestorationModel, device: torch.device, threads: int, blur: str = "shake") -> int:
+    """Restore one 1024x1024 colour case and print its wall and CPU seconds per megapixel and its gain.
+
+    ``blur`` "shake": a 25-px camera shake at 1 % noise; "disc": a defocus
+    disc of radius 3 px at 0.5 % noise, which also pays for the radius search.
+    """
     from scipy.ndimage import zoom
 
     photo = sample_photographs()["astronaut"].astype(np.float64) / 255.0
     big = np.clip(zoom(photo, (1100 / photo.shape[0], 1100 / photo.shape[1], 1), order=1), 0.0, 1.0)
     rng = np.random.default_rng(0)
-    kernel = random_motion_kernel(25, rng)
+    kernel, noise = (random_motion_kernel(25, rng), 0.01) if blur == "shake" else (disk_kernel(3.0), 0.005)
+    r = kernel.shape[0] // 2
     blurred = np.stack([fftconvolve(big[..., c], kernel, mode="valid") for c in range(3)], 2)[:1024, :1024]
-    blurred = np.clip(blurred + rng.normal(0.0, 0.01, blurred.shape), 0.0, 1.0)
+    blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
+    sharp = big[r:r + 1024, r:r + 1024]
     x = to_tensor(blurred, device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model(x)
+    out = model(x)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     mp = blurred.shape[0] * blurred.shape[1] / 1e6
-    print(f"# 1024x1024 colour, {threads} thread(s): {wall / mp:.1f} s/MP wall, {cpu / mp:.1f} s/MP CPU")
+    gain = psnr(to_numpy(out.image), sharp) - psnr(blurred, sharp)
+    radius = float(out.metrics.get("defocus_radius", torch.zeros(1))[0])
+    print(f"# 1024x1024 colour, {blur}, {threads} thread(s): {wall / mp:.1f} s/MP wall, {cpu / mp:.1f} s/MP CPU, "
+          f"gain {gain:+.2f} dB, defocus radius {radius:.1f} px (0: no disc)")
     return 0
 
 
@@ -178,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.01, help="Gaussian noise sigma (default 0.01 = 1%%)")
     parser.add_argument("--kernel-sizes", default="11-35",
                         help="range of odd kernel sides MIN-MAX (default 11-35)")
+    parser.add_argument("--blur", choices=("shake", "disc", "gaussian"), default="shake",
+                        help="shake: random camera-shake kernels of --kernel-sizes (default); disc: defocus "
+                             f"discs of radius {DISC_RADII[0]:g}-{DISC_RADII[1]:g} px; gaussian: Gaussians of "
+                             f"sigma {GAUSSIAN_SIGMAS[0]:g}-{GAUSSIAN_SIGMAS[1]:g} px")
     parser.add_argument("--lights", type=int, default=0,
                         help="add this many clipped light sources to each case (default 0)")
     parser.add_argument("--exposure", type=float, default=1.0,
@@ -197,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto, cpu, cuda, ... (env DEBLUR_DEVICE)")
     parser.add_argument("--speed", action="store_true",
                         help="only time one 1024x1024 colour image (astronaut scaled up, 25 px shake, "
-                             "1%% noise) and print seconds per megapixel")
+                             "1%% noise) and print seconds per megapixel and its gain")
+    parser.add_argument("--speed-blur", choices=("shake", "disc"), default="shake",
+                        help="the blur --speed times: shake (default) or disc (a 3-px defocus at 0.5%% noise, "
+                             "which adds the defocus radius search)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the true-kernel non-blind reference")
     args = parser.parse_args(argv)
@@ -210,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.overrides:
         estimator.settings = override_settings(estimator.settings, args.overrides)
     if args.speed:
-        return time_one_megapixel(model, device, args.threads)
+        return time_one_megapixel(model, device, args.threads, args.speed_blur)
     low, _, high = args.kernel_sizes.partition("-")
     sides = (int(low), int(high or low))
     photos = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}[args.photos]()
@@ -222,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(photos)
     rng = np.random.default_rng(args.seed)
     print(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, {args.size}px crops, noise {args.noise}, "
-          f"kernels {sides[0]}-{sides[1]} px{', grey' if args.grey else ''}"
+          f"{f'kernels {sides[0]}-{sides[1]} px' if args.blur == 'shake' else args.blur + ' kernels'}"
+          f"{', grey' if args.grey else ''}"
           f"{f', {args.lights} lights' if args.lights else ''}"
           f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}, "
           f"{args.photos + ' photographs, ' if args.photos != 'packaged' else ''}seed {args.seed}, {args.threads} thread(s)")
@@ -233,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.count):
         name = names[i % len(names)]
         sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
-                                           args.exposure)
+                                           args.exposure, args.blur)
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         out = model(x)

@@ -149,12 +149,13 @@ REFIT_GAMMA_PER_NSR = 50.0
 REFIT_GAMMA_MAX = 0.5
 REFIT_RESIDUAL_RISE = 1.03
 REFIT_CG = 25
-# A trusted estimate is replaced by the defocus disc whose radius best explains the estimation window's
-# spectrum (models.parametric_psf) when the estimate already looks like that disc (kernel agreement at least
-# DEFOCUS_MIN_AGREEMENT) and the disc explains the spectrum at most DEFOCUS_MAX_DEFICIT nats per frequency
-# worse than the estimate does. Only estimates that agree with a disc of their own second moment at least
-# DEFOCUS_PRECHECK pay for the radius search. On 96 synthetic cases (discs of 1.5-6 px, Gaussians, camera shake;
-# 0.2-2 % noise) no camera shake passed (the closest: agreement 0.82 at a deficit of 0.23); see bench/RESULTS.md.
+# A candidate estimate is replaced, before it is restored and judged, by the defocus disc whose radius best
+# explains the estimation window's spectrum (models.parametric_psf) when the estimate already looks like that
+# disc (kernel agreement at least DEFOCUS_MIN_AGREEMENT) and the disc explains the spectrum at most
+# DEFOCUS_MAX_DEFICIT nats per frequency worse than the estimate does. Only estimates that agree with a disc
+# of their own second moment at least DEFOCUS_PRECHECK pay for the radius search. On 96 synthetic cases (discs
+# of 1.5-6 px, Gaussians, camera shake; 0.2-2 % noise) no camera shake passed (the closest: agreement 0.82 at a
+# deficit of 0.23); see bench/RESULTS.md.
 DEFOCUS_MIN_AGREEMENT = 0.8
 DEFOCUS_MAX_DEFICIT = 0.15
 DEFOCUS_PRECHECK = 0.7
@@ -926,10 +927,11 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     > 0 a trusted kernel is then refitted (:func:`refit_kernels`) and kept so
     if the result still passes (metric ``kernel_refit`` = 1). Clipped pixels
     (``settings.saturation``) are unknown data throughout; their share is the
-    metric ``saturated_share``. With ``settings.defocus`` on, a trusted estimate
-    that looks like a defocus disc is replaced by the disc that best explains
-    the estimation window's spectrum (:func:`defocus_kernels`; its radius is the
-    metric ``defocus_radius``, 0 where the estimate stays).
+    metric ``saturated_share``. With ``settings.defocus`` on, an estimate that
+    looks like a defocus disc is replaced by the disc that best explains the
+    estimation window's spectrum before it is restored and judged
+    (:func:`defocus_kernels`; its radius is the metric ``defocus_radius``, 0
+    where the estimate stays or the image falls back).
     """
     n, _, h, w = x.shape
     y = luminance(x)
@@ -943,21 +945,13 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     if bool(blurred.any()):
         # the window the kernel is estimated on, and where the defocus step reads the spectrum
         window, window_known = estimation_crop(y, settings.window_side(side), known)
-        kernels, image, agreement, residual, chosen, centred, refitted = _restore_trusted(
+        kernels, image, agreement, residual, chosen, centred, refitted, radius = _restore_trusted(
             x, y, known, channel_known, blurred, settings, side, window, window_known)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
-        image, agreement, residual = x, x.new_ones(n), x.new_zeros(n)
+        image, agreement, residual, radius = x, x.new_ones(n), x.new_zeros(n), x.new_zeros(n)
     ok = trust(agreement, residual, centred) if settings.guard else torch.ones_like(blurred)
-    radius = x.new_zeros(n)
-    if settings.defocus and bool((ok & blurred).any()):
-        rows = (ok & blurred).nonzero().flatten()
-        discs, radii = defocus_kernels(window[rows], _rows(window_known, rows), kernels[rows])
-        snapped = radii > 0
-        if bool(snapped.any()):
-            rows, discs = rows[snapped], discs[snapped]
-            kernels[rows], radius[rows] = discs, radii[snapped]
-            image[rows] = final_deconvolution(x[rows], discs, settings, _rows(channel_known, rows)).clamp(0.0, 1.0)
+    radius = torch.where(ok & blurred, radius, 0.0)
     delta = normalise_kernel(torch.zeros_like(kernels))
     kernels = torch.where((ok & blurred).view(n, 1, 1), kernels, delta)
     support = kernels > 0
@@ -993,7 +987,7 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None,
                      channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int,
                      window: torch.Tensor, window_known: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Kernels, restorations, agreements, residual ratios, chosen variants, centrings and refit flags for ``x``.
+    """Kernels, restorations, agreements, residual ratios, chosen variants, centrings, refit flags and disc radii.
 
     ``window`` (and ``window_known``) is the :func:`estimation_crop` of ``y``
     the kernels are estimated on.
@@ -1005,7 +999,10 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     holds (china on the grey benchmark: +3.4 dB instead of the fallback). Results
     that fail for every candidate keep the first one's figures, and ``restore``
     falls back. Extra candidates cost a polish and a final deconvolution each,
-    and only for the images that need them.
+    and only for the images that need them. With ``settings.defocus`` on, each
+    candidate that looks like a defocus disc gives way to the disc
+    (:func:`defocus_kernels`) before its restoration, so the guard judges the
+    disc's result and a disc costs no second full-size deconvolution.
 
     With ``settings.refit_iterations`` > 0 the kernels that held are then
     refitted (:func:`refit_kernels`) and their images restored again; a
@@ -1024,6 +1021,7 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     kernels, previous = x.new_zeros(n, side, side), x.new_zeros(n, side, side)
     image = x.clone()
     agreement, residual, chosen, centre_score = x.new_zeros(n), x.new_zeros(n), x.new_zeros(n), x.new_ones(n)
+    radius = x.new_zeros(n)
     held = torch.zeros(n, dtype=torch.bool, device=x.device)
 
     def judge(rows: torch.Tensor, k: torch.Tensor, before: torch.Tensor
@@ -1039,10 +1037,13 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     rows = torch.arange(n, device=x.device)
     for rank in range(ranked[2].shape[1]):
         k, before, pick = ranked_choice(window, window_known, ranked, rows, rank, settings)
+        radii = k.new_zeros(rows.numel())
+        if settings.defocus:  # decided before the restoration, so a disc costs no second deconvolution
+            k, radii = defocus_kernels(window[rows], _rows(window_known, rows), k)
         restored, agree, ratio, centred, good = judge(rows, k, before)
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
         into = rows[take]
-        kernels[into], previous[into], image[into] = k[take], before[take], restored[take]
+        kernels[into], previous[into], image[into], radius[into] = k[take], before[take], restored[take], radii[take]
         agreement[into], residual[into], chosen[into] = agree[take], ratio[take], pick[take].to(x.dtype)
         centre_score[into] = centred[take]
         held[rows[good]] = True
@@ -1051,7 +1052,7 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
         if rows.numel() == 0:
             break
     refitted = torch.zeros(n, dtype=torch.bool, device=x.device)
-    rows = (held & blurred).nonzero().flatten()
+    rows = (held & blurred & (radius == 0)).nonzero().flatten()  # a defocus disc is not refitted
     if settings.refit_iterations > 0 and rows.numel() > 0:
         k, changed = refit_kernels(window[rows], kernels[rows], settings, _rows(window_known, rows))
         rows, k = rows[changed], k[changed]
@@ -1062,7 +1063,7 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
             kernels[into], image[into] = k[good], restored[good]
             agreement[into], residual[into], centre_score[into] = agree[good], ratio[good], centred[good]
             refitted[into] = True
-    return kernels, image, agreement, residual, chosen, centre_score, refitted
+    return kernels, image, agreement, residual, chosen, centre_score, refitted, radius
 
 
 def disc_kernel(radius: float, side: int, like: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import l0_blind
 from models.catalog import REGISTRY
 from models.l0_blind import disc_kernel, luminance, moment_radius, noise_sigma
 from models.loading import load_model
@@ -93,3 +94,25 @@ def test_l0_blind_keeps_a_camera_shake_estimate(astronaut: np.ndarray) -> None:
     out = load_model(REGISTRY.parse("l0-blind"), CPU)(to_tensor(blurred))
     assert float(out.metrics["defocus_radius"][0]) == 0.0
     assert float(out.metrics["kernel_fallback"][0]) == 0.0
+
+
+def test_a_defocus_disc_costs_no_extra_deconvolution(astronaut: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disc is chosen before the estimate is restored, so the image is deconvolved as often as without it."""
+    blurred = blur_image(astronaut, disk_kernel(2.5), noise_sigma=0.005, rng=np.random.default_rng(3))
+    x = to_tensor(blurred)
+    real = l0_blind.final_deconvolution
+    calls: list[tuple[int, ...]] = []
+
+    def counted(images: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(tuple(images.shape))
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(l0_blind, "final_deconvolution", counted)
+    counts = []
+    for defocus in (False, True):
+        calls.clear()
+        out = l0_blind.restore(x, l0_blind.L0Settings(defocus=defocus))
+        counts.append(len(calls))
+    assert float(out.metrics["defocus_radius"][0]) == pytest.approx(2.5, abs=0.15)
+    assert counts[1] == counts[0] > 0
+
