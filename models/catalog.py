@@ -85,7 +85,9 @@ BLIND: list[ModelInfo] = [
                   "(4 is a good value; 0 = off, the default, faster)",
                   minimum=0, maximum=20),
             Param("defocus", bool, True, "replace an estimate that looks like a defocus disc by the disc whose "
-                  "radius best explains the image's spectrum (sharper than the free-form estimate; 0 = off)"),
+                  "radius best explains the image's spectrum (sharper than the free-form estimate), and restore "
+                  "with such a disc images that look sharp to the blur measure but defocused to the spectrum "
+                  "(textures, smooth scenes); 0 = off"),
             _SATURATION,
         ),
         dtypes=("float32",),

@@ -116,3 +116,42 @@ def test_a_defocus_disc_costs_no_extra_deconvolution(astronaut: np.ndarray, monk
     assert float(out.metrics["defocus_radius"][0]) == pytest.approx(2.5, abs=0.15)
     assert counts[1] == counts[0] > 0
 
+
+def _grey_crop(name: str) -> np.ndarray:
+    return sample_photographs()[name][:192, :192] / 255.0
+
+
+def test_a_defocused_texture_the_blur_measure_calls_sharp_is_restored_with_the_disc() -> None:
+    """A brick wall under a 2.8-px disc reads as sharp to blur_effect; its spectrum does not."""
+    sharp = _grey_crop("brick")
+    blurred = blur_image(sharp, disk_kernel(2.8), noise_sigma=0.005, rng=np.random.default_rng(4))
+    x = torch.from_numpy(blurred).float()[None, None]
+    assert float(l0_blind.blur_effect(x)[0]) < l0_blind.NO_BLUR_EFFECT  # the blur measure's mistake
+    out = l0_blind.restore(x, l0_blind.L0Settings())
+    assert float(out.metrics["blur_detected"][0]) == 1.0
+    assert float(out.metrics["defocus_radius"][0]) == pytest.approx(2.8, abs=0.2)
+    assert psnr(out.image[0, 0].double().numpy(), sharp) > psnr(blurred, sharp) + 3.0
+
+
+@pytest.mark.parametrize("name", ["brick", "gravel", "grass", "retina", "astronaut"])
+def test_sharp_photographs_do_not_look_defocused_to_the_spectrum(name: str) -> None:
+    photo = sample_photographs()[name][:256, :256] / 255.0
+    noisy = np.clip(photo + np.random.default_rng(1).normal(0.0, 0.01, photo.shape), 0.0, 1.0)
+    x = to_tensor(noisy) if noisy.ndim == 3 else torch.from_numpy(noisy).float()[None, None]
+    assert not bool(l0_blind.blurred_by_spectrum(luminance(x), None, l0_blind.L0Settings())[0])
+
+
+def test_an_image_only_the_spectrum_calls_blurred_is_restored_only_with_a_disc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Camera shake the blur measure missed stays as it is: the spectrum cannot tell shake from defocus."""
+    retina = sample_photographs()["retina"]
+    h, w = retina.shape[:2]
+    crop = retina[h // 2 - 96:h // 2 + 96, w // 2 - 96:w // 2 + 96] / 255.0
+    shake = random_motion_kernel(15, np.random.default_rng(3))
+    blurred = blur_image(crop, shake, noise_sigma=0.005, rng=np.random.default_rng(4))
+    x = to_tensor(blurred)
+    assert bool(l0_blind.blurred_by_spectrum(luminance(x), None, l0_blind.L0Settings())[0])
+    monkeypatch.setattr(l0_blind, "blur_effect", lambda y: torch.zeros(y.shape[0]))  # as if it read as sharp
+    out = l0_blind.restore(x, l0_blind.L0Settings())
+    assert float(out.metrics["blur_detected"][0]) == 0.0
+    assert float(out.metrics["defocus_radius"][0]) == 0.0
+    assert torch.equal(out.image, x)
