@@ -996,6 +996,11 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     return Restored(image, kernels=kernels, metrics=metrics)
 
 
+def _too_clipped_for_spectrum(window_known: torch.Tensor | None, i: int) -> bool:
+    """Whether window ``i`` has more than ``DEFOCUS_MAX_CLIPPED`` of its pixels clipped (its spectrum misleads)."""
+    return window_known is not None and 1.0 - float(window_known[i].float().mean()) > DEFOCUS_MAX_CLIPPED
+
+
 def blurred_by_spectrum(y: torch.Tensor, known: torch.Tensor | None, settings: L0Settings) -> torch.Tensor:
     """Which luminance images (N, 1, H, W) look defocused by their spectrum's account -> (N,) bool.
 
@@ -1015,8 +1020,7 @@ def blurred_by_spectrum(y: torch.Tensor, known: torch.Tensor | None, settings: L
     n, h, w = y.shape[0], y.shape[-2], y.shape[-1]
     window, window_known = estimation_crop(y, settings.window_side(settings.kernel_side(h, w)), known)
     out = torch.zeros(n, dtype=torch.bool, device=y.device)
-    rows = [i for i in range(n)
-            if window_known is None or 1.0 - float(window_known[i].float().mean()) <= DEFOCUS_MAX_CLIPPED]
+    rows = [i for i in range(n) if not _too_clipped_for_spectrum(window_known, i)]
     if rows:
         fit = SpectrumScorer(window[rows], noise_sigma(window[rows])).best(
             "disk", family_extent("disk", GATE_SEARCH_RADIUS), upper=GATE_SEARCH_RADIUS)
@@ -1147,7 +1151,7 @@ def defocus_kernels(window: torch.Tensor, window_known: torch.Tensor | None, ker
     out, radii = kernels.clone(), kernels.new_zeros(n)
     rows, rough = [], []
     for i in range(n):
-        if window_known is not None and 1.0 - float(window_known[i].float().mean()) > DEFOCUS_MAX_CLIPPED:
+        if _too_clipped_for_spectrum(window_known, i):
             continue
         r0 = moment_radius(kernels[i])
         if family_extent("disk", r0) > side or r0 < DEFOCUS_MIN_RADIUS / 2:
