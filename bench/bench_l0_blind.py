@@ -105,10 +105,11 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
 
     ``blur`` "shake": a camera-shake kernel whose odd side is drawn uniformly
     in ``sides``; "disc": a defocus disc of radius drawn uniformly in
-    ``DISC_RADII``; "gaussian": a Gaussian of sigma drawn in ``GAUSSIAN_SIGMAS``. ``grey`` converts
-    the photograph to its luminance first (as in grey benchmarks like Levin et al.'s);
-    ``lights`` adds that many over-bright light sources and ``exposure``
-    scales the scene before it is blurred (see the module docstring).
+    ``DISC_RADII``; "gaussian": a Gaussian of sigma drawn in
+    ``GAUSSIAN_SIGMAS``. ``grey`` converts the photograph to its luminance
+    first (as in grey benchmarks like Levin et al.'s); ``lights`` adds that
+    many over-bright light sources and ``exposure`` scales the scene before
+    it is blurred (see the module docstring).
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
@@ -118,8 +119,10 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
         kernel = random_motion_kernel(side, rng)
     elif blur == "disc":
         kernel = disk_kernel(float(rng.uniform(*DISC_RADII)))
-    else:
+    elif blur == "gaussian":
         kernel = gaussian_kernel(float(rng.uniform(*GAUSSIAN_SIGMAS)))
+    else:
+        raise ValueError(f"unknown blur {blur!r}; expected 'shake', 'disc' or 'gaussian'")
     side = kernel.shape[0]
     h, w = img.shape[:2]
     big = min(size + side - 1, h, w)
