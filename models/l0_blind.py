@@ -169,7 +169,8 @@ DEFOCUS_MAX_DEFICIT = 0.15
 DEFOCUS_PRECHECK = 0.7
 DEFOCUS_MIN_RADIUS = 1.0
 DEFOCUS_SEARCH_REACH = 2.0  # radii up to this many times the estimate's own second-moment radius (+1 px) are tried
-DEFOCUS_MAX_CLIPPED = 0.05  # windows with more clipped pixels than this share keep their estimate (1 % missed a white suit)
+# Windows with more clipped pixels than this share are not read for a disc (1 % missed a defocused white suit).
+DEFOCUS_MAX_CLIPPED = 0.05
 # Estimator variants tried per image, in order (kernel solver, initial λ as a multiple of
 # the configured one). The first is the classic estimator; the others fit the kernel to
 # the observed pixels only and start from a stronger prior. See bench/RESULTS.md.
