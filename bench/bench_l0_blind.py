@@ -41,6 +41,7 @@ Example: ``python bench/bench_l0_blind.py --count 14 --size 320 --threads 1``
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from scipy.signal import correlate, fftconvolve  # noqa: E402
 
 from models.base import RestorationModel, pick_device  # noqa: E402
@@ -100,7 +102,7 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
 
 def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
               sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0,
-              blur: str = "shake") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              blur: str = "shake", jpeg: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sharp crop, blurred crop with noise, true kernel) for one photograph.
 
     ``blur`` "shake": a camera-shake kernel whose odd side is drawn uniformly
@@ -109,7 +111,9 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     ``GAUSSIAN_SIGMAS``. ``grey`` converts the photograph to its luminance
     first (as in grey benchmarks like Levin et al.'s); ``lights`` adds that
     many over-bright light sources and ``exposure`` scales the scene before
-    it is blurred (see the module docstring).
+    it is blurred (see the module docstring). ``jpeg`` > 0 stores the blurred,
+    noisy image as an 8-bit JPEG of that quality and decodes it, as a camera
+    or an archive's scans would.
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
@@ -136,11 +140,22 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     chans = window[..., None] if window.ndim == 2 else window
     blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
+    if jpeg:
+        blurred = jpeg_round_trip(blurred, jpeg)
     r = side // 2
     sharp = np.clip(chans[r:r + crop, r:r + crop], 0.0, 1.0)
     if window.ndim == 2:
         return sharp[..., 0], blurred[..., 0], kernel
     return sharp, blurred, kernel
+
+
+def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
+    """``img`` (H, W, C) in [0, 1] saved as an 8-bit JPEG of ``quality`` (4:2:0 for colour) and decoded."""
+    pixels = np.round(img * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(buffer, "JPEG", quality=quality)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64) / 255.0
+    return decoded.reshape(img.shape)
 
 
 def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
@@ -217,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exposure", type=float, default=1.0,
                         help="scene brightness relative to the sensor's white before blurring; above 1 "
                              "overexposes (default 1)")
+    parser.add_argument("--jpeg", type=int, default=0, metavar="QUALITY",
+                        help="store each blurred, noisy case as an 8-bit JPEG of this quality (1-95) and "
+                             "restore the decoded image, as photographs usually arrive (default 0: no JPEG)")
     parser.add_argument("--grey", action="store_true",
                         help="convert the photographs to grey first (Levin et al.'s benchmark is grey)")
     parser.add_argument("--photos", choices=("packaged", "other", "unseen"), default="packaged",
@@ -262,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{f'kernels {sides[0]}-{sides[1]} px' if args.blur == 'shake' else args.blur + ' kernels'}"
           f"{', grey' if args.grey else ''}"
           f"{f', {args.lights} lights' if args.lights else ''}"
-          f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}, "
+          f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}"
+          f"{f', JPEG q{args.jpeg}' if args.jpeg else ''}, "
           f"{args.photos + ' photographs, ' if args.photos != 'packaged' else ''}seed {args.seed}, {args.threads} thread(s)")
     header = (f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
               f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.count):
         name = names[i % len(names)]
         sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
-                                           args.exposure, args.blur)
+                                           args.exposure, args.blur, args.jpeg)
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         out = model(x)

@@ -47,7 +47,9 @@ luminance, then every colour channel is deconvolved with it:
 5. **Final deconvolution** of each channel with an isotropic TV (default),
    hyper-Laplacian (α = 0.8) or Wiener prior, borders handled as unknown data
    (:mod:`models.deconv`), its weight proportional to the measured noise
-   level unless given; colour images as luminance + chroma (YCbCr), the
+   level unless given (a JPEG-compressed image, recognised by its 8×8 blocks,
+   is taken as at least 0.4 % noisy: compression hides the noise from the
+   estimator, :func:`noise_sigma`); colour images as luminance + chroma (YCbCr), the
    chroma with a 2.5× stronger prior.
 6. **Candidates.** Three estimator variants run per image (the one above;
    the kernel step fitted by conjugate gradients to the observed pixels only,
@@ -126,6 +128,12 @@ GUARD_MAX_RESIDUAL = 3.0
 GUARD_MIN_CENTRED = 0.4  # restorations must correlate with their input at zero shift this well (see centring)
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 NO_BLUR_EXTENT = 2
+# Images whose differences are this much stronger across one 8-px grid than elsewhere are JPEG-compressed (80 blurred
+# crops per setting without compression: at most 1.08; at quality 90 the median is 1.16-1.21, at 75 1.34-1.39), and
+# their noise is taken as at least JPEG_NOISE_FLOOR: at quality 90 the estimator reads 1 % noise as 0.27 % and drops
+# the final prior to its floor. See bench/RESULTS.md.
+JPEG_BLOCKINESS = 1.1
+JPEG_NOISE_FLOOR = 0.004
 NO_BLUR_EFFECT = 0.42
 # An image the blur measure calls sharp is still estimated when the defocus disc that best explains its spectrum
 # (searched up to GATE_SEARCH_RADIUS) has a radius of GATE_DISC_RADIUS px or more, and restored only if its
@@ -788,10 +796,15 @@ def kernel_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def noise_sigma(y: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Gaussian noise level of images (N, 1, H, W), Immerkaer's (1996) fast estimator -> (N,).
+    """Noise level the method assumes for images (N, 1, H, W) -> (N,).
 
-    With ``known`` (N, 1, H, W), only pixels whose 3×3 neighbourhood is known
-    count: a clipped area is flat and would read as noise-free.
+    Immerkaer's (1996) fast estimator of Gaussian noise. With ``known``
+    (N, 1, H, W), only pixels whose 3×3 neighbourhood is known count: a
+    clipped area is flat and would read as noise-free. A JPEG-compressed
+    image (:func:`jpeg_blockiness` at least ``JPEG_BLOCKINESS``) is assumed
+    at least ``JPEG_NOISE_FLOOR`` noisy: compression erases the fine noise the
+    estimator reads, but leaves its coarser part and adds its own blocking
+    errors, which deconvolution amplifies like noise.
     """
     mask = y.new_tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]).view(1, 1, 3, 3)
     response = F.conv2d(y, mask).abs()
@@ -800,7 +813,31 @@ def noise_sigma(y: torch.Tensor, known: torch.Tensor | None = None) -> torch.Ten
     else:
         weight = erode_mask(known, 1)[..., 1:-1, 1:-1].flatten(1)
         mean = (response.flatten(1) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
-    return mean * math.sqrt(math.pi / 2.0) / 6.0
+    sigma = mean * math.sqrt(math.pi / 2.0) / 6.0
+    return torch.where(jpeg_blockiness(y) >= JPEG_BLOCKINESS, sigma.clamp(min=JPEG_NOISE_FLOOR), sigma)
+
+
+def jpeg_blockiness(y: torch.Tensor) -> torch.Tensor:
+    """How JPEG-blocky images (N, 1, H, W) look -> (N,): about 1 without compression, more with.
+
+    Mean absolute pixel differences, across columns and across rows, are
+    averaged per position modulo 8 (both directions added, as JPEG's 8×8 grid
+    is the same for both); the result is the strongest position's mean over
+    the median of the other seven. Images too small to tell (fewer than 8
+    grid periods) read 1.
+    """
+    n = y.shape[0]
+    phases = y.new_zeros(n, 8)
+    for diffs in ((y[..., :, 1:] - y[..., :, :-1]).abs().mean(dim=-2),
+                  (y[..., 1:, :] - y[..., :-1, :]).abs().mean(dim=-1)):
+        diffs = diffs.reshape(n, -1)
+        usable = diffs.shape[1] // 8 * 8
+        if usable < 64:
+            return y.new_ones(n)
+        phases = phases + diffs[:, :usable].view(n, -1, 8).mean(dim=1)
+    strongest, _ = phases.max(dim=1)
+    others = phases.sort(dim=1).values[:, :7]
+    return strongest / others.median(dim=1).values.clamp(min=1e-12)
 
 
 def explained_residual(y: torch.Tensor, latent: torch.Tensor, kernels: torch.Tensor,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models import l0_blind
 from models.catalog import REGISTRY
@@ -241,6 +243,37 @@ def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
     noisy = to_tensor(blur_image(sharp, shake, noise_sigma=0.03, rng=np.random.default_rng(0)))
     kept, changed = refit_kernels(noisy, widened, settings)
     assert not bool(changed[0]) and torch.equal(kept, widened)
+
+
+def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
+    """``img`` (H, W, 3) in [0, 1] saved as an 8-bit JPEG of ``quality`` and decoded."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64) / 255.0
+
+
+def test_a_jpeg_compressed_photograph_is_not_taken_for_a_clean_one(
+    photos: dict[str, np.ndarray], shake: np.ndarray
+) -> None:
+    # compression at quality 90 hides most of 1 % noise from the estimator (it reads about 0.25 %), which would
+    # drop the final prior to its floor and let the deconvolution amplify the blocks
+    for name in ("astronaut", "coffee", "chelsea"):
+        sharp = photos[name][:256, :256] / 255.0
+        blurred = blur_image(sharp, shake, noise_sigma=0.01, rng=np.random.default_rng(0))
+        plain, compressed = luminance(to_tensor(blurred)), luminance(to_tensor(jpeg_round_trip(blurred, 90)))
+        assert float(l0_blind.jpeg_blockiness(plain)) < l0_blind.JPEG_BLOCKINESS
+        assert float(l0_blind.jpeg_blockiness(compressed)) >= l0_blind.JPEG_BLOCKINESS
+        assert float(l0_blind.noise_sigma(compressed)) >= l0_blind.JPEG_NOISE_FLOOR
+    # the floor is for compressed images only: a smooth, nearly clean image reads its own noise
+    ramp = np.linspace(0.2, 0.8, 256)
+    smooth = np.repeat((ramp[:, None] + ramp[None, :])[..., None] / 2, 3, axis=2)
+    smooth = smooth + np.random.default_rng(0).normal(0.0, 0.001, smooth.shape)
+    assert float(l0_blind.noise_sigma(luminance(to_tensor(smooth)))) < 0.002
+
+
+def test_images_too_small_for_the_jpeg_grid_read_as_not_blocky() -> None:
+    y = torch.rand(2, 1, 40, 40)
+    assert torch.equal(l0_blind.jpeg_blockiness(y), torch.ones(2))
 
 
 def test_box_centring_ignores_a_faint_speck() -> None:
