@@ -41,7 +41,6 @@ Example: ``python bench/bench_l0_blind.py --count 14 --size 320 --threads 1``
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -52,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from scipy.signal import correlate, fftconvolve  # noqa: E402
 
 from models.base import RestorationModel, pick_device  # noqa: E402
@@ -63,6 +61,7 @@ from models.synthetic_blur import (  # noqa: E402
     add_light_sources,
     disk_kernel,
     gaussian_kernel,
+    jpeg_roundtrip,
     random_motion_kernel,
     sample_photographs,
     other_photographs,
@@ -141,21 +140,14 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
     if jpeg:
-        blurred = jpeg_round_trip(blurred, jpeg)
+        grey_case = blurred.shape[2] == 1
+        blurred = jpeg_roundtrip(blurred[..., 0] if grey_case else blurred, jpeg).astype(np.float64)
+        blurred = blurred[..., None] if grey_case else blurred
     r = side // 2
     sharp = np.clip(chans[r:r + crop, r:r + crop], 0.0, 1.0)
     if window.ndim == 2:
         return sharp[..., 0], blurred[..., 0], kernel
     return sharp, blurred, kernel
-
-
-def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
-    """``img`` (H, W, C) in [0, 1] saved as an 8-bit JPEG of ``quality`` (4:2:0 for colour) and decoded."""
-    pixels = np.round(img * 255.0).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(buffer, "JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64) / 255.0
-    return decoded.reshape(img.shape)
 
 
 def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:

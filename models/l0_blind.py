@@ -128,12 +128,6 @@ GUARD_MAX_RESIDUAL = 3.0
 GUARD_MIN_CENTRED = 0.4  # restorations must correlate with their input at zero shift this well (see centring)
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 NO_BLUR_EXTENT = 2
-# Images whose differences are this much stronger across one 8-px grid than elsewhere are JPEG-compressed (80 blurred
-# crops per setting without compression: at most 1.08; at quality 90 the median is 1.16-1.21, at 75 1.34-1.39), and
-# their noise is taken as at least JPEG_NOISE_FLOOR: at quality 90 the estimator reads 1 % noise as 0.27 % and drops
-# the final prior to its floor. See bench/RESULTS.md.
-JPEG_BLOCKINESS = 1.1
-JPEG_NOISE_FLOOR = 0.004
 NO_BLUR_EFFECT = 0.42
 # An image the blur measure calls sharp is still estimated when the defocus disc that best explains its spectrum
 # (searched up to GATE_SEARCH_RADIUS) has a radius of GATE_DISC_RADIUS px or more, and restored only if its
@@ -152,6 +146,12 @@ CHROMA_WEIGHT = 2.5  # chroma prior weight / luminance prior weight in the final
 # regularised, well-converged TV solve explains the input nearly as well with a wrong kernel.
 SELECT_WEIGHT = 2.5
 AUTO_LAMBDA_RANGE = (3e-4, 1e-2)
+# Images whose differences are this much stronger across one 8-px grid than elsewhere are JPEG-compressed (80 blurred
+# crops per setting without compression: at most 1.08; at quality 90 the median is 1.16-1.21, at 75 1.34-1.39), and
+# their noise is taken as at least JPEG_NOISE_FLOOR: at quality 90 the estimator reads 1 % noise as 0.27 % and drops
+# the final prior to its floor. See bench/RESULTS.md.
+JPEG_BLOCKINESS = 1.1
+JPEG_NOISE_FLOOR = 0.004
 # The polish's kernel penalty γ per unit of the luminance noise σ, within this range: 0.05 at 0.5 % noise and
 # above (the value tuned on the usual benchmark sets), 0.02 on nearly clean photographs, where the data pins the
 # kernel down better than the penalty does (+0.2 to +0.45 dB at 0.1 % noise; at 1 % noise 0.02 costs 0.1 dB).

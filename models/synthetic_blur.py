@@ -11,6 +11,7 @@ exposure and rasterised with sub-pixel bilinear splatting.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy.signal import fftconvolve
 
@@ -235,3 +236,20 @@ def unseen_photographs() -> dict[str, np.ndarray]:
         grey = np.asarray(getattr(data, name)())
         photos[name] = np.repeat(grey[..., None], 3, axis=2).astype(np.uint8)
     return photos
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """``image`` in [0, 1] (H, W) grey or (H, W, 3) RGB saved as an 8-bit JPEG of ``quality`` and decoded.
+
+    Returns float32 of the same shape. Colour is stored as JPEG usually is
+    (YCbCr with 4:2:0 chroma), as cameras and most archives' files are.
+    """
+    u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    colour = u8.ndim == 3
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR) if colour else u8,
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed at quality {quality}")
+    if colour:
+        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from models import l0_blind
 from models.catalog import REGISTRY
@@ -30,7 +28,7 @@ from models.l0_blind import (
     subpixel_shift,
 )
 from models.loading import load_model
-from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
+from models.synthetic_blur import blur_image, jpeg_roundtrip, random_motion_kernel, sample_photographs
 from tests.image_helpers import psnr, to_tensor
 
 CPU = torch.device("cpu")
@@ -245,13 +243,6 @@ def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
     assert not bool(changed[0]) and torch.equal(kept, widened)
 
 
-def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
-    """``img`` (H, W, 3) in [0, 1] saved as an 8-bit JPEG of ``quality`` and decoded."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64) / 255.0
-
-
 def test_a_jpeg_compressed_photograph_is_not_taken_for_a_clean_one(
     photos: dict[str, np.ndarray], shake: np.ndarray
 ) -> None:
@@ -260,7 +251,7 @@ def test_a_jpeg_compressed_photograph_is_not_taken_for_a_clean_one(
     for name in ("astronaut", "coffee", "chelsea"):
         sharp = photos[name][:256, :256] / 255.0
         blurred = blur_image(sharp, shake, noise_sigma=0.01, rng=np.random.default_rng(0))
-        plain, compressed = luminance(to_tensor(blurred)), luminance(to_tensor(jpeg_round_trip(blurred, 90)))
+        plain, compressed = luminance(to_tensor(blurred)), luminance(to_tensor(jpeg_roundtrip(blurred, 90)))
         assert float(l0_blind.jpeg_blockiness(plain)) < l0_blind.JPEG_BLOCKINESS
         assert float(l0_blind.jpeg_blockiness(compressed)) >= l0_blind.JPEG_BLOCKINESS
         assert float(l0_blind.noise_sigma(compressed)) >= l0_blind.JPEG_NOISE_FLOOR

@@ -32,6 +32,7 @@ from jobs.errors import InputError, StorageNotFoundError
 from models.synthetic_blur import (
     disk_kernel,
     gaussian_kernel,
+    jpeg_roundtrip,
     random_motion_kernel,
     sample_photographs,
 )
@@ -195,15 +196,6 @@ class BlurSynthesizer:
         if rng.uniform() < self.jpeg_prob:
             blurred = jpeg_roundtrip(blurred, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
         return blurred
-
-
-def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """Encode an RGB float image as JPEG at ``quality`` and decode it again."""
-    u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError(f"JPEG encoding failed at quality {quality}")
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
 def augment_pair(blurred: np.ndarray, sharp: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
