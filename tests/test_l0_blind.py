@@ -262,6 +262,30 @@ def test_a_jpeg_compressed_photograph_is_not_taken_for_a_clean_one(
     assert float(l0_blind.noise_sigma(luminance(to_tensor(smooth)))) < 0.002
 
 
+def test_a_jpeg_compressed_photograph_is_polished_with_a_stronger_prior(
+    photos: dict[str, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the L0 latent at the polish's weak prior takes up the blocks; compressed images get a stronger one, and an
+    # uncompressed image in the same batch is polished exactly as it would be alone
+    sharp = photos["astronaut"][:256, :256] / 255.0
+    blurred = blur_image(sharp, shake, noise_sigma=0.01, rng=np.random.default_rng(0))
+    batch = luminance(torch.cat([to_tensor(blurred), to_tensor(jpeg_roundtrip(blurred, 90))]))
+    start = padded(shake, 21).expand(2, 21, 21).contiguous()
+    settings = replace(L0Settings(), polish_iterations=2)
+    weights: list[tuple[int, float]] = []
+    real_alternate = l0_blind.alternate
+
+    def recording(problem: LevelProblem, k: torch.Tensor, s: L0Settings, lam: float, *args: object) -> object:
+        weights.append((k.shape[0], lam))
+        return real_alternate(problem, k, s, lam, *args)
+
+    monkeypatch.setattr(l0_blind, "alternate", recording)
+    both = polish_kernels(batch, start, settings)
+    assert weights == [(1, settings.polish_lambda), (1, settings.polish_lambda * l0_blind.JPEG_POLISH_LAMBDA)]
+    alone = polish_kernels(batch[:1], start[:1], settings)
+    assert torch.allclose(both[:1], alone, atol=1e-6)
+
+
 def test_images_too_small_for_the_jpeg_grid_read_as_not_blocky() -> None:
     y = torch.rand(2, 1, 40, 40)
     assert torch.equal(l0_blind.jpeg_blockiness(y), torch.ones(2))
