@@ -140,9 +140,7 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
     if jpeg:
-        grey_case = blurred.shape[2] == 1
-        blurred = jpeg_roundtrip(blurred[..., 0] if grey_case else blurred, jpeg).astype(np.float64)
-        blurred = blurred[..., None] if grey_case else blurred
+        blurred = jpeg_roundtrip(blurred, jpeg).astype(np.float64)
     r = side // 2
     sharp = np.clip(chans[r:r + crop, r:r + crop], 0.0, 1.0)
     if window.ndim == 2:

@@ -804,7 +804,7 @@ def noise_sigma(y: torch.Tensor, known: torch.Tensor | None = None) -> torch.Ten
     Immerkaer's (1996) fast estimator of Gaussian noise. With ``known``
     (N, 1, H, W), only pixels whose 3×3 neighbourhood is known count: a
     clipped area is flat and would read as noise-free. A JPEG-compressed
-    image (:func:`jpeg_blockiness` at least ``JPEG_BLOCKINESS``) is assumed
+    image (:func:`jpeg_compressed`) is assumed
     at least ``JPEG_NOISE_FLOOR`` noisy: compression erases the fine noise the
     estimator reads, but leaves its coarser part and adds its own blocking
     errors, which deconvolution amplifies like noise.
@@ -817,7 +817,12 @@ def noise_sigma(y: torch.Tensor, known: torch.Tensor | None = None) -> torch.Ten
         weight = erode_mask(known, 1)[..., 1:-1, 1:-1].flatten(1)
         mean = (response.flatten(1) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
     sigma = mean * math.sqrt(math.pi / 2.0) / 6.0
-    return torch.where(jpeg_blockiness(y) >= JPEG_BLOCKINESS, sigma.clamp(min=JPEG_NOISE_FLOOR), sigma)
+    return torch.where(jpeg_compressed(y), sigma.clamp(min=JPEG_NOISE_FLOOR), sigma)
+
+
+def jpeg_compressed(y: torch.Tensor) -> torch.Tensor:
+    """Which luminance images (N, 1, H, W) look JPEG-compressed -> (N,) bool (blockiness ≥ ``JPEG_BLOCKINESS``)."""
+    return jpeg_blockiness(y) >= JPEG_BLOCKINESS
 
 
 def jpeg_blockiness(y: torch.Tensor) -> torch.Tensor:
@@ -1277,7 +1282,7 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     ``settings.polish_iterations`` alternations with the weak prior and
     penalty (``polish_lambda``, ``polish_gamma``) on the whole image, by the
     FFT kernel step; then finished like any final estimate (:func:`finish_kernel`).
-    JPEG-compressed images (:func:`jpeg_blockiness`) are polished with a
+    JPEG-compressed images (:func:`jpeg_compressed`) are polished with a
     ``JPEG_POLISH_LAMBDA`` times stronger prior, so the latent does not take
     up the blocks. The padded problem is rebuilt here rather than kept from
     the pyramid's finest level: padding costs one FFT blur, next to the eight
@@ -1286,7 +1291,7 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     side = kernels.shape[-1]
     polished = kernels.clone()
     gamma = polish_penalty(y, settings, known)
-    blocky = jpeg_blockiness(y) >= JPEG_BLOCKINESS
+    blocky = jpeg_compressed(y)
     for rows, lam in ((~blocky, settings.polish_lambda), (blocky, settings.polish_lambda * JPEG_POLISH_LAMBDA)):
         if bool(rows.any()):
             polished[rows], _ = alternate(LevelProblem.build(y[rows], side, _rows(known, rows)), kernels[rows],

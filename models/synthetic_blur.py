@@ -239,17 +239,19 @@ def unseen_photographs() -> dict[str, np.ndarray]:
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """``image`` in [0, 1] (H, W) grey or (H, W, 3) RGB saved as an 8-bit JPEG of ``quality`` and decoded.
+    """``image`` in [0, 1], grey (H, W) or (H, W, 1) or RGB (H, W, 3), stored as a JPEG of ``quality`` and decoded.
 
     Returns float32 of the same shape. Colour is stored as JPEG usually is
     (YCbCr with 4:2:0 chroma), as cameras and most archives' files are.
     """
     u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    colour = u8.ndim == 3
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR) if colour else u8,
+    colour = u8.ndim == 3 and u8.shape[2] == 3
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR) if colour else u8.reshape(u8.shape[:2]),
                            [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed at quality {quality}")
     if colour:
-        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+        decoded = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    else:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    return decoded.reshape(image.shape).astype(np.float32) / 255.0
