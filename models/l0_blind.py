@@ -52,7 +52,10 @@ luminance, then every colour channel is deconvolved with it:
    level unless given (a JPEG-compressed image, recognised by its 8×8 blocks,
    is taken as at least 0.4 % noisy: compression hides the noise from the
    estimator, :func:`noise_sigma`); colour images as luminance + chroma (YCbCr), the
-   chroma with a 2.5× stronger prior.
+   chroma with a 2.5× stronger prior. Images longer than ``final_tile`` (1,024)
+   plus twice a context of two kernel sides are solved in overlapping tiles, each
+   with that context around it, so memory stays bounded on large scans
+   (:func:`tiled_deconvolution`).
 6. **Candidates.** Three estimator variants run per image (the one above;
    the kernel step fitted by conjugate gradients to the observed pixels only,
    so the refilled margin does not pull the kernel back to its previous
@@ -117,6 +120,7 @@ from models.deconv import (
     wiener,
 )
 from models.parametric_psf import SpectrumScorer, family_extent, family_kernel
+from models.tiling import blend_ramp, tile_starts
 
 MAX_AUTO_KERNEL = 35  # the automatic kernel window unless the scout measures a larger blur
 MAX_SCOUTED_KERNEL = 101  # the largest window the scout may choose (and the spec's maximum)
@@ -182,6 +186,14 @@ DEFOCUS_MIN_RADIUS = 1.0
 DEFOCUS_SEARCH_REACH = 2.0  # radii up to this many times the estimate's own second-moment radius (+1 px) are tried
 # Windows with more clipped pixels than this share are not read for a disc (1 % missed a defocused white suit).
 DEFOCUS_MAX_CLIPPED = 0.05
+# The final deconvolution of a large image runs in tiles (tiled_deconvolution): cores of FINAL_TILE px overlapping
+# by FINAL_TILE_BLEND, each solved with a context of FINAL_TILE_CONTEXT_PER_KERNEL kernel sides (at least
+# FINAL_TILE_MIN_CONTEXT px) around it. Solved whole, a 24-megapixel colour scan needed 8 GiB on top of its
+# own size, in tiles 3.6-3.8 GiB, and less time; see bench/RESULTS.md.
+FINAL_TILE = 1024
+FINAL_TILE_BLEND = 32
+FINAL_TILE_CONTEXT_PER_KERNEL = 2
+FINAL_TILE_MIN_CONTEXT = 48
 # Estimator variants tried per image, in order (kernel solver, initial λ as a multiple of
 # the configured one). The first is the classic estimator; the others fit the kernel to
 # the observed pixels only and start from a stronger prior. See bench/RESULTS.md.
@@ -223,6 +235,7 @@ class L0Settings:
     beta_growth: float = 2.0  # factor by which the splitting weight β grows in the latent step
     saturation: float = 0.985  # values this bright are clipped: unknown data, channel by channel (0 = off)
     defocus: bool = True  # a disc-like estimate gives way to the disc that best explains the spectrum
+    final_tile: int = FINAL_TILE  # larger images are deconvolved in tiles of this core side (0 = whole)
 
     def kernel_side(self, height: int, width: int) -> int:
         """The odd kernel side for an image of this size: the configured one, or the automatic default.
@@ -949,9 +962,62 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     pixels (or clipped channels of a pixel) out of the data term; the prior
     fills them in, kept at least as bright as the clipped value
     (:func:`clipped_floor`).
+
+    An image with a side longer than ``settings.final_tile`` plus twice the
+    tile context is solved tile by tile (:func:`tiled_deconvolution`), with
+    the prior weight and the clipped-value floors measured on the whole image.
     """
     lam = prior_weight(luminance(x), settings, None if known is None else known.amin(dim=1, keepdim=True))
     floor = None if known is None else clipped_floor(x, settings.saturation)
+    context = tile_context(kernels.shape[-1])
+    if settings.final_tile > 0 and max(x.shape[-2:]) > settings.final_tile + 2 * context:
+        return tiled_deconvolution(x, kernels, settings, lam, known, floor, settings.final_tile, context)
+    return _deconvolve(x, kernels, settings, lam, known, floor)
+
+
+def tile_context(kernel_side: int) -> int:
+    """Pixels of image solved around each tile's core so the tile's own borders do not reach into it."""
+    return max(FINAL_TILE_MIN_CONTEXT, FINAL_TILE_CONTEXT_PER_KERNEL * kernel_side)
+
+
+def tiled_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings, lam: float | torch.Tensor,
+                        known: torch.Tensor | None, floor: torch.Tensor | None, core: int, context: int
+                        ) -> torch.Tensor:
+    """:func:`final_deconvolution` of a large ``x`` (N, C, H, W) in tiles, so memory stays bounded.
+
+    The image is cut into cores of ``core`` pixels that overlap by
+    ``FINAL_TILE_BLEND``; each core is solved together with ``context``
+    pixels of the image around it (fewer at the frame), whose own borders are
+    unknown data as the whole image's are, and only the core is kept,
+    blended into its neighbours with raised-cosine ramps. With a context of
+    a few kernel sides the result matches the whole-image solve to well under
+    one grey level; the solver then never holds more than
+    ``(core + 2 context)²`` pixels per channel, where a whole 24-megapixel
+    scan would take several GB.
+    """
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    weight = x.new_zeros(h, w)
+    core_h, core_w = min(core, h), min(core, w)
+    for y0 in tile_starts(h, core_h, FINAL_TILE_BLEND):
+        top, bottom = max(0, y0 - context), min(h, y0 + core_h + context)
+        wy = blend_ramp(core_h, FINAL_TILE_BLEND, rise=y0 > 0, fall=y0 + core_h < h).to(x)
+        for x0 in tile_starts(w, core_w, FINAL_TILE_BLEND):
+            left, right = max(0, x0 - context), min(w, x0 + core_w + context)
+            wx = blend_ramp(core_w, FINAL_TILE_BLEND, rise=x0 > 0, fall=x0 + core_w < w).to(x)
+            region = (..., slice(top, bottom), slice(left, right))
+            solved = _deconvolve(x[region], kernels, settings, lam, None if known is None else known[region],
+                                 None if floor is None else floor[region])
+            kept = solved[..., y0 - top:y0 - top + core_h, x0 - left:x0 - left + core_w]
+            mask = wy[:, None] * wx[None, :]
+            out[..., y0:y0 + core_h, x0:x0 + core_w].addcmul_(kept, mask)
+            weight[y0:y0 + core_h, x0:x0 + core_w].add_(mask)
+    return out / weight
+
+
+def _deconvolve(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings, lam: float | torch.Tensor,
+                known: torch.Tensor | None, floor: torch.Tensor | None) -> torch.Tensor:
+    """The solve behind :func:`final_deconvolution`, at a given prior weight ``lam`` and floors ``floor``."""
     if settings.final == "wiener":
         return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()), known=known, floor=floor)
     alpha = 1.0 if settings.final == "tv" else 0.8
