@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         estimator.settings = override_settings(estimator.settings, args.overrides)
     if args.speed:
         width, _, height = args.speed_size.partition("x")
+        if not (width.isdigit() and (height or width).isdigit() and int(width) > 0 and int(height or width) > 0):
+            parser.error(f"--speed-size {args.speed_size!r}: expected WIDTHxHEIGHT in pixels, e.g. 6000x4000")
         return time_one_image(model, device, args.threads, args.speed_blur, int(width), int(height or width))
     low, _, high = args.kernel_sizes.partition("-")
     sides = (int(low), int(high or low))
