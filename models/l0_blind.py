@@ -188,8 +188,8 @@ DEFOCUS_SEARCH_REACH = 2.0  # radii up to this many times the estimate's own sec
 DEFOCUS_MAX_CLIPPED = 0.05
 # The final deconvolution of a large image runs in tiles (tiled_deconvolution): cores of FINAL_TILE px overlapping
 # by FINAL_TILE_BLEND, each solved with a context of FINAL_TILE_CONTEXT_PER_KERNEL kernel sides (at least
-# FINAL_TILE_MIN_CONTEXT px) around it. Solved whole, a 24-megapixel colour scan needed 8 GiB on top of its
-# own size, in tiles 3.6-3.8 GiB, and less time; see bench/RESULTS.md.
+# FINAL_TILE_MIN_CONTEXT px) around it. Solved whole, a 24-megapixel colour scan needed 8.1-8.3 GiB on top of
+# its own size, in tiles 3.5-3.7 GiB, and less time; see bench/RESULTS.md.
 FINAL_TILE = 1024
 FINAL_TILE_BLEND = 32
 FINAL_TILE_CONTEXT_PER_KERNEL = 2
@@ -999,12 +999,13 @@ def tiled_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     out = torch.zeros_like(x)
     weight = x.new_zeros(h, w)
     core_h, core_w = min(core, h), min(core, w)
+    columns = [(x0, blend_ramp(core_w, FINAL_TILE_BLEND, rise=x0 > 0, fall=x0 + core_w < w).to(x))
+               for x0 in tile_starts(w, core_w, FINAL_TILE_BLEND)]
     for y0 in tile_starts(h, core_h, FINAL_TILE_BLEND):
         top, bottom = max(0, y0 - context), min(h, y0 + core_h + context)
         wy = blend_ramp(core_h, FINAL_TILE_BLEND, rise=y0 > 0, fall=y0 + core_h < h).to(x)
-        for x0 in tile_starts(w, core_w, FINAL_TILE_BLEND):
+        for x0, wx in columns:
             left, right = max(0, x0 - context), min(w, x0 + core_w + context)
-            wx = blend_ramp(core_w, FINAL_TILE_BLEND, rise=x0 > 0, fall=x0 + core_w < w).to(x)
             region = (..., slice(top, bottom), slice(left, right))
             solved = _deconvolve(x[region], kernels, settings, lam, None if known is None else known[region],
                                  None if floor is None else floor[region])
