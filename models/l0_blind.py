@@ -78,7 +78,10 @@ luminance, then every colour channel is deconvolved with it:
    far better at some shift than in place (a periodic texture lets a kernel
    sit a whole period off its middle), is not trusted: the candidate ranked next
    (step 6) is polished and tried in its place, and if none holds the image
-   comes back unchanged and the metric ``kernel_fallback`` is 1.
+   comes back unchanged and the metric ``kernel_fallback`` is 1. An image
+   deconvolved in tiles (step 5) is judged on the one tile nearest the
+   estimation window, and only the kernel that holds deconvolves the rest:
+   a rejected candidate costs a tile, not a whole scan.
 9. **Defocus discs.** A trusted estimate that already looks like a uniform
    disc (kernel agreement ≥ 0.8 with the disc that best explains the
    window) is replaced by that disc, its radius found to a tenth of a pixel
@@ -624,9 +627,13 @@ def estimation_box(y: torch.Tensor, side: int, known: torch.Tensor | None = None
 def estimation_crop(y: torch.Tensor, side: int, known: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks, and the same window of ``known``."""
-    top, left, wh, ww = estimation_box(y, side, known)
-    window = y[..., top:top + wh, left:left + ww]
-    return window, None if known is None else known[..., top:top + wh, left:left + ww]
+    box = estimation_box(y, side, known)
+    return y[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]], _crop(known, box)
+
+
+def _crop(t: torch.Tensor | None, box: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """The (top, left, height, width) ``box`` of an optional image batch."""
+    return None if t is None else t[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
 
 
 def estimation_window(y: torch.Tensor, side: int) -> torch.Tensor:
@@ -948,7 +955,7 @@ def prior_weight(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | No
 
 
 def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
-                        known: torch.Tensor | None = None) -> torch.Tensor:
+                        known: torch.Tensor | None = None, solved: SolvedTile | None = None) -> torch.Tensor:
     """Non-blind deconvolution of every channel of ``x`` (N, C, H, W) by its image's kernel.
 
     ``settings.final_lambda`` = 0 picks the prior weight per image from its
@@ -965,14 +972,23 @@ def final_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
 
     An image with a side longer than ``settings.final_tile`` plus twice the
     tile context is solved tile by tile (:func:`tiled_deconvolution`), with
-    the prior weight and the clipped-value floors measured on the whole image.
+    the prior weight and the clipped-value floors measured on the whole image;
+    ``solved``, one tile already solved with these kernels (the guard's, see
+    :func:`judge_tile`), is used instead of solving it again.
     """
+    lam, floor = deconvolution_weights(x, settings, known)
+    layout = tile_layout(x.shape[-2:], kernels.shape[-1], settings)
+    if layout is not None:
+        return tiled_deconvolution(x, kernels, settings, lam, known, floor, *layout, solved=solved)
+    return _deconvolve(x, kernels, settings, lam, known, floor)
+
+
+def deconvolution_weights(x: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None
+                          ) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+    """The final step's prior weight and clipped-value floors for images ``x`` (N, C, H, W), from the whole images."""
     lam = prior_weight(luminance(x), settings, None if known is None else known.amin(dim=1, keepdim=True))
     floor = None if known is None else clipped_floor(x, settings.saturation)
-    context = tile_context(kernels.shape[-1])
-    if settings.final_tile > 0 and max(x.shape[-2:]) > settings.final_tile + 2 * context:
-        return tiled_deconvolution(x, kernels, settings, lam, known, floor, settings.final_tile, context)
-    return _deconvolve(x, kernels, settings, lam, known, floor)
+    return lam, floor
 
 
 def tile_context(kernel_side: int) -> int:
@@ -980,9 +996,44 @@ def tile_context(kernel_side: int) -> int:
     return max(FINAL_TILE_MIN_CONTEXT, FINAL_TILE_CONTEXT_PER_KERNEL * kernel_side)
 
 
+def tile_layout(shape: tuple[int, int] | torch.Size, kernel_side: int, settings: L0Settings) -> tuple[int, int] | None:
+    """(core side, context) of the tiles an image of ``shape`` (H, W) is deconvolved in; ``None``: solved whole."""
+    context = tile_context(kernel_side)
+    if settings.final_tile > 0 and max(shape) > settings.final_tile + 2 * context:
+        return settings.final_tile, context
+    return None
+
+
+@dataclass(frozen=True)
+class SolvedTile:
+    """One tile of :func:`tiled_deconvolution`: its core's top-left corner and its solve (N, C, h, w), context included."""
+
+    top: int
+    left: int
+    image: torch.Tensor
+
+
+def judge_tile(shape: tuple[int, int] | torch.Size, core: int, context: int, centre: tuple[float, float]
+               ) -> tuple[int, int, tuple[slice, slice]]:
+    """The tile of :func:`tiled_deconvolution`'s grid for an image of ``shape`` whose core is nearest ``centre``.
+
+    Returns its core's top-left corner and the region (rows, columns) it is
+    solved on, core plus context, cut at the frame: what
+    :func:`tiled_deconvolution` solves for that core, so a solve of the
+    region is the tile itself.
+    """
+    h, w = shape
+    core_h, core_w = min(core, h), min(core, w)
+    top = min(tile_starts(h, core_h, FINAL_TILE_BLEND), key=lambda y0: abs(y0 + core_h / 2 - centre[0]))
+    left = min(tile_starts(w, core_w, FINAL_TILE_BLEND), key=lambda x0: abs(x0 + core_w / 2 - centre[1]))
+    region = (slice(max(0, top - context), min(h, top + core_h + context)),
+              slice(max(0, left - context), min(w, left + core_w + context)))
+    return top, left, region
+
+
 def tiled_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings, lam: float | torch.Tensor,
-                        known: torch.Tensor | None, floor: torch.Tensor | None, core: int, context: int
-                        ) -> torch.Tensor:
+                        known: torch.Tensor | None, floor: torch.Tensor | None, core: int, context: int,
+                        solved: SolvedTile | None = None) -> torch.Tensor:
     """:func:`final_deconvolution` of a large ``x`` (N, C, H, W) in tiles, so memory stays bounded.
 
     The image is cut into cores of ``core`` pixels that overlap by
@@ -993,7 +1044,7 @@ def tiled_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
     a few kernel sides the result matches the whole-image solve to well under
     one grey level; the solver then never holds more than
     ``(core + 2 context)²`` pixels per channel, where a whole 24-megapixel
-    scan would take several GB.
+    scan would take several GB. The tile ``solved`` names is taken as given.
     """
     h, w = x.shape[-2:]
     out = torch.zeros_like(x)
@@ -1007,9 +1058,12 @@ def tiled_deconvolution(x: torch.Tensor, kernels: torch.Tensor, settings: L0Sett
         for x0, wx in columns:
             left, right = max(0, x0 - context), min(w, x0 + core_w + context)
             region = (..., slice(top, bottom), slice(left, right))
-            solved = _deconvolve(x[region], kernels, settings, lam, None if known is None else known[region],
-                                 None if floor is None else floor[region])
-            kept = solved[..., y0 - top:y0 - top + core_h, x0 - left:x0 - left + core_w]
+            if solved is not None and (solved.top, solved.left) == (y0, x0):
+                tile = solved.image
+            else:
+                tile = _deconvolve(x[region], kernels, settings, lam, None if known is None else known[region],
+                                   None if floor is None else floor[region])
+            kept = tile[..., y0 - top:y0 - top + core_h, x0 - left:x0 - left + core_w]
             mask = wy[:, None] * wx[None, :]
             out[..., y0:y0 + core_h, x0:x0 + core_w].addcmul_(kept, mask)
             weight[y0:y0 + core_h, x0:x0 + core_w].add_(mask)
@@ -1073,12 +1127,13 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     chosen, centred, refitted = x.new_zeros(n), x.new_ones(n), torch.zeros(n, dtype=torch.bool, device=x.device)
     if bool(blurred.any()):
         # the window the kernel is estimated on, and where the defocus step reads the spectrum
-        window, window_known = estimation_crop(y, settings.window_side(side), known)
-        kernels, image, agreement, residual, chosen, centred, refitted, radius = _restore_trusted(
-            x, y, known, channel_known, blurred, settings, side, window, window_known)
+        box = estimation_box(y, settings.window_side(side), known)
+        window, window_known = _crop(y, box), _crop(known, box)
+        kernels, image, agreement, residual, chosen, centred, refitted, radius, judged = _restore_trusted(
+            x, y, known, channel_known, blurred, settings, side, window, window_known, box)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
-        image, agreement, residual, radius = x, x.new_ones(n), x.new_zeros(n), x.new_zeros(n)
+        image, agreement, residual, radius, judged = x, x.new_ones(n), x.new_zeros(n), x.new_zeros(n), None
     blurred &= ~suspected | (radius > 0)  # a suspected image whose estimate is no disc stays as it is
     ok = trust(agreement, residual, centred) if settings.guard else torch.ones_like(blurred)
     radius = torch.where(ok & blurred, radius, 0.0)
@@ -1088,6 +1143,11 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     extent = torch.maximum(_span(support.any(dim=2)), _span(support.any(dim=1))).to(x.dtype)
     # a kernel of at most 2 px means no blur worth removing: keep the input as it is
     changed = ok & blurred & (extent > NO_BLUR_EXTENT)
+    if judged is not None and bool(changed.any()):
+        # a large image was judged on one tile: only the kernel it keeps deconvolves the rest, reusing that tile
+        rows = changed.nonzero().flatten()
+        image[rows] = final_deconvolution(x[rows], kernels[rows], settings, _rows(channel_known, rows),
+                                          SolvedTile(judged.top, judged.left, judged.image[rows])).clamp(0.0, 1.0)
     if settings.subpixel and bool(changed.any()):
         # the kernels are centred to the nearest pixel; move the output the rest of the way
         offset = torch.where(changed.view(n, 1), centre_offset(kernels, settings.centre), 0.0)
@@ -1146,13 +1206,28 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
+def _part(t: torch.Tensor | None, rows: torch.Tensor, region: tuple[object, slice, slice]) -> torch.Tensor | None:
+    """The ``region`` (``..., rows, columns``) of the images ``rows`` of an optional batch tensor."""
+    return None if t is None else t[rows][region]
+
+
 def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None,
                      channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int,
-                     window: torch.Tensor, window_known: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Kernels, restorations, agreements, residual ratios, chosen variants, centrings, refit flags and disc radii.
+                     window: torch.Tensor, window_known: torch.Tensor | None, box: tuple[int, int, int, int]
+                     ) -> tuple[torch.Tensor, ...]:
+    """Kernels, restorations, agreements, residual ratios, chosen variants, centrings, refit flags, disc radii
+    and, for an image deconvolved in tiles, the tile the guard judged (else ``None``).
 
-    ``window`` (and ``window_known``) is the :func:`estimation_crop` of ``y``
-    the kernels are estimated on.
+    ``window`` (and ``window_known``) is the ``box`` (top, left, height,
+    width) of ``y`` (:func:`estimation_box`) the kernels are estimated on.
+
+    An image the final step deconvolves in tiles (:func:`tile_layout`) is
+    judged on one tile only, the one nearest the estimation window
+    (:func:`judge_tile`, solved exactly as the tiled deconvolution will): its
+    restorations come back unrestored, and :func:`restore` deconvolves the
+    rest with the kernel that held, reusing the judged tile. A candidate that
+    fails then costs one tile, not a whole scan (a 24-megapixel image whose
+    first candidate failed spent about 220 s on it).
 
     Every image is restored with its best-ranked candidate (:func:`rank_candidates`,
     polished). A blurred image whose result fails :func:`trust` is restored again
@@ -1185,14 +1260,29 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     agreement, residual, chosen, centre_score = x.new_zeros(n), x.new_zeros(n), x.new_zeros(n), x.new_ones(n)
     radius = x.new_zeros(n)
     held = torch.zeros(n, dtype=torch.bool, device=x.device)
+    layout = tile_layout(x.shape[-2:], side, settings)
+    judged: SolvedTile | None = None
+    if layout is not None:
+        lam, floor = deconvolution_weights(x, settings, channel_known)
+        top, left, (tile_rows, tile_columns) = judge_tile(x.shape[-2:], *layout,
+                                                          centre=(box[0] + box[2] / 2, box[1] + box[3] / 2))
+        region = (..., tile_rows, tile_columns)
+        judged = SolvedTile(top, left, x[region].clone())
+    solves = image if judged is None else judged.image  # where each kept candidate's solve goes
 
     def judge(rows: torch.Tensor, k: torch.Tensor, before: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        restored = final_deconvolution(x[rows], k, settings, _rows(channel_known, rows)).clamp(0.0, 1.0)
+        if judged is None:
+            restored = final_deconvolution(x[rows], k, settings, _rows(channel_known, rows)).clamp(0.0, 1.0)
+            seen, seen_y, seen_known = restored, y[rows], _rows(known, rows)
+        else:  # the judged tile alone, solved as tiled_deconvolution solves it, and kept unclamped for it
+            restored = _deconvolve(x[rows][region], k, settings, lam if isinstance(lam, float) else lam[rows],
+                                   _part(channel_known, rows, region), _part(floor, rows, region))
+            seen, seen_y, seen_known = restored.clamp(0.0, 1.0), y[rows][region], _part(known, rows, region)
         agree = kernel_agreement(k, before)
-        restored_y = luminance(restored)
-        ratio = explained_residual(y[rows], restored_y, k, _rows(known, rows)) / sigma[rows]
-        centred = centring(y[rows], restored_y, side)
+        restored_y = luminance(seen)
+        ratio = explained_residual(seen_y, restored_y, k, seen_known) / sigma[rows]
+        centred = centring(seen_y, restored_y, side)
         good = trust(agree, ratio, centred) if settings.guard else torch.ones_like(agree, dtype=torch.bool)
         return restored, agree, ratio, centred, good
 
@@ -1205,7 +1295,7 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
         restored, agree, ratio, centred, good = judge(rows, k, before)
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
         into = rows[take]
-        kernels[into], previous[into], image[into], radius[into] = k[take], before[take], restored[take], radii[take]
+        kernels[into], previous[into], solves[into], radius[into] = k[take], before[take], restored[take], radii[take]
         agreement[into], residual[into], chosen[into] = agree[take], ratio[take], pick[take].to(x.dtype)
         centre_score[into] = centred[take]
         held[rows[good]] = True
@@ -1222,10 +1312,10 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
             restored, agree, ratio, centred, good = judge(rows, k, previous[rows])
             good &= ratio <= REFIT_RESIDUAL_RISE * residual[rows]  # it must explain the input as well as before
             into = rows[good]
-            kernels[into], image[into] = k[good], restored[good]
+            kernels[into], solves[into] = k[good], restored[good]
             agreement[into], residual[into], centre_score[into] = agree[good], ratio[good], centred[good]
             refitted[into] = True
-    return kernels, image, agreement, residual, chosen, centre_score, refitted, radius
+    return kernels, image, agreement, residual, chosen, centre_score, refitted, radius, judged
 
 
 def disc_kernel(radius: float, side: int, like: torch.Tensor) -> torch.Tensor:

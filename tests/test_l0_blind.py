@@ -473,6 +473,58 @@ def test_a_collapsed_best_candidate_gives_way_to_the_next_that_holds(
     assert torch.equal(out.image, x)
 
 
+def test_a_large_image_judges_its_candidates_on_one_tile_and_reuses_it(
+    photos: dict[str, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image deconvolved in tiles is judged on one tile: a rejected candidate costs a tile, not the image.
+
+    A 320-px grey crop in 96-px cores (25 tiles); the best-ranked candidate
+    collapsed (it changed shape at the last level), the second is the true kernel.
+    """
+    sharp = photos["camera"][100:420, 90:410] / 255.0
+    blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(1))
+    x = to_tensor(blurred)
+    settings = L0Settings(polish_iterations=0, subpixel=False, final_tile=96)
+    side = settings.kernel_side(*x.shape[-2:])
+    true = padded(shake, side)
+    streak, upright = streak_pair(side)
+    layout = l0_blind.tile_layout(x.shape[-2:], side, settings)
+    assert layout is not None
+    tiles = len(l0_blind.tile_starts(320, 96, l0_blind.FINAL_TILE_BLEND)) ** 2
+    sides: list[tuple[int, int]] = []
+    solve = l0_blind._deconvolve
+
+    def recorded(part: torch.Tensor, *args: object) -> torch.Tensor:
+        sides.append(tuple(part.shape[-2:]))
+        return solve(part, *args)
+
+    def ranked(previous_of_second: torch.Tensor):  # type: ignore[no-untyped-def]
+        def rank(window, settings, side, known=None):  # type: ignore[no-untyped-def]
+            return (torch.stack([streak, true]), torch.stack([upright, previous_of_second]),
+                    torch.tensor([[0, 1]]))
+        return rank
+
+    monkeypatch.setattr(l0_blind, "_deconvolve", recorded)
+    monkeypatch.setattr(l0_blind, "rank_candidates", ranked(true))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 0.0 and int(out.metrics["kernel_candidate"][0]) == 1
+    assert max(max(s) for s in sides) <= 96 + 2 * layout[1]
+    assert len(sides) == tiles + 1  # the rejected candidate's tile, then every tile once (the kept one reused)
+    sides.clear()
+    again = final_deconvolution(x, out.kernels, settings, l0_blind.clipped_mask(x, settings, per_channel=True))
+    assert len(sides) == tiles
+    assert float((out.image - again.clamp(0, 1)).abs().max()) < 1e-5  # the reused tile is what a fresh solve gives
+    restored = out.image[0, 0].numpy()
+    assert psnr(restored, sharp) > psnr(blurred, sharp) + 3.0
+
+    # when every candidate fails, each costs one tile and the image comes back as it went in
+    sides.clear()
+    monkeypatch.setattr(l0_blind, "rank_candidates", ranked(upright))
+    out = restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 1.0
+    assert len(sides) == 2 and torch.equal(out.image, x)
+
+
 def test_only_kernels_the_guard_trusts_are_refitted_and_a_refit_must_pass_it_too(
     blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
