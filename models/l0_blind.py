@@ -1224,8 +1224,8 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     An image the final step deconvolves in tiles (:func:`tile_layout`) is
     judged on one tile only, the one nearest the estimation window
     (:func:`judge_tile`, solved exactly as the tiled deconvolution will): its
-    restorations come back unrestored, and :func:`restore` deconvolves the
-    rest with the kernel that held, reusing the judged tile. A candidate that
+    image comes back as it went in, and :func:`restore` deconvolves it with
+    the kernel that held, reusing the judged tile. A candidate that
     fails then costs one tile, not a whole scan (a 24-megapixel image whose
     first candidate failed spent about 220 s on it).
 
