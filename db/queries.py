@@ -145,6 +145,21 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
     return todo
 
 
+def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker: str) -> None:
+    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again, attempt uncounted.
+
+    A batch that ran out of time hands its remaining images to a new task;
+    they were never attempted, so their attempt count and worker are undone.
+    """
+    session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
+               Image.worker == worker)
+        .values(status="pending", started_at=None, worker=None,
+                attempts=case((Image.attempts > 0, Image.attempts - 1), else_=0))
+    )
+
+
 def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], status: str) -> set[str]:
     """Which of ``inputs`` currently have ``status``."""
     return set(

@@ -1,14 +1,14 @@
 """The Celery application shared by producer (to send) and worker (to run).
 
 JSON only (pickle refused), late acknowledgement with reject-on-worker-lost so
-a dead worker's batch is redelivered, prefetch 1 so a slow GPU batch does not
+a dead worker's batch is redelivered (after ``DEBLUR_VISIBILITY_TIMEOUT``;
+workers hand long batches on before that, see
+:func:`worker.pipeline.run_batch`), prefetch 1 so a slow GPU batch does not
 hold others hostage, and task events on for Flower. There is no result
 backend: progress and results live in SQL.
 """
 
 from __future__ import annotations
-
-import os
 
 from celery import Celery
 from kombu import Queue
@@ -30,7 +30,6 @@ def broker_priority(user_priority: int) -> int:
 def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
     """A Celery app for ``settings`` (broker, queue, visibility timeout)."""
     app = Celery("deblur", broker=settings.broker_url, set_as_current=set_as_current, include=["worker.tasks"])
-    visibility = int(os.environ.get("DEBLUR_VISIBILITY_TIMEOUT", "3600"))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -53,7 +52,7 @@ def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
         task_routes={PROCESS_BATCH_TASK: {"queue": settings.queue}},
         broker_transport_options={
             # a batch unacked this long (its worker died) is handed to another worker
-            "visibility_timeout": visibility,
+            "visibility_timeout": settings.visibility_timeout,
             "priority_steps": list(range(PRIORITY_LEVELS)),
             "queue_order_strategy": "priority",
         },

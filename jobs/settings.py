@@ -47,6 +47,8 @@ class Settings:
     torch_threads: int = 0
     allow_noncommercial: bool = False
     batch_size: int = 8
+    batch_time_limit: int = 1200
+    visibility_timeout: int = 3600
     io_threads: int = 8
     queue: str = "deblur"
     task_max_retries: int = 5
@@ -79,6 +81,15 @@ HELP: dict[str, SettingInfo] = {
         "DEBLUR_ALLOW_NONCOMMERCIAL", "1 to allow models under non-commercial licences (MPRNet, Restormer)"
     ),
     "batch_size": SettingInfo("DEBLUR_BATCH_SIZE", "images per Celery task"),
+    "batch_time_limit": SettingInfo(
+        "DEBLUR_BATCH_TIME_LIMIT",
+        "seconds a worker spends on one task before it hands the batch's remaining images to a new task "
+        "(below DEBLUR_VISIBILITY_TIMEOUT, with room for one image; 0: never)",
+    ),
+    "visibility_timeout": SettingInfo(
+        "DEBLUR_VISIBILITY_TIMEOUT",
+        "seconds a batch may stay unacknowledged before Redis hands it to another worker (its own taken for dead)",
+    ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
     "queue": SettingInfo("DEBLUR_QUEUE", "Celery queue the jobs go to"),
     "task_max_retries": SettingInfo("DEBLUR_TASK_MAX_RETRIES", "retries of a batch after transient failures"),
@@ -172,3 +183,13 @@ def _validate(s: Settings) -> None:
             raise ConfigurationError(f"{HELP[name].env} must be >= 1, got {getattr(s, name)}")
     if s.torch_threads < 0:
         raise ConfigurationError(f"DEBLUR_TORCH_THREADS must be >= 0, got {s.torch_threads}")
+    if s.batch_time_limit < 0:
+        raise ConfigurationError(f"DEBLUR_BATCH_TIME_LIMIT must be >= 0 seconds (0: never), got {s.batch_time_limit}")
+    if s.visibility_timeout < 1:
+        raise ConfigurationError(f"DEBLUR_VISIBILITY_TIMEOUT must be >= 1 second, got {s.visibility_timeout}")
+    if s.batch_time_limit >= s.visibility_timeout:
+        raise ConfigurationError(
+            f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="
+            f"{s.visibility_timeout} s: Redis would hand a batch still being worked on to a second worker. "
+            f"Lower the limit (leave room for one image), or set it to 0 to never hand a batch over"
+        )

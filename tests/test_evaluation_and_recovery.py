@@ -1,4 +1,4 @@
-"""Evaluation jobs store the papers' figures; a dead worker's batch is redelivered.
+"""Evaluation jobs store the papers' figures; a dead worker's batch is redelivered; a slow one is split.
 
 Both run through a real Redis, real worker processes, moto_server and SQLite.
 """
@@ -6,6 +6,7 @@ Both run through a real Redis, real worker processes, moto_server and SQLite.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.integration]
 @pytest.fixture
 def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
-                        tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8")
+                        tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="0")
 
 
 def _pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -135,4 +136,35 @@ def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -
     assert all(r["attempts"] >= 2 for r in rows), [r["attempts"] for r in rows]
     assert {r["worker"] for r in rows} == {second.name}
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="crashy", Prefix="out/")["Contents"])
+    assert keys == ["out/0.png", "out/1.png", "out/2.png"]
+
+
+def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: ignore[no-untyped-def]
+        redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
+    """With a 1-s limit, a 3-image batch of 2-s images runs as three tasks; no image is attempted twice."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    env = use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}", tmp_path / "home",
+                       DEBLUR_BATCH_TIME_LIMIT="1")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="slow")
+    big = cv2.resize(_pairs()[0][1], (512, 384))
+    for i in range(3):
+        s3.put_object(Bucket="slow", Key=f"in/{i}.png", Body=_png(big))
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        job_id = run_cli("submit", "s3://slow/in/", "--output", "s3://slow/out/", "--batch-size", "3",
+                         "--model", "richardson-lucy:iterations=400", "-q").strip()
+        info = wait_done(job_id, timeout=300)
+    finally:
+        worker.stop()
+    assert info["status"] == "done" and info["counts"]["done"] == 3, info
+    log = worker.log.read_text(errors="replace")
+    received = re.findall(r"Task deblur\.process_batch\[[0-9a-f-]+\] received", log)
+    assert len(received) == 3, log[-3000:]  # the submitted task and two hand-overs
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert [r["attempts"] for r in rows] == [1, 1, 1]  # a hand-over is not an attempt
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="slow", Prefix="out/")["Contents"])
     assert keys == ["out/0.png", "out/1.png", "out/2.png"]

@@ -344,3 +344,20 @@ def test_two_fake_gpus_run_two_real_workers_that_stop_on_sigterm(redis_url: str,
             proc.kill()
             proc.wait()
     assert not [n for n in answering_workers(redis_url) if n.startswith(name)]
+
+
+def test_the_batch_time_limit_is_read_and_one_negative_or_past_the_visibility_timeout_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.errors import ConfigurationError
+    from jobs.settings import load_settings
+
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "600")
+    assert load_settings().batch_time_limit == 600
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "-5")
+    with pytest.raises(ConfigurationError, match="DEBLUR_BATCH_TIME_LIMIT must be >= 0"):
+        load_settings()
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "900")
+    monkeypatch.setenv("DEBLUR_VISIBILITY_TIMEOUT", "600")
+    with pytest.raises(ConfigurationError, match="not below DEBLUR_VISIBILITY_TIMEOUT=600"):
+        load_settings()
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "0")  # never hand over: any visibility timeout will do
+    assert load_settings().visibility_timeout == 600

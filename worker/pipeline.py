@@ -230,8 +230,20 @@ def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     work.uploads = []
 
 
-def run_batch(message: BatchMessage, settings: Settings) -> dict[str, int]:
-    """Process one batch; returns counts of done and failed images."""
+def run_batch(message: BatchMessage, settings: Settings,
+              hand_over: Callable[[BatchMessage], None] | None = None) -> dict[str, int]:
+    """Process one batch; returns counts of done and failed images.
+
+    With ``hand_over``, a batch still working after ``settings.batch_time_limit``
+    seconds starts no further image: the ones done so far are uploaded and
+    recorded, the rest are released (pending again, no attempt counted) and
+    passed to ``hand_over`` as a new message (the Celery task sends it as a
+    new task). A batch of large scans then never outlives the broker's
+    visibility timeout, after which Redis would hand the same batch to a
+    second worker while the first still works on it. The counts returned
+    include a ``handed_over`` entry.
+    """
+    started = time.monotonic()
     db_url = settings.resolved_database_url()
     worker_name = runtime.hostname()
     inputs = [item.input for item in message.images]
@@ -243,11 +255,16 @@ def run_batch(message: BatchMessage, settings: Settings) -> dict[str, int]:
         if item.input in todo
     ]
     if not works:
-        return {"done": 0, "failed": 0}
+        return {"done": 0, "failed": 0, "handed_over": 0}
     client = s3_client(settings)
+    leftover: list[Work] = []
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
         list(pool.map(lambda w: _download(client, w), works))
-        for work in works:
+        for index, work in enumerate(works):
+            if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
+                leftover = works[index:]
+                works = works[:index]
+                break
             if work.outcome.status != "done":
                 continue
             decode_work(work, settings)
@@ -272,9 +289,20 @@ def run_batch(message: BatchMessage, settings: Settings) -> dict[str, int]:
             work.outcome.kernel_uri = None
     with session_scope(db_url) as session:
         queries.record_outcomes(session, message.job_id, [w.outcome for w in works])
+        if leftover:
+            queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
         queries.finish_if_complete(session, message.job_id)
+    if leftover and hand_over is not None:
+        log.info("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
+                 message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
+        hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
-    return {"done": done, "failed": len(works) - done}
+    return {"done": done, "failed": len(works) - done, "handed_over": len(leftover)}
+
+
+def out_of_time(started: float, limit_s: int) -> bool:
+    """Whether a batch that started at ``started`` (``time.monotonic()``) has used its ``limit_s`` seconds (0: never)."""
+    return limit_s > 0 and time.monotonic() - started >= limit_s
 
 
 def fail_batch(message: BatchMessage, settings: Settings, error: str) -> None:

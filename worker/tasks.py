@@ -56,8 +56,18 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         log.error("dropping malformed batch message: %s", exc)
         return {"done": 0, "failed": 0}
     settings = runtime.settings()
+    # the broker's priority of this delivery, so the rest of an out-of-time batch waits no longer than it did
+    priority = (self.request.delivery_info or {}).get("priority")
+
+    def hand_over(rest: BatchMessage) -> None:
+        try:
+            app.send_task(PROCESS_BATCH_TASK, args=[rest.model_dump(mode="json")], queue=settings.queue,
+                          priority=priority)
+        except Exception as exc:  # the images were released: retrying the batch processes them here
+            raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
+
     try:
-        return run_batch(message, settings)
+        return run_batch(message, settings, hand_over)
     except (TransientError, OperationalError) as exc:
         retries = self.request.retries
         if retries >= settings.task_max_retries:
