@@ -38,3 +38,17 @@ def test_restore_writes_same_names_and_a_bad_file_fails_alone(tmp_path: Path) ->
     error_in = np.mean((blurred - sharp) ** 2)
     error_out = np.mean((restored8 - sharp) ** 2)
     assert error_out < error_in * 0.8
+
+
+def test_restore_file_announces_each_member_before_it_runs(tmp_path: Path) -> None:
+    """A large scan takes minutes per model, so the progress line names the member at work."""
+    from jobs.messages import BatchMessage, ImageItem
+    from worker.local_restore import restore_file
+
+    png = tmp_path / "photo.png"
+    cv2.imwrite(str(png), np.rint(data.astronaut()[100:164, 150:214, ::-1] * 0.9).astype(np.uint8))
+    models = ["wiener:psf=motion:length=7,angle=30", "richardson-lucy:psf=gaussian:sigma=1"]
+    message = BatchMessage(job_id="local", kind="deblur", models=models, images=[ImageItem(input=str(png))])
+    seen: list[str] = []
+    restore_file(png, tmp_path, message, seen.append)
+    assert seen == models

@@ -8,11 +8,12 @@ will produce.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError
 from jobs.messages import BatchMessage, ImageItem
@@ -22,8 +23,12 @@ from models.catalog import parse_ensemble
 console = Console(stderr=True)
 
 
-def restore_file(path: Path, output_dir: Path, message: BatchMessage) -> dict[str, float | None]:
-    """Restore one file into ``output_dir`` under the same name; returns its metrics."""
+def restore_file(path: Path, output_dir: Path, message: BatchMessage,
+                 on_model: Callable[[str], None] | None = None) -> dict[str, float | None]:
+    """Restore one file into ``output_dir`` under the same name; returns its metrics.
+
+    ``on_model`` is told each ensemble member before it runs (a large scan takes minutes per model).
+    """
     from db.queries import ImageOutcome
     from worker.imageio import encode_image
     from worker.pipeline import Work, decode_work, add_no_reference_metrics, restore_work, kernel_png
@@ -33,7 +38,7 @@ def restore_file(path: Path, output_dir: Path, message: BatchMessage) -> dict[st
     decode_work(work, load_settings())
     if work.outcome.status != "done":
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
-    restore_work(work, message)
+    restore_work(work, message, on_model)
     add_no_reference_metrics(work)
     target = output_dir / path.name
     target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata))
@@ -64,11 +69,15 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
                            images=[ImageItem(input=str(f)) for f in files])
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
-    with Progress(console=console, transient=True) as progress:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("restoring", total=len(files))
         for path in files:
+            progress.update(task, description=path.name)
             try:
-                metrics = restore_file(path, output, message)
+                metrics = restore_file(path, output, message,
+                                       lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
                 console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}")
             except DeblurError as exc:

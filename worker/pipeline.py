@@ -104,8 +104,11 @@ def decode_work(work: Work, settings: Settings) -> None:
     work.data = work.reference_data = None  # free the compressed bytes early
 
 
-def restore_work(work: Work, message: BatchMessage) -> None:
-    """Run every member, average them, blend by strength and collect metrics."""
+def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], None] | None = None) -> None:
+    """Run every member, average them, blend by strength and collect metrics.
+
+    ``on_model`` is told each member's spec before it runs (progress display).
+    """
     import torch
 
     from models.ensemble import apply_strength, average, disagreement
@@ -119,6 +122,8 @@ def restore_work(work: Work, message: BatchMessage) -> None:
 
     def run() -> None:
         for spec in specs:
+            if on_model is not None:
+                on_model(spec.to_text())
             model = runtime.get_model(spec)
             out = model(x)
             outputs.append(out.image.detach().float().cpu())
