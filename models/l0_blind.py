@@ -1006,7 +1006,7 @@ def tile_layout(shape: tuple[int, int] | torch.Size, kernel_side: int, settings:
 
 @dataclass(frozen=True)
 class SolvedTile:
-    """One tile of :func:`tiled_deconvolution`: its core's top-left corner and its solve (N, C, h, w), context included."""
+    """One tile of :func:`tiled_deconvolution`: its core's top-left corner and its solve (N, C, h, w) with context."""
 
     top: int
     left: int

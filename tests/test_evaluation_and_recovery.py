@@ -164,6 +164,7 @@ def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: 
     log = worker.log.read_text(errors="replace")
     received = re.findall(r"Task deblur\.process_batch\[[0-9a-f-]+\] received", log)
     assert len(received) == 3, log[-3000:]  # the submitted task and two hand-overs
+    assert "handing 2 over to a new task" in log and "handing 1 over to a new task" in log
     rows = json.loads(run_cli("results", job_id, "--format", "json"))
     assert [r["attempts"] for r in rows] == [1, 1, 1]  # a hand-over is not an attempt
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="slow", Prefix="out/")["Contents"])

@@ -346,7 +346,8 @@ def test_two_fake_gpus_run_two_real_workers_that_stop_on_sigterm(redis_url: str,
     assert not [n for n in answering_workers(redis_url) if n.startswith(name)]
 
 
-def test_the_batch_time_limit_is_read_and_one_negative_or_past_the_visibility_timeout_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_time_limit_is_read_and_refused_when_negative_or_past_the_visibility_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from jobs.errors import ConfigurationError
     from jobs.settings import load_settings
 

@@ -76,8 +76,9 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
         for path in files:
             progress.update(task, description=path.name)
             try:
-                metrics = restore_file(path, output, message,
-                                       lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
+                metrics = restore_file(
+                    path, output, message,
+                    lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
                 console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}")
             except DeblurError as exc:

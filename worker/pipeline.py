@@ -298,7 +298,8 @@ def run_batch(message: BatchMessage, settings: Settings,
             queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
         queries.finish_if_complete(session, message.job_id)
     if leftover and hand_over is not None:
-        log.info("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
+        # a warning so it shows in the worker's log (its root logger keeps only warnings and errors)
+        log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
                  message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
@@ -306,7 +307,7 @@ def run_batch(message: BatchMessage, settings: Settings,
 
 
 def out_of_time(started: float, limit_s: int) -> bool:
-    """Whether a batch that started at ``started`` (``time.monotonic()``) has used its ``limit_s`` seconds (0: never)."""
+    """Whether a batch begun at ``started`` (``time.monotonic()``) has used its ``limit_s`` seconds (0: never)."""
     return limit_s > 0 and time.monotonic() - started >= limit_s
 
 
