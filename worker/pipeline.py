@@ -1,9 +1,10 @@
 """One batch of a job, start to finish, in a worker process.
 
-download (threads) → decode → every member model → ensemble average and
-disagreement → strength blend → encode in the input's format and bit depth →
-upload to the mirrored key (threads) → metrics → one SQL transaction with
-every image row and metric of the batch.
+download (threads, all started at once; each image waits only for its own)
+→ decode → every member model → ensemble average and disagreement →
+strength blend → encode in the input's format and bit depth → upload to the
+mirrored key (threads, started as each image is encoded) → metrics → one SQL
+transaction with every image row and metric of the batch.
 
 One image failing (corrupt file, missing key, a model error) fails that image
 alone; storage or database outages raise :class:`TransientError` so Celery
@@ -264,12 +265,18 @@ def run_batch(message: BatchMessage, settings: Settings,
     client = s3_client(settings)
     leftover: list[Work] = []
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
-        list(pool.map(lambda w: _download(client, w), works))
+        # every download starts at once (the pool bounds how many run) and each image waits only for its own,
+        # so the first image is restored while the others arrive; each output is uploaded as soon as it is encoded
+        downloads = [pool.submit(_download, client, w) for w in works]
+        uploads = []
         for index, work in enumerate(works):
             if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
                 leftover = works[index:]
                 works = works[:index]
+                for pending in downloads[index:]:
+                    pending.cancel()
                 break
+            downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
             if work.outcome.status != "done":
                 continue
             decode_work(work, settings)
@@ -287,7 +294,10 @@ def run_batch(message: BatchMessage, settings: Settings,
                 log.exception("image %s failed", work.item.input)
                 work.fail(f"{type(exc).__name__}: {exc}")
             work.decoded = work.reference = work.restored = None  # keep memory per batch flat
-        list(pool.map(lambda w: _upload(client, w), [w for w in works if w.uploads]))
+            if work.uploads:
+                uploads.append(pool.submit(_upload, client, work))
+        for upload in uploads:
+            upload.result()
     for work in works:
         if work.outcome.status != "done":
             work.outcome.output_uri = None
