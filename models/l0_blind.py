@@ -624,16 +624,15 @@ def estimation_box(y: torch.Tensor, side: int, known: torch.Tensor | None = None
     return best_pos[0], best_pos[1], wh, ww
 
 
-def estimation_crop(y: torch.Tensor, side: int, known: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks, and the same window of ``known``."""
-    box = estimation_box(y, side, known)
-    return y[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]], _crop(known, box)
+def estimation_crop(y: torch.Tensor, side: int, known: torch.Tensor | None = None,
+                    box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The window of ``y`` (N, 1, H, W) that :func:`estimation_box` picks, and the same window of ``known``.
 
-
-def _crop(t: torch.Tensor | None, box: tuple[int, int, int, int]) -> torch.Tensor | None:
-    """The (top, left, height, width) ``box`` of an optional image batch."""
-    return None if t is None else t[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    ``box`` is that function's answer when the caller already has it.
+    """
+    top, left, wh, ww = estimation_box(y, side, known) if box is None else box
+    region = (..., slice(top, top + wh), slice(left, left + ww))
+    return y[region], None if known is None else known[region]
 
 
 def estimation_window(y: torch.Tensor, side: int) -> torch.Tensor:
@@ -1128,7 +1127,7 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     if bool(blurred.any()):
         # the window the kernel is estimated on, and where the defocus step reads the spectrum
         box = estimation_box(y, settings.window_side(side), known)
-        window, window_known = _crop(y, box), _crop(known, box)
+        window, window_known = estimation_crop(y, settings.window_side(side), known, box)
         kernels, image, agreement, residual, chosen, centred, refitted, radius, judged = _restore_trusted(
             x, y, known, channel_known, blurred, settings, side, window, window_known, box)
     else:  # nothing looks blurred: skip the work

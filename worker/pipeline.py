@@ -310,7 +310,7 @@ def run_batch(message: BatchMessage, settings: Settings,
     if leftover and hand_over is not None:
         # a warning so it shows in the worker's log (its root logger keeps only warnings and errors)
         log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
-                 message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
+                    message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
     return {"done": done, "failed": len(works) - done, "handed_over": len(leftover)}
