@@ -272,42 +272,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the true-kernel non-blind reference")
     args = parser.parse_args(argv)
 
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    if args.seeds is not None and seeds is None:
+        parser.error(f"--seeds {args.seeds!r}: expected a range like 0-3 or a list like 0,2,5 of seeds >= 0")
+    if args.speed and seeds is not None:
+        parser.error("--speed times one image; leave out --seeds (and --jobs)")
+    if args.jobs < 1 or (args.jobs > 1 and seeds is None):
+        parser.error("--jobs N (N >= 1) restores several sets at once and needs --seeds, e.g. --seeds 0-3 --jobs 2")
+    if not args.speed and not PHOTO_SETS[args.photos]():
+        needs = {"packaged": "scikit-image and scikit-learn", "other": "scikit-image and matplotlib",
+                 "unseen": "PyWavelets"}
+        parser.error(f"no {args.photos} photographs available: install {needs[args.photos]} "
+                     "(pip install -e '.[test]' brings them all)")
+    if args.jobs > 1:  # one process per set, one thread each by default; each set's table is printed when it is done
+        results: list[SetResult] = []
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_set_in_worker, args, seed) for seed in seeds or []]
+            for future in futures:
+                result = future.result()
+                print(result.text, end="", flush=True)
+                results.append(result)
+        print(pooled_summary(results))
+        return 0
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model = load_model(REGISTRY.parse(args.model), device)
-    # load_model wraps l0-blind so repeated calls on one image share a result; its settings live inside
-    estimator = getattr(model, "inner", model)
-    if args.overrides:
-        estimator.settings = override_settings(estimator.settings, args.overrides)
+    model = benchmarked_model(args, device)
     if args.speed:
         width, _, height = args.speed_size.partition("x")
         if not (width.isdigit() and (height or width).isdigit() and int(width) > 0 and int(height or width) > 0):
             parser.error(f"--speed-size {args.speed_size!r}: expected WIDTHxHEIGHT in pixels, e.g. 6000x4000")
         return time_one_image(model, device, args.threads, args.speed_blur, int(width), int(height or width))
-    low, _, high = args.kernel_sizes.partition("-")
-    args.sides = (int(low), int(high or low))
-    if not PHOTO_SETS[args.photos]():
-        needs = {"packaged": "scikit-image and scikit-learn", "other": "scikit-image and matplotlib",
-                 "unseen": "PyWavelets"}
-        parser.error(f"no {args.photos} photographs available: install {needs[args.photos]} "
-                     "(pip install -e '.[test]' brings them all)")
-    if args.seeds is None:
+    if seeds is None:
         run_set(args, args.seed, model, device, emit=print)
         return 0
-    seeds = parse_seeds(args.seeds)
-    if seeds is None:
-        parser.error(f"--seeds {args.seeds!r}: expected a range like 0-3 or a list like 0,2,5 of seeds >= 0")
-    results: list[SetResult] = []
-    if args.jobs <= 1:
-        for seed in seeds:
-            results.append(run_set(args, seed, model, device, emit=print))
-    else:  # one process per set, one thread each by default; each set's table is printed when it is done
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_set_in_worker, args, seed) for seed in seeds]
-            for future in futures:
-                result = future.result()
-                print(result.text, end="", flush=True)
-                results.append(result)
+    results = [run_set(args, seed, model, device, emit=print) for seed in seeds]
     print(pooled_summary(results))
     return 0
 
@@ -336,15 +334,26 @@ def parse_seeds(text: str) -> list[int] | None:
     return seeds or None
 
 
-def _run_set_in_worker(args: argparse.Namespace, seed: int) -> SetResult:
-    """:func:`run_set` in a worker process: its own model, the same settings, the table returned as text."""
-    torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+def benchmarked_model(args: argparse.Namespace, device: torch.device) -> RestorationModel:
+    """The model ``args.model`` names, with the ``--set`` overrides applied to its settings."""
     model = load_model(REGISTRY.parse(args.model), device)
-    if args.overrides:
+    if args.overrides:  # load_model wraps l0-blind so repeated calls on one image share a result; its settings live inside
         estimator = getattr(model, "inner", model)
         estimator.settings = override_settings(estimator.settings, args.overrides)
-    return run_set(args, seed, model, device)
+    return model
+
+
+def _run_set_in_worker(args: argparse.Namespace, seed: int) -> SetResult:
+    """:func:`run_set` in a worker process, with its own model; the table comes back as text."""
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    return run_set(args, seed, benchmarked_model(args, device), device)
+
+
+def kernel_sides(text: str) -> tuple[int, int]:
+    """``--kernel-sizes`` ``"11-35"`` as (11, 35); a single ``"21"`` as (21, 21)."""
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
 
 
 def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device: torch.device,
@@ -364,7 +373,7 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
     estimator = getattr(model, "inner", model)
     photos = PHOTO_SETS[args.photos]()
     names = sorted(photos)
-    sides = args.sides
+    sides = kernel_sides(args.kernel_sizes)
     rng = np.random.default_rng(seed)
     out(f"# {args.model}{' ' + ' '.join(args.overrides) if args.overrides else ''} on {device}, {args.count} cases, "
         f"{args.size}px crops, noise {args.noise}, "
