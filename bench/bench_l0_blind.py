@@ -43,6 +43,7 @@ Example: ``python bench/bench_l0_blind.py --count 14 --size 320 --threads 1``
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import sys
@@ -198,9 +199,9 @@ def time_one_image(model: RestorationModel, device: torch.device, threads: int, 
     mp = blurred.shape[0] * blurred.shape[1] / 1e6
     gain = psnr(to_numpy(out.image), sharp) - psnr(blurred, sharp)
     radius = float(out.metrics.get("defocus_radius", torch.zeros(1))[0])
-    print(f"# {width}x{height} colour, {blur}, {threads} thread(s): {wall / mp:.1f} s/MP wall, {cpu / mp:.1f} s/MP CPU, "
-          f"gain {gain:+.2f} dB, defocus radius {radius:.1f} px (0: no disc), peak memory {peak_before:.0f} -> "
-          f"{peak_after:.0f} MiB (input {x.numel() * 4 / 2**20:.0f} MiB)")
+    print(f"# {width}x{height} colour, {blur}, {threads} thread(s): {wall / mp:.1f} s/MP wall, "
+          f"{cpu / mp:.1f} s/MP CPU, gain {gain:+.2f} dB, defocus radius {radius:.1f} px (0: no disc), "
+          f"peak memory {peak_before:.0f} -> {peak_after:.0f} MiB (input {x.numel() * 4 / 2**20:.0f} MiB)")
     return 0
 
 
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--speed times one image; leave out --seeds (and --jobs)")
     if args.jobs < 1 or (args.jobs > 1 and seeds is None):
         parser.error("--jobs N (N >= 1) restores several sets at once and needs --seeds, e.g. --seeds 0-3 --jobs 2")
-    if not args.speed and not PHOTO_SETS[args.photos]():
+    if not args.speed and not load_photos(args.photos):
         needs = {"packaged": "scikit-image and scikit-learn", "other": "scikit-image and matplotlib",
                  "unseen": "PyWavelets"}
         parser.error(f"no {args.photos} photographs available: install {needs[args.photos]} "
@@ -313,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
 PHOTO_SETS = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}
 
 
+@functools.cache
+def load_photos(which: str) -> dict[str, np.ndarray]:
+    """The ``--photos`` set by name, decoded once per process (the check in :func:`main` and every set share it)."""
+    return PHOTO_SETS[which]()
+
+
 @dataclass
 class SetResult:
     """One benchmark set: its seed, per-case rows (see :func:`run_set`), defocus replacements and printed table."""
@@ -337,7 +344,8 @@ def parse_seeds(text: str) -> list[int] | None:
 def benchmarked_model(args: argparse.Namespace, device: torch.device) -> RestorationModel:
     """The model ``args.model`` names, with the ``--set`` overrides applied to its settings."""
     model = load_model(REGISTRY.parse(args.model), device)
-    if args.overrides:  # load_model wraps l0-blind so repeated calls on one image share a result; its settings live inside
+    if args.overrides:
+        # load_model wraps l0-blind so repeated calls on one image share a result; its settings live inside
         estimator = getattr(model, "inner", model)
         estimator.settings = override_settings(estimator.settings, args.overrides)
     return model
@@ -371,7 +379,7 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
             emit(line)
 
     estimator = getattr(model, "inner", model)
-    photos = PHOTO_SETS[args.photos]()
+    photos = load_photos(args.photos)
     names = sorted(photos)
     sides = kernel_sides(args.kernel_sizes)
     rng = np.random.default_rng(seed)
