@@ -261,7 +261,7 @@ def run_batch(message: BatchMessage, settings: Settings,
         if item.input in todo
     ]
     if not works:
-        return {"done": 0, "failed": 0, "handed_over": 0}
+        return batch_counts(0, 0)
     client = s3_client(settings)
     leftover: list[Work] = []
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
@@ -313,7 +313,12 @@ def run_batch(message: BatchMessage, settings: Settings,
                     message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
-    return {"done": done, "failed": len(works) - done, "handed_over": len(leftover)}
+    return batch_counts(done, len(works) - done, len(leftover))
+
+
+def batch_counts(done: int, failed: int, handed_over: int = 0) -> dict[str, int]:
+    """What a batch task returns (shown in Flower): images done, failed, and handed to a new task."""
+    return {"done": done, "failed": failed, "handed_over": handed_over}
 
 
 def out_of_time(started: float, limit_s: int) -> bool:

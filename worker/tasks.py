@@ -45,7 +45,7 @@ def _ready(sender: Any = None, **_: Any) -> None:
 @app.task(name=PROCESS_BATCH_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Restore (or evaluate) one batch of images; see :func:`worker.pipeline.run_batch`."""
-    from worker.pipeline import fail_batch, run_batch
+    from worker.pipeline import batch_counts, fail_batch, run_batch
 
     if self.request.hostname:
         runtime.set_hostname(self.request.hostname)
@@ -54,7 +54,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
     except (ValidationError, ValueError) as exc:
         # A malformed message can never succeed: log it and drop it (acked).
         log.error("dropping malformed batch message: %s", exc)
-        return {"done": 0, "failed": 0}
+        return batch_counts(0, 0)
     settings = runtime.settings()
     # the broker's priority of this delivery, so the rest of an out-of-time batch waits no longer than it did
     priority = (self.request.delivery_info or {}).get("priority")
@@ -73,7 +73,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         if retries >= settings.task_max_retries:
             log.error("batch of job %s failed after %d retries: %s", message.job_id, retries, exc)
             fail_batch(message, settings, f"gave up after {retries} retries: {exc}")
-            return {"done": 0, "failed": len(message.images)}
+            return batch_counts(0, len(message.images))
         countdown = min(300, 2 ** retries * 5)
         log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown, exc)
         raise self.retry(exc=exc, countdown=countdown) from None
