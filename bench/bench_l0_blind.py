@@ -61,8 +61,9 @@ from scipy.signal import correlate, fftconvolve  # noqa: E402
 
 from models.base import RestorationModel, pick_device  # noqa: E402
 from models.catalog import REGISTRY  # noqa: E402
-from models.l0_blind import L0Settings, clipped_mask, final_deconvolution  # noqa: E402
+from models.l0_blind import L0Settings, clipped_mask, final_deconvolution, linear_light_settings  # noqa: E402
 from models.loading import load_model  # noqa: E402
+from models.tone import linear_to_srgb, srgb_to_linear  # noqa: E402
 from models.synthetic_blur import (  # noqa: E402
     add_light_sources,
     disk_kernel,
@@ -107,7 +108,8 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
 
 def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
               sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0,
-              blur: str = "shake", jpeg: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              blur: str = "shake", jpeg: int = 0, light: str = "encoded"
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sharp crop, blurred crop with noise, true kernel) for one photograph.
 
     ``blur`` "shake": a camera-shake kernel whose odd side is drawn uniformly
@@ -118,7 +120,11 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     many over-bright light sources and ``exposure`` scales the scene before
     it is blurred (see the module docstring). ``jpeg`` > 0 stores the blurred,
     noisy image as an 8-bit JPEG of that quality and decodes it, as a camera
-    or an archive's scans would.
+    or an archive's scans would. ``light`` "linear" blurs the scene in linear
+    light (the photograph's sRGB curve taken off, the lights and exposure
+    applied, the blur, the curve put back), as a shaking camera does;
+    "encoded" blurs the stored values, as most synthetic benchmarks do. The
+    noise is added to the stored values either way.
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
@@ -139,11 +145,17 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     top = (h - big) // 2
     left = (w - big) // 2
     window = img[top:top + big, left:left + big]
+    if light == "linear":
+        window = srgb_to_linear(window)
     if lights:
         window = add_light_sources(window, lights, rng)
     window = window * exposure
     chans = window[..., None] if window.ndim == 2 else window
     blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
+    if light == "linear":
+        blurred = linear_to_srgb(np.clip(blurred, 0.0, 1.0))
+        window = linear_to_srgb(np.clip(window, 0.0, 1.0))
+        chans = window[..., None] if window.ndim == 2 else window
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
     if jpeg:
         blurred = jpeg_roundtrip(blurred, jpeg).astype(np.float64)
@@ -152,6 +164,14 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     if window.ndim == 2:
         return sharp[..., 0], blurred[..., 0], kernel
     return sharp, blurred, kernel
+
+
+def true_kernel_restoration(x: torch.Tensor, kernel: torch.Tensor, settings: L0Settings) -> torch.Tensor:
+    """The model's own final deconvolution of ``x`` with the true ``kernel``, in the light it restores in."""
+    if settings.light == "linear":
+        linear = linear_light_settings(settings)
+        return linear_to_srgb(true_kernel_restoration(srgb_to_linear(x), kernel, linear)).clamp(0, 1)
+    return final_deconvolution(x, kernel, settings, clipped_mask(x, settings, per_channel=True)).clamp(0, 1)
 
 
 def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
@@ -248,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg", type=int, default=0, metavar="QUALITY",
                         help="store each blurred, noisy case as an 8-bit JPEG of this quality (1-95) and "
                              "restore the decoded image, as photographs usually arrive (default 0: no JPEG)")
+    parser.add_argument("--light", choices=("encoded", "linear"), default="encoded",
+                        help="where the shake blurs: encoded, the photograph's stored values (as most "
+                             "synthetic benchmarks do; default); linear, linear light with the sRGB curve put "
+                             "back after, as a real shaking camera does (restore it with --model "
+                             "l0-blind:light=linear)")
     parser.add_argument("--grey", action="store_true",
                         help="convert the photographs to grey first (Levin et al.'s benchmark is grey)")
     parser.add_argument("--photos", choices=("packaged", "other", "unseen"), default="packaged",
@@ -389,7 +414,8 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
         f"{', grey' if args.grey else ''}"
         f"{f', {args.lights} lights' if args.lights else ''}"
         f"{f', exposure {args.exposure:g}' if args.exposure != 1 else ''}"
-        f"{f', JPEG q{args.jpeg}' if args.jpeg else ''}, "
+        f"{f', JPEG q{args.jpeg}' if args.jpeg else ''}"
+        f"{', blurred in linear light' if args.light == 'linear' else ''}, "
         f"{args.photos + ' photographs, ' if args.photos != 'packaged' else ''}seed {seed}, {args.threads} thread(s)")
     out(f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
         f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
@@ -397,7 +423,7 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
     for i in range(args.count):
         name = names[i % len(names)]
         sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
-                                           args.exposure, args.blur, args.jpeg)
+                                           args.exposure, args.blur, args.jpeg, args.light)
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         result = model(x)
@@ -410,9 +436,8 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
         reference = float("nan")
         if not args.no_reference and hasattr(estimator, "settings"):
             with torch.inference_mode():
-                ref = final_deconvolution(x, torch.from_numpy(kernel).float().to(device), estimator.settings,
-                                          clipped_mask(x, estimator.settings, per_channel=True))
-            reference = psnr(to_numpy(ref.clamp(0, 1)), sharp)
+                ref = true_kernel_restoration(x, torch.from_numpy(kernel).float().to(device), estimator.settings)
+            reference = psnr(to_numpy(ref), sharp)
         chans = 1 if blurred.ndim == 2 else blurred.shape[2]
         mp = blurred.shape[0] * blurred.shape[1] / 1e6
         row = (psnr(blurred, sharp), psnr(restored, sharp), reference, kernel_similarity(kernel, est),

@@ -21,7 +21,7 @@ from torch import nn
 
 from jobs.errors import WeightsError
 from models.base import RestorationModel, Restored
-from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, weights_dir
+from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, ModelSpec, weights_dir
 
 SHIPPED_DIR = SHIPPED_WEIGHTS_DIR
 
@@ -221,6 +221,22 @@ class RefinerModel(RestorationModel):
         return Restored(image=image, kernels=prior.kernels, metrics=dict(prior.metrics))
 
 
+def prior_spec(prior_text: str, light: str) -> ModelSpec:
+    """The spec of a refiner's prior (from its weights' metadata), undoing the blur in ``light``.
+
+    "encoded" leaves the spec as recorded, so an ensemble's plain ``l0-blind``
+    member and the refiners' prior are the same model and run once
+    (:mod:`models.shared_results`); "linear" adds ``light=linear``, which
+    the prior must accept.
+    """
+    from models.catalog import REGISTRY, in_light
+
+    spec = REGISTRY.parse(prior_text)
+    if light != "encoded" and REGISTRY.get(spec.name).param("light") is None:
+        raise WeightsError(f"the refiner's prior {spec.name!r} has no 'light' parameter; use light=encoded")
+    return in_light(spec, light)
+
+
 def _build(name: str, params: Mapping[str, object], device: torch.device) -> RestorationModel:
     from models.catalog import REGISTRY
 
@@ -244,7 +260,7 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
     if prior_text:
         from models.loading import load_model
 
-        prior = load_model(REGISTRY.parse(prior_text), device)
+        prior = load_model(prior_spec(prior_text, str(params.get("light") or "encoded")), device)
         return RefinerModel(info, params, device, JointNetwork(info, params, device, net), prior)
     return LearnedSeedModel(info, params, device, net)
 

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from scipy.signal import fftconvolve
 
+from models.tone import linear_to_srgb, srgb_to_linear
+
 
 def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
     """Isotropic Gaussian PSF with standard deviation ``sigma`` pixels."""
@@ -135,13 +137,21 @@ def blur_image(
     noise_sigma: float = 0.0,
     rng: np.random.Generator | None = None,
     mode: str = "reflect",
+    light: str = "encoded",
 ) -> np.ndarray:
     """Convolve ``image`` (HxW or HxWxC, float [0, 1]) with ``kernel`` and add noise.
 
     ``mode='reflect'`` pads by reflection so the output has the input's size
     and no dark frame; ``mode='valid'`` returns only fully-covered pixels.
+    ``light='linear'`` blurs in linear light (the sRGB curve taken off first
+    and put back after), as a shaking camera does; ``'encoded'`` blurs the
+    stored values. The noise is added to the stored values either way.
     """
+    if light not in ("encoded", "linear"):
+        raise ValueError(f"unknown light {light!r}; use 'encoded' or 'linear'")
     img = np.asarray(image, dtype=np.float64)
+    if light == "linear":
+        img = srgb_to_linear(np.clip(img, 0.0, 1.0))
     kh, kw = kernel.shape
     ph, pw = kh // 2, kw // 2
     chans = img[..., None] if img.ndim == 2 else img
@@ -156,6 +166,8 @@ def blur_image(
         else:
             raise ValueError(f"unknown mode {mode!r}; use 'reflect' or 'valid'")
     result = np.stack(out, axis=2)
+    if light == "linear":
+        result = linear_to_srgb(np.clip(result, 0.0, 1.0))
     if noise_sigma > 0:
         rng = rng or np.random.default_rng()
         result = result + rng.normal(0.0, noise_sigma, result.shape)

@@ -1,0 +1,36 @@
+"""The sRGB tone curve, both ways, for NumPy arrays and torch tensors alike.
+
+A camera's sensor integrates light while it shakes, so camera shake blurs
+*linear* light; the photograph then stores the values through a tone curve
+(sRGB's, about a 1/2.2 power). Blur in the stored values is what most
+synthetic benchmarks make, and a deblurring model must undo the blur in the
+domain where it happened: on real camera shake the stored values are not a
+convolution of the scene, and restoring them as one costs several dB
+(bench/RESULTS.md). These functions take values in [0, 1] (a little outside
+is tolerated: the curve is continued, never NaN) and need no torch.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+Values = TypeVar("Values")  # a NumPy array, a torch tensor or a float
+
+# IEC 61966-2-1: the linear segment near black and the power law above it
+_ENCODED_KNEE = 0.04045
+_LINEAR_KNEE = 0.0031308
+_SLOPE = 12.92
+_OFFSET = 0.055
+_POWER = 2.4
+
+
+def srgb_to_linear(encoded: Values) -> Values:
+    """Linear light from sRGB-encoded values (0.5 stored is 0.214 of full light)."""
+    power = ((abs(encoded) + _OFFSET) / (1.0 + _OFFSET)) ** _POWER  # type: ignore[operator]
+    return (encoded <= _ENCODED_KNEE) * (encoded / _SLOPE) + (encoded > _ENCODED_KNEE) * power  # type: ignore[operator]
+
+
+def linear_to_srgb(linear: Values) -> Values:
+    """sRGB-encoded values from linear light; the inverse of :func:`srgb_to_linear`."""
+    power = (1.0 + _OFFSET) * abs(linear) ** (1.0 / _POWER) - _OFFSET  # type: ignore[operator]
+    return (linear <= _LINEAR_KNEE) * (linear * _SLOPE) + (linear > _LINEAR_KNEE) * power  # type: ignore[operator]
