@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from models.catalog import REGISTRY, default_ensemble
+from models.catalog import REGISTRY, in_light, parse_ensemble
 from models.ensemble import fit_weights
 from models.loading import load_model
 from models.synthetic_blur import (
@@ -51,8 +51,12 @@ def bench_photographs(which: str) -> dict[str, np.ndarray]:
     return {name: photos[name] for name in ("chelsea", "coffee")}
 
 
-def cases(crops: int, size: int, seed: int = 11, which: str = "held-out") -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`)."""
+def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light: str = "encoded"
+          ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`).
+
+    ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`).
+    """
     rng = np.random.default_rng(seed)
     out = []
     for name, photo in bench_photographs(which).items():
@@ -69,7 +73,8 @@ def cases(crops: int, size: int, seed: int = 11, which: str = "held-out") -> lis
                 ("disk4", disk_kernel(4.0)),
             ]
             for label, k in kernels:
-                out.append((f"{name}:{label}", blur_image(sharp, k, noise_sigma=0.005, rng=rng), sharp))
+                out.append((f"{name}:{label}", blur_image(sharp, k, noise_sigma=0.005, rng=rng, light=light),
+                            sharp))
     return out
 
 
@@ -138,17 +143,23 @@ def main() -> None:
                         help="held-out: chelsea and coffee, out of training but used to pick checkpoints and "
                              "weights (default); unseen: PyWavelets' ascent and aero, which no model trains on "
                              "(the fairest figures here, though shipping decisions have looked at them)")
+    parser.add_argument("--light", choices=("encoded", "linear"), default="encoded",
+                        help="where the blur happens: encoded, the stored values (default); linear, linear light "
+                             "as a shaking camera blurs; every model with a 'light' parameter is then run with "
+                             "light=linear unless its spec sets it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = args.model or ["seed002-unet", "seed001-refine", "seed002-refine"]
-    names = ["l0-blind", *specs] if args.l0 else specs
+    specs = [in_light(REGISTRY.parse(s), args.light).to_text() if args.light != "encoded" else s for s in specs]
+    l0 = in_light(REGISTRY.parse("l0-blind"), args.light).to_text()
+    names = [l0, *specs] if args.l0 else specs
     mixes = [parse_mix(text) for text in args.mix or []]  # checked before minutes of restoring
     for mix in mixes:
         missing = [n for n in mix if n not in names]
         if missing:
             raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
                              "(or --l0 for l0-blind)")
-    data = cases(args.crops, args.size, which=args.photos)
+    data = cases(args.crops, args.size, which=args.photos, light=args.light)
     base = [psnr(b, s) for _, b, s in data]
     print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos} photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
@@ -175,11 +186,11 @@ def main() -> None:
         weights, report = fit_weights(stacks, targets)
         print("fitted weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(names, weights, strict=True))
               + f" -> gain {report.psnr_fitted - np.mean(base):+.3f} dB")
-        default = default_ensemble().members
+        default = parse_ensemble([], light=args.light).members
         by_name: dict[str, str] = {}
         for n in names:  # the plain spec of a model if it runs, else its first variant
             name = REGISTRY.parse(n).name
-            if name not in by_name or n == name:
+            if name not in by_name or n == in_light(REGISTRY.parse(name), args.light).to_text():
                 by_name[name] = n
         if all(m.name in by_name for m in default):
             print("  shipped default ensemble:", end="")

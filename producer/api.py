@@ -136,6 +136,10 @@ class JobSubmission(BaseModel):
     align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
                                            "alignment to the sharp image) before measuring.")
     crop_border: int = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
+    light: Literal["encoded", "linear"] | None = Field(
+        None, description="Where the members that can (l0-blind and its refiners) undo the blur: 'linear' for "
+                          "photographs of real camera shake (a camera blurs light before its tone curve), "
+                          "'encoded' (their default) for blur made in stored values. Unset: each spec decides.")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
         description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
@@ -145,7 +149,7 @@ class JobSubmission(BaseModel):
             kind=self.kind, inputs=list(self.inputs), output=self.output, models=list(self.models),
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
-            align=self.align, crop_border=self.crop_border,
+            align=self.align, crop_border=self.crop_border, light=self.light,
         )
 
 

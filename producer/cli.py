@@ -19,6 +19,7 @@ from rich.console import Console
 
 from jobs.errors import DeblurError, InputError
 from jobs.settings import HELP, Settings, load_settings
+from models.catalog import LIGHT_CHOICES, LIGHT_HELP
 
 console = Console(stderr=True)
 out = Console()
@@ -141,12 +142,13 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task (default: DEBLUR_BATCH_SIZE or 8).")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
+@option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
-           batch_size: int | None, priority: int, strip_metadata: bool, job_key: str | None, wait: bool,
-           quiet: bool) -> None:
+           batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
+           wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -158,7 +160,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
-                         ensemble=ensemble)
+                         ensemble=ensemble, light=light)
     _submit_and_report(request, wait, quiet)
 
 
@@ -176,20 +178,21 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
              "before measuring, on the valid region only. Slower; for pairs that are not pixel-registered.")
 @option("--crop-border", type=click.IntRange(0), default=0, show_default=True,
         help="Ignore this many pixels at each border when measuring.")
+@option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--job-key", default=None, help="Idempotency key.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
-             output: str | None, strength: float, align: bool, crop_border: int, batch_size: int | None,
-             priority: int, job_key: str | None, wait: bool, quiet: bool) -> None:
+             output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
+             batch_size: int | None, priority: int, job_key: str | None, wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
-                         job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border)
+                         job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light)
     _submit_and_report(request, wait, quiet)
 
 

@@ -43,12 +43,13 @@ class JobRequest:
     align: bool = False
     crop_border: int = 0
     ensemble: str | None = None  # a saved ensemble's name (deblur ensemble fit); excludes ``models``
+    light: str | None = None  # "linear": every member that can undoes the blur in linear light (real camera shake)
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
         if not 0.0 <= self.strength <= 1.0:
             raise InputError(f"--strength must be within 0..1, got {self.strength}")
-        ensemble = parse_ensemble(self.models, strength=self.strength)
+        ensemble = parse_ensemble(self.models, strength=self.strength, light=self.light)
         return [m.to_text() for m in ensemble.members]
 
 
@@ -141,6 +142,7 @@ def submit(
         "align": request.align,
         "crop_border": request.crop_border,
         "ensemble": request.ensemble,
+        "light": request.light,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)

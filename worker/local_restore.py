@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from jobs.errors import DeblurError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
-from models.catalog import parse_ensemble
+from models.catalog import LIGHT_CHOICES, LIGHT_HELP, parse_ensemble
 
 console = Console(stderr=True)
 
@@ -56,14 +56,15 @@ def restore_file(path: Path, output_dir: Path, message: BatchMessage,
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, show_envvar=True,
               help="1 = fully restored, 0 = unchanged.")
 @click.option("--strip-metadata", is_flag=True, show_envvar=True, help="Do not copy EXIF/ICC/XMP.")
+@click.option("--light", type=click.Choice(LIGHT_CHOICES), default=None, show_envvar=True, help=LIGHT_HELP)
 def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ...], strength: float,
-                    strip_metadata: bool) -> None:
+                    strip_metadata: bool, light: str | None) -> None:
     """Restore local image FILES in this process and write OUTPUT/<same name>.
 
     Useful for trying models and for scripts; bulk work belongs in 'deblur submit'.
     A file that cannot be read fails alone; the exit code is 1 if any failed.
     """
-    ensemble = parse_ensemble(list(models), strength=strength)
+    ensemble = parse_ensemble(list(models), strength=strength, light=light)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
                            strength=strength, strip_metadata=strip_metadata,
                            images=[ImageItem(input=str(f)) for f in files])

@@ -1,0 +1,59 @@
+"""Choosing where the blur is undone (``light``): specs, ensembles, refiners, jobs and the API body."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.errors import InvalidModelSpecError
+from models import shared_results
+from models.catalog import REGISTRY, in_light, parse_ensemble
+from models.learned import RefinerModel
+from models.loading import load_model
+from producer.api import JobSubmission
+from producer.submit import JobRequest
+
+
+def test_linear_light_reaches_every_member_that_can_take_it() -> None:
+    default = parse_ensemble([], light="linear")
+    assert [m.to_text() for m in default.members] == [
+        "l0-blind:light=linear", "seed001-refine:light=linear", "seed002-refine:light=linear:2"]
+    mixed = parse_ensemble(["wiener:psf=gaussian:sigma=1.5", "l0-blind:kernel=31", "seed002-refine:light=encoded"],
+                           light="linear")
+    assert [m.key() for m in mixed.members] == [
+        "wiener:psf=gaussian:sigma=1.5",  # no blur model that depends on the tone curve: unchanged
+        "l0-blind:kernel=31,light=linear",
+        "seed002-refine:light=encoded",  # a spec that says otherwise wins
+    ]
+
+
+def test_encoded_light_leaves_specs_as_they_are() -> None:
+    # the default adds nothing, so a plain l0-blind member stays the refiners' prior (computed once)
+    assert parse_ensemble([], light="encoded").members == parse_ensemble([]).members
+    assert in_light(REGISTRY.parse("l0-blind"), "encoded") == REGISTRY.parse("l0-blind")
+    with pytest.raises(InvalidModelSpecError, match="light must be one of encoded, linear"):
+        in_light(REGISTRY.parse("l0-blind"), "gamma")
+    with pytest.raises(InvalidModelSpecError, match="light"):
+        REGISTRY.parse("seed001-refine:light=srgb")
+
+
+def test_a_job_and_an_api_body_carry_the_light_into_their_model_specs() -> None:
+    request = JobRequest(kind="deblur", inputs=["s3://archive/in/"], output="s3://archive/out/", light="linear")
+    assert request.validated_models() == [
+        "l0-blind:light=linear", "seed001-refine:light=linear", "seed002-refine:light=linear:2"]
+    body = JobSubmission(kind="deblur", inputs=["s3://archive/in/"], output="s3://archive/out/", light="linear")
+    assert body.to_request(None).light == "linear"
+    with pytest.raises(ValueError, match="light"):
+        JobSubmission(kind="deblur", inputs=["s3://archive/in/"], output="s3://archive/out/", light="gamma")
+
+
+def test_a_refiner_in_linear_light_runs_its_prior_in_linear_light_shared_with_the_member() -> None:
+    shared_results.clear()
+    refiner = load_model(REGISTRY.parse("seed002-refine:light=linear"), torch.device("cpu"))
+    member = load_model(REGISTRY.parse("l0-blind:light=linear"), torch.device("cpu"))
+    assert isinstance(refiner, RefinerModel)
+    assert "light=linear" in refiner.prior.version
+    assert refiner.prior.version == member.version  # one l0-blind run serves both
+    plain = load_model(REGISTRY.parse("seed002-refine"), torch.device("cpu"))
+    assert isinstance(plain, RefinerModel) and "light=encoded" in plain.prior.version
+    shared_results.clear()
