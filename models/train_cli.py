@@ -50,6 +50,11 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--sharp", "sharp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("sharp"),
               help="Folder of sharp images to blur synthetically. Default (no data option): the photographs "
                    "shipped inside installed packages (scikit-image, scikit-learn, matplotlib).")
+@click.option("--light", type=click.Choice(["encoded", "linear", "mixed"]), default="encoded", show_default=True,
+              envvar=_env("light"),
+              help="Where synthetic blur happens: encoded, the stored values (as synthetic benchmarks blur); "
+                   "linear, linear light with the sRGB curve put back after, as a shaking camera blurs; mixed, "
+                   "half of each. For a refiner meant for real shake, also pass --prior l0-blind:light=linear.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True,
               envvar=_env("val_fraction"), help="Share of images or pairs held out for validation.")
 @click.option("--val-count", type=click.IntRange(1), default=16, show_default=True, envvar=_env("val_count"),
@@ -121,6 +126,7 @@ def train_command(
     blurred_prefix: str | None,
     sharp_prefix: str | None,
     sharp_dir: Path | None,
+    light: str,
     val_fraction: float,
     val_count: int,
     val_size: int,
@@ -164,7 +170,8 @@ def train_command(
       --blurred-prefix S3 --sharp-prefix S3  real pairs on S3
       --sharp DIR                          sharp images, blurred on the fly
     Synthetic blur = random camera shake (5-25 px), defocus discs (1-6 px),
-    Gaussian, noise (0-2%) and occasional JPEG.
+    Gaussian, noise (0-2%) and occasional JPEG, in stored values or in
+    linear light (--light).
 
     Every option can also be set with an environment variable
     DEBLUR_TRAIN_<OPTION>, e.g. DEBLUR_TRAIN_STEPS=20000.
@@ -193,6 +200,8 @@ def train_command(
         validation: list[tuple[np.ndarray, np.ndarray]]
         if prior and (pairs is not None or blurred_prefix or sharp_prefix):
             raise InputError("--prior trains on synthetic blur only; drop --pairs / --blurred-prefix")
+        if light != "encoded" and (pairs is not None or blurred_prefix or sharp_prefix):
+            raise InputError("--light applies to synthetic blur only; real pairs are blurred as they were recorded")
         if pairs is not None or blurred_prefix or sharp_prefix:
             if pairs is not None:
                 loaded = D.pairs_from_folder(pairs)
@@ -220,8 +229,11 @@ def train_command(
             else:
                 train_imgs, val_imgs = D.split_photographs(D.package_photographs())
                 described = f"synthetic blur of {len(train_imgs)} package photographs"
-            source = D.SyntheticPairs(train_imgs)
-            validation = D.synthetic_validation_set(val_imgs, val_count, val_size) if val_imgs else []
+            synth = D.BlurSynthesizer(linear_prob={"encoded": 0.0, "linear": 1.0, "mixed": 0.5}[light])
+            if synth.light:
+                described += f" in {synth.light}"
+            source = D.SyntheticPairs(train_imgs, synth)
+            validation = D.synthetic_validation_set(val_imgs, val_count, val_size, synth=synth) if val_imgs else []
             if val_imgs:
                 described += f"; validation: {', '.join(sorted(val_imgs))}"
             if prior:
@@ -233,7 +245,7 @@ def train_command(
                 click.echo(f"running {prior} on {prior_patches} training patches into {cache} "
                            "(cached; reused by later runs)", err=True)
                 # the cache does not depend on --seed, so runs with different seeds share it
-                P.build_cache(cache, train_imgs, prior, prior_patches, prior_size, progress=progress)
+                P.build_cache(cache, train_imgs, prior, prior_patches, prior_size, progress=progress, synth=synth)
                 source = P.PriorPairs(P.load_cache(cache, prior_patches))
                 validation = P.validation_triplets(cache, validation, prior)
                 arch_kwargs["in_channels"] = 6

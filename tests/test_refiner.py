@@ -23,7 +23,7 @@ from models.catalog import REGISTRY
 from models.learned import RefinerModel
 from models.loading import load_model
 from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
-from models.training.data import to_float_rgb
+from models.training.data import BlurSynthesizer, to_float_rgb
 from models.training.prior import PriorPairs, build_cache, claim, load_cache, validation_triplets
 
 torch.set_num_threads(1)
@@ -78,6 +78,9 @@ def test_cache_builds_in_chunks_resumes_and_refuses_another_prior(tmp_path: Path
         build_cache(tmp_path, synth_photos, "wiener", patches=8, size=48, chunk_size=2, progress=False)
     with pytest.raises(InputError, match="64-pixel"):
         build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=64, chunk_size=2, progress=False)
+    with pytest.raises(InputError, match="blurred in linear light 100%"):
+        build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=48, chunk_size=2, progress=False,
+                    synth=BlurSynthesizer(linear_prob=1.0))
     with pytest.raises(InputError, match="no complete chunks"):
         load_cache(tmp_path / "empty")
 
@@ -115,6 +118,12 @@ def test_validation_triplets_are_cached(tmp_path: Path, photo: np.ndarray) -> No
     assert (tmp_path / "validation-2-48x48.npz").is_file()
     again = validation_triplets(tmp_path, pairs, CHEAP_PRIOR)
     np.testing.assert_array_equal(joint[1][0], again[1][0])
+    # other crops (another light, other photographs) of the same size get their own prior, not the cached one
+    brighter = [(np.clip(b * 1.2, 0, 1).astype(np.float32), s) for b, s in pairs]
+    other = validation_triplets(tmp_path, brighter, CHEAP_PRIOR)
+    model = load_model(REGISTRY.parse(CHEAP_PRIOR), torch.device("cpu"))
+    expected = model(torch.from_numpy(brighter[0][0]).permute(2, 0, 1)[None]).image[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(other[0][0][..., 3:], expected, atol=2e-3)
 
 
 def _refiner_file(path: Path, prior: str) -> Path:

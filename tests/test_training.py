@@ -57,6 +57,20 @@ def test_synthesizer_kernels_are_normalised_and_blur_shrinks_by_the_margin(photo
     assert out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
 
 
+def test_synthesizer_blurs_in_linear_light_when_asked(photo: np.ndarray) -> None:
+    kernel = np.zeros((9, 9))
+    kernel[4, :] = 1 / 9  # a horizontal streak
+    quiet = {"noise_prob": 0.0, "jpeg_prob": 0.0}
+    stored = BlurSynthesizer(**quiet).degrade(photo, kernel, np.random.default_rng(0))
+    linear = BlurSynthesizer(linear_prob=1.0, **quiet).degrade(photo, kernel, np.random.default_rng(0))
+    assert linear.shape == stored.shape and linear.dtype == np.float32
+    # averaging light then encoding is brighter than averaging the encoded values (the curve is concave)
+    assert (linear >= stored - 1e-5).all() and float((linear - stored).mean()) > 0.005
+    assert BlurSynthesizer(linear_prob=1.0).light == "linear light 100%" and BlurSynthesizer().light == ""
+    with pytest.raises(ValueError, match="linear_prob"):
+        BlurSynthesizer(linear_prob=1.5)
+
+
 def test_synthetic_pairs_are_blurred_aligned_and_reproducible(photo: np.ndarray) -> None:
     source = SyntheticPairs([photo], SMALL_BLUR, kernel_bank=4)
     b1, s1 = source.batch(3, 32, np.random.default_rng(5))
@@ -231,6 +245,9 @@ def test_cli_help_and_environment_variables(tmp_path: Path, photo: np.ndarray, m
     assert (tmp_path / "run" / "best.safetensors").is_file()
     bad = runner.invoke(train_command, ["seed002", "-o", str(tmp_path / "x"), "--blurred-prefix", "s3://b/blur/"])
     assert bad.exit_code != 0 and "--sharp-prefix" in bad.output
+    real = runner.invoke(train_command, ["seed002", "-o", str(tmp_path / "y"), "--pairs", str(tmp_path / "data"),
+                                         "--light", "linear"])
+    assert real.exit_code != 0 and "--light applies to synthetic blur only" in real.output
 
 
 def test_seed003_trains_and_exports(tmp_path: Path, photo: np.ndarray) -> None:

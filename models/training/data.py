@@ -29,6 +29,7 @@ import numpy as np
 from scipy.signal import fftconvolve
 
 from jobs.errors import InputError, StorageNotFoundError
+from models.tone import linear_to_srgb, srgb_to_linear
 from models.synthetic_blur import (
     disk_kernel,
     gaussian_kernel,
@@ -143,7 +144,10 @@ class BlurSynthesizer:
     probabilities (the rest of the mass goes to Gaussian). :meth:`degrade`
     then adds Gaussian noise with σ uniform in ``noise_sigma`` (with
     probability ``noise_prob``) and JPEG compression (probability
-    ``jpeg_prob``, quality in ``jpeg_quality``).
+    ``jpeg_prob``, quality in ``jpeg_quality``). A share ``linear_prob``
+    of the samples is blurred in linear light, the sRGB curve taken off
+    before the blur and put back after, as real camera shake is; the rest
+    blur the stored values, as synthetic benchmarks do.
     """
 
     motion_prob: float = 0.6
@@ -155,14 +159,22 @@ class BlurSynthesizer:
     noise_sigma: tuple[float, float] = (0.0, 0.02)
     jpeg_prob: float = 0.15
     jpeg_quality: tuple[int, int] = (60, 95)
+    linear_prob: float = 0.0  # share of samples blurred in linear light (as a shaking camera blurs), not stored values
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.linear_prob <= 1.0:
+            raise ValueError(f"linear_prob must be in [0, 1], got {self.linear_prob}")
         if not 0 <= self.motion_prob + self.defocus_prob <= 1:
             raise ValueError(
                 f"motion_prob + defocus_prob must be in [0, 1], got {self.motion_prob} + {self.defocus_prob}"
             )
         if self.motion_size[0] < 3 or self.motion_size[1] < self.motion_size[0]:
             raise ValueError(f"motion_size must be (low >= 3, high >= low), got {self.motion_size}")
+
+    @property
+    def light(self) -> str:
+        """Where the blur happens, for logs and cache checks: "" (stored values) or "linear light N%"."""
+        return f"linear light {self.linear_prob:.0%}" if self.linear_prob > 0 else ""
 
     @property
     def max_kernel(self) -> int:
@@ -186,9 +198,11 @@ class BlurSynthesizer:
         The result is smaller by ``kernel side - 1`` in each dimension; it lines
         up with ``sharp_with_margin`` cropped by ``kernel side // 2`` on each side.
         """
-        blurred = np.stack(
-            [fftconvolve(sharp_with_margin[..., c], kernel, mode="valid") for c in range(3)], axis=2
-        )
+        linear = self.linear_prob > 0 and rng.uniform() < self.linear_prob  # no draw by default: same streams
+        scene = srgb_to_linear(np.clip(sharp_with_margin, 0.0, 1.0)) if linear else sharp_with_margin
+        blurred = np.stack([fftconvolve(scene[..., c], kernel, mode="valid") for c in range(3)], axis=2)
+        if linear:
+            blurred = linear_to_srgb(np.clip(blurred, 0.0, 1.0))
         if rng.uniform() < self.noise_prob:
             sigma = float(rng.uniform(*self.noise_sigma))
             blurred = blurred + rng.normal(0.0, sigma, blurred.shape)

@@ -22,15 +22,16 @@ directory and training then samples patches from the cache:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jobs.errors import InputError
-from models.training.data import SyntheticPairs, augment_pair
+from models.training.data import BlurSynthesizer, SyntheticPairs, augment_pair
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -71,7 +72,7 @@ def _stored_shape(path: Path, name: str = "sharp") -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _save(path: Path, triplets: Sequence[Triplet], spec: str) -> None:
+def _save(path: Path, triplets: Sequence[Triplet], spec: str, light: str = "") -> None:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(
         tmp,
@@ -79,6 +80,7 @@ def _save(path: Path, triplets: Sequence[Triplet], spec: str) -> None:
         prior=np.stack([t[1] for t in triplets]).astype(np.float16),
         sharp=np.stack([t[2] for t in triplets]).astype(np.float16),
         spec=np.array(spec),
+        light=np.array(light),
     )
     tmp.replace(path)
 
@@ -92,19 +94,22 @@ def build_cache(
     chunk_size: int = 25,
     seed: int = 0,
     progress: bool = True,
+    synth: BlurSynthesizer | None = None,
 ) -> int:
     """Fill ``folder`` with chunks until it holds ``patches`` triplets of ``size`` pixels; returns the count.
 
     Chunks already present (or claimed by another process, see the module
     docstring) are skipped, so an interrupted build resumes where it stopped.
-    A cache made with another prior spec is refused.
+    The patches are blurred by ``synth`` (default: :class:`BlurSynthesizer`'s
+    defaults). A cache made with another prior spec, patch size or blur light is refused.
     """
+    synth = synth or BlurSynthesizer()
     folder.mkdir(parents=True, exist_ok=True)
     chunks = -(-patches // chunk_size)
     todo = [i for i in range(chunks) if not _chunk_path(folder, i).exists()]
-    _check_cache(folder, spec, size)
+    _check_cache(folder, spec, size, synth.light)
     runner = prior_runner(spec) if todo else None
-    source = SyntheticPairs(images, kernel_bank=0, augment=False) if todo else None
+    source = SyntheticPairs(images, synth, kernel_bank=0, augment=False) if todo else None
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -126,7 +131,7 @@ def build_cache(
                     triplets.append((blurred, runner(blurred), sharp))
                     if bar is not None:
                         bar.update(1)
-                _save(_chunk_path(folder, index), triplets, spec)
+                _save(_chunk_path(folder, index), triplets, spec, synth.light)
             finally:
                 lock.unlink(missing_ok=True)
     finally:
@@ -173,16 +178,18 @@ def _stale(lock: Path) -> bool:
     return False
 
 
-def _check_cache(folder: Path, spec: str, size: int) -> None:
-    """Refuse a cache made with another prior spec or patch size (the first chunk tells)."""
+def _check_cache(folder: Path, spec: str, size: int, light: str = "") -> None:
+    """Refuse a cache made with another prior spec, patch size or blur light (the first chunk tells)."""
     for path in _complete_chunks(folder)[:1]:
         with np.load(path) as data:
             found = str(data["spec"])
+            found_light = str(data["light"]) if "light" in data.files else ""  # older caches: stored values
         side = _stored_shape(path)[1]
-        if found != spec or side != size:
+        if found != spec or side != size or found_light != light:
             raise InputError(
-                f"prior cache {str(folder)!r} holds {side}-pixel patches made with {found!r}, not {size}-pixel "
-                f"patches of {spec!r}; give another --prior-cache directory"
+                f"prior cache {str(folder)!r} holds {side}-pixel patches made with {found!r}"
+                f"{', blurred in ' + found_light if found_light else ''}, not {size}-pixel patches of {spec!r}"
+                f"{', blurred in ' + light if light else ''}; give another --prior-cache directory"
             )
 
 
@@ -206,19 +213,31 @@ def validation_triplets(
         return []
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"validation-{len(pairs)}-{pairs[0][0].shape[0]}x{pairs[0][0].shape[1]}.npz"
+    inputs = _digest(b for b, _ in pairs)
     priors: list[np.ndarray] = []
     if path.exists():
         with np.load(path) as data:
-            if str(data["spec"]) == spec:
+            # the same prior on the same crops (other photographs or another light make other crops)
+            if str(data["spec"]) == spec and "inputs" in data.files and str(data["inputs"]) == inputs:
                 priors = [p.astype(np.float32) for p in data["prior"]]
     if not priors:
         runner = prior_runner(spec)
         # rounded as stored, so a run validates the same whether the cache existed or not
         priors = [runner(b).astype(np.float16).astype(np.float32) for b, _ in pairs]
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, prior=np.stack(priors).astype(np.float16), spec=np.array(spec))
+        np.savez(tmp, prior=np.stack(priors).astype(np.float16), spec=np.array(spec), inputs=np.array(inputs))
         tmp.replace(path)
     return [(np.concatenate([b, p], axis=2), s) for (b, s), p in zip(pairs, priors, strict=True)]
+
+
+def _digest(images: Iterable[np.ndarray]) -> str:
+    """A digest of the images' shapes and bytes: which validation crops a cached prior belongs to."""
+    digest = hashlib.blake2b(digest_size=16)
+    for image in images:
+        data = np.ascontiguousarray(image, dtype=np.float32)
+        digest.update(str(data.shape).encode())
+        digest.update(data.tobytes())
+    return digest.hexdigest()
 
 
 class PriorPairs:
