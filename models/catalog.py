@@ -54,8 +54,6 @@ CLASSIC: list[ModelInfo] = [
     ),
 ]
 
-# Other families append their entries here (kept as separate lists so each
-# family's declarations stay together).
 LIGHT_CHOICES = ("encoded", "linear")
 # the command-line help of --light, for every command that takes it
 LIGHT_HELP = (
@@ -69,6 +67,8 @@ _PRIOR_LIGHT = Param(
     choices=LIGHT_CHOICES,
 )
 
+# Other families append their entries here (kept as separate lists so each
+# family's declarations stay together).
 BLIND: list[ModelInfo] = [
     ModelInfo(
         name="l0-blind",
