@@ -25,6 +25,27 @@ _SATURATION = Param(
     minimum=0.0, maximum=1.0,
 )
 
+LIGHT_CHOICES = ("encoded", "linear")
+# the command-line help of --light, for every command that takes it
+LIGHT_HELP = (
+    "Where the models that deconvolve by a kernel (l0-blind, the refiners' l0-blind, wiener, richardson-lucy) "
+    "undo the blur: 'linear' for photographs of real camera shake (a camera blurs light before its tone curve "
+    "is applied; 2-3 dB better there), 'encoded' (default) for blur made in the stored values, as synthetic "
+    "benchmarks make it. Learned networks on their own are unaffected."
+)
+_LIGHT = Param(
+    "light", str, "encoded", "where the blur is undone: 'encoded', the stored values as they are (how synthetic "
+    "benchmarks blur); 'linear', in linear light, the sRGB tone curve taken off first and put back after, as a "
+    "shaking camera blurs light before its tone curve: use it on real camera-shake photographs (on blur made in "
+    "linear light l0-blind gains 2-3 dB more this way; on blur made in stored values, as much less)",
+    choices=LIGHT_CHOICES,
+)
+_PRIOR_LIGHT = Param(
+    "light", str, "encoded", "where the l0-blind run inside undoes the blur (see l0-blind's 'light'): 'linear' "
+    "for real camera-shake photographs; the network itself was trained on blur in stored values",
+    choices=LIGHT_CHOICES,
+)
+
 CLASSIC: list[ModelInfo] = [
     ModelInfo(
         name="wiener",
@@ -36,6 +57,7 @@ CLASSIC: list[ModelInfo] = [
             Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
             Param("nsr", float, 0.01, "noise-to-signal power ratio (regularisation)", minimum=1e-6, maximum=10),
             _SATURATION,
+            _LIGHT,
         ),
         dtypes=("float32",),
     ),
@@ -49,23 +71,11 @@ CLASSIC: list[ModelInfo] = [
             Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
             Param("iterations", int, 30, "number of multiplicative updates", minimum=1, maximum=1000),
             _SATURATION,
+            _LIGHT,
         ),
         dtypes=("float32",),
     ),
 ]
-
-LIGHT_CHOICES = ("encoded", "linear")
-# the command-line help of --light, for every command that takes it
-LIGHT_HELP = (
-    "Where l0-blind and its refiners undo the blur: 'linear' for photographs of real camera shake (a camera "
-    "blurs light before its tone curve is applied; 2-3 dB better there), 'encoded' (default) for blur made "
-    "in the stored values, as synthetic benchmarks make it. Other models are unaffected."
-)
-_PRIOR_LIGHT = Param(
-    "light", str, "encoded", "where the l0-blind run inside undoes the blur (see l0-blind's 'light'): 'linear' "
-    "for real camera-shake photographs; the network itself was trained on blur in stored values",
-    choices=LIGHT_CHOICES,
-)
 
 # Other families append their entries here (kept as separate lists so each
 # family's declarations stay together).
@@ -105,12 +115,7 @@ BLIND: list[ModelInfo] = [
                   "with such a disc images that look sharp to the blur measure but defocused to the spectrum "
                   "(textures, smooth scenes); 0 = off"),
             _SATURATION,
-            Param("light", str, "encoded", "where the blur is undone: 'encoded', the stored values as they are "
-                  "(how synthetic benchmarks blur, and what the learned refiners were trained on); 'linear', "
-                  "in linear light, the sRGB tone curve taken off first and put back after, as a shaking camera "
-                  "blurs light before its tone curve: use it on real camera-shake photographs (on blur made "
-                  "in linear light it gains 2-3 dB more; on blur made in stored values as much less)",
-                  choices=LIGHT_CHOICES),
+            _LIGHT,
         ),
         dtypes=("float32",),
         produces_kernel=True,

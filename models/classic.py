@@ -1,7 +1,8 @@
 """Non-blind classics: Wiener and Richardson-Lucy deconvolution with a given PSF.
 
 Both work on any number of channels (each channel on its own), in float32 on
-whatever device they are built for.
+whatever device they are built for, on the stored values or, with
+``light=linear``, in linear light (real camera shake; see ``l0-blind``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from models.base import RestorationModel, Restored
 from models.catalog import REGISTRY
 from models.deconv import clipped_floor, richardson_lucy, unsaturated_mask, wiener
 from models.psf import psf_kernel
+from models.tone import linear_to_srgb, srgb_to_linear
 
 
 class _PSFModel(RestorationModel):
@@ -32,12 +34,25 @@ class _PSFModel(RestorationModel):
         except ValueError as exc:
             raise InvalidModelSpecError(f"model {name!r}: parameter 'psf': {exc}") from None
         self.saturation = float(self.params["saturation"])  # type: ignore[arg-type]
+        self.light = str(self.params["light"])
 
-    def known(self, x: torch.Tensor) -> torch.Tensor | None:
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        """Deconvolve ``x`` in the stored values, or in linear light with ``light=linear`` (real camera shake)."""
+        if self.light == "linear":
+            restored = self.deconvolve(srgb_to_linear(x), float(srgb_to_linear(self.saturation)))
+            return Restored(linear_to_srgb(restored.clamp(0.0, 1.0)))
+        return Restored(self.deconvolve(x, self.saturation))
+
+    def deconvolve(self, x: torch.Tensor, saturation: float) -> torch.Tensor:
+        """The deconvolution of ``x``, whose values at ``saturation`` or above are clipped."""
+        raise NotImplementedError
+
+    @staticmethod
+    def known(x: torch.Tensor, saturation: float) -> torch.Tensor | None:
         """Per-channel mask of the values of ``x`` that are data: all but clipped highlights (``None``: all)."""
-        if self.saturation <= 0:
+        if saturation <= 0:
             return None
-        mask = unsaturated_mask(x, self.saturation, per_channel=True)
+        mask = unsaturated_mask(x, saturation, per_channel=True)
         return None if bool(mask.min() > 0) else mask
 
 
@@ -48,10 +63,10 @@ class WienerModel(_PSFModel):
         super().__init__("wiener", params, device)
         self.nsr = float(self.params["nsr"])  # type: ignore[arg-type]
 
-    def restore_batch(self, x: torch.Tensor) -> Restored:
-        known = self.known(x)
-        floor = None if known is None else clipped_floor(x, self.saturation)
-        return Restored(wiener(x, self.kernel, self.nsr, known=known, floor=floor))
+    def deconvolve(self, x: torch.Tensor, saturation: float) -> torch.Tensor:
+        known = self.known(x, saturation)
+        floor = None if known is None else clipped_floor(x, saturation)
+        return wiener(x, self.kernel, self.nsr, known=known, floor=floor)
 
 
 class RichardsonLucyModel(_PSFModel):
@@ -61,8 +76,8 @@ class RichardsonLucyModel(_PSFModel):
         super().__init__("richardson-lucy", params, device)
         self.iterations = int(self.params["iterations"])  # type: ignore[call-overload]
 
-    def restore_batch(self, x: torch.Tensor) -> Restored:
-        return Restored(richardson_lucy(x, self.kernel, self.iterations, known=self.known(x)))
+    def deconvolve(self, x: torch.Tensor, saturation: float) -> torch.Tensor:
+        return richardson_lucy(x, self.kernel, self.iterations, known=self.known(x, saturation))
 
 
 def build_wiener(params: Mapping[str, object], device: torch.device) -> WienerModel:

@@ -44,6 +44,23 @@ def test_deconvolution_beats_blurred_input(photo: np.ndarray, spec: str, psf: st
     assert psnr(restored, photo) > psnr(blurred, photo) + margin
 
 
+@pytest.mark.parametrize(
+    ("spec", "psf"),
+    [
+        ("wiener:psf=motion:length=13,angle=30,nsr=0.01", "motion:length=13,angle=30"),
+        ("richardson-lucy:psf=disk:radius=3,iterations=30", "disk:radius=3"),
+    ],
+)
+def test_linear_light_matches_a_blur_of_light(photo: np.ndarray, spec: str, psf: str) -> None:
+    """Blur made in linear light (real camera shake) is undone better with light=linear, and vice versa."""
+    kernel = psf_array(psf)
+    for made_in, better in (("linear", "linear"), ("encoded", "encoded")):
+        blurred = blur_image(photo, kernel, noise_sigma=0.005, rng=np.random.default_rng(1), light=made_in)
+        scores = {light: psnr(run(f"{spec},light={light}", blurred), photo) for light in ("encoded", "linear")}
+        other = "encoded" if better == "linear" else "linear"
+        assert scores[better] > scores[other] + 0.5, (made_in, scores)
+
+
 @pytest.mark.parametrize("name", ["wiener", "richardson-lucy"])
 def test_grey_and_rgb_shapes_are_kept(photo: np.ndarray, name: str) -> None:
     grey = photo.mean(axis=2)[:97, :131]

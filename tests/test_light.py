@@ -18,10 +18,11 @@ def test_linear_light_reaches_every_member_that_can_take_it() -> None:
     default = parse_ensemble([], light="linear")
     assert [m.to_text() for m in default.members] == [
         "l0-blind:light=linear", "seed001-refine:light=linear", "seed002-refine:light=linear:2"]
-    mixed = parse_ensemble(["wiener:psf=gaussian:sigma=1.5", "l0-blind:kernel=31", "seed002-refine:light=encoded"],
-                           light="linear")
+    mixed = parse_ensemble(["seed002-unet", "wiener:psf=gaussian:sigma=1.5", "l0-blind:kernel=31",
+                            "seed002-refine:light=encoded"], light="linear")
     assert [m.key() for m in mixed.members] == [
-        "wiener:psf=gaussian:sigma=1.5",  # no blur model that depends on the tone curve: unchanged
+        "seed002-unet",  # a network on its own has no blur model to move: unchanged
+        "wiener:psf=gaussian:sigma=1.5,light=linear",
         "l0-blind:kernel=31,light=linear",
         "seed002-refine:light=encoded",  # a spec that says otherwise wins
     ]
