@@ -187,7 +187,7 @@ def override_settings(settings: L0Settings, pairs: list[str]) -> L0Settings:
 
 
 def time_one_image(model: RestorationModel, device: torch.device, threads: int, blur: str = "shake",
-                   width: int = 1024, height: int = 1024) -> int:
+                   width: int = 1024, height: int = 1024, light: str = "encoded") -> int:
     """Restore one colour case of ``width``×``height`` px; print seconds per megapixel, memory and its gain.
 
     The scene is astronaut scaled up to the size (so a large image is as
@@ -195,7 +195,8 @@ def time_one_image(model: RestorationModel, device: torch.device, threads: int, 
     shake at 1 % noise; "disc": a defocus disc of radius 3 px at 0.5 % noise,
     which also pays for the radius search. The peak resident memory of the
     process is printed before and after the restoration (the case itself,
-    built in float64, sets the first figure).
+    built in float64, sets the first figure). ``light`` "linear" blurs in
+    linear light, as :func:`make_case` does.
     """
     import resource
 
@@ -206,7 +207,11 @@ def time_one_image(model: RestorationModel, device: torch.device, threads: int, 
     rng = np.random.default_rng(0)
     kernel, noise = (random_motion_kernel(25, rng), 0.01) if blur == "shake" else (disk_kernel(3.0), 0.005)
     r = kernel.shape[0] // 2
-    blurred = np.stack([fftconvolve(big[..., c], kernel, mode="valid") for c in range(3)], 2)[:height, :width]
+    scene = srgb_to_linear(big) if light == "linear" else big
+    blurred = np.stack([fftconvolve(scene[..., c], kernel, mode="valid") for c in range(3)], 2)[:height, :width]
+    del scene
+    if light == "linear":
+        blurred = linear_to_srgb(np.clip(blurred, 0.0, 1.0))
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
     sharp = big[r:r + height, r:r + width]
     del big
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         width, _, height = args.speed_size.partition("x")
         if not (width.isdigit() and (height or width).isdigit() and int(width) > 0 and int(height or width) > 0):
             parser.error(f"--speed-size {args.speed_size!r}: expected WIDTHxHEIGHT in pixels, e.g. 6000x4000")
-        return time_one_image(model, device, args.threads, args.speed_blur, int(width), int(height or width))
+        return time_one_image(model, device, args.threads, args.speed_blur, int(width), int(height or width),
+                              args.light)
     if seeds is None:
         run_set(args, args.seed, model, device, emit=print)
         return 0
