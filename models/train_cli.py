@@ -53,8 +53,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--light", type=click.Choice(["encoded", "linear", "mixed"]), default="encoded", show_default=True,
               envvar=_env("light"),
               help="Where synthetic blur happens: encoded, the stored values (as synthetic benchmarks blur); "
-                   "linear, linear light with the sRGB curve put back after, as a shaking camera blurs; mixed, "
-                   "half of each. For a refiner meant for real shake, also pass --prior l0-blind:light=linear.")
+                   "linear, linear light with the sRGB curve put back after, as a shaking camera blurs (a "
+                   "refiner's prior then runs in linear light too, as it will at inference); mixed, half of each.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True,
               envvar=_env("val_fraction"), help="Share of images or pairs held out for validation.")
 @click.option("--val-count", type=click.IntRange(1), default=16, show_default=True, envvar=_env("val_count"),
@@ -194,6 +194,10 @@ def train_command(
         arch_name, arch_kwargs = resolve_arch(arch)
         arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
         prior = prior or default_prior(arch)
+        if prior and light == "linear":
+            from models.catalog import REGISTRY, in_light
+
+            prior = in_light(REGISTRY.parse(prior), "linear").to_text()  # as the refiner will run it
         if int(arch_kwargs.get("in_channels", 3)) == 6 and not prior:  # type: ignore[call-overload]
             raise InputError("a refiner (in_channels=6) needs --prior, e.g. --prior l0-blind")
         rng = np.random.default_rng(seed)

@@ -58,7 +58,7 @@ from jobs.errors import (
 )
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
-from models.catalog import REGISTRY
+from models.catalog import LIGHT_HELP, REGISTRY
 from models.registry import describe
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
@@ -137,9 +137,7 @@ class JobSubmission(BaseModel):
                                            "alignment to the sharp image) before measuring.")
     crop_border: int = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
     light: Literal["encoded", "linear"] | None = Field(
-        None, description="Where the members that can (l0-blind and its refiners) undo the blur: 'linear' for "
-                          "photographs of real camera shake (a camera blurs light before its tone curve), "
-                          "'encoded' (their default) for blur made in stored values. Unset: each spec decides.")
+        None, description=LIGHT_HELP + " Unset: each model spec decides (light=...).")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
         description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")

@@ -205,6 +205,14 @@ def test_cli_trains_a_refiner_on_a_cached_prior(tmp_path: Path, photo: np.ndarra
     assert "the prior" in (tmp_path / "run" / "train.log").read_text()
     too_big = runner.invoke(train_command, [*args[:-2], "--patch", "96", "--no-progress"])
     assert too_big.exit_code != 0 and "--prior-size" in too_big.output
+    # trained on blur in linear light, the refiner's prior runs there too, and its weights say so
+    linear = [*args[:2], str(tmp_path / "linear"), *args[3:], "--light", "linear"]
+    result = runner.invoke(train_command, linear)
+    assert result.exit_code == 0, result.output
+    assert "in linear light 100%" in result.output
+    with safe_open(str(tmp_path / "linear" / "best.safetensors"), framework="pt") as fh:
+        recorded = REGISTRY.parse(fh.metadata()["prior"])
+    assert recorded == REGISTRY.parse(CHEAP_PRIOR + ",light=linear")
 
 
 def test_tiling_and_self_ensemble_wrap_the_network_not_the_prior(tmp_path: Path, photo: np.ndarray) -> None:
