@@ -42,7 +42,7 @@ _LIGHT = Param(
 )
 _PRIOR_LIGHT = Param(
     "light", str, "encoded", "where the l0-blind run inside undoes the blur (see l0-blind's 'light'): 'linear' "
-    "for real camera-shake photographs; the network itself was trained on blur in stored values",
+    "for real camera-shake photographs, with the network's weights fine-tuned on blur made in linear light",
     choices=LIGHT_CHOICES,
 )
 
@@ -168,7 +168,8 @@ LEARNED_SEED: list[ModelInfo] = [
         _learned_seed(
             name,
             f"{network} as a refiner of l0-blind: it sees the blurred image and l0-blind's result and "
-            "corrects the latter (ringing, noise, missed blur); runs l0-blind first and stores its kernel.",
+            "corrects the latter (ringing, noise, missed blur); runs l0-blind first and stores its kernel. "
+            "With light=linear it loads weights fine-tuned on blur made in linear light.",
             f"models.learned:build_{name.replace('-', '_')}", multiple, ("float32", "bfloat16", "float16"),
             weights=f"{name}.safetensors", sha256=sha256, produces_kernel=True,
             extra_params=(_PRIOR_LIGHT,),

@@ -21,7 +21,7 @@ from torch import nn
 
 from jobs.errors import WeightsError
 from models.base import RestorationModel, Restored
-from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, ModelSpec, weights_dir
+from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, ModelSpec, WeightsFile, weights_dir
 
 SHIPPED_DIR = SHIPPED_WEIGHTS_DIR
 
@@ -45,6 +45,22 @@ SEED_MODELS: dict[str, SeedModel] = {
     ),
     "seed002-refine": SeedModel("seed002", {"width": 16, "in_channels": 6}, prior="l0-blind"),
     "seed003-vit": SeedModel("seed003", {}),
+}
+
+
+# Refiners fine-tuned on synthetic blur made in linear light, their prior l0-blind:light=linear: what
+# ``seed001-refine:light=linear`` and ``seed002-refine:light=linear`` load (models/weights/MODEL_CARD.md).
+LINEAR_LIGHT_WEIGHTS: dict[str, WeightsFile] = {
+    "seed001-refine": WeightsFile(
+        "seed001-refine-linear.safetensors",
+        "c92c325493c3f40b9a50e977084fac7dc36526f8f8ee7fbac137783658647bd9",
+        shipped=True,
+    ),
+    "seed002-refine": WeightsFile(
+        "seed002-refine-linear.safetensors",
+        "15f3c64e336edf3012bb04199e4721725c9b5372eb969ec8c323dc5153fbacc1",
+        shipped=True,
+    ),
 }
 
 
@@ -242,8 +258,16 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
 
     info = REGISTRY.get(name)
     explicit = str(params.get("weights") or "")
-    path = weights_path(info, explicit)
-    expected_sha = None if explicit or info.weights is None else info.weights.sha256
+    light = str(params.get("light") or "encoded")
+    linear = LINEAR_LIGHT_WEIGHTS.get(name) if light == "linear" and not explicit else None
+    if linear is not None:  # a refiner fine-tuned on blur made in linear light, with its prior there
+        path, expected_sha = SHIPPED_DIR / linear.filename, linear.sha256
+        if not path.is_file():
+            raise WeightsError(f"model {name!r}: weights file {str(path)!r} for light=linear is missing; "
+                               "reinstall the package")
+    else:
+        path = weights_path(info, explicit)
+        expected_sha = None if explicit or info.weights is None else info.weights.sha256
     net, meta = load_network(path, SEED_MODELS[name].arch, expected_sha)
     multiple = int(getattr(net, "size_multiple", 1))
     if info.size_multiple % multiple:
@@ -260,7 +284,7 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
     if prior_text:
         from models.loading import load_model
 
-        prior = load_model(prior_spec(prior_text, str(params.get("light") or "encoded")), device)
+        prior = load_model(prior_spec(prior_text, light), device)
         return RefinerModel(info, params, device, JointNetwork(info, params, device, net), prior)
     return LearnedSeedModel(info, params, device, net)
 
