@@ -30,14 +30,14 @@ LIGHT_CHOICES = ("encoded", "linear")
 LIGHT_HELP = (
     "Where the models that deconvolve by a kernel (l0-blind, the refiners' l0-blind, wiener, richardson-lucy) "
     "undo the blur: 'linear' for photographs of real camera shake (a camera blurs light before its tone curve "
-    "is applied; 2-3 dB better there), 'encoded' (default) for blur made in the stored values, as synthetic "
-    "benchmarks make it. Learned networks on their own are unaffected."
+    "is applied; 1.7-2.7 dB better there on the benchmarks), 'encoded' (default) for blur made in the stored "
+    "values, as synthetic benchmarks make it. Learned networks on their own are unaffected."
 )
 _LIGHT = Param(
     "light", str, "encoded", "where the blur is undone: 'encoded', the stored values as they are (how synthetic "
     "benchmarks blur); 'linear', in linear light, the sRGB tone curve taken off first and put back after, as a "
     "shaking camera blurs light before its tone curve: use it on real camera-shake photographs (on blur made in "
-    "linear light l0-blind gains 2-3 dB more this way; on blur made in stored values, as much less)",
+    "linear light l0-blind gains 1.7-2.7 dB more this way; on blur made in stored values, 2.7-3.5 dB less)",
     choices=LIGHT_CHOICES,
 )
 _PRIOR_LIGHT = Param(

@@ -98,7 +98,8 @@ luminance, then every colour channel is deconvolved with it:
    first, restores in linear light and puts the curve back
    (:func:`restore_in_linear_light`); the default, ``encoded``, restores the
    stored values as they are, as synthetic benchmarks (and the learned
-   refiners' training data) blur them. The wrong choice costs 2-3 dB either way.
+   refiners' training data) blur them. The wrong choice costs 1.7-3.5 dB
+   on the benchmarks.
 
 Measured on ``bench/bench_l0_blind.py`` (see ``bench/RESULTS.md``).
 """
