@@ -66,6 +66,7 @@ from models.loading import load_model  # noqa: E402
 from models.tone import linear_to_srgb, srgb_to_linear  # noqa: E402
 from models.synthetic_blur import (  # noqa: E402
     add_light_sources,
+    blur_image,
     disk_kernel,
     gaussian_kernel,
     jpeg_roundtrip,
@@ -207,11 +208,7 @@ def time_one_image(model: RestorationModel, device: torch.device, threads: int, 
     rng = np.random.default_rng(0)
     kernel, noise = (random_motion_kernel(25, rng), 0.01) if blur == "shake" else (disk_kernel(3.0), 0.005)
     r = kernel.shape[0] // 2
-    scene = srgb_to_linear(big) if light == "linear" else big
-    blurred = np.stack([fftconvolve(scene[..., c], kernel, mode="valid") for c in range(3)], 2)[:height, :width]
-    del scene
-    if light == "linear":
-        blurred = linear_to_srgb(np.clip(blurred, 0.0, 1.0))
+    blurred = blur_image(big, kernel, mode="valid", light=light)[:height, :width]
     blurred = np.clip(blurred + rng.normal(0.0, noise, blurred.shape), 0.0, 1.0)
     sharp = big[r:r + height, r:r + width]
     del big
