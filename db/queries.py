@@ -45,6 +45,8 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
         session.flush()
     except IntegrityError:
         session.rollback()
+        if not job_key:  # not a race on the key: looking one up would return some other keyless job
+            raise
         existing = session.scalar(select(Job).where(Job.job_key == job_key))
         if existing is None:
             raise
