@@ -27,7 +27,7 @@ from db.schema import (
     Metric,
     utcnow,
 )
-from jobs.errors import UnknownJobError
+from jobs.errors import AmbiguousJobIdError, UnknownJobError
 
 
 def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
@@ -59,6 +59,35 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         raise UnknownJobError(f"no job with id {job_id!r}; list recent jobs with 'deblur status'")
     return job
+
+
+MIN_JOB_ID_PREFIX = 4  # shorter starts of an id are not looked up: too likely to be a typo
+_JOB_ID_CHARS = frozenset("0123456789abcdef-")
+
+
+def resolve_job_id(session: Session, text: str) -> str:
+    """The full id of the job ``text`` names: the id itself or a unique start of it.
+
+    People copy ids from ``deblur status`` (whose table may cut them short
+    with "…") or from the 8-character label of a progress bar; any start of
+    at least ``MIN_JOB_ID_PREFIX`` characters that only one job's id begins
+    with names that job, case-insensitively, as in git or docker. Raises
+    :class:`UnknownJobError` when no job matches and
+    :class:`AmbiguousJobIdError` (listing the candidates) when several do.
+    """
+    wanted = text.strip().rstrip("…").strip()
+    if session.get(Job, wanted) is not None:
+        return wanted
+    prefix = wanted.lower()
+    if len(prefix) >= MIN_JOB_ID_PREFIX and set(prefix) <= _JOB_ID_CHARS:
+        matches = list(session.scalars(select(Job.id).where(Job.id.startswith(prefix)).order_by(Job.id).limit(6)))
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            shown = ", ".join(matches[:5]) + (", …" if len(matches) > 5 else "")
+            raise AmbiguousJobIdError(f"{text!r} is the start of several job ids ({shown}); give more of the id")
+    raise UnknownJobError(f"no job with id {text!r}; list recent jobs with 'deblur status' (the first "
+                          f"{MIN_JOB_ID_PREFIX} or more characters of an id are enough when only one job starts so)")
 
 
 def recent_jobs(session: Session, limit: int = 20) -> list[Job]:

@@ -53,5 +53,9 @@ class UnknownJobError(InputError):
     """No job has the given id."""
 
 
+class AmbiguousJobIdError(InputError):
+    """A shortened job id is the start of more than one job's id."""
+
+
 class TransientError(DeblurError):
     """A temporary failure (storage, broker, database): the task is retried."""

@@ -99,6 +99,9 @@ def main() -> None:
       deblur submit s3://b/in/ --output s3://b/out/ --wait
       deblur status JOB --watch        progress from the database
       deblur results JOB --format json one object per image
+
+    JOB is a job's id, or its first few characters (4 or more) when no other
+    job's id starts the same way, e.g. the 8 shown on a progress bar.
     """
 
 
@@ -204,13 +207,14 @@ def status(job: str | None, watch: bool, fmt: str) -> None:
     """Show a job's progress (done, failed, pending, images/s, ETA); without JOB, list recent jobs."""
     import json
 
-    from producer.tracking import job_status, print_status
+    from producer.tracking import full_job_id, job_status, print_status
     from producer.tracking import watch as watch_job
 
     settings = _settings()
     if job is None:
         _list_jobs(settings, fmt)
         return
+    job = full_job_id(settings, job)
     info = watch_job(settings, job, console) if watch else job_status(settings, job)
     if fmt == "json":
         click.echo(json.dumps(info, indent=2, default=str))
@@ -256,9 +260,10 @@ def _list_jobs(settings: Settings, fmt: str) -> None:
 def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str,
             limit: int | None, offset: int) -> None:
     """Per-image results of a job: input, output, status, error and metrics."""
-    from producer.tracking import fetch_results, results_csv, results_json, results_table
+    from producer.tracking import fetch_results, full_job_id, results_csv, results_json, results_table
 
-    rows = fetch_results(_settings(), job, status="failed" if failed else status_filter, worst=worst, metric=metric,
+    settings = _settings()
+    rows = fetch_results(settings, full_job_id(settings, job), status="failed" if failed else status_filter, worst=worst, metric=metric,
                          limit=limit, offset=offset)
     if fmt == "json":
         click.echo(results_json(rows))
@@ -278,6 +283,7 @@ def cancel(job: str) -> None:
     url = _settings().resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
+        job = queries.resolve_job_id(session, job)
         n = queries.cancel_job(session, job)
     console.print(f"job {job} cancelled; {n} pending images will be skipped")
 
@@ -291,10 +297,13 @@ def cancel(job: str) -> None:
 def retry(job: str, failed: bool, stalled: bool, stalled_after: int) -> None:
     """Re-enqueue a job's failed and/or stalled images (same outputs, overwritten)."""
     from producer.retry import retry_images
+    from producer.tracking import full_job_id
 
     if not failed and not stalled:
         raise click.UsageError("say what to retry: --failed, --stalled or both")
-    n = retry_images(_settings(), job, failed=failed, stalled_after=stalled_after if stalled else None)
+    settings = _settings()
+    job = full_job_id(settings, job)
+    n = retry_images(settings, job, failed=failed, stalled_after=stalled_after if stalled else None)
     console.print(f"re-enqueued {n} images of job {job}")
 
 

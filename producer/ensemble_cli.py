@@ -43,12 +43,15 @@ def fit_command(job: str, name: str, replace: bool, threads: int | None, max_ima
     """
     from jobs.settings import load_settings
     from producer.ensembles import fit_ensemble
+    from producer.tracking import full_job_id
 
     columns = (TextColumn("reading outputs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("read", total=None)
+        settings = load_settings()
+        job = full_job_id(settings, job)
         result = fit_ensemble(
-            load_settings(), job, name, replace=replace, threads=threads, max_images=max_images,
+            settings, job, name, replace=replace, threads=threads, max_images=max_images,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     if result.job_status != "done":

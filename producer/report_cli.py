@@ -50,10 +50,11 @@ def report_command(job: str, html_path: Path | None, fmt: str, crops: int) -> No
     """
     from jobs.settings import load_settings
     from producer.report import build_report, render_html
-    from producer.tracking import _json_safe
+    from producer.tracking import _json_safe, full_job_id
 
+    settings = load_settings()
     with console.status("reading metrics and images…"):
-        report = build_report(load_settings(), job, crops=crops)
+        report = build_report(settings, full_job_id(settings, job), crops=crops)
     path = html_path or Path(f"report-{report.table.job_id}.html")
     path.write_text(render_html(report), encoding="utf-8")
     if fmt == "json":

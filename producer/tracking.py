@@ -20,6 +20,15 @@ from db.engine import ensure_schema, session_scope
 from jobs.settings import Settings
 
 
+def full_job_id(settings: Settings, text: str) -> str:
+    """The id of the job a person named by ``text`` on the command line: the whole id or a unique start of it
+    (:func:`db.queries.resolve_job_id`). Scripts and the HTTP API pass whole ids."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        return queries.resolve_job_id(session, text)
+
+
 def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
     """A job's state, counts per image status, throughput and ETA."""
     url = settings.resolved_database_url()
