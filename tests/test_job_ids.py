@@ -1,4 +1,5 @@
-"""Job ids as people type them: whole, or a unique start of one, on SQLite and PostgreSQL."""
+"""Job ids as people type them (whole, or a unique start of one), and job rows as producers create them;
+on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
