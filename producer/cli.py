@@ -263,8 +263,8 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
     from producer.tracking import fetch_results, full_job_id, results_csv, results_json, results_table
 
     settings = _settings()
-    rows = fetch_results(settings, full_job_id(settings, job), status="failed" if failed else status_filter, worst=worst, metric=metric,
-                         limit=limit, offset=offset)
+    rows = fetch_results(settings, full_job_id(settings, job), status="failed" if failed else status_filter,
+                         worst=worst, metric=metric, limit=limit, offset=offset)
     if fmt == "json":
         click.echo(results_json(rows))
     elif fmt == "csv":

@@ -45,11 +45,11 @@ def fit_command(job: str, name: str, replace: bool, threads: int | None, max_ima
     from producer.ensembles import fit_ensemble
     from producer.tracking import full_job_id
 
+    settings = load_settings()
+    job = full_job_id(settings, job)
     columns = (TextColumn("reading outputs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("read", total=None)
-        settings = load_settings()
-        job = full_job_id(settings, job)
         result = fit_ensemble(
             settings, job, name, replace=replace, threads=threads, max_images=max_images,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
