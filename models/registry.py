@@ -53,9 +53,9 @@ class Param:
                     raise ValueError(f"expected a boolean, got {text!r}")
                 value: object = lowered in {"1", "true", "yes", "on"}
             elif self.kind is int:
-                value = int(text)
+                value = _parse_number(int, "a whole number", text)
             elif self.kind is float:
-                value = float(text)
+                value = _parse_number(float, "a number", text)
                 if not math.isfinite(value):
                     raise ValueError(f"expected a finite number, got {text!r}")
             else:
@@ -73,6 +73,14 @@ class Param:
                 f"model {model!r}: parameter {self.name!r}: {exc}"
             ) from None
         return value
+
+
+def _parse_number(kind: Callable[[str], float], wanted: str, text: str) -> float:
+    """``kind(text)``, with a ValueError naming what was expected instead of Python's own wording."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"expected {wanted}, got {text!r}") from None
 
 
 @dataclass(frozen=True)

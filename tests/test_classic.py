@@ -131,6 +131,16 @@ def test_bad_psf_is_named() -> None:
         psf_kernel("gaussian:size=3")
 
 
+def test_a_parameter_that_is_not_a_number_says_what_was_expected() -> None:
+    with pytest.raises(InvalidModelSpecError, match=r"'kernel': expected a whole number, got '2\.5'"):
+        REGISTRY.parse("l0-blind:kernel=2.5")
+    with pytest.raises(InvalidModelSpecError, match=r"'nsr': expected a number, got 'x'"):
+        REGISTRY.parse("wiener:nsr=x")
+    with pytest.raises(InvalidModelSpecError, match=r"'nsr': expected a finite number, got 'nan'"):
+        REGISTRY.parse("wiener:nsr=nan")
+    assert dict(REGISTRY.parse("l0-blind:kernel=31").params)["kernel"] == 31
+
+
 def test_fft_sizes_have_small_prime_factors_and_odd_ones_no_factor_two() -> None:
     assert [fft_size(n) for n in (1, 7, 97, 1025)] == [1, 8, 100, 1080]
     # odd sizes (no Nyquist bin, for sub-pixel shifts) use 3, 5 and 7
