@@ -11,7 +11,13 @@ from collections.abc import Iterator
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from jobs.errors import StorageNotFoundError, TransientError
 from jobs.s3uri import S3URI
@@ -56,6 +62,13 @@ def translate(exc: Exception, what: str) -> Exception:
         return TransientError(f"{what}: S3 error {code}: {exc}")
     if isinstance(exc, EndpointConnectionError):
         return TransientError(f"{what}: cannot reach the S3 endpoint ({exc}); check DEBLUR_S3_ENDPOINT_URL")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        # transient for a worker (its tasks wait for the operator to fix the environment), but say what to set
+        return TransientError(
+            f"{what}: no S3 credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "and DEBLUR_S3_ENDPOINT_URL for a store other than AWS; to try deblur on this machine, "
+            "start the local stack first with 'deblur stack up'"
+        )
     if isinstance(exc, BotoCoreError):
         return TransientError(f"{what}: {exc}")
     return exc

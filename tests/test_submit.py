@@ -156,3 +156,28 @@ def test_python_client_submit_status_cancel(env, s3) -> None:  # type: ignore[no
     assert client.cancel(job_id) == 2
     assert client.wait(job_id, timeout=5)["status"] == "cancelled"
     assert {r["status"] for r in client.results(job_id)} == {"cancelled"}
+
+
+def test_missing_s3_credentials_say_what_to_set(s3_endpoint, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Without credentials boto3 can sign nothing; the error names the variables and the local stack."""
+    from producer.cli import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("DEBLUR_HOME", str(tmp_path / "home"))  # no local stack's connection file
+    monkeypatch.setenv("DEBLUR_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("DEBLUR_DATABASE_URL", f"sqlite:///{tmp_path / 'deblur.db'}")
+    from jobs import storage
+
+    storage._client.cache_clear()  # clients are cached per endpoint: an earlier test's holds its credentials
+    try:
+        result = CliRunner().invoke(main, ["submit", "s3://photos/in/", "--output", "s3://photos/out/"])
+    finally:
+        storage._client.cache_clear()  # and this one holds none: later tests must not get it
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "bucket 'photos': no S3 credentials" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "'deblur stack up'" in message
