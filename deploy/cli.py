@@ -96,7 +96,7 @@ def status_command(fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([asdict(s) for s in services], indent=2))
     elif not services:
-        click.echo(f"no stack is running in {stack.dir}")
+        click.echo(f"no stack is running in {stack.dir}; start one with 'deblur stack up' (or 'deblur demo')")
     else:
         rows = [("SERVICE", "STATE", "PID", "ADDRESS", "LOG")]
         rows += [(s.name, s.state, str(s.pid or "-"), s.url, s.log or "-") for s in services]

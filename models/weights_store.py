@@ -131,7 +131,10 @@ def download(
         raise WeightsError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransientError(f"cannot reach {url}: {reason}; check the network and retry") from None
+        raise TransientError(
+            f"cannot reach {url}: {reason}; check the network and retry, or, on a machine without access, "
+            f"download the file elsewhere and copy it to {target} (a recorded sha256 is checked when the model loads)"
+        ) from None
     with response, _temporary_beside(target) as (handle, temp_path):
         content_type = response.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() in {"text/html", "application/xhtml+xml"}:

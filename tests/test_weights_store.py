@@ -151,8 +151,10 @@ def test_an_unreachable_server_is_transient(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port that was free a moment ago and now has no listener
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(TransientError, match="cannot reach"):
+    with pytest.raises(TransientError, match="cannot reach") as caught:
         pull(entry(f"http://127.0.0.1:{port}/model.pth"), dest_dir=tmp_path, progress=False, timeout=5)
+    # an archive without network access is told where to put a copy fetched elsewhere
+    assert f"copy it to {tmp_path / 'probe.pth'}" in str(caught.value)
 
 
 def test_entries_without_a_url_or_weights_say_what_to_do(tmp_path: Path) -> None:
