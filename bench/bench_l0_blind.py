@@ -63,7 +63,7 @@ from models.base import RestorationModel, pick_device  # noqa: E402
 from models.catalog import REGISTRY  # noqa: E402
 from models.l0_blind import L0Settings, clipped_mask, final_deconvolution, linear_light_settings  # noqa: E402
 from models.loading import load_model  # noqa: E402
-from models.tone import linear_to_srgb, srgb_to_linear  # noqa: E402
+from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear  # noqa: E402
 from models.synthetic_blur import (  # noqa: E402
     add_light_sources,
     blur_image,
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg", type=int, default=0, metavar="QUALITY",
                         help="store each blurred, noisy case as an 8-bit JPEG of this quality (1-95) and "
                              "restore the decoded image, as photographs usually arrive (default 0: no JPEG)")
-    parser.add_argument("--light", choices=("encoded", "linear"), default="encoded",
+    parser.add_argument("--light", choices=LIGHT_CHOICES, default="encoded",
                         help="where the shake blurs: encoded, the photograph's stored values (as most "
                              "synthetic benchmarks do; default); linear, linear light with the sRGB curve put "
                              "back after, as a real shaking camera does (restore it with --model "

@@ -25,6 +25,7 @@ import torch
 from models.catalog import REGISTRY, in_light, parse_ensemble
 from models.ensemble import fit_weights
 from models.loading import load_model
+from models.tone import LIGHT_CHOICES
 from models.synthetic_blur import (
     blur_image,
     disk_kernel,
@@ -143,7 +144,7 @@ def main() -> None:
                         help="held-out: chelsea and coffee, out of training but used to pick checkpoints and "
                              "weights (default); unseen: PyWavelets' ascent and aero, which no model trains on "
                              "(the fairest figures here, though shipping decisions have looked at them)")
-    parser.add_argument("--light", choices=("encoded", "linear"), default="encoded",
+    parser.add_argument("--light", choices=LIGHT_CHOICES, default="encoded",
                         help="where the blur happens: encoded, the stored values (default); linear, linear light "
                              "as a shaking camera blurs; every model with a 'light' parameter is then run with "
                              "light=linear unless its spec sets it")

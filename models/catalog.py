@@ -12,6 +12,7 @@ from dataclasses import replace
 from jobs.errors import InvalidModelSpecError
 from models.psf_spec import check_psf
 from models.registry import EnsembleSpec, ModelInfo, ModelSpec, Param, Registry, WeightsFile
+from models.tone import LIGHT_CHOICES, LIGHT_HELP
 
 _PSF_HELP = (
     "point-spread function: gaussian:sigma=S, disk:radius=R or "
@@ -25,14 +26,6 @@ _SATURATION = Param(
     minimum=0.0, maximum=1.0,
 )
 
-LIGHT_CHOICES = ("encoded", "linear")
-# the command-line help of --light, for every command that takes it
-LIGHT_HELP = (
-    "Where the models that deconvolve by a kernel (l0-blind, the refiners' l0-blind, wiener, richardson-lucy) "
-    "undo the blur: 'linear' for photographs of real camera shake (a camera blurs light before its tone curve "
-    "is applied; 1.7-2.7 dB better there on the benchmarks), 'encoded' (default) for blur made in the stored "
-    "values, as synthetic benchmarks make it. Learned networks on their own are unaffected."
-)
 _LIGHT = Param(
     "light", str, "encoded", "where the blur is undone: 'encoded', the stored values as they are (how synthetic "
     "benchmarks blur); 'linear', in linear light, the sRGB tone curve taken off first and put back after, as a "

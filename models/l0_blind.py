@@ -132,7 +132,7 @@ from models.deconv import (
 )
 from models.parametric_psf import SpectrumScorer, family_extent, family_kernel
 from models.tiling import blend_ramp, tile_starts
-from models.tone import linear_to_srgb, srgb_to_linear
+from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear
 
 MAX_AUTO_KERNEL = 35  # the automatic kernel window unless the scout measures a larger blur
 MAX_SCOUTED_KERNEL = 101  # the largest window the scout may choose (and the spec's maximum)
@@ -1126,8 +1126,8 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     """
     if settings.light == "linear":
         return restore_in_linear_light(x, settings)
-    if settings.light != "encoded":
-        raise ValueError(f"unknown light {settings.light!r}; expected 'encoded' or 'linear'")
+    if settings.light not in LIGHT_CHOICES:
+        raise ValueError(f"unknown light {settings.light!r}; expected one of {', '.join(LIGHT_CHOICES)}")
     n, _, h, w = x.shape
     y = luminance(x)
     # clipped channels for the final deconvolution; the estimate, on luminance, drops a pixel if any clipped

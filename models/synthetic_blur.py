@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from scipy.signal import fftconvolve
 
-from models.tone import linear_to_srgb, srgb_to_linear
+from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear
 
 
 def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
@@ -147,8 +147,8 @@ def blur_image(
     and put back after), as a shaking camera does; ``'encoded'`` blurs the
     stored values. The noise is added to the stored values either way.
     """
-    if light not in ("encoded", "linear"):
-        raise ValueError(f"unknown light {light!r}; use 'encoded' or 'linear'")
+    if light not in LIGHT_CHOICES:
+        raise ValueError(f"unknown light {light!r}; use one of {', '.join(LIGHT_CHOICES)}")
     img = np.asarray(image, dtype=np.float64)
     if light == "linear":
         img = srgb_to_linear(np.clip(img, 0.0, 1.0))

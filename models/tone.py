@@ -16,6 +16,16 @@ from typing import TypeVar
 
 Values = TypeVar("Values")  # a NumPy array, a torch tensor or a float
 
+# Where a model undoes the blur ("light"): the choices every model, command and benchmark accepts.
+LIGHT_CHOICES: tuple[str, ...] = ("encoded", "linear")
+# the command-line help of --light, for every command that takes it
+LIGHT_HELP = (
+    "Where the models that deconvolve by a kernel (l0-blind, the refiners' l0-blind, wiener, richardson-lucy) "
+    "undo the blur: 'linear' for photographs of real camera shake (a camera blurs light before its tone curve "
+    "is applied; 1.7-2.7 dB better there on the benchmarks), 'encoded' (default) for blur made in the stored "
+    "values, as synthetic benchmarks make it. Learned networks on their own are unaffected."
+)
+
 # IEC 61966-2-1: the linear segment near black and the power law above it
 _ENCODED_KNEE = 0.04045
 _LINEAR_KNEE = 0.0031308

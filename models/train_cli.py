@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from jobs.errors import InputError
+from models.tone import LIGHT_CHOICES
 
 _ENV = "DEBLUR_TRAIN_"
 
@@ -50,7 +51,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--sharp", "sharp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("sharp"),
               help="Folder of sharp images to blur synthetically. Default (no data option): the photographs "
                    "shipped inside installed packages (scikit-image, scikit-learn, matplotlib).")
-@click.option("--light", type=click.Choice(["encoded", "linear", "mixed"]), default="encoded", show_default=True,
+@click.option("--light", type=click.Choice([*LIGHT_CHOICES, "mixed"]), default="encoded", show_default=True,
               envvar=_env("light"),
               help="Where synthetic blur happens: encoded, the stored values (as synthetic benchmarks blur); "
                    "linear, linear light with the sRGB curve put back after, as a shaking camera blurs (a "

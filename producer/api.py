@@ -58,8 +58,9 @@ from jobs.errors import (
 )
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
-from models.catalog import LIGHT_HELP, REGISTRY
+from models.catalog import REGISTRY
 from models.registry import describe
+from models.tone import LIGHT_HELP
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
 from producer.tracking import fetch_results, job_status, results_json
@@ -136,7 +137,7 @@ class JobSubmission(BaseModel):
     align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
                                            "alignment to the sharp image) before measuring.")
     crop_border: int = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
-    light: Literal["encoded", "linear"] | None = Field(
+    light: Literal["encoded", "linear"] | None = Field(  # models.tone.LIGHT_CHOICES, spelled out for the schema
         None, description=LIGHT_HELP + " Unset: each model spec decides (light=...).")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from jobs.errors import DeblurError, InputError
 from jobs.settings import HELP, Settings, load_settings
-from models.catalog import LIGHT_CHOICES, LIGHT_HELP
+from models.tone import LIGHT_CHOICES, LIGHT_HELP  # not models.catalog: every command would import it
 
 console = Console(stderr=True)
 out = Console()

@@ -18,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from jobs.errors import DeblurError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
-from models.catalog import LIGHT_CHOICES, LIGHT_HELP, parse_ensemble
+from models.catalog import parse_ensemble
+from models.tone import LIGHT_CHOICES, LIGHT_HELP
 
 console = Console(stderr=True)
 
