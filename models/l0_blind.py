@@ -32,7 +32,11 @@ luminance, then every colour channel is deconvolved with it:
    estimate on course but bias it: started from the true kernel, six
    alternations at λ 2e-3, γ 0.3 drift to 0.78 mean similarity with it, at
    λ 1e-4, γ 0.05 only to 0.92 (14 grey benchmark images); the polish lets
-   the estimate settle where the bias is smaller (``polish=0`` skips it);
+   the estimate settle where the bias is smaller (``polish=0`` skips it).
+   On nearly clean photographs the polish takes the scene's edges as steps
+   softened by a Gaussian of 0.4 px (``softness``; fading out as the noise
+   rises to 0.5 %), so the kernel does not absorb that softness as width
+   (:func:`polish_softness`);
    a JPEG-compressed image is polished at 4× the λ, so its latent does not
    take up the blocks.
    **Refit (opt-in).** The L0 latent is piecewise flat: its edges are ideal steps, so
@@ -44,8 +48,9 @@ luminance, then every colour channel is deconvolved with it:
    penalty set by the noise-to-signal ratio; images too noisy or flat for it
    keep their kernel, and a refitted kernel must pass the guards (step 8) like
    any other (:func:`refit_kernels`). Opt-in (``refit=4``): +0.4 dB on the
-   low-noise grey benchmark, neutral on photographs its settings were not
-   chosen on, and up to half as much time again on a clean photograph.
+   low-noise grey benchmark (+0.17 over the softened polish above, with which
+   it stacks), neutral on photographs its settings were not chosen on, and up
+   to half as much time again on a clean photograph.
 5. **Final deconvolution** of each channel with an isotropic TV (default),
    hyper-Laplacian (α = 0.8) or Wiener prior, borders handled as unknown data
    (:mod:`models.deconv`), its weight proportional to the measured noise
@@ -176,6 +181,12 @@ JPEG_POLISH_LAMBDA = 4.0  # the polish's L0 weight is this many times stronger o
 # kernel down better than the penalty does (+0.2 to +0.45 dB at 0.1 % noise; at 1 % noise 0.02 costs 0.1 dB).
 POLISH_GAMMA_PER_SIGMA = 10.0
 POLISH_GAMMA_RANGE = (0.02, 0.05)
+# The polish's latent steps are taken as softened by a Gaussian of POLISH_SOFTNESS px (the edge softness of natural
+# photographs: optics, demosaicing, resampling), so the kernel step does not put that softness into the kernel.
+# Full on nearly clean photographs (noise at or below the polish penalty's floor, 0.2 %), fading to none where the
+# penalty is capped (0.5 %), where it made no difference. 0.4 px: +0.19 / +0.22 dB on the grey 0.1 % packaged /
+# unseen sets (0.6 px +0.0, 0.8 px −0.2); see bench/RESULTS.md.
+POLISH_SOFTNESS = 0.4
 # The refit's kernel penalty γ = REFIT_GAMMA_PER_NSR · σ² / e (σ the measured noise, e the TV restoration's mean
 # squared gradient); images that would need more than REFIT_GAMMA_MAX (σ²/e > 0.01) are not refitted, and a
 # refitted kernel whose restoration explains the input worse than the polished one's by more than
@@ -226,6 +237,7 @@ class L0Settings:
     polish_iterations: int = 8  # alternations at full resolution with a weak prior and penalty, on the chosen kernel
     polish_lambda: float = 1e-4
     polish_gamma: float = 0.0  # > 0 fixes it; 0 = from the measured noise (polish_penalty)
+    polish_softness: float = POLISH_SOFTNESS  # px of edge softness the polish assumes on clean photographs (0 = off)
     refit_iterations: int = 0  # > 0: after the polish, TV restoration / kernel fit rounds (refit_kernels); opt-in
     refit_gamma_per_nsr: float = REFIT_GAMMA_PER_NSR
     kernel_cut: float = 0.05  # kernel entries below this share of the peak are cleared
@@ -693,19 +705,38 @@ class LevelProblem:
         return cls(padded, mask, erode_mask(mask, 1), side)
 
 
+def gaussian_otf(size: tuple[int, int], sigma: torch.Tensor) -> torch.Tensor:
+    """Transfer function (N, 1, H, W//2 + 1), ``rfft2`` layout, of Gaussians of ``sigma`` (N, 1, 1, 1) pixels."""
+    fy = torch.fft.fftfreq(size[0], device=sigma.device, dtype=sigma.dtype)
+    fx = torch.fft.rfftfreq(size[1], device=sigma.device, dtype=sigma.dtype)
+    radius2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    return torch.exp(-2.0 * math.pi ** 2 * sigma ** 2 * radius2)
+
+
 def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam: float, gamma: float | torch.Tensor,
-              rounds: int, decay: float = 1.0) -> tuple[torch.Tensor, float]:
+              rounds: int, decay: float = 1.0, softness: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """``rounds`` latent/kernel alternations from kernels ``k`` (N, side, side).
 
     Each round solves the L0 latent image at weight ``lam``, fits the kernel
     (with the solver ``settings.kernel_solver`` and penalty ``gamma``), prunes
     and centres it, then multiplies ``lam`` by ``decay`` (not below
     ``settings.lam_floor``). Returns the kernels and the final ``lam``.
+
+    ``softness`` (N, 1, 1, 1), in pixels, models the scene's own edges as
+    steps softened by a Gaussian of that width: the latent step deconvolves
+    the kernel and the Gaussian together, and the kernel is fitted to the
+    softened latent, so the kernel does not absorb the softness (see
+    :func:`polish_softness`).
     """
     size = (problem.padded.shape[-2], problem.padded.shape[-1])
+    soften = None if softness is None or not bool((softness > 0).any()) else gaussian_otf(size, softness)
     for _ in range(rounds):
         otf = psf2otf(k[:, None], size)
+        if soften is not None:
+            otf = otf * soften
         latent, observed = l0_latent(problem.padded, problem.mask, otf, lam, growth=settings.beta_growth)
+        if soften is not None:
+            latent = torch.fft.irfft2(torch.fft.rfft2(latent) * soften, s=size)
         edges = strong_gradients(latent, problem.mask, problem.side) if settings.select_edges else grad(latent)
         if settings.kernel_solver == "masked":
             raw = masked_kernel_step(edges, problem.padded, problem.valid, k, gamma, settings.cg_iterations)
@@ -1491,13 +1522,14 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     side = kernels.shape[-1]
     polished = kernels.clone()
     gamma = polish_penalty(y, settings, known)
+    softness = polish_softness(y, settings, known)
     blocky = jpeg_compressed(y)
     for rows, lam in ((~blocky, settings.polish_lambda), (blocky, settings.polish_lambda * JPEG_POLISH_LAMBDA)):
         if bool(rows.any()):
             polished[rows], _ = alternate(LevelProblem.build(y[rows], side, _rows(known, rows)), kernels[rows],
                                           replace(settings, kernel_solver="fft"), lam,
                                           gamma if isinstance(gamma, float) else gamma[rows],
-                                          settings.polish_iterations)
+                                          settings.polish_iterations, softness=softness[rows])
     return finish_kernel(polished, side, settings)
 
 
@@ -1514,6 +1546,25 @@ def polish_penalty(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | 
         return settings.polish_gamma
     sigma = noise_sigma(y, known)
     return (POLISH_GAMMA_PER_SIGMA * sigma).clamp(*POLISH_GAMMA_RANGE).view(-1, 1, 1, 1)
+
+
+def polish_softness(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Edge softness in pixels (N, 1, 1, 1) the polish assumes for luminance images ``y`` (N, 1, H, W).
+
+    The L0 latent is piecewise flat, its edges ideal steps; a natural
+    photograph's edges are a fraction of a pixel soft, and a kernel fitted to
+    the steps takes that softness up as width across its path, which costs
+    several dB once the noise is low (bench/RESULTS.md, 2026-12-04).
+    ``settings.polish_softness`` on images whose measured noise is at or below
+    the polish penalty's floor, fading linearly to 0 where the penalty is
+    capped: under noise the penalty smooths the kernel more than this does.
+    """
+    n = y.shape[0]
+    if settings.polish_softness <= 0:
+        return y.new_zeros(n, 1, 1, 1)
+    low, high = (g / POLISH_GAMMA_PER_SIGMA for g in POLISH_GAMMA_RANGE)
+    share = ((high - noise_sigma(y, known)) / (high - low)).clamp(0.0, 1.0)
+    return (settings.polish_softness * share).view(n, 1, 1, 1)
 
 
 def refit_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
@@ -1663,6 +1714,7 @@ class L0BlindModel(RestorationModel):
             guard=bool(p["guard"]),
             candidates=int(p["candidates"]),  # type: ignore[call-overload]
             polish_iterations=int(p["polish"]),  # type: ignore[call-overload]
+            polish_softness=float(p["softness"]),  # type: ignore[arg-type]
             refit_iterations=int(p["refit"]),  # type: ignore[call-overload]
             saturation=float(p["saturation"]),  # type: ignore[arg-type]
             defocus=bool(p["defocus"]),
