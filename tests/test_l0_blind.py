@@ -551,7 +551,7 @@ def test_a_large_image_judges_its_candidates_on_one_tile_and_reuses_it(
     sharp = photos["camera"][100:420, 90:410] / 255.0
     blurred = blur_image(sharp, shake, noise_sigma=0.005, rng=np.random.default_rng(1))
     x = to_tensor(blurred)
-    # no refit: a refitted kernel would be judged on one more tile (its own test counts that)
+    # no refit: a refitted kernel is judged on one more tile, which the counts below leave out
     settings = L0Settings(polish_iterations=0, refit_iterations=0, subpixel=False, final_tile=96)
     side = settings.kernel_side(*x.shape[-2:])
     true = padded(shake, side)
