@@ -109,6 +109,18 @@ def filter_fft(x: torch.Tensor, otf: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft2(torch.fft.rfft2(x) * otf, s=x.shape[-2:])
 
 
+def gaussian_otf(size: tuple[int, int], sigma: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Transfer function, in :func:`psf2otf`'s ``rfft2`` layout, of a Gaussian blur of ``sigma`` pixels.
+
+    ``sigma`` is a number ((H, W//2 + 1) result) or a tensor that broadcasts
+    against it, e.g. (N, 1, 1, 1) for one width per image; ``like`` gives the
+    device and dtype.
+    """
+    fy = torch.fft.fftfreq(size[0], device=like.device, dtype=like.dtype)
+    fx = torch.fft.rfftfreq(size[1], device=like.device, dtype=like.dtype)
+    return torch.exp(-2.0 * math.pi ** 2 * sigma ** 2 * (fy[:, None] ** 2 + fx[None, :] ** 2))
+
+
 def pad_margin(kernel_side: int) -> int:
     """A border wide enough for a kernel of this side to spread and fade out in."""
     return int(kernel_side) + max(8, int(kernel_side) // 2)
@@ -131,11 +143,7 @@ def periodic_pad(x: torch.Tensor, margin: int, size: tuple[int, int] | None = No
         raise ValueError(f"padded size {size} is smaller than {h}x{w} plus a margin of {margin}")
     pads = (margin, margin + extra_w, margin, margin + extra_h)
     padded = _reflect_or_replicate(x, pads)
-    sigma = max(2.0, margin / 2.0)
-    fy = torch.fft.fftfreq(total_h, device=x.device, dtype=x.dtype)
-    fx = torch.fft.rfftfreq(total_w, device=x.device, dtype=x.dtype)
-    gauss = torch.exp(-2 * (math.pi * sigma) ** 2 * (fy[:, None] ** 2 + fx[None, :] ** 2))
-    smooth = filter_fft(padded, gauss)
+    smooth = filter_fft(padded, gaussian_otf((total_h, total_w), max(2.0, margin / 2.0), x))
     wy = _ramp(total_h, margin, margin + extra_h, x)
     wx = _ramp(total_w, margin, margin + extra_w, x)
     weight = wy[:, None] * wx[None, :]

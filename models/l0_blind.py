@@ -125,6 +125,7 @@ from models.deconv import (
     clipped_floor,
     fft_size,
     filter_fft,
+    gaussian_otf,
     grad,
     grad_adjoint,
     gradient_otfs,
@@ -711,14 +712,6 @@ class LevelProblem:
         return cls(padded, mask, erode_mask(mask, 1), side)
 
 
-def gaussian_otf(size: tuple[int, int], sigma: torch.Tensor) -> torch.Tensor:
-    """Transfer function (N, 1, H, W//2 + 1), ``rfft2`` layout, of Gaussians of ``sigma`` (N, 1, 1, 1) pixels."""
-    fy = torch.fft.fftfreq(size[0], device=sigma.device, dtype=sigma.dtype)
-    fx = torch.fft.rfftfreq(size[1], device=sigma.device, dtype=sigma.dtype)
-    radius2 = fy[:, None] ** 2 + fx[None, :] ** 2
-    return torch.exp(-2.0 * math.pi ** 2 * sigma ** 2 * radius2)
-
-
 def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam: float, gamma: float | torch.Tensor,
               rounds: int, decay: float = 1.0, softness: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """``rounds`` latent/kernel alternations from kernels ``k`` (N, side, side).
@@ -735,14 +728,14 @@ def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam:
     :func:`polish_softness`).
     """
     size = (problem.padded.shape[-2], problem.padded.shape[-1])
-    soften = None if softness is None or not bool((softness > 0).any()) else gaussian_otf(size, softness)
+    soften = None if softness is None or not bool((softness > 0).any()) else gaussian_otf(size, softness, softness)
     for _ in range(rounds):
         otf = psf2otf(k[:, None], size)
         if soften is not None:
             otf = otf * soften
         latent, observed = l0_latent(problem.padded, problem.mask, otf, lam, growth=settings.beta_growth)
         if soften is not None:
-            latent = torch.fft.irfft2(torch.fft.rfft2(latent) * soften, s=size)
+            latent = filter_fft(latent, soften)
         edges = strong_gradients(latent, problem.mask, problem.side) if settings.select_edges else grad(latent)
         if settings.kernel_solver == "masked":
             raw = masked_kernel_step(edges, problem.padded, problem.valid, k, gamma, settings.cg_iterations)
@@ -1527,8 +1520,9 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     """
     side = kernels.shape[-1]
     polished = kernels.clone()
-    gamma = polish_penalty(y, settings, known)
-    softness = polish_softness(y, settings, known)
+    sigma = noise_sigma(y, known)  # read once for the penalty and the softness
+    gamma = polish_penalty(y, settings, known, sigma)
+    softness = polish_softness(y, settings, known, sigma)
     blocky = jpeg_compressed(y)
     for rows, lam in ((~blocky, settings.polish_lambda), (blocky, settings.polish_lambda * JPEG_POLISH_LAMBDA)):
         if bool(rows.any()):
@@ -1539,22 +1533,24 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     return finish_kernel(polished, side, settings)
 
 
-def polish_penalty(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None
-                   ) -> float | torch.Tensor:
+def polish_penalty(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None,
+                   sigma: torch.Tensor | None = None) -> float | torch.Tensor:
     """The polish's kernel penalty γ for luminance images ``y`` (N, 1, H, W): a float, or (N, 1, 1, 1).
 
     ``settings.polish_gamma`` when set; otherwise ``POLISH_GAMMA_PER_SIGMA``
     times the measured noise, within ``POLISH_GAMMA_RANGE``. On a nearly clean
     photograph the data pins the kernel down and a weaker penalty lets its
     faint tails through; under noise the penalty keeps them from filling with it.
+    ``sigma`` (N,) is the measured noise when the caller has already read it.
     """
     if settings.polish_gamma > 0:
         return settings.polish_gamma
-    sigma = noise_sigma(y, known)
+    sigma = noise_sigma(y, known) if sigma is None else sigma
     return (POLISH_GAMMA_PER_SIGMA * sigma).clamp(*POLISH_GAMMA_RANGE).view(-1, 1, 1, 1)
 
 
-def polish_softness(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None) -> torch.Tensor:
+def polish_softness(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None,
+                    sigma: torch.Tensor | None = None) -> torch.Tensor:
     """Edge softness in pixels (N, 1, 1, 1) the polish assumes for luminance images ``y`` (N, 1, H, W).
 
     The L0 latent is piecewise flat, its edges ideal steps; a natural
@@ -1564,12 +1560,14 @@ def polish_softness(y: torch.Tensor, settings: L0Settings, known: torch.Tensor |
     ``settings.polish_softness`` on images whose measured noise is at or below
     the polish penalty's floor, fading linearly to 0 where the penalty is
     capped: under noise the penalty smooths the kernel more than this does.
+    ``sigma`` (N,) is the measured noise when the caller has already read it.
     """
     n = y.shape[0]
     if settings.polish_softness <= 0:
         return y.new_zeros(n, 1, 1, 1)
     low, high = (g / POLISH_GAMMA_PER_SIGMA for g in POLISH_GAMMA_RANGE)
-    share = ((high - noise_sigma(y, known)) / (high - low)).clamp(0.0, 1.0)
+    sigma = noise_sigma(y, known) if sigma is None else sigma
+    share = ((high - sigma) / (high - low)).clamp(0.0, 1.0)
     return (settings.polish_softness * share).view(n, 1, 1, 1)
 
 
