@@ -172,9 +172,9 @@ LEARNED_SEED: list[ModelInfo] = [
         )
         for name, network, multiple, sha256 in (
             ("seed001-refine", "Seed 001's generator (leaky reductions, PatchGAN loss)", 2,
-             "2d2b0679985c5cfc7b2af7dbf4b09d12ca795f6f332eff8d0ebf2684b9f6fa71"),
+             "4a666f6014a82b3ea0a7df17a0c2ef45cce4d77087e0c2bdec1c54594d2895ca"),
             ("seed002-refine", "Seed 002's U-Net/ResNet hybrid", 4,
-             "953ec891f6f63421c977728ee9335bf1d952ca413d277e2f6d08ea867ddebc9b"),
+             "e9a86989eac4e1d11d0e9f45134391f6bdb855cfd4253de39f1725e307b60d0c"),
         )
     ),
     _learned_seed(
