@@ -53,12 +53,12 @@ SEED_MODELS: dict[str, SeedModel] = {
 LINEAR_LIGHT_WEIGHTS: dict[str, WeightsFile] = {
     "seed001-refine": WeightsFile(
         "seed001-refine-linear.safetensors",
-        "c92c325493c3f40b9a50e977084fac7dc36526f8f8ee7fbac137783658647bd9",
+        "b5f90b44d70c6c4de31a85829c06a3009eefff099cfaa1f4a13476cd5d0a2f68",
         shipped=True,
     ),
     "seed002-refine": WeightsFile(
         "seed002-refine-linear.safetensors",
-        "15f3c64e336edf3012bb04199e4721725c9b5372eb969ec8c323dc5153fbacc1",
+        "777bd3354b376659db171260024bb8ea9d745ee831409711612d8674962b4560",
         shipped=True,
     ),
 }
