@@ -327,6 +327,12 @@ def test_the_refit_takes_off_the_width_the_l0_latent_adds_to_the_kernel(
     assert not bool(changed[0]) and torch.equal(kept, widened)
 
 
+def test_the_catalogs_defaults_are_the_settings_defaults() -> None:
+    # the catalog imports no torch code, so l0-blind's spec defaults (softness, refit, ...) are written there
+    # again as literals; a spec with no parameters must still build exactly L0Settings()
+    assert l0_blind.L0BlindModel({}, CPU).settings == L0Settings()
+
+
 def test_a_refit_that_changes_the_kernels_shape_is_dropped(
     photos: dict[str, np.ndarray], shake: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
