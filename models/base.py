@@ -5,7 +5,10 @@ with a batch in float [0, 1], NCHW, and get a :class:`Restored` back with the
 same shape. The wrapper handles the channel count the network needs (grey is
 replicated to RGB and averaged back), reflect-padding to the model's size
 multiple, ``inference_mode``, mixed precision on CUDA where the model allows
-it, and clamping.
+it, and clamping. A grey photograph stored as RGB (every pixel's channels
+within ``GREY_TOLERANCE`` of each other) comes back grey: a network trained
+mostly on colour leaves faint colour fringes on it (up to 14 levels of 255
+on a black-and-white scan), which no archivist wants.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from models.registry import ModelInfo
+
+
+GREY_TOLERANCE = 1.0 / 255.0  # one 8-bit level: what rounding a grey image through YCbCr can leave
 
 
 @dataclass
@@ -103,8 +109,24 @@ class RestorationModel(ABC):
             # the input was adapted to the model's channel count; a model taking any count
             # (channels None) returns what it returns (a refiner: 6 channels in, 3 out)
             image = _restore_channels(image, c)
+        if c == 3 and image.shape[1] == 3:
+            image = keep_grey(x, image)
         out.image = image.clamp(0.0, 1.0)  # not in place: the tensor was made under inference_mode
         return out
+
+
+def grey_images(x: torch.Tensor) -> torch.Tensor:
+    """Which images of an RGB batch (N, 3, H, W) are grey: all channels within ``GREY_TOLERANCE`` -> (N,) bool."""
+    spread = (x.amax(dim=1) - x.amin(dim=1)).flatten(1).amax(dim=1)
+    return spread <= GREY_TOLERANCE + 1e-6
+
+
+def keep_grey(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``image`` (N, 3, H, W), with the images whose input ``x`` was grey set to their channels' mean."""
+    grey = grey_images(x)
+    if not bool(grey.any()):
+        return image
+    return torch.where(grey.view(-1, 1, 1, 1), image.mean(dim=1, keepdim=True).expand_as(image), image)
 
 
 def _adapt_channels(x: torch.Tensor, wanted: int | None) -> torch.Tensor:

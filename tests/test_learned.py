@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from jobs.errors import WeightsError
+from models import base
 from models.archs import build_network
 from models.catalog import LEARNED_SEED, REGISTRY
 from models.learned import SHIPPED_DIR, load_network, sha256_file
@@ -49,6 +50,32 @@ def test_any_size_and_grey_inputs_through_the_wrapper(tmp_path: Path, name: str,
         assert out.image.shape == shape
         assert 0 <= float(out.image.min()) and float(out.image.max()) <= 1
         assert out.kernels is None
+
+
+def test_a_grey_photograph_stored_as_rgb_comes_back_grey(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped network, trained mostly on colour, tints a grey input; the wrapper must not let that colour a
+    black-and-white scan."""
+    model = load_model(REGISTRY.parse("seed002-unet:self_ensemble=false"), CPU)
+    sharp = sample_photographs()["camera"][100:196, 200:296] / 255.0
+    grey = torch.from_numpy(blur_image(sharp, disk_kernel(2.0), noise_sigma=0.005,
+                                       rng=np.random.default_rng(1))).float().expand(1, 3, -1, -1).clone()
+    tinted = grey.clone()  # one pixel two 8-bit levels off neutral: a colour image
+    tinted[0, 0, 5, 5] += 2 / 255 if float(tinted[0, 0, 5, 5]) < 0.9 else -2 / 255
+
+    def spread(image: torch.Tensor) -> float:
+        return float((image.amax(dim=1) - image.amin(dim=1)).max())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "keep_grey", lambda x, image: image)
+        raw = model(grey).image  # what the network alone makes of it
+    assert spread(raw) > 0.01
+    out = model(grey).image
+    assert spread(out) == 0.0
+    # the channels' mean (the network's raw channels were clamped one by one, the mean after: tiny differences)
+    assert float((out[:, 0] - raw.mean(dim=1)).abs().mean()) < 1e-4
+    assert spread(model(tinted).image) > 0.01  # left as the network made it
+    both = model(torch.cat([grey, tinted])).image  # in one batch, only the grey one is made grey
+    assert spread(both[:1]) == 0.0 and spread(both[1:]) > 0.01
 
 
 def test_weights_errors_name_the_problem(tmp_path: Path) -> None:
