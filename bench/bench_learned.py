@@ -52,16 +52,20 @@ def bench_photographs(which: str) -> dict[str, np.ndarray]:
     return {name: photos[name] for name in ("chelsea", "coffee")}
 
 
-def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light: str = "encoded"
-          ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light: str = "encoded",
+          grey: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`).
 
-    ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`).
+    ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`). ``grey`` makes
+    each photograph black and white first (its Rec. 601 luminance in all three channels; the noise
+    added after the blur is still drawn per channel, as for the unseen photographs, which are grey).
     """
     rng = np.random.default_rng(seed)
     out = []
     for name, photo in bench_photographs(which).items():
         img = photo.astype(np.float64) / 255
+        if grey:
+            img = np.repeat((img[..., :3] @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
         h, w = img.shape[:2]
         for _ in range(crops):
             y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -148,6 +152,9 @@ def main() -> None:
                         help="where the blur happens: encoded, the stored values (default); linear, linear light "
                              "as a shaking camera blurs; every model with a 'light' parameter is then run with "
                              "light=linear unless its spec sets it")
+    parser.add_argument("--grey", action="store_true",
+                        help="make the photographs black and white first (luminance in all three channels), as "
+                             "in an archive of monochrome prints; the unseen photographs already are")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = args.model or ["seed002-unet", "seed001-refine", "seed002-refine"]
@@ -160,9 +167,10 @@ def main() -> None:
         if missing:
             raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
                              "(or --l0 for l0-blind)")
-    data = cases(args.crops, args.size, which=args.photos, light=args.light)
+    data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=args.grey)
     base = [psnr(b, s) for _, b, s in data]
-    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos} photo x 5 blurs); "
+    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{' grey' if args.grey else ''} "
+          f"photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
     outputs, seconds = run_all(names, data)
     for spec in names:

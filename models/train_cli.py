@@ -56,6 +56,11 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
               help="Where synthetic blur happens: encoded, the stored values (as synthetic benchmarks blur); "
                    "linear, linear light with the sRGB curve put back after, as a shaking camera blurs (a "
                    "refiner's prior then runs in linear light too, as it will at inference); mixed, half of each.")
+@click.option("--grey-share", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              envvar=_env("grey_share"),
+              help="Share of synthetic samples made black and white before the blur (the photograph's luminance "
+                   "in all three channels), so the model also learns monochrome photographs; the shipped "
+                   "refiners use 0.3.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True,
               envvar=_env("val_fraction"), help="Share of images or pairs held out for validation.")
 @click.option("--val-count", type=click.IntRange(1), default=16, show_default=True, envvar=_env("val_count"),
@@ -128,6 +133,7 @@ def train_command(
     sharp_prefix: str | None,
     sharp_dir: Path | None,
     light: str,
+    grey_share: float,
     val_fraction: float,
     val_count: int,
     val_size: int,
@@ -172,7 +178,8 @@ def train_command(
       --sharp DIR                          sharp images, blurred on the fly
     Synthetic blur = random camera shake (5-25 px), defocus discs (1-6 px),
     Gaussian, noise (0-2%) and occasional JPEG, in stored values or in
-    linear light (--light).
+    linear light (--light), on colour or, for a share, black-and-white
+    scenes (--grey-share).
 
     Every option can also be set with an environment variable
     DEBLUR_TRAIN_<OPTION>, e.g. DEBLUR_TRAIN_STEPS=20000.
@@ -207,6 +214,8 @@ def train_command(
             raise InputError("--prior trains on synthetic blur only; drop --pairs / --blurred-prefix")
         if light != "encoded" and (pairs is not None or blurred_prefix or sharp_prefix):
             raise InputError("--light applies to synthetic blur only; real pairs are blurred as they were recorded")
+        if grey_share > 0 and (pairs is not None or blurred_prefix or sharp_prefix):
+            raise InputError("--grey-share applies to synthetic blur only; real pairs are used as they were recorded")
         if pairs is not None or blurred_prefix or sharp_prefix:
             if pairs is not None:
                 loaded = D.pairs_from_folder(pairs)
@@ -234,9 +243,10 @@ def train_command(
             else:
                 train_imgs, val_imgs = D.split_photographs(D.package_photographs())
                 described = f"synthetic blur of {len(train_imgs)} package photographs"
-            synth = D.BlurSynthesizer(linear_prob={"encoded": 0.0, "linear": 1.0, "mixed": 0.5}[light])
-            if synth.light:
-                described += f" in {synth.light}"
+            synth = D.BlurSynthesizer(linear_prob={"encoded": 0.0, "linear": 1.0, "mixed": 0.5}[light],
+                                      grey_prob=grey_share)
+            if synth.recipe:
+                described += f" ({synth.recipe})"
             source = D.SyntheticPairs(train_imgs, synth)
             validation = D.synthetic_validation_set(val_imgs, val_count, val_size, synth=synth) if val_imgs else []
             if val_imgs:

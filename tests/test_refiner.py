@@ -78,9 +78,12 @@ def test_cache_builds_in_chunks_resumes_and_refuses_another_prior(tmp_path: Path
         build_cache(tmp_path, synth_photos, "wiener", patches=8, size=48, chunk_size=2, progress=False)
     with pytest.raises(InputError, match="64-pixel"):
         build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=64, chunk_size=2, progress=False)
-    with pytest.raises(InputError, match="blurred in linear light 100%"):
+    with pytest.raises(InputError, match=r"\(linear light 100%\)"):
         build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=48, chunk_size=2, progress=False,
                     synth=BlurSynthesizer(linear_prob=1.0))
+    with pytest.raises(InputError, match=r"\(grey 30%\)"):
+        build_cache(tmp_path, synth_photos, CHEAP_PRIOR, patches=8, size=48, chunk_size=2, progress=False,
+                    synth=BlurSynthesizer(grey_prob=0.3))
     with pytest.raises(InputError, match="no complete chunks"):
         load_cache(tmp_path / "empty")
 
@@ -209,10 +212,18 @@ def test_cli_trains_a_refiner_on_a_cached_prior(tmp_path: Path, photo: np.ndarra
     linear = [*args[:2], str(tmp_path / "linear"), *args[3:], "--light", "linear"]
     result = runner.invoke(train_command, linear)
     assert result.exit_code == 0, result.output
-    assert "in linear light 100%" in result.output
+    assert "(linear light 100%)" in result.output
     with safe_open(str(tmp_path / "linear" / "best.safetensors"), framework="pt") as fh:
         recorded = REGISTRY.parse(fh.metadata()["prior"])
     assert recorded == REGISTRY.parse(CHEAP_PRIOR + ",light=linear")
+    # a share of black-and-white scenes is said in the log and kept apart in the cache
+    grey = [*args[:2], str(tmp_path / "grey"), *args[3:], "--grey-share", "0.5"]
+    result = runner.invoke(train_command, grey)
+    assert result.exit_code == 0, result.output
+    assert "(grey 50%)" in result.output
+    refused = runner.invoke(train_command, ["seed001", "-o", str(tmp_path / "refused"), "--pairs", str(sharp_dir),
+                                            "--grey-share", "0.5", "--no-progress"])
+    assert refused.exit_code != 0 and "--grey-share applies to synthetic blur only" in refused.output
 
 
 def test_tiling_and_self_ensemble_wrap_the_network_not_the_prior(tmp_path: Path, photo: np.ndarray) -> None:

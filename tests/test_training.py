@@ -84,6 +84,30 @@ def test_synthetic_pairs_are_blurred_aligned_and_reproducible(photo: np.ndarray)
     assert (gain > 15).all() and torch.isfinite(gain).all()
 
 
+def test_a_grey_share_makes_that_share_of_scenes_black_and_white_and_nothing_else(photo: np.ndarray) -> None:
+    quiet = {"noise_prob": 0.0, "jpeg_prob": 0.0}
+
+    def spreads(synth: BlurSynthesizer, count: int = 60) -> tuple[np.ndarray, np.ndarray]:
+        blurred, sharp = SyntheticPairs([photo], synth, kernel_bank=0).batch(count, 24, np.random.default_rng(3))
+        return np.ptp(blurred, axis=3).max(axis=(1, 2)), np.ptp(sharp, axis=3).max(axis=(1, 2))
+
+    blurred, sharp = spreads(BlurSynthesizer(grey_prob=1.0, **quiet))
+    assert (sharp == 0).all() and (blurred < 1e-6).all()  # target and input alike, luminance in every channel
+    grey = np.ones((2, 2, 3)) * np.array([0.2, 0.5, 0.9])
+    assert np.allclose(BlurSynthesizer(grey_prob=1.0).scene(grey, np.random.default_rng(0)),
+                       0.299 * 0.2 + 0.587 * 0.5 + 0.114 * 0.9)
+    _, sharp = spreads(BlurSynthesizer(grey_prob=0.3, **quiet), count=200)
+    assert 0.2 < float((sharp == 0).mean()) < 0.4
+    # no share, no extra random draw: the default stream, and so every earlier run, is unchanged
+    a = SyntheticPairs([photo], BlurSynthesizer(), kernel_bank=0).batch(4, 24, np.random.default_rng(9))
+    b = SyntheticPairs([photo], BlurSynthesizer(grey_prob=0.0), kernel_bank=0).batch(4, 24, np.random.default_rng(9))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert BlurSynthesizer(grey_prob=0.3, linear_prob=0.5).recipe == "linear light 50%, grey 30%"
+    assert BlurSynthesizer().recipe == ""
+    with pytest.raises(ValueError, match="grey_prob"):
+        BlurSynthesizer(grey_prob=-0.1)
+
+
 def test_package_photographs_split_keeps_validation_out() -> None:
     photos = package_photographs()
     train_imgs, val_imgs = split_photographs(photos)

@@ -72,7 +72,7 @@ def _stored_shape(path: Path, name: str = "sharp") -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _save(path: Path, triplets: Sequence[Triplet], spec: str, light: str = "") -> None:
+def _save(path: Path, triplets: Sequence[Triplet], spec: str, recipe: str = "") -> None:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(
         tmp,
@@ -80,7 +80,7 @@ def _save(path: Path, triplets: Sequence[Triplet], spec: str, light: str = "") -
         prior=np.stack([t[1] for t in triplets]).astype(np.float16),
         sharp=np.stack([t[2] for t in triplets]).astype(np.float16),
         spec=np.array(spec),
-        light=np.array(light),
+        recipe=np.array(recipe),
     )
     tmp.replace(path)
 
@@ -101,13 +101,13 @@ def build_cache(
     Chunks already present (or claimed by another process, see the module
     docstring) are skipped, so an interrupted build resumes where it stopped.
     The patches are blurred by ``synth`` (default: :class:`BlurSynthesizer`'s
-    defaults). A cache made with another prior spec, patch size or blur light is refused.
+    defaults). A cache made with another prior spec, patch size or blur recipe (light, grey share) is refused.
     """
     synth = synth or BlurSynthesizer()
     folder.mkdir(parents=True, exist_ok=True)
     chunks = -(-patches // chunk_size)
     todo = [i for i in range(chunks) if not _chunk_path(folder, i).exists()]
-    _check_cache(folder, spec, size, synth.light)
+    _check_cache(folder, spec, size, synth.recipe)
     runner = prior_runner(spec) if todo else None
     source = SyntheticPairs(images, synth, kernel_bank=0, augment=False) if todo else None
     bar = None
@@ -131,7 +131,7 @@ def build_cache(
                     triplets.append((blurred, runner(blurred), sharp))
                     if bar is not None:
                         bar.update(1)
-                _save(_chunk_path(folder, index), triplets, spec, synth.light)
+                _save(_chunk_path(folder, index), triplets, spec, synth.recipe)
             finally:
                 lock.unlink(missing_ok=True)
     finally:
@@ -178,18 +178,20 @@ def _stale(lock: Path) -> bool:
     return False
 
 
-def _check_cache(folder: Path, spec: str, size: int, light: str = "") -> None:
-    """Refuse a cache made with another prior spec, patch size or blur light (the first chunk tells)."""
+def _check_cache(folder: Path, spec: str, size: int, recipe: str = "") -> None:
+    """Refuse a cache made with another prior spec, patch size or blur recipe (the first chunk tells)."""
     for path in _complete_chunks(folder)[:1]:
         with np.load(path) as data:
             found = str(data["spec"])
-            found_light = str(data["light"]) if "light" in data.files else ""  # older caches: stored values
+            # caches from before the grey share stored only the light ("" for stored values)
+            key = "recipe" if "recipe" in data.files else "light" if "light" in data.files else None
+            found_recipe = str(data[key]) if key else ""
         side = _stored_shape(path)[1]
-        if found != spec or side != size or found_light != light:
+        if found != spec or side != size or found_recipe != recipe:
             raise InputError(
                 f"prior cache {str(folder)!r} holds {side}-pixel patches made with {found!r}"
-                f"{', blurred in ' + found_light if found_light else ''}, not {size}-pixel patches of {spec!r}"
-                f"{', blurred in ' + light if light else ''}; give another --prior-cache directory"
+                f"{' (' + found_recipe + ')' if found_recipe else ''}, not {size}-pixel patches of {spec!r}"
+                f"{' (' + recipe + ')' if recipe else ''}; give another --prior-cache directory"
             )
 
 
