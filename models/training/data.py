@@ -149,8 +149,9 @@ class BlurSynthesizer:
     before the blur and put back after, as real camera shake is; the rest
     blur the stored values, as synthetic benchmarks do. A share
     ``grey_prob`` of the scenes are made black and white first (their
-    luminance in all three channels, :meth:`scene`): a refiner trained on
-    colour alone lost 0.2-0.3 dB to its prior on grey photographs.
+    luminance in all three channels, :meth:`scene`): refiners whose only
+    grey training photographs were textures and documents lost 0.2-0.3 dB
+    to their prior on grey versions of ordinary scenes.
     """
 
     motion_prob: float = 0.6
