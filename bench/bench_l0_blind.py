@@ -70,6 +70,7 @@ from models.synthetic_blur import (  # noqa: E402
     disk_kernel,
     gaussian_kernel,
     jpeg_roundtrip,
+    luminance,
     random_motion_kernel,
     sample_photographs,
     other_photographs,
@@ -129,7 +130,7 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
-        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+        img = luminance(img)
     if blur == "shake":
         side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
         kernel = random_motion_kernel(side, rng)

@@ -27,6 +27,7 @@ from models.ensemble import fit_weights
 from models.loading import load_model
 from models.tone import LIGHT_CHOICES
 from models.synthetic_blur import (
+    black_and_white,
     blur_image,
     disk_kernel,
     random_motion_kernel,
@@ -65,7 +66,7 @@ def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light:
     for name, photo in bench_photographs(which).items():
         img = photo.astype(np.float64) / 255
         if grey:
-            img = np.repeat((img[..., :3] @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
+            img = black_and_white(img)
         h, w = img.shape[:2]
         for _ in range(crops):
             y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))

@@ -18,6 +18,19 @@ from scipy.signal import fftconvolve
 from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear
 
 
+REC601_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """Rec. 601 luminance (HxW) of an HxWx3 (or HxWx4: alpha ignored) image, in its own value range."""
+    return image[..., :3] @ REC601_LUMA.astype(image.dtype if image.dtype.kind == "f" else np.float64)
+
+
+def black_and_white(image: np.ndarray) -> np.ndarray:
+    """``image`` (HxWx3) as a black-and-white photograph stored as RGB: its luminance in all three channels."""
+    return np.repeat(luminance(image)[..., None], 3, axis=2)
+
+
 def gaussian_kernel(sigma: float, size: int | None = None) -> np.ndarray:
     """Isotropic Gaussian PSF with standard deviation ``sigma`` pixels."""
     if sigma <= 0:

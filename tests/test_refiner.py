@@ -88,6 +88,21 @@ def test_cache_builds_in_chunks_resumes_and_refuses_another_prior(tmp_path: Path
         load_cache(tmp_path / "empty")
 
 
+def test_a_cache_from_before_the_grey_share_is_read_by_its_light(tmp_path: Path, photo: np.ndarray) -> None:
+    """Older chunks stored only the blur's light under the key 'light'; they stay usable for the same recipe."""
+    synth = BlurSynthesizer(linear_prob=1.0)
+    build_cache(tmp_path, {"a": photo}, CHEAP_PRIOR, patches=2, size=48, chunk_size=2, progress=False, synth=synth)
+    chunk = tmp_path / "chunk-00000.npz"
+    with np.load(chunk) as data:
+        fields = {name: data[name] for name in data.files if name != "recipe"}
+    np.savez(chunk, **fields, light=np.array("linear light 100%"))  # the layout before the grey share
+    assert build_cache(tmp_path, {"a": photo}, CHEAP_PRIOR, patches=2, size=48, chunk_size=2, progress=False,
+                       synth=synth) == 2
+    with pytest.raises(InputError, match=r"\(linear light 100%\), not 48-pixel patches .*\(linear light 100%, grey"):
+        build_cache(tmp_path, {"a": photo}, CHEAP_PRIOR, patches=2, size=48, chunk_size=2, progress=False,
+                    synth=BlurSynthesizer(linear_prob=1.0, grey_prob=0.5))
+
+
 def test_a_chunk_whose_claimant_died_is_claimed_again(tmp_path: Path) -> None:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True)

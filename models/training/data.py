@@ -31,6 +31,7 @@ from scipy.signal import fftconvolve
 from jobs.errors import InputError, StorageNotFoundError
 from models.tone import linear_to_srgb, srgb_to_linear
 from models.synthetic_blur import (
+    black_and_white,
     disk_kernel,
     gaussian_kernel,
     jpeg_roundtrip,
@@ -193,8 +194,7 @@ class BlurSynthesizer:
         """``sharp`` (HxWx3), or with probability ``grey_prob`` its Rec. 601 luminance in all three channels."""
         if self.grey_prob <= 0 or rng.uniform() >= self.grey_prob:  # no draw by default: same streams
             return sharp
-        grey = sharp[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=sharp.dtype)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return black_and_white(sharp)
 
     @property
     def max_kernel(self) -> int:
