@@ -139,7 +139,7 @@ from models.deconv import (
 )
 from models.parametric_psf import SpectrumScorer, family_extent, family_kernel
 from models.tiling import blend_ramp, tile_starts
-from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear
+from models.tone import LIGHT_CHOICES, REC601_LUMA, linear_to_srgb, srgb_to_linear
 
 MAX_AUTO_KERNEL = 35  # the automatic kernel window unless the scout measures a larger blur
 MAX_SCOUTED_KERNEL = 101  # the largest window the scout may choose (and the spec's maximum)
@@ -297,7 +297,7 @@ def _fitting_side(height: int, width: int) -> int:
 def luminance(x: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) luminance of an (N, C, H, W) batch (Rec. 601 weights for RGB)."""
     if x.shape[1] == 3:
-        weights = x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        weights = x.new_tensor(REC601_LUMA).view(1, 3, 1, 1)
         return (x * weights).sum(dim=1, keepdim=True)
     return x.mean(dim=1, keepdim=True)
 
@@ -977,7 +977,7 @@ def blur_effect(y: torch.Tensor, size: int = 11) -> torch.Tensor:
 # ---------------------------------------------------------------- model
 
 
-RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+RGB_TO_YCC = (REC601_LUMA, (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
 def prior_weight(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None

@@ -48,6 +48,7 @@ from numpy.typing import NDArray
 
 from jobs.errors import InputError
 from models.alignment import REALBLUR, AlignOptions, align_to_reference
+from models.tone import REC601_LUMA
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -58,7 +59,7 @@ SSIM_3D = "3d"
 SSIM_VARIANTS: tuple[str, ...] = (SSIM_CHANNEL_MEAN, SSIM_3D)
 
 # Rec. 601 luma weights, as in MATLAB's rgb2gray and OpenCV's cvtColor.
-_LUMA_RGB = np.array([0.299, 0.587, 0.114])
+_LUMA_RGB = np.array(REC601_LUMA)
 
 FloatArray = NDArray[np.float64]
 

@@ -15,15 +15,12 @@ import cv2
 import numpy as np
 from scipy.signal import fftconvolve
 
-from models.tone import LIGHT_CHOICES, linear_to_srgb, srgb_to_linear
-
-
-REC601_LUMA = np.array([0.299, 0.587, 0.114])
+from models.tone import LIGHT_CHOICES, REC601_LUMA, linear_to_srgb, srgb_to_linear
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
     """Rec. 601 luminance (HxW) of an HxWx3 (or HxWx4: alpha ignored) image, in its own value range."""
-    return image[..., :3] @ REC601_LUMA.astype(image.dtype if image.dtype.kind == "f" else np.float64)
+    return image[..., :3] @ np.array(REC601_LUMA, dtype=image.dtype if image.dtype.kind == "f" else np.float64)
 
 
 def black_and_white(image: np.ndarray) -> np.ndarray:

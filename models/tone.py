@@ -8,6 +8,8 @@ domain where it happened: on real camera shake the stored values are not a
 convolution of the scene, and restoring them as one costs several dB
 (bench/RESULTS.md). These functions take values in [0, 1] (a little outside
 is tolerated: the curve is continued, never NaN) and need no torch.
+It also holds Rec. 601's luminance weights, which every part of the project
+that reduces a colour photograph to its brightness uses.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 Values = TypeVar("Values")  # a NumPy array, a torch tensor or a float
+
+# Rec. 601 luminance of RGB: the weights of R, G and B (they sum to 1)
+REC601_LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
 # Where a model undoes the blur ("light"): the choices every model, command and benchmark accepts.
 LIGHT_CHOICES: tuple[str, ...] = ("encoded", "linear")

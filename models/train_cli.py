@@ -210,12 +210,15 @@ def train_command(
             raise InputError("a refiner (in_channels=6) needs --prior, e.g. --prior l0-blind")
         rng = np.random.default_rng(seed)
         validation: list[tuple[np.ndarray, np.ndarray]]
-        if prior and (pairs is not None or blurred_prefix or sharp_prefix):
-            raise InputError("--prior trains on synthetic blur only; drop --pairs / --blurred-prefix")
-        if light != "encoded" and (pairs is not None or blurred_prefix or sharp_prefix):
-            raise InputError("--light applies to synthetic blur only; real pairs are blurred as they were recorded")
-        if grey_share > 0 and (pairs is not None or blurred_prefix or sharp_prefix):
-            raise InputError("--grey-share applies to synthetic blur only; real pairs are used as they were recorded")
+        synthetic_only = [name for name, given in (("--prior", bool(prior)), ("--light", light != "encoded"),
+                                                   ("--grey-share", grey_share > 0)) if given]
+        if synthetic_only and (pairs is not None or blurred_prefix or sharp_prefix):
+            names = " and ".join(synthetic_only)
+            raise InputError(
+                f"{names} appl{'ies' if len(synthetic_only) == 1 else 'y'} to synthetic blur only; real pairs are "
+                f"used as they were recorded: drop {names}, or train on sharp images (--sharp DIR, or no data "
+                "option for the package photographs)"
+            )
         if pairs is not None or blurred_prefix or sharp_prefix:
             if pairs is not None:
                 loaded = D.pairs_from_folder(pairs)
