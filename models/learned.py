@@ -53,12 +53,12 @@ SEED_MODELS: dict[str, SeedModel] = {
 LINEAR_LIGHT_WEIGHTS: dict[str, WeightsFile] = {
     "seed001-refine": WeightsFile(
         "seed001-refine-linear.safetensors",
-        "b5f90b44d70c6c4de31a85829c06a3009eefff099cfaa1f4a13476cd5d0a2f68",
+        "01763797e61adf10881259a88067a0cdd3d5621e1b41c77914ccb00c5aeb7fc7",
         shipped=True,
     ),
     "seed002-refine": WeightsFile(
         "seed002-refine-linear.safetensors",
-        "777bd3354b376659db171260024bb8ea9d745ee831409711612d8674962b4560",
+        "9506ae1026ca193f8f5cacd390c8f312368ed6730de5c75d1b6673b8bacaf78b",
         shipped=True,
     ),
 }
