@@ -54,13 +54,17 @@ def bench_photographs(which: str) -> dict[str, np.ndarray]:
 
 
 def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light: str = "encoded",
-          grey: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
+          grey: bool = False, grey_file: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`).
 
     ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`). ``grey`` makes
     each photograph black and white first (its Rec. 601 luminance in all three channels; the noise
-    added after the blur is still drawn per channel, as for the unseen photographs, which are grey).
+    added after the blur is still drawn per channel, as in a colour scan of a black-and-white print,
+    and as for the unseen photographs, which are grey). ``grey_file`` does the same and then puts the
+    first channel's noise in all three, as in a grey file read as RGB; the crops, kernels and noise
+    draws are those of ``grey``, so the two sets differ only in that.
     """
+    grey = grey or grey_file
     rng = np.random.default_rng(seed)
     out = []
     for name, photo in bench_photographs(which).items():
@@ -79,8 +83,10 @@ def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light:
                 ("disk4", disk_kernel(4.0)),
             ]
             for label, k in kernels:
-                out.append((f"{name}:{label}", blur_image(sharp, k, noise_sigma=0.005, rng=rng, light=light),
-                            sharp))
+                blurred = blur_image(sharp, k, noise_sigma=0.005, rng=rng, light=light)
+                if grey_file:
+                    blurred = np.repeat(blurred[..., :1], 3, axis=2)
+                out.append((f"{name}:{label}", blurred, sharp))
     return out
 
 
@@ -155,7 +161,11 @@ def main() -> None:
                              "light=linear unless its spec sets it")
     parser.add_argument("--grey", action="store_true",
                         help="make the photographs black and white first (luminance in all three channels), as "
-                             "in an archive of monochrome prints; the unseen photographs already are")
+                             "in a colour scan of monochrome prints (noise drawn per channel); the unseen "
+                             "photographs already are")
+    parser.add_argument("--grey-file", action="store_true",
+                        help="as --grey, with the same noise in all three channels, as in a grey file read as "
+                             "RGB (the same crops, kernels and noise draws as --grey)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     specs = args.model or ["seed002-unet", "seed001-refine", "seed002-refine"]
@@ -168,9 +178,10 @@ def main() -> None:
         if missing:
             raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
                              "(or --l0 for l0-blind)")
-    data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=args.grey)
+    data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=args.grey,
+                 grey_file=args.grey_file)
     base = [psnr(b, s) for _, b, s in data]
-    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{' grey' if args.grey else ''} "
+    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{' grey file' if args.grey_file else ' grey' if args.grey else ''} "
           f"photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
     outputs, seconds = run_all(names, data)
