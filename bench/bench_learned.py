@@ -181,8 +181,8 @@ def main() -> None:
     data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=args.grey,
                  grey_file=args.grey_file)
     base = [psnr(b, s) for _, b, s in data]
-    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{' grey file' if args.grey_file else ' grey' if args.grey else ''} "
-          f"photo x 5 blurs); "
+    kind = " grey file" if args.grey_file else " grey" if args.grey else ""
+    print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{kind} photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
     outputs, seconds = run_all(names, data)
     for spec in names:
