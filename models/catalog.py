@@ -157,7 +157,7 @@ LEARNED_SEED: list[ModelInfo] = [
         "averages its answers over the 8 flips and rotations by default (+0.08 dB; self_ensemble=false is 8x "
         "faster).",
         "models.learned:build_seed002", 4, ("float32", "bfloat16", "float16"),
-        weights="seed002-unet.safetensors", sha256="c956739566229683b0776a2e39a8dc6209c01d4502b109f967331c8c6e926222",
+        weights="seed002-unet.safetensors", sha256="b50992cb6b46ef7da0d7973393e5c635252705892fa2a072de76cd6ca65dcc37",
         option_defaults=(("self_ensemble", True),),
     ),
     *(
