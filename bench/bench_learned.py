@@ -53,18 +53,23 @@ def bench_photographs(which: str) -> dict[str, np.ndarray]:
     return {name: photos[name] for name in ("chelsea", "coffee")}
 
 
+# how the grey cases are made (see cases()): not at all, a colour scan of a grey print, a grey file
+GREY_KINDS: tuple[str, ...] = ("", "scan", "file")
+
+
 def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light: str = "encoded",
-          grey: bool = False, grey_file: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
+          grey: str = "") -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(label, blurred, sharp) float64 HxWx3 test cases from the ``which`` photographs (:func:`bench_photographs`).
 
-    ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`). ``grey`` makes
-    each photograph black and white first (its Rec. 601 luminance in all three channels; the noise
-    added after the blur is still drawn per channel, as in a colour scan of a black-and-white print,
-    and as for the unseen photographs, which are grey). ``grey_file`` does the same and then puts the
-    first channel's noise in all three, as in a grey file read as RGB; the crops, kernels and noise
-    draws are those of ``grey``, so the two sets differ only in that.
+    ``light`` is where the blur happens (:func:`models.synthetic_blur.blur_image`). ``grey`` (one of
+    :data:`GREY_KINDS`) makes each photograph black and white first, its Rec. 601 luminance in all
+    three channels: ``"scan"`` keeps the noise added after the blur drawn per channel, as in a colour
+    scan of a black-and-white print (and as for the unseen photographs, which are grey); ``"file"``
+    then puts the first channel's noise in all three, as in a grey file read as RGB. The two share
+    crops, kernels and noise draws, so they differ only in that.
     """
-    grey = grey or grey_file
+    if grey not in GREY_KINDS:
+        raise ValueError(f"unknown grey kind {grey!r}; use one of {GREY_KINDS}")
     rng = np.random.default_rng(seed)
     out = []
     for name, photo in bench_photographs(which).items():
@@ -84,7 +89,7 @@ def cases(crops: int, size: int, seed: int = 11, which: str = "held-out", light:
             ]
             for label, k in kernels:
                 blurred = blur_image(sharp, k, noise_sigma=0.005, rng=rng, light=light)
-                if grey_file:
+                if grey == "file":
                     blurred = np.repeat(blurred[..., :1], 3, axis=2)
                 out.append((f"{name}:{label}", blurred, sharp))
     return out
@@ -159,11 +164,12 @@ def main() -> None:
                         help="where the blur happens: encoded, the stored values (default); linear, linear light "
                              "as a shaking camera blurs; every model with a 'light' parameter is then run with "
                              "light=linear unless its spec sets it")
-    parser.add_argument("--grey", action="store_true",
+    greys = parser.add_mutually_exclusive_group()
+    greys.add_argument("--grey", action="store_true",
                         help="make the photographs black and white first (luminance in all three channels), as "
                              "in a colour scan of monochrome prints (noise drawn per channel); the unseen "
                              "photographs already are")
-    parser.add_argument("--grey-file", action="store_true",
+    greys.add_argument("--grey-file", action="store_true",
                         help="as --grey, with the same noise in all three channels, as in a grey file read as "
                              "RGB (the same crops, kernels and noise draws as --grey)")
     args = parser.parse_args()
@@ -178,10 +184,10 @@ def main() -> None:
         if missing:
             raise SystemExit(f"--mix names {missing}, which this run does not restore; add them with --model "
                              "(or --l0 for l0-blind)")
-    data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=args.grey,
-                 grey_file=args.grey_file)
+    grey = "file" if args.grey_file else "scan" if args.grey else ""
+    data = cases(args.crops, args.size, which=args.photos, light=args.light, grey=grey)
     base = [psnr(b, s) for _, b, s in data]
-    kind = " grey file" if args.grey_file else " grey" if args.grey else ""
+    kind = {"": "", "scan": " grey", "file": " grey file"}[grey]
     print(f"{len(data)} cases ({args.crops} crops of {args.size}px per {args.photos}{kind} photo x 5 blurs); "
           f"blurred input mean PSNR {np.mean(base):.3f} dB")
     outputs, seconds = run_all(names, data)
