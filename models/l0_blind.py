@@ -1178,7 +1178,7 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
         box = estimation_box(y, settings.window_side(side), known)
         window, window_known = estimation_crop(y, settings.window_side(side), known, box)
         kernels, image, agreement, residual, chosen, centred, refitted, radius, judged = _restore_trusted(
-            x, y, known, channel_known, blurred, settings, side, window, window_known, box)
+            x, y, known, channel_known, blurred, settings, side, window, window_known, box, suspected)
     else:  # nothing looks blurred: skip the work
         kernels = normalise_kernel(x.new_zeros(n, side, side))
         image, agreement, residual, radius, judged = x, x.new_ones(n), x.new_zeros(n), x.new_zeros(n), None
@@ -1286,8 +1286,8 @@ def _part(t: torch.Tensor | None, rows: torch.Tensor, region: tuple[object, slic
 
 def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None,
                      channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int,
-                     window: torch.Tensor, window_known: torch.Tensor | None, box: tuple[int, int, int, int]
-                     ) -> tuple[torch.Tensor, ...]:
+                     window: torch.Tensor, window_known: torch.Tensor | None, box: tuple[int, int, int, int],
+                     suspected: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Kernels, restorations, agreements, residual ratios, chosen variants, centrings, refit flags, disc radii
     and, for an image deconvolved in tiles, the tile the guard judged (else ``None``).
 
@@ -1312,7 +1312,13 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
     and only for the images that need them. With ``settings.defocus`` on, each
     candidate that looks like a defocus disc gives way to the disc
     (:func:`defocus_kernels`) before its restoration, so the guard judges the
-    disc's result and a disc costs no second full-size deconvolution.
+    disc's result and a disc costs no second full-size deconvolution. An
+    image in ``suspected`` (N,) bool (the blur measure calls it sharp, its
+    spectrum says defocused; :func:`restore`) is restored only with a disc,
+    so for it a candidate that does not give way to one does not hold either:
+    the next is tried (the candidates' ranking is a close call on textures,
+    and a brick wall under a 2.8-px disc was left untouched whenever the
+    ragged estimate happened to rank first).
 
     With ``settings.refit_iterations`` > 0 the kernels that held are then
     refitted (:func:`refit_kernels`) and their images restored again; a
@@ -1366,6 +1372,8 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
         if settings.defocus:  # decided before the restoration, so a disc costs no second deconvolution
             k, radii = defocus_kernels(window[rows], _rows(window_known, rows), k)
         restored, agree, ratio, centred, good = judge(rows, k, before)
+        if suspected is not None:
+            good &= ~suspected[rows] | (radii > 0)
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
         into = rows[take]
         kernels[into], previous[into], solves[into], radius[into] = k[take], before[take], restored[take], radii[take]

@@ -141,6 +141,24 @@ def test_a_defocused_texture_the_blur_measure_calls_sharp_is_restored_with_the_d
     assert psnr(to_numpy(out.image).astype(np.float64), sharp) > psnr(blurred, sharp) + 3.0
 
 
+def test_a_suspected_texture_tries_the_next_candidate_when_the_first_is_no_disc(
+        photos: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a disc may restore an image the blur measure calls sharp, so a free-form first choice does not end it."""
+    sharp = photos["brick"][:192, :192] / 255.0
+    blurred = blur_image(sharp, disk_kernel(2.8), noise_sigma=0.005, rng=np.random.default_rng(4))
+    real_rank = l0_blind.rank_candidates
+
+    def ragged_first(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kernels, previous, order = real_rank(*args, **kwargs)  # type: ignore[arg-type]
+        return kernels, previous, torch.tensor([[2, 0, 1]]).expand_as(order)  # the 11-px ragged estimate first
+
+    monkeypatch.setattr(l0_blind, "rank_candidates", ragged_first)
+    out = l0_blind.restore(to_tensor(blurred), l0_blind.L0Settings())
+    assert float(out.metrics["blur_detected"][0]) == 1.0
+    assert float(out.metrics["kernel_candidate"][0]) != 2.0
+    assert float(out.metrics["defocus_radius"][0]) == pytest.approx(2.8, abs=0.2)
+
+
 @pytest.mark.parametrize("name", ["brick", "gravel", "grass", "retina", "astronaut"])
 def test_sharp_photographs_do_not_look_defocused_to_the_spectrum(photos: dict[str, np.ndarray], name: str) -> None:
     photo = photos[name][:256, :256] / 255.0
