@@ -67,7 +67,10 @@ luminance, then every colour channel is deconvolved with it:
    so the refilled margin does not pull the kernel back to its previous
    shape; the same with a doubled λ), and the kernel whose luminance
    restoration (at 2.5× the final step's prior weight), re-blurred, explains
-   the input best is kept (``candidates=1`` runs only the first).
+   the input best is kept (``candidates=1`` runs only the first). The
+   variants run together as one batch (:func:`estimate_variants`): on small
+   photographs the pyramid's coarse levels cost mostly per-operation
+   overhead, which one batch pays once.
 7. **Clipped highlights.** Pixels at the top of the range in any channel
    (``saturation``, grown by a pixel) do not obey the blur model: a light
    smeared into a clipped streak recorded less light than fell on it. They
@@ -113,7 +116,7 @@ Measured on ``bench/bench_l0_blind.py`` (see ``bench/RESULTS.md``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -303,10 +306,17 @@ def luminance(x: torch.Tensor) -> torch.Tensor:
 
 
 def l0_latent(
-    y: torch.Tensor, mask: torch.Tensor, otf: torch.Tensor, lam: float, beta_max: float = 1e5,
+    y: torch.Tensor, mask: torch.Tensor, otf: torch.Tensor, lam: float | Sequence[float], beta_max: float = 1e5,
     growth: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sharp image under the L0 gradient prior for a padded blurred ``y`` (N, 1, H, W).
+
+    ``lam`` is the prior weight of every image, or a sequence of N weights,
+    one per image: each image then runs its own β schedule (from twice its
+    weight up to ``beta_max``), the steps it would run alone (alike up to
+    float rounding), and an image whose schedule ends first keeps its result
+    while the others go on. The schedules are laid out as tensors once, so a
+    step copies nothing from the host.
 
     Returns the latent image and the observed image with its margin refilled
     by the latent re-blurred (both padded).
@@ -315,19 +325,51 @@ def l0_latent(
     dx, dy = gradient_otfs(size, y.device, y.dtype)
     grad2 = dx.abs() ** 2 + dy.abs() ** 2
     otf2 = otf.abs() ** 2
+    otf_conj = otf.conj()
+    known, unknown = mask * y, 1 - mask  # loop invariants
+    weights = [float(lam)] if isinstance(lam, (int, float)) else [float(v) for v in lam]
+    if len(set(weights)) == 1:
+        weights = weights[:1]  # one schedule for the whole batch, in plain scalars
+    schedules = [_beta_schedule(weight, beta_max, growth) for weight in weights]
+    steps = max(len(schedule) for schedule in schedules)
+    if len(schedules) > 1:
+        # (steps, N); an image past the end of its schedule repeats its last values, which the mask ignores
+        at = [[schedule[min(step, len(schedule) - 1)] if schedule else beta_max for schedule in schedules]
+              for step in range(steps)]
+        beta_table = y.new_tensor(at)
+        threshold_table = y.new_tensor([[w / b for w, b in zip(weights, row, strict=True)] for row in at])
+        running_table = torch.tensor([[step < len(schedule) for schedule in schedules] for step in range(steps)],
+                                     device=y.device)
     observed, latent = y, y
-    beta = 2.0 * lam
-    while beta < beta_max:
+    for step in range(steps):
+        if len(schedules) == 1:
+            beta: float | torch.Tensor = schedules[0][step]
+            threshold: float | torch.Tensor = weights[0] / schedules[0][step]
+        else:
+            beta = beta_table[step].view(-1, 1, 1, 1)
+            threshold = threshold_table[step].view(-1, 1, 1, 1)
         gx, gy = grad(latent)
-        keep = (gx * gx + gy * gy) >= lam / beta
-        numer = otf.conj() * torch.fft.rfft2(observed) + beta * torch.fft.rfft2(
-            grad_adjoint(gx * keep, gy * keep)
-        )
+        keep = (gx * gx + gy * gy) >= threshold
+        numer = otf_conj * torch.fft.rfft2(observed) + beta * torch.fft.rfft2(grad_adjoint(gx * keep, gy * keep))
         spectrum = numer / (otf2 + beta * grad2)
-        latent = torch.fft.irfft2(spectrum, s=size)
-        observed = mask * y + (1 - mask) * torch.fft.irfft2(spectrum * otf, s=size)
-        beta *= growth
+        next_latent = torch.fft.irfft2(spectrum, s=size)
+        next_observed = known + unknown * torch.fft.irfft2(spectrum * otf, s=size)
+        if all(step < len(schedule) for schedule in schedules):
+            latent, observed = next_latent, next_observed
+        else:  # images whose schedule has ended keep their result
+            rows = running_table[step].view(-1, 1, 1, 1)
+            latent = torch.where(rows, next_latent, latent)
+            observed = torch.where(rows, next_observed, observed)
     return latent, observed
+
+
+def _beta_schedule(lam: float, beta_max: float, growth: float) -> list[float]:
+    """The splitting weights β of :func:`l0_latent` at prior weight ``lam``: 2λ, ×``growth``, below ``beta_max``."""
+    betas, beta = [], 2.0 * lam
+    while beta < beta_max:
+        betas.append(beta)
+        beta *= growth
+    return betas
 
 
 def strong_gradients(
@@ -391,7 +433,7 @@ def masked_kernel_step(
     observed: torch.Tensor,
     valid: torch.Tensor,
     start: torch.Tensor,
-    gamma: float,
+    gamma: float | torch.Tensor,
     iterations: int = 15,
 ) -> torch.Tensor:
     """Kernel least squares over the observed pixels only, by conjugate gradients.
@@ -416,9 +458,11 @@ def masked_kernel_step(
         otf = psf2otf(k[:, None], size)
         return [torch.fft.irfft2(f * otf, s=size) for f in spectra]
 
+    conj = [f.conj() for f in spectra]
+
     def adjoint(images: list[torch.Tensor]) -> torch.Tensor:
-        total = sum(torch.fft.irfft2(f.conj() * torch.fft.rfft2(im), s=size)
-                    for f, im in zip(spectra, images, strict=True))
+        # summed as spectra: one inverse transform instead of one per gradient direction
+        total = torch.fft.irfft2(sum(c * torch.fft.rfft2(im) for c, im in zip(conj, images, strict=True)), s=size)
         return torch.roll(total, shifts=(r, r), dims=(-2, -1))[:, 0, :side, :side]
 
     def normal(k: torch.Tensor) -> torch.Tensor:
@@ -711,15 +755,31 @@ class LevelProblem:
         mask = image_mask(padded, margin, size, None if known is None else level_known(known, size))
         return cls(padded, mask, erode_mask(mask, 1), side)
 
+    def repeated(self, times: int) -> LevelProblem:
+        """The same problem for the batch repeated ``times`` times (image ``i`` of copy ``c`` is row ``c·N + i``)."""
+        if times == 1:
+            return self
 
-def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam: float, gamma: float | torch.Tensor,
-              rounds: int, decay: float = 1.0, softness: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        def again(t: torch.Tensor) -> torch.Tensor:
+            return t.repeat(times, 1, 1, 1) if t.ndim == 4 else t
+
+        return LevelProblem(again(self.padded), again(self.mask), again(self.valid), self.side)
+
+
+def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam: float | Sequence[float],
+              gamma: float | torch.Tensor, rounds: int, decay: float = 1.0, softness: torch.Tensor | None = None,
+              solvers: Sequence[str] | None = None) -> tuple[torch.Tensor, list[float]]:
     """``rounds`` latent/kernel alternations from kernels ``k`` (N, side, side).
 
     Each round solves the L0 latent image at weight ``lam``, fits the kernel
     (with the solver ``settings.kernel_solver`` and penalty ``gamma``), prunes
     and centres it, then multiplies ``lam`` by ``decay`` (not below
-    ``settings.lam_floor``). Returns the kernels and the final ``lam``.
+    ``settings.lam_floor``). Returns the kernels and the final weights, one
+    per image.
+
+    ``lam`` may be one weight per image and ``solvers`` one kernel solver per
+    image: the images of one batch then run different estimator variants
+    (:func:`estimate_variants`), each exactly as it would alone.
 
     ``softness`` (N, 1, 1, 1), in pixels, models the scene's own edges as
     steps softened by a Gaussian of that width: the latent step deconvolves
@@ -727,23 +787,59 @@ def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam:
     softened latent, so the kernel does not absorb the softness (see
     :func:`polish_softness`).
     """
+    n = k.shape[0]
+    lams = [float(lam)] * n if isinstance(lam, (int, float)) else [float(v) for v in lam]
+    solvers = [settings.kernel_solver] * n if solvers is None else list(solvers)
+    if len(lams) != n or len(solvers) != n:
+        raise ValueError(f"{len(lams)} prior weights and {len(solvers)} kernel solvers for {n} images")
     size = (problem.padded.shape[-2], problem.padded.shape[-1])
     soften = None if softness is None or not bool((softness > 0).any()) else gaussian_otf(size, softness, softness)
     for _ in range(rounds):
         otf = psf2otf(k[:, None], size)
         if soften is not None:
             otf = otf * soften
-        latent, observed = l0_latent(problem.padded, problem.mask, otf, lam, growth=settings.beta_growth)
+        latent, observed = l0_latent(problem.padded, problem.mask, otf, lams, growth=settings.beta_growth)
         if soften is not None:
             latent = filter_fft(latent, soften)
         edges = strong_gradients(latent, problem.mask, problem.side) if settings.select_edges else grad(latent)
-        if settings.kernel_solver == "masked":
-            raw = masked_kernel_step(edges, problem.padded, problem.valid, k, gamma, settings.cg_iterations)
-        else:
-            raw = kernel_step(edges, observed, problem.side, gamma)
+        raw = fit_kernels(problem, edges, observed, k, gamma, solvers, settings.cg_iterations)
         k = centre_kernel(prune_kernel(raw, settings.kernel_cut, settings.kernel_noise), "centroid")
-        lam = max(lam * decay, settings.lam_floor)
-    return k, lam
+        lams = [max(v * decay, settings.lam_floor) for v in lams]
+    return k, lams
+
+
+def fit_kernels(problem: LevelProblem, edges: tuple[torch.Tensor, torch.Tensor], observed: torch.Tensor,
+                k: torch.Tensor, gamma: float | torch.Tensor, solvers: Sequence[str], cg_iterations: int
+                ) -> torch.Tensor:
+    """Raw kernels (N, side, side) from latent ``edges``, each image by its own solver ("fft" or "masked").
+
+    ``observed`` is the padded image with its margin refilled (what the
+    "fft" solver fits), ``k`` the current kernels (the "masked" solver's warm
+    start), ``gamma`` the penalty (a float, or (N, 1, 1, 1) per image).
+    """
+    unknown = set(solvers) - {"fft", "masked"}
+    if unknown:
+        raise ValueError(f"unknown kernel solver {sorted(unknown)[0]!r}; expected 'fft' or 'masked'")
+
+    def fit(solver: str, rows: torch.Tensor | None) -> torch.Tensor:
+        def part(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t[rows]
+
+        penalty = gamma if isinstance(gamma, float) or rows is None else gamma[rows]
+        if solver == "masked":
+            valid = problem.valid if problem.valid.ndim == 2 else part(problem.valid)
+            return masked_kernel_step((part(edges[0]), part(edges[1])), part(problem.padded), valid, part(k),
+                                      penalty if isinstance(penalty, float) else penalty.view(-1, 1, 1),
+                                      cg_iterations)
+        return kernel_step((part(edges[0]), part(edges[1])), part(observed), problem.side, penalty)
+
+    if len(set(solvers)) == 1:
+        return fit(solvers[0], None)
+    raw = torch.empty_like(k)
+    for solver in dict.fromkeys(solvers):
+        rows = torch.tensor([s == solver for s in solvers], device=k.device)
+        raw[rows] = fit(solver, rows)
+    return raw
 
 
 def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None = None
@@ -755,27 +851,45 @@ def estimate_kernels(y: torch.Tensor, settings: L0Settings, side: int, known: to
     resized to ``side``: a trustworthy estimate changes little at the last
     level, a collapsing one does not.
     """
-    n = y.shape[0]
+    kernels, previous = estimate_variants(y, settings, side, known, ((settings.kernel_solver, 1.0),))
+    return kernels[0], previous[0]
+
+
+def estimate_variants(y: torch.Tensor, settings: L0Settings, side: int, known: torch.Tensor | None,
+                      variants: Sequence[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`estimate_kernels` for several estimator variants at once: (K, N, side, side) twice.
+
+    Each variant is a (kernel solver, multiple of ``settings.lam``) pair. The
+    K variants run as one batch of K·N images through the same pyramid, each
+    image with its own solver and prior weight, so small images pay the
+    per-operation overhead of the coarse levels once instead of K times (on a
+    GPU, one launch instead of K). Each variant's estimates are those it would
+    give alone.
+    """
+    n, count = y.shape[0], len(variants)
     y, known = estimation_crop(y, settings.window_side(side), known)
     levels = [lv for lv in pyramid_sides(side) if lv[0] <= settings.finest_scale + 1e-6]
-    k = torch.zeros(n, 3, 3, device=y.device, dtype=y.dtype)
+    k = torch.zeros(count * n, 3, 3, device=y.device, dtype=y.dtype)
     k[:, 1, 1] = 1.0
     k[:, 1, 0] = k[:, 1, 2] = k[:, 0, 1] = k[:, 2, 1] = 0.25
     k = normalise_kernel(k)
     previous = k
-    lam = settings.lam
+    first = [settings.lam * scale for _, scale in variants for _ in range(n)]
+    solvers = [solver for solver, _ in variants for _ in range(n)]
+    lams = first
     for scale, ks in levels:
         if settings.restart_lambda:
-            lam = settings.lam
+            lams = first
         h, w = y.shape[-2:]
         size = (max(ks + 2, round(h * scale)), max(ks + 2, round(w * scale)))
         ys = y if scale == 1.0 else F.interpolate(y, size=size, mode="bilinear", antialias=True,
                                                   align_corners=False)
-        problem = LevelProblem.build(ys, ks, known)
+        problem = LevelProblem.build(ys, ks, known).repeated(count)
         previous = k
-        k, lam = alternate(problem, resize_kernel(k, ks), settings, lam, settings.gamma, settings.iterations,
-                           settings.lam_decay)
-    return finish_kernel(k, side, settings), resize_kernel(previous, side)
+        k, lams = alternate(problem, resize_kernel(k, ks), settings, lams, settings.gamma, settings.iterations,
+                            settings.lam_decay, solvers=solvers)
+    shape = (count, n, side, side)
+    return finish_kernel(k, side, settings).view(shape), resize_kernel(previous, side).view(shape)
 
 
 def kernel_extent(k: torch.Tensor, trim: float = SCOUT_TRIM) -> torch.Tensor:
@@ -1674,17 +1788,16 @@ def rank_candidates(window: torch.Tensor, settings: L0Settings, side: int, known
     sigma = noise_sigma(window, known).clamp(min=GUARD_NOISE_FLOOR)
     scoring = replace(settings, lambda_per_sigma=settings.lambda_per_sigma * settings.select_weight,
                       final_lambda=settings.final_lambda * settings.select_weight)
-    all_kernels, all_previous, scores = [], [], []
-    for solver, lam_scale in CANDIDATES[:count]:
-        variant = replace(settings, kernel_solver=solver, lam=settings.lam * lam_scale)
-        kernels, previous = estimate_kernels(window, variant, side, known)
-        latent = final_deconvolution(window, kernels, scoring, known).clamp(0.0, 1.0)
-        scores.append(explained_residual(window, latent, kernels, known) / sigma)
-        all_kernels.append(kernels)
-        all_previous.append(previous)
+    all_kernels, all_previous = estimate_variants(window, settings, side, known, CANDIDATES[:count])
+    # every candidate's restoration in one batch of K·N images (row c·N + i: candidate c of image i)
+    windows = window.repeat(count, 1, 1, 1)
+    windows_known = None if known is None else known.repeat(count, 1, 1, 1)
+    kernels = all_kernels.flatten(0, 1)
+    latent = final_deconvolution(windows, kernels, scoring, windows_known).clamp(0.0, 1.0)
+    scores = explained_residual(windows, latent, kernels, windows_known).view(count, n) / sigma
     # stable: on a tie the earlier variant ranks first, as the strict comparison did before
-    order = torch.stack(scores, dim=1).argsort(dim=1, stable=True)
-    return torch.stack(all_kernels), torch.stack(all_previous), order
+    order = scores.t().argsort(dim=1, stable=True)
+    return all_kernels, all_previous, order
 
 
 def trust(agreement: torch.Tensor, residual_ratio: torch.Tensor, centred: torch.Tensor | None = None

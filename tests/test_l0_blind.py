@@ -492,6 +492,54 @@ def test_masked_kernel_step_fits_the_observed_pixels_only(photos: dict[str, np.n
     assert similarity_masked > similarity_whole + 0.05
 
 
+def test_each_image_of_a_batch_runs_its_own_prior_weight_as_it_would_alone(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
+) -> None:
+    # the weights 2e-3 and 4e-3 run 25 and 24 splitting steps: the second image stops first and keeps its result
+    _, blurred = blurred_camera
+    problem = LevelProblem.build(luminance(to_tensor(blurred)), 21)
+    size = tuple(problem.padded.shape[-2:])
+    otf = l0_blind.psf2otf(padded(shake, 21)[:, None], size)
+    both = l0_blind.l0_latent(problem.padded.repeat(2, 1, 1, 1), problem.mask, otf.repeat(2, 1, 1, 1), [2e-3, 4e-3])
+    for row, lam in enumerate((2e-3, 4e-3)):
+        alone = l0_blind.l0_latent(problem.padded, problem.mask, otf, lam)
+        for batched, single in zip(both, alone, strict=True):
+            assert torch.allclose(batched[row], single[0], atol=1e-5)
+
+
+def test_mixed_kernel_solvers_fit_each_image_as_it_would_alone(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
+) -> None:
+    from models.deconv import grad
+
+    sharp, blurred = blurred_camera
+    problem = LevelProblem.build(luminance(to_tensor(blurred)), 15).repeated(2)
+    edges = grad(LevelProblem.build(luminance(to_tensor(sharp)), 15).padded.repeat(2, 1, 1, 1))
+    start = padded(shake, 15).expand(2, 15, 15).contiguous()
+    mixed = l0_blind.fit_kernels(problem, edges, problem.padded, start, 0.05, ["masked", "fft"], 15)
+    masked = l0_blind.masked_kernel_step(edges, problem.padded, problem.valid, start, 0.05, 15)
+    whole = l0_blind.kernel_step(edges, problem.padded, 15, 0.05)
+    assert torch.allclose(mixed[0], masked[0], atol=1e-6) and torch.allclose(mixed[1], whole[1], atol=1e-6)
+    assert not torch.allclose(masked[0], whole[0], atol=1e-4)  # the two solvers do differ
+    with pytest.raises(ValueError, match="unknown kernel solver 'lsq'"):
+        l0_blind.fit_kernels(problem, edges, problem.padded, start, 0.05, ["lsq", "fft"], 15)
+
+
+def test_the_candidates_estimated_as_one_batch_are_those_each_finds_alone(
+    blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
+) -> None:
+    # one batch is far cheaper on small images; only float rounding differs from three separate runs
+    _, blurred = blurred_camera
+    y = luminance(to_tensor(blurred))
+    settings = L0Settings()
+    kernels, previous = l0_blind.estimate_variants(y, settings, 21, None, l0_blind.CANDIDATES)
+    assert kernels.shape == previous.shape == (len(l0_blind.CANDIDATES), 1, 21, 21)
+    for together, (solver, scale) in zip(kernels, l0_blind.CANDIDATES, strict=True):
+        alone, _ = l0_blind.estimate_kernels(y, replace(settings, kernel_solver=solver, lam=settings.lam * scale), 21)
+        assert float(kernel_agreement(together, alone)) > 0.97
+        assert float(kernel_agreement(together, padded(shake, 21))) > 0.8
+
+
 def test_candidates_pick_the_estimate_that_explains_the_input(
     blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
 ) -> None:
