@@ -326,7 +326,7 @@ def l0_latent(
     grad2 = dx.abs() ** 2 + dy.abs() ** 2
     otf2 = otf.abs() ** 2
     otf_conj = otf.conj()
-    known, unknown = mask * y, 1 - mask  # loop invariants
+    kept, refilled = mask * y, 1 - mask  # loop invariants: the data, and where the margin is refilled
     weights = [float(lam)] if isinstance(lam, (int, float)) else [float(v) for v in lam]
     if len(set(weights)) == 1:
         weights = weights[:1]  # one schedule for the whole batch, in plain scalars
@@ -353,7 +353,7 @@ def l0_latent(
         numer = otf_conj * torch.fft.rfft2(observed) + beta * torch.fft.rfft2(grad_adjoint(gx * keep, gy * keep))
         spectrum = numer / (otf2 + beta * grad2)
         next_latent = torch.fft.irfft2(spectrum, s=size)
-        next_observed = known + unknown * torch.fft.irfft2(spectrum * otf, s=size)
+        next_observed = kept + refilled * torch.fft.irfft2(spectrum * otf, s=size)
         if all(step < len(schedule) for schedule in schedules):
             latent, observed = next_latent, next_observed
         else:  # images whose schedule has ended keep their result
@@ -864,7 +864,9 @@ def estimate_variants(y: torch.Tensor, settings: L0Settings, side: int, known: t
     image with its own solver and prior weight, so small images pay the
     per-operation overhead of the coarse levels once instead of K times (on a
     GPU, one launch instead of K). Each variant's estimates are those it would
-    give alone.
+    give alone, up to float rounding (which the estimator's chaos can carry
+    into a visibly different kernel on a hard image, as a change of thread
+    count does).
     """
     n, count = y.shape[0], len(variants)
     y, known = estimation_crop(y, settings.window_side(side), known)
