@@ -118,6 +118,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -445,9 +446,12 @@ def masked_kernel_step(
     the fit is not pulled back towards the kernel it started from; and the
     window constraint is exact instead of a crop of an unconstrained solution.
     ``E`` is the latent gradient energy over the valid share of the domain, so
-    ``γ`` means the same as in :func:`kernel_step`.
+    ``γ`` means the same as in :func:`kernel_step` (and, as there, a
+    (N, 1, 1, 1) tensor gives each image its own).
     """
     n, side, _ = start.shape
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.reshape(n, 1, 1)
     r = side // 2
     size = observed.shape[-2:]
     spectra = [torch.fft.rfft2(g) for g in latent_grads]
@@ -759,11 +763,25 @@ class LevelProblem:
         """The same problem for the batch repeated ``times`` times (image ``i`` of copy ``c`` is row ``c·N + i``)."""
         if times == 1:
             return self
+        return LevelProblem(repeat_batch(self.padded, times), repeat_batch(self.mask, times),
+                            repeat_batch(self.valid, times), self.side)
 
-        def again(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat(times, 1, 1, 1) if t.ndim == 4 else t
 
-        return LevelProblem(again(self.padded), again(self.mask), again(self.valid), self.side)
+@overload
+def repeat_batch(t: torch.Tensor, times: int) -> torch.Tensor: ...
+
+
+@overload
+def repeat_batch(t: None, times: int) -> None: ...
+
+
+def repeat_batch(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
+    """A batch tensor (N, C, H, W) repeated ``times`` times along N (row ``c·N + i`` is image ``i``).
+
+    ``None`` and tensors of other ranks, which the whole batch shares (a
+    (H, W) mask), come back as they are.
+    """
+    return t.repeat(times, 1, 1, 1) if t is not None and t.ndim == 4 and times > 1 else t
 
 
 def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam: float | Sequence[float],
@@ -779,7 +797,7 @@ def alternate(problem: LevelProblem, k: torch.Tensor, settings: L0Settings, lam:
 
     ``lam`` may be one weight per image and ``solvers`` one kernel solver per
     image: the images of one batch then run different estimator variants
-    (:func:`estimate_variants`), each exactly as it would alone.
+    (:func:`estimate_variants`), each as it would alone up to float rounding.
 
     ``softness`` (N, 1, 1, 1), in pixels, models the scene's own edges as
     steps softened by a Gaussian of that width: the latent step deconvolves
@@ -825,12 +843,11 @@ def fit_kernels(problem: LevelProblem, edges: tuple[torch.Tensor, torch.Tensor],
         def part(t: torch.Tensor) -> torch.Tensor:
             return t if rows is None else t[rows]
 
-        penalty = gamma if isinstance(gamma, float) or rows is None else gamma[rows]
+        penalty = gamma if isinstance(gamma, float) else part(gamma)
         if solver == "masked":
             valid = problem.valid if problem.valid.ndim == 2 else part(problem.valid)
             return masked_kernel_step((part(edges[0]), part(edges[1])), part(problem.padded), valid, part(k),
-                                      penalty if isinstance(penalty, float) else penalty.view(-1, 1, 1),
-                                      cg_iterations)
+                                      penalty, cg_iterations)
         return kernel_step((part(edges[0]), part(edges[1])), part(observed), problem.side, penalty)
 
     if len(set(solvers)) == 1:
@@ -1403,7 +1420,7 @@ def _part(t: torch.Tensor | None, rows: torch.Tensor, region: tuple[object, slic
 def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | None,
                      channel_known: torch.Tensor | None, blurred: torch.Tensor, settings: L0Settings, side: int,
                      window: torch.Tensor, window_known: torch.Tensor | None, box: tuple[int, int, int, int],
-                     suspected: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                     suspected: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Kernels, restorations, agreements, residual ratios, chosen variants, centrings, refit flags, disc radii
     and, for an image deconvolved in tiles, the tile the guard judged (else ``None``).
 
@@ -1488,8 +1505,7 @@ def _restore_trusted(x: torch.Tensor, y: torch.Tensor, known: torch.Tensor | Non
         if settings.defocus:  # decided before the restoration, so a disc costs no second deconvolution
             k, radii = defocus_kernels(window[rows], _rows(window_known, rows), k)
         restored, agree, ratio, centred, good = judge(rows, k, before)
-        if suspected is not None:
-            good &= ~suspected[rows] | (radii > 0)
+        good &= ~suspected[rows] | (radii > 0)  # an image only a disc may restore: a free-form candidate fails
         take = good | (rank == 0)  # the first rank fills every image; later ranks only where they hold
         into = rows[take]
         kernels[into], previous[into], solves[into], radius[into] = k[take], before[take], restored[take], radii[take]
@@ -1792,8 +1808,7 @@ def rank_candidates(window: torch.Tensor, settings: L0Settings, side: int, known
                       final_lambda=settings.final_lambda * settings.select_weight)
     all_kernels, all_previous = estimate_variants(window, settings, side, known, CANDIDATES[:count])
     # every candidate's restoration in one batch of K·N images (row c·N + i: candidate c of image i)
-    windows = window.repeat(count, 1, 1, 1)
-    windows_known = None if known is None else known.repeat(count, 1, 1, 1)
+    windows, windows_known = window.repeat(count, 1, 1, 1), repeat_batch(known, count)
     kernels = all_kernels.flatten(0, 1)
     latent = final_deconvolution(windows, kernels, scoring, windows_known).clamp(0.0, 1.0)
     scores = explained_residual(windows, latent, kernels, windows_known).view(count, n) / sigma
