@@ -8,7 +8,7 @@ import torch
 
 from jobs.errors import InvalidModelSpecError
 from models.catalog import REGISTRY
-from models.deconv import fft_size, periodic_pad, psf2otf, wiener
+from models.deconv import centred_window, fft_size, grad, grad_adjoint, periodic_pad, psf2otf, wiener
 from models.loading import load_model
 from models.psf import psf_array, psf_kernel
 from models.synthetic_blur import blur_image, sample_photographs
@@ -112,6 +112,30 @@ def test_psf2otf_is_centred() -> None:
     x = torch.rand(1, 1, 20, 24)
     y = torch.fft.irfft2(torch.fft.rfft2(x) * psf2otf(delta, (20, 24)), s=(20, 24))
     torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 20, 24), (3, 17, 33), (2, 2)])
+def test_differences_are_the_rolled_ones_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """grad and grad_adjoint (written on slices for speed) equal the plain rolled forms exactly, and are adjoint."""
+    u, v = torch.randn(shape), torch.randn(shape)
+    gx, gy = grad(u)
+    assert torch.equal(gx, torch.roll(u, -1, dims=-1) - u)
+    assert torch.equal(gy, torch.roll(u, -1, dims=-2) - u)
+    rolled = torch.roll(gx, 1, dims=-1) - gx + torch.roll(gy, 1, dims=-2) - gy
+    assert torch.equal(grad_adjoint(gx, gy), rolled)
+    vx, vy = grad(v)
+    inner = float((gx.double() * vx).sum() + (gy.double() * vy).sum())
+    torch.testing.assert_close(inner, float((u.double() * grad_adjoint(vx, vy)).sum()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", [1, 3, 8, 9])
+def test_psf2otf_places_the_kernel_as_rolling_would_and_centred_window_reads_it_back(side: int) -> None:
+    kernel = torch.rand(2, side, side)
+    padded = torch.zeros(2, 20, 24)
+    padded[:, :side, :side] = kernel
+    rolled = torch.roll(padded, shifts=(-(side // 2), -(side // 2)), dims=(-2, -1))
+    assert torch.equal(psf2otf(kernel, (20, 24)), torch.fft.rfft2(rolled))
+    assert torch.equal(centred_window(rolled, side), kernel)
 
 
 def test_periodic_pad_keeps_the_image_and_wraps_smoothly(photo: np.ndarray) -> None:
