@@ -452,10 +452,14 @@ def masked_kernel_step(
     n, side, _ = start.shape
     if isinstance(gamma, torch.Tensor):
         gamma = gamma.reshape(n, 1, 1)
-    size = observed.shape[-2:]
-    spectra = [torch.fft.rfft2(g) for g in latent_grads]
     share = valid.flatten(1).mean(dim=1).view(-1, 1, 1) if valid.ndim == 4 else valid.mean()
     energy = sum((g * g).sum(dim=(-3, -2, -1)) for g in latent_grads).view(n, 1, 1) * share
+    # only the valid pixels and the kernel's reach around them enter the sums: solve on that box
+    region, size = _reach_box(valid, side // 2)
+    latent_grads = (latent_grads[0][region], latent_grads[1][region])
+    observed_grads = [g[region] for g in grad(observed)]
+    valid = _zero_fill(valid[region], size)
+    spectra = [torch.fft.rfft2(g, s=size) for g in latent_grads]
 
     def forward(k: torch.Tensor) -> list[torch.Tensor]:
         otf = psf2otf(k[:, None], size)
@@ -471,7 +475,7 @@ def masked_kernel_step(
     def normal(k: torch.Tensor) -> torch.Tensor:
         return adjoint([valid * v for v in forward(k)]) + gamma * energy * k
 
-    b = adjoint([valid * g for g in grad(observed)])
+    b = adjoint([valid * _zero_fill(g, size) for g in observed_grads])
     k = start.clone()
     residual = b - normal(k)
     direction = residual.clone()
@@ -485,6 +489,36 @@ def masked_kernel_step(
         direction = residual + (rs_next / rs.clamp(min=1e-30)) * direction
         rs = rs_next
     return k
+
+
+def _reach_box(valid: torch.Tensor, reach: int) -> tuple[tuple[object, slice, slice], tuple[int, int]]:
+    """The index of the box around ``valid``'s pixels (any image's) widened by ``reach``, and its FFT size.
+
+    A circular convolution on that box, zero-filled to the FFT size, equals
+    the one on the whole domain at every valid pixel for kernels of radius
+    ``reach``, as long as the widened box fits in the domain; along an axis
+    where it does not, the whole axis is kept (and so is its circularity).
+    """
+    plane = valid.reshape(-1, *valid.shape[-2:]).amax(dim=0) > 0
+    spans = []
+    for axis, dim in ((1, -2), (0, -1)):
+        length = valid.shape[dim]
+        hit = torch.nonzero(plane.any(dim=axis)).flatten()
+        if hit.numel() == 0:
+            spans.append((0, length, length))
+            continue
+        start, stop = int(hit[0]) - reach, int(hit[-1]) + 1 + reach
+        if start < 0 or stop > length:
+            spans.append((0, length, length))
+        else:
+            spans.append((start, stop, min(fft_size(stop - start), length)))
+    (top, bottom, height), (left, right, width) = spans
+    return (..., slice(top, bottom), slice(left, right)), (height, width)
+
+
+def _zero_fill(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``t`` (..., h, w) padded with zeros at the bottom and right to ``size``."""
+    return F.pad(t, (0, size[1] - t.shape[-1], 0, size[0] - t.shape[-2]))
 
 
 def erode_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:

@@ -492,6 +492,37 @@ def test_masked_kernel_step_fits_the_observed_pixels_only(photos: dict[str, np.n
     assert similarity_masked > similarity_whole + 0.05
 
 
+@pytest.mark.parametrize("box", [(14, 30, 12, 34), (2, 46, 10, 30)])
+def test_masked_kernel_step_solves_its_least_squares_exactly(box: tuple[int, int, int, int]) -> None:
+    """The conjugate-gradient solution, computed on the box the valid pixels and the kernel's reach span,
+    equals the dense solution of ``min Σ_valid (∇x * k - ∇y)² + γ E ||k||²`` over the whole circular domain
+    (second box: too close to the top and bottom for the reach, so that axis is solved whole)."""
+    from models.deconv import grad
+
+    torch.manual_seed(3)
+    size, side, gamma = 48, 7, 0.05
+    r = side // 2
+    latent, observed = torch.randn(2, 1, size, size), torch.randn(2, 1, size, size)
+    valid = torch.zeros(2, 1, size, size)
+    top, bottom, left, right = box
+    valid[..., top:bottom, left:right] = 1.0
+    valid[1, 0, top + 3:top + 6, left + 3:left + 9] = 0.0  # a hole in one image's data, as clipped pixels leave
+    grads = grad(latent)
+    start = l0_blind.normalise_kernel(torch.rand(2, side, side))
+    solved = l0_blind.masked_kernel_step(grads, observed, valid, start, gamma, iterations=200)
+    share = valid.flatten(1).mean(dim=1)
+    for i in range(2):
+        columns = torch.stack([
+            torch.cat([(valid[i, 0] * torch.roll(g[i, 0], shifts=(a - r, b - r), dims=(0, 1))).flatten()
+                       for g in grads])
+            for a in range(side) for b in range(side)], dim=1).double()
+        target = torch.cat([(valid[i, 0] * g[i, 0]).flatten() for g in grad(observed)]).double()
+        energy = float(sum((g[i] ** 2).sum() for g in grads)) * float(share[i])
+        normal = columns.T @ columns + gamma * energy * torch.eye(side * side, dtype=torch.float64)
+        dense = torch.linalg.solve(normal, columns.T @ target).view(side, side)
+        torch.testing.assert_close(solved[i].double(), dense, atol=2e-5 * float(dense.abs().max()), rtol=0)
+
+
 def test_each_image_of_a_batch_runs_its_own_prior_weight_as_it_would_alone(
     blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
 ) -> None:
