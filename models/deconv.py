@@ -501,12 +501,13 @@ def sparse_deconv(
     a = torch.zeros_like(padded)
     wx, wy = grad(padded)
     cx, cy = torch.zeros_like(padded), torch.zeros_like(padded)
+    otf_conj, data, weight = otf.conj(), mask * padded, mask + rho  # loop invariants
     for _ in range(iterations):
-        numer = otf.conj() * torch.fft.rfft2(v - a) + torch.fft.rfft2(grad_adjoint(wx - cx, wy - cy))
+        numer = otf_conj * torch.fft.rfft2(v - a) + torch.fft.rfft2(grad_adjoint(wx - cx, wy - cy))
         spectrum = numer * inverse
         u = torch.fft.irfft2(spectrum, s=size)
         blurred = torch.fft.irfft2(spectrum * otf, s=size)
-        v = (mask * padded + rho * (blurred + a)) / (mask + rho)
+        v = (data + rho * (blurred + a)) / weight
         if partial is not None:
             v = partial.data_step(v, blurred + a)
         if bound is not None:
