@@ -353,7 +353,7 @@ def l0_latent(
         gx, gy = grad(latent)
         keep = (gx * gx + gy * gy) >= threshold
         numer = otf_conj * torch.fft.rfft2(observed) + beta * torch.fft.rfft2(grad_adjoint(gx * keep, gy * keep))
-        spectrum = numer * torch.reciprocal(otf2 + beta * grad2)  # = numer / (...) bit for bit, 4x faster
+        spectrum = numer * torch.reciprocal(otf2 + beta * grad2)  # what numer / (...) computes, bit for bit, faster
         next_latent = torch.fft.irfft2(spectrum, s=size)
         next_observed = kept + refilled * torch.fft.irfft2(spectrum * otf, s=size)
         if all(step < len(schedule) for schedule in schedules):
