@@ -456,10 +456,9 @@ def masked_kernel_step(
     energy = sum((g * g).sum(dim=(-3, -2, -1)) for g in latent_grads).view(n, 1, 1) * share
     # only the valid pixels and the kernel's reach around them enter the sums: solve on that box
     region, size = _reach_box(valid, side // 2)
-    latent_grads = (latent_grads[0][region], latent_grads[1][region])
     observed_grads = [g[region] for g in grad(observed)]
-    valid = _zero_fill(valid[region], size)
-    spectra = [torch.fft.rfft2(g, s=size) for g in latent_grads]
+    seen = _zero_fill(valid[region], size)  # the valid pixels, on the box's FFT grid
+    spectra = [torch.fft.rfft2(g[region], s=size) for g in latent_grads]
 
     def forward(k: torch.Tensor) -> list[torch.Tensor]:
         otf = psf2otf(k[:, None], size)
@@ -473,9 +472,9 @@ def masked_kernel_step(
         return centred_window(total[:, 0], side)
 
     def normal(k: torch.Tensor) -> torch.Tensor:
-        return adjoint([valid * v for v in forward(k)]) + gamma * energy * k
+        return adjoint([seen * v for v in forward(k)]) + gamma * energy * k
 
-    b = adjoint([valid * _zero_fill(g, size) for g in observed_grads])
+    b = adjoint([seen * _zero_fill(g, size) for g in observed_grads])
     k = start.clone()
     residual = b - normal(k)
     direction = residual.clone()
