@@ -86,6 +86,39 @@ def test_recovers_a_known_kernel(blurred_camera: tuple[np.ndarray, np.ndarray], 
     assert 8 <= float(out.metrics["kernel_size"][0]) <= 21
 
 
+def test_a_kernel_stretched_along_the_edges_that_cannot_measure_it_is_flagged() -> None:
+    """Only edges crossing a blur measure its length: a window-filling kernel along the photograph's edges is
+    flagged; the same kernel across them, or a short one along them, is not."""
+    side = 35
+    rng = np.random.default_rng(0)
+    stripes = torch.from_numpy(np.repeat(rng.random((1, 96)), 96, axis=0)).float()[None, None]  # vertical edges
+    upright, lying, short = torch.zeros(1, side, side), torch.zeros(1, side, side), torch.zeros(1, side, side)
+    upright[0, 1:34, 17] = 1.0  # 33 px along y: fills the window
+    lying[0, 17, 1:34] = 1.0
+    short[0, 10:25, 17] = 1.0  # 15 px along y
+    assert float(l0_blind.edge_share_along(stripes, upright)[0]) < 0.01
+    assert float(l0_blind.edge_share_along(stripes, lying)[0]) > 0.99
+    photo = torch.from_numpy(sample_photographs()["astronaut"][:160, :160].mean(axis=2) / 255.0).float()[None, None]
+    assert 0.3 < float(l0_blind.edge_share_along(photo, upright)[0]) < 0.7
+    flags = [bool(l0_blind.unconstrained_length(k, image)[0])
+             for k, image in ((upright, stripes), (lying, stripes), (short, stripes), (upright, photo))]
+    assert flags == [True, False, False, False]
+
+
+def test_an_estimate_stretched_along_the_edges_falls_back(
+    blurred_camera: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stretch rule reaches the output: an image whose every candidate is flagged comes back untouched."""
+    _, blurred = blurred_camera
+    x = to_tensor(blurred[:128, :128])
+    settings = replace(L0Settings(), kernel=15, iterations=2)
+    assert float(l0_blind.restore(x, settings).metrics["kernel_fallback"][0]) == 0.0
+    monkeypatch.setattr(l0_blind, "unconstrained_length", lambda k, latent: torch.ones(k.shape[0], dtype=torch.bool))
+    out = l0_blind.restore(x, settings)
+    assert float(out.metrics["kernel_fallback"][0]) == 1.0
+    torch.testing.assert_close(out.image, x)
+
+
 def test_true_kernel_deconvolution_beats_the_input(
     blurred_camera: tuple[np.ndarray, np.ndarray], shake: np.ndarray
 ) -> None:
