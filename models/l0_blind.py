@@ -1878,9 +1878,11 @@ def trust(agreement: torch.Tensor, residual_ratio: torch.Tensor, centred: torch.
 def edge_share_along(latent: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Share (N,) of the gradient energy of ``latent`` (N, 1, H, W) along the long axis of kernels ``k`` (N, h, w).
 
-    The axis is the major eigenvector of each kernel's second moments of
-    mass; the share is ``Σ (∇x · u)² / Σ |∇x|²`` over the image (its
-    circular wrap left out). About 0.5 when edges run every way.
+    The axis ``u`` is the major eigenvector of each kernel's second moments
+    of mass; the share is ``Σ (∇x · u)² / Σ |∇x|²`` over the image (its
+    circular wrap left out): the energy of the edges that cross the axis,
+    which are the ones a blur along it smears. About 0.5 when edges run
+    every way, near 0 when they all run along the axis.
     """
     n, h, w = k.shape
     mass = k / k.sum(dim=(1, 2), keepdim=True).clamp(min=1e-12)
