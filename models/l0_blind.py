@@ -158,8 +158,8 @@ GUARD_MAX_RESIDUAL = 3.0
 GUARD_MIN_CENTRED = 0.4  # restorations must correlate with their input at zero shift this well (see centring)
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this
 # An estimate reaching within UNCONSTRAINED_FILL px of its window's side whose restoration has under
-# UNCONSTRAINED_ALONG of its gradient energy along the kernel's long axis is rejected: only edges crossing a
-# blur measure its length (see unconstrained_length; on the benchmarks legitimate window-filling estimates
+# UNCONSTRAINED_ALONG of its gradient energy in edges crossing the kernel's long axis is rejected: only those
+# measure a blur's length (see unconstrained_length; on the benchmarks legitimate window-filling estimates
 # read 0.28-0.36, the three candidates of the one such collapse 0.10-0.16)
 UNCONSTRAINED_FILL = 6
 UNCONSTRAINED_ALONG = 0.22
@@ -1585,12 +1585,21 @@ def disc_kernel(radius: float, side: int, like: torch.Tensor) -> torch.Tensor:
 
 def moment_radius(k: torch.Tensor) -> float:
     """The radius of the disc with the same second moment as the kernel (h, w): E[r²] = R² / 2."""
-    h, w = k.shape
-    k = k / k.sum().clamp(min=1e-12)
-    yy = torch.arange(h, dtype=k.dtype, device=k.device)[:, None]
-    xx = torch.arange(w, dtype=k.dtype, device=k.device)[None, :]
-    cy, cx = (k * yy).sum(), (k * xx).sum()
-    return float(torch.sqrt(2 * (k * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum()))
+    mass, dy, dx = centred_coordinates(k[None])
+    return float(torch.sqrt(2 * (mass * (dy ** 2 + dx ** 2)).sum()))
+
+
+def centred_coordinates(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernels (N, h, w) as mass (summing to 1) and each pixel's offset from their centroid: (mass, dy, dx).
+
+    ``dy`` is (N, h, 1) and ``dx`` (N, 1, w); the kernels' second moments are
+    sums of ``mass`` times their products.
+    """
+    n, h, w = k.shape
+    mass = k / k.sum(dim=(1, 2), keepdim=True).clamp(min=1e-12)
+    ys = torch.arange(h, device=k.device, dtype=k.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=k.device, dtype=k.dtype).view(1, 1, w)
+    return mass, ys - (mass * ys).sum(dim=(1, 2), keepdim=True), xs - (mass * xs).sum(dim=(1, 2), keepdim=True)
 
 
 def defocus_kernels(window: torch.Tensor, window_known: torch.Tensor | None, kernels: torch.Tensor
@@ -1851,7 +1860,7 @@ def rank_candidates(window: torch.Tensor, settings: L0Settings, side: int, known
                       final_lambda=settings.final_lambda * settings.select_weight)
     all_kernels, all_previous = estimate_variants(window, settings, side, known, CANDIDATES[:count])
     # every candidate's restoration in one batch of K·N images (row c·N + i: candidate c of image i)
-    windows, windows_known = window.repeat(count, 1, 1, 1), repeat_batch(known, count)
+    windows, windows_known = repeat_batch(window, count), repeat_batch(known, count)
     kernels = all_kernels.flatten(0, 1)
     latent = final_deconvolution(windows, kernels, scoring, windows_known).clamp(0.0, 1.0)
     scores = explained_residual(windows, latent, kernels, windows_known).view(count, n) / sigma
@@ -1884,12 +1893,7 @@ def edge_share_along(latent: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     which are the ones a blur along it smears. About 0.5 when edges run
     every way, near 0 when they all run along the axis.
     """
-    n, h, w = k.shape
-    mass = k / k.sum(dim=(1, 2), keepdim=True).clamp(min=1e-12)
-    ys = torch.arange(h, device=k.device, dtype=k.dtype).view(1, h, 1)
-    xs = torch.arange(w, device=k.device, dtype=k.dtype).view(1, 1, w)
-    dy = ys - (mass * ys).sum(dim=(1, 2), keepdim=True)
-    dx = xs - (mass * xs).sum(dim=(1, 2), keepdim=True)
+    mass, dy, dx = centred_coordinates(k)
     cxx, cyy, cxy = ((mass * a * b).sum(dim=(1, 2)) for a, b in ((dx, dx), (dy, dy), (dx, dy)))
     angle = 0.5 * torch.atan2(2.0 * cxy, cxx - cyy)
     gx, gy = grad(latent)
