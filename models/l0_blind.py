@@ -153,7 +153,9 @@ SCOUT_SWITCH = 38  # scouted blur extents (full-resolution pixels) above this en
 SCOUT_MARGIN = 1.25  # ... to this many times the extent
 SCOUT_TRIM = 0.01  # share of the scouted kernel's mass ignored at each end when measuring its extent
 WINDOW_PER_KERNEL = 10  # the estimation window is at least this many kernel sides wide
-GUARD_MIN_AGREEMENT = 0.55
+# an estimate must agree with its own previous pyramid level this well (0.55 until 2026-12-06: the kernels that
+# changed shape more at the finest level lost more than they gained; bench/RESULTS.md, fifteenth session)
+GUARD_MIN_AGREEMENT = 0.63
 GUARD_MAX_RESIDUAL = 3.0
 GUARD_MIN_CENTRED = 0.4  # restorations must correlate with their input at zero shift this well (see centring)
 GUARD_NOISE_FLOOR = 0.005  # the regularised restoration never explains the input to better than this

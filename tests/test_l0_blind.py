@@ -12,6 +12,7 @@ from models import l0_blind
 from models.catalog import REGISTRY
 from models.deconv import shrink_vector, sparse_deconv
 from models.l0_blind import (
+    GUARD_MAX_RESIDUAL,
     L0Settings,
     LevelProblem,
     alternate,
@@ -27,6 +28,7 @@ from models.l0_blind import (
     refit_kernels,
     restore,
     subpixel_shift,
+    trust,
 )
 from models.loading import load_model
 from models.synthetic_blur import blur_image, jpeg_roundtrip, random_motion_kernel, sample_photographs
@@ -270,6 +272,14 @@ def test_guard_falls_back_to_the_input(
     assert float(out.metrics["kernel_fallback"][0]) == 1.0
     torch.testing.assert_close(out.image, x)
     assert out.kernels is not None and float(out.kernels[0, 7, 7]) == 1.0
+
+
+def test_the_guard_rejects_an_estimate_that_changed_shape_at_the_last_level() -> None:
+    """Agreement with the previous pyramid level under 0.63 fails even when the input is explained."""
+    agreement = torch.tensor([0.58, 0.62, 0.64, 0.90])
+    explained = torch.ones(4)
+    assert trust(agreement, explained).tolist() == [False, False, True, True]
+    assert not bool(trust(torch.tensor([0.9]), torch.tensor([GUARD_MAX_RESIDUAL + 0.1]))[0])
 
 
 def test_prune_keeps_components_by_mass_and_drops_specks() -> None:
