@@ -153,8 +153,8 @@ SCOUT_SWITCH = 38  # scouted blur extents (full-resolution pixels) above this en
 SCOUT_MARGIN = 1.25  # ... to this many times the extent
 SCOUT_TRIM = 0.01  # share of the scouted kernel's mass ignored at each end when measuring its extent
 WINDOW_PER_KERNEL = 10  # the estimation window is at least this many kernel sides wide
-# an estimate must agree with its own previous pyramid level this well (0.55 until 2026-12-06: the kernels that
-# changed shape more at the finest level lost more than they gained; bench/RESULTS.md, fifteenth session)
+# A kept estimate must agree this well with its own previous pyramid level. It was 0.55 until 2026-12-06; the worst
+# benchmark losses then agreed 0.57-0.62 and most good estimates 0.65 or more (bench/RESULTS.md, fifteenth session).
 GUARD_MIN_AGREEMENT = 0.63
 GUARD_MAX_RESIDUAL = 3.0
 GUARD_MIN_CENTRED = 0.4  # restorations must correlate with their input at zero shift this well (see centring)
