@@ -1358,14 +1358,14 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
         image, agreement, residual, radius, judged = x, x.new_ones(n), x.new_zeros(n), x.new_zeros(n), None
         held = torch.ones_like(blurred)
     blurred &= ~suspected | (radius > 0)  # a suspected image whose estimate is no disc stays as it is
-    ok = held  # the kept estimate passed the guard (always, with the guard off)
-    radius = torch.where(ok & blurred, radius, 0.0)
+    restored = held & blurred  # blurred, and the kept estimate passed the guard (always held with the guard off)
+    radius = torch.where(restored, radius, 0.0)
     delta = normalise_kernel(torch.zeros_like(kernels))
-    kernels = torch.where((ok & blurred).view(n, 1, 1), kernels, delta)
+    kernels = torch.where(restored.view(n, 1, 1), kernels, delta)
     support = kernels > 0
     extent = torch.maximum(_span(support.any(dim=2)), _span(support.any(dim=1))).to(x.dtype)
     # a kernel of at most 2 px means no blur worth removing: keep the input as it is
-    changed = ok & blurred & (extent > NO_BLUR_EXTENT)
+    changed = restored & (extent > NO_BLUR_EXTENT)
     if judged is not None and bool(changed.any()):
         # a large image was judged on one tile: only the kernel it keeps deconvolves the rest, reusing that tile
         rows = changed.nonzero().flatten()
@@ -1379,13 +1379,13 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     metrics = {
         "kernel_size": extent,
         "kernel_sparsity": 1.0 - support.flatten(1).float().mean(dim=1),
-        "kernel_fallback": (blurred & ~ok).to(x.dtype),
+        "kernel_fallback": (blurred & ~held).to(x.dtype),
         "blur_detected": blurred.to(x.dtype),
         "kernel_scale_agreement": agreement,
         "kernel_residual_ratio": residual,
         "output_centring": centred,
         "kernel_candidate": chosen,
-        "kernel_refit": (refitted & ok & blurred).to(x.dtype),
+        "kernel_refit": (refitted & restored).to(x.dtype),
         "defocus_radius": radius,
         "saturated_share": x.new_zeros(n) if known is None else 1.0 - known.flatten(1).mean(dim=1),
     }
@@ -1887,7 +1887,7 @@ def trust(agreement: torch.Tensor, residual_ratio: torch.Tensor, centred: torch.
 
 
 def edge_share_along(latent: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Share (N,) of the gradient energy of ``latent`` (N, 1, H, W) along the long axis of kernels ``k`` (N, h, w).
+    """Share (N,) of the gradient energy of ``latent`` (N, 1, H, W) in edges crossing the long axis of kernels ``k``.
 
     The axis ``u`` is the major eigenvector of each kernel's second moments
     of mass; the share is ``Σ (∇x · u)² / Σ |∇x|²`` over the image (its
