@@ -12,7 +12,7 @@ from dataclasses import replace
 from jobs.errors import InvalidModelSpecError
 from models.psf_spec import check_psf
 from models.registry import EnsembleSpec, ModelInfo, ModelSpec, Param, Registry, WeightsFile
-from models.tone import LIGHT_CHOICES, LIGHT_HELP
+from models.tone import LIGHT_CHOICES
 
 _PSF_HELP = (
     "point-spread function: gaussian:sigma=S, disk:radius=R or "
