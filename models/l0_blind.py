@@ -26,7 +26,8 @@ luminance, then every colour channel is deconvolved with it:
    2e-3 on each level and decays ×0.9 per alternation (floor 1e-4); six
    alternations per level.
 4. **Polish.** The kernel chosen among the candidates (step 6) gets eight
-   more alternations at full resolution with a weak prior (λ 1e-4) and a
+   more alternations at full resolution with a weak prior (λ 1e-4, up to
+   2e-4 as the noise reaches 1 %, :func:`polish_weights`) and a
    weak kernel penalty (γ 0.05, down to 0.02 on nearly noise-free images,
    :func:`polish_penalty`). The pyramid's strong λ and γ keep the
    estimate on course but bias it: started from the true kernel, six
@@ -202,6 +203,15 @@ POLISH_GAMMA_RANGE = (0.02, 0.05)
 # penalty is capped (0.5 %), where it made no difference. 0.4 px: +0.19 / +0.22 dB on the grey 0.1 % packaged /
 # unseen sets (0.6 px +0.0, 0.8 px −0.2); see bench/RESULTS.md.
 POLISH_SOFTNESS = 0.4
+# The polish's L0 weight λ = POLISH_LAMBDA_PER_SIGMA · σ (σ the luminance noise), no less than the configured
+# polish_lambda (1e-4) and no more than POLISH_LAMBDA_RISE times it: 1e-4 up to about 0.5 % noise, 2e-4 at 1 %. A
+# weight that lets the latent keep detail on a clean photograph lets noise into its edges on a noisy one, and the
+# kernel fitted to them comes out worse. 2e-4 instead of 1e-4 gained +0.23 dB on the colour 1 % benchmark sets
+# (seeds 0-3; kernel similarity 0.620 → 0.650, losses beyond 0.5 dB 5 → 3) and +0.15 / +0.03 dB on colour sets not
+# used to choose it; on the grey 0.1 % sets only textured photographs, which read noisier, moved (bench/RESULTS.md,
+# sixteenth session).
+POLISH_LAMBDA_PER_SIGMA = 0.03
+POLISH_LAMBDA_RISE = 2.0
 # The refit's kernel penalty γ = REFIT_GAMMA_PER_NSR · σ² / e (σ the measured noise, e the TV restoration's mean
 # squared gradient); images that would need more than REFIT_GAMMA_MAX (σ²/e > 0.01) are not refitted, and a
 # refitted kernel whose restoration explains the input worse than the polished one's by more than
@@ -255,7 +265,8 @@ class L0Settings:
     iterations: int = 6  # alternations per pyramid level
     gamma: float = 0.3  # L2 penalty of the kernel step, relative to the latent gradient energy
     polish_iterations: int = 8  # alternations at full resolution with a weak prior and penalty, on the chosen kernel
-    polish_lambda: float = 1e-4
+    polish_lambda: float = 1e-4  # the polish's L0 weight on nearly clean photographs (see polish_weights)
+    polish_lambda_per_sigma: float = POLISH_LAMBDA_PER_SIGMA  # ... rising with the noise; 0 = fixed at polish_lambda
     polish_gamma: float = 0.0  # > 0 fixes it; 0 = from the measured noise (polish_penalty)
     polish_softness: float = POLISH_SOFTNESS  # px of edge softness the polish assumes on clean photographs (0 = off)
     refit_iterations: int = 4  # > 0: after the polish, TV restoration / kernel fit rounds (refit_kernels); 0 = off
@@ -1704,8 +1715,9 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     """Kernels (N, side, side) for luminance ``y`` (N, 1, H, W) after the full-resolution polish.
 
     ``settings.polish_iterations`` alternations with the weak prior and
-    penalty (``polish_lambda``, ``polish_gamma``) on the whole image, by the
-    FFT kernel step; then finished like any final estimate (:func:`finish_kernel`).
+    penalty (:func:`polish_weights`, :func:`polish_penalty`: both firmer
+    under noise) on the whole image, by the FFT kernel step; then finished
+    like any final estimate (:func:`finish_kernel`).
     JPEG-compressed images (:func:`jpeg_compressed`) are polished with a
     ``JPEG_POLISH_LAMBDA`` times stronger prior, so the latent does not take
     up the blocks. The padded problem is rebuilt here rather than kept from
@@ -1718,13 +1730,40 @@ def polish_kernels(y: torch.Tensor, kernels: torch.Tensor, settings: L0Settings,
     gamma = polish_penalty(y, settings, known, sigma)
     softness = polish_softness(y, settings, known, sigma)
     blocky = jpeg_compressed(y)
-    for rows, lam in ((~blocky, settings.polish_lambda), (blocky, settings.polish_lambda * JPEG_POLISH_LAMBDA)):
+    weights = polish_weights(sigma, blocky, settings)
+    for rows in (~blocky, blocky):  # apart, so an uncompressed image is polished exactly as it would be alone
         if bool(rows.any()):
+            lam = [weights[i] for i in rows.nonzero().flatten().tolist()]
             polished[rows], _ = alternate(LevelProblem.build(y[rows], side, _rows(known, rows)), kernels[rows],
                                           replace(settings, kernel_solver="fft"), lam,
                                           gamma if isinstance(gamma, float) else gamma[rows],
                                           settings.polish_iterations, softness=softness[rows])
     return finish_kernel(polished, side, settings)
+
+
+def polish_weights(sigma: torch.Tensor, blocky: torch.Tensor, settings: L0Settings) -> list[float]:
+    """The polish's L0 weight of each image, from its luminance noise ``sigma`` (N,) and ``blocky`` (N,) bool.
+
+    ``settings.polish_lambda_per_sigma`` · σ, kept between ``settings.polish_lambda``
+    and ``POLISH_LAMBDA_RISE`` times it: nearly clean photographs keep the
+    weak prior that lets the kernel settle where the pyramid's strong one
+    biased it; under noise a weak prior lets the noise into the latent's
+    edges, and the kernel fitted to them takes it up as width. JPEG-compressed
+    images (``blocky``) get ``JPEG_POLISH_LAMBDA`` times ``polish_lambda``
+    whatever their noise reads (the noise floor they are given is a guess).
+    Plain floats, so an image at the floor runs exactly the schedule a fixed
+    weight gives.
+    """
+    floor, per_sigma = settings.polish_lambda, settings.polish_lambda_per_sigma
+    weights = []
+    for value, compressed in zip(sigma.tolist(), blocky.tolist(), strict=True):
+        if compressed:
+            weights.append(floor * JPEG_POLISH_LAMBDA)
+        elif per_sigma > 0:
+            weights.append(min(max(per_sigma * value, floor), floor * POLISH_LAMBDA_RISE))
+        else:
+            weights.append(floor)
+    return weights
 
 
 def polish_penalty(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None,

@@ -421,19 +421,36 @@ def test_a_jpeg_compressed_photograph_is_polished_with_a_stronger_prior(
     batch = luminance(torch.cat([to_tensor(blurred), to_tensor(jpeg_roundtrip(blurred, 90))]))
     start = padded(shake, 21).expand(2, 21, 21).contiguous()
     settings = replace(L0Settings(), polish_iterations=2)
-    weights: list[tuple[int, float]] = []
+    weights: list[tuple[int, list[float]]] = []
     real_alternate = l0_blind.alternate
 
-    def recording(problem: LevelProblem, k: torch.Tensor, s: L0Settings, lam: float, *args: object,
+    def recording(problem: LevelProblem, k: torch.Tensor, s: L0Settings, lam: list[float], *args: object,
                   **kwargs: object) -> object:
         weights.append((k.shape[0], lam))
         return real_alternate(problem, k, s, lam, *args, **kwargs)
 
     monkeypatch.setattr(l0_blind, "alternate", recording)
     both = polish_kernels(batch, start, settings)
-    assert weights == [(1, settings.polish_lambda), (1, settings.polish_lambda * l0_blind.JPEG_POLISH_LAMBDA)]
+    # at 1 % noise the uncompressed image's weight has risen above the clean photographs' (polish_weights)
+    noisy = l0_blind.polish_weights(l0_blind.noise_sigma(batch[:1]), torch.tensor([False]), settings)
+    assert noisy[0] > settings.polish_lambda
+    assert weights == [(1, noisy), (1, [settings.polish_lambda * l0_blind.JPEG_POLISH_LAMBDA])]
     alone = polish_kernels(batch[:1], start[:1], settings)
     assert torch.allclose(both[:1], alone, atol=1e-6)
+
+
+def test_the_polish_prior_firms_up_with_the_noise_between_its_floor_and_ceiling() -> None:
+    settings = L0Settings()
+    floor, ceiling = settings.polish_lambda, settings.polish_lambda * l0_blind.POLISH_LAMBDA_RISE
+    sigma = torch.tensor([0.0005, 0.002, 0.005, 0.0067, 0.02, 0.0067])
+    blocky = torch.tensor([False, False, False, False, False, True])
+    weights = l0_blind.polish_weights(sigma, blocky, settings)
+    assert weights[:2] == [floor, floor]  # nearly clean: exactly the fixed weak prior
+    assert floor < weights[2] < ceiling
+    assert weights[3] == pytest.approx(ceiling, rel=0.02) and weights[4] == ceiling
+    assert weights[5] == floor * l0_blind.JPEG_POLISH_LAMBDA  # compressed: its own weight, whatever the noise
+    fixed = l0_blind.polish_weights(sigma, blocky, replace(settings, polish_lambda_per_sigma=0.0))
+    assert fixed[:5] == [floor] * 5
 
 
 def test_images_too_small_for_the_jpeg_grid_read_as_not_blocky() -> None:
