@@ -1748,7 +1748,8 @@ def polish_weights(sigma: torch.Tensor, blocky: torch.Tensor, settings: L0Settin
     and ``POLISH_LAMBDA_RISE`` times it: nearly clean photographs keep the
     weak prior that lets the kernel settle where the pyramid's strong one
     biased it; under noise a weak prior lets the noise into the latent's
-    edges, and the kernel fitted to them takes it up as width. JPEG-compressed
+    edges, and the kernel fitted to them comes out worse (on the colour 1 %
+    benchmark, similarity 0.620 at 1e-4, 0.650 at 2e-4). JPEG-compressed
     images (``blocky``) get ``JPEG_POLISH_LAMBDA`` times ``polish_lambda``
     whatever their noise reads (the noise floor they are given is a guess).
     Plain floats, so an image at the floor runs exactly the schedule a fixed
