@@ -207,9 +207,9 @@ POLISH_SOFTNESS = 0.4
 # polish_lambda (1e-4) and no more than POLISH_LAMBDA_RISE times it: 1e-4 up to about 0.5 % noise, 2e-4 at 1 %. A
 # weight that lets the latent keep detail on a clean photograph lets noise into its edges on a noisy one, and the
 # kernel fitted to them comes out worse. 2e-4 instead of 1e-4 gained +0.23 dB on the colour 1 % benchmark sets
-# (seeds 0-3; kernel similarity 0.620 → 0.650, losses beyond 0.5 dB 5 → 3) and +0.15 / +0.03 dB on colour sets not
-# used to choose it; on the grey 0.1 % sets only textured photographs, which read noisier, moved (bench/RESULTS.md,
-# sixteenth session).
+# (seeds 0-3; kernel similarity 0.620 → 0.650, losses beyond 0.5 dB 5 → 3) and, fixed at 2e-4, +0.15 / +0.03 dB on
+# colour sets not used to choose it; on the grey 0.1 % sets only textured photographs, which read noisier, moved
+# (bench/RESULTS.md, sixteenth session).
 POLISH_LAMBDA_PER_SIGMA = 0.03
 POLISH_LAMBDA_RISE = 2.0
 # The refit's kernel penalty γ = REFIT_GAMMA_PER_NSR · σ² / e (σ the measured noise, e the TV restoration's mean
@@ -1756,15 +1756,9 @@ def polish_weights(sigma: torch.Tensor, blocky: torch.Tensor, settings: L0Settin
     weight gives.
     """
     floor, per_sigma = settings.polish_lambda, settings.polish_lambda_per_sigma
-    weights = []
-    for value, compressed in zip(sigma.tolist(), blocky.tolist(), strict=True):
-        if compressed:
-            weights.append(floor * JPEG_POLISH_LAMBDA)
-        elif per_sigma > 0:
-            weights.append(min(max(per_sigma * value, floor), floor * POLISH_LAMBDA_RISE))
-        else:
-            weights.append(floor)
-    return weights
+    # σ ≥ 0, so a per-σ weight of 0 (the rule off) leaves every uncompressed image at the floor
+    return [floor * JPEG_POLISH_LAMBDA if compressed else min(max(per_sigma * value, floor), floor * POLISH_LAMBDA_RISE)
+            for value, compressed in zip(sigma.tolist(), blocky.tolist(), strict=True)]
 
 
 def polish_penalty(y: torch.Tensor, settings: L0Settings, known: torch.Tensor | None = None,
