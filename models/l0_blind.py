@@ -203,12 +203,10 @@ POLISH_GAMMA_RANGE = (0.02, 0.05)
 # penalty is capped (0.5 %), where it made no difference. 0.4 px: +0.19 / +0.22 dB on the grey 0.1 % packaged /
 # unseen sets (0.6 px +0.0, 0.8 px −0.2); see bench/RESULTS.md.
 POLISH_SOFTNESS = 0.4
-# The polish's L0 weight λ = POLISH_LAMBDA_PER_SIGMA · σ (σ the luminance noise), no less than the configured
-# polish_lambda (1e-4) and no more than POLISH_LAMBDA_RISE times it: 1e-4 up to about 0.5 % noise, 2e-4 at 1 %. A
-# weight that lets the latent keep detail on a clean photograph lets noise into its edges on a noisy one, and the
-# kernel fitted to them comes out worse. 2e-4 instead of 1e-4 gained +0.23 dB on the colour 1 % benchmark sets
-# (seeds 0-3; kernel similarity 0.620 → 0.650, losses beyond 0.5 dB 5 → 3) and, fixed at 2e-4, +0.15 / +0.03 dB on
-# colour sets not used to choose it; on the grey 0.1 % sets only textured photographs, which read noisier, moved
+# The polish's L0 weight rises with the noise between polish_lambda and POLISH_LAMBDA_RISE times it (the rule and
+# why: polish_weights): 1e-4 up to about 0.5 % noise, 2e-4 at 1 %. 2e-4 instead of 1e-4 gained +0.23 dB on the
+# colour 1 % benchmark sets (seeds 0-3; losses beyond 0.5 dB 5 → 3) and, fixed at 2e-4, +0.15 / +0.03 dB on colour
+# sets not used to choose it; on the grey 0.1 % sets only textured photographs, which read noisier, moved
 # (bench/RESULTS.md, sixteenth session).
 POLISH_LAMBDA_PER_SIGMA = 0.03
 POLISH_LAMBDA_RISE = 2.0
