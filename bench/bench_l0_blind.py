@@ -26,6 +26,15 @@ With ``--blur disc`` or ``--blur gaussian`` the kernels are defocus discs
 (radius 1.5-6 px) or Gaussians (sigma 0.8-2.5 px) instead of camera shake;
 the summary counts how many estimates were replaced by a defocus disc.
 
+With ``--rotation 0.5-2`` the camera also turns about its optical axis
+while it shakes, by a peak-to-peak angle (degrees) drawn per case in that
+range, so the blur varies across the frame as it does in many real
+camera-shake photographs (:func:`models.synthetic_blur.rotating_shake_blur`).
+The true kernel is then the one at the middle of the crop, and a second
+reference deconvolves each of 3×3 overlapping regions with the true kernel at
+its own middle and blends them (``local-k``): the gain a spatially varying
+model could reach.
+
 With ``--photos other`` the cases come from four other photographs in the
 installed packages (motorcycle, coins, moon, Grace Hopper), which no setting
 of the method was tuned on.
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import multiprocessing
 import os
 import sys
@@ -70,8 +80,12 @@ from models.synthetic_blur import (  # noqa: E402
     disk_kernel,
     gaussian_kernel,
     jpeg_roundtrip,
+    local_shake_kernel,
     luminance,
     random_motion_kernel,
+    roll_angles,
+    rotating_shake_blur,
+    shake_path,
     sample_photographs,
     other_photographs,
     unseen_photographs,
@@ -80,6 +94,8 @@ from models.synthetic_blur import (  # noqa: E402
 
 DISC_RADII = (1.5, 6.0)  # px, --blur disc
 GAUSSIAN_SIGMAS = (0.8, 2.5)  # px, --blur gaussian
+ROTATION_SUBSAMPLE = 10  # --rotation: every tenth of the 2,000 trajectory samples is one warp of the scene
+LOCAL_GRID = 3  # --rotation: the local-k reference's regions per side
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,9 +126,9 @@ def aligned_gain(restored: np.ndarray, blurred: np.ndarray, sharp: np.ndarray, r
 
 def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: float,
               sides: tuple[int, int] = (11, 35), grey: bool = False, lights: int = 0, exposure: float = 1.0,
-              blur: str = "shake", jpeg: int = 0, light: str = "encoded"
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sharp crop, blurred crop with noise, true kernel) for one photograph.
+              blur: str = "shake", jpeg: int = 0, light: str = "encoded",
+              rotation: tuple[float, float] | None = None) -> Case:
+    """The sharp crop, the blurred crop with noise and the true kernel for one photograph.
 
     ``blur`` "shake": a camera-shake kernel whose odd side is drawn uniformly
     in ``sides``; "disc": a defocus disc of radius drawn uniformly in
@@ -126,12 +142,22 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     light (the photograph's sRGB curve taken off, the lights and exposure
     applied, the blur, the curve put back), as a shaking camera does;
     "encoded" blurs the stored values, as most synthetic benchmarks do. The
-    noise is added to the stored values either way.
+    noise is added to the stored values either way. ``rotation`` (degrees,
+    shake only) turns the camera about its axis by a peak-to-peak angle drawn
+    in that range while it shakes: the blur then varies across the frame, the
+    kernel returned is the one at the crop's middle and the case also knows
+    the kernel anywhere else (:attr:`Case.local_kernel`).
     """
     img = photo.astype(np.float64) / (65535.0 if photo.dtype == np.uint16 else 255.0)
     if grey and img.ndim == 3:
         img = luminance(img)
-    if blur == "shake":
+    path = angles = None
+    if blur == "shake" and rotation is not None:
+        side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
+        path = shake_path(side, rng)[::ROTATION_SUBSAMPLE]
+        angles = roll_angles(len(path), rng, float(rng.uniform(*rotation)))
+        kernel = local_shake_kernel(path, angles, (0.0, 0.0), side)
+    elif blur == "shake":
         side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
         kernel = random_motion_kernel(side, rng)
     elif blur == "disc":
@@ -153,7 +179,10 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
         window = add_light_sources(window, lights, rng)
     window = window * exposure
     chans = window[..., None] if window.ndim == 2 else window
-    blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
+    if path is None:
+        blurred = np.stack([fftconvolve(chans[..., c], kernel, mode="valid") for c in range(chans.shape[2])], 2)
+    else:  # turned about the window's middle, which is the crop's; only the crop's pixels are kept, as "valid" keeps
+        blurred = rotating_shake_blur(chans, path, angles)[side // 2:side // 2 + crop, side // 2:side // 2 + crop]
     if light == "linear":
         blurred = linear_to_srgb(np.clip(blurred, 0.0, 1.0))
         window = linear_to_srgb(np.clip(window, 0.0, 1.0))
@@ -163,9 +192,68 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
         blurred = jpeg_roundtrip(blurred, jpeg).astype(np.float64)
     r = side // 2
     sharp = np.clip(chans[r:r + crop, r:r + crop], 0.0, 1.0)
+    local = None
+    if path is not None:  # a window wide enough for the arc the turn adds at the crop's corners
+        reach = math.ceil(float(np.abs(angles).max()) * crop / math.sqrt(2.0))
+        local = functools.partial(local_shake_kernel, path, angles, size=side + 2 * reach)
     if window.ndim == 2:
-        return sharp[..., 0], blurred[..., 0], kernel
-    return sharp, blurred, kernel
+        return Case(sharp[..., 0], blurred[..., 0], kernel, local)
+    return Case(sharp, blurred, kernel, local)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: sharp crop, blurred crop, true kernel (at the middle, for a turning camera).
+
+    ``local_kernel``, for a camera that turns (``--rotation``), gives the
+    true kernel at an offset (rows, columns) from the crop's middle, in a
+    window wider than ``kernel``'s by the arc the turn adds at the crop's
+    corners; ``None`` where the blur is the same everywhere.
+    """
+
+    sharp: np.ndarray
+    blurred: np.ndarray
+    kernel: np.ndarray
+    local_kernel: Callable[[tuple[float, float]], np.ndarray] | None = None
+
+
+def local_kernels_restoration(x: torch.Tensor, case: Case, settings: L0Settings, grid: int = LOCAL_GRID
+                              ) -> torch.Tensor:
+    """The final deconvolution of ``x`` with the true kernel of each of ``grid``×``grid`` regions, blended.
+
+    Each region is solved with its own middle's kernel over itself and its
+    neighbours' middles plus two kernel sides of context, and weighted by a
+    bilinear tent that is 1 at its middle and 0 at its neighbours'. The
+    tents sum to one everywhere, so where the blur varies slowly the result
+    is what a spatially varying model with the true kernels would give.
+    """
+    assert case.local_kernel is not None
+    h, w = x.shape[-2:]
+    context = 2 * case.local_kernel((0.0, 0.0)).shape[0]
+    out = torch.zeros_like(x)
+    rows, columns = _tents(h, grid), _tents(w, grid)
+    for (cy, top, bottom, wy) in rows:
+        for (cx, left, right, wx) in columns:
+            kernel = case.local_kernel((cy - (h - 1) / 2, cx - (w - 1) / 2))
+            part = x[..., max(0, top - context):min(h, bottom + context), max(0, left - context):min(w, right + context)]
+            solved = true_kernel_restoration(part, torch.from_numpy(kernel).to(x), settings)
+            y0, x0 = top - max(0, top - context), left - max(0, left - context)
+            weight = torch.from_numpy(np.outer(wy, wx)).to(x)
+            out[..., top:bottom, left:right] += solved[..., y0:y0 + bottom - top, x0:x0 + right - left] * weight
+    return out
+
+
+def _tents(length: int, grid: int) -> list[tuple[float, int, int, np.ndarray]]:
+    """Per region along one axis: its middle, the span [start, stop) its tent covers, and the tent's weights there."""
+    middles = [(i + 0.5) * length / grid - 0.5 for i in range(grid)]
+    positions = np.arange(length, dtype=np.float64)
+    out = []
+    for i, middle in enumerate(middles):
+        tent = np.interp(positions, middles, np.eye(grid)[i]) if grid > 1 else np.ones(length)
+        covered = np.nonzero(tent > 0)[0]
+        start, stop = int(covered[0]), int(covered[-1]) + 1
+        out.append((middle, start, stop, tent[start:stop]))
+    return out
 
 
 def true_kernel_restoration(x: torch.Tensor, kernel: torch.Tensor, settings: L0Settings) -> torch.Tensor:
@@ -263,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="shake: random camera-shake kernels of --kernel-sizes (default); disc: defocus "
                              f"discs of radius {DISC_RADII[0]:g}-{DISC_RADII[1]:g} px; gaussian: Gaussians of "
                              f"sigma {GAUSSIAN_SIGMAS[0]:g}-{GAUSSIAN_SIGMAS[1]:g} px")
+    parser.add_argument("--rotation", default=None, metavar="MIN-MAX",
+                        help="the camera also turns about its axis while it shakes, by a peak-to-peak angle in "
+                             "degrees drawn in this range per case (e.g. 0.5-2): the blur varies across the frame; "
+                             "adds the local-k reference (true kernels per region). Shake only")
     parser.add_argument("--lights", type=int, default=0,
                         help="add this many clipped light sources to each case (default 0)")
     parser.add_argument("--exposure", type=float, default=1.0,
@@ -306,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds {args.seeds!r}: expected a range like 0-3 or a list like 0,2,5 of seeds >= 0")
     if args.speed and seeds is not None:
         parser.error("--speed times one image; leave out --seeds (and --jobs)")
+    if args.rotation is not None and (args.blur != "shake" or degree_range(args.rotation) is None):
+        parser.error(f"--rotation {args.rotation!r}: expected a range of degrees like 0.5-2, with --blur shake")
     if args.jobs < 1 or (args.jobs > 1 and seeds is None):
         parser.error("--jobs N (N >= 1) restores several sets at once and needs --seeds, e.g. --seeds 0-3 --jobs 2")
     if not args.speed and not load_photos(args.photos):
@@ -341,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PHOTO_SETS = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}
+
+
+def local_reference_text(arr: np.ndarray) -> str:
+    """The summary's words on the per-region true-kernel reference (``--rotation``), empty without it."""
+    local = arr[:, 9] - arr[:, 0]
+    if not np.isfinite(local).any():
+        return ""
+    return f"per-region true-kernel reference gain {float(np.nanmean(local)):+.2f} dB, "
 
 
 @functools.cache
@@ -387,6 +489,16 @@ def _run_set_in_worker(args: argparse.Namespace, seed: int) -> SetResult:
     return run_set(args, seed, benchmarked_model(args, device), device)
 
 
+def degree_range(text: str) -> tuple[float, float] | None:
+    """``--rotation`` ``"0.5-2"`` as (0.5, 2.0); a single ``"1"`` as (1.0, 1.0); ``None`` if it is neither."""
+    low, _, high = text.partition("-")
+    try:
+        values = (float(low), float(high or low))
+    except ValueError:
+        return None
+    return values if 0 <= values[0] <= values[1] else None
+
+
 def kernel_sides(text: str) -> tuple[int, int]:
     """``--kernel-sizes`` ``"11-35"`` as (11, 35); a single ``"21"`` as (21, 21)."""
     low, _, high = text.partition("-")
@@ -421,13 +533,19 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
         f"{f', JPEG q{args.jpeg}' if args.jpeg else ''}"
         f"{', blurred in linear light' if args.light == 'linear' else ''}, "
         f"{args.photos + ' photographs, ' if args.photos != 'packaged' else ''}seed {seed}, {args.threads} thread(s)")
+    rotation = None if args.rotation is None else degree_range(args.rotation)
+    if rotation is not None:
+        out(f"# the camera turns by {rotation[0]:g}-{rotation[1]:g} degrees while it shakes: true-k is the kernel at "
+            f"the middle, local-k the true kernels of {LOCAL_GRID}x{LOCAL_GRID} regions")
     out(f"{'image':<22}{'ch':>3}{'ks':>4}{'blurred':>9}{'restored':>10}{'gain':>7}"
-        f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}")
+        f"{'aligned':>8}{'true-k':>8}{'k-sim':>7}{'fallbk':>7}{'s/MP':>7}{'cpu/MP':>7}"
+        + (f"{'local-k':>8}" if rotation is not None else ""))
     rows, discs = [], 0
     for i in range(args.count):
         name = names[i % len(names)]
-        sharp, blurred, kernel = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
-                                           args.exposure, args.blur, args.jpeg, args.light)
+        case = make_case(photos[name], args.size, rng, args.noise, sides, args.grey, args.lights,
+                         args.exposure, args.blur, args.jpeg, args.light, rotation)
+        sharp, blurred, kernel = case.sharp, case.blurred, case.kernel
         x = to_tensor(blurred, device)
         start, cpu_start = time.perf_counter(), time.process_time()
         result = model(x)
@@ -442,13 +560,18 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
             with torch.inference_mode():
                 ref = true_kernel_restoration(x, torch.from_numpy(kernel).float().to(device), estimator.settings)
             reference = psnr(to_numpy(ref), sharp)
+        local_reference = float("nan")
+        if not args.no_reference and case.local_kernel is not None and hasattr(estimator, "settings"):
+            with torch.inference_mode():
+                local_reference = psnr(to_numpy(local_kernels_restoration(x, case, estimator.settings)), sharp)
         chans = 1 if blurred.ndim == 2 else blurred.shape[2]
         mp = blurred.shape[0] * blurred.shape[1] / 1e6
         row = (psnr(blurred, sharp), psnr(restored, sharp), reference, kernel_similarity(kernel, est),
-               fallback, seconds / mp, chans, aligned_gain(restored, blurred, sharp), cpu_seconds / mp)
+               fallback, seconds / mp, chans, aligned_gain(restored, blurred, sharp), cpu_seconds / mp, local_reference)
         rows.append(row)
         out(f"{name:<22}{chans:>3}{kernel.shape[0]:>4}{row[0]:>9.2f}{row[1]:>10.2f}{row[1] - row[0]:>+7.2f}"
-            f"{row[7]:>+8.2f}{row[2] - row[0]:>+8.2f}{row[3]:>7.3f}{int(row[4]):>7}{row[5]:>7.1f}{row[8]:>7.1f}")
+            f"{row[7]:>+8.2f}{row[2] - row[0]:>+8.2f}{row[3]:>7.3f}{int(row[4]):>7}{row[5]:>7.1f}{row[8]:>7.1f}"
+            + (f"{row[9] - row[0]:>+8.2f}" if rotation is not None else ""))
     arr = np.array(rows)
     reference_gain = float(np.nanmean(arr[:, 2] - arr[:, 0])) if np.isfinite(arr[:, 2]).any() else float("nan")
     gains = arr[:, 1] - arr[:, 0]
@@ -461,6 +584,7 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
         f"images worse than input by > 0.5 dB: {int((gains < -0.5).sum())}/{len(gains)}, "
         f"gain after best shift {arr[:, 7].mean():+.2f} dB, "
         f"true-kernel reference gain {reference_gain:+.2f} dB, "
+        f"{local_reference_text(arr)}"
         f"mean kernel similarity {arr[:, 3].mean():.3f}, fallbacks {int(arr[:, 4].sum())}, "
         f"estimates replaced by a defocus disc {discs}, "
         f"colour s/MP {colour[:, 5].mean() if len(colour) else float('nan'):.1f} wall, "
@@ -486,6 +610,7 @@ def pooled_summary(results: list[SetResult]) -> str:
             f"standard deviation {spread:.2f}), median {np.median(gains):+.2f}, worst {gains.min():+.2f}, "
             f"images worse than input by > 0.5 dB: {int((gains < -0.5).sum())}/{len(gains)}, "
             f"gain after best shift {arr[:, 7].mean():+.2f} dB, true-kernel reference gain {reference_gain:+.2f} dB, "
+            f"{local_reference_text(arr)}"
             f"mean kernel similarity {arr[:, 3].mean():.3f}, fallbacks {int(arr[:, 4].sum())}, "
             f"estimates replaced by a defocus disc {sum(r.discs for r in results)}")
 

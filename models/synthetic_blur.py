@@ -89,6 +89,17 @@ def random_motion_kernel(size: int, rng: np.random.Generator, intensity: float |
 
     ``intensity`` in [0, 1] controls how erratic the path is (default: random).
     """
+    path = shake_path(size, rng, intensity)
+    return _rasterise(path.real, path.imag, size | 1)
+
+
+def shake_path(size: int, rng: np.random.Generator, intensity: float | None = None) -> np.ndarray:
+    """The camera-shake trajectory behind :func:`random_motion_kernel`: complex positions (x + iy) in pixels.
+
+    2,000 samples over the exposure, their bounding box centred on 0 and
+    fitting in ``size``×``size``; it draws from ``rng`` exactly what
+    :func:`random_motion_kernel` draws.
+    """
     if size < 3:
         raise ValueError(f"kernel size must be >= 3, got {size}")
     size |= 1
@@ -121,7 +132,62 @@ def random_motion_kernel(size: int, rng: np.random.Generator, intensity: float |
     scale = min(1.0, (size - 2) / span) * rng.uniform(0.6, 1.0)
     x *= scale
     x -= (x.real.max() + x.real.min()) / 2 + 1j * (x.imag.max() + x.imag.min()) / 2
-    return _rasterise(x.real, x.imag, size)
+    return x
+
+
+def roll_angles(count: int, rng: np.random.Generator, spread_deg: float) -> np.ndarray:
+    """In-plane rotations (radians) of a shaking camera at ``count`` instants: a smooth random walk.
+
+    A hand-held camera turns about its optical axis as well as panning, so
+    the blur differs across the frame: a point far from the middle sweeps an
+    arc that a point in the middle does not. The angles wander like a random
+    walk with inertia, have zero mean and span ``spread_deg`` degrees from
+    least to most.
+    """
+    velocity = np.cumsum(rng.standard_normal(count)) + rng.standard_normal() * np.sqrt(count)
+    angles = np.cumsum(velocity)
+    angles -= angles.mean()
+    span = np.ptp(angles)
+    return np.zeros(count) if span == 0 else angles * np.deg2rad(spread_deg) / span
+
+
+def rotating_shake_blur(image: np.ndarray, path: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """``image`` (HxW or HxWxC, float) blurred by a camera that moves along ``path`` and turns by ``angles``.
+
+    Each instant ``t`` sees the scene moved by ``path[t]`` (as
+    :func:`random_motion_kernel`'s kernel moves it) and turned by
+    ``angles[t]`` about the image's middle; the exposure is their mean, so
+    the blur varies across the frame (see :func:`local_shake_kernel` for
+    the kernel at one point). With zero angles this is a convolution with
+    the path's kernel. Borders are reflected; bilinear sampling.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape[:2]
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    out = np.zeros(img.shape, dtype=np.float64)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for shift, angle in zip(path, angles, strict=True):
+        cos, sin = np.cos(angle), np.sin(angle)
+        # output pixel p samples the scene at R (p - c) + c - shift
+        matrix = np.array([[cos, -sin, cx - cos * cx + sin * cy - shift.real],
+                           [sin, cos, cy - sin * cx - cos * cy - shift.imag]])
+        warped = cv2.warpAffine(img, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_REFLECT_101)
+        out += warped.reshape(img.shape)
+    return out / len(path)
+
+
+def local_shake_kernel(path: np.ndarray, angles: np.ndarray, offset: tuple[float, float], size: int) -> np.ndarray:
+    """The kernel of :func:`rotating_shake_blur` at ``offset`` (rows, columns) from the image's middle.
+
+    There a turn by θ adds ``(R(θ) - I) offset`` to the path's motion, so the
+    kernel is the path's rasterised with that drift, in a ``size``×``size``
+    window (odd).
+    """
+    dy, dx = offset
+    cos, sin = np.cos(angles), np.sin(angles)
+    drift = (cos * dx - sin * dy - dx) + 1j * (sin * dx + cos * dy - dy)
+    moved = path - drift
+    return _rasterise(moved.real, moved.imag, size | 1)
 
 
 def add_light_sources(image: np.ndarray, count: int, rng: np.random.Generator, brightness: float = 15.0,
