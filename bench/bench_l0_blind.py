@@ -152,14 +152,14 @@ def make_case(photo: np.ndarray, size: int, rng: np.random.Generator, noise: flo
     if grey and img.ndim == 3:
         img = luminance(img)
     path = angles = None
-    if blur == "shake" and rotation is not None:
+    if blur == "shake":
         side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
-        path = shake_path(side, rng)[::ROTATION_SUBSAMPLE]
-        angles = roll_angles(len(path), rng, float(rng.uniform(*rotation)))
-        kernel = local_shake_kernel(path, angles, (0.0, 0.0), side)
-    elif blur == "shake":
-        side = int(rng.integers(sides[0] // 2, sides[1] // 2 + 1)) * 2 + 1
-        kernel = random_motion_kernel(side, rng)
+        if rotation is None:
+            kernel = random_motion_kernel(side, rng)
+        else:
+            path = shake_path(side, rng)[::ROTATION_SUBSAMPLE]
+            angles = roll_angles(len(path), rng, float(rng.uniform(*rotation)))
+            kernel = local_shake_kernel(path, angles, (0.0, 0.0), side)
     elif blur == "disc":
         kernel = disk_kernel(float(rng.uniform(*DISC_RADII)))
     elif blur == "gaussian":
