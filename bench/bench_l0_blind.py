@@ -398,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds {args.seeds!r}: expected a range like 0-3 or a list like 0,2,5 of seeds >= 0")
     if args.speed and seeds is not None:
         parser.error("--speed times one image; leave out --seeds (and --jobs)")
-    if args.rotation is not None and (args.blur != "shake" or degree_range(args.rotation) is None):
-        parser.error(f"--rotation {args.rotation!r}: expected a range of degrees like 0.5-2, with --blur shake")
+    if args.rotation is not None and degree_range(args.rotation) is None:
+        parser.error(f"--rotation {args.rotation!r}: expected a range of degrees like 0.5-2 (or one angle like 1)")
+    if args.rotation is not None and args.blur != "shake":
+        parser.error(f"--rotation turns a shaking camera; it does not apply to --blur {args.blur}")
     if args.jobs < 1 or (args.jobs > 1 and seeds is None):
         parser.error("--jobs N (N >= 1) restores several sets at once and needs --seeds, e.g. --seeds 0-3 --jobs 2")
     if not args.speed and not load_photos(args.photos):
