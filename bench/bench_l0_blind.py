@@ -62,6 +62,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,6 +97,7 @@ DISC_RADII = (1.5, 6.0)  # px, --blur disc
 GAUSSIAN_SIGMAS = (0.8, 2.5)  # px, --blur gaussian
 ROTATION_SUBSAMPLE = 10  # --rotation: every tenth of the 2,000 trajectory samples is one warp of the scene
 LOCAL_GRID = 3  # --rotation: the local-k reference's regions per side
+_Number = TypeVar("_Number", int, float)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -493,18 +495,22 @@ def _run_set_in_worker(args: argparse.Namespace, seed: int) -> SetResult:
 
 def degree_range(text: str) -> tuple[float, float] | None:
     """``--rotation`` ``"0.5-2"`` as (0.5, 2.0); a single ``"1"`` as (1.0, 1.0); ``None`` if it is neither."""
-    low, _, high = text.partition("-")
     try:
-        values = (float(low), float(high or low))
+        low, high = _bounds(text, float)
     except ValueError:
         return None
-    return values if 0 <= values[0] <= values[1] else None
+    return (low, high) if 0 <= low <= high else None
 
 
 def kernel_sides(text: str) -> tuple[int, int]:
     """``--kernel-sizes`` ``"11-35"`` as (11, 35); a single ``"21"`` as (21, 21)."""
+    return _bounds(text, int)
+
+
+def _bounds(text: str, cast: Callable[[str], _Number]) -> tuple[_Number, _Number]:
+    """A ``"LOW-HIGH"`` (or single ``"VALUE"``) option as its two bounds, each read by ``cast``."""
     low, _, high = text.partition("-")
-    return int(low), int(high or low)
+    return cast(low), cast(high or low)
 
 
 def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device: torch.device,
@@ -512,7 +518,8 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
     """Restore ``args.count`` cases drawn with ``seed`` and print (``emit``) or collect their table.
 
     Each row holds, per case: blurred PSNR, restored PSNR, true-kernel reference PSNR, kernel similarity,
-    fallback, wall s/MP, channels, gain after the best shift, CPU s/MP.
+    fallback, wall s/MP, channels, gain after the best shift, CPU s/MP, and the per-region true-kernel
+    reference PSNR (``--rotation``; NaN otherwise).
     """
     lines: list[str] = []
 
