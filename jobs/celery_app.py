@@ -1,8 +1,9 @@
 """The Celery application shared by producer (to send) and worker (to run).
 
 JSON only (pickle refused), late acknowledgement with reject-on-worker-lost so
-a dead worker's batch is redelivered (after ``DEBLUR_VISIBILITY_TIMEOUT``;
-workers hand long batches on before that, see
+a dead worker's batch is redelivered (after ``DEBLUR_VISIBILITY_TIMEOUT``
+and at most one restore sweep, see :func:`restore_sweep_seconds`; workers hand
+long batches on before that, see
 :func:`worker.pipeline.run_batch`), prefetch 1 so a slow GPU batch does not
 hold others hostage, and task events on for Flower. There is no result
 backend: progress and results live in SQL.
@@ -18,6 +19,20 @@ from jobs.settings import Settings, load_settings
 
 # Redis sorts priorities ascending (0 is served first); users speak 0..9 with 9 most urgent.
 PRIORITY_LEVELS = 10
+# The longest wait between two sweeps for batches whose worker died.
+LONGEST_RESTORE_SWEEP_S = 60
+
+
+def restore_sweep_seconds(visibility_timeout: int) -> int:
+    """Seconds between the Redis transport's sweeps for unacknowledged batches past their visibility timeout.
+
+    kombu's own cadence is fixed at about 100 s whatever the timeout, so a
+    dead worker's batch with an 8-s timeout would wait up to 108 s. A tenth of
+    the timeout (at least 1 s, at most a minute) keeps the wait within 10 %
+    of the timeout for short ones and costs one small Redis query per worker
+    per minute for long ones.
+    """
+    return max(1, min(LONGEST_RESTORE_SWEEP_S, visibility_timeout // 10))
 
 
 def broker_priority(user_priority: int) -> int:
@@ -53,6 +68,9 @@ def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
         broker_transport_options={
             # a batch unacked this long (its worker died) is handed to another worker
             "visibility_timeout": settings.visibility_timeout,
+            # ...and looked for this often, every time (kombu >= 5.7 reads both)
+            "unacked_restore_interval": restore_sweep_seconds(settings.visibility_timeout),
+            "unacked_restore_throttle": 1,
             "priority_steps": list(range(PRIORITY_LEVELS)),
             "queue_order_strategy": "priority",
         },

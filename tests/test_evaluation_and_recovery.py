@@ -156,7 +156,7 @@ def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: 
     try:
         worker.wait_ready(app_for(load_settings()))
         job_id = run_cli("submit", "s3://slow/in/", "--output", "s3://slow/out/", "--batch-size", "3",
-                         "--model", "richardson-lucy:iterations=400", "-q").strip()
+                         "--model", "richardson-lucy:iterations=80", "-q").strip()
         info = wait_done(job_id, timeout=300)
     finally:
         worker.stop()

@@ -107,15 +107,25 @@ def test_manifest_and_single_keys(env, s3, tmp_path) -> None:  # type: ignore[no
     assert queue_length(env) == 3  # one task per batch sent; the duplicate row is ignored by the worker
 
 
-def test_streaming_listing_of_5000_keys(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def bucket_of_5000_keys(s3_endpoint: str) -> str:
+    """A bucket holding 5,000 one-byte objects under ``big/``, filled once for both databases' runs
+    (the S3 endpoint takes about half a minute to store them; submission only reads them)."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    bucket = f"big-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    keys = [f"big/{i // 100:03d}/{i:05d}.png" for i in range(5000)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"."), keys))
+    return bucket
+
+
+def test_streaming_listing_of_5000_keys(env, bucket_of_5000_keys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from jobs.celery_app import app_for
     from jobs.settings import load_settings
     from producer.submit import JobRequest, submit
 
-    client, bucket = s3
-    keys = [f"big/{i // 100:03d}/{i:05d}.png" for i in range(5000)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda k: client.put_object(Bucket=bucket, Key=k, Body=b"."), keys))
+    bucket = bucket_of_5000_keys
 
     events: list[str] = []
     settings = load_settings()

@@ -362,3 +362,17 @@ def test_a_batch_time_limit_is_read_and_refused_when_negative_or_past_the_visibi
         load_settings()
     monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "0")  # never hand over: any visibility timeout will do
     assert load_settings().visibility_timeout == 600
+
+
+def test_the_broker_sweeps_for_a_dead_workers_batches_at_a_tenth_of_the_visibility_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's own sweep runs about every 100 s; ours follows the timeout, between 1 s and a minute."""
+    from jobs.celery_app import make_app, restore_sweep_seconds
+    from jobs.settings import load_settings
+
+    assert [restore_sweep_seconds(t) for t in (1, 8, 25, 300, 3600)] == [1, 1, 2, 30, 60]
+    monkeypatch.setenv("DEBLUR_VISIBILITY_TIMEOUT", "8")
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "0")
+    options = make_app(load_settings(), set_as_current=False).conf.broker_transport_options
+    assert options["visibility_timeout"] == 8
+    assert options["unacked_restore_interval"] == 1 and options["unacked_restore_throttle"] == 1
