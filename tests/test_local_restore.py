@@ -31,6 +31,7 @@ def test_restore_writes_same_names_and_a_bad_file_fails_alone(tmp_path: Path) ->
 
     assert result.exit_code == 1, result.output  # one file failed
     assert "broken.jpg" in result.output
+    assert f"failed {bad}:" in result.output  # the whole path on one line, however long (not wrapped at 80)
     assert sorted(p.name for p in out.iterdir()) == ["photo.png", "scan16.tif"]
     restored = cv2.imread(str(out / "scan16.tif"), cv2.IMREAD_UNCHANGED)
     assert restored.dtype == np.uint16 and restored.shape == (96, 128, 3)

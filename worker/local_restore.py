@@ -82,10 +82,11 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
                     path, output, message,
                     lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
-                console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}")
+                # one unbroken line per file, whatever the width, so a log of the run can be searched by path
+                console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}", soft_wrap=True)
             except DeblurError as exc:
                 failures += 1
-                console.print(f"[red]failed[/red] {path}: {exc}")
+                console.print(f"[red]failed[/red] {path}: {exc}", soft_wrap=True)
             progress.advance(task)
     if failures:
         sys.exit(1)
