@@ -12,6 +12,9 @@ BIN := $(VENV)/bin
 # Re-install when the dependencies or the checkout location change.
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; pwd) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# The suite runs in one process per core (pytest-xdist), each with its own Redis
+# and S3 endpoint; TEST_PROCESSES=0 runs it in this process alone.
+TEST_PROCESSES ?= auto
 
 .PHONY: install services demo test test-fast bench-l0 clean-stack help
 
@@ -40,10 +43,10 @@ demo: install
 
 test: install
 	$(MAKE) --no-print-directory services SERVICES=test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not integration and not slow" $(PYTEST_ARGS)
 
 bench-l0: install
 	$(BIN)/python bench/bench_l0_blind.py
