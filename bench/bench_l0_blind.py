@@ -237,7 +237,8 @@ def local_kernels_restoration(x: torch.Tensor, case: Case, settings: L0Settings,
     for (cy, top, bottom, wy) in rows:
         for (cx, left, right, wx) in columns:
             kernel = case.local_kernel((cy - (h - 1) / 2, cx - (w - 1) / 2))
-            part = x[..., max(0, top - context):min(h, bottom + context), max(0, left - context):min(w, right + context)]
+            part = x[..., max(0, top - context):min(h, bottom + context),
+                     max(0, left - context):min(w, right + context)]
             solved = true_kernel_restoration(part, torch.from_numpy(kernel).to(x), settings)
             y0, x0 = top - max(0, top - context), left - max(0, left - context)
             weight = torch.from_numpy(np.outer(wy, wx)).to(x)
@@ -441,12 +442,17 @@ def main(argv: list[str] | None = None) -> int:
 PHOTO_SETS = {"packaged": sample_photographs, "other": other_photographs, "unseen": unseen_photographs}
 
 
+def reference_gain(arr: np.ndarray, column: int) -> float:
+    """Mean gain over the input of a reference PSNR ``column`` of the rows (2: true-k, 9: local-k), over the
+    cases that have it; NaN where none does (``--no-reference``, or local-k without ``--rotation``)."""
+    gains = arr[:, column] - arr[:, 0]
+    return float(np.nanmean(gains)) if np.isfinite(gains).any() else float("nan")
+
+
 def local_reference_text(arr: np.ndarray) -> str:
     """The summary's words on the per-region true-kernel reference (``--rotation``), empty without it."""
-    local = arr[:, 9] - arr[:, 0]
-    if not np.isfinite(local).any():
-        return ""
-    return f"per-region true-kernel reference gain {float(np.nanmean(local)):+.2f} dB, "
+    local = reference_gain(arr, 9)
+    return "" if np.isnan(local) else f"per-region true-kernel reference gain {local:+.2f} dB, "
 
 
 @functools.cache
@@ -582,17 +588,17 @@ def run_set(args: argparse.Namespace, seed: int, model: RestorationModel, device
             f"{row[7]:>+8.2f}{row[2] - row[0]:>+8.2f}{row[3]:>7.3f}{int(row[4]):>7}{row[5]:>7.1f}{row[8]:>7.1f}"
             + (f"{row[9] - row[0]:>+8.2f}" if rotation is not None else ""))
     arr = np.array(rows)
-    reference_gain = float(np.nanmean(arr[:, 2] - arr[:, 0])) if np.isfinite(arr[:, 2]).any() else float("nan")
+    true_kernel_gain = reference_gain(arr, 2)
     gains = arr[:, 1] - arr[:, 0]
     colour = arr[arr[:, 6] == 3]
     out(f"{'mean':<22}{'':>3}{'':>4}{arr[:, 0].mean():>9.2f}{arr[:, 1].mean():>10.2f}{gains.mean():>+7.2f}"
-        f"{arr[:, 7].mean():>+8.2f}{reference_gain:>+8.2f}{arr[:, 3].mean():>7.3f}"
+        f"{arr[:, 7].mean():>+8.2f}{true_kernel_gain:>+8.2f}{arr[:, 3].mean():>7.3f}"
         f"{int(arr[:, 4].sum()):>7}"
         f"{arr[:, 5].mean():>7.1f}{arr[:, 8].mean():>7.1f}")
     out(f"# mean gain {gains.mean():+.2f} dB, median {np.median(gains):+.2f}, worst {gains.min():+.2f}, "
         f"images worse than input by > 0.5 dB: {int((gains < -0.5).sum())}/{len(gains)}, "
         f"gain after best shift {arr[:, 7].mean():+.2f} dB, "
-        f"true-kernel reference gain {reference_gain:+.2f} dB, "
+        f"true-kernel reference gain {true_kernel_gain:+.2f} dB, "
         f"{local_reference_text(arr)}"
         f"mean kernel similarity {arr[:, 3].mean():.3f}, fallbacks {int(arr[:, 4].sum())}, "
         f"estimates replaced by a defocus disc {discs}, "
@@ -612,13 +618,12 @@ def pooled_summary(results: list[SetResult]) -> str:
     gains = arr[:, 1] - arr[:, 0]
     set_means = [float((r.rows[:, 1] - r.rows[:, 0]).mean()) for r in results]
     spread = float(np.std(set_means, ddof=1)) if len(set_means) > 1 else float("nan")
-    reference = arr[:, 2] - arr[:, 0]
-    reference_gain = float(np.nanmean(reference)) if np.isfinite(reference).any() else float("nan")
     return (f"# pooled over {len(results)} sets (seeds {', '.join(str(r.seed) for r in results)}; {len(gains)} cases): "
             f"mean gain {gains.mean():+.2f} dB (set means {' / '.join(f'{m:+.2f}' for m in set_means)}, "
             f"standard deviation {spread:.2f}), median {np.median(gains):+.2f}, worst {gains.min():+.2f}, "
             f"images worse than input by > 0.5 dB: {int((gains < -0.5).sum())}/{len(gains)}, "
-            f"gain after best shift {arr[:, 7].mean():+.2f} dB, true-kernel reference gain {reference_gain:+.2f} dB, "
+            f"gain after best shift {arr[:, 7].mean():+.2f} dB, "
+            f"true-kernel reference gain {reference_gain(arr, 2):+.2f} dB, "
             f"{local_reference_text(arr)}"
             f"mean kernel similarity {arr[:, 3].mean():.3f}, fallbacks {int(arr[:, 4].sum())}, "
             f"estimates replaced by a defocus disc {sum(r.discs for r in results)}")
