@@ -15,12 +15,14 @@ PYTEST_ARGS ?=
 # The suite runs in one process per core (pytest-xdist), each with its own Redis
 # and S3 endpoint; TEST_PROCESSES=0 runs it in this process alone.
 TEST_PROCESSES ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal
 
 .PHONY: install services demo test test-fast bench-l0 clean-stack help
 
 help:
 	@echo "make demo   - install, start the local stack, run a real ensemble deblur job"
 	@echo "make test   - install, start the services, run the whole test suite"
+	@echo "             (one process per core; TEST_PROCESSES=0 for one process, PYTEST_ARGS=... for pytest)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +45,10 @@ demo: install
 
 test: install
 	$(MAKE) --no-print-directory services SERVICES=test
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not integration and not slow" $(PYTEST_ARGS)
 
 bench-l0: install
 	$(BIN)/python bench/bench_l0_blind.py
