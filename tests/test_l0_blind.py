@@ -592,10 +592,14 @@ def test_each_image_of_a_batch_runs_its_own_prior_weight_as_it_would_alone(
     size = tuple(problem.padded.shape[-2:])
     otf = l0_blind.psf2otf(padded(shake, 21)[:, None], size)
     both = l0_blind.l0_latent(problem.padded.repeat(2, 1, 1, 1), problem.mask, otf.repeat(2, 1, 1, 1), [2e-3, 4e-3])
-    for row, lam in enumerate((2e-3, 4e-3)):
-        alone = l0_blind.l0_latent(problem.padded, problem.mask, otf, lam)
-        for batched, single in zip(both, alone, strict=True):
-            assert torch.allclose(batched[row], single[0], atol=1e-5)
+    alone = {lam: l0_blind.l0_latent(problem.padded, problem.mask, otf, lam) for lam in (2e-3, 4e-3)}
+    for row, (lam, other) in enumerate(((2e-3, 4e-3), (4e-3, 2e-3))):
+        for batched, single, wrong in zip(both, alone[lam], alone[other], strict=True):
+            # float rounding differs between a batch and one image on some CPUs (AVX-512: up to 7e-4 at the few
+            # pixels where it tips the L0 threshold, 6e-6 on average); the other weight moves them 0.09-0.27
+            difference = (batched[row] - single[0]).abs()
+            assert float(difference.mean()) < 1e-4 and float(difference.max()) < 1e-2
+            assert float((batched[row] - wrong[0]).abs().max()) > 5e-2
 
 
 def test_mixed_kernel_solvers_fit_each_image_as_it_would_alone(
@@ -610,8 +614,9 @@ def test_mixed_kernel_solvers_fit_each_image_as_it_would_alone(
     mixed = l0_blind.fit_kernels(problem, edges, problem.padded, start, 0.05, ["masked", "fft"], 15)
     masked = l0_blind.masked_kernel_step(edges, problem.padded, problem.valid, start, 0.05, 15)
     whole = l0_blind.kernel_step(edges, problem.padded, 15, 0.05)
-    assert torch.allclose(mixed[0], masked[0], atol=1e-6) and torch.allclose(mixed[1], whole[1], atol=1e-6)
-    assert not torch.allclose(masked[0], whole[0], atol=1e-4)  # the two solvers do differ
+    # batched and single solves round differently on some CPUs (1e-5 on AVX-512); the two solvers differ by 1e-2
+    assert torch.allclose(mixed[0], masked[0], atol=1e-4) and torch.allclose(mixed[1], whole[1], atol=1e-4)
+    assert not torch.allclose(masked[0], whole[0], atol=1e-3)  # the two solvers do differ
     with pytest.raises(ValueError, match="unknown kernel solver 'lsq'"):
         l0_blind.fit_kernels(problem, edges, problem.padded, start, 0.05, ["lsq", "fft"], 15)
 
