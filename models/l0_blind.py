@@ -168,6 +168,9 @@ UNCONSTRAINED_FILL = 6
 UNCONSTRAINED_ALONG = 0.22
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
+# Images whose short side is below this come back as they went in (blur_detected 0): a kernel at most a third of
+# the side (5 px here) leaves too few pixels to estimate it from, and the blur measure's 11-px box needs room.
+MIN_ESTIMATE_SIDE = 16
 # An image the blur measure calls sharp is still estimated when the defocus disc that best explains its spectrum
 # (searched up to GATE_SEARCH_RADIUS) has a radius of GATE_DISC_RADIUS px or more, and restored only if its
 # estimate then gives way to a defocus disc. On 80 sharp crops (20 photographs, 0-2 % noise) the best disc was
@@ -1316,7 +1319,9 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     result (:func:`restore_in_linear_light`); "encoded" works on the stored
     values as they are. The rest of this docstring holds for either.
 
-    With ``settings.guard`` on, images that do not look blurred
+    Images whose short side is below ``MIN_ESTIMATE_SIDE`` pixels come back
+    as they went in (``blur_detected`` = 0), guard or not: there is too little
+    to estimate a kernel from. With ``settings.guard`` on, images that do not look blurred
     (:func:`blur_effect` below ``NO_BLUR_EFFECT``; ``blur_detected`` = 0) and
     images whose estimate fails :func:`trust` or stretched along edges that
     cannot measure it (:func:`unconstrained_length`; ``kernel_fallback`` = 1) come
@@ -1346,10 +1351,16 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     # clipped channels for the final deconvolution; the estimate, on luminance, drops a pixel if any clipped
     channel_known = clipped_mask(x, settings, per_channel=True)
     known = None if channel_known is None else channel_known.amin(dim=1, keepdim=True)
-    blurred = blur_effect(y) >= NO_BLUR_EFFECT if settings.guard else torch.ones(n, dtype=torch.bool, device=x.device)
+    large_enough = min(h, w) >= MIN_ESTIMATE_SIDE
+    if not large_enough:
+        blurred = torch.zeros(n, dtype=torch.bool, device=x.device)
+    elif settings.guard:
+        blurred = blur_effect(y) >= NO_BLUR_EFFECT
+    else:
+        blurred = torch.ones(n, dtype=torch.bool, device=x.device)
     # images the blur measure calls sharp but whose spectrum says defocused: restored only with a disc (below)
     suspected = torch.zeros_like(blurred)
-    if settings.defocus and not bool(blurred.all()):
+    if settings.defocus and large_enough and not bool(blurred.all()):
         rows = (~blurred).nonzero().flatten()
         suspected[rows] = blurred_by_spectrum(y[rows], _rows(known, rows), settings)
         blurred |= suspected

@@ -26,7 +26,9 @@ _latest: dict[str, tuple[str, Restored]] = {}
 
 def fingerprint(x: torch.Tensor) -> str:
     """A digest of a tensor's shape, dtype and bytes (exact equality, not similarity)."""
-    data = x.detach().to("cpu").contiguous()
+    # a fresh copy in row-major order: a tensor torch calls contiguous may still carry odd strides on its size-1
+    # dimensions (a 1x1 RGB image read channel-last), which the byte view below refuses
+    data = x.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")

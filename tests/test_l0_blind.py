@@ -237,6 +237,20 @@ def test_sharp_input_is_left_essentially_unchanged(photos: dict[str, np.ndarray]
     assert float(out.metrics["kernel_size"][0]) <= 5
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (5, 5), (8, 8), (15, 40), (1, 300)])
+@pytest.mark.parametrize("spec", ["l0-blind", "l0-blind:guard=false", "l0-blind:light=linear"])
+def test_images_too_small_to_estimate_come_back_as_they_went_in(
+    photos: dict[str, np.ndarray], shape: tuple[int, int], spec: str
+) -> None:
+    """Thumbnails and slivers (short side under MIN_ESTIMATE_SIDE) are left alone, never a crash: a 5x5 crop made
+    the blur measure's padding fail and an 8x8 one asked for a kernel larger than the image."""
+    blurred = blur_image(photos["astronaut"][100:260, 150:310] / 255.0, random_motion_kernel(9, np.random.default_rng(1)))
+    x = to_tensor(blurred[: shape[0], : shape[1]])
+    out = load_model(REGISTRY.parse(spec), CPU)(x)
+    assert torch.equal(out.image, x)
+    assert float(out.metrics["blur_detected"][0]) == 0.0 and float(out.metrics["kernel_size"][0]) == 1.0
+
+
 def test_linear_light_undoes_real_camera_shake(
     photos: dict[str, np.ndarray], shake: np.ndarray
 ) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from skimage import data
 
@@ -39,6 +41,49 @@ def test_restore_writes_same_names_and_a_bad_file_fails_alone(tmp_path: Path) ->
     error_in = np.mean((blurred - sharp) ** 2)
     error_out = np.mean((restored8 - sharp) ** 2)
     assert error_out < error_in * 0.8
+
+
+def test_a_model_error_fails_that_file_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only unreadable files: an exception from a model or the encoder skips its file and the run goes on,
+    as on the workers, with the error named and exit code 1."""
+    from producer.cli import main
+    from worker import local_restore
+
+    files = []
+    for name in ("a.png", "b.png", "c.png"):
+        files.append(tmp_path / name)
+        cv2.imwrite(str(files[-1]), np.full((24, 24, 3), 128, np.uint8))
+    real = local_restore.restore_file
+
+    def restore_file(path: Path, *args: Any, **kwargs: Any) -> dict[str, float | None]:
+        if path.name == "b.png":
+            raise RuntimeError("padding size should be less than the input dimension")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(local_restore, "restore_file", restore_file)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", *map(str, files), "--output", str(out), "--model", "wiener"])
+
+    assert result.exit_code == 1, result.output
+    assert f"failed {files[1]}: RuntimeError: padding size" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
+
+
+def test_thumbnails_and_slivers_restore_through_the_default_ensemble(tmp_path: Path) -> None:
+    """A 1x1 RGB pixel once failed in the shared-result digest (odd strides on size-1 dimensions) and a 5x5 crop
+    inside l0-blind; every tiny file now comes back, at its own size."""
+    from producer.cli import main
+
+    rng = np.random.default_rng(0)
+    files = {"pixel.png": (1, 1, 3), "tiny.png": (5, 5, 3), "sliver.png": (1, 300), "small.png": (12, 20, 3)}
+    for name, shape in files.items():
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, shape, dtype=np.uint8))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", *(str(tmp_path / n) for n in files), "--output", str(out)])
+
+    assert result.exit_code == 0, result.output
+    for name, shape in files.items():
+        assert cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED).shape == shape
 
 
 def test_restore_file_announces_each_member_before_it_runs(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
     """Restore local image FILES in this process and write OUTPUT/<same name>.
 
     Useful for trying models and for scripts; bulk work belongs in 'deblur submit'.
-    A file that cannot be read fails alone; the exit code is 1 if any failed.
+    A file that cannot be read or restored fails alone; the exit code is 1 if any failed.
     """
     ensemble = parse_ensemble(list(models), strength=strength, light=light)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
@@ -87,6 +87,9 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
             except DeblurError as exc:
                 failures += 1
                 console.print(f"[red]failed[/red] {path}: {exc}", soft_wrap=True)
+            except Exception as exc:  # a model or codec bug fails this file only, as on the workers
+                failures += 1
+                console.print(f"[red]failed[/red] {path}: {type(exc).__name__}: {exc}", soft_wrap=True)
             progress.advance(task)
     if failures:
         sys.exit(1)
