@@ -513,16 +513,35 @@ def test_tiff_keeps_lossless_compression_and_replaces_lossy() -> None:
             assert int(tif.pages.first.compression) == written, compression
 
 
-def test_first_frame_of_animations_and_pages() -> None:
+def test_animations_and_multi_page_tiffs_are_refused_with_a_way_to_split_them() -> None:
+    """An output holds one picture: restoring only the first of several and writing it back would lose the rest."""
     frames = [Image.fromarray(RGB), Image.fromarray(np.ascontiguousarray(RGB[::-1]))]
-    for fmt in ("WEBP", "PNG"):
+    for fmt, ext in (("WEBP", "webp"), ("PNG", "png")):
         out = io.BytesIO()
         frames[0].save(out, fmt, save_all=True, append_images=frames[1:], lossless=True)
-        image = decode_image(out.getvalue(), f"anim.{fmt}")
-        np.testing.assert_array_equal(np.rint(image.pixels * 255).astype(np.uint8), RGB)
-        assert getattr(Image.open(io.BytesIO(encode_image(image, image.pixels))), "n_frames", 1) == 1
-    pages = decode_image(_tiff(np.stack([RGB16, RGB16[::-1]])), "pages.tif")
-    np.testing.assert_array_equal(pages.pixels, _unit(RGB16))
+        with pytest.raises(ImageDecodeError, match=rf"anim\.{ext}: an animated {fmt} with 2 frames; .* Split it into "
+                                                   r"one file per frame"):
+            decode_image(out.getvalue(), f"anim.{ext}")
+    with pytest.raises(ImageDecodeError, match=r"pages\.tif: a multi-page TIFF with 3 pages; .* all but the first "
+                                               r"would be lost\. Split it into one file per page"):
+        decode_image(_tiff(np.stack([RGB16, RGB16[::-1], RGB16])), "pages.tif")
+
+
+def test_single_picture_animations_and_tiffs_with_a_preview_are_read() -> None:
+    """One animation frame is one picture; a reduced-resolution preview page (NewSubfileType 1) is no picture of its
+    own, as scanners write them."""
+    out = io.BytesIO()
+    Image.fromarray(RGB).save(out, "WEBP", save_all=True, lossless=True,
+                              append_images=[Image.fromarray(np.ascontiguousarray(RGB[::-1]))])
+    two = out.getvalue()
+    second = two.index(b"ANMF", two.index(b"ANMF") + 4)  # cut the second frame's chunk (the file's last)
+    one = b"RIFF" + struct.pack("<I", second - 8) + two[8:second]
+    np.testing.assert_array_equal(np.rint(decode_image(one, "one.webp").pixels * 255), RGB)
+    previewed = io.BytesIO()
+    with tifffile.TiffWriter(previewed) as tif:
+        tif.write(RGB16, photometric="rgb", metadata=None)
+        tif.write(RGB16[::4, ::4], photometric="rgb", subfiletype=1, metadata=None)
+    np.testing.assert_array_equal(decode_image(previewed.getvalue(), "scan.tif").pixels, _unit(RGB16))
 
 
 def test_cmyk_jpeg_becomes_rgb_without_its_cmyk_profile() -> None:

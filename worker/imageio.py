@@ -25,8 +25,10 @@ patched. Pillow is used to encode WebP and to (re)build TIFF EXIF
 directories; tifffile writes TIFF, which OpenCV cannot tag, keeping the
 input's lossless compression (lossy TIFF compressions become Deflate).
 
-Known limits: only the first frame of a multi-page TIFF or an animated WebP
-is read and written; palette PNGs come back as truecolour; CMYK JPEGs are
+A multi-page TIFF (reduced-resolution previews and masks aside) and an
+animated PNG or WebP are refused with an error that says how to split them:
+an output holds one picture, and cutting the others away unannounced would
+lose them. Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
 converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
 clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
 input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
@@ -200,6 +202,18 @@ class _Unreadable(Exception):
     """Internal: what was wrong with the bytes, before the file name is known."""
 
 
+class _SeveralPictures(Exception):
+    """Internal: a multi-page TIFF or an animation, refused rather than cut down to its first picture."""
+
+    def __init__(self, probe: _Probe) -> None:
+        unit = "page" if probe.format == "tiff" else "frame"
+        container = "a multi-page TIFF" if probe.format == "tiff" else f"an animated {probe.format.upper()}"
+        super().__init__(
+            f"{container} with {probe.pictures} {unit}s; a restored file holds one picture, so all but the first "
+            f"would be lost. Split it into one file per {unit} (e.g. ImageMagick: magick IN {unit}-%d.{probe.format}) "
+            f"and submit those")
+
+
 @dataclass
 class _Probe:
     """What the container header says, before any pixel is decoded."""
@@ -210,6 +224,7 @@ class _Probe:
     metadata: ImageMetadata
     grey_alpha: bool = False  # PNG colour type 4 / TIFF with two samples
     orientation: int | None = None  # stated by the container itself (TIFF tag 274)
+    pictures: int = 1  # full-size TIFF pages, or frames of an animated PNG or WebP
 
 
 # ---------------------------------------------------------------- public API
@@ -247,6 +262,8 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
     data = bytes(data)  # no copy for bytes; makes bytearray/memoryview input safe to slice
     try:
         probe = _probe(data)
+        if probe.pictures > 1:
+            raise _SeveralPictures(probe)
         if probe.width * probe.height > limit:
             raise _Unreadable(
                 f"{probe.width}x{probe.height} = {probe.width * probe.height:,} pixels is more than the "
@@ -254,6 +271,8 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
             )
         samples, bgr = _decode_samples(data, probe)
         return _assemble(samples, bgr, probe)
+    except _SeveralPictures as exc:
+        raise ImageDecodeError(f"{label}: {exc}") from None
     except _Unreadable as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
     except (struct.error, IndexError) as exc:  # a header field pointing past the data
@@ -326,6 +345,7 @@ def _probe_png(data: bytes) -> _Probe:
     size: tuple[int, int] | None = None
     colour_type = 0
     seen_idat = seen_iend = False
+    frames = 1
     raw_exif: bytes | None = None
     view = memoryview(data)
     pos = 8
@@ -345,6 +365,8 @@ def _probe_png(data: bytes) -> _Probe:
         elif kind == b"IEND":
             seen_iend = True
             break
+        elif kind == b"acTL" and length >= 4:  # APNG: the frame count
+            (frames,) = struct.unpack_from(">I", body)
         elif kind == b"eXIf":
             metadata.exif = _with_exif_prefix(bytes(body))
         elif kind == b"iCCP":
@@ -368,7 +390,7 @@ def _probe_png(data: bytes) -> _Probe:
         raise _Unreadable("PNG without a header chunk")
     if not seen_idat or not seen_iend:
         raise _Unreadable("truncated PNG: " + ("no image data" if not seen_idat else "no end chunk"))
-    return _Probe("png", size[0], size[1], metadata, grey_alpha=colour_type == 4)
+    return _Probe("png", size[0], size[1], metadata, grey_alpha=colour_type == 4, pictures=max(frames, 1))
 
 
 def _png_icc(body: bytes) -> bytes | None:
@@ -511,6 +533,7 @@ def _probe_webp(data: bytes) -> _Probe:
         raise _Unreadable(f"truncated WebP: {len(data)} of {end} bytes")
     size: tuple[int, int] | None = None
     canvas: tuple[int, int] | None = None
+    frames = 0  # ANMF chunks: an animation's frames
     view = memoryview(data)
     pos = 12
     while pos + 8 <= end:
@@ -531,6 +554,8 @@ def _probe_webp(data: bytes) -> _Probe:
             width, height = struct.unpack_from("<HH", body, 6)
             size = (width & 0x3FFF, height & 0x3FFF)
             metadata.webp_lossless = False
+        elif kind == b"ANMF":
+            frames += 1
         elif kind == b"ICCP":
             metadata.icc = bytes(body)
         elif kind == b"EXIF":
@@ -541,7 +566,7 @@ def _probe_webp(data: bytes) -> _Probe:
     found = canvas or size
     if found is None:
         raise _Unreadable("WebP without image data")
-    return _Probe("webp", found[0], found[1], metadata)
+    return _Probe("webp", found[0], found[1], metadata, pictures=max(frames, 1))
 
 
 def _probe_tiff(data: bytes) -> _Probe:
@@ -562,6 +587,7 @@ def _probe_tiff(data: bytes) -> _Probe:
             orientation = tags.valueof(274)
             iptc, photoshop = (_tiff_raw_tag(data, tags.get(code)) for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
+            pages = _tiff_pictures(tif, len(data))
     except _Unreadable:
         raise
     except Exception as exc:  # tifffile raises many kinds on corrupt files
@@ -588,7 +614,29 @@ def _probe_tiff(data: bytes) -> _Probe:
         metadata,
         grey_alpha=samples == 2,
         orientation=int(orientation) if orientation in range(1, 9) else None,
+        pictures=max(pages, 1),
     )
+
+
+def _tiff_pictures(tif: Any, size: int) -> int:
+    """Full-size pages of a TIFF whose data lies inside its ``size`` bytes.
+
+    Reduced-resolution previews and transparency masks (NewSubfileType bits 0
+    and 2) are no pictures of their own, and neither is a directory without
+    image data or with data past the end: that is damage, as is a directory
+    tifffile cannot parse (the pages before it are counted).
+    """
+    count = 0
+    try:
+        for page in tif.pages:
+            if int(getattr(page, "subfiletype", 0)) & 0b101 or not getattr(page, "shape", ()):
+                continue
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
+            if ends and max(ends) <= size:
+                count += 1
+    except Exception:  # a damaged later directory ends the count, as it ends reading
+        pass
+    return count
 
 
 def _tiff_raw_tag(data: bytes, tag: Any) -> bytes | None:
