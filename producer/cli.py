@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from jobs.errors import DeblurError, InputError
 from jobs.settings import HELP, Settings, load_settings
@@ -75,6 +76,37 @@ class LazyGroup(click.Group):
         except DeblurError as exc:
             console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False, markup=True)
             sys.exit(2 if isinstance(exc, InputError) else 1)
+        except Exception as exc:
+            message = unreachable_service(exc)
+            if message is None:
+                raise
+            console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False, markup=True)
+            sys.exit(1)
+
+
+def unreachable_service(exc: BaseException) -> str | None:
+    """What to tell the user when the broker or the database failed ``exc``'s command, or None for other errors.
+
+    A command that cannot reach Redis or SQL should say which one, where it looked and what to do, not print
+    the driver's traceback. The database's own reason is kept (this is the user's own terminal; the HTTP API
+    keeps it in its log).
+    """
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import InterfaceError
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    settings = _settings()
+    if isinstance(exc, BrokerError):
+        return (f"the broker at {_safe_url(settings.broker_url)} does not answer ({exc}). Start Redis there or point "
+                "DEBLUR_BROKER_URL at a running one; 'deblur stack up' starts a local stack, 'deblur config' shows "
+                "the settings in use")
+    if isinstance(exc, (DatabaseError, InterfaceError)):
+        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
+        return (f"the database at {_safe_url(settings.resolved_database_url())} failed: "
+                f"{type(exc.orig if exc.orig is not None else exc).__name__}: {reason}. Check that it runs and that "
+                "DEBLUR_DATABASE_URL points at it; 'deblur stack up' starts a local stack, 'deblur config' shows "
+                "the settings in use")
+    return None
 
 
 def option(*names: str, **kwargs: Any) -> Callable[[Any], Any]:

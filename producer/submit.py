@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kombu.exceptions import OperationalError as BrokerError
+
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import InputError
+from jobs.errors import InputError, TransientError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.settings import Settings
 from jobs.storage import s3_client
@@ -177,6 +179,11 @@ def submit(
             # the key is released so that submitting again with it starts afresh
             queries.set_job_state(session, job_id, status="failed", job_key=None,
                                   error=f"submission interrupted after {total} images: {exc!r}")
+        if isinstance(exc, BrokerError):
+            queued = f"the first {total} images were queued and may still be restored" if total else "nothing was queued"
+            raise TransientError(
+                f"the broker did not take job {job_id}'s tasks ({exc}): the job is marked failed and {queued}. "
+                "Start Redis or point DEBLUR_BROKER_URL at a running one, then submit again") from exc
         raise
     with session_scope(db_url) as session:
         counts = queries.status_counts(session, job_id)

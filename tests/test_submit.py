@@ -191,3 +191,42 @@ def test_missing_s3_credentials_say_what_to_set(s3_endpoint, tmp_path, monkeypat
     message = " ".join(result.output.split())
     assert "bucket 'photos': no S3 credentials" in message
     assert "AWS_ACCESS_KEY_ID" in message and "'deblur stack up'" in message
+
+
+def test_a_broker_that_does_not_answer_fails_the_job_and_says_what_to_do(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Not a kombu traceback: the job is marked failed, the message names it and the setting to fix."""
+    import socket
+
+    from producer.client import Client
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("DEBLUR_BROKER_URL", f"redis://127.0.0.1:{port}/0")
+    _, bucket = s3
+    result = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/")
+
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert "Traceback" not in message and "the broker did not take job" in message
+    assert "the job is marked failed and nothing was queued" in message and "DEBLUR_BROKER_URL" in message
+    job_id = message.split("the broker did not take job ")[1].split("'s tasks")[0]
+    monkeypatch.setenv("DEBLUR_BROKER_URL", env["DEBLUR_BROKER_URL"])
+    assert Client().status(job_id)["status"] == "failed"
+    assert queue_length(env) == 0
+
+
+def test_a_database_that_does_not_answer_is_named_without_its_password(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("DEBLUR_DATABASE_URL", f"postgresql+psycopg://archivist:s3cret@127.0.0.1:{port}/jobs")
+    for args in (["status"], ["results", "abcd"]):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        message = " ".join(result.output.split())
+        assert f"the database at postgresql+psycopg://archivist:***@127.0.0.1:{port}/jobs failed" in message
+        assert "Connection refused" in message and "DEBLUR_DATABASE_URL" in message
+        assert "s3cret" not in message and "Traceback" not in message
