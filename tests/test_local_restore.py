@@ -86,6 +86,47 @@ def test_thumbnails_and_slivers_restore_through_the_default_ensemble(tmp_path: P
         assert cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED).shape == shape
 
 
+def test_folders_are_restored_with_their_layout_and_unsafe_plans_are_refused(tmp_path: Path) -> None:
+    """A folder's images at any depth keep their paths inside it; nothing is restored when an output would
+    overwrite its input or another output, or when the output folder lies inside an input folder."""
+    from producer.cli import main
+
+    scans = tmp_path / "scans"
+    for relative in ("a.png", "1950/b.jpg", "1950/trip/c.tif", "notes.txt"):
+        (scans / relative).parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".txt"):
+            (scans / relative).write_text("not an image")
+        else:
+            cv2.imwrite(str(scans / relative), np.full((24, 32, 3), 90, np.uint8))
+    single = tmp_path / "loose" / "a.png"
+    single.parent.mkdir()
+    cv2.imwrite(str(single), np.full((20, 20), 200, np.uint8))
+    out = tmp_path / "out"
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, ["restore", *args, "--model", "wiener"])
+
+    result = run(str(scans), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["1950/b.jpg", "1950/trip/c.tif", "a.png"]
+
+    refusals = [
+        ((str(scans / "a.png"), str(single), "--output", str(tmp_path / "o2")), "would both be written to"),
+        ((str(single), "--output", str(single.parent)), "would be overwritten by its own restoration"),
+        ((str(scans), "--output", str(scans / "restored")), "lies inside input folder"),
+        ((str(tmp_path / "loose"), str(tmp_path / "o3"), "--output", str(tmp_path / "o4")), None),
+    ]
+    (tmp_path / "o3").mkdir()
+    for args, message in refusals:
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert (message or "no images (.png .jpg .jpeg .tif .tiff .webp) found in folder") in " ".join(
+            result.output.split())
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o4").exists()
+    assert cv2.imread(str(single), cv2.IMREAD_UNCHANGED).max() == 200  # the input is untouched
+
+
 def test_restore_file_announces_each_member_before_it_runs(tmp_path: Path) -> None:
     """A large scan takes minutes per model, so the progress line names the member at work."""
     from jobs.messages import BatchMessage, ImageItem
@@ -96,8 +137,9 @@ def test_restore_file_announces_each_member_before_it_runs(tmp_path: Path) -> No
     models = ["wiener:psf=motion:length=7,angle=30", "richardson-lucy:psf=gaussian:sigma=1"]
     message = BatchMessage(job_id="local", kind="deblur", models=models, images=[ImageItem(input=str(png))])
     seen: list[str] = []
-    restore_file(png, tmp_path, message, seen.append)
+    restore_file(png, tmp_path / "out" / "photo.png", message, seen.append)
     assert seen == models
+    assert (tmp_path / "out" / "photo.png").is_file()
 
 
 def test_restore_with_linear_light_undoes_a_shake_that_blurred_light(tmp_path: Path) -> None:

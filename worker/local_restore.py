@@ -8,26 +8,66 @@ will produce.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from jobs.errors import DeblurError
+from jobs.errors import DeblurError, InputError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
+from jobs.storage import IMAGE_SUFFIXES, is_image_key
 from models.catalog import parse_ensemble
 from models.tone import LIGHT_CHOICES, LIGHT_HELP
 
 console = Console(stderr=True)
 
 
-def restore_file(path: Path, output_dir: Path, message: BatchMessage,
-                 on_model: Callable[[str], None] | None = None) -> dict[str, float | None]:
-    """Restore one file into ``output_dir`` under the same name; returns its metrics.
+def plan_outputs(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
+    """Each image to restore with the file its restoration goes to.
 
+    A file goes to ``output/<its name>``; a folder's images (.png .jpg .jpeg
+    .tif .tiff .webp, found at any depth, in sorted order) go to ``output/<their
+    path inside the folder>``, as a prefix's outputs mirror it in S3.
+
+    Raises:
+        InputError: a folder without images, an output folder inside an input
+            folder (a second run would restore the outputs), an input that would
+            be overwritten by its own restoration, or two inputs that would be
+            written to the same file (one would overwrite the other).
+    """
+    planned: list[tuple[Path, Path]] = []
+    out = output.resolve()
+    for path in inputs:
+        if not path.is_dir():
+            planned.append((path, output / path.name))
+            continue
+        folder = path.resolve()
+        if out == folder or folder in out.parents:
+            raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
+                             "back as inputs next time; choose an output folder outside it")
+        images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_key(p.name))
+        if not images:
+            raise InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in folder {path}")
+        planned.extend((image, output / image.relative_to(path)) for image in images)
+    targets: dict[Path, Path] = {}
+    for source, target in planned:
+        if target.resolve() == source.resolve():
+            raise InputError(f"{source} would be overwritten by its own restoration; choose another output folder")
+        earlier = targets.setdefault(target.resolve(), source)
+        if earlier != source:
+            raise InputError(f"{earlier} and {source} would both be written to {target}; restore them in separate "
+                             "runs, or pass the folders that hold them so that their paths inside are kept")
+    return planned
+
+
+def restore_file(path: Path, target: Path, message: BatchMessage,
+                 on_model: Callable[[str], None] | None = None) -> dict[str, float | None]:
+    """Restore one file into ``target`` (its folder is made); returns its metrics.
+
+    The kernels of blind models go next to it as ``<stem>.kernel.<model>.png``.
     ``on_model`` is told each ensemble member before it runs (a large scan takes minutes per model).
     """
     from db.queries import ImageOutcome
@@ -41,17 +81,18 @@ def restore_file(path: Path, output_dir: Path, message: BatchMessage,
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
     restore_work(work, message, on_model)
     add_no_reference_metrics(work)
-    target = output_dir / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata))
     for model, kernel in work.kernels.items():
-        (output_dir / f"{path.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
+        (target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
     return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
 
 
 @click.command("restore")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), show_envvar=True,
-              help="Folder to write the restored files to (same file names).")
+              help="Folder to write the restored files to: a file under its own name, a folder's images under "
+                   "their paths inside it.")
 @click.option("--model", "-m", "models", multiple=True, show_envvar=True,
               help="Model as NAME[:PARAMS][:WEIGHT]; repeat for an ensemble. Default: the default ensemble.")
 @click.option("--strength", type=click.FloatRange(0, 1), default=1.0, show_default=True, show_envvar=True,
@@ -60,30 +101,32 @@ def restore_file(path: Path, output_dir: Path, message: BatchMessage,
 @click.option("--light", type=click.Choice(LIGHT_CHOICES), default=None, show_envvar=True, help=LIGHT_HELP)
 def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ...], strength: float,
                     strip_metadata: bool, light: str | None) -> None:
-    """Restore local image FILES in this process and write OUTPUT/<same name>.
+    """Restore local image FILES (or every image in a folder, at any depth) in this process.
 
+    A file is written to OUTPUT/<its name>, a folder's images to OUTPUT/<their path inside the folder>.
     Useful for trying models and for scripts; bulk work belongs in 'deblur submit'.
     A file that cannot be read or restored fails alone; the exit code is 1 if any failed.
     """
     ensemble = parse_ensemble(list(models), strength=strength, light=light)
+    planned = plan_outputs(files, output)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
                            strength=strength, strip_metadata=strip_metadata,
-                           images=[ImageItem(input=str(f)) for f in files])
+                           images=[ImageItem(input=str(f)) for f, _ in planned])
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("restoring", total=len(files))
-        for path in files:
+        task = progress.add_task("restoring", total=len(planned))
+        for path, target in planned:
             progress.update(task, description=path.name)
             try:
                 metrics = restore_file(
-                    path, output, message,
+                    path, target, message,
                     lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
                 # one unbroken line per file, whatever the width, so a log of the run can be searched by path
-                console.print(f"[green]ok[/green] {path} → {output / path.name}  {shown}", soft_wrap=True)
+                console.print(f"[green]ok[/green] {path} → {target}  {shown}", soft_wrap=True)
             except DeblurError as exc:
                 failures += 1
                 console.print(f"[red]failed[/red] {path}: {exc}", soft_wrap=True)
