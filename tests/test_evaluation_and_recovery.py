@@ -9,6 +9,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import boto3
 import cv2
@@ -169,3 +170,66 @@ def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: 
     assert [r["attempts"] for r in rows] == [1, 1, 1]  # a hand-over is not an attempt
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="slow", Prefix="out/")["Contents"])
     assert keys == ["out/0.png", "out/1.png", "out/2.png"]
+
+
+def _submit_one_image_named_twice(env: dict[str, str], tmp_path: Path) -> tuple[str, dict]:  # type: ignore[type-arg]
+    """A job naming s3://twice/in/a.png in a manifest and as an argument, and its one batch's task body."""
+    import redis
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="twice")
+    s3.put_object(Bucket="twice", Key="in/a.png", Body=_png(_pairs()[0][1]))
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("s3://twice/in/a.png\n")
+    job_id = run_cli("submit", str(manifest), "s3://twice/in/a.png", "--output", "s3://twice/out/",
+                     "--model", "wiener", "-q").strip()
+    queue = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    [key] = [k for k in queue.keys(env["DEBLUR_QUEUE"] + "*") if queue.type(k) == b"list"]
+    [raw] = queue.lrange(key, 0, -1)
+    body = json.loads(raw)["body"]
+    import base64
+
+    args = json.loads(base64.b64decode(body) if json.loads(raw)["properties"].get("body_encoding") == "base64"
+                      else body)[0]
+    return job_id, args[0]
+
+
+def test_a_batch_naming_an_image_twice_restores_it_once(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Both names landed in one batch, and recording the image twice in one transaction broke the metrics'
+    uniqueness: the task raised and the image stayed 'running' for good."""
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker.pipeline import run_batch
+
+    job_id, payload = _submit_one_image_named_twice(env, tmp_path)
+    message = BatchMessage.from_payload(payload)
+    assert [i.input for i in message.images] == ["s3://twice/in/a.png"] * 2  # the producer sent both names
+
+    assert run_batch(message, load_settings()) == {"done": 1, "failed": 0, "handed_over": 0}
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    # the first name wins: a manifest's key keeps its whole path under the output
+    assert [(r["status"], r["output"]) for r in rows] == [("done", "s3://twice/out/in/a.png")]
+
+
+def test_an_unexpected_batch_error_fails_its_images_instead_of_leaving_them_running(  # type: ignore[no-untyped-def]
+        env, tmp_path, monkeypatch) -> None:
+    from db import queries
+    from db.engine import session_scope
+    from worker import pipeline, runtime
+    from worker.tasks import process_batch
+
+    job_id, payload = _submit_one_image_named_twice(env, tmp_path)
+
+    def broken(message: Any, settings: Any, *_: object) -> None:
+        """Claims the images as the real one does, then fails outside any one image's restoration."""
+        with session_scope(settings.resolved_database_url()) as session:
+            queries.mark_running(session, message.job_id, [i.input for i in message.images], "worker@test")
+        raise RuntimeError("recording went wrong")
+
+    monkeypatch.setattr(pipeline, "run_batch", broken)
+    monkeypatch.setitem(runtime._state, "settings", None)  # this process's worker settings: this test's services
+    assert process_batch.apply(args=[payload]).get() == {"done": 0, "failed": 1, "handed_over": 0}
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("failed", "internal error while processing the batch: RuntimeError: recording went wrong")]
+    assert json.loads(run_cli("status", job_id, "--format", "json"))["status"] == "failed"  # finished, not stuck

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -257,7 +257,7 @@ def run_batch(message: BatchMessage, settings: Settings,
         todo = set(queries.mark_running(session, message.job_id, inputs, worker_name))
     works = [
         Work(item, queries.ImageOutcome(input_uri=item.input, status="done", worker=worker_name))
-        for item in message.images
+        for item in _distinct(message.images)
         if item.input in todo
     ]
     if not works:
@@ -316,6 +316,13 @@ def run_batch(message: BatchMessage, settings: Settings,
     return batch_counts(done, len(works) - done, len(leftover))
 
 
+def _distinct(images: Sequence[ImageItem]) -> list[ImageItem]:
+    """The batch's images, each input once: a job that names an image twice (a manifest and an argument) holds one
+    row for it, and recording it twice in one transaction would break the metrics' uniqueness."""
+    seen: set[str] = set()
+    return [item for item in images if not (item.input in seen or seen.add(item.input))]
+
+
 def batch_counts(done: int, failed: int, handed_over: int = 0) -> dict[str, int]:
     """What a batch task returns (shown in Flower): images done, failed, and handed to a new task."""
     return {"done": done, "failed": failed, "handed_over": handed_over}
@@ -326,13 +333,18 @@ def out_of_time(started: float, limit_s: int) -> bool:
     return limit_s > 0 and time.monotonic() - started >= limit_s
 
 
-def fail_batch(message: BatchMessage, settings: Settings, error: str) -> None:
-    """Mark every unfinished image of the batch failed (retries exhausted)."""
+def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
+    """Mark every unfinished image of the batch failed (retries exhausted, or an error no retry would mend).
+
+    Returns how many images that was.
+    """
     with session_scope(settings.resolved_database_url()) as session:
         outcomes = [
             queries.ImageOutcome(input_uri=item.input, status="failed", error=error, worker=runtime.hostname())
-            for item in message.images
+            for item in _distinct(message.images)
         ]
         done = queries.inputs_with_status(session, message.job_id, [o.input_uri for o in outcomes], "done")
-        queries.record_outcomes(session, message.job_id, [o for o in outcomes if o.input_uri not in done])
+        failed = [o for o in outcomes if o.input_uri not in done]
+        queries.record_outcomes(session, message.job_id, failed)
         queries.finish_if_complete(session, message.job_id)
+    return len(failed)

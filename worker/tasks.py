@@ -72,8 +72,14 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         retries = self.request.retries
         if retries >= settings.task_max_retries:
             log.error("batch of job %s failed after %d retries: %s", message.job_id, retries, exc)
-            fail_batch(message, settings, f"gave up after {retries} retries: {exc}")
-            return batch_counts(0, len(message.images))
+            return batch_counts(0, fail_batch(message, settings, f"gave up after {retries} retries: {exc}"))
         countdown = min(300, 2 ** retries * 5)
         log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown, exc)
         raise self.retry(exc=exc, countdown=countdown) from None
+    except Exception as exc:
+        # A bug outside one image's restoration (recording the batch, say). The task is acknowledged either way,
+        # so without this its images would stay 'running' for good; failed, they show in 'deblur results --failed'
+        # with the reason, and 'deblur retry JOB --failed' sends them again once it is mended.
+        log.exception("batch of job %s failed", message.job_id)
+        error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
+        return batch_counts(0, fail_batch(message, settings, error))
