@@ -124,6 +124,7 @@ def submit(
         s.kind == "manifest" for s in plan.sources
     ):
         raise InputError("an evaluation job needs --sharp PREFIX, --gopro, or a manifest of blurred,sharp pairs")
+    plan.check_outputs(client)
     items = plan.items(client)
     first = next(items, None)
     if first is None:

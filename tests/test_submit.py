@@ -230,3 +230,44 @@ def test_a_database_that_does_not_answer_is_named_without_its_password(env, monk
         assert f"the database at postgresql+psycopg://archivist:***@127.0.0.1:{port}/jobs failed" in message
         assert "Connection refused" in message and "DEBLUR_DATABASE_URL" in message
         assert "s3cret" not in message and "Traceback" not in message
+
+
+def test_outputs_that_would_overwrite_an_image_are_refused_before_anything_is_written(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two folders each holding a.png mirrored into one output prefix once wrote both to the same key, and an
+    output prefix over a manifest's keys wrote over its inputs: either loses an image, so neither is submitted."""
+    client, b = s3
+    for key in ("x/a.png", "y/a.png", "o/x/a.png"):
+        client.put_object(Bucket=b, Key=key, Body=b"png")
+
+    def manifest(name: str, *keys: str) -> str:
+        (tmp_path / name).write_text("".join(f"s3://{b}/{k}\n" for k in keys))
+        return str(tmp_path / name)
+
+    both = f"s3://{b}/x/a.png and s3://{b}/y/a.png would both be written to s3://{b}/out/a.png"
+    cases = [
+        ([f"s3://{b}/x/", f"s3://{b}/y/", "--output", f"s3://{b}/out/"], both),
+        ([f"s3://{b}/x/a.png", f"s3://{b}/y/a.png", "--output", f"s3://{b}/out/"], both),
+        ([manifest("m1.txt", "x/a.png", "o/x/a.png"), "--output", f"s3://{b}/o/"],
+         f"the output of s3://{b}/x/a.png would overwrite the input s3://{b}/o/x/a.png"),
+        ([manifest("m2.txt", "x/a.png"), "--output", f"s3://{b}/"],
+         f"the output of s3://{b}/x/a.png would overwrite the input s3://{b}/x/a.png"),
+    ]
+    jobs_before = job_count(env)
+    for args, message in cases:
+        result = invoke("submit", *args)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+    assert job_count(env) == jobs_before and queue_length(env) == 0
+
+    # a manifest keeps each key's whole path, so the same two names do not collide there
+    result = invoke("submit", manifest("m3.txt", "x/a.png", "y/a.png"), f"s3://{b}/x/a.png", "--output",
+                    f"s3://{b}/out/", "-q")
+    assert result.exit_code == 0, result.output
+    from sqlalchemy import select
+
+    from db.engine import get_engine
+    from db.schema import Image
+
+    with get_engine(env["DEBLUR_DATABASE_URL"]).connect() as conn:
+        outputs = conn.execute(select(Image.output_uri).where(Image.job_id == result.stdout.strip())).scalars()
+        assert sorted(outputs) == [f"s3://{b}/out/x/a.png", f"s3://{b}/out/y/a.png"]
