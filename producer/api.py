@@ -142,13 +142,16 @@ class JobSubmission(BaseModel):
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
         description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
+    skip_existing: bool = Field(
+        False, description="Leave out images whose output already exists under output (e.g. a nightly run that "
+                           "restores only new scans). When that leaves none, no job is made: id is null (200).")
 
     def to_request(self, job_key: str | None) -> JobRequest:
         return JobRequest(
             kind=self.kind, inputs=list(self.inputs), output=self.output, models=list(self.models),
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
-            align=self.align, crop_border=self.crop_border, light=self.light,
+            align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
         )
 
 
@@ -172,10 +175,11 @@ class RetryRequest(BaseModel):
 
 
 class JobCreated(BaseModel):
-    id: str = Field(description="The job id (a UUID).")
-    created: bool = Field(description="false when an idempotency key returned an earlier job.")
+    id: str | None = Field(description="The job id (a UUID); null when skip_existing left no image to submit.")
+    created: bool = Field(description="false when an idempotency key returned an earlier job, or no job was made.")
     total: int = Field(description="Images in the job.")
-    status_url: str
+    skipped: int = Field(0, description="Images left out by skip_existing because their output already existed.")
+    status_url: str | None
 
 
 class JobListItem(BaseModel):
@@ -440,8 +444,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise _validation_error(("body", field) if field else ("body",), str(exc)) from None
         if not result.created:
             response.status_code = 200
+        if not result.job_id:  # skip_existing left nothing to do
+            return JobCreated(id=None, created=False, total=0, skipped=result.skipped, status_url=None)
         response.headers["Location"] = urls(result.job_id)["status_url"]
-        return JobCreated(id=result.job_id, created=result.created, total=result.total,
+        return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
                           status_url=urls(result.job_id)["status_url"])
 
     @app.get(f"{prefix}/jobs", response_model=list[JobListItem], dependencies=guarded, tags=["jobs"])

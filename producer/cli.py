@@ -148,17 +148,34 @@ MODEL_HELP = (
 )
 
 
-def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
-    from producer.submit import submit
+def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = False) -> None:
+    from producer.submit import preview, submit
     from producer.tracking import print_status, watch
 
     settings = _settings()
+    skipped_note = " whose outputs already exist (--skip-existing)"
+    if dry_run:
+        with console.status("listing inputs…"):
+            seen = preview(request, settings)
+        click.echo(f"would submit {seen.total} images" + (f", leaving out {seen.skipped}{skipped_note}"
+                                                           if request.skip_existing else "")
+                   + "; nothing was written or enqueued (--dry-run)")
+        for item in seen.sample:
+            click.echo(f"  {item.input} → {item.output or '(not written)'}"
+                       + (f"  (sharp: {item.reference})" if item.reference else ""))
+        if seen.total > len(seen.sample):
+            click.echo(f"  … and {seen.total - len(seen.sample)} more")
+        return
     with console.status("listing inputs and enqueueing batches…") as status:
         result = submit(request, settings, progress=lambda n: status.update(f"enqueued {n} images…"))
+    if not result.job_id:
+        console.print(f"nothing to submit: all {result.skipped} images are left out{skipped_note}")
+        return
     click.echo(result.job_id)
     if not quiet:
         verb = "submitted" if result.created else "already submitted (same --job-key)"
-        console.print(f"{verb}: job {result.job_id} with {result.total} images")
+        left_out = f", {result.skipped} left out{skipped_note}" if result.skipped else ""
+        console.print(f"{verb}: job {result.job_id} with {result.total} images{left_out}")
     if wait:
         info = watch(settings, result.job_id, console)
         if not quiet:
@@ -179,11 +196,18 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool) -> None:
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
+@option("--skip-existing", is_flag=True,
+        help="Leave out images whose output already exists under --output, e.g. to restore only the scans added "
+             "to a prefix since the last run (the output prefix is listed once). With none left, nothing is "
+             "submitted and the exit code is 0.")
+@option("--dry-run", is_flag=True,
+        help="Validate everything and print how many images would be submitted and where the first ones would be "
+             "written; write and enqueue nothing.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
            batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
-           wait: bool, quiet: bool) -> None:
+           skip_existing: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -195,8 +219,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
-                         ensemble=ensemble, light=light)
-    _submit_and_report(request, wait, quiet)
+                         ensemble=ensemble, light=light, skip_existing=skip_existing)
+    _submit_and_report(request, wait, quiet, dry_run)
 
 
 @main.command()
@@ -217,18 +241,22 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--job-key", default=None, help="Idempotency key.")
+@option("--dry-run", is_flag=True,
+        help="Validate everything and print how many pairs would be evaluated and the first ones; write and "
+             "enqueue nothing.")
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
              output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
-             batch_size: int | None, priority: int, job_key: str | None, wait: bool, quiet: bool) -> None:
+             batch_size: int | None, priority: int, job_key: str | None, dry_run: bool, wait: bool,
+             quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
                          job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light)
-    _submit_and_report(request, wait, quiet)
+    _submit_and_report(request, wait, quiet, dry_run)
 
 
 @main.command()

@@ -43,11 +43,16 @@ class Client:
         priority: int = 5,
         strip_metadata: bool = False,
         job_key: str | None = None,
+        skip_existing: bool = False,
     ) -> str:
-        """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued."""
+        """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued.
+
+        With ``skip_existing``, images whose output already exists are left out; if that leaves none, no job is
+        made and the id returned is empty.
+        """
         request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
                              strength=strength, batch_size=batch_size, priority=priority,
-                             strip_metadata=strip_metadata, job_key=job_key)
+                             strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing)
         return submit(request, self.settings).job_id
 
     def evaluate(

@@ -22,7 +22,7 @@ from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.settings import Settings
 from jobs.storage import s3_client
 from models.catalog import parse_ensemble
-from producer.inputs import build_plan
+from producer.inputs import build_plan, digest
 
 ROWS_PER_TRANSACTION = 1000
 
@@ -46,6 +46,7 @@ class JobRequest:
     crop_border: int = 0
     ensemble: str | None = None  # a saved ensemble's name (deblur ensemble fit); excludes ``models``
     light: str | None = None  # "linear": every member that can undoes the blur in linear light (real camera shake)
+    skip_existing: bool = False  # leave out images whose output already exists (a nightly run over a growing prefix)
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -57,9 +58,48 @@ class JobRequest:
 
 @dataclass
 class SubmitResult:
+    """``job_id`` is empty when ``skip_existing`` left nothing to submit (then ``created`` is False)."""
+
     job_id: str
     created: bool
     total: int
+    skipped: int = 0  # images left out because their output already existed
+
+
+@dataclass
+class Preview:
+    """What :func:`submit` would enqueue: the image count, how many ``skip_existing`` leaves out, the first items."""
+
+    total: int
+    skipped: int
+    sample: list[ImageItem]
+
+
+@dataclass
+class _Validated:
+    request: JobRequest
+    models: list[str]
+    batch_size: int
+    priority: int | None
+    client: Any
+    plan: Any
+
+    def items(self) -> tuple[Iterator[ImageItem], Callable[[], int]]:
+        """The images to submit, and a function that tells how many were skipped so far."""
+        items = self.plan.items(self.client)
+        if not self.request.skip_existing:
+            return items, lambda: 0
+        existing = self.plan.existing_outputs(self.client)
+        skipped = [0]
+
+        def fresh() -> Iterator[ImageItem]:
+            for item in items:
+                if item.output is not None and digest(item.output) in existing:
+                    skipped[0] += 1
+                else:
+                    yield item
+
+        return fresh(), lambda: skipped[0]
 
 
 def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequence[ImageItem]) -> dict[str, Any]:
@@ -84,19 +124,10 @@ def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
         yield chunk
 
 
-def submit(
-    request: JobRequest,
-    settings: Settings,
-    progress: Callable[[int], None] | None = None,
-) -> SubmitResult:
-    """Validate ``request``, then write and enqueue the job. Returns its id.
+def _validate(request: JobRequest, settings: Settings) -> _Validated:
+    """Every check that needs no write: models, options, URIs, buckets, keys, and colliding outputs."""
+    from jobs.celery_app import broker_priority
 
-    Nothing is written when validation fails. With a ``job_key`` already
-    used, the first job is returned and nothing new is enqueued.
-    """
-    from jobs.celery_app import app_for, broker_priority
-
-    app = app_for(settings)
     if request.ensemble is not None:
         from producer.ensembles import expand_request
 
@@ -124,11 +155,57 @@ def submit(
         s.kind == "manifest" for s in plan.sources
     ):
         raise InputError("an evaluation job needs --sharp PREFIX, --gopro, or a manifest of blurred,sharp pairs")
+    if request.skip_existing and plan.output is None:
+        raise InputError("--skip-existing needs --output: it leaves out images whose output already exists there")
     plan.check_outputs(client)
-    items = plan.items(client)
+    return _Validated(request, models, batch_size, priority, client, plan)
+
+
+def _no_images(request: JobRequest) -> InputError:
+    return InputError(f"no images (.png .jpg .jpeg .tif .tiff .webp) found in {', '.join(request.inputs)}")
+
+
+def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview:
+    """Validate ``request`` and list what :func:`submit` would enqueue, writing and enqueueing nothing.
+
+    Raises what :func:`submit` raises for an invalid job, including a job with no images at all.
+    """
+    checked = _validate(request, settings)
+    items, skipped = checked.items()
+    total, first = 0, []
+    for item in items:
+        total += 1
+        if len(first) < sample:
+            first.append(item)
+    if total == 0 and skipped() == 0:
+        raise _no_images(request)
+    return Preview(total, skipped(), first)
+
+
+def submit(
+    request: JobRequest,
+    settings: Settings,
+    progress: Callable[[int], None] | None = None,
+) -> SubmitResult:
+    """Validate ``request``, then write and enqueue the job. Returns its id.
+
+    Nothing is written when validation fails. With a ``job_key`` already
+    used, the first job is returned and nothing new is enqueued. With
+    ``skip_existing``, images whose output exists are left out, and when
+    that leaves none, nothing is written and the result's ``job_id`` is empty.
+    """
+    from jobs.celery_app import app_for
+
+    app = app_for(settings)
+    checked = _validate(request, settings)
+    request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
+                                                   checked.priority, checked.plan)
+    items, skipped = checked.items()
     first = next(items, None)
     if first is None:
-        raise InputError(f"no images (.png .jpg .jpeg .tif .tiff .webp) found in {', '.join(request.inputs)}")
+        if skipped():
+            return SubmitResult("", False, 0, skipped())
+        raise _no_images(request)
 
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
@@ -146,6 +223,7 @@ def submit(
         "crop_border": request.crop_border,
         "ensemble": request.ensemble,
         "light": request.light,
+        "skip_existing": request.skip_existing,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)
@@ -192,4 +270,4 @@ def submit(
         started = counts["running"] + counts["done"] + counts["failed"] > 0
         queries.set_job_state(session, job_id, total=distinct, status="running" if started else "queued")
         queries.finish_if_complete(session, job_id)
-    return SubmitResult(job_id, True, distinct)
+    return SubmitResult(job_id, True, distinct, skipped())

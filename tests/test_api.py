@@ -284,3 +284,22 @@ def test_cli_refuses_an_open_address_without_a_token(monkeypatch: pytest.MonkeyP
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
     help_text = CliRunner().invoke(api_command, ["--help"]).output
     assert "DEBLUR_API_TOKEN" in help_text and "/docs" in help_text
+
+
+def test_skip_existing_and_colliding_outputs_over_http(env, bucket, client) -> None:  # type: ignore[no-untyped-def]
+    s3, name = bucket
+    sample = mixed_samples()[:1]
+    upload(s3, name, "in/", sample)
+    upload(s3, name, "again/", sample)
+    body = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/", "skip_existing": True}
+
+    collide = client.post("/v1/jobs", json={**body, "inputs": [f"s3://{name}/in/", f"s3://{name}/again/"]})
+    assert collide.status_code == 422 and "would both be written to" in collide.json()["detail"][0]["msg"]
+
+    first = client.post("/v1/jobs", json=body)
+    assert first.status_code == 201, first.text
+    assert (first.json()["total"], first.json()["skipped"]) == (1, 0)
+    s3.put_object(Bucket=name, Key=f"out/{sample[0].relative}", Body=b"restored")
+    nothing = client.post("/v1/jobs", json=body)
+    assert nothing.status_code == 200, nothing.text
+    assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "status_url": None}

@@ -271,3 +271,45 @@ def test_outputs_that_would_overwrite_an_image_are_refused_before_anything_is_wr
     with get_engine(env["DEBLUR_DATABASE_URL"]).connect() as conn:
         outputs = conn.execute(select(Image.output_uri).where(Image.job_id == result.stdout.strip())).scalars()
         assert sorted(outputs) == [f"s3://{b}/out/x/a.png", f"s3://{b}/out/y/a.png"]
+
+
+def test_dry_run_lists_what_would_be_submitted_and_writes_nothing(env, s3) -> None:  # type: ignore[no-untyped-def]
+    _, b = s3
+    jobs_before = job_count(env)
+    result = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "would submit 2 images; nothing was written or enqueued (--dry-run)"
+    assert lines[1:] == [f"  s3://{b}/in/a.png → s3://{b}/out/a.png", f"  s3://{b}/in/sub/b.jpg → s3://{b}/out/sub/b.jpg"]
+    refused = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--model", "nosuch", "--dry-run")
+    assert refused.exit_code == 2 and "unknown model 'nosuch'" in refused.output  # validated as a submission is
+    assert job_count(env) == jobs_before and queue_length(env) == 0
+
+
+def test_skip_existing_submits_only_images_without_an_output(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """A nightly run over a growing prefix: what was restored before is left out, and with nothing new no job
+    is made (exit 0, so a scheduler does not call it a failure)."""
+    client, b = s3
+    client.put_object(Bucket=b, Key="out/a.png", Body=b"restored earlier")
+    args = ["submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--skip-existing"]
+
+    preview = invoke(*args, "--dry-run")
+    assert preview.exit_code == 0, preview.output
+    assert preview.output.splitlines() == [
+        "would submit 1 images, leaving out 1 whose outputs already exist (--skip-existing); nothing was written or "
+        "enqueued (--dry-run)", f"  s3://{b}/in/sub/b.jpg → s3://{b}/out/sub/b.jpg"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip().splitlines()[0]
+    assert "with 1 images, 1 left out whose outputs already exist" in " ".join(result.output.split())
+    rows = json.loads(invoke("results", job_id, "--format", "json").stdout)
+    assert [r["input"] for r in rows] == [f"s3://{b}/in/sub/b.jpg"]
+    assert queue_length(env) == 1
+
+    client.put_object(Bucket=b, Key="out/sub/b.jpg", Body=b"restored now")
+    jobs_before = job_count(env)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == ""  # no job id for a script to pick up
+    assert "nothing to submit: all 2 images are left out whose outputs already exist" in " ".join(result.output.split())
+    assert job_count(env) == jobs_before and queue_length(env) == 1
