@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from jobs.s3uri import S3URI
+
+_KERNEL_ARTEFACT = re.compile(r"\.kernel(\.[A-Za-z0-9._=-]+)?\.png$", re.IGNORECASE)
 
 
 def member_folder(model_key: str) -> str:
@@ -20,3 +24,13 @@ def kernel_uri(output: S3URI, model_key: str, several: bool) -> S3URI:
     stem = output.key.rsplit(".", 1)[0]
     suffix = f".kernel.{member_folder(model_key.split(':')[0])}.png" if several else ".kernel.png"
     return S3URI(output.bucket, stem + suffix)
+
+
+def is_kernel_artefact(key: str) -> bool:
+    """Whether a key (or a file name) is a kernel PNG written next to an output: ``<stem>.kernel.png`` or
+    ``<stem>.kernel.<model>.png`` (:func:`kernel_uri`, and ``deblur restore``'s files).
+
+    A prefix or folder listed as input skips them: submitting an earlier job's output prefix again must not
+    restore its kernels as photographs.
+    """
+    return bool(_KERNEL_ARTEFACT.search(key.rsplit("/", 1)[-1]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
+from jobs.layout import is_kernel_artefact
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.storage import check_bucket, is_image_key, iter_objects, object_exists
@@ -83,7 +84,7 @@ class Plan:
                 yield self._item(source.uri, source.uri.name, client)
             elif source.kind == "prefix" and source.uri is not None:
                 for uri, _size in iter_objects(client, source.uri):
-                    if not is_image_key(uri.key):
+                    if not is_image_key(uri.key) or is_kernel_artefact(uri.key):
                         continue
                     relative = uri.relative_to(source.uri)
                     if self.gopro:

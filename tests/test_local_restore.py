@@ -87,12 +87,13 @@ def test_thumbnails_and_slivers_restore_through_the_default_ensemble(tmp_path: P
 
 
 def test_folders_are_restored_with_their_layout_and_unsafe_plans_are_refused(tmp_path: Path) -> None:
-    """A folder's images at any depth keep their paths inside it; nothing is restored when an output would
-    overwrite its input or another output, or when the output folder lies inside an input folder."""
+    """A folder's images at any depth keep their paths inside it (an earlier run's kernel PNGs are no photographs);
+    nothing is restored when an output would overwrite its input or another output, or when the output folder
+    lies inside an input folder."""
     from producer.cli import main
 
     scans = tmp_path / "scans"
-    for relative in ("a.png", "1950/b.jpg", "1950/trip/c.tif", "notes.txt"):
+    for relative in ("a.png", "1950/b.jpg", "1950/trip/c.tif", "notes.txt", "1950/b.kernel.l0-blind.png"):
         (scans / relative).parent.mkdir(parents=True, exist_ok=True)
         if relative.endswith(".txt"):
             (scans / relative).write_text("not an image")

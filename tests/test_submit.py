@@ -274,7 +274,9 @@ def test_outputs_that_would_overwrite_an_image_are_refused_before_anything_is_wr
 
 
 def test_dry_run_lists_what_would_be_submitted_and_writes_nothing(env, s3) -> None:  # type: ignore[no-untyped-def]
-    _, b = s3
+    client, b = s3
+    for kernel in ("in/a.kernel.png", "in/sub/b.kernel.l0-blind.png"):  # an earlier job's artefacts: not photographs
+        client.put_object(Bucket=b, Key=kernel, Body=b"png")
     jobs_before = job_count(env)
     result = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--dry-run")
     assert result.exit_code == 0, result.output

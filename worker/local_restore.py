@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
+from jobs.layout import is_kernel_artefact
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import IMAGE_SUFFIXES, is_image_key
@@ -29,8 +30,9 @@ def plan_outputs(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]
     """Each image to restore with the file its restoration goes to.
 
     A file goes to ``output/<its name>``; a folder's images (.png .jpg .jpeg
-    .tif .tiff .webp, found at any depth, in sorted order) go to ``output/<their
-    path inside the folder>``, as a prefix's outputs mirror it in S3.
+    .tif .tiff .webp, found at any depth, in sorted order; kernel PNGs written
+    by an earlier run left out) go to ``output/<their path inside the
+    folder>``, as a prefix's outputs mirror it in S3.
 
     Raises:
         InputError: a folder without images, an output folder inside an input
@@ -48,7 +50,8 @@ def plan_outputs(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]
         if out == folder or folder in out.parents:
             raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
                              "back as inputs next time; choose an output folder outside it")
-        images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_key(p.name))
+        images = sorted(p for p in path.rglob("*")
+                        if p.is_file() and is_image_key(p.name) and not is_kernel_artefact(p.name))
         if not images:
             raise InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in folder {path}")
         planned.extend((image, output / image.relative_to(path)) for image in images)
