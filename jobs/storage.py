@@ -23,7 +23,7 @@ from jobs.errors import StorageNotFoundError, TransientError
 from jobs.s3uri import S3URI
 from jobs.settings import Settings
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".webp")  # as worker.imageio reads
 
 
 @functools.lru_cache(maxsize=8)

@@ -179,6 +179,10 @@ class JobCreated(BaseModel):
     created: bool = Field(description="false when an idempotency key returned an earlier job, or no job was made.")
     total: int = Field(description="Images in the job.")
     skipped: int = Field(0, description="Images left out by skip_existing because their output already existed.")
+    ignored: dict[str, int] = Field(
+        default_factory=dict, description="Files under the input prefixes that were left out because they are no "
+                                          "images deblur reads, counted by extension ('.jp2': 1231), and kernel "
+                                          "PNGs an earlier job wrote ('kernel PNG').")
     status_url: str | None
 
 
@@ -445,10 +449,11 @@ def create_app(settings: Settings) -> FastAPI:
         if not result.created:
             response.status_code = 200
         if not result.job_id:  # skip_existing left nothing to do
-            return JobCreated(id=None, created=False, total=0, skipped=result.skipped, status_url=None)
+            return JobCreated(id=None, created=False, total=0, skipped=result.skipped, ignored=result.ignored,
+                              status_url=None)
         response.headers["Location"] = urls(result.job_id)["status_url"]
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
-                          status_url=urls(result.job_id)["status_url"])
+                          ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
 
     @app.get(f"{prefix}/jobs", response_model=list[JobListItem], dependencies=guarded, tags=["jobs"])
     def list_jobs(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> list[JobListItem]:

@@ -149,6 +149,7 @@ MODEL_HELP = (
 
 
 def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = False) -> None:
+    from producer.inputs import describe_ignored
     from producer.submit import preview, submit
     from producer.tracking import print_status, watch
 
@@ -165,9 +166,14 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
                        + (f"  (sharp: {item.reference})" if item.reference else ""))
         if seen.total > len(seen.sample):
             click.echo(f"  … and {seen.total - len(seen.sample)} more")
+        if seen.ignored:
+            click.echo(f"left out {describe_ignored(seen.ignored)}")
         return
     with console.status("listing inputs and enqueueing batches…") as status:
         result = submit(request, settings, progress=lambda n: status.update(f"enqueued {n} images…"))
+    if result.ignored:
+        # even with -q: a scan the job leaves out must not go unnoticed
+        console.print(f"[yellow]note:[/yellow] left out {escape(describe_ignored(result.ignored))}", soft_wrap=True)
     if not result.job_id:
         console.print(f"nothing to submit: all {result.skipped} images are left out{skipped_note}")
         return

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +78,20 @@ class Plan:
     references: S3URI | None = None  # sharp prefix for evaluation jobs
     gopro: bool = False
 
-    def items(self, client) -> Iterator[ImageItem]:  # type: ignore[no-untyped-def]
-        """Every image to process, lazily, with its output and reference URIs."""
+    def items(self, client, ignored: Counter[str] | None = None) -> Iterator[ImageItem]:  # type: ignore[no-untyped-def]
+        """Every image to process, lazily, with its output and reference URIs.
+
+        ``ignored`` counts the files a prefix holds that are left out, by kind (:func:`ignored_kind`), so the
+        user can be told that, say, 1,231 JPEG 2000 scans were not restored.
+        """
         for source in self.sources:
             if source.kind == "key" and source.uri is not None:
                 yield self._item(source.uri, source.uri.name, client)
             elif source.kind == "prefix" and source.uri is not None:
                 for uri, _size in iter_objects(client, source.uri):
                     if not is_image_key(uri.key) or is_kernel_artefact(uri.key):
+                        if ignored is not None and not uri.key.endswith("/"):  # "/": a folder marker, no file
+                            ignored[ignored_kind(uri.key)] += 1
                         continue
                     relative = uri.relative_to(source.uri)
                     if self.gopro:
@@ -148,6 +155,38 @@ class Plan:
         out = self.output.join(relative) if self.output else None
         ref = self.references.join(relative) if self.references else None
         return ImageItem(input=str(uri), output=str(out) if out else None, reference=str(ref) if ref else None)
+
+
+KERNEL_KIND = "kernel PNG"
+
+
+def ignored_kind(key: str) -> str:
+    """How a left-out file is counted: its extension in lower case, ``KERNEL_KIND`` for a kernel PNG deblur
+    wrote next to an earlier output, or 'no extension'."""
+    if is_kernel_artefact(key):
+        return KERNEL_KIND
+    name = key.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else "no extension"
+
+
+def describe_ignored(ignored: Mapping[str, int]) -> str:
+    """What a listing left out, for people, e.g. '3 files that are not images deblur reads (PNG, JPEG, TIFF,
+    WebP): .jp2 ×2, .bmp ×1; and 1 kernel PNG of an earlier run'; '' when nothing was."""
+
+    def plural(count: int, word: str) -> str:
+        return f"{count:,} {word}{'s' if count != 1 else ''}"
+
+    others = {kind: count for kind, count in ignored.items() if kind != KERNEL_KIND}
+    parts = []
+    if others:
+        total = sum(others.values())
+        kinds = ", ".join(f"{kind} ×{count:,}" for kind, count in sorted(others.items(), key=lambda kv: (-kv[1], kv[0])))
+        parts.append(f"{plural(total, 'file')} that {'is' if total == 1 else 'are'} not "
+                     f"{'an image' if total == 1 else 'images'} deblur reads (PNG, JPEG, TIFF, WebP): {kinds}")
+    if ignored.get(KERNEL_KIND):
+        parts.append(f"{plural(ignored[KERNEL_KIND], KERNEL_KIND)} of an earlier run")
+    return "; and ".join(parts)
 
 
 def digest(uri: str) -> bytes:

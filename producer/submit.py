@@ -9,7 +9,8 @@ or giant groups: the job row and its image rows are the source of truth.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +21,9 @@ from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.settings import Settings
-from jobs.storage import s3_client
+from jobs.storage import IMAGE_SUFFIXES, s3_client
 from models.catalog import parse_ensemble
-from producer.inputs import build_plan, digest
+from producer.inputs import build_plan, describe_ignored, digest
 
 ROWS_PER_TRANSACTION = 1000
 
@@ -64,6 +65,7 @@ class SubmitResult:
     created: bool
     total: int
     skipped: int = 0  # images left out because their output already existed
+    ignored: dict[str, int] = field(default_factory=dict)  # files under a prefix that are no images, by kind
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Preview:
     total: int
     skipped: int
     sample: list[ImageItem]
+    ignored: dict[str, int] = field(default_factory=dict)  # as in :class:`SubmitResult`
 
 
 @dataclass
@@ -84,9 +87,12 @@ class _Validated:
     client: Any
     plan: Any
 
-    def items(self) -> tuple[Iterator[ImageItem], Callable[[], int]]:
-        """The images to submit, and a function that tells how many were skipped so far."""
-        items = self.plan.items(self.client)
+    def items(self, ignored: Counter[str] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
+        """The images to submit, and a function that tells how many were skipped so far.
+
+        ``ignored`` counts the files under the prefixes that are no images (see :meth:`Plan.items`).
+        """
+        items = self.plan.items(self.client, ignored)
         if not self.request.skip_existing:
             return items, lambda: 0
         existing = self.plan.existing_outputs(self.client)
@@ -161,8 +167,9 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     return _Validated(request, models, batch_size, priority, client, plan)
 
 
-def _no_images(request: JobRequest) -> InputError:
-    return InputError(f"no images (.png .jpg .jpeg .tif .tiff .webp) found in {', '.join(request.inputs)}")
+def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
+    found = f"; found only {describe_ignored(ignored)}" if ignored else ""
+    return InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in {', '.join(request.inputs)}{found}")
 
 
 def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview:
@@ -171,15 +178,16 @@ def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview
     Raises what :func:`submit` raises for an invalid job, including a job with no images at all.
     """
     checked = _validate(request, settings)
-    items, skipped = checked.items()
+    ignored: Counter[str] = Counter()
+    items, skipped = checked.items(ignored)
     total, first = 0, []
     for item in items:
         total += 1
         if len(first) < sample:
             first.append(item)
     if total == 0 and skipped() == 0:
-        raise _no_images(request)
-    return Preview(total, skipped(), first)
+        raise _no_images(request, ignored)
+    return Preview(total, skipped(), first, dict(ignored))
 
 
 def submit(
@@ -200,12 +208,13 @@ def submit(
     checked = _validate(request, settings)
     request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
                                                    checked.priority, checked.plan)
-    items, skipped = checked.items()
+    ignored: Counter[str] = Counter()
+    items, skipped = checked.items(ignored)
     first = next(items, None)
     if first is None:
         if skipped():
-            return SubmitResult("", False, 0, skipped())
-        raise _no_images(request)
+            return SubmitResult("", False, 0, skipped(), dict(ignored))
+        raise _no_images(request, ignored)
 
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
@@ -270,4 +279,4 @@ def submit(
         started = counts["running"] + counts["done"] + counts["failed"] > 0
         queries.set_job_state(session, job_id, total=distinct, status="running" if started else "queued")
         queries.finish_if_complete(session, job_id)
-    return SubmitResult(job_id, True, distinct, skipped())
+    return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))

@@ -296,10 +296,12 @@ def test_skip_existing_and_colliding_outputs_over_http(env, bucket, client) -> N
     collide = client.post("/v1/jobs", json={**body, "inputs": [f"s3://{name}/in/", f"s3://{name}/again/"]})
     assert collide.status_code == 422 and "would both be written to" in collide.json()["detail"][0]["msg"]
 
+    s3.put_object(Bucket=name, Key="in/scan.jp2", Body=b"JPEG 2000 is not read")
     first = client.post("/v1/jobs", json=body)
     assert first.status_code == 201, first.text
-    assert (first.json()["total"], first.json()["skipped"]) == (1, 0)
+    assert (first.json()["total"], first.json()["skipped"], first.json()["ignored"]) == (1, 0, {".jp2": 1})
     s3.put_object(Bucket=name, Key=f"out/{sample[0].relative}", Body=b"restored")
     nothing = client.post("/v1/jobs", json=body)
     assert nothing.status_code == 200, nothing.text
-    assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "status_url": None}
+    assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "ignored": {".jp2": 1},
+                              "status_url": None}

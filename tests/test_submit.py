@@ -277,15 +277,24 @@ def test_dry_run_lists_what_would_be_submitted_and_writes_nothing(env, s3) -> No
     client, b = s3
     for kernel in ("in/a.kernel.png", "in/sub/b.kernel.l0-blind.png"):  # an earlier job's artefacts: not photographs
         client.put_object(Bucket=b, Key=kernel, Body=b"png")
+    for other in ("in/scan.JP2", "in/sub/README", "in/empty-folder/"):  # a folder marker is no file to report
+        client.put_object(Bucket=b, Key=other, Body=b"")
     jobs_before = job_count(env)
     result = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--dry-run")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "would submit 2 images; nothing was written or enqueued (--dry-run)"
-    assert lines[1:] == [f"  s3://{b}/in/a.png → s3://{b}/out/a.png", f"  s3://{b}/in/sub/b.jpg → s3://{b}/out/sub/b.jpg"]
+    assert lines[1:] == [f"  s3://{b}/in/a.png → s3://{b}/out/a.png", f"  s3://{b}/in/sub/b.jpg → s3://{b}/out/sub/b.jpg",
+                         "left out 2 files that are not images deblur reads (PNG, JPEG, TIFF, WebP): .jp2 ×1, "
+                         "no extension ×1; and 2 kernel PNGs of an earlier run"]
     refused = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--model", "nosuch", "--dry-run")
     assert refused.exit_code == 2 and "unknown model 'nosuch'" in refused.output  # validated as a submission is
     assert job_count(env) == jobs_before and queue_length(env) == 0
+
+    # what a submission leaves out is said even with -q, on stderr, beside the job id
+    submitted = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "-q")
+    assert submitted.exit_code == 0 and len(submitted.stdout.split()) == 1
+    assert "note: left out 2 files that are not images deblur reads" in " ".join(submitted.stderr.split())
 
 
 def test_skip_existing_submits_only_images_without_an_output(env, s3) -> None:  # type: ignore[no-untyped-def]

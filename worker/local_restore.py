@@ -8,11 +8,13 @@ will produce.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
@@ -22,17 +24,21 @@ from jobs.settings import load_settings
 from jobs.storage import IMAGE_SUFFIXES, is_image_key
 from models.catalog import parse_ensemble
 from models.tone import LIGHT_CHOICES, LIGHT_HELP
+from producer.inputs import describe_ignored, ignored_kind
 
 console = Console(stderr=True)
 
 
-def plan_outputs(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
+def plan_outputs(inputs: Sequence[Path], output: Path,
+                 ignored: Counter[str] | None = None) -> list[tuple[Path, Path]]:
     """Each image to restore with the file its restoration goes to.
 
     A file goes to ``output/<its name>``; a folder's images (.png .jpg .jpeg
-    .tif .tiff .webp, found at any depth, in sorted order; kernel PNGs written
+    .jpe .jfif .tif .tiff .webp, found at any depth, in sorted order; kernel PNGs written
     by an earlier run left out) go to ``output/<their path inside the
-    folder>``, as a prefix's outputs mirror it in S3.
+    folder>``, as a prefix's outputs mirror it in S3. The files a folder holds
+    besides its images are counted in ``ignored`` by kind
+    (:func:`producer.inputs.ignored_kind`).
 
     Raises:
         InputError: a folder without images, an output folder inside an input
@@ -50,10 +56,14 @@ def plan_outputs(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]
         if out == folder or folder in out.parents:
             raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
                              "back as inputs next time; choose an output folder outside it")
-        images = sorted(p for p in path.rglob("*")
-                        if p.is_file() and is_image_key(p.name) and not is_kernel_artefact(p.name))
+        files = [p for p in path.rglob("*") if p.is_file()]
+        images = sorted(p for p in files if is_image_key(p.name) and not is_kernel_artefact(p.name))
+        others = Counter(ignored_kind(p.name) for p in files if not is_image_key(p.name) or is_kernel_artefact(p.name))
         if not images:
-            raise InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in folder {path}")
+            found = f"; found only {describe_ignored(others)}" if others else ""
+            raise InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in folder {path}{found}")
+        if ignored is not None:
+            ignored.update(others)
         planned.extend((image, output / image.relative_to(path)) for image in images)
     targets: dict[Path, Path] = {}
     for source, target in planned:
@@ -111,7 +121,10 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
     A file that cannot be read or restored fails alone; the exit code is 1 if any failed.
     """
     ensemble = parse_ensemble(list(models), strength=strength, light=light)
-    planned = plan_outputs(files, output)
+    ignored: Counter[str] = Counter()
+    planned = plan_outputs(files, output, ignored)
+    if ignored:
+        console.print(f"[yellow]note:[/yellow] left out {escape(describe_ignored(ignored))}", soft_wrap=True)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
                            strength=strength, strip_metadata=strip_metadata,
                            images=[ImageItem(input=str(f)) for f, _ in planned])
