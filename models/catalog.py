@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from jobs.errors import InvalidModelSpecError
+from jobs.errors import InvalidModelSpecError, WeightsError
 from models.psf_spec import check_psf
 from models.registry import EnsembleSpec, ModelInfo, ModelSpec, Param, Registry, WeightsFile
 from models.tone import LIGHT_CHOICES
@@ -334,6 +334,20 @@ def in_light(spec: ModelSpec, light: str) -> ModelSpec:
     return replace(spec, params=(*spec.params, ("light", light)))
 
 
+def _check_weights_named(spec: ModelSpec) -> None:
+    """Refuse a seed architecture that ships no weights when the spec names none: every image would fail.
+
+    Checked where jobs and local runs are planned, not in :meth:`Registry.parse`, which training also uses to
+    build the untrained architecture. Official models are not checked: their weights may sit on the workers.
+    """
+    info = REGISTRY.get(spec.name)
+    if info.family == "learned-seed" and info.weights is None and not spec.param_dict.get("weights"):
+        raise WeightsError(
+            f"model {spec.name!r} ships no weights, so every image would fail: pass weights=PATH, a .safetensors "
+            f"file the workers can read (train one with 'deblur train {spec.name} -o RUN_DIR'), or choose another "
+            "model ('deblur models list')")
+
+
 def parse_ensemble(texts: list[str] | tuple[str, ...], strength: float = 1.0, light: str | None = None
                    ) -> EnsembleSpec:
     """Parse ``--model`` options into an ensemble; no options → the default ensemble.
@@ -344,6 +358,8 @@ def parse_ensemble(texts: list[str] | tuple[str, ...], strength: float = 1.0, li
     members: tuple[ModelSpec, ...] = (
         tuple(REGISTRY.parse(t) for t in texts) if texts else default_ensemble().members
     )
+    for member in members:
+        _check_weights_named(member)
     if light is not None:
         members = tuple(in_light(m, light) for m in members)
     spec = EnsembleSpec(members, strength=strength)

@@ -61,6 +61,7 @@ def job_count(env: dict[str, str]) -> int:
     [
         (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "nafnet-gorpo"], "unknown model 'nafnet-gorpo'"),
         (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "wiener:psf=disk"], "needs radius"),
+        (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "seed001-gan"], "ships no weights, so every image"),
         (["s3:/{b}/in/", "--output", "s3://{b}/out/"], "not an S3 URI"),
         (["s3://{b}/in/", "--output", "s3://A_bad_bucket/out/"], "not a valid bucket name"),
         (["s3://missing-bucket-xyz/in/", "--output", "s3://{b}/out/"], "missing-bucket-xyz"),
