@@ -280,11 +280,18 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
         return None
     status = "failed" if counts["done"] == 0 and counts["failed"] > 0 else "done"
     now = utcnow()
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.status.notin_(("cancelled",)))
+    # only one of several workers finishing at once makes the transition (and so sends one notification)
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.notin_(("submitting", "cancelled", "done", "failed")))
         .values(status=status, finished_at=now, updated_at=now)
     )
-    return status
+    return status if result.rowcount else None
+
+
+def job_spec(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The spec a job was submitted with, or None for an unknown job."""
+    job = session.get(Job, job_id)
+    return None if job is None else dict(job.spec)
 
 
 def cancel_job(session: Session, job_id: str) -> int:

@@ -57,5 +57,9 @@ class AmbiguousJobIdError(InputError):
     """A shortened job id is the start of more than one job's id."""
 
 
+class JobFinishedError(InputError):
+    """An operation that needs an unfinished job (cancelling) was asked of one that finished."""
+
+
 class TransientError(DeblurError):
     """A temporary failure (storage, broker, database): the task is retried."""

@@ -60,6 +60,8 @@ class Settings:
     api_port: int = 8000
     api_token: str | None = None
     strip_metadata: bool = False
+    notify_secret: str | None = None
+    notify_max_retries: int = 8
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{deblur_home() / 'deblur.db'}"
@@ -101,6 +103,13 @@ HELP: dict[str, SettingInfo] = {
     "api_port": SettingInfo("DEBLUR_API_PORT", "port the HTTP API listens on"),
     "api_token": SettingInfo("DEBLUR_API_TOKEN", "bearer token the HTTP API requires (unset: no auth)"),
     "strip_metadata": SettingInfo("DEBLUR_STRIP_METADATA", "1 to drop EXIF/ICC/XMP from outputs"),
+    "notify_secret": SettingInfo(
+        "DEBLUR_NOTIFY_SECRET",
+        "workers sign job-finished notifications with it: X-Deblur-Signature: sha256=HMAC of the body (unset: unsigned)",
+    ),
+    "notify_max_retries": SettingInfo(
+        "DEBLUR_NOTIFY_MAX_RETRIES", "attempts after the first to deliver a notification (back-off 5 s doubling to 10 min)"
+    ),
 }
 
 

@@ -50,6 +50,7 @@ from db.engine import ensure_schema, session_scope
 from jobs.errors import (
     InputError,
     InvalidModelSpecError,
+    JobFinishedError,
     LicenseError,
     TransientError,
     UnknownJobError,
@@ -63,7 +64,7 @@ from models.registry import describe
 from models.tone import LIGHT_HELP
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
-from producer.tracking import fetch_results, job_status, results_json
+from producer.tracking import cancel_job, fetch_results, job_status, results_json
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,12 @@ class JobSubmission(BaseModel):
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
         description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
+    notify_url: str | None = Field(
+        None, max_length=2048,
+        description="POSTed a JSON summary ({event, delivery, job}) each time the job finishes: done, failed or "
+                    "cancelled. Signed with X-Deblur-Signature: sha256=HMAC when the workers have "
+                    "DEBLUR_NOTIFY_SECRET; retried with back-off while the receiver is down or answers 5xx.",
+        examples=["https://backend.example/hooks/deblur"])
     skip_existing: bool = Field(
         False, description="Leave out images whose output already exists under output (e.g. a nightly run that "
                            "restores only new scans). When that leaves none, no job is made: id is null (200).")
@@ -152,6 +159,7 @@ class JobSubmission(BaseModel):
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
+            notify_url=self.notify_url,
         )
 
 
@@ -321,6 +329,8 @@ def _error_field(exc: InputError, body: JobSubmission) -> str | None:
             return name
     if message.startswith("output"):
         return "output"
+    if message.startswith("notify URL"):
+        return "notify_url"
     if message.startswith(("input", "no images", "no input")):
         return "inputs"
     bucket = re.match(r"bucket '([^']+)'", message)
@@ -524,11 +534,10 @@ def create_app(settings: Settings) -> FastAPI:
         finished (done or failed) answers 409.
         """
         key = str(job_id)
-        with session() as s:
-            job = queries.get_job(s, key)
-            if job.status in {"done", "failed"}:
-                raise HTTPException(409, f"job {key} already finished ({job.status}); nothing to cancel")
-            n = queries.cancel_job(s, key)
+        try:
+            n = cancel_job(settings, key)
+        except JobFinishedError as exc:
+            raise HTTPException(409, str(exc)) from None
         return CancelResult(id=key, status="cancelled", cancelled=n)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=guarded, tags=["jobs"],

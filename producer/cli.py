@@ -141,6 +141,10 @@ def _settings() -> Settings:
     return load_settings()
 
 
+NOTIFY_HELP = (
+    "POST a JSON summary of the job to this http(s) URL each time it finishes (done, failed or cancelled); "
+    "signed with DEBLUR_NOTIFY_SECRET when the workers have it, retried while the receiver is down."
+)
 MODEL_HELP = (
     "Model as NAME[:PARAMS][:WEIGHT], e.g. wiener, l0-blind:kernel=31, "
     "wiener:psf=motion:length=15,angle=30:0.5. Repeat for an ensemble (outputs averaged "
@@ -202,6 +206,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
+@option("--notify", "notify_url", default=None, metavar="URL", help=NOTIFY_HELP)
 @option("--skip-existing", is_flag=True,
         help="Leave out images whose output already exists under --output, e.g. to restore only the scans added "
              "to a prefix since the last run (the output prefix is listed once). With none left, nothing is "
@@ -213,7 +218,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
            batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
-           skip_existing: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
+           notify_url: str | None, skip_existing: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -225,7 +230,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
-                         ensemble=ensemble, light=light, skip_existing=skip_existing)
+                         ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url)
     _submit_and_report(request, wait, quiet, dry_run)
 
 
@@ -247,6 +252,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--job-key", default=None, help="Idempotency key.")
+@option("--notify", "notify_url", default=None, metavar="URL", help=NOTIFY_HELP)
 @option("--dry-run", is_flag=True,
         help="Validate everything and print how many pairs would be evaluated and the first ones; write and "
              "enqueue nothing.")
@@ -254,14 +260,15 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
              output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
-             batch_size: int | None, priority: int, job_key: str | None, dry_run: bool, wait: bool,
-             quiet: bool) -> None:
+             batch_size: int | None, priority: int, job_key: str | None, notify_url: str | None, dry_run: bool,
+             wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
-                         job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light)
+                         job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light,
+                         notify_url=notify_url)
     _submit_and_report(request, wait, quiet, dry_run)
 
 
@@ -343,14 +350,11 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
 @click.argument("job")
 def cancel(job: str) -> None:
     """Cancel a job: pending images are skipped; images already running finish."""
-    from db import queries
-    from db.engine import ensure_schema, session_scope
+    from producer.tracking import cancel_job, full_job_id
 
-    url = _settings().resolved_database_url()
-    ensure_schema(url)
-    with session_scope(url) as session:
-        job = queries.resolve_job_id(session, job)
-        n = queries.cancel_job(session, job)
+    settings = _settings()
+    job = full_job_id(settings, job)
+    n = cancel_job(settings, job)
     console.print(f"job {job} cancelled; {n} pending images will be skipped")
 
 

@@ -18,12 +18,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from db import queries
-from db.engine import ensure_schema, session_scope
 from jobs.settings import Settings, load_settings
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
-from producer.tracking import fetch_results, is_finished, job_status
+from producer.tracking import cancel_job, fetch_results, is_finished, job_status
 
 
 class Client:
@@ -44,6 +42,7 @@ class Client:
         strip_metadata: bool = False,
         job_key: str | None = None,
         skip_existing: bool = False,
+        notify_url: str | None = None,
     ) -> str:
         """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued.
 
@@ -52,7 +51,8 @@ class Client:
         """
         request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
                              strength=strength, batch_size=batch_size, priority=priority,
-                             strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing)
+                             strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing,
+                             notify_url=notify_url)
         return submit(request, self.settings).job_id
 
     def evaluate(
@@ -93,11 +93,8 @@ class Client:
         return fetch_results(self.settings, job_id, status=status, limit=limit, offset=offset)
 
     def cancel(self, job_id: str) -> int:
-        """Cancel a job; returns how many pending images will be skipped."""
-        url = self.settings.resolved_database_url()
-        ensure_schema(url)
-        with session_scope(url) as session:
-            return queries.cancel_job(session, job_id)
+        """Cancel a job; returns how many pending images will be skipped (JobFinishedError if it finished)."""
+        return cancel_job(self.settings, job_id)
 
     def retry(self, job_id: str, failed: bool = True, stalled_after: int | None = None) -> int:
         """Re-enqueue failed (and, with ``stalled_after`` seconds, stalled) images."""

@@ -20,6 +20,7 @@ from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import IMAGE_SUFFIXES, s3_client
 from models.catalog import parse_ensemble
@@ -47,6 +48,7 @@ class JobRequest:
     crop_border: int = 0
     ensemble: str | None = None  # a saved ensemble's name (deblur ensemble fit); excludes ``models``
     light: str | None = None  # "linear": every member that can undoes the blur in linear light (real camera shake)
+    notify_url: str | None = None  # POSTed a JSON summary each time the job finishes (jobs.notify)
     skip_existing: bool = False  # leave out images whose output already exists (a nightly run over a growing prefix)
 
     def validated_models(self) -> list[str]:
@@ -161,6 +163,8 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         s.kind == "manifest" for s in plan.sources
     ):
         raise InputError("an evaluation job needs --sharp PREFIX, --gopro, or a manifest of blurred,sharp pairs")
+    if request.notify_url is not None:
+        check_notify_url(request.notify_url)
     if request.skip_existing and plan.output is None:
         raise InputError("--skip-existing needs --output: it leaves out images whose output already exists there")
     plan.check_outputs(client)
@@ -233,6 +237,7 @@ def submit(
         "ensemble": request.ensemble,
         "light": request.light,
         "skip_existing": request.skip_existing,
+        "notify_url": request.notify_url,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)
@@ -278,5 +283,7 @@ def submit(
         distinct = sum(counts.values())
         started = counts["running"] + counts["done"] + counts["failed"] > 0
         queries.set_job_state(session, job_id, total=distinct, status="running" if started else "queued")
-        queries.finish_if_complete(session, job_id)
+        finished = queries.finish_if_complete(session, job_id)  # the workers were quicker than the listing
+    if finished:
+        announce_if_wanted(settings, job_id, spec)
     return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))

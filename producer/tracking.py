@@ -17,7 +17,32 @@ from rich.table import Table
 
 from db import queries
 from db.engine import ensure_schema, session_scope
+from jobs.errors import JobFinishedError
+from jobs.notify import announce_if_wanted
 from jobs.settings import Settings
+
+
+def cancel_job(settings: Settings, job_id: str) -> int:
+    """Cancel a job: its pending images are skipped (running ones finish). Returns how many were skipped.
+
+    A job submitted with a notify URL is announced as finished (cancelled) once; cancelling it again is harmless.
+
+    Raises:
+        UnknownJobError: no such job.
+        JobFinishedError: the job is done or failed already; nothing is changed.
+    """
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        if job.status in {"done", "failed"}:
+            raise JobFinishedError(f"job {job_id} already finished ({job.status}); nothing to cancel")
+        again = job.status == "cancelled"
+        skipped = queries.cancel_job(session, job_id)
+        spec = dict(job.spec)
+    if not again:
+        announce_if_wanted(settings, job_id, spec)
+    return skipped
 
 
 def full_job_id(settings: Settings, text: str) -> str:

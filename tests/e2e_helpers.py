@@ -180,3 +180,49 @@ class FlowerProcess:
     def stop(self) -> None:
         stop(self.proc)
         self._log.close()
+
+
+class HookReceiver:
+    """An HTTP server on a loopback port that records the POSTs it gets (job-finished notifications).
+
+    ``answers`` are the status codes of the first requests, in order (then 204), to play a receiver that is
+    down or broken for a while. Use as a context manager; ``url`` is where to send.
+    """
+
+    def __init__(self, answers: tuple[int, ...] = ()) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.answers = list(answers)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server interface
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                code = receiver.answers.pop(0) if receiver.answers else 204
+                receiver.requests.append((dict(self.headers), data))
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/deblur"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[tuple[dict[str, str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.requests)

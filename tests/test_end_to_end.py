@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.e2e_helpers import FlowerProcess, WorkerProcess, decode, mixed_samples, service_env, upload
+from tests.e2e_helpers import (FlowerProcess, HookReceiver, WorkerProcess, decode, mixed_samples, service_env,
+                                upload)
 
 pytestmark = [pytest.mark.integration]
 
@@ -72,13 +73,18 @@ def test_prefix_job_restores_every_image_and_records_metrics(env, s3, worker, tm
     upload(s3, "archive", "scans/", samples)
     s3.put_object(Bucket="archive", Key="scans/notes.txt", Body=b"not an image, not listed")
 
-    job_id = run_cli("submit", "s3://archive/scans/", "--output", "s3://archive/restored/",
-                     "--model", "wiener:psf=motion:length=7,angle=30", "--model", "richardson-lucy:0.5",
-                     "--batch-size", "5", "--quiet").strip()
-    uuid.UUID(job_id)
-    info = wait_done(job_id)
-    assert info["status"] == "done", info
-    assert info["counts"]["done"] == len(samples) and info["counts"]["failed"] == 0
+    with HookReceiver() as hook:  # the backend's notification endpoint
+        job_id = run_cli("submit", "s3://archive/scans/", "--output", "s3://archive/restored/",
+                         "--model", "wiener:psf=motion:length=7,angle=30", "--model", "richardson-lucy:0.5",
+                         "--batch-size", "5", "--notify", hook.url, "--quiet").strip()
+        uuid.UUID(job_id)
+        info = wait_done(job_id)
+        assert info["status"] == "done", info
+        assert info["counts"]["done"] == len(samples) and info["counts"]["failed"] == 0
+        # the worker that recorded the last image announced it, and a worker delivered it
+        [(_, sent)] = hook.wait_for(1)
+    job = json.loads(sent)["job"]
+    assert (job["id"], job["status"], job["counts"]["done"]) == (job_id, "done", len(samples))
 
     for s in samples:
         out = s3.get_object(Bucket="archive", Key="restored/" + s.relative)

@@ -32,6 +32,7 @@ from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
 from jobs.layout import kernel_uri, member_output_uri
+from jobs.notify import announce_if_wanted
 from jobs.storage import get_bytes, put_bytes, s3_client
 from models.catalog import REGISTRY
 from worker import runtime
@@ -306,7 +307,9 @@ def run_batch(message: BatchMessage, settings: Settings,
         queries.record_outcomes(session, message.job_id, [w.outcome for w in works])
         if leftover:
             queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
-        queries.finish_if_complete(session, message.job_id)
+        finished = queries.finish_if_complete(session, message.job_id)
+        spec = queries.job_spec(session, message.job_id) if finished else None
+    _announce(settings, message.job_id, spec)
     if leftover and hand_over is not None:
         # a warning so it shows in the worker's log (its root logger keeps only warnings and errors)
         log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
@@ -346,5 +349,15 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
         done = queries.inputs_with_status(session, message.job_id, [o.input_uri for o in outcomes], "done")
         failed = [o for o in outcomes if o.input_uri not in done]
         queries.record_outcomes(session, message.job_id, failed)
-        queries.finish_if_complete(session, message.job_id)
+        finished = queries.finish_if_complete(session, message.job_id)
+        spec = queries.job_spec(session, message.job_id) if finished else None
+    _announce(settings, message.job_id, spec)
     return len(failed)
+
+
+def _announce(settings: Settings, job_id: str, spec: dict[str, Any] | None) -> None:
+    """Enqueue the job-finished notification the spec asks for; the batch's results are recorded either way."""
+    try:
+        announce_if_wanted(settings, job_id, spec)
+    except Exception:  # the broker hiccuped after the results were committed: say so, do not fail the batch
+        log.exception("could not enqueue the notification of finished job %s", job_id)

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from jobs.celery_app import app
-from jobs.errors import TransientError
+from jobs.errors import InputError, TransientError, UnknownJobError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage
+from jobs.notify import NOTIFY_TASK, body, deliver
 from worker import runtime
 
 log = logging.getLogger(__name__)
@@ -83,3 +84,38 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
         return batch_counts(0, fail_batch(message, settings, error))
+
+
+@app.task(name=NOTIFY_TASK, bind=True, max_retries=None, acks_late=True)
+def notify_job(self, job_id: str, delivery: str) -> str:  # type: ignore[no-untyped-def]
+    """POST a finished job's status to the URL it was submitted with (see :mod:`jobs.notify`).
+
+    A receiver that cannot be reached or answers 5xx/408/429 is tried again after 5 s, doubling to at most
+    10 minutes, ``DEBLUR_NOTIFY_MAX_RETRIES`` times; any other answer is final. Returns what happened (Flower
+    shows it).
+    """
+    from producer.tracking import job_status
+
+    settings = runtime.settings()
+    try:
+        info = job_status(settings, job_id)
+    except UnknownJobError:
+        log.error("not notifying: job %s does not exist", job_id)
+        return "unknown job"
+    url = (info.get("spec") or {}).get("notify_url")
+    if not url:
+        return "no notify URL"
+    try:
+        status = deliver(url, body(info, delivery), settings.notify_secret)
+    except TransientError as exc:
+        retries = self.request.retries
+        if retries >= settings.notify_max_retries:
+            log.error("gave up notifying %s of job %s after %d retries: %s", url, job_id, retries, exc)
+            return f"gave up: {exc}"
+        countdown = min(600, 5 * 2 ** retries)
+        log.warning("notification of job %s not delivered (retry %d in %ds): %s", job_id, retries + 1, countdown, exc)
+        raise self.retry(exc=exc, countdown=countdown) from None
+    except InputError as exc:
+        log.error("notification of job %s refused: %s", job_id, exc)
+        return f"refused: {exc}"
+    return f"delivered to {url} ({status})"

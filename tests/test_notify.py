@@ -1,0 +1,129 @@
+"""Job-finished notifications: delivered to a real HTTP server on loopback, signed, retried, announced once."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from jobs.errors import InputError, TransientError
+from jobs.notify import body, check_notify_url, deliver
+from tests.e2e_helpers import HookReceiver, use_services
+from tests.test_end_to_end import run_cli
+
+
+def test_a_delivery_is_signed_and_only_failures_worth_retrying_say_so() -> None:
+    payload = body({"id": "j", "status": "done"}, "d-1")
+    with HookReceiver(answers=(200, 503, 429, 404)) as hook:
+        assert deliver(hook.url, payload, secret="s3cret") == 200
+        with pytest.raises(TransientError, match="answered 503"):
+            deliver(hook.url, payload)
+        with pytest.raises(TransientError, match="answered 429"):
+            deliver(hook.url, payload)
+        with pytest.raises(InputError, match="answered 404; not retried"):
+            deliver(hook.url, payload)
+    headers, sent = hook.requests[0]
+    assert sent == payload and json.loads(sent) == {"event": "job.finished", "delivery": "d-1",
+                                                    "job": {"id": "j", "status": "done"}}
+    expected = hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
+    assert headers["X-Deblur-Signature"] == f"sha256={expected}" and headers["X-Deblur-Event"] == "job.finished"
+    assert "X-Deblur-Signature" not in hook.requests[1][0]  # no secret, no signature
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(TransientError, match="cannot reach the receiver"):
+        deliver(f"http://127.0.0.1:{port}/hook", payload, timeout=2)
+    for bad in ("ftp://host/x", "hooks/deblur", "http:///nohost"):
+        with pytest.raises(InputError, match="not an absolute http"):
+            check_notify_url(bad)
+
+
+@pytest.fixture
+def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}", tmp_path / "home",
+                       DEBLUR_NOTIFY_SECRET="hook-secret")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="hooked")
+    from tests.test_evaluation_and_recovery import _pairs, _png
+
+    s3.put_object(Bucket="hooked", Key="in/a.png", Body=_png(_pairs()[0][1]))
+    return env
+
+
+def _queued_tasks(env: dict[str, str]) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message waiting in the job queue."""
+    import base64
+
+    import redis
+
+    queue = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    tasks = []
+    for key in queue.keys(env["DEBLUR_QUEUE"] + "*"):
+        if queue.type(key) != b"list":
+            continue
+        for raw in queue.lrange(key, 0, -1):
+            message = json.loads(raw)
+            payload = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                payload = base64.b64decode(payload)
+            tasks.append((message["headers"]["task"], json.loads(payload)[0]))
+    return tasks
+
+
+@pytest.mark.integration
+def test_a_finished_job_is_announced_once_and_delivered_signed(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The worker that records the last image enqueues one notification; delivering it retries a 503."""
+    from jobs.messages import BatchMessage
+    from jobs.notify import NOTIFY_TASK
+    from jobs.settings import load_settings
+    from worker import runtime
+    from worker.pipeline import run_batch
+    from worker.tasks import notify_job
+
+    monkeypatch.setitem(runtime._state, "settings", None)  # this process's worker settings: this test's services
+    with HookReceiver(answers=(503,)) as hook:
+        job_id = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out/", "--model", "wiener",
+                         "--notify", hook.url, "-q").strip()
+        [(name, args)] = _queued_tasks(env)
+        run_batch(BatchMessage.from_payload(args[0]), load_settings())
+        run_batch(BatchMessage.from_payload(args[0]), load_settings())  # a redelivered batch: nothing new
+        announced = [task for task in _queued_tasks(env) if task[0] == NOTIFY_TASK]
+        assert [a[1][0] for a in announced] == [job_id]  # once, though two tasks recorded the batch
+        delivery = announced[0][1][1]
+
+        # run in this process, Celery makes the retry at once: the receiver answers 503, then 204
+        assert notify_job.apply(args=[job_id, delivery]).get() == f"delivered to {hook.url} (204)"
+        [(_, refused), (headers, sent)] = hook.wait_for(2)
+    assert refused == sent  # the same document, delivery id included, on every attempt
+    document = json.loads(sent)
+    assert document["delivery"] == delivery and document["event"] == "job.finished"
+    assert document["job"]["id"] == job_id and document["job"]["status"] == "done"
+    assert document["job"]["counts"]["done"] == 1 and document["job"]["spec"]["notify_url"] == hook.url
+    assert headers["X-Deblur-Signature"] == "sha256=" + hmac.new(b"hook-secret", sent, hashlib.sha256).hexdigest()
+
+
+@pytest.mark.integration
+def test_cancelling_announces_once_and_a_finished_job_cannot_be_cancelled(env) -> None:  # type: ignore[no-untyped-def]
+    from jobs.notify import NOTIFY_TASK
+    from producer.cli import main
+    from click.testing import CliRunner
+
+    job_id = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out/", "--model", "wiener",
+                     "--notify", "http://127.0.0.1:9/hook", "-q").strip()
+    run_cli("cancel", job_id)
+    run_cli("cancel", job_id)  # harmless, and not announced again
+    assert [t[1][0] for t in _queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
+
+    plain = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out2/", "--model", "wiener", "-q").strip()
+    run_cli("cancel", plain)  # no notify URL: nothing announced
+    assert [t[1][0] for t in _queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
+
+    refused = CliRunner().invoke(main, ["submit", "s3://hooked/in/", "--output", "s3://hooked/o3/",
+                                        "--notify", "hooks/deblur"])
+    assert refused.exit_code == 2 and "notify URL 'hooks/deblur' is not an absolute http" in refused.output
