@@ -142,7 +142,7 @@ def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -
 
 def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: ignore[no-untyped-def]
         redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
-    """With a 1-s limit, a 3-image batch of 2-s images runs as three tasks; no image is attempted twice."""
+    """With a 1-s limit, a 3-image batch of 2-3-s images runs as three tasks; no image is attempted twice."""
     from jobs.celery_app import app_for
     from jobs.settings import load_settings
 
@@ -157,7 +157,9 @@ def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: 
     try:
         worker.wait_ready(app_for(load_settings()))
         job_id = run_cli("submit", "s3://slow/in/", "--output", "s3://slow/out/", "--batch-size", "3",
-                         "--model", "richardson-lucy:iterations=80", "-q").strip()
+                         # 200 iterations: 2-3 s an image, so each task is out of time after its first (with 80,
+                         # about 1 s on a fast machine, the second task finished both remaining images in time)
+                         "--model", "richardson-lucy:iterations=200", "-q").strip()
         info = wait_done(job_id, timeout=300)
     finally:
         worker.stop()
