@@ -63,7 +63,7 @@ from models.catalog import REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
 from producer.retry import retry_images
-from producer.submit import JobRequest, submit
+from producer.submit import JobRequest, preview, submit
 from producer.tracking import cancel_job, fetch_results, job_status, results_json
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,19 @@ class JobSummary(BaseModel):
     metrics: list[SummaryRow]
 
 
+class PreviewItem(BaseModel):
+    input: str
+    output: str | None
+    reference: str | None = None
+
+
+class JobPreview(BaseModel):
+    total: int = Field(description="Images the job would hold.")
+    skipped: int = Field(0, description="Images skip_existing would leave out.")
+    ignored: dict[str, int] = Field(default_factory=dict, description="As in the answer to POST /jobs.")
+    sample: list[PreviewItem] = Field(description="The first images, with where their outputs would go.")
+
+
 class CancelResult(BaseModel):
     id: str
     status: str
@@ -317,6 +330,12 @@ JobId = Annotated[uuid.UUID, Path(description="The job id (a UUID) returned by P
 _OPTION_FIELDS = {"--strength": "strength", "--batch-size": "batch_size", "--priority": "priority",
                   "--output": "output", "--sharp": "sharp"}
 _MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, WeightsError)
+
+
+def _submission_refused(exc: InputError, body: JobSubmission) -> RequestValidationError:
+    """The 422 answer for a submission (or preview) that validation refused, located at the field it concerns."""
+    field = _error_field(exc, body)
+    return _validation_error(("body", field) if field else ("body",), str(exc))
 
 
 def _error_field(exc: InputError, body: JobSubmission) -> str | None:
@@ -454,8 +473,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             result = submit(body.to_request(idempotency_key or body.job_key), settings)
         except InputError as exc:
-            field = _error_field(exc, body)
-            raise _validation_error(("body", field) if field else ("body",), str(exc)) from None
+            raise _submission_refused(exc, body) from None
         if not result.created:
             response.status_code = 200
         if not result.job_id:  # skip_existing left nothing to do
@@ -464,6 +482,21 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers["Location"] = urls(result.job_id)["status_url"]
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
                           ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
+
+    @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, dependencies=guarded, tags=["jobs"])
+    def preview_job(body: Annotated[JobSubmission, Body()],
+                    sample: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 5) -> JobPreview:
+        """Validate a job as POST /jobs would and say what it would hold; nothing is written or enqueued.
+
+        Invalid jobs get the same 422 answers as POST /jobs. Lists the whole input, so this call takes as long as
+        submitting the job would.
+        """
+        try:
+            seen = preview(body.to_request(body.job_key), settings, sample=sample)
+        except InputError as exc:
+            raise _submission_refused(exc, body) from None
+        return JobPreview(total=seen.total, skipped=seen.skipped, ignored=seen.ignored,
+                          sample=[PreviewItem(**item.model_dump()) for item in seen.sample])
 
     @app.get(f"{prefix}/jobs", response_model=list[JobListItem], dependencies=guarded, tags=["jobs"])
     def list_jobs(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> list[JobListItem]:

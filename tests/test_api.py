@@ -286,7 +286,7 @@ def test_cli_refuses_an_open_address_without_a_token(monkeypatch: pytest.MonkeyP
     assert "DEBLUR_API_TOKEN" in help_text and "/docs" in help_text
 
 
-def test_skip_existing_and_colliding_outputs_over_http(env, bucket, client) -> None:  # type: ignore[no-untyped-def]
+def test_preview_skip_existing_and_colliding_outputs_over_http(env, bucket, client) -> None:  # type: ignore[no-untyped-def]
     s3, name = bucket
     sample = mixed_samples()[:1]
     upload(s3, name, "in/", sample)
@@ -297,7 +297,15 @@ def test_skip_existing_and_colliding_outputs_over_http(env, bucket, client) -> N
     assert collide.status_code == 422 and "would both be written to" in collide.json()["detail"][0]["msg"]
 
     s3.put_object(Bucket=name, Key="in/scan.jp2", Body=b"JPEG 2000 is not read")
-    first = client.post("/v1/jobs", json=body)
+    seen = client.post("/v1/jobs/preview", json=body)
+    assert seen.status_code == 200, seen.text
+    assert seen.json() == {"total": 1, "skipped": 0, "ignored": {".jp2": 1}, "sample": [
+        {"input": f"s3://{name}/in/{sample[0].relative}", "output": f"s3://{name}/out/{sample[0].relative}",
+         "reference": None}]}
+    refused = client.post("/v1/jobs/preview", json={**body, "notify_url": "hooks/deblur"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "notify_url"]
+
+    first = client.post("/v1/jobs", json={**body, "notify_url": "http://127.0.0.1:9/hook"})
     assert first.status_code == 201, first.text
     assert (first.json()["total"], first.json()["skipped"], first.json()["ignored"]) == (1, 0, {".jp2": 1})
     s3.put_object(Bucket=name, Key=f"out/{sample[0].relative}", Body=b"restored")
