@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import cv2
@@ -226,3 +227,24 @@ class HookReceiver:
         while len(self.requests) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         return list(self.requests)
+
+
+def queued_tasks(env: dict[str, str]) -> list[tuple[str, list[Any]]]:
+    """(task name, args) of every message waiting in the test's job queue in Redis, oldest first per list."""
+    import base64
+    import json
+
+    import redis
+
+    queue = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    tasks = []
+    for key in queue.keys(env["DEBLUR_QUEUE"] + "*"):
+        if queue.type(key) != b"list":
+            continue
+        for raw in queue.lrange(key, 0, -1):
+            message = json.loads(raw)
+            payload = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                payload = base64.b64decode(payload)
+            tasks.append((message["headers"]["task"], json.loads(payload)[0]))
+    return tasks

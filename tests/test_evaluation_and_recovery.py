@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from tests.e2e_helpers import WorkerProcess, decode, service_env, use_services
+from tests.e2e_helpers import WorkerProcess, decode, queued_tasks, service_env, use_services
 from tests.test_end_to_end import run_cli, wait_done
 
 pytestmark = [pytest.mark.integration]
@@ -176,8 +176,6 @@ def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: 
 
 def _submit_one_image_named_twice(env: dict[str, str], tmp_path: Path) -> tuple[str, dict]:  # type: ignore[type-arg]
     """A job naming s3://twice/in/a.png in a manifest and as an argument, and its one batch's task body."""
-    import redis
-
     s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
     s3.create_bucket(Bucket="twice")
     s3.put_object(Bucket="twice", Key="in/a.png", Body=_png(_pairs()[0][1]))
@@ -185,14 +183,7 @@ def _submit_one_image_named_twice(env: dict[str, str], tmp_path: Path) -> tuple[
     manifest.write_text("s3://twice/in/a.png\n")
     job_id = run_cli("submit", str(manifest), "s3://twice/in/a.png", "--output", "s3://twice/out/",
                      "--model", "wiener", "-q").strip()
-    queue = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
-    [key] = [k for k in queue.keys(env["DEBLUR_QUEUE"] + "*") if queue.type(k) == b"list"]
-    [raw] = queue.lrange(key, 0, -1)
-    body = json.loads(raw)["body"]
-    import base64
-
-    args = json.loads(base64.b64decode(body) if json.loads(raw)["properties"].get("body_encoding") == "base64"
-                      else body)[0]
+    [(_, args)] = queued_tasks(env)
     return job_id, args[0]
 
 
@@ -235,3 +226,51 @@ def test_an_unexpected_batch_error_fails_its_images_instead_of_leaving_them_runn
     assert [(r["status"], r["error"]) for r in rows] == [
         ("failed", "internal error while processing the batch: RuntimeError: recording went wrong")]
     assert json.loads(run_cli("status", job_id, "--format", "json"))["status"] == "failed"  # finished, not stuck
+
+
+def test_every_page_of_a_multi_page_tiff_is_restored(env, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Through S3 and SQL: the output holds every page, each restored in its own layout; an evaluation refuses
+    the file (no single reference to measure it against) and the rest of its batch goes on."""
+    import io
+
+    import tifffile
+
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker.pipeline import run_batch
+
+    blurred = [pair[1] for pair in _pairs()]  # two blurred crops, 96x128 RGB
+    scan = io.BytesIO()
+    with tifffile.TiffWriter(scan) as tif:
+        tif.write(blurred[0], photometric="rgb", metadata=None)
+        tif.write(blurred[0][::4, ::4], photometric="rgb", subfiletype=1, metadata=None)  # a preview, no page
+        tif.write(blurred[1][..., 1], photometric="minisblack", compression="lzw", metadata=None)
+        tif.write((blurred[1].astype(np.uint16) * 257)[:64], photometric="rgb", metadata=None)
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="pages")
+    s3.put_object(Bucket="pages", Key="in/scan.tif", Body=scan.getvalue())
+    s3.put_object(Bucket="pages", Key="in/single.png", Body=_png(blurred[1]))
+
+    job_id = run_cli("submit", "s3://pages/in/", "--output", "s3://pages/out/", "--model", "richardson-lucy",
+                     "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings())["done"] == 2
+    with tifffile.TiffFile(io.BytesIO(s3.get_object(Bucket="pages", Key="out/scan.tif")["Body"].read())) as tif:
+        pages = [(p.shape, p.dtype, int(p.compression), p.asarray()) for p in tif.pages]
+    originals = [blurred[0], blurred[1][..., 1], (blurred[1].astype(np.uint16) * 257)[:64]]
+    assert [(shape, dtype) for shape, dtype, _, _ in pages] == [(o.shape, o.dtype) for o in originals]
+    assert pages[1][2] == 5  # each page keeps its own (lossless) compression
+    for (_, _, _, restored), original in zip(pages, originals, strict=True):
+        assert not np.array_equal(restored, original)  # every page went through the model
+    [row] = [r for r in json.loads(run_cli("results", job_id, "--format", "json")) if r["input"].endswith(".tif")]
+    assert row["status"] == "done" and row["metrics_by_model"]["input"]["pages"] == 3
+
+    s3.put_object(Bucket="pages", Key="sharp/scan.tif", Body=scan.getvalue())
+    s3.put_object(Bucket="pages", Key="sharp/single.png", Body=_png(blurred[1]))
+    evaluation = run_cli("evaluate", "--blurred", "s3://pages/in/", "--sharp", "s3://pages/sharp/", "--model",
+                         "richardson-lucy", "-q").strip()
+    [args] = [task[1] for task in queued_tasks(env) if task[1][0]["job_id"] == evaluation]
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings()) == {"done": 1, "failed": 1,
+                                                                              "handed_over": 0}
+    [failed] = json.loads(run_cli("results", evaluation, "--failed", "--format", "json"))
+    assert "a multi-page TIFF (3 pages) has no single sharp reference" in failed["error"]

@@ -513,8 +513,8 @@ def test_tiff_keeps_lossless_compression_and_replaces_lossy() -> None:
             assert int(tif.pages.first.compression) == written, compression
 
 
-def test_animations_and_multi_page_tiffs_are_refused_with_a_way_to_split_them() -> None:
-    """An output holds one picture: restoring only the first of several and writing it back would lose the rest."""
+def test_animations_are_refused_with_a_way_to_split_them() -> None:
+    """An output holds one picture: restoring only the first frame and writing it back would lose the rest."""
     frames = [Image.fromarray(RGB), Image.fromarray(np.ascontiguousarray(RGB[::-1]))]
     for fmt, ext in (("WEBP", "webp"), ("PNG", "png")):
         out = io.BytesIO()
@@ -522,9 +522,48 @@ def test_animations_and_multi_page_tiffs_are_refused_with_a_way_to_split_them() 
         with pytest.raises(ImageDecodeError, match=rf"anim\.{ext}: an animated {fmt} with 2 frames; .* Split it into "
                                                    r"one file per frame"):
             decode_image(out.getvalue(), f"anim.{ext}")
-    with pytest.raises(ImageDecodeError, match=r"pages\.tif: a multi-page TIFF with 3 pages; .* all but the first "
-                                               r"would be lost\. Split it into one file per page"):
-        decode_image(_tiff(np.stack([RGB16, RGB16[::-1], RGB16])), "pages.tif")
+
+
+def test_every_page_of_a_multi_page_tiff_is_read_and_written_back_in_its_own_layout() -> None:
+    """A scanner's multi-page TIFF: pages of different sizes, depths and layouts, and a preview that is no page."""
+    grey8 = np.ascontiguousarray(RGB16[:30, :20, 0] >> 8).astype(np.uint8)
+    rgba8 = _rgba(RGB[:25, :35], ALPHA[:25, :35])
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tif:
+        tif.write(RGB16, photometric="rgb", metadata=None, resolution=(300, 300), resolutionunit="INCH")
+        tif.write(RGB16[::4, ::4], photometric="rgb", subfiletype=1, metadata=None)  # a preview: not a page
+        tif.write(grey8, photometric="minisblack", compression="lzw", metadata=None)
+        tif.write(rgba8, photometric="rgb", extrasamples=["unassalpha"], metadata=None)
+    image = decode_image(out.getvalue(), "scan.tif")
+    np.testing.assert_array_equal(image.pixels, _unit(RGB16))
+    assert [p.pixels.shape for p in image.pages] == [(30, 20, 1), (25, 35, 3)]
+    assert image.pages[0].dtype == np.uint8 and image.pages[0].metadata.tiff_compression == 5
+
+    darker = [p.pixels * 0.5 for p in image.pages]
+    with pytest.raises(ValueError, match="0 restored pages for an image with"):
+        encode_image(image, image.pixels)
+    written = encode_image(image, image.pixels, pages=darker)
+    with tifffile.TiffFile(io.BytesIO(written)) as tif:
+        assert len(tif.pages) == 1 + len(image.pages)
+        assert int(tif.pages[1].compression) == 5 and tif.pages[0].tags.valueof(282) is not None
+    back = decode_image(written, "back.tif")
+    for page, restored, original in zip(back.pages, darker, image.pages, strict=True):
+        np.testing.assert_allclose(page.pixels, restored, atol=1 / 255)
+        if original.alpha is not None:
+            np.testing.assert_array_equal(page.alpha, original.alpha)  # alpha passes through, page by page
+    with pytest.raises(ImageDecodeError, match=r"pixels in \d pages is more than the limit"):
+        decode_image(out.getvalue(), "scan.tif", max_pixels=RGB16.shape[0] * RGB16.shape[1] + 10)
+
+
+def test_a_multi_page_tiff_with_a_page_only_opencv_reads_is_refused() -> None:
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tif:
+        tif.write(RGB, photometric="rgb", metadata=None)
+        tif.write(RGB[..., 0], photometric="palette", colormap=np.tile(np.arange(256, dtype=np.uint16) * 257, (3, 1)),
+                  metadata=None)
+    with pytest.raises(ImageDecodeError, match=r"p\.tif: a multi-page TIFF with 2 pages, a later one in a layout "
+                                               r"read only as a first page .* Split it into one file per page"):
+        decode_image(out.getvalue(), "p.tif")
 
 
 def test_single_picture_animations_and_tiffs_with_a_preview_are_read() -> None:

@@ -7,14 +7,13 @@ import hmac
 import json
 import socket
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
 
 from jobs.errors import InputError, TransientError
 from jobs.notify import body, check_notify_url, deliver
-from tests.e2e_helpers import HookReceiver, use_services
+from tests.e2e_helpers import HookReceiver, queued_tasks, use_services
 from tests.test_end_to_end import run_cli
 
 
@@ -56,26 +55,6 @@ def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.Mo
     return env
 
 
-def _queued_tasks(env: dict[str, str]) -> list[tuple[str, list[Any]]]:
-    """(task name, args) of every message waiting in the job queue."""
-    import base64
-
-    import redis
-
-    queue = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
-    tasks = []
-    for key in queue.keys(env["DEBLUR_QUEUE"] + "*"):
-        if queue.type(key) != b"list":
-            continue
-        for raw in queue.lrange(key, 0, -1):
-            message = json.loads(raw)
-            payload = message["body"]
-            if message["properties"].get("body_encoding") == "base64":
-                payload = base64.b64decode(payload)
-            tasks.append((message["headers"]["task"], json.loads(payload)[0]))
-    return tasks
-
-
 @pytest.mark.integration
 def test_a_finished_job_is_announced_once_and_delivered_signed(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The worker that records the last image enqueues one notification; delivering it retries a 503."""
@@ -90,10 +69,10 @@ def test_a_finished_job_is_announced_once_and_delivered_signed(env, monkeypatch)
     with HookReceiver(answers=(503,)) as hook:
         job_id = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out/", "--model", "wiener",
                          "--notify", hook.url, "-q").strip()
-        [(name, args)] = _queued_tasks(env)
+        [(name, args)] = queued_tasks(env)
         run_batch(BatchMessage.from_payload(args[0]), load_settings())
         run_batch(BatchMessage.from_payload(args[0]), load_settings())  # a redelivered batch: nothing new
-        announced = [task for task in _queued_tasks(env) if task[0] == NOTIFY_TASK]
+        announced = [task for task in queued_tasks(env) if task[0] == NOTIFY_TASK]
         assert [a[1][0] for a in announced] == [job_id]  # once, though two tasks recorded the batch
         delivery = announced[0][1][1]
 
@@ -118,11 +97,11 @@ def test_cancelling_announces_once_and_a_finished_job_cannot_be_cancelled(env) -
                      "--notify", "http://127.0.0.1:9/hook", "-q").strip()
     run_cli("cancel", job_id)
     run_cli("cancel", job_id)  # harmless, and not announced again
-    assert [t[1][0] for t in _queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
+    assert [t[1][0] for t in queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
 
     plain = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out2/", "--model", "wiener", "-q").strip()
     run_cli("cancel", plain)  # no notify URL: nothing announced
-    assert [t[1][0] for t in _queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
+    assert [t[1][0] for t in queued_tasks(env) if t[0] == NOTIFY_TASK] == [job_id]
 
     refused = CliRunner().invoke(main, ["submit", "s3://hooked/in/", "--output", "s3://hooked/o3/",
                                         "--notify", "hooks/deblur"])

@@ -25,10 +25,12 @@ patched. Pillow is used to encode WebP and to (re)build TIFF EXIF
 directories; tifffile writes TIFF, which OpenCV cannot tag, keeping the
 input's lossless compression (lossy TIFF compressions become Deflate).
 
-A multi-page TIFF (reduced-resolution previews and masks aside) and an
-animated PNG or WebP are refused with an error that says how to split them:
-an output holds one picture, and cutting the others away unannounced would
-lose them. Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
+Every full-size page of a multi-page TIFF is read (reduced-resolution
+previews and masks are not pictures of their own) and written back in order,
+each in its own layout; the first page carries the file's metadata. An
+animated PNG or WebP, and a multi-page TIFF with a page in a layout only
+OpenCV reads (palette, CMYK), are refused with an error that says how to split
+them: cutting frames away unannounced would lose them. Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
 converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
 clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
 input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
@@ -42,7 +44,7 @@ import logging
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -175,7 +177,10 @@ class DecodedImage:
     ``pixels`` is float32 H×W×C in [0, 1] (C = 1 grey or 3 RGB), upright;
     ``alpha`` is the H×W alpha channel in the original dtype (rotated with the
     pixels, values untouched) or None; ``dtype`` is the original sample type
-    and ``channels`` the original channel count including alpha (1–4).
+    and ``channels`` the original channel count including alpha (1–4). For a
+    multi-page TIFF this is the first page and ``pages`` holds the others,
+    each with its own size, depth and layout (their metadata is the first
+    page's business: they carry none).
     """
 
     pixels: np.ndarray
@@ -184,6 +189,7 @@ class DecodedImage:
     dtype: np.dtype
     channels: int
     metadata: ImageMetadata
+    pages: list[DecodedImage] = field(default_factory=list)  # a multi-page TIFF's further full-size pages
 
     @property
     def height(self) -> int:
@@ -203,15 +209,17 @@ class _Unreadable(Exception):
 
 
 class _SeveralPictures(Exception):
-    """Internal: a multi-page TIFF or an animation, refused rather than cut down to its first picture."""
+    """Internal: an animation (or a TIFF page in a layout only OpenCV reads), refused rather than cut down."""
 
     def __init__(self, probe: _Probe) -> None:
-        unit = "page" if probe.format == "tiff" else "frame"
-        container = "a multi-page TIFF" if probe.format == "tiff" else f"an animated {probe.format.upper()}"
-        super().__init__(
-            f"{container} with {probe.pictures} {unit}s; a restored file holds one picture, so all but the first "
-            f"would be lost. Split it into one file per {unit} (e.g. ImageMagick: magick IN {unit}-%d.{probe.format}) "
-            f"and submit those")
+        if probe.format == "tiff":
+            unit, what = "page", (f"a multi-page TIFF with {probe.pictures} pages, a later one in a layout read only "
+                                  "as a first page (palette, CMYK, bilevel); restoring the others alone would lose it")
+        else:
+            unit, what = "frame", (f"an animated {probe.format.upper()} with {probe.pictures} frames; a restored file "
+                                   "holds one picture, so all but the first would be lost")
+        super().__init__(f"{what}. Split it into one file per {unit} (e.g. ImageMagick: magick IN "
+                         f"{unit}-%d.{probe.format}) and submit those")
 
 
 @dataclass
@@ -225,6 +233,7 @@ class _Probe:
     grey_alpha: bool = False  # PNG colour type 4 / TIFF with two samples
     orientation: int | None = None  # stated by the container itself (TIFF tag 274)
     pictures: int = 1  # full-size TIFF pages, or frames of an animated PNG or WebP
+    pages: tuple[tuple[int, int, int], ...] = ()  # a TIFF's full-size pages after the first: (index, width, height)
 
 
 # ---------------------------------------------------------------- public API
@@ -262,15 +271,19 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
     data = bytes(data)  # no copy for bytes; makes bytearray/memoryview input safe to slice
     try:
         probe = _probe(data)
-        if probe.pictures > 1:
+        if probe.pictures > 1 and probe.format != "tiff":
             raise _SeveralPictures(probe)
-        if probe.width * probe.height > limit:
+        pixels = probe.width * probe.height + sum(w * h for _, w, h in probe.pages)
+        if pixels > limit:
+            pages = f" in {len(probe.pages) + 1} pages" if probe.pages else ""
             raise _Unreadable(
-                f"{probe.width}x{probe.height} = {probe.width * probe.height:,} pixels is more than the "
-                f"limit of {limit:,}; raise DEBLUR_IMAGE_MAX_PIXELS to accept it"
+                f"{probe.width}x{probe.height}{' and more' if probe.pages else ''} = {pixels:,} pixels{pages} is "
+                f"more than the limit of {limit:,}; raise DEBLUR_IMAGE_MAX_PIXELS to accept it"
             )
         samples, bgr = _decode_samples(data, probe)
-        return _assemble(samples, bgr, probe)
+        image = _assemble(samples, bgr, probe)
+        image.pages = [_tiff_page(data, index, probe) for index, _, _ in probe.pages]
+        return image
     except _SeveralPictures as exc:
         raise ImageDecodeError(f"{label}: {exc}") from None
     except _Unreadable as exc:
@@ -284,6 +297,7 @@ def encode_image(
     pixels: np.ndarray,
     strip_metadata: bool = False,
     quality: int | None = None,
+    pages: Sequence[np.ndarray] = (),
 ) -> bytes:
     """Encode restored ``pixels`` like ``image`` was: same format, depth, channels.
 
@@ -291,18 +305,30 @@ def encode_image(
     (H×W is accepted for grey); values outside [0, 1] are clipped. The alpha
     channel of ``image`` is re-attached unchanged. Metadata is carried over
     unless ``strip_metadata``. ``quality`` (1–100) overrides the JPEG quality
-    estimated from the input (default 95) and the lossy WebP quality.
+    estimated from the input (default 95) and the lossy WebP quality. A
+    multi-page TIFF needs ``pages``, the restored pixels of ``image.pages``,
+    which follow the first page in the same order, each like its input page.
     """
+    if len(pages) != len(image.pages):
+        raise ValueError(f"{len(pages)} restored pages for an image with {len(image.pages)} further pages")
+    if quality is not None and not 1 <= quality <= 100:
+        raise ValueError(f"quality {quality} is outside 1..100")
+    samples = _samples_for(image, pixels)
+    metadata = image.metadata.stripped() if strip_metadata else image.metadata
+    encoded = _ENCODERS[image.format](samples, image.alpha, metadata, quality)
+    for page, page_pixels in zip(image.pages, pages, strict=True):
+        encoded = _append_tiff_page(encoded, _samples_for(page, page_pixels), page.alpha, page.metadata)
+    return encoded
+
+
+def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
+    """Restored float ``pixels`` checked against ``image``'s shape and quantised to its sample type."""
     arr = np.asarray(pixels)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.shape != image.pixels.shape:
         raise ValueError(f"pixels have shape {arr.shape}; the decoded image has {image.pixels.shape}")
-    if quality is not None and not 1 <= quality <= 100:
-        raise ValueError(f"quality {quality} is outside 1..100")
-    samples = quantise(arr, np.dtype(image.dtype))
-    metadata = image.metadata.stripped() if strip_metadata else image.metadata
-    return _ENCODERS[image.format](samples, image.alpha, metadata, quality)
+    return quantise(arr, np.dtype(image.dtype))
 
 
 # ---------------------------------------------------------------- probing
@@ -587,7 +613,8 @@ def _probe_tiff(data: bytes) -> _Probe:
             orientation = tags.valueof(274)
             iptc, photoshop = (_tiff_raw_tag(data, tags.get(code)) for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
             end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
-            pages = _tiff_pictures(tif, len(data))
+            pictures = _tiff_pictures(tif, len(data))
+            pages = tuple((i, int(tif.pages[i].imagewidth), int(tif.pages[i].imagelength)) for i in pictures if i)
     except _Unreadable:
         raise
     except Exception as exc:  # tifffile raises many kinds on corrupt files
@@ -614,29 +641,55 @@ def _probe_tiff(data: bytes) -> _Probe:
         metadata,
         grey_alpha=samples == 2,
         orientation=int(orientation) if orientation in range(1, 9) else None,
-        pictures=max(pages, 1),
+        pictures=max(len(pictures), 1),
+        pages=pages if pictures[:1] == [0] else (),
     )
 
 
-def _tiff_pictures(tif: Any, size: int) -> int:
-    """Full-size pages of a TIFF whose data lies inside its ``size`` bytes.
+def _tiff_pictures(tif: Any, size: int) -> list[int]:
+    """Indices of the full-size pages of a TIFF whose data lies inside its ``size`` bytes.
 
     Reduced-resolution previews and transparency masks (NewSubfileType bits 0
     and 2) are no pictures of their own, and neither is a directory without
     image data or with data past the end: that is damage, as is a directory
     tifffile cannot parse (the pages before it are counted).
     """
-    count = 0
+    indices = []
     try:
-        for page in tif.pages:
+        for index, page in enumerate(tif.pages):
             if int(getattr(page, "subfiletype", 0)) & 0b101 or not getattr(page, "shape", ()):
                 continue
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
             if ends and max(ends) <= size:
-                count += 1
+                indices.append(index)
     except Exception:  # a damaged later directory ends the count, as it ends reading
         pass
-    return count
+    return indices
+
+
+def _tiff_page(data: bytes, index: int, probe: _Probe) -> DecodedImage:
+    """Page ``index`` of a multi-page TIFF, decoded like a first page but with no metadata of its own.
+
+    Only the layouts tifffile reads (grey or RGB, 8/16-bit or float, with or without alpha) are taken; a page
+    in another (palette, CMYK) refuses the file as an animation is refused, rather than losing that page.
+    """
+    import tifffile
+
+    samples = _tiff_samples(data, index)
+    if samples is None:
+        raise _SeveralPictures(probe)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[index]
+        extras = page.tags.valueof(338)
+        orientation = page.tags.valueof(274)
+        compression = int(page.compression)
+    extra_kind = extras[0] if isinstance(extras, tuple) else extras
+    page_probe = _Probe(
+        "tiff", samples.shape[1], samples.shape[0],
+        ImageMetadata(tiff_compression=compression, tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2),
+        grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
+    )
+    return _assemble(samples, False, page_probe)
 
 
 def _tiff_raw_tag(data: bytes, tag: Any) -> bytes | None:
@@ -798,8 +851,8 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
     return samples, True
 
 
-def _tiff_samples(data: bytes) -> np.ndarray | None:
-    """First-page samples of a grey or RGB(A) TIFF read by tifffile, else None.
+def _tiff_samples(data: bytes, index: int = 0) -> np.ndarray | None:
+    """The samples of page ``index`` of a grey or RGB(A) TIFF read by tifffile, else None.
 
     OpenCV reads 8-bit RGBA TIFF through libtiff's RGBA interface, which
     premultiplies the colour by alpha, and it drops the alpha of grey+alpha
@@ -810,7 +863,7 @@ def _tiff_samples(data: bytes) -> np.ndarray | None:
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages.first
+            page = tif.pages[index]
             photometric = int(page.photometric)
             if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7):
                 return None
@@ -1105,16 +1158,11 @@ def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
         # tifffile refuses to write pointer tags: write the tag just below,
         # which sorts to the same place, and turn it into the pointer after.
         extratags.append((sub - 1, "I", 1, 0, True))
-    compression = _TIFF_WRITE_COMPRESSION.get(meta.tiff_compression, "adobe_deflate")
     out = io.BytesIO()
     tifffile.imwrite(
         out,
         array,
-        photometric="minisblack" if grey else "rgb",
-        planarconfig="contig" if array.ndim == 3 else None,
-        extrasamples=[meta.tiff_alpha_kind] if alpha is not None else None,
-        compression=compression,
-        predictor=compression in ("lzw", "adobe_deflate", "zstd", "lzma"),
+        **_tiff_layout(array, grey, alpha is not None, meta),
         iccprofile=meta.icc or None,
         description=tags.text.get(270),
         software=tags.text.get(305, False),
@@ -1126,6 +1174,29 @@ def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
         byteorder="<",
     )
     return _tiff_append_subifds(out.getvalue(), tags.subifds)
+
+
+def _tiff_layout(array: np.ndarray, grey: bool, has_alpha: bool, meta: ImageMetadata) -> dict[str, Any]:
+    """tifffile's write options for samples laid out as decoded: photometric, planes, alpha, compression."""
+    compression = _TIFF_WRITE_COMPRESSION.get(meta.tiff_compression, "adobe_deflate")
+    return {
+        "photometric": "minisblack" if grey else "rgb",
+        "planarconfig": "contig" if array.ndim == 3 else None,
+        "extrasamples": [meta.tiff_alpha_kind] if has_alpha else None,
+        "compression": compression,
+        "predictor": compression in ("lzw", "adobe_deflate", "zstd", "lzma"),
+    }
+
+
+def _append_tiff_page(encoded: bytes, samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata) -> bytes:
+    """``encoded`` (a TIFF) with one more page holding ``samples`` (and ``alpha``), in that page's own layout."""
+    import tifffile
+
+    array = _stack(samples, alpha, bgr=False)
+    buffer = io.BytesIO(encoded)
+    with tifffile.TiffWriter(buffer, append=True, byteorder="<") as tif:
+        tif.write(array, **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta), metadata=None)
+    return buffer.getvalue()
 
 
 @dataclass

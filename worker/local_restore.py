@@ -95,7 +95,8 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
     restore_work(work, message, on_model)
     add_no_reference_metrics(work)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata))
+    target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
+                                    pages=work.restored_pages))
     for model, kernel in work.kernels.items():
         (target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
     return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}

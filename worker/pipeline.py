@@ -52,6 +52,7 @@ class Work:
     decoded: Any = None
     reference: Any = None
     restored: np.ndarray | None = None
+    restored_pages: list[np.ndarray] = field(default_factory=list)  # a multi-page TIFF's further pages
     members: dict[str, np.ndarray] = field(default_factory=dict)
     kernels: dict[str, np.ndarray] = field(default_factory=dict)
     uploads: list[tuple[S3URI, bytes, str]] = field(default_factory=list)
@@ -109,18 +110,30 @@ def decode_work(work: Work, settings: Settings) -> None:
 def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], None] | None = None) -> None:
     """Run every member, average them, blend by strength and collect metrics.
 
-    ``on_model`` is told each member's spec before it runs (progress display).
+    ``on_model`` is told each member's spec before it runs (progress display). The further pages of a
+    multi-page TIFF go through the same members (``work.restored_pages``); metrics and kernels are the first
+    page's, with the page count as the input's metric ``pages``.
     """
-    import torch
-
     from models.ensemble import apply_strength, average, disagreement
 
-    pixels = work.decoded.pixels
-    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
+    pages = work.decoded.pages
+    if pages and message.kind == "evaluate":
+        raise InputError(f"a multi-page TIFF ({len(pages) + 1} pages) has no single sharp reference to be measured "
+                         "against; split it into one file per page to evaluate it")
+    x = _as_batch(work.decoded.pixels)
     specs = [REGISTRY.parse(text) for text in message.models]
+    weights = [s.weight for s in specs]
     outputs = []
     versions: dict[str, Any] = {}
     metrics = work.outcome.metrics
+
+    def run_pages() -> None:
+        # every further page through the same members; metrics and kernels stay the first page's
+        for page in pages:
+            page_x = _as_batch(page.pixels)
+            page_outputs = [runtime.get_model(spec)(page_x).image.detach().float().cpu() for spec in specs]
+            restored = apply_strength(average(page_outputs, weights), page_x, message.strength)
+            work.restored_pages.append(restored[0].numpy().transpose(1, 2, 0))
 
     def run() -> None:
         for spec in specs:
@@ -136,7 +149,10 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
                 work.kernels[spec.key()] = out.kernels[0].detach().float().cpu().numpy()
 
     _, seconds = _timed(run)
-    weights = [s.weight for s in specs]
+    if pages:
+        _, page_seconds = _timed(run_pages)
+        seconds += page_seconds
+        metrics.append((INPUT_MODEL, "pages", float(len(pages) + 1)))
     ensemble = average(outputs, weights)
     if len(outputs) > 1:
         metrics.append((ENSEMBLE_MODEL, "disagreement", float(disagreement(outputs, ensemble)[0])))
@@ -150,6 +166,13 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
         if len(specs) > 1 and message.write_outputs:
             # kept so reports and 'deblur ensemble fit' can use every member's output
             work.members = {s.key(): o[0].numpy().transpose(1, 2, 0) for s, o in zip(specs, outputs, strict=True)}
+
+
+def _as_batch(pixels: np.ndarray) -> Any:
+    """H×W×C float pixels as a (1, C, H, W) tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
 
 
 def _evaluate(work: Work, specs: list, outputs: list, message: BatchMessage) -> None:  # type: ignore[type-arg]
@@ -197,7 +220,8 @@ def _encode(work: Work, message: BatchMessage) -> None:
     if not message.write_outputs or not work.item.output:
         return
     out_uri = parse_s3_uri(work.item.output, want_prefix=False)
-    data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata)
+    data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
+                        pages=work.restored_pages)
     work.uploads.append((out_uri, data, content_type(work.decoded.format)))
     work.outcome.output_uri = str(out_uri)
     if work.members and message.output_root:
@@ -295,6 +319,7 @@ def run_batch(message: BatchMessage, settings: Settings,
                 log.exception("image %s failed", work.item.input)
                 work.fail(f"{type(exc).__name__}: {exc}")
             work.decoded = work.reference = work.restored = None  # keep memory per batch flat
+            work.restored_pages = []
             if work.uploads:
                 uploads.append(pool.submit(_upload, client, work))
         for upload in uploads:
