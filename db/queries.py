@@ -221,6 +221,8 @@ class ImageOutcome:
     device: str | None = None
     worker: str | None = None
     model_versions: dict[str, Any] | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)  # (model, name, value)
 
 
@@ -250,6 +252,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 width=o.width, height=o.height, format=o.format, bit_depth=o.bit_depth,
                 download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
                 device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
+                input_sha256=o.input_sha256, output_sha256=o.output_sha256,
             )
         )
     session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
@@ -286,6 +289,14 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
         .values(status=status, finished_at=now, updated_at=now)
     )
     return status if result.rowcount else None
+
+
+def mark_image_failed(session: Session, job_id: str, input_uri: str, error: str) -> None:
+    """Turn a done image into a failed one (its output key is kept, so a retry writes it again)."""
+    session.execute(
+        update(Image).where(Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done")
+        .values(status="failed", error=error, output_sha256=None, finished_at=utcnow())
+    )
 
 
 def job_spec(session: Session, job_id: str) -> dict[str, Any] | None:
@@ -411,6 +422,8 @@ def image_dict(image: Image, by_model: dict[str, dict[str, float | None]]) -> di
         "device": image.device,
         "worker": image.worker,
         "model_versions": image.model_versions,
+        "input_sha256": image.input_sha256,
+        "output_sha256": image.output_sha256 if image.status == "done" else None,
         "started_at": image.started_at.isoformat() if image.started_at else None,
         "finished_at": image.finished_at.isoformat() if image.finished_at else None,
         "metrics": headline,

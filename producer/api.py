@@ -240,6 +240,9 @@ class ImageResult(BaseModel):
     device: str | None
     worker: str | None
     model_versions: dict[str, Any] | None
+    input_sha256: str | None = Field(None, description="SHA-256 of the input as the worker read it.")
+    output_sha256: str | None = Field(None, description="SHA-256 of the output as written; null unless done. "
+                                                        "'deblur verify' checks it against the stored object.")
     started_at: str | None
     finished_at: str | None
     metrics: dict[str, MetricValue] = Field(

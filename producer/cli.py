@@ -360,6 +360,45 @@ def cancel(job: str) -> None:
 
 @main.command()
 @click.argument("job")
+@option("--mark-failed", is_flag=True,
+        help="Record the images whose output is missing or changed as failed, so 'deblur retry JOB --failed' "
+             "restores them again.")
+def verify(job: str, mark_failed: bool) -> None:
+    """Check that every done image's output is still in storage, byte for byte as written.
+
+    Reads each output back and compares its SHA-256 with the one the worker recorded when it wrote it.
+    Exit code 1 if any output is missing or changed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from producer.tracking import full_job_id, job_status
+    from producer.verify import verify_outputs
+
+    settings = _settings()
+    job = full_job_id(settings, job)
+    total = job_status(settings, job)["counts"]["done"]
+    with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("verify", total=total)
+        found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n))
+    console.print(f"job {job}: {found.checked} outputs checked, {found.intact} intact, {len(found.missing)} missing, "
+                  f"{len(found.changed)} changed" + (f", {found.unrecorded} present but written before checksums "
+                                                     "were recorded" if found.unrecorded else ""), soft_wrap=True)
+    for label, pairs in (("missing", found.missing), ("changed", found.changed)):
+        for input_uri, output in pairs[:20]:
+            console.print(f"  {label}: {escape(output)} (from {escape(input_uri)})", soft_wrap=True)
+        if len(pairs) > 20:
+            console.print(f"  … and {len(pairs) - 20} more {label}")
+    if found.problems:
+        if mark_failed:
+            console.print(f"marked {found.problems} images failed: 'deblur retry {job} --failed' restores them again")
+        else:
+            console.print("run again with --mark-failed, then 'deblur retry JOB --failed', to restore them again")
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job")
 @option("--failed", is_flag=True, help="Re-enqueue the images that failed.")
 @option("--stalled", is_flag=True, help="Re-enqueue images pending or running for longer than --stalled-after.")
 @option("--stalled-after", type=click.IntRange(1), default=3600, show_default=True,

@@ -274,3 +274,49 @@ def test_every_page_of_a_multi_page_tiff_is_restored(env, tmp_path, monkeypatch)
                                                                               "handed_over": 0}
     [failed] = json.loads(run_cli("results", evaluation, "--failed", "--format", "json"))
     assert "a multi-page TIFF (3 pages) has no single sharp reference" in failed["error"]
+
+
+def test_verify_finds_outputs_deleted_or_changed_since_they_were_written(env) -> None:  # type: ignore[no-untyped-def]
+    """Fixity: workers record SHA-256 of what they read and wrote; 'deblur verify' reads the outputs back."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from worker.pipeline import run_batch
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="fixity")
+    inputs = {f"in/{i}.png": _png(pair[1]) for i, pair in enumerate(_pairs() * 2)}
+    for key, data in inputs.items():
+        s3.put_object(Bucket="fixity", Key=key, Body=data)
+    job_id = run_cli("submit", "s3://fixity/in/", "--output", "s3://fixity/out/", "--model", "wiener", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    run_batch(BatchMessage.from_payload(args[0]), load_settings())
+    rows = {r["input"]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    for key, data in inputs.items():
+        row = rows[f"s3://fixity/{key}"]
+        assert row["input_sha256"] == hashlib.sha256(data).hexdigest()
+        written = s3.get_object(Bucket="fixity", Key=key.replace("in/", "out/"))["Body"].read()
+        assert row["output_sha256"] == hashlib.sha256(written).hexdigest()
+    intact = CliRunner().invoke(main, ["verify", job_id])
+    assert intact.exit_code == 0 and "4 outputs checked, 4 intact, 0 missing, 0 changed" in intact.output
+
+    s3.delete_object(Bucket="fixity", Key="out/1.png")
+    s3.put_object(Bucket="fixity", Key="out/2.png", Body=b"overwritten by a later sync")
+    result = CliRunner().invoke(main, ["verify", job_id])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "4 outputs checked, 2 intact, 1 missing, 1 changed" in message
+    assert "missing: s3://fixity/out/1.png (from s3://fixity/in/1.png)" in message
+    assert "changed: s3://fixity/out/2.png" in message and "--mark-failed" in message
+
+    marked = CliRunner().invoke(main, ["verify", job_id, "--mark-failed"])
+    assert marked.exit_code == 1 and "marked 2 images failed" in marked.output
+    failed = json.loads(run_cli("results", job_id, "--failed", "--format", "json"))
+    assert sorted((r["input"], r["error"].split(":")[1].strip()) for r in failed) == [
+        ("s3://fixity/in/1.png", "the output is missing from storage"),
+        ("s3://fixity/in/2.png", "the output changed since it was written (SHA-256 differs)")]
+    retried = CliRunner().invoke(main, ["retry", job_id, "--failed"])
+    assert retried.exit_code == 0 and "re-enqueued 2 images" in retried.output

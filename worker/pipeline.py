@@ -14,6 +14,7 @@ keys and rows are updated in place.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -80,6 +81,7 @@ def _download(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     try:
         _, seconds = _timed(fetch)
         work.outcome.download_s = seconds
+        work.outcome.input_sha256 = hashlib.sha256(work.data or b"").hexdigest()
     except InputError as exc:
         work.fail(str(exc))
 
@@ -223,6 +225,7 @@ def _encode(work: Work, message: BatchMessage) -> None:
     data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
                         pages=work.restored_pages)
     work.uploads.append((out_uri, data, content_type(work.decoded.format)))
+    work.outcome.output_sha256 = hashlib.sha256(data).hexdigest()
     work.outcome.output_uri = str(out_uri)
     if work.members and message.output_root:
         root = parse_s3_uri(message.output_root, want_prefix=True)
@@ -328,6 +331,7 @@ def run_batch(message: BatchMessage, settings: Settings,
         if work.outcome.status != "done":
             work.outcome.output_uri = None
             work.outcome.kernel_uri = None
+            work.outcome.output_sha256 = None
     with session_scope(db_url) as session:
         queries.record_outcomes(session, message.job_id, [w.outcome for w in works])
         if leftover:

@@ -1,0 +1,106 @@
+"""``deblur verify``: check that a job's outputs are still in storage, byte for byte as written.
+
+Workers record the SHA-256 of every output they upload. An archive that keeps
+the restorations for years wants to know, before it relies on them, that none
+was deleted, truncated or overwritten since (a lifecycle rule, a second job
+writing to the same prefix, a botched sync). Verification reads every done
+image's output back, hashes it and compares; with ``mark_failed`` the missing
+and changed ones become failed images, so ``deblur retry JOB --failed``
+restores them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.errors import StorageNotFoundError
+from jobs.s3uri import parse_s3_uri
+from jobs.settings import Settings
+from jobs.storage import get_bytes, s3_client
+
+PAGE = 1000  # image rows read from SQL at a time
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_outputs` found; ``missing`` and ``changed`` list (input, output) URIs."""
+
+    checked: int = 0
+    intact: int = 0
+    unrecorded: int = 0  # outputs present but written before checksums were recorded: existence only
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def problems(self) -> int:
+        return len(self.missing) + len(self.changed)
+
+
+def _done_pages(settings: Settings, job_id: str) -> Iterator[list[dict[str, Any]]]:
+    """The job's done images that have an output, a page of rows at a time (memory stays flat)."""
+    url = settings.resolved_database_url()
+    offset = 0
+    while True:
+        with session_scope(url) as session:
+            rows = queries.image_rows(session, job_id, status="done", limit=PAGE, offset=offset)
+        yield [row for row in rows if row["output"]]
+        if len(rows) < PAGE:
+            return
+        offset += PAGE
+
+
+def _check(client: Any, row: dict[str, Any]) -> str:
+    """'intact', 'unrecorded', 'missing' or 'changed' for one done image's output."""
+    try:
+        data = get_bytes(client, parse_s3_uri(row["output"], want_prefix=False))
+    except StorageNotFoundError:
+        return "missing"
+    if not row["output_sha256"]:
+        return "unrecorded"
+    return "intact" if hashlib.sha256(data).hexdigest() == row["output_sha256"] else "changed"
+
+
+def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
+                   progress: Callable[[int], None] | None = None) -> Verification:
+    """Read back and hash the output of every done image of ``job_id``.
+
+    ``progress`` is told the running count of images checked. With
+    ``mark_failed``, missing and changed outputs are recorded as failed images
+    (their error says which), ready for ``deblur retry --failed``.
+
+    Raises:
+        UnknownJobError: no such job.
+        TransientError: storage could not be reached.
+    """
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        queries.get_job(session, job_id)
+    client = s3_client(settings)
+    found = Verification()
+    with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
+        for page in _done_pages(settings, job_id):
+            for row, verdict in zip(page, pool.map(lambda r: _check(client, r), page), strict=True):
+                found.checked += 1
+                if verdict == "intact":
+                    found.intact += 1
+                elif verdict == "unrecorded":
+                    found.unrecorded += 1
+                else:
+                    (found.missing if verdict == "missing" else found.changed).append((row["input"], row["output"]))
+                if progress is not None:
+                    progress(found.checked)
+    if mark_failed and found.problems:
+        with session_scope(url) as session:
+            for (input_uri, output), error in [
+                *((m, "verify: the output is missing from storage") for m in found.missing),
+                *((c, "verify: the output changed since it was written (SHA-256 differs)") for c in found.changed),
+            ]:
+                queries.mark_image_failed(session, job_id, input_uri, f"{error}: {output}")
+    return found
