@@ -22,6 +22,7 @@ from jobs.settings import Settings, load_settings
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
 from producer.tracking import cancel_job, fetch_results, is_finished, job_status
+from producer.verify import Verification, verify_outputs
 
 
 class Client:
@@ -99,3 +100,10 @@ class Client:
     def retry(self, job_id: str, failed: bool = True, stalled_after: int | None = None) -> int:
         """Re-enqueue failed (and, with ``stalled_after`` seconds, stalled) images."""
         return retry_images(self.settings, job_id, failed=failed, stalled_after=stalled_after)
+
+    def verify(self, job_id: str, mark_failed: bool = False) -> Verification:
+        """Read back every done image's output and compare its SHA-256 with the one recorded when it was written.
+
+        With ``mark_failed``, missing and changed outputs become failed images for :meth:`retry`.
+        """
+        return verify_outputs(self.settings, job_id, mark_failed=mark_failed)

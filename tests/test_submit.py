@@ -167,6 +167,7 @@ def test_python_client_submit_status_cancel(env, s3) -> None:  # type: ignore[no
     assert client.cancel(job_id) == 2
     assert client.wait(job_id, timeout=5)["status"] == "cancelled"
     assert {r["status"] for r in client.results(job_id)} == {"cancelled"}
+    assert client.verify(job_id).checked == 0  # nothing was done, so nothing to read back
 
 
 def test_missing_s3_credentials_say_what_to_set(s3_endpoint, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
