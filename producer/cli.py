@@ -101,9 +101,10 @@ def unreachable_service(exc: BaseException) -> str | None:
                 "DEBLUR_BROKER_URL at a running one; 'deblur stack up' starts a local stack, 'deblur config' shows "
                 "the settings in use")
     if isinstance(exc, (DatabaseError, InterfaceError)):
-        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
+        cause = exc.orig if exc.orig is not None else exc  # the driver's exception, when SQLAlchemy wrapped one
+        reason = str(cause).strip().splitlines()[0]
         return (f"the database at {_safe_url(settings.resolved_database_url())} failed: "
-                f"{type(exc.orig if exc.orig is not None else exc).__name__}: {reason}. Check that it runs and that "
+                f"{type(cause).__name__}: {reason}. Check that it runs and that "
                 "DEBLUR_DATABASE_URL points at it; 'deblur stack up' starts a local stack, 'deblur config' shows "
                 "the settings in use")
     return None

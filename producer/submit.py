@@ -24,7 +24,7 @@ from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import IMAGE_SUFFIXES, s3_client
 from models.catalog import parse_ensemble
-from producer.inputs import build_plan, describe_ignored, digest
+from producer.inputs import Plan, build_plan, describe_ignored, digest
 
 ROWS_PER_TRANSACTION = 1000
 
@@ -86,8 +86,8 @@ class _Validated:
     models: list[str]
     batch_size: int
     priority: int | None
-    client: Any
-    plan: Any
+    client: Any  # a boto3 S3 client
+    plan: Plan
 
     def items(self, ignored: Counter[str] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
         """The images to submit, and a function that tells how many were skipped so far.

@@ -89,9 +89,13 @@ def test_a_finished_job_is_announced_once_and_delivered_signed(env, monkeypatch)
 
 @pytest.mark.integration
 def test_cancelling_announces_once_and_a_finished_job_cannot_be_cancelled(env) -> None:  # type: ignore[no-untyped-def]
-    from jobs.notify import NOTIFY_TASK
-    from producer.cli import main
     from click.testing import CliRunner
+
+    from jobs.messages import BatchMessage
+    from jobs.notify import NOTIFY_TASK
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from worker.pipeline import run_batch
 
     job_id = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/out/", "--model", "wiener",
                      "--notify", "http://127.0.0.1:9/hook", "-q").strip()
@@ -106,3 +110,11 @@ def test_cancelling_announces_once_and_a_finished_job_cannot_be_cancelled(env) -
     refused = CliRunner().invoke(main, ["submit", "s3://hooked/in/", "--output", "s3://hooked/o3/",
                                         "--notify", "hooks/deblur"])
     assert refused.exit_code == 2 and "notify URL 'hooks/deblur' is not an absolute http" in refused.output
+
+    # a job that finished stays as it finished: the CLI once relabelled a done job 'cancelled'
+    done = run_cli("submit", "s3://hooked/in/", "--output", "s3://hooked/o4/", "--model", "wiener", "-q").strip()
+    [args] = [args for name, args in queued_tasks(env) if name != NOTIFY_TASK and args[0]["job_id"] == done]
+    run_batch(BatchMessage.from_payload(args[0]), load_settings())
+    late = CliRunner().invoke(main, ["cancel", done])
+    assert late.exit_code == 2 and f"job {done} already finished (done); nothing to cancel" in late.output
+    assert json.loads(run_cli("status", done, "--format", "json"))["status"] == "done"

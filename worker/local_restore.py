@@ -33,12 +33,11 @@ def plan_outputs(inputs: Sequence[Path], output: Path,
                  ignored: Counter[str] | None = None) -> list[tuple[Path, Path]]:
     """Each image to restore with the file its restoration goes to.
 
-    A file goes to ``output/<its name>``; a folder's images (.png .jpg .jpeg
-    .jpe .jfif .tif .tiff .webp, found at any depth, in sorted order; kernel PNGs written
-    by an earlier run left out) go to ``output/<their path inside the
-    folder>``, as a prefix's outputs mirror it in S3. The files a folder holds
-    besides its images are counted in ``ignored`` by kind
-    (:func:`producer.inputs.ignored_kind`).
+    A file goes to ``output/<its name>``; a folder's images (``IMAGE_SUFFIXES``,
+    found at any depth, in sorted order; kernel PNGs written by an earlier run
+    left out) go to ``output/<their path inside the folder>``, as a prefix's
+    outputs mirror it in S3. The other files a folder holds are counted in
+    ``ignored`` by kind (:func:`producer.inputs.ignored_kind`).
 
     Raises:
         InputError: a folder without images, an output folder inside an input
