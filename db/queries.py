@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
@@ -30,14 +30,22 @@ from db.schema import (
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
 
 
+SUBMISSION_STALE_S = 600  # a job 'submitting' with no progress for this long was abandoned by its producer
+
+
 def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
     """Insert a job, or return the existing one with the same ``job_key``.
 
     Returns ``(job, created)``. Safe against two producers racing on one key.
+    A job still 'submitting' whose producer has shown no progress
+    (:func:`submission_progress`) for ``SUBMISSION_STALE_S`` seconds was
+    abandoned (its producer was killed mid-listing, so some of its images were
+    never enqueued): it is marked failed, its key released and a new job made,
+    instead of handing the broken one back for ever.
     """
     if job_key:
         existing = session.scalar(select(Job).where(Job.job_key == job_key))
-        if existing is not None:
+        if existing is not None and not _release_if_abandoned(session, existing):
             return existing, False
     job = Job(kind=kind, spec=spec, job_key=job_key, status="submitting", total=0)
     session.add(job)
@@ -52,6 +60,27 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
             raise
         return existing, False
     return job, True
+
+
+def _release_if_abandoned(session: Session, job: Job) -> bool:
+    """Fail an abandoned submission and free its key; whether it was one (and this call released it)."""
+    cutoff = utcnow() - timedelta(seconds=SUBMISSION_STALE_S)
+    result = session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "submitting", Job.updated_at < cutoff)
+        .values(status="failed", job_key=None, finished_at=utcnow(),
+                error=f"submission interrupted: no progress for over {SUBMISSION_STALE_S} s; its key went to a new job")
+        # compared in SQL only: SQLite hands back naive times, which Python cannot compare with the aware cutoff
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount:
+        session.flush()
+        return True
+    return False
+
+
+def submission_progress(session: Session, job_id: str) -> None:
+    """The producer's heartbeat while it lists and enqueues a job (see :func:`create_job`)."""
+    session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
 
 
 def get_job(session: Session, job_id: str) -> Job:

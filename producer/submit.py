@@ -252,6 +252,7 @@ def submit(
             for chunk in _chunks(itertools.chain([first], items), ROWS_PER_TRANSACTION):
                 batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
                 with session_scope(db_url) as session:
+                    queries.submission_progress(session, job_id)
                     for offset, batch in enumerate(batches):
                         queries.insert_images(
                             session, job_id,

@@ -326,3 +326,40 @@ def test_skip_existing_submits_only_images_without_an_output(env, s3) -> None:  
     assert result.stdout.strip() == ""  # no job id for a script to pick up
     assert "nothing to submit: all 2 images are left out whose outputs already exist" in " ".join(result.output.split())
     assert job_count(env) == jobs_before and queue_length(env) == 1
+
+
+def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """A producer killed while listing leaves a job 'submitting' with only some images enqueued. Submitting again
+    with the same key once handed that broken job back for ever; after SUBMISSION_STALE_S without progress it is
+    failed and the key starts a new, complete job. A submission still making progress keeps its key."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Job, utcnow
+
+    _, b = s3
+    url = env["DEBLUR_DATABASE_URL"]
+    ensure_schema(url)
+    keys = {"stale": f"killed-{uuid.uuid4().hex[:6]}", "live": f"busy-{uuid.uuid4().hex[:6]}"}
+    ids = {}
+    with session_scope(url) as session:
+        for name, key in keys.items():
+            job, created = queries.create_job(session, "deblur", {"inputs": []}, key)
+            assert created and job.status == "submitting"
+            ids[name] = job.id
+        long_ago = utcnow() - timedelta(seconds=queries.SUBMISSION_STALE_S + 60)
+        session.execute(update(Job).where(Job.id == ids["stale"]).values(updated_at=long_ago))
+
+    args = ["submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "-q"]
+    fresh = invoke(*args, "--job-key", keys["stale"])
+    assert fresh.exit_code == 0, fresh.output
+    assert fresh.stdout.strip() != ids["stale"]
+    busy = invoke(*args, "--job-key", keys["live"])
+    assert busy.exit_code == 0 and busy.stdout.strip() == ids["live"]  # still being submitted: the same job
+    with session_scope(url) as session:
+        old = queries.get_job(session, ids["stale"])
+        assert old.status == "failed" and old.job_key is None and "submission interrupted" in (old.error or "")
+        assert queries.get_job(session, fresh.stdout.strip()).job_key == keys["stale"]
