@@ -217,6 +217,9 @@ class JobStatus(BaseModel):
     created_at: str | None
     started_at: str | None
     finished_at: str | None
+    submission_stalled: bool = Field(
+        False, description="Still submitting with no progress for over 10 minutes: its producer probably died "
+                           "mid-listing. Submitting again with the same job key gives the key to a new job.")
     images_url: str
     summary_url: str
 

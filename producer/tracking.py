@@ -72,6 +72,9 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
             "created_at": job.created_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,
+            # still 'submitting' with no progress past the point where a resubmission takes its key over
+            "submission_stalled": job.status == "submitting" and _older_than(job.updated_at,
+                                                                             queries.SUBMISSION_STALE_S),
         }
     finished = counts["done"] + counts["failed"] + counts["cancelled"]
     rate = None
@@ -93,6 +96,14 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
     for key in ("created_at", "started_at", "finished_at"):
         info[key] = info[key].isoformat() if info[key] else None
     return info
+
+
+def _older_than(moment: datetime | None, seconds: float) -> bool:
+    if moment is None:
+        return False
+    if moment.tzinfo is None:  # SQLite hands back naive UTC times
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - moment).total_seconds() > seconds
 
 
 def is_finished(info: dict[str, Any]) -> bool:
@@ -157,6 +168,10 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         console.print(f"output: {spec['output']}")
     if info["error"]:
         console.print(f"[red]error:[/red] {info['error']}")
+    if info.get("submission_stalled"):
+        console.print(f"[yellow]stalled:[/yellow] no submission progress for over {queries.SUBMISSION_STALE_S // 60} "
+                      "minutes; its producer probably died mid-listing, so some images were never enqueued. Submit "
+                      "again (with the same --job-key, the key goes to a new job and this one is marked failed).")
 
 
 def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,

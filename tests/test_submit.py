@@ -353,6 +353,10 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         long_ago = utcnow() - timedelta(seconds=queries.SUBMISSION_STALE_S + 60)
         session.execute(update(Job).where(Job.id == ids["stale"]).values(updated_at=long_ago))
 
+    shown = invoke("status", ids["stale"])
+    assert "stalled: no submission progress for over 10 minutes" in " ".join(shown.output.split())
+    assert "stalled" not in invoke("status", ids["live"]).output
+
     args = ["submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "-q"]
     fresh = invoke(*args, "--job-key", keys["stale"])
     assert fresh.exit_code == 0, fresh.output
