@@ -42,11 +42,16 @@ def check_notify_url(url: str) -> str:
 
 
 def announce(settings: Settings, job_id: str) -> None:
-    """Enqueue the notification of a job that has just finished (the task finds the URL in the job's spec)."""
-    from jobs.celery_app import app_for
+    """Enqueue the notification of a job that has just finished (the task finds the URL in the job's spec).
+
+    It goes at the most urgent priority: a notification takes a moment, and queued behind another job's
+    thousands of batches it would arrive hours after the job finished.
+    """
+    from jobs.celery_app import PRIORITY_LEVELS, app_for, broker_priority
 
     delivery = str(uuid.uuid4())
-    app_for(settings).send_task(NOTIFY_TASK, args=[job_id, delivery], queue=settings.queue)
+    app_for(settings).send_task(NOTIFY_TASK, args=[job_id, delivery], queue=settings.queue,
+                                priority=broker_priority(PRIORITY_LEVELS - 1))
 
 
 def announce_if_wanted(settings: Settings, job_id: str, spec: dict[str, Any] | None) -> None:

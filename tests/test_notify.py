@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import redis
 
 from jobs.errors import InputError, TransientError
 from jobs.notify import body, check_notify_url, deliver
@@ -74,6 +75,9 @@ def test_a_finished_job_is_announced_once_and_delivered_signed(env, monkeypatch)
         run_batch(BatchMessage.from_payload(args[0]), load_settings())  # a redelivered batch: nothing new
         announced = [task for task in queued_tasks(env) if task[0] == NOTIFY_TASK]
         assert [a[1][0] for a in announced] == [job_id]  # once, though two tasks recorded the batch
+        # in the most urgent of the transport's priority lists (the one named as the queue): ahead of any backlog
+        urgent = redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).lrange(env["DEBLUR_QUEUE"], 0, -1)
+        assert [json.loads(m)["headers"]["task"] for m in urgent] == [NOTIFY_TASK]
         delivery = announced[0][1][1]
 
         # run in this process, Celery makes the retry at once: the receiver answers 503, then 204
