@@ -200,23 +200,31 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
         session.execute(
             update(Image)
             .where(Image.job_id == job_id, Image.input_uri.in_(todo))
-            .values(status="running", started_at=now, worker=worker, attempts=Image.attempts + 1)
+            .values(status="running", started_at=now, worker=worker)
         )
     return todo
 
 
+def start_image(session: Session, job_id: str, input_uri: str) -> int:
+    """Count a start of the image (``attempts``, and ``unfinished_starts`` until an outcome or a retry resets it);
+    returns the unfinished starts, this one included: more than one means earlier starts lost their worker."""
+    condition = (Image.job_id == job_id) & (Image.input_uri == input_uri)
+    session.execute(update(Image).where(condition).values(
+        attempts=Image.attempts + 1, unfinished_starts=Image.unfinished_starts + 1, started_at=utcnow()))
+    return int(session.scalar(select(Image.unfinished_starts).where(condition)))
+
+
 def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker: str) -> None:
-    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again, attempt uncounted.
+    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again.
 
     A batch that ran out of time hands its remaining images to a new task;
-    they were never attempted, so their attempt count and worker are undone.
+    they were never started (:func:`start_image`), so no attempt was counted.
     """
     session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
                Image.worker == worker)
-        .values(status="pending", started_at=None, worker=None,
-                attempts=case((Image.attempts > 0, Image.attempts - 1), else_=0))
+        .values(status="pending", started_at=None, worker=None)
     )
 
 
@@ -281,7 +289,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 width=o.width, height=o.height, format=o.format, bit_depth=o.bit_depth,
                 download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
                 device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
-                input_sha256=o.input_sha256, output_sha256=o.output_sha256,
+                input_sha256=o.input_sha256, output_sha256=o.output_sha256, unfinished_starts=0,
             )
         )
     session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
@@ -372,7 +380,7 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
 def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> None:
     session.execute(
         update(Image).where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)))
-        .values(status="pending", error=None)
+        .values(status="pending", error=None, unfinished_starts=0)  # a retry gets a fresh allowance
     )
     set_job_state(session, job_id, status="queued", finished_at=None)
 

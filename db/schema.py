@@ -96,6 +96,8 @@ class Image(Base):
     # fixity: the input as the worker read it and the output as it wrote it ('deblur verify' checks the latter)
     input_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # starts since the last outcome or retry: each one that never reached an outcome lost its worker
+    unfinished_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     job: Mapped[Job] = relationship(back_populates="images")
 

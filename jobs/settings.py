@@ -62,6 +62,7 @@ class Settings:
     strip_metadata: bool = False
     notify_secret: str | None = None
     notify_max_retries: int = 8
+    image_max_attempts: int = 3
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{deblur_home() / 'deblur.db'}"
@@ -106,6 +107,11 @@ HELP: dict[str, SettingInfo] = {
     "notify_secret": SettingInfo(
         "DEBLUR_NOTIFY_SECRET",
         "workers sign job-finished notifications with it: X-Deblur-Signature: sha256=HMAC of the body (unset: unsigned)",
+    ),
+    "image_max_attempts": SettingInfo(
+        "DEBLUR_IMAGE_MAX_ATTEMPTS",
+        "starts of one image before it is failed instead of tried again: an image whose restoration kills its "
+        "worker (out of memory) would otherwise take down every worker its batch is redelivered to",
     ),
     "notify_max_retries": SettingInfo(
         "DEBLUR_NOTIFY_MAX_RETRIES", "attempts after the first to deliver a notification (back-off 5 s doubling to 10 min)"

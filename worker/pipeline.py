@@ -19,7 +19,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -280,6 +280,22 @@ def run_batch(message: BatchMessage, settings: Settings,
     started = time.monotonic()
     db_url = settings.resolved_database_url()
     worker_name = runtime.hostname()
+    recorded: set[str] = set()
+
+    def record(finished: list[Work]) -> None:
+        """Record images whose outputs are uploaded, so a worker lost later in the batch does not redo them."""
+        finished = [w for w in finished if w.item.input not in recorded]
+        if not finished:
+            return
+        for work in finished:
+            if work.outcome.status != "done":
+                work.outcome.output_uri = None
+                work.outcome.kernel_uri = None
+                work.outcome.output_sha256 = None
+        with session_scope(db_url) as session:
+            queries.record_outcomes(session, message.job_id, [w.outcome for w in finished])
+        recorded.update(w.item.input for w in finished)
+
     inputs = [item.input for item in message.images]
     with session_scope(db_url) as session:
         todo = set(queries.mark_running(session, message.job_id, inputs, worker_name))
@@ -296,8 +312,16 @@ def run_batch(message: BatchMessage, settings: Settings,
         # every download starts at once (the pool bounds how many run) and each image waits only for its own,
         # so the first image is restored while the others arrive; each output is uploaded as soon as it is encoded
         downloads = [pool.submit(_download, client, w) for w in works]
-        uploads = []
+        uploads: dict[str, Future[None]] = {}
         for index, work in enumerate(works):
+            # earlier images are stored and recorded before this one starts: if it takes the worker down, a
+            # redelivery skips them instead of restoring (and counting) them again; a failed upload raises here,
+            # and the batch is retried
+            if index:
+                previous = works[index - 1].item.input
+                if previous in uploads:
+                    uploads[previous].result()
+                record(works[:index])
             if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
                 leftover = works[index:]
                 works = works[:index]
@@ -305,6 +329,8 @@ def run_batch(message: BatchMessage, settings: Settings,
                     pending.cancel()
                 break
             downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
+            if not _start(db_url, message.job_id, work, settings.image_max_attempts):
+                continue
             if work.outcome.status != "done":
                 continue
             decode_work(work, settings)
@@ -324,16 +350,11 @@ def run_batch(message: BatchMessage, settings: Settings,
             work.decoded = work.reference = work.restored = None  # keep memory per batch flat
             work.restored_pages = []
             if work.uploads:
-                uploads.append(pool.submit(_upload, client, work))
-        for upload in uploads:
+                uploads[work.item.input] = pool.submit(_upload, client, work)
+        for upload in uploads.values():
             upload.result()
-    for work in works:
-        if work.outcome.status != "done":
-            work.outcome.output_uri = None
-            work.outcome.kernel_uri = None
-            work.outcome.output_sha256 = None
+    record(works)
     with session_scope(db_url) as session:
-        queries.record_outcomes(session, message.job_id, [w.outcome for w in works])
         if leftover:
             queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
         finished = queries.finish_if_complete(session, message.job_id)
@@ -346,6 +367,23 @@ def run_batch(message: BatchMessage, settings: Settings,
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
     return batch_counts(done, len(works) - done, len(leftover))
+
+
+def _start(db_url: str, job_id: str, work: Work, max_attempts: int) -> bool:
+    """Count one more start of ``work``'s image; False (the image failed) when it has used up its attempts.
+
+    An image is counted when it starts, not when its batch is claimed, so the one a worker was restoring when it
+    died (out of memory, a crash) is the one whose count grows with each redelivery; the images recorded before
+    it are not redone and those after it were not started. Without this cap such an image would take every
+    worker that picks up its batch down with it, and the rest of the batch would never finish.
+    """
+    with session_scope(db_url) as session:
+        starts = queries.start_image(session, job_id, work.item.input)
+    if starts > max_attempts:
+        work.fail(f"not tried again: restoring this image lost its worker {starts - 1} times in a row (out of memory, "
+                  f"or a crash: see the worker logs); 'deblur retry JOB --failed' tries it {max_attempts} times more")
+        return False
+    return True
 
 
 def _distinct(images: Sequence[ImageItem]) -> list[ImageItem]:
