@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import session_scope
@@ -282,18 +283,15 @@ def run_batch(message: BatchMessage, settings: Settings,
     worker_name = runtime.hostname()
     recorded: set[str] = set()
 
-    def record(finished: list[Work]) -> None:
-        """Record images whose outputs are uploaded, so a worker lost later in the batch does not redo them."""
+    def record(session: Session, finished: list[Work]) -> None:
+        """Record images whose outputs are stored, so a worker lost later in the batch does not redo them."""
         finished = [w for w in finished if w.item.input not in recorded]
-        if not finished:
-            return
         for work in finished:
             if work.outcome.status != "done":
                 work.outcome.output_uri = None
                 work.outcome.kernel_uri = None
                 work.outcome.output_sha256 = None
-        with session_scope(db_url) as session:
-            queries.record_outcomes(session, message.job_id, [w.outcome for w in finished])
+        queries.record_outcomes(session, message.job_id, [w.outcome for w in finished])
         recorded.update(w.item.input for w in finished)
 
     inputs = [item.input for item in message.images]
@@ -314,14 +312,8 @@ def run_batch(message: BatchMessage, settings: Settings,
         downloads = [pool.submit(_download, client, w) for w in works]
         uploads: dict[str, Future[None]] = {}
         for index, work in enumerate(works):
-            # earlier images are stored and recorded before this one starts: if it takes the worker down, a
-            # redelivery skips them instead of restoring (and counting) them again; a failed upload raises here,
-            # and the batch is retried
-            if index:
-                previous = works[index - 1].item.input
-                if previous in uploads:
-                    uploads[previous].result()
-                record(works[:index])
+            if index and works[index - 1].item.input in uploads:
+                uploads[works[index - 1].item.input].result()  # a failed upload raises: the batch is retried
             if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
                 leftover = works[index:]
                 works = works[:index]
@@ -329,7 +321,12 @@ def run_batch(message: BatchMessage, settings: Settings,
                     pending.cancel()
                 break
             downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
-            if not _start(db_url, message.job_id, work, settings.image_max_attempts):
+            # one transaction: the images before this one, stored, are recorded (if this one takes the worker
+            # down, a redelivery skips them instead of restoring and counting them again), and this one starts
+            with session_scope(db_url) as session:
+                record(session, works[:index])
+                starts = queries.start_image(session, message.job_id, work.item.input)
+            if not _within_attempts(work, starts, settings.image_max_attempts):
                 continue
             if work.outcome.status != "done":
                 continue
@@ -353,8 +350,8 @@ def run_batch(message: BatchMessage, settings: Settings,
                 uploads[work.item.input] = pool.submit(_upload, client, work)
         for upload in uploads.values():
             upload.result()
-    record(works)
     with session_scope(db_url) as session:
+        record(session, works)
         if leftover:
             queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
         finished = queries.finish_if_complete(session, message.job_id)
@@ -369,16 +366,15 @@ def run_batch(message: BatchMessage, settings: Settings,
     return batch_counts(done, len(works) - done, len(leftover))
 
 
-def _start(db_url: str, job_id: str, work: Work, max_attempts: int) -> bool:
-    """Count one more start of ``work``'s image; False (the image failed) when it has used up its attempts.
+def _within_attempts(work: Work, starts: int, max_attempts: int) -> bool:
+    """False (and ``work`` failed) when its image has started ``starts`` times in a row without an outcome,
+    more than ``max_attempts``.
 
     An image is counted when it starts, not when its batch is claimed, so the one a worker was restoring when it
     died (out of memory, a crash) is the one whose count grows with each redelivery; the images recorded before
     it are not redone and those after it were not started. Without this cap such an image would take every
     worker that picks up its batch down with it, and the rest of the batch would never finish.
     """
-    with session_scope(db_url) as session:
-        starts = queries.start_image(session, job_id, work.item.input)
     if starts > max_attempts:
         work.fail(f"not tried again: restoring this image lost its worker {starts - 1} times in a row (out of memory, "
                   f"or a crash: see the worker logs); 'deblur retry JOB --failed' tries it {max_attempts} times more")
