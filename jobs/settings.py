@@ -106,15 +106,17 @@ HELP: dict[str, SettingInfo] = {
     "strip_metadata": SettingInfo("DEBLUR_STRIP_METADATA", "1 to drop EXIF/ICC/XMP from outputs"),
     "notify_secret": SettingInfo(
         "DEBLUR_NOTIFY_SECRET",
-        "workers sign job-finished notifications with it: X-Deblur-Signature: sha256=HMAC of the body (unset: unsigned)",
+        "workers sign job-finished notifications with it: X-Deblur-Signature: sha256=HMAC of the body "
+        "(unset: unsigned)",
     ),
     "image_max_attempts": SettingInfo(
         "DEBLUR_IMAGE_MAX_ATTEMPTS",
-        "starts of one image before it is failed instead of tried again: an image whose restoration kills its "
-        "worker (out of memory) would otherwise take down every worker its batch is redelivered to",
+        "starts of one image in a row that lose their worker before it is failed instead of tried again: an image "
+        "whose restoration kills its worker (out of memory) would otherwise take down every worker it reaches",
     ),
     "notify_max_retries": SettingInfo(
-        "DEBLUR_NOTIFY_MAX_RETRIES", "attempts after the first to deliver a notification (back-off 5 s doubling to 10 min)"
+        "DEBLUR_NOTIFY_MAX_RETRIES",
+        "attempts after the first to deliver a notification (back-off 5 s doubling to 10 min)",
     ),
 }
 

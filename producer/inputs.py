@@ -181,7 +181,8 @@ def describe_ignored(ignored: Mapping[str, int]) -> str:
     parts = []
     if others:
         total = sum(others.values())
-        kinds = ", ".join(f"{kind} ×{count:,}" for kind, count in sorted(others.items(), key=lambda kv: (-kv[1], kv[0])))
+        by_count = sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))
+        kinds = ", ".join(f"{kind} ×{count:,}" for kind, count in by_count)
         parts.append(f"{plural(total, 'file')} that {'is' if total == 1 else 'are'} not "
                      f"{'an image' if total == 1 else 'images'} deblur reads (PNG, JPEG, TIFF, WebP): {kinds}")
     if ignored.get(KERNEL_KIND):

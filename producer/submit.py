@@ -274,7 +274,8 @@ def submit(
             queries.set_job_state(session, job_id, status="failed", job_key=None,
                                   error=f"submission interrupted after {total} images: {exc!r}")
         if isinstance(exc, BrokerError):
-            queued = f"the first {total} images were queued and may still be restored" if total else "nothing was queued"
+            queued = (f"the first {total} images were queued and may still be restored" if total
+                      else "nothing was queued")
             raise TransientError(
                 f"the broker did not take job {job_id}'s tasks ({exc}): the job is marked failed and {queued}. "
                 "Start Redis or point DEBLUR_BROKER_URL at a running one, then submit again") from exc

@@ -30,7 +30,9 @@ previews and masks are not pictures of their own) and written back in order,
 each in its own layout; the first page carries the file's metadata. An
 animated PNG or WebP, and a multi-page TIFF with a page in a layout only
 OpenCV reads (palette, CMYK), are refused with an error that says how to split
-them: cutting frames away unannounced would lose them. Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
+them: cutting frames away unannounced would lose them.
+
+Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
 converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
 clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
 input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
