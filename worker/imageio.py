@@ -284,7 +284,7 @@ def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> 
             )
         samples, bgr = _decode_samples(data, probe)
         image = _assemble(samples, bgr, probe)
-        image.pages = [_tiff_page(data, index, probe) for index, _, _ in probe.pages]
+        image.pages = _tiff_pages(data, probe)
         return image
     except _SeveralPictures as exc:
         raise ImageDecodeError(f"{label}: {exc}") from None
@@ -669,29 +669,38 @@ def _tiff_pictures(tif: Any, size: int) -> list[int]:
     return indices
 
 
-def _tiff_page(data: bytes, index: int, probe: _Probe) -> DecodedImage:
-    """Page ``index`` of a multi-page TIFF, decoded like a first page but with no metadata of its own.
+def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
+    """The full-size pages after the first (``probe.pages``), decoded like a first page but with no metadata.
 
-    Only the layouts tifffile reads (grey or RGB, 8/16-bit or float, with or without alpha) are taken; a page
-    in another (palette, CMYK) refuses the file as an animation is refused, rather than losing that page.
+    The file is parsed once for all of them. Only the layouts tifffile reads (grey or RGB, 8/16-bit or float,
+    with or without alpha) are taken; a page in another (palette, CMYK) refuses the file as an animation is
+    refused, rather than losing that page.
     """
     import tifffile
 
-    samples = _tiff_samples(data, index)
-    if samples is None:
-        raise _SeveralPictures(probe)
+    if not probe.pages:
+        return []
+    pages = []
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        page = tif.pages[index]
-        extras = page.tags.valueof(338)
-        orientation = page.tags.valueof(274)
-        compression = int(page.compression)
-    extra_kind = extras[0] if isinstance(extras, tuple) else extras
-    page_probe = _Probe(
-        "tiff", samples.shape[1], samples.shape[0],
-        ImageMetadata(tiff_compression=compression, tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2),
-        grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
-    )
-    return _assemble(samples, False, page_probe)
+        for index, _, _ in probe.pages:
+            page = tif.pages[index]
+            try:
+                samples = _page_samples(page)
+            except Exception as exc:  # tifffile raises many kinds on damaged data
+                raise _Unreadable(f"corrupt TIFF page {index + 1}: {exc}") from None
+            if samples is None:
+                raise _SeveralPictures(probe)
+            extras = page.tags.valueof(338)
+            orientation = page.tags.valueof(274)
+            extra_kind = extras[0] if isinstance(extras, tuple) else extras
+            page_probe = _Probe(
+                "tiff", samples.shape[1], samples.shape[0],
+                ImageMetadata(tiff_compression=int(page.compression),
+                              tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2),
+                grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
+            )
+            pages.append(_assemble(samples, False, page_probe))
+    return pages
 
 
 def _tiff_raw_tag(data: bytes, tag: Any) -> bytes | None:
@@ -853,8 +862,8 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
     return samples, True
 
 
-def _tiff_samples(data: bytes, index: int = 0) -> np.ndarray | None:
-    """The samples of page ``index`` of a grey or RGB(A) TIFF read by tifffile, else None.
+def _tiff_samples(data: bytes) -> np.ndarray | None:
+    """The first page's samples of a grey or RGB(A) TIFF read by tifffile, else None.
 
     OpenCV reads 8-bit RGBA TIFF through libtiff's RGBA interface, which
     premultiplies the colour by alpha, and it drops the alpha of grey+alpha
@@ -865,18 +874,21 @@ def _tiff_samples(data: bytes, index: int = 0) -> np.ndarray | None:
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages[index]
-            photometric = int(page.photometric)
-            if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7):
-                return None
-            if page.dtype not in (np.uint8, np.uint16, np.float32) or page.axes not in ("YX", "YXS", "SYX"):
-                return None
-            samples = page.asarray()
-            axes = page.axes
+            return _page_samples(tif.pages.first)
     except Exception as exc:  # a codec tifffile lacks, or damage: let OpenCV have a go
         log.debug("tifffile could not read the TIFF (%s); trying OpenCV", exc)
         return None
-    if axes == "SYX":
+
+
+def _page_samples(page: Any) -> np.ndarray | None:
+    """An open tifffile page's samples H×W×C when it is grey or RGB(A) in a sample type we keep, else None."""
+    photometric = int(page.photometric)
+    if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7):
+        return None
+    if page.dtype not in (np.uint8, np.uint16, np.float32) or page.axes not in ("YX", "YXS", "SYX"):
+        return None
+    samples = page.asarray()
+    if page.axes == "SYX":
         samples = np.moveaxis(samples, 0, -1)
     return samples if samples.ndim == 3 else samples[..., None]
 

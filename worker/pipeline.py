@@ -130,14 +130,6 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
     versions: dict[str, Any] = {}
     metrics = work.outcome.metrics
 
-    def run_pages() -> None:
-        # every further page through the same members; metrics and kernels stay the first page's
-        for page in pages:
-            page_x = _as_batch(page.pixels)
-            page_outputs = [runtime.get_model(spec)(page_x).image.detach().float().cpu() for spec in specs]
-            restored = apply_strength(average(page_outputs, weights), page_x, message.strength)
-            work.restored_pages.append(restored[0].numpy().transpose(1, 2, 0))
-
     def run() -> None:
         for spec in specs:
             if on_model is not None:
@@ -150,17 +142,20 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
                 metrics.append((spec.key(), name, float(value.reshape(-1)[0])))
             if out.kernels is not None:
                 work.kernels[spec.key()] = out.kernels[0].detach().float().cpu().numpy()
+        # every further page through the same members; metrics and kernels stay the first page's
+        for page in pages:
+            page_x = _as_batch(page.pixels)
+            page_outputs = [runtime.get_model(spec)(page_x).image.detach().float().cpu() for spec in specs]
+            work.restored_pages.append(_as_pixels(apply_strength(average(page_outputs, weights), page_x,
+                                                                 message.strength)))
 
     _, seconds = _timed(run)
     if pages:
-        _, page_seconds = _timed(run_pages)
-        seconds += page_seconds
         metrics.append((INPUT_MODEL, "pages", float(len(pages) + 1)))
     ensemble = average(outputs, weights)
     if len(outputs) > 1:
         metrics.append((ENSEMBLE_MODEL, "disagreement", float(disagreement(outputs, ensemble)[0])))
-    final = apply_strength(ensemble, x, message.strength)
-    work.restored = final[0].numpy().transpose(1, 2, 0)
+    work.restored = _as_pixels(apply_strength(ensemble, x, message.strength))
     work.outcome.inference_s = seconds
     work.outcome.device = str(runtime.device())
     work.outcome.model_versions = versions
@@ -168,7 +163,7 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
         _evaluate(work, specs, outputs, message)
         if len(specs) > 1 and message.write_outputs:
             # kept so reports and 'deblur ensemble fit' can use every member's output
-            work.members = {s.key(): o[0].numpy().transpose(1, 2, 0) for s, o in zip(specs, outputs, strict=True)}
+            work.members = {s.key(): _as_pixels(o) for s, o in zip(specs, outputs, strict=True)}
 
 
 def _as_batch(pixels: np.ndarray) -> Any:
@@ -178,6 +173,11 @@ def _as_batch(pixels: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None]
 
 
+def _as_pixels(batch: Any) -> np.ndarray:
+    """The first image of a (N, C, H, W) CPU tensor as H×W×C pixels (the inverse of :func:`_as_batch`)."""
+    return batch[0].numpy().transpose(1, 2, 0)
+
+
 def _evaluate(work: Work, specs: list, outputs: list, message: BatchMessage) -> None:  # type: ignore[type-arg]
     """Full-reference metrics of the input, every member and the ensemble."""
     from models.metrics import full_reference_metrics
@@ -185,7 +185,7 @@ def _evaluate(work: Work, specs: list, outputs: list, message: BatchMessage) -> 
     sharp = _as_original_dtype(work.reference, work.reference.pixels)
     candidates: list[tuple[str, np.ndarray]] = [(INPUT_MODEL, work.decoded.pixels)]
     if len(specs) > 1:
-        candidates += [(s.key(), o[0].numpy().transpose(1, 2, 0)) for s, o in zip(specs, outputs, strict=True)]
+        candidates += [(s.key(), _as_pixels(o)) for s, o in zip(specs, outputs, strict=True)]
     candidates.append((ENSEMBLE_MODEL, work.restored))
     for model, image in candidates:
         figures = full_reference_metrics(_as_original_dtype(work.reference, image), sharp,
@@ -354,8 +354,7 @@ def run_batch(message: BatchMessage, settings: Settings,
         record(session, works)
         if leftover:
             queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
-        finished = queries.finish_if_complete(session, message.job_id)
-        spec = queries.job_spec(session, message.job_id) if finished else None
+        spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     if leftover and hand_over is not None:
         # a warning so it shows in the worker's log (its root logger keeps only warnings and errors)
@@ -412,10 +411,14 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
         done = queries.inputs_with_status(session, message.job_id, [o.input_uri for o in outcomes], "done")
         failed = [o for o in outcomes if o.input_uri not in done]
         queries.record_outcomes(session, message.job_id, failed)
-        finished = queries.finish_if_complete(session, message.job_id)
-        spec = queries.job_spec(session, message.job_id) if finished else None
+        spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     return len(failed)
+
+
+def _finished_spec(session: Session, job_id: str) -> dict[str, Any] | None:
+    """Finish the job if its last image was just recorded; the spec of a job this call finished, to announce it."""
+    return queries.job_spec(session, job_id) if queries.finish_if_complete(session, job_id) else None
 
 
 def _announce(settings: Settings, job_id: str, spec: dict[str, Any] | None) -> None:
