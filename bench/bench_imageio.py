@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
+import imagecodecs  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 from PIL import Image, ImageCms  # noqa: E402
@@ -58,6 +59,11 @@ def _cases(rgb8: np.ndarray, rgb16: np.ndarray) -> dict[str, tuple[Callable[[], 
                          extratags=[(274, "H", 1, 6, True), (315, "s", 0, "bench", True)])
         return out.getvalue()
 
+    def jp2(array: np.ndarray, **options: object) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, "JPEG2000", **options)
+        return out.getvalue()
+
     alpha = (rgb8[..., 1] // 2 + 64).astype(np.uint8)
     return {
         "jpeg 8-bit RGB q90": (lambda: pil(rgb8, "JPEG", quality=90), False),
@@ -66,6 +72,11 @@ def _cases(rgb8: np.ndarray, rgb16: np.ndarray) -> dict[str, tuple[Callable[[], 
         "tiff 16-bit RGB LZW": (lambda: tiff(rgb16, "lzw"), True),
         "tiff 16-bit RGB raw": (lambda: tiff(rgb16, None), True),
         "webp 8-bit RGB q90": (lambda: pil(rgb8, "WEBP", quality=90), False),
+        "jp2 8-bit lossless": (lambda: jp2(rgb8, tile_size=(1024, 1024), num_resolutions=6, progression="RPCL"), True),
+        "jp2 8-bit 1:20": (lambda: jp2(rgb8, irreversible=True, quality_mode="rates", quality_layers=[80, 40, 20]),
+                           False),
+        "jp2 16-bit lossless": (lambda: imagecodecs.jpeg2k_encode(rgb16, codecformat="JP2"), True),
+        "bmp 8-bit RGB": (lambda: cv2.imencode(".bmp", rgb8[..., ::-1])[1].tobytes(), True),
     }
 
 

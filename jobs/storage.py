@@ -23,7 +23,11 @@ from jobs.errors import StorageNotFoundError, TransientError
 from jobs.s3uri import S3URI
 from jobs.settings import Settings
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".webp")  # as worker.imageio reads
+IMAGE_SUFFIXES = (  # as worker.imageio reads
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".webp", ".jp2", ".j2k", ".j2c", ".jpc", ".bmp", ".dib",
+)
+READ_FORMATS = "PNG, JPEG, TIFF, WebP, JPEG 2000, BMP"
+"""The formats those suffixes stand for, as messages name them."""
 
 
 @functools.lru_cache(maxsize=8)

@@ -189,7 +189,7 @@ class JobCreated(BaseModel):
     skipped: int = Field(0, description="Images left out by skip_existing because their output already existed.")
     ignored: dict[str, int] = Field(
         default_factory=dict, description="Files under the input prefixes that were left out because they are no "
-                                          "images deblur reads, counted by extension ('.jp2': 1231), and kernel "
+                                          "images deblur reads, counted by extension ('.heic': 1231), and kernel "
                                           "PNGs an earlier job wrote ('kernel PNG').")
     status_url: str | None
 

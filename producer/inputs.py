@@ -19,7 +19,7 @@ from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
 from jobs.layout import is_kernel_artefact
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
-from jobs.storage import check_bucket, is_image_key, iter_objects, object_exists
+from jobs.storage import READ_FORMATS, check_bucket, is_image_key, iter_objects, object_exists
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Plan:
         """Every image to process, lazily, with its output and reference URIs.
 
         ``ignored`` counts the files a prefix holds that are left out, by kind (:func:`ignored_kind`), so the
-        user can be told that, say, 1,231 JPEG 2000 scans were not restored.
+        user can be told that, say, 1,231 HEIC photographs were not restored.
         """
         for source in self.sources:
             if source.kind == "key" and source.uri is not None:
@@ -172,7 +172,7 @@ def ignored_kind(key: str) -> str:
 
 def describe_ignored(ignored: Mapping[str, int]) -> str:
     """What a listing left out, for people, e.g. '3 files that are not images deblur reads (PNG, JPEG, TIFF,
-    WebP): .jp2 ×2, .bmp ×1; and 1 kernel PNG of an earlier run'; '' when nothing was."""
+    WebP, JPEG 2000, BMP): .heic ×2, .gif ×1; and 1 kernel PNG of an earlier run'; '' when nothing was."""
 
     def plural(count: int, word: str) -> str:
         return f"{count:,} {word}{'s' if count != 1 else ''}"
@@ -184,7 +184,7 @@ def describe_ignored(ignored: Mapping[str, int]) -> str:
         by_count = sorted(others.items(), key=lambda kv: (-kv[1], kv[0]))
         kinds = ", ".join(f"{kind} ×{count:,}" for kind, count in by_count)
         parts.append(f"{plural(total, 'file')} that {'is' if total == 1 else 'are'} not "
-                     f"{'an image' if total == 1 else 'images'} deblur reads (PNG, JPEG, TIFF, WebP): {kinds}")
+                     f"{'an image' if total == 1 else 'images'} deblur reads ({READ_FORMATS}): {kinds}")
     if ignored.get(KERNEL_KIND):
         parts.append(f"{plural(ignored[KERNEL_KIND], KERNEL_KIND)} of an earlier run")
     return "; and ".join(parts)

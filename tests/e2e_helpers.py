@@ -51,7 +51,7 @@ def _encode(ext: str, arr: np.ndarray, params: list[int] | None = None) -> bytes
 
 
 def mixed_samples() -> list[Sample]:
-    """Twelve small images of mixed formats, bit depths and layouts, in nested folders."""
+    """Twelve small images of mixed formats (JPEG 2000 and BMP among them), bit depths and layouts, in nested folders."""
     samples: list[Sample] = []
 
     def add(relative: str, ext: str, arr: np.ndarray, fmt: str, params: list[int] | None = None) -> None:
@@ -63,7 +63,7 @@ def mixed_samples() -> list[Sample]:
         bgr8 = cv2.cvtColor(np.rint(rgb * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
         bgr16 = cv2.cvtColor(np.rint(rgb * 65535).astype(np.uint16), cv2.COLOR_RGB2BGR)
         grey8 = cv2.cvtColor(bgr8, cv2.COLOR_BGR2GRAY)
-        kind = i % 8
+        kind = i % 10
         if kind == 0:
             add(f"a/rgb8_{i}.png", ".png", bgr8, "png")
         elif kind == 1:
@@ -79,8 +79,12 @@ def mixed_samples() -> list[Sample]:
             add(f"grey_{i}.png", ".png", grey8, "png")
         elif kind == 6:
             add(f"web/p_{i}.webp", ".webp", bgr8, "webp", [cv2.IMWRITE_WEBP_QUALITY, 101])
-        else:
+        elif kind == 7:
             add(f"tiff/scan8_{i}.tiff", ".tiff", bgr8, "tiff")
+        elif kind == 8:
+            add(f"masters/reel_{i}.jp2", ".jp2", bgr16, "jp2")
+        else:
+            add(f"masters/sheet_{i}.bmp", ".bmp", bgr8, "bmp")
     return samples
 
 

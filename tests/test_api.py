@@ -296,10 +296,10 @@ def test_preview_skip_existing_and_colliding_outputs_over_http(env, bucket, clie
     collide = client.post("/v1/jobs", json={**body, "inputs": [f"s3://{name}/in/", f"s3://{name}/again/"]})
     assert collide.status_code == 422 and "would both be written to" in collide.json()["detail"][0]["msg"]
 
-    s3.put_object(Bucket=name, Key="in/scan.jp2", Body=b"JPEG 2000 is not read")
+    s3.put_object(Bucket=name, Key="in/scan.heic", Body=b"HEIC is not read")
     seen = client.post("/v1/jobs/preview", json=body)
     assert seen.status_code == 200, seen.text
-    assert seen.json() == {"total": 1, "skipped": 0, "ignored": {".jp2": 1}, "sample": [
+    assert seen.json() == {"total": 1, "skipped": 0, "ignored": {".heic": 1}, "sample": [
         {"input": f"s3://{name}/in/{sample[0].relative}", "output": f"s3://{name}/out/{sample[0].relative}",
          "reference": None}]}
     refused = client.post("/v1/jobs/preview", json={**body, "notify_url": "hooks/deblur"})
@@ -307,9 +307,9 @@ def test_preview_skip_existing_and_colliding_outputs_over_http(env, bucket, clie
 
     first = client.post("/v1/jobs", json={**body, "notify_url": "http://127.0.0.1:9/hook"})
     assert first.status_code == 201, first.text
-    assert (first.json()["total"], first.json()["skipped"], first.json()["ignored"]) == (1, 0, {".jp2": 1})
+    assert (first.json()["total"], first.json()["skipped"], first.json()["ignored"]) == (1, 0, {".heic": 1})
     s3.put_object(Bucket=name, Key=f"out/{sample[0].relative}", Body=b"restored")
     nothing = client.post("/v1/jobs", json=body)
     assert nothing.status_code == 200, nothing.text
-    assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "ignored": {".jp2": 1},
+    assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "ignored": {".heic": 1},
                               "status_url": None}

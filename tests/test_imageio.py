@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable
 
 import cv2
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -101,6 +102,17 @@ def _png_grey_alpha16(grey: np.ndarray, alpha: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
+def _bmp_v5(rgba: np.ndarray, top_down: bool = True, ppm: int = 0) -> bytes:
+    """A 32-bit BMP with a V5 header declaring an alpha byte (Pillow and OpenCV write none), rows top first."""
+    height, width = rgba.shape[:2]
+    rows = rgba[..., [2, 1, 0, 3]] if top_down else rgba[::-1, :, [2, 1, 0, 3]]
+    pixels = np.ascontiguousarray(rows).tobytes()
+    info = struct.pack("<IiiHHIIiiII", 124, width, -height if top_down else height, 1, 32, 3, len(pixels), ppm, ppm,
+                       0, 0)
+    info += struct.pack("<IIII", 0xFF0000, 0xFF00, 0xFF, 0xFF000000) + b"BGRs" + bytes(124 - 40 - 20)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + len(pixels), 0, 0, 14 + len(info)) + info + pixels
+
+
 def _rgba(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.dstack([colour, alpha.astype(colour.dtype)])
 
@@ -135,6 +147,17 @@ CASES: dict[str, Callable[[], Case]] = {
     "webp-rgb-lossy": lambda: (_pil(RGB, "WEBP", quality=90), RGB, None, False),
     "webp-rgba-lossless": lambda: (_pil(_rgba(RGB, ALPHA), "WEBP", lossless=True, exact=True), RGB, ALPHA, True),
     "webp-rgba-lossy": lambda: (_pil(_rgba(RGB, ALPHA), "WEBP", quality=90), RGB, ALPHA, False),
+    "jp2-grey8": lambda: (_pil(GREY, "JPEG2000"), GREY, None, True),
+    "jp2-rgb8-tiled": lambda: (_pil(RGB, "JPEG2000", tile_size=(32, 32), num_resolutions=3), RGB, None, True),
+    "jp2-rgba8": lambda: (_pil(_rgba(RGB, ALPHA), "JPEG2000"), RGB, ALPHA, True),
+    "jp2-rgb8-lossy": lambda: (_pil(RGB, "JPEG2000", irreversible=True, quality_mode="rates",
+                                    quality_layers=[8]), RGB, None, False),
+    "jp2-grey8-codestream": lambda: (_pil(GREY, "JPEG2000", no_jp2=True), GREY, None, True),
+    "jp2-grey16": lambda: (imagecodecs.jpeg2k_encode(GREY16, codecformat="JP2"), GREY16, None, True),
+    "jp2-rgb16": lambda: (imagecodecs.jpeg2k_encode(RGB16, codecformat="JP2"), RGB16, None, True),
+    "bmp-grey8": lambda: (_pil(GREY, "BMP"), GREY, None, True),
+    "bmp-rgb8": lambda: (_cv(".bmp", RGB), RGB, None, True),
+    "bmp-rgba8": lambda: (_bmp_v5(_rgba(RGB, ALPHA)), RGB, ALPHA, True),
 }
 
 
@@ -153,7 +176,7 @@ def _independent_read(encoded: bytes, fmt: str) -> np.ndarray:
     """Samples as another library sees them: H×W[×C], RGB(A) order, original dtype."""
     if fmt == "tiff":
         return tifffile.imread(io.BytesIO(encoded))
-    if fmt == "webp":
+    if fmt in ("webp", "bmp"):  # OpenCV drops a BMP's alpha
         return np.asarray(Image.open(io.BytesIO(encoded)))
     array = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
     if fmt == "png" and encoded[25] == 4:  # grey+alpha, which OpenCV expands to BGRA
@@ -439,7 +462,7 @@ def test_truncated_files_are_refused_with_their_name(fmt: str) -> None:
     [
         (b"", "empty file"),
         (b"GIF89a" + bytes(40), "found GIF"),
-        (b"hello, this is not a photograph", "not PNG, JPEG, TIFF or WebP"),
+        (b"hello, this is not a photograph", "not PNG, JPEG, TIFF, WebP, JPEG 2000 or BMP"),
         (b"%PDF-1.7\n" + bytes(40), "found PDF"),
         (b"\x89PNG\r\n\x1a\n" + bytes(40), "PNG"),
         (b"\xff\xd8\xff\xe0" + bytes(40), "JPEG"),

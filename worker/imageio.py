@@ -1,17 +1,20 @@
 """Decode and encode photographs without losing what archives care about.
 
 The worker restores pixels and nothing else: everything around them goes back
-out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF and WebP (8- and
-16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the EXIF
+out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF, WebP, JPEG 2000
+and BMP (8- and 16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the EXIF
 orientation, sets the alpha channel aside untouched and hands the model
 float32 pixels in [0, 1]. :func:`encode_image` writes the restored pixels back
 in the same format, bit depth and channel layout, re-attaches the alpha
 channel byte for byte and carries the metadata over: EXIF (with orientation
 reset to 1, since the pixels are now upright), the ICC profile and XMP, plus
 the resolution, PNG text and colour chunks, and JPEG quality and chroma
-subsampling.
+subsampling. JPEG 2000 keeps its wavelet, levels, layers, progression, tiles
+and ratio, and its boxes (:mod:`worker.jpeg2000`); it has no orientation of its
+own, so its pixels are taken as stored and its EXIF block is left untouched.
 
-Pixels are decoded by OpenCV, except TIFF, which tifffile reads: OpenCV
+Pixels are decoded by OpenCV, except JPEG 2000 (OpenJPEG through imagecodecs,
+every precision kept) and TIFF, which tifffile reads: OpenCV
 premultiplies 8-bit RGBA TIFF, drops the alpha of grey+alpha TIFF and applies
 TIFF orientation by itself. OpenCV stays the fallback for palette, CMYK and
 other TIFF layouts, with the orientation tag hidden from it.
@@ -36,7 +39,9 @@ Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
 converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
 clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
 input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
-that point outside themselves may break (as with most TIFF writers).
+that point outside themselves may break (as with most TIFF writers); BMP
+keeps its resolution but not a V5 header's ICC profile, and a palette BMP comes
+back as truecolour (a grey-palette one as grey).
 """
 
 from __future__ import annotations
@@ -55,10 +60,11 @@ import numpy as np
 
 from jobs.errors import ImageDecodeError
 from jobs.settings import Settings
+from worker import jpeg2000
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("png", "jpeg", "tiff", "webp")
+FORMATS = ("png", "jpeg", "tiff", "webp", "jp2", "bmp")
 
 DEFAULT_MAX_PIXELS: int = Settings.image_max_pixels
 """Limit used when :func:`decode_image` is given no ``max_pixels``."""
@@ -75,8 +81,22 @@ _EXTENSIONS = {
     ".tif": "tiff",
     ".tiff": "tiff",
     ".webp": "webp",
+    ".jp2": "jp2",
+    ".j2k": "jp2",
+    ".j2c": "jp2",
+    ".jpc": "jp2",
+    ".bmp": "bmp",
+    ".dib": "bmp",
 }
-_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "webp": "image/webp"}
+_CONTENT_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "tiff": "image/tiff",
+    "webp": "image/webp",
+    "jp2": "image/jp2",
+    "bmp": "image/bmp",
+}
+_SUPPORTED = "PNG, JPEG, TIFF, WebP, JPEG 2000, BMP"
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -158,6 +178,7 @@ class ImageMetadata:
     tiff_compression: int = 1  # TIFF Compression tag of the input
     tiff_alpha_kind: int = 2  # TIFF ExtraSamples: 1 associated (premultiplied), 2 unassociated
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    jp2: jpeg2000.Jp2Layout | None = None  # a JPEG 2000 input's coding and its other boxes
 
     def stripped(self) -> ImageMetadata:
         """A copy without EXIF, ICC, XMP, IPTC and textual chunks; encoder hints stay."""
@@ -169,6 +190,7 @@ class ImageMetadata:
             iptc=None,
             photoshop=None,
             png_chunks=[(kind, body) for kind, body in self.png_chunks if kind in _PNG_RENDERING_CHUNKS],
+            jp2=replace(self.jp2, boxes=[]) if self.jp2 else None,
         )
 
 
@@ -236,6 +258,9 @@ class _Probe:
     orientation: int | None = None  # stated by the container itself (TIFF tag 274)
     pictures: int = 1  # full-size TIFF pages, or frames of an animated PNG or WebP
     pages: tuple[tuple[int, int, int], ...] = ()  # a TIFF's full-size pages after the first: (index, width, height)
+    bmp_truecolour: bool = False  # a BMP of 16, 24 or 32 bits a pixel, decoded as colour whatever OpenCV guesses
+    bmp_alpha: int | None = None  # a 32-bit BMP's alpha: which byte of each pixel holds it
+    keeps_orientation_tags: bool = False  # the format has no orientation: EXIF/XMP ones stay as they are
 
 
 # ---------------------------------------------------------------- public API
@@ -258,7 +283,7 @@ def content_type(fmt: str) -> str:
 
 
 def decode_image(data: bytes, name: str = "", max_pixels: int | None = None) -> DecodedImage:
-    """Decode an encoded PNG, JPEG, TIFF or WebP file into a :class:`DecodedImage`.
+    """Decode an encoded PNG, JPEG, TIFF, WebP, JPEG 2000 or BMP file into a :class:`DecodedImage`.
 
     The format is taken from the bytes, not from ``name`` (which is only used
     in error messages). Width × height is checked against ``max_pixels``
@@ -330,6 +355,10 @@ def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
         arr = arr[..., None]
     if arr.shape != image.pixels.shape:
         raise ValueError(f"pixels have shape {arr.shape}; the decoded image has {image.pixels.shape}")
+    bits = image.metadata.jp2.bits if image.metadata.jp2 else None
+    if bits is not None and bits not in (8, 16):  # a 12-bit JPEG 2000: rounded once, to its own levels, then held at full range
+        levels = np.rint(_clip_unit(np.multiply(arr, np.float32(2**bits - 1), dtype=np.float32), 2**bits - 1))
+        return jpeg2000.widen(levels.astype(image.dtype), bits)
     return quantise(arr, np.dtype(image.dtype))
 
 
@@ -347,13 +376,16 @@ def _probe(data: bytes) -> _Probe:
         return _probe_tiff(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _probe_webp(data)
+    if jpeg2000.is_jpeg2000(data):
+        return _probe_jp2(data)
+    if data[:2] == b"BM" and len(data) >= 26:
+        return _probe_bmp(data)
     raise _Unreadable(_describe_unknown(data))
 
 
 def _describe_unknown(data: bytes) -> str:
     known = {
         b"GIF8": "GIF",
-        b"BM": "BMP",
         b"%PDF": "PDF",
         b"PK\x03\x04": "a ZIP archive",
         b"\x1f\x8b": "gzip data",
@@ -362,10 +394,10 @@ def _describe_unknown(data: bytes) -> str:
     }
     for magic, what in known.items():
         if data.startswith(magic):
-            return f"found {what}; supported: PNG, JPEG, TIFF, WebP"
+            return f"found {what}; supported: {_SUPPORTED}"
     if data[4:8] == b"ftyp":
-        return f"found an ISO media file ({data[8:12].decode('latin-1')!r}); supported: PNG, JPEG, TIFF, WebP"
-    return f"{len(data)} bytes starting with {data[:8].hex(' ')}, not PNG, JPEG, TIFF or WebP"
+        return f"found an ISO media file ({data[8:12].decode('latin-1')!r}); supported: {_SUPPORTED}"
+    return f"{len(data)} bytes starting with {data[:8].hex(' ')}, not {_SUPPORTED.replace(', BMP', ' or BMP')}"
 
 
 def _probe_png(data: bytes) -> _Probe:
@@ -595,6 +627,45 @@ def _probe_webp(data: bytes) -> _Probe:
     if found is None:
         raise _Unreadable("WebP without image data")
     return _Probe("webp", found[0], found[1], metadata, pictures=max(frames, 1))
+
+
+def _probe_jp2(data: bytes) -> _Probe:
+    try:
+        header = jpeg2000.read_header(data)
+    except jpeg2000.Jp2Error as exc:
+        raise _Unreadable(str(exc)) from None
+    metadata = ImageMetadata(
+        exif=header.exif, icc=header.icc, xmp=header.xmp, iptc=header.iptc, dpi=header.dpi, jp2=header.layout
+    )
+    return _Probe("jp2", header.width, header.height, metadata, grey_alpha=header.components == 2, orientation=1,
+                  keeps_orientation_tags=True)
+
+
+def _probe_bmp(data: bytes) -> _Probe:
+    """A Windows bitmap's size, resolution and alpha from its headers (core, info, V2-V5)."""
+    offset, header_size = struct.unpack_from("<II", data, 10)
+    compression, ppm = 0, (0, 0)
+    if header_size == 12:  # OS/2 core header
+        width, height, _planes, bits = struct.unpack_from("<HHHH", data, 18)
+    elif header_size >= 40 and len(data) >= 54:
+        width, height, _planes, bits, compression, _size, ppm_x, ppm_y = struct.unpack_from("<iiHHIIii", data, 18)
+        ppm = (ppm_x, ppm_y)
+    else:
+        raise _Unreadable(f"corrupt BMP: a header of {header_size} bytes")
+    if compression in (4, 5):
+        raise _Unreadable("a BMP holding a JPEG or PNG stream is not supported; save it as PNG or a plain BMP")
+    if width <= 0 or height == 0 or bits not in (1, 2, 4, 8, 16, 24, 32):
+        raise _Unreadable(f"corrupt BMP: {width}x{height} pixels of {bits} bits")
+    if compression in (0, 3, 6):  # uncompressed rows, padded to four bytes
+        end = offset + ((width * bits + 31) // 32) * 4 * abs(height)
+        if end > len(data):
+            raise _Unreadable(f"truncated BMP: pixel data ends at byte {end}, file has {len(data)}")
+    alpha = None
+    if bits == 32 and compression in (3, 6) and (header_size >= 56 or compression == 6) and len(data) >= 70:
+        (mask,) = struct.unpack_from("<I", data, 66)
+        alpha = {0xFF: 0, 0xFF00: 1, 0xFF0000: 2, 0xFF000000: 3}.get(mask)
+    dpi = (ppm[0] * 0.0254, ppm[1] * 0.0254) if min(ppm) > 0 else None
+    return _Probe("bmp", width, abs(height), ImageMetadata(dpi=dpi), bmp_truecolour=bits > 8, bmp_alpha=alpha)
 
 
 def _probe_tiff(data: bytes) -> _Probe:
@@ -840,6 +911,12 @@ def _xmp_upright(xmp: bytes) -> bytes:
 
 def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
     """Decoded samples H×W×C in their own dtype, and whether colour is BGR."""
+    if probe.format == "jp2":
+        assert probe.metadata.jp2 is not None
+        try:
+            return jpeg2000.decode(data, probe.metadata.jp2.bits), False
+        except jpeg2000.Jp2Error as exc:
+            raise _Unreadable(str(exc)) from None
     if probe.format == "tiff":
         samples = _tiff_samples(data)
         if samples is not None:
@@ -849,8 +926,10 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
             # hide it so that every path is oriented once, in _assemble.
             data = _upright(data, _orientation_slot(data))
     buffer = np.frombuffer(data, np.uint8)
+    # OpenCV reads an OS/2 bitmap's colour as grey, and a 32-bit one's fourth byte as alpha or not by its own rules
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION if probe.bmp_truecolour else cv2.IMREAD_UNCHANGED
     try:
-        samples = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        samples = cv2.imdecode(buffer, flags)
     except cv2.error as exc:
         raise _Unreadable(f"{probe.format.upper()} decoder failed: {exc.err}") from None
     if samples is None:
@@ -859,7 +938,21 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
         samples = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if samples.ndim == 2:
         samples = samples[..., None]
+    if probe.bmp_alpha is not None:
+        alpha = _bmp_alpha(data, probe.bmp_alpha, samples.shape[:2])
+        if alpha.any():  # all zero: the writer left the byte unused (browsers show such files opaque)
+            samples = np.dstack([samples, alpha])
     return samples, True
+
+
+def _bmp_alpha(data: bytes, byte: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The alpha bytes of an uncompressed 32-bit BMP (OpenCV drops them), top row first."""
+    offset = struct.unpack_from("<I", data, 10)[0]
+    (height,) = struct.unpack_from("<i", data, 22)
+    rows, cols = shape
+    pixels = np.frombuffer(data, np.uint8, count=rows * cols * 4, offset=offset).reshape(rows, cols, 4)
+    alpha = pixels[..., byte]
+    return np.ascontiguousarray(alpha[::-1] if height > 0 else alpha)  # positive height: bottom row first
 
 
 def _tiff_samples(data: bytes) -> np.ndarray | None:
@@ -930,9 +1023,9 @@ def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
     colour = _orient(colour, orientation)
     alpha = None if alpha is None else np.ascontiguousarray(_orient(alpha, orientation))
     metadata.orientation = orientation
-    if metadata.exif is not None:
+    if metadata.exif is not None and not probe.keeps_orientation_tags:
         metadata.exif = _upright(metadata.exif, _exif_orientation_slot(metadata.exif))
-    if metadata.xmp is not None:
+    if metadata.xmp is not None and not probe.keeps_orientation_tags:
         metadata.xmp = _xmp_upright(metadata.xmp)
     if orientation in (5, 6, 7, 8) and metadata.dpi is not None:
         metadata.dpi = (metadata.dpi[1], metadata.dpi[0])
@@ -1280,10 +1373,40 @@ def _tiff_append_subifds(encoded: bytes, subifds: dict[int, dict[int, Any]]) -> 
     return bytes(out)
 
 
+def _encode_jp2(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
+    array = _stack(samples, alpha, bgr=False)
+    layout = meta.jp2 or jpeg2000.Jp2Layout(bits=8 * array.dtype.itemsize)
+    return jpeg2000.encode(array, layout, icc=meta.icc, xmp=meta.xmp, exif=meta.exif, iptc=meta.iptc)
+
+
+def _encode_bmp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
+    """An uncompressed BMP: 8-bit grey with a grey palette, 24-bit colour, or 32-bit with a declared alpha byte."""
+    array = _stack(samples, alpha, bgr=True)
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    stride = (width * channels + 3) // 4 * 4
+    rows = np.zeros((height, stride), np.uint8)
+    rows[:, : width * channels] = array[::-1].reshape(height, width * channels)  # bottom row first
+    ppm = tuple(round(d / 0.0254) for d in meta.dpi) if meta.dpi else (0, 0)
+    if channels == 4:  # V4 header: bit fields with an alpha mask, sRGB
+        info = struct.pack("<IiiHHIIiiII", 108, width, height, 1, 32, 3, rows.size, *ppm, 0, 0)
+        info += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + bytes(48)
+        palette = b""
+    else:
+        info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8 * channels, 0, rows.size, *ppm, 0, 0)
+        palette = np.repeat(np.arange(256, dtype=np.uint8), 4).reshape(256, 4) if channels == 1 else None
+        palette = b"" if palette is None else (palette * np.array([1, 1, 1, 0], np.uint8)).tobytes()
+    offset = 14 + len(info) + len(palette)
+    head = b"BM" + struct.pack("<IHHI", offset + rows.size, 0, 0, offset)
+    return head + info + palette + rows.tobytes()
+
+
 _Encoder = Callable[[np.ndarray, np.ndarray | None, ImageMetadata, int | None], bytes]
 _ENCODERS: dict[str, _Encoder] = {
     "png": _encode_png,
     "jpeg": _encode_jpeg,
     "tiff": _encode_tiff,
     "webp": _encode_webp,
+    "jp2": _encode_jp2,
+    "bmp": _encode_bmp,
 }

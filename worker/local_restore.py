@@ -21,7 +21,7 @@ from jobs.errors import DeblurError, InputError
 from jobs.layout import is_kernel_artefact
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
-from jobs.storage import IMAGE_SUFFIXES, is_image_key
+from jobs.storage import READ_FORMATS, is_image_key
 from models.catalog import parse_ensemble
 from models.tone import LIGHT_CHOICES, LIGHT_HELP
 from producer.inputs import describe_ignored, ignored_kind
@@ -60,7 +60,7 @@ def plan_outputs(inputs: Sequence[Path], output: Path,
         others = Counter(ignored_kind(p.name) for p in files if not is_image_key(p.name) or is_kernel_artefact(p.name))
         if not images:
             found = f"; found only {describe_ignored(others)}" if others else ""
-            raise InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in folder {path}{found}")
+            raise InputError(f"no images ({READ_FORMATS}) found in folder {path}{found}")
         if ignored is not None:
             ignored.update(others)
         planned.extend((image, output / image.relative_to(path)) for image in images)
