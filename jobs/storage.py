@@ -6,6 +6,7 @@ listing is a generator over pages, so memory stays flat for any prefix size.
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Iterator
 
@@ -126,7 +127,31 @@ def get_bytes(client, uri: S3URI) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def put_bytes(client, uri: S3URI, data: bytes, content_type: str = "application/octet-stream") -> None:  # type: ignore[no-untyped-def]
+    """Upload ``data``; the store checks it against a SHA-256 sent with it, and keeps that for :func:`stored_sha256`."""
     try:
-        client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type)
+        client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
+                          ChecksumAlgorithm="SHA256")
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, str(uri)) from None
+
+
+def stored_sha256(client, uri: S3URI) -> str | None:  # type: ignore[no-untyped-def]
+    """The hex SHA-256 the store keeps for an object (one HEAD request, no data read).
+
+    None when it keeps none: the object was uploaded without one, or in parts
+    (a checksum of checksums), or the store does not keep checksums.
+
+    Raises:
+        StorageNotFoundError: no such object.
+    """
+    try:
+        head = client.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED")
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, str(uri)) from None
+    value = head.get("ChecksumSHA256")
+    if not value or "-" in value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    try:
+        return base64.b64decode(value, validate=True).hex()
+    except ValueError:
+        return None

@@ -364,11 +364,16 @@ def cancel(job: str) -> None:
 @option("--mark-failed", is_flag=True,
         help="Record the images whose output is missing or changed as failed, so 'deblur retry JOB --failed' "
              "restores them again.")
-def verify(job: str, mark_failed: bool) -> None:
+@option("--quick", is_flag=True,
+        help="Ask the store for the SHA-256 it keeps with each output (one HEAD request) instead of reading the "
+             "output back: no egress, and it still finds deleted, replaced or truncated outputs. Outputs whose "
+             "store keeps no SHA-256 are read in full.")
+def verify(job: str, mark_failed: bool, quick: bool) -> None:
     """Check that every done image's output is still in storage, byte for byte as written.
 
-    Reads each output back and compares its SHA-256 with the one the worker recorded when it wrote it.
-    Exit code 1 if any output is missing or changed.
+    Reads each output back and compares its SHA-256 with the one the worker recorded when it wrote it
+    (with --quick, compares the SHA-256 the store kept from the upload instead). Exit code 1 if any output is
+    missing or changed.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -381,10 +386,15 @@ def verify(job: str, mark_failed: bool) -> None:
     with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("verify", total=total)
-        found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n))
+        found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n),
+                               quick=quick)
     console.print(f"job {job}: {found.checked} outputs checked, {found.intact} intact, {len(found.missing)} missing, "
                   f"{len(found.changed)} changed" + (f", {found.unrecorded} present but written before checksums "
                                                      "were recorded" if found.unrecorded else ""), soft_wrap=True)
+    if quick:
+        read = found.checked - found.by_store_checksum - len(found.missing)
+        console.print(f"  {found.by_store_checksum} compared by the checksum the store keeps, {read} read back in "
+                      "full (no checksum kept)", soft_wrap=True)
     for label, pairs in (("missing", found.missing), ("changed", found.changed)):
         for input_uri, output in pairs[:20]:
             console.print(f"  {label}: {escape(output)} (from {escape(input_uri)})", soft_wrap=True)

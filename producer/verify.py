@@ -7,6 +7,14 @@ writing to the same prefix, a botched sync). Verification reads every done
 image's output back, hashes it and compares; with ``mark_failed`` the missing
 and changed ones become failed images, so ``deblur retry JOB --failed``
 restores them again.
+
+Reading back a million outputs costs their whole size in egress. Workers also
+send each output's SHA-256 with its upload, and S3 keeps it with the object, so
+``quick`` asks the store for it (a HEAD request) instead of reading the bytes.
+That catches deleted, replaced and truncated outputs; it trusts the store to
+have kept the bytes it acknowledged, which the full check does not. An output
+whose store holds no SHA-256 (written before checksums were sent, replaced
+without one, or a store that keeps none) is read in full even then.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from db.engine import ensure_schema, session_scope
 from jobs.errors import StorageNotFoundError
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
-from jobs.storage import get_bytes, s3_client
+from jobs.storage import get_bytes, s3_client, stored_sha256
 
 PAGE = 1000  # image rows read from SQL at a time
 
@@ -34,6 +42,7 @@ class Verification:
     checked: int = 0
     intact: int = 0
     unrecorded: int = 0  # outputs present but written before checksums were recorded: existence only
+    by_store_checksum: int = 0  # judged by the SHA-256 the store keeps (quick), without reading the output
     missing: list[tuple[str, str]] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
 
@@ -55,21 +64,29 @@ def _done_pages(settings: Settings, job_id: str) -> Iterator[list[dict[str, Any]
         offset += PAGE
 
 
-def _check(client: Any, row: dict[str, Any]) -> str:
-    """'intact', 'unrecorded', 'missing' or 'changed' for one done image's output."""
+def _check(client: Any, row: dict[str, Any], quick: bool) -> tuple[str, bool]:
+    """'intact', 'unrecorded', 'missing' or 'changed' for one done image's output, and whether the store's
+    checksum decided it (``quick`` and the store keeps one) rather than the bytes read back."""
+    uri = parse_s3_uri(row["output"], want_prefix=False)
     try:
-        data = get_bytes(client, parse_s3_uri(row["output"], want_prefix=False))
+        if quick and row["output_sha256"]:
+            kept = stored_sha256(client, uri)
+            if kept is not None:
+                return ("intact" if kept == row["output_sha256"] else "changed"), True
+        data = get_bytes(client, uri)
     except StorageNotFoundError:
-        return "missing"
+        return "missing", False
     if not row["output_sha256"]:
-        return "unrecorded"
-    return "intact" if hashlib.sha256(data).hexdigest() == row["output_sha256"] else "changed"
+        return "unrecorded", False
+    return ("intact" if hashlib.sha256(data).hexdigest() == row["output_sha256"] else "changed"), False
 
 
 def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
-                   progress: Callable[[int], None] | None = None) -> Verification:
+                   progress: Callable[[int], None] | None = None, quick: bool = False) -> Verification:
     """Read back and hash the output of every done image of ``job_id``.
 
+    With ``quick``, an output whose store keeps its SHA-256 is compared by
+    that instead of being read (see the module's docstring).
     ``progress`` is told the running count of images checked. With
     ``mark_failed``, missing and changed outputs are recorded as failed images
     (their error says which), ready for ``deblur retry --failed``.
@@ -86,8 +103,10 @@ def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
     found = Verification()
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
         for page in _done_pages(settings, job_id):
-            for row, verdict in zip(page, pool.map(lambda r: _check(client, r), page), strict=True):
+            for row, (verdict, by_store) in zip(page, pool.map(lambda r: _check(client, r, quick), page),
+                                                strict=True):
                 found.checked += 1
+                found.by_store_checksum += by_store
                 if verdict == "intact":
                     found.intact += 1
                 elif verdict == "unrecorded":

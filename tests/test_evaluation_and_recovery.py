@@ -328,6 +328,51 @@ def test_verify_finds_outputs_deleted_or_changed_since_they_were_written(env) ->
     assert retried.exit_code == 0 and "re-enqueued 2 images" in retried.output
 
 
+def test_quick_verify_compares_the_checksum_the_store_keeps_instead_of_reading_outputs(env) -> None:  # type: ignore[no-untyped-def]
+    """Workers send each output's SHA-256 with its upload; 'deblur verify --quick' asks the store for it (HEAD)
+    and reads back only the outputs whose store keeps none, so a million outputs cost no egress."""
+    from click.testing import CliRunner
+
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from jobs.storage import s3_client
+    from producer.cli import main
+    from producer.client import Client
+    from worker.pipeline import run_batch
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="quick")
+    for i, pair in enumerate(_pairs() * 2):
+        s3.put_object(Bucket="quick", Key=f"in/{i}.png", Body=_png(pair[1]))
+    job_id = run_cli("submit", "s3://quick/in/", "--output", "s3://quick/out/", "--model", "wiener", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    run_batch(BatchMessage.from_payload(args[0]), load_settings())
+
+    reads: list[str] = []
+    client = s3_client(load_settings())  # the per-process client verification uses
+
+    def count(params, **_: object) -> None:  # type: ignore[no-untyped-def]
+        reads.append(params["Key"])
+    client.meta.events.register("before-parameter-build.s3.GetObject", count)
+    try:
+        found = Client().verify(job_id, quick=True)
+        assert (found.checked, found.intact, found.by_store_checksum, reads) == (4, 4, 4, [])
+
+        s3.delete_object(Bucket="quick", Key="out/1.png")
+        s3.put_object(Bucket="quick", Key="out/2.png", Body=b"replaced by a sync that sends no SHA-256")
+        s3.put_object(Bucket="quick", Key="out/3.png", Body=b"replaced, with a SHA-256", ChecksumAlgorithm="SHA256")
+        result = CliRunner().invoke(main, ["verify", job_id, "--quick"])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "4 outputs checked, 1 intact, 1 missing, 2 changed" in message
+        assert "2 compared by the checksum the store keeps, 1 read back in full" in message
+        assert reads == ["out/2.png"]  # only the output whose store kept no SHA-256
+        assert "changed: s3://quick/out/3.png" in message and "missing: s3://quick/out/1.png" in message
+    finally:
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", count)
+    full = Client().verify(job_id)
+    assert (len(full.missing), len(full.changed), full.by_store_checksum) == (1, 2, 0)  # the bytes agree
+
+
 def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_batch_finishes(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """A poison image (one whose restoration takes the worker down: out of memory, a crash) once took down every
