@@ -34,3 +34,18 @@ def is_kernel_artefact(key: str) -> bool:
     restore its kernels as photographs.
     """
     return bool(_KERNEL_ARTEFACT.search(key.rsplit("/", 1)[-1]))
+
+
+OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "webp": ".webp", "jp2": ".jp2",
+                                  "bmp": ".bmp"}
+"""Formats an output can be converted to (``--output-format``), and the extension its key then takes."""
+
+
+def with_output_format(relative: str, output_format: str | None) -> str:
+    """An output's relative path, its extension swapped for ``output_format``'s (unchanged when it is None):
+    ``1931/reel.jpg`` as ``png`` is ``1931/reel.png``; a key without an extension gains one."""
+    if output_format is None:
+        return relative
+    head, _, name = relative.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return f"{head}/{stem}{OUTPUT_FORMATS[output_format]}" if head else stem + OUTPUT_FORMATS[output_format]

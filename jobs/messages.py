@@ -15,6 +15,10 @@ JobKind = Literal["deblur", "evaluate"]
 
 PROCESS_BATCH_TASK = "deblur.process_batch"
 
+OPTIONAL_FIELDS = ("output_format", "quality")
+"""Batch fields added after version 1: left out of a payload when unset, so that workers which do not know them
+(and refuse unknown fields) still take every batch that does not use them, and refuse those that do."""
+
 
 class ImageItem(BaseModel):
     """One image of a batch: where to read it, where to write it, what to compare with."""
@@ -42,6 +46,8 @@ class BatchMessage(BaseModel):
     align: bool = False  # evaluations: RealBlur protocol (intensity matching + ECC homography) before metrics
     crop_border: int = Field(default=0, ge=0)  # evaluations: pixels ignored at each border
     images: list[ImageItem] = Field(min_length=1)
+    output_format: str | None = None  # write outputs in this format instead of the input's (jobs.layout)
+    quality: int | None = Field(default=None, ge=1, le=100)  # JPEG / lossy WebP outputs
 
     @classmethod
     def from_payload(cls, payload: dict) -> "BatchMessage":

@@ -152,6 +152,12 @@ class JobSubmission(BaseModel):
     skip_existing: bool = Field(
         False, description="Leave out images whose output already exists under output (e.g. a nightly run that "
                            "restores only new scans). When that leaves none, no job is made: id is null (200).")
+    output_format: Literal["png", "jpeg", "tiff", "webp", "jp2", "bmp"] | None = Field(  # jobs.layout.OUTPUT_FORMATS
+        None, description="Deblur jobs: write every output in this format, its key's extension changed to match "
+                          "(scan.jpg → scan.png), e.g. png or tiff to keep restorations of JPEGs lossless. An "
+                          "image the format cannot hold (alpha as jpeg) fails alone. Unset: each input's format.")
+    quality: int | None = Field(None, ge=1, le=100, description="Deblur jobs: quality of JPEG and lossy WebP "
+                                                                "outputs (unset: a JPEG input's own, else 95).")
 
     def to_request(self, job_key: str | None) -> JobRequest:
         return JobRequest(
@@ -159,7 +165,7 @@ class JobSubmission(BaseModel):
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
-            notify_url=self.notify_url,
+            notify_url=self.notify_url, output_format=self.output_format, quality=self.quality,
         )
 
 

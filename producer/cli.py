@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from jobs.errors import DeblurError, InputError
+from jobs.layout import OUTPUT_FORMATS
 from jobs.settings import HELP, Settings, load_settings
 from models.tone import LIGHT_CHOICES, LIGHT_HELP  # not models.catalog: every command would import it
 
@@ -212,6 +213,13 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
         help="Leave out images whose output already exists under --output, e.g. to restore only the scans added "
              "to a prefix since the last run (the output prefix is listed once). With none left, nothing is "
              "submitted and the exit code is 0.")
+@option("--output-format", type=click.Choice(list(OUTPUT_FORMATS)), default=None,
+        help="Write every output in this format, its key's extension changed to match (scan.jpg → scan.png), "
+             "instead of the input's format: e.g. png or tiff to keep restorations of JPEGs lossless. Depth, "
+             "alpha and EXIF/ICC/XMP are kept where the format holds them; an image it cannot hold (alpha as "
+             "jpeg, a multi-page TIFF as anything but tiff) fails alone. Default: each input's own format.")
+@option("--quality", type=click.IntRange(1, 100), default=None,
+        help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
 @option("--dry-run", is_flag=True,
         help="Validate everything and print how many images would be submitted and where the first ones would be "
              "written; write and enqueue nothing.")
@@ -219,7 +227,8 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
            batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
-           notify_url: str | None, skip_existing: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
+           notify_url: str | None, skip_existing: bool, output_format: str | None, quality: int | None,
+           dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -231,7 +240,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
-                         ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url)
+                         ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url,
+                         output_format=output_format, quality=quality)
     _submit_and_report(request, wait, quiet, dry_run)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
-from jobs.layout import is_kernel_artefact
+from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, with_output_format
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.storage import READ_FORMATS, check_bucket, is_image_key, iter_objects, object_exists
@@ -77,6 +77,7 @@ class Plan:
     output: S3URI | None
     references: S3URI | None = None  # sharp prefix for evaluation jobs
     gopro: bool = False
+    output_format: str | None = None  # outputs converted to this format (jobs.layout.OUTPUT_FORMATS), keys renamed
 
     def items(self, client, ignored: Counter[str] | None = None) -> Iterator[ImageItem]:  # type: ignore[no-untyped-def]
         """Every image to process, lazily, with its output and reference URIs.
@@ -98,11 +99,7 @@ class Plan:
                         if "/blur/" not in "/" + relative:
                             continue
                         reference = source.uri.join(_gopro_sharp(relative))
-                        yield ImageItem(
-                            input=str(uri),
-                            output=str(self.output.join(relative)) if self.output else None,
-                            reference=str(reference),
-                        )
+                        yield ImageItem(input=str(uri), output=self._output(relative), reference=str(reference))
                         continue
                     yield self._item(uri, relative, client)
             elif source.path is not None:
@@ -112,20 +109,21 @@ class Plan:
                         reference = parse_s3_uri(fields[1], want_prefix=False) if len(fields) > 1 and fields[1] else None
                     except InvalidURIError as exc:
                         raise InvalidURIError(f"{source.path}:{number}: {exc}") from None
-                    out = self.output.join(uri.key) if self.output else None
-                    yield ImageItem(input=str(uri), output=str(out) if out else None,
+                    yield ImageItem(input=str(uri), output=self._output(uri.key),
                                     reference=str(reference) if reference else None)
 
     def check_outputs(self, client) -> None:  # type: ignore[no-untyped-def]
         """Refuse a plan in which an output would overwrite an input, or two inputs share one output.
 
         A single prefix or key cannot (its relative paths are distinct, and an output prefix inside the input
-        prefix is refused by :func:`build_plan`), so it is not listed twice. Several sources or a manifest can:
+        prefix is refused by :func:`build_plan`), so it is not listed twice, unless outputs change format:
+        ``a.jpg`` and ``a.tif`` both become ``a.png``. Several sources or a manifest can:
         two folders each holding ``IMG_0001.jpg`` mirrored into one output prefix, a key listed from two buckets,
         or an output prefix over the manifest's own keys. Their items are listed once here, before anything is
         written, keeping 8-byte digests (about 70 MB for a million images); an input named twice is one image.
         """
-        if self.output is None or (len(self.sources) == 1 and self.sources[0].kind != "manifest"):
+        single = len(self.sources) == 1 and self.sources[0].kind != "manifest"
+        if self.output is None or (single and self.output_format is None):
             return
         inputs: set[bytes] = set()
         outputs: dict[bytes, bytes] = {}  # output digest -> digest of the input written there
@@ -152,9 +150,12 @@ class Plan:
         return {digest(str(uri)) for uri, _size in iter_objects(client, self.output)}
 
     def _item(self, uri: S3URI, relative: str, client) -> ImageItem:  # type: ignore[no-untyped-def]
-        out = self.output.join(relative) if self.output else None
         ref = self.references.join(relative) if self.references else None
-        return ImageItem(input=str(uri), output=str(out) if out else None, reference=str(ref) if ref else None)
+        return ImageItem(input=str(uri), output=self._output(relative), reference=str(ref) if ref else None)
+
+    def _output(self, relative: str) -> str | None:
+        """Where the image at ``relative`` (to its prefix, or a manifest key) is written, in the output format."""
+        return str(self.output.join(with_output_format(relative, self.output_format))) if self.output else None
 
 
 KERNEL_KIND = "kernel PNG"
@@ -209,6 +210,7 @@ def build_plan(
     references: str | None = None,
     gopro: bool = False,
     require_output: bool = True,
+    output_format: str | None = None,
 ) -> Plan:
     """Parse and check every argument against storage; raise before anything is written.
 
@@ -217,6 +219,8 @@ def build_plan(
     """
     if not inputs:
         raise InputError("no input given; name S3 keys, prefixes (s3://bucket/prefix/) or a manifest file")
+    if output_format is not None and output_format not in OUTPUT_FORMATS:
+        raise InputError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     sources = [classify(text) for text in inputs]
     out_uri: S3URI | None = None
     if output:
@@ -240,7 +244,7 @@ def build_plan(
                 "read back as inputs next time; choose an output prefix outside the input"
             )
         if out_uri is not None and source.kind == "key" and source.uri is not None \
-                and out_uri.join(source.uri.name) == source.uri:
+                and out_uri.join(with_output_format(source.uri.name, output_format)) == source.uri:
             raise InvalidURIError(f"output {out_uri} would overwrite the input {source.uri}")
         if source.kind == "manifest" and source.path is not None:
             try:
@@ -253,4 +257,4 @@ def build_plan(
                 parse_s3_uri(first[1][0], want_prefix=False)
             except InvalidURIError as exc:
                 raise InvalidURIError(f"{source.path}:{first[0]}: {exc}") from None
-    return Plan(sources, out_uri, ref_uri, gopro)
+    return Plan(sources, out_uri, ref_uri, gopro, output_format)

@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
-from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.messages import OPTIONAL_FIELDS, PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import IMAGE_SUFFIXES, s3_client
@@ -50,6 +50,8 @@ class JobRequest:
     light: str | None = None  # "linear": every member that can undoes the blur in linear light (real camera shake)
     notify_url: str | None = None  # POSTed a JSON summary each time the job finishes (jobs.notify)
     skip_existing: bool = False  # leave out images whose output already exists (a nightly run over a growing prefix)
+    output_format: str | None = None  # write every output in this format (jobs.layout.OUTPUT_FORMATS), keys renamed
+    quality: int | None = None  # JPEG and lossy WebP outputs: 1-100 instead of the input's own (JPEG) or 95
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -116,12 +118,17 @@ def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequ
     Submission and retries both build messages here, so a retried batch is
     processed exactly like the original one.
     """
-    return BatchMessage(
+    payload = BatchMessage(
         job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
         strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
         output_root=spec.get("output"), align=bool(spec.get("align", False)),
         crop_border=int(spec.get("crop_border", 0)), images=list(images),
+        output_format=spec.get("output_format"), quality=spec.get("quality"),
     ).model_dump(mode="json")
+    for key in OPTIONAL_FIELDS:  # unset, they stay out, so a worker of the release before them still takes the batch
+        if payload[key] is None:
+            del payload[key]
+    return payload
 
 
 def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
@@ -154,10 +161,14 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         raise InputError("--align and --crop-border apply to evaluation jobs only")
     if request.kind == "deblur" and not request.output:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
+    if request.kind == "evaluate" and (request.output_format or request.quality):
+        raise InputError("--output-format and --quality apply to deblur jobs only")
+    if request.quality is not None and not 1 <= request.quality <= 100:
+        raise InputError(f"--quality must be within 1..100, got {request.quality}")
     client = s3_client(settings)
     plan = build_plan(
         client, request.inputs, request.output, request.references, request.gopro,
-        require_output=request.kind == "deblur",
+        require_output=request.kind == "deblur", output_format=request.output_format,
     )
     if request.kind == "evaluate" and plan.references is None and not plan.gopro and not any(
         s.kind == "manifest" for s in plan.sources
@@ -238,6 +249,8 @@ def submit(
         "light": request.light,
         "skip_existing": request.skip_existing,
         "notify_url": request.notify_url,
+        "output_format": request.output_format,
+        "quality": request.quality,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)

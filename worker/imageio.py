@@ -58,7 +58,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from jobs.errors import ImageDecodeError
+from jobs.errors import ImageDecodeError, InputError
 from jobs.settings import Settings
 from worker import jpeg2000
 
@@ -346,6 +346,53 @@ def encode_image(
     for page, page_pixels in zip(image.pages, pages, strict=True):
         encoded = _append_tiff_page(encoded, _samples_for(page, page_pixels), page.alpha, page.metadata)
     return encoded
+
+
+# Sample types each format can store, in order of preference when converting to it.
+_FORMAT_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    "png": (np.dtype(np.uint8), np.dtype(np.uint16)),
+    "jpeg": (np.dtype(np.uint8),),
+    "tiff": (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)),
+    "webp": (np.dtype(np.uint8),),
+    "jp2": (np.dtype(np.uint8), np.dtype(np.uint16)),
+    "bmp": (np.dtype(np.uint8),),
+}
+
+
+def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
+    """``image`` to be written as ``fmt`` instead of its own format, e.g. a JPEG whose restoration an archive
+    keeps lossless as PNG or TIFF. The pixels the models see are unchanged; only how they are stored changes.
+
+    The sample type is kept where ``fmt`` stores it, else the nearest it does (16-bit becomes 8-bit for JPEG,
+    WebP and BMP; float becomes 16-bit for PNG and JPEG 2000); an alpha channel follows it. EXIF, ICC, XMP,
+    IPTC and the resolution travel to every format that holds them; the input format's coding hints do not
+    (a TIFF is written with Deflate, a JPEG 2000 losslessly, a JPEG at 95 or the quality asked for).
+
+    Raises:
+        InputError: the image cannot be written as ``fmt`` (alpha to JPEG, a multi-page TIFF to a
+            single-picture format); the message says which formats can.
+    """
+    if fmt not in _ENCODERS:
+        raise ValueError(f"unknown image format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt == image.format:
+        return image
+    if image.pages and fmt != "tiff":
+        raise InputError(f"a multi-page TIFF ({len(image.pages) + 1} pages) cannot be written as "
+                               f"{fmt.upper()}, which holds one picture; write it as TIFF (or the input's format)")
+    if image.alpha is not None and fmt == "jpeg":
+        raise InputError("the image has an alpha channel, which JPEG cannot hold; write it as PNG, TIFF, "
+                               "WebP or JPEG 2000")
+    allowed = _FORMAT_DTYPES[fmt]
+    dtype = np.dtype(image.dtype)
+    if dtype not in allowed:
+        dtype = allowed[-1] if dtype.itemsize > allowed[-1].itemsize else allowed[0]
+    meta = image.metadata
+    converted = ImageMetadata(exif=meta.exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc, photoshop=meta.photoshop,
+                              orientation=meta.orientation, dpi=meta.dpi, tiff_compression=8)
+    alpha = image.alpha
+    if alpha is not None and alpha.dtype != dtype:
+        alpha = quantise(_to_unit(alpha), dtype)
+    return replace(image, format=fmt, dtype=dtype, alpha=alpha, metadata=converted)
 
 
 def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
@@ -1224,9 +1271,7 @@ def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
 def _encode_webp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, quality: int | None) -> bytes:
     from PIL import Image
 
-    array = _stack(samples, alpha, bgr=False)
-    if array.ndim == 2:  # WebP has no grey mode; OpenCV never decodes one to grey either
-        array = np.dstack([array] * 3)
+    array = _grey_as_colour(_stack(samples, alpha, bgr=False))  # WebP has no grey mode
     out = io.BytesIO()
     lossless = bool(meta.webp_lossless)
     options: dict[str, Any] = {
@@ -1243,6 +1288,15 @@ def _encode_webp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
         options["xmp"] = meta.xmp
     Image.fromarray(array).save(out, "WEBP", **options)
     return out.getvalue()
+
+
+def _grey_as_colour(array: np.ndarray) -> np.ndarray:
+    """Grey (H×W) or grey+alpha (H×W×2) samples repeated into RGB or RGBA; colour passes through."""
+    if array.ndim == 2:
+        return np.dstack([array] * 3)
+    if array.shape[2] == 2:
+        return np.dstack([array[..., :1]] * 3 + [array[..., 1:]])
+    return array
 
 
 def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
@@ -1382,6 +1436,8 @@ def _encode_jp2(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetada
 def _encode_bmp(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
     """An uncompressed BMP: 8-bit grey with a grey palette, 24-bit colour, or 32-bit with a declared alpha byte."""
     array = _stack(samples, alpha, bgr=True)
+    if array.ndim == 3 and array.shape[2] == 2:  # grey+alpha, converted from another format: BMP has no such layout
+        array = _grey_as_colour(array)
     height, width = array.shape[:2]
     channels = 1 if array.ndim == 2 else array.shape[2]
     stride = (width * channels + 3) // 4 * 4

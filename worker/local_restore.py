@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import is_kernel_artefact
+from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_image_key
@@ -29,14 +29,15 @@ from producer.inputs import describe_ignored, ignored_kind
 console = Console(stderr=True)
 
 
-def plan_outputs(inputs: Sequence[Path], output: Path,
-                 ignored: Counter[str] | None = None) -> list[tuple[Path, Path]]:
+def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | None = None,
+                 output_format: str | None = None) -> list[tuple[Path, Path]]:
     """Each image to restore with the file its restoration goes to.
 
     A file goes to ``output/<its name>``; a folder's images (``IMAGE_SUFFIXES``,
     found at any depth, in sorted order; kernel PNGs written by an earlier run
     left out) go to ``output/<their path inside the folder>``, as a prefix's
-    outputs mirror it in S3. The other files a folder holds are counted in
+    outputs mirror it in S3. With ``output_format``, each name takes that
+    format's extension. The other files a folder holds are counted in
     ``ignored`` by kind (:func:`producer.inputs.ignored_kind`).
 
     Raises:
@@ -49,7 +50,7 @@ def plan_outputs(inputs: Sequence[Path], output: Path,
     out = output.resolve()
     for path in inputs:
         if not path.is_dir():
-            planned.append((path, output / path.name))
+            planned.append((path, output / with_output_format(path.name, output_format)))
             continue
         folder = path.resolve()
         if out == folder or folder in out.parents:
@@ -63,7 +64,8 @@ def plan_outputs(inputs: Sequence[Path], output: Path,
             raise InputError(f"no images ({READ_FORMATS}) found in folder {path}{found}")
         if ignored is not None:
             ignored.update(others)
-        planned.extend((image, output / image.relative_to(path)) for image in images)
+        planned.extend((image, output / with_output_format(image.relative_to(path).as_posix(), output_format))
+                       for image in images)
     targets: dict[Path, Path] = {}
     for source, target in planned:
         if target.resolve() == source.resolve():
@@ -88,14 +90,14 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
 
     work = Work(ImageItem(input=str(path)), ImageOutcome(input_uri=str(path), status="done"))
     work.data = path.read_bytes()
-    decode_work(work, load_settings())
+    decode_work(work, load_settings(), message.output_format)
     if work.outcome.status != "done":
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
     restore_work(work, message, on_model)
     add_no_reference_metrics(work)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
-                                    pages=work.restored_pages))
+                                    quality=message.quality, pages=work.restored_pages))
     for model, kernel in work.kernels.items():
         (target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
     return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
@@ -112,8 +114,13 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
               help="1 = fully restored, 0 = unchanged.")
 @click.option("--strip-metadata", is_flag=True, show_envvar=True, help="Do not copy EXIF/ICC/XMP.")
 @click.option("--light", type=click.Choice(LIGHT_CHOICES), default=None, show_envvar=True, help=LIGHT_HELP)
+@click.option("--output-format", type=click.Choice(list(OUTPUT_FORMATS)), default=None, show_envvar=True,
+              help="Write every file in this format, its extension changed to match (scan.jpg → scan.png), e.g. "
+                   "png or tiff to keep restorations of JPEGs lossless. Default: each file's own format.")
+@click.option("--quality", type=click.IntRange(1, 100), default=None, show_envvar=True,
+              help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
 def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ...], strength: float,
-                    strip_metadata: bool, light: str | None) -> None:
+                    strip_metadata: bool, light: str | None, output_format: str | None, quality: int | None) -> None:
     """Restore local image FILES (or every image in a folder, at any depth) in this process.
 
     A file is written to OUTPUT/<its name>, a folder's images to OUTPUT/<their path inside the folder>.
@@ -122,12 +129,12 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
     """
     ensemble = parse_ensemble(list(models), strength=strength, light=light)
     ignored: Counter[str] = Counter()
-    planned = plan_outputs(files, output, ignored)
+    planned = plan_outputs(files, output, ignored, output_format)
     if ignored:
         console.print(f"[yellow]note:[/yellow] left out {escape(describe_ignored(ignored))}", soft_wrap=True)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
-                           strength=strength, strip_metadata=strip_metadata,
-                           images=[ImageItem(input=str(f)) for f, _ in planned])
+                           strength=strength, strip_metadata=strip_metadata, output_format=output_format,
+                           quality=quality, images=[ImageItem(input=str(f)) for f, _ in planned])
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

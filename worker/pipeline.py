@@ -87,12 +87,19 @@ def _download(client, work: Work) -> None:  # type: ignore[no-untyped-def]
         work.fail(str(exc))
 
 
-def decode_work(work: Work, settings: Settings) -> None:
-    """Decode the downloaded input (and sharp reference); a bad file fails this image only."""
-    from worker.imageio import decode_image
+def decode_work(work: Work, settings: Settings, output_format: str | None = None) -> None:
+    """Decode the downloaded input (and sharp reference); a bad file fails this image only.
+
+    With ``output_format``, the image is set to be written in that format (:func:`worker.imageio.as_format`); one
+    that cannot be (alpha to JPEG) fails here, before any model runs. The outcome records the input's format.
+    """
+    from worker.imageio import as_format, decode_image
 
     try:
         work.decoded = decode_image(work.data or b"", work.item.input, max_pixels=settings.image_max_pixels)
+        input_format, input_depth = work.decoded.format, work.decoded.bit_depth
+        if output_format is not None:
+            work.decoded = as_format(work.decoded, output_format)
         if work.reference_data is not None:
             work.reference = decode_image(work.reference_data, work.item.reference or "",
                                           max_pixels=settings.image_max_pixels)
@@ -104,9 +111,8 @@ def decode_work(work: Work, settings: Settings) -> None:
     except InputError as exc:
         work.fail(str(exc))
         return
-    d = work.decoded
-    work.outcome.width, work.outcome.height = d.width, d.height
-    work.outcome.format, work.outcome.bit_depth = d.format, d.bit_depth
+    work.outcome.width, work.outcome.height = work.decoded.width, work.decoded.height
+    work.outcome.format, work.outcome.bit_depth = input_format, input_depth
     work.data = work.reference_data = None  # free the compressed bytes early
 
 
@@ -224,7 +230,7 @@ def _encode(work: Work, message: BatchMessage) -> None:
         return
     out_uri = parse_s3_uri(work.item.output, want_prefix=False)
     data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
-                        pages=work.restored_pages)
+                        quality=message.quality, pages=work.restored_pages)
     work.uploads.append((out_uri, data, content_type(work.decoded.format)))
     work.outcome.output_sha256 = hashlib.sha256(data).hexdigest()
     work.outcome.output_uri = str(out_uri)
@@ -330,7 +336,7 @@ def run_batch(message: BatchMessage, settings: Settings,
                 continue
             if work.outcome.status != "done":
                 continue
-            decode_work(work, settings)
+            decode_work(work, settings, message.output_format)
             if work.outcome.status != "done":
                 continue
             try:

@@ -1,0 +1,191 @@
+"""--output-format: restorations written in another format than their input's (a JPEG's kept lossless as PNG).
+
+The conversion is checked by independent readers (OpenCV, Pillow), the renamed keys and the refusals through a
+real S3 endpoint and database, and the worker's part with the batch a real submission enqueued.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import typing
+import uuid
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from PIL import Image, ImageCms
+from skimage import data
+
+from jobs.errors import InputError
+from jobs.layout import OUTPUT_FORMATS, with_output_format
+from worker.imageio import as_format, decode_image, encode_image, quantise
+
+RGB = np.ascontiguousarray(data.astronaut()[90:154, 150:230])  # 64x80
+ALPHA = np.ascontiguousarray(data.camera()[300:364, 100:180])
+ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _pil(array: np.ndarray, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _cv_read(encoded: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_a_jpegs_restoration_is_kept_lossless_with_its_metadata() -> None:
+    exif = Image.Exif()
+    exif[0x013B] = "Studio Nadar"
+    image = decode_image(_pil(RGB, "JPEG", quality=80, exif=exif, icc_profile=ICC), "reel/1931.jpg")
+    restored = np.clip(image.pixels * 1.1 - 0.05, 0, 1)  # anything but the input
+    for fmt in ("png", "tiff", "jp2"):
+        target = as_format(image, fmt)
+        assert (target.format, target.dtype, target.pixels is image.pixels) == (fmt, np.uint8, True)
+        output = encode_image(target, restored)
+        seen = tifffile.imread(io.BytesIO(output)) if fmt == "tiff" else _cv_read(output)[..., ::-1]
+        np.testing.assert_array_equal(seen, quantise(restored, np.dtype(np.uint8)))  # not a second lossy pass
+        reread = Image.open(io.BytesIO(output))
+        if fmt != "jp2":  # Pillow reads no ICC or EXIF from JPEG 2000; the box test covers them there
+            assert reread.info.get("icc_profile") == ICC and reread.getexif().get(0x013B) == "Studio Nadar"
+    assert as_format(image, "jpeg") is image
+
+
+def test_depth_and_alpha_follow_what_the_target_format_holds() -> None:
+    rgba16 = np.dstack([RGB, ALPHA]).astype(np.uint16) * 257 + 3
+    ok, buffer = cv2.imencode(".png", rgba16[..., [2, 1, 0, 3]])
+    assert ok
+    image = decode_image(buffer.tobytes(), "scan.png")
+    webp = as_format(image, "webp")
+    assert webp.dtype == np.uint8 and webp.alpha.dtype == np.uint8
+    np.testing.assert_array_equal(webp.alpha, np.rint(rgba16[..., 3] / 257).astype(np.uint8))
+    assert np.asarray(Image.open(io.BytesIO(encode_image(webp, image.pixels)))).shape == (64, 80, 4)
+    jp2 = as_format(image, "jp2")
+    assert jp2.dtype == np.uint16 and np.array_equal(jp2.alpha, image.alpha)  # 16 bits kept where they fit
+
+    floats = decode_image(_tiff_float(), "f.tif")
+    png = as_format(floats, "png")
+    assert png.dtype == np.uint16
+    assert _cv_read(encode_image(png, floats.pixels)).dtype == np.uint16
+
+    grey_alpha = decode_image(_pil(np.dstack([RGB[..., 0], ALPHA]), "PNG"), "ga.png")
+    bmp = Image.open(io.BytesIO(encode_image(as_format(grey_alpha, "bmp"), grey_alpha.pixels)))
+    assert bmp.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(bmp)[..., 3], ALPHA)
+    np.testing.assert_array_equal(np.asarray(bmp)[..., 1], RGB[..., 0])
+
+
+def _tiff_float() -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, RGB.astype(np.float32) / 255, photometric="rgb", metadata=None)
+    return out.getvalue()
+
+
+def test_images_a_format_cannot_hold_are_refused_naming_what_can() -> None:
+    rgba = decode_image(_pil(np.dstack([RGB, ALPHA]), "PNG"), "logo.png")
+    with pytest.raises(InputError, match="alpha channel, which JPEG cannot hold; write it as PNG, TIFF"):
+        as_format(rgba, "jpeg")
+    pages = io.BytesIO()
+    with tifffile.TiffWriter(pages) as tif:
+        tif.write(RGB, photometric="rgb", metadata=None)
+        tif.write(RGB[::-1], photometric="rgb", metadata=None)
+    multi = decode_image(pages.getvalue(), "book.tif")
+    with pytest.raises(InputError, match=r"multi-page TIFF \(2 pages\) cannot be written as PNG"):
+        as_format(multi, "png")
+    assert as_format(multi, "tiff") is multi
+
+
+def test_output_keys_take_the_formats_extension() -> None:
+    assert with_output_format("1931/reel.JPG", "png") == "1931/reel.png"
+    assert with_output_format("a.b/scan", "tiff") == "a.b/scan.tif"
+    assert with_output_format("x.y.jpeg", "jp2") == "x.y.jp2"
+    assert with_output_format("x.jpeg", None) == "x.jpeg"
+    from producer.api import JobSubmission
+
+    api_formats = typing.get_args(typing.get_args(JobSubmission.model_fields["output_format"].annotation)[0])
+    assert set(api_formats) == set(OUTPUT_FORMATS)  # the API's schema spells the list out
+
+
+def test_local_restore_converts_and_refuses_names_that_would_collide(tmp_path: Path) -> None:
+    from producer.cli import main
+
+    scans = tmp_path / "scans"
+    (scans / "1931").mkdir(parents=True)
+    (scans / "1931" / "reel.jpg").write_bytes(_pil(RGB, "JPEG", quality=85))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", str(scans), "-o", str(out), "--model", "wiener",
+                                       "--output-format", "png"])
+    assert result.exit_code == 0, result.output
+    written = out / "1931" / "reel.png"
+    assert written.read_bytes().startswith(b"\x89PNG") and not (out / "1931" / "reel.jpg").exists()
+    (scans / "1931" / "reel.tif").write_bytes(_tiff_float())
+    clash = CliRunner().invoke(main, ["restore", str(scans), "-o", str(tmp_path / "o2"), "--model", "wiener",
+                                      "--output-format", "png"])
+    assert clash.exit_code != 0 and "would both be written to" in clash.output
+
+
+# ---------------------------------------------------------------- through S3, SQL and the worker's batch
+
+
+@pytest.fixture
+def bucket(env):  # type: ignore[no-untyped-def]
+    client = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    name = f"fmt-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
+@pytest.mark.integration
+def test_a_prefix_converted_to_png_is_written_under_png_keys(env, bucket) -> None:  # type: ignore[no-untyped-def]
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from tests.e2e_helpers import queued_tasks
+    from tests.test_end_to_end import run_cli
+    from worker.pipeline import run_batch
+
+    s3, b = bucket
+    s3.put_object(Bucket=b, Key="in/1931/reel.jpg", Body=_pil(RGB, "JPEG", quality=80))
+    s3.put_object(Bucket=b, Key="in/logo.webp", Body=_pil(np.dstack([RGB, ALPHA]), "WEBP", lossless=True))
+    dry = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--output-format", "png", "--dry-run")
+    assert f"s3://{b}/in/1931/reel.jpg → s3://{b}/out/1931/reel.png" in dry
+    job_id = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--model", "wiener", "--output-format",
+                     "png", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    assert args[0]["output_format"] == "png"
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings())["done"] == 2
+    for key, channels in (("out/1931/reel.png", 3), ("out/logo.png", 4)):
+        stored = s3.get_object(Bucket=b, Key=key)
+        assert stored["ContentType"] == "image/png"
+        assert _cv_read(stored["Body"].read()).shape == (64, 80, channels)
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert sorted((r["output"], r["format"]) for r in rows) == [  # the input's format is what is recorded
+        (f"s3://{b}/out/1931/reel.png", "jpeg"), (f"s3://{b}/out/logo.png", "webp")]
+
+    plain = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/again/", "--model", "wiener", "-q").strip()
+    [(_, again)] = [task for task in queued_tasks(env) if task[1][0]["job_id"] == plain]
+    assert "output_format" not in again[0] and "quality" not in again[0]  # a worker of the last release takes it
+
+
+@pytest.mark.integration
+def test_names_that_collide_once_converted_are_refused_before_anything_is_enqueued(  # type: ignore[no-untyped-def]
+        env, bucket) -> None:
+    from producer.cli import main
+
+    s3, b = bucket
+    s3.put_object(Bucket=b, Key="in/a.jpg", Body=b"x")
+    s3.put_object(Bucket=b, Key="in/a.tif", Body=b"x")
+    result = CliRunner().invoke(main, ["submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--output-format", "png"])
+    assert result.exit_code != 0 and f"would both be written to s3://{b}/out/a.png" in " ".join(result.output.split())
+    from jobs.settings import load_settings
+    from producer.submit import JobRequest, submit
+
+    evaluation = JobRequest(kind="evaluate", inputs=[f"s3://{b}/in/"], references=f"s3://{b}/in/",
+                            output_format="png")
+    with pytest.raises(InputError, match="--output-format and --quality apply to deblur jobs only"):
+        submit(evaluation, load_settings())
