@@ -385,6 +385,46 @@ def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> Non
     set_job_state(session, job_id, status="queued", finished_at=None)
 
 
+FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")
+
+
+def _finished_before(before: datetime) -> Any:
+    """A job finished (done, failed or cancelled) before ``before``; rows without a finish time count their last
+    update."""
+    return and_(Job.status.in_(FINISHED_JOB_STATUSES), func.coalesce(Job.finished_at, Job.updated_at) < before)
+
+
+def prunable_jobs(session: Session, before: datetime) -> list[tuple[str, int]]:
+    """(id, images recorded) of every job that finished before ``before``, oldest first."""
+    counted = (
+        select(Job.id, func.count(Image.id))
+        .outerjoin(Image, Image.job_id == Job.id)
+        .where(_finished_before(before))
+        .group_by(Job.id, Job.finished_at, Job.updated_at)
+        .order_by(func.coalesce(Job.finished_at, Job.updated_at), Job.id)
+    )
+    return [(job_id, int(n)) for job_id, n in session.execute(counted)]
+
+
+def delete_finished_job(session: Session, job_id: str, before: datetime) -> int | None:
+    """Delete a job with its images and metrics if it is still finished before ``before`` (a retry since the
+    listing makes it unfinished: it is kept); returns the images deleted, or None when it was kept.
+
+    The check and the deletes are one transaction, the job's row locked where the database can (PostgreSQL), so
+    a retry cannot slip in between. Ensembles fitted on the job keep their weights and lose the link.
+    """
+    kept = session.execute(
+        select(Job.id).where(Job.id == job_id, _finished_before(before)).with_for_update()
+    ).scalar_one_or_none()
+    if kept is None:
+        return None
+    images = select(Image.id).where(Image.job_id == job_id).scalar_subquery()
+    session.execute(delete(Metric).where(Metric.image_id.in_(images)))
+    deleted = session.execute(delete(Image).where(Image.job_id == job_id)).rowcount
+    session.execute(delete(Job).where(Job.id == job_id))
+    return int(deleted)
+
+
 def image_rows(
     session: Session,
     job_id: str,

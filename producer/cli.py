@@ -453,6 +453,42 @@ def db_upgrade(revision: str) -> None:
     console.print(f"database at revision {current_revision(url)} ({_safe_url(url)})")
 
 
+@db.command("prune")
+@option("--older-than", type=click.FloatRange(min=0), required=True, metavar="DAYS",
+        help="Delete the jobs that finished (done, failed or cancelled) more than DAYS days ago.")
+@option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts, cron).")
+def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
+    """Delete finished jobs older than DAYS, with their images' rows and metrics, to keep the database small.
+
+    Storage is not touched: outputs, kernels and inputs stay in S3. Running and pending jobs are never pruned,
+    nor a job retried since it finished. Each job goes in its own transaction, so an interrupted prune can be
+    run again.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from producer.prune import cutoff_for, prune_jobs
+
+    settings = _settings()
+    when = cutoff_for(older_than).strftime("%Y-%m-%d %H:%M UTC")
+    if not dry_run:
+        counted = prune_jobs(settings, older_than, dry_run=True)
+        if not counted.jobs:
+            console.print(f"no job finished before {when}; nothing to prune")
+            return
+        if not yes:
+            click.confirm(f"delete {counted.jobs} jobs that finished before {when}, with the rows of their "
+                          f"{counted.images} images (storage is not touched)?", abort=True)
+    with Progress(TextColumn("pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("prune", total=None)
+        pruned = prune_jobs(settings, older_than, dry_run=dry_run,
+                            progress=lambda n, total: bar.update(task, completed=n, total=total))
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {pruned.jobs} jobs that finished before {when}, with the rows of their {pruned.images} "
+                  "images; storage untouched" + (f"; kept {pruned.kept} retried meanwhile" if pruned.kept else ""))
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
