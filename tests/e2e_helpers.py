@@ -51,7 +51,7 @@ def _encode(ext: str, arr: np.ndarray, params: list[int] | None = None) -> bytes
 
 
 def mixed_samples() -> list[Sample]:
-    """Twelve small images of mixed formats (JPEG 2000 and BMP among them), bit depths and layouts, in nested folders."""
+    """Twelve small images of mixed formats (JPEG 2000 and BMP among them), depths and layouts, in nested folders."""
     samples: list[Sample] = []
 
     def add(relative: str, ext: str, arr: np.ndarray, fmt: str, params: list[int] | None = None) -> None:

@@ -328,7 +328,8 @@ def test_verify_finds_outputs_deleted_or_changed_since_they_were_written(env) ->
     assert retried.exit_code == 0 and "re-enqueued 2 images" in retried.output
 
 
-def test_quick_verify_compares_the_checksum_the_store_keeps_instead_of_reading_outputs(env) -> None:  # type: ignore[no-untyped-def]
+def test_quick_verify_compares_the_checksum_the_store_keeps_instead_of_reading_outputs(  # type: ignore[no-untyped-def]
+        env) -> None:
     """Workers send each output's SHA-256 with its upload; 'deblur verify --quick' asks the store for it (HEAD)
     and reads back only the outputs whose store keeps none, so a million outputs cost no egress."""
     from click.testing import CliRunner

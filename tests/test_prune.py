@@ -49,7 +49,8 @@ def _counts(url: str, job_ids: list[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
-def test_prune_deletes_old_finished_jobs_with_their_rows_and_keeps_the_rest(env) -> None:  # type: ignore[no-untyped-def]
+def test_prune_deletes_old_finished_jobs_with_their_rows_and_keeps_the_rest(  # type: ignore[no-untyped-def]
+        env) -> None:
     from db.engine import ensure_schema, session_scope
     from db.ensembles import get_ensemble, save_ensemble
     from jobs.settings import load_settings

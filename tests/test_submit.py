@@ -287,7 +287,8 @@ def test_dry_run_lists_what_would_be_submitted_and_writes_nothing(env, s3) -> No
     lines = result.output.splitlines()
     assert lines[0] == "would submit 2 images; nothing was written or enqueued (--dry-run)"
     assert lines[1:] == [f"  s3://{b}/in/a.png → s3://{b}/out/a.png", f"  s3://{b}/in/sub/b.jpg → s3://{b}/out/sub/b.jpg",
-                         "left out 2 files that are not images deblur reads (PNG, JPEG, TIFF, WebP, JPEG 2000, BMP): .heic ×1, "
+                         "left out 2 files that are not images deblur reads (PNG, JPEG, TIFF, WebP, JPEG 2000, "
+                         "BMP): .heic ×1, "
                          "no extension ×1; and 2 kernel PNGs of an earlier run"]
     refused = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--model", "nosuch", "--dry-run")
     assert refused.exit_code == 2 and "unknown model 'nosuch'" in refused.output  # validated as a submission is

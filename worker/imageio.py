@@ -378,10 +378,10 @@ def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
         return image
     if image.pages and fmt != "tiff":
         raise InputError(f"a multi-page TIFF ({len(image.pages) + 1} pages) cannot be written as "
-                               f"{fmt.upper()}, which holds one picture; write it as TIFF (or the input's format)")
+                         f"{fmt.upper()}, which holds one picture; write it as TIFF (or the input's format)")
     if image.alpha is not None and fmt == "jpeg":
         raise InputError("the image has an alpha channel, which JPEG cannot hold; write it as PNG, TIFF, "
-                               "WebP or JPEG 2000")
+                         "WebP or JPEG 2000")
     allowed = _FORMAT_DTYPES[fmt]
     dtype = np.dtype(image.dtype)
     if dtype not in allowed:
@@ -403,7 +403,8 @@ def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
     if arr.shape != image.pixels.shape:
         raise ValueError(f"pixels have shape {arr.shape}; the decoded image has {image.pixels.shape}")
     bits = image.metadata.jp2.bits if image.metadata.jp2 else None
-    if bits is not None and bits not in (8, 16):  # a 12-bit JPEG 2000: rounded once, to its own levels, then held at full range
+    if bits is not None and bits not in (8, 16):  # a 12-bit JPEG 2000: rounded once, to its own levels,
+        # then spread over the full 16-bit range that jpeg2000.encode narrows again
         levels = np.rint(_clip_unit(np.multiply(arr, np.float32(2**bits - 1), dtype=np.float32), 2**bits - 1))
         return jpeg2000.widen(levels.astype(image.dtype), bits)
     return quantise(arr, np.dtype(image.dtype))

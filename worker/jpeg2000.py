@@ -182,7 +182,7 @@ def encode(
     if layout.bits not in (8, 16):
         top = np.iinfo(array.dtype).max
         array = np.rint(array.astype(np.float64) * ((2**layout.bits - 1) / top)).astype(array.dtype)
-    if array.dtype == np.uint8 or (channels == 1 and layout.bits == 16):
+    if layout.bits == 8 or (channels == 1 and layout.bits == 16):  # what Pillow's encoder can write
         encoded = _encode_pillow(array, layout, channels)
     else:
         encoded = _encode_imagecodecs(array, layout, channels)
