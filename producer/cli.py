@@ -477,16 +477,24 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
             console.print(f"no job finished before {when}; nothing to prune")
             return
         if not yes:
-            click.confirm(f"delete {counted.jobs} jobs that finished before {when}, with the rows of their "
-                          f"{counted.images} images (storage is not touched)?", abort=True)
-    with Progress(TextColumn("pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("prune", total=None)
-        pruned = prune_jobs(settings, older_than, dry_run=dry_run,
-                            progress=lambda n, total: bar.update(task, completed=n, total=total))
+            click.confirm(f"delete {_count(counted.jobs, 'job')} that finished before {when}, with the rows of "
+                          f"{_count(counted.images, 'image')} (storage is not touched)?", abort=True)
+    if dry_run:
+        pruned = prune_jobs(settings, older_than, dry_run=True)
+    else:
+        with Progress(TextColumn("pruning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("prune", total=counted.jobs)
+            pruned = prune_jobs(settings, older_than, progress=lambda n, total: bar.update(task, completed=n,
+                                                                                         total=total))
     verb = "would delete" if dry_run else "deleted"
-    console.print(f"{verb} {pruned.jobs} jobs that finished before {when}, with the rows of their {pruned.images} "
-                  "images; storage untouched" + (f"; kept {pruned.kept} retried meanwhile" if pruned.kept else ""))
+    console.print(f"{verb} {_count(pruned.jobs, 'job')} that finished before {when}, with the rows of "
+                  f"{_count(pruned.images, 'image')}; storage untouched"
+                  + (f"; kept {pruned.kept} retried meanwhile" if pruned.kept else ""))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _safe_url(url: str) -> str:
