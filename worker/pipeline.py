@@ -120,8 +120,9 @@ def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], No
     """Run every member, average them, blend by strength and collect metrics.
 
     ``on_model`` is told each member's spec before it runs (progress display). The further pages of a
-    multi-page TIFF go through the same members (``work.restored_pages``); metrics and kernels are the first
-    page's, with the page count as the input's metric ``pages``.
+    multi-page TIFF go through the same members (``work.restored_pages``); the members' own metrics and the
+    kernels are the first page's, with the page count as the input's metric ``pages`` (the sharpness figures
+    of :func:`add_no_reference_metrics` cover every page).
     """
     from models.ensemble import apply_strength, average, disagreement
 
@@ -213,14 +214,22 @@ def _as_original_dtype(decoded: Any, pixels: np.ndarray) -> np.ndarray:
 
 
 def add_no_reference_metrics(work: Work) -> None:
-    """Sharpness of the input and of the result, which need no ground truth."""
+    """Sharpness of the input and of the result, which need no ground truth.
+
+    For a multi-page TIFF each figure is the mean over its pages (pages under 8 pixels a side left out), so a
+    book's figures describe the book, not its cover.
+    """
     from models.metrics import no_reference_metrics
 
-    if work.decoded.width < 8 or work.decoded.height < 8:
+    pairs = [(work.decoded.pixels, work.restored)]
+    pairs += [(page.pixels, restored) for page, restored in zip(work.decoded.pages, work.restored_pages, strict=True)]
+    pairs = [(before, after) for before, after in pairs if min(before.shape[:2]) >= 8]
+    if not pairs:
         return
-    for model, image in ((INPUT_MODEL, work.decoded.pixels), (ENSEMBLE_MODEL, work.restored)):
-        for name, value in no_reference_metrics(image).items():
-            work.outcome.metrics.append((model, name, value))
+    for model, side in ((INPUT_MODEL, 0), (ENSEMBLE_MODEL, 1)):
+        figures = [no_reference_metrics(pair[side]) for pair in pairs]
+        for name in figures[0]:
+            work.outcome.metrics.append((model, name, float(np.mean([f[name] for f in figures]))))
 
 
 def _encode(work: Work, message: BatchMessage) -> None:
