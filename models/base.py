@@ -51,6 +51,7 @@ class RestorationModel(ABC):
     """
 
     channels: int | None = 3
+    weights_sha256: str | None = None  # the loaded weights file's digest, for provenance (None: no weights)
 
     def __init__(self, info: ModelInfo, params: Mapping[str, object], device: torch.device) -> None:
         self.info = info
@@ -59,7 +60,9 @@ class RestorationModel(ABC):
 
     @property
     def version(self) -> str:
-        """Identifies the exact computation (name, code version, parameters)."""
+        """Identifies the exact computation: name, code version, parameters and, for a model with weights, the
+        first 12 hex digits of the weights file's SHA-256 (recorded per image, so an archive can tell which
+        weights restored it)."""
         from models.registry import common_param_names
 
         # tiling/self-ensemble options appear only when they change something
@@ -67,7 +70,8 @@ class RestorationModel(ABC):
         shown = ",".join(
             f"{k}={v}" for k, v in sorted(self.params.items()) if k not in defaults or defaults[k] != v
         )
-        return f"{self.info.name}@{self.info.version}" + (f"[{shown}]" if shown else "")
+        weights = f"#{self.weights_sha256[:12]}" if self.weights_sha256 else ""
+        return f"{self.info.name}@{self.info.version}" + (f"[{shown}]" if shown else "") + weights
 
     @abstractmethod
     def restore_batch(self, x: torch.Tensor) -> Restored:

@@ -10,7 +10,6 @@ trained with other widths loads into the right network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from jobs.errors import WeightsError
 from models.base import RestorationModel, Restored
 from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, ModelSpec, WeightsFile, weights_dir
+from models.weights_store import sha256_of
 
 SHIPPED_DIR = SHIPPED_WEIGHTS_DIR
 
@@ -83,15 +83,6 @@ def resolve_arch(name: str) -> tuple[str, dict[str, object]]:
     raise WeightsError(f"unknown architecture or learned model {name!r}; known: {known}")
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_path(info: ModelInfo, explicit: str = "") -> Path:
     """Where the weights of ``info`` are: ``explicit`` if given, else the shipped or weights-dir file."""
     if explicit:
@@ -129,7 +120,7 @@ def load_network(path: Path, expected_arch: str | None = None, check_sha256: str
     from models.archs import build_network
 
     if check_sha256 is not None:
-        actual = sha256_file(path)
+        actual = sha256_of(path)
         if actual != check_sha256.lower():
             raise WeightsError(
                 f"weights file {str(path)!r} has sha256 {actual}, expected {check_sha256}; "
@@ -281,12 +272,16 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
             f"{str(path)!r} is not a refiner (no 'prior' in its metadata), but {name!r} refines {wanted}; "
             f"train one with 'deblur train {name} -o RUN_DIR'"
         )
+    model: RestorationModel
     if prior_text:
         from models.loading import load_model
 
         prior = load_model(prior_spec(prior_text, light), device)
-        return RefinerModel(info, params, device, JointNetwork(info, params, device, net), prior)
-    return LearnedSeedModel(info, params, device, net)
+        model = RefinerModel(info, params, device, JointNetwork(info, params, device, net), prior)
+    else:
+        model = LearnedSeedModel(info, params, device, net)
+    model.weights_sha256 = (expected_sha or sha256_of(path)).lower()  # an expected digest was checked on loading
+    return model
 
 
 def build_seed001(params: Mapping[str, object], device: torch.device) -> RestorationModel:

@@ -110,7 +110,9 @@ def build_any(params: Mapping[str, object], device: torch.device) -> Restoration
             "forbids commercial use. Set DEBLUR_ALLOW_NONCOMMERCIAL=1 to confirm your use is "
             "non-commercial"
         )
-    return OfficialModel(info, params, device, descriptor)
+    model = OfficialModel(info, params, device, descriptor)
+    model.weights_sha256 = sha256_of(path)
+    return model
 
 
 def build_named(
@@ -126,7 +128,9 @@ def build_named(
             f"model {name!r} expects a {architecture} checkpoint, but {path} holds a {found} "
             f"network; use spandrel:path={path} to run it as it is"
         )
-    return OfficialModel(info, params, device, descriptor)
+    model = OfficialModel(info, params, device, descriptor)
+    model.weights_sha256 = sha256_of(path)
+    return model
 
 
 def resolve_weights(info: ModelInfo, explicit: str) -> Path:

@@ -59,6 +59,7 @@ class SelfEnsembleModel(RestorationModel):
             )
         super().__init__(inner.info, {**inner.params, "self_ensemble": transforms}, inner.device)
         self.inner = inner
+        self.weights_sha256 = inner.weights_sha256
         self.transforms = TRANSFORMS_8 if transforms == 8 else TRANSFORMS_4
 
     def autocast_dtype(self) -> torch.dtype | None:

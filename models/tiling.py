@@ -92,6 +92,7 @@ class TiledModel(RestorationModel):
             inner.info, {**inner.params, "tile": side, "tile_overlap": overlap}, inner.device
         )
         self.inner = inner
+        self.weights_sha256 = inner.weights_sha256
         self.tile = side
         self.overlap = min(overlap, (side - 1) // 2)
 

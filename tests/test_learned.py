@@ -12,7 +12,7 @@ from jobs.errors import WeightsError
 from models import base
 from models.archs import build_network
 from models.catalog import LEARNED_SEED, REGISTRY
-from models.learned import SHIPPED_DIR, load_network, sha256_file
+from models.learned import SHIPPED_DIR, load_network
 from models.loading import load_model
 from models.synthetic_blur import (
     blur_image,
@@ -21,6 +21,7 @@ from models.synthetic_blur import (
     sample_photographs,
 )
 from models.training.loop import export_weights
+from models.weights_store import sha256_of
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -102,8 +103,12 @@ def test_shipped_weights_are_present_small_and_registered(info) -> None:  # type
     path = SHIPPED_DIR / info.weights.filename
     assert path.is_file(), f"{info.name}: shipped weights {path.name} missing"
     assert path.stat().st_size < 10 * 1024 * 1024
-    assert info.weights.sha256 == sha256_file(path)
+    assert info.weights.sha256 == sha256_of(path)
     assert info.family == "learned-seed" and info.license == "Apache-2.0"
+    # the version recorded with every image names the weights, wrapped (tiled, self-ensembled) or not
+    for options in ("", ":tile=-1,self_ensemble=true"):
+        version = load_model(REGISTRY.parse(info.name + options), torch.device("cpu")).version
+        assert version.split("<")[0].endswith("#" + info.weights.sha256[:12])
 
 
 def _held_out_blurs() -> list[tuple[np.ndarray, np.ndarray]]:

@@ -28,6 +28,7 @@ from models.catalog import LEARNED_OFFICIAL, REGISTRY
 from models.loading import load_model
 from models.official import OfficialModel, is_noncommercial_architecture
 from models.tiling import TiledModel
+from models.weights_store import sha256_of
 
 CPU = torch.device("cpu")
 
@@ -139,6 +140,7 @@ def test_a_safetensors_checkpoint_loads(tmp_path: Path) -> None:
     model = load_model(REGISTRY.parse(f"nafnet-gopro:path={path}"), CPU)
     x = photo(32, 48)
     assert (model(x).image - spandrel_reference(sd, x)).abs().max().item() < 1e-5
+    assert model.version.endswith("#" + sha256_of(path)[:12])  # recorded per image: which weights restored it
 
 
 def test_grey_images_are_restored_through_an_rgb_network(tmp_path: Path) -> None:
