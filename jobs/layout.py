@@ -49,3 +49,18 @@ def with_output_format(relative: str, output_format: str | None) -> str:
     head, _, name = relative.rpartition("/")
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
     return f"{head}/{stem}{OUTPUT_FORMATS[output_format]}" if head else stem + OUTPUT_FORMATS[output_format]
+
+
+SIDECAR_SUFFIX = ".deblur.json"
+"""Appended to an output's key for its provenance record (``--sidecar``): ``scan.png.deblur.json``."""
+
+
+def sidecar_uri(output: S3URI) -> S3URI:
+    """Where an output's provenance record goes: next to it, its whole name kept (``a.jpg`` and ``a.png`` of one
+    prefix get two)."""
+    return S3URI(output.bucket, output.key + SIDECAR_SUFFIX)
+
+
+def is_sidecar(key: str) -> bool:
+    """Whether a key (or a file name) is a provenance record deblur wrote next to an output."""
+    return key.lower().endswith(SIDECAR_SUFFIX)

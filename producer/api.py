@@ -158,6 +158,9 @@ class JobSubmission(BaseModel):
                           "image the format cannot hold (alpha as jpeg) fails alone. Unset: each input's format.")
     quality: int | None = Field(None, ge=1, le=100, description="Deblur jobs: quality of JPEG and lossy WebP "
                                                                 "outputs (unset: a JPEG input's own, else 95).")
+    sidecar: bool = Field(False, description="Deblur jobs: write a provenance record (OUTPUT.deblur.json) next to "
+                                             "each output: input and output SHA-256, models and weights' digests, "
+                                             "settings, metrics, worker and time.")
 
     def to_request(self, job_key: str | None) -> JobRequest:
         return JobRequest(
@@ -166,6 +169,7 @@ class JobSubmission(BaseModel):
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
             notify_url=self.notify_url, output_format=self.output_format, quality=self.quality,
+            sidecar=self.sidecar,
         )
 
 

@@ -220,6 +220,10 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
              "jpeg, a multi-page TIFF as anything but tiff) fails alone. Default: each input's own format.")
 @option("--quality", type=click.IntRange(1, 100), default=None,
         help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
+@option("--sidecar", is_flag=True,
+        help="Write a provenance record next to each output (OUTPUT.deblur.json): input and output with their "
+             "SHA-256, the models with their weights' digests, the settings, the metrics, the worker and the "
+             "time. It outlives the database ('deblur db prune') and travels with the files.")
 @option("--dry-run", is_flag=True,
         help="Validate everything and print how many images would be submitted and where the first ones would be "
              "written; write and enqueue nothing.")
@@ -228,7 +232,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
            batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
            notify_url: str | None, skip_existing: bool, output_format: str | None, quality: int | None,
-           dry_run: bool, wait: bool, quiet: bool) -> None:
+           sidecar: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
 
     INPUT is an S3 key (s3://bucket/scan.tif), a prefix (s3://bucket/scans/,
@@ -241,7 +245,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
                          ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url,
-                         output_format=output_format, quality=quality)
+                         output_format=output_format, quality=quality, sidecar=sidecar)
     _submit_and_report(request, wait, quiet, dry_run)
 
 

@@ -46,17 +46,20 @@ class Client:
         notify_url: str | None = None,
         output_format: str | None = None,
         quality: int | None = None,
+        sidecar: bool = False,
     ) -> str:
         """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued.
 
         With ``skip_existing``, images whose output already exists are left out; if that leaves none, no job is
         made and the id returned is empty. ``output_format`` ("png", "tiff", …) writes every output in that
-        format with its key's extension changed; ``quality`` sets JPEG and lossy WebP outputs' quality.
+        format with its key's extension changed; ``quality`` sets JPEG and lossy WebP outputs' quality;
+        ``sidecar`` writes a provenance record (``OUTPUT.deblur.json``) next to each output.
         """
         request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
                              strength=strength, batch_size=batch_size, priority=priority,
                              strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing,
-                             notify_url=notify_url, output_format=output_format, quality=quality)
+                             notify_url=notify_url, output_format=output_format, quality=quality,
+                             sidecar=sidecar)
         return submit(request, self.settings).job_id
 
     def evaluate(

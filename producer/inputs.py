@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
-from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, with_output_format
+from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, is_sidecar, with_output_format
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.storage import READ_FORMATS, check_bucket, is_image_key, iter_objects, object_exists
@@ -159,13 +159,17 @@ class Plan:
 
 
 KERNEL_KIND = "kernel PNG"
+SIDECAR_KIND = "provenance record"
+_EARLIER_RUN_KINDS = (KERNEL_KIND, SIDECAR_KIND)  # what deblur itself writes next to an output
 
 
 def ignored_kind(key: str) -> str:
-    """How a left-out file is counted: its extension in lower case, ``KERNEL_KIND`` for a kernel PNG deblur
-    wrote next to an earlier output, or 'no extension'."""
+    """How a left-out file is counted: its extension in lower case, ``KERNEL_KIND`` for a kernel PNG or
+    ``SIDECAR_KIND`` for a provenance record deblur wrote next to an earlier output, or 'no extension'."""
     if is_kernel_artefact(key):
         return KERNEL_KIND
+    if is_sidecar(key):
+        return SIDECAR_KIND
     name = key.rsplit("/", 1)[-1]
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 else "no extension"
@@ -178,7 +182,7 @@ def describe_ignored(ignored: Mapping[str, int]) -> str:
     def plural(count: int, word: str) -> str:
         return f"{count:,} {word}{'s' if count != 1 else ''}"
 
-    others = {kind: count for kind, count in ignored.items() if kind != KERNEL_KIND}
+    others = {kind: count for kind, count in ignored.items() if kind not in _EARLIER_RUN_KINDS}
     parts = []
     if others:
         total = sum(others.values())
@@ -186,8 +190,9 @@ def describe_ignored(ignored: Mapping[str, int]) -> str:
         kinds = ", ".join(f"{kind} ×{count:,}" for kind, count in by_count)
         parts.append(f"{plural(total, 'file')} that {'is' if total == 1 else 'are'} not "
                      f"{'an image' if total == 1 else 'images'} deblur reads ({READ_FORMATS}): {kinds}")
-    if ignored.get(KERNEL_KIND):
-        parts.append(f"{plural(ignored[KERNEL_KIND], KERNEL_KIND)} of an earlier run")
+    earlier = [plural(ignored[kind], kind) for kind in _EARLIER_RUN_KINDS if ignored.get(kind)]
+    if earlier:
+        parts.append(f"{' and '.join(earlier)} of an earlier run")
     return "; and ".join(parts)
 
 

@@ -52,6 +52,7 @@ class JobRequest:
     skip_existing: bool = False  # leave out images whose output already exists (a nightly run over a growing prefix)
     output_format: str | None = None  # write every output in this format (jobs.layout.OUTPUT_FORMATS), keys renamed
     quality: int | None = None  # JPEG and lossy WebP outputs: 1-100 instead of the input's own (JPEG) or 95
+    sidecar: bool = False  # a provenance record (<output>.deblur.json) next to each output
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -123,10 +124,10 @@ def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequ
         strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
         output_root=spec.get("output"), align=bool(spec.get("align", False)),
         crop_border=int(spec.get("crop_border", 0)), images=list(images),
-        output_format=spec.get("output_format"), quality=spec.get("quality"),
+        output_format=spec.get("output_format"), quality=spec.get("quality"), sidecar=bool(spec.get("sidecar")),
     ).model_dump(mode="json")
-    for key in OPTIONAL_FIELDS:  # unset, they stay out, so a worker of the release before them still takes the batch
-        if payload[key] is None:
+    for key, default in OPTIONAL_FIELDS.items():  # unused, they stay out: a worker before them takes the batch
+        if payload[key] == default:
             del payload[key]
     return payload
 
@@ -161,8 +162,8 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         raise InputError("--align and --crop-border apply to evaluation jobs only")
     if request.kind == "deblur" and not request.output:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
-    if request.kind == "evaluate" and (request.output_format or request.quality):
-        raise InputError("--output-format and --quality apply to deblur jobs only")
+    if request.kind == "evaluate" and (request.output_format or request.quality or request.sidecar):
+        raise InputError("--output-format, --quality and --sidecar apply to deblur jobs only")
     if request.quality is not None and not 1 <= request.quality <= 100:
         raise InputError(f"--quality must be within 1..100, got {request.quality}")
     client = s3_client(settings)
@@ -251,6 +252,7 @@ def submit(
         "notify_url": request.notify_url,
         "output_format": request.output_format,
         "quality": request.quality,
+        "sidecar": request.sidecar,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)

@@ -1,4 +1,5 @@
-"""--output-format: restorations written in another format than their input's (a JPEG's kept lossless as PNG).
+"""--output-format and --sidecar: restorations written in another format than their input's (a JPEG's kept
+lossless as PNG), and a provenance record next to each.
 
 The conversion is checked by independent readers (OpenCV, Pillow), the renamed keys and the refusals through a
 real S3 endpoint and database, and the worker's part with the batch a real submission enqueued.
@@ -6,6 +7,7 @@ real S3 endpoint and database, and the worker's part with the batch a real submi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import typing
@@ -187,5 +189,56 @@ def test_names_that_collide_once_converted_are_refused_before_anything_is_enqueu
 
     evaluation = JobRequest(kind="evaluate", inputs=[f"s3://{b}/in/"], references=f"s3://{b}/in/",
                             output_format="png")
-    with pytest.raises(InputError, match="--output-format and --quality apply to deblur jobs only"):
+    with pytest.raises(InputError, match="--output-format, --quality and --sidecar apply to deblur jobs only"):
         submit(evaluation, load_settings())
+
+
+# ---------------------------------------------------------------- provenance records (--sidecar)
+
+
+@pytest.mark.integration
+def test_a_provenance_record_travels_next_to_each_output(env, bucket) -> None:  # type: ignore[no-untyped-def]
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from tests.e2e_helpers import queued_tasks
+    from tests.test_end_to_end import run_cli
+    from worker.pipeline import run_batch
+
+    s3, b = bucket
+    scan = _pil(RGB, "JPEG", quality=85)
+    s3.put_object(Bucket=b, Key="in/1931/reel.jpg", Body=scan)
+    job_id = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--model", "wiener", "--model",
+                     "l0-blind", "--output-format", "png", "--sidecar", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings())["done"] == 1
+    output = s3.get_object(Bucket=b, Key="out/1931/reel.png")["Body"].read()
+    stored = s3.get_object(Bucket=b, Key="out/1931/reel.png.deblur.json")
+    assert stored["ContentType"] == "application/json"
+    record = json.loads(stored["Body"].read())
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert record["schema"] == "deblur-provenance/1" and record["job"] == job_id
+    assert record["input"] == {"uri": f"s3://{b}/in/1931/reel.jpg", "sha256": hashlib.sha256(scan).hexdigest(),
+                               "format": "jpeg", "bit_depth": 8, "width": 80, "height": 64, "pages": 1}
+    assert record["output"] == {"uri": f"s3://{b}/out/1931/reel.png", "sha256": hashlib.sha256(output).hexdigest(),
+                                "format": "png"}
+    assert record["model_versions"] == row["model_versions"] and "l0-blind" in record["models"][1]
+    assert record["metrics"] == row["metrics_by_model"]  # every figure the database holds, by model
+    assert record["kernels"] == [f"s3://{b}/out/1931/reel.kernel.png"]
+    assert record["settings"]["output_format"] == "png" and record["worker"] == row["worker"]
+
+    # the output prefix submitted again: the records are named as an earlier run's, not as unknown files
+    dry = run_cli("submit", f"s3://{b}/out/", "-o", f"s3://{b}/again/", "--dry-run")
+    assert "1 kernel PNG and 1 provenance record of an earlier run" in " ".join(dry.split())
+
+
+def test_local_restore_writes_the_record_next_to_the_file(tmp_path: Path) -> None:
+    from producer.cli import main
+
+    source = tmp_path / "reel.jpg"
+    source.write_bytes(_pil(RGB, "JPEG", quality=85))
+    result = CliRunner().invoke(main, ["restore", str(source), "-o", str(tmp_path / "out"), "--model", "wiener",
+                                       "--sidecar"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "reel.jpg.deblur.json").read_text())
+    assert record["output"]["sha256"] == hashlib.sha256((tmp_path / "out" / "reel.jpg").read_bytes()).hexdigest()
+    assert record["input"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()

@@ -7,6 +7,7 @@ will produce.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, with_output_format
+from jobs.layout import OUTPUT_FORMATS, SIDECAR_SUFFIX, is_kernel_artefact, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_image_key
@@ -90,16 +91,27 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
 
     work = Work(ImageItem(input=str(path)), ImageOutcome(input_uri=str(path), status="done"))
     work.data = path.read_bytes()
+    work.outcome.input_sha256 = hashlib.sha256(work.data).hexdigest()
     decode_work(work, load_settings(), message.output_format)
     if work.outcome.status != "done":
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
     restore_work(work, message, on_model)
     add_no_reference_metrics(work)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
-                                    quality=message.quality, pages=work.restored_pages))
+    data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
+                        quality=message.quality, pages=work.restored_pages)
+    target.write_bytes(data)
+    kernels = []
     for model, kernel in work.kernels.items():
-        (target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png").write_bytes(kernel_png(kernel))
+        kernels.append(target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png")
+        kernels[-1].write_bytes(kernel_png(kernel))
+    if message.sidecar:
+        from worker.provenance import provenance_record
+
+        work.outcome.output_uri, work.outcome.output_sha256 = str(target), hashlib.sha256(data).hexdigest()
+        record = provenance_record(message, work.outcome, work.decoded.format, [str(k) for k in kernels],
+                                   len(work.decoded.pages) + 1)
+        Path(str(target) + SIDECAR_SUFFIX).write_bytes(record)
     return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
 
 
@@ -119,8 +131,12 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
                    "png or tiff to keep restorations of JPEGs lossless. Default: each file's own format.")
 @click.option("--quality", type=click.IntRange(1, 100), default=None, show_envvar=True,
               help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
+@click.option("--sidecar", is_flag=True, show_envvar=True,
+              help="Write a provenance record next to each file (FILE.deblur.json): input and output SHA-256, "
+                   "models and weights' digests, settings, metrics and time.")
 def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ...], strength: float,
-                    strip_metadata: bool, light: str | None, output_format: str | None, quality: int | None) -> None:
+                    strip_metadata: bool, light: str | None, output_format: str | None, quality: int | None,
+                    sidecar: bool) -> None:
     """Restore local image FILES (or every image in a folder, at any depth) in this process.
 
     A file is written to OUTPUT/<its name>, a folder's images to OUTPUT/<their path inside the folder>.
@@ -134,7 +150,7 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
         console.print(f"[yellow]note:[/yellow] left out {escape(describe_ignored(ignored))}", soft_wrap=True)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
                            strength=strength, strip_metadata=strip_metadata, output_format=output_format,
-                           quality=quality, images=[ImageItem(input=str(f)) for f, _ in planned])
+                           quality=quality, sidecar=sidecar, images=[ImageItem(input=str(f)) for f, _ in planned])
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -33,7 +33,7 @@ from jobs.errors import InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.layout import kernel_uri, member_output_uri
+from jobs.layout import kernel_uri, member_output_uri, sidecar_uri
 from jobs.notify import announce_if_wanted
 from jobs.storage import get_bytes, put_bytes, s3_client
 from models.catalog import REGISTRY
@@ -251,11 +251,18 @@ def _encode(work: Work, message: BatchMessage) -> None:
             work.uploads.append((member_uri, encode_image(work.decoded, pixels, strip_metadata=True),
                                  content_type(work.decoded.format)))
         work.members = {}
+    kernels = []
     for index, (model, kernel) in enumerate(sorted(work.kernels.items())):
         target = kernel_uri(out_uri, model, several=len(work.kernels) > 1)
         work.uploads.append((target, kernel_png(kernel), "image/png"))
+        kernels.append(str(target))
         if index == 0:
             work.outcome.kernel_uri = str(target)
+    if message.sidecar:
+        from worker.provenance import provenance_record
+
+        record = provenance_record(message, work.outcome, work.decoded.format, kernels, len(work.decoded.pages) + 1)
+        work.uploads.append((sidecar_uri(out_uri), record, "application/json"))
 
 
 def kernel_png(kernel: np.ndarray) -> bytes:
