@@ -127,10 +127,16 @@ def get_bytes(client, uri: S3URI) -> bytes:  # type: ignore[no-untyped-def]
 
 
 def put_bytes(client, uri: S3URI, data: bytes, content_type: str = "application/octet-stream") -> None:  # type: ignore[no-untyped-def]
-    """Upload ``data``; the store checks it against a SHA-256 sent with it, and keeps that for :func:`stored_sha256`."""
+    """Upload ``data``; the store checks it against a SHA-256 sent with it, and keeps that for :func:`stored_sha256`.
+
+    A store that takes no such checksums is served as boto3's own setting says: with
+    ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required`` (or ``request_checksum_calculation`` in the AWS config
+    file) none is sent, and ``deblur verify --quick`` reads those outputs back instead.
+    """
+    checksum = {} if client.meta.config.request_checksum_calculation == "when_required" else {
+        "ChecksumAlgorithm": "SHA256"}
     try:
-        client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
-                          ChecksumAlgorithm="SHA256")
+        client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type, **checksum)
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, str(uri)) from None
 

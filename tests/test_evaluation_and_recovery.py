@@ -5,6 +5,7 @@ Both run through a real Redis, real worker processes, moto_server and SQLite.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -380,6 +381,23 @@ def test_quick_verify_compares_the_checksum_the_store_keeps_instead_of_reading_o
         client.meta.events.unregister("before-parameter-build.s3.GetObject", count)
     full = Client().verify(job_id)
     assert (len(full.missing), len(full.changed), full.by_store_checksum) == (1, 2, 0)  # the bytes agree
+
+
+def test_a_store_that_takes_no_checksums_is_sent_none_as_boto3s_own_setting_says(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """Some S3-compatible stores refuse flexible checksums; AWS_REQUEST_CHECKSUM_CALCULATION=when_required is the
+    standard switch, and it must not be overridden by the SHA-256 deblur sends by default."""
+    from jobs.s3uri import S3URI
+    from jobs.storage import put_bytes, stored_sha256
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="plain")
+    put_bytes(s3, S3URI("plain", "with.png"), b"restored bytes")
+    assert stored_sha256(s3, S3URI("plain", "with.png")) == hashlib.sha256(b"restored bytes").hexdigest()
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    plain = boto3.session.Session().client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    put_bytes(plain, S3URI("plain", "without.png"), b"restored bytes")
+    assert stored_sha256(plain, S3URI("plain", "without.png")) is None  # --quick then reads it back
 
 
 def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_batch_finishes(  # type: ignore[no-untyped-def]
