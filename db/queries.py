@@ -40,12 +40,15 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
     A job still 'submitting' whose producer has shown no progress
     (:func:`submission_progress`) for ``SUBMISSION_STALE_S`` seconds was
     abandoned (its producer was killed mid-listing, so some of its images were
-    never enqueued): it is marked failed, its key released and a new job made,
-    instead of handing the broken one back for ever.
+    never enqueued). Every such job, with a key or without, is marked failed
+    and its key released whenever a job is created (:func:`fail_abandoned_submissions`),
+    so the same key makes a new job instead of handing the broken one back for
+    ever, and a keyless one does not stay 'submitting' for good.
     """
+    fail_abandoned_submissions(session)
     if job_key:
         existing = session.scalar(select(Job).where(Job.job_key == job_key))
-        if existing is not None and not _release_if_abandoned(session, existing):
+        if existing is not None:
             return existing, False
     job = Job(kind=kind, spec=spec, job_key=job_key, status="submitting", total=0)
     session.add(job)
@@ -62,20 +65,22 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
     return job, True
 
 
-def _release_if_abandoned(session: Session, job: Job) -> bool:
-    """Fail an abandoned submission and free its key; whether it was one (and this call released it)."""
+def fail_abandoned_submissions(session: Session) -> int:
+    """Fail every job still 'submitting' with no progress for ``SUBMISSION_STALE_S`` seconds and free its key;
+    returns how many there were. The images such a job enqueued are still restored; the others never will be."""
     cutoff = utcnow() - timedelta(seconds=SUBMISSION_STALE_S)
     result = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "submitting", Job.updated_at < cutoff)
+        update(Job).where(Job.status == "submitting", Job.updated_at < cutoff)
         .values(status="failed", job_key=None, finished_at=utcnow(),
-                error=f"submission interrupted: no progress for over {SUBMISSION_STALE_S} s; its key went to a new job")
+                error=f"submission interrupted: no progress for over {SUBMISSION_STALE_S} s (its producer stopped "
+                      "while listing): the images it enqueued are restored, the others were never submitted; "
+                      "submit again, its key (if any) is free")
         # compared in SQL only: SQLite hands back naive times, which Python cannot compare with the aware cutoff
         .execution_options(synchronize_session=False)
     )
     if result.rowcount:
         session.flush()
-        return True
-    return False
+    return int(result.rowcount or 0)
 
 
 def submission_progress(session: Session, job_id: str) -> None:

@@ -229,7 +229,8 @@ class JobStatus(BaseModel):
     finished_at: str | None
     submission_stalled: bool = Field(
         False, description="Still submitting with no progress for over 10 minutes: its producer probably died "
-                           "mid-listing. Submitting again with the same job key gives the key to a new job.")
+                           "mid-listing. The next submission marks it failed; submitting again with the same job key "
+                           "gives the key to a new job.")
     images_url: str
     summary_url: str
 

@@ -171,7 +171,8 @@ def print_status(info: dict[str, Any], console: Console) -> None:
     if info.get("submission_stalled"):
         console.print(f"[yellow]stalled:[/yellow] no submission progress for over {queries.SUBMISSION_STALE_S // 60} "
                       "minutes; its producer probably died mid-listing, so some images were never enqueued. Submit "
-                      "again (with the same --job-key, the key goes to a new job and this one is marked failed).")
+                      "again (with the same --job-key, the key goes to a new job); the next submission marks this "
+                      "one failed.")
 
 
 def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,

@@ -332,7 +332,8 @@ def test_skip_existing_submits_only_images_without_an_output(env, s3) -> None:  
 def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     """A producer killed while listing leaves a job 'submitting' with only some images enqueued. Submitting again
     with the same key once handed that broken job back for ever; after SUBMISSION_STALE_S without progress it is
-    failed and the key starts a new, complete job. A submission still making progress keeps its key."""
+    failed and the key starts a new, complete job. A keyless one, which no key finds, is failed by the next
+    submission too. A submission still making progress keeps its key."""
     from datetime import timedelta
 
     from sqlalchemy import update
@@ -344,7 +345,7 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
     _, b = s3
     url = env["DEBLUR_DATABASE_URL"]
     ensure_schema(url)
-    keys = {"stale": f"killed-{uuid.uuid4().hex[:6]}", "live": f"busy-{uuid.uuid4().hex[:6]}"}
+    keys = {"stale": f"killed-{uuid.uuid4().hex[:6]}", "live": f"busy-{uuid.uuid4().hex[:6]}", "keyless": None}
     ids = {}
     with session_scope(url) as session:
         for name, key in keys.items():
@@ -352,7 +353,7 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
             assert created and job.status == "submitting"
             ids[name] = job.id
         long_ago = utcnow() - timedelta(seconds=queries.SUBMISSION_STALE_S + 60)
-        session.execute(update(Job).where(Job.id == ids["stale"]).values(updated_at=long_ago))
+        session.execute(update(Job).where(Job.id.in_([ids["stale"], ids["keyless"]])).values(updated_at=long_ago))
 
     shown = invoke("status", ids["stale"])
     assert "stalled: no submission progress for over 10 minutes" in " ".join(shown.output.split())
@@ -368,3 +369,6 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         old = queries.get_job(session, ids["stale"])
         assert old.status == "failed" and old.job_key is None and "submission interrupted" in (old.error or "")
         assert queries.get_job(session, fresh.stdout.strip()).job_key == keys["stale"]
+        keyless = queries.get_job(session, ids["keyless"])
+        assert keyless.status == "failed" and "the images it enqueued are restored" in (keyless.error or "")
+        assert queries.get_job(session, ids["live"]).status == "submitting"
