@@ -63,3 +63,13 @@ class JobFinishedError(InputError):
 
 class TransientError(DeblurError):
     """A temporary failure (storage, broker, database): the task is retried."""
+
+
+class DeviceFailure(DeblurError):
+    """The worker's accelerator failed (a lost or poisoned CUDA context, an ECC error): no image is to blame,
+    and this process can restore nothing more, so its batch goes back to the queue and it stops taking work.
+
+    ``counts`` is what the batch got through before (images done, failed and handed over), when known.
+    """
+
+    counts: dict[str, int] | None = None

@@ -400,6 +400,53 @@ def test_a_store_that_takes_no_checksums_is_sent_none_as_boto3s_own_setting_says
     assert stored_sha256(plain, S3URI("plain", "without.png")) is None  # --quick then reads it back
 
 
+def _one_batch_job(env: dict[str, str], bucket: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """A wiener job over one blurred crop per name under s3://BUCKET/in/, and the payload of its one queued batch."""
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for name in names:
+        s3.put_object(Bucket=bucket, Key=f"in/{name}", Body=_png(_pairs()[0][1]))
+    job_id = run_cli("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener",
+                     "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    return job_id, args[0]
+
+
+def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consuming(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """A worker whose GPU fails (a lost CUDA context) once failed every image it took, fast, so it swallowed the
+    queue while healthy workers were busy. Now the batch's images go back to the queue unfailed and the worker
+    stops consuming; a plain model error still fails its image alone."""
+    from jobs.celery_app import app
+    from worker import pipeline, tasks
+    from worker.runtime import is_device_failure
+
+    job_id, payload = _one_batch_job(env, "gpu", ("1.png", "2.png", "3.png"))
+    real = pipeline.restore_work
+
+    def gpu_dies_on_the_second(work: Any, message: Any, *rest: Any) -> None:
+        if work.item.input.endswith("/2.png"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real(work, message, *rest)
+
+    monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
+    stopped: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(app.control, "cancel_consumer",
+                        lambda queue, destination: stopped.append((queue, destination)))
+    result = tasks.process_batch.apply(args=[payload]).get()
+    assert result == {"done": 1, "failed": 0, "handed_over": 2}
+    assert stopped == [(env["DEBLUR_QUEUE"], [tasks.runtime.hostname()])]
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert [rows[n]["status"] for n in ("1.png", "2.png", "3.png")] == ["done", "pending", "pending"]
+    sent = [task[1][0] for task in queued_tasks(env) if task[1][0]["job_id"] == job_id]  # read, not consumed
+    assert sorted([i["input"].rsplit("/", 1)[1] for i in m["images"]] for m in sent) == [
+        ["1.png", "2.png", "3.png"], ["2.png", "3.png"]]  # the submitted batch, and the images handed back
+
+    assert not is_device_failure(RuntimeError("CUDA error: out of memory"))  # a smaller image still fits
+    assert not is_device_failure(ValueError("operands could not be broadcast together"))
+    assert is_device_failure(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+
+
 def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_batch_finishes(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """A poison image (one whose restoration takes the worker down: out of memory, a crash) once took down every
@@ -410,12 +457,7 @@ def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_bat
     from jobs.settings import load_settings
     from worker import pipeline
 
-    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
-    s3.create_bucket(Bucket="poison")
-    for name in ("1.png", "2-poison.png", "3.png"):
-        s3.put_object(Bucket="poison", Key=f"in/{name}", Body=_png(_pairs()[0][1]))
-    job_id = run_cli("submit", "s3://poison/in/", "--output", "s3://poison/out/", "--model", "wiener", "-q").strip()
-    [(_, args)] = queued_tasks(env)
+    job_id, payload = _one_batch_job(env, "poison", ("1.png", "2-poison.png", "3.png"))
     real = pipeline.restore_work
 
     def dies_on_poison(work: Any, message: Any, *rest: Any) -> None:
@@ -427,7 +469,7 @@ def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_bat
 
     def deliver() -> dict[str, int] | None:
         try:
-            return pipeline.run_batch(BatchMessage.from_payload(args[0]), load_settings())
+            return pipeline.run_batch(BatchMessage.from_payload(payload), load_settings())
         except SystemExit:
             return None
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from db import queries
 from db.engine import session_scope
 from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
-from jobs.errors import InputError, TransientError
+from jobs.errors import DeviceFailure, InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
@@ -299,6 +299,10 @@ def run_batch(message: BatchMessage, settings: Settings,
     visibility timeout, after which Redis would hand the same batch to a
     second worker while the first still works on it. The counts returned
     include a ``handed_over`` entry.
+
+    Raises:
+        DeviceFailure: the accelerator failed (:func:`worker.runtime.is_device_failure`). The images done
+            before are recorded, the one it struck and the rest are released and handed over, unfailed.
     """
     started = time.monotonic()
     db_url = settings.resolved_database_url()
@@ -328,6 +332,7 @@ def run_batch(message: BatchMessage, settings: Settings,
         return batch_counts(0, 0)
     client = s3_client(settings)
     leftover: list[Work] = []
+    device_failure: DeviceFailure | None = None
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
         # every download starts at once (the pool bounds how many run) and each image waits only for its own,
         # so the first image is restored while the others arrive; each output is uploaded as soon as it is encoded
@@ -364,6 +369,12 @@ def run_batch(message: BatchMessage, settings: Settings,
             except TransientError:
                 raise
             except Exception as exc:  # a model or codec bug must fail this image only
+                if runtime.is_device_failure(exc):  # ...but a failed GPU is nobody's image's fault
+                    device_failure = DeviceFailure(f"the device failed on {work.item.input}: {type(exc).__name__}: "
+                                                   f"{exc}")
+                    leftover, works = works[index:], works[:index]
+                    work.uploads = []
+                    break
                 log.exception("image %s failed", work.item.input)
                 work.fail(f"{type(exc).__name__}: {exc}")
             work.decoded = work.reference = work.restored = None  # keep memory per batch flat
@@ -379,12 +390,19 @@ def run_batch(message: BatchMessage, settings: Settings,
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     if leftover and hand_over is not None:
-        # a warning so it shows in the worker's log (its root logger keeps only warnings and errors)
-        log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a new task",
-                    message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit, len(leftover))
+        if device_failure is None:  # a warning so it shows in the worker's log (it keeps warnings and errors)
+            log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a "
+                        "new task", message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit,
+                        len(leftover))
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
-    return batch_counts(done, len(works) - done, len(leftover))
+    counts = batch_counts(done, len(works) - done, len(leftover))
+    if device_failure is not None:
+        # the image it struck keeps its start: if it is the cause after all (an input that trips a device-side
+        # assert), the cap on starts without an outcome fails it after a few workers, as for any crash
+        device_failure.counts = counts
+        raise device_failure
+    return counts
 
 
 def _within_attempts(work: Work, starts: int, max_attempts: int) -> bool:

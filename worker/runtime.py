@@ -68,6 +68,24 @@ def device() -> "torch.device":
     return cached  # type: ignore[return-value]
 
 
+# What the errors of a failed accelerator say (CUDA, cuBLAS, cuDNN, NCCL, ROCm): after one the process's device
+# context is unusable, so every further image would fail too.
+_DEVICE_FAILURE_MARKS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "device-side assert",
+                         "NCCL error", "HIP error", "illegal memory access", "unspecified launch failure",
+                         "uncorrectable ECC error")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the accelerator failed, rather than the image or the model code.
+
+    Running out of memory is not such a failure: a smaller image, or tiling, still works on the same device.
+    """
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text:
+        return False
+    return any(mark in text for mark in _DEVICE_FAILURE_MARKS)
+
+
 def get_model(spec: "ModelSpec") -> "RestorationModel":
     """The loaded model for ``spec``, built on first use and cached for the process."""
     from models.loading import load_model

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from jobs.celery_app import app
-from jobs.errors import InputError, TransientError, UnknownJobError
+from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage
 from jobs.notify import NOTIFY_TASK, body, deliver
 from worker import runtime
@@ -69,6 +69,12 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
 
     try:
         return run_batch(message, settings, hand_over)
+    except DeviceFailure as exc:
+        stop_consuming(settings.queue)
+        log.critical("%s. This worker (%s) takes no more batches from %r; the batch's other images went back to the "
+                     "queue for the other workers. Check the device, then restart this worker.", exc,
+                     runtime.hostname(), settings.queue)
+        return exc.counts or batch_counts(0, 0)
     except (TransientError, OperationalError) as exc:
         retries = self.request.retries
         if retries >= settings.task_max_retries:
@@ -84,6 +90,15 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
         return batch_counts(0, fail_batch(message, settings, error))
+
+
+def stop_consuming(queue: str) -> None:
+    """Ask this worker node to stop consuming ``queue`` (a broadcast through the broker; it stays up, idle,
+    visible in Flower), so a failed GPU does not swallow batch after batch."""
+    try:
+        app.control.cancel_consumer(queue, destination=[runtime.hostname()])
+    except Exception:  # the broker is down: the next batch fails the same way and asks again
+        log.exception("could not ask this worker to stop consuming %r", queue)
 
 
 @app.task(name=NOTIFY_TASK, bind=True, max_retries=None, acks_late=True)
