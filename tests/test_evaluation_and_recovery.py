@@ -430,6 +430,7 @@ def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consumi
         real(work, message, *rest)
 
     monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
+    monkeypatch.setattr(tasks.runtime, "_state", {})  # the task reads its settings (this test's services) afresh
     stopped: list[tuple[str, list[str]]] = []
     monkeypatch.setattr(app.control, "cancel_consumer",
                         lambda queue, destination: stopped.append((queue, destination)))
