@@ -165,7 +165,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
     spec = info["spec"] or {}
     console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
     if spec.get("output"):
-        console.print(f"output: {spec['output']}")
+        written = f" as {spec['output_format'].upper()}" if spec.get("output_format") else ""
+        records = ", each with a provenance record" if spec.get("sidecar") else ""
+        console.print(f"output: {spec['output']}{written}{records}")
     if info["error"]:
         console.print(f"[red]error:[/red] {info['error']}")
     if info.get("submission_stalled"):

@@ -225,6 +225,8 @@ def test_a_provenance_record_travels_next_to_each_output(env, bucket) -> None:  
     assert record["metrics"] == row["metrics_by_model"]  # every figure the database holds, by model
     assert record["kernels"] == [f"s3://{b}/out/1931/reel.kernel.png"]
     assert record["settings"]["output_format"] == "png" and record["worker"] == row["worker"]
+    shown = " ".join(run_cli("status", job_id).split())
+    assert f"output: s3://{b}/out/ as PNG, each with a provenance record" in shown
 
     # the output prefix submitted again: the records are named as an earlier run's, not as unknown files
     dry = run_cli("submit", f"s3://{b}/out/", "-o", f"s3://{b}/again/", "--dry-run")
