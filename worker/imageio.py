@@ -60,6 +60,7 @@ import numpy as np
 
 from jobs.errors import ImageDecodeError, InputError
 from jobs.settings import Settings
+from jobs.storage import READ_FORMATS
 from worker import jpeg2000
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,6 @@ _CONTENT_TYPES = {
     "jp2": "image/jp2",
     "bmp": "image/bmp",
 }
-_SUPPORTED = "PNG, JPEG, TIFF, WebP, JPEG 2000, BMP"
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -442,10 +442,10 @@ def _describe_unknown(data: bytes) -> str:
     }
     for magic, what in known.items():
         if data.startswith(magic):
-            return f"found {what}; supported: {_SUPPORTED}"
+            return f"found {what}; supported: {READ_FORMATS}"
     if data[4:8] == b"ftyp":
-        return f"found an ISO media file ({data[8:12].decode('latin-1')!r}); supported: {_SUPPORTED}"
-    return f"{len(data)} bytes starting with {data[:8].hex(' ')}, not {_SUPPORTED.replace(', BMP', ' or BMP')}"
+        return f"found an ISO media file ({data[8:12].decode('latin-1')!r}); supported: {READ_FORMATS}"
+    return f"{len(data)} bytes starting with {data[:8].hex(' ')}, not {READ_FORMATS.replace(', BMP', ' or BMP')}"
 
 
 def _probe_png(data: bytes) -> _Probe:
