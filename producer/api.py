@@ -65,6 +65,7 @@ from models.tone import LIGHT_HELP
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
 from producer.tracking import cancel_job, fetch_results, job_status, results_json
+from producer.verify import verify_outputs
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,31 @@ class CancelResult(BaseModel):
 class RetryResult(BaseModel):
     id: str
     requeued: int
+
+
+class VerifyRequest(BaseModel):
+    """How to check a job's outputs (``deblur verify``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quick: bool = Field(True, description="Compare the SHA-256 the store kept from each upload (a HEAD request, no "
+                                          "egress) instead of reading every output back; outputs whose store keeps "
+                                          "none are read anyway.")
+    mark_failed: bool = Field(False, description="Record missing and changed outputs as failed images, ready for "
+                                                 "POST .../retry.")
+
+
+class VerifyResult(BaseModel):
+    """What verification found; ``missing`` and ``changed`` list the first 100 (input, output) pairs."""
+
+    id: str
+    checked: int
+    intact: int
+    unrecorded: int = Field(description="Present, but written before checksums were recorded: existence only.")
+    by_store_checksum: int = Field(description="Judged by the store's checksum, without reading the output.")
+    missing: list[tuple[str, str]]
+    changed: list[tuple[str, str]]
+    problems: int
 
 
 class ModelParam(BaseModel):
@@ -602,6 +628,21 @@ def create_app(settings: Settings) -> FastAPI:
         n = retry_images(settings, key, failed=body.failed,
                          stalled_after=body.stalled_after if body.stalled else None)
         return RetryResult(id=key, requeued=n)
+
+    @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=guarded,
+              tags=["results"], responses={404: {"description": "No job with this id."}})
+    def verify(job_id: JobId, body: Annotated[VerifyRequest | None, Body()] = None) -> VerifyResult:
+        """Check that every done image's output is still in storage as written (fixity).
+
+        Answers when every output was checked: with ``quick`` (the default) one HEAD request each, so a job of
+        tens of thousands of images takes minutes; the command line's ``deblur verify`` shows progress.
+        """
+        body = body or VerifyRequest()
+        key = str(job_id)
+        found = verify_outputs(settings, key, mark_failed=body.mark_failed, quick=body.quick)
+        return VerifyResult(id=key, checked=found.checked, intact=found.intact, unrecorded=found.unrecorded,
+                            by_store_checksum=found.by_store_checksum, missing=found.missing[:100],
+                            changed=found.changed[:100], problems=found.problems)
 
     @app.get(f"{prefix}/models", response_model=list[ModelDescription], dependencies=guarded, tags=["models"])
     def list_models() -> list[dict[str, Any]]:

@@ -169,6 +169,15 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         assert sharpness["mean"] == pytest.approx(expected, rel=1e-9)
         assert rows[("input", "laplacian_variance")]["count"] == 4
 
+        # fixity: by the checksums the store kept (no output read), then one output lost
+        checked = client.post(f"/v1/jobs/{job_id}/verify").json()
+        assert (checked["checked"], checked["intact"], checked["by_store_checksum"], checked["problems"]) == (4, 4, 4, 0)
+        lost = done[0]["output"]
+        s3.delete_object(Bucket=name, Key=lost.removeprefix(f"s3://{name}/"))
+        found = client.post(f"/v1/jobs/{job_id}/verify", json={"quick": False}).json()
+        assert found["missing"] == [[done[0]["input"], lost]] and found["problems"] == 1 and found["intact"] == 3
+        assert client.post(f"/v1/jobs/{uuid.uuid4()}/verify").status_code == 404
+
         # Each image compared with itself: the input's PSNR is +inf, sent as "inf".
         upload(s3, name, "pairs/", samples[:2])
         evaluation = client.post("/v1/jobs", json={"kind": "evaluate", "inputs": [f"s3://{name}/pairs/"],
@@ -212,7 +221,8 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert httpx.get(api + "/docs").status_code == 200
     schema = httpx.get(api + "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images", "/v1/jobs/{job_id}/summary",
-            "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/models", "/healthz"} <= set(schema["paths"])
+            "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/jobs/{job_id}/verify", "/v1/models",
+            "/healthz"} <= set(schema["paths"])
     assert "JobSubmission" in schema["components"]["schemas"]
 
     anonymous = httpx.get(api + "/v1/jobs")
