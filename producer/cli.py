@@ -471,6 +471,7 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from producer.inputs import plural
     from producer.prune import cutoff_for, prune_jobs
 
     settings = _settings()
@@ -481,8 +482,8 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
             console.print(f"no job finished before {when}; nothing to prune")
             return
         if not yes:
-            click.confirm(f"delete {_count(counted.jobs, 'job')} that finished before {when}, with the rows of "
-                          f"{_count(counted.images, 'image')} (storage is not touched)?", abort=True)
+            click.confirm(f"delete {plural(counted.jobs, 'job')} that finished before {when}, with the rows of "
+                          f"{plural(counted.images, 'image')} (storage is not touched)?", abort=True)
     if dry_run:
         pruned = prune_jobs(settings, older_than, dry_run=True)
     else:
@@ -492,13 +493,9 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
             pruned = prune_jobs(settings, older_than, progress=lambda n, total: bar.update(task, completed=n,
                                                                                          total=total))
     verb = "would delete" if dry_run else "deleted"
-    console.print(f"{verb} {_count(pruned.jobs, 'job')} that finished before {when}, with the rows of "
-                  f"{_count(pruned.images, 'image')}; storage untouched"
+    console.print(f"{verb} {plural(pruned.jobs, 'job')} that finished before {when}, with the rows of "
+                  f"{plural(pruned.images, 'image')}; storage untouched"
                   + (f"; kept {pruned.kept} retried meanwhile" if pruned.kept else ""))
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _safe_url(url: str) -> str:

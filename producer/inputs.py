@@ -175,12 +175,14 @@ def ignored_kind(key: str) -> str:
     return name[dot:].lower() if dot > 0 else "no extension"
 
 
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, with an s unless there is one: '1,231 files', '1 file'."""
+    return f"{count:,} {noun}{'s' if count != 1 else ''}"
+
+
 def describe_ignored(ignored: Mapping[str, int]) -> str:
     """What a listing left out, for people, e.g. '3 files that are not images deblur reads (PNG, JPEG, TIFF,
     WebP, JPEG 2000, BMP): .heic ×2, .gif ×1; and 1 kernel PNG of an earlier run'; '' when nothing was."""
-
-    def plural(count: int, word: str) -> str:
-        return f"{count:,} {word}{'s' if count != 1 else ''}"
 
     others = {kind: count for kind, count in ignored.items() if kind not in _EARLIER_RUN_KINDS}
     parts = []
