@@ -374,7 +374,11 @@ def cancel(job: str) -> None:
 
 
 @main.command()
-@click.argument("job")
+@click.argument("job", required=False)
+@option("--records", metavar="PREFIX_OR_FOLDER", default=None,
+        help="Instead of a job: check the outputs under an S3 prefix or a local folder against the provenance "
+             "records beside them (OUTPUT.deblur.json, written by --sidecar). Needs no database, so it works for "
+             "copied trees and pruned jobs.")
 @option("--mark-failed", is_flag=True,
         help="Record the images whose output is missing or changed as failed, so 'deblur retry JOB --failed' "
              "restores them again.")
@@ -382,8 +386,8 @@ def cancel(job: str) -> None:
         help="Ask the store for the SHA-256 it keeps with each output (one HEAD request) instead of reading the "
              "output back: no egress, and it still finds deleted, replaced or truncated outputs. Outputs whose "
              "store keeps no SHA-256 are read in full.")
-def verify(job: str, mark_failed: bool, quick: bool) -> None:
-    """Check that every done image's output is still in storage, byte for byte as written.
+def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool) -> None:
+    """Check that every done image's output of JOB is still in storage, byte for byte as written.
 
     Reads each output back and compares its SHA-256 with the one the worker recorded when it wrote it
     (with --quick, compares the SHA-256 the store kept from the upload instead). Exit code 1 if any output is
@@ -391,18 +395,31 @@ def verify(job: str, mark_failed: bool, quick: bool) -> None:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from producer.inputs import plural
     from producer.tracking import full_job_id, job_status
-    from producer.verify import verify_outputs
+    from producer.verify import verify_outputs, verify_records
 
+    if (job is None) == (records is None):
+        raise click.UsageError("name a JOB, or --records PREFIX_OR_FOLDER, but not both")
+    if records is not None and mark_failed:
+        raise click.UsageError("--mark-failed needs a JOB: records are checked without the database")
     settings = _settings()
-    job = full_job_id(settings, job)
-    total = job_status(settings, job)["counts"]["done"]
-    with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("verify", total=total)
-        found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n),
-                               quick=quick)
-    console.print(f"job {job}: {found.checked} outputs checked, {found.intact} intact, {len(found.missing)} missing, "
+    if records is not None:
+        with Progress(TextColumn("verifying"), TextColumn("{task.completed} records"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("verify", total=None)
+            found = verify_records(settings, records, quick, progress=lambda n: bar.update(task, completed=n))
+        job = records
+    else:
+        job = full_job_id(settings, job)  # type: ignore[arg-type]
+        total = job_status(settings, job)["counts"]["done"]
+        with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("verify", total=total)
+            found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n),
+                                   quick=quick)
+    console.print(f"{'records under ' if records else 'job '}{job}: {plural(found.checked, 'output')} checked, "
+                  f"{found.intact} intact, {len(found.missing)} missing, "
                   f"{len(found.changed)} changed" + (f", {found.unrecorded} present but written before checksums "
                                                      "were recorded" if found.unrecorded else ""), soft_wrap=True)
     if quick:
@@ -417,6 +434,8 @@ def verify(job: str, mark_failed: bool, quick: bool) -> None:
     if found.problems:
         if mark_failed:
             console.print(f"marked {found.problems} images failed: 'deblur retry {job} --failed' restores them again")
+        elif records:
+            console.print("restore them again from their inputs (named above) with 'deblur submit'")
         else:
             console.print("run again with --mark-failed, then 'deblur retry JOB --failed', to restore them again")
         sys.exit(1)

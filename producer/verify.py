@@ -15,22 +15,31 @@ That catches deleted, replaced and truncated outputs; it trusts the store to
 have kept the bytes it acknowledged, which the full check does not. An output
 whose store holds no SHA-256 (written before checksums were sent, replaced
 without one, or a store that keeps none) is read in full even then.
+
+:func:`verify_records` needs no database at all: it checks the outputs under a
+prefix or folder against the provenance records written next to them
+(``--sidecar``), so restorations copied elsewhere, or whose job was pruned,
+can still be checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import StorageNotFoundError
-from jobs.s3uri import parse_s3_uri
+from jobs.errors import InputError, StorageNotFoundError
+from jobs.layout import SIDECAR_SUFFIX, is_sidecar
+from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.storage import get_bytes, s3_client, stored_sha256
+from jobs.storage import get_bytes, iter_objects, s3_client, stored_sha256
 
 PAGE = 1000  # image rows read from SQL at a time
 
@@ -49,6 +58,18 @@ class Verification:
     @property
     def problems(self) -> int:
         return len(self.missing) + len(self.changed)
+
+    def add(self, verdict: str, by_store: bool, pair: tuple[str, str]) -> None:
+        """Count one output: ``verdict`` is 'intact', 'unrecorded', 'missing' or 'changed'; ``pair`` its
+        (input, output)."""
+        self.checked += 1
+        self.by_store_checksum += by_store
+        if verdict == "intact":
+            self.intact += 1
+        elif verdict == "unrecorded":
+            self.unrecorded += 1
+        else:
+            (self.missing if verdict == "missing" else self.changed).append(pair)
 
 
 def _done_pages(settings: Settings, job_id: str) -> Iterator[list[dict[str, Any]]]:
@@ -105,14 +126,7 @@ def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
         for page in _done_pages(settings, job_id):
             for row, (verdict, by_store) in zip(page, pool.map(lambda r: _check(client, r, quick), page),
                                                 strict=True):
-                found.checked += 1
-                found.by_store_checksum += by_store
-                if verdict == "intact":
-                    found.intact += 1
-                elif verdict == "unrecorded":
-                    found.unrecorded += 1
-                else:
-                    (found.missing if verdict == "missing" else found.changed).append((row["input"], row["output"]))
+                found.add(verdict, by_store, (row["input"], row["output"]))
                 if progress is not None:
                     progress(found.checked)
     if mark_failed and found.problems:
@@ -123,3 +137,81 @@ def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
             ]:
                 queries.mark_image_failed(session, job_id, input_uri, f"{error}: {output}")
     return found
+
+
+def verify_records(settings: Settings, location: str, quick: bool = False,
+                   progress: Callable[[int], None] | None = None) -> Verification:
+    """Check every output under ``location`` (an S3 prefix or a local folder) against the provenance record
+    next to it (``OUTPUT.deblur.json``).
+
+    The output is looked for beside its record, not where the record says it was written, so a copied tree is
+    checked where it is now. ``quick`` works as for :func:`verify_outputs` (S3 only). A record that cannot be
+    read counts as changed. ``progress`` is told the running count of records checked.
+
+    Raises:
+        InputError: ``location`` is neither an S3 prefix nor a folder, or holds no records.
+        TransientError: storage could not be reached.
+    """
+    records: Iterator[Any]
+    if location.startswith("s3://"):
+        prefix = parse_s3_uri(location, want_prefix=True)
+        client = s3_client(settings)
+        records = (uri for uri, _size in iter_objects(client, prefix) if is_sidecar(uri.key))
+
+        def check(record: Any) -> tuple[str, bool, tuple[str, str]]:
+            return _check_record(get_bytes(client, record), str(record)[: -len(SIDECAR_SUFFIX)],
+                                 lambda: _stored_or_read(client, record, quick))
+    else:
+        folder = Path(location)
+        if not folder.is_dir():
+            raise InputError(f"{location} is neither an S3 prefix (s3://bucket/prefix/) nor a folder")
+        records = iter(sorted(folder.rglob("*" + SIDECAR_SUFFIX)))
+
+        def check(record: Any) -> tuple[str, bool, tuple[str, str]]:
+            return _check_record(record.read_bytes(), str(record)[: -len(SIDECAR_SUFFIX)],
+                                 lambda: _local_digest(record))
+    found = Verification()
+    with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
+        while page := list(itertools.islice(records, PAGE)):  # a page at a time: memory stays flat
+            for verdict, by_store, pair in pool.map(check, page):
+                found.add(verdict, by_store, pair)
+                if progress is not None:
+                    progress(found.checked)
+    if not found.checked:
+        raise InputError(f"no provenance records (*{SIDECAR_SUFFIX}) under {location}; they are written by jobs "
+                         "submitted with --sidecar")
+    return found
+
+
+def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str | None, bool]]
+                  ) -> tuple[str, bool, tuple[str, str]]:
+    """(verdict, judged by the store's checksum, (input, output)) for one record and the output beside it."""
+    try:
+        written = json.loads(record)
+        source, expected = str(written["input"]["uri"]), written["output"]["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return "changed", False, ("(the provenance record cannot be read)", output)
+    if not expected:
+        return "unrecorded", False, (source, output)
+    try:
+        actual, by_store = digest()
+    except StorageNotFoundError:
+        return "missing", False, (source, output)
+    return ("intact" if actual == expected else "changed"), by_store, (source, output)
+
+
+def _stored_or_read(client: Any, record: S3URI, quick: bool) -> tuple[str | None, bool]:
+    """The SHA-256 of the output beside ``record``: the store's own when ``quick`` and it keeps one, else read."""
+    output = S3URI(record.bucket, record.key[: -len(SIDECAR_SUFFIX)])
+    if quick:
+        kept = stored_sha256(client, output)
+        if kept is not None:
+            return kept, True
+    return hashlib.sha256(get_bytes(client, output)).hexdigest(), False
+
+
+def _local_digest(record: Path) -> tuple[str | None, bool]:
+    output = Path(str(record)[: -len(SIDECAR_SUFFIX)])
+    if not output.is_file():
+        raise StorageNotFoundError(f"{output} does not exist")
+    return hashlib.sha256(output.read_bytes()).hexdigest(), False

@@ -244,3 +244,47 @@ def test_local_restore_writes_the_record_next_to_the_file(tmp_path: Path) -> Non
     record = json.loads((tmp_path / "out" / "reel.jpg.deblur.json").read_text())
     assert record["output"]["sha256"] == hashlib.sha256((tmp_path / "out" / "reel.jpg").read_bytes()).hexdigest()
     assert record["input"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+@pytest.mark.integration
+def test_outputs_are_verified_against_their_records_without_the_database(  # type: ignore[no-untyped-def]
+        env, bucket, tmp_path) -> None:
+    """A tree of restorations copied elsewhere, or whose job was pruned, is still checked: by its records."""
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from tests.e2e_helpers import queued_tasks
+    from tests.test_end_to_end import run_cli
+    from worker.pipeline import run_batch
+
+    s3, b = bucket
+    for name in ("a.jpg", "b.jpg"):
+        s3.put_object(Bucket=b, Key=f"in/{name}", Body=_pil(RGB, "JPEG", quality=85))
+    run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--model", "wiener", "--sidecar", "-q")
+    [(_, args)] = queued_tasks(env)
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings())["done"] == 2
+    for key in ("a.jpg", "a.jpg.deblur.json", "b.jpg", "b.jpg.deblur.json"):  # the tree copied elsewhere
+        s3.copy_object(Bucket=b, Key=f"copy/{key}", CopySource={"Bucket": b, "Key": f"out/{key}"})
+
+    intact = CliRunner().invoke(main, ["verify", "--records", f"s3://{b}/copy/", "--quick"])
+    assert intact.exit_code == 0, intact.output
+    assert f"records under s3://{b}/copy/: 2 outputs checked, 2 intact, 0 missing, 0 changed" in intact.output
+    s3.put_object(Bucket=b, Key="copy/a.jpg", Body=b"replaced by a botched sync")
+    s3.delete_object(Bucket=b, Key="copy/b.jpg")
+    broken = CliRunner().invoke(main, ["verify", "--records", f"s3://{b}/copy/"])
+    message = " ".join(broken.output.split())
+    assert broken.exit_code == 1 and "2 outputs checked, 0 intact, 1 missing, 1 changed" in message
+    assert f"changed: s3://{b}/copy/a.jpg (from s3://{b}/in/a.jpg)" in message
+
+    folder = tmp_path / "restored"  # the same on local files
+    folder.mkdir()
+    for key in ("a.jpg", "a.jpg.deblur.json"):
+        (folder / key).write_bytes(s3.get_object(Bucket=b, Key=f"out/{key}")["Body"].read())
+    assert "1 output checked, 1 intact" in CliRunner().invoke(main, ["verify", "--records", str(folder)]).output
+    (folder / "a.jpg").write_bytes(b"truncated")
+    assert CliRunner().invoke(main, ["verify", "--records", str(folder)]).exit_code == 1
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(main, ["verify", "--records", str(tmp_path / "empty")])
+    assert empty.exit_code != 0 and "no provenance records (*.deblur.json) under" in " ".join(empty.output.split())
+    refused = CliRunner().invoke(main, ["verify", "--records", str(folder), "--mark-failed"])
+    assert refused.exit_code == 2 and "--mark-failed needs a JOB" in refused.output
