@@ -120,7 +120,7 @@ def build_named(
 ) -> RestorationModel:
     """Load the checkpoint of registry entry ``name`` and check it is ``architecture``."""
     info = REGISTRY.get(name)
-    path = resolve_weights(info, str(params.get("path") or ""))
+    path, digest = resolve_weights(info, str(params.get("path") or ""))
     descriptor = describe_checkpoint(load_state_dict(path), path)
     found = str(descriptor.architecture.id)
     if found != architecture:
@@ -129,18 +129,20 @@ def build_named(
             f"network; use spandrel:path={path} to run it as it is"
         )
     model = OfficialModel(info, params, device, descriptor)
-    model.weights_sha256 = sha256_of(path)
+    model.weights_sha256 = digest or sha256_of(path)  # an explicit file: hashed once it loaded
     return model
 
 
-def resolve_weights(info: ModelInfo, explicit: str) -> Path:
-    """The checkpoint file to load: ``explicit`` if given, else the registered file.
+def resolve_weights(info: ModelInfo, explicit: str) -> tuple[Path, str | None]:
+    """The checkpoint file to load, ``explicit`` if given, else the registered file, and the registered file's
+    SHA-256 (None for an explicit file).
 
     The registered file is looked up in ``DEBLUR_WEIGHTS_DIR`` (then the shipped
-    weights) and checked against the registry's sha256 when one is recorded.
+    weights) and checked against the registry's sha256 when one is recorded; the
+    file is read once for both.
     """
     if explicit.strip():
-        return Path(explicit.strip()).expanduser()
+        return Path(explicit.strip()).expanduser(), None
     if info.weights is None:
         raise InvalidModelSpecError(f"model {info.name!r} needs path=FILE (no registered weights)")
     found = find_weights(info)
@@ -151,14 +153,13 @@ def resolve_weights(info: ModelInfo, explicit: str) -> Path:
             f"pass {info.name}:path=/path/to/checkpoint"
         )
     expected = normalise_sha256(info.weights.sha256)
-    if expected is not None:
-        actual = sha256_of(found)
-        if actual != expected:
-            raise WeightsError(
-                f"{found} has sha256 {actual}, but model {info.name!r} expects {expected}; "
-                f"run 'deblur models pull {info.name} --force' to replace it"
-            )
-    return found
+    actual = sha256_of(found)
+    if expected is not None and actual != expected:
+        raise WeightsError(
+            f"{found} has sha256 {actual}, but model {info.name!r} expects {expected}; "
+            f"run 'deblur models pull {info.name} --force' to replace it"
+        )
+    return found, actual
 
 
 def describe_checkpoint(state_dict: StateDict, source: Path | str) -> ImageModelDescriptor:
