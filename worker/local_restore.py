@@ -34,7 +34,7 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
                  output_format: str | None = None) -> list[tuple[Path, Path]]:
     """Each image to restore with the file its restoration goes to.
 
-    A file goes to ``output/<its name>``; a folder's images (``IMAGE_SUFFIXES``,
+    A file goes to ``output/<its name>``; a folder's images (``jobs.storage.IMAGE_SUFFIXES``,
     found at any depth, in sorted order; kernel PNGs written by an earlier run
     left out) go to ``output/<their path inside the folder>``, as a prefix's
     outputs mirror it in S3. With ``output_format``, each name takes that
