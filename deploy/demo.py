@@ -24,9 +24,10 @@ DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "china")
 def demo_images(max_side: int, seed: int = 7) -> list[tuple[str, bytes, bytes]]:
     """(relative key, blurred file bytes, sharp file bytes) for the demo photographs.
 
-    Mixed formats on purpose: PNG, JPEG, a 16-bit TIFF and a grey PNG.
+    Mixed formats on purpose: PNG, JPEG, a 16-bit TIFF, a lossless JPEG 2000, WebP and a 16-bit PNG.
     """
     import cv2
+    import imagecodecs
 
     from models.synthetic_blur import blur_image, random_motion_kernel, sample_photographs
 
@@ -40,12 +41,14 @@ def demo_images(max_side: int, seed: int = 7) -> list[tuple[str, bytes, bytes]]:
         if scale < 1:
             image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         blurred = blur_image(image, kernel, noise_sigma=0.005, rng=rng)
-        ext, depth = [(".png", 8), (".jpg", 8), (".tif", 16), (".png", 8), (".webp", 8), (".png", 16)][index % 6]
+        ext, depth = [(".png", 8), (".jpg", 8), (".tif", 16), (".jp2", 8), (".webp", 8), (".png", 16)][index % 6]
         top = 65535 if depth == 16 else 255
         dtype = np.uint16 if depth == 16 else np.uint8
 
         def encode(pixels: np.ndarray) -> bytes:
             arr = np.clip(np.rint(pixels * top), 0, top).astype(dtype)
+            if ext == ".jp2":  # OpenCV writes JPEG 2000 lossy by default; an archive master is lossless
+                return bytes(imagecodecs.jpeg2k_encode(arr, codecformat="JP2"))
             if arr.ndim == 3:
                 arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
             params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == ".jpg" else []
