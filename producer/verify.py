@@ -90,16 +90,23 @@ def _check(client: Any, row: dict[str, Any], quick: bool) -> tuple[str, bool]:
     checksum decided it (``quick`` and the store keeps one) rather than the bytes read back."""
     uri = parse_s3_uri(row["output"], want_prefix=False)
     try:
-        if quick and row["output_sha256"]:
-            kept = stored_sha256(client, uri)
-            if kept is not None:
-                return ("intact" if kept == row["output_sha256"] else "changed"), True
-        data = get_bytes(client, uri)
+        if not row["output_sha256"]:
+            stored_sha256(client, uri)  # a HEAD request: present, but nothing to compare with
+            return "unrecorded", False
+        actual, by_store = _output_digest(client, uri, quick)
     except StorageNotFoundError:
         return "missing", False
-    if not row["output_sha256"]:
-        return "unrecorded", False
-    return ("intact" if hashlib.sha256(data).hexdigest() == row["output_sha256"] else "changed"), False
+    return ("intact" if actual == row["output_sha256"] else "changed"), by_store
+
+
+def _output_digest(client: Any, output: S3URI, quick: bool) -> tuple[str, bool]:
+    """An output's SHA-256, and whether it is the store's own (``quick`` and the store keeps one) rather than
+    the bytes read back and hashed."""
+    if quick:
+        kept = stored_sha256(client, output)
+        if kept is not None:
+            return kept, True
+    return hashlib.sha256(get_bytes(client, output)).hexdigest(), False
 
 
 def verify_outputs(settings: Settings, job_id: str, mark_failed: bool = False,
@@ -159,8 +166,8 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
         records = (uri for uri, _size in iter_objects(client, prefix) if is_sidecar(uri.key))
 
         def check(record: Any) -> tuple[str, bool, tuple[str, str]]:
-            return _check_record(get_bytes(client, record), str(record)[: -len(SIDECAR_SUFFIX)],
-                                 lambda: _stored_or_read(client, record, quick))
+            output = S3URI(record.bucket, record.key[: -len(SIDECAR_SUFFIX)])
+            return _check_record(get_bytes(client, record), str(output), lambda: _output_digest(client, output, quick))
     else:
         folder = Path(location)
         if not folder.is_dir():
@@ -183,7 +190,7 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
     return found
 
 
-def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str | None, bool]]
+def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str, bool]]
                   ) -> tuple[str, bool, tuple[str, str]]:
     """(verdict, judged by the store's checksum, (input, output)) for one record and the output beside it."""
     try:
@@ -200,17 +207,7 @@ def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str | N
     return ("intact" if actual == expected else "changed"), by_store, (source, output)
 
 
-def _stored_or_read(client: Any, record: S3URI, quick: bool) -> tuple[str | None, bool]:
-    """The SHA-256 of the output beside ``record``: the store's own when ``quick`` and it keeps one, else read."""
-    output = S3URI(record.bucket, record.key[: -len(SIDECAR_SUFFIX)])
-    if quick:
-        kept = stored_sha256(client, output)
-        if kept is not None:
-            return kept, True
-    return hashlib.sha256(get_bytes(client, output)).hexdigest(), False
-
-
-def _local_digest(record: Path) -> tuple[str | None, bool]:
+def _local_digest(record: Path) -> tuple[str, bool]:
     output = Path(str(record)[: -len(SIDECAR_SUFFIX)])
     if not output.is_file():
         raise StorageNotFoundError(f"{output} does not exist")
