@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from jobs.errors import InputError
 from jobs.s3uri import S3URI
 
 _KERNEL_ARTEFACT = re.compile(r"\.kernel(\.[A-Za-z0-9._=-]+)?\.png$", re.IGNORECASE)
@@ -40,15 +41,76 @@ OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif",
                                   "bmp": ".bmp"}
 """Formats an output can be converted to (``--output-format``), and the extension its key then takes."""
 
+SUFFIX_FORMATS: dict[str, str] = {
+    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".jpe": "jpeg", ".jfif": "jpeg", ".tif": "tiff", ".tiff": "tiff",
+    ".webp": "webp", ".jp2": "jp2", ".j2k": "jp2", ".j2c": "jp2", ".jpc": "jp2", ".bmp": "bmp", ".dib": "bmp",
+}
+"""The format each image suffix names (as ``worker.imageio`` reads them)."""
+
+_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "jpeg2000": "jp2"}
+
+
+def parse_output_format(text: str) -> dict[str | None, str]:
+    """``--output-format``'s value as {input format or None (every input): output format}.
+
+    ``png`` writes every output as PNG; ``jpeg=png,webp=png`` converts only those inputs (a TIFF master
+    stays a TIFF). Names: png, jpeg (jpg), tiff (tif), webp, jp2, bmp.
+
+    Raises:
+        InputError: an unknown format name or a malformed pair; the message lists the names.
+    """
+    def name(word: str) -> str:
+        word = _FORMAT_ALIASES.get(word.strip().lower(), word.strip().lower())
+        if word not in OUTPUT_FORMATS:
+            raise InputError(f"unknown image format {word!r} in --output-format {text!r}; known: "
+                             f"{', '.join(OUTPUT_FORMATS)} (e.g. png, or jpeg=png,webp=png)")
+        return word
+
+    if "=" not in text:
+        return {None: name(text)}
+    mapping: dict[str | None, str] = {}
+    for pair in text.split(","):
+        source, equals, target = pair.partition("=")
+        if not equals:
+            raise InputError(f"--output-format {text!r}: {pair!r} is not FROM=TO; write e.g. jpeg=png,webp=png")
+        mapping[name(source)] = name(target)
+    return mapping
+
+
+def format_of_name(name: str) -> str | None:
+    """The image format a file name's suffix names ("png", …), or None."""
+    dot = name.rfind(".")
+    return SUFFIX_FORMATS.get(name[dot:].lower()) if dot >= 0 and "/" not in name[dot:] else None
+
+
+def output_format_for(name: str, output_format: str | None) -> str | None:
+    """The format the output of the input called ``name`` is written in under ``output_format`` (None: its own,
+    unchanged); judged by the name's suffix, as its key is."""
+    if output_format is None:
+        return None
+    mapping = parse_output_format(output_format)
+    own = format_of_name(name)
+    target = mapping.get(own, mapping.get(None)) if own is not None else mapping.get(None)
+    return None if target is None or target == own else target
+
 
 def with_output_format(relative: str, output_format: str | None) -> str:
-    """An output's relative path, its extension swapped for ``output_format``'s (unchanged when it is None):
-    ``1931/reel.jpg`` as ``png`` is ``1931/reel.png``; a key without an extension gains one."""
-    if output_format is None:
+    """An output's relative path, its extension swapped for the format ``output_format`` gives it (unchanged
+    when none, or its own): ``1931/reel.jpg`` under ``png`` is ``1931/reel.png``; under ``jpeg=png`` a
+    ``scan.tif`` stays ``scan.tif``; a key without an extension gains one."""
+    target = output_format_for(relative.rpartition("/")[2], output_format)
+    if target is None:
         return relative
     head, _, name = relative.rpartition("/")
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    return f"{head}/{stem}{OUTPUT_FORMATS[output_format]}" if head else stem + OUTPUT_FORMATS[output_format]
+    return f"{head}/{stem}{OUTPUT_FORMATS[target]}" if head else stem + OUTPUT_FORMATS[target]
+
+
+def describe_output_format(output_format: str) -> str:
+    """``--output-format``'s value for people: 'PNG', or 'JPEG as PNG, WEBP as PNG'."""
+    mapping = parse_output_format(output_format)
+    return ", ".join(target.upper() if source is None else f"{source.upper()} as {target.upper()}"
+                     for source, target in mapping.items())
 
 
 SIDECAR_SUFFIX = ".deblur.json"

@@ -21,12 +21,11 @@ from botocore.exceptions import (
 )
 
 from jobs.errors import StorageNotFoundError, TransientError
+from jobs.layout import SUFFIX_FORMATS
 from jobs.s3uri import S3URI
 from jobs.settings import Settings
 
-IMAGE_SUFFIXES = (  # as worker.imageio reads
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".webp", ".jp2", ".j2k", ".j2c", ".jpc", ".bmp", ".dib",
-)
+IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)  # as worker.imageio reads
 READ_FORMATS = "PNG, JPEG, TIFF, WebP, JPEG 2000, BMP"
 """The formats those suffixes stand for, as messages name them."""
 

@@ -57,6 +57,7 @@ from jobs.errors import (
     UnknownModelError,
     WeightsError,
 )
+from jobs.layout import parse_output_format
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
 from models.catalog import REGISTRY
@@ -94,6 +95,15 @@ def _check_prefix_uri(text: str | None) -> str | None:
     if text is not None:
         try:
             parse_s3_uri(text, want_prefix=True)
+        except InputError as exc:
+            raise PydanticCustomError("value_error", str(exc)) from None
+    return text
+
+
+def _check_output_format(text: str | None) -> str | None:
+    if text is not None:
+        try:
+            parse_output_format(text)
         except InputError as exc:
             raise PydanticCustomError("value_error", str(exc)) from None
     return text
@@ -153,10 +163,12 @@ class JobSubmission(BaseModel):
     skip_existing: bool = Field(
         False, description="Leave out images whose output already exists under output (e.g. a nightly run that "
                            "restores only new scans). When that leaves none, no job is made: id is null (200).")
-    output_format: Literal["png", "jpeg", "tiff", "webp", "jp2", "bmp"] | None = Field(  # jobs.layout.OUTPUT_FORMATS
-        None, description="Deblur jobs: write every output in this format, its key's extension changed to match "
-                          "(scan.jpg → scan.png), e.g. png or tiff to keep restorations of JPEGs lossless. An "
-                          "image the format cannot hold (alpha as jpeg) fails alone. Unset: each input's format.")
+    output_format: Annotated[str | None, AfterValidator(_check_output_format)] = Field(
+        None, description="Deblur jobs: write every output in this format (png, tiff, jp2, webp, jpeg, bmp), its "
+                          "key's extension changed to match (scan.jpg → scan.png), e.g. png to keep restorations "
+                          "of JPEGs lossless; or only some inputs: 'jpeg=png,webp=png'. An image the format "
+                          "cannot hold (alpha as jpeg) fails alone. Unset: each input's format.",
+        examples=["png", "jpeg=png,webp=png"])
     quality: int | None = Field(None, ge=1, le=100, description="Deblur jobs: quality of JPEG and lossy WebP "
                                                                 "outputs (unset: a JPEG input's own, else 95).")
     sidecar: bool = Field(False, description="Deblur jobs: write a provenance record (OUTPUT.deblur.json) next to "

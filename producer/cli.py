@@ -19,12 +19,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import OUTPUT_FORMATS
+from jobs.layout import parse_output_format
 from jobs.settings import HELP, Settings, load_settings
 from models.tone import LIGHT_CHOICES, LIGHT_HELP  # not models.catalog: every command would import it
 
 console = Console(stderr=True)
 out = Console()
+
+
+def checked_output_format(_ctx: object, _param: object, value: str | None) -> str | None:
+    """A click callback: ``--output-format`` checked as it is typed (:func:`jobs.layout.parse_output_format`)."""
+    if value is not None:
+        try:
+            parse_output_format(value)
+        except InputError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 # name → (module:attribute, one-line help); imported on first use.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
@@ -213,11 +223,12 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
         help="Leave out images whose output already exists under --output, e.g. to restore only the scans added "
              "to a prefix since the last run (the output prefix is listed once). With none left, nothing is "
              "submitted and the exit code is 0.")
-@option("--output-format", type=click.Choice(list(OUTPUT_FORMATS)), default=None,
-        help="Write every output in this format, its key's extension changed to match (scan.jpg → scan.png), "
-             "instead of the input's format: e.g. png or tiff to keep restorations of JPEGs lossless. Depth, "
-             "alpha and EXIF/ICC/XMP are kept where the format holds them; an image it cannot hold (alpha as "
-             "jpeg, a multi-page TIFF as anything but tiff) fails alone. Default: each input's own format.")
+@option("--output-format", default=None, metavar="FORMAT|FROM=TO,...", callback=checked_output_format,
+        help="Write every output in this format (png, tiff, jp2, webp, jpeg, bmp), its key's extension changed to "
+             "match (scan.jpg → scan.png), e.g. png to keep restorations of JPEGs lossless; or only some inputs: "
+             "jpeg=png,webp=png leaves TIFF masters as they are. Depth, alpha and EXIF/ICC/XMP are kept where "
+             "the format holds them; an image it cannot hold (alpha as jpeg, a multi-page TIFF as anything but "
+             "tiff) fails alone. Default: each input's own format.")
 @option("--quality", type=click.IntRange(1, 100), default=None,
         help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
 @option("--sidecar", is_flag=True,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
-from jobs.layout import OUTPUT_FORMATS, is_kernel_artefact, is_sidecar, with_output_format
+from jobs.layout import is_kernel_artefact, is_sidecar, parse_output_format, with_output_format
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.storage import READ_FORMATS, check_bucket, is_image_key, iter_objects, object_exists
@@ -226,8 +226,8 @@ def build_plan(
     """
     if not inputs:
         raise InputError("no input given; name S3 keys, prefixes (s3://bucket/prefix/) or a manifest file")
-    if output_format is not None and output_format not in OUTPUT_FORMATS:
-        raise InputError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format is not None:
+        parse_output_format(output_format)  # refused here, with the names, rather than by every worker
     sources = [classify(text) for text in inputs]
     out_uri: S3URI | None = None
     if output:

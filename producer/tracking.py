@@ -18,6 +18,7 @@ from rich.table import Table
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import JobFinishedError
+from jobs.layout import describe_output_format
 from jobs.notify import announce_if_wanted
 from jobs.settings import Settings
 
@@ -165,7 +166,7 @@ def print_status(info: dict[str, Any], console: Console) -> None:
     spec = info["spec"] or {}
     console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
     if spec.get("output"):
-        written = f" as {spec['output_format'].upper()}" if spec.get("output_format") else ""
+        written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""
         console.print(f"output: {spec['output']}{written}{records}")
     if info["error"]:

@@ -243,6 +243,8 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
 
     [error] = refused({**good, "models": ["wiener", "nafnet-gorpo"]})
     assert error["loc"] == ["body", "models", 1] and "unknown model 'nafnet-gorpo'" in error["msg"]
+    [error] = refused({**good, "output_format": "jpeg=gif"})
+    assert error["loc"] == ["body", "output_format"] and "unknown image format 'gif'" in error["msg"]
     assert {tuple(e["loc"]) for e in refused({"output": 3, "strength": 2, "colour": "red"})} == {
         ("body", "inputs"), ("body", "output"), ("body", "strength"), ("body", "colour")}
     malformed = client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})

@@ -20,7 +20,8 @@ from skimage import data
 from jobs.errors import ImageDecodeError
 from jobs.storage import IMAGE_SUFFIXES, is_image_key
 from worker import jpeg2000
-from worker.imageio import _EXTENSIONS, content_type, decode_image, encode_image, format_from_name
+from jobs.layout import SUFFIX_FORMATS
+from worker.imageio import FORMATS, content_type, decode_image, encode_image, format_from_name
 
 RGB = np.ascontiguousarray(data.astronaut()[64:192, 128:288])  # 128x160
 GREY = np.ascontiguousarray(data.camera()[100:228, 200:360])
@@ -297,7 +298,8 @@ def test_bmps_deblur_cannot_read_are_refused_naming_why(patch: tuple[int, str, i
 
 
 def test_archive_extensions_are_listed_where_inputs_are_chosen() -> None:
-    assert set(_EXTENSIONS) == set(IMAGE_SUFFIXES)  # what a prefix submits is what the worker reads
+    assert set(IMAGE_SUFFIXES) == set(SUFFIX_FORMATS)  # what a prefix submits is what the worker reads
+    assert set(SUFFIX_FORMATS.values()) == set(FORMATS)
     for name in ("a/scan.JP2", "b.j2k", "c.j2c", "d.jpc"):
         assert format_from_name(name) == "jp2" and is_image_key(name)
     assert format_from_name("e.BMP") == format_from_name("f.dib") == "bmp"

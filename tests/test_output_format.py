@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import typing
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from PIL import Image, ImageCms
 from skimage import data
 
 from jobs.errors import InputError
-from jobs.layout import OUTPUT_FORMATS, with_output_format
+from jobs.layout import OUTPUT_FORMATS, parse_output_format, with_output_format
 from worker.imageio import as_format, decode_image, encode_image, quantise
 
 RGB = np.ascontiguousarray(data.astronaut()[90:154, 150:230])  # 64x80
@@ -107,11 +106,15 @@ def test_output_keys_take_the_formats_extension() -> None:
     assert with_output_format("1931/reel.JPG", "png") == "1931/reel.png"
     assert with_output_format("a.b/scan", "tiff") == "a.b/scan.tif"
     assert with_output_format("x.y.jpeg", "jp2") == "x.y.jp2"
-    assert with_output_format("x.jpeg", None) == "x.jpeg"
-    from producer.api import JobSubmission
-
-    api_formats = typing.get_args(typing.get_args(JobSubmission.model_fields["output_format"].annotation)[0])
-    assert set(api_formats) == set(OUTPUT_FORMATS)  # the API's schema spells the list out
+    assert with_output_format("x.jpeg", None) == with_output_format("x.jpeg", "jpg") == "x.jpeg"  # its own
+    # only some inputs: the TIFF master stays a TIFF, the access copies become PNG
+    assert [with_output_format(n, "jpeg=png,webp=png") for n in ("m.tif", "a.jpg", "b.webp", "noext")] == [
+        "m.tif", "a.png", "b.png", "noext"]
+    assert parse_output_format("JPG=tif, webp=png") == {"jpeg": "tiff", "webp": "png"}
+    for bad, why in (("gif", "unknown image format 'gif'"), ("jpeg=png,webp", "'webp' is not FROM=TO")):
+        with pytest.raises(InputError, match=why):
+            parse_output_format(bad)
+    assert set(OUTPUT_FORMATS) == {"png", "jpeg", "tiff", "webp", "jp2", "bmp"}
 
 
 def test_local_restore_converts_and_refuses_names_that_would_collide(tmp_path: Path) -> None:
@@ -172,6 +175,32 @@ def test_a_prefix_converted_to_png_is_written_under_png_keys(env, bucket) -> Non
     plain = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/again/", "--model", "wiener", "-q").strip()
     [(_, again)] = [task for task in queued_tasks(env) if task[1][0]["job_id"] == plain]
     assert "output_format" not in again[0] and "quality" not in again[0]  # a worker of the last release takes it
+
+
+@pytest.mark.integration
+def test_only_the_formats_named_are_converted(env, bucket) -> None:  # type: ignore[no-untyped-def]
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from tests.e2e_helpers import queued_tasks
+    from tests.test_end_to_end import run_cli
+    from worker.pipeline import run_batch
+
+    s3, b = bucket
+    s3.put_object(Bucket=b, Key="in/access.jpg", Body=_pil(RGB, "JPEG", quality=80))
+    master = io.BytesIO()
+    tifffile.imwrite(master, (RGB.astype(np.uint16) * 257), photometric="rgb", metadata=None)
+    s3.put_object(Bucket=b, Key="in/master.tif", Body=master.getvalue())
+    job_id = run_cli("submit", f"s3://{b}/in/", "-o", f"s3://{b}/out/", "--model", "wiener", "--output-format",
+                     "jpg=png", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    assert run_batch(BatchMessage.from_payload(args[0]), load_settings())["done"] == 2
+    assert s3.get_object(Bucket=b, Key="out/access.png")["Body"].read().startswith(b"\x89PNG")
+    kept = tifffile.imread(io.BytesIO(s3.get_object(Bucket=b, Key="out/master.tif")["Body"].read()))
+    assert kept.dtype == np.uint16 and kept.shape == RGB.shape  # the master stays a 16-bit TIFF
+    assert "as JPEG as PNG" in " ".join(run_cli("status", job_id).split())
+    typo = CliRunner().invoke(main, ["submit", f"s3://{b}/in/", "-o", f"s3://{b}/o2/", "--output-format", "jpeg=gif"])
+    assert typo.exit_code == 2 and "unknown image format 'gif'" in typo.output
 
 
 @pytest.mark.integration

@@ -59,6 +59,7 @@ import cv2
 import numpy as np
 
 from jobs.errors import ImageDecodeError, InputError
+from jobs.layout import format_of_name
 from jobs.settings import Settings
 from jobs.storage import READ_FORMATS
 from worker import jpeg2000
@@ -73,22 +74,6 @@ DEFAULT_MAX_PIXELS: int = Settings.image_max_pixels
 DEFAULT_QUALITY = 95
 """JPEG quality when the input's cannot be estimated, and lossy WebP quality."""
 
-_EXTENSIONS = {
-    ".png": "png",
-    ".jpg": "jpeg",
-    ".jpeg": "jpeg",
-    ".jpe": "jpeg",
-    ".jfif": "jpeg",
-    ".tif": "tiff",
-    ".tiff": "tiff",
-    ".webp": "webp",
-    ".jp2": "jp2",
-    ".j2k": "jp2",
-    ".j2c": "jp2",
-    ".jpc": "jp2",
-    ".bmp": "bmp",
-    ".dib": "bmp",
-}
 _CONTENT_TYPES = {
     "png": "image/png",
     "jpeg": "image/jpeg",
@@ -268,10 +253,7 @@ class _Probe:
 
 def format_from_name(name: str) -> str | None:
     """The image format a file name's extension announces ("png", …), or None."""
-    dot = name.rfind(".")
-    if dot < 0 or "/" in name[dot:]:
-        return None
-    return _EXTENSIONS.get(name[dot:].lower())
+    return format_of_name(name)
 
 
 def content_type(fmt: str) -> str:

@@ -19,12 +19,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import OUTPUT_FORMATS, SIDECAR_SUFFIX, is_kernel_artefact, with_output_format
+from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_image_key
 from models.catalog import parse_ensemble
 from models.tone import LIGHT_CHOICES, LIGHT_HELP
+from producer.cli import checked_output_format
 from producer.inputs import describe_ignored, ignored_kind
 
 console = Console(stderr=True)
@@ -87,12 +88,12 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
     """
     from db.queries import ImageOutcome
     from worker.imageio import encode_image
-    from worker.pipeline import Work, decode_work, add_no_reference_metrics, restore_work, kernel_png
+    from worker.pipeline import Work, add_no_reference_metrics, decode_work, kernel_png, output_format_of, restore_work
 
     work = Work(ImageItem(input=str(path)), ImageOutcome(input_uri=str(path), status="done"))
     work.data = path.read_bytes()
     work.outcome.input_sha256 = hashlib.sha256(work.data).hexdigest()
-    decode_work(work, load_settings(), message.output_format)
+    decode_work(work, load_settings(), output_format_of(target.name, message))
     if work.outcome.status != "done":
         raise DeblurError(work.outcome.error or f"{path}: cannot decode")
     restore_work(work, message, on_model)
@@ -126,9 +127,11 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
               help="1 = fully restored, 0 = unchanged.")
 @click.option("--strip-metadata", is_flag=True, show_envvar=True, help="Do not copy EXIF/ICC/XMP.")
 @click.option("--light", type=click.Choice(LIGHT_CHOICES), default=None, show_envvar=True, help=LIGHT_HELP)
-@click.option("--output-format", type=click.Choice(list(OUTPUT_FORMATS)), default=None, show_envvar=True,
-              help="Write every file in this format, its extension changed to match (scan.jpg → scan.png), e.g. "
-                   "png or tiff to keep restorations of JPEGs lossless. Default: each file's own format.")
+@click.option("--output-format", default=None, show_envvar=True, callback=checked_output_format,
+              metavar="FORMAT|FROM=TO,...",
+              help="Write every file in this format (png, tiff, jp2, webp, jpeg, bmp), its extension changed to "
+                   "match (scan.jpg → scan.png), or only some: jpeg=png,webp=png keeps TIFFs as they are. "
+                   "Default: each file's own format.")
 @click.option("--quality", type=click.IntRange(1, 100), default=None, show_envvar=True,
               help="Quality of JPEG and lossy WebP outputs (default: a JPEG input's own, estimated; else 95).")
 @click.option("--sidecar", is_flag=True, show_envvar=True,

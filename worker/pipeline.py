@@ -33,7 +33,7 @@ from jobs.errors import DeviceFailure, InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.layout import kernel_uri, member_output_uri, sidecar_uri
+from jobs.layout import format_of_name, kernel_uri, member_output_uri, sidecar_uri
 from jobs.notify import announce_if_wanted
 from jobs.storage import get_bytes, put_bytes, s3_client
 from models.catalog import REGISTRY
@@ -92,6 +92,7 @@ def decode_work(work: Work, settings: Settings, output_format: str | None = None
 
     With ``output_format``, the image is set to be written in that format (:func:`worker.imageio.as_format`); one
     that cannot be (alpha to JPEG) fails here, before any model runs. The outcome records the input's format.
+    The caller names the format its output's key says (:func:`output_format_of`).
     """
     from worker.imageio import as_format, decode_image
 
@@ -114,6 +115,12 @@ def decode_work(work: Work, settings: Settings, output_format: str | None = None
     work.outcome.width, work.outcome.height = work.decoded.width, work.decoded.height
     work.outcome.format, work.outcome.bit_depth = input_format, input_depth
     work.data = work.reference_data = None  # free the compressed bytes early
+
+
+def output_format_of(output: str | None, message: BatchMessage) -> str | None:
+    """The format an output is written in when the job converts (``--output-format``): the one its key's
+    suffix names, as the producer chose it (None: the input's own)."""
+    return format_of_name(output) if message.output_format and output else None
 
 
 def restore_work(work: Work, message: BatchMessage, on_model: Callable[[str], None] | None = None) -> None:
@@ -357,7 +364,7 @@ def run_batch(message: BatchMessage, settings: Settings,
                 continue
             if work.outcome.status != "done":
                 continue
-            decode_work(work, settings, message.output_format)
+            decode_work(work, settings, output_format_of(work.item.output, message))
             if work.outcome.status != "done":
                 continue
             try:
