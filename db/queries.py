@@ -31,6 +31,7 @@ from jobs.errors import AmbiguousJobIdError, UnknownJobError
 
 
 SUBMISSION_STALE_S = 600  # a job 'submitting' with no progress for this long was abandoned by its producer
+FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")
 
 
 def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
@@ -317,7 +318,7 @@ def _finite_or_inf(value: float | None) -> float | None:
 def finish_if_complete(session: Session, job_id: str) -> str | None:
     """Mark the job done once every image is terminal; returns the new status, if any."""
     job = session.get(Job, job_id)
-    if job is None or job.status in {"submitting", "cancelled", "done", "failed"}:
+    if job is None or job.status in ("submitting", *FINISHED_JOB_STATUSES):
         return None
     counts = status_counts(session, job_id)
     unfinished = sum(n for s, n in counts.items() if s not in TERMINAL_IMAGE_STATUSES)
@@ -327,7 +328,7 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
     now = utcnow()
     # only one of several workers finishing at once makes the transition (and so sends one notification)
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.notin_(("submitting", "cancelled", "done", "failed")))
+        update(Job).where(Job.id == job_id, Job.status.notin_(("submitting", *FINISHED_JOB_STATUSES)))
         .values(status=status, finished_at=now, updated_at=now)
     )
     return status if result.rowcount else None
@@ -388,9 +389,6 @@ def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> Non
         .values(status="pending", error=None, unfinished_starts=0)  # a retry gets a fresh allowance
     )
     set_job_state(session, job_id, status="queued", finished_at=None)
-
-
-FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")
 
 
 def _finished_before(before: datetime) -> Any:

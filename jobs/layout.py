@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from jobs.errors import InputError
 from jobs.s3uri import S3URI
@@ -50,8 +53,10 @@ SUFFIX_FORMATS: dict[str, str] = {
 _FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "jpeg2000": "jp2"}
 
 
-def parse_output_format(text: str) -> dict[str | None, str]:
-    """``--output-format``'s value as {input format or None (every input): output format}.
+@functools.lru_cache(maxsize=64)
+def parse_output_format(text: str) -> Mapping[str | None, str]:
+    """``--output-format``'s value as {input format or None (every input): output format}, read-only (parsed
+    once per text: listing a prefix renames every key by it).
 
     ``png`` writes every output as PNG; ``jpeg=png,webp=png`` converts only those inputs (a TIFF master
     stays a TIFF). Names: png, jpeg (jpg), tiff (tif), webp, jp2, bmp.
@@ -67,14 +72,14 @@ def parse_output_format(text: str) -> dict[str | None, str]:
         return word
 
     if "=" not in text:
-        return {None: name(text)}
+        return MappingProxyType({None: name(text)})
     mapping: dict[str | None, str] = {}
     for pair in text.split(","):
         source, equals, target = pair.partition("=")
         if not equals:
             raise InputError(f"--output-format {text!r}: {pair!r} is not FROM=TO; write e.g. jpeg=png,webp=png")
         mapping[name(source)] = name(target)
-    return mapping
+    return MappingProxyType(mapping)
 
 
 def format_of_name(name: str) -> str | None:

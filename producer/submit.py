@@ -22,7 +22,7 @@ from jobs.errors import InputError, TransientError
 from jobs.messages import OPTIONAL_FIELDS, PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
-from jobs.storage import IMAGE_SUFFIXES, s3_client
+from jobs.storage import READ_FORMATS, s3_client
 from models.catalog import parse_ensemble
 from producer.inputs import Plan, build_plan, describe_ignored, digest
 
@@ -185,7 +185,7 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
 
 def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
     found = f"; found only {describe_ignored(ignored)}" if ignored else ""
-    return InputError(f"no images ({' '.join(IMAGE_SUFFIXES)}) found in {', '.join(request.inputs)}{found}")
+    return InputError(f"no images ({READ_FORMATS}) found in {', '.join(request.inputs)}{found}")
 
 
 def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview:

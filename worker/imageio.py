@@ -59,14 +59,14 @@ import cv2
 import numpy as np
 
 from jobs.errors import ImageDecodeError, InputError
-from jobs.layout import format_of_name
+from jobs.layout import OUTPUT_FORMATS, format_of_name
 from jobs.settings import Settings
 from jobs.storage import READ_FORMATS
 from worker import jpeg2000
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("png", "jpeg", "tiff", "webp", "jp2", "bmp")
+FORMATS = tuple(OUTPUT_FORMATS)  # every format read is written back, and can be converted to
 
 DEFAULT_MAX_PIXELS: int = Settings.image_max_pixels
 """Limit used when :func:`decode_image` is given no ``max_pixels``."""
