@@ -21,6 +21,7 @@ from db.schema import (
     ENSEMBLE_MODEL,
     IMAGE_STATUSES,
     INPUT_MODEL,
+    JOB_STATUSES,
     TERMINAL_IMAGE_STATUSES,
     Image,
     Job,
@@ -530,3 +531,77 @@ def job_timing(session: Session, job_id: str) -> dict[str, float | None]:
         .where(Image.job_id == job_id, Image.status == "done")
     ).one()
     return {"download_s": row[0], "inference_s": row[1], "upload_s": row[2]}
+
+
+UNFINISHED_JOB_STATUSES = ("submitting", "queued", "running")
+
+
+@dataclass(frozen=True)
+class OperationsSnapshot:
+    """What an operator watches, read from SQL at one moment (``deblur metrics``, the API's ``/metrics``).
+
+    The backlog is the images of unfinished jobs only, and the recent figures
+    cover images of jobs that are unfinished or finished within the window, so
+    a scrape reads the jobs index and the images of a few jobs, never the whole
+    history of an archive.
+    """
+
+    jobs: dict[str, int]
+    backlog: dict[str, int]
+    oldest_unfinished_created: datetime | None
+    stalled: int
+    worker_lost: int
+    finished_recently: dict[str, int]
+    megapixels_recently: float
+    inference_s_recently: float
+
+
+def operations_snapshot(session: Session, stalled_before: datetime, recent_since: datetime) -> OperationsSnapshot:
+    """Job and image counts for monitoring.
+
+    ``stalled`` counts running images started before ``stalled_before`` (past
+    the broker's visibility timeout their worker is gone and redelivery has not
+    picked them up); ``worker_lost`` counts images of unfinished jobs whose
+    worker died at least once since their last outcome (pending again after a
+    start, or started twice); the recent figures count outcomes at or after
+    ``recent_since``.
+    """
+    jobs = dict.fromkeys(JOB_STATUSES, 0)
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+        jobs[status] = int(count)
+    unfinished = select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES))
+    backlog = dict.fromkeys(IMAGE_STATUSES, 0)
+    for status, count in session.execute(
+        select(Image.status, func.count()).where(Image.job_id.in_(unfinished)).group_by(Image.status)
+    ):
+        backlog[status] = int(count)
+    oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status.in_(UNFINISHED_JOB_STATUSES)))
+    stalled = session.scalar(
+        select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
+                                   Image.started_at < stalled_before)
+    )
+    worker_lost = session.scalar(
+        select(func.count()).where(
+            Image.job_id.in_(unfinished),
+            or_(and_(Image.status == "pending", Image.unfinished_starts >= 1),
+                and_(Image.status == "running", Image.unfinished_starts >= 2)),
+        )
+    )
+    recent_job_ids = select(Job.id).where(or_(Job.status.in_(UNFINISHED_JOB_STATUSES),
+                                           func.coalesce(Job.finished_at, Job.updated_at) >= recent_since))
+    recent = and_(Image.job_id.in_(recent_job_ids), Image.finished_at >= recent_since)
+    finished = dict.fromkeys(TERMINAL_IMAGE_STATUSES, 0)
+    for status, count in session.execute(
+        select(Image.status, func.count()).where(recent, Image.status.in_(TERMINAL_IMAGE_STATUSES))
+        .group_by(Image.status)
+    ):
+        finished[status] = int(count)
+    pixels, seconds = session.execute(
+        select(func.sum(Image.width * Image.height), func.sum(Image.inference_s))
+        .where(recent, Image.status == "done")
+    ).one()
+    return OperationsSnapshot(
+        jobs=jobs, backlog=backlog, oldest_unfinished_created=oldest, stalled=int(stalled or 0),
+        worker_lost=int(worker_lost or 0), finished_recently=finished,
+        megapixels_recently=float(pixels or 0) / 1e6, inference_s_recently=float(seconds or 0.0),
+    )

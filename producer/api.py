@@ -5,7 +5,8 @@ with uvicorn. Every route under ``/v1`` speaks JSON, is described by pydantic
 models (schema at ``/openapi.json``, interactive docs at ``/docs``) and, when
 ``DEBLUR_API_TOKEN`` is set, requires ``Authorization: Bearer <token>``.
 ``/healthz``, ``/openapi.json`` and ``/docs`` stay open for load balancers and
-people.
+people; ``/metrics`` (Prometheus text, see ``producer.metrics``) is guarded
+like ``/v1``.
 
 Errors:
 
@@ -30,8 +31,6 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
@@ -63,6 +62,8 @@ from jobs.settings import Settings
 from models.catalog import REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
+from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from producer.metrics import call_with_time_limit, render_metrics
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
 from producer.tracking import cancel_job, fetch_results, job_status, results_json
@@ -427,16 +428,13 @@ def _json_ready(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _probe(check: Callable[[], None]) -> str:
     """Run ``check`` with a time limit; 'ok' or a one-line reason."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz")
     try:
-        pool.submit(check).result(timeout=HEALTH_TIMEOUT_S)
-    except FutureTimeout:
-        return f"no answer within {HEALTH_TIMEOUT_S:g} s"
+        call_with_time_limit(check, HEALTH_TIMEOUT_S)
+    except TimeoutError as exc:
+        return str(exc)
     except Exception as exc:  # any failure means "down"; the type and first line say why
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {first[:200]}"
-    finally:
-        pool.shutdown(wait=False)  # a hung check must not hold the answer back
     return "ok"
 
 
@@ -660,6 +658,20 @@ def create_app(settings: Settings) -> FastAPI:
     def list_models() -> list[dict[str, Any]]:
         """Every registered model: family, licence, whether its weights are present, parameters."""
         return [dict(describe(info)) for info in REGISTRY]
+
+    @app.get("/metrics", dependencies=guarded, tags=["operations"], response_class=Response,
+             responses={200: {"content": {METRICS_CONTENT_TYPE: {}},
+                              "description": "Prometheus text format; deblur_up names a source that did not answer."}})
+    def metrics() -> Response:
+        """The queue's Prometheus metrics: backlog, recent throughput, stalled images, waiting batches.
+
+        Read at scrape time from the database and the broker (see ``deblur
+        metrics --help`` and ``deploy/alerts.yml``). A source that is down gives
+        ``deblur_up{source=...} 0``, not an error, so alerts on it can fire.
+        Needs the bearer token when ``DEBLUR_API_TOKEN`` is set (Prometheus:
+        ``authorization: {credentials_file: ...}``).
+        """
+        return Response(render_metrics(settings).text, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/healthz", response_model=Health, tags=["operations"],
              responses={503: {"model": Health, "description": "A dependency is down; checks says which."}})

@@ -471,6 +471,55 @@ def retry(job: str, failed: bool, stalled: bool, stalled_after: int) -> None:
     console.print(f"re-enqueued {n} images of job {job}")
 
 
+@main.command()
+@option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+        help="Write the metrics to this file instead of printing them; written beside it and renamed, so a "
+             "reader never sees half a file (node_exporter's textfile collector wants NAME.prom).")
+def metrics(output: str | None) -> None:
+    """Print the queue's Prometheus metrics: backlog, recent throughput, stalls, waiting batches.
+
+    The series the API serves at /metrics, read now from the database and the
+    broker: deblur_backlog_images{status}, deblur_images_finished_recently,
+    deblur_stalled_images, deblur_worker_lost_images,
+    deblur_broker_waiting_batches{priority}, deblur_up{source}, ... (see
+    deploy/alerts.yml for alerts built on them).
+
+    \b
+    Without the API, from cron for node_exporter's textfile collector:
+      * * * * * deblur metrics -o /var/lib/node_exporter/textfile/deblur.prom
+
+    Exits 1 when the database or the broker did not answer; the output is still
+    written and says which (deblur_up 0).
+    """
+    import logging
+    import os
+    import tempfile
+
+    from producer.metrics import render_metrics
+
+    logging.getLogger("producer.metrics").setLevel(logging.ERROR)  # the reasons are printed below, once
+    exposition = render_metrics(_settings())
+    if output is None:
+        click.echo(exposition.text, nl=False)
+    else:
+        target = os.path.abspath(output)
+        fd, temporary = tempfile.mkstemp(prefix=".deblur-metrics-", dir=os.path.dirname(target))
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(exposition.text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, target)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    if exposition.down:
+        for source, reason in exposition.down.items():
+            console.print(f"[red]error:[/red] the {source} did not answer ({escape(reason)}); check 'deblur config' "
+                          "and that the service is up ('deblur stack status' for the local stack)",
+                          soft_wrap=True, highlight=False)
+        raise SystemExit(1)
+
+
 @main.group()
 def db() -> None:
     """Database schema management."""

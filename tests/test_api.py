@@ -133,6 +133,18 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         info = wait_finished(client, job_id)
         assert info["status"] == "done", info
         assert info["counts"] == {"pending": 0, "running": 0, "done": 4, "failed": 1, "cancelled": 0}
+
+        # operators see the same outcomes in the Prometheus metrics (the database is shared: at least)
+        scrape = client.get("/metrics")
+        assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for family in text_string_to_metric_families(scrape.text) for s in family.samples}
+        assert found[("deblur_up", (("source", "database"),))] == found[("deblur_up", (("source", "broker"),))] == 1
+        assert found[("deblur_images_finished_recently", (("status", "done"),))] >= 4
+        assert found[("deblur_images_finished_recently", (("status", "failed"),))] >= 1
+        assert found[("deblur_jobs", (("status", "cancelled"),))] >= 1
         assert info["images_per_s"] > 0 and info["eta_s"] == 0
         assert info["spec"]["models"] == [MODEL]
 
@@ -222,11 +234,12 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     schema = httpx.get(api + "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images", "/v1/jobs/{job_id}/summary",
             "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/jobs/{job_id}/verify", "/v1/models",
-            "/healthz"} <= set(schema["paths"])
+            "/healthz", "/metrics"} <= set(schema["paths"])
     assert "JobSubmission" in schema["components"]["schemas"]
 
     anonymous = httpx.get(api + "/v1/jobs")
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(api + "/metrics").status_code == 401  # job counts are the operator's, like the rest
     assert httpx.get(api + "/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.post(api + "/v1/jobs", json=good).status_code == 401
 

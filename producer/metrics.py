@@ -1,0 +1,208 @@
+"""Prometheus metrics for operators: the backlog, throughput, stalls and health of the whole queue.
+
+Flower's ``/metrics`` describes Celery tasks and workers; an operator scaling
+workers also needs what only the database and the broker know: how many
+images are waiting and how old the oldest job is, how many images finished
+(and failed) lately and how many megapixels that was, which images lost their
+worker or stalled past the visibility timeout, and how many batches wait at
+each priority. :func:`render_metrics` reads those at scrape time and returns
+the Prometheus text format; the API serves it at ``/metrics`` and ``deblur
+metrics`` prints it or writes it for node_exporter's textfile collector.
+
+A scrape never fails because a dependency is down: ``deblur_up`` says which
+one did not answer (within :data:`SOURCE_TIMEOUT_S`) and that source's series
+are left out, so an alert on ``deblur_up == 0`` fires instead of the scrape
+going stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from db import queries
+from db.engine import ensure_schema, session_scope
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECENT_WINDOW_S = 900  # the "recently" of the throughput figures: long enough to span a few slow batches
+SOURCE_TIMEOUT_S = 5.0
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+T = TypeVar("T")
+
+
+def call_with_time_limit(function: Callable[[], T], seconds: float) -> T:
+    """``function()``, or :class:`TimeoutError` after ``seconds`` (the call is left to finish in its thread)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="time-limit")
+    try:
+        return pool.submit(function).result(timeout=seconds)
+    except FutureTimeout:
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
+    finally:
+        pool.shutdown(wait=False)  # a hung call must not hold the answer back
+
+
+def priority_list_name(queue: str, user_priority: int) -> str:
+    """The Redis list that holds ``queue``'s batches submitted at ``user_priority`` (0 lowest … 9 most urgent)."""
+    from kombu.transport.redis import Channel
+
+    from jobs.celery_app import broker_priority
+
+    step = broker_priority(user_priority)  # kombu's Redis transport keeps one list per step; step 0 is the queue's
+    return f"{queue}{Channel.sep}{step}" if step else queue
+
+
+@dataclass(frozen=True)
+class BrokerSnapshot:
+    """Batches waiting in the broker, by user priority, and batches taken by workers but not yet acknowledged."""
+
+    waiting: dict[int, int]
+    unacked: int
+
+
+def broker_snapshot(settings: Settings) -> BrokerSnapshot:
+    """Read the queue's lists from the Redis broker."""
+    import redis
+    from kombu.transport.redis import Channel
+
+    from jobs.celery_app import PRIORITY_LEVELS
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=SOURCE_TIMEOUT_S,
+                                  socket_connect_timeout=SOURCE_TIMEOUT_S)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for priority in range(PRIORITY_LEVELS):
+            pipe.llen(priority_list_name(settings.queue, priority))
+        pipe.hlen(Channel.unacked_key)
+        *lengths, unacked = pipe.execute()
+    finally:
+        client.close()
+    return BrokerSnapshot(waiting={p: int(n) for p, n in enumerate(lengths)}, unacked=int(unacked))
+
+
+def _age_seconds(moment: datetime | None, now: datetime) -> float:
+    if moment is None:
+        return 0.0
+    if moment.tzinfo is None:  # SQLite hands back naive UTC times
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (now - moment).total_seconds())
+
+
+def _gauge(name: str, documentation: str, value: float | None = None, labels: tuple[str, ...] = (),
+           samples: dict[tuple[str, ...], float] | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, value=value, labels=list(labels) if labels else None)
+    for label_values, sample in (samples or {}).items():
+        family.add_metric(list(label_values), sample)
+    return family
+
+
+class QueueCollector(Collector):
+    """Everything :func:`render_metrics` exposes, read afresh on every collection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.down: dict[str, str] = {}  # the sources that did not answer the last collection, with the reason
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        started = time.perf_counter()
+        self.down = {}
+        now = datetime.now(timezone.utc)
+        db_url = self.settings.resolved_database_url()
+
+        def read_database() -> queries.OperationsSnapshot:
+            ensure_schema(db_url)
+            with session_scope(db_url) as session:
+                return queries.operations_snapshot(
+                    session, stalled_before=now - timedelta(seconds=self.settings.visibility_timeout),
+                    recent_since=now - timedelta(seconds=RECENT_WINDOW_S))
+
+        snapshot = self._read("database", read_database)
+        broker_answered, broker = True, None
+        if not self.settings.broker_url.startswith("memory://"):
+            broker = self._read("broker", lambda: broker_snapshot(self.settings))
+            broker_answered = broker is not None
+        yield _gauge("deblur_up", "1 if the source (database, broker) answered this scrape, else 0; "
+                     "its series are missing while it is 0.", labels=("source",),
+                     samples={("database",): float(snapshot is not None), ("broker",): float(broker_answered)})
+        if snapshot is not None:
+            yield from self._database_families(snapshot, now)
+        if broker is not None:
+            yield _gauge("deblur_broker_waiting_batches",
+                         "Batches waiting in the broker for a worker, by the priority they were submitted at "
+                         "(0 lowest, 9 most urgent).", labels=("queue", "priority"),
+                         samples={(self.settings.queue, str(p)): n for p, n in broker.waiting.items()})
+            yield _gauge("deblur_broker_unacked_batches",
+                         "Batches taken by a worker and not yet acknowledged (all queues of this Redis database); "
+                         "those of a dead worker return to the queue after the visibility timeout.",
+                         value=broker.unacked)
+        yield _gauge("deblur_recent_window_seconds",
+                     "The window of the *_recently series: outcomes within this many seconds of the scrape.",
+                     value=RECENT_WINDOW_S)
+        yield _gauge("deblur_scrape_duration_seconds", "Seconds this scrape took to read the database and broker.",
+                     value=time.perf_counter() - started)
+
+    def _read(self, source: str, read: Callable[[], T]) -> T | None:
+        try:
+            return call_with_time_limit(read, SOURCE_TIMEOUT_S)
+        except Exception as exc:  # any failure means "down"; a scrape must still answer
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.down[source] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            log.warning("metrics: the %s did not answer: %s", source, self.down[source])
+            return None
+
+    @staticmethod
+    def _database_families(snap: queries.OperationsSnapshot, now: datetime) -> Iterator[GaugeMetricFamily]:
+        yield _gauge("deblur_jobs", "Jobs by status (every job the database holds).", labels=("status",),
+                     samples={(s,): n for s, n in snap.jobs.items()})
+        yield _gauge("deblur_backlog_images",
+                     "Images of unfinished jobs (submitting, queued, running) by status: pending and running are "
+                     "the work left.", labels=("status",), samples={(s,): n for s, n in snap.backlog.items()})
+        yield _gauge("deblur_oldest_unfinished_job_age_seconds",
+                     "Seconds since the oldest unfinished job was submitted (0 with none).",
+                     value=_age_seconds(snap.oldest_unfinished_created, now))
+        yield _gauge("deblur_stalled_images",
+                     "Images running for longer than the visibility timeout: their worker is gone and the broker "
+                     "has not handed them on. 'deblur retry JOB --stalled' re-enqueues them.",
+                     value=snap.stalled)
+        yield _gauge("deblur_worker_lost_images",
+                     "Images of unfinished jobs whose worker died at least once since their last outcome (a crash, "
+                     "an OOM kill); an image that kills 3 workers is failed as poison.", value=snap.worker_lost)
+        yield _gauge("deblur_images_finished_recently",
+                     f"Images that reached an outcome in the last {RECENT_WINDOW_S} s, by outcome.",
+                     labels=("status",), samples={(s,): n for s, n in snap.finished_recently.items()})
+        yield _gauge("deblur_megapixels_restored_recently",
+                     f"Megapixels of the images restored in the last {RECENT_WINDOW_S} s.",
+                     value=snap.megapixels_recently)
+        yield _gauge("deblur_inference_seconds_recently",
+                     f"Model seconds spent on the images restored in the last {RECENT_WINDOW_S} s (divide by "
+                     "deblur_images_finished_recently{status=\"done\"} for seconds per image).",
+                     value=snap.inference_s_recently)
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """A scrape's text (Prometheus format) and the sources that did not answer it."""
+
+    text: str
+    down: dict[str, str]
+
+
+def render_metrics(settings: Settings) -> Exposition:
+    """The Prometheus text exposition of the queue described by ``settings``, read now."""
+    collector = QueueCollector(settings)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    return Exposition(text=text, down=dict(collector.down))
