@@ -569,37 +569,43 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
     jobs = dict.fromkeys(JOB_STATUSES, 0)
     for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
         jobs[status] = int(count)
-    unfinished = select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES))
+    # The job ids first, as literals: given a subquery, PostgreSQL's planner guessed an average job's image count
+    # for each and read every image of the history (130 ms at 1 M images) instead of the index (1 ms).
+    unfinished = list(session.scalars(select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES))))
+    recent_job_ids = list(session.scalars(select(Job.id).where(
+        or_(Job.status.in_(UNFINISHED_JOB_STATUSES), func.coalesce(Job.finished_at, Job.updated_at) >= recent_since))))
     backlog = dict.fromkeys(IMAGE_STATUSES, 0)
-    for status, count in session.execute(
-        select(Image.status, func.count()).where(Image.job_id.in_(unfinished)).group_by(Image.status)
-    ):
-        backlog[status] = int(count)
-    oldest = session.scalar(select(func.min(Job.created_at)).where(Job.status.in_(UNFINISHED_JOB_STATUSES)))
-    stalled = session.scalar(
-        select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
-                                   Image.started_at < stalled_before)
-    )
-    worker_lost = session.scalar(
-        select(func.count()).where(
-            Image.job_id.in_(unfinished),
-            or_(and_(Image.status == "pending", Image.unfinished_starts >= 1),
-                and_(Image.status == "running", Image.unfinished_starts >= 2)),
+    oldest, stalled, worker_lost = None, 0, 0
+    if unfinished:
+        for status, count in session.execute(
+            select(Image.status, func.count()).where(Image.job_id.in_(unfinished)).group_by(Image.status)
+        ):
+            backlog[status] = int(count)
+        oldest = session.scalar(select(func.min(Job.created_at)).where(Job.id.in_(unfinished)))
+        stalled = session.scalar(
+            select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
+                                       Image.started_at < stalled_before)
         )
-    )
-    recent_job_ids = select(Job.id).where(or_(Job.status.in_(UNFINISHED_JOB_STATUSES),
-                                           func.coalesce(Job.finished_at, Job.updated_at) >= recent_since))
-    recent = and_(Image.job_id.in_(recent_job_ids), Image.finished_at >= recent_since)
+        worker_lost = session.scalar(
+            select(func.count()).where(
+                Image.job_id.in_(unfinished),
+                or_(and_(Image.status == "pending", Image.unfinished_starts >= 1),
+                    and_(Image.status == "running", Image.unfinished_starts >= 2)),
+            )
+        )
     finished = dict.fromkeys(TERMINAL_IMAGE_STATUSES, 0)
-    for status, count in session.execute(
-        select(Image.status, func.count()).where(recent, Image.status.in_(TERMINAL_IMAGE_STATUSES))
-        .group_by(Image.status)
-    ):
-        finished[status] = int(count)
-    pixels, seconds = session.execute(
-        select(func.sum(Image.width * Image.height), func.sum(Image.inference_s))
-        .where(recent, Image.status == "done")
-    ).one()
+    pixels = seconds = None
+    if recent_job_ids:
+        recent = and_(Image.job_id.in_(recent_job_ids), Image.finished_at >= recent_since)
+        for status, count in session.execute(
+            select(Image.status, func.count()).where(recent, Image.status.in_(TERMINAL_IMAGE_STATUSES))
+            .group_by(Image.status)
+        ):
+            finished[status] = int(count)
+        pixels, seconds = session.execute(
+            select(func.sum(Image.width * Image.height), func.sum(Image.inference_s))
+            .where(recent, Image.status == "done")
+        ).one()
     return OperationsSnapshot(
         jobs=jobs, backlog=backlog, oldest_unfinished_created=oldest, stalled=int(stalled or 0),
         worker_lost=int(worker_lost or 0), finished_recently=finished,
