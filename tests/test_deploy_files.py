@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from jobs.settings import HELP
+from producer.api_cli import api_command
 from worker.cli import flower_command, worker_command
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -33,7 +34,7 @@ def k8s_objects() -> list[dict[str, Any]]:
 
 def known_env_vars() -> set[str]:
     names = {info.env for info in HELP.values()} | {"DEBLUR_HOME"}
-    for command in (worker_command, flower_command):
+    for command in (worker_command, flower_command, api_command):
         names |= {p.envvar for p in command.params if isinstance(p, click.Option) and isinstance(p.envvar, str)}
     return names
 
@@ -62,19 +63,19 @@ def test_every_deblur_variable_in_compose_and_k8s_is_a_real_setting() -> None:
 
 
 @pytest.mark.parametrize("where", ["compose", "k8s"])
-def test_worker_and_flower_command_lines_parse(where: str) -> None:
+def test_worker_flower_and_api_command_lines_parse(where: str) -> None:
     if where == "compose":
         lines = [s["command"] for s in compose()["services"].values() if "command" in s and s.get("image", "").startswith("deblur")]
     else:
         lines = [c["args"] for _, c in containers()]
-    commands = {"worker": worker_command, "flower": flower_command}
+    commands = {"worker": worker_command, "flower": flower_command, "api": api_command}
     checked = set()
     for argv in lines:
         if argv and argv[0] in commands:
             # make_context parses and validates the options without running anything
             commands[argv[0]].make_context(argv[0], list(argv[1:]))
             checked.add(argv[0])
-    assert checked == {"worker", "flower"}
+    assert checked == {"worker", "flower", "api"}
 
 
 def test_network_facing_flower_always_gets_basic_auth() -> None:
@@ -82,6 +83,23 @@ def test_network_facing_flower_always_gets_basic_auth() -> None:
     assert "0.0.0.0" in flower["command"] and "DEBLUR_FLOWER_BASIC_AUTH" in flower["environment"]
     secrets = [o for o in k8s_objects() if o["kind"] == "Secret"]
     assert any("DEBLUR_FLOWER_BASIC_AUTH" in s.get("stringData", {}) for s in secrets)
+
+
+def test_network_facing_api_always_gets_a_token() -> None:
+    """The API listens on every interface in both deployments, so the token must come with it (``deblur api``
+    refuses to start otherwise), and Prometheus must send it to scrape /metrics."""
+    api = compose()["services"]["api"]
+    assert "0.0.0.0" in api["command"] and "DEBLUR_API_TOKEN" in api["environment"]
+    (deployment_container,) = [c for name, c in containers() if name == "deblur-api"]
+    assert "0.0.0.0" in deployment_container["args"]
+    assert {"configMapRef", "secretRef"} <= {key for ref in deployment_container["envFrom"] for key in ref}
+    secrets = [o for o in k8s_objects() if o["kind"] == "Secret"]
+    assert any("DEBLUR_API_TOKEN" in s.get("stringData", {}) for s in secrets)
+    assert deployment_container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    prometheus_service = compose()["services"]["prometheus"]
+    assert prometheus_service["secrets"] == ["deblur_api_token"]
+    assert compose()["secrets"]["deblur_api_token"] == {"environment": "DEBLUR_API_TOKEN"}
+    assert any(v.endswith(":/etc/prometheus/alerts.yml:ro") for v in prometheus_service["volumes"])
 
 
 def test_keda_watches_every_list_the_celery_redis_transport_fills() -> None:
@@ -101,10 +119,13 @@ def test_keda_watches_every_list_the_celery_redis_transport_fills() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_prometheus_scrapes_the_port_flower_listens_on() -> None:
-    flower_cmd = compose()["services"]["flower"]["command"]
-    port = flower_cmd[flower_cmd.index("--port") + 1]
+def test_prometheus_scrapes_the_ports_flower_and_the_api_listen_on() -> None:
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "deblur-flower")
-    assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"flower:{port}"]
+    for service, job_name in (("flower", "deblur-flower"), ("api", "deblur-api")):
+        command = compose()["services"][service]["command"]
+        port = command[command.index("--port") + 1]
+        job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == job_name)
+        assert job["metrics_path"] == "/metrics"
+        assert job["static_configs"][0]["targets"] == [f"{service}:{port}"]
+    secret_file = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "deblur-api")["authorization"]
+    assert secret_file["credentials_file"] == "/run/secrets/deblur_api_token"  # where Compose mounts the secret
