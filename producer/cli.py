@@ -303,7 +303,13 @@ def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: t
 @option("--watch", "-w", is_flag=True, help="Keep a live progress bar until the job finishes.")
 @option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format.")
 def status(job: str | None, watch: bool, fmt: str) -> None:
-    """Show a job's progress (done, failed, pending, images/s, ETA); without JOB, list recent jobs."""
+    """Show a job's progress (done, failed, pending, images/s, ETA); without JOB, list recent jobs and the queue.
+
+    Without JOB the recent jobs are followed by the whole queue: images waiting
+    and running, what finished in the last 15 minutes (images/min, MP/min),
+    stalled images, images whose worker died, and the broker's waiting batches
+    by priority (the figures of 'deblur metrics').
+    """
     import json
 
     from producer.tracking import full_job_id, job_status, print_status
@@ -343,6 +349,13 @@ def _list_jobs(settings: Settings, fmt: str) -> None:
     for j in jobs:
         table.add_row(j["id"], j["kind"], j["status"], str(j["total"]), j["created_at"][:19])
     out.print(table)
+    import logging
+
+    from producer.metrics import describe_queue, read_queue_state
+
+    logging.getLogger("producer.metrics").setLevel(logging.ERROR)  # a source that is down is said below
+    for line in describe_queue(read_queue_state(settings)):
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 @main.command()

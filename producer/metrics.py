@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.settings import Settings
+from producer.tracking import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,47 @@ def _gauge(name: str, documentation: str, value: float | None = None, labels: tu
     return family
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """The queue read at ``now``: the database's snapshot and the broker's, ``None`` where the source did not
+    answer (``down`` names it, with the reason); a ``memory://`` broker has no lists and is not down."""
+
+    now: datetime
+    database: queries.OperationsSnapshot | None
+    broker: BrokerSnapshot | None
+    down: dict[str, str]
+
+
+def read_queue_state(settings: Settings) -> QueueState:
+    """Read the database and the broker, each within :data:`SOURCE_TIMEOUT_S`; never raises for a source that is
+    down (it is logged and named in ``down``)."""
+    now = datetime.now(timezone.utc)
+    db_url = settings.resolved_database_url()
+    down: dict[str, str] = {}
+
+    def read(source: str, function: Callable[[], T]) -> T | None:
+        try:
+            return call_with_time_limit(function, SOURCE_TIMEOUT_S)
+        except Exception as exc:  # any failure means "down"; a scrape must still answer
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            down[source] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            log.warning("metrics: the %s did not answer: %s", source, down[source])
+            return None
+
+    def read_database() -> queries.OperationsSnapshot:
+        ensure_schema(db_url)
+        with session_scope(db_url) as session:
+            return queries.operations_snapshot(
+                session, stalled_before=now - timedelta(seconds=settings.visibility_timeout),
+                recent_since=now - timedelta(seconds=RECENT_WINDOW_S))
+
+    database = read("database", read_database)
+    broker = None
+    if not settings.broker_url.startswith("memory://"):
+        broker = read("broker", lambda: broker_snapshot(settings))
+    return QueueState(now=now, database=database, broker=broker, down=down)
+
+
 class QueueCollector(Collector):
     """Everything :func:`render_metrics` exposes, read afresh on every collection."""
 
@@ -117,27 +159,14 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         started = time.perf_counter()
-        self.down = {}
-        now = datetime.now(timezone.utc)
-        db_url = self.settings.resolved_database_url()
-
-        def read_database() -> queries.OperationsSnapshot:
-            ensure_schema(db_url)
-            with session_scope(db_url) as session:
-                return queries.operations_snapshot(
-                    session, stalled_before=now - timedelta(seconds=self.settings.visibility_timeout),
-                    recent_since=now - timedelta(seconds=RECENT_WINDOW_S))
-
-        snapshot = self._read("database", read_database)
-        broker_answered, broker = True, None
-        if not self.settings.broker_url.startswith("memory://"):
-            broker = self._read("broker", lambda: broker_snapshot(self.settings))
-            broker_answered = broker is not None
+        state = read_queue_state(self.settings)
+        self.down = state.down
+        snapshot, broker = state.database, state.broker
         yield _gauge("deblur_up", "1 if the source (database, broker) answered this scrape, else 0; "
                      "its series are missing while it is 0.", labels=("source",),
-                     samples={("database",): float(snapshot is not None), ("broker",): float(broker_answered)})
+                     samples={(source,): float(source not in state.down) for source in ("database", "broker")})
         if snapshot is not None:
-            yield from self._database_families(snapshot, now)
+            yield from self._database_families(snapshot, state.now)
         if broker is not None:
             yield _gauge("deblur_broker_waiting_batches",
                          "Batches waiting in the broker for a worker, by the priority they were submitted at "
@@ -152,15 +181,6 @@ class QueueCollector(Collector):
                      value=RECENT_WINDOW_S)
         yield _gauge("deblur_scrape_duration_seconds", "Seconds this scrape took to read the database and broker.",
                      value=time.perf_counter() - started)
-
-    def _read(self, source: str, read: Callable[[], T]) -> T | None:
-        try:
-            return call_with_time_limit(read, SOURCE_TIMEOUT_S)
-        except Exception as exc:  # any failure means "down"; a scrape must still answer
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            self.down[source] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-            log.warning("metrics: the %s did not answer: %s", source, self.down[source])
-            return None
 
     @staticmethod
     def _database_families(snap: queries.OperationsSnapshot, now: datetime) -> Iterator[GaugeMetricFamily]:
@@ -206,3 +226,41 @@ def render_metrics(settings: Settings) -> Exposition:
     registry.register(collector)
     text = generate_latest(registry).decode()
     return Exposition(text=text, down=dict(collector.down))
+
+
+def describe_queue(state: QueueState) -> list[str]:
+    """A few lines for people (``deblur status`` without a job): the work left, what finished lately, what is
+    stuck, and the broker's waiting batches by priority."""
+    lines: list[str] = []
+    db = state.database
+    if db is not None:
+        waiting, running = db.backlog["pending"], db.backlog["running"]
+        unfinished = sum(db.jobs[s] for s in queries.UNFINISHED_JOB_STATUSES)
+        line = f"queue: {waiting:,} images waiting and {running:,} running in {unfinished:,} unfinished jobs"
+        if unfinished:
+            age = _age_seconds(db.oldest_unfinished_created, state.now)
+            line += f" (the oldest submitted {format_duration(age)} ago)"
+        lines.append(line)
+        done, failed = db.finished_recently["done"], db.finished_recently["failed"]
+        recent = f"last {RECENT_WINDOW_S // 60} min: {done:,} restored, {failed:,} failed"
+        if done:
+            recent += (f"; {done / RECENT_WINDOW_S * 60:.1f} images/min, "
+                       f"{db.megapixels_recently / RECENT_WINDOW_S * 60:.1f} MP/min, "
+                       f"{db.inference_s_recently / done:.1f} model s per image")
+        lines.append(recent)
+        if db.stalled:
+            lines.append(f"stalled: {db.stalled:,} images have run longer than the visibility timeout; "
+                         "'deblur retry JOB --stalled' sends them again")
+        if db.worker_lost:
+            lines.append(f"{db.worker_lost:,} images lost their worker (a crash or an OOM kill) and wait for "
+                         "redelivery; see the workers' logs")
+    if state.broker is not None:
+        by_priority = ", ".join(f"priority {p}: {n:,}" for p, n in sorted(state.broker.waiting.items(), reverse=True)
+                                if n)
+        total = sum(state.broker.waiting.values())
+        lines.append(f"broker: {total:,} batches waiting" + (f" ({by_priority})" if total else "")
+                     + f", {state.broker.unacked:,} taken by workers")
+    for source, reason in state.down.items():
+        lines.append(f"the {source} did not answer: {reason}")
+    return lines
+

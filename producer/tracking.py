@@ -133,7 +133,7 @@ def watch(settings: Settings, job_id: str, console: Console, interval: float = 1
             detail = (
                 f"done {c['done']}  failed {c['failed']}  pending {c['pending'] + c['running']}"
                 + (f"  {rate:.2f} img/s" if rate else "")
-                + (f"  ETA {_duration(eta)}" if eta else "")
+                + (f"  ETA {format_duration(eta)}" if eta else "")
                 + f"  [{info['status']}]"
             )
             progress.update(task, total=info["total"] or None, completed=info["finished"], detail=detail)
@@ -145,7 +145,8 @@ def watch(settings: Settings, job_id: str, console: Console, interval: float = 1
     return info
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """``1h05m``, ``3m07s`` or ``42s``; ``?`` for an unknown or endless time."""
     if seconds is None or math.isinf(seconds):
         return "?"
     seconds = int(seconds)
@@ -162,7 +163,7 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         f"pending {c['pending']}  cancelled {c['cancelled']}"
     )
     if info["images_per_s"]:
-        console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {_duration(info['eta_s'])}")
+        console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {format_duration(info['eta_s'])}")
     spec = info["spec"] or {}
     console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
     if spec.get("output"):

@@ -131,6 +131,18 @@ def test_metrics_count_the_backlog_the_broker_and_every_state_an_operator_watche
     assert value(found, "deblur_broker_waiting_batches", queue=settings.queue, priority="7") == 1
     assert value(found, "deblur_broker_unacked_batches") == 1
 
+    # the same figures for people, under 'deblur status' without a job (the taken batch went back when its
+    # connection closed)
+    from producer.cli import main
+
+    listing = CliRunner().invoke(main, ["status"])
+    assert listing.exit_code == 0, listing.output
+    assert urgent[:8] in listing.output and "queue: " in listing.output
+    assert "restored" in listing.output and "model s per image" in listing.output
+    assert "stalled: " in listing.output and "deblur retry JOB --stalled" in listing.output
+    assert "lost their worker" in listing.output
+    assert "broker: 3 batches waiting (priority 7: 2, priority 2: 1), 0 taken by workers" in listing.output
+
 
 def test_a_source_that_does_not_answer_reads_up_0_and_the_scrape_still_answers(env, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from jobs.settings import load_settings
