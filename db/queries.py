@@ -363,7 +363,8 @@ def cancel_job(session: Session, job_id: str) -> int:
 
 
 def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before: datetime | None) -> list[Image]:
-    """Failed images, and/or images pending or running since before ``stalled_before``."""
+    """Failed images, and/or images pending or running since before ``stalled_before`` (of a windowed job, only
+    those of batches already sent: the others wait their turn)."""
     conditions = []
     if failed:
         conditions.append(Image.status == "failed")
@@ -372,6 +373,8 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
             and_(
                 Image.status.in_(("pending", "running")),
                 func.coalesce(Image.started_at, Image.finished_at, Job.created_at) < stalled_before,
+                # a windowed job's batches not sent yet are waiting their turn, not stalled (producer.dispatch)
+                or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
             )
         )
     if not conditions:
@@ -611,3 +614,54 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
         worker_lost=int(worker_lost or 0), finished_recently=finished,
         megapixels_recently=float(pixels or 0) / 1e6, inference_s_recently=float(seconds or 0.0),
     )
+
+
+def record_listed_batches(session: Session, job_id: str, listed: int) -> None:
+    """A windowed job's producer has written the image rows of batches ``0 .. listed - 1``."""
+    session.execute(update(Job).where(Job.id == job_id).values(batches_listed=listed))
+
+
+def claim_window_batches(session: Session, job_id: str, window: int, released: int = 0) -> list[int]:
+    """The batch numbers a windowed job may send now, in order, each counted as sent and in flight.
+
+    ``released`` slots are freed first (batches that finished, or claimed ones
+    with nothing left to do). A
+    batch is claimed while fewer than ``window`` are in flight, some listed
+    batch is still unsent, and the job is unfinished (a cancelled job sends
+    nothing more). Each claim is one atomic ``UPDATE ... RETURNING``, so
+    producers and workers claiming at once never get the same number.
+    """
+    if released:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            batches_in_flight=case((Job.batches_in_flight > released, Job.batches_in_flight - released), else_=0)))
+    claimed: list[int] = []
+    while True:
+        sent = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.batches_sent < Job.batches_listed, Job.batches_in_flight < window,
+                   Job.status.in_(UNFINISHED_JOB_STATUSES))
+            .values(batches_sent=Job.batches_sent + 1, batches_in_flight=Job.batches_in_flight + 1)
+            .returning(Job.batches_sent)
+        ).scalar()
+        if sent is None:
+            return claimed
+        claimed.append(int(sent) - 1)
+
+
+def unclaim_window_batch(session: Session, job_id: str, batch: int) -> bool:
+    """Give back the claim of ``batch`` when its message could not be sent, if no later batch was claimed since
+    (then it is sent again by the next claim); False when it could not be given back."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.batches_sent == batch + 1)
+        .values(batches_sent=Job.batches_sent - 1,
+                batches_in_flight=case((Job.batches_in_flight > 0, Job.batches_in_flight - 1), else_=0))
+    )
+    return bool(result.rowcount)
+
+
+def pending_batch_items(session: Session, job_id: str, batch: int) -> list[tuple[str, str | None, str | None]]:
+    """The (input, output, reference) URIs of batch ``batch``'s images still pending, in the order listed."""
+    return [tuple(row) for row in session.execute(  # type: ignore[misc]
+        select(Image.input_uri, Image.output_uri, Image.reference_uri)
+        .where(Image.job_id == job_id, Image.batch == batch, Image.status == "pending").order_by(Image.id)
+    )]

@@ -60,6 +60,11 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # a job submitted with a window (spec["window"] batches in the broker at once): batches listed so far, sent so
+    # far (in batch order), and sent but not yet finished
+    batches_listed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    batches_sent: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    batches_in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     images: Mapped[list["Image"]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
@@ -69,6 +74,7 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "input_uri", name="uq_images_job_input"),
         Index("ix_images_job_status", "job_id", "status"),
+        Index("ix_images_job_batch", "job_id", "batch"),  # a windowed job's next batch, read when it is sent
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

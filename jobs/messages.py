@@ -15,7 +15,7 @@ JobKind = Literal["deblur", "evaluate"]
 
 PROCESS_BATCH_TASK = "deblur.process_batch"
 
-OPTIONAL_FIELDS: dict[str, object] = {"output_format": None, "quality": None, "sidecar": False}
+OPTIONAL_FIELDS: dict[str, object] = {"output_format": None, "quality": None, "sidecar": False, "slot": False}
 """Batch fields added after version 1, with their defaults: left out of a payload when at the default, so that
 workers which do not know them (and refuse unknown fields) still take every batch that does not use them, and
 refuse those that do."""
@@ -50,6 +50,7 @@ class BatchMessage(BaseModel):
     output_format: str | None = None  # write outputs in this format instead of the input's (jobs.layout)
     quality: int | None = Field(default=None, ge=1, le=100)  # JPEG / lossy WebP outputs
     sidecar: bool = False  # write a provenance record next to each output (jobs.layout.sidecar_uri)
+    slot: bool = False  # holds one of its job's window slots: finishing it sends the job's next batch
 
     @classmethod
     def from_payload(cls, payload: dict) -> "BatchMessage":

@@ -47,6 +47,7 @@ class Settings:
     torch_threads: int = 0
     allow_noncommercial: bool = False
     batch_size: int = 8
+    job_window: int = 0
     batch_time_limit: int = 1200
     visibility_timeout: int = 3600
     io_threads: int = 8
@@ -84,6 +85,12 @@ HELP: dict[str, SettingInfo] = {
         "DEBLUR_ALLOW_NONCOMMERCIAL", "1 to allow models under non-commercial licences (MPRNet, Restormer)"
     ),
     "batch_size": SettingInfo("DEBLUR_BATCH_SIZE", "images per Celery task"),
+    "job_window": SettingInfo(
+        "DEBLUR_JOB_WINDOW",
+        "batches of one job in the broker at once, the rest sent as those finish, so jobs submitted later at the "
+        "same priority take turns with a large one instead of waiting behind all of it (0: every batch at "
+        "submission, first come first served); read when a job is submitted",
+    ),
     "batch_time_limit": SettingInfo(
         "DEBLUR_BATCH_TIME_LIMIT",
         "seconds a worker spends on one task before it hands the batch's remaining images to a new task "
@@ -198,6 +205,8 @@ def _validate(s: Settings) -> None:
     for name in ("batch_size", "io_threads", "flower_port", "api_port"):
         if getattr(s, name) < 1:
             raise ConfigurationError(f"{HELP[name].env} must be >= 1, got {getattr(s, name)}")
+    if s.job_window < 0:
+        raise ConfigurationError(f"DEBLUR_JOB_WINDOW must be >= 0 batches (0: no window), got {s.job_window}")
     if s.torch_threads < 0:
         raise ConfigurationError(f"DEBLUR_TORCH_THREADS must be >= 0, got {s.torch_threads}")
     if s.batch_time_limit < 0:

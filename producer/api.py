@@ -146,6 +146,10 @@ class JobSubmission(BaseModel):
     strength: float = Field(1.0, ge=0.0, le=1.0, description="1 = fully restored, 0 = the input unchanged.")
     batch_size: int | None = Field(None, ge=1, le=10_000, description="Images per task (default: the server's).")
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
+    window: int | None = Field(
+        None, ge=0, description="At most this many of the job's batches in the broker at once, the next sent as "
+                                "each finishes, so jobs submitted later at the same priority take turns with this "
+                                "one; 0: every batch at once. Unset: the server's DEBLUR_JOB_WINDOW.")
     strip_metadata: bool = Field(False, description="Do not copy EXIF/ICC/XMP to the outputs.")
     align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
                                            "alignment to the sharp image) before measuring.")
@@ -183,7 +187,7 @@ class JobSubmission(BaseModel):
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
             notify_url=self.notify_url, output_format=self.output_format, quality=self.quality,
-            sidecar=self.sidecar,
+            sidecar=self.sidecar, window=self.window,
         )
 
 
@@ -245,6 +249,9 @@ class JobStatus(BaseModel):
         False, description="Still submitting with no progress for over 10 minutes: its producer probably died "
                            "mid-listing. The next submission marks it failed; submitting again with the same job key "
                            "gives the key to a new job.")
+    batches: dict[str, int] | None = Field(
+        None, description="Jobs with a window: the window, and batches listed, sent so far and in flight (in the "
+                          "broker or running). Null without a window.")
     images_url: str
     summary_url: str
 
@@ -384,7 +391,7 @@ JobId = Annotated[uuid.UUID, Path(description="The job id (a UUID) returned by P
 
 # Our error messages quote CLI options; map them to the body field they concern.
 _OPTION_FIELDS = {"--strength": "strength", "--batch-size": "batch_size", "--priority": "priority",
-                  "--output": "output", "--sharp": "sharp"}
+                  "--window": "window", "--output": "output", "--sharp": "sharp"}
 _MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, WeightsError)
 
 

@@ -157,6 +157,11 @@ NOTIFY_HELP = (
     "POST a JSON summary of the job to this http(s) URL each time it finishes (done, failed or cancelled); "
     "signed with DEBLUR_NOTIFY_SECRET when the workers have it, retried while the receiver is down."
 )
+WINDOW_HELP = (
+    "At most this many of the job's batches in the broker at once, the next sent as each finishes, so jobs "
+    "submitted later at the same priority take turns with this one instead of waiting behind all of it; 0 sends "
+    "every batch now (first come, first served). Default: DEBLUR_JOB_WINDOW (0)."
+)
 MODEL_HELP = (
     "Model as NAME[:PARAMS][:WEIGHT], e.g. wiener, l0-blind:kernel=31, "
     "wiener:psf=motion:length=15,angle=30:0.5. Repeat for an ensemble (outputs averaged "
@@ -215,6 +220,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
         help="Blend of restored and input: 1 = fully restored, 0 = unchanged.")
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task (default: DEBLUR_BATCH_SIZE or 8).")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
+@option("--window", type=click.IntRange(0), default=None, metavar="BATCHES", help=WINDOW_HELP)
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
@@ -241,7 +247,8 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
-           batch_size: int | None, priority: int, strip_metadata: bool, light: str | None, job_key: str | None,
+           batch_size: int | None, priority: int, window: int | None, strip_metadata: bool, light: str | None,
+           job_key: str | None,
            notify_url: str | None, skip_existing: bool, output_format: str | None, quality: int | None,
            sidecar: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
@@ -256,7 +263,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
                          ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url,
-                         output_format=output_format, quality=quality, sidecar=sidecar)
+                         output_format=output_format, quality=quality, sidecar=sidecar, window=window)
     _submit_and_report(request, wait, quiet, dry_run)
 
 
@@ -277,6 +284,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
+@option("--window", type=click.IntRange(0), default=None, metavar="BATCHES", help=WINDOW_HELP)
 @option("--job-key", default=None, help="Idempotency key.")
 @option("--notify", "notify_url", default=None, metavar="URL", help=NOTIFY_HELP)
 @option("--dry-run", is_flag=True,
@@ -286,7 +294,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
              output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
-             batch_size: int | None, priority: int, job_key: str | None, notify_url: str | None, dry_run: bool,
+             batch_size: int | None, priority: int, window: int | None, job_key: str | None, notify_url: str | None,
+             dry_run: bool,
              wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
@@ -294,7 +303,7 @@ def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: t
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
                          job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light,
-                         notify_url=notify_url)
+                         notify_url=notify_url, window=window)
     _submit_and_report(request, wait, quiet, dry_run)
 
 

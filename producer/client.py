@@ -47,19 +47,21 @@ class Client:
         output_format: str | None = None,
         quality: int | None = None,
         sidecar: bool = False,
+        window: int | None = None,
     ) -> str:
         """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued.
 
         With ``skip_existing``, images whose output already exists are left out; if that leaves none, no job is
         made and the id returned is empty. ``output_format`` ("png", "tiff", …) writes every output in that
         format with its key's extension changed; ``quality`` sets JPEG and lossy WebP outputs' quality;
-        ``sidecar`` writes a provenance record (``OUTPUT.deblur.json``) next to each output.
+        ``sidecar`` writes a provenance record (``OUTPUT.deblur.json``) next to each output; ``window`` keeps at
+        most that many of the job's batches in the broker (``DEBLUR_JOB_WINDOW`` when None), so jobs take turns.
         """
         request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
                              strength=strength, batch_size=batch_size, priority=priority,
                              strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing,
                              notify_url=notify_url, output_format=output_format, quality=quality,
-                             sidecar=sidecar)
+                             sidecar=sidecar, window=window)
         return submit(request, self.settings).job_id
 
     def evaluate(
@@ -73,10 +75,12 @@ class Client:
         batch_size: int | None = None,
         priority: int = 5,
         job_key: str | None = None,
+        window: int | None = None,
     ) -> str:
         """Submit an evaluation job (PSNR/SSIM per image for input, members and ensemble)."""
         request = JobRequest(kind="evaluate", inputs=list(blurred), references=sharp, gopro=gopro, output=output,
-                             models=list(models), batch_size=batch_size, priority=priority, job_key=job_key)
+                             models=list(models), batch_size=batch_size, priority=priority, job_key=job_key,
+                             window=window)
         return submit(request, self.settings).job_id
 
     def status(self, job_id: str) -> dict[str, Any]:

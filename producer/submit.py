@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,12 @@ from kombu.exceptions import OperationalError as BrokerError
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
-from jobs.messages import OPTIONAL_FIELDS, PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.messages import PROCESS_BATCH_TASK, ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import READ_FORMATS, s3_client
 from models.catalog import parse_ensemble
+from producer.dispatch import batch_payload, send_window_batches
 from producer.inputs import Plan, build_plan, describe_ignored, digest
 
 ROWS_PER_TRANSACTION = 1000
@@ -53,6 +54,7 @@ class JobRequest:
     output_format: str | None = None  # write every output in this format (jobs.layout.OUTPUT_FORMATS), keys renamed
     quality: int | None = None  # JPEG and lossy WebP outputs: 1-100 instead of the input's own (JPEG) or 95
     sidecar: bool = False  # a provenance record (<output>.deblur.json) next to each output
+    window: int | None = None  # batches in the broker at once (DEBLUR_JOB_WINDOW when None; 0: all at submission)
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -113,25 +115,6 @@ class _Validated:
         return fresh(), lambda: skipped[0]
 
 
-def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequence[ImageItem]) -> dict[str, Any]:
-    """The JSON task body for ``images`` of a job, derived from the job's stored spec.
-
-    Submission and retries both build messages here, so a retried batch is
-    processed exactly like the original one.
-    """
-    payload = BatchMessage(
-        job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
-        strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
-        output_root=spec.get("output"), align=bool(spec.get("align", False)),
-        crop_border=int(spec.get("crop_border", 0)), images=list(images),
-        output_format=spec.get("output_format"), quality=spec.get("quality"), sidecar=bool(spec.get("sidecar")),
-    ).model_dump(mode="json")
-    for key, default in OPTIONAL_FIELDS.items():  # unused, they stay out: a worker before them takes the batch
-        if payload[key] == default:
-            del payload[key]
-    return payload
-
-
 def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
     while True:
         chunk = list(itertools.islice(items, size))
@@ -164,6 +147,8 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
     if request.kind == "evaluate" and (request.output_format or request.quality or request.sidecar):
         raise InputError("--output-format, --quality and --sidecar apply to deblur jobs only")
+    if request.window is not None and request.window < 0:
+        raise InputError(f"--window must be >= 0 batches (0: every batch at submission), got {request.window}")
     if request.quality is not None and not 1 <= request.quality <= 100:
         raise InputError(f"--quality must be within 1..100, got {request.quality}")
     client = s3_client(settings)
@@ -234,6 +219,7 @@ def submit(
 
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
+    window = settings.job_window if request.window is None else request.window
     spec: dict[str, Any] = {
         "inputs": list(request.inputs),
         "output": str(plan.output) if plan.output else None,
@@ -253,6 +239,7 @@ def submit(
         "output_format": request.output_format,
         "quality": request.quality,
         "sidecar": request.sidecar,
+        "window": window,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)
@@ -275,10 +262,14 @@ def submit(
                              for i in batch],
                             batch=batch_number + offset,
                         )
-                for batch in batches:
-                    app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, request.kind, spec, batch)],
-                                  queue=settings.queue,
-                                  priority=priority, producer=producer)
+                    if window:
+                        queries.record_listed_batches(session, job_id, batch_number + len(batches))
+                if window:  # as many as the window has room for; finishing batches send the rest
+                    send_window_batches(settings, job_id, request.kind, spec, producer=producer)
+                else:
+                    for batch in batches:
+                        app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, request.kind, spec, batch)],
+                                      queue=settings.queue, priority=priority, producer=producer)
                 batch_number += len(batches)
                 total += len(chunk)
                 if progress:

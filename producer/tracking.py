@@ -77,6 +77,9 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
             "submission_stalled": job.status == "submitting" and _older_than(job.updated_at,
                                                                              queries.SUBMISSION_STALE_S),
         }
+        if (job.spec or {}).get("window"):  # batches listed, sent so far and in flight (producer.dispatch)
+            info["batches"] = {"window": int(job.spec["window"]), "listed": job.batches_listed,
+                               "sent": job.batches_sent, "in_flight": job.batches_in_flight}
     finished = counts["done"] + counts["failed"] + counts["cancelled"]
     rate = None
     eta = None
@@ -166,6 +169,10 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {format_duration(info['eta_s'])}")
     spec = info["spec"] or {}
     console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
+    if info.get("batches"):
+        b = info["batches"]
+        console.print(f"window: {b['window']} batches at a time; {b['sent']} of {b['listed']} sent, "
+                      f"{b['in_flight']} in the broker or running")
     if spec.get("output"):
         written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""

@@ -166,6 +166,36 @@ class WorkerProcess:
         self._log_handle.close()
 
 
+def kill_mid_image_then_finish(  # type: ignore[no-untyped-def]
+        env: dict[str, str], tmp_path: Path, app, first: WorkerProcess, job_id: str, after_kill=None,
+        timeout: float = 300) -> tuple[dict[str, Any], WorkerProcess]:
+    """Kill ``first`` once it has started one of ``job_id``'s images, run ``after_kill``, let a second worker
+    finish the job; returns the finished job's status and the second worker (stopped)."""
+    from jobs.settings import load_settings
+    from producer.tracking import fetch_results, job_status
+
+    def started() -> int:
+        return max(r["attempts"] for r in fetch_results(load_settings(), job_id))
+
+    deadline = time.monotonic() + 60
+    while started() == 0:  # an image counts as started when its restoration begins, not when its batch is claimed
+        assert time.monotonic() < deadline, "the first worker never started an image"
+        time.sleep(0.1)
+    first.kill()
+    if after_kill is not None:
+        after_kill()
+    second = WorkerProcess(service_env(env), tmp_path / "second.log")
+    try:
+        second.wait_ready(app)
+        deadline = time.monotonic() + timeout
+        while (info := job_status(load_settings(), job_id))["status"] not in {"done", "failed", "cancelled"}:
+            assert time.monotonic() < deadline, f"job {job_id} not finished after {timeout} s: {info}"
+            time.sleep(0.5)
+    finally:
+        second.stop()
+    return info, second
+
+
 class FlowerProcess:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()

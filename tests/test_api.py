@@ -276,7 +276,15 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert error["loc"] == ["body", "sharp"]
     [error] = refused({**good, "job_key": "a"}, headers={"Idempotency-Key": "b"})
     assert error["loc"] == ["body", "job_key"]
+    [error] = refused({**good, "window": -1})
+    assert error["loc"] == ["body", "window"]
     assert job_ids() == before, "a refused submission writes nothing"
+
+    windowed = client.post("/v1/jobs", json={**good, "output": f"s3://{name}/windowed/", "window": 4})
+    assert windowed.status_code == 201, windowed.text
+    status = client.get(windowed.json()["status_url"]).json()
+    assert status["batches"] == {"window": 4, "listed": 1, "sent": 1, "in_flight": 1}
+    before |= {windowed.json()["id"]}
 
     # Requests racing on one idempotency key (the server runs them in parallel threads) share one job.
     key = {"Idempotency-Key": f"race-{uuid.uuid4().hex}"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from tests.e2e_helpers import WorkerProcess, decode, queued_tasks, service_env, use_services
+from tests.e2e_helpers import WorkerProcess, decode, kill_mid_image_then_finish, queued_tasks, service_env, use_services
 from tests.test_end_to_end import run_cli, wait_done
 
 pytestmark = [pytest.mark.integration]
@@ -121,21 +120,10 @@ def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -
                      "--model", "richardson-lucy:iterations=80", "-q").strip()
     from producer.tracking import job_status
 
-    def started() -> int:
-        return max(r["attempts"] for r in json.loads(run_cli("results", job_id, "--format", "json")))
+    def not_all_done() -> None:
+        assert job_status(load_settings(), job_id)["counts"]["done"] < 3
 
-    deadline = time.monotonic() + 60
-    while started() == 0:  # an image counts as started when its restoration begins, not when its batch is claimed
-        assert time.monotonic() < deadline, "the first worker never started an image"
-        time.sleep(0.1)
-    first.kill()
-    assert job_status(load_settings(), job_id)["counts"]["done"] < 3
-    second = WorkerProcess(service_env(env), tmp_path / "second.log")
-    try:
-        second.wait_ready(app)
-        info = wait_done(job_id, timeout=300)
-    finally:
-        second.stop()
+    info, second = kill_mid_image_then_finish(env, tmp_path, app, first, job_id, after_kill=not_all_done)
     assert info["status"] == "done" and info["counts"]["done"] == 3, info
     rows = json.loads(run_cli("results", job_id, "--format", "json"))
     attempts = [r["attempts"] for r in rows]

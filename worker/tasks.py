@@ -68,28 +68,56 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
             raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
 
     try:
-        return run_batch(message, settings, hand_over)
+        counts = run_batch(message, settings, hand_over)
     except DeviceFailure as exc:
         stop_consuming(settings.queue)
         log.critical("%s. This worker (%s) takes no more batches from %r; the batch's other images went back to the "
                      "queue for the other workers. Check the device, then restart this worker.", exc,
                      runtime.hostname(), settings.queue)
-        return exc.counts or batch_counts(0, 0)
+        counts = exc.counts or batch_counts(0, 0)
     except (TransientError, OperationalError) as exc:
         retries = self.request.retries
         if retries >= settings.task_max_retries:
             log.error("batch of job %s failed after %d retries: %s", message.job_id, retries, exc)
-            return batch_counts(0, fail_batch(message, settings, f"gave up after {retries} retries: {exc}"))
-        countdown = min(300, 2 ** retries * 5)
-        log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown, exc)
-        raise self.retry(exc=exc, countdown=countdown) from None
+            counts = batch_counts(0, fail_batch(message, settings, f"gave up after {retries} retries: {exc}"))
+        else:
+            countdown = min(300, 2 ** retries * 5)
+            log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown,
+                        exc)
+            raise self.retry(exc=exc, countdown=countdown) from None
     except Exception as exc:
         # A bug outside one image's restoration (recording the batch, say). The task is acknowledged either way,
         # so without this its images would stay 'running' for good; failed, they show in 'deblur results --failed'
         # with the reason, and 'deblur retry JOB --failed' sends them again once it is mended.
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
-        return batch_counts(0, fail_batch(message, settings, error))
+        counts = batch_counts(0, fail_batch(message, settings, error))
+    if message.slot and not counts.get("handed_over"):
+        send_next_batch(self, message, settings)
+    return counts
+
+
+def send_next_batch(task: Any, message: BatchMessage, settings: Any) -> None:
+    """This batch held one of its job's window slots and is finished: send the job's next batch in its place
+    (:mod:`producer.dispatch`). A broker that refuses it retries this task, which finds its images done and
+    tries again; a batch handed over keeps the slot, and its remainder sends the next one."""
+    from db import queries
+    from db.engine import session_scope
+    from producer.dispatch import send_window_batches
+
+    try:
+        with session_scope(settings.resolved_database_url()) as session:
+            spec = queries.job_spec(session, message.job_id)
+        if spec is not None:
+            send_window_batches(settings, message.job_id, message.kind, spec, finished_one=True)
+    except Exception as exc:
+        retries = task.request.retries
+        if retries >= settings.task_max_retries:
+            log.error("job %s: could not send the batch after this one (%s); 'deblur retry %s --stalled' sends its "
+                      "images", message.job_id, exc, message.job_id)
+            return
+        log.warning("job %s: could not send the next batch (retry %d): %s", message.job_id, retries + 1, exc)
+        raise task.retry(exc=exc, countdown=min(300, 2 ** retries * 5)) from None
 
 
 def stop_consuming(queue: str) -> None:

@@ -1,0 +1,115 @@
+"""Sending a job's batches to the broker: the message body, and the per-job window that makes jobs take turns.
+
+Without a window (``DEBLUR_JOB_WINDOW=0``) a job's batches all go to the
+broker as it is listed, first come first served: a job of a million images
+submitted first makes a ten-image job at the same priority wait for all of it.
+With a window of W, at most W of a job's batches are in the broker or being
+worked on; each batch that finishes sends the job's next one, at the back of
+the list, so two jobs at one priority alternate batch for batch.
+
+The job row counts batches listed, sent and in flight (:func:`db.queries.
+claim_window_batches`), and batches are sent in their listed order. A batch
+carries ``slot: true`` when it holds one of its job's slots; only such a batch
+frees one when it finishes (retries and handed-over remainders keep theirs).
+
+What can go wrong, and what then happens:
+
+- a worker dies mid-batch: the batch is redelivered and frees its slot when it
+  finishes, as before;
+- a worker dies between finishing a batch and sending the next one: the
+  redelivered batch finds its images done and sends the next one then;
+- the broker refuses the next batch: its claim is given back and the next
+  batch to finish sends it; if another was claimed in between, its images stay
+  pending and ``deblur retry JOB --stalled`` sends them (the job's other
+  batches keep going);
+- a redelivered batch that had already sent its successor sends one more:
+  the window grows by one for that job, nothing is lost or done twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from db import queries
+from db.engine import session_scope
+from jobs.messages import OPTIONAL_FIELDS, PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequence[ImageItem],
+                  slot: bool = False) -> dict[str, Any]:
+    """The JSON task body for ``images`` of a job, derived from the job's stored spec.
+
+    Submission, retries and windows all build messages here, so a retried batch
+    is processed exactly like the original one. ``slot`` marks a batch that
+    holds one of its job's window slots.
+    """
+    payload = BatchMessage(
+        job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
+        strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
+        output_root=spec.get("output"), align=bool(spec.get("align", False)),
+        crop_border=int(spec.get("crop_border", 0)), images=list(images),
+        output_format=spec.get("output_format"), quality=spec.get("quality"), sidecar=bool(spec.get("sidecar")),
+        slot=slot,
+    ).model_dump(mode="json")
+    for key, default in OPTIONAL_FIELDS.items():  # unused, they stay out: a worker before them takes the batch
+        if payload[key] == default:
+            del payload[key]
+    return payload
+
+
+def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: dict[str, Any],
+                        finished_one: bool = False, producer: Any = None) -> int:
+    """Send as many of a windowed job's unsent batches as its window allows now; returns how many were sent.
+
+    ``finished_one``: a batch holding a slot just finished (a worker calls this
+    after each such batch; the producer calls it with False after each chunk of
+    listed images). A claimed batch whose images are no longer pending (all
+    cancelled, or done by a retry) frees its slot at once and the next one is
+    claimed instead. Raises what the broker raises when a message cannot be
+    sent, after giving the claim back where it can.
+    """
+    from jobs.celery_app import app_for, broker_priority
+
+    window = int(spec.get("window") or 0)
+    if window < 1:
+        return 0
+    app = app_for(settings)
+    priority = broker_priority(int(spec.get("priority", 5)))
+    url = settings.resolved_database_url()
+    sent = 0
+    released = 1 if finished_one else 0
+    while True:
+        with session_scope(url) as session:
+            claimed = queries.claim_window_batches(session, job_id, window, released=released)
+        released = 0
+        for position, number in enumerate(claimed):
+            with session_scope(url) as session:
+                rows = queries.pending_batch_items(session, job_id, number)
+            if not rows:  # nothing left to do in it: its slot is free again
+                released += 1
+                continue
+            items = [ImageItem(input=i, output=o, reference=r) for i, o, r in rows]
+            try:
+                app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, items, slot=True)],
+                              queue=settings.queue, priority=priority, producer=producer)
+            except Exception:
+                _give_back(url, job_id, claimed[position:])
+                raise
+            sent += 1
+        if not released:
+            return sent
+
+
+def _give_back(url: str, job_id: str, unsent: Sequence[int]) -> None:
+    """Return the claims of batches that were not sent, last first, as far as no later claim prevents it."""
+    for number in reversed(unsent):
+        with session_scope(url) as session:
+            if not queries.unclaim_window_batch(session, job_id, number):
+                log.error("could not send batches %s of job %s: their images stay pending until 'deblur retry "
+                          "JOB --stalled' sends them", ", ".join(map(str, unsent)), job_id)
+                return

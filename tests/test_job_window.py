@@ -1,0 +1,164 @@
+"""Per-job windows: jobs at one priority take turns instead of queueing behind each other.
+
+Given a real Redis, S3 endpoint, database and Celery worker processes, when a
+job is submitted with a window of W batches, then only W of its batches are in
+the broker and each one that finishes sends the next; a ten-image job
+submitted after a large one at the same priority finishes while the large one
+is still running (and without a window it waits for all of it); batches not
+sent yet are not taken for stalled; a cancelled job sends nothing more; a
+worker killed mid-batch and a batch handed over for time keep the chain going,
+and every image is restored once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.e2e_helpers import WorkerProcess, kill_mid_image_then_finish, queued_tasks, service_env, use_services
+from tests.test_end_to_end import run_cli, wait_done
+
+pytestmark = [pytest.mark.integration]
+
+
+def _png(seed: int, size: tuple[int, int] = (96, 128)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (*size, 3), dtype=np.uint8), (0, 0), 2.0)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def _bucket(env: dict[str, str], name: str, count: int, size: tuple[int, int] = (96, 128)) -> None:
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=name)
+    for i in range(count):
+        s3.put_object(Bucket=name, Key=f"in/{i:02d}.png", Body=_png(i, size))
+
+
+def _counters(job_id: str) -> tuple[int, int, int]:
+    from db.engine import session_scope
+    from db.schema import Job
+    from jobs.settings import load_settings
+
+    with session_scope(load_settings().resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        return job.batches_listed, job.batches_sent, job.batches_in_flight
+
+
+def test_a_window_keeps_that_many_batches_in_the_broker_and_a_cancelled_job_sends_no_more(env) -> None:  # type: ignore[no-untyped-def]
+    from jobs.settings import load_settings
+    from producer.dispatch import send_window_batches
+    from producer.tracking import job_status
+
+    _bucket(env, "windowed", 7)
+    job_id = run_cli("submit", "s3://windowed/in/", "--output", "s3://windowed/out/", "--model", "wiener",
+                     "--batch-size", "2", "--window", "3", "-q").strip()
+    tasks = queued_tasks(env)
+    assert len(tasks) == 3 and all(args[0]["slot"] is True for _, args in tasks)
+    sent = [image["input"].rsplit("/", 1)[1] for _, args in tasks for image in args[0]["images"]]
+    assert sorted(sent) == ["00.png", "01.png", "02.png", "03.png", "04.png", "05.png"]  # the first three, in order
+    assert _counters(job_id) == (4, 3, 3)
+    info = job_status(load_settings(), job_id)
+    assert info["status"] == "queued" and info["counts"]["pending"] == 7 and info["spec"]["window"] == 3
+    assert info["batches"] == {"window": 3, "listed": 4, "sent": 3, "in_flight": 3}
+    assert "window: 3 batches at a time; 3 of 4 sent, 3 in the broker or running" in run_cli("status", job_id)
+
+    # the batch not sent yet waits its turn: 'retry --stalled' sends again only what was sent and is pending
+    time.sleep(1.2)
+    from producer.cli import main
+
+    retried = CliRunner().invoke(main, ["retry", job_id, "--stalled", "--stalled-after", "1"])
+    assert retried.exit_code == 0 and "re-enqueued 6 images" in retried.output, retried.output
+    assert len(queued_tasks(env)) == 6
+
+    run_cli("cancel", job_id)
+    spec = job_status(load_settings(), job_id)["spec"]
+    assert send_window_batches(load_settings(), job_id, "deblur", spec, finished_one=True) == 0
+    assert len(queued_tasks(env)) == 6 and _counters(job_id) == (4, 3, 2)
+
+    # without a window every batch goes at submission, as before
+    plain = run_cli("submit", "s3://windowed/in/", "--output", "s3://windowed/plain/", "--model", "wiener",
+                    "--batch-size", "2", "-q").strip()
+    assert len(queued_tasks(env)) == 6 + 4
+    plain_bodies = [args[0] for _, args in queued_tasks(env) if args[0]["job_id"] == plain]
+    assert len(plain_bodies) == 4
+    assert not any("slot" in body for body in plain_bodies)  # left out: workers before windows take these batches
+    assert _counters(plain) == (0, 0, 0)
+
+
+def test_a_negative_window_is_refused_before_anything_is_written(env) -> None:  # type: ignore[no-untyped-def]
+    from producer.cli import main
+
+    _bucket(env, "refused", 1)
+    result = CliRunner().invoke(main, ["submit", "s3://refused/in/", "--output", "s3://refused/out/",
+                                       "--window", "-1"])
+    assert result.exit_code == 2 and "--window" in result.output
+    assert queued_tasks(env) == []
+
+
+def _finish_order(job_ids: dict[str, str]) -> list[str]:
+    """The jobs' images by finishing time, each named by its job's label."""
+    rows = []
+    for label, job_id in job_ids.items():
+        rows += [(r["finished_at"], label) for r in json.loads(run_cli("results", job_id, "--format", "json"))]
+    return [label for _, label in sorted(rows)]
+
+
+@pytest.mark.parametrize("window", [2, 0])
+def test_a_small_job_takes_turns_with_a_large_one_at_the_same_priority(env, tmp_path, window) -> None:  # type: ignore[no-untyped-def]
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    _bucket(env, "large", 8)
+    _bucket(env, "small", 2)
+    large = run_cli("submit", "s3://large/in/", "--output", "s3://large/out/", "--model", "wiener",
+                    "--batch-size", "1", "--window", str(window), "-q").strip()
+    small = run_cli("submit", "s3://small/in/", "--output", "s3://small/out/", "--model", "wiener",
+                    "--batch-size", "1", "--window", str(window), "-q").strip()
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        assert wait_done(large, timeout=240)["counts"]["done"] == 8
+        assert wait_done(small, timeout=60)["counts"]["done"] == 2
+    finally:
+        worker.stop()
+    order = _finish_order({"L": large, "S": small})
+    if window:
+        # the large job's first two batches were in the broker first; the small job's two came next, and each
+        # large batch that finished sent the next one behind them
+        assert order == ["L", "L", "S", "S"] + ["L"] * 6, order
+        assert _counters(large) == (8, 8, 0) and _counters(small) == (2, 2, 0)
+    else:
+        assert order == ["L"] * 8 + ["S", "S"], order  # first come, first served: the small job waited
+
+
+def test_a_killed_worker_and_a_batch_out_of_time_keep_a_windowed_job_going(  # type: ignore[no-untyped-def]
+        redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
+    """Window 1: the job's only batch in flight is redelivered after its worker is killed, and batches handed over
+    for time carry the slot; every image is restored, none twice after it was recorded."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    env = use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
+                       tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="1")
+    _bucket(env, "chain", 4, size=(384, 512))
+    app = app_for(load_settings())
+    first = WorkerProcess(service_env(env), tmp_path / "first.log")
+    first.wait_ready(app)
+    # 2-3 s an image: the first worker is killed inside its first image; later batches run out of time after one
+    job_id = run_cli("submit", "s3://chain/in/", "--output", "s3://chain/out/", "--batch-size", "2",
+                     "--window", "1", "--model", "richardson-lucy:iterations=200", "-q").strip()
+
+    info, second = kill_mid_image_then_finish(env, tmp_path, app, first, job_id)
+    assert info["status"] == "done" and info["counts"]["done"] == 4, info
+    log = Path(second.log).read_text(errors="replace")
+    assert "handing 1 over to a new task" in log  # a batch out of time passed its slot on
+    assert _counters(job_id) == (2, 2, 0)
+    attempts = sorted(r["attempts"] for r in json.loads(run_cli("results", job_id, "--format", "json")))
+    assert attempts == [1, 1, 1, 2], attempts  # only the image the killed worker was restoring ran twice
