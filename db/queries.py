@@ -665,3 +665,14 @@ def pending_batch_items(session: Session, job_id: str, batch: int) -> list[tuple
         select(Image.input_uri, Image.output_uri, Image.reference_uri)
         .where(Image.job_id == job_id, Image.batch == batch, Image.status == "pending").order_by(Image.id)
     )]
+
+
+def restart_window(session: Session, job_id: str, in_flight: int) -> None:
+    """A windowed job's chain starts again from ``in_flight`` batches just re-sent (``deblur retry --stalled``)."""
+    session.execute(update(Job).where(Job.id == job_id).values(batches_in_flight=in_flight))
+
+
+def unfinished_job_ids(session: Session) -> list[str]:
+    """Jobs still submitting, queued or running, oldest first."""
+    return list(session.scalars(
+        select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES)).order_by(Job.created_at)))

@@ -475,22 +475,35 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
 
 
 @main.command()
-@click.argument("job")
+@click.argument("job", required=False)
 @option("--failed", is_flag=True, help="Re-enqueue the images that failed.")
 @option("--stalled", is_flag=True, help="Re-enqueue images pending or running for longer than --stalled-after.")
 @option("--stalled-after", type=click.IntRange(1), default=3600, show_default=True,
         help="Seconds after which a pending/running image counts as stalled.")
-def retry(job: str, failed: bool, stalled: bool, stalled_after: int) -> None:
-    """Re-enqueue a job's failed and/or stalled images (same outputs, overwritten)."""
-    from producer.retry import retry_images
+@option("--all", "all_jobs", is_flag=True,
+        help="Every unfinished job instead of JOB, e.g. after the broker lost its queue (a Redis restarted "
+             "without persistence): --all --stalled sends again what it held.")
+def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_jobs: bool) -> None:
+    """Re-enqueue a job's failed and/or stalled images (same outputs, overwritten).
+
+    A job with a window also gets its chain of batches restarted by --stalled:
+    the re-sent batches take its slots and the rest of the window is filled.
+    Images of batches not sent yet are waiting their turn, not stalled.
+    """
+    from producer.retry import retry_images, unfinished_job_ids
     from producer.tracking import full_job_id
 
     if not failed and not stalled:
         raise click.UsageError("say what to retry: --failed, --stalled or both")
+    if (job is None) == (not all_jobs):
+        raise click.UsageError("name one JOB, or pass --all for every unfinished job")
     settings = _settings()
-    job = full_job_id(settings, job)
-    n = retry_images(settings, job, failed=failed, stalled_after=stalled_after if stalled else None)
-    console.print(f"re-enqueued {n} images of job {job}")
+    jobs = unfinished_job_ids(settings) if all_jobs else [full_job_id(settings, job)]  # type: ignore[arg-type]
+    for job_id in jobs:
+        n = retry_images(settings, job_id, failed=failed, stalled_after=stalled_after if stalled else None)
+        console.print(f"re-enqueued {n} images of job {job_id}")
+    if all_jobs and not jobs:
+        console.print("no unfinished jobs")
 
 
 @main.command()

@@ -9,13 +9,20 @@ from db.engine import ensure_schema, session_scope
 from db.schema import utcnow
 from jobs.messages import PROCESS_BATCH_TASK, ImageItem
 from jobs.settings import Settings
-from producer.submit import batch_payload
+from producer.dispatch import batch_payload, send_window_batches
 
 
 def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: int | None) -> int:
     """Send the selected images again in fresh batches; returns how many were re-enqueued.
 
     Outputs go to the same keys, so retried images overwrite partial results.
+    For a job with a window (:mod:`producer.dispatch`), a retry of stalled
+    images also restarts its chain of batches: after the broker lost its
+    messages (a Redis restarted without persistence, a flushed queue) the
+    job's in-flight count still counted them, and no batch would have been
+    sent again. The retried batches take the job's slots (its in-flight count
+    starts again from them) and the rest of the window is filled with batches
+    not sent yet.
     """
     from jobs.celery_app import app_for, broker_priority
 
@@ -31,11 +38,24 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
         if items:
             queries.reset_for_retry(session, job_id, [i.input for i in items])
         spec, kind = job.spec, job.kind
-    batch_size = int(spec.get("batch_size") or settings.batch_size)
+        batch_size = int(spec.get("batch_size") or settings.batch_size)
+        batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+        restart_chain = bool(spec.get("window")) and stalled_after is not None
+        if restart_chain:
+            queries.restart_window(session, job_id, in_flight=len(batches))
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(items), batch_size):
-            payload = batch_payload(job_id, kind, spec, items[start:start + batch_size])
-            app.send_task(PROCESS_BATCH_TASK, args=[payload], queue=settings.queue,
-                          priority=broker_priority(int(spec.get("priority", 5))), producer=producer)
+        for batch in batches:
+            app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch, slot=restart_chain)],
+                          queue=settings.queue, priority=broker_priority(int(spec.get("priority", 5))),
+                          producer=producer)
+        if restart_chain:
+            send_window_batches(settings, job_id, kind, spec, producer=producer)
     return len(items)
 
+
+def unfinished_job_ids(settings: Settings) -> list[str]:
+    """Every job still submitting, queued or running, oldest first (``deblur retry --all``)."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        return queries.unfinished_job_ids(session)

@@ -162,3 +162,45 @@ def test_a_killed_worker_and_a_batch_out_of_time_keep_a_windowed_job_going(  # t
     assert _counters(job_id) == (2, 2, 0)
     attempts = sorted(r["attempts"] for r in json.loads(run_cli("results", job_id, "--format", "json")))
     assert attempts == [1, 1, 1, 2], attempts  # only the image the killed worker was restoring ran twice
+
+
+def test_after_the_broker_lost_its_queue_retry_all_stalled_restarts_every_job(  # type: ignore[no-untyped-def]
+        redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
+    """A Redis restarted without persistence loses every waiting batch; 'retry --all --stalled' sends them again,
+    and a windowed job's chain starts again from them (its in-flight count still counted the lost ones)."""
+    import redis
+
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+    from producer.cli import main
+
+    env = use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
+                       tmp_path / "home")
+    _bucket(env, "lost", 5)
+    windowed = run_cli("submit", "s3://lost/in/", "--output", "s3://lost/windowed/", "--model", "wiener",
+                       "--batch-size", "1", "--window", "2", "-q").strip()
+    plain = run_cli("submit", "s3://lost/in/", "--output", "s3://lost/plain/", "--model", "wiener",
+                    "--batch-size", "2", "-q").strip()
+    assert len(queued_tasks(env)) == 2 + 3
+    broker = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    broker.delete(*[key for key in broker.keys(env["DEBLUR_QUEUE"] + "*") if broker.type(key) == b"list"])
+    assert queued_tasks(env) == [] and _counters(windowed) == (5, 2, 2)
+
+    time.sleep(1.2)
+    result = CliRunner().invoke(main, ["retry", "--all", "--stalled", "--stalled-after", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"re-enqueued 2 images of job {windowed}" in result.output  # the batches it had sent, not the held ones
+    assert f"re-enqueued 5 images of job {plain}" in result.output
+    assert _counters(windowed) == (5, 2, 2)
+    assert sum(args[0]["job_id"] == windowed and args[0]["slot"] for _, args in queued_tasks(env)) == 2
+
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        assert wait_done(windowed, timeout=120)["counts"]["done"] == 5
+        assert wait_done(plain, timeout=120)["counts"]["done"] == 5
+    finally:
+        worker.stop()
+    assert _counters(windowed) == (5, 5, 0)
+    no_job = CliRunner().invoke(main, ["retry", "--stalled"])
+    assert no_job.exit_code == 2 and "--all" in no_job.output
