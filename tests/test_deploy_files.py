@@ -129,3 +129,18 @@ def test_prometheus_scrapes_the_ports_flower_and_the_api_listen_on() -> None:
         assert job["static_configs"][0]["targets"] == [f"{service}:{port}"]
     secret_file = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "deblur-api")["authorization"]
     assert secret_file["credentials_file"] == "/run/secrets/deblur_api_token"  # where Compose mounts the secret
+
+
+def test_monitoring_services_mount_files_that_exist() -> None:
+    """Prometheus and Grafana (the monitoring profile) mount their configuration from deploy/; Grafana's dashboard
+    provider reads the folder the dashboard is mounted into."""
+    services = compose()["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert (DEPLOY / source).exists(), f"{name} mounts {source}, which deploy/ does not hold"
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "deblur.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    assert any(v.split(":")[1].startswith(folder + "/") for v in services["grafana"]["volumes"])
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]  # loopback only, like the other UIs
