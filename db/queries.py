@@ -392,7 +392,8 @@ def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> Non
         update(Image).where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)))
         .values(status="pending", error=None, unfinished_starts=0)  # a retry gets a fresh allowance
     )
-    set_job_state(session, job_id, status="queued", finished_at=None)
+    # a paused job stays paused: the operator retried some images, not the job's other batches
+    set_job_state(session, job_id, status=case((Job.status == "paused", "paused"), else_="queued"), finished_at=None)
 
 
 def _finished_before(before: datetime) -> Any:
@@ -673,6 +674,22 @@ def restart_window(session: Session, job_id: str, in_flight: int) -> None:
 
 
 def unfinished_job_ids(session: Session) -> list[str]:
-    """Jobs still submitting, queued or running, oldest first."""
+    """Jobs still submitting, queued, running or paused, oldest first."""
     return list(session.scalars(
-        select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES)).order_by(Job.created_at)))
+        select(Job.id).where(Job.status.in_((*UNFINISHED_JOB_STATUSES, "paused"))).order_by(Job.created_at)))
+
+
+def pause_job(session: Session, job_id: str) -> bool:
+    """Hold back a queued or running job's batches not sent yet (a windowed job); False if it was not queued or
+    running. Batches already sent still run."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running")))
+                             .values(status="paused", updated_at=utcnow()))
+    return bool(result.rowcount)
+
+
+def resume_job(session: Session, job_id: str) -> bool:
+    """A paused job is queued (or running, if an image of it ever started) again; False if it was not paused."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "paused")
+        .values(status=case((Job.started_at.is_(None), "queued"), else_="running"), updated_at=utcnow()))
+    return bool(result.rowcount)

@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("submitting", "queued", "running", "done", "failed", "cancelled")
+JOB_STATUSES = ("submitting", "queued", "running", "paused", "done", "failed", "cancelled")
 IMAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 TERMINAL_IMAGE_STATUSES = ("done", "failed", "cancelled")
 

@@ -58,7 +58,7 @@ class AmbiguousJobIdError(InputError):
 
 
 class JobFinishedError(InputError):
-    """An operation that needs an unfinished job (cancelling) was asked of one that finished."""
+    """An operation that needs an unfinished job (cancelling, pausing) was asked of one that finished."""
 
 
 class TransientError(DeblurError):

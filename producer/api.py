@@ -66,7 +66,7 @@ from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from producer.metrics import call_with_time_limit, render_metrics
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
-from producer.tracking import cancel_job, fetch_results, job_status, results_json
+from producer.tracking import cancel_job, fetch_results, job_status, pause_job, results_json, resume_job
 from producer.verify import verify_outputs
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,13 @@ class CancelResult(BaseModel):
     cancelled: int = Field(description="Pending images that will be skipped; running images still finish.")
 
 
+class PauseResult(BaseModel):
+    id: str
+    status: str = Field(description="The job's status now: paused, or queued/running after a resume.")
+    changed: bool = Field(description="False when the job was paused (or not paused) already.")
+    sent: int = Field(0, description="Resume: batches sent at once to fill the job's window.")
+
+
 class RetryResult(BaseModel):
     id: str
     requeued: int
@@ -484,6 +491,10 @@ def create_app(settings: Settings) -> FastAPI:
     def _unknown_job(_: Request, exc: UnknownJobError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
+    @app.exception_handler(JobFinishedError)  # before InputError, its base: a conflict, not a malformed request
+    def _job_finished(_: Request, exc: JobFinishedError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
     @app.exception_handler(InputError)
     def _input_error(_: Request, exc: InputError) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": [], "msg": str(exc), "type": "value_error"}]}, status_code=422)
@@ -627,11 +638,24 @@ def create_app(settings: Settings) -> FastAPI:
         finished (done or failed) answers 409.
         """
         key = str(job_id)
-        try:
-            n = cancel_job(settings, key)
-        except JobFinishedError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return CancelResult(id=key, status="cancelled", cancelled=n)
+        return CancelResult(id=key, status="cancelled", cancelled=cancel_job(settings, key))
+
+    @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=guarded, tags=["jobs"],
+              responses={404: {"description": "No job with this id."}, 409: {"description": "The job finished."},
+                         422: {"description": "The job has no window, or is still being submitted."}})
+    def pause(job_id: JobId) -> PauseResult:
+        """Hold a job submitted with a window back: no more of its batches are sent; those sent still run."""
+        key = str(job_id)
+        return PauseResult(id=key, status="paused", changed=pause_job(settings, key))
+
+    @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=guarded,
+              tags=["jobs"], responses={404: {"description": "No job with this id."}})
+    def resume(job_id: JobId) -> PauseResult:
+        """Let a paused job send its batches again, at once as many as its window holds."""
+        key = str(job_id)
+        sent = resume_job(settings, key)
+        return PauseResult(id=key, status=job_status(settings, key)["status"], changed=sent is not None,
+                           sent=sent or 0)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=guarded, tags=["jobs"],
               responses={404: {"description": "No job with this id."}})

@@ -475,6 +475,43 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
 
 
 @main.command()
+@click.argument("job")
+def pause(job: str) -> None:
+    """Hold a job back: no more of its batches go to the workers until 'deblur resume JOB'.
+
+    Only a job submitted with a window (--window N or DEBLUR_JOB_WINDOW) keeps
+    batches out of the broker, so only such a job can be paused; the batches it
+    had sent (at most N) still run. Use it to let other work through, or to
+    stop a job overnight without losing its place: resuming sends its next
+    batches behind whatever was queued meanwhile.
+    """
+    from producer.tracking import full_job_id, pause_job
+
+    settings = _settings()
+    job = full_job_id(settings, job)
+    if pause_job(settings, job):
+        console.print(f"paused job {job}: the batches it had sent finish, no more are sent; "
+                      f"'deblur resume {job[:8]}' sends the rest")
+    else:
+        console.print(f"job {job} was paused already")
+
+
+@main.command()
+@click.argument("job")
+def resume(job: str) -> None:
+    """Let a paused job send its batches again (see 'deblur pause')."""
+    from producer.tracking import full_job_id, resume_job
+
+    settings = _settings()
+    job = full_job_id(settings, job)
+    sent = resume_job(settings, job)
+    if sent is None:
+        console.print(f"job {job} is not paused; nothing to do")
+    else:
+        console.print(f"resumed job {job}: {sent} batches sent to fill its window")
+
+
+@main.command()
 @click.argument("job", required=False)
 @option("--failed", is_flag=True, help="Re-enqueue the images that failed.")
 @option("--stalled", is_flag=True, help="Re-enqueue images pending or running for longer than --stalled-after.")

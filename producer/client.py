@@ -21,7 +21,7 @@ from typing import Any
 from jobs.settings import Settings, load_settings
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
-from producer.tracking import cancel_job, fetch_results, is_finished, job_status
+from producer.tracking import cancel_job, fetch_results, is_finished, job_status, pause_job, resume_job
 from producer.verify import Verification, verify_outputs
 
 
@@ -106,6 +106,14 @@ class Client:
     def cancel(self, job_id: str) -> int:
         """Cancel a job; returns how many pending images will be skipped (JobFinishedError if it finished)."""
         return cancel_job(self.settings, job_id)
+
+    def pause(self, job_id: str) -> bool:
+        """Hold a job submitted with a window back (see ``deblur pause``); False if it was paused already."""
+        return pause_job(self.settings, job_id)
+
+    def resume(self, job_id: str) -> int | None:
+        """Let a paused job send its batches again; how many were sent now, or None if it was not paused."""
+        return resume_job(self.settings, job_id)
 
     def retry(self, job_id: str, failed: bool = True, stalled_after: int | None = None) -> int:
         """Re-enqueue failed (and, with ``stalled_after`` seconds, stalled) images."""

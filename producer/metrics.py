@@ -240,6 +240,8 @@ def describe_queue(state: QueueState) -> list[str]:
         if unfinished:
             age = _age_seconds(db.oldest_unfinished_created, state.now)
             line += f" (the oldest submitted {format_duration(age)} ago)"
+        if db.jobs.get("paused"):
+            line += f"; {db.jobs['paused']:,} paused ('deblur resume JOB')"
         lines.append(line)
         done, failed = db.finished_recently["done"], db.finished_recently["failed"]
         recent = f"last {RECENT_WINDOW_S // 60} min: {done:,} restored, {failed:,} failed"

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import JobFinishedError
+from jobs.errors import InputError, JobFinishedError
 from jobs.layout import describe_output_format
 from jobs.notify import announce_if_wanted
 from jobs.settings import Settings
@@ -44,6 +44,52 @@ def cancel_job(settings: Settings, job_id: str) -> int:
     if not again:
         announce_if_wanted(settings, job_id, spec)
     return skipped
+
+
+def pause_job(settings: Settings, job_id: str) -> bool:
+    """Hold a job with a window back: no more of its batches are sent; those already sent still run.
+
+    Returns False when it was paused already. Cancelling, retrying and verifying work on a paused job as on any.
+
+    Raises:
+        UnknownJobError: no such job.
+        JobFinishedError: the job is done, failed or cancelled.
+        InputError: the job has no window (every batch is in the broker already, so there is nothing to hold
+            back), or it is still being submitted.
+    """
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        if job.status in queries.FINISHED_JOB_STATUSES:
+            raise JobFinishedError(f"job {job_id} already finished ({job.status}); nothing to pause")
+        if not (job.spec or {}).get("window"):
+            raise InputError(f"job {job_id} has no window: all its batches went to the broker when it was submitted, "
+                             "so there is nothing to hold back. Submit with --window N (or DEBLUR_JOB_WINDOW) to be "
+                             "able to pause a job; cancel this one with 'deblur cancel'")
+        if job.status == "submitting":
+            raise InputError(f"job {job_id} is still being submitted; pause it once 'deblur status' shows it queued "
+                             "or running")
+        return queries.pause_job(session, job_id)
+
+
+def resume_job(settings: Settings, job_id: str) -> int | None:
+    """Let a paused job send its batches again; returns how many were sent now to fill its window, or None when
+    it was not paused.
+
+    Raises:
+        UnknownJobError: no such job.
+    """
+    from producer.dispatch import send_window_batches
+
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
+        if not queries.resume_job(session, job_id):
+            return None
+        kind, spec = job.kind, dict(job.spec)
+    return send_window_batches(settings, job_id, kind, spec)
 
 
 def full_job_id(settings: Settings, text: str) -> str:
@@ -177,6 +223,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""
         console.print(f"output: {spec['output']}{written}{records}")
+    if info["status"] == "paused":
+        console.print("[yellow]paused:[/yellow] no more of its batches are sent (those sent before still run); "
+                      f"'deblur resume {info['id'][:8]}' sends the rest", soft_wrap=True)
     if info["error"]:
         console.print(f"[red]error:[/red] {info['error']}")
     if info.get("submission_stalled"):

@@ -285,6 +285,17 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     status = client.get(windowed.json()["status_url"]).json()
     assert status["batches"] == {"window": 4, "listed": 1, "sent": 1, "in_flight": 1}
     before |= {windowed.json()["id"]}
+    pause_url = f"/v1/jobs/{windowed.json()['id']}/pause"
+    assert client.post(pause_url).json() == {"id": windowed.json()["id"], "status": "paused", "changed": True,
+                                             "sent": 0}
+    assert client.post(pause_url).json()["changed"] is False
+    assert client.get(windowed.json()["status_url"]).json()["status"] == "paused"
+    resumed = client.post(f"/v1/jobs/{windowed.json()['id']}/resume").json()
+    assert resumed == {"id": windowed.json()["id"], "status": "queued", "changed": True, "sent": 0}  # its one batch
+    unwindowed = client.post("/v1/jobs", json={**good, "output": f"s3://{name}/unwindowed/"}).json()["id"]
+    before |= {unwindowed}
+    no_window = client.post(f"/v1/jobs/{unwindowed}/pause")
+    assert no_window.status_code == 422 and "no window" in no_window.json()["detail"][0]["msg"]
 
     # Requests racing on one idempotency key (the server runs them in parallel threads) share one job.
     key = {"Idempotency-Key": f"race-{uuid.uuid4().hex}"}

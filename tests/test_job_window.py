@@ -5,9 +5,10 @@ job is submitted with a window of W batches, then only W of its batches are in
 the broker and each one that finishes sends the next; a ten-image job
 submitted after a large one at the same priority finishes while the large one
 is still running (and without a window it waits for all of it); batches not
-sent yet are not taken for stalled; a cancelled job sends nothing more; a
-worker killed mid-batch and a batch handed over for time keep the chain going,
-and every image is restored once.
+sent yet are not taken for stalled; a cancelled job sends nothing more, a
+paused one sends nothing more until it is resumed; a worker killed mid-batch
+and a batch handed over for time keep the chain going, and every image is
+restored once.
 """
 
 from __future__ import annotations
@@ -204,3 +205,46 @@ def test_after_the_broker_lost_its_queue_retry_all_stalled_restarts_every_job(  
     assert _counters(windowed) == (5, 5, 0)
     no_job = CliRunner().invoke(main, ["retry", "--stalled"])
     assert no_job.exit_code == 2 and "--all" in no_job.output
+
+
+def test_a_paused_job_sends_no_more_batches_until_it_is_resumed(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Window 2 of 6 one-image batches: paused, the two sent still run and nothing more is sent; resumed, it
+    finishes. A job without a window cannot be paused (there is nothing to hold back), and says why."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from producer.tracking import job_status
+
+    _bucket(env, "pausing", 6)
+    job_id = run_cli("submit", "s3://pausing/in/", "--output", "s3://pausing/out/", "--model", "wiener",
+                     "--batch-size", "1", "--window", "2", "-q").strip()
+    paused = CliRunner().invoke(main, ["pause", job_id[:8]])
+    assert paused.exit_code == 0 and f"paused job {job_id}" in paused.output, paused.output
+    assert "was paused already" in CliRunner().invoke(main, ["pause", job_id]).output
+    assert "paused:" in run_cli("status", job_id) and "deblur resume" in run_cli("status", job_id)
+
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        deadline = time.monotonic() + 60
+        while job_status(load_settings(), job_id)["counts"]["done"] < 2 or queued_tasks(env):
+            assert time.monotonic() < deadline, job_status(load_settings(), job_id)
+            time.sleep(0.2)
+        time.sleep(1.0)  # a batch sent by mistake would be taken by now
+        info = job_status(load_settings(), job_id)
+        assert info["status"] == "paused" and info["counts"]["done"] == 2 and info["counts"]["pending"] == 4, info
+        assert _counters(job_id) == (6, 2, 0) and queued_tasks(env) == []
+
+        resumed = CliRunner().invoke(main, ["resume", job_id])
+        assert resumed.exit_code == 0 and "2 batches sent" in resumed.output, resumed.output
+        assert wait_done(job_id, timeout=120)["counts"]["done"] == 6
+    finally:
+        worker.stop()
+    assert "is not paused" in CliRunner().invoke(main, ["resume", job_id]).output
+    finished = CliRunner().invoke(main, ["pause", job_id])
+    assert finished.exit_code == 2 and "already finished" in finished.output
+
+    plain = run_cli("submit", "s3://pausing/in/", "--output", "s3://pausing/plain/", "--model", "wiener", "-q").strip()
+    refused = CliRunner().invoke(main, ["pause", plain])
+    assert refused.exit_code == 2 and "no window" in refused.output and "--window" in refused.output
+    assert job_status(load_settings(), plain)["status"] == "queued"
