@@ -248,3 +248,57 @@ def test_a_paused_job_sends_no_more_batches_until_it_is_resumed(env, tmp_path) -
     refused = CliRunner().invoke(main, ["pause", plain])
     assert refused.exit_code == 2 and "no window" in refused.output and "--window" in refused.output
     assert job_status(load_settings(), plain)["status"] == "queued"
+
+
+def test_concurrent_claims_never_send_a_batch_twice_nor_exceed_the_window(database_url) -> None:  # type: ignore[no-untyped-def]
+    """Eight workers finishing batches at once (threads, each with its own connection) claim every batch exactly
+    once, in order, with never more than the window outstanding: the claim is one atomic UPDATE ... RETURNING."""
+    import threading
+
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Job
+
+    ensure_schema(database_url)
+    with session_scope(database_url) as session:
+        job = Job(kind="deblur", spec={"window": 5}, status="running", total=200, batches_listed=200)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with session_scope(database_url) as session:
+        first = queries.claim_window_batches(session, job_id, 5)
+    assert first == [0, 1, 2, 3, 4]
+    claimed = list(first)
+    outstanding = [len(first)]
+    peak = [len(first)]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(held: list[int]) -> None:
+        try:
+            while held:
+                held.pop()  # this batch finished: free its slot and take whatever the window allows
+                with lock:
+                    outstanding[0] -= 1
+                with session_scope(database_url) as session:
+                    got = queries.claim_window_batches(session, job_id, 5, released=1)
+                with lock:
+                    claimed.extend(got)
+                    outstanding[0] += len(got)
+                    peak[0] = max(peak[0], outstanding[0])
+                held.extend(got)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    # the first five batches handed to five of eight workers; the others start idle and stay so
+    threads = [threading.Thread(target=worker, args=([n] if n < 5 else [],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert sorted(claimed) == list(range(200))  # every batch once, none twice
+    assert peak[0] <= 5
+    with session_scope(database_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.batches_sent, job.batches_in_flight) == (200, 0)
