@@ -85,9 +85,23 @@ def fail_abandoned_submissions(session: Session) -> int:
     return int(result.rowcount or 0)
 
 
-def submission_progress(session: Session, job_id: str) -> None:
-    """The producer's heartbeat while it lists and enqueues a job (see :func:`create_job`)."""
-    session.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))
+def submission_progress(session: Session, job_id: str) -> str | None:
+    """The producer's heartbeat while it lists and enqueues a job (see :func:`create_job`); returns the job's
+    status, which is no longer 'submitting' when someone cancelled it (or failed it as abandoned) meanwhile."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "submitting").values(updated_at=utcnow()))
+    return job_status_of(session, job_id)
+
+
+def job_status_of(session: Session, job_id: str) -> str | None:
+    """The job's status as stored now (None for an unknown job)."""
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def cancel_pending_images(session: Session, job_id: str) -> int:
+    """Cancel a job's pending images, leaving the job's own status alone; returns how many."""
+    result = session.execute(update(Image).where(Image.job_id == job_id, Image.status == "pending")
+                             .values(status="cancelled", finished_at=utcnow()))
+    return int(result.rowcount or 0)
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -352,14 +366,9 @@ def job_spec(session: Session, job_id: str) -> dict[str, Any] | None:
 def cancel_job(session: Session, job_id: str) -> int:
     """Cancel a job: pending images become ``cancelled``. Returns how many were cancelled."""
     get_job(session, job_id)
-    now = utcnow()
-    result = session.execute(
-        update(Image)
-        .where(Image.job_id == job_id, Image.status == "pending")
-        .values(status="cancelled", finished_at=now)
-    )
-    set_job_state(session, job_id, status="cancelled", finished_at=now)
-    return int(result.rowcount or 0)
+    cancelled = cancel_pending_images(session, job_id)
+    set_job_state(session, job_id, status="cancelled", finished_at=utcnow())
+    return cancelled
 
 
 def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before: datetime | None) -> list[Image]:

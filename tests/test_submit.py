@@ -372,3 +372,45 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         keyless = queries.get_job(session, ids["keyless"])
         assert keyless.status == "failed" and "the images it enqueued are restored" in (keyless.error or "")
         assert queries.get_job(session, ids["live"]).status == "submitting"
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stops(  # type: ignore[no-untyped-def]
+        env, s3, monkeypatch, window) -> None:
+    """Another process cancels the job after the first chunk of rows: the producer lists no further, the rows it
+    wrote after the cancellation are cancelled too, and the job does not come back as queued with images that
+    no worker will ever take (workers drop a cancelled job's batches)."""
+    import producer.submit as submit_module
+    from jobs.settings import load_settings
+    from producer.submit import JobRequest, submit
+    from producer.tracking import cancel_job, job_status
+
+    client, bucket = s3
+    for i in range(6):
+        client.put_object(Bucket=bucket, Key=f"many/{i}.png", Body=b"x")
+    monkeypatch.setattr(submit_module, "ROWS_PER_TRANSACTION", 2)
+    settings = load_settings()
+    seen: list[int] = []
+
+    def cancel_after_first_chunk(total: int) -> None:
+        seen.append(total)
+        if len(seen) == 1:
+            cancel_job(settings, job_ids[0])
+
+    job_ids: list[str] = []
+    real_create = submit_module.queries.create_job
+
+    def remember(*args, **kwargs):  # type: ignore[no-untyped-def]
+        job, created = real_create(*args, **kwargs)
+        job_ids.append(job.id)
+        return job, created
+
+    monkeypatch.setattr(submit_module.queries, "create_job", remember)
+    result = submit(JobRequest(kind="deblur", inputs=[f"s3://{bucket}/many/"], output=f"s3://{bucket}/out/",
+                               models=["wiener"], batch_size=2, window=window), settings,
+                    progress=cancel_after_first_chunk)
+    assert seen == [2]  # the listing stopped after the chunk during which the job was cancelled
+    info = job_status(settings, result.job_id)
+    assert info["status"] == "cancelled", info
+    assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == result.total == 2
+    assert queue_length(env) == 1  # the first chunk's batch only (a worker drops it: the job is cancelled)
