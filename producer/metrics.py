@@ -246,8 +246,7 @@ def describe_queue(state: QueueState) -> list[str]:
         done, failed = db.finished_recently["done"], db.finished_recently["failed"]
         recent = f"last {RECENT_WINDOW_S // 60} min: {done:,} restored, {failed:,} failed"
         if done:
-            recent += (f"; {done / RECENT_WINDOW_S * 60:.1f} images/min, "
-                       f"{db.megapixels_recently / RECENT_WINDOW_S * 60:.1f} MP/min, "
+            recent += (f"; {_per_minute(done)} images/min, {_per_minute(db.megapixels_recently)} MP/min, "
                        f"{db.inference_s_recently / done:.1f} model s per image")
         lines.append(recent)
         if db.stalled:
@@ -266,3 +265,8 @@ def describe_queue(state: QueueState) -> list[str]:
         lines.append(f"the {source} did not answer: {reason}")
     return lines
 
+
+def _per_minute(count: float) -> str:
+    """``count`` over the recent window as a rate a minute, with the digits a small rate needs (0.046, not 0.0)."""
+    rate = count / RECENT_WINDOW_S * 60
+    return f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}" if rate >= 0.1 else f"{rate:.3f}"

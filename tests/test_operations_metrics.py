@@ -139,6 +139,7 @@ def test_metrics_count_the_backlog_the_broker_and_every_state_an_operator_watche
     assert listing.exit_code == 0, listing.output
     assert urgent[:8] in listing.output and "queue: " in listing.output
     assert "restored" in listing.output and "model s per image" in listing.output
+    assert " 0.0 MP/min" not in listing.output  # 3 MP in 15 minutes reads 0.20, not 0.0
     assert "stalled: " in listing.output and "deblur retry JOB --stalled" in listing.output
     assert "lost their worker" in listing.output
     assert "broker: 3 batches waiting (priority 7: 2, priority 2: 1), 0 taken by workers" in listing.output
