@@ -140,8 +140,15 @@ def resolve_job_id(session: Session, text: str) -> str:
                           f"{MIN_JOB_ID_PREFIX} or more characters of an id are enough when only one job starts so)")
 
 
-def recent_jobs(session: Session, limit: int = 20) -> list[Job]:
-    return list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+def recent_jobs(session: Session, limit: int = 20, labels: dict[str, str] | None = None,
+                status: str | None = None) -> list[Job]:
+    """The newest jobs first; only those carrying every one of ``labels`` and with ``status``, when given."""
+    query = select(Job)
+    for key, value in (labels or {}).items():
+        query = query.where(Job.spec["labels"][key].as_string() == value)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
 
 
 def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int) -> int:

@@ -26,9 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("submitting", "queued", "running", "paused", "done", "failed", "cancelled")
-IMAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled")
-TERMINAL_IMAGE_STATUSES = ("done", "failed", "cancelled")
+from jobs.statuses import IMAGE_STATUSES, JOB_STATUSES, TERMINAL_IMAGE_STATUSES  # noqa: F401 - re-exported
 
 INPUT_MODEL = "input"
 ENSEMBLE_MODEL = "ensemble"

@@ -56,7 +56,9 @@ from jobs.errors import (
     UnknownModelError,
     WeightsError,
 )
+from jobs.labels import check_labels, parse_labels
 from jobs.layout import parse_output_format
+from jobs.statuses import JOB_STATUSES
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
 from models.catalog import REGISTRY
@@ -66,7 +68,15 @@ from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from producer.metrics import call_with_time_limit, render_metrics
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
-from producer.tracking import cancel_job, fetch_results, job_status, pause_job, results_json, resume_job
+from producer.tracking import (
+    cancel_job,
+    fetch_results,
+    job_status,
+    list_jobs as find_jobs,
+    pause_job,
+    results_json,
+    resume_job,
+)
 from producer.verify import verify_outputs
 
 log = logging.getLogger(__name__)
@@ -110,6 +120,13 @@ def _check_output_format(text: str | None) -> str | None:
     return text
 
 
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    try:
+        return check_labels(labels)
+    except InputError as exc:
+        raise PydanticCustomError("value_error", str(exc).removeprefix("--label: ")) from None
+
+
 def _check_model_spec(text: str) -> str:
     try:
         REGISTRY.parse(text)
@@ -150,6 +167,10 @@ class JobSubmission(BaseModel):
         None, ge=0, description="At most this many of the job's batches in the broker at once, the next sent as "
                                 "each finishes, so jobs submitted later at the same priority take turns with this "
                                 "one; 0: every batch at once. Unset: the server's DEBLUR_JOB_WINDOW.")
+    labels: Annotated[dict[str, str], AfterValidator(_check_labels)] = Field(
+        default_factory=dict, description="Labels of your own (up to 20), e.g. {\"team\": \"ingest\"}: returned "
+                                          "with the job and in notifications; GET /v1/jobs?label=team=ingest "
+                                          "selects by them.", examples=[{"team": "ingest", "collection": "1923"}])
     strip_metadata: bool = Field(False, description="Do not copy EXIF/ICC/XMP to the outputs.")
     align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
                                            "alignment to the sharp image) before measuring.")
@@ -187,7 +208,7 @@ class JobSubmission(BaseModel):
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
             notify_url=self.notify_url, output_format=self.output_format, quality=self.quality,
-            sidecar=self.sidecar, window=self.window,
+            sidecar=self.sidecar, window=self.window, labels=dict(self.labels),
         )
 
 
@@ -228,6 +249,7 @@ class JobListItem(BaseModel):
     status: str
     total: int
     created_at: str
+    labels: dict[str, str] = Field(default_factory=dict)
     status_url: str
 
 
@@ -570,14 +592,20 @@ def create_app(settings: Settings) -> FastAPI:
                           sample=[PreviewItem(**item.model_dump()) for item in seen.sample])
 
     @app.get(f"{prefix}/jobs", response_model=list[JobListItem], dependencies=guarded, tags=["jobs"])
-    def list_jobs(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> list[JobListItem]:
-        """The most recent jobs, newest first."""
-        with session() as s:
-            return [
-                JobListItem(id=j.id, kind=j.kind, status=j.status, total=j.total,
-                            created_at=j.created_at.isoformat(), status_url=urls(j.id)["status_url"])
-                for j in queries.recent_jobs(s, limit)
-            ]
+    def list_jobs(
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+        label: Annotated[list[str] | None, Query(description="KEY=VALUE: only jobs with this label (repeat: all of "
+                                                             "them).")] = None,
+        status: Annotated[Literal[JOB_STATUSES] | None,  # type: ignore[valid-type]
+                          Query(description="Only jobs in this state.")] = None,
+    ) -> list[JobListItem]:
+        """The most recent jobs, newest first; with ``label`` and ``status``, only those that match."""
+        try:
+            wanted = parse_labels(label or [])
+        except InputError as exc:
+            raise _validation_error(("query", "label"), str(exc)) from None
+        return [JobListItem(**job, status_url=urls(job["id"])["status_url"])
+                for job in find_jobs(settings, wanted, status, limit)]
 
     @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=guarded, tags=["jobs"],
              responses={404: {"description": "No job with this id."}})

@@ -21,6 +21,7 @@ from rich.markup import escape
 from jobs.errors import DeblurError, InputError
 from jobs.layout import parse_output_format
 from jobs.settings import HELP, Settings, load_settings
+from jobs.statuses import JOB_STATUSES
 from models.tone import LIGHT_CHOICES, LIGHT_HELP  # not models.catalog: every command would import it
 
 console = Console(stderr=True)
@@ -157,6 +158,22 @@ NOTIFY_HELP = (
     "POST a JSON summary of the job to this http(s) URL each time it finishes (done, failed or cancelled); "
     "signed with DEBLUR_NOTIFY_SECRET when the workers have it, retried while the receiver is down."
 )
+LABEL_HELP = (
+    "A label of your own for the job, KEY=VALUE (repeat for more), e.g. team=ingest: shown by 'deblur status', "
+    "sent with notifications, and selects jobs in 'deblur status --label team=ingest'."
+)
+
+
+def checked_labels(_ctx: object, _param: object, value: tuple[str, ...]) -> dict[str, str]:
+    """Click callback: ``--label KEY=VALUE`` texts as a checked dict (a usage error names the bad one)."""
+    from jobs.labels import parse_labels
+
+    try:
+        return parse_labels(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--label: ").removeprefix("--label ")) from None
+
+
 WINDOW_HELP = (
     "At most this many of the job's batches in the broker at once, the next sent as each finishes, so jobs "
     "submitted later at the same priority take turns with this one instead of waiting behind all of it; 0 sends "
@@ -221,6 +238,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task (default: DEBLUR_BATCH_SIZE or 8).")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--window", type=click.IntRange(0), default=None, metavar="BATCHES", help=WINDOW_HELP)
+@option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=checked_labels, help=LABEL_HELP)
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
 @option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
@@ -247,8 +265,8 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
-           batch_size: int | None, priority: int, window: int | None, strip_metadata: bool, light: str | None,
-           job_key: str | None,
+           batch_size: int | None, priority: int, window: int | None, labels: dict[str, str], strip_metadata: bool,
+           light: str | None, job_key: str | None,
            notify_url: str | None, skip_existing: bool, output_format: str | None, quality: int | None,
            sidecar: bool, dry_run: bool, wait: bool, quiet: bool) -> None:
     """Submit a deblur job and print its id.
@@ -263,7 +281,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
     request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models), strength=strength,
                          batch_size=batch_size, priority=priority, strip_metadata=strip_metadata, job_key=job_key,
                          ensemble=ensemble, light=light, skip_existing=skip_existing, notify_url=notify_url,
-                         output_format=output_format, quality=quality, sidecar=sidecar, window=window)
+                         output_format=output_format, quality=quality, sidecar=sidecar, window=window,
+                         labels=labels)
     _submit_and_report(request, wait, quiet, dry_run)
 
 
@@ -285,6 +304,7 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--batch-size", type=click.IntRange(1, 10_000), default=None, help="Images per task.")
 @option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="0 (lowest) … 9 (most urgent).")
 @option("--window", type=click.IntRange(0), default=None, metavar="BATCHES", help=WINDOW_HELP)
+@option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=checked_labels, help=LABEL_HELP)
 @option("--job-key", default=None, help="Idempotency key.")
 @option("--notify", "notify_url", default=None, metavar="URL", help=NOTIFY_HELP)
 @option("--dry-run", is_flag=True,
@@ -294,8 +314,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
              output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
-             batch_size: int | None, priority: int, window: int | None, job_key: str | None, notify_url: str | None,
-             dry_run: bool,
+             batch_size: int | None, priority: int, window: int | None, labels: dict[str, str], job_key: str | None,
+             notify_url: str | None, dry_run: bool,
              wait: bool, quiet: bool) -> None:
     """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
     from producer.submit import JobRequest
@@ -303,7 +323,7 @@ def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: t
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
                          models=list(models), strength=strength, batch_size=batch_size, priority=priority,
                          job_key=job_key, ensemble=ensemble, align=align, crop_border=crop_border, light=light,
-                         notify_url=notify_url, window=window)
+                         notify_url=notify_url, window=window, labels=labels)
     _submit_and_report(request, wait, quiet, dry_run)
 
 
@@ -311,7 +331,13 @@ def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: t
 @click.argument("job", required=False)
 @option("--watch", "-w", is_flag=True, help="Keep a live progress bar until the job finishes.")
 @option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format.")
-def status(job: str | None, watch: bool, fmt: str) -> None:
+@option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=checked_labels,
+        help="Without JOB: only jobs with this label (repeat: with all of them).")
+@option("--status", "state", type=click.Choice(JOB_STATUSES), default=None,
+        help="Without JOB: only jobs in this state.")
+@option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+        help="Without JOB: list at most this many jobs, newest first.")
+def status(job: str | None, watch: bool, fmt: str, labels: dict[str, str], state: str | None, limit: int) -> None:
     """Show a job's progress (done, failed, pending, images/s, ETA); without JOB, list recent jobs and the queue.
 
     Without JOB the recent jobs are followed by the whole queue: images waiting
@@ -326,8 +352,10 @@ def status(job: str | None, watch: bool, fmt: str) -> None:
 
     settings = _settings()
     if job is None:
-        _list_jobs(settings, fmt)
+        _list_jobs(settings, fmt, labels, state, limit)
         return
+    if labels or state:
+        raise click.UsageError("--label and --status select jobs to list: give them without JOB")
     job = full_job_id(settings, job)
     info = watch_job(settings, job, console) if watch else job_status(settings, job)
     if fmt == "json":
@@ -336,28 +364,24 @@ def status(job: str | None, watch: bool, fmt: str) -> None:
         print_status(info, out)
 
 
-def _list_jobs(settings: Settings, fmt: str) -> None:
+def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str | None, limit: int) -> None:
     import json
 
     from rich.table import Table
 
-    from db import queries
-    from db.engine import ensure_schema, session_scope
+    from producer.tracking import list_jobs
 
-    url = settings.resolved_database_url()
-    ensure_schema(url)
-    with session_scope(url) as session:
-        jobs = [
-            {"id": j.id, "kind": j.kind, "status": j.status, "total": j.total, "created_at": j.created_at.isoformat()}
-            for j in queries.recent_jobs(session)
-        ]
+    jobs = list_jobs(settings, labels, status, limit)
     if fmt == "json":
         click.echo(json.dumps(jobs, indent=2))
         return
-    table = Table("id", "kind", "status", "images", "created")
+    table = Table("id", "kind", "status", "images", "created", "labels")
     for j in jobs:
-        table.add_row(j["id"], j["kind"], j["status"], str(j["total"]), j["created_at"][:19])
+        table.add_row(j["id"], j["kind"], j["status"], str(j["total"]), j["created_at"][:19],
+                      " ".join(f"{k}={v}" for k, v in j["labels"].items()))
     out.print(table)
+    if labels or status:
+        return  # a selection: the whole queue's figures below would not be about it
     import logging
 
     from producer.metrics import describe_queue, read_queue_state

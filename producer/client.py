@@ -21,7 +21,15 @@ from typing import Any
 from jobs.settings import Settings, load_settings
 from producer.retry import retry_images
 from producer.submit import JobRequest, submit
-from producer.tracking import cancel_job, fetch_results, is_finished, job_status, pause_job, resume_job
+from producer.tracking import (
+    cancel_job,
+    fetch_results,
+    is_finished,
+    job_status,
+    list_jobs,
+    pause_job,
+    resume_job,
+)
 from producer.verify import Verification, verify_outputs
 
 
@@ -48,6 +56,7 @@ class Client:
         quality: int | None = None,
         sidecar: bool = False,
         window: int | None = None,
+        labels: dict[str, str] | None = None,
     ) -> str:
         """Submit a deblur job; returns its id. Validation errors raise before anything is enqueued.
 
@@ -55,13 +64,14 @@ class Client:
         made and the id returned is empty. ``output_format`` ("png", "tiff", …) writes every output in that
         format with its key's extension changed; ``quality`` sets JPEG and lossy WebP outputs' quality;
         ``sidecar`` writes a provenance record (``OUTPUT.deblur.json``) next to each output; ``window`` keeps at
-        most that many of the job's batches in the broker (``DEBLUR_JOB_WINDOW`` when None), so jobs take turns.
+        most that many of the job's batches in the broker (``DEBLUR_JOB_WINDOW`` when None), so jobs take turns;
+        ``labels`` are your own names for the job (``{"team": "ingest"}``), to find it again with :meth:`jobs`.
         """
         request = JobRequest(kind="deblur", inputs=list(inputs), output=output, models=list(models),
                              strength=strength, batch_size=batch_size, priority=priority,
                              strip_metadata=strip_metadata, job_key=job_key, skip_existing=skip_existing,
                              notify_url=notify_url, output_format=output_format, quality=quality,
-                             sidecar=sidecar, window=window)
+                             sidecar=sidecar, window=window, labels=dict(labels or {}))
         return submit(request, self.settings).job_id
 
     def evaluate(
@@ -76,12 +86,19 @@ class Client:
         priority: int = 5,
         job_key: str | None = None,
         window: int | None = None,
+        labels: dict[str, str] | None = None,
     ) -> str:
         """Submit an evaluation job (PSNR/SSIM per image for input, members and ensemble)."""
         request = JobRequest(kind="evaluate", inputs=list(blurred), references=sharp, gopro=gopro, output=output,
                              models=list(models), batch_size=batch_size, priority=priority, job_key=job_key,
-                             window=window)
+                             window=window, labels=dict(labels or {}))
         return submit(request, self.settings).job_id
+
+    def jobs(self, labels: dict[str, str] | None = None, status: str | None = None,
+             limit: int = 20) -> list[dict[str, Any]]:
+        """The newest jobs first (id, kind, status, total, created_at, labels); only those with all of ``labels``
+        and in ``status``, when given."""
+        return list_jobs(self.settings, labels, status, limit)
 
     def status(self, job_id: str) -> dict[str, Any]:
         """State, counts per status, images/s and ETA."""

@@ -18,6 +18,7 @@ from rich.table import Table
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, JobFinishedError
+from jobs.labels import check_labels
 from jobs.layout import describe_output_format
 from jobs.notify import announce_if_wanted
 from jobs.settings import Settings
@@ -44,6 +45,18 @@ def cancel_job(settings: Settings, job_id: str) -> int:
     if not again:
         announce_if_wanted(settings, job_id, spec)
     return skipped
+
+
+def list_jobs(settings: Settings, labels: dict[str, str] | None = None, status: str | None = None,
+              limit: int = 20) -> list[dict[str, Any]]:
+    """The newest jobs first, each as ``id, kind, status, total, created_at, labels``; only those carrying all of
+    ``labels`` and in ``status``, when given."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        return [{"id": j.id, "kind": j.kind, "status": j.status, "total": j.total,
+                 "created_at": j.created_at.isoformat(), "labels": (j.spec or {}).get("labels") or {}}
+                for j in queries.recent_jobs(session, limit, labels=check_labels(labels or {}), status=status)]
 
 
 def pause_job(settings: Settings, job_id: str) -> bool:
@@ -215,6 +228,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {format_duration(info['eta_s'])}")
     spec = info["spec"] or {}
     console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
+    if spec.get("labels"):
+        console.print("labels: " + " ".join(f"{k}={v}" for k, v in spec["labels"].items()), soft_wrap=True,
+                      markup=False, highlight=False)
     if info.get("batches"):
         b = info["batches"]
         console.print(f"window: {b['window']} batches at a time; {b['sent']} of {b['listed']} sent, "

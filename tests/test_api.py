@@ -278,6 +278,8 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert error["loc"] == ["body", "job_key"]
     [error] = refused({**good, "window": -1})
     assert error["loc"] == ["body", "window"]
+    [error] = refused({**good, "labels": {"bad key": "x"}})
+    assert error["loc"] == ["body", "labels"] and "not a label name" in error["msg"]
     assert job_ids() == before, "a refused submission writes nothing"
 
     windowed = client.post("/v1/jobs", json={**good, "output": f"s3://{name}/windowed/", "window": 4})
@@ -292,8 +294,15 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert client.get(windowed.json()["status_url"]).json()["status"] == "paused"
     resumed = client.post(f"/v1/jobs/{windowed.json()['id']}/resume").json()
     assert resumed == {"id": windowed.json()["id"], "status": "queued", "changed": True, "sent": 0}  # its one batch
-    unwindowed = client.post("/v1/jobs", json={**good, "output": f"s3://{name}/unwindowed/"}).json()["id"]
+    team = f"api-{uuid.uuid4().hex[:6]}"
+    unwindowed = client.post("/v1/jobs", json={**good, "output": f"s3://{name}/unwindowed/",
+                                                "labels": {"team": team}}).json()["id"]
     before |= {unwindowed}
+    labelled = client.get("/v1/jobs", params={"label": f"team={team}"}).json()
+    assert [(j["id"], j["labels"]) for j in labelled] == [(unwindowed, {"team": team})]
+    assert client.get("/v1/jobs", params={"label": f"team={team}", "status": "done"}).json() == []
+    bad_label = client.get("/v1/jobs", params={"label": "team"})
+    assert bad_label.status_code == 422 and bad_label.json()["detail"][0]["loc"] == ["query", "label"]
     no_window = client.post(f"/v1/jobs/{unwindowed}/pause")
     assert no_window.status_code == 422 and "no window" in no_window.json()["detail"][0]["msg"]
 

@@ -414,3 +414,36 @@ def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stop
     assert info["status"] == "cancelled", info
     assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == result.total == 2
     assert queue_length(env) == 1  # the first chunk's batch only (a worker drops it: the job is cancelled)
+
+
+def test_labels_are_kept_with_the_job_and_select_it_in_listings(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """Teams label their jobs and find them again among everyone's, on SQLite and PostgreSQL alike; a label that
+    is not one is refused before anything is written."""
+    from producer.client import Client
+
+    _, bucket = s3
+    team = f"ingest-{uuid.uuid4().hex[:6]}"  # the PostgreSQL database is shared: a value of this test's own
+    first = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/a/", "--label", f"team={team}",
+                   "--label", "collection=1923 negatives", "-q")
+    assert first.exit_code == 0, first.output
+    first_id = first.stdout.strip()
+    client = Client()
+    second_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/b/", labels={"team": team})
+    other_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/c/", labels={"team": team + "-x"})
+
+    assert client.status(first_id)["spec"]["labels"] == {"team": team, "collection": "1923 negatives"}
+    assert "labels: team=" + team + " collection=1923 negatives" in invoke("status", first_id).output
+    mine = client.jobs(labels={"team": team})
+    assert [j["id"] for j in mine] == [second_id, first_id]  # newest first; the other team's job is not there
+    assert [j["id"] for j in client.jobs(labels={"team": team, "collection": "1923 negatives"})] == [first_id]
+    assert client.jobs(labels={"team": team}, status="done") == []
+    listed = json.loads(invoke("status", "--label", f"team={team}", "--format", "json").stdout)
+    assert [j["id"] for j in listed] == [second_id, first_id] and listed[1]["labels"]["collection"] == "1923 negatives"
+    assert other_id not in invoke("status", "--label", f"team={team}").output
+
+    before = job_count(env)
+    for bad in ("team", "bad key=x", "=x"):
+        refused = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/d/", "--label", bad)
+        assert refused.exit_code == 2 and "--label" in refused.output, refused.output
+    assert job_count(env) == before
+    assert invoke("status", first_id, "--label", "team=x").exit_code == 2  # a selection needs no JOB

@@ -1,0 +1,47 @@
+"""Job labels: a team's own names for a job (``team=ingest``, ``collection=1923-negatives``).
+
+They are stored with the job, shown by ``deblur status``, sent in job-finished
+notifications and the API's job documents, and select jobs in listings
+(``deblur status --label team=ingest``, ``GET /v1/jobs?label=team=ingest``), so
+a backend can find its own jobs among everyone's and tie them to its records.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from jobs.errors import InputError
+
+KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
+MAX_LABELS = 20
+MAX_VALUE = 255
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """``labels`` as a plain dict, or :class:`InputError` naming the first label that is not allowed.
+
+    Keys are 1-63 characters of letters, digits and ``_ . - /``, starting with a letter or digit; values are
+    text of at most 255 characters; a job has at most 20 labels.
+    """
+    if len(labels) > MAX_LABELS:
+        raise InputError(f"--label: at most {MAX_LABELS} labels a job, got {len(labels)}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not KEY.fullmatch(key):
+            raise InputError(f"--label: {key!r} is not a label name: 1-63 letters, digits, '_', '.', '-' or '/', "
+                             "starting with a letter or digit, e.g. team=ingest")
+        if not isinstance(value, str) or len(value) > MAX_VALUE or any(ord(c) < 32 for c in value):
+            raise InputError(f"--label {key}: the value must be text of at most {MAX_VALUE} characters without "
+                             "control characters")
+    return dict(labels)
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` texts (as ``--label`` takes them) as a checked dict; a key given twice keeps its last value."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--label {item!r}: expected KEY=VALUE, e.g. team=ingest")
+        labels[key.strip()] = value
+    return check_labels(labels)
