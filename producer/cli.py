@@ -616,6 +616,55 @@ def metrics(output: str | None) -> None:
         raise SystemExit(1)
 
 
+@main.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@option("--check", is_flag=True,
+        help="Probe mode: exit 1 unless every NAME (default: the nodes of this machine, NAME@HOST) answers and "
+             "consumes DEBLUR_QUEUE. For a container's liveness probe: a worker whose GPU failed stops consuming "
+             "and is then restarted instead of idling for good.")
+@option("--timeout", type=click.FloatRange(0.5, 120), default=5.0, show_default=True,
+        help="Seconds to wait for the nodes' answers.")
+def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
+    """List the worker nodes that answer: the queues they consume and the batches they run.
+
+    \b
+      deblur workers                       every node that answers
+      deblur workers --check               this machine's nodes, exit 1 if one is of no use
+      deblur workers --check deblur@$HOSTNAME
+
+    A node answers from its main process even while it works on a batch (the
+    default prefork pool; a solo pool cannot answer while busy).
+    """
+    from rich.table import Table
+
+    from producer.workers import this_host, worker_states
+
+    settings = _settings()
+    states = worker_states(settings, list(names) or None, timeout)
+    if check and not names:
+        states = [s for s in states if s.name.endswith("@" + this_host())]
+        if not states:
+            console.print(f"[red]unhealthy:[/red] no worker of this machine ({this_host()}) answered within "
+                          f"{timeout:g} s", soft_wrap=True)
+            raise SystemExit(1)
+    problems = {s.name: s.problem(settings.queue) for s in states}
+    if check:
+        bad = {name: why for name, why in problems.items() if why}
+        for name, why in bad.items():
+            console.print(f"[red]unhealthy:[/red] {name}: {why}", soft_wrap=True, highlight=False)
+        if bad:
+            raise SystemExit(1)
+        out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
+        return
+    if not states:
+        console.print(f"no worker answered within {timeout:g} s; start one with 'deblur worker'")
+        return
+    table = Table("worker", "state", "queues", "batches running")
+    for s in states:
+        table.add_row(s.name, problems[s.name] or "ok", ", ".join(s.queues), str(s.active))
+    out.print(table)
+
+
 @main.group()
 def db() -> None:
     """Database schema management."""

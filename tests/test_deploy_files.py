@@ -144,3 +144,25 @@ def test_monitoring_services_mount_files_that_exist() -> None:
     folder = provider["providers"][0]["options"]["path"]
     assert any(v.split(":")[1].startswith(folder + "/") for v in services["grafana"]["volumes"])
     assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]  # loopback only, like the other UIs
+
+
+def test_worker_probes_run_the_workers_check_with_options_it_takes() -> None:
+    """The worker's liveness probe (Kubernetes) and health check (Compose) call 'deblur workers --check', whose
+    options must parse; the Kubernetes one names this pod's node as the worker's --hostname makes it."""
+    import shlex
+
+    from producer.cli import main
+
+    workers = main.get_command(click.Context(main), "workers")
+    assert workers is not None
+    compose_test = compose()["services"]["worker"]["healthcheck"]["test"]
+    assert compose_test[:4] == ["CMD", "deblur", "workers", "--check"]
+    workers.make_context("workers", compose_test[3:])
+    (_, container), = [(n, c) for n, c in containers() if n == "deblur-worker"]
+    shell = container["livenessProbe"]["exec"]["command"]
+    assert shell[:2] == ["sh", "-c"]
+    argv = shlex.split(shell[2].replace("$(hostname)", "pod-name"))
+    assert argv[:4] == ["exec", "deblur", "workers", "--check"]
+    workers.make_context("workers", argv[3:])
+    hostname = container["args"][container["args"].index("--hostname") + 1]
+    assert argv[-1] == hostname.replace("%h", "pod-name")
