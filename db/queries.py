@@ -85,6 +85,14 @@ def fail_abandoned_submissions(session: Session) -> int:
     return int(result.rowcount or 0)
 
 
+def finish_submission(session: Session, job_id: str, total: int, status: str) -> bool:
+    """The producer listed every input: the job becomes ``status`` with ``total`` images, if it is still
+    submitting (one UPDATE, so a cancellation committed meanwhile is not overwritten); False otherwise."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status == "submitting")
+                             .values(total=total, status=status, updated_at=utcnow()))
+    return bool(result.rowcount)
+
+
 def submission_progress(session: Session, job_id: str) -> str | None:
     """The producer's heartbeat while it lists and enqueues a job (see :func:`create_job`); returns the job's
     status, which is no longer 'submitting' when someone cancelled it (or failed it as abandoned) meanwhile."""
@@ -408,8 +416,10 @@ def reset_for_retry(session: Session, job_id: str, inputs: Sequence[str]) -> Non
         update(Image).where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)))
         .values(status="pending", error=None, unfinished_starts=0)  # a retry gets a fresh allowance
     )
-    # a paused job stays paused: the operator retried some images, not the job's other batches
-    set_job_state(session, job_id, status=case((Job.status == "paused", "paused"), else_="queued"), finished_at=None)
+    # a paused job stays paused (the operator retried some images, not the job's other batches), and a job still
+    # submitting stays so: its producer is listing it and makes it queued when it is done
+    set_job_state(session, job_id, status=case((Job.status.in_(("paused", "submitting")), Job.status), else_="queued"),
+                  finished_at=None)
 
 
 def _finished_before(before: datetime) -> Any:
@@ -553,7 +563,8 @@ def job_timing(session: Session, job_id: str) -> dict[str, float | None]:
     return {"download_s": row[0], "inference_s": row[1], "upload_s": row[2]}
 
 
-UNFINISHED_JOB_STATUSES = ("submitting", "queued", "running")
+SENDING_JOB_STATUSES = ("submitting", "queued", "running")  # a windowed job in these may send its next batches
+UNFINISHED_JOB_STATUSES = (*SENDING_JOB_STATUSES, "paused")  # work left: what the metrics count as the backlog
 
 
 @dataclass(frozen=True)
@@ -648,21 +659,26 @@ def claim_window_batches(session: Session, job_id: str, window: int, released: i
     nothing more). Each claim is one atomic ``UPDATE ... RETURNING``, so
     producers and workers claiming at once never get the same number.
     """
-    if released:
-        session.execute(update(Job).where(Job.id == job_id).values(
-            batches_in_flight=case((Job.batches_in_flight > released, Job.batches_in_flight - released), else_=0)))
+    release_window_slots(session, job_id, released)
     claimed: list[int] = []
     while True:
         sent = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.batches_sent < Job.batches_listed, Job.batches_in_flight < window,
-                   Job.status.in_(UNFINISHED_JOB_STATUSES))
+                   Job.status.in_(SENDING_JOB_STATUSES))
             .values(batches_sent=Job.batches_sent + 1, batches_in_flight=Job.batches_in_flight + 1)
             .returning(Job.batches_sent)
         ).scalar()
         if sent is None:
             return claimed
         claimed.append(int(sent) - 1)
+
+
+def release_window_slots(session: Session, job_id: str, count: int) -> None:
+    """``count`` of a windowed job's batches in flight finished (or had nothing to do): their slots are free."""
+    if count:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            batches_in_flight=case((Job.batches_in_flight > count, Job.batches_in_flight - count), else_=0)))
 
 
 def unclaim_window_batch(session: Session, job_id: str, batch: int) -> bool:
@@ -684,15 +700,27 @@ def pending_batch_items(session: Session, job_id: str, batch: int) -> list[tuple
     )]
 
 
-def restart_window(session: Session, job_id: str, in_flight: int) -> None:
-    """A windowed job's chain starts again from ``in_flight`` batches just re-sent (``deblur retry --stalled``)."""
+def restart_window(session: Session, job_id: str, resent: int, resent_inputs: Sequence[str]) -> int:
+    """Count a windowed job's batches in flight afresh (``deblur retry --stalled``): the ``resent`` batches just
+    re-sent, plus the batches sent before whose unfinished images were not among ``resent_inputs`` (they are in
+    the broker or running). A count that drifted (a broker that lost its messages, a slot whose next batch could
+    not be sent) is right again. Returns the count."""
+    job = get_job(session, job_id)
+    again = set(resent_inputs)
+    outstanding = {batch for batch, uri in session.execute(
+        select(Image.batch, Image.input_uri)
+        .where(Image.job_id == job_id, Image.batch < job.batches_sent, Image.status.in_(("pending", "running")))
+    ) if uri not in again}
+    in_flight = resent + len(outstanding)
     session.execute(update(Job).where(Job.id == job_id).values(batches_in_flight=in_flight))
+    return in_flight
 
 
-def unfinished_job_ids(session: Session) -> list[str]:
-    """Jobs still submitting, queued, running or paused, oldest first."""
+def retryable_job_ids(session: Session) -> list[str]:
+    """Jobs queued, running or paused, oldest first (``deblur retry --all``); a job still submitting is its
+    producer's to finish listing."""
     return list(session.scalars(
-        select(Job.id).where(Job.status.in_((*UNFINISHED_JOB_STATUSES, "paused"))).order_by(Job.created_at)))
+        select(Job.id).where(Job.status.in_(("queued", "running", "paused"))).order_by(Job.created_at)))
 
 
 def pause_job(session: Session, job_id: str) -> bool:

@@ -52,6 +52,15 @@ class BatchMessage(BaseModel):
     sidecar: bool = False  # write a provenance record next to each output (jobs.layout.sidecar_uri)
     slot: bool = False  # holds one of its job's window slots: finishing it sends the job's next batch
 
+    def to_payload(self) -> dict:
+        """The JSON task body, without the :data:`OPTIONAL_FIELDS` left at their defaults: a worker that does not
+        know them yet takes every batch that does not use them (a batch handed over included)."""
+        payload = self.model_dump(mode="json")
+        for key, default in OPTIONAL_FIELDS.items():
+            if payload[key] == default:
+                del payload[key]
+        return payload
+
     @classmethod
     def from_payload(cls, payload: dict) -> "BatchMessage":
         """Parse a received payload, refusing versions this code does not know."""

@@ -542,8 +542,8 @@ def resume(job: str) -> None:
 @option("--stalled-after", type=click.IntRange(1), default=3600, show_default=True,
         help="Seconds after which a pending/running image counts as stalled.")
 @option("--all", "all_jobs", is_flag=True,
-        help="Every unfinished job instead of JOB, e.g. after the broker lost its queue (a Redis restarted "
-             "without persistence): --all --stalled sends again what it held.")
+        help="Every queued, running or paused job instead of JOB, e.g. after the broker lost its queue (a Redis "
+             "restarted without persistence): --all --stalled sends again what it held.")
 def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_jobs: bool) -> None:
     """Re-enqueue a job's failed and/or stalled images (same outputs, overwritten).
 
@@ -551,7 +551,7 @@ def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_
     the re-sent batches take its slots and the rest of the window is filled.
     Images of batches not sent yet are waiting their turn, not stalled.
     """
-    from producer.retry import retry_images, unfinished_job_ids
+    from producer.retry import retry_images, retryable_job_ids
     from producer.tracking import full_job_id
 
     if not failed and not stalled:
@@ -559,12 +559,12 @@ def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_
     if (job is None) == (not all_jobs):
         raise click.UsageError("name one JOB, or pass --all for every unfinished job")
     settings = _settings()
-    jobs = unfinished_job_ids(settings) if all_jobs else [full_job_id(settings, job)]  # type: ignore[arg-type]
+    jobs = retryable_job_ids(settings) if all_jobs else [full_job_id(settings, job)]  # type: ignore[arg-type]
     for job_id in jobs:
         n = retry_images(settings, job_id, failed=failed, stalled_after=stalled_after if stalled else None)
         console.print(f"re-enqueued {n} images of job {job_id}")
     if all_jobs and not jobs:
-        console.print("no unfinished jobs")
+        console.print("no queued, running or paused jobs")
 
 
 @main.command()
@@ -619,9 +619,10 @@ def metrics(output: str | None) -> None:
 @main.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @option("--check", is_flag=True,
-        help="Probe mode: exit 1 unless every NAME (default: the nodes of this machine, NAME@HOST) answers and "
-             "consumes DEBLUR_QUEUE. For a container's liveness probe: a worker whose GPU failed stops consuming "
-             "and is then restarted instead of idling for good.")
+        help="Probe mode: exit 1 unless every NAME answers and consumes DEBLUR_QUEUE (without NAME: the nodes of "
+             "this machine that answer, NAME@HOST, and at least one must). For a container's liveness probe: a "
+             "worker whose GPU failed stops consuming and is then restarted instead of idling for good. A broker "
+             "that cannot be reached is not the worker's fault: exit 0 with a warning.")
 @option("--timeout", type=click.FloatRange(0.5, 120), default=5.0, show_default=True,
         help="Seconds to wait for the nodes' answers.")
 def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
@@ -635,12 +636,21 @@ def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
     A node answers from its main process even while it works on a batch (the
     default prefork pool; a solo pool cannot answer while busy).
     """
+    from kombu.exceptions import OperationalError as BrokerError
     from rich.table import Table
 
     from producer.workers import this_host, worker_states
 
     settings = _settings()
-    states = worker_states(settings, list(names) or None, timeout)
+    try:
+        states = worker_states(settings, list(names) or None, timeout, with_active=not check)
+    except BrokerError as exc:
+        if not check:
+            raise
+        # restarting workers would not bring the broker back, and every one of them would be restarted
+        console.print(f"[yellow]warning:[/yellow] the broker cannot be reached ({escape(str(exc))}); not the "
+                      "workers' fault, so this check passes", soft_wrap=True)
+        return
     if check and not names:
         states = [s for s in states if s.name.endswith("@" + this_host())]
         if not states:

@@ -18,10 +18,11 @@ What can go wrong, and what then happens:
   finishes, as before;
 - a worker dies between finishing a batch and sending the next one: the
   redelivered batch finds its images done and sends the next one then;
-- the broker refuses the next batch: its claim is given back and the next
-  batch to finish sends it; if another was claimed in between, its images stay
-  pending and ``deblur retry JOB --stalled`` sends them (the job's other
-  batches keep going);
+- the broker refuses the next batch: the worker tries again for half a
+  minute; then its claim is given back and the next batch of the job to finish
+  sends it. A job left with nothing in flight (a window of 1, say) waits until
+  ``deblur retry JOB --stalled`` counts its batches in flight afresh and fills
+  the window; its images stay pending, so the backlog alert fires meanwhile;
 - a redelivered batch that had already sent its successor sends one more:
   the window grows by one for that job, nothing is lost or done twice.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 from db import queries
 from db.engine import session_scope
-from jobs.messages import OPTIONAL_FIELDS, PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
+from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, ImageItem, JobKind
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,14 @@ def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequ
     is processed exactly like the original one. ``slot`` marks a batch that
     holds one of its job's window slots.
     """
-    payload = BatchMessage(
+    return BatchMessage(
         job_id=job_id, kind=kind, models=spec["models"], strength=spec.get("strength", 1.0),
         strip_metadata=spec.get("strip_metadata", False), write_outputs=bool(spec.get("output")),
         output_root=spec.get("output"), align=bool(spec.get("align", False)),
         crop_border=int(spec.get("crop_border", 0)), images=list(images),
         output_format=spec.get("output_format"), quality=spec.get("quality"), sidecar=bool(spec.get("sidecar")),
         slot=slot,
-    ).model_dump(mode="json")
-    for key, default in OPTIONAL_FIELDS.items():  # unused, they stay out: a worker before them takes the batch
-        if payload[key] == default:
-            del payload[key]
-    return payload
+    ).to_payload()
 
 
 def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: dict[str, Any],
@@ -98,6 +95,8 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
                 app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, items, slot=True)],
                               queue=settings.queue, priority=priority, producer=producer)
             except Exception:
+                with session_scope(url) as session:  # the empty batches' slots are free whatever happens next
+                    queries.release_window_slots(session, job_id, released)
                 _give_back(url, job_id, claimed[position:])
                 raise
             sent += 1

@@ -17,12 +17,11 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
 
     Outputs go to the same keys, so retried images overwrite partial results.
     For a job with a window (:mod:`producer.dispatch`), a retry of stalled
-    images also restarts its chain of batches: after the broker lost its
-    messages (a Redis restarted without persistence, a flushed queue) the
-    job's in-flight count still counted them, and no batch would have been
-    sent again. The retried batches take the job's slots (its in-flight count
-    starts again from them) and the rest of the window is filled with batches
-    not sent yet.
+    images also counts its batches in flight afresh and fills the window: after
+    the broker lost its messages (a Redis restarted without persistence, a
+    flushed queue) the job's count still included them, and no batch would have
+    been sent again. The retried batches hold slots, as do the batches sent
+    before that are still in the broker or running.
     """
     from jobs.celery_app import app_for, broker_priority
 
@@ -42,7 +41,7 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
         batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
         restart_chain = bool(spec.get("window")) and stalled_after is not None
         if restart_chain:
-            queries.restart_window(session, job_id, in_flight=len(batches))
+            queries.restart_window(session, job_id, len(batches), [i.input for i in items])
     with app.producer_or_acquire() as producer:
         for batch in batches:
             app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch, slot=restart_chain)],
@@ -53,9 +52,10 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     return len(items)
 
 
-def unfinished_job_ids(settings: Settings) -> list[str]:
-    """Every job still submitting, queued or running, oldest first (``deblur retry --all``)."""
+def retryable_job_ids(settings: Settings) -> list[str]:
+    """Every job queued, running or paused, oldest first (``deblur retry --all``); jobs still submitting are left
+    to their producers."""
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
-        return queries.unfinished_job_ids(session)
+        return queries.retryable_job_ids(session)

@@ -253,16 +253,13 @@ def submit(
 
     total = 0
     batch_number = 0
-    stopped_by: str | None = None  # the job's status when someone else ended it mid-listing (cancelled, failed)
     try:
         with app.producer_or_acquire() as producer:
             for chunk in _chunks(itertools.chain([first], items), ROWS_PER_TRANSACTION):
                 batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
                 with session_scope(db_url) as session:
-                    status = queries.submission_progress(session, job_id)
-                    if status != "submitting":
-                        stopped_by = status
-                        break
+                    if queries.submission_progress(session, job_id) in ("cancelled", "failed"):
+                        break  # cancelled meanwhile, or failed as abandoned: list no further
                     for offset, batch in enumerate(batches):
                         queries.insert_images(
                             session, job_id,
@@ -295,17 +292,17 @@ def submit(
                 "Start Redis or point DEBLUR_BROKER_URL at a running one, then submit again") from exc
         raise
     with session_scope(db_url) as session:
-        if stopped_by is not None or queries.job_status_of(session, job_id) != "submitting":
-            # cancelled (or failed) while it was being listed: the listing stopped, and the images written after
-            # the cancellation, whose batches the workers drop, are cancelled too instead of pending for good
-            queries.cancel_pending_images(session, job_id)
-            counts = queries.status_counts(session, job_id)
-            queries.set_job_state(session, job_id, total=sum(counts.values()))
-            return SubmitResult(job_id, True, sum(counts.values()), skipped(), dict(ignored))
         counts = queries.status_counts(session, job_id)
         distinct = sum(counts.values())
         started = counts["running"] + counts["done"] + counts["failed"] > 0
-        queries.set_job_state(session, job_id, total=distinct, status="running" if started else "queued")
+        if not queries.finish_submission(session, job_id, distinct, "running" if started else "queued"):
+            # cancelled while it was being listed (or failed as abandoned): the listing stopped. A cancelled job's
+            # images written after the cancellation, whose batches the workers drop, are cancelled too instead of
+            # pending for good; an abandoned one's enqueued images are still restored, as its error says.
+            if queries.job_status_of(session, job_id) == "cancelled":
+                queries.cancel_pending_images(session, job_id)
+            queries.set_job_state(session, job_id, total=sum(queries.status_counts(session, job_id).values()))
+            return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))
         finished = queries.finish_if_complete(session, job_id)  # the workers were quicker than the listing
     if finished:
         announce_if_wanted(settings, job_id, spec)

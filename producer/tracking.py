@@ -83,7 +83,12 @@ def pause_job(settings: Settings, job_id: str) -> bool:
         if job.status == "submitting":
             raise InputError(f"job {job_id} is still being submitted; pause it once 'deblur status' shows it queued "
                              "or running")
-        return queries.pause_job(session, job_id)
+        if queries.pause_job(session, job_id):
+            return True
+        status = queries.job_status_of(session, job_id)
+        if status == "paused":
+            return False
+        raise JobFinishedError(f"job {job_id} is {status} now; nothing to pause")
 
 
 def resume_job(settings: Settings, job_id: str) -> int | None:

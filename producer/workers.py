@@ -41,16 +41,22 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def worker_states(settings: Settings, names: list[str] | None = None, timeout: float = 5.0) -> list[WorkerState]:
-    """Ask ``names`` (every node that answers, when None) which queues they consume and what they run.
+def worker_states(settings: Settings, names: list[str] | None = None, timeout: float = 5.0,
+                  with_active: bool = True) -> list[WorkerState]:
+    """Ask ``names`` (every node that answers, when None) which queues they consume and, ``with_active``, what
+    they run. Named nodes that do not answer within ``timeout`` seconds are listed as not answering.
 
-    Named nodes that do not answer within ``timeout`` seconds are listed as not answering.
+    A question to named nodes returns as soon as they have all answered; one to every node waits the whole
+    ``timeout`` (nobody knows how many will answer), once per question.
+
+    Raises:
+        kombu.exceptions.OperationalError: the broker cannot be reached (nobody can be asked).
     """
     from jobs.celery_app import app_for
 
     inspect = app_for(settings).control.inspect(destination=names or None, timeout=timeout)
     queues = inspect.active_queues() or {}
-    active = inspect.active() or {}
+    active = (inspect.active() or {}) if with_active else {}
     found = sorted(set(queues) | set(names or []))
     return [WorkerState(name=name, answered=name in queues,
                         queues=tuple(q["name"] for q in queues.get(name) or []),

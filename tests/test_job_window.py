@@ -276,21 +276,27 @@ def test_concurrent_claims_never_send_a_batch_twice_nor_exceed_the_window(databa
 
     def worker(held: list[int]) -> None:
         try:
-            while held:
-                held.pop()  # this batch finished: free its slot and take whatever the window allows
-                with lock:
-                    outstanding[0] -= 1
+            while True:
+                finished = 0
+                if held:
+                    held.pop()  # this batch finished: free its slot and take whatever the window allows
+                    finished = 1
+                    with lock:
+                        outstanding[0] -= 1
                 with session_scope(database_url) as session:
-                    got = queries.claim_window_batches(session, job_id, 5, released=1)
+                    got = queries.claim_window_batches(session, job_id, 5, released=finished)
                 with lock:
                     claimed.extend(got)
                     outstanding[0] += len(got)
                     peak[0] = max(peak[0], outstanding[0])
+                    everything_claimed = len(claimed) == 200
                 held.extend(got)
+                if not held and everything_claimed:
+                    return
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    # the first five batches handed to five of eight workers; the others start idle and stay so
+    # the first five batches handed to five of eight workers; the other three claim as well, from the start
     threads = [threading.Thread(target=worker, args=([n] if n < 5 else [],)) for n in range(8)]
     for thread in threads:
         thread.start()
@@ -302,3 +308,39 @@ def test_concurrent_claims_never_send_a_batch_twice_nor_exceed_the_window(databa
     with session_scope(database_url) as session:
         job = session.get(Job, job_id)
         assert (job.batches_sent, job.batches_in_flight) == (200, 0)
+
+
+def test_a_next_batch_the_broker_refuses_is_tried_again_and_the_slot_is_freed_once(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The finished batch stays finished (its task is not run again): the worker frees its slot once and tries
+    the next batch again; a broker that never takes it leaves the claim given back, for the next batch to finish
+    or 'deblur retry --stalled' to send."""
+    import worker.tasks as tasks
+    from jobs.celery_app import app_for
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+
+    _bucket(env, "refused-next", 3)
+    job_id = run_cli("submit", "s3://refused-next/in/", "--output", "s3://refused-next/out/", "--model", "wiener",
+                     "--batch-size", "1", "--window", "1", "-q").strip()
+    assert _counters(job_id) == (3, 1, 1)
+    settings = load_settings()
+    app = app_for(settings)
+    real_send = app.send_task
+    refusals = [2]
+
+    def flaky_send(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if refusals[0]:
+            refusals[0] -= 1
+            raise ConnectionError("broker restarting")
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", flaky_send)
+    monkeypatch.setattr(tasks.time, "sleep", lambda _s: None)
+    finished = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], slot=True,
+                            images=[ImageItem(input="s3://refused-next/in/00.png")])
+    tasks.send_next_batch(finished, settings)  # refused twice, then taken
+    assert _counters(job_id) == (3, 2, 1) and len(queued_tasks(env)) == 2
+
+    refusals[0] = 100
+    tasks.send_next_batch(finished, settings)  # never taken: the claim is given back, the slot stays free
+    assert _counters(job_id) == (3, 2, 0) and len(queued_tasks(env)) == 2

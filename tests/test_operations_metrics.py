@@ -182,18 +182,26 @@ def test_cli_prints_the_exposition_and_exits_0_when_everything_answers(env) -> N
 
 
 def series_in(expression: str) -> set[str]:
-    """The metric names a PromQL expression selects (parsed: a syntax error raises), histogram suffixes removed."""
+    """The metric names a PromQL expression selects (parsed: a syntax error raises), histogram suffixes removed.
+
+    Each API replica exports the same deblur_* figures, so a deblur_* series may only be read through max() or
+    min() across replicas: one selected bare or summed fails here (two replicas would double it)."""
     import promql_parser
 
     found: set[str] = set()
 
-    def visit(node) -> None:  # type: ignore[no-untyped-def]
+    def visit(node, parent=None) -> None:  # type: ignore[no-untyped-def]
         if type(node).__name__ == "VectorSelector":
             found.add(re.sub(r"_(bucket|sum|count)$", "", node.name))
+            if node.name.startswith("deblur_"):
+                kind = type(parent).__name__
+                taken = (str(parent.op) if kind == "AggregateExpr" else parent.func.name if kind == "Call"
+                         else "nothing")
+                assert taken in {"max", "min", "absent"}, f"{node.name} read through {taken} in {expression}"
         for attr in ("lhs", "rhs", "expr", "vector_selector", "args", "param"):
             child = getattr(node, attr, None)
             for item in child if isinstance(child, list) else [child] if child is not None else []:
-                visit(item)
+                visit(item, node)
 
     visit(promql_parser.parse(expression))
     return found
@@ -212,7 +220,9 @@ def test_shipped_alerts_and_dashboard_are_promql_over_series_that_exist(env) -> 
     assert {"flower_worker_online", "flower_task_runtime_seconds"} <= flower_names
     known = exposed | flower_names
     with pytest.raises(ValueError):
-        series_in('sum(deblur_up{source="database"}')  # the parser does refuse what Prometheus would
+        series_in('min(deblur_up{source="database"}')  # the parser does refuse what Prometheus would
+    with pytest.raises(AssertionError, match="through sum"):
+        series_in("sum(deblur_stalled_images) > 0")  # two API replicas would double it
 
     rules = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]

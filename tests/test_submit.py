@@ -374,16 +374,13 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         assert queries.get_job(session, ids["live"]).status == "submitting"
 
 
-@pytest.mark.parametrize("window", [0, 1])
-def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stops(  # type: ignore[no-untyped-def]
-        env, s3, monkeypatch, window) -> None:
-    """Another process cancels the job after the first chunk of rows: the producer lists no further, the rows it
-    wrote after the cancellation are cancelled too, and the job does not come back as queued with images that
-    no worker will ever take (workers drop a cancelled job's batches)."""
+def _submit_acting_after_the_first_chunk(s3, monkeypatch, act, window: int = 0):  # type: ignore[no-untyped-def]
+    """Submit six images listed two by two, calling ``act(job_id)`` after the first two, as another process
+    would act on the job meanwhile; returns the submission's result and the totals its progress reported."""
     import producer.submit as submit_module
     from jobs.settings import load_settings
     from producer.submit import JobRequest, submit
-    from producer.tracking import cancel_job, job_status
+    from producer.tracking import list_jobs
 
     client, bucket = s3
     for i in range(6):
@@ -392,28 +389,49 @@ def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stop
     settings = load_settings()
     seen: list[int] = []
 
-    def cancel_after_first_chunk(total: int) -> None:
+    def progress(total: int) -> None:
         seen.append(total)
         if len(seen) == 1:
-            cancel_job(settings, job_ids[0])
+            act(list_jobs(settings, status="submitting", limit=1)[0]["id"])
 
-    job_ids: list[str] = []
-    real_create = submit_module.queries.create_job
-
-    def remember(*args, **kwargs):  # type: ignore[no-untyped-def]
-        job, created = real_create(*args, **kwargs)
-        job_ids.append(job.id)
-        return job, created
-
-    monkeypatch.setattr(submit_module.queries, "create_job", remember)
     result = submit(JobRequest(kind="deblur", inputs=[f"s3://{bucket}/many/"], output=f"s3://{bucket}/out/",
-                               models=["wiener"], batch_size=2, window=window), settings,
-                    progress=cancel_after_first_chunk)
+                               models=["wiener"], batch_size=2, window=window), settings, progress=progress)
+    return result, seen
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stops(  # type: ignore[no-untyped-def]
+        env, s3, monkeypatch, window) -> None:
+    """Another process cancels the job after the first chunk of rows: the producer lists no further, the rows it
+    wrote after the cancellation are cancelled too, and the job does not come back as queued with images that
+    no worker will ever take (workers drop a cancelled job's batches)."""
+    from jobs.settings import load_settings
+    from producer.tracking import cancel_job, job_status
+
+    result, seen = _submit_acting_after_the_first_chunk(
+        s3, monkeypatch, lambda job_id: cancel_job(load_settings(), job_id), window)
     assert seen == [2]  # the listing stopped after the chunk during which the job was cancelled
-    info = job_status(settings, result.job_id)
+    info = job_status(load_settings(), result.job_id)
     assert info["status"] == "cancelled", info
     assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == result.total == 2
     assert queue_length(env) == 1  # the first chunk's batch only (a worker drops it: the job is cancelled)
+
+
+def test_a_retry_while_the_job_is_listed_does_not_cut_its_listing_short(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """'deblur retry' on a job still submitting (its first images failed, say) leaves it submitting: the producer
+    lists every input and makes the job queued, instead of taking the retry for a cancellation."""
+    from jobs.settings import load_settings
+    from producer.retry import retry_images
+    from producer.tracking import job_status
+
+    def retry(job_id: str) -> None:
+        assert retry_images(load_settings(), job_id, failed=False, stalled_after=0) == 2
+
+    result, seen = _submit_acting_after_the_first_chunk(s3, monkeypatch, retry)
+    assert seen == [2, 4, 6] and result.total == 6
+    info = job_status(load_settings(), result.job_id)
+    assert info["status"] == "queued" and info["counts"]["pending"] == 6, info
+    assert queue_length(env) == 3 + 1  # the three batches, and the retried first one
 
 
 def test_labels_are_kept_with_the_job_and_select_it_in_listings(env, s3) -> None:  # type: ignore[no-untyped-def]

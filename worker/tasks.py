@@ -7,6 +7,7 @@ before forking); the work itself happens in :mod:`worker.pipeline`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
@@ -62,7 +63,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
 
     def hand_over(rest: BatchMessage) -> None:
         try:
-            app.send_task(PROCESS_BATCH_TASK, args=[rest.model_dump(mode="json")], queue=settings.queue,
+            app.send_task(PROCESS_BATCH_TASK, args=[rest.to_payload()], queue=settings.queue,
                           priority=priority)
         except Exception as exc:  # the images were released: retrying the batch processes them here
             raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
@@ -93,31 +94,46 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
         counts = batch_counts(0, fail_batch(message, settings, error))
     if message.slot and not counts.get("handed_over"):
-        send_next_batch(self, message, settings)
+        send_next_batch(message, settings)
     return counts
 
 
-def send_next_batch(task: Any, message: BatchMessage, settings: Any) -> None:
-    """This batch held one of its job's window slots and is finished: send the job's next batch in its place
-    (:mod:`producer.dispatch`). A broker that refuses it retries this task, which finds its images done and
-    tries again; a batch handed over keeps the slot, and its remainder sends the next one."""
+SEND_NEXT_ATTEMPTS = 5  # 1 + 2 + 4 + 8 s between them: a broker or database blip of half a minute
+
+
+def send_next_batch(message: BatchMessage, settings: Any) -> None:
+    """This batch held one of its job's window slots and is finished: free the slot and send the job's next batch
+    in its place (:mod:`producer.dispatch`); a batch handed over keeps the slot, and its remainder sends the next.
+
+    The batch itself is recorded and stays acknowledged whatever happens here (retrying the task would run it
+    again). A broker or database that does not take the next batch is tried again for half a minute, then the
+    job waits for its next batch to finish, or for ``deblur retry JOB --stalled``, as the error says.
+    """
     from db import queries
     from db.engine import session_scope
     from producer.dispatch import send_window_batches
 
-    try:
-        with session_scope(settings.resolved_database_url()) as session:
-            spec = queries.job_spec(session, message.job_id)
-        if spec is not None:
-            send_window_batches(settings, message.job_id, message.kind, spec, finished_one=True)
-    except Exception as exc:
-        retries = task.request.retries
-        if retries >= settings.task_max_retries:
-            log.error("job %s: could not send the batch after this one (%s); 'deblur retry %s --stalled' sends its "
-                      "images", message.job_id, exc, message.job_id)
+    url = settings.resolved_database_url()
+    released = False
+    for attempt in range(SEND_NEXT_ATTEMPTS):
+        try:
+            with session_scope(url) as session:
+                spec = queries.job_spec(session, message.job_id)
+                if spec is None:
+                    return
+                if not released:
+                    queries.release_window_slots(session, message.job_id, 1)
+            released = True
+            send_window_batches(settings, message.job_id, message.kind, spec)
             return
-        log.warning("job %s: could not send the next batch (retry %d): %s", message.job_id, retries + 1, exc)
-        raise task.retry(exc=exc, countdown=min(300, 2 ** retries * 5)) from None
+        except Exception as exc:  # the broker or the database: try again, then say what to do
+            if attempt + 1 == SEND_NEXT_ATTEMPTS:
+                log.error("job %s: could not send its next batch (%s: %s); it goes on when another of its batches "
+                          "finishes, or after 'deblur retry %s --stalled'", message.job_id, type(exc).__name__, exc,
+                          message.job_id)
+                return
+            log.warning("job %s: could not send its next batch, trying again: %s", message.job_id, exc)
+            time.sleep(2 ** attempt)
 
 
 def stop_consuming(queue: str) -> None:
