@@ -65,7 +65,7 @@ from models.catalog import REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
 from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from producer.metrics import call_with_time_limit, render_metrics
+from producer.metrics import call_with_time_limit, describe_failure, render_metrics
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
 from producer.tracking import (
@@ -469,8 +469,7 @@ def _probe(check: Callable[[], None]) -> str:
     except TimeoutError as exc:
         return str(exc)
     except Exception as exc:  # any failure means "down"; the type and first line say why
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {first[:200]}"
+        return describe_failure(exc)
     return "ok"
 
 

@@ -55,6 +55,12 @@ def call_with_time_limit(function: Callable[[], T], seconds: float) -> T:
         pool.shutdown(wait=False)  # a hung call must not hold the answer back
 
 
+def describe_failure(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for a one-line 'why it is down'."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def priority_list_name(queue: str, user_priority: int) -> str:
     """The Redis list that holds ``queue``'s batches submitted at ``user_priority`` (0 lowest … 9 most urgent)."""
     from kombu.transport.redis import Channel
@@ -131,8 +137,7 @@ def read_queue_state(settings: Settings) -> QueueState:
         try:
             return call_with_time_limit(function, SOURCE_TIMEOUT_S)
         except Exception as exc:  # any failure means "down"; a scrape must still answer
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            down[source] = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            down[source] = describe_failure(exc)
             log.warning("metrics: the %s did not answer: %s", source, down[source])
             return None
 
