@@ -65,7 +65,14 @@ from models.catalog import REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
 from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from producer.metrics import call_with_time_limit, describe_failure, render_metrics
+from producer.metrics import (
+    RECENT_WINDOW_S,
+    call_with_time_limit,
+    describe_failure,
+    queue_age_seconds,
+    read_queue_state,
+    render_metrics,
+)
 from producer.retry import retry_images
 from producer.submit import JobRequest, preview, submit
 from producer.tracking import (
@@ -409,6 +416,26 @@ class ModelDescription(BaseModel):
     params: list[ModelParam]
 
 
+class QueueSummary(BaseModel):
+    """The whole queue, for backends deciding when to submit (the figures of ``deblur status`` and /metrics)."""
+
+    jobs: dict[str, int] | None = Field(description="Jobs by state; null when the database did not answer.")
+    images: dict[str, int] | None = Field(
+        description="Images of unfinished jobs (paused ones included) by state: pending and running are the work "
+                    "left.")
+    oldest_unfinished_job_age_s: float | None
+    stalled_images: int | None = Field(description="Running past the visibility timeout ('retry --stalled').")
+    worker_lost_images: int | None = Field(description="Back in the queue after their worker died.")
+    finished_recently: dict[str, int] | None = Field(description="Outcomes within recent_window_s, by outcome.")
+    megapixels_recently: float | None
+    recent_window_s: int
+    waiting_batches: dict[str, int] | None = Field(
+        description="Batches waiting in the broker by the priority they were submitted at (0-9); null when the "
+                    "broker did not answer.")
+    unacked_batches: int | None = Field(description="Batches taken by workers and not yet acknowledged.")
+    down: dict[str, str] = Field(description="Sources that did not answer, with the reason.")
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(description="'ok' or what went wrong, per dependency.")
@@ -730,6 +757,23 @@ def create_app(settings: Settings) -> FastAPI:
         ``authorization: {credentials_file: ...}``).
         """
         return Response(render_metrics(settings).text, media_type=METRICS_CONTENT_TYPE)
+
+    @app.get(f"{prefix}/queue", response_model=QueueSummary, dependencies=guarded, tags=["operations"])
+    def queue_summary() -> QueueSummary:
+        """The whole queue now: work left, outcomes of the last minutes, stalls, batches waiting by priority.
+
+        Answers even when the database or the broker is down: its fields are null and ``down`` says why.
+        """
+        state = read_queue_state(settings)
+        db, broker = state.database, state.broker
+        return QueueSummary(
+            jobs=db.jobs if db else None, images=db.backlog if db else None,
+            oldest_unfinished_job_age_s=queue_age_seconds(db.oldest_unfinished_created, state.now) if db else None,
+            stalled_images=db.stalled if db else None, worker_lost_images=db.worker_lost if db else None,
+            finished_recently=db.finished_recently if db else None,
+            megapixels_recently=db.megapixels_recently if db else None, recent_window_s=RECENT_WINDOW_S,
+            waiting_batches={str(p): n for p, n in broker.waiting.items()} if broker else None,
+            unacked_batches=broker.unacked if broker else None, down=state.down)
 
     @app.get("/healthz", response_model=Health, tags=["operations"],
              responses={503: {"model": Health, "description": "A dependency is down; checks says which."}})

@@ -99,7 +99,8 @@ def broker_snapshot(settings: Settings) -> BrokerSnapshot:
     return BrokerSnapshot(waiting={p: int(n) for p, n in enumerate(lengths)}, unacked=int(unacked))
 
 
-def _age_seconds(moment: datetime | None, now: datetime) -> float:
+def queue_age_seconds(moment: datetime | None, now: datetime) -> float:
+    """Seconds from ``moment`` (naive: UTC, as SQLite stores it) to ``now``; 0 for no moment."""
     if moment is None:
         return 0.0
     if moment.tzinfo is None:  # SQLite hands back naive UTC times
@@ -196,7 +197,7 @@ class QueueCollector(Collector):
                      "running are the work left.", labels=("status",), samples={(s,): n for s, n in snap.backlog.items()})
         yield _gauge("deblur_oldest_unfinished_job_age_seconds",
                      "Seconds since the oldest unfinished job was submitted (0 with none).",
-                     value=_age_seconds(snap.oldest_unfinished_created, now))
+                     value=queue_age_seconds(snap.oldest_unfinished_created, now))
         yield _gauge("deblur_stalled_images",
                      "Images running for longer than the visibility timeout: their worker is gone and the broker "
                      "has not handed them on. 'deblur retry JOB --stalled' re-enqueues them.",
@@ -243,7 +244,7 @@ def describe_queue(state: QueueState) -> list[str]:
         unfinished = sum(db.jobs[s] for s in queries.UNFINISHED_JOB_STATUSES)
         line = f"queue: {waiting:,} images waiting and {running:,} running in {unfinished:,} unfinished jobs"
         if unfinished:
-            age = _age_seconds(db.oldest_unfinished_created, state.now)
+            age = queue_age_seconds(db.oldest_unfinished_created, state.now)
             line += f" (the oldest submitted {format_duration(age)} ago)"
         if db.jobs.get("paused"):
             line += f"; {db.jobs['paused']:,} paused ('deblur resume JOB')"

@@ -234,7 +234,7 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     schema = httpx.get(api + "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images", "/v1/jobs/{job_id}/summary",
             "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/jobs/{job_id}/verify", "/v1/models",
-            "/healthz", "/metrics"} <= set(schema["paths"])
+            "/healthz", "/metrics", "/v1/queue"} <= set(schema["paths"])
     assert "JobSubmission" in schema["components"]["schemas"]
 
     anonymous = httpx.get(api + "/v1/jobs")
@@ -286,6 +286,10 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert windowed.status_code == 201, windowed.text
     status = client.get(windowed.json()["status_url"]).json()
     assert status["batches"] == {"window": 4, "listed": 1, "sent": 1, "in_flight": 1}
+    queue = client.get("/v1/queue").json()  # the whole queue, as 'deblur status' and /metrics show it
+    assert queue["down"] == {} and queue["recent_window_s"] == 900
+    assert queue["waiting_batches"]["5"] >= 1 and queue["images"]["pending"] >= 1 and queue["jobs"]["queued"] >= 1
+    assert httpx.get(api + "/v1/queue").status_code == 401
     before |= {windowed.json()["id"]}
     pause_url = f"/v1/jobs/{windowed.json()['id']}/pause"
     assert client.post(pause_url).json() == {"id": windowed.json()["id"], "status": "paused", "changed": True,

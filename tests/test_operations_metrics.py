@@ -157,6 +157,19 @@ def test_a_source_that_does_not_answer_reads_up_0_and_the_scrape_still_answers(e
     assert not any(name.startswith("deblur_broker_") for name, _ in found)
     assert ("deblur_jobs", (("status", "queued"),)) in found  # the database's series are still there
     assert "ConnectionError" in exposition.down["broker"]
+    import asyncio
+
+    import httpx
+
+    from producer.api import create_app
+
+    async def queue_summary() -> dict:  # type: ignore[type-arg]
+        transport = httpx.ASGITransport(app=create_app(load_settings()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            return (await api.get("/v1/queue")).json()  # type: ignore[no-any-return]
+
+    summary = asyncio.run(queue_summary())  # the API's JSON summary answers too, saying what is down
+    assert summary["waiting_batches"] is None and "broker" in summary["down"] and summary["jobs"] is not None
 
     target = tmp_path / "textfile" / "deblur.prom"
     target.parent.mkdir()
