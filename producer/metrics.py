@@ -194,7 +194,8 @@ class QueueCollector(Collector):
                      samples={(s,): n for s, n in snap.jobs.items()})
         yield _gauge("deblur_backlog_images",
                      "Images of unfinished jobs (submitting, queued, running, paused) by status: pending and "
-                     "running are the work left.", labels=("status",), samples={(s,): n for s, n in snap.backlog.items()})
+                     "running are the work left.", labels=("status",),
+                     samples={(s,): n for s, n in snap.backlog.items()})
         yield _gauge("deblur_oldest_unfinished_job_age_seconds",
                      "Seconds since the oldest unfinished job was submitted (0 with none).",
                      value=queue_age_seconds(snap.oldest_unfinished_created, now))
