@@ -43,13 +43,10 @@ def main() -> None:
     for name in ("DEBLUR_BROKER_URL", "DEBLUR_S3_ENDPOINT_URL", "DEBLUR_DATABASE_URL"):
         os.environ.pop(name, None)
 
-    import cv2
-    import numpy as np
-
+    from bench.synthetic_uploads import upload_blurred_crops
     from deploy.stack import LocalStack
     from jobs.settings import load_settings
     from jobs.storage import s3_client
-    from models.synthetic_blur import blur_image, linear_motion_kernel, sample_photographs
     from producer.submit import JobRequest, submit
     from producer.tracking import job_status
 
@@ -60,15 +57,8 @@ def main() -> None:
         settings = load_settings()
         client = s3_client(settings)
         client.create_bucket(Bucket="bench")
-        photos = [p for p in sample_photographs().values() if p.ndim == 3]
-        kernel = linear_motion_kernel(9, 20)
         for prefix, count in (("large", args.large), ("small", args.small)):
-            for i in range(count):
-                photo = photos[i % len(photos)]
-                y, x = (i * 37) % (photo.shape[0] - args.size), (i * 53) % (photo.shape[1] - args.size)
-                blurred = blur_image(photo[y:y + args.size, x:x + args.size] / 255.0, kernel)
-                body = cv2.imencode(".png", np.rint(blurred * 255).astype(np.uint8)[..., ::-1])[1].tobytes()
-                client.put_object(Bucket="bench", Key=f"{prefix}/{i:04d}.png", Body=body)
+            upload_blurred_crops(client, "bench", f"{prefix}/", count, args.size)
 
         def run(window: int, round_: int) -> tuple[float, float, float]:
             def job(prefix: str) -> str:

@@ -40,16 +40,14 @@ def main() -> None:
     for name in ("DEBLUR_BROKER_URL", "DEBLUR_S3_ENDPOINT_URL", "DEBLUR_DATABASE_URL"):
         os.environ.pop(name, None)
 
-    import cv2
-    import numpy as np
     import torch
 
     from deploy.stack import LocalStack
     from jobs.messages import BatchMessage, ImageItem
+    from bench.synthetic_uploads import upload_blurred_crops
     from jobs.settings import load_settings
     from jobs.storage import get_bytes, put_bytes, s3_client
     from jobs.s3uri import parse_s3_uri
-    from models.synthetic_blur import blur_image, linear_motion_kernel, sample_photographs
     from producer.submit import JobRequest, submit
     from producer.tracking import job_status
     from worker.imageio import content_type, decode_image, encode_image
@@ -61,17 +59,7 @@ def main() -> None:
         settings = load_settings()
         client = s3_client(settings)
         client.create_bucket(Bucket="bench")
-        photos = [p for p in sample_photographs().values() if p.ndim == 3]
-        kernel = linear_motion_kernel(9, 20)
-        keys = []
-        for i in range(args.count):
-            photo = photos[i % len(photos)]
-            y, x = (i * 37) % max(1, photo.shape[0] - args.size), (i * 53) % max(1, photo.shape[1] - args.size)
-            crop = photo[y:y + args.size, x:x + args.size] / 255.0
-            blurred = np.rint(blur_image(crop, kernel) * 255).astype(np.uint8)
-            key = f"in/{i:04d}.png"
-            client.put_object(Bucket="bench", Key=key, Body=cv2.imencode(".png", blurred[..., ::-1])[1].tobytes())
-            keys.append(key)
+        keys = upload_blurred_crops(client, "bench", "in/", args.count, args.size)
 
         # side 1: a plain script loop in this process
         from worker.pipeline import Work, decode_work, restore_work  # the same per-image code the worker runs

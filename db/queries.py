@@ -692,12 +692,17 @@ def unclaim_window_batch(session: Session, job_id: str, batch: int) -> bool:
     return bool(result.rowcount)
 
 
-def pending_batch_items(session: Session, job_id: str, batch: int) -> list[tuple[str, str | None, str | None]]:
-    """The (input, output, reference) URIs of batch ``batch``'s images still pending, in the order listed."""
-    return [tuple(row) for row in session.execute(  # type: ignore[misc]
-        select(Image.input_uri, Image.output_uri, Image.reference_uri)
-        .where(Image.job_id == job_id, Image.batch == batch, Image.status == "pending").order_by(Image.id)
-    )]
+def pending_batch_items(session: Session, job_id: str,
+                        batches: Sequence[int]) -> dict[int, list[tuple[str, str | None, str | None]]]:
+    """The (input, output, reference) URIs of each batch's images still pending, in the order listed (one
+    query for all of them); a batch with none is left out."""
+    found: dict[int, list[tuple[str, str | None, str | None]]] = {}
+    for batch, uri, output, reference in session.execute(
+        select(Image.batch, Image.input_uri, Image.output_uri, Image.reference_uri)
+        .where(Image.job_id == job_id, Image.batch.in_(list(batches)), Image.status == "pending").order_by(Image.id)
+    ):
+        found.setdefault(batch, []).append((uri, output, reference))
+    return found
 
 
 def restart_window(session: Session, job_id: str, resent: int, resent_inputs: Sequence[str]) -> int:

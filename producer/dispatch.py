@@ -83,10 +83,10 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
     while True:
         with session_scope(url) as session:
             claimed = queries.claim_window_batches(session, job_id, window, released=released)
+            pending = queries.pending_batch_items(session, job_id, claimed) if claimed else {}
         released = 0
         for position, number in enumerate(claimed):
-            with session_scope(url) as session:
-                rows = queries.pending_batch_items(session, job_id, number)
+            rows = pending.get(number)
             if not rows:  # nothing left to do in it: its slot is free again
                 released += 1
                 continue

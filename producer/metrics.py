@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.settings import Settings
-from producer.tracking import format_duration
+from producer.tracking import as_utc, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,7 @@ def broker_snapshot(settings: Settings) -> BrokerSnapshot:
 
 def queue_age_seconds(moment: datetime | None, now: datetime) -> float:
     """Seconds from ``moment`` (naive: UTC, as SQLite stores it) to ``now``; 0 for no moment."""
-    if moment is None:
-        return 0.0
-    if moment.tzinfo is None:  # SQLite hands back naive UTC times
-        moment = moment.replace(tzinfo=timezone.utc)
-    return max(0.0, (now - moment).total_seconds())
+    return 0.0 if moment is None else max(0.0, (now - as_utc(moment)).total_seconds())
 
 
 def _gauge(name: str, documentation: str, value: float | None = None, labels: tuple[str, ...] = (),

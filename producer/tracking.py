@@ -150,10 +150,7 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
     if info["started_at"] is not None and counts["done"] + counts["failed"] > 0:
         end = info["finished_at"] or datetime.now(timezone.utc)
         start = info["started_at"]
-        if start.tzinfo is None:
-            start = start.replace(tzinfo=timezone.utc)
-        if end.tzinfo is None:
-            end = end.replace(tzinfo=timezone.utc)
+        start, end = as_utc(start), as_utc(end)
         elapsed = max((end - start).total_seconds(), 1e-6)
         rate = (counts["done"] + counts["failed"]) / elapsed
         remaining = info["total"] - finished
@@ -166,12 +163,15 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
     return info
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` with its time zone: SQLite hands back naive UTC times, PostgreSQL aware ones."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
 def _older_than(moment: datetime | None, seconds: float) -> bool:
     if moment is None:
         return False
-    if moment.tzinfo is None:  # SQLite hands back naive UTC times
-        moment = moment.replace(tzinfo=timezone.utc)
-    return (datetime.now(timezone.utc) - moment).total_seconds() > seconds
+    return (datetime.now(timezone.utc) - as_utc(moment)).total_seconds() > seconds
 
 
 def is_finished(info: dict[str, Any]) -> bool:

@@ -89,9 +89,9 @@ def test_metrics_count_the_backlog_the_broker_and_every_state_an_operator_watche
                for p in range(10)}
     assert waiting == {**dict.fromkeys(range(10), 0), 7: 2, 2: 1}
     assert value(first, "deblur_broker_unacked_batches") == 0
-    assert value(first, "deblur_oldest_unfinished_job_age_seconds") >= 0
+    assert value(first, "deblur_oldest_unfinished_job_age_seconds") >= 0  # a gauge's value, not a timing
     assert grown(first, "deblur_stalled_images") == 0 and grown(first, "deblur_worker_lost_images") == 0
-    assert value(first, "deblur_recent_window_seconds") == RECENT_WINDOW_S
+    assert value(first, "deblur_recent_window_seconds") == RECENT_WINDOW_S  # the exported constant
 
     # a worker takes the most urgent batch and has not acknowledged it yet
     # (kept open while scraping: a channel closed cleanly puts its unacknowledged messages back)
@@ -127,7 +127,7 @@ def test_metrics_count_the_backlog_the_broker_and_every_state_an_operator_watche
     recent = {s: grown(found, "deblur_images_finished_recently", status=s) for s in ("done", "failed", "cancelled")}
     assert recent == {"done": 1, "failed": 0, "cancelled": 0}
     assert grown(found, "deblur_megapixels_restored_recently") == pytest.approx(3.0)
-    assert grown(found, "deblur_inference_seconds_recently") == pytest.approx(4.0)
+    assert grown(found, "deblur_inference_seconds_recently") == pytest.approx(4.0)  # the 4.0 s stored above
     assert value(found, "deblur_broker_waiting_batches", queue=settings.queue, priority="7") == 1
     assert value(found, "deblur_broker_unacked_batches") == 1
 
