@@ -23,6 +23,8 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,15 +38,17 @@ BACKLOG_JOBS = 3
 BACKLOG_IMAGES = 2000
 
 
-def add_jobs(url: str, count: int, images: int, finished: bool) -> None:
-    """``count`` jobs of ``images`` images: finished days ago, or unfinished with a mixed backlog."""
+def add_jobs(url: str, count: int, images: int, finished: bool, teams: Sequence[str] = (), first: int = 0) -> None:
+    """``count`` jobs of ``images`` images: finished days ago (job ``first + j`` finished ``399 - first - j``
+    days ago), or unfinished with a mixed backlog; with ``teams``, each job carries a ``team`` label, in turn."""
     engine = get_engine(url)
     now = utcnow()
-    for j in range(count):
+    for j in range(first, first + count):
         job_id = str(uuid.uuid4())
+        spec = {"labels": {"team": teams[j % len(teams)]}, "models": ["l0-blind:1"]} if teams else {}
         with engine.begin() as connection:
             connection.execute(insert(Job), [{
-                "id": job_id, "kind": "deblur", "spec": {}, "total": images,
+                "id": job_id, "kind": "deblur", "spec": spec, "total": images,
                 "status": "done" if finished else "running",
                 "created_at": now - timedelta(days=400 - j if finished else 1),
                 "finished_at": now - timedelta(days=399 - j) if finished else None,
@@ -62,6 +66,35 @@ def add_jobs(url: str, count: int, images: int, finished: bool) -> None:
             connection.execute(insert(Image), rows)
 
 
+@contextmanager
+def temporary_database(postgres: str | None) -> Iterator[str]:
+    """The URL of a fresh database: a SQLite file, or a PostgreSQL database created on the server that the admin
+    URL ``postgres`` names and dropped afterwards."""
+    if not postgres:
+        yield f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
+        return
+    admin = create_engine(postgres, isolation_level="AUTOCOMMIT")
+    name = f"deblur_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres.rsplit("/", 1)[0] + "/" + name
+    finally:
+        get_engine.cache_clear()
+        with admin.connect() as c:
+            c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
+                           "AND pid <> pg_backend_pid()"))
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def analyze(url: str) -> None:
+    """Refresh PostgreSQL's planner statistics after a bulk load (SQLite needs nothing)."""
+    if url.startswith("postgresql"):
+        with get_engine(url).begin() as c:  # committed: a rolled-back ANALYZE leaves the planner without statistics
+            c.execute(text("ANALYZE"))
+
+
 def time_scrapes(url: str, repeat: int) -> float:
     now = utcnow()
     times = []
@@ -74,53 +107,39 @@ def time_scrapes(url: str, repeat: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def history_arguments(description: str, finished: int, images: int, repeat: int) -> argparse.Namespace:
+    """The command line of a benchmark on a filled history: --postgres, --finished, --images, --repeat."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--postgres", help="admin URL of a PostgreSQL server (a database is created and dropped)")
-    parser.add_argument("--finished", type=int, default=200, help="finished jobs of history (default 200)")
-    parser.add_argument("--images", type=int, default=5000, help="images per finished job (default 5000)")
-    parser.add_argument("--repeat", type=int, default=7, help="scrapes timed (median printed)")
-    args = parser.parse_args()
+    parser.add_argument("--finished", type=int, default=finished,
+                        help=f"finished jobs of history, one a day (default {finished})")
+    parser.add_argument("--images", type=int, default=images, help=f"images per finished job (default {images})")
+    parser.add_argument("--repeat", type=int, default=repeat, help=f"runs timed per figure (median printed; "
+                                                                   f"default {repeat})")
+    return parser.parse_args()
 
-    admin = None
-    if args.postgres:
-        admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-        name = f"deblur_bench_{uuid.uuid4().hex[:8]}"
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-        url = args.postgres.rsplit("/", 1)[0] + "/" + name
-    else:
-        url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
-    try:
+
+def main() -> None:
+    args = history_arguments(__doc__.split("\n\n")[0], finished=200, images=5000, repeat=7)
+
+    with temporary_database(args.postgres) as url:
         ensure_schema(url)
         add_jobs(url, BACKLOG_JOBS, BACKLOG_IMAGES, finished=False)
-        if admin is not None:
-            with get_engine(url).connect() as c:
-                c.execute(text("ANALYZE"))
+        analyze(url)
         backlog_only = time_scrapes(url, args.repeat)
         started = time.perf_counter()
         step = 20
         for first in range(0, args.finished, step):
-            add_jobs(url, min(step, args.finished - first), args.images, finished=True)
+            add_jobs(url, min(step, args.finished - first), args.images, finished=True, first=first)
             print(f"\rhistory: {min(first + step, args.finished)}/{args.finished} jobs", end="", flush=True)
-        if admin is not None:
-            with get_engine(url).connect() as c:
-                c.execute(text("ANALYZE"))
+        analyze(url)
         print(f" ({time.perf_counter() - started:.0f} s to fill)")
         with_history = time_scrapes(url, args.repeat)
         total = args.finished * args.images + BACKLOG_JOBS * BACKLOG_IMAGES
-        print(f"database: {'PostgreSQL' if admin is not None else 'SQLite'}; {total:,} images "
+        print(f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; {total:,} images "
               f"({BACKLOG_JOBS * BACKLOG_IMAGES:,} in {BACKLOG_JOBS} unfinished jobs)")
         print(f"SQL part of a scrape, median of {args.repeat}: backlog only {backlog_only * 1000:.1f} ms, "
               f"with the history {with_history * 1000:.1f} ms (ratio {with_history / backlog_only:.2f})")
-    finally:
-        get_engine.cache_clear() if hasattr(get_engine, "cache_clear") else None
-        if admin is not None:
-            with admin.connect() as c:
-                c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' "
-                               "AND pid <> pg_backend_pid()"))
-                c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-            admin.dispose()
 
 
 if __name__ == "__main__":

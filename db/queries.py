@@ -28,6 +28,7 @@ from db.schema import (
     Metric,
     utcnow,
 )
+from db.usage import roll_up_job
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
 
 
@@ -445,13 +446,16 @@ def delete_finished_job(session: Session, job_id: str, before: datetime) -> int 
     listing makes it unfinished: it is kept); returns the images deleted, or None when it was kept.
 
     The check and the deletes are one transaction, the job's row locked where the database can (PostgreSQL), so
-    a retry cannot slip in between. Ensembles fitted on the job keep their weights and lose the link.
+    a retry cannot slip in between. Ensembles fitted on the job keep their weights and lose the link. What its
+    images used is kept first, per day, device and worker (:func:`db.usage.roll_up_job`), so ``deblur usage``
+    still counts it.
     """
     kept = session.execute(
         select(Job.id).where(Job.id == job_id, _finished_before(before)).with_for_update()
     ).scalar_one_or_none()
     if kept is None:
         return None
+    roll_up_job(session, job_id)
     images = select(Image.id).where(Image.job_id == job_id).scalar_subquery()
     session.execute(delete(Metric).where(Metric.image_id.in_(images)))
     deleted = session.execute(delete(Image).where(Image.job_id == job_id)).rowcount

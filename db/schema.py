@@ -10,11 +10,12 @@ image, a model's spec key for a member, or ``ensemble``.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -73,6 +74,7 @@ class Image(Base):
         UniqueConstraint("job_id", "input_uri", name="uq_images_job_input"),
         Index("ix_images_job_status", "job_id", "status"),
         Index("ix_images_job_batch", "job_id", "batch"),  # a windowed job's next batch, read when it is sent
+        Index("ix_images_finished_at", "finished_at"),  # 'deblur usage' reads the outcomes of a period
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -115,3 +117,29 @@ class Metric(Base):
     model: Mapped[str] = mapped_column(String(512))
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class UsageRollup(Base):
+    """What a pruned job's images used, per UTC day, device and worker, so ``deblur usage`` outlives ``db prune``.
+
+    ``deblur db prune`` writes these rows in the transaction that deletes the job; ``deblur usage`` adds them to
+    what it reads from the images still recorded. ``models`` is the job's model specs joined by `` + ``.
+    """
+
+    __tablename__ = "usage_rollups"
+    __table_args__ = (Index("ix_usage_rollups_day", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    day: Mapped[date] = mapped_column(Date)
+    job_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    models: Mapped[str] = mapped_column(Text)
+    device: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    megapixels: Mapped[float] = mapped_column(Float, default=0.0)
+    download_s: Mapped[float] = mapped_column(Float, default=0.0)
+    inference_s: Mapped[float] = mapped_column(Float, default=0.0)
+    upload_s: Mapped[float] = mapped_column(Float, default=0.0)

@@ -32,6 +32,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
@@ -84,6 +85,7 @@ from producer.tracking import (
     results_json,
     resume_job,
 )
+from producer.usage import DEFAULT_PERIOD, GROUPING_HELP, check_groupings, parse_moment, usage_report
 from producer.verify import verify_outputs
 
 log = logging.getLogger(__name__)
@@ -436,6 +438,32 @@ class QueueSummary(BaseModel):
     down: dict[str, str] = Field(description="Sources that did not answer, with the reason.")
 
 
+class UsageGroup(BaseModel):
+    """One group's totals; its grouping keys (``label:team``, ``model``, ``month``, ...) come first."""
+
+    model_config = ConfigDict(extra="allow")
+
+    jobs: int
+    images_done: int
+    images_failed: int
+    megapixels: float = Field(description="Of the images restored (failed ones count none).")
+    model_seconds: float = Field(description="The models' time, failed images' included.")
+    worker_seconds: float = Field(description="Model time plus reading the inputs and writing the outputs.")
+    model_seconds_per_megapixel: float | None
+
+
+class UsageSummary(BaseModel):
+    """What the workers spent over ``[since, until)``, per group and in all (``deblur usage``)."""
+
+    since: datetime
+    until: datetime
+    by: list[str]
+    groups: list[UsageGroup]
+    total: UsageGroup
+    includes_pruned_jobs: bool = Field(
+        description="Pruned jobs' rollups contributed; they count by whole UTC days.")
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(description="'ok' or what went wrong, per dependency.")
@@ -774,6 +802,33 @@ def create_app(settings: Settings) -> FastAPI:
             megapixels_recently=db.megapixels_recently if db else None, recent_window_s=RECENT_WINDOW_S,
             waiting_batches={str(p): n for p, n in broker.waiting.items()} if broker else None,
             unacked_batches=broker.unacked if broker else None, down=state.down)
+
+    @app.get(f"{prefix}/usage", response_model=UsageSummary, dependencies=guarded, tags=["operations"])
+    def usage(
+        since: Annotated[str, Query(description="Start: a time ago (30d, 12h, 2w, 90m) or a UTC date or "
+                                                "date-time (2026-11-01, 2026-11-01T08:00Z).")] = DEFAULT_PERIOD,
+        until: Annotated[str | None, Query(description="End (not included), as since. Default: now.")] = None,
+        by: Annotated[list[str] | None, Query(description=f"Group by (repeat to nest): {GROUPING_HELP}.")] = None,
+        label: Annotated[list[str] | None, Query(description="KEY=VALUE: only jobs with this label (repeat: all "
+                                                             "of them).")] = None,
+        kind: Annotated[Literal["deblur", "evaluate"] | None, Query(description="Only jobs of this kind.")] = None,
+    ) -> dict[str, Any]:
+        """Images, megapixels and worker time spent per team, model, device, worker or period, for charge-back
+        and capacity planning; pruned jobs included (see ``deblur usage --help``)."""
+        checks = (("since", lambda: parse_moment(since, option="since")),
+                  ("until", lambda: None if until is None else parse_moment(until, option="until")),
+                  ("by", lambda: check_groupings(by or [])), ("label", lambda: parse_labels(label or [])))
+        parsed = {}
+        for name, check in checks:
+            try:
+                parsed[name] = check()
+            except InputError as exc:
+                raise _validation_error(("query", name), str(exc)) from None
+        try:
+            report = usage_report(settings, parsed["since"], parsed["until"], parsed["by"], parsed["label"], kind)
+        except InputError as exc:
+            raise _validation_error(("query", "until"), str(exc)) from None
+        return report.to_dict()
 
     @app.get("/healthz", response_model=Health, tags=["operations"],
              responses={503: {"model": Health, "description": "A dependency is down; checks says which."}})

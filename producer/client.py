@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from jobs.settings import Settings, load_settings
@@ -30,6 +31,7 @@ from producer.tracking import (
     pause_job,
     resume_job,
 )
+from producer.usage import DEFAULT_PERIOD, UsageReport, parse_moment, usage_report
 from producer.verify import Verification, verify_outputs
 
 
@@ -99,6 +101,15 @@ class Client:
         """The newest jobs first (id, kind, status, total, created_at, labels); only those with all of ``labels``
         and in ``status``, when given."""
         return list_jobs(self.settings, labels, status, limit)
+
+    def usage(self, since: datetime | str = DEFAULT_PERIOD, until: datetime | str | None = None,
+              by: Sequence[str] = (), labels: dict[str, str] | None = None, kind: str | None = None) -> UsageReport:
+        """What the images that finished in ``[since, until)`` used, grouped ``by`` (``label:team``, ``model``,
+        ``device``, ``worker``, ``day``, ``month``, ...), as ``deblur usage`` shows it; ``since`` and ``until``
+        take datetimes or its texts (``30d``, ``2026-11-01``). ``report.to_dict()`` is its JSON."""
+        start = parse_moment(since) if isinstance(since, str) else since
+        end = parse_moment(until, option="--until") if isinstance(until, str) else until
+        return usage_report(self.settings, start, end, by, labels, kind)
 
     def status(self, job_id: str) -> dict[str, Any]:
         """State, counts per status, images/s and ETA."""

@@ -212,6 +212,17 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         again_failed = client.get(f"/v1/jobs/{job_id}/images", params={"status": "failed"}).json()["items"][0]
         assert again_failed["attempts"] == 2, "the retried image was processed a second time"
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+
+        # what the worker spent on each job, as a backend charging teams back reads it
+        spent = client.get("/v1/usage", params={"since": "1h", "by": ["job", "kind"]})
+        assert spent.status_code == 200, spent.text
+        groups = {group["job"]: group for group in spent.json()["groups"]}
+        assert (groups[job_id]["kind"], groups[job_id]["images_done"], groups[job_id]["images_failed"]) == (
+            "deblur", 4, 1)
+        assert groups[job_id]["megapixels"] == pytest.approx(
+            sum(i["width"] * i["height"] for i in done) / 1e6, abs=1e-6)
+        assert (groups[eval_id]["kind"], groups[eval_id]["images_done"]) == ("evaluate", 2)
+        assert doomed_id not in groups, "a cancelled job's images never ran"
     finally:
         worker.kill()  # nothing left to finish gracefully; SIGTERM's warm shutdown takes seconds
         worker.stop()
@@ -234,7 +245,7 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     schema = httpx.get(api + "/openapi.json").json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images", "/v1/jobs/{job_id}/summary",
             "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/retry", "/v1/jobs/{job_id}/verify", "/v1/models",
-            "/healthz", "/metrics", "/v1/queue"} <= set(schema["paths"])
+            "/healthz", "/metrics", "/v1/queue", "/v1/usage"} <= set(schema["paths"])
     assert "JobSubmission" in schema["components"]["schemas"]
 
     anonymous = httpx.get(api + "/v1/jobs")
@@ -242,6 +253,15 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     assert httpx.get(api + "/metrics").status_code == 401  # job counts are the operator's, like the rest
     assert httpx.get(api + "/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.post(api + "/v1/jobs", json=good).status_code == 401
+    assert httpx.get(api + "/v1/usage").status_code == 401
+    for params, field, message in (({"by": "team"}, "by", "not a grouping"),
+                                   ({"since": "yesterday"}, "since", "expected a time ago"),
+                                   ({"label": "team"}, "label", "KEY=VALUE"),
+                                   ({"since": "1d", "until": "2d"}, "until", "must come after")):
+        response = client.get("/v1/usage", params=params)
+        assert response.status_code == 422, (params, response.text)
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["query", field] and message in error["msg"], (params, error)
 
     def job_ids() -> set[str]:
         # the PostgreSQL database is shared by the session, so compare before/after

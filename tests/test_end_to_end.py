@@ -108,6 +108,15 @@ def test_prefix_job_restores_every_image_and_records_metrics(env, s3, worker, tm
         assert row["inference_s"] > 0 and row["download_s"] is not None and row["upload_s"] is not None
         assert set(row["model_versions"]) == {"wiener:psf=motion:length=7,angle=30", "richardson-lucy"}
 
+    # the workers' time on this job, as 'deblur usage' accounts it (per job and device kind)
+    usage = json.loads(run_cli("usage", "--since", "1h", "--by", "job", "--by", "device", "--format", "json"))
+    [spent] = [group for group in usage["groups"] if group["job"] == job_id]
+    assert (spent["device"], spent["images_done"], spent["images_failed"]) == ("cpu", len(samples), 0)
+    assert spent["megapixels"] == pytest.approx(sum(r["width"] * r["height"] for r in rows) / 1e6, abs=1e-6)
+    assert spent["model_seconds"] == pytest.approx(sum(r["inference_s"] for r in rows), abs=2e-3)
+    assert spent["worker_seconds"] == pytest.approx(
+        sum(r["download_s"] + r["inference_s"] + r["upload_s"] for r in rows), abs=2e-3)
+
     # an independent client reads the same rows
     url = env["DEBLUR_DATABASE_URL"]
     if url.startswith("sqlite"):

@@ -1,0 +1,169 @@
+"""What the workers' time went to: finished images counted per job, UTC day, device and worker.
+
+Two sources make one history. The images still recorded are read live, by
+their finish time (``ix_images_finished_at``), so a period's figures are exact to
+the second. ``deblur db prune`` deletes old jobs' images, so before it does it
+writes their totals per day, device and worker to ``usage_rollups``, in the
+same transaction; those count by whole UTC days. An image counts once, with its
+last outcome (a retried image's earlier attempts are overwritten by the worker
+that records the retry), and a cancelled image that never ran counts nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Date, and_, case, cast, func, insert, literal_column, select
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from db.schema import Image, Job, UsageRollup
+
+COUNTED_STATUSES = ("done", "failed")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One job's finished images on one UTC day on one device of one worker, with the seconds they took."""
+
+    day: date
+    job_id: str
+    kind: str
+    labels: dict[str, str]
+    models: str
+    device: str | None
+    worker: str | None
+    done: int
+    failed: int
+    megapixels: float
+    download_s: float
+    inference_s: float
+    upload_s: float
+
+
+def models_text(spec: Mapping[str, Any] | None) -> str:
+    """A job's models as one text, e.g. ``l0-blind:1 + seed001-refine:1``; a saved ensemble is named too."""
+    spec = spec or {}
+    models = " + ".join(str(m) for m in spec.get("models") or ())
+    ensemble = spec.get("ensemble")
+    return f"{ensemble} ({models})" if ensemble else models
+
+
+def _utc_day(session: Session) -> ColumnElement[Any]:
+    """The UTC calendar day an image finished on, in the session's dialect."""
+    if session.get_bind().dialect.name == "postgresql":
+        # a literal, not a bound parameter, so GROUP BY repeats the very expression the SELECT has
+        return cast(func.timezone(literal_column("'UTC'"), Image.finished_at), Date)
+    return func.date(Image.finished_at)  # SQLite keeps UTC times as text: the day is their first ten characters
+
+
+def _as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+def _sums() -> list[ColumnElement[Any]]:
+    done = Image.status == "done"
+    return [
+        func.sum(case((done, 1), else_=0)),
+        func.sum(case((Image.status == "failed", 1), else_=0)),
+        func.sum(case((done, Image.width * Image.height), else_=0)),
+        func.coalesce(func.sum(Image.download_s), 0.0),
+        func.coalesce(func.sum(Image.inference_s), 0.0),
+        func.coalesce(func.sum(Image.upload_s), 0.0),
+    ]
+
+
+def _record(day: Any, row: Any, job_id: str, kind: str, labels: Mapping[str, str] | None,
+            models: str) -> UsageRecord:
+    device, worker, done, failed, pixels, download, inference, upload = row
+    return UsageRecord(
+        day=_as_date(day), job_id=job_id, kind=kind, labels=dict(labels or {}), models=models, device=device,
+        worker=worker, done=int(done or 0), failed=int(failed or 0), megapixels=float(pixels or 0) / 1e6,
+        download_s=float(download or 0.0), inference_s=float(inference or 0.0), upload_s=float(upload or 0.0),
+    )
+
+
+def recorded_usage(session: Session, since: datetime, until: datetime, kind: str | None = None,
+                   labels: Mapping[str, str] | None = None) -> list[UsageRecord]:
+    """The images still recorded that finished in ``[since, until)``, summed per job, UTC day, device and worker.
+
+    Only jobs of ``kind`` and carrying every one of ``labels`` count, when given.
+    """
+    day = _utc_day(session)
+    counted = and_(Image.status.in_(COUNTED_STATUSES), Image.finished_at >= since, Image.finished_at < until)
+    query = (
+        select(Image.job_id, day, Image.device, Image.worker, *_sums())
+        .join(Job, Job.id == Image.job_id)
+        .where(counted)
+        .group_by(Image.job_id, day, Image.device, Image.worker)
+    )
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    for key, value in (labels or {}).items():
+        query = query.where(Job.spec["labels"][key].as_string() == value)
+    rows = session.execute(query).all()
+    jobs = _jobs(session, {row[0] for row in rows})
+    records = []
+    for job_id, row_day, *rest in rows:
+        job_kind, spec = jobs[job_id]
+        records.append(_record(row_day, rest, job_id, job_kind, spec.get("labels"), models_text(spec)))
+    return records
+
+
+def _jobs(session: Session, job_ids: set[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    ordered = sorted(job_ids)
+    for start in range(0, len(ordered), 500):  # a bounded IN list per query
+        chunk = ordered[start:start + 500]
+        for job_id, kind, spec in session.execute(select(Job.id, Job.kind, Job.spec).where(Job.id.in_(chunk))):
+            found[job_id] = (kind, dict(spec or {}))
+    return found
+
+
+def rolled_up_usage(session: Session, since: datetime, until: datetime, kind: str | None = None,
+                    labels: Mapping[str, str] | None = None) -> list[UsageRecord]:
+    """The pruned jobs' totals for the UTC days that ``[since, until)`` touches (whole days: that is all a rollup
+    keeps)."""
+    last_day = (until - timedelta(microseconds=1)).date()
+    query = select(UsageRollup).where(UsageRollup.day >= since.date(), UsageRollup.day <= last_day)
+    if kind is not None:
+        query = query.where(UsageRollup.kind == kind)
+    records = []
+    for rollup in session.scalars(query):
+        carried = dict(rollup.labels or {})
+        if any(carried.get(key) != value for key, value in (labels or {}).items()):
+            continue
+        row = (rollup.device, rollup.worker, rollup.done, rollup.failed, rollup.megapixels * 1e6,
+               rollup.download_s, rollup.inference_s, rollup.upload_s)
+        records.append(_record(rollup.day, row, rollup.job_id, rollup.kind, carried, rollup.models))
+    return records
+
+
+def roll_up_job(session: Session, job_id: str) -> int:
+    """Write a job's usage per UTC day, device and worker to ``usage_rollups`` (before its images are deleted);
+    returns the rows written."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return 0
+    day = _utc_day(session)
+    counted = and_(Image.job_id == job_id, Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None))
+    rows = session.execute(
+        select(day, Image.device, Image.worker, *_sums()).where(counted)
+        .group_by(day, Image.device, Image.worker)
+    ).all()
+    spec = dict(job.spec or {})
+    values = []
+    for row_day, *rest in rows:
+        record = _record(row_day, rest, job_id, job.kind, spec.get("labels"), models_text(spec))
+        values.append({
+            "day": record.day, "job_id": job_id, "kind": record.kind, "labels": record.labels,
+            "models": record.models, "device": record.device, "worker": record.worker, "done": record.done,
+            "failed": record.failed, "megapixels": record.megapixels, "download_s": record.download_s,
+            "inference_s": record.inference_s, "upload_s": record.upload_s,
+        })
+    if values:
+        session.execute(insert(UsageRollup), values)
+    return len(values)
