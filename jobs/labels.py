@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from jobs.errors import InputError
 
+API_CLIENT_LABEL = "api-client"  # set by the HTTP API from the caller's token (producer.api_clients), never by hand
 KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}")
 MAX_LABELS = 20
 MAX_VALUE = 255
@@ -45,3 +46,21 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
             raise InputError(f"--label {item!r}: expected KEY=VALUE, e.g. team=ingest")
         labels[key.strip()] = value
     return check_labels(labels)
+
+
+def check_submitted_labels(labels: Mapping[str, str], api_client: str | None = None) -> dict[str, str]:
+    """A new job's labels: ``labels`` checked, plus ``api-client`` when the HTTP API knows who submits it.
+
+    A submission that sets ``api-client`` itself is refused, so the label always names the token that
+    submitted the job.
+    """
+    if API_CLIENT_LABEL in labels:
+        raise InputError(f"--label {API_CLIENT_LABEL}: this label is set by the HTTP API from the token that "
+                         "submits the job; choose another name")
+    checked = check_labels(labels)
+    if api_client is not None:
+        if len(checked) >= MAX_LABELS:
+            raise InputError(f"--label: at most {MAX_LABELS - 1} labels a job submitted by an API client "
+                             f"(it adds {API_CLIENT_LABEL}), got {len(checked)}")
+        checked[API_CLIENT_LABEL] = api_client
+    return checked

@@ -60,6 +60,7 @@ class Settings:
     api_address: str = "127.0.0.1"
     api_port: int = 8000
     api_token: str | None = None
+    api_clients: str | None = None
     strip_metadata: bool = False
     notify_secret: str | None = None
     notify_max_retries: int = 8
@@ -110,6 +111,11 @@ HELP: dict[str, SettingInfo] = {
     "api_address": SettingInfo("DEBLUR_API_ADDRESS", "address the HTTP API listens on"),
     "api_port": SettingInfo("DEBLUR_API_PORT", "port the HTTP API listens on"),
     "api_token": SettingInfo("DEBLUR_API_TOKEN", "bearer token the HTTP API requires (unset: no auth)"),
+    "api_clients": SettingInfo(
+        "DEBLUR_API_CLIENTS",
+        "file of the HTTP API's client tokens (NAME sha256:DIGEST submit|read a line; 'deblur api-client add'): each "
+        "client's jobs are labelled api-client=NAME; re-read when it changes",
+    ),
     "strip_metadata": SettingInfo("DEBLUR_STRIP_METADATA", "1 to drop EXIF/ICC/XMP from outputs"),
     "notify_secret": SettingInfo(
         "DEBLUR_NOTIFY_SECRET",

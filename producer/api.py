@@ -3,7 +3,10 @@
 ``create_app(settings)`` builds a FastAPI application; ``deblur api`` serves it
 with uvicorn. Every route under ``/v1`` speaks JSON, is described by pydantic
 models (schema at ``/openapi.json``, interactive docs at ``/docs``) and, when
-``DEBLUR_API_TOKEN`` is set, requires ``Authorization: Bearer <token>``.
+``DEBLUR_API_TOKEN`` or ``DEBLUR_API_CLIENTS`` is set, requires
+``Authorization: Bearer <token>``: the shared token, or a client's own (see
+``producer.api_clients``: its jobs are labelled ``api-client=NAME``, and a
+read-only client gets 403 on every change).
 ``/healthz``, ``/openapi.json`` and ``/docs`` stay open for load balancers and
 people; ``/metrics`` (Prometheus text, see ``producer.metrics``) is guarded
 like ``/v1``.
@@ -48,6 +51,7 @@ from sqlalchemy.orm import Session
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import (
+    ConfigurationError,
     InputError,
     InvalidModelSpecError,
     JobFinishedError,
@@ -57,7 +61,7 @@ from jobs.errors import (
     UnknownModelError,
     WeightsError,
 )
-from jobs.labels import check_labels, parse_labels
+from jobs.labels import API_CLIENT_LABEL, check_submitted_labels, parse_labels
 from jobs.layout import parse_output_format
 from jobs.statuses import JOB_STATUSES
 from jobs.s3uri import parse_s3_uri
@@ -65,6 +69,7 @@ from jobs.settings import Settings
 from models.catalog import REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
+from producer.api_clients import SHARED_TOKEN_CLIENT, ApiClient, ClientRegistry
 from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from producer.metrics import (
     RECENT_WINDOW_S,
@@ -131,7 +136,7 @@ def _check_output_format(text: str | None) -> str | None:
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     try:
-        return check_labels(labels)
+        return check_submitted_labels(labels)
     except InputError as exc:
         raise PydanticCustomError("value_error", str(exc).removeprefix("--label: ")) from None
 
@@ -210,14 +215,14 @@ class JobSubmission(BaseModel):
                                              "each output: input and output SHA-256, models and weights' digests, "
                                              "settings, metrics, worker and time.")
 
-    def to_request(self, job_key: str | None) -> JobRequest:
+    def to_request(self, job_key: str | None, api_client: str | None = None) -> JobRequest:
         return JobRequest(
             kind=self.kind, inputs=list(self.inputs), output=self.output, models=list(self.models),
             references=self.sharp, gopro=self.gopro, strength=self.strength, batch_size=self.batch_size,
             priority=self.priority, strip_metadata=self.strip_metadata, job_key=job_key,
             align=self.align, crop_border=self.crop_border, light=self.light, skip_existing=self.skip_existing,
             notify_url=self.notify_url, output_format=self.output_format, quality=self.quality,
-            sidecar=self.sidecar, window=self.window, labels=dict(self.labels),
+            sidecar=self.sidecar, window=self.window, labels=dict(self.labels), api_client=api_client,
         )
 
 
@@ -549,19 +554,36 @@ def create_app(settings: Settings) -> FastAPI:
         with session_scope(db_url) as s:
             yield s
 
-    bearer = HTTPBearer(auto_error=False, description="The server's DEBLUR_API_TOKEN.")
-    expected = settings.api_token.encode() if settings.api_token else None
+    bearer = HTTPBearer(auto_error=False, description="A client's token (DEBLUR_API_CLIENTS, see 'deblur api-client "
+                                                      "add') or the shared DEBLUR_API_TOKEN.")
+    registry = ClientRegistry(settings.api_clients, settings.api_token)
 
     # a default rather than Annotated: postponed annotations cannot see the local ``bearer``
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if expected is not None and not (credentials and secrets.compare_digest(given, expected)):
+    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiClient:  # noqa: B008
+        """Who is asking: the client whose token this is (401 for none or an unknown one)."""
+        if not registry.required:
+            return SHARED_TOKEN_CLIENT
+        try:
+            client = registry.authenticate(credentials.credentials) if credentials is not None else None
+        except ConfigurationError:
+            raise HTTPException(503, "the API's clients file (DEBLUR_API_CLIENTS) cannot be read or parsed; "
+                                     "see the API server's log", headers={"Retry-After": "5"}) from None
+        if client is None:
             raise HTTPException(
-                401, "missing or wrong bearer token: send 'Authorization: Bearer <DEBLUR_API_TOKEN>'",
-                headers={"WWW-Authenticate": "Bearer"},
+                401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with your client's token "
+                     "or the shared DEBLUR_API_TOKEN", headers={"WWW-Authenticate": "Bearer"},
             )
+        return client
 
-    guarded = [Depends(require_token)] if expected is not None else []
+    def submitter(client: ApiClient = Depends(caller)) -> ApiClient:  # noqa: B008
+        """A caller that may change things (scope submit); 403 for a read-only client."""
+        if not client.may_submit:
+            raise HTTPException(403, f"client {client.name!r} may only read (scope 'read' in DEBLUR_API_CLIENTS); "
+                                     "submitting, cancelling, pausing, retrying and verifying need scope 'submit'")
+        return client
+
+    guarded = [Depends(caller)]
+    writers = [Depends(submitter)]
 
     @app.exception_handler(UnknownJobError)
     def _unknown_job(_: Request, exc: UnknownJobError) -> JSONResponse:
@@ -598,7 +620,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "summary_url": f"{prefix}/jobs/{job_id}/summary"}
 
     @app.post(
-        f"{prefix}/jobs", response_model=JobCreated, status_code=201, dependencies=guarded, tags=["jobs"],
+        f"{prefix}/jobs", response_model=JobCreated, status_code=201, tags=["jobs"],
         responses={200: {"model": JobCreated, "description": "The key was used before: the first job."},
                    422: {"description": "A field is malformed or refused (unknown model, missing bucket, …)."}},
     )
@@ -607,6 +629,7 @@ def create_app(settings: Settings) -> FastAPI:
         response: Response,
         idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255,
                                                       description="Same as job_key in the body.")] = None,
+        client: ApiClient = Depends(submitter),  # noqa: B008
     ) -> JobCreated:
         """Validate and enqueue a job (201); a repeated idempotency key returns the first job (200).
 
@@ -618,7 +641,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
                                     f"Idempotency-Key header {idempotency_key!r}; send one of them")
         try:
-            result = submit(body.to_request(idempotency_key or body.job_key), settings)
+            result = submit(body.to_request(idempotency_key or body.job_key, api_client=client.name), settings)
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         if not result.created:
@@ -652,12 +675,20 @@ def create_app(settings: Settings) -> FastAPI:
                                                              "them).")] = None,
         status: Annotated[Literal[JOB_STATUSES] | None,  # type: ignore[valid-type]
                           Query(description="Only jobs in this state.")] = None,
+        mine: Annotated[bool, Query(description="Only jobs submitted with your client token (label "
+                                                f"{API_CLIENT_LABEL}).")] = False,
+        client: ApiClient = Depends(caller),  # noqa: B008
     ) -> list[JobListItem]:
-        """The most recent jobs, newest first; with ``label`` and ``status``, only those that match."""
+        """The most recent jobs, newest first; with ``label``, ``status`` and ``mine``, only those that match."""
         try:
             wanted = parse_labels(label or [])
         except InputError as exc:
             raise _validation_error(("query", "label"), str(exc)) from None
+        if mine:
+            if client.name is None:
+                raise _validation_error(("query", "mine"), "mine=true needs a client's own token (DEBLUR_API_CLIENTS, "
+                                                           "see 'deblur api-client add'); this request has none")
+            wanted[API_CLIENT_LABEL] = client.name
         return [JobListItem(**job, status_url=urls(job["id"])["status_url"])
                 for job in find_jobs(settings, wanted, status, limit)]
 
@@ -710,7 +741,7 @@ def create_app(settings: Settings) -> FastAPI:
         rows.sort(key=lambda r: (r["model"], r["name"]))
         return JobSummary(job_id=key, status=status, metrics=[SummaryRow(**r) for r in _json_ready(rows)])
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=guarded,
+    @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=writers,
               tags=["jobs"], responses={404: {"description": "No job with this id."},
                                         409: {"description": "The job already finished."}})
     def cancel(job_id: JobId) -> CancelResult:
@@ -722,7 +753,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = str(job_id)
         return CancelResult(id=key, status="cancelled", cancelled=cancel_job(settings, key))
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=guarded, tags=["jobs"],
+    @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=writers, tags=["jobs"],
               responses={404: {"description": "No job with this id."}, 409: {"description": "The job finished."},
                          422: {"description": "The job has no window, or is still being submitted."}})
     def pause(job_id: JobId) -> PauseResult:
@@ -730,7 +761,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = str(job_id)
         return PauseResult(id=key, status="paused", changed=pause_job(settings, key))
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=guarded,
+    @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=writers,
               tags=["jobs"], responses={404: {"description": "No job with this id."}})
     def resume(job_id: JobId) -> PauseResult:
         """Let a paused job send its batches again, at once as many as its window holds."""
@@ -739,7 +770,7 @@ def create_app(settings: Settings) -> FastAPI:
         return PauseResult(id=key, status=job_status(settings, key)["status"], changed=sent is not None,
                            sent=sent or 0)
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=guarded, tags=["jobs"],
+    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=writers, tags=["jobs"],
               responses={404: {"description": "No job with this id."}})
     def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None) -> RetryResult:
         """Re-enqueue a job's failed and/or stalled images; outputs go to the same keys.
@@ -752,7 +783,7 @@ def create_app(settings: Settings) -> FastAPI:
                          stalled_after=body.stalled_after if body.stalled else None)
         return RetryResult(id=key, requeued=n)
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=guarded,
+    @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=writers,
               tags=["results"], responses={404: {"description": "No job with this id."}})
     def verify(job_id: JobId, body: Annotated[VerifyRequest | None, Body()] = None) -> VerifyResult:
         """Check that every done image's output is still in storage as written (fixity).

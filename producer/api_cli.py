@@ -7,11 +7,14 @@ extra still runs every other command.
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import click
 from rich.console import Console
 
+from jobs.errors import ConfigurationError
 from jobs.settings import HELP, Settings, load_settings
+from producer.api_clients import ClientRegistry, add_client, parse_clients, remove_client
 
 console = Console(stderr=True)
 
@@ -51,7 +54,9 @@ def api_command(address: str, port: int, token: str | None, allow_no_token: bool
     a health check (database and broker) at /healthz.
 
     The API uses the same database, broker and S3 settings as the other
-    commands (see 'deblur config').
+    commands (see 'deblur config'). Give each backend its own token with
+    'deblur api-client add NAME' (DEBLUR_API_CLIENTS): its jobs are then
+    labelled api-client=NAME, and a client can be revoked alone.
 
     \b
     Example:
@@ -63,14 +68,85 @@ def api_command(address: str, port: int, token: str | None, allow_no_token: bool
     from producer.api import create_app
 
     settings = load_settings(api_address=address, api_port=port, api_token=token or None)
-    if not settings.api_token and not is_loopback(settings.api_address) and not allow_no_token:
+    try:
+        registry = ClientRegistry(settings.api_clients, settings.api_token)
+    except ConfigurationError as exc:
+        raise click.UsageError(f"{exc}. Mend the file (or unset DEBLUR_API_CLIENTS) and start again.") from None
+    if not registry.required and not is_loopback(settings.api_address) and not allow_no_token:
         raise click.UsageError(
             f"refusing to serve on {settings.api_address} without a token: anyone who can reach it could "
-            "submit and cancel jobs. Set DEBLUR_API_TOKEN (or --token), listen on 127.0.0.1, or pass "
-            "--allow-no-token if a proxy in front authenticates requests."
+            "submit and cancel jobs. Give each client a token ('deblur api-client add NAME', DEBLUR_API_CLIENTS) "
+            "or set DEBLUR_API_TOKEN (or --token), listen on 127.0.0.1, or pass --allow-no-token if a proxy in "
+            "front authenticates requests."
         )
     host = f"[{settings.api_address}]" if ":" in settings.api_address else settings.api_address
-    auth = "bearer token required" if settings.api_token else "no token (DEBLUR_API_TOKEN unset)"
-    console.print(f"deblur API on http://{host}:{settings.api_port}  docs: /docs  auth: {auth}",
+    console.print(f"deblur API on http://{host}:{settings.api_port}  docs: /docs  auth: {registry.describe()}",
                   highlight=False, soft_wrap=True)
     uvicorn.run(create_app(settings), host=settings.api_address, port=settings.api_port, log_level=log_level)
+
+
+def _clients_file(path: str | None) -> Path:
+    chosen = path or load_settings().api_clients
+    if not chosen:
+        raise click.UsageError("no clients file: set DEBLUR_API_CLIENTS (the file the API reads) or pass --file")
+    return Path(chosen)
+
+
+FILE_OPTION = click.option("--file", "path", default=None, metavar="PATH",
+                           help="The clients file (default: DEBLUR_API_CLIENTS, the file the API reads).")
+
+
+@click.group(name="api-client")
+def api_client_group() -> None:
+    """Give each backend its own API token, list them, revoke one.
+
+    The API reads the clients file named by DEBLUR_API_CLIENTS and notices
+    changes within a second, so no restart is needed. The file keeps only
+    the tokens' SHA-256 digests: a token is printed once, when it is made.
+    Jobs a client submits are labelled api-client=NAME, so
+    'deblur usage --by label:api-client' charges each client for its own.
+
+    \b
+    Example:
+      export DEBLUR_API_CLIENTS=/etc/deblur/api-clients
+      deblur api-client add ingest-backend          # prints its token
+      deblur api-client add grafana --read-only     # GET routes only
+      deblur api-client remove ingest-backend       # revoked at once
+    """
+
+
+@api_client_group.command("add")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="The client may only read (GET routes, job previews).")
+@FILE_OPTION
+def add_command(name: str, read_only: bool, path: str | None) -> None:
+    """Make a token for client NAME and add it to the clients file; prints the token (only now)."""
+    target = _clients_file(path)
+    token = add_client(target, name, scope="read" if read_only else "submit")
+    click.echo(token)
+    console.print(f"client {name!r} added to {target} ({'read' if read_only else 'submit'}); the token above is "
+                  "not stored anywhere: hand it to the client now", highlight=False, soft_wrap=True)
+
+
+@api_client_group.command("list")
+@FILE_OPTION
+def list_command(path: str | None) -> None:
+    """The clients file's clients: name, scope and the start of the token's digest."""
+    target = _clients_file(path)
+    clients = parse_clients(target.read_text(), source=str(target)) if target.exists() else {}
+    if not clients:
+        console.print(f"no clients in {target}", highlight=False)
+    for digest, client in sorted(clients.items(), key=lambda item: item[1].name or ""):
+        click.echo(f"{client.name}\t{client.scope}\t{digest[:19]}…")
+
+
+@api_client_group.command("remove")
+@click.argument("name")
+@FILE_OPTION
+def remove_command(name: str, path: str | None) -> None:
+    """Revoke client NAME: its token stops working within a second."""
+    target = _clients_file(path)
+    if not remove_client(target, name):
+        raise click.ClickException(f"{target} has no client {name!r} (see 'deblur api-client list')")
+    console.print(f"client {name!r} removed from {target}", highlight=False)
+

@@ -49,6 +49,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("producer.report_cli:report_command", "Print a job's paper-style table and write an HTML report."),
     "ensemble": ("producer.ensemble_cli:ensemble_group", "Fit and save ensemble weights from an evaluation job."),
     "api": ("producer.api_cli:api_command", "Serve the HTTP API for backend teams."),
+    "api-client": ("producer.api_cli:api_client_group", "Give each backend its own API token, list or revoke them."),
     "usage": ("producer.usage_cli:usage_command", "What the workers spent: images, megapixels and time, by team."),
 }
 

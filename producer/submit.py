@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
-from jobs.labels import check_labels
+from jobs.labels import check_submitted_labels
 from jobs.messages import PROCESS_BATCH_TASK, ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
@@ -57,6 +57,7 @@ class JobRequest:
     sidecar: bool = False  # a provenance record (<output>.deblur.json) next to each output
     window: int | None = None  # batches in the broker at once (DEBLUR_JOB_WINDOW when None; 0: all at submission)
     labels: dict[str, str] = field(default_factory=dict)  # a team's own names for the job (jobs.labels)
+    api_client: str | None = None  # the HTTP API's caller (producer.api_clients): labelled api-client=NAME
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -149,7 +150,7 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
     if request.kind == "evaluate" and (request.output_format or request.quality or request.sidecar):
         raise InputError("--output-format, --quality and --sidecar apply to deblur jobs only")
-    check_labels(request.labels)
+    check_submitted_labels(request.labels, request.api_client)
     if request.window is not None and request.window < 0:
         raise InputError(f"--window must be >= 0 batches (0: every batch at submission), got {request.window}")
     if request.quality is not None and not 1 <= request.quality <= 100:
@@ -243,7 +244,7 @@ def submit(
         "quality": request.quality,
         "sidecar": request.sidecar,
         "window": window,
-        "labels": dict(request.labels),
+        "labels": check_submitted_labels(request.labels, request.api_client),
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,21 +48,27 @@ def bucket(env: dict[str, str]) -> tuple[Any, str]:
     return client, name
 
 
-@pytest.fixture
-def api(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    """``deblur api`` in a subprocess on a free loopback port; yields its base URL."""
+@contextmanager
+def serving_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``deblur api`` in a subprocess on a free loopback port with ``env``; yields its base URL."""
     port = free_port()
-    with (tmp_path / "api.log").open("w") as log:
+    with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
                                 env=service_env(env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             try:
                 wait_for_port(port, 60, proc)
             except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{exc}\n{(tmp_path / 'api.log').read_text()[-3000:]}") from None
+                raise RuntimeError(f"{exc}\n{log_path.read_text()[-3000:]}") from None
             yield f"http://127.0.0.1:{port}"
         finally:
             stop(proc)
+
+
+@pytest.fixture
+def api(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    with serving_api(env, tmp_path / "api.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -390,3 +397,75 @@ def test_preview_skip_existing_and_colliding_outputs_over_http(env, bucket, clie
     assert nothing.status_code == 200, nothing.text
     assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "ignored": {".heic": 1},
                               "status_url": None}
+
+
+def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing(  # type: ignore[no-untyped-def]
+        env, bucket, tmp_path) -> None:
+    """Given a clients file with a submitting and a read-only client beside the shared token, the API labels each
+    client's jobs with its name, refuses the read-only one every change (403), and follows the file as it is
+    edited: a removed client is refused (401), a broken file refuses everyone (503) until it is mended."""
+    from producer.api_clients import RECHECK_S, add_client, remove_client
+
+    s3, name = bucket
+    upload(s3, name, "in/", mixed_samples()[:2])
+    clients_file = tmp_path / "api-clients"
+    ingest = add_client(clients_file, "ingest-backend")
+    grafana = add_client(clients_file, "grafana", scope="read")
+    body = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/", "models": [MODEL],
+            "labels": {"team": "ingest"}}
+
+    def as_(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    with serving_api({**env, "DEBLUR_API_CLIENTS": str(clients_file)}, tmp_path / "api.log") as api, \
+            httpx.Client(base_url=api, timeout=60) as http:
+        created = http.post("/v1/jobs", json=body, headers=as_(ingest))
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        job = http.get(f"/v1/jobs/{job_id}", headers=as_(grafana))  # a read-only client reads
+        assert job.status_code == 200 and job.json()["spec"]["labels"] == {"team": "ingest",
+                                                                           "api-client": "ingest-backend"}
+        shared = http.post("/v1/jobs", json={**body, "output": f"s3://{name}/shared/"}, headers=as_(TOKEN))
+        assert shared.status_code == 201, shared.text  # the shared token still works, and names no client
+        assert http.get(f"/v1/jobs/{shared.json()['id']}", headers=as_(TOKEN)).json()["spec"]["labels"] == {
+            "team": "ingest"}
+
+        for path, payload in (("/v1/jobs", body), (f"/v1/jobs/{job_id}/cancel", None),
+                              (f"/v1/jobs/{job_id}/retry", {"failed": True}), (f"/v1/jobs/{job_id}/verify", None)):
+            refused = http.post(path, json=payload, headers=as_(grafana))
+            assert refused.status_code == 403 and "may only read" in refused.json()["detail"], (path, refused.text)
+        preview = http.post("/v1/jobs/preview", json=body, headers=as_(grafana))
+        assert preview.status_code == 200 and preview.json()["total"] == 2
+
+        mine = http.get("/v1/jobs", params={"mine": "true", "limit": 1000}, headers=as_(ingest)).json()
+        assert [j["id"] for j in mine] == [job_id]
+        assert http.get("/v1/jobs", params={"mine": "true"}, headers=as_(grafana)).json() == []
+        anonymous_mine = http.get("/v1/jobs", params={"mine": "true"}, headers=as_(TOKEN))
+        assert anonymous_mine.status_code == 422 and anonymous_mine.json()["detail"][0]["loc"] == ["query", "mine"]
+        forged = http.post("/v1/jobs", json={**body, "labels": {"api-client": "someone-else"}}, headers=as_(ingest))
+        assert forged.status_code == 422 and forged.json()["detail"][0]["loc"] == ["body", "labels"], forged.text
+        assert "set by the HTTP API" in forged.json()["detail"][0]["msg"]
+
+        assert http.post(f"/v1/jobs/{job_id}/cancel", headers=as_(ingest)).status_code == 200
+
+        def status_after_edit(token: str) -> int:
+            deadline = time.monotonic() + 10 * RECHECK_S + 5
+            while True:
+                code = http.get("/v1/jobs", headers=as_(token)).status_code
+                if code != 200 or time.monotonic() > deadline:
+                    return code
+                time.sleep(0.2)
+
+        assert remove_client(clients_file, "ingest-backend")
+        assert status_after_edit(ingest) == 401  # revoked without a restart
+        assert http.get("/v1/jobs", headers=as_(grafana)).status_code == 200
+        original = clients_file.read_text()
+        clients_file.write_text(original + "half a line\n")
+        broken = status_after_edit(grafana)
+        assert broken == 503, broken
+        clients_file.write_text(original)
+        deadline = time.monotonic() + 10
+        while http.get("/v1/jobs", headers=as_(grafana)).status_code != 200:
+            assert time.monotonic() < deadline, "the mended file was not read again"
+            time.sleep(0.2)
+    assert "API clients file refused" in (tmp_path / "api.log").read_text()

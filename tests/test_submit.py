@@ -460,7 +460,7 @@ def test_labels_are_kept_with_the_job_and_select_it_in_listings(env, s3) -> None
     assert other_id not in invoke("status", "--label", f"team={team}").output
 
     before = job_count(env)
-    for bad in ("team", "bad key=x", "=x"):
+    for bad in ("team", "bad key=x", "=x", "api-client=someone"):  # the last is the HTTP API's to set
         refused = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/d/", "--label", bad)
         assert refused.exit_code == 2 and "--label" in refused.output, refused.output
     assert job_count(env) == before
