@@ -30,6 +30,7 @@ from db.schema import (
 )
 from db.usage import roll_up_job
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
+from jobs.review import REVIEW_REASONS, review_reason
 
 
 SUBMISSION_STALE_S = 600  # a job 'submitting' with no progress for this long was abandoned by its producer
@@ -201,6 +202,17 @@ def status_counts(session: Session, job_id: str) -> dict[str, int]:
     return counts
 
 
+def review_counts(session: Session, job_id: str) -> dict[str, int]:
+    """Done images flagged for review, per reason (:data:`jobs.review.REVIEW_REASONS`, zero when none)."""
+    rows = session.execute(
+        select(Image.review, func.count()).where(Image.job_id == job_id, Image.status == "done",
+                                                 Image.review.is_not(None)).group_by(Image.review)
+    ).all()
+    counts = dict.fromkeys(REVIEW_REASONS, 0)
+    counts.update({reason: int(n) for reason, n in rows})
+    return counts
+
+
 def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str) -> list[str]:
     """Claim a batch's images; returns the inputs still to process (not cancelled/done).
 
@@ -327,6 +339,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
                 device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
                 input_sha256=o.input_sha256, output_sha256=o.output_sha256, unfinished_starts=0,
+                review=review_reason(o.metrics) if o.status == "done" else None,
             )
         )
     session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
@@ -369,7 +382,7 @@ def mark_image_failed(session: Session, job_id: str, input_uri: str, error: str)
     """Turn a done image into a failed one (its output key is kept, so a retry writes it again)."""
     session.execute(
         update(Image).where(Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done")
-        .values(status="failed", error=error, output_sha256=None, finished_at=utcnow())
+        .values(status="failed", error=error, output_sha256=None, review=None, finished_at=utcnow())
     )
 
 
@@ -470,17 +483,21 @@ def image_rows(
     limit: int | None = None,
     offset: int = 0,
     order_by_metric: tuple[str, str] | None = None,
+    review: bool = False,
 ) -> list[dict[str, Any]]:
     """Image results with their metrics, as plain dicts (one per image).
 
     ``metrics`` maps a metric name to the ensemble's value (``psnr``, ``ssim``,
     sharpness…) and ``metrics_by_model`` holds every model's, including
     ``input``. ``order_by_metric=(model, name)`` sorts ascending by that metric
-    (worst PSNR first), images without it last.
+    (worst PSNR first), images without it last. ``review`` keeps only the done
+    images flagged for review (:mod:`jobs.review`).
     """
     query = select(Image).where(Image.job_id == job_id)
     if status:
         query = query.where(Image.status == status)
+    if review:
+        query = query.where(Image.status == "done", Image.review.is_not(None))
     if order_by_metric is not None:
         model, name = order_by_metric
         value = (
@@ -527,6 +544,7 @@ def image_dict(image: Image, by_model: dict[str, dict[str, float | None]]) -> di
         "status": image.status,
         "error": image.error,
         "attempts": image.attempts,
+        "review": image.review if image.status == "done" else None,
         "width": image.width,
         "height": image.height,
         "format": image.format,

@@ -104,6 +104,8 @@ class Image(Base):
     output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # starts since the last outcome or retry: each one that never reached an outcome lost its worker
     unfinished_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # why a person should look at this done image (jobs.review: the blind model returned it as it came), or None
+    review: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="images")
 

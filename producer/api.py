@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -288,6 +287,11 @@ class JobStatus(BaseModel):
     batches: dict[str, int] | None = Field(
         None, description="Jobs with a window: the window, and batches listed, sent so far and in flight (in the "
                           "broker or running). Null without a window.")
+    review: dict[str, int] = Field(
+        default_factory=dict,
+        description="Done images a person should look at, per reason: not_restored (blur detected but no kernel "
+                    "estimate held, returned as it came) and judged_sharp (no blur worth removing found). "
+                    "GET images_url?review=true lists them.")
     images_url: str
     summary_url: str
 
@@ -314,6 +318,9 @@ class ImageResult(BaseModel):
     input_sha256: str | None = Field(None, description="SHA-256 of the input as the worker read it.")
     output_sha256: str | None = Field(None, description="SHA-256 of the output as written; null unless done. "
                                                         "'deblur verify' checks it against the stored object.")
+    review: str | None = Field(None, description="Why a person should look at this done image: not_restored or "
+                                                 "judged_sharp (the blind model returned it as it came); null when "
+                                                 "there is no reason.")
     started_at: str | None
     finished_at: str | None
     metrics: dict[str, MetricValue] = Field(
@@ -711,19 +718,28 @@ def create_app(settings: Settings) -> FastAPI:
         worst: Annotated[int | None, Query(ge=1, description="Only the N images with the lowest metric "
                                                              "(ensemble), worst first.")] = None,
         metric: Annotated[str, Query(min_length=1, description="Metric that worst sorts by.")] = "psnr",
+        review: Annotated[bool, Query(description="Only done images flagged for review (the blind model returned "
+                                                  "them as they came; see the job's review counts).")] = False,
     ) -> ImagePage:
         """Page through a job's per-image results and metrics (ordered by image, or worst first)."""
         key = str(job_id)
         with session() as s:
             queries.get_job(s, key)
             counts = queries.status_counts(s, key)
-        matching = counts[status] if status else sum(counts.values())
+            flagged = sum(queries.review_counts(s, key).values()) if review else 0
+        if review and status not in (None, "done"):
+            matching = 0  # only done images are flagged
+        elif review:
+            matching = flagged
+        else:
+            matching = counts[status] if status else sum(counts.values())
         if worst is not None:
             matching = min(matching, worst)
             take = max(0, min(limit, worst - offset))
-            rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset) if take else []
+            rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset,
+                                 review=review) if take else []
         else:
-            rows = fetch_results(settings, key, status=status, limit=limit, offset=offset)
+            rows = fetch_results(settings, key, status=status, limit=limit, offset=offset, review=review)
         end = offset + len(rows)
         more = len(rows) == limit and end < matching
         return ImagePage(job_id=key, items=[ImageResult(**row) for row in _json_ready(rows)], limit=limit,

@@ -404,14 +404,27 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
 @option("--metric", default="psnr", show_default=True, help="Metric --worst sorts by.")
 @option("--limit", type=click.IntRange(1), default=None, help="At most this many rows.")
 @option("--offset", type=click.IntRange(0), default=0, help="Skip this many rows (paging).")
+@option("--review", is_flag=True,
+        help="Only done images a person should look at: the blind model returned them as they came (blurred but "
+             "no kernel estimate held, or judged sharp); the 'review' column says which.")
 def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str,
-            limit: int | None, offset: int) -> None:
-    """Per-image results of a job: input, output, status, error and metrics."""
+            limit: int | None, offset: int, review: bool) -> None:
+    """Per-image results of a job: input, output, status, error and metrics.
+
+    The CSV's first column is the input's URI, so a selection is a manifest
+    for a new job, e.g. the images to try with another model:
+
+    \b
+      deblur results JOB --review --format csv > review.csv
+      deblur submit review.csv -o s3://archive/second-pass/ --model nafnet-gopro
+    """
     from producer.tracking import fetch_results, full_job_id, results_csv, results_json, results_table
 
     settings = _settings()
+    if review and failed:
+        raise click.UsageError("--review lists done images and --failed failed ones: give one of them")
     rows = fetch_results(settings, full_job_id(settings, job), status="failed" if failed else status_filter,
-                         worst=worst, metric=metric, limit=limit, offset=offset)
+                         worst=worst, metric=metric, limit=limit, offset=offset, review=review)
     if fmt == "json":
         click.echo(results_json(rows))
     elif fmt == "csv":

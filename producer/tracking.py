@@ -21,6 +21,7 @@ from jobs.errors import InputError, JobFinishedError
 from jobs.labels import check_labels
 from jobs.layout import describe_output_format
 from jobs.notify import announce_if_wanted
+from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.settings import Settings
 
 
@@ -141,6 +142,7 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
             "submission_stalled": job.status == "submitting" and _older_than(job.updated_at,
                                                                              queries.SUBMISSION_STALE_S),
         }
+        info["review"] = queries.review_counts(session, job_id)  # done images to look at (jobs.review)
         if (job.spec or {}).get("window"):  # batches listed, sent so far and in flight (producer.dispatch)
             info["batches"] = {"window": int(job.spec["window"]), "listed": job.batches_listed,
                                "sent": job.batches_sent, "in_flight": job.batches_in_flight}
@@ -244,6 +246,13 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""
         console.print(f"output: {spec['output']}{written}{records}")
+    review = {reason: n for reason, n in (info.get("review") or {}).items() if n}
+    if review:
+        what = {NOT_RESTORED: "blurred but not restored (no kernel estimate held)",
+                JUDGED_SHARP: "judged sharp (no blur worth removing found)"}
+        parts = [f"{n} {what.get(reason, reason)}" for reason, n in review.items()]
+        console.print(f"[yellow]to review:[/yellow] {'; '.join(parts)}; returned as they came. List them with "
+                      f"'deblur results {info['id'][:8]} --review'", soft_wrap=True, highlight=False)
     if info["status"] == "paused":
         console.print("[yellow]paused:[/yellow] no more of its batches are sent (those sent before still run); "
                       f"'deblur resume {info['id'][:8]}' sends the rest", soft_wrap=True)
@@ -257,7 +266,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
 
 
 def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
-                  metric: str = "psnr", limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+                  metric: str = "psnr", limit: int | None = None, offset: int = 0,
+                  review: bool = False) -> list[dict[str, Any]]:
+    """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at."""
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
@@ -266,7 +277,8 @@ def fetch_results(settings: Settings, job_id: str, status: str | None = None, wo
         if worst is not None:
             order = ("ensemble", metric)
             limit = worst
-        return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order)
+        return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order,
+                                  review=review)
 
 
 def _json_safe(value: Any) -> Any:
@@ -297,10 +309,10 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
     names = _metric_names(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names])
+    writer.writerow(["input", "output", "status", "error", "review", "width", "height", "inference_s", *names])
     for row in rows:
         writer.writerow([row["input"], row["output"] or "", row["status"], row["error"] or "",
-                         row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
+                         row.get("review") or "", row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
                          *(_fmt(row["metrics"].get(n)) for n in names)])
     return buffer.getvalue()
 
@@ -332,8 +344,9 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
     prefix = _common_prefix([r["input"] for r in rows])
     table = Table(show_lines=False, title=f"images under {prefix}" if prefix else None, title_justify="left")
     any_error = any(r["error"] for r in rows)
+    any_review = any(r.get("review") for r in rows)
     headers = ["image", "status", "size", "sec", *(SHORT_NAMES.get(n, n) for n in names)]
-    for column in headers + (["error"] if any_error else []):
+    for column in headers + (["review"] if any_review else []) + (["error"] if any_error else []):
         table.add_column(column, overflow="fold", no_wrap=column not in {"image", "error"})
     out_prefix = _common_prefix([r["output"] for r in rows if r["output"]])
     for row in rows:
@@ -347,7 +360,8 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
                 cells.append(f"{_short(before)}→{_short(after)}")
             else:
                 cells.append(_short(after))
-        tail = [f"[red]{row['error'] or ''}[/red]"] if any_error else []
+        tail = ([row.get("review") or ""] if any_review else []) + (
+            [f"[red]{row['error'] or ''}[/red]"] if any_error else [])
         table.add_row(row["input"].removeprefix(prefix), row["status"], size,
                       _short(row["inference_s"]), *cells, *tail)
     console.print(table)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -282,3 +284,21 @@ def queued_tasks(env: dict[str, str]) -> list[tuple[str, list[Any]]]:
                 payload = base64.b64decode(payload)
             tasks.append((message["headers"]["task"], json.loads(payload)[0]))
     return tasks
+
+
+@contextmanager
+def serving_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``deblur api`` in a subprocess on a free loopback port with ``env`` (settings as ``use_services`` returns
+    them); yields its base URL."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+                                env=service_env(env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_for_port(port, 60, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n{log_path.read_text()[-3000:]}") from None
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(proc)

@@ -9,12 +9,9 @@ requests get 401, 404 or 422 naming the field.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import free_port, stop, wait_for_port
-from tests.e2e_helpers import ROOT, WorkerProcess, mixed_samples, service_env, upload, use_services
+from tests.e2e_helpers import WorkerProcess, mixed_samples, serving_api, service_env, upload, use_services
 
 pytestmark = [pytest.mark.integration]
 
@@ -46,23 +42,6 @@ def bucket(env: dict[str, str]) -> tuple[Any, str]:
     name = f"api-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=name)
     return client, name
-
-
-@contextmanager
-def serving_api(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """``deblur api`` in a subprocess on a free loopback port with ``env``; yields its base URL."""
-    port = free_port()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
-                                env=service_env(env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            try:
-                wait_for_port(port, 60, proc)
-            except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"{exc}\n{log_path.read_text()[-3000:]}") from None
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop(proc)
 
 
 @pytest.fixture
@@ -140,6 +119,8 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         info = wait_finished(client, job_id)
         assert info["status"] == "done", info
         assert info["counts"] == {"pending": 0, "running": 0, "done": 4, "failed": 1, "cancelled": 0}
+        assert info["review"] == {"not_restored": 0, "judged_sharp": 0}  # wiener has no blind estimate to doubt
+        assert client.get(f"/v1/jobs/{job_id}/images", params={"review": "true"}).json()["total"] == 0
 
         # operators see the same outcomes in the Prometheus metrics (the database is shared: at least)
         scrape = client.get("/metrics")
