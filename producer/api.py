@@ -647,6 +647,10 @@ def create_app(settings: Settings) -> FastAPI:
         if idempotency_key and body.job_key and idempotency_key != body.job_key:
             raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
                                     f"Idempotency-Key header {idempotency_key!r}; send one of them")
+        if client.max_priority is not None and body.priority > client.max_priority:
+            raise HTTPException(403, f"client {client.name!r} may submit jobs up to priority {client.max_priority} "
+                                     f"(its max_priority in DEBLUR_API_CLIENTS); this one asks for {body.priority}")
+        body = body.model_copy(update={"window": client.limited_window(body.window)})
         try:
             result = submit(body.to_request(idempotency_key or body.job_key, api_client=client.name), settings)
         except InputError as exc:

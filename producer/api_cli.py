@@ -111,6 +111,7 @@ def api_client_group() -> None:
       export DEBLUR_API_CLIENTS=/etc/deblur/api-clients
       deblur api-client add ingest-backend          # prints its token
       deblur api-client add grafana --read-only     # GET routes only
+      deblur api-client add web --max-priority 5 --window 4   # limits
       deblur api-client remove ingest-backend       # revoked at once
     """
 
@@ -118,11 +119,17 @@ def api_client_group() -> None:
 @api_client_group.command("add")
 @click.argument("name")
 @click.option("--read-only", is_flag=True, help="The client may only read (GET routes, job previews).")
+@click.option("--max-priority", type=click.IntRange(0, 9), default=None,
+              help="Refuse (403) the client's jobs above this priority.")
+@click.option("--window", type=click.IntRange(1), default=None, metavar="BATCHES",
+              help="At most this many batches of each of the client's jobs in the broker at once (a job asking "
+                   "for none, 0 or more gets this many), so its jobs take turns with everyone else's.")
 @FILE_OPTION
-def add_command(name: str, read_only: bool, path: str | None) -> None:
+def add_command(name: str, read_only: bool, max_priority: int | None, window: int | None, path: str | None) -> None:
     """Make a token for client NAME and add it to the clients file; prints the token (only now)."""
     target = _clients_file(path)
-    token = add_client(target, name, scope="read" if read_only else "submit")
+    token = add_client(target, name, scope="read" if read_only else "submit",
+                       limits={"max_priority": max_priority, "window": window})
     click.echo(token)
     console.print(f"client {name!r} added to {target} ({'read' if read_only else 'submit'}); the token above is "
                   "not stored anywhere: hand it to the client now", highlight=False, soft_wrap=True)
@@ -131,13 +138,15 @@ def add_command(name: str, read_only: bool, path: str | None) -> None:
 @api_client_group.command("list")
 @FILE_OPTION
 def list_command(path: str | None) -> None:
-    """The clients file's clients: name, scope and the start of the token's digest."""
+    """The clients file's clients: name, scope, limits and the start of the token's digest."""
     target = _clients_file(path)
     clients = parse_clients(target.read_text(), source=str(target)) if target.exists() else {}
     if not clients:
         console.print(f"no clients in {target}", highlight=False)
     for digest, client in sorted(clients.items(), key=lambda item: item[1].name or ""):
-        click.echo(f"{client.name}\t{client.scope}\t{digest[:19]}…")
+        limits = " ".join(f"{k}={v}" for k, v in (("max_priority", client.max_priority), ("window", client.window))
+                          if v is not None)
+        click.echo(f"{client.name}\t{client.scope}\t{limits or '-'}\t{digest[:19]}…")
 
 
 @api_client_group.command("remove")

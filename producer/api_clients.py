@@ -16,7 +16,14 @@ parse refuses every request (503) until it is mended rather than keep a revoked
 client in.
 
 Scopes: ``submit`` may do everything; ``read`` may only read (GET routes and
-``POST /v1/jobs/preview``). Every job a client submits carries the label
+``POST /v1/jobs/preview``). Limits may follow the scope, so one team cannot
+crowd the others out of a shared queue::
+
+    ingest-backend    sha256:...  submit  max_priority=5 window=4
+
+``max_priority=P`` refuses (403) a job above priority P; ``window=N`` gives the
+client's jobs at most N batches in the broker at once (a job asking for none,
+for 0 or for more gets N), so they take turns with everyone else's. Every job a client submits carries the label
 ``api-client=<name>`` (see :data:`jobs.labels.API_CLIENT_LABEL`), so ``deblur
 usage --by label:api-client`` charges each client for its jobs and ``GET
 /v1/jobs?mine=true`` lists a client's own.
@@ -51,6 +58,14 @@ class ApiClient:
 
     name: str | None
     scope: str = "submit"
+    max_priority: int | None = None  # jobs above it are refused
+    window: int | None = None  # the most batches of one of its jobs in the broker at once
+
+    def limited_window(self, requested: int | None) -> int | None:
+        """The window a job of this client gets when it asks for ``requested`` (None: the server's default)."""
+        if self.window is None:
+            return requested
+        return self.window if not requested else min(requested, self.window)
 
     @property
     def may_submit(self) -> bool:
@@ -78,12 +93,36 @@ def check_client_name(name: str) -> str:
     return name
 
 
+LIMITS = {"max_priority": (0, 9), "window": (1, 1_000_000)}
+
+
+def parse_limits(fields: list[str]) -> dict[str, int]:
+    """``key=value`` limits (:data:`LIMITS`) as a dict; :class:`InputError` names one that is not allowed."""
+    limits: dict[str, int] = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep or key not in LIMITS:
+            raise InputError(f"{field!r} is not a limit: use " + " or ".join(f"{k}=N" for k in LIMITS))
+        low, high = LIMITS[key]
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise InputError(f"{key}={value}: expected a whole number from {low} to {high}")
+        if key in limits:
+            raise InputError(f"{key} is given twice")
+        limits[key] = int(value)
+    return limits
+
+
+def client_line(name: str, digest: str, scope: str, limits: dict[str, int] | None = None) -> str:
+    """One line of the clients file."""
+    return " ".join([name, digest, scope, *(f"{k}={v}" for k, v in (limits or {}).items())]) + "\n"
+
+
 def parse_clients(text: str, source: str = "DEBLUR_API_CLIENTS") -> dict[str, ApiClient]:
     """The clients a file's text declares, keyed by token digest.
 
-    Raises :class:`ConfigurationError` naming ``source``, the line and what is wrong with it: not three fields,
-    a bad name, a digest that is not ``sha256:`` and 64 lowercase hex digits, an unknown scope, or a name or
-    digest declared twice.
+    Raises :class:`ConfigurationError` naming ``source``, the line and what is wrong with it: fewer than three
+    fields, a bad name, a digest that is not ``sha256:`` and 64 lowercase hex digits, an unknown scope or limit,
+    or a name or digest declared twice.
     """
     clients: dict[str, ApiClient] = {}
     names: set[str] = set()
@@ -93,11 +132,13 @@ def parse_clients(text: str, source: str = "DEBLUR_API_CLIENTS") -> dict[str, Ap
             continue
         where = f"{source}, line {number}"
         fields = line.split()
-        if len(fields) != 3:
-            raise ConfigurationError(f"{where}: expected 'NAME sha256:DIGEST SCOPE', got {len(fields)} fields")
-        name, digest, scope = fields
+        if len(fields) < 3:
+            raise ConfigurationError(f"{where}: expected 'NAME sha256:DIGEST SCOPE [LIMIT=N ...]', got "
+                                     f"{len(fields)} fields")
+        name, digest, scope = fields[:3]
         try:
             check_client_name(name)
+            limits = parse_limits(fields[3:])
         except InputError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
         if not DIGEST.fullmatch(digest):
@@ -110,7 +151,7 @@ def parse_clients(text: str, source: str = "DEBLUR_API_CLIENTS") -> dict[str, Ap
         if digest in clients:
             raise ConfigurationError(f"{where}: the same token is declared for {clients[digest].name!r} already")
         names.add(name)
-        clients[digest] = ApiClient(name=name, scope=scope)
+        clients[digest] = ApiClient(name=name, scope=scope, **limits)
     return clients
 
 
@@ -189,22 +230,24 @@ class ClientRegistry:
             self._stamp, self._error, self._clients = None, reason, {}
 
 
-def add_client(path: Path, name: str, scope: str = "submit") -> str:
-    """Make a token for a new client, append its line to the clients file (created readable by its owner only)
-    and return the token, which is not stored anywhere.
+def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, int] | None = None) -> str:
+    """Make a token for a new client, append its line (with its ``limits``, see :data:`LIMITS`) to the clients
+    file (created readable by its owner only) and return the token, which is not stored anywhere.
 
-    Raises :class:`InputError` for a bad name or scope, or a name the file has already.
+    Raises :class:`InputError` for a bad name, scope or limit, or a name the file has already.
     """
     check_client_name(name)
     if scope not in SCOPES:
         raise InputError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    limits = {k: v for k, v in (limits or {}).items() if v is not None}
+    parse_limits([f"{k}={v}" for k, v in limits.items()])
     existing = path.read_text() if path.exists() else ""
     declared = parse_clients(existing, source=str(path))
     if any(client.name == name for client in declared.values()):
         raise InputError(f"{path} has a client {name!r} already: remove it first ('deblur api-client remove "
                          f"{name}') to give it a new token")
     token = new_token()
-    line = f"{name} {token_digest(token)} {scope}\n"
+    line = client_line(name, token_digest(token), scope, limits)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as handle:
         if existing and not existing.endswith("\n"):

@@ -392,6 +392,7 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
     clients_file = tmp_path / "api-clients"
     ingest = add_client(clients_file, "ingest-backend")
     grafana = add_client(clients_file, "grafana", scope="read")
+    web = add_client(clients_file, "web", limits={"max_priority": 4, "window": 2})
     body = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/", "models": [MODEL],
             "labels": {"team": "ingest"}}
 
@@ -410,6 +411,18 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         assert shared.status_code == 201, shared.text  # the shared token still works, and names no client
         assert http.get(f"/v1/jobs/{shared.json()['id']}", headers=as_(TOKEN)).json()["spec"]["labels"] == {
             "team": "ingest"}
+
+        # a limited client: nothing above its priority, and never more than its window in the broker
+        too_urgent = http.post("/v1/jobs", json=body, headers=as_(web))  # the default priority, 5
+        assert too_urgent.status_code == 403 and "up to priority 4" in too_urgent.json()["detail"], too_urgent.text
+        windows = {}
+        for asked in (None, 0, 1, 5):
+            limited = http.post("/v1/jobs", json={**body, "priority": 3, "window": asked,
+                                                  "output": f"s3://{name}/web-{asked}/"}, headers=as_(web))
+            assert limited.status_code == 201, limited.text
+            windows[asked] = http.get(f"/v1/jobs/{limited.json()['id']}", headers=as_(web)).json()["spec"]["window"]
+            http.post(f"/v1/jobs/{limited.json()['id']}/cancel", headers=as_(web))
+        assert windows == {None: 2, 0: 2, 1: 1, 5: 2}
 
         for path, payload in (("/v1/jobs", body), (f"/v1/jobs/{job_id}/cancel", None),
                               (f"/v1/jobs/{job_id}/retry", {"failed": True}), (f"/v1/jobs/{job_id}/verify", None)):

@@ -32,7 +32,20 @@ def test_the_clients_file_is_parsed_with_comments_and_scopes() -> None:
                                    token_digest("b"): ApiClient("grafana", "read")}
 
 
+def test_limits_follow_the_scope() -> None:
+    text = f"web {DIGEST} submit max_priority=4 window=2\nbulk {token_digest('b')} submit window=8\n"
+    clients = parse_clients(text)
+    web, bulk = clients[DIGEST], clients[token_digest("b")]
+    assert (web.max_priority, web.window, bulk.max_priority, bulk.window) == (4, 2, None, 8)
+    assert [web.limited_window(asked) for asked in (None, 0, 1, 2, 5)] == [2, 2, 1, 2, 2]
+    assert [ApiClient("open").limited_window(asked) for asked in (None, 0, 5)] == [None, 0, 5]
+
+
 @pytest.mark.parametrize("line, reason", [
+    (f"ingest {DIGEST} submit max_priority=10", "max_priority=10: expected a whole number from 0 to 9"),
+    (f"ingest {DIGEST} submit window=0", "window=0: expected a whole number from 1"),
+    (f"ingest {DIGEST} submit quota=5", "'quota=5' is not a limit"),
+    (f"ingest {DIGEST} submit window=2 window=3", "window is given twice"),
     ("ingest sha256:abc submit", "is not a token digest"),
     (f"ingest {DIGEST}", "got 2 fields"),
     (f"ingest {DIGEST} admin", "scope 'admin' is not one of submit, read"),
@@ -119,8 +132,11 @@ def test_api_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     token = added.stdout.strip()
     assert parse_clients(path.read_text()) == {token_digest(token): ApiClient("ingest", "submit")}
     assert runner.invoke(main, ["api-client", "add", "grafana", "--read-only"]).exit_code == 0
+    assert runner.invoke(main, ["api-client", "add", "web", "--max-priority", "4", "--window", "2"]).exit_code == 0
     listed = runner.invoke(main, ["api-client", "list"])
-    assert [line.split("\t")[:2] for line in listed.stdout.splitlines()] == [["grafana", "read"], ["ingest", "submit"]]
+    assert [line.split("\t")[:3] for line in listed.stdout.splitlines()] == [
+        ["grafana", "read", "-"], ["ingest", "submit", "-"], ["web", "submit", "max_priority=4 window=2"]]
+    assert runner.invoke(main, ["api-client", "add", "x", "--max-priority", "12"]).exit_code == 2
     assert token not in listed.output
     again = runner.invoke(main, ["api-client", "add", "ingest"])
     assert again.exit_code == 2 and "remove it first" in again.output
