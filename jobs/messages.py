@@ -20,6 +20,12 @@ OPTIONAL_FIELDS: dict[str, object] = {"output_format": None, "quality": None, "s
 workers which do not know them (and refuse unknown fields) still take every batch that does not use them, and
 refuse those that do."""
 
+WORKER_INFO_COMMAND = "deblur_info"
+"""The remote-control question a worker answers with its release and the optional fields it knows
+(:mod:`worker.control`)."""
+FIELDS_BEFORE_INFO = ("output_format", "quality", "sidecar")
+"""The optional fields every worker knows that is too old to answer :data:`WORKER_INFO_COMMAND`."""
+
 
 class ImageItem(BaseModel):
     """One image of a batch: where to read it, where to write it, what to compare with."""

@@ -640,7 +640,9 @@ def metrics(output: str | None) -> None:
              "that cannot be reached is not the worker's fault: exit 0 with a warning.")
 @option("--timeout", type=click.FloatRange(0.5, 120), default=5.0, show_default=True,
         help="Seconds to wait for the nodes' answers.")
-def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
+@option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+        help="json: one object per node (name, state, queues, active, release, message_fields) for scripts.")
+def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> None:
     """List the worker nodes that answer: the queues they consume and the batches they run.
 
     \b
@@ -649,16 +651,20 @@ def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
       deblur workers --check deblur@$HOSTNAME
 
     A node answers from its main process even while it works on a batch (the
-    default prefork pool; a solo pool cannot answer while busy).
+    default prefork pool; a solo pool cannot answer while busy). The listing
+    also shows each node's release, and calls a node "outdated" when it would
+    drop batches this release sends (a window's, for instance): upgrade it.
     """
     from kombu.exceptions import OperationalError as BrokerError
     from rich.table import Table
 
+    from jobs.messages import OPTIONAL_FIELDS
     from producer.workers import this_host, worker_states
 
     settings = _settings()
     try:
-        states = worker_states(settings, list(names) or None, timeout, with_active=not check)
+        states = worker_states(settings, list(names) or None, timeout, with_active=not check,
+                               with_release=not check)
     except BrokerError as exc:
         if not check:
             raise
@@ -681,12 +687,24 @@ def workers(names: tuple[str, ...], check: bool, timeout: float) -> None:
             raise SystemExit(1)
         out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
         return
+    # listing, also say which nodes are too old for the batches this release sends
+    states_text = {s.name: problems[s.name] or s.problem(settings.queue, needed=OPTIONAL_FIELDS) or "ok"
+                   for s in states}
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps([{"name": s.name, "state": states_text[s.name], "queues": list(s.queues),
+                                "active": s.active, "release": s.release,
+                                "message_fields": None if s.fields is None else list(s.fields)}
+                               for s in states], indent=2))
+        return
     if not states:
         console.print(f"no worker answered within {timeout:g} s; start one with 'deblur worker'")
         return
-    table = Table("worker", "state", "queues", "batches running")
+    table = Table("worker", "state", "queues", "batches running", "release")
     for s in states:
-        table.add_row(s.name, problems[s.name] or "ok", ", ".join(s.queues), str(s.active))
+        table.add_row(s.name, states_text[s.name], ", ".join(s.queues), str(s.active),
+                      s.release or "older (does not say)")
     out.print(table)
 
 

@@ -27,6 +27,7 @@ from jobs.storage import READ_FORMATS, s3_client
 from models.catalog import parse_ensemble
 from producer.dispatch import batch_payload, send_window_batches
 from producer.inputs import Plan, build_plan, describe_ignored, digest
+from producer.workers import check_workers_know
 
 ROWS_PER_TRANSACTION = 1000
 
@@ -221,9 +222,11 @@ def submit(
             return SubmitResult("", False, 0, skipped(), dict(ignored))
         raise _no_images(request, ignored)
 
+    window = settings.job_window if request.window is None else request.window
+    if window:  # its batches carry a window slot: no worker on the queue may be one that drops them
+        check_workers_know(settings, ["slot"])
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
-    window = settings.job_window if request.window is None else request.window
     spec: dict[str, Any] = {
         "inputs": list(request.inputs),
         "output": str(plan.output) if plan.output else None,

@@ -12,27 +12,48 @@ instead of leaving it idle for good.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+from jobs.errors import InputError
+from jobs.messages import FIELDS_BEFORE_INFO, OPTIONAL_FIELDS, WORKER_INFO_COMMAND
 from jobs.settings import Settings
 
 
 @dataclass(frozen=True)
 class WorkerState:
-    """A worker node as it answered: the queues it consumes and the batches it is working on."""
+    """A worker node as it answered: the queues it consumes, the batches it is working on and, when asked, its
+    release and the optional batch fields it knows (None: too old to say, see :func:`known_fields`)."""
 
     name: str
     answered: bool
     queues: tuple[str, ...] = ()
     active: int = 0
+    release: str | None = None
+    fields: tuple[str, ...] | None = None
 
-    def problem(self, queue: str) -> str | None:
-        """Why this node is of no use to ``queue``, or None when it is healthy."""
+    @property
+    def known_fields(self) -> tuple[str, ...]:
+        """The optional batch fields this node understands (an old node that does not say knows the early ones)."""
+        return self.fields if self.fields is not None else FIELDS_BEFORE_INFO
+
+    def missing_fields(self, needed: Iterable[str] = tuple(OPTIONAL_FIELDS)) -> list[str]:
+        """Those of ``needed`` this node would not understand: it drops a batch that carries one."""
+        return sorted(set(needed) - set(self.known_fields))
+
+    def problem(self, queue: str, needed: Iterable[str] = ()) -> str | None:
+        """Why this node is of no use to ``queue`` (or to batches with the ``needed`` fields), or None when healthy."""
         if not self.answered:
             return "no answer: the worker is gone, wedged, or a solo pool busy with a batch"
         if queue not in self.queues:
             return (f"not consuming {queue!r}: it stopped itself (a failed GPU, see its log) or consumes "
                     f"{', '.join(self.queues) or 'nothing'}; restart it")
+        missing = self.missing_fields(needed)
+        if missing:
+            return (f"outdated: release {self.release or 'older than this one'} does not know the batch field(s) "
+                    f"{', '.join(missing)} this release sends and drops such batches; upgrade it")
         return None
 
 
@@ -42,23 +63,66 @@ def this_host() -> str:
 
 
 def worker_states(settings: Settings, names: list[str] | None = None, timeout: float = 5.0,
-                  with_active: bool = True) -> list[WorkerState]:
+                  with_active: bool = True, with_release: bool = True) -> list[WorkerState]:
     """Ask ``names`` (every node that answers, when None) which queues they consume and, ``with_active``, what
-    they run. Named nodes that do not answer within ``timeout`` seconds are listed as not answering.
+    they run, and ``with_release``, their release and the batch fields they know. Named nodes that do not
+    answer within ``timeout`` seconds are listed as not answering.
 
     A question to named nodes returns as soon as they have all answered; one to every node waits the whole
-    ``timeout`` (nobody knows how many will answer), once per question.
+    ``timeout`` (nobody knows how many will answer). The questions are asked at once, so the wait is one
+    ``timeout`` however many are asked.
 
     Raises:
         kombu.exceptions.OperationalError: the broker cannot be reached (nobody can be asked).
     """
+    from celery.app.control import flatten_reply
+
     from jobs.celery_app import app_for
 
-    inspect = app_for(settings).control.inspect(destination=names or None, timeout=timeout)
-    queues = inspect.active_queues() or {}
-    active = (inspect.active() or {}) if with_active else {}
+    app = app_for(settings)
+
+    def ask(command: str) -> dict[str, Any]:
+        # to named nodes, the answer comes as soon as they have all replied (the reply limit is their count)
+        return flatten_reply(app.control.broadcast(command, destination=names or None, reply=True,
+                                                   timeout=timeout) or [])
+
+    commands = ["active_queues", *(["active"] if with_active else []),
+                *([WORKER_INFO_COMMAND] if with_release else [])]
+    with ThreadPoolExecutor(len(commands)) as pool:
+        answers = dict(zip(commands, pool.map(ask, commands)))
+    queues, active, info = answers["active_queues"], answers.get("active", {}), answers.get(WORKER_INFO_COMMAND, {})
     found = sorted(set(queues) | set(names or []))
-    return [WorkerState(name=name, answered=name in queues,
-                        queues=tuple(q["name"] for q in queues.get(name) or []),
-                        active=len(active.get(name) or []))
-            for name in found]
+    states = []
+    for name in found:
+        said = info.get(name)
+        told = isinstance(said, dict) and "message_fields" in said  # an older node answers with an error
+        states.append(WorkerState(
+            name=name, answered=name in queues, queues=tuple(q["name"] for q in queues.get(name) or []),
+            active=len(active.get(name) or []), release=said["release"] if told else None,
+            fields=tuple(said["message_fields"]) if told else None))
+    return states
+
+
+def check_workers_know(settings: Settings, needed: Iterable[str], timeout: float = 1.0) -> None:
+    """Refuse (:class:`InputError`) a job whose batches carry the ``needed`` optional fields while a worker on
+    the job's queue would not understand them (it would drop those batches).
+
+    Only the nodes that answer within ``timeout`` seconds are checked: with none online the job is accepted,
+    since the workers that start later run whatever release they are deployed with. A broker that cannot be
+    reached is left for the submission itself to report.
+    """
+    from kombu.exceptions import OperationalError as BrokerError
+
+    needed = sorted(set(needed) - set(FIELDS_BEFORE_INFO))
+    if not needed:
+        return
+    try:
+        states = worker_states(settings, timeout=timeout, with_active=False)
+    except BrokerError:
+        return
+    outdated = [s for s in states if settings.queue in s.queues and s.missing_fields(needed)]
+    if outdated:
+        names = ", ".join(f"{s.name} ({s.release or 'an older release'})" for s in outdated)
+        raise InputError(f"worker(s) {names} on queue {settings.queue!r} do not know the batch field(s) "
+                         f"{', '.join(needed)} this job needs (a window's batches carry 'slot') and would drop its "
+                         "batches; upgrade them first (see 'deblur workers'), or submit without --window")

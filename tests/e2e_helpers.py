@@ -130,12 +130,13 @@ def service_env(settings_env: dict[str, str]) -> dict[str, str]:
 class WorkerProcess:
     """A real Celery worker process for the configured broker, queue and database."""
 
-    def __init__(self, env: dict[str, str], log: Path, pool: str = "solo", concurrency: int = 1) -> None:
+    def __init__(self, env: dict[str, str], log: Path, pool: str = "solo", concurrency: int = 1,
+                 app: str = "jobs.celery_app") -> None:
         self.name = f"test-{uuid.uuid4().hex[:6]}@localhost"
         self.log = log
         self._log_handle = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "jobs.celery_app", "worker", "--pool", pool,
+            [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", pool,
              "--concurrency", str(concurrency), "-Q", env.get("DEBLUR_QUEUE", "deblur"), "-E",
              "--loglevel", "INFO", "-n", self.name, "--without-gossip", "--without-mingle"],
             env=env, cwd=ROOT, stdout=self._log_handle, stderr=subprocess.STDOUT, start_new_session=True,

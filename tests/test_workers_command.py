@@ -8,6 +8,7 @@ gone the probe exits 1 for no answer.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,65 @@ def test_workers_lists_a_node_and_the_probe_fails_once_it_stops_consuming_or_is_
     monkeypatch.setattr(producer.workers, "this_host", lambda: "no-such-host")
     nobody = invoke("workers", "--check", "--timeout", "1")
     assert nobody.exit_code == 1 and "no worker of this machine" in nobody.output
+
+
+def test_workers_say_which_batches_they_understand_and_windows_wait_for_outdated_ones(  # type: ignore[no-untyped-def]
+        env, tmp_path) -> None:
+    """A worker of this release says which optional batch fields it knows; one too old to say (a plain Celery
+    app on the queue stands in for it) is listed as outdated, and a job with a window, whose batches it would
+    drop, is refused while it is on the queue: nothing is written or sent."""
+    import boto3
+    import numpy as np
+    from PIL import Image
+
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Job
+    from jobs.celery_app import app_for
+    from jobs.errors import InputError
+    from jobs.messages import OPTIONAL_FIELDS
+    from jobs.settings import load_settings
+    from producer.workers import check_workers_know, worker_states
+    from sqlalchemy import func, select
+
+    settings = load_settings()
+    app = app_for(settings)
+    current = WorkerProcess(service_env(env), tmp_path / "current.log", pool="prefork")
+    older = WorkerProcess(service_env(env), tmp_path / "older.log", app="tests.older_worker_app")
+    try:
+        current.wait_ready(app)
+        older.wait_ready(app)
+        states = {s.name: s for s in worker_states(settings, [current.name, older.name], timeout=10)}
+        assert states[current.name].fields == tuple(sorted(OPTIONAL_FIELDS)) and states[current.name].release
+        assert states[older.name].answered and states[older.name].fields is None
+        assert states[older.name].missing_fields() == ["slot"]
+
+        listed = invoke("workers", "--timeout", "2", "--format", "json")
+        assert listed.exit_code == 0, listed.output
+        nodes = {node["name"]: node for node in json.loads(listed.stdout)}
+        assert nodes[older.name]["state"].startswith("outdated") and "slot" in nodes[older.name]["state"]
+        assert nodes[older.name]["release"] is None and nodes[older.name]["message_fields"] is None
+        assert nodes[current.name]["state"] == "ok" and "slot" in nodes[current.name]["message_fields"]
+        table = invoke("workers", current.name, older.name)
+        assert table.exit_code == 0 and "outdated" in table.output and "release" in table.output
+
+        check_workers_know(settings, ["sidecar", "output_format"])  # fields older workers know: no objection
+        with pytest.raises(InputError, match=f"{older.name}.*do not know the batch field.*slot"):
+            check_workers_know(settings, ["slot"])
+
+        s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+        s3.create_bucket(Bucket="windows")
+        png = tmp_path / "a.png"
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+        s3.upload_file(str(png), "windows", "in/a.png")
+        url = settings.resolved_database_url()
+        ensure_schema(url)
+        with session_scope(url) as session:
+            before = session.scalar(select(func.count()).select_from(Job))
+        refused = invoke("submit", "s3://windows/in/", "-o", "s3://windows/out/", "--model", "wiener",
+                         "--window", "2")
+        assert refused.exit_code == 2 and "upgrade them first" in refused.output, refused.output
+        with session_scope(url) as session:
+            assert session.scalar(select(func.count()).select_from(Job)) == before
+    finally:
+        older.stop()
+        current.stop()

@@ -18,6 +18,7 @@ from jobs.celery_app import app
 from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage
 from jobs.notify import NOTIFY_TASK, body, deliver
+from worker import control as _control  # noqa: F401 - registers the workers' remote-control answers
 from worker import runtime
 
 log = logging.getLogger(__name__)

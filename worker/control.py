@@ -1,0 +1,36 @@
+"""What a worker says about itself when asked: its release and the batch fields it understands.
+
+Workers upgrade one by one, and a worker of an older release drops a batch whose
+message carries a field it does not know (a window's ``slot``, say), which
+leaves that batch's images waiting for ``deblur retry --stalled``. So every
+worker answers the remote-control question :data:`jobs.messages.WORKER_INFO_COMMAND`
+with the optional batch fields it knows; ``deblur workers`` shows them, and a
+submission that needs a field refuses to start while a worker on its queue
+does not know it (see :mod:`producer.workers`). A worker older than this
+question answers it with an error, which says as much.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+from jobs.messages import MESSAGE_VERSION, OPTIONAL_FIELDS, WORKER_INFO_COMMAND
+
+
+def release() -> str:
+    """This installation's deblur version, or ``unknown`` when it runs from a source tree."""
+    try:
+        return version("deblur")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@inspect_command(name=WORKER_INFO_COMMAND)
+def deblur_info(state: Any) -> dict[str, Any]:
+    """Answered from the worker's main process, even while its pool works on a batch."""
+    consumer = state.consumer.task_consumer
+    return {"release": release(), "message_version": MESSAGE_VERSION, "message_fields": sorted(OPTIONAL_FIELDS),
+            "queues": [queue.name for queue in consumer.queues] if consumer else []}
