@@ -9,7 +9,9 @@
 >>> rows = client.results(job, status="failed")
 
 It needs no torch. Errors are :class:`jobs.errors.DeblurError` subclasses;
-:class:`jobs.errors.InputError` means the request itself is wrong.
+:class:`jobs.errors.InputError` means the request itself is wrong. It talks to
+the database and the broker directly; a service that can only reach the HTTP
+API uses :class:`producer.http_client.HttpClient`, which has the same calls.
 """
 
 from __future__ import annotations

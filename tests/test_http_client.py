@@ -1,0 +1,171 @@
+"""The HTTP client as a backend uses it: against a real ``deblur api`` process and a real worker.
+
+Given the API served in its own process (a client token required) in front of
+Redis, ``moto_server`` and SQL, and a real worker, when a job is submitted,
+awaited, paged through and accounted for with :class:`HttpClient`, then the
+answers match what the worker did and refusals arrive as the project's own
+errors. Its retry rules are checked against a small HTTP server on loopback
+that answers 503 before it answers.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.conftest import free_port
+from tests.e2e_helpers import WorkerProcess, mixed_samples, serving_api, service_env, upload
+
+pytestmark = [pytest.mark.integration]
+
+MODEL = "wiener:psf=motion:length=7,angle=30"
+
+
+def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from jobs.celery_app import app_for
+    from jobs.errors import InputError, JobFinishedError, UnknownJobError
+    from jobs.settings import load_settings
+    from producer.api_clients import add_client
+    from producer.http_client import ApiAccessError, HttpClient
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    bucket = f"http-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    samples = mixed_samples()[:5]
+    upload(s3, bucket, "in/", samples)
+    clients = tmp_path / "clients"
+    token = add_client(clients, "ingest")
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
+    with serving_api({**env, "DEBLUR_API_CLIENTS": str(clients)}, tmp_path / "api.log") as url, \
+            HttpClient(url, token=token) as api:
+        worker.wait_ready(app_for(load_settings()))
+        try:
+            key = f"nightly-{uuid.uuid4().hex}"
+            job_id = api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=[MODEL],
+                                job_key=key, batch_size=2, labels={"team": "ingest"})
+            assert api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=[MODEL],
+                              job_key=key) == job_id, "the same key gives the same job"
+            info = api.wait(job_id, timeout=240, interval=0.5)
+        finally:
+            worker.stop()
+        assert info["status"] == "done" and info["counts"]["done"] == len(samples)
+        assert info["spec"]["labels"] == {"team": "ingest", "api-client": "ingest"}
+
+        images = list(api.results(job_id, page_size=2))  # three pages
+        assert sorted(i["input"] for i in images) == sorted(f"s3://{bucket}/in/{s.relative}" for s in samples)
+        assert all(i["status"] == "done" and i["output"] for i in images)
+        assert list(api.results(job_id, review=True)) == []  # wiener has no blind estimate to doubt
+        assert [j["id"] for j in api.jobs(mine=True)] == [job_id]
+        spent = api.usage(since="1h", by=["label:api-client"], labels={"team": "ingest"})
+        [mine] = [g for g in spent["groups"] if g["label:api-client"] == "ingest"]
+        assert mine["images_done"] >= len(samples)
+        assert api.queue()["down"] == {}
+        assert api.verify(job_id)["intact"] == len(samples)
+
+        with pytest.raises(InputError, match="models.0: .*unknown model 'wienr'"):
+            api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/other/", models=["wienr"])
+        with pytest.raises(UnknownJobError):
+            api.status(str(uuid.uuid4()))
+        with pytest.raises(JobFinishedError):
+            api.cancel(job_id)
+        with HttpClient(url, token="wrong") as stranger, pytest.raises(ApiAccessError, match="401"):
+            stranger.jobs()
+
+
+class FlakyServer:
+    """A loopback HTTP server that answers 503 (Retry-After: 0) ``failures`` times, then 200 with a JSON body."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.requests: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests.append((self.command, self.path))
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                if len(outer.requests) <= outer.failures:
+                    body, code = b'{"detail": "the database is unreachable"}', 503
+                else:
+                    body, code = json.dumps({"id": "j", "status": "done", "counts": {}}).encode(), 200
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if code == 503:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky() -> Iterator[FlakyServer]:
+    server = FlakyServer(failures=2)
+    yield server
+    server.close()
+
+
+def test_unavailable_answers_are_retried_only_where_that_cannot_duplicate(flaky: FlakyServer) -> None:
+    from jobs.errors import TransientError
+    from producer.http_client import HttpClient
+
+    with HttpClient(flaky.url, retries=3, backoff=0.01) as api:
+        assert api.status("j")["status"] == "done"  # two 503s, then an answer
+        assert len(flaky.requests) == 3
+
+        flaky.requests.clear()
+        with pytest.raises(TransientError, match="503"):  # no key: a repeat could make a second job
+            api.submit(["s3://b/in/"], output="s3://b/out/")
+        assert flaky.requests == [("POST", "/v1/jobs")]
+
+        flaky.requests.clear()
+        api.submit(["s3://b/in/"], output="s3://b/out/", job_key="k")  # a key makes it repeatable
+        assert len(flaky.requests) == 3
+
+    with HttpClient(flaky.url, retries=1, backoff=0.01) as impatient:
+        flaky.requests.clear()
+        with pytest.raises(TransientError, match="503"):
+            impatient.status("j")
+        assert len(flaky.requests) == 2
+
+
+def test_no_server_is_a_transient_error_after_the_retries() -> None:
+    from jobs.errors import TransientError
+    from producer.http_client import HttpClient
+
+    with HttpClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01) as api, \
+            pytest.raises(TransientError, match="unreachable"):
+        api.status("j")
+
+
+def test_the_http_client_needs_no_database_broker_or_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import producer.http_client; "
+            "print(sorted(m for m in ('torch', 'sqlalchemy', 'celery', 'boto3') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert found.stdout.strip() == "[]", found.stdout + found.stderr
