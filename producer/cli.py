@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from jobs.errors import DeblurError, InputError
+from jobs.errors import ConfigurationError, DeblurError, InputError
 from jobs.layout import parse_output_format
 from jobs.settings import HELP, Settings, load_settings
 from jobs.statuses import JOB_STATUSES
@@ -143,6 +143,7 @@ def main() -> None:
     \b
     Start here:
       deblur demo                      local stack + a real job, end to end
+      deblur doctor                    is everything a job needs ready? what to fix
       deblur submit s3://b/in/ --output s3://b/out/ --wait
       deblur status JOB --watch        progress from the database
       deblur results JOB --format json one object per image
@@ -769,6 +770,48 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+@main.command()
+@option("--bucket", "buckets", multiple=True, metavar="NAME",
+        help="A bucket jobs will read or write: checked to exist and be readable (repeat for more). Without it, "
+             "the credentials must be allowed to list buckets.")
+@option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+        help="json: {ok, checks: [{part, status, detail, hint}]} for scripts.")
+def doctor(buckets: tuple[str, ...], fmt: str) -> None:
+    """Check that jobs can run here, and say what to do about each part that is not ready.
+
+    Asks, in the order a job needs them: the database (reachable, schema at this
+    release's revision), the broker, the workers on DEBLUR_QUEUE (any, and none
+    of an older release that would drop batches), the S3 endpoint with these
+    credentials, and the API's clients file when DEBLUR_API_CLIENTS is set.
+    Each line is ok, warn (jobs can run) or fail (they cannot); exits 1 when any
+    fails. Passwords in URLs are not printed.
+
+    \b
+      deblur doctor --bucket archive
+    """
+    import json
+
+    from producer.doctor import as_json, diagnose
+
+    try:
+        settings = _settings()
+    except ConfigurationError as exc:
+        console.print(f"[red]fail[/red]  settings: {escape(str(exc))}", soft_wrap=True)
+        raise SystemExit(1) from None
+    findings = diagnose(settings, buckets)
+    if fmt == "json":
+        click.echo(json.dumps(as_json(findings), indent=2))
+    else:
+        marks = {"ok": "[green]ok[/green]  ", "warn": "[yellow]warn[/yellow]", "fail": "[red]fail[/red]"}
+        for finding in findings:
+            out.print(f"{marks[finding.status]}  {finding.part}: {escape(finding.detail)}", soft_wrap=True,
+                      highlight=False)
+            if finding.hint and finding.status != "ok":
+                out.print(f"        → {escape(finding.hint)}", soft_wrap=True, highlight=False)
+    if any(f.status == "fail" for f in findings):
+        raise SystemExit(1)
 
 
 @main.command()

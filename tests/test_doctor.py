@@ -1,0 +1,92 @@
+"""``deblur doctor``: each part a job needs, checked for real, with what to do about each that is not ready.
+
+Given the real services (Redis, ``moto_server``, SQLite and PostgreSQL) and a
+real worker, the doctor finds every part ready; given a broker that does not
+answer (its URL carrying a password), a schema behind the release, a bucket
+that does not exist, a broken clients file and a worker of an older release, it
+names each problem with its remedy, exits 1, and never prints the password.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import free_port
+from tests.e2e_helpers import WorkerProcess, service_env
+
+pytestmark = [pytest.mark.integration]
+
+
+def doctor(*args: str):  # type: ignore[no-untyped-def]
+    from producer.cli import main
+
+    return CliRunner().invoke(main, ["doctor", *args])
+
+
+def test_a_ready_installation(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from db.engine import ensure_schema
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    settings = load_settings()
+    ensure_schema(settings.resolved_database_url())
+    bucket = f"doctor-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
+        Bucket=bucket)
+    worker = WorkerProcess(service_env(env), tmp_path / "worker.log", pool="prefork")
+    try:
+        worker.wait_ready(app_for(settings))
+        found = doctor("--bucket", bucket, "--format", "json")
+        text = doctor("--bucket", bucket)
+    finally:
+        worker.stop()
+    assert found.exit_code == 0, found.output
+    report = json.loads(found.stdout)
+    assert report["ok"] is True
+    assert {c["part"]: c["status"] for c in report["checks"]} == {
+        "database": "ok", "broker": "ok", "workers": "ok", "storage": "ok"}
+    checks = {c["part"]: c["detail"] for c in report["checks"]}
+    assert worker.name in checks["workers"] and bucket in checks["storage"] and "(current)" in checks["database"]
+    assert text.exit_code == 0 and text.output.count("ok  ") == 4, text.output
+
+
+def test_each_problem_is_named_with_its_remedy(empty_database_url: str, redis_url: str, s3_endpoint: str,  # type: ignore[no-untyped-def]
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from db.engine import upgrade
+    from tests.e2e_helpers import use_services
+
+    upgrade(empty_database_url, "0005")
+    clients = tmp_path / "clients"
+    clients.write_text("half a line\n")
+    env = use_services(monkeypatch, redis_url, s3_endpoint, empty_database_url, tmp_path / "home",
+                       DEBLUR_API_CLIENTS=str(clients))
+    older = WorkerProcess(service_env(env), tmp_path / "older.log", app="tests.older_worker_app")
+    try:
+        from jobs.celery_app import app_for
+        from jobs.settings import load_settings
+
+        older.wait_ready(app_for(load_settings()))
+        found = doctor("--bucket", "no-such-bucket", "--format", "json")
+    finally:
+        older.stop()
+    assert found.exit_code == 1
+    checks = {c["part"]: c for c in json.loads(found.stdout)["checks"]}
+    assert checks["database"]["status"] == "warn" and "schema 0005" in checks["database"]["detail"]
+    assert "deblur db upgrade" in checks["database"]["hint"]
+    assert checks["workers"]["status"] == "warn" and older.name in checks["workers"]["detail"]
+    assert "outdated" in checks["workers"]["detail"] and "upgrade" in checks["workers"]["hint"]
+    assert checks["storage"]["status"] == "fail" and "404" in checks["storage"]["detail"]
+    assert checks["api clients"]["status"] == "fail" and "line 1" in checks["api clients"]["detail"]
+
+    # a broker that does not answer: named, with its remedy, and its password never shown
+    monkeypatch.setenv("DEBLUR_BROKER_URL", f"redis://:s3cretpw@127.0.0.1:{free_port()}/0")
+    down = doctor()
+    assert down.exit_code == 1 and "s3cretpw" not in down.output
+    assert "fail  broker" in down.output and "redis-server" in down.output, down.output
+    assert "not asked: the broker does not answer" in down.output
