@@ -23,8 +23,10 @@ refuse those that do."""
 WORKER_INFO_COMMAND = "deblur_info"
 """The remote-control question a worker answers with its release and the optional fields it knows
 (:mod:`worker.control`)."""
-FIELDS_BEFORE_INFO = ("output_format", "quality", "sidecar")
-"""The optional fields every worker knows that is too old to answer :data:`WORKER_INFO_COMMAND`."""
+FIELDS_BEFORE_INFO = ("output_format", "quality", "sidecar", "slot")
+"""The optional fields a worker too old to answer :data:`WORKER_INFO_COMMAND` is taken to know: those of the
+release just before the question (windows' ``slot`` included). A worker older still, from before windows, cannot
+be told apart from it, so windows need every worker on a release that has them (see the README)."""
 
 
 class ImageItem(BaseModel):

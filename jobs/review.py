@@ -19,26 +19,46 @@ from collections.abc import Iterable
 NOT_RESTORED = "not_restored"
 JUDGED_SHARP = "judged_sharp"
 REVIEW_REASONS = {
-    NOT_RESTORED: "blur was detected but no kernel estimate held: the blind model returned the image as it came",
-    JUDGED_SHARP: "the blind model found no blur worth removing and returned the image as it came",
+    NOT_RESTORED: "blur was detected but no kernel estimate held: the blind model left the image as it came (a "
+                  "refiner on top of it may have changed it a little)",
+    JUDGED_SHARP: "the blind model found no blur worth removing (or the image was too small to look for it) and "
+                  "left it as it came",
 }
 NO_BLUR_EXTENT = 2  # px; models.l0_blind.NO_BLUR_EXTENT: a kernel this small is no blur worth removing
+NOT_MEMBERS = ("input", "ensemble")  # db.schema.INPUT_MODEL and ENSEMBLE_MODEL: metrics rows that are no member's
+
+
+def _unchanged(figures: dict[str, float | None]) -> str | None:
+    """Why one member left the image as it came, or None when it restored it (or cannot say)."""
+    if (figures.get("kernel_fallback") or 0.0) >= 0.5:
+        return NOT_RESTORED
+    detected, size = figures.get("blur_detected"), figures.get("kernel_size")
+    if (detected is not None and detected < 0.5) or (size is not None and size <= NO_BLUR_EXTENT):
+        return JUDGED_SHARP
+    return None
 
 
 def review_reason(metrics: Iterable[tuple[str, str, float | None]]) -> str | None:
     """The reason to review an image, from its ``(model, name, value)`` metrics, or None.
 
-    ``not_restored`` when any member's estimate fell back (``kernel_fallback``); else ``judged_sharp`` when a
-    member reports no blur (``blur_detected`` 0) or a kernel of at most :data:`NO_BLUR_EXTENT` px.
+    Only when every member of the job is a blind one (it reports ``blur_detected``: ``l0-blind`` and the refiners
+    built on it) and every one of them left the image as it came: ``not_restored`` when one of their estimates
+    fell back (``kernel_fallback``), else ``judged_sharp`` (no blur detected, or a kernel of at most
+    :data:`NO_BLUR_EXTENT` px). A member of another kind (``wiener``, a network) restores the image its own way,
+    so an ensemble with one is never flagged.
     """
-    fallback = sharp = False
-    for _model, name, value in metrics:
-        if value is None:
-            continue
-        if name == "kernel_fallback" and value >= 0.5:
-            fallback = True
-        elif (name == "blur_detected" and value < 0.5) or (name == "kernel_size" and value <= NO_BLUR_EXTENT):
-            sharp = True
-    if fallback:
-        return NOT_RESTORED
-    return JUDGED_SHARP if sharp else None
+    members: dict[str, dict[str, float | None]] = {}
+    for model, name, value in metrics:
+        if model not in NOT_MEMBERS:
+            members.setdefault(model, {})[name] = value
+    reasons = []
+    for figures in members.values():
+        if "blur_detected" not in figures:
+            return None
+        reason = _unchanged(figures)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    if not reasons:
+        return None
+    return NOT_RESTORED if NOT_RESTORED in reasons else JUDGED_SHARP

@@ -589,8 +589,21 @@ def create_app(settings: Settings) -> FastAPI:
                                      "submitting, cancelling, pausing, retrying and verifying need scope 'submit'")
         return client
 
+    def job_changer(job_id: JobId, client: ApiClient = Depends(submitter)) -> ApiClient:  # noqa: B008
+        """A caller that may change this job: the client that submitted it, or the shared token (any job)."""
+        if client.name is None:
+            return client
+        with session() as s:
+            owner = (queries.get_job(s, str(job_id)).spec or {}).get("labels", {}).get(API_CLIENT_LABEL)
+        if owner != client.name:
+            by = "another client" if owner else "the command line or the shared token"
+            raise HTTPException(403, f"job {job_id} was submitted by {by}: only the client that submitted a job "
+                                     "(or the shared DEBLUR_API_TOKEN) may change it")
+        return client
+
     guarded = [Depends(caller)]
     writers = [Depends(submitter)]
+    changers = [Depends(job_changer)]
 
     @app.exception_handler(UnknownJobError)
     def _unknown_job(_: Request, exc: UnknownJobError) -> JSONResponse:
@@ -647,6 +660,8 @@ def create_app(settings: Settings) -> FastAPI:
         if idempotency_key and body.job_key and idempotency_key != body.job_key:
             raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
                                     f"Idempotency-Key header {idempotency_key!r}; send one of them")
+        if client.max_priority is not None and "priority" not in body.model_fields_set:
+            body = body.model_copy(update={"priority": min(body.priority, client.max_priority)})
         if client.max_priority is not None and body.priority > client.max_priority:
             raise HTTPException(403, f"client {client.name!r} may submit jobs up to priority {client.max_priority} "
                                      f"(its max_priority in DEBLUR_API_CLIENTS); this one asks for {body.priority}")
@@ -664,7 +679,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
                           ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
 
-    @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, dependencies=guarded, tags=["jobs"])
+    @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, dependencies=writers, tags=["jobs"])
     def preview_job(body: Annotated[JobSubmission, Body()],
                     sample: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 5) -> JobPreview:
         """Validate a job as POST /jobs would and say what it would hold; nothing is written or enqueued.
@@ -761,7 +776,7 @@ def create_app(settings: Settings) -> FastAPI:
         rows.sort(key=lambda r: (r["model"], r["name"]))
         return JobSummary(job_id=key, status=status, metrics=[SummaryRow(**r) for r in _json_ready(rows)])
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=writers,
+    @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=changers,
               tags=["jobs"], responses={404: {"description": "No job with this id."},
                                         409: {"description": "The job already finished."}})
     def cancel(job_id: JobId) -> CancelResult:
@@ -773,7 +788,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = str(job_id)
         return CancelResult(id=key, status="cancelled", cancelled=cancel_job(settings, key))
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=writers, tags=["jobs"],
+    @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=changers, tags=["jobs"],
               responses={404: {"description": "No job with this id."}, 409: {"description": "The job finished."},
                          422: {"description": "The job has no window, or is still being submitted."}})
     def pause(job_id: JobId) -> PauseResult:
@@ -781,7 +796,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = str(job_id)
         return PauseResult(id=key, status="paused", changed=pause_job(settings, key))
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=writers,
+    @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=changers,
               tags=["jobs"], responses={404: {"description": "No job with this id."}})
     def resume(job_id: JobId) -> PauseResult:
         """Let a paused job send its batches again, at once as many as its window holds."""
@@ -790,7 +805,7 @@ def create_app(settings: Settings) -> FastAPI:
         return PauseResult(id=key, status=job_status(settings, key)["status"], changed=sent is not None,
                            sent=sent or 0)
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=writers, tags=["jobs"],
+    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=changers, tags=["jobs"],
               responses={404: {"description": "No job with this id."}})
     def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None) -> RetryResult:
         """Re-enqueue a job's failed and/or stalled images; outputs go to the same keys.
@@ -803,7 +818,7 @@ def create_app(settings: Settings) -> FastAPI:
                          stalled_after=body.stalled_after if body.stalled else None)
         return RetryResult(id=key, requeued=n)
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=writers,
+    @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=changers,
               tags=["results"], responses={404: {"description": "No job with this id."}})
     def verify(job_id: JobId, body: Annotated[VerifyRequest | None, Body()] = None) -> VerifyResult:
         """Check that every done image's output is still in storage as written (fixity).

@@ -15,13 +15,16 @@ second), so adding or revoking a client needs no restart; a file it cannot
 parse refuses every request (503) until it is mended rather than keep a revoked
 client in.
 
-Scopes: ``submit`` may do everything; ``read`` may only read (GET routes and
-``POST /v1/jobs/preview``). Limits may follow the scope, so one team cannot
-crowd the others out of a shared queue::
+Scopes: ``submit`` may submit and preview jobs and change (cancel, pause,
+resume, retry, verify) the jobs it submitted; ``read`` may only read (the GET
+routes; every client reads every job). The shared token may change any job.
+Limits may follow the scope, so one team cannot crowd the others out of a
+shared queue::
 
     ingest-backend    sha256:...  submit  max_priority=5 window=4
 
-``max_priority=P`` refuses (403) a job above priority P; ``window=N`` gives the
+``max_priority=P`` refuses (403) a job that asks for a priority above P (one
+that asks for none gets the default, 5, or P if lower); ``window=N`` gives the
 client's jobs at most N batches in the broker at once (a job asking for none,
 for 0 or for more gets N), so they take turns with everyone else's. Every job a client submits carries the label
 ``api-client=<name>`` (see :data:`jobs.labels.API_CLIENT_LABEL`), so ``deblur
@@ -31,13 +34,17 @@ usage --by label:api-client`` charges each client for its jobs and ``GET
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,9 +148,9 @@ def parse_clients(text: str, source: str = "DEBLUR_API_CLIENTS") -> dict[str, Ap
             limits = parse_limits(fields[3:])
         except InputError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
-        if not DIGEST.fullmatch(digest):
-            raise ConfigurationError(f"{where}: {digest[:16]!r}… is not a token digest (sha256: and 64 lowercase hex "
-                                     "digits); 'deblur api-client add' writes the line for you")
+        if not DIGEST.fullmatch(digest):  # not quoted: a token pasted there by mistake must not reach a log
+            raise ConfigurationError(f"{where}: the second field is not a token digest (sha256: and 64 lowercase "
+                                     "hex digits); 'deblur api-client add' writes the line for you")
         if scope not in SCOPES:
             raise ConfigurationError(f"{where}: scope {scope!r} is not one of {', '.join(SCOPES)}")
         if name in names:
@@ -230,6 +237,19 @@ class ClientRegistry:
             self._stamp, self._error, self._clients = None, reason, {}
 
 
+@contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock (a ``.lock`` file beside the clients file) while one command edits it, so two
+    edits at once cannot lose one of them."""
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, int] | None = None) -> str:
     """Make a token for a new client, append its line (with its ``limits``, see :data:`LIMITS`) to the clients
     file (created readable by its owner only) and return the token, which is not stored anywhere.
@@ -241,6 +261,11 @@ def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, i
         raise InputError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
     limits = {k: v for k, v in (limits or {}).items() if v is not None}
     parse_limits([f"{k}={v}" for k, v in limits.items()])
+    with _editing(path):
+        return _append_client(path, name, scope, limits)
+
+
+def _append_client(path: Path, name: str, scope: str, limits: dict[str, int]) -> str:
     existing = path.read_text() if path.exists() else ""
     declared = parse_clients(existing, source=str(path))
     if any(client.name == name for client in declared.values()):
@@ -257,17 +282,25 @@ def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, i
 
 
 def remove_client(path: Path, name: str) -> bool:
-    """Delete a client's line from the clients file (rewritten beside it and renamed over it, so the API never
-    reads half a file); False when it had no such client."""
+    """Delete a client's line from the clients file; False when it had no such client.
+
+    The file is rewritten beside itself with its mode and (where this user may set it) its owner, and renamed
+    over it, so the API never reads half a file nor loses the right to read it.
+    """
     if not path.exists():
         return False
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.split("#", 1)[0].split()[:1] != [name]]
-    if len(kept) == len(lines):
-        return False
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.writelines(kept)
-    os.replace(temporary, path)
-    return True
+    with _editing(path):
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.split("#", 1)[0].split()[:1] != [name]]
+        if len(kept) == len(lines):
+            return False
+        status = path.stat()
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), stat.S_IMODE(status.st_mode))
+            with suppress(PermissionError):  # only root may give a file away
+                os.fchown(handle.fileno(), status.st_uid, status.st_gid)
+            handle.writelines(kept)
+        os.replace(temporary, path)
+        return True

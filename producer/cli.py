@@ -396,8 +396,8 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
 
 @main.command()
 @click.argument("job")
-@option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
-        help="table for people, csv/json for scripts.")
+@option("--format", "fmt", type=click.Choice(["table", "csv", "json", "uris"]), default="table", show_default=True,
+        help="table for people, csv/json for scripts, uris: the inputs only, a manifest for another job.")
 @option("--failed", is_flag=True, help="Only failed images (with their errors).")
 @option("--status", "status_filter", type=click.Choice(["pending", "running", "done", "failed", "cancelled"]),
         default=None, help="Only images with this status.")
@@ -412,12 +412,12 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
             limit: int | None, offset: int, review: bool) -> None:
     """Per-image results of a job: input, output, status, error and metrics.
 
-    The CSV's first column is the input's URI, so a selection is a manifest
-    for a new job, e.g. the images to try with another model:
+    --format uris prints only the inputs' URIs, one a line: a manifest for a
+    new job, e.g. the images to try with another model:
 
     \b
-      deblur results JOB --review --format csv > review.csv
-      deblur submit review.csv -o s3://archive/second-pass/ --model nafnet-gopro
+      deblur results JOB --review --format uris > review.txt
+      deblur submit review.txt -o s3://archive/second-pass/ --model nafnet-gopro
     """
     from producer.tracking import fetch_results, full_job_id, results_csv, results_json, results_table
 
@@ -430,6 +430,9 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
         click.echo(results_json(rows))
     elif fmt == "csv":
         click.echo(results_csv(rows), nl=False)
+    elif fmt == "uris":
+        for row in rows:
+            click.echo(row["input"])
     else:
         results_table(rows, out)
 

@@ -19,8 +19,15 @@ with the server's message and the field it names, an unknown job
 :class:`UnknownJobError`, a finished one :class:`JobFinishedError`, a missing
 or wrong token :class:`ApiAccessError`. A server that is unavailable (503, or
 no connection) is asked again with back-off, honouring ``Retry-After``, before
-:class:`TransientError` is raised; a submission is only repeated when it
-carries a ``job_key``, so a retry cannot make a second job.
+:class:`TransientError` is raised. A submission is asked again only when the
+connection could not be opened (nothing was sent): a 503 or a lost answer may
+come from a job that was made and failed part-way, so it is raised, saying to
+look with :meth:`HttpClient.jobs` or submit again with the same ``job_key``.
+
+The calls are those of :class:`producer.client.Client`, with two differences:
+:meth:`HttpClient.results` yields every image page by page instead of a list,
+and :meth:`HttpClient.usage` returns the API's JSON document instead of a
+report object.
 """
 
 from __future__ import annotations
@@ -87,8 +94,14 @@ class HttpClient:
 
     def _create(self, body: dict[str, Any], job_key: str | None) -> str:
         headers = {"Idempotency-Key": job_key} if job_key else {}
-        created = self._call("POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None},
-                             headers=headers, repeatable=job_key is not None)
+        try:
+            created = self._call("POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None},
+                                 headers=headers, repeatable=False)
+        except TransientError as exc:
+            if isinstance(exc.__cause__, httpx.ConnectError):
+                raise  # nothing was sent
+            raise TransientError(f"{exc}. The job may have been made: see jobs(), or submit again with the same "
+                                 "job_key (a key returns the first job while it stands)") from exc
         return created["id"] or ""
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -155,8 +168,9 @@ class HttpClient:
             body["stalled_after"] = stalled_after
         return int(self._call("POST", f"/v1/jobs/{job_id}/retry", json=body)["requeued"])
 
-    def verify(self, job_id: str, quick: bool = True, mark_failed: bool = False) -> dict[str, Any]:
-        """Check the job's outputs against their recorded checksums."""
+    def verify(self, job_id: str, mark_failed: bool = False, quick: bool = True) -> dict[str, Any]:
+        """Check the job's outputs against their recorded checksums (quick by default: the store's checksums,
+        no output read back)."""
         return self._call("POST", f"/v1/jobs/{job_id}/verify", json={"quick": quick, "mark_failed": mark_failed},
                           repeatable=not mark_failed)
 
@@ -184,16 +198,21 @@ class HttpClient:
     # ------------------------------------------------------------------ transport
 
     def _call(self, method: str, path: str, *, repeatable: bool | None = None, **kwargs: Any) -> Any:
-        """One request, asked again while the server is unavailable when that cannot duplicate anything (GETs,
-        and requests marked ``repeatable``); the answer's JSON, or the project's error for its status."""
+        """One request; the answer's JSON, or the project's error for its status.
+
+        A connection that could not be opened is always tried again (nothing was sent). A 503 and a lost answer
+        are tried again only for ``repeatable`` requests (GETs by default): the others may have done their work.
+        """
         repeatable = method == "GET" if repeatable is None else repeatable
         attempt = 0
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if not repeatable or attempt >= self.retries:
-                    raise TransientError(f"deblur API at {self._http.base_url} unreachable: {exc}") from exc
+                unsent = isinstance(exc, httpx.ConnectError)
+                if not (repeatable or unsent) or attempt >= self.retries:
+                    what = "unreachable" if unsent else "did not answer"
+                    raise TransientError(f"deblur API at {self._http.base_url} {what}: {exc}") from exc
                 delay = self.backoff * 2 ** attempt
             else:
                 if response.status_code != 503 or not repeatable or attempt >= self.retries:
@@ -205,7 +224,7 @@ class HttpClient:
 
 def _retry_after(response: httpx.Response, default: float) -> float:
     try:
-        return min(float(response.headers.get("Retry-After", default)), 60.0)
+        return max(0.0, min(float(response.headers.get("Retry-After", default)), 60.0))
     except ValueError:
         return default
 

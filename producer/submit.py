@@ -27,7 +27,7 @@ from jobs.storage import READ_FORMATS, s3_client
 from models.catalog import parse_ensemble
 from producer.dispatch import batch_payload, send_window_batches
 from producer.inputs import Plan, build_plan, describe_ignored, digest
-from producer.workers import check_workers_know
+from producer.workers import batch_fields, check_workers_know
 
 ROWS_PER_TRANSACTION = 1000
 
@@ -223,8 +223,10 @@ def submit(
         raise _no_images(request, ignored)
 
     window = settings.job_window if request.window is None else request.window
-    if window:  # its batches carry a window slot: no worker on the queue may be one that drops them
-        check_workers_know(settings, ["slot"])
+    # no worker on the queue may be one that drops the batches' optional fields (asked only for fields newer
+    # than the workers' self-description: none yet, so no submission waits for the question today)
+    check_workers_know(settings, batch_fields(window=window, output_format=request.output_format,
+                                              quality=request.quality, sidecar=request.sidecar))
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
     spec: dict[str, Any] = {

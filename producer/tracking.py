@@ -309,11 +309,12 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
     names = _metric_names(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["input", "output", "status", "error", "review", "width", "height", "inference_s", *names])
+    # 'review' last: scripts that read the earlier columns by position keep working
+    writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names, "review"])
     for row in rows:
         writer.writerow([row["input"], row["output"] or "", row["status"], row["error"] or "",
-                         row.get("review") or "", row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
-                         *(_fmt(row["metrics"].get(n)) for n in names)])
+                         row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
+                         *(_fmt(row["metrics"].get(n)) for n in names), row.get("review") or ""])
     return buffer.getvalue()
 
 

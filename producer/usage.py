@@ -57,13 +57,22 @@ def parse_moment(text: str, now: datetime | None = None, option: str = "--since"
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive one is taken to be UTC already (as the database keeps them)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 def check_groupings(by: Iterable[str]) -> list[str]:
     """``--by`` keys, checked; :class:`InputError` names a key that is not one and lists those that are."""
     checked = []
     for key in by:
         key = key.strip()
         if key.startswith("label:"):
-            check_labels({key[len("label:"):]: ""})
+            try:
+                check_labels({key[len("label:"):]: ""})
+            except InputError:
+                raise InputError(f"--by {key!r}: after 'label:' comes a label's name (1-63 letters, digits, '_', "
+                                 "'.', '-' or '/'), e.g. --by label:team") from None
         elif key not in PLAIN_GROUPINGS:
             raise InputError(f"--by {key!r}: not a grouping; use {GROUPING_HELP} (e.g. --by label:team --by month)")
         if key in checked:
@@ -169,7 +178,7 @@ def usage_report(settings: Settings, since: datetime, until: datetime | None = N
     Only jobs of ``kind`` and carrying every one of ``labels`` count, when given. Images of jobs still running
     count as they finish. Raises :class:`InputError` for an unknown grouping, a bad label or an empty period.
     """
-    until = until or utcnow()
+    since, until = as_utc(since), as_utc(until or utcnow())
     if until <= since:
         raise InputError(f"--until ({until.isoformat()}) must come after --since ({since.isoformat()})")
     if kind is not None and kind not in ("deblur", "evaluate"):
@@ -181,6 +190,9 @@ def usage_report(settings: Settings, since: datetime, until: datetime | None = N
     with session_scope(url) as session:
         records = usage_queries.recorded_usage(session, since, until, kind=kind, labels=wanted)
         rolled_up = usage_queries.rolled_up_usage(session, since, until, kind=kind, labels=wanted)
+    # a job pruned between the two reads is in both: its images were read first, so its rollup goes
+    live_jobs = {record.job_id for record in records}
+    rolled_up = [record for record in rolled_up if record.job_id not in live_jobs]
     lines, total = group_usage([*records, *rolled_up], groupings)
     return UsageReport(since=since, until=until, by=groupings, lines=lines, total=total,
                        rolled_up_days=bool(rolled_up))

@@ -103,6 +103,14 @@ def worker_states(settings: Settings, names: list[str] | None = None, timeout: f
     return states
 
 
+def batch_fields(window: int = 0, output_format: str | None = None, quality: int | None = None,
+                 sidecar: bool = False) -> list[str]:
+    """The optional batch fields (:data:`jobs.messages.OPTIONAL_FIELDS`) a job's batches will carry."""
+    used = {"slot": bool(window), "output_format": output_format is not None, "quality": quality is not None,
+            "sidecar": sidecar}
+    return sorted(name for name, carried in used.items() if carried)
+
+
 def check_workers_know(settings: Settings, needed: Iterable[str], timeout: float = 1.0) -> None:
     """Refuse (:class:`InputError`) a job whose batches carry the ``needed`` optional fields while a worker on
     the job's queue would not understand them (it would drop those batches).
@@ -124,5 +132,5 @@ def check_workers_know(settings: Settings, needed: Iterable[str], timeout: float
     if outdated:
         names = ", ".join(f"{s.name} ({s.release or 'an older release'})" for s in outdated)
         raise InputError(f"worker(s) {names} on queue {settings.queue!r} do not know the batch field(s) "
-                         f"{', '.join(needed)} this job needs (a window's batches carry 'slot') and would drop its "
-                         "batches; upgrade them first (see 'deblur workers'), or submit without --window")
+                         f"{', '.join(needed)} this job's batches carry and would drop them; upgrade them first "
+                         "(see 'deblur workers'), or submit without the options that need them")

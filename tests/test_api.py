@@ -411,10 +411,21 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         assert shared.status_code == 201, shared.text  # the shared token still works, and names no client
         assert http.get(f"/v1/jobs/{shared.json()['id']}", headers=as_(TOKEN)).json()["spec"]["labels"] == {
             "team": "ingest"}
+        unowned = http.post(f"/v1/jobs/{shared.json()['id']}/cancel", headers=as_(ingest))
+        assert unowned.status_code == 403 and "the command line or the shared token" in unowned.json()["detail"]
+        assert http.post(f"/v1/jobs/{shared.json()['id']}/cancel", headers=as_(TOKEN)).status_code == 200
 
         # a limited client: nothing above its priority, and never more than its window in the broker
-        too_urgent = http.post("/v1/jobs", json=body, headers=as_(web))  # the default priority, 5
+        too_urgent = http.post("/v1/jobs", json={**body, "priority": 6}, headers=as_(web))
         assert too_urgent.status_code == 403 and "up to priority 4" in too_urgent.json()["detail"], too_urgent.text
+        unasked = http.post("/v1/jobs", json={**body, "output": f"s3://{name}/web-default/"}, headers=as_(web))
+        assert unasked.status_code == 201, unasked.text  # the default priority (5) is brought down to the limit
+        unasked_id = unasked.json()["id"]
+        assert http.get(f"/v1/jobs/{unasked_id}", headers=as_(web)).json()["spec"]["priority"] == 4
+        # a client changes its own jobs only
+        foreign = http.post(f"/v1/jobs/{job_id}/cancel", headers=as_(web))
+        assert foreign.status_code == 403 and "submitted by another client" in foreign.json()["detail"]
+        assert http.post(f"/v1/jobs/{unasked_id}/cancel", headers=as_(web)).status_code == 200
         windows = {}
         for asked in (None, 0, 1, 5):
             limited = http.post("/v1/jobs", json={**body, "priority": 3, "window": asked,
@@ -428,7 +439,9 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
                               (f"/v1/jobs/{job_id}/retry", {"failed": True}), (f"/v1/jobs/{job_id}/verify", None)):
             refused = http.post(path, json=payload, headers=as_(grafana))
             assert refused.status_code == 403 and "may only read" in refused.json()["detail"], (path, refused.text)
-        preview = http.post("/v1/jobs/preview", json=body, headers=as_(grafana))
+        # a preview lists the store with the server's credentials: it needs the submit scope too
+        assert http.post("/v1/jobs/preview", json=body, headers=as_(grafana)).status_code == 403
+        preview = http.post("/v1/jobs/preview", json=body, headers=as_(ingest))
         assert preview.status_code == 200 and preview.json()["total"] == 2
 
         mine = http.get("/v1/jobs", params={"mine": "true", "limit": 1000}, headers=as_(ingest)).json()

@@ -46,11 +46,12 @@ def test_limits_follow_the_scope() -> None:
     (f"ingest {DIGEST} submit window=0", "window=0: expected a whole number from 1"),
     (f"ingest {DIGEST} submit quota=5", "'quota=5' is not a limit"),
     (f"ingest {DIGEST} submit window=2 window=3", "window is given twice"),
-    ("ingest sha256:abc submit", "is not a token digest"),
+    ("ingest sha256:abc submit", "the second field is not a token digest"),
     (f"ingest {DIGEST}", "got 2 fields"),
     (f"ingest {DIGEST} admin", "scope 'admin' is not one of submit, read"),
     (f"-ingest {DIGEST} submit", "cannot name an API client"),
-    (f"ingest {DIGEST.upper()} submit", "is not a token digest"),
+    (f"ingest {DIGEST.upper()} submit", "the second field is not a token digest"),
+    ("ingest dbl_pastedtoken submit", "the second field is not a token digest"),
 ])
 def test_a_bad_line_is_refused_with_its_number(line: str, reason: str) -> None:
     with pytest.raises(ConfigurationError, match=r"clients, line 2: .*" + reason.replace("(", r"\(")):
@@ -75,10 +76,20 @@ def test_add_and_remove_keep_the_file_private_and_whole(tmp_path: Path) -> None:
                                                token_digest(other): ApiClient("grafana", "read")}
     with pytest.raises(InputError, match="has a client 'ingest' already"):
         add_client(path, "ingest")
+    path.chmod(0o640)  # an operator let the API's group read it
     assert remove_client(path, "ingest") and not remove_client(path, "ingest")
     assert parse_clients(path.read_text()) == {token_digest(other): ApiClient("grafana", "read")}
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["clients"], "no temporary file is left behind"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640, "the rewrite keeps the file's mode"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clients.lock", "clients"], "no temporary file is left"
+
+
+def test_edits_at_once_lose_nothing(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "clients"
+    with ThreadPoolExecutor(8) as pool:
+        tokens = list(pool.map(lambda i: add_client(path, f"client-{i}"), range(32)))
+    assert set(parse_clients(path.read_text())) == {token_digest(t) for t in tokens}
 
 
 def test_the_registry_follows_the_file_and_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

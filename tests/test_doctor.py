@@ -3,7 +3,7 @@
 Given the real services (Redis, ``moto_server``, SQLite and PostgreSQL) and a
 real worker, the doctor finds every part ready; given a broker that does not
 answer (its URL carrying a password), a schema behind the release, a bucket
-that does not exist, a broken clients file and a worker of an older release, it
+that does not exist, a broken clients file and a worker that lacks a batch field, it
 names each problem with its remedy, exits 1, and never prints the password.
 """
 
@@ -66,7 +66,9 @@ def test_each_problem_is_named_with_its_remedy(empty_database_url: str, redis_ur
     clients.write_text("half a line\n")
     env = use_services(monkeypatch, redis_url, s3_endpoint, empty_database_url, tmp_path / "home",
                        DEBLUR_API_CLIENTS=str(clients))
-    older = WorkerProcess(service_env(env), tmp_path / "older.log", app="tests.older_worker_app")
+    # a worker of a release that says it lacks a batch field this one sends
+    older = WorkerProcess({**service_env(env), "TEST_WORKER_FIELDS": "output_format,quality,sidecar"},
+                          tmp_path / "older.log", app="tests.older_worker_app")
     try:
         from jobs.celery_app import app_for
         from jobs.settings import load_settings

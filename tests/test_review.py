@@ -30,10 +30,19 @@ TINY_KERNEL = [(L0, "blur_detected", 1.0), (L0, "kernel_fallback", 0.0), (L0, "k
 REFINED_FELL_BACK = [*FELL_BACK, *(("seed002-refine", name, value) for _, name, value in FELL_BACK)]
 
 
+WIENER = [("wiener", "laplacian_variance", 3.0)]
+OTHER_L0 = "l0-blind:kernel=15"
+SHARED_ROWS = [("input", "laplacian_variance", 1.0), ("ensemble", "disagreement", 0.0)]
+
+
 @pytest.mark.parametrize("metrics, expected", [
     (RESTORED, None), (FELL_BACK, NOT_RESTORED), (NO_BLUR, JUDGED_SHARP), (TINY_KERNEL, JUDGED_SHARP),
-    (REFINED_FELL_BACK, NOT_RESTORED), ([("wiener", "laplacian_variance", 3.0)], None), ([], None),
+    (REFINED_FELL_BACK, NOT_RESTORED), (WIENER, None), ([], None),
     ([(L0, "kernel_fallback", None), (L0, "blur_detected", None)], None),
+    ([*FELL_BACK, *SHARED_ROWS], NOT_RESTORED),  # the input's and the ensemble's rows are no member's
+    ([*FELL_BACK, *WIENER], None),  # another kind of member restored it its own way
+    ([*FELL_BACK, *((OTHER_L0, n, v) for _, n, v in RESTORED)], None),  # one blind member restored it
+    ([*FELL_BACK, *((OTHER_L0, n, v) for _, n, v in NO_BLUR)], NOT_RESTORED),  # none did; one estimate fell back
 ])
 def test_review_reason(metrics, expected) -> None:  # type: ignore[no-untyped-def]
     assert review_reason(metrics) == expected
@@ -100,6 +109,9 @@ def test_flags_are_recorded_listed_counted_and_cleared(env, tmp_path) -> None:  
                                                                 "csv"]).stdout)))
     assert sorted(r["input"] for r in rows) == [f"s3://b/in/{n}.png" for n in ("fell-back", "refined", "sharp", "tiny")]
     assert {r["review"] for r in rows} == {NOT_RESTORED, JUDGED_SHARP}
+    # the inputs alone are a manifest for a second pass: one URI a line, nothing a manifest would misread
+    manifest = runner.invoke(main, ["results", job_id, "--review", "--format", "uris"]).stdout.split()
+    assert sorted(manifest) == sorted(r["input"] for r in rows)
     both = runner.invoke(main, ["results", job_id, "--review", "--failed"])
     assert both.exit_code == 2 and "give one of them" in both.output
 
@@ -139,9 +151,9 @@ def test_the_migration_flags_images_recorded_before_it(empty_database_url: str) 
     job_id = str(uuid.uuid4())
     engine = get_engine(url)
     with engine.begin() as connection:
-        connection.execute(insert(Job.__table__).values(id=job_id, kind="deblur", status="done", spec={}, total=4))
+        connection.execute(insert(Job.__table__).values(id=job_id, kind="deblur", status="done", spec={}, total=5))
         for name, status, metrics in (("a", "done", FELL_BACK), ("b", "done", NO_BLUR), ("c", "done", RESTORED),
-                                      ("d", "failed", FELL_BACK)):
+                                      ("d", "failed", FELL_BACK), ("e", "done", [*FELL_BACK, *WIENER])):
             image_id = connection.execute(insert(Image.__table__).values(
                 job_id=job_id, input_uri=f"s3://b/{name}.png", status=status, attempts=1, batch=0,
                 unfinished_starts=0).returning(Image.__table__.c.id)).scalar_one()
@@ -152,7 +164,7 @@ def test_the_migration_flags_images_recorded_before_it(empty_database_url: str) 
     with engine.connect() as connection:
         flags = dict(connection.execute(select(Image.input_uri, Image.review).where(Image.job_id == job_id)).all())
     assert flags == {"s3://b/a.png": NOT_RESTORED, "s3://b/b.png": JUDGED_SHARP, "s3://b/c.png": None,
-                     "s3://b/d.png": None}
+                     "s3://b/d.png": None, "s3://b/e.png": None}
 
 
 def test_a_real_worker_flags_what_l0_blind_returns_as_it_came(env, tmp_path) -> None:  # type: ignore[no-untyped-def]

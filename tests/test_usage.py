@@ -142,6 +142,18 @@ def test_usage_survives_pruning_from_rollups(history) -> None:  # type: ignore[n
 
     groupings = ["label:team", "device", "worker", "day", "job", "model"]
     before = _report(history, by=groupings)
+    # a report that reads a job's images just before a prune commits, and its rollups just after, sees both:
+    # the rollup of a job whose images were read is left out
+    from sqlalchemy import delete
+
+    from db.schema import UsageRollup
+    from db.usage import roll_up_job
+
+    with session_scope(history["url"]) as session:
+        assert roll_up_job(session, history["ingest"]) > 0
+    assert _report(history, by=groupings).total.to_dict() == before.total.to_dict()
+    with session_scope(history["url"]) as session:
+        session.execute(delete(UsageRollup).where(UsageRollup.job_id == history["ingest"]))
     # age the finished jobs past a 90-day retention (the images keep their finish times)
     with session_scope(history["url"]) as session:
         session.execute(update(Job).where(Job.id.in_([history["ingest"], history["evaluation"]]))
@@ -190,11 +202,23 @@ def test_usage_cli_table_csv_json_and_refusals(history) -> None:  # type: ignore
     assert json.loads(dated.output)["total"]["images_done"] == 2
 
     for args, expected in ((["--by", "team"], "not a grouping"), (["--by", "day", "--by", "day"], "given twice"),
+                           (["--by", "label:bad key"], "after 'label:' comes a label's name"),
                            (["--since", "yesterday"], "expected a time ago"), (["--label", "team"], "KEY=VALUE"),
                            (["--since", "1d", "--until", "2d"], "must come after")):
         refused = runner.invoke(main, ["usage", *args])
         assert refused.exit_code == 2, (args, refused.output)
         assert expected in refused.output, (args, refused.output)
+
+
+def test_periods_in_other_time_zones_and_naive_times_are_taken_as_utc(history) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta, timezone
+
+    berlin = timezone(timedelta(hours=1))
+    utc_report = _report(history, since=NOW - timedelta(days=2), until=NOW)
+    same = _report(history, since=(NOW - timedelta(days=2)).astimezone(berlin), until=NOW.astimezone(berlin))
+    naive = _report(history, since=(NOW - timedelta(days=2)).replace(tzinfo=None), until=NOW.replace(tzinfo=None))
+    assert same.total.to_dict() == naive.total.to_dict() == utc_report.total.to_dict()
+    assert utc_report.total.done == 2
 
 
 def test_parse_moment_reads_relative_times_and_utc_dates() -> None:

@@ -62,48 +62,59 @@ def test_workers_lists_a_node_and_the_probe_fails_once_it_stops_consuming_or_is_
     assert nobody.exit_code == 1 and "no worker of this machine" in nobody.output
 
 
-def test_workers_say_which_batches_they_understand_and_windows_wait_for_outdated_ones(  # type: ignore[no-untyped-def]
-        env, tmp_path) -> None:
-    """A worker of this release says which optional batch fields it knows; one too old to say (a plain Celery
-    app on the queue stands in for it) is listed as outdated, and a job with a window, whose batches it would
-    drop, is refused while it is on the queue: nothing is written or sent."""
+def test_workers_say_which_batch_fields_they_understand_and_jobs_wait_for_outdated_ones(  # type: ignore[no-untyped-def]
+        env, tmp_path, monkeypatch) -> None:
+    """A worker of this release says which optional batch fields it knows. A node of a release that says it
+    lacks one (a plain Celery app on the queue stands in for it) is listed as outdated, and a job whose batches
+    carry that field is refused while it is on the queue, with nothing written or sent. A node too old to say
+    anything is taken to know the fields of the release before the question."""
     import boto3
     import numpy as np
     from PIL import Image
+    from sqlalchemy import func, select
 
     from db.engine import ensure_schema, session_scope
     from db.schema import Job
     from jobs.celery_app import app_for
     from jobs.errors import InputError
-    from jobs.messages import OPTIONAL_FIELDS
+    from jobs.messages import FIELDS_BEFORE_INFO, OPTIONAL_FIELDS
     from jobs.settings import load_settings
+    import producer.workers
     from producer.workers import check_workers_know, worker_states
-    from sqlalchemy import func, select
 
     settings = load_settings()
     app = app_for(settings)
     current = WorkerProcess(service_env(env), tmp_path / "current.log", pool="prefork")
-    older = WorkerProcess(service_env(env), tmp_path / "older.log", app="tests.older_worker_app")
+    silent = WorkerProcess(service_env(env), tmp_path / "silent.log", app="tests.older_worker_app")
+    lacking = WorkerProcess({**service_env(env), "TEST_WORKER_FIELDS": "output_format,quality,sidecar"},
+                            tmp_path / "lacking.log", app="tests.older_worker_app")
     try:
-        current.wait_ready(app)
-        older.wait_ready(app)
-        states = {s.name: s for s in worker_states(settings, [current.name, older.name], timeout=10)}
+        for worker in (current, silent, lacking):
+            worker.wait_ready(app)
+        states = {s.name: s for s in worker_states(settings, [current.name, silent.name, lacking.name], timeout=10)}
         assert states[current.name].fields == tuple(sorted(OPTIONAL_FIELDS)) and states[current.name].release
-        assert states[older.name].answered and states[older.name].fields is None
-        assert states[older.name].missing_fields() == ["slot"]
+        assert states[silent.name].answered and states[silent.name].fields is None
+        assert states[silent.name].known_fields == FIELDS_BEFORE_INFO and states[silent.name].missing_fields() == []
+        assert states[lacking.name].release == "0.0.1-test" and states[lacking.name].missing_fields() == ["slot"]
 
-        listed = invoke("workers", "--timeout", "2", "--format", "json")
+        listed = invoke("workers", "--timeout", "3", "--format", "json")
         assert listed.exit_code == 0, listed.output
         nodes = {node["name"]: node for node in json.loads(listed.stdout)}
-        assert nodes[older.name]["state"].startswith("outdated") and "slot" in nodes[older.name]["state"]
-        assert nodes[older.name]["release"] is None and nodes[older.name]["message_fields"] is None
+        assert nodes[lacking.name]["state"].startswith("outdated") and "slot" in nodes[lacking.name]["state"]
+        assert nodes[silent.name]["state"] == "ok" and nodes[silent.name]["release"] is None
         assert nodes[current.name]["state"] == "ok" and "slot" in nodes[current.name]["message_fields"]
-        table = invoke("workers", current.name, older.name)
+        table = invoke("workers", current.name, silent.name, lacking.name)
         assert table.exit_code == 0 and "outdated" in table.output and "release" in table.output
 
-        check_workers_know(settings, ["sidecar", "output_format"])  # fields older workers know: no objection
-        with pytest.raises(InputError, match=f"{older.name}.*do not know the batch field.*slot"):
-            check_workers_know(settings, ["slot"])
+        # 'slot' predates the question, so a submission does not even ask; a field added after it would be asked
+        # about: pretend 'slot' were such a field
+        check_workers_know(settings, ["slot"], timeout=5)
+        monkeypatch.setattr(producer.workers, "FIELDS_BEFORE_INFO", ("output_format", "quality", "sidecar"))
+        check_workers_know(settings, ["sidecar", "output_format"], timeout=5)  # every node knows these
+        with pytest.raises(InputError, match=f"{lacking.name}.*do not know the batch field.*slot") as refusal:
+            check_workers_know(settings, ["slot"], timeout=5)
+        # a silent node predates such a field too; this release's worker knows it
+        assert silent.name in str(refusal.value) and current.name not in str(refusal.value)
 
         s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
         s3.create_bucket(Bucket="windows")
@@ -120,5 +131,5 @@ def test_workers_say_which_batches_they_understand_and_windows_wait_for_outdated
         with session_scope(url) as session:
             assert session.scalar(select(func.count()).select_from(Job)) == before
     finally:
-        older.stop()
-        current.stop()
+        for worker in (lacking, silent, current):
+            worker.stop()
