@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MESSAGE_VERSION = 1
 JobKind = Literal["deblur", "evaluate"]
@@ -27,6 +27,21 @@ FIELDS_BEFORE_INFO = ("output_format", "quality", "sidecar", "slot")
 """The optional fields a worker too old to answer :data:`WORKER_INFO_COMMAND` is taken to know: those of the
 release just before the question (windows' ``slot`` included). A worker older still, from before windows, cannot
 be told apart from it, so windows need every worker on a release that has them (see the README)."""
+
+
+def needs_newer_worker(payload: dict, error: Exception) -> bool:
+    """Whether a batch this code refused (``error``) comes from a newer release rather than being malformed.
+
+    A newer message version, or fields this code does not know and nothing else wrong, mean a newer producer
+    sent it: a worker of that release can run it, so it goes back to the queue instead of being dropped.
+    """
+    version = payload.get("v") if isinstance(payload, dict) else None
+    if isinstance(version, int) and version > MESSAGE_VERSION:
+        return True
+    if isinstance(error, ValidationError):
+        problems = error.errors()
+        return bool(problems) and all(problem["type"] == "extra_forbidden" for problem in problems)
+    return False
 
 
 class ImageItem(BaseModel):

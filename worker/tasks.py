@@ -10,18 +10,21 @@ import logging
 import time
 from typing import Any
 
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from jobs.celery_app import app
 from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError
-from jobs.messages import PROCESS_BATCH_TASK, BatchMessage
+from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker
 from jobs.notify import NOTIFY_TASK, body, deliver
 from worker import control as _control  # noqa: F401 - registers the workers' remote-control answers
 from worker import runtime
 
 log = logging.getLogger(__name__)
+
+NEWER_RELEASE_PAUSE_S = 10.0  # before a batch this worker cannot read goes back to the queue for a newer one
 
 
 @worker_process_init.connect
@@ -55,6 +58,13 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
     try:
         message = BatchMessage.from_payload(payload)
     except (ValidationError, ValueError) as exc:
+        if needs_newer_worker(payload, exc):
+            # Sent by a newer release during a rolling upgrade: a worker of that release can run it, so it goes
+            # back to the queue, after a pause that keeps workers of this release from passing it round busily.
+            log.warning("batch of job %s needs a newer worker than this one (%s): returning it to the queue in "
+                        "%g s; upgrade this worker", (payload or {}).get("job_id"), exc, NEWER_RELEASE_PAUSE_S)
+            time.sleep(NEWER_RELEASE_PAUSE_S)
+            raise Reject(f"needs a newer worker: {exc}", requeue=True) from None
         # A malformed message can never succeed: log it and drop it (acked).
         log.error("dropping malformed batch message: %s", exc)
         return batch_counts(0, 0)
