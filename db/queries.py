@@ -299,6 +299,7 @@ class ImageOutcome:
     kernel_uri: str | None = None
     width: int | None = None
     height: int | None = None
+    pixels: int | None = None  # every page's, for a multi-page TIFF (width and height are the first page's)
     format: str | None = None
     bit_depth: int | None = None
     download_s: float | None = None
@@ -335,7 +336,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 status=o.status, error=o.error, kernel_uri=o.kernel_uri,
                 # a failed image keeps its planned output key, so a retry writes the same key
                 output_uri=func.coalesce(o.output_uri, Image.output_uri),
-                width=o.width, height=o.height, format=o.format, bit_depth=o.bit_depth,
+                width=o.width, height=o.height, pixels=o.pixels, format=o.format, bit_depth=o.bit_depth,
                 download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
                 device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
                 input_sha256=o.input_sha256, output_sha256=o.output_sha256, unfinished_starts=0,
@@ -656,7 +657,7 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
         ):
             finished[status] = int(count)
         pixels, seconds = session.execute(
-            select(func.sum(Image.width * Image.height), func.sum(Image.inference_s))
+            select(func.sum(func.coalesce(Image.pixels, Image.width * Image.height)), func.sum(Image.inference_s))
             .where(recent, Image.status == "done")
         ).one()
     return OperationsSnapshot(

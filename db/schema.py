@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Date,
     DateTime,
     Float,
@@ -106,6 +107,8 @@ class Image(Base):
     unfinished_starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # why a person should look at this done image (jobs.review: the blind model returned it as it came), or None
     review: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # every page's pixels (a multi-page TIFF's width and height are its first page's); None: width × height
+    pixels: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="images")
 

@@ -69,7 +69,7 @@ def _sums() -> list[ColumnElement[Any]]:
     return [
         func.sum(case((done, 1), else_=0)),
         func.sum(case((Image.status == "failed", 1), else_=0)),
-        func.sum(case((done, Image.width * Image.height), else_=0)),
+        func.sum(case((done, func.coalesce(Image.pixels, Image.width * Image.height)), else_=0)),
         func.coalesce(func.sum(Image.download_s), 0.0),
         func.coalesce(func.sum(Image.inference_s), 0.0),
         func.coalesce(func.sum(Image.upload_s), 0.0),

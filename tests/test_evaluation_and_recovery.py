@@ -259,6 +259,11 @@ def test_every_page_of_a_multi_page_tiff_is_restored(env, tmp_path, monkeypatch)
         assert not np.array_equal(restored, original)  # every page went through the model
     [row] = [r for r in json.loads(run_cli("results", job_id, "--format", "json")) if r["input"].endswith(".tif")]
     assert row["status"] == "done" and row["metrics_by_model"]["input"]["pages"] == 3
+    # 'deblur usage' counts every page's megapixels, not the first page's alone
+    usage = json.loads(run_cli("usage", "--since", "1h", "--by", "job", "--format", "json"))
+    [spent] = [group for group in usage["groups"] if group["job"] == job_id]
+    every_pixel = sum(o.shape[0] * o.shape[1] for o in originals) + blurred[1].shape[0] * blurred[1].shape[1]
+    assert spent["megapixels"] == pytest.approx(every_pixel / 1e6, abs=1e-6)
     from models.metrics import no_reference_metrics
 
     # the sharpness figures are the mean over the pages (the first page alone differs by over 50 % here); the

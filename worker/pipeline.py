@@ -113,6 +113,7 @@ def decode_work(work: Work, settings: Settings, output_format: str | None = None
         work.fail(str(exc))
         return
     work.outcome.width, work.outcome.height = work.decoded.width, work.decoded.height
+    work.outcome.pixels = sum(page.width * page.height for page in [work.decoded, *work.decoded.pages])
     work.outcome.format, work.outcome.bit_depth = input_format, input_depth
     work.data = work.reference_data = None  # free the compressed bytes early
 
