@@ -34,6 +34,7 @@ from db.engine import ensure_schema, session_scope
 from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, Image, Metric
 from jobs.errors import InputError, StorageNotFoundError
 from jobs.layout import kernel_uri as layout_kernel_uri
+from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
 from jobs.storage import object_exists, s3_client
@@ -82,6 +83,7 @@ class ReportTable:
     timing: dict[str, float | None]
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    review: dict[str, int] = field(default_factory=dict)  # done images left as they came, per reason (jobs.review)
 
     def header(self) -> list[str]:
         return ["model", *(c.title for c in self.columns), "images", "s/image"]
@@ -110,6 +112,7 @@ class ReportTable:
             ],
             "diagnostics": self.diagnostics,
             "notes": self.notes,
+            "review": self.review,
         }
 
 
@@ -193,6 +196,12 @@ def build_table(session: Any, job_id: str) -> ReportTable:
         table.notes.append(f"the job is {job.status}: figures cover the {counts['done']} images done so far")
     if counts["failed"]:
         table.notes.append(f"{counts['failed']} images failed and are not in the means ('deblur results JOB --failed')")
+    table.review = queries.review_counts(session, job_id)
+    if any(table.review.values()):
+        table.notes.append(
+            f"{table.review[NOT_RESTORED]} images blurred but not restored (no kernel estimate held) and "
+            f"{table.review[JUDGED_SHARP]} judged sharp were left as they came; they are in the means "
+            f"('deblur results {job_id[:8]} --review' lists them)")
     if job.kind == "evaluate":
         table.notes.append("SSIM is the 3-D variant the GoPro tables report (ssim_3d in the per-image results)")
     else:

@@ -115,6 +115,16 @@ def test_flags_are_recorded_listed_counted_and_cleared(env, tmp_path) -> None:  
     both = runner.invoke(main, ["results", job_id, "--review", "--failed"])
     assert both.exit_code == 2 and "give one of them" in both.output
 
+    # so does the job's report (its notes, and the JSON's review counts)
+    from db.engine import session_scope as scope
+    from producer.report import build_table
+
+    with scope(url) as session:
+        table = build_table(session, job_id)
+    assert table.review == {NOT_RESTORED: 2, JUDGED_SHARP: 2}
+    assert any("2 images blurred but not restored" in note and "--review" in note for note in table.notes)
+    assert table.to_dict()["review"] == table.review
+
     # the HTTP API gives the same
     import httpx
 
