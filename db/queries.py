@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import BigInteger, and_, case, cast, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -657,7 +657,8 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
         ):
             finished[status] = int(count)
         pixels, seconds = session.execute(
-            select(func.sum(func.coalesce(Image.pixels, Image.width * Image.height)), func.sum(Image.inference_s))
+            select(func.sum(func.coalesce(Image.pixels, cast(Image.width, BigInteger) * Image.height)),
+                   func.sum(Image.inference_s))
             .where(recent, Image.status == "done")
         ).one()
     return OperationsSnapshot(

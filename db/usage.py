@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, and_, case, cast, func, insert, literal_column, select
+from sqlalchemy import BigInteger, Date, and_, case, cast, func, insert, literal_column, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -69,7 +69,7 @@ def _sums() -> list[ColumnElement[Any]]:
     return [
         func.sum(case((done, 1), else_=0)),
         func.sum(case((Image.status == "failed", 1), else_=0)),
-        func.sum(case((done, func.coalesce(Image.pixels, Image.width * Image.height)), else_=0)),
+        func.sum(case((done, func.coalesce(Image.pixels, cast(Image.width, BigInteger) * Image.height)), else_=0)),
         func.coalesce(func.sum(Image.download_s), 0.0),
         func.coalesce(func.sum(Image.inference_s), 0.0),
         func.coalesce(func.sum(Image.upload_s), 0.0),
@@ -108,6 +108,8 @@ def recorded_usage(session: Session, since: datetime, until: datetime, kind: str
     jobs = _jobs(session, {row[0] for row in rows})
     records = []
     for job_id, row_day, *rest in rows:
+        if job_id not in jobs:
+            continue  # pruned since its images were read: its rollup counts it
         job_kind, spec = jobs[job_id]
         records.append(_record(row_day, rest, job_id, job_kind, spec.get("labels"), models_text(spec)))
     return records

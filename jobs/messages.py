@@ -44,6 +44,19 @@ def needs_newer_worker(payload: dict, error: Exception) -> bool:
     return False
 
 
+def readable_part(payload: dict) -> BatchMessage | None:
+    """What this code can read of a newer release's batch (its unknown fields left out), to fail its images by
+    name when no newer worker took it; None when even that is not a batch."""
+    try:
+        known = {key: value for key, value in payload.items() if key in BatchMessage.model_fields}
+        known["v"] = MESSAGE_VERSION
+        known["images"] = [{key: value for key, value in item.items() if key in ImageItem.model_fields}
+                           for item in payload.get("images") or []]
+        return BatchMessage.model_validate(known)
+    except (AttributeError, TypeError, ValidationError):
+        return None
+
+
 class ImageItem(BaseModel):
     """One image of a batch: where to read it, where to write it, what to compare with."""
 

@@ -28,6 +28,7 @@ is sent as the string ``"inf"`` (JSON has no infinity), as ``deblur results
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -192,7 +193,9 @@ class JobSubmission(BaseModel):
         None, description=LIGHT_HELP + " Unset: each model spec decides (light=...).")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
-        description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job.")
+        description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job. "
+                    "With a client's own token (DEBLUR_API_CLIENTS) the keys are that client's: another client's "
+                    "equal key is another job.")
     notify_url: str | None = Field(
         None, max_length=2048,
         description="POSTed a JSON summary ({event, delivery, job}) each time the job finishes: done, failed or "
@@ -594,7 +597,7 @@ def create_app(settings: Settings) -> FastAPI:
         if client.name is None:
             return client
         with session() as s:
-            owner = (queries.get_job(s, str(job_id)).spec or {}).get("labels", {}).get(API_CLIENT_LABEL)
+            owner = ((queries.get_job(s, str(job_id)).spec or {}).get("labels") or {}).get(API_CLIENT_LABEL)
         if owner != client.name:
             by = "another client" if owner else "the command line or the shared token"
             raise HTTPException(403, f"job {job_id} was submitted by {by}: only the client that submitted a job "
@@ -666,8 +669,13 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(403, f"client {client.name!r} may submit jobs up to priority {client.max_priority} "
                                      f"(its max_priority in DEBLUR_API_CLIENTS); this one asks for {body.priority}")
         body = body.model_copy(update={"window": client.limited_window(body.window)})
+        key = idempotency_key or body.job_key
+        if key and client.name:  # each client's keys are its own: another's 'nightly-1' is not this one's
+            scoped = f"{API_CLIENT_LABEL}/{client.name}/{key}"
+            key = scoped if len(scoped) <= 255 else (
+                f"{API_CLIENT_LABEL}/{client.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}")
         try:
-            result = submit(body.to_request(idempotency_key or body.job_key, api_client=client.name), settings)
+            result = submit(body.to_request(key, api_client=client.name), settings)
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         if not result.created:

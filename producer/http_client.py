@@ -24,10 +24,11 @@ connection could not be opened (nothing was sent): a 503 or a lost answer may
 come from a job that was made and failed part-way, so it is raised, saying to
 look with :meth:`HttpClient.jobs` or submit again with the same ``job_key``.
 
-The calls are those of :class:`producer.client.Client`, with two differences:
-:meth:`HttpClient.results` yields every image page by page instead of a list,
-and :meth:`HttpClient.usage` returns the API's JSON document instead of a
-report object.
+The calls are those of :class:`producer.client.Client`, with three
+differences: :meth:`HttpClient.results` yields every image page by page
+instead of a list, :meth:`HttpClient.usage` returns the API's JSON document
+instead of a report object, and :meth:`HttpClient.verify` is quick by default
+(as the API is).
 """
 
 from __future__ import annotations

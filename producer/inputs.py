@@ -47,12 +47,23 @@ def classify(text: str) -> Source:
     )
 
 
+def _pairs_uris(head: str) -> bool:
+    """Whether a manifest without a ``.csv`` name is CSV: its first URI line holds a second URI after a comma
+    (``blurred,sharp``). A key with a comma in it (``IMG 0001, copy.png``) stays one URI a line."""
+    for line in head.splitlines():
+        line = line.strip()
+        if line.startswith("s3://"):
+            fields = next(csv.reader([line]), [])
+            return len(fields) >= 2 and fields[1].strip().startswith("s3://")
+    return False
+
+
 def _manifest_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for every non-empty, non-comment row of a manifest."""
     with path.open(newline="", encoding="utf-8") as handle:
         head = handle.read(4096)
         handle.seek(0)
-        is_csv = path.suffix.lower() == ".csv" or ("," in head and "s3://" in head)
+        is_csv = path.suffix.lower() == ".csv" or _pairs_uris(head)
         if is_csv:
             reader = csv.reader(handle)
             for number, row in enumerate(reader, start=1):

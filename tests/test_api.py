@@ -422,6 +422,16 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         assert unasked.status_code == 201, unasked.text  # the default priority (5) is brought down to the limit
         unasked_id = unasked.json()["id"]
         assert http.get(f"/v1/jobs/{unasked_id}", headers=as_(web)).json()["spec"]["priority"] == 4
+        # each client's job keys are its own
+        keyed = {who: http.post("/v1/jobs", json={**body, "priority": 3, "output": f"s3://{name}/keyed-{who}/"},
+                                headers={**as_(token), "Idempotency-Key": "nightly-1"}).json()["id"]
+                 for who, token in (("web", web), ("ingest", ingest))}
+        assert keyed["web"] != keyed["ingest"]
+        again = http.post("/v1/jobs", json={**body, "priority": 3, "output": f"s3://{name}/keyed-web/"},
+                          headers={**as_(web), "Idempotency-Key": "nightly-1"})
+        assert again.status_code == 200 and again.json()["id"] == keyed["web"]
+        for who, token in (("web", web), ("ingest", ingest)):
+            http.post(f"/v1/jobs/{keyed[who]}/cancel", headers=as_(token))
         # a client changes its own jobs only
         foreign = http.post(f"/v1/jobs/{job_id}/cancel", headers=as_(web))
         assert foreign.status_code == 403 and "submitted by another client" in foreign.json()["detail"]
@@ -445,7 +455,7 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         assert preview.status_code == 200 and preview.json()["total"] == 2
 
         mine = http.get("/v1/jobs", params={"mine": "true", "limit": 1000}, headers=as_(ingest)).json()
-        assert [j["id"] for j in mine] == [job_id]
+        assert [j["id"] for j in mine] == [keyed["ingest"], job_id]  # newest first
         assert http.get("/v1/jobs", params={"mine": "true"}, headers=as_(grafana)).json() == []
         anonymous_mine = http.get("/v1/jobs", params={"mine": "true"}, headers=as_(TOKEN))
         assert anonymous_mine.status_code == 422 and anonymous_mine.json()["detail"][0]["loc"] == ["query", "mine"]

@@ -110,7 +110,7 @@ def test_flags_are_recorded_listed_counted_and_cleared(env, tmp_path) -> None:  
     assert sorted(r["input"] for r in rows) == [f"s3://b/in/{n}.png" for n in ("fell-back", "refined", "sharp", "tiny")]
     assert {r["review"] for r in rows} == {NOT_RESTORED, JUDGED_SHARP}
     # the inputs alone are a manifest for a second pass: one URI a line, nothing a manifest would misread
-    manifest = runner.invoke(main, ["results", job_id, "--review", "--format", "uris"]).stdout.split()
+    manifest = runner.invoke(main, ["results", job_id, "--review", "--format", "uris"]).stdout.splitlines()
     assert sorted(manifest) == sorted(r["input"] for r in rows)
     both = runner.invoke(main, ["results", job_id, "--review", "--failed"])
     assert both.exit_code == 2 and "give one of them" in both.output
@@ -175,6 +175,24 @@ def test_the_migration_flags_images_recorded_before_it(empty_database_url: str) 
         flags = dict(connection.execute(select(Image.input_uri, Image.review).where(Image.job_id == job_id)).all())
     assert flags == {"s3://b/a.png": NOT_RESTORED, "s3://b/b.png": JUDGED_SHARP, "s3://b/c.png": None,
                      "s3://b/d.png": None, "s3://b/e.png": None}
+
+    # going back takes the columns away and nothing else (a table rebuild on SQLite would empty metrics)
+    from alembic import command
+    from sqlalchemy import func, inspect
+
+    from db.engine import alembic_config
+
+    with engine.connect() as connection:
+        metric_rows = connection.execute(select(func.count()).select_from(Metric.__table__)).scalar_one()
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0006")
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(Metric.__table__)).scalar_one() == metric_rows
+        assert {"review", "pixels"}.isdisjoint(c["name"] for c in inspect(connection).get_columns("images"))
+    ensure_schema.cache_clear()
+    ensure_schema(url)  # and forward again
 
 
 def test_a_real_worker_flags_what_l0_blind_returns_as_it_came(env, tmp_path) -> None:  # type: ignore[no-untyped-def]

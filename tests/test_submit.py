@@ -96,16 +96,20 @@ def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-unty
 
 def test_manifest_and_single_keys(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
     client, bucket = s3
+    client.put_object(Bucket=bucket, Key="in/IMG 0001, copy.png", Body=b"\x89PNG")  # a comma is no CSV column
     manifest = tmp_path / "list.txt"
-    manifest.write_text(f"# scans to redo\ns3://{bucket}/in/a.png\n\ns3://{bucket}/in/sub/b.jpg\n")
+    manifest.write_text(f"# scans to redo\ns3://{bucket}/in/IMG 0001, copy.png\ns3://{bucket}/in/a.png\n\n"
+                        f"s3://{bucket}/in/sub/b.jpg\n")
     result = invoke("submit", str(manifest), f"s3://{bucket}/in/a.png", "--output", f"s3://{bucket}/out/",
                     "--batch-size", "1", "-q")
     assert result.exit_code == 0, result.output
     job_id = result.stdout.strip()
     rows = json.loads(invoke("results", job_id, "--format", "json").stdout)
     # the duplicate of a.png (manifest and argument) is one image
-    assert sorted(r["input"] for r in rows) == [f"s3://{bucket}/in/a.png", f"s3://{bucket}/in/sub/b.jpg"]
-    assert queue_length(env) == 3  # one task per batch sent; the duplicate row is ignored by the worker
+    assert sorted(r["input"] for r in rows) == [f"s3://{bucket}/in/IMG 0001, copy.png", f"s3://{bucket}/in/a.png",
+                                                 f"s3://{bucket}/in/sub/b.jpg"]
+    assert all(r["reference"] is None for r in rows)
+    assert queue_length(env) == 4  # one task per batch sent; the duplicate row is ignored by the worker
 
 
 @pytest.fixture(scope="module")

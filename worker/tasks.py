@@ -10,21 +10,23 @@ import logging
 import time
 from typing import Any
 
-from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from jobs.celery_app import app
 from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError
-from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker
+from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker, readable_part
 from jobs.notify import NOTIFY_TASK, body, deliver
 from worker import control as _control  # noqa: F401 - registers the workers' remote-control answers
 from worker import runtime
 
 log = logging.getLogger(__name__)
 
-NEWER_RELEASE_PAUSE_S = 10.0  # before a batch this worker cannot read goes back to the queue for a newer one
+# A batch from a newer release is sent again this many seconds later, this many times, for a worker that can read
+# it (30 minutes in all), then its images fail, to be retried once the workers are upgraded.
+NEWER_RELEASE_RETRY_S = 60
+NEWER_RELEASE_RETRIES = 30
 
 
 @worker_process_init.connect
@@ -48,6 +50,33 @@ def _ready(sender: Any = None, **_: Any) -> None:
         runtime.set_hostname(sender.hostname)
 
 
+def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -> dict[str, int]:
+    """A batch sent by a newer release during a rolling upgrade: never dropped.
+
+    It is sent again a minute later (kept by a worker until then, so it neither holds a pool slot nor jumps ahead
+    of other work), for a worker of that release; after half an hour of that its images fail with the reason,
+    so they are not left pending for good: ``deblur retry JOB --failed`` once the workers are upgraded.
+    """
+    from worker.pipeline import batch_counts, fail_batch
+
+    job_id = payload.get("job_id")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if task.request.retries < NEWER_RELEASE_RETRIES:
+        log.warning("batch of job %s needs a newer worker than this one (%s): sent again in %d s (%d of %d); "
+                    "upgrade this worker", job_id, reason, NEWER_RELEASE_RETRY_S, task.request.retries + 1,
+                    NEWER_RELEASE_RETRIES)
+        raise task.retry(countdown=NEWER_RELEASE_RETRY_S, max_retries=None)
+    readable = readable_part(payload)
+    if readable is None:
+        log.error("dropping a batch of job %s that no worker could read: %s", job_id, reason)
+        return batch_counts(0, 0)
+    failed = fail_batch(readable, runtime.settings(), f"needs a newer worker than any that took it "
+                        f"({reason}); upgrade the workers, then 'deblur retry {job_id} --failed'")
+    log.error("no newer worker took a batch of job %s in %d minutes: failed its %d images", job_id,
+              NEWER_RELEASE_RETRY_S * NEWER_RELEASE_RETRIES // 60, failed)
+    return batch_counts(0, failed)
+
+
 @app.task(name=PROCESS_BATCH_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Restore (or evaluate) one batch of images; see :func:`worker.pipeline.run_batch`."""
@@ -59,12 +88,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         message = BatchMessage.from_payload(payload)
     except (ValidationError, ValueError) as exc:
         if needs_newer_worker(payload, exc):
-            # Sent by a newer release during a rolling upgrade: a worker of that release can run it, so it goes
-            # back to the queue, after a pause that keeps workers of this release from passing it round busily.
-            log.warning("batch of job %s needs a newer worker than this one (%s): returning it to the queue in "
-                        "%g s; upgrade this worker", (payload or {}).get("job_id"), exc, NEWER_RELEASE_PAUSE_S)
-            time.sleep(NEWER_RELEASE_PAUSE_S)
-            raise Reject(f"needs a newer worker: {exc}", requeue=True) from None
+            return _newer_release_batch(self, payload, exc)
         # A malformed message can never succeed: log it and drop it (acked).
         log.error("dropping malformed batch message: %s", exc)
         return batch_counts(0, 0)

@@ -16,10 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("images") as batch:
-        batch.add_column(sa.Column("pixels", sa.BigInteger(), nullable=True))
+    op.add_column("images", sa.Column("pixels", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("images") as batch:
-        batch.drop_column("pixels")
+    # a plain DROP COLUMN: on SQLite a batch rebuild of images would cascade into metrics and delete them all
+    op.execute("ALTER TABLE images DROP COLUMN pixels")
