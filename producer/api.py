@@ -604,7 +604,19 @@ def create_app(settings: Settings) -> FastAPI:
                                      "(or the shared DEBLUR_API_TOKEN) may change it")
         return client
 
+    def job_reader(job_id: JobId, client: ApiClient = Depends(caller)) -> ApiClient:  # noqa: B008
+        """A caller that may read this job: any, unless its client sees only its own jobs (others answer 404,
+        as if they did not exist)."""
+        if client.sees_all:
+            return client
+        with session() as s:
+            owner = ((queries.get_job(s, str(job_id)).spec or {}).get("labels") or {}).get(API_CLIENT_LABEL)
+        if owner != client.name:
+            raise UnknownJobError(f"no job with id {job_id}")
+        return client
+
     guarded = [Depends(caller)]
+    readers = [Depends(job_reader)]
     writers = [Depends(submitter)]
     changers = [Depends(job_changer)]
 
@@ -718,7 +730,7 @@ def create_app(settings: Settings) -> FastAPI:
             wanted = parse_labels(label or [])
         except InputError as exc:
             raise _validation_error(("query", "label"), str(exc)) from None
-        if mine:
+        if mine or not client.sees_all:
             if client.name is None:
                 raise _validation_error(("query", "mine"), "mine=true needs a client's own token (DEBLUR_API_CLIENTS, "
                                                            "see 'deblur api-client add'); this request has none")
@@ -726,7 +738,7 @@ def create_app(settings: Settings) -> FastAPI:
         return [JobListItem(**job, status_url=urls(job["id"])["status_url"])
                 for job in find_jobs(settings, wanted, status, limit)]
 
-    @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=guarded, tags=["jobs"],
+    @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=readers, tags=["jobs"],
              responses={404: {"description": "No job with this id."}})
     def get_job(job_id: JobId) -> JobStatus:
         """A job's state, counts per image status, throughput (images/s) and ETA."""
@@ -734,7 +746,7 @@ def create_app(settings: Settings) -> FastAPI:
         links = urls(info["id"])
         return JobStatus(**info, images_url=links["images_url"], summary_url=links["summary_url"])
 
-    @app.get(f"{prefix}/jobs/{{job_id}}/images", response_model=ImagePage, dependencies=guarded, tags=["results"],
+    @app.get(f"{prefix}/jobs/{{job_id}}/images", response_model=ImagePage, dependencies=readers, tags=["results"],
              responses={404: {"description": "No job with this id."}})
     def list_images(
         job_id: JobId,
@@ -772,7 +784,7 @@ def create_app(settings: Settings) -> FastAPI:
         return ImagePage(job_id=key, items=[ImageResult(**row) for row in _json_ready(rows)], limit=limit,
                          offset=offset, total=matching, next_offset=end if more else None)
 
-    @app.get(f"{prefix}/jobs/{{job_id}}/summary", response_model=JobSummary, dependencies=guarded,
+    @app.get(f"{prefix}/jobs/{{job_id}}/summary", response_model=JobSummary, dependencies=readers,
              tags=["results"], responses={404: {"description": "No job with this id."}})
     def summary(job_id: JobId) -> JobSummary:
         """Mean of every metric per model (input, each member, ensemble) over the done images."""
@@ -877,7 +889,7 @@ def create_app(settings: Settings) -> FastAPI:
             waiting_batches={str(p): n for p, n in broker.waiting.items()} if broker else None,
             unacked_batches=broker.unacked if broker else None, down=state.down)
 
-    @app.get(f"{prefix}/usage", response_model=UsageSummary, dependencies=guarded, tags=["operations"])
+    @app.get(f"{prefix}/usage", response_model=UsageSummary, tags=["operations"])
     def usage(
         since: Annotated[str, Query(description="Start: a time ago (30d, 12h, 2w, 90m) or a UTC date or "
                                                 "date-time (2026-11-01, 2026-11-01T08:00Z).")] = DEFAULT_PERIOD,
@@ -886,9 +898,11 @@ def create_app(settings: Settings) -> FastAPI:
         label: Annotated[list[str] | None, Query(description="KEY=VALUE: only jobs with this label (repeat: all "
                                                              "of them).")] = None,
         kind: Annotated[Literal["deblur", "evaluate"] | None, Query(description="Only jobs of this kind.")] = None,
+        client: ApiClient = Depends(caller),  # noqa: B008
     ) -> dict[str, Any]:
         """Images, megapixels and worker time spent per team, model, device, worker or period, for charge-back
-        and capacity planning; pruned jobs included (see ``deblur usage --help``)."""
+        and capacity planning; pruned jobs included (see ``deblur usage --help``). A client that sees only its own
+        jobs gets only their usage."""
         checks = (("since", lambda: parse_moment(since, option="since")),
                   ("until", lambda: None if until is None else parse_moment(until, option="until")),
                   ("by", lambda: check_groupings(by or [])), ("label", lambda: parse_labels(label or [])))
@@ -898,6 +912,8 @@ def create_app(settings: Settings) -> FastAPI:
                 parsed[name] = check()
             except InputError as exc:
                 raise _validation_error(("query", name), str(exc)) from None
+        if not client.sees_all:
+            parsed["label"][API_CLIENT_LABEL] = client.name
         try:
             report = usage_report(settings, parsed["since"], parsed["until"], parsed["by"], parsed["label"], kind)
         except InputError as exc:

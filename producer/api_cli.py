@@ -124,12 +124,17 @@ def api_client_group() -> None:
 @click.option("--window", type=click.IntRange(1), default=None, metavar="BATCHES",
               help="At most this many batches of each of the client's jobs in the broker at once (a job asking "
                    "for none, 0 or more gets this many), so its jobs take turns with everyone else's.")
+@click.option("--own-jobs-only", is_flag=True,
+              help="The client reads only the jobs it submitted (listings, status, results, usage); others' jobs "
+                   "answer 404 as if they did not exist.")
 @FILE_OPTION
-def add_command(name: str, read_only: bool, max_priority: int | None, window: int | None, path: str | None) -> None:
+def add_command(name: str, read_only: bool, max_priority: int | None, window: int | None, own_jobs_only: bool,
+                path: str | None) -> None:
     """Make a token for client NAME and add it to the clients file; prints the token (only now)."""
     target = _clients_file(path)
     token = add_client(target, name, scope="read" if read_only else "submit",
-                       limits={"max_priority": max_priority, "window": window})
+                       limits={"max_priority": max_priority, "window": window,
+                               "see": "own" if own_jobs_only else None})
     click.echo(token)
     console.print(f"client {name!r} added to {target} ({'read' if read_only else 'submit'}); the token above is "
                   "not stored anywhere: hand it to the client now", highlight=False, soft_wrap=True)
@@ -144,7 +149,8 @@ def list_command(path: str | None) -> None:
     if not clients:
         console.print(f"no clients in {target}", highlight=False)
     for digest, client in sorted(clients.items(), key=lambda item: item[1].name or ""):
-        limits = " ".join(f"{k}={v}" for k, v in (("max_priority", client.max_priority), ("window", client.window))
+        limits = " ".join(f"{k}={v}" for k, v in (("max_priority", client.max_priority), ("window", client.window),
+                                                   ("see", None if client.sees_all else "own"))
                           if v is not None)
         click.echo(f"{client.name}\t{client.scope}\t{limits or '-'}\t{digest[:19]}…")
 

@@ -23,6 +23,8 @@ shared queue::
 
     ingest-backend    sha256:...  submit  max_priority=5 window=4
 
+``see=own`` keeps a client to its own jobs: listings, usage and a job's
+status, images and summary answer as if the others did not exist (404).
 ``max_priority=P`` refuses (403) a job that asks for a priority above P (one
 that asks for none gets the default, 5, or P if lower); ``window=N`` gives the
 client's jobs at most N batches in the broker at once (a job asking for none,
@@ -67,6 +69,12 @@ class ApiClient:
     scope: str = "submit"
     max_priority: int | None = None  # jobs above it are refused
     window: int | None = None  # the most batches of one of its jobs in the broker at once
+    see: str = "all"  # "own": it reads only the jobs it submitted (others' are answered as unknown)
+
+    @property
+    def sees_all(self) -> bool:
+        """Whether it may read every job (the shared token always does)."""
+        return self.name is None or self.see == "all"
 
     def limited_window(self, requested: int | None) -> int | None:
         """The window a job of this client gets when it asks for ``requested`` (None: the server's default)."""
@@ -101,25 +109,33 @@ def check_client_name(name: str) -> str:
 
 
 LIMITS = {"max_priority": (0, 9), "window": (1, 1_000_000)}
+SEE = ("all", "own")  # see=own: the client reads only its own jobs
 
 
-def parse_limits(fields: list[str]) -> dict[str, int]:
-    """``key=value`` limits (:data:`LIMITS`) as a dict; :class:`InputError` names one that is not allowed."""
-    limits: dict[str, int] = {}
+def parse_limits(fields: list[str]) -> dict[str, int | str]:
+    """``key=value`` limits (:data:`LIMITS`, and ``see=own|all``) as a dict; :class:`InputError` names one that
+    is not allowed."""
+    limits: dict[str, int | str] = {}
     for field in fields:
         key, sep, value = field.partition("=")
-        if not sep or key not in LIMITS:
-            raise InputError(f"{field!r} is not a limit: use " + " or ".join(f"{k}=N" for k in LIMITS))
+        if not sep or (key not in LIMITS and key != "see"):
+            raise InputError(f"{field!r} is not a limit: use " + " or ".join(f"{k}=N" for k in LIMITS)
+                             + " or see=own")
+        if key in limits:
+            raise InputError(f"{key} is given twice")
+        if key == "see":
+            if value not in SEE:
+                raise InputError(f"see={value}: expected see=own (only its own jobs) or see=all")
+            limits[key] = value
+            continue
         low, high = LIMITS[key]
         if not value.isdigit() or not low <= int(value) <= high:
             raise InputError(f"{key}={value}: expected a whole number from {low} to {high}")
-        if key in limits:
-            raise InputError(f"{key} is given twice")
         limits[key] = int(value)
     return limits
 
 
-def client_line(name: str, digest: str, scope: str, limits: dict[str, int] | None = None) -> str:
+def client_line(name: str, digest: str, scope: str, limits: dict[str, int | str] | None = None) -> str:
     """One line of the clients file."""
     return " ".join([name, digest, scope, *(f"{k}={v}" for k, v in (limits or {}).items())]) + "\n"
 
@@ -250,7 +266,7 @@ def _editing(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, int] | None = None) -> str:
+def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, int | str] | None = None) -> str:
     """Make a token for a new client, append its line (with its ``limits``, see :data:`LIMITS`) to the clients
     file (created readable by its owner only) and return the token, which is not stored anywhere.
 
@@ -265,7 +281,7 @@ def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, i
         return _append_client(path, name, scope, limits)
 
 
-def _append_client(path: Path, name: str, scope: str, limits: dict[str, int]) -> str:
+def _append_client(path: Path, name: str, scope: str, limits: dict[str, int | str]) -> str:
     existing = path.read_text() if path.exists() else ""
     declared = parse_clients(existing, source=str(path))
     if any(client.name == name for client in declared.values()):

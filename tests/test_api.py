@@ -393,6 +393,7 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
     ingest = add_client(clients_file, "ingest-backend")
     grafana = add_client(clients_file, "grafana", scope="read")
     web = add_client(clients_file, "web", limits={"max_priority": 4, "window": 2})
+    private = add_client(clients_file, "private", limits={"see": "own"})
     body = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/", "models": [MODEL],
             "labels": {"team": "ingest"}}
 
@@ -453,6 +454,21 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         assert http.post("/v1/jobs/preview", json=body, headers=as_(grafana)).status_code == 403
         preview = http.post("/v1/jobs/preview", json=body, headers=as_(ingest))
         assert preview.status_code == 200 and preview.json()["total"] == 2
+
+        # a client that sees only its own jobs: the others' answer as if they did not exist
+        own = http.post("/v1/jobs", json={**body, "output": f"s3://{name}/private/"}, headers=as_(private))
+        assert own.status_code == 201, own.text
+        own_id = own.json()["id"]
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/images", f"/v1/jobs/{job_id}/summary"):
+            hidden = http.get(path, headers=as_(private))
+            assert hidden.status_code == 404 and "no job with id" in hidden.json()["detail"], (path, hidden.text)
+        assert http.get(f"/v1/jobs/{own_id}", headers=as_(private)).status_code == 200
+        assert [j["id"] for j in http.get("/v1/jobs", params={"limit": 1000}, headers=as_(private)).json()] == [
+            own_id]
+        spent = http.get("/v1/usage", params={"by": "label:api-client"}, headers=as_(private))
+        assert spent.status_code == 200 and {g["label:api-client"] for g in spent.json()["groups"]} <= {"private"}
+        assert http.post(f"/v1/jobs/{own_id}/cancel", headers=as_(private)).status_code == 200
+        assert http.get(f"/v1/jobs/{own_id}", headers=as_(ingest)).status_code == 200  # the others still see all
 
         mine = http.get("/v1/jobs", params={"mine": "true", "limit": 1000}, headers=as_(ingest)).json()
         assert [j["id"] for j in mine] == [keyed["ingest"], job_id]  # newest first

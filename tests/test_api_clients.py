@@ -33,9 +33,11 @@ def test_the_clients_file_is_parsed_with_comments_and_scopes() -> None:
 
 
 def test_limits_follow_the_scope() -> None:
-    text = f"web {DIGEST} submit max_priority=4 window=2\nbulk {token_digest('b')} submit window=8\n"
+    text = (f"web {DIGEST} submit max_priority=4 window=2\nbulk {token_digest('b')} submit window=8\n"
+            f"private {token_digest('c')} read see=own\n")
     clients = parse_clients(text)
     web, bulk = clients[DIGEST], clients[token_digest("b")]
+    assert web.sees_all and not clients[token_digest("c")].sees_all and ApiClient(None, see="own").sees_all
     assert (web.max_priority, web.window, bulk.max_priority, bulk.window) == (4, 2, None, 8)
     assert [web.limited_window(asked) for asked in (None, 0, 1, 2, 5)] == [2, 2, 1, 2, 2]
     assert [ApiClient("open").limited_window(asked) for asked in (None, 0, 5)] == [None, 0, 5]
@@ -46,6 +48,7 @@ def test_limits_follow_the_scope() -> None:
     (f"ingest {DIGEST} submit window=0", "window=0: expected a whole number from 1"),
     (f"ingest {DIGEST} submit quota=5", "'quota=5' is not a limit"),
     (f"ingest {DIGEST} submit window=2 window=3", "window is given twice"),
+    (f"ingest {DIGEST} submit see=some", "see=some: expected see=own"),
     ("ingest sha256:abc submit", "the second field is not a token digest"),
     (f"ingest {DIGEST}", "got 2 fields"),
     (f"ingest {DIGEST} admin", "scope 'admin' is not one of submit, read"),
@@ -143,10 +146,11 @@ def test_api_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     token = added.stdout.strip()
     assert parse_clients(path.read_text()) == {token_digest(token): ApiClient("ingest", "submit")}
     assert runner.invoke(main, ["api-client", "add", "grafana", "--read-only"]).exit_code == 0
-    assert runner.invoke(main, ["api-client", "add", "web", "--max-priority", "4", "--window", "2"]).exit_code == 0
+    assert runner.invoke(main, ["api-client", "add", "web", "--max-priority", "4", "--window", "2",
+                                "--own-jobs-only"]).exit_code == 0
     listed = runner.invoke(main, ["api-client", "list"])
     assert [line.split("\t")[:3] for line in listed.stdout.splitlines()] == [
-        ["grafana", "read", "-"], ["ingest", "submit", "-"], ["web", "submit", "max_priority=4 window=2"]]
+        ["grafana", "read", "-"], ["ingest", "submit", "-"], ["web", "submit", "max_priority=4 window=2 see=own"]]
     assert runner.invoke(main, ["api-client", "add", "x", "--max-priority", "12"]).exit_code == 2
     assert token not in listed.output
     again = runner.invoke(main, ["api-client", "add", "ingest"])
