@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, case, cast, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -28,13 +28,13 @@ from db.schema import (
     Metric,
     utcnow,
 )
-from db.usage import roll_up_job
+from db.usage import IMAGE_PIXELS, roll_up_job
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
 from jobs.review import REVIEW_REASONS, review_reason
+from jobs.statuses import FINISHED_JOB_STATUSES
 
 
 SUBMISSION_STALE_S = 600  # a job 'submitting' with no progress for this long was abandoned by its producer
-FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")
 
 
 def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
@@ -193,24 +193,34 @@ def set_job_state(session: Session, job_id: str, **changes: Any) -> None:
 
 
 def status_counts(session: Session, job_id: str) -> dict[str, int]:
-    """Number of images per status (every status present, zero when none)."""
+    """Number of images per status (every status present, zero when none); read from the (job, status) index
+    alone, as a worker asks after every batch."""
     rows = session.execute(
         select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
     ).all()
-    counts = {status: 0 for status in IMAGE_STATUSES}
+    counts = dict.fromkeys(IMAGE_STATUSES, 0)
     counts.update({status: int(n) for status, n in rows})
     return counts
 
 
+def status_and_review_counts(session: Session, job_id: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Images per status, and done images per review reason (:func:`review_counts`), in one pass over the job's
+    images (``deblur status --watch`` asks every second)."""
+    counts = dict.fromkeys(IMAGE_STATUSES, 0)
+    review = dict.fromkeys(REVIEW_REASONS, 0)
+    for status, reason, n in session.execute(
+        select(Image.status, Image.review, func.count()).where(Image.job_id == job_id)
+        .group_by(Image.status, Image.review)
+    ):
+        counts[status] = counts.get(status, 0) + int(n)
+        if status == "done" and reason is not None:
+            review[reason] = review.get(reason, 0) + int(n)
+    return counts, review
+
+
 def review_counts(session: Session, job_id: str) -> dict[str, int]:
     """Done images flagged for review, per reason (:data:`jobs.review.REVIEW_REASONS`, zero when none)."""
-    rows = session.execute(
-        select(Image.review, func.count()).where(Image.job_id == job_id, Image.status == "done",
-                                                 Image.review.is_not(None)).group_by(Image.review)
-    ).all()
-    counts = dict.fromkeys(REVIEW_REASONS, 0)
-    counts.update({reason: int(n) for reason, n in rows})
-    return counts
+    return status_and_review_counts(session, job_id)[1]
 
 
 def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str) -> list[str]:
@@ -588,6 +598,7 @@ def job_timing(session: Session, job_id: str) -> dict[str, float | None]:
 
 SENDING_JOB_STATUSES = ("submitting", "queued", "running")  # a windowed job in these may send its next batches
 UNFINISHED_JOB_STATUSES = (*SENDING_JOB_STATUSES, "paused")  # work left: what the metrics count as the backlog
+RETRYABLE_JOB_STATUSES = ("queued", "running", "paused")  # retry --all: a submitting job is its producer's
 
 
 @dataclass(frozen=True)
@@ -657,8 +668,7 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
         ):
             finished[status] = int(count)
         pixels, seconds = session.execute(
-            select(func.sum(func.coalesce(Image.pixels, cast(Image.width, BigInteger) * Image.height)),
-                   func.sum(Image.inference_s))
+            select(func.sum(IMAGE_PIXELS), func.sum(Image.inference_s))
             .where(recent, Image.status == "done")
         ).one()
     return OperationsSnapshot(
@@ -749,7 +759,7 @@ def retryable_job_ids(session: Session) -> list[str]:
     """Jobs queued, running or paused, oldest first (``deblur retry --all``); a job still submitting is its
     producer's to finish listing."""
     return list(session.scalars(
-        select(Job.id).where(Job.status.in_(("queued", "running", "paused"))).order_by(Job.created_at)))
+        select(Job.id).where(Job.status.in_(RETRYABLE_JOB_STATUSES)).order_by(Job.created_at)))
 
 
 def pause_job(session: Session, job_id: str) -> bool:

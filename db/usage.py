@@ -12,7 +12,7 @@ that records the retry), and a cancelled image that never ran counts nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from db.schema import Image, Job, UsageRollup
 
 COUNTED_STATUSES = ("done", "failed")
+# an image's pixels, every page's (images.pixels), or width × height for rows recorded before that column; 64-bit
+IMAGE_PIXELS = func.coalesce(Image.pixels, cast(Image.width, BigInteger) * Image.height)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def _sums() -> list[ColumnElement[Any]]:
     return [
         func.sum(case((done, 1), else_=0)),
         func.sum(case((Image.status == "failed", 1), else_=0)),
-        func.sum(case((done, func.coalesce(Image.pixels, cast(Image.width, BigInteger) * Image.height)), else_=0)),
+        func.sum(case((done, IMAGE_PIXELS), else_=0)),
         func.coalesce(func.sum(Image.download_s), 0.0),
         func.coalesce(func.sum(Image.inference_s), 0.0),
         func.coalesce(func.sum(Image.upload_s), 0.0),
@@ -157,15 +159,8 @@ def roll_up_job(session: Session, job_id: str) -> int:
         .group_by(day, Image.device, Image.worker)
     ).all()
     spec = dict(job.spec or {})
-    values = []
-    for row_day, *rest in rows:
-        record = _record(row_day, rest, job_id, job.kind, spec.get("labels"), models_text(spec))
-        values.append({
-            "day": record.day, "job_id": job_id, "kind": record.kind, "labels": record.labels,
-            "models": record.models, "device": record.device, "worker": record.worker, "done": record.done,
-            "failed": record.failed, "megapixels": record.megapixels, "download_s": record.download_s,
-            "inference_s": record.inference_s, "upload_s": record.upload_s,
-        })
+    values = [asdict(_record(row_day, rest, job_id, job.kind, spec.get("labels"), models_text(spec)))
+              for row_day, *rest in rows]
     if values:
         session.execute(insert(UsageRollup), values)
     return len(values)

@@ -73,3 +73,9 @@ class DeviceFailure(DeblurError):
     """
 
     counts: dict[str, int] | None = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it), for a one-line 'why it is down'."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -10,3 +10,4 @@ worker claims it, ``running``, then ``done``, ``failed`` or ``cancelled``.
 JOB_STATUSES = ("submitting", "queued", "running", "paused", "done", "failed", "cancelled")
 IMAGE_STATUSES = ("pending", "running", "done", "failed", "cancelled")
 TERMINAL_IMAGE_STATUSES = ("done", "failed", "cancelled")
+FINISHED_JOB_STATUSES = ("done", "failed", "cancelled")

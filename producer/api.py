@@ -60,6 +60,7 @@ from jobs.errors import (
     UnknownJobError,
     UnknownModelError,
     WeightsError,
+    describe_failure,
 )
 from jobs.labels import API_CLIENT_LABEL, check_submitted_labels, parse_labels
 from jobs.layout import parse_output_format
@@ -74,7 +75,6 @@ from producer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from producer.metrics import (
     RECENT_WINDOW_S,
     call_with_time_limit,
-    describe_failure,
     queue_age_seconds,
     read_queue_state,
     render_metrics,
@@ -592,12 +592,19 @@ def create_app(settings: Settings) -> FastAPI:
                                      "submitting, cancelling, pausing, retrying and verifying need scope 'submit'")
         return client
 
+    def owner_of(job_id: JobId) -> str | None:
+        """The client that submitted the job (its api-client label), or None; 404 for no such job."""
+        with session() as s:
+            return ((queries.get_job(s, str(job_id)).spec or {}).get("labels") or {}).get(API_CLIENT_LABEL)
+
     def job_changer(job_id: JobId, client: ApiClient = Depends(submitter)) -> ApiClient:  # noqa: B008
-        """A caller that may change this job: the client that submitted it, or the shared token (any job)."""
+        """A caller that may change this job: the client that submitted it, or the shared token (any job). To a
+        client that sees only its own jobs, another's does not exist (404)."""
         if client.name is None:
             return client
-        with session() as s:
-            owner = ((queries.get_job(s, str(job_id)).spec or {}).get("labels") or {}).get(API_CLIENT_LABEL)
+        owner = owner_of(job_id)
+        if owner != client.name and not client.sees_all:
+            raise UnknownJobError(f"no job with id {job_id}")
         if owner != client.name:
             by = "another client" if owner else "the command line or the shared token"
             raise HTTPException(403, f"job {job_id} was submitted by {by}: only the client that submitted a job "
@@ -609,9 +616,7 @@ def create_app(settings: Settings) -> FastAPI:
         as if they did not exist)."""
         if client.sees_all:
             return client
-        with session() as s:
-            owner = ((queries.get_job(s, str(job_id)).spec or {}).get("labels") or {}).get(API_CLIENT_LABEL)
-        if owner != client.name:
+        if owner_of(job_id) != client.name:
             raise UnknownJobError(f"no job with id {job_id}")
         return client
 
@@ -764,14 +769,11 @@ def create_app(settings: Settings) -> FastAPI:
         key = str(job_id)
         with session() as s:
             queries.get_job(s, key)
-            counts = queries.status_counts(s, key)
-            flagged = sum(queries.review_counts(s, key).values()) if review else 0
-        if review and status not in (None, "done"):
-            matching = 0  # only done images are flagged
-        elif review:
-            matching = flagged
-        else:
-            matching = counts[status] if status else sum(counts.values())
+            if review:  # only done images are flagged
+                matching = sum(queries.review_counts(s, key).values()) if status in (None, "done") else 0
+            else:
+                counts = queries.status_counts(s, key)
+                matching = counts[status] if status else sum(counts.values())
         if worst is not None:
             matching = min(matching, worst)
             take = max(0, min(limit, worst - offset))
@@ -822,7 +824,9 @@ def create_app(settings: Settings) -> FastAPI:
         """Let a paused job send its batches again, at once as many as its window holds."""
         key = str(job_id)
         sent = resume_job(settings, key)
-        return PauseResult(id=key, status=job_status(settings, key)["status"], changed=sent is not None,
+        with session() as s:
+            status = queries.job_status_of(s, key) or "unknown"
+        return PauseResult(id=key, status=status, changed=sent is not None,
                            sent=sent or 0)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=changers, tags=["jobs"],

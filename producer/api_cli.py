@@ -118,7 +118,7 @@ def api_client_group() -> None:
 
 @api_client_group.command("add")
 @click.argument("name")
-@click.option("--read-only", is_flag=True, help="The client may only read (GET routes, job previews).")
+@click.option("--read-only", is_flag=True, help="The client may only read (the GET routes; no submissions, previews or changes).")
 @click.option("--max-priority", type=click.IntRange(0, 9), default=None,
               help="Refuse (403) the client's jobs above this priority.")
 @click.option("--window", type=click.IntRange(1), default=None, metavar="BATCHES",

@@ -277,6 +277,9 @@ def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, i
         raise InputError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
     limits = {k: v for k, v in (limits or {}).items() if v is not None}
     parse_limits([f"{k}={v}" for k, v in limits.items()])
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent} does not exist: create it first (mkdir -p {path.parent}), readable by the "
+                         "user the API runs as")
     with _editing(path):
         return _append_client(path, name, scope, limits)
 

@@ -652,7 +652,7 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
     \b
       deblur workers                       every node that answers
       deblur workers --check               this machine's nodes, exit 1 if one is of no use
-      deblur workers --check deblur@$HOSTNAME
+      deblur workers --check deblur-gpu0@$HOSTNAME   one named node (deblur worker --gpus: deblur-gpuN@HOST)
 
     A node answers from its main process even while it works on a batch (the
     default prefork pool; a solo pool cannot answer while busy). The listing
@@ -692,8 +692,7 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
         out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
         return
     # listing, also say which nodes are too old for the batches this release sends
-    states_text = {s.name: problems[s.name] or s.problem(settings.queue, needed=OPTIONAL_FIELDS) or "ok"
-                   for s in states}
+    states_text = {s.name: s.problem(settings.queue, needed=OPTIONAL_FIELDS) or "ok" for s in states}
     if fmt == "json":
         import json
 

@@ -63,9 +63,9 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
                         finished_one: bool = False, producer: Any = None) -> int:
     """Send as many of a windowed job's unsent batches as its window allows now; returns how many were sent.
 
-    ``finished_one``: a batch holding a slot just finished (a worker calls this
-    after each such batch; the producer calls it with False after each chunk of
-    listed images). A claimed batch whose images are no longer pending (all
+    ``finished_one``: a batch holding a slot just finished, so its slot is freed
+    first (the producer calls this with False after each chunk of listed
+    images; a worker frees its slot in :func:`worker.tasks.send_next_batch` itself). A claimed batch whose images are no longer pending (all
     cancelled, or done by a retry) frees its slot at once and the next one is
     claimed instead. Raises what the broker raises when a message cannot be
     sent, after giving the claim back where it can.

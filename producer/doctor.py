@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deploy.stack import redact
-from jobs.errors import ConfigurationError
+from jobs.errors import ConfigurationError, describe_failure
 from jobs.settings import Settings
 
 CHECK_TIMEOUT_S = 5.0
@@ -39,7 +39,7 @@ class Finding:
 
 def _guarded(part: str, check: Callable[[], Finding], hint: str) -> Finding:
     """Run ``check``, turning an unexpected error (and a time-out) into a failed finding with ``hint``."""
-    from producer.metrics import call_with_time_limit, describe_failure
+    from producer.metrics import call_with_time_limit
 
     try:
         return call_with_time_limit(check, CHECK_TIMEOUT_S * 2)  # type: ignore[no-any-return]

@@ -40,8 +40,8 @@ from typing import Any
 import httpx
 
 from jobs.errors import DeblurError, InputError, JobFinishedError, TransientError, UnknownJobError
+from jobs.statuses import FINISHED_JOB_STATUSES
 
-FINISHED = ("done", "failed", "cancelled")
 
 
 class ApiAccessError(DeblurError):
@@ -114,7 +114,7 @@ class HttpClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             info = self.status(job_id)
-            if info["status"] in FINISHED:
+            if info["status"] in FINISHED_JOB_STATUSES:
                 return info
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info['status']} after {timeout} s: {info['counts']}")
@@ -146,7 +146,7 @@ class HttpClient:
             offset = page["next_offset"]
 
     def summary(self, job_id: str) -> dict[str, Any]:
-        """Mean, median and spread of every metric per model."""
+        """The mean of every metric per model, and how many images it covers."""
         return self._call("GET", f"/v1/jobs/{job_id}/summary")
 
     def cancel(self, job_id: str) -> int:

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from db import queries
 from db.engine import ensure_schema, session_scope
+from jobs.errors import describe_failure
 from jobs.settings import Settings
 from producer.tracking import as_utc, format_duration
 
@@ -53,12 +54,6 @@ def call_with_time_limit(function: Callable[[], T], seconds: float) -> T:
         raise TimeoutError(f"no answer within {seconds:g} s") from None
     finally:
         pool.shutdown(wait=False)  # a hung call must not hold the answer back
-
-
-def describe_failure(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters of it), for a one-line 'why it is down'."""
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def priority_list_name(queue: str, user_priority: int) -> str:

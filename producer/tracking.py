@@ -23,6 +23,7 @@ from jobs.layout import describe_output_format
 from jobs.notify import announce_if_wanted
 from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.settings import Settings
+from jobs.statuses import FINISHED_JOB_STATUSES
 
 
 def cancel_job(settings: Settings, job_id: str) -> int:
@@ -126,7 +127,7 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
     ensure_schema(url)
     with session_scope(url) as session:
         job = queries.get_job(session, job_id)
-        counts = queries.status_counts(session, job_id)
+        counts, review = queries.status_and_review_counts(session, job_id)
         info = {
             "id": job.id,
             "kind": job.kind,
@@ -142,7 +143,7 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
             "submission_stalled": job.status == "submitting" and _older_than(job.updated_at,
                                                                              queries.SUBMISSION_STALE_S),
         }
-        info["review"] = queries.review_counts(session, job_id)  # done images to look at (jobs.review)
+        info["review"] = review  # done images to look at (jobs.review)
         if (job.spec or {}).get("window"):  # batches listed, sent so far and in flight (producer.dispatch)
             info["batches"] = {"window": int(job.spec["window"]), "listed": job.batches_listed,
                                "sent": job.batches_sent, "in_flight": job.batches_in_flight}
@@ -166,8 +167,9 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
 
 
 def as_utc(moment: datetime) -> datetime:
-    """``moment`` with its time zone: SQLite hands back naive UTC times, PostgreSQL aware ones."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    """``moment`` in UTC: SQLite hands back naive UTC times (a naive time is taken as UTC), PostgreSQL aware
+    ones, and a caller's may be in any zone."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def _older_than(moment: datetime | None, seconds: float) -> bool:
@@ -177,7 +179,7 @@ def _older_than(moment: datetime | None, seconds: float) -> bool:
 
 
 def is_finished(info: dict[str, Any]) -> bool:
-    return info["status"] in {"cancelled", "failed", "done"}
+    return info["status"] in FINISHED_JOB_STATUSES
 
 
 def watch(settings: Settings, job_id: str, console: Console, interval: float = 1.0,

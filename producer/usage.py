@@ -20,7 +20,7 @@ import io
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from db import usage as usage_queries
@@ -30,6 +30,7 @@ from db.usage import UsageRecord
 from jobs.errors import InputError
 from jobs.labels import check_labels
 from jobs.settings import Settings
+from producer.tracking import as_utc
 
 PLAIN_GROUPINGS = ("job", "kind", "model", "device", "worker", "day", "month")
 GROUPING_HELP = "label:KEY, " + ", ".join(PLAIN_GROUPINGS)
@@ -54,12 +55,7 @@ def parse_moment(text: str, now: datetime | None = None, option: str = "--since"
     except ValueError:
         raise InputError(f"{option} {text!r}: expected a time ago such as 30d, 12h, 2w or 90m, or a UTC date such "
                          "as 2026-11-01 (or 2026-11-01T08:00, 2026-11-01T08:00+01:00)") from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` in UTC; a naive one is taken to be UTC already (as the database keeps them)."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return as_utc(moment)
 
 
 def check_groupings(by: Iterable[str]) -> list[str]:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from jobs.celery_app import app
-from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError
+from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError, describe_failure
 from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker, readable_part
 from jobs.notify import NOTIFY_TASK, body, deliver
 from worker import control as _control  # noqa: F401 - registers the workers' remote-control answers
@@ -60,7 +60,7 @@ def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -
     from worker.pipeline import batch_counts, fail_batch
 
     job_id = payload.get("job_id")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = describe_failure(error)
     if task.request.retries < NEWER_RELEASE_RETRIES:
         log.warning("batch of job %s needs a newer worker than this one (%s): sent again in %d s (%d of %d); "
                     "upgrade this worker", job_id, reason, NEWER_RELEASE_RETRY_S, task.request.retries + 1,
