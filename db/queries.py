@@ -49,11 +49,12 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
     so the same key makes a new job instead of handing the broken one back for
     ever, and a keyless one does not stay 'submitting' for good.
     """
-    fail_abandoned_submissions(session)
     if job_key:
-        existing = session.scalar(select(Job).where(Job.job_key == job_key))
+        existing = job_with_key(session, job_key)
         if existing is not None:
             return existing, False
+    else:
+        fail_abandoned_submissions(session)
     job = Job(kind=kind, spec=spec, job_key=job_key, status="submitting", total=0)
     session.add(job)
     try:
@@ -67,6 +68,13 @@ def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str |
             raise
         return existing, False
     return job, True
+
+
+def job_with_key(session: Session, job_key: str) -> Job | None:
+    """The job submitted with ``job_key``, or None; an abandoned submission (:func:`fail_abandoned_submissions`,
+    run first) holds its key no longer."""
+    fail_abandoned_submissions(session)
+    return session.scalar(select(Job).where(Job.job_key == job_key))
 
 
 def fail_abandoned_submissions(session: Session) -> int:
@@ -161,14 +169,15 @@ def recent_jobs(session: Session, limit: int = 20, labels: dict[str, str] | None
     return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
 
 
-def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int) -> int:
+def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int) -> set[str]:
     """Bulk-insert image rows (``input_uri``, ``output_uri``, ``reference_uri``).
 
-    Duplicates of an existing (job, input) are skipped. Returns the number of
-    rows given (the caller counts distinct inputs itself).
+    Duplicates of an existing (job, input), or of an earlier row in ``rows``,
+    are skipped. Returns the input URIs inserted, so that an image named twice
+    (in a manifest and as an argument) is sent to the workers once.
     """
     if not rows:
-        return 0
+        return set()
     values = [
         {"job_id": job_id, "status": "pending", "attempts": 0, "batch": batch, **row} for row in rows
     ]
@@ -183,8 +192,7 @@ def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]],
         )
     else:  # pragma: no cover - other dialects are not supported by the engine factory
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    session.execute(stmt)
-    return len(values)
+    return set(session.scalars(stmt.returning(Image.input_uri)))
 
 
 def set_job_state(session: Session, job_id: str, **changes: Any) -> None:

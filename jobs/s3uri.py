@@ -35,6 +35,12 @@ class S3URI:
         """The URI of ``relative`` under this prefix."""
         return S3URI(self.bucket, self.as_prefix().key + relative.lstrip("/"))
 
+    def mirror(self, relative: str) -> "S3URI":
+        """The URI of a listed key's path ``relative`` to its prefix, under this prefix, kept exactly: a key
+        listed as ``in//x.jpg`` (an uploader's doubled slash) is written to ``out//x.jpg``, not over the
+        output of ``in/x.jpg``."""
+        return S3URI(self.bucket, self.as_prefix().key + relative)
+
     def relative_to(self, prefix: "S3URI") -> str:
         """This key's path relative to ``prefix`` (which must contain it)."""
         p = prefix.as_prefix()
@@ -52,13 +58,16 @@ class S3URI:
         return self.key.rstrip("/").rsplit("/", 1)[-1]
 
 
-def parse_s3_uri(text: str, *, want_prefix: bool | None = None) -> S3URI:
+def parse_s3_uri(text: str, *, want_prefix: bool | None = None, exact: bool = False) -> S3URI:
     """Parse ``s3://bucket[/key]``; the error names what is wrong and shows the form.
 
     ``want_prefix=True`` turns a key into a prefix (adds '/'); ``False`` refuses
-    prefixes (a single object is required).
+    prefixes (a single object is required). A URI a person typed is normalised
+    and refused with empty, '.' or '..' segments; ``exact=True`` takes the key
+    as it is, for URIs the project wrote itself from a listing (a stored key
+    may hold ``//``, and it must be read and written as stored).
     """
-    raw = text.strip()
+    raw = text if exact else text.strip()
     if not raw.startswith("s3://"):
         raise InvalidURIError(f"{text!r} is not an S3 URI; expected s3://bucket/key or s3://bucket/prefix/")
     rest = raw[5:]
@@ -67,7 +76,7 @@ def parse_s3_uri(text: str, *, want_prefix: bool | None = None) -> S3URI:
         raise InvalidURIError(
             f"{text!r}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')"
         )
-    if key:
+    if key and not exact:
         trailing = key.endswith("/")
         parts = key.split("/")
         if any(part in {".", ".."} for part in parts) or "//" in key.rstrip("/"):

@@ -75,7 +75,7 @@ def member_output_uris(spec: dict[str, Any], output_uri: str | None) -> dict[str
     if output_uri is None or not spec.get("output") or len(members) < 2:
         return {}
     root = parse_s3_uri(spec["output"], want_prefix=True)
-    relative = parse_s3_uri(output_uri, want_prefix=False).relative_to(root)
+    relative = parse_s3_uri(output_uri, want_prefix=False, exact=True).relative_to(root)
     return {m.key: member_output_uri(root, m.key, relative) for m in members}
 
 
@@ -83,7 +83,7 @@ def decode_from_s3(client: Any, uri: S3URI | str, max_pixels: int | None = None)
     """Download and decode one image (PNG, JPEG, TIFF, WebP) from S3."""
     from worker.imageio import decode_image
 
-    parsed = parse_s3_uri(str(uri), want_prefix=False)
+    parsed = parse_s3_uri(str(uri), want_prefix=False, exact=True)
     return decode_image(get_bytes(client, parsed), str(parsed), max_pixels=max_pixels)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,24 +60,62 @@ def _pairs_uris(head: str) -> bool:
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) for every non-empty, non-comment row of a manifest."""
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which would otherwise hide the
+    # first row's URI (and make it look like a header)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         head = handle.read(4096)
         handle.seek(0)
         is_csv = path.suffix.lower() == ".csv" or _pairs_uris(head)
         if is_csv:
             reader = csv.reader(handle)
-            for number, row in enumerate(reader, start=1):
+            first = True
+            for row in reader:
                 fields = [f.strip() for f in row]
                 if not fields or not fields[0] or fields[0].startswith("#"):
                     continue
-                if number == 1 and not fields[0].startswith("s3://"):
-                    continue  # header row
-                yield number, fields
+                if first and "://" not in fields[0]:
+                    first = False
+                    continue  # a header row ("blurred,sharp"): the first row that names no URI
+                first = False
+                yield reader.line_num, fields
         else:
             for number, line in enumerate(handle, start=1):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     yield number, [line]
+
+
+def _manifest_uris(path: Path) -> Iterator[tuple[int, S3URI, S3URI | None]]:
+    """(line number, input, sharp reference or None) for every row of a manifest; a malformed URI is refused
+    with the file and line that hold it."""
+    for number, fields in _manifest_rows(path):
+        try:
+            uri = parse_s3_uri(fields[0], want_prefix=False)
+            reference = parse_s3_uri(fields[1], want_prefix=False) if len(fields) > 1 and fields[1] else None
+        except InvalidURIError as exc:
+            raise InvalidURIError(f"{path}:{number}: {exc}") from None
+        yield number, uri, reference
+
+
+def _manifest_buckets(path: Path) -> set[str]:
+    """The buckets a manifest names, every row parsed: a bad row deep in a long manifest is refused before
+    anything is written, not after its first thousands of images were enqueued."""
+    buckets: set[str] = set()
+    try:
+        for _number, uri, reference in _manifest_uris(path):
+            buckets.add(uri.bucket)
+            if reference is not None:
+                buckets.add(reference.bucket)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"manifest {path} cannot be read: {exc}") from None
+    if not buckets:
+        raise InputError(f"manifest {path} lists no URIs")
+    return buckets
+
+
+def _holds_an_image(client, prefix: S3URI) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a prefix holds at least one image deblur reads (listing stops at the first)."""
+    return any(is_image_key(uri.key) and not is_kernel_artefact(uri.key) for uri, _size in iter_objects(client, prefix))
 
 
 @dataclass
@@ -90,17 +128,22 @@ class Plan:
     gopro: bool = False
     output_format: str | None = None  # outputs converted to this format (jobs.layout.OUTPUT_FORMATS), keys renamed
 
-    def items(self, client, ignored: Counter[str] | None = None) -> Iterator[ImageItem]:  # type: ignore[no-untyped-def]
+    def items(self, client, ignored: Counter[str] | None = None,  # type: ignore[no-untyped-def]
+              tick: Callable[[], None] | None = None) -> Iterator[ImageItem]:
         """Every image to process, lazily, with its output and reference URIs.
 
         ``ignored`` counts the files a prefix holds that are left out, by kind (:func:`ignored_kind`), so the
-        user can be told that, say, 1,231 HEIC photographs were not restored.
+        user can be told that, say, 1,231 HEIC photographs were not restored. ``tick`` is called for every key
+        listed and every manifest row read, images or not: a producer's heartbeat while it lists a long stretch
+        that yields nothing (already restored, or not images).
         """
         for source in self.sources:
             if source.kind == "key" and source.uri is not None:
                 yield self._item(source.uri, source.uri.name, client)
             elif source.kind == "prefix" and source.uri is not None:
                 for uri, _size in iter_objects(client, source.uri):
+                    if tick is not None:
+                        tick()
                     if not is_image_key(uri.key) or is_kernel_artefact(uri.key):
                         if ignored is not None and not uri.key.endswith("/"):  # "/": a folder marker, no file
                             ignored[ignored_kind(uri.key)] += 1
@@ -114,45 +157,60 @@ class Plan:
                         continue
                     yield self._item(uri, relative, client)
             elif source.path is not None:
-                for number, fields in _manifest_rows(source.path):
-                    try:
-                        uri = parse_s3_uri(fields[0], want_prefix=False)
-                        reference = parse_s3_uri(fields[1], want_prefix=False) if len(fields) > 1 and fields[1] else None
-                    except InvalidURIError as exc:
-                        raise InvalidURIError(f"{source.path}:{number}: {exc}") from None
+                for _number, uri, reference in _manifest_uris(source.path):
+                    if tick is not None:
+                        tick()
                     yield ImageItem(input=str(uri), output=self._output(uri.key),
                                     reference=str(reference) if reference else None)
 
-    def check_outputs(self, client) -> None:  # type: ignore[no-untyped-def]
-        """Refuse a plan in which an output would overwrite an input, or two inputs share one output.
+    def _may_collide(self) -> bool:
+        """Whether an output could land on an input, a reference or another output, so that
+        :meth:`check_outputs` must list the job. A single prefix or key mirrored into an output prefix that holds
+        neither it nor the references cannot (its relative paths are distinct, and an output prefix inside the
+        input prefix is refused by :func:`build_plan`), unless outputs change format: ``a.jpg`` and ``a.tif``
+        both become ``a.png``."""
+        if self.output is None:
+            return False
+        if len(self.sources) != 1 or self.sources[0].kind == "manifest" or self.output_format is not None:
+            return True
+        source = self.sources[0].uri
+        above_input = source is not None and self.output.contains(source)  # s3://b/ over s3://b/in/in/a.jpg
+        above_references = self.references is not None and self.output.contains(self.references)
+        return above_input or above_references
 
-        A single prefix or key cannot (its relative paths are distinct, and an output prefix inside the input
-        prefix is refused by :func:`build_plan`), so it is not listed twice, unless outputs change format:
-        ``a.jpg`` and ``a.tif`` both become ``a.png``. Several sources or a manifest can:
-        two folders each holding ``IMG_0001.jpg`` mirrored into one output prefix, a key listed from two buckets,
-        or an output prefix over the manifest's own keys. Their items are listed once here, before anything is
-        written, keeping 8-byte digests (about 70 MB for a million images); an input named twice is one image.
+    def check_outputs(self, client) -> None:  # type: ignore[no-untyped-def]
+        """Refuse a plan in which an output would overwrite an input or a sharp reference, or two inputs share
+        one output.
+
+        Several sources or a manifest can collide: two folders each holding ``IMG_0001.jpg`` mirrored into one
+        output prefix, a key listed from two buckets, or an output prefix over the manifest's own keys; so can
+        one prefix whose output prefix lies above it or above the references (:meth:`_may_collide`). Their items
+        are listed once here, before anything is written, keeping 8-byte digests (about 70 MB for a million
+        images); an input named twice is one image.
         """
-        single = len(self.sources) == 1 and self.sources[0].kind != "manifest"
-        if self.output is None or (single and self.output_format is None):
+        if not self._may_collide():
             return
         inputs: set[bytes] = set()
+        references: set[bytes] = set()
         outputs: dict[bytes, bytes] = {}  # output digest -> digest of the input written there
         for item in self.items(client):
             source = digest(item.input)
             inputs.add(source)
+            if item.reference:
+                references.add(digest(item.reference))
             target = digest(item.output or "")
             if outputs.setdefault(target, source) != source:
                 first = next(i.input for i in self.items(client) if i.output == item.output)
                 raise InputError(
                     f"{first} and {item.input} would both be written to {item.output}; submit them as separate "
                     "jobs with different outputs, or name a prefix that holds both so their paths are kept")
-        overwritten = inputs.intersection(outputs)
-        if overwritten:
-            item = next(i for i in self.items(client) if digest(i.output or "") in overwritten)
-            raise InputError(
-                f"the output of {item.input} would overwrite the input {item.output}; choose an output prefix "
-                "that no input lies under")
+        for protected, what in ((inputs, "the input"), (references, "the sharp reference")):
+            overwritten = protected.intersection(outputs)
+            if overwritten:
+                item = next(i for i in self.items(client) if digest(i.output or "") in overwritten)
+                raise InputError(
+                    f"the output of {item.input} would overwrite {what} {item.output}; choose an output prefix "
+                    "that no input or reference lies under")
 
     def existing_outputs(self, client) -> set[bytes]:  # type: ignore[no-untyped-def]
         """Digests (:func:`digest`) of every object already under the output prefix, listed once."""
@@ -161,12 +219,13 @@ class Plan:
         return {digest(str(uri)) for uri, _size in iter_objects(client, self.output)}
 
     def _item(self, uri: S3URI, relative: str, client) -> ImageItem:  # type: ignore[no-untyped-def]
-        ref = self.references.join(relative) if self.references else None
+        ref = self.references.mirror(relative) if self.references else None
         return ImageItem(input=str(uri), output=self._output(relative), reference=str(ref) if ref else None)
 
     def _output(self, relative: str) -> str | None:
-        """Where the image at ``relative`` (to its prefix, or a manifest key) is written, in the output format."""
-        return str(self.output.join(with_output_format(relative, self.output_format))) if self.output else None
+        """Where the image at ``relative`` (to its prefix, or a manifest key) is written, in the output format;
+        the path is kept exactly (:meth:`S3URI.mirror`)."""
+        return str(self.output.mirror(with_output_format(relative, self.output_format))) if self.output else None
 
 
 KERNEL_KIND = "kernel PNG"
@@ -232,8 +291,10 @@ def build_plan(
 ) -> Plan:
     """Parse and check every argument against storage; raise before anything is written.
 
-    Checks: URIs well formed, buckets exist, single keys exist, manifests
-    readable, and the output prefix is not inside (or equal to) an input prefix.
+    Checks: URIs well formed, buckets exist (the manifests' too, every row
+    read), single keys exist, each of several prefixes holds an image (a
+    mistyped one is not passed over in silence), and the output prefix is not
+    inside (or equal to) an input prefix or the references' prefix.
     """
     if not inputs:
         raise InputError("no input given; name S3 keys, prefixes (s3://bucket/prefix/) or a manifest file")
@@ -246,7 +307,14 @@ def build_plan(
     elif require_output:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
     ref_uri = parse_s3_uri(references, want_prefix=True) if references else None
+    if out_uri is not None and ref_uri is not None and ref_uri.contains(out_uri):
+        raise InvalidURIError(
+            f"output prefix {out_uri} lies inside the sharp references' prefix {ref_uri}: restorations would be "
+            "written over the references; choose an output prefix outside it")
     buckets = {s.uri.bucket for s in sources if s.uri is not None}
+    for source in sources:
+        if source.kind == "manifest" and source.path is not None:
+            buckets |= _manifest_buckets(source.path)
     if out_uri:
         buckets.add(out_uri.bucket)
     if ref_uri:
@@ -264,15 +332,8 @@ def build_plan(
         if out_uri is not None and source.kind == "key" and source.uri is not None \
                 and out_uri.join(with_output_format(source.uri.name, output_format)) == source.uri:
             raise InvalidURIError(f"output {out_uri} would overwrite the input {source.uri}")
-        if source.kind == "manifest" and source.path is not None:
-            try:
-                first = next(_manifest_rows(source.path), None)
-            except (OSError, UnicodeDecodeError, csv.Error) as exc:
-                raise InputError(f"manifest {source.path} cannot be read: {exc}") from None
-            if first is None:
-                raise InputError(f"manifest {source.path} lists no URIs")
-            try:
-                parse_s3_uri(first[1][0], want_prefix=False)
-            except InvalidURIError as exc:
-                raise InvalidURIError(f"{source.path}:{first[0]}: {exc}") from None
+        if len(sources) > 1 and source.kind == "prefix" and source.uri is not None \
+                and not _holds_an_image(client, source.uri):
+            raise StorageNotFoundError(
+                f"input prefix {source.uri} holds no images ({READ_FORMATS}); check its spelling, or leave it out")
     return Plan(sources, out_uri, ref_uri, gopro, output_format)

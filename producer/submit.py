@@ -9,6 +9,7 @@ or giant groups: the job row and its image rows are the source of truth.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -98,12 +99,14 @@ class _Validated:
     client: Any  # a boto3 S3 client
     plan: Plan
 
-    def items(self, ignored: Counter[str] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
+    def items(self, ignored: Counter[str] | None = None,
+              tick: Callable[[], None] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
         """The images to submit, and a function that tells how many were skipped so far.
 
-        ``ignored`` counts the files under the prefixes that are no images (see :meth:`Plan.items`).
+        ``ignored`` counts the files under the prefixes that are no images, and ``tick`` is called for every
+        key listed (see :meth:`Plan.items`).
         """
-        items = self.plan.items(self.client, ignored)
+        items = self.plan.items(self.client, ignored, tick)
         if not self.request.skip_existing:
             return items, lambda: 0
         existing = self.plan.existing_outputs(self.client)
@@ -117,6 +120,30 @@ class _Validated:
                     yield item
 
         return fresh(), lambda: skipped[0]
+
+
+class _Heartbeat:
+    """Keeps a job that is being listed from looking abandoned (:func:`db.queries.fail_abandoned_submissions`)
+    while the listing yields nothing for a long stretch: millions of keys already restored (``skip_existing``)
+    or not images. Ticked for every key listed; writes at most once a minute, and only once the job exists."""
+
+    INTERVAL_S = 60.0
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.job_id: str | None = None
+        self._last = time.monotonic()
+
+    def start(self, job_id: str) -> None:
+        """The job row exists (its creation was its first sign of life): beat for it from now on."""
+        self.job_id, self._last = job_id, time.monotonic()
+
+    def tick(self) -> None:
+        if self.job_id is None or time.monotonic() - self._last < self.INTERVAL_S:
+            return
+        self._last = time.monotonic()
+        with session_scope(self.db_url) as session:
+            queries.submission_progress(session, self.job_id)
 
 
 def _chunks(items: Iterator[ImageItem], size: int) -> Iterator[list[ImageItem]]:
@@ -204,7 +231,7 @@ def submit(
     """Validate ``request``, then write and enqueue the job. Returns its id.
 
     Nothing is written when validation fails. With a ``job_key`` already
-    used, the first job is returned and nothing new is enqueued. With
+    used, the first job is returned and nothing new is listed or enqueued. With
     ``skip_existing``, images whose output exists are left out, and when
     that leaves none, nothing is written and the result's ``job_id`` is empty.
     """
@@ -214,8 +241,16 @@ def submit(
     checked = _validate(request, settings)
     request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
                                                    checked.priority, checked.plan)
+    db_url = settings.resolved_database_url()
+    ensure_schema(db_url)
+    if request.job_key:
+        with session_scope(db_url) as session:
+            keyed = queries.job_with_key(session, request.job_key)
+            if keyed is not None:  # the same key returns the first job, even when nothing would be left to submit
+                return SubmitResult(keyed.id, False, keyed.total)
     ignored: Counter[str] = Counter()
-    items, skipped = checked.items(ignored)
+    heartbeat = _Heartbeat(db_url)
+    items, skipped = checked.items(ignored, heartbeat.tick)
     first = next(items, None)
     if first is None:
         if skipped():
@@ -227,8 +262,6 @@ def submit(
     # than the workers' self-description: none yet, so no submission waits for the question today)
     check_workers_know(settings, batch_fields(window=window, output_format=request.output_format,
                                               quality=request.quality, sidecar=request.sidecar))
-    db_url = settings.resolved_database_url()
-    ensure_schema(db_url)
     spec: dict[str, Any] = {
         "inputs": list(request.inputs),
         "output": str(plan.output) if plan.output else None,
@@ -256,8 +289,10 @@ def submit(
         job_id = job.id
     if not created:
         return SubmitResult(job_id, False, job.total)
+    heartbeat.start(job_id)
 
-    total = 0
+    total = 0  # images listed and written
+    queued = 0  # images whose batch the broker took (a window's are counted when listed)
     batch_number = 0
     try:
         with app.producer_or_acquire() as producer:
@@ -267,20 +302,26 @@ def submit(
                     if queries.submission_progress(session, job_id) in ("cancelled", "failed"):
                         break  # cancelled meanwhile, or failed as abandoned: list no further
                     for offset, batch in enumerate(batches):
-                        queries.insert_images(
+                        inserted = queries.insert_images(
                             session, job_id,
                             [{"input_uri": i.input, "output_uri": i.output, "reference_uri": i.reference}
                              for i in batch],
                             batch=batch_number + offset,
                         )
+                        # an image named twice has one row, written the first time: its batch alone sends it
+                        batches[offset] = [i for i in batch if i.input in inserted]
                     if window:
                         queries.record_listed_batches(session, job_id, batch_number + len(batches))
                 if window:  # as many as the window has room for; finishing batches send the rest
                     send_window_batches(settings, job_id, request.kind, spec, producer=producer)
+                    queued += len(chunk)
                 else:
                     for batch in batches:
-                        app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, request.kind, spec, batch)],
-                                      queue=settings.queue, priority=priority, producer=producer)
+                        if batch:
+                            app.send_task(PROCESS_BATCH_TASK,
+                                          args=[batch_payload(job_id, request.kind, spec, batch)],
+                                          queue=settings.queue, priority=priority, producer=producer)
+                            queued += len(batch)
                 batch_number += len(batches)
                 total += len(chunk)
                 if progress:
@@ -291,11 +332,12 @@ def submit(
             queries.set_job_state(session, job_id, status="failed", job_key=None,
                                   error=f"submission interrupted after {total} images: {exc!r}")
         if isinstance(exc, BrokerError):
-            queued = (f"the first {total} images were queued and may still be restored" if total
-                      else "nothing was queued")
+            what = (f"the first {queued} images were queued and may still be restored: submit again with "
+                    "--skip-existing to leave out those already restored" if queued
+                    else "nothing was queued: submit again")
             raise TransientError(
-                f"the broker did not take job {job_id}'s tasks ({exc}): the job is marked failed and {queued}. "
-                "Start Redis or point DEBLUR_BROKER_URL at a running one, then submit again") from exc
+                f"the broker did not take job {job_id}'s tasks ({exc}): the job is marked failed and {what}, "
+                "once Redis is running or DEBLUR_BROKER_URL points at a running one") from exc
         raise
     with session_scope(db_url) as session:
         counts = queries.status_counts(session, job_id)
@@ -305,9 +347,15 @@ def submit(
             # cancelled while it was being listed (or failed as abandoned): the listing stopped. A cancelled job's
             # images written after the cancellation, whose batches the workers drop, are cancelled too instead of
             # pending for good; an abandoned one's enqueued images are still restored, as its error says.
-            if queries.job_status_of(session, job_id) == "cancelled":
+            status = queries.job_status_of(session, job_id)
+            if status == "cancelled":
                 queries.cancel_pending_images(session, job_id)
             queries.set_job_state(session, job_id, total=sum(queries.status_counts(session, job_id).values()))
+            if status == "failed":
+                raise TransientError(
+                    f"job {job_id} was marked failed while this producer was still listing it (another "
+                    f"submission took it for abandoned): {queued} images were queued and are restored, the rest "
+                    "were not submitted; submit again with --skip-existing")
             return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))
         finished = queries.finish_if_complete(session, job_id)  # the workers were quicker than the listing
     if finished:

@@ -88,7 +88,7 @@ def _done_pages(settings: Settings, job_id: str) -> Iterator[list[dict[str, Any]
 def _check(client: Any, row: dict[str, Any], quick: bool) -> tuple[str, bool]:
     """'intact', 'unrecorded', 'missing' or 'changed' for one done image's output, and whether the store's
     checksum decided it (``quick`` and the store keeps one) rather than the bytes read back."""
-    uri = parse_s3_uri(row["output"], want_prefix=False)
+    uri = parse_s3_uri(row["output"], want_prefix=False, exact=True)
     try:
         if not row["output_sha256"]:
             stored_sha256(client, uri)  # a HEAD request: present, but nothing to compare with

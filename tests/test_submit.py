@@ -109,7 +109,7 @@ def test_manifest_and_single_keys(env, s3, tmp_path) -> None:  # type: ignore[no
     assert sorted(r["input"] for r in rows) == [f"s3://{bucket}/in/IMG 0001, copy.png", f"s3://{bucket}/in/a.png",
                                                  f"s3://{bucket}/in/sub/b.jpg"]
     assert all(r["reference"] is None for r in rows)
-    assert queue_length(env) == 4  # one task per batch sent; the duplicate row is ignored by the worker
+    assert queue_length(env) == 3  # one task per image (batches of 1): the one named twice is sent once
 
 
 @pytest.fixture(scope="module")
@@ -469,3 +469,149 @@ def test_labels_are_kept_with_the_job_and_select_it_in_listings(env, s3) -> None
         assert refused.exit_code == 2 and "--label" in refused.output, refused.output
     assert job_count(env) == before
     assert invoke("status", first_id, "--label", "team=x").exit_code == 2  # a selection needs no JOB
+
+
+def test_a_job_failed_as_abandoned_under_a_live_producer_is_not_reported_as_submitted(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Another submission took the job for abandoned while this producer was still listing it: the producer stops,
+    and says so with an error instead of printing the job id as if every image had been submitted."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.errors import TransientError
+
+    def fail(job_id: str) -> None:
+        with session_scope(env["DEBLUR_DATABASE_URL"]) as session:
+            queries.set_job_state(session, job_id, status="failed", job_key=None)
+
+    with pytest.raises(TransientError, match="was marked failed while this producer was still listing it"):
+        _submit_acting_after_the_first_chunk(s3, monkeypatch, fail)
+
+
+def test_a_listing_that_yields_nothing_for_long_still_shows_the_producer_alive(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Millions of keys already restored (--skip-existing) yield no image for a long time; the producer beats for
+    its job from the listing itself, so no other submission fails it as abandoned meanwhile."""
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Job, utcnow
+    from producer.submit import _Heartbeat
+
+    url = env["DEBLUR_DATABASE_URL"]
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job, _ = queries.create_job(session, "deblur", {"inputs": []})
+        job_id = job.id
+    heartbeat = _Heartbeat(url)
+    heartbeat.tick()  # before the job exists: nothing to beat for
+    heartbeat.start(job_id)
+    long_ago = utcnow() - timedelta(seconds=queries.SUBMISSION_STALE_S + 60)
+    with session_scope(url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
+    heartbeat.tick()  # within the interval: no write
+    with session_scope(url) as session:
+        assert queries.fail_abandoned_submissions(session) == 0 or queries.job_status_of(session, job_id) == "failed"
+        session.execute(update(Job).where(Job.id == job_id).values(status="submitting", updated_at=long_ago))
+    monkeypatch.setattr(_Heartbeat, "INTERVAL_S", 0.0)
+    heartbeat.tick()
+    with session_scope(url) as session:
+        queries.fail_abandoned_submissions(session)
+        assert session.scalar(select(Job.status).where(Job.id == job_id)) == "submitting"
+        session.execute(update(Job).where(Job.id == job_id).values(status="cancelled"))
+
+
+def test_a_used_job_key_returns_its_job_even_when_skip_existing_leaves_nothing(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """A keyed nightly submission sent again after its job finished (a retry by the HTTP client, say) gets the
+    first job back, not 'nothing to submit' and no id."""
+    client, b = s3
+    key = f"nightly-{uuid.uuid4().hex[:6]}"
+    args = ["submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "--skip-existing", "--job-key", key, "-q"]
+    first = invoke(*args)
+    assert first.exit_code == 0 and first.stdout.strip(), first.output
+    for name in ("out/a.png", "out/sub/b.jpg"):
+        client.put_object(Bucket=b, Key=name, Body=b"restored")
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == first.stdout.strip()
+
+
+def test_manifests_are_read_whole_before_anything_is_written(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A spreadsheet's CSV starts with a byte-order mark, which once hid its first row's URI (taken for a header,
+    so that image was never restored). A bad row far down, or a bucket that does not exist, is refused before the
+    first rows are written and enqueued."""
+    client, b = s3
+    client.put_object(Bucket=b, Key="sharp/a.png", Body=b"png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"s3://{b}/in/a.png,s3://{b}/sharp/a.png\ns3://{b}/in/sub/b.jpg,s3://{b}/sharp/a.png\n",
+                     encoding="utf-8-sig")
+    result = invoke("evaluate", "--blurred", str(pairs), "-q")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(invoke("results", result.stdout.strip(), "--format", "json").stdout)
+    assert sorted(r["input"] for r in rows) == [f"s3://{b}/in/a.png", f"s3://{b}/in/sub/b.jpg"]
+
+    header = tmp_path / "header.csv"  # a header after a comment is still a header
+    header.write_text(f"# pairs\nblurred,sharp\ns3://{b}/in/a.png,s3://{b}/sharp/a.png\n")
+    assert invoke("evaluate", "--blurred", str(header), "--dry-run").exit_code == 0
+
+    jobs_before, queued_before = job_count(env), queue_length(env)
+    bad_row = tmp_path / "bad.csv"
+    bad_row.write_text("".join(f"s3://{b}/in/a.png,s3://{b}/sharp/a.png\n" for _ in range(3))
+                       + f"s3://Bad_Bucket/x.png,s3://{b}/sharp/a.png\n")
+    refused = invoke("evaluate", "--blurred", str(bad_row))
+    assert refused.exit_code == 2 and f"{bad_row}:4" in refused.output and "not a valid bucket name" in refused.output
+    missing = tmp_path / "missing.txt"
+    missing.write_text(f"s3://{b}/in/a.png\ns3://no-such-bucket-{uuid.uuid4().hex[:6]}/x.png\n")
+    refused = invoke("submit", str(missing), "--output", f"s3://{b}/out/")
+    assert refused.exit_code != 0 and "no-such-bucket" in refused.output
+    assert job_count(env) == jobs_before and queue_length(env) == queued_before
+
+
+def test_outputs_over_references_or_above_the_input_are_refused(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """An evaluation's outputs written into its sharp references would replace the ground truth; an output prefix
+    above the input prefix can land on an input (in/in/a.png → in/a.png); a mistyped prefix among several is named
+    instead of passed over."""
+    client, b = s3
+    for key in ("sharp/a.png", "sharp/sub/b.jpg", "in/in/a.png"):
+        client.put_object(Bucket=b, Key=key, Body=b"png")
+    jobs_before, queued_before = job_count(env), queue_length(env)
+    cases = [
+        (["evaluate", "--blurred", f"s3://{b}/in/", "--sharp", f"s3://{b}/sharp/", "--output", f"s3://{b}/sharp/"],
+         "lies inside the sharp references' prefix"),
+        (["evaluate", "--blurred", f"s3://{b}/in/", "--sharp", f"s3://{b}/sharp/", "--output",
+          f"s3://{b}/sharp/restored/"], "lies inside the sharp references' prefix"),
+        (["submit", f"s3://{b}/in/", "--output", f"s3://{b}/"],
+         f"the output of s3://{b}/in/in/a.png would overwrite the input s3://{b}/in/a.png"),
+        (["submit", f"s3://{b}/in/", f"s3://{b}/inn/", "--output", f"s3://{b}/out/"],
+         f"input prefix s3://{b}/inn/ holds no images"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code != 0, result.output
+        assert message in " ".join(result.output.split())
+    assert job_count(env) == jobs_before and queue_length(env) == queued_before
+
+
+def test_keys_with_a_doubled_slash_keep_their_own_outputs(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """An uploader's doubled slash (in//x.png beside in/x.png) once mapped both to out/x.png; the listed path is
+    mirrored as it is, and the worker reads and writes such keys as stored."""
+    from jobs.s3uri import parse_s3_uri
+
+    client, b = s3
+    client.put_object(Bucket=b, Key="in//a.png", Body=b"png")
+    result = invoke("submit", f"s3://{b}/in/", "--output", f"s3://{b}/out/", "-q")
+    assert result.exit_code == 0, result.output
+    from sqlalchemy import select
+
+    from db.engine import get_engine
+    from db.schema import Image
+
+    with get_engine(env["DEBLUR_DATABASE_URL"]).connect() as conn:
+        rows = conn.execute(select(Image.input_uri, Image.output_uri)
+                            .where(Image.job_id == result.stdout.strip())).all()
+    assert sorted(tuple(r) for r in rows) == [
+        (f"s3://{b}/in//a.png", f"s3://{b}/out//a.png"), (f"s3://{b}/in/a.png", f"s3://{b}/out/a.png"),
+        (f"s3://{b}/in/sub/b.jpg", f"s3://{b}/out/sub/b.jpg")]
+    assert parse_s3_uri(f"s3://{b}/in//a.png", exact=True).key == "in//a.png"
+    with pytest.raises(Exception, match="empty"):
+        parse_s3_uri(f"s3://{b}/in//a.png")  # typed by a person: refused, as before

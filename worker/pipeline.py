@@ -72,10 +72,11 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 def _download(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     def fetch() -> None:
-        work.data = get_bytes(client, parse_s3_uri(work.item.input, want_prefix=False))
+        work.data = get_bytes(client, parse_s3_uri(work.item.input, want_prefix=False, exact=True))
         if work.item.reference:
             try:
-                work.reference_data = get_bytes(client, parse_s3_uri(work.item.reference, want_prefix=False))
+                reference = parse_s3_uri(work.item.reference, want_prefix=False, exact=True)
+                work.reference_data = get_bytes(client, reference)
             except InputError as exc:
                 raise InputError(f"sharp reference {work.item.reference}: {exc}") from None
 
@@ -245,7 +246,7 @@ def _encode(work: Work, message: BatchMessage) -> None:
 
     if not message.write_outputs or not work.item.output:
         return
-    out_uri = parse_s3_uri(work.item.output, want_prefix=False)
+    out_uri = parse_s3_uri(work.item.output, want_prefix=False, exact=True)
     data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
                         quality=message.quality, pages=work.restored_pages)
     work.uploads.append((out_uri, data, content_type(work.decoded.format)))
