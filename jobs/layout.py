@@ -23,11 +23,27 @@ def member_output_uri(output_root: S3URI, model_key: str, relative: str) -> S3UR
     return output_root.join(f"_members/{member_folder(model_key)}/{relative}")
 
 
-def kernel_uri(output: S3URI, model_key: str, several: bool) -> S3URI:
-    """Where a blind model's estimated kernel is stored: next to the output, as PNG."""
-    stem = output.key.rsplit(".", 1)[0]
+def kernel_name(output_name: str, model_key: str, several: bool) -> str:
+    """A blind model's estimated kernel's file name next to the output named ``output_name``: the whole name
+    and ``.kernel.png`` (``.kernel.<model>.png`` with several blind members), as a provenance record keeps the
+    whole name, so that ``scan.tif`` and its access copy ``scan.jpg`` in one folder keep a kernel each."""
     suffix = f".kernel.{member_folder(model_key.split(':')[0])}.png" if several else ".kernel.png"
-    return S3URI(output.bucket, stem + suffix)
+    return output_name + suffix
+
+
+def kernel_uri(output: S3URI, model_key: str, several: bool) -> S3URI:
+    """Where a blind model's estimated kernel is stored: next to the output, as PNG (:func:`kernel_name`)."""
+    return S3URI(output.bucket, kernel_name(output.key, model_key, several))
+
+
+def member_kernel_uri(first_kernel: str, first_model: str, model_key: str) -> str:
+    """Where a job with several blind members stored ``model_key``'s kernel, given the URI recorded for the
+    first (``first_model``'s): the same name with the member's in place of the first's, whichever naming the
+    release that ran the job used (before this one, the output's extension was left out)."""
+    first = f".kernel.{member_folder(first_model.split(':')[0])}.png"
+    if not first_kernel.endswith(first):
+        return first_kernel
+    return first_kernel[: -len(first)] + f".kernel.{member_folder(model_key.split(':')[0])}.png"
 
 
 def is_kernel_artefact(key: str) -> bool:

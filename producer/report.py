@@ -33,7 +33,7 @@ from db import queries
 from db.engine import ensure_schema, session_scope
 from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, Image, Metric
 from jobs.errors import InputError, StorageNotFoundError
-from jobs.layout import kernel_uri as layout_kernel_uri
+from jobs.layout import member_folder, member_kernel_uri
 from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
@@ -373,12 +373,15 @@ def _kernel_uris(row: dict[str, Any], members: Sequence[Member], client: Any) ->
     blind members the others sit next to it under the member's name."""
     if not row.get("kernel") or not row.get("output"):
         return {}
-    out = parse_s3_uri(row["output"], want_prefix=False)
+    first = row["kernel"]
+    # with several blind members the first kernel is named after its member; the others sit next to it
+    owner = next((m for m in members if first.endswith(f".kernel.{member_folder(m.key.split(':')[0])}.png")), None)
     found: dict[str, str] = {}
-    for member in members:
-        uri = layout_kernel_uri(out, member.key, several=True)
-        if str(uri) == row["kernel"] or (len(members) > 1 and object_exists(client, uri)):
-            found[member.key] = str(uri)
+    if owner is not None:
+        for member in members:
+            uri = member_kernel_uri(first, owner.key, member.key)
+            if uri == first or (len(members) > 1 and object_exists(client, parse_s3_uri(uri, exact=True))):
+                found[member.key] = uri
     if not found:
         label = members[0].key if len(members) == 1 else "estimated kernel"
         found[label] = row["kernel"]

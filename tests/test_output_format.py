@@ -252,7 +252,7 @@ def test_a_provenance_record_travels_next_to_each_output(env, bucket) -> None:  
                                 "format": "png"}
     assert record["model_versions"] == row["model_versions"] and "l0-blind" in record["models"][1]
     assert record["metrics"] == row["metrics_by_model"]  # every figure the database holds, by model
-    assert record["kernels"] == [f"s3://{b}/out/1931/reel.kernel.png"]
+    assert record["kernels"] == [f"s3://{b}/out/1931/reel.png.kernel.png"]  # the whole output name, as the record
     assert record["settings"]["output_format"] == "png" and record["worker"] == row["worker"]
     shown = " ".join(run_cli("status", job_id).split())
     assert f"output: s3://{b}/out/ as PNG, each with a provenance record" in shown
@@ -317,3 +317,21 @@ def test_outputs_are_verified_against_their_records_without_the_database(  # typ
     assert empty.exit_code != 0 and "no provenance records (*.deblur.json) under" in " ".join(empty.output.split())
     refused = CliRunner().invoke(main, ["verify", "--records", str(folder), "--mark-failed"])
     assert refused.exit_code == 2 and "--mark-failed needs a JOB" in refused.output
+
+
+def test_kernels_of_two_outputs_with_one_stem_do_not_collide() -> None:
+    """A TIFF master and its JPEG access copy in one folder once shared ``scan.kernel.png``: one kernel was lost
+    and both rows named the other. The kernel keeps the output's whole name; a report finds a job's members'
+    kernels from the first one's name, whichever naming wrote them."""
+    from jobs.layout import is_kernel_artefact, kernel_uri, member_kernel_uri
+    from jobs.s3uri import S3URI
+
+    tif, jpg = S3URI("b", "out/scan.tif"), S3URI("b", "out/scan.jpg")
+    assert kernel_uri(tif, "l0-blind", several=False) != kernel_uri(jpg, "l0-blind", several=False)
+    assert str(kernel_uri(tif, "l0-blind:kernel=31", several=True)) == "s3://b/out/scan.tif.kernel.l0-blind.png"
+    assert all(is_kernel_artefact(kernel_uri(tif, "l0-blind", several).key) for several in (False, True))
+    new = "s3://b/out/scan.tif.kernel.l0-blind.png"
+    old = "s3://b/out/scan.kernel.l0-blind.png"  # as an earlier release named it
+    assert member_kernel_uri(new, "l0-blind", "seed001-refine") == "s3://b/out/scan.tif.kernel.seed001-refine.png"
+    assert member_kernel_uri(old, "l0-blind", "seed001-refine") == "s3://b/out/scan.kernel.seed001-refine.png"
+    assert member_kernel_uri(new, "l0-blind", "l0-blind") == new

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, with_output_format
+from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, kernel_name, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_image_key
@@ -104,7 +104,7 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
     target.write_bytes(data)
     kernels = []
     for model, kernel in work.kernels.items():
-        kernels.append(target.parent / f"{target.stem}.kernel.{model.split(':')[0]}.png")
+        kernels.append(target.parent / kernel_name(target.name, model, several=True))
         kernels[-1].write_bytes(kernel_png(kernel))
     if message.sidecar:
         from worker.provenance import provenance_record
