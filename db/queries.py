@@ -240,7 +240,12 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
     inputs = list(inputs)
     now = utcnow()
     job = session.get(Job, job_id)
-    if job is None or job.status == "cancelled":
+    if job is None:
+        return []
+    if job.status == "cancelled":
+        # images given back after the cancellation (a batch out of time, a failed device) are cancelled with it
+        session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(inputs),
+                                            Image.status == "pending").values(status="cancelled", finished_at=now))
         return []
     if job.started_at is None or job.status == "queued":
         # A job still "submitting" keeps that status until its producer has
@@ -259,7 +264,10 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
             select(Image.input_uri).where(
                 Image.job_id == job_id,
                 Image.input_uri.in_(inputs),
-                Image.status.in_(("pending", "running", "failed")),
+                # not 'failed': a redelivered batch does not redo an image that failed (a corrupt file, or one that
+                # reached the cap on lost workers, whose count a new outcome would reset); 'retry --failed' makes
+                # such images pending again
+                Image.status.in_(("pending", "running")),
             )
         )
     )
@@ -282,16 +290,30 @@ def start_image(session: Session, job_id: str, input_uri: str) -> int:
 
 
 def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker: str) -> None:
-    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again.
+    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again, or cancelled
+    when the job was cancelled meanwhile (no task would take them).
 
     A batch that ran out of time hands its remaining images to a new task;
     they were never started (:func:`start_image`), so no attempt was counted.
     """
+    cancelled = job_status_of(session, job_id) == "cancelled"
+    values = ({"status": "cancelled", "finished_at": utcnow(), "worker": None} if cancelled
+              else {"status": "pending", "started_at": None, "worker": None})
     session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
                Image.worker == worker)
-        .values(status="pending", started_at=None, worker=None)
+        .values(**values)
+    )
+
+
+def unstart_images(session: Session, job_id: str, inputs: Sequence[str]) -> None:
+    """Take back the starts (:func:`start_image`) of images whose batch stopped on a passing fault (storage or
+    database unreachable): their worker was not lost, so the cap on lost workers must not count them."""
+    session.execute(
+        update(Image)
+        .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.unfinished_starts > 0)
+        .values(unfinished_starts=Image.unfinished_starts - 1)
     )
 
 

@@ -75,6 +75,9 @@ def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
             "queue_order_strategy": "priority",
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # a pool child imports torch as it starts (a CUDA build: about 5 s cold); Celery's default of 4 s would
+        # kill it and start another, for ever
+        worker_proc_alive_timeout=60,
     )
     return app
 

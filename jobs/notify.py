@@ -17,6 +17,7 @@ With ``DEBLUR_NOTIFY_SECRET`` set, each POST carries
 from __future__ import annotations
 
 import hashlib
+import http.client
 import hmac
 import json
 import urllib.error
@@ -79,12 +80,27 @@ def deliver(url: str, payload: bytes, secret: str | None = None, timeout: float 
         headers["X-Deblur-Signature"] = f"sha256={signature}"
     request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked at submit
+        with _OPENER.open(request, timeout=timeout) as response:  # http(s) checked at submission
             return int(response.status)
     except urllib.error.HTTPError as exc:
         if exc.code >= 500 or exc.code in (408, 429):
             raise TransientError(f"notify {url}: the receiver answered {exc.code}") from None
+        if 300 <= exc.code < 400:
+            raise InputError(f"notify {url}: the receiver answered {exc.code}, a redirect to "
+                             f"{exc.headers.get('Location')!r}; not followed (it would turn the POST into a GET "
+                             "without the body): submit with the URL it names") from None
         raise InputError(f"notify {url}: the receiver answered {exc.code}; not retried") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransientError(f"notify {url}: cannot reach the receiver ({reason})") from None
+        raise TransientError(f"notify {url}: cannot reach the receiver ({reason!r})") from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, not a hop: urllib would follow a 301/302 as a GET without the body, and the
+    notification would be reported delivered while nothing was."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)

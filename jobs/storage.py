@@ -20,7 +20,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from jobs.errors import StorageNotFoundError, TransientError
+from jobs.errors import InputError, StorageNotFoundError, TransientError
 from jobs.layout import SUFFIX_FORMATS
 from jobs.s3uri import S3URI
 from jobs.settings import Settings
@@ -50,6 +50,19 @@ def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
     return _client(settings.s3_endpoint_url, settings.s3_region, max(10, settings.io_threads * 2))
 
 
+PERMANENT_ERRORS = {
+    "InvalidObjectState": "archived in a storage class that is not read directly (Glacier, Deep Archive); restore "
+                          "it first, then 'deblur retry JOB --failed'",
+    "KeyTooLongError": "the key is longer than the store allows",
+    "InvalidObjectName": "the store refuses the key's name",
+    "KMS.DisabledException": "its encryption key (KMS) is disabled; enable it, then 'deblur retry JOB --failed'",
+    "KMS.KMSInvalidStateException": "its encryption key (KMS) cannot be used; check it, then 'deblur retry JOB "
+                                    "--failed'",
+}
+"""S3 error codes no retry mends, with what they mean: the image they strike fails alone instead of the whole
+batch being retried until it gives up (every other unknown code is taken for a passing fault)."""
+
+
 def _is_missing(exc: ClientError) -> bool:
     code = exc.response.get("Error", {}).get("Code", "")
     return code in {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
@@ -63,6 +76,8 @@ def translate(exc: Exception, what: str) -> Exception:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
             return StorageNotFoundError(f"{what}: access denied ({code}); check the AWS credentials")
+        if code in PERMANENT_ERRORS:  # no retry mends these: the image fails alone, saying what to do
+            return InputError(f"{what}: {PERMANENT_ERRORS[code]} (S3 error {code})")
         return TransientError(f"{what}: S3 error {code}: {exc}")
     if isinstance(exc, EndpointConnectionError):
         return TransientError(f"{what}: cannot reach the S3 endpoint ({exc}); check DEBLUR_S3_ENDPOINT_URL")

@@ -224,10 +224,11 @@ class HookReceiver:
     """An HTTP server on a loopback port that records the POSTs it gets (job-finished notifications).
 
     ``answers`` are the status codes of the first requests, in order (then 204), to play a receiver that is
-    down or broken for a while. Use as a context manager; ``url`` is where to send.
+    down or broken for a while; a 3xx answer names ``redirect_to``. Use as a context manager; ``url`` is where
+    to send.
     """
 
-    def __init__(self, answers: tuple[int, ...] = ()) -> None:
+    def __init__(self, answers: tuple[int, ...] = (), redirect_to: str | None = None) -> None:
         import http.server
         import threading
 
@@ -241,6 +242,8 @@ class HookReceiver:
                 code = receiver.answers.pop(0) if receiver.answers else 204
                 receiver.requests.append((dict(self.headers), data))
                 self.send_response(code)
+                if redirect_to and 300 <= code < 400:
+                    self.send_header("Location", redirect_to)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -482,3 +482,138 @@ def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_bat
 
     run_cli("retry", job_id, "--failed")  # a retry gives the image a fresh allowance
     assert deliver() is None and rows()["2-poison.png"]["status"] == "running"
+
+
+def test_passing_storage_faults_neither_undo_finished_images_nor_count_as_lost_workers(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """An upload that fails for a while once left the image it belonged to counted as started each time, so after
+    three retries it was failed as 'lost its worker'; a download that failed once made the image before it, stored
+    already, unrecorded, to be restored again (or failed with the batch when retries ran out)."""
+    from jobs.errors import TransientError
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline
+
+    job_id, payload = _one_batch_job(env, "flaky", ("1.png", "2.png", "3.png"))
+    real_put, real_get = pipeline.put_bytes, pipeline.get_bytes
+    faults = {"put": 4, "get": 1}
+
+    def flaky_put(client: Any, uri: Any, *rest: Any, **kw: Any) -> Any:
+        if uri.key == "out/2.png" and faults["put"]:
+            faults["put"] -= 1
+            raise TransientError("S3 error SlowDown")
+        return real_put(client, uri, *rest, **kw)
+
+    def flaky_get(client: Any, uri: Any) -> Any:
+        if uri.key == "in/3.png" and faults["get"] and not faults["put"]:
+            faults["get"] -= 1
+            raise TransientError("S3 error InternalError")
+        return real_get(client, uri)
+
+    monkeypatch.setattr(pipeline, "put_bytes", flaky_put)
+    monkeypatch.setattr(pipeline, "get_bytes", flaky_get)
+
+    def rows() -> dict[str, dict[str, Any]]:
+        return {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+
+    for _ in range(4):  # more retries than DEBLUR_IMAGE_MAX_ATTEMPTS (3)
+        with pytest.raises(TransientError, match="SlowDown"):
+            pipeline.run_batch(BatchMessage.from_payload(payload), load_settings())
+        assert rows()["1.png"]["status"] == "done"
+    with pytest.raises(TransientError, match="InternalError"):  # 2.png stored now, then 3.png cannot be read
+        pipeline.run_batch(BatchMessage.from_payload(payload), load_settings())
+    assert rows()["2.png"]["status"] == "done"  # recorded before the download's fault was raised
+    assert pipeline.run_batch(BatchMessage.from_payload(payload), load_settings()) == {
+        "done": 1, "failed": 0, "handed_over": 0}
+    final = rows()
+    assert [final[n]["status"] for n in ("1.png", "2.png", "3.png")] == ["done"] * 3
+    assert final["2.png"]["error"] is None and final["1.png"]["attempts"] == 1
+
+
+def test_a_redelivered_batch_does_not_redo_a_failed_image(env) -> None:  # type: ignore[no-untyped-def]
+    """A failed image (a corrupt file here) stays failed when its batch comes again; 'retry --failed' is how it is
+    tried again."""
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker.pipeline import run_batch
+
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    job_id, payload = _one_batch_job(env, "redo", ("1.png",))
+    s3.put_object(Bucket="redo", Key="in/1.png", Body=b"\x89PNG\r\n\x1a\n not a png")
+    assert run_batch(BatchMessage.from_payload(payload), load_settings()) == {"done": 0, "failed": 1, "handed_over": 0}
+    assert run_batch(BatchMessage.from_payload(payload), load_settings()) == {"done": 0, "failed": 0, "handed_over": 0}
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert row["status"] == "failed" and row["attempts"] == 1
+
+
+def test_images_given_back_after_a_cancellation_are_cancelled_not_left_pending(env) -> None:  # type: ignore[no-untyped-def]
+    """A batch that runs out of time (or whose device fails) gives its unstarted images back; after a cancellation
+    no task takes them, so they are cancelled, and a batch failing later leaves them cancelled too."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    job_id, payload = _one_batch_job(env, "gone", ("1.png", "2.png", "3.png"))
+    message = BatchMessage.from_payload(payload)
+    inputs = [i.input for i in message.images]
+    url = env["DEBLUR_DATABASE_URL"]
+    with session_scope(url) as session:
+        assert sorted(queries.mark_running(session, job_id, inputs, "w1")) == sorted(inputs)
+    run_cli("cancel", job_id)
+    with session_scope(url) as session:
+        queries.release_claims(session, job_id, inputs[1:], "w1")
+    assert fail_batch(message, load_settings(), "gave up") == 1  # the one still running; the others stay cancelled
+    statuses = {r["input"]: r["status"] for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert [statuses[i] for i in inputs] == ["failed", "cancelled", "cancelled"]
+
+
+def test_a_batch_the_database_cannot_fail_is_tried_again_instead_of_acknowledged(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Retries used up while the database is down: failing the images needs the database too, and the task, had it
+    failed, would be acknowledged with its images 'running' for good. It is sent again later instead."""
+    from celery.exceptions import Retry
+    from sqlalchemy.exc import OperationalError
+
+    from jobs.messages import BatchMessage
+    from worker import pipeline, tasks
+
+    def database_down(*_: Any) -> int:
+        raise OperationalError("UPDATE images", {}, Exception("connection refused"))
+
+    class Task:
+        def retry(self, countdown: int, max_retries: Any) -> Exception:
+            assert countdown == tasks.DATABASE_WAIT_S and max_retries is None
+            return Retry("sent again")
+
+    monkeypatch.setattr(pipeline, "fail_batch", database_down)
+    message = BatchMessage(job_id="j", kind="deblur", models=["wiener"], images=[{"input": "s3://b/in/1.png"}])
+    with pytest.raises(Retry):
+        tasks._fail_or_wait(Task(), message, object(), "gave up")
+
+
+def test_a_malformed_batch_fails_the_images_it_names_and_frees_its_window_slot(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from worker import tasks
+
+    job_id, payload = _one_batch_job(env, "malformed", ("1.png",))
+    sent: list[str] = []
+    monkeypatch.setattr(tasks, "send_next_batch", lambda message, settings: sent.append(message.job_id))
+    monkeypatch.setattr(tasks.runtime, "_state", {})  # the task reads its settings (this test's services) afresh
+    broken = {**payload, "v": 0, "slot": True}  # an older, unknown version: not a newer release's batch
+    assert tasks.process_batch.apply(args=[broken]).get() == {"done": 0, "failed": 1, "handed_over": 0}
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert row["status"] == "failed" and "the batch message was malformed" in row["error"]
+    assert sent == [job_id]
+
+
+def test_storage_errors_no_retry_mends_fail_the_image_alone() -> None:
+    from botocore.exceptions import ClientError
+
+    from jobs.errors import InputError, TransientError
+    from jobs.storage import translate
+
+    archived = ClientError({"Error": {"Code": "InvalidObjectState", "Message": "archived"}}, "GetObject")
+    assert isinstance(translate(archived, "s3://b/in/1.png"), InputError)
+    assert "restore it first" in str(translate(archived, "s3://b/in/1.png"))
+    slow = ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your rate"}}, "GetObject")
+    assert isinstance(translate(slow, "s3://b/in/1.png"), TransientError)

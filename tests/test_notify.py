@@ -34,6 +34,10 @@ def test_a_delivery_is_signed_and_only_failures_worth_retrying_say_so() -> None:
     expected = hmac.new(b"s3cret", payload, hashlib.sha256).hexdigest()
     assert headers["X-Deblur-Signature"] == f"sha256={expected}" and headers["X-Deblur-Event"] == "job.finished"
     assert "X-Deblur-Signature" not in hook.requests[1][0]  # no secret, no signature
+    with HookReceiver(answers=(302,), redirect_to="/moved") as moved:  # urllib would GET it without the body
+        with pytest.raises(InputError, match="a redirect to '/moved'; not followed"):
+            deliver(moved.url, payload)
+        assert len(moved.requests) == 1  # and nothing was sent to where it points
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -340,58 +341,21 @@ def run_batch(message: BatchMessage, settings: Settings,
     if not works:
         return batch_counts(0, 0)
     client = s3_client(settings)
-    leftover: list[Work] = []
-    device_failure: DeviceFailure | None = None
-    with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
-        # every download starts at once (the pool bounds how many run) and each image waits only for its own,
-        # so the first image is restored while the others arrive; each output is uploaded as soon as it is encoded
-        downloads = [pool.submit(_download, client, w) for w in works]
-        uploads: dict[str, Future[None]] = {}
-        for index, work in enumerate(works):
-            if index and works[index - 1].item.input in uploads:
-                uploads[works[index - 1].item.input].result()  # a failed upload raises: the batch is retried
-            if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
-                leftover = works[index:]
-                works = works[:index]
-                for pending in downloads[index:]:
-                    pending.cancel()
-                break
-            downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
-            # one transaction: the images before this one, stored, are recorded (if this one takes the worker
-            # down, a redelivery skips them instead of restoring and counting them again), and this one starts
+    started_inputs: list[str] = []  # images started (start_image) in this run, for a passing fault to take back
+    try:
+        works, leftover, device_failure = _run_works(
+            works, message, settings, client, db_url, started, hand_over, record, started_inputs)
+    except (TransientError, OperationalError):
+        # storage or the database failed for a while: the batch is retried, and the images it had started were not
+        # what took a worker down, so the cap on lost workers must not count these starts (best effort: the
+        # database may be what failed)
+        unrecorded = [i for i in started_inputs if i not in recorded]
+        try:
             with session_scope(db_url) as session:
-                record(session, works[:index])
-                starts = queries.start_image(session, message.job_id, work.item.input)
-            if not _within_attempts(work, starts, settings.image_max_attempts):
-                continue
-            if work.outcome.status != "done":
-                continue
-            decode_work(work, settings, output_format_of(work.item.output, message))
-            if work.outcome.status != "done":
-                continue
-            try:
-                restore_work(work, message)
-                add_no_reference_metrics(work)
-                _encode(work, message)
-            except InputError as exc:
-                work.fail(str(exc))
-            except TransientError:
-                raise
-            except Exception as exc:  # a model or codec bug must fail this image only
-                if runtime.is_device_failure(exc):  # ...but a failed GPU is nobody's image's fault
-                    device_failure = DeviceFailure(f"the device failed on {work.item.input}: {type(exc).__name__}: "
-                                                   f"{exc}")
-                    leftover, works = works[index:], works[:index]
-                    work.uploads = []
-                    break
-                log.exception("image %s failed", work.item.input)
-                work.fail(f"{type(exc).__name__}: {exc}")
-            work.decoded = work.reference = work.restored = None  # keep memory per batch flat
-            work.restored_pages = []
-            if work.uploads:
-                uploads[work.item.input] = pool.submit(_upload, client, work)
-        for upload in uploads.values():
-            upload.result()
+                queries.unstart_images(session, message.job_id, unrecorded)
+        except Exception:
+            log.warning("could not take back the starts of %d image(s) of job %s", len(unrecorded), message.job_id)
+        raise
     with session_scope(db_url) as session:
         record(session, works)
         if leftover:
@@ -412,6 +376,75 @@ def run_batch(message: BatchMessage, settings: Settings,
         device_failure.counts = counts
         raise device_failure
     return counts
+
+
+def _run_works(works: list[Work], message: BatchMessage, settings: Settings, client: Any, db_url: str,
+               started: float, hand_over: Callable[[BatchMessage], None] | None,
+               record: Callable[[Session, list[Work]], None],
+               started_inputs: list[str]) -> tuple[list[Work], list[Work], DeviceFailure | None]:
+    """Download, restore, encode and upload the batch's claimed images in turn (see :func:`run_batch`); returns
+    the images worked on, those left over (out of time, or after a device failure) and the device failure."""
+    leftover: list[Work] = []
+    device_failure: DeviceFailure | None = None
+    with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
+        # every download starts at once (the pool bounds how many run) and each image waits only for its own,
+        # so the first image is restored while the others arrive; each output is uploaded as soon as it is encoded
+        downloads = [pool.submit(_download, client, w) for w in works]
+        uploads: dict[str, Future[None]] = {}
+        for index, work in enumerate(works):
+            if index and works[index - 1].item.input in uploads:
+                uploads[works[index - 1].item.input].result()  # a failed upload raises: the batch is retried
+            if hand_over is not None and index > 0 and out_of_time(started, settings.batch_time_limit):
+                leftover = works[index:]
+                works = works[:index]
+                for pending in downloads[index:]:
+                    pending.cancel()
+                break
+            try:
+                downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
+            except TransientError:
+                with session_scope(db_url) as session:  # ...and the images before this one, stored, are kept
+                    record(session, works[:index])
+                raise
+            # one transaction: the images before this one, stored, are recorded (if this one takes the worker
+            # down, a redelivery skips them instead of restoring and counting them again), and this one starts
+            with session_scope(db_url) as session:
+                record(session, works[:index])
+                starts = queries.start_image(session, message.job_id, work.item.input)
+            started_inputs.append(work.item.input)
+            if not _within_attempts(work, starts, settings.image_max_attempts) or work.outcome.status != "done":
+                work.data = work.reference_data = None  # failed: its bytes are not kept to the batch's end
+                continue
+            decode_work(work, settings, output_format_of(work.item.output, message))
+            if work.outcome.status != "done":
+                work.data = work.reference_data = work.decoded = work.reference = None
+                continue
+            try:
+                restore_work(work, message)
+                add_no_reference_metrics(work)
+                _encode(work, message)
+            except InputError as exc:
+                work.fail(str(exc))
+                work.uploads = []  # a failed image writes nothing, not even the output encoded before the error
+            except TransientError:
+                raise
+            except Exception as exc:  # a model or codec bug must fail this image only
+                if runtime.is_device_failure(exc):  # ...but a failed GPU is nobody's image's fault
+                    device_failure = DeviceFailure(f"the device failed on {work.item.input}: {type(exc).__name__}: "
+                                                   f"{exc}")
+                    leftover, works = works[index:], works[:index]
+                    work.uploads = []
+                    break
+                log.exception("image %s failed", work.item.input)
+                work.fail(f"{type(exc).__name__}: {exc}")
+                work.uploads = []
+            work.decoded = work.reference = work.restored = None  # keep memory per batch flat
+            work.restored_pages = []
+            if work.uploads:
+                uploads[work.item.input] = pool.submit(_upload, client, work)
+        for upload in uploads.values():
+            upload.result()
+    return works, leftover, device_failure
 
 
 def _within_attempts(work: Work, starts: int, max_attempts: int) -> bool:
@@ -457,8 +490,12 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
             queries.ImageOutcome(input_uri=item.input, status="failed", error=error, worker=runtime.hostname())
             for item in _distinct(message.images)
         ]
-        done = queries.inputs_with_status(session, message.job_id, [o.input_uri for o in outcomes], "done")
-        failed = [o for o in outcomes if o.input_uri not in done]
+        inputs = [o.input_uri for o in outcomes]
+        # what is done stays done, and what was cancelled meanwhile stays cancelled (a failed image would invite a
+        # 'retry --failed' that brings the cancelled job back)
+        finished = (queries.inputs_with_status(session, message.job_id, inputs, "done")
+                    | queries.inputs_with_status(session, message.job_id, inputs, "cancelled"))
+        failed = [o for o in outcomes if o.input_uri not in finished]
         queries.record_outcomes(session, message.job_id, failed)
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)

@@ -31,8 +31,8 @@ NEWER_RELEASE_RETRIES = 30
 
 @worker_process_init.connect
 def _child_started(**_: Any) -> None:
-    # Runs in each pool child (and in --pool solo). Keep it fast: Celery kills a
-    # child that blocks here for more than 4 s, so models load on first use.
+    # Runs in each pool child (and in --pool solo). Keep it fast: Celery kills a child that blocks here longer
+    # than worker_proc_alive_timeout (60 s here, for torch's import), so models load on first use.
     runtime.init_process()
 
 
@@ -57,7 +57,7 @@ def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -
     of other work), for a worker of that release; after half an hour of that its images fail with the reason,
     so they are not left pending for good: ``deblur retry JOB --failed`` once the workers are upgraded.
     """
-    from worker.pipeline import batch_counts, fail_batch
+    from worker.pipeline import batch_counts
 
     job_id = payload.get("job_id")
     reason = describe_failure(error)
@@ -70,17 +70,39 @@ def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -
     if readable is None:
         log.error("dropping a batch of job %s that no worker could read: %s", job_id, reason)
         return batch_counts(0, 0)
-    failed = fail_batch(readable, runtime.settings(), f"needs a newer worker than any that took it "
-                        f"({reason}); upgrade the workers, then 'deblur retry {job_id} --failed'")
+    settings = runtime.settings()
+    failed = _fail_or_wait(task, readable, settings, f"needs a newer worker than any that took it "
+                           f"({reason}); upgrade the workers, then 'deblur retry {job_id} --failed'")
     log.error("no newer worker took a batch of job %s in %d minutes: failed its %d images", job_id,
               NEWER_RELEASE_RETRY_S * NEWER_RELEASE_RETRIES // 60, failed)
+    if readable.slot:  # its window slot is free: the job's next batch goes out
+        send_next_batch(readable, settings)
     return batch_counts(0, failed)
+
+
+DATABASE_WAIT_S = 300
+
+
+def _fail_or_wait(task: Any, message: BatchMessage, settings: Any, error: str) -> int:
+    """Fail the batch's unfinished images with ``error`` (:func:`worker.pipeline.fail_batch`); returns how many.
+
+    If the database cannot take that either, the task is sent again in five minutes instead: acknowledged with
+    nothing recorded, its images would stay 'running' for good (and a windowed job's slot with them).
+    """
+    from worker.pipeline import fail_batch
+
+    try:
+        return fail_batch(message, settings, error)
+    except OperationalError as exc:
+        log.error("batch of job %s: the database does not answer (%s); the batch is tried again in %d s",
+                  message.job_id, exc, DATABASE_WAIT_S)
+        raise task.retry(countdown=DATABASE_WAIT_S, max_retries=None) from None
 
 
 @app.task(name=PROCESS_BATCH_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Restore (or evaluate) one batch of images; see :func:`worker.pipeline.run_batch`."""
-    from worker.pipeline import batch_counts, fail_batch, run_batch
+    from worker.pipeline import batch_counts, run_batch
 
     if self.request.hostname:
         runtime.set_hostname(self.request.hostname)
@@ -89,9 +111,18 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
     except (ValidationError, ValueError) as exc:
         if needs_newer_worker(payload, exc):
             return _newer_release_batch(self, payload, exc)
-        # A malformed message can never succeed: log it and drop it (acked).
+        # A malformed message can never succeed: it is dropped (acked), and the images it names, where they can
+        # be read, are failed with the reason instead of left pending for good (with its window slot)
         log.error("dropping malformed batch message: %s", exc)
-        return batch_counts(0, 0)
+        readable = readable_part(payload) if isinstance(payload, dict) else None
+        if readable is None:
+            return batch_counts(0, 0)
+        settings = runtime.settings()
+        failed = _fail_or_wait(self, readable, settings, f"the batch message was malformed "
+                               f"({describe_failure(exc)}); 'deblur retry {readable.job_id} --failed' sends it anew")
+        if readable.slot:
+            send_next_batch(readable, settings)
+        return batch_counts(0, failed)
     settings = runtime.settings()
     # the broker's priority of this delivery, so the rest of an out-of-time batch waits no longer than it did
     priority = (self.request.delivery_info or {}).get("priority")
@@ -115,7 +146,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         retries = self.request.retries
         if retries >= settings.task_max_retries:
             log.error("batch of job %s failed after %d retries: %s", message.job_id, retries, exc)
-            counts = batch_counts(0, fail_batch(message, settings, f"gave up after {retries} retries: {exc}"))
+            counts = batch_counts(0, _fail_or_wait(self, message, settings, f"gave up after {retries} retries: {exc}"))
         else:
             countdown = min(300, 2 ** retries * 5)
             log.warning("transient error on job %s (retry %d in %ds): %s", message.job_id, retries + 1, countdown,
@@ -127,7 +158,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         # with the reason, and 'deblur retry JOB --failed' sends them again once it is mended.
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
-        counts = batch_counts(0, fail_batch(message, settings, error))
+        counts = batch_counts(0, _fail_or_wait(self, message, settings, error))
     if message.slot and not counts.get("handed_over"):
         send_next_batch(message, settings)
     return counts
@@ -191,17 +222,17 @@ def notify_job(self, job_id: str, delivery: str) -> str:  # type: ignore[no-unty
     from producer.tracking import job_status
 
     settings = runtime.settings()
+    url: str | None = None
     try:
         info = job_status(settings, job_id)
+        url = (info.get("spec") or {}).get("notify_url")
+        if not url:
+            return "no notify URL"
+        status = deliver(url, body(info, delivery), settings.notify_secret)
     except UnknownJobError:
         log.error("not notifying: job %s does not exist", job_id)
         return "unknown job"
-    url = (info.get("spec") or {}).get("notify_url")
-    if not url:
-        return "no notify URL"
-    try:
-        status = deliver(url, body(info, delivery), settings.notify_secret)
-    except TransientError as exc:
+    except (TransientError, OperationalError) as exc:  # the receiver, or the database the status comes from
         retries = self.request.retries
         if retries >= settings.notify_max_retries:
             log.error("gave up notifying %s of job %s after %d retries: %s", url, job_id, retries, exc)
