@@ -3,12 +3,15 @@
 Workers never touch a raw ``nn.Module``: they call a :class:`RestorationModel`
 with a batch in float [0, 1], NCHW, and get a :class:`Restored` back with the
 same shape. The wrapper handles the channel count the network needs (grey is
-replicated to RGB and averaged back), reflect-padding to the model's size
-multiple, ``inference_mode``, mixed precision on CUDA where the model allows
-it, and clamping. A grey photograph stored as RGB (every pixel's channels
-within ``GREY_TOLERANCE`` of each other) comes back grey: a network trained
-mostly on colour leaves faint colour fringes on it (up to 14 levels of 255
-on a black-and-white scan), which no archivist wants.
+replicated to RGB and averaged back; a grey-only network restores each
+colour channel on its own), reflect-padding to the model's size multiple,
+``inference_mode``, mixed precision on CUDA where the model allows it, and
+clamping. A grey photograph stored as RGB (every pixel's channels within
+``GREY_TOLERANCE`` of each other) comes back grey: a network trained mostly
+on colour leaves faint colour fringes on it (up to 14 levels of 255 on a
+black-and-white scan), which no archivist wants. Wrappers that call a model
+on parts of an image (tiling) pass ``keep_grey_inputs=False`` and make the
+whole image grey once, since a part may look grey when the image is not.
 """
 
 from __future__ import annotations
@@ -78,21 +81,33 @@ class RestorationModel(ABC):
         """Restore ``x`` (N, C, H, W) float in [0, 1] on ``self.device``."""
 
     def autocast_dtype(self) -> torch.dtype | None:
-        """Reduced precision to run in on CUDA, if the model supports one."""
+        """Reduced precision to run in on CUDA, if the model supports one.
+
+        bfloat16 only where the model's own GPU computes it natively (compute capability 8.0, Ampere, or later;
+        ROCm): torch's default check also accepts the emulation on older GPUs, which is slower than float32,
+        and looks at the current device, not necessarily the one this model runs on.
+        """
         if self.device.type != "cuda":
             return None
-        if "bfloat16" in self.info.dtypes and torch.cuda.is_bf16_supported():
+        if "bfloat16" in self.info.dtypes and bf16_native(self.device):
             return torch.bfloat16
         if "float16" in self.info.dtypes:
             return torch.float16
         return None
 
-    def __call__(self, x: torch.Tensor) -> Restored:
+    def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
+        """Restore ``x`` (N, C, H, W) float in [0, 1]: same shape, clamped to [0, 1].
+
+        ``keep_grey_inputs=False`` leaves out the step that makes the output of a grey RGB input grey
+        (:func:`keep_grey`), for a caller that applies it to a whole image it passes in parts.
+        """
         if x.ndim != 4:
             raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         x = x.to(self.device, torch.float32)
-        work = _adapt_channels(x, self.channels)
+        per_channel = self.channels == 1 and c == 3
+        # a grey-only network sees each colour channel as an image of its own: (N, 3, H, W) -> (3N, 1, H, W)
+        work = x.reshape(n * c, 1, h, w) if per_channel else _adapt_channels(x, self.channels)
         multiple = max(1, self.info.size_multiple)
         min_side = max(1, self.info.min_size)
         target_h = max(min_side, -(-h // multiple) * multiple)
@@ -109,14 +124,22 @@ class RestorationModel(ABC):
             else:
                 out = self.restore_batch(work)
         image = out.image.float()[..., :h, :w]
-        if image.shape[1] != c and self.channels is not None:
+        if per_channel:
+            image, out = _merge_channels(image, out, n, c)
+        elif image.shape[1] != c and self.channels is not None:
             # the input was adapted to the model's channel count; a model taking any count
             # (channels None) returns what it returns (a refiner: 6 channels in, 3 out)
             image = _restore_channels(image, c)
-        if c == 3 and image.shape[1] == 3:
+        if keep_grey_inputs and c == 3 and image.shape[1] == 3:
             image = keep_grey(x, image)
         out.image = image.clamp(0.0, 1.0)  # not in place: the tensor was made under inference_mode
         return out
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes bfloat16 natively (not emulated); ``True`` on ROCm, as in torch."""
+    with torch.cuda.device(device):  # torch's check looks at the current device
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def grey_images(x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +173,20 @@ def _restore_channels(image: torch.Tensor, c: int) -> torch.Tensor:
     if c == 3 and image.shape[1] == 1:
         return image.expand(-1, 3, -1, -1)
     raise ValueError(f"model returned {image.shape[1]} channels for a {c}-channel input")
+
+
+def _merge_channels(image: torch.Tensor, out: Restored, n: int, c: int) -> tuple[torch.Tensor, Restored]:
+    """Undo the (N, C, H, W) -> (NC, 1, H, W) split of a grey-only network's input on its output.
+
+    Returns the (N, C, H, W) image and ``out`` with its per-image kernels and metrics averaged over the
+    channels, so that they have one entry per image again.
+    """
+    if image.shape[:2] != (n * c, 1):
+        raise ValueError(f"a 1-channel model returned shape {tuple(image.shape)} for {n * c} 1-channel images")
+    merged = image.reshape(n, c, *image.shape[-2:])
+    kernels = None if out.kernels is None else out.kernels.reshape(n, c, *out.kernels.shape[1:]).mean(dim=1)
+    metrics = {k: v.reshape(n, c, *v.shape[1:]).float().mean(dim=1) for k, v in out.metrics.items()}
+    return merged, Restored(image=merged, kernels=kernels, metrics=metrics)
 
 
 def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:

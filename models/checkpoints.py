@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from jobs.errors import WeightsError
+from models.weights_store import check_readable
 
 # Known wrapper keys, best first: an EMA copy of the weights is the one the
 # papers report when both are present.
@@ -49,12 +50,13 @@ StateDict = dict[str, torch.Tensor]
 def read_checkpoint(path: str | Path) -> Mapping[str, object]:
     """Read ``path`` without executing code: safetensors, or restricted unpickling.
 
-    Raises :class:`WeightsError` naming the file when it is missing, truncated,
-    not a checkpoint, or needs unsafe unpickling.
+    Raises :class:`WeightsError` naming the file when it is missing, unreadable
+    by this user, truncated, not a checkpoint, or needs unsafe unpickling.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    check_readable(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -101,7 +103,8 @@ def normalise_state_dict(checkpoint: Mapping[str, object], source: str = "checkp
     Known wrapper keys (:data:`WRAPPER_KEYS`) are followed, as is a dict with a
     single nested dict; non-tensor entries (epoch counters, optimizer state
     next to the weights) are dropped; the prefixes of :data:`COMMON_PREFIXES`
-    are removed when every key has them.
+    are removed when every key has them, again and again, so that stacked
+    ones (``netG.module.``) go whatever their order.
     """
     current: Mapping[str, object] = checkpoint
     for _ in range(8):  # wrappers nest at most a couple of levels in practice
@@ -116,9 +119,13 @@ def normalise_state_dict(checkpoint: Mapping[str, object], source: str = "checkp
             f"{source} holds no weight tensors that could be found (top-level keys: {keys}); "
             f"expected a state dict, possibly under one of {', '.join(WRAPPER_KEYS)}"
         )
-    for prefix in COMMON_PREFIXES:
-        while tensors and all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    stripped = True
+    while stripped:  # in any order and nesting: 'netG.module.' as well as 'module.netG.'
+        stripped = False
+        for prefix in COMMON_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                stripped = True
     return tensors
 
 

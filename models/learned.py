@@ -21,7 +21,7 @@ from torch import nn
 from jobs.errors import WeightsError
 from models.base import RestorationModel, Restored
 from models.registry import SHIPPED_WEIGHTS_DIR, ModelInfo, ModelSpec, WeightsFile, weights_dir
-from models.weights_store import sha256_of
+from models.weights_store import check_readable, sha256_of
 
 SHIPPED_DIR = SHIPPED_WEIGHTS_DIR
 
@@ -111,14 +111,16 @@ def load_network(path: Path, expected_arch: str | None = None, check_sha256: str
     """Build the network recorded in a ``.safetensors`` file's metadata and load its tensors.
 
     Returns the network (CPU, eval mode) and the file's metadata. Raises
-    :class:`WeightsError` on a checksum mismatch, a file that is not
-    safetensors, missing metadata, another architecture or mismatched tensors.
+    :class:`WeightsError` on a file this user may not read, a checksum
+    mismatch, a file that is not safetensors, missing metadata, another
+    architecture or mismatched tensors.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from models.archs import build_network
 
+    check_readable(path)
     if check_sha256 is not None:
         actual = sha256_of(path)
         if actual != check_sha256.lower():
@@ -185,7 +187,9 @@ class RefinerModel(RestorationModel):
     ``[image, prior result]`` and returns a corrected image. The prior's
     kernel and metrics are passed through, so the worker stores them as this
     model's artefacts too. When the same prior is also an ensemble member it
-    is computed once (:mod:`models.shared_results`).
+    is computed once (:mod:`models.shared_results`). A grey photograph stored
+    as RGB comes back grey, as from any model (:func:`models.base.keep_grey`):
+    the network sees 6 channels, so the base class cannot tell on its own.
     """
 
     channels = None
@@ -213,18 +217,20 @@ class RefinerModel(RestorationModel):
     def restore_batch(self, x: torch.Tensor) -> Restored:
         return self(x)
 
-    def __call__(self, x: torch.Tensor) -> Restored:
-        from models.base import _adapt_channels, _restore_channels
+    def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
+        from models.base import _adapt_channels, _restore_channels, keep_grey
 
         if x.ndim != 4:
             raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
         c = x.shape[1]
         x = x.to(self.device, torch.float32)
-        prior = self.prior(x)
+        prior = self.prior(x, keep_grey_inputs=keep_grey_inputs)
         joint = torch.cat([_adapt_channels(x, 3), _adapt_channels(prior.image.to(x.device), 3)], dim=1)
         image = self.network(joint).image.to(x.device)
         if c != 3:
             image = _restore_channels(image, c)
+        elif keep_grey_inputs:
+            image = keep_grey(x, image)  # the channels' mean of values in [0, 1]: no clamping needed
         return Restored(image=image, kernels=prior.kernels, metrics=dict(prior.metrics))
 
 

@@ -66,17 +66,19 @@ class SelfEnsembleModel(RestorationModel):
         # The inner model picks its own precision for each call.
         return None
 
-    def __call__(self, x: torch.Tensor) -> Restored:
+    def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
         if x.ndim != 4:
             raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
-        return self.restore_batch(x)
+        return self.restore_batch(x, keep_grey_inputs=keep_grey_inputs)
 
-    def restore_batch(self, x: torch.Tensor) -> Restored:
+    def restore_batch(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
+        """The average over the transforms; ``keep_grey_inputs`` is passed to the inner model's call (a flip or
+        rotation keeps a grey image grey, so each copy's grey step is the whole image's)."""
         total: torch.Tensor | None = None  # shaped by the first output (a refiner returns fewer channels)
         kernels: list[torch.Tensor] = []
         metric_sums: dict[str, torch.Tensor] = {}
         for t in self.transforms:
-            out = self.inner(forward_transform(x, t))
+            out = self.inner(forward_transform(x, t), keep_grey_inputs=keep_grey_inputs)
             image = inverse_transform(out.image, t).to(x.device, torch.float32)
             total = image.clone() if total is None else total.add_(image)
             if out.kernels is not None:

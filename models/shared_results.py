@@ -58,7 +58,9 @@ class SharedResultModel(RestorationModel):
     def restore_batch(self, x: torch.Tensor) -> Restored:  # pragma: no cover - __call__ is overridden
         return self.inner.restore_batch(x)
 
-    def __call__(self, x: torch.Tensor) -> Restored:
+    def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
+        if not keep_grey_inputs:  # a part of an image: not what the stored results are for
+            return self.inner(x, keep_grey_inputs=False)
         x = x.to(self.device, torch.float32)
         key = fingerprint(x)
         with _lock:

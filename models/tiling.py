@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from jobs.errors import InvalidModelSpecError
-from models.base import Restored, RestorationModel
+from models.base import Restored, RestorationModel, keep_grey
 from models.self_ensemble import SelfEnsembleModel
 
 DEFAULT_OVERLAP = 32
@@ -73,6 +73,11 @@ class TiledModel(RestorationModel):
     inner model. Estimated kernels are not returned for a tiled image (each
     tile has its own); per-image metrics are averaged over the tiles. The output
     is on the input's device.
+
+    A grey RGB input comes back grey (:func:`models.base.keep_grey`), decided
+    on the whole image: the tiles are restored without that step, as a tile
+    that looks grey may belong to a colour image, whose neutral parts keep the
+    colour the model gives them, tiled or not.
     """
 
     channels = None
@@ -100,14 +105,18 @@ class TiledModel(RestorationModel):
         # The inner model picks its own precision for each tile.
         return None
 
-    def __call__(self, x: torch.Tensor) -> Restored:
+    def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
         if x.ndim != 4:
             raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
         if x.shape[-2] <= self.tile and x.shape[-1] <= self.tile:
-            return self.inner(x)
-        return self.restore_batch(x)
+            return self.inner(x, keep_grey_inputs=keep_grey_inputs)
+        out = self.restore_batch(x)
+        if keep_grey_inputs and x.shape[1] == 3 and out.image.shape[1] == 3:
+            out.image = keep_grey(x.to(out.image.device, torch.float32), out.image)
+        return out
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
+        """The blended tiles, each restored by the inner model without its grey step (see the class)."""
         n, _, h, w = x.shape
         tile_h, tile_w = min(self.tile, h), min(self.tile, w)
         cpu = torch.device("cpu")
@@ -120,7 +129,7 @@ class TiledModel(RestorationModel):
             for x0 in tile_starts(w, tile_w, self.overlap):
                 wx = blend_ramp(tile_w, self.overlap, rise=x0 > 0, fall=x0 + tile_w < w)
                 mask = wy[:, None] * wx[None, :]
-                result = self.inner(x[..., y0 : y0 + tile_h, x0 : x0 + tile_w])
+                result = self.inner(x[..., y0 : y0 + tile_h, x0 : x0 + tile_w], keep_grey_inputs=False)
                 if out is None:
                     out = torch.zeros((n, result.image.shape[1], h, w), dtype=torch.float32, device=cpu)
                 out[..., y0 : y0 + tile_h, x0 : x0 + tile_w].addcmul_(

@@ -4,9 +4,11 @@
 file inside the weights folder (same filesystem, so the final step is an
 atomic rename), hashing as it goes, with a progress bar. Only a file whose
 sha256 matches the registry (or the ``--sha256`` given) is renamed into
-place; on a mismatch, an HTML page instead of a checkpoint, or any error, the
-temporary file is removed and nothing is left behind. Importing this module
-imports no torch.
+place, readable by everyone the umask allows (the temporary file is private
+to its creator, and workers often run as another user than the operator who
+pulled); on a mismatch, an HTML page instead of a checkpoint, or any error,
+the temporary file is removed and nothing is left behind. Importing this
+module imports no torch.
 """
 
 from __future__ import annotations
@@ -49,12 +51,42 @@ class _Progress(Protocol):
 
 
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks; :class:`WeightsError` when this user may not read it."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+                digest.update(chunk)
+    except PermissionError as exc:
+        raise unreadable_weights(path, exc) from None
     return digest.hexdigest()
+
+
+def unreadable_weights(path: Path | str, exc: PermissionError) -> WeightsError:
+    """The error for a weights file this process may not read, saying how to make it readable."""
+    return WeightsError(
+        f"weights file {str(path)!r} cannot be read by this user ({exc.strerror or 'permission denied'}; "
+        "older versions of 'deblur models pull' left files readable by their owner only); make it readable, "
+        f"e.g. 'chmod a+r {path}', or pull it again as the user the workers run as "
+        "('deblur models pull NAME --force')"
+    )
+
+
+def check_readable(path: Path) -> None:
+    """Raise :class:`WeightsError` (:func:`unreadable_weights`) if this process may not open ``path`` for reading."""
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError as exc:
+        raise unreadable_weights(path, exc) from None
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the process's umask (read by setting it and setting
+    it straight back: the umask is process-wide, so this is for the single-threaded ``deblur models pull``)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def normalise_sha256(value: str | None) -> str | None:
@@ -168,6 +200,7 @@ def download(
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
+        os.chmod(temp_path, _file_mode())  # mkstemp made it owner-only (0600)
         os.replace(temp_path, target)
     return actual, size
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,33 @@ def test_a_torchscript_archive_is_refused_because_it_carries_code(tmp_path: Path
     torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3)), str(path))
     with pytest.raises(WeightsError, match="TorchScript archive"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["netG.module.", "module.netG.", "module._orig_mod.", "_orig_mod.module.netG.", "module.module."]
+)
+def test_stacked_prefixes_are_all_removed_whatever_their_order(weights, prefix: str) -> None:
+    """A GAN generator saved from DataParallel ('netG.module.') used to come back as 'module.…', which no
+    architecture matches."""
+    assert _same(normalise_state_dict({f"{prefix}{k}": v for k, v in weights.items()}), weights)
+    assert _same(normalise_state_dict({"state_dict": {f"{prefix}{k}": v for k, v in weights.items()}}), weights)
+
+
+def test_a_prefix_only_some_keys_have_is_kept(weights) -> None:
+    mixed = {**{f"module.{k}": v for k, v in weights.items()}, "head.weight": torch.zeros(1)}
+    assert set(normalise_state_dict(mixed)) == set(mixed)
+
+
+def test_a_checkpoint_this_user_may_not_read_says_what_to_do(tmp_path: Path, weights, monkeypatch) -> None:
+    path = tmp_path / "private.pth"
+    torch.save(weights, path)
+    real_open = pathlib.Path.open
+
+    def refuse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self == path:  # what a 0600 file of another user gives (tests may run as root, who reads anything)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse)
+    with pytest.raises(WeightsError, match=rf"{re.escape(str(path))}.*cannot be read by this user.*chmod a\+r"):
+        load_state_dict(path)

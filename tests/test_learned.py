@@ -53,19 +53,26 @@ def test_any_size_and_grey_inputs_through_the_wrapper(tmp_path: Path, name: str,
         assert out.kernels is None
 
 
+def _grey_and_tinted(sharp: np.ndarray, radius: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A defocused grey crop stored as RGB (1, 3, H, W), and a copy with one pixel two 8-bit levels off neutral:
+    a colour image."""
+    grey = torch.from_numpy(blur_image(sharp, disk_kernel(radius), noise_sigma=0.005,
+                                       rng=np.random.default_rng(seed))).float().expand(1, 3, -1, -1).clone()
+    tinted = grey.clone()
+    tinted[0, 0, 5, 5] += 2 / 255 if float(tinted[0, 0, 5, 5]) < 0.9 else -2 / 255
+    return grey, tinted
+
+
+def spread(image: torch.Tensor) -> float:
+    """The largest difference between an image's channels at any pixel (0: grey)."""
+    return float((image.amax(dim=1) - image.amin(dim=1)).max())
+
+
 def test_a_grey_photograph_stored_as_rgb_comes_back_grey(monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped network, trained mostly on colour, tints a grey input; the wrapper must not let that colour a
     black-and-white scan."""
     model = load_model(REGISTRY.parse("seed002-unet:self_ensemble=false"), CPU)
-    sharp = sample_photographs()["camera"][100:196, 200:296] / 255.0
-    grey = torch.from_numpy(blur_image(sharp, disk_kernel(2.0), noise_sigma=0.005,
-                                       rng=np.random.default_rng(1))).float().expand(1, 3, -1, -1).clone()
-    tinted = grey.clone()  # one pixel two 8-bit levels off neutral: a colour image
-    tinted[0, 0, 5, 5] += 2 / 255 if float(tinted[0, 0, 5, 5]) < 0.9 else -2 / 255
-
-    def spread(image: torch.Tensor) -> float:
-        return float((image.amax(dim=1) - image.amin(dim=1)).max())
-
+    grey, tinted = _grey_and_tinted(sample_photographs()["camera"][100:196, 200:296] / 255.0, 2.0, seed=1)
     with monkeypatch.context() as patch:
         patch.setattr(base, "keep_grey", lambda x, image: image)
         raw = model(grey).image  # what the network alone makes of it
@@ -77,6 +84,25 @@ def test_a_grey_photograph_stored_as_rgb_comes_back_grey(monkeypatch: pytest.Mon
     assert spread(model(tinted).image) > 0.01  # left as the network made it
     both = model(torch.cat([grey, tinted])).image  # in one batch, only the grey one is made grey
     assert spread(both[:1]) == 0.0 and spread(both[1:]) > 0.01
+
+
+@pytest.mark.parametrize("name", ["seed001-refine", "seed002-refine"])
+def test_a_refiner_returns_a_grey_photograph_stored_as_rgb_grey(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A refiner's network sees 6 channels ([image, prior result]), so the base class's grey step never ran on
+    it: up to 15 levels of 255 of colour on a black-and-white scan, also in the default ensemble."""
+    model = load_model(REGISTRY.parse(f"{name}:self_ensemble=false"), CPU)
+    grey, tinted = _grey_and_tinted(sample_photographs()["camera"][200:264, 200:264] / 255.0, 1.5, seed=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "keep_grey", lambda x, image: image)
+        raw = model(grey).image  # what the refiner alone makes of it
+    assert spread(raw) > 0.01
+    out = model(grey).image
+    assert out.shape == grey.shape and spread(out) == 0.0
+    assert float((out[:, 0] - raw.mean(dim=1)).abs().max()) < 1e-6  # the channels' mean, nothing else changed
+    both = model(torch.cat([grey, tinted])).image  # only the grey one is made grey
+    assert spread(both[:1]) == 0.0 and spread(both[1:]) > 0.01
+    single = model(grey[:, :1]).image  # a one-channel photograph stays one channel
+    assert single.shape == (1, 1, 64, 64)
 
 
 def test_weights_errors_name_the_problem(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from spandrel_extra_arches.architectures.MPRNet import MPRNet
 from spandrel_extra_arches.architectures.Restormer import Restormer
 
 from jobs.errors import InvalidModelSpecError, LicenseError, WeightsError
+from models.base import Restored, RestorationModel
 from models.catalog import LEARNED_OFFICIAL, REGISTRY
 from models.loading import load_model
 from models.official import OfficialModel, is_noncommercial_architecture
@@ -153,6 +154,46 @@ def test_grey_images_are_restored_through_an_rgb_network(tmp_path: Path) -> None
     out = model(grey).image
     assert out.shape == grey.shape
     assert (out - expected).abs().max().item() < 1e-5
+
+
+def test_a_one_channel_network_restores_each_colour_channel_of_a_colour_photograph(tmp_path: Path) -> None:
+    """A grey-only checkpoint used to see the channels' mean and return a grey photograph; each channel is now an
+    image of its own, as the network was trained on, and a grey input goes in as it is."""
+    torch.manual_seed(1)
+    net = NAFNet(img_channel=1, width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]).eval()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / "grey-only.pth"
+    torch.save(sd, path)
+    model = load_model(REGISTRY.parse(f"spandrel:path={path}"), CPU)
+    assert isinstance(model, TiledModel) and model.inner.channels == 1  # default tile size 512: one tile here
+    x = torch.cat([photo(30, 46), photo(30, 46).flip(-1)])  # two colour photographs in one batch, sides padded
+    out = model(x).image
+    assert out.shape == x.shape
+    expected = spandrel_reference(sd, x.reshape(6, 1, 30, 46)).reshape(2, 3, 30, 46)
+    assert (out - expected).abs().max().item() < 1e-5
+    assert (out[:, 0] - out[:, 2]).abs().mean().item() > 0.05  # still in colour
+    grey = photo(30, 46, channels=1)
+    assert (model(grey).image - spandrel_reference(sd, grey)).abs().max().item() < 1e-5
+
+
+def test_a_one_channel_models_kernels_and_metrics_are_per_image() -> None:
+    """Per-channel results of a grey-only model are averaged back to one per image."""
+
+    class GreyOnly(RestorationModel):
+        channels = 1
+
+        def restore_batch(self, x: torch.Tensor) -> Restored:
+            assert x.shape[1] == 1
+            kernels = x.mean(dim=(1, 2, 3))[:, None, None].expand(-1, 3, 3)
+            return Restored(1 - x, kernels=kernels, metrics={"mean": x.mean(dim=(1, 2, 3))})
+
+    info = REGISTRY.get("spandrel")
+    x = torch.rand(2, 3, 8, 10)
+    out = GreyOnly(info, {}, CPU)(x)
+    assert torch.allclose(out.image, 1 - x)
+    assert torch.allclose(out.metrics["mean"], x.mean(dim=(1, 2, 3)))
+    assert out.kernels is not None and out.kernels.shape == (2, 3, 3)
+    assert torch.allclose(out.kernels[:, 0, 0], x.mean(dim=(1, 2, 3)))
 
 
 def test_tiled_output_stays_within_the_overlap_tolerance_of_the_whole_image(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,16 @@ class BlurModel(RestorationModel):
         self.seen.append(tuple(x.shape))
         weight = torch.full((x.shape[1], 1, 3, 3), 1 / 9)
         return Restored(F.conv2d(x, weight, padding=1, groups=x.shape[1]))
+
+
+class TintModel(RestorationModel):
+    """Adds a little red everywhere, as a network trained on colour may on neutral parts: pointwise, so tiling
+    changes nothing."""
+
+    def restore_batch(self, x: torch.Tensor) -> Restored:
+        tinted = x.clone()
+        tinted[:, 0] += 0.02
+        return Restored(tinted)
 
 
 def photo(h: int, w: int) -> torch.Tensor:
@@ -168,3 +180,64 @@ def test_an_impossible_tile_overlap_is_refused_when_the_spec_is_parsed() -> None
         REGISTRY.parse("wiener:tile_overlap=40,tile=64")
     assert REGISTRY.parse("wiener:tile=48,tile_overlap=8").param_dict["tile"] == 48
     assert REGISTRY.parse("wiener:tile_overlap=300").param_dict["tile_overlap"] == 300  # default tile: clamped
+
+
+@pytest.mark.parametrize("self_ensemble", [False, True])
+def test_an_image_grey_but_for_one_region_is_restored_alike_tiled_or_not(self_ensemble: bool) -> None:
+    """Whether an image is grey is decided on the whole image: a tile that happens to be neutral keeps the model's
+    colour (it used to be made grey, so the output depended on the tile grid); a grey image still comes back
+    grey."""
+    torch.manual_seed(3)
+    x = 0.85 * torch.rand(1, 1, 64, 128).expand(1, 3, -1, -1).clone()  # nothing clamped
+    x[:, 0, :, 96:] += 0.1  # colour only in the right quarter
+    inner: RestorationModel = TintModel(info(), {}, CPU)
+    if self_ensemble:
+        inner = SelfEnsembleModel(inner, transforms=4)
+    whole = inner(x).image
+    tiled = TiledModel(inner, tile=32, overlap=4)(x).image
+    assert (tiled - whole).abs().max().item() < 1e-5
+    assert (tiled[0, 0, :, :64] - tiled[0, 1, :, :64]).mean().item() == pytest.approx(0.02, abs=1e-5)
+    grey = x[:, 1:2].expand(1, 3, -1, -1)
+    out = TiledModel(inner, tile=32, overlap=4)(grey).image
+    assert (out.amax(dim=1) - out.amin(dim=1)).max().item() == 0.0
+    assert (out - inner(grey).image).abs().max().item() < 1e-5
+
+
+class _FakeCuda:
+    """Two GPUs for :meth:`RestorationModel.autocast_dtype`: 0 emulates bfloat16 (pre-Ampere), 1 has it natively;
+    the current device is 1."""
+
+    def __init__(self) -> None:
+        self.current = 1
+        self.calls: list[tuple[int, bool]] = []
+
+    def device(self, device: torch.device):  # type: ignore[no-untyped-def]
+        fake = self
+
+        class _Select:
+            def __enter__(self) -> None:
+                self.previous, fake.current = fake.current, device.index if device.index is not None else fake.current
+
+            def __exit__(self, *exc: object) -> None:
+                fake.current = self.previous
+
+        return _Select()
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        self.calls.append((self.current, including_emulation))
+        return self.current == 1 or including_emulation
+
+
+def test_bfloat16_only_where_the_models_own_gpu_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's check counts emulated bfloat16 (slower than float32 on pre-Ampere GPUs) and looks at the current
+    device, not the model's."""
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "device", fake.device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake.is_bf16_supported)
+    both = replace(info(), dtypes=("float32", "bfloat16", "float16"))
+    assert PointwiseModel(both, {}, torch.device("cuda:0")).autocast_dtype() == torch.float16
+    assert PointwiseModel(both, {}, torch.device("cuda:1")).autocast_dtype() == torch.bfloat16
+    assert fake.calls == [(0, False), (1, False)] and fake.current == 1
+    only_bf16 = replace(info(), dtypes=("float32", "bfloat16"))
+    assert PointwiseModel(only_bf16, {}, torch.device("cuda:0")).autocast_dtype() is None
+    assert PointwiseModel(both, {}, CPU).autocast_dtype() is None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import re
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,3 +181,36 @@ def test_checksums_are_validated_and_normalised(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(PAYLOAD)
     assert sha256_of(path) == PAYLOAD_SHA
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_a_pulled_file_is_readable_as_the_umask_allows(server: Server, tmp_path: Path, umask: int, mode: int) -> None:
+    """The temporary file is created owner-only (0600); a worker running as another user must still read the
+    weights an operator pulled, as with any file the operator creates."""
+    previous = os.umask(umask)
+    try:
+        result = pull(entry(f"{server.base}/model.pth"), dest_dir=tmp_path, progress=False)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(result.path.stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.pth"]
+
+
+def test_weights_this_user_may_not_read_say_which_file_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private = tmp_path / "probe.pth"
+    private.write_bytes(PAYLOAD)
+    real_open = Path.open
+
+    def refuse(self: Path, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        if self == private:  # what a 0600 file of another user gives (tests may run as root, who reads anything)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", refuse)
+    name = re.escape(str(private))
+    with pytest.raises(WeightsError, match=rf"{name}.*Permission denied.*chmod a\+r {name}"):
+        sha256_of(private)
+    with pytest.raises(WeightsError, match="cannot be read by this user"):  # an existing file is checked first
+        pull(entry("http://127.0.0.1:9/never-fetched"), dest_dir=tmp_path, progress=False)
