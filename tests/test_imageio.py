@@ -7,6 +7,7 @@ the same independent libraries, never only by the module under test.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 from collections.abc import Callable
@@ -19,8 +20,9 @@ import tifffile
 from PIL import Image, ImageCms, ImageOps, JpegImagePlugin, PngImagePlugin
 from skimage import data
 
-from jobs.errors import ImageDecodeError
-from worker.imageio import DecodedImage, content_type, decode_image, encode_image, format_from_name, quantise
+from jobs.errors import ImageDecodeError, InputError
+from worker.imageio import (DecodedImage, as_format, content_type, decode_image, encode_image, format_from_name,
+                            quantise)
 
 RGB = np.ascontiguousarray(data.astronaut()[90:138, 150:214])  # 48x64, face and suit
 GREY = np.ascontiguousarray(data.camera()[100:148, 200:264])
@@ -682,3 +684,134 @@ def test_icc_profile_spanning_several_jpeg_segments() -> None:
     image = decode_image(_pil(RGB, "JPEG", icc_profile=big), "big-icc.jpg")
     assert image.metadata.icc == big
     assert Image.open(io.BytesIO(encode_image(image, image.pixels))).info["icc_profile"] == big
+
+
+# ---------------------------------------------------------------- damage and layouts that used to pass silently
+
+
+def _pages(*arrays: np.ndarray, preview_first: bool = False) -> bytes:
+    """A multi-page RGB/grey TIFF; with ``preview_first``, a reduced-resolution preview (NewSubfileType 1) leads."""
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tif:
+        if preview_first:
+            tif.write(arrays[0][::4, ::4], photometric="rgb", subfiletype=1, metadata=None)
+        for array in arrays:
+            tif.write(array, photometric="rgb" if array.ndim == 3 else "minisblack", metadata=None)
+    return out.getvalue()
+
+
+def test_a_tiff_that_opens_with_a_preview_keeps_its_full_size_pages() -> None:
+    """Scanners write a small preview first: the pages after it are the pictures, and none of them may be lost."""
+    second = np.ascontiguousarray(RGB[::-1])
+    image = decode_image(_pages(RGB, second, preview_first=True), "scan.tif")
+    assert (image.width, image.height) == (RGB.shape[1], RGB.shape[0])
+    np.testing.assert_array_equal(image.pixels, _unit(RGB))
+    assert len(image.pages) == 1
+    np.testing.assert_array_equal(image.pages[0].pixels, _unit(second))
+
+    written = encode_image(image, image.pixels, pages=[p.pixels for p in image.pages])
+    with tifffile.TiffFile(io.BytesIO(written)) as tif:
+        assert [page.shape for page in tif.pages] == [RGB.shape, RGB.shape]  # the preview is no page of its own
+        np.testing.assert_array_equal(tif.pages[0].asarray(), RGB)
+        np.testing.assert_array_equal(tif.pages[1].asarray(), second)
+
+
+@pytest.mark.parametrize("grey", [GREY, GREY16], ids=["8-bit", "16-bit"])
+def test_a_miniswhite_tiff_is_read_as_viewers_show_it_and_written_back_miniswhite(grey: np.ndarray) -> None:
+    """Photometric 0 stores ink, not light: 0 is white. Read raw, the restoration would come back a negative."""
+    top = np.iinfo(grey.dtype).max
+    out = io.BytesIO()
+    tifffile.imwrite(out, grey, photometric="miniswhite", compression="lzw", metadata=None)
+    image = decode_image(out.getvalue(), "negative.tif")
+    np.testing.assert_array_equal(image.pixels[..., 0], (top - grey).astype(np.float32) / top)  # white is 1
+
+    lighter = np.clip(image.pixels + 0.1, 0, 1)
+    with tifffile.TiffFile(io.BytesIO(encode_image(image, lighter))) as tif:
+        page = tif.pages.first
+        assert page.photometric == tifffile.PHOTOMETRIC.MINISWHITE and page.dtype == grey.dtype
+        np.testing.assert_array_equal(page.asarray(), top - quantise(lighter, np.dtype(grey.dtype))[..., 0])
+    unchanged = encode_image(image, image.pixels)
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(unchanged)), grey)  # a round trip stores what it read
+
+
+def test_damaged_compressed_tiff_data_is_refused_not_restored_with_black_rows() -> None:
+    encoded = bytearray(_tiff(RGB, compression="lzw"))
+    with tifffile.TiffFile(io.BytesIO(bytes(encoded))) as tif:
+        offset, count = tif.pages.first.dataoffsets[0], tif.pages.first.databytecounts[0]
+    encoded[offset + count // 2 : offset + count // 2 + 40] = b"\xff" * 40
+    with pytest.raises(ImageDecodeError, match=r"^scan\.tif: not a readable image \(corrupt TIFF data: .*LZW"):
+        decode_image(bytes(encoded), "scan.tif")
+
+
+def test_a_cut_tiff_is_refused_as_truncated_naming_where_it_ends() -> None:
+    encoded = _pages(RGB, GREY, RGB[::-1].copy())
+    with tifffile.TiffFile(io.BytesIO(encoded)) as tif:
+        last = tif.pages[2].dataoffsets[0]
+        third_directory = tif.pages[2].offset
+    with pytest.raises(ImageDecodeError, match=rf"^cut\.tif: not a readable image \(truncated TIFF: page 3's data ends "
+                                               rf"at byte {len(encoded)}, beyond the file's {last + 10} bytes\)$"):
+        decode_image(encoded[: last + 10], "cut.tif")  # pages 1 and 2 are whole: they are not passed off as all
+    with pytest.raises(ImageDecodeError, match=r"truncated TIFF: directory 3 \(at byte \d+\) ends at byte"):
+        decode_image(encoded[: third_directory + 4], "cut.tif")
+    with pytest.raises(ImageDecodeError, match=r"truncated TIFF: directory 1 \(at byte 8\) is beyond the file's 8 "):
+        decode_image(encoded[:8], "cut.tif")  # tifffile alone says "0"
+
+
+def test_a_cmyk_tiff_gains_no_alpha_channel() -> None:
+    cmyk = np.asarray(Image.fromarray(RGB).convert("CMYK"))
+    out = io.BytesIO()
+    tifffile.imwrite(out, cmyk, photometric="separated", metadata=None)
+    image = decode_image(out.getvalue(), "print.tif")
+    assert image.channels == 3 and image.alpha is None
+    assert _psnr(image.pixels, _unit(np.asarray(Image.fromarray(cmyk, "CMYK").convert("RGB")))) > 40
+    written = tifffile.imread(io.BytesIO(encode_image(image, image.pixels)))
+    assert written.shape == RGB.shape
+
+
+def test_a_compressed_png_chunk_that_inflates_without_bound_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """A 400 KB iCCP (or XMP zTXt) chunk of zeros inflates to 400 MB: it must not be inflated, nor carried."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = zlib.compress(bytes(400 * 2**20), 9)
+    plain = _cv(".png", RGB)
+    encoded = (plain[:33] + chunk(b"iCCP", b"icc\x00\x00" + bomb)
+               + chunk(b"zTXt", b"XML:com.adobe.xmp\x00\x00" + bomb) + plain[33:])
+    with caplog.at_level(logging.WARNING, logger="worker.imageio"):
+        image = decode_image(encoded, "bomb.png")
+    assert image.metadata.icc is None and image.metadata.xmp is None
+    assert "iCCP chunk that inflates to more than 8 MB" in caplog.text and "zTXt chunk that inflates" in caplog.text
+    np.testing.assert_array_equal(image.pixels, _unit(RGB))
+    written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
+    assert "icc_profile" not in written.info and "xmp" not in written.info
+
+
+def test_a_jpeg_with_missing_scan_data_is_refused_not_restored_with_grey_rows() -> None:
+    encoded = _pil(RGB, "JPEG", quality=90)
+    scan = encoded.index(b"\xff\xda")
+    damaged = encoded[: (scan + len(encoded)) // 2] + b"\xff\xd9"  # the second half of the scan gone, EOI kept
+    with pytest.raises(ImageDecodeError, match=r"^half\.jpg: not a readable image \(corrupt JPEG data \(libjpeg: "
+                                               r"Corrupt JPEG data: premature end of data segment\)"):
+        decode_image(damaged, "half.jpg")
+    assert decode_image(encoded, "whole.jpg").width == RGB.shape[1]
+
+
+def test_converting_to_a_format_too_small_for_the_image_fails_before_the_model_runs() -> None:
+    wide = decode_image(_tiff(np.zeros((2, 16384), np.uint8)), "panorama.tif")
+    with pytest.raises(InputError, match=r"16384x2 pixels and WEBP holds at most 16383 pixels a side"):
+        as_format(wide, "webp")
+    assert as_format(wide, "jpeg").format == "jpeg"
+    wider = decode_image(_tiff(np.zeros((1, 65501), np.uint8)), "strip.tif")
+    with pytest.raises(InputError, match=r"65501x1 pixels and JPEG holds at most 65500"):
+        as_format(wider, "jpeg")
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_png_output_carries_the_resolution_turned_with_the_pixels(orientation: int) -> None:
+    for encoded in (_pil(RGB, "JPEG", dpi=(300, 150), exif=_exif(orientation)),
+                    _pil(RGB, "PNG", dpi=(300, 150), exif=_exif(orientation))):
+        image = as_format(decode_image(encoded, "in"), "png")
+        written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
+        expected = (300, 150) if orientation == 1 else (150, 300)
+        assert written.info["dpi"] == pytest.approx(expected, abs=0.02)  # pHYs counts whole dots a metre

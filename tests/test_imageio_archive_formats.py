@@ -21,7 +21,7 @@ from jobs.errors import ImageDecodeError
 from jobs.storage import IMAGE_SUFFIXES, is_image_key
 from worker import jpeg2000
 from jobs.layout import SUFFIX_FORMATS
-from worker.imageio import FORMATS, content_type, decode_image, encode_image, format_from_name
+from worker.imageio import FORMATS, as_format, content_type, decode_image, encode_image, format_from_name
 
 RGB = np.ascontiguousarray(data.astronaut()[64:192, 128:288])  # 128x160
 GREY = np.ascontiguousarray(data.camera()[100:228, 200:360])
@@ -232,6 +232,27 @@ def _patched_siz(offset: int, fmt: str, *values: int) -> bytes:
 def test_jp2s_deblur_cannot_restore_are_refused_naming_why(make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ImageDecodeError, match=f"^box/7.jp2: not a readable image .*{message}"):
         decode_image(make(), "box/7.jp2")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (20, 3), (31, 40)])
+def test_a_small_picture_converted_to_jp2_gets_no_more_levels_than_its_sides_allow(shape: tuple[int, int]) -> None:
+    """OpenJPEG refuses five wavelet levels on a side shorter than 32 pixels; that must not fail after the model."""
+    small = GREY[: shape[0], : shape[1]]
+    image = as_format(decode_image(_pil(small, "PNG"), "thumb.png"), "jp2")
+    output = encode_image(image, image.pixels)
+    assert jpeg2000.read_header(output).layout.levels == min(shape).bit_length() - 1
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(output))), small)
+
+
+@pytest.mark.parametrize("source", ["JPEG", "TIFF", "PNG"])
+def test_a_resolution_travels_into_a_converted_jp2(source: str) -> None:
+    image = as_format(decode_image(_pil(RGB, source, dpi=(600, 300)), f"scan.{source.lower()}"), "jp2")
+    output = encode_image(image, image.pixels)
+    resolution = dict(_walk(_header_boxes(output)[b"res "]))[b"resc"]
+    vn, vd, hn, hd, ve, he = struct.unpack(">HHHHbb", resolution)
+    per_inch = (hn / hd * 10.0**he * 0.0254, vn / vd * 10.0**ve * 0.0254)
+    assert per_inch == pytest.approx((600, 300), abs=0.02)
+    assert b"res " in _header_boxes(encode_image(image, image.pixels, strip_metadata=True))  # like a JP2's own
 
 
 # ---------------------------------------------------------------- BMP

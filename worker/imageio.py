@@ -17,7 +17,11 @@ Pixels are decoded by OpenCV, except JPEG 2000 (OpenJPEG through imagecodecs,
 every precision kept) and TIFF, which tifffile reads: OpenCV
 premultiplies 8-bit RGBA TIFF, drops the alpha of grey+alpha TIFF and applies
 TIFF orientation by itself. OpenCV stays the fallback for palette, CMYK and
-other TIFF layouts, with the orientation tag hidden from it.
+other TIFF layouts (and compressions tifffile has no codec for), with the
+orientation tag hidden from it; damaged data in a layout tifffile reads is an
+error, not a fallback. MINISWHITE grey is read inverted and written back as
+MINISWHITE. A JPEG whose scan data libjpeg finds cut or damaged (it only
+warns, and decodes the rest as grey) is refused too.
 
 The containers are read by small parsers in this module rather than by
 Pillow: they read sizes from the header before any pixel is decoded (the
@@ -29,8 +33,10 @@ directories; tifffile writes TIFF, which OpenCV cannot tag, keeping the
 input's lossless compression (lossy TIFF compressions become Deflate).
 
 Every full-size page of a multi-page TIFF is read (reduced-resolution
-previews and masks are not pictures of their own) and written back in order,
-each in its own layout; the first page carries the file's metadata. An
+previews and masks are not pictures of their own, even when one comes first)
+and written back in order, each in its own layout; the first page carries the
+file's metadata. A TIFF cut short (a directory or a page's data past its end)
+is refused rather than read in part. An
 animated PNG or WebP, and a multi-page TIFF with a page in a layout only
 OpenCV reads (palette, CMYK), are refused with an error that says how to split
 them: cutting frames away unannounced would lose them.
@@ -48,8 +54,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import struct
+import sys
+import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -135,6 +145,14 @@ _CV_SAMPLING = {
     "4:1:1": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411,
 }
 _MAX_SEGMENT = 65533  # largest JPEG marker segment payload
+# What libjpeg says, as a warning only, when a scan's data is missing or damaged: it fills the rest with grey.
+# ("extraneous bytes before marker", common in camera files, is harmless and not listed.)
+_LIBJPEG_DAMAGE = re.compile(rb"Corrupt JPEG data: (premature end of data segment|bad Huffman code)"
+                             rb"|Premature end of JPEG file")
+_STDERR_LOCK = threading.Lock()
+_PNG_INFLATE_LIMIT = 8 * 2**20
+"""Most bytes a compressed PNG iCCP, zTXt or iTXt chunk may inflate to: far above any real profile or XMP packet,
+far below what a few hundred kilobytes of zlib data can claim (a decompression bomb)."""
 
 
 @dataclass
@@ -162,6 +180,7 @@ class ImageMetadata:
     webp_lossless: bool | None = None
     tiff_compression: int = 1  # TIFF Compression tag of the input
     tiff_alpha_kind: int = 2  # TIFF ExtraSamples: 1 associated (premultiplied), 2 unassociated
+    tiff_miniswhite: bool = False  # TIFF grey stored with 0 as white: read inverted, written back so
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
     jp2: jpeg2000.Jp2Layout | None = None  # a JPEG 2000 input's coding and its other boxes
 
@@ -246,6 +265,8 @@ class _Probe:
     bmp_truecolour: bool = False  # a BMP of 16, 24 or 32 bits a pixel, decoded as colour whatever OpenCV guesses
     bmp_alpha: int | None = None  # a 32-bit BMP's alpha: which byte of each pixel holds it
     keeps_orientation_tags: bool = False  # the format has no orientation: EXIF/XMP ones stay as they are
+    tiff_page: int = 0  # the TIFF directory holding the picture (a preview may come first)
+    tiff_alpha: bool = False  # the TIFF declares an alpha sample (ExtraSamples 1 or 2)
 
 
 # ---------------------------------------------------------------- public API
@@ -341,6 +362,10 @@ _FORMAT_DTYPES: dict[str, tuple[np.dtype, ...]] = {
 }
 
 
+# Longest side each format can hold, where that is less than any scan: libjpeg's JPEG_MAX_DIMENSION, WebP's 14 bits.
+_FORMAT_MAX_SIDE: dict[str, int] = {"jpeg": 65500, "webp": 16383}
+
+
 def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
     """``image`` to be written as ``fmt`` instead of its own format, e.g. a JPEG whose restoration an archive
     keeps lossless as PNG or TIFF. The pixels the models see are unchanged; only how they are stored changes.
@@ -352,7 +377,8 @@ def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
 
     Raises:
         InputError: the image cannot be written as ``fmt`` (alpha to JPEG, a multi-page TIFF to a
-            single-picture format); the message says which formats can.
+            single-picture format, a side longer than the format holds); the message says which formats can.
+            It is raised here, when the output format is decided, before any model has run.
     """
     if fmt not in _ENCODERS:
         raise ValueError(f"unknown image format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -364,6 +390,10 @@ def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
     if image.alpha is not None and fmt == "jpeg":
         raise InputError("the image has an alpha channel, which JPEG cannot hold; write it as PNG, TIFF, "
                          "WebP or JPEG 2000")
+    longest = _FORMAT_MAX_SIDE.get(fmt)
+    if longest is not None and max(image.width, image.height) > longest:
+        raise InputError(f"the image is {image.width}x{image.height} pixels and {fmt.upper()} holds at most "
+                         f"{longest} pixels a side; write it as PNG, TIFF or JPEG 2000")
     allowed = _FORMAT_DTYPES[fmt]
     dtype = np.dtype(image.dtype)
     if dtype not in allowed:
@@ -487,11 +517,25 @@ def _png_icc(body: bytes) -> bytes | None:
     nul = body.find(b"\x00")
     if nul < 0 or nul + 2 > len(body):
         return None
+    return _png_inflate(b"iCCP", body[nul + 2 :])
+
+
+def _png_inflate(kind: bytes, compressed: bytes) -> bytes | None:
+    """A compressed chunk's text or profile, or None (logged) when it is corrupt or inflates past the limit."""
+    inflater = zlib.decompressobj()
     try:
-        return zlib.decompress(body[nul + 2 :])
+        inflated = inflater.decompress(compressed, _PNG_INFLATE_LIMIT)
     except zlib.error:
-        log.warning("ignoring a corrupt PNG iCCP chunk")
+        inflated = None
+    if inflated is None or not (inflater.eof or inflater.unconsumed_tail):  # damaged, or cut short
+        log.warning("ignoring a corrupt compressed PNG %s chunk", kind.decode())
         return None
+    if inflater.unconsumed_tail:
+        log.warning("ignoring a PNG %s chunk that inflates to more than %d MB (%d bytes compressed): not a real "
+                    "profile or text, a decompression bomb", kind.decode(), _PNG_INFLATE_LIMIT // 2**20,
+                    len(compressed))
+        return None
+    return inflated
 
 
 def _png_keyword(body: memoryview) -> bytes:
@@ -519,11 +563,7 @@ def _png_text(kind: bytes, body: bytes) -> bytes | None:
         if len(parts) < 3:
             return None
         compressed, text = body[nul + 1] == 1, parts[2]
-    try:
-        return zlib.decompress(text) if compressed else text
-    except zlib.error:
-        log.warning("ignoring a corrupt compressed PNG %s chunk", kind.decode())
-        return None
+    return _png_inflate(kind, text) if compressed else text
 
 
 def _probe_jpeg(data: bytes) -> _Probe:
@@ -699,25 +739,36 @@ def _probe_bmp(data: bytes) -> _Probe:
 
 
 def _probe_tiff(data: bytes) -> _Probe:
+    """The first full-size page's size, layout and metadata, and the other full-size pages.
+
+    A reduced-resolution preview written before the pages (NewSubfileType 1) is
+    not the picture: the first full-size page is, and its own tags describe it
+    (ICC, XMP and IPTC fall back to the first directory's). The EXIF and the
+    descriptive tags come from the first directory, where writers put them.
+    """
     import tifffile
 
+    _check_tiff_directories(data)
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages.first
-            shape = page.shape
-            tags = page.tags
-            width, height = int(page.imagewidth), int(page.imagelength)
-            samples = int(page.samplesperpixel)
+            pictures = _tiff_pictures(tif, len(data))
+            first = tif.pages.first
+            main = tif.pages[pictures[0]] if pictures else first
+            shape = main.shape
+            tags = main.tags
+            width, height = int(main.imagewidth), int(main.imagelength)
+            samples = int(main.samplesperpixel)
             extras = tags.valueof(338)
-            compression = int(page.compression)
-            icc = tags.valueof(_TIFF_ICC_TAG)
-            xmp = tags.valueof(_TIFF_XMP_TAG)
+            compression = int(main.compression)
+            icc = tags.valueof(_TIFF_ICC_TAG) or first.tags.valueof(_TIFF_ICC_TAG)
+            xmp = tags.valueof(_TIFF_XMP_TAG) or first.tags.valueof(_TIFF_XMP_TAG)
             resolution = _tiff_dpi(tags.valueof(282), tags.valueof(283), tags.valueof(296))
             orientation = tags.valueof(274)
-            iptc, photoshop = (_tiff_raw_tag(data, tags.get(code)) for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
-            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
-            pictures = _tiff_pictures(tif, len(data))
-            pages = tuple((i, int(tif.pages[i].imagewidth), int(tif.pages[i].imagelength)) for i in pictures if i)
+            iptc, photoshop = (_tiff_raw_tag(data, tags.get(code) or first.tags.get(code))
+                               for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
+            end = max((o + n for o, n in zip(main.dataoffsets, main.databytecounts, strict=False)), default=0)
+            miniswhite = _tiff_miniswhite(main)
+            pages = tuple((i, int(tif.pages[i].imagewidth), int(tif.pages[i].imagelength)) for i in pictures[1:])
     except _Unreadable:
         raise
     except Exception as exc:  # tifffile raises many kinds on corrupt files
@@ -736,6 +787,7 @@ def _probe_tiff(data: bytes) -> _Probe:
         dpi=resolution,
         tiff_compression=compression,
         tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
+        tiff_miniswhite=miniswhite,
     )
     return _Probe(
         "tiff",
@@ -745,29 +797,60 @@ def _probe_tiff(data: bytes) -> _Probe:
         grey_alpha=samples == 2,
         orientation=int(orientation) if orientation in range(1, 9) else None,
         pictures=max(len(pictures), 1),
-        pages=pages if pictures[:1] == [0] else (),
+        pages=pages,
+        tiff_page=pictures[0] if pictures else 0,
+        tiff_alpha=extra_kind in (1, 2),
     )
 
 
+def _check_tiff_directories(data: bytes) -> None:
+    """Follow the chain of directories and refuse a file cut inside it.
+
+    tifffile stops quietly at a directory that lies past the end of the data
+    (and fails on the first one with an IndexError): the pages after the cut
+    would be lost, or the error would say nothing.
+    """
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+    (offset,) = struct.unpack_from(order + offset_format, data, 8 if big else 4)
+    head, link = struct.calcsize(count_format), struct.calcsize(offset_format)
+    seen: set[int] = set()
+    while offset and offset not in seen:  # a loop back is tifffile's to handle
+        seen.add(offset)
+        where = f"directory {len(seen)} (at byte {offset})"
+        if offset + head > len(data):
+            raise _Unreadable(f"truncated TIFF: {where} is beyond the file's {len(data)} bytes")
+        (count,) = struct.unpack_from(order + count_format, data, offset)
+        end = offset + head + count * entry_size + link
+        if end > len(data):
+            raise _Unreadable(f"truncated TIFF: {where} ends at byte {end}, beyond the file's {len(data)} bytes")
+        (offset,) = struct.unpack_from(order + offset_format, data, end - link)
+
+
 def _tiff_pictures(tif: Any, size: int) -> list[int]:
-    """Indices of the full-size pages of a TIFF whose data lies inside its ``size`` bytes.
+    """Indices of the full-size pages of a TIFF, in file order.
 
     Reduced-resolution previews and transparency masks (NewSubfileType bits 0
     and 2) are no pictures of their own, and neither is a directory without
-    image data or with data past the end: that is damage, as is a directory
-    tifffile cannot parse (the pages before it are counted).
+    image data. A page whose data runs past the end of the ``size`` bytes
+    means the file was cut: it is refused, not shortened.
     """
     indices = []
-    try:
-        for index, page in enumerate(tif.pages):
-            if int(getattr(page, "subfiletype", 0)) & 0b101 or not getattr(page, "shape", ()):
-                continue
-            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
-            if ends and max(ends) <= size:
-                indices.append(index)
-    except Exception:  # a damaged later directory ends the count, as it ends reading
-        pass
+    for index, page in enumerate(tif.pages):
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
+        if ends and max(ends) > size:
+            raise _Unreadable(f"truncated TIFF: page {index + 1}'s data ends at byte {max(ends)}, beyond the "
+                              f"file's {size} bytes")
+        if int(getattr(page, "subfiletype", 0)) & 0b101 or not getattr(page, "shape", ()):
+            continue
+        indices.append(index)
     return indices
+
+
+def _tiff_miniswhite(page: Any) -> bool:
+    """Whether an open tifffile page is integer grey stored with 0 as white (Photometric 0), which is read inverted."""
+    return int(page.photometric) == 0 and page.dtype in (np.uint8, np.uint16)
 
 
 def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
@@ -797,7 +880,8 @@ def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
             page_probe = _Probe(
                 "tiff", samples.shape[1], samples.shape[0],
                 ImageMetadata(tiff_compression=int(page.compression),
-                              tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2),
+                              tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
+                              tiff_miniswhite=_tiff_miniswhite(page)),
                 grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
             )
             pages.append(_assemble(samples, False, page_probe))
@@ -948,9 +1032,12 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
         except jpeg2000.Jp2Error as exc:
             raise _Unreadable(str(exc)) from None
     if probe.format == "tiff":
-        samples = _tiff_samples(data)
+        samples = _tiff_samples(data, probe.tiff_page)
         if samples is not None:
             return samples, False
+        if probe.tiff_page:  # OpenCV reads the first directory, here a preview
+            raise _Unreadable(f"the first full-size page ({probe.tiff_page + 1}) follows a preview and is in a layout "
+                              "read only as a first page (palette, CMYK, bilevel); save it without the preview")
         if probe.orientation not in (None, 1):
             # OpenCV applies TIFF orientation itself (depending on its version):
             # hide it so that every path is oriented once, in _assemble.
@@ -959,7 +1046,14 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
     # OpenCV reads an OS/2 bitmap's colour as grey, and a 32-bit one's fourth byte as alpha or not by its own rules
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION if probe.bmp_truecolour else cv2.IMREAD_UNCHANGED
     try:
-        samples = cv2.imdecode(buffer, flags)
+        if probe.format == "jpeg":
+            samples, said = _with_stderr(lambda: cv2.imdecode(buffer, flags))
+            damage = _LIBJPEG_DAMAGE.search(said)
+            if damage:
+                raise _Unreadable(f"corrupt JPEG data (libjpeg: {damage.group().decode()}); the picture would be "
+                                  "grey or smeared from there on")
+        else:
+            samples = cv2.imdecode(buffer, flags)
     except cv2.error as exc:
         raise _Unreadable(f"{probe.format.upper()} decoder failed: {exc.err}") from None
     if samples is None:
@@ -968,11 +1062,42 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
         samples = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if samples.ndim == 2:
         samples = samples[..., None]
+    if probe.format == "tiff" and samples.shape[2] == 4 and not probe.tiff_alpha:
+        samples = samples[..., :3]  # OpenCV hands CMYK over as BGRA with an opaque A: no alpha in the file
     if probe.bmp_alpha is not None:
         alpha = _bmp_alpha(data, probe.bmp_alpha, samples.shape[:2])
         if alpha.any():  # all zero: the writer left the byte unused (browsers show such files opaque)
             samples = np.dstack([samples, alpha])
     return samples, True
+
+
+def _with_stderr(decode: Callable[[], Any]) -> tuple[Any, bytes]:
+    """``decode()``'s result and what was written to the process's stderr meanwhile (then written there too).
+
+    libjpeg inside OpenCV only prints a warning when a scan's data is cut or
+    damaged, and decodes the rest as grey: what it prints is the only sign.
+    Output of other threads in that moment is passed on after, not lost.
+    """
+    with _STDERR_LOCK:
+        try:
+            sink = tempfile.TemporaryFile()
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no stderr to watch, or nowhere to put it
+            return decode(), b""
+        with sink:
+            try:
+                os.dup2(sink.fileno(), 2)
+                result = decode()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            said = sink.read()
+    if said:
+        os.write(2, said)
+    return result, said
 
 
 def _bmp_alpha(data: bytes, byte: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -985,35 +1110,51 @@ def _bmp_alpha(data: bytes, byte: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(alpha[::-1] if height > 0 else alpha)  # positive height: bottom row first
 
 
-def _tiff_samples(data: bytes) -> np.ndarray | None:
-    """The first page's samples of a grey or RGB(A) TIFF read by tifffile, else None.
+def _tiff_samples(data: bytes, index: int) -> np.ndarray | None:
+    """The samples of page ``index`` of a grey or RGB(A) TIFF read by tifffile, else None.
 
     OpenCV reads 8-bit RGBA TIFF through libtiff's RGBA interface, which
     premultiplies the colour by alpha, and it drops the alpha of grey+alpha
     TIFFs; tifffile returns the stored samples. Palette, CMYK, bilevel and
-    other photometrics are left to OpenCV, which converts them to RGB.
+    other photometrics, and compressions tifffile has no codec for, are left
+    to OpenCV, which converts them to RGB. Damaged data in a layout tifffile
+    reads is an error: OpenCV would fill the damaged strips with black.
     """
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            return _page_samples(tif.pages.first)
-    except Exception as exc:  # a codec tifffile lacks, or damage: let OpenCV have a go
-        log.debug("tifffile could not read the TIFF (%s); trying OpenCV", exc)
-        return None
+            return _page_samples(tif.pages[index])
+    except _Unreadable:
+        raise
+    except Exception as exc:  # tifffile raises many kinds on damaged data
+        raise _Unreadable(f"corrupt TIFF data: {exc}") from None
 
 
 def _page_samples(page: Any) -> np.ndarray | None:
-    """An open tifffile page's samples H×W×C when it is grey or RGB(A) in a sample type we keep, else None."""
+    """An open tifffile page's samples H×W×C when it is grey or RGB(A) in a sample type we keep, else None.
+
+    MINISWHITE grey comes back inverted (0 is black), like every other grey.
+    Raises what tifffile raises on damaged data.
+    """
+    import tifffile
+
     photometric = int(page.photometric)
-    if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7):
+    if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7) \
+            and not _tiff_miniswhite(page):
         return None
     if page.dtype not in (np.uint8, np.uint16, np.float32) or page.axes not in ("YX", "YXS", "SYX"):
         return None
+    if int(page.compression) not in tifffile.TIFF.DECOMPRESSORS or int(page.predictor) not in tifffile.TIFF.PREDICTORS:
+        return None  # no codec here: OpenCV's libtiff may have one
     samples = page.asarray()
     if page.axes == "SYX":
         samples = np.moveaxis(samples, 0, -1)
-    return samples if samples.ndim == 3 else samples[..., None]
+    samples = samples if samples.ndim == 3 else samples[..., None]
+    if photometric == 0:
+        samples = samples.copy()
+        samples[..., 0] = np.iinfo(samples.dtype).max - samples[..., 0]
+    return samples
 
 
 def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
@@ -1158,7 +1299,11 @@ def _encode_png(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetada
         chunks.append((b"eXIf", meta.exif[len(_EXIF_PREFIX) :]))
     if meta.xmp:
         chunks.append((b"iTXt", _XMP_PNG_KEYWORD + b"\x00\x00\x00\x00\x00" + meta.xmp))
-    chunks.extend(meta.png_chunks)
+    if meta.dpi:  # from the resolution, which is the input's pHYs turned with the pixels, or another format's
+        per_metre = [round(d / 0.0254) for d in meta.dpi]
+        if 0 < min(per_metre) and max(per_metre) <= 0x7FFFFFFF:
+            chunks.append((b"pHYs", struct.pack(">IIB", *per_metre, 1)))
+    chunks.extend((kind, body) for kind, body in meta.png_chunks if not (kind == b"pHYs" and meta.dpi))
     return _png_with_chunks(encoded, chunks)
 
 
@@ -1285,7 +1430,7 @@ def _grey_as_colour(array: np.ndarray) -> np.ndarray:
 def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
     import tifffile
 
-    array = _stack(samples, alpha, bgr=False)
+    array = _tiff_stored(samples, alpha, meta)
     grey = samples.shape[2] == 1
     tags = _tiff_tags_from_exif(meta.exif)
     extratags: list[tuple[int, str, int, Any, bool]] = [
@@ -1324,7 +1469,7 @@ def _tiff_layout(array: np.ndarray, grey: bool, has_alpha: bool, meta: ImageMeta
     """tifffile's write options for samples laid out as decoded: photometric, planes, alpha, compression."""
     compression = _TIFF_WRITE_COMPRESSION.get(meta.tiff_compression, "adobe_deflate")
     return {
-        "photometric": "minisblack" if grey else "rgb",
+        "photometric": ("miniswhite" if meta.tiff_miniswhite else "minisblack") if grey else "rgb",
         "planarconfig": "contig" if array.ndim == 3 else None,
         "extrasamples": [meta.tiff_alpha_kind] if has_alpha else None,
         "compression": compression,
@@ -1332,11 +1477,18 @@ def _tiff_layout(array: np.ndarray, grey: bool, has_alpha: bool, meta: ImageMeta
     }
 
 
+def _tiff_stored(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata) -> np.ndarray:
+    """Samples as a TIFF stores them: alpha stacked on, and grey inverted back for a MINISWHITE page."""
+    if meta.tiff_miniswhite and samples.shape[2] == 1 and samples.dtype in (np.uint8, np.uint16):
+        samples = np.iinfo(samples.dtype).max - samples
+    return _stack(samples, alpha, bgr=False)
+
+
 def _append_tiff_page(encoded: bytes, samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata) -> bytes:
     """``encoded`` (a TIFF) with one more page holding ``samples`` (and ``alpha``), in that page's own layout."""
     import tifffile
 
-    array = _stack(samples, alpha, bgr=False)
+    array = _tiff_stored(samples, alpha, meta)
     buffer = io.BytesIO(encoded)
     with tifffile.TiffWriter(buffer, append=True, byteorder="<") as tif:
         tif.write(array, **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta), metadata=None)
@@ -1412,7 +1564,10 @@ def _tiff_append_subifds(encoded: bytes, subifds: dict[int, dict[int, Any]]) -> 
 
 def _encode_jp2(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
     array = _stack(samples, alpha, bgr=False)
-    layout = meta.jp2 or jpeg2000.Jp2Layout(bits=8 * array.dtype.itemsize)
+    layout = meta.jp2
+    if layout is None:  # converted from another format: coded losslessly, with the resolution it had
+        resolution = jpeg2000.resolution_box(meta.dpi) if meta.dpi else None
+        layout = jpeg2000.Jp2Layout(bits=8 * array.dtype.itemsize, header_boxes=[resolution] if resolution else [])
     return jpeg2000.encode(array, layout, icc=meta.icc, xmp=meta.xmp, exif=meta.exif, iptc=meta.iptc)
 
 

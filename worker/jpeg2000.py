@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -179,6 +179,9 @@ def encode(
     as ``layout`` describes, with the metadata boxes put back. A bare codestream carries no boxes."""
     array = np.ascontiguousarray(array)
     channels = 1 if array.ndim == 2 else array.shape[2]
+    levels = _max_levels(array.shape[1], array.shape[0], layout.tile)
+    if layout.levels > levels:  # OpenJPEG refuses more levels than a side can be halved (a small image)
+        layout = replace(layout, levels=levels)
     if layout.bits not in (8, 16):
         top = np.iinfo(array.dtype).max
         array = np.rint(array.astype(np.float64) * ((2**layout.bits - 1) / top)).astype(array.dtype)
@@ -189,6 +192,32 @@ def encode(
     if not layout.container:
         return encoded
     return _with_boxes(encoded, layout, channels, icc, xmp, exif, iptc)
+
+
+def resolution_box(dpi: tuple[float, float]) -> bytes | None:
+    """A ``res `` box holding a capture resolution (``resc``) of ``dpi`` (horizontal, vertical), or None if 0.
+
+    The box stores grid points per metre as N/D × 10^E in 16-bit fields; an
+    inch is 0.0254 m = 127/5000 m, so N = dpi × 5000/10^E over D = 127 keeps
+    the dpi exact to 1/50 up to 1310 dpi, to 1/5 above.
+    """
+    fields = []
+    for value in (dpi[1], dpi[0]):  # vertical first
+        exponent = 2
+        while round(value * 5000 / 10**exponent) > 0xFFFF and exponent < 127:
+            exponent += 1
+        numerator = round(value * 5000 / 10**exponent)
+        if numerator <= 0:
+            return None
+        fields.append((numerator, exponent))
+    (vn, ve), (hn, he) = fields
+    return _box(b"res ", _box(b"resc", struct.pack(">HHHHbb", vn, 127, hn, 127, ve, he)))
+
+
+def _max_levels(width: int, height: int, tile: tuple[int, int] | None) -> int:
+    """The most decomposition levels a picture (or its tiles) can have: each halves the shorter side, down to 1."""
+    side = min(width, height, *(tile or ()))
+    return max(side, 1).bit_length() - 1
 
 
 # ---------------------------------------------------------------- reading
