@@ -525,6 +525,7 @@ def image_rows(
     offset: int = 0,
     order_by_metric: tuple[str, str] | None = None,
     review: bool = False,
+    after_id: int | None = None,
 ) -> list[dict[str, Any]]:
     """Image results with their metrics, as plain dicts (one per image).
 
@@ -532,9 +533,15 @@ def image_rows(
     sharpness…) and ``metrics_by_model`` holds every model's, including
     ``input``. ``order_by_metric=(model, name)`` sorts ascending by that metric
     (worst PSNR first), images without it last. ``review`` keeps only the done
-    images flagged for review (:mod:`jobs.review`).
+    images flagged for review (:mod:`jobs.review`). ``after_id`` (in id order
+    only) starts after that image: pages cut so neither skip nor repeat an image
+    when others change status between them, as offsets over a filter would.
     """
     query = select(Image).where(Image.job_id == job_id)
+    if after_id is not None:
+        if order_by_metric is not None:
+            raise ValueError("after_id pages in id order only, not by a metric")
+        query = query.where(Image.id > after_id)
     if status:
         query = query.where(Image.status == status)
     if review:
