@@ -125,8 +125,13 @@ def cancel_pending_images(session: Session, job_id: str) -> int:
 def get_job(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None:
-        raise UnknownJobError(f"no job with id {job_id!r}; list recent jobs with 'deblur status'")
+        raise unknown_job(job_id)
     return job
+
+
+def unknown_job(job_id: str) -> UnknownJobError:
+    """The error for a job id nobody knows; the API answers a job hidden from a client with it word for word."""
+    return UnknownJobError(f"no job with id {job_id!r}; list recent jobs with 'deblur status'")
 
 
 MIN_JOB_ID_PREFIX = 4  # shorter starts of an id are not looked up: too likely to be a typo

@@ -80,7 +80,7 @@ from producer.metrics import (
     render_metrics,
 )
 from producer.retry import retry_images
-from producer.submit import JobRequest, preview, submit
+from producer.submit import MAX_WINDOW, JobRequest, preview, submit
 from producer.tracking import (
     cancel_job,
     fetch_results,
@@ -178,9 +178,10 @@ class JobSubmission(BaseModel):
     batch_size: int | None = Field(None, ge=1, le=10_000, description="Images per task (default: the server's).")
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
     window: int | None = Field(
-        None, ge=0, description="At most this many of the job's batches in the broker at once, the next sent as "
-                                "each finishes, so jobs submitted later at the same priority take turns with this "
-                                "one; 0: every batch at once. Unset: the server's DEBLUR_JOB_WINDOW.")
+        None, ge=0, le=MAX_WINDOW,
+        description="At most this many of the job's batches in the broker at once, the next sent as each finishes, "
+                    "so jobs submitted later at the same priority take turns with this one; 0: every batch at once. "
+                    "Unset: the server's DEBLUR_JOB_WINDOW.")
     labels: Annotated[dict[str, str], AfterValidator(_check_labels)] = Field(
         default_factory=dict, description="Labels of your own (up to 20), e.g. {\"team\": \"ingest\"}: returned "
                                           "with the job and in notifications; GET /v1/jobs?label=team=ingest "
@@ -235,7 +236,8 @@ class RetryRequest(BaseModel):
 
     failed: bool = Field(True, description="Re-enqueue the images that failed.")
     stalled: bool = Field(False, description="Re-enqueue images pending or running for over stalled_after seconds.")
-    stalled_after: int = Field(3600, ge=1, description="Seconds after which a pending/running image is stalled.")
+    stalled_after: int = Field(3600, ge=1, le=10 * 365 * 86400,
+                               description="Seconds after which a pending/running image is stalled.")
 
     @model_validator(mode="after")
     def _something_selected(self) -> RetryRequest:
@@ -339,6 +341,8 @@ class ImagePage(BaseModel):
     offset: int
     total: int = Field(description="Images matching the filter (capped at worst when given).")
     next_offset: int | None = Field(description="offset of the next page; null on the last page.")
+    next_after: int | None = Field(None, description="after for the next page (the last item's id); null on the "
+                                                     "last page and with worst.")
 
 
 class SummaryRow(BaseModel):
@@ -604,7 +608,7 @@ def create_app(settings: Settings) -> FastAPI:
             return client
         owner = owner_of(job_id)
         if owner != client.name and not client.sees_all:
-            raise UnknownJobError(f"no job with id {job_id}")
+            raise queries.unknown_job(str(job_id))  # word for word what a job that does not exist answers
         if owner != client.name:
             by = "another client" if owner else "the command line or the shared token"
             raise HTTPException(403, f"job {job_id} was submitted by {by}: only the client that submitted a job "
@@ -617,12 +621,21 @@ def create_app(settings: Settings) -> FastAPI:
         if client.sees_all:
             return client
         if owner_of(job_id) != client.name:
-            raise UnknownJobError(f"no job with id {job_id}")
+            raise queries.unknown_job(str(job_id))  # word for word what a job that does not exist answers
         return client
+
+    def client_limits(body: JobSubmission, client: ApiClient) -> JobSubmission:
+        """``body`` within what ``client`` may submit: a job that names no priority gets the client's highest (or
+        less), one above it is refused (403), and its window is capped by the client's."""
+        if client.max_priority is not None and "priority" not in body.model_fields_set:
+            body = body.model_copy(update={"priority": min(body.priority, client.max_priority)})
+        if client.max_priority is not None and body.priority > client.max_priority:
+            raise HTTPException(403, f"client {client.name!r} may submit jobs up to priority {client.max_priority} "
+                                     f"(its max_priority in DEBLUR_API_CLIENTS); this one asks for {body.priority}")
+        return body.model_copy(update={"window": client.limited_window(body.window)})
 
     guarded = [Depends(caller)]
     readers = [Depends(job_reader)]
-    writers = [Depends(submitter)]
     changers = [Depends(job_changer)]
 
     @app.exception_handler(UnknownJobError)
@@ -680,12 +693,7 @@ def create_app(settings: Settings) -> FastAPI:
         if idempotency_key and body.job_key and idempotency_key != body.job_key:
             raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
                                     f"Idempotency-Key header {idempotency_key!r}; send one of them")
-        if client.max_priority is not None and "priority" not in body.model_fields_set:
-            body = body.model_copy(update={"priority": min(body.priority, client.max_priority)})
-        if client.max_priority is not None and body.priority > client.max_priority:
-            raise HTTPException(403, f"client {client.name!r} may submit jobs up to priority {client.max_priority} "
-                                     f"(its max_priority in DEBLUR_API_CLIENTS); this one asks for {body.priority}")
-        body = body.model_copy(update={"window": client.limited_window(body.window)})
+        body = client_limits(body, client)
         key = idempotency_key or body.job_key
         if key and client.name:  # each client's keys are its own: another's 'nightly-1' is not this one's
             scoped = f"{API_CLIENT_LABEL}/{client.name}/{key}"
@@ -704,16 +712,18 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
                           ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
 
-    @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, dependencies=writers, tags=["jobs"])
+    @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, tags=["jobs"])
     def preview_job(body: Annotated[JobSubmission, Body()],
-                    sample: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 5) -> JobPreview:
+                    sample: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 5,
+                    client: ApiClient = Depends(submitter)) -> JobPreview:  # noqa: B008
         """Validate a job as POST /jobs would and say what it would hold; nothing is written or enqueued.
 
-        Invalid jobs get the same 422 answers as POST /jobs. Lists the whole input, so this call takes as long as
-        submitting the job would.
+        Invalid jobs get the same 403 and 422 answers as POST /jobs (the client's priority limit and labels
+        included). Lists the whole input, so this call takes as long as submitting the job would.
         """
+        body = client_limits(body, client)
         try:
-            seen = preview(body.to_request(body.job_key), settings, sample=sample)
+            seen = preview(body.to_request(body.job_key, api_client=client.name), settings, sample=sample)
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         return JobPreview(total=seen.total, skipped=seen.skipped, ignored=seen.ignored,
@@ -758,7 +768,12 @@ def create_app(settings: Settings) -> FastAPI:
         status: Annotated[Literal["pending", "running", "done", "failed", "cancelled"] | None,
                           Query(description="Only images with this status.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")] = 100,
-        offset: Annotated[int, Query(ge=0, description="Images to skip (use next_offset).")] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**62, description="Images to skip (use next_offset; next_after "
+                                                                 "pages without skipping or repeating).")] = 0,
+        after: Annotated[int | None, Query(ge=0, le=2**62, description="Only images after this image id (use "
+                                                                      "next_after): pages that neither skip nor "
+                                                                      "repeat an image whose status changes "
+                                                                      "between them.")] = None,
         worst: Annotated[int | None, Query(ge=1, description="Only the N images with the lowest metric "
                                                              "(ensemble), worst first.")] = None,
         metric: Annotated[str, Query(min_length=1, description="Metric that worst sorts by.")] = "psnr",
@@ -774,17 +789,23 @@ def create_app(settings: Settings) -> FastAPI:
             else:
                 counts = queries.status_counts(s, key)
                 matching = counts[status] if status else sum(counts.values())
+        if after is not None and (worst is not None or offset):
+            raise _validation_error(("query", "after"), "after pages in image order: it cannot be combined with "
+                                                        "worst or offset")
         if worst is not None:
             matching = min(matching, worst)
             take = max(0, min(limit, worst - offset))
             rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset,
                                  review=review) if take else []
         else:
-            rows = fetch_results(settings, key, status=status, limit=limit, offset=offset, review=review)
+            rows = fetch_results(settings, key, status=status, limit=limit, offset=offset, review=review,
+                                 after_id=after)
         end = offset + len(rows)
-        more = len(rows) == limit and end < matching
+        more = len(rows) == limit and (after is not None or end < matching)
         return ImagePage(job_id=key, items=[ImageResult(**row) for row in _json_ready(rows)], limit=limit,
-                         offset=offset, total=matching, next_offset=end if more else None)
+                         offset=offset, total=matching,
+                         next_offset=end if more and after is None else None,
+                         next_after=rows[-1]["id"] if more and worst is None else None)
 
     @app.get(f"{prefix}/jobs/{{job_id}}/summary", response_model=JobSummary, dependencies=readers,
              tags=["results"], responses={404: {"description": "No job with this id."}})

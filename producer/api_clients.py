@@ -159,16 +159,24 @@ def parse_clients(text: str, source: str = "DEBLUR_API_CLIENTS") -> dict[str, Ap
             raise ConfigurationError(f"{where}: expected 'NAME sha256:DIGEST SCOPE [LIMIT=N ...]', got "
                                      f"{len(fields)} fields")
         name, digest, scope = fields[:3]
+        # no field is quoted back in these errors: a token pasted into the wrong one must not reach a log
         try:
             check_client_name(name)
-            limits = parse_limits(fields[3:])
+        except InputError:
+            raise ConfigurationError(f"{where}: the first field is not a client name (1-63 letters, digits, '_', '.' "
+                                     "or '-')") from None
+        if any(field.partition("=")[0] not in (*LIMITS, "see") for field in fields[3:]):
+            raise ConfigurationError(f"{where}: a field after the scope is not a limit: use "
+                                     + ", ".join(f"{key}=N" for key in LIMITS) + " or see=own|all")
+        try:
+            limits = parse_limits(fields[3:])  # its errors quote only a known limit and its value
         except InputError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
         if not DIGEST.fullmatch(digest):  # not quoted: a token pasted there by mistake must not reach a log
             raise ConfigurationError(f"{where}: the second field is not a token digest (sha256: and 64 lowercase "
                                      "hex digits); 'deblur api-client add' writes the line for you")
         if scope not in SCOPES:
-            raise ConfigurationError(f"{where}: scope {scope!r} is not one of {', '.join(SCOPES)}")
+            raise ConfigurationError(f"{where}: the third field is not a scope: use one of {', '.join(SCOPES)}")
         if name in names:
             raise ConfigurationError(f"{where}: client {name!r} is declared twice")
         if digest in clients:
@@ -244,7 +252,8 @@ class ClientRegistry:
             stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
             if stamp == self._stamp and self._error is None:
                 return
-            self._clients = parse_clients(self.path.read_text(), source=str(self.path))
+            # utf-8-sig: an editor on Windows may start the file with a byte-order mark
+            self._clients = parse_clients(self.path.read_text(encoding="utf-8-sig"), source=str(self.path))
             self._stamp, self._error = stamp, None
         except (OSError, UnicodeDecodeError, ConfigurationError) as exc:
             reason = str(exc) if isinstance(exc, ConfigurationError) else f"cannot read {self.path}: {exc}"
@@ -285,7 +294,7 @@ def add_client(path: Path, name: str, scope: str = "submit", limits: dict[str, i
 
 
 def _append_client(path: Path, name: str, scope: str, limits: dict[str, int | str]) -> str:
-    existing = path.read_text() if path.exists() else ""
+    existing = path.read_text(encoding="utf-8-sig") if path.exists() else ""
     declared = parse_clients(existing, source=str(path))
     if any(client.name == name for client in declared.values()):
         raise InputError(f"{path} has a client {name!r} already: remove it first ('deblur api-client remove "
@@ -309,7 +318,7 @@ def remove_client(path: Path, name: str) -> bool:
     if not path.exists():
         return False
     with _editing(path):
-        lines = path.read_text().splitlines(keepends=True)
+        lines = path.read_text(encoding="utf-8-sig").splitlines(keepends=True)
         kept = [line for line in lines if line.split("#", 1)[0].split()[:1] != [name]]
         if len(kept) == len(lines):
             return False

@@ -52,12 +52,16 @@ class HttpClient:
     """The HTTP API at ``base_url`` (``http://127.0.0.1:8000``), as ``token``'s client."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0, retries: int = 4,
-                 backoff: float = 1.0, transport: httpx.BaseTransport | None = None) -> None:
+                 backoff: float = 1.0, transport: httpx.BaseTransport | None = None,
+                 long_timeout: float = 3600.0) -> None:
+        """``timeout`` bounds each call, except those that list or read a whole job (submit, preview, verify:
+        minutes for millions of images), which wait ``long_timeout``."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
                                   transport=transport)
         self.retries = retries
         self.backoff = backoff
+        self.long_timeout = long_timeout
 
     def close(self) -> None:
         self._http.close()
@@ -91,13 +95,14 @@ class HttpClient:
                 **options: Any) -> dict[str, Any]:
         """What a deblur job would hold (total, skipped, ignored, sample); nothing is written or enqueued."""
         body = {"kind": "deblur", "inputs": list(inputs), "output": output, "models": list(models), **options}
-        return self._call("POST", "/v1/jobs/preview", json=body, params={"sample": sample})
+        return self._call("POST", "/v1/jobs/preview", json=body, params={"sample": sample},
+                          timeout=self.long_timeout)
 
     def _create(self, body: dict[str, Any], job_key: str | None) -> str:
         headers = {"Idempotency-Key": job_key} if job_key else {}
         try:
             created = self._call("POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None},
-                                 headers=headers, repeatable=False)
+                                 headers=headers, repeatable=False, timeout=self.long_timeout)
         except TransientError as exc:
             if isinstance(exc.__cause__, httpx.ConnectError):
                 raise  # nothing was sent
@@ -133,17 +138,19 @@ class HttpClient:
 
     def results(self, job_id: str, status: str | None = None, review: bool = False,
                 page_size: int = 500) -> Iterator[dict[str, Any]]:
-        """Every image of a job (or only those in ``status``, or flagged for ``review``), page by page."""
-        offset: int | None = 0
-        while offset is not None:
-            params: dict[str, Any] = {"limit": page_size, "offset": offset}
+        """Every image of a job (or only those in ``status``, or flagged for ``review``), page by page, in image
+        order: pages follow the last image's id, so an image whose status changes while the job is read is
+        neither skipped nor repeated."""
+        after: int | None = 0
+        while after is not None:
+            params: dict[str, Any] = {"limit": page_size, "after": after}
             if status:
                 params["status"] = status
             if review:
                 params["review"] = "true"
             page = self._call("GET", f"/v1/jobs/{job_id}/images", params=params)
             yield from page["items"]
-            offset = page["next_offset"]
+            after = page.get("next_after")
 
     def summary(self, job_id: str) -> dict[str, Any]:
         """The mean of every metric per model, and how many images it covers."""
@@ -172,8 +179,10 @@ class HttpClient:
     def verify(self, job_id: str, mark_failed: bool = False, quick: bool = True) -> dict[str, Any]:
         """Check the job's outputs against their recorded checksums (quick by default: the store's checksums,
         no output read back)."""
+        # a 503 (refused before any work) is asked again, a lost answer is not: the server may still be reading
+        # every output, and asking again would start a second full read
         return self._call("POST", f"/v1/jobs/{job_id}/verify", json={"quick": quick, "mark_failed": mark_failed},
-                          repeatable=not mark_failed)
+                          repeatable=not mark_failed, resend_lost=False, timeout=self.long_timeout)
 
     # ------------------------------------------------------------------ operations
 
@@ -198,20 +207,23 @@ class HttpClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _call(self, method: str, path: str, *, repeatable: bool | None = None, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, *, repeatable: bool | None = None, resend_lost: bool | None = None,
+              **kwargs: Any) -> Any:
         """One request; the answer's JSON, or the project's error for its status.
 
-        A connection that could not be opened is always tried again (nothing was sent). A 503 and a lost answer
-        are tried again only for ``repeatable`` requests (GETs by default): the others may have done their work.
+        A connection that could not be opened is always tried again (nothing was sent). A 503 is tried again only
+        for ``repeatable`` requests (GETs by default), and a lost answer only for those and ``resend_lost`` (by
+        default as ``repeatable``): the others may have done their work, or be doing it still.
         """
         repeatable = method == "GET" if repeatable is None else repeatable
+        resend_lost = repeatable if resend_lost is None else resend_lost
         attempt = 0
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 unsent = isinstance(exc, httpx.ConnectError)
-                if not (repeatable or unsent) or attempt >= self.retries:
+                if not (resend_lost or unsent) or attempt >= self.retries:
                     what = "unreachable" if unsent else "did not answer"
                     raise TransientError(f"deblur API at {self._http.base_url} {what}: {exc}") from exc
                 delay = self.backoff * 2 ** attempt

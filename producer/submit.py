@@ -31,6 +31,7 @@ from producer.inputs import Plan, build_plan, describe_ignored, digest
 from producer.workers import batch_fields, check_workers_know
 
 ROWS_PER_TRANSACTION = 1000
+MAX_WINDOW = 1_000_000  # batches: more than any job holds in the broker at once; a bigger number is a mistake
 
 
 @dataclass
@@ -179,8 +180,9 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     if request.kind == "evaluate" and (request.output_format or request.quality or request.sidecar):
         raise InputError("--output-format, --quality and --sidecar apply to deblur jobs only")
     check_submitted_labels(request.labels, request.api_client)
-    if request.window is not None and request.window < 0:
-        raise InputError(f"--window must be >= 0 batches (0: every batch at submission), got {request.window}")
+    if request.window is not None and not 0 <= request.window <= MAX_WINDOW:
+        raise InputError(f"--window must be within 0..{MAX_WINDOW:,} batches (0: every batch at submission), got "
+                         f"{request.window}")
     if request.quality is not None and not 1 <= request.quality <= 100:
         raise InputError(f"--quality must be within 1..100, got {request.quality}")
     client = s3_client(settings)

@@ -269,8 +269,9 @@ def print_status(info: dict[str, Any], console: Console) -> None:
 
 def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
                   metric: str = "psnr", limit: int | None = None, offset: int = 0,
-                  review: bool = False) -> list[dict[str, Any]]:
-    """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at."""
+                  review: bool = False, after_id: int | None = None) -> list[dict[str, Any]]:
+    """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at, and
+    ``after_id`` starts after that image (pages that neither skip nor repeat)."""
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
@@ -280,7 +281,7 @@ def fetch_results(settings: Settings, job_id: str, status: str | None = None, wo
             order = ("ensemble", metric)
             limit = worst
         return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order,
-                                  review=review)
+                                  review=review, after_id=after_id)
 
 
 def _json_safe(value: Any) -> Any:

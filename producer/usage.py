@@ -49,7 +49,10 @@ def parse_moment(text: str, now: datetime | None = None, option: str = "--since"
     relative = _RELATIVE.fullmatch(text)
     if relative:
         amount, unit = relative.groups()
-        return (now or utcnow()) - timedelta(seconds=float(amount) * _UNIT_SECONDS[unit])
+        try:
+            return (now or utcnow()) - timedelta(seconds=float(amount) * _UNIT_SECONDS[unit])
+        except OverflowError:  # 999999999d: before year 1
+            raise InputError(f"{option} {text!r} reaches back before the calendar's start; use fewer days") from None
     try:
         moment = datetime.fromisoformat(text)  # Python 3.11 reads a trailing Z too
     except ValueError:

@@ -138,6 +138,13 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
 
         images = all_pages(client, f"/v1/jobs/{job_id}/images", limit=2)
         assert len(images) == 5 and len({i["id"] for i in images}) == 5
+        # pages by image id (next_after) neither skip nor repeat an image whose status changes between them
+        first = client.get(f"/v1/jobs/{job_id}/images", params={"limit": 2, "after": 0}).json()
+        assert [i["id"] for i in first["items"]] == [i["id"] for i in images[:2]] and first["next_offset"] is None
+        rest = client.get(f"/v1/jobs/{job_id}/images", params={"limit": 10, "after": first["next_after"]}).json()
+        assert [i["id"] for i in rest["items"]] == [i["id"] for i in images[2:]] and rest["next_after"] is None
+        for params in ({"after": 0, "worst": 2}, {"after": 0, "offset": 1}, {"offset": 2**64}):
+            assert client.get(f"/v1/jobs/{job_id}/images", params=params).status_code == 422, params
         assert {i["input"] for i in images} == {f"s3://{name}/in/{s.relative}" for s in samples} | {
             f"s3://{name}/in/broken.png"}
         done = [i for i in images if i["status"] == "done"]
@@ -333,6 +340,9 @@ def test_bad_requests_are_refused_with_the_reason(env, bucket, api, client) -> N
     not_uuid = client.get("/v1/jobs/not-a-uuid")
     assert not_uuid.status_code == 422 and not_uuid.json()["detail"][0]["loc"] == ["path", "job_id"]
     assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+    # numbers too large for the database or the calendar are refused by name, not answered with a 500
+    assert client.get("/v1/usage", params={"since": "999999999d"}).status_code == 422
+    assert client.post("/v1/jobs", json={**good, "window": 10**30}).status_code == 422
 
     models = client.get("/v1/models").json()
     wiener = next(m for m in models if m["name"] == "wiener")
@@ -419,6 +429,8 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         # a limited client: nothing above its priority, and never more than its window in the broker
         too_urgent = http.post("/v1/jobs", json={**body, "priority": 6}, headers=as_(web))
         assert too_urgent.status_code == 403 and "up to priority 4" in too_urgent.json()["detail"], too_urgent.text
+        previewed = http.post("/v1/jobs/preview", json={**body, "priority": 6}, headers=as_(web))
+        assert previewed.status_code == 403, previewed.text  # a preview refuses what a submission would
         unasked = http.post("/v1/jobs", json={**body, "output": f"s3://{name}/web-default/"}, headers=as_(web))
         assert unasked.status_code == 201, unasked.text  # the default priority (5) is brought down to the limit
         unasked_id = unasked.json()["id"]
@@ -459,9 +471,15 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
         own = http.post("/v1/jobs", json={**body, "output": f"s3://{name}/private/"}, headers=as_(private))
         assert own.status_code == 201, own.text
         own_id = own.json()["id"]
+        nobody = uuid.uuid4()
         for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/images", f"/v1/jobs/{job_id}/summary"):
             hidden = http.get(path, headers=as_(private))
-            assert hidden.status_code == 404 and "no job with id" in hidden.json()["detail"], (path, hidden.text)
+            missing = http.get(path.replace(job_id, str(nobody)), headers=as_(private))
+            # word for word what a job that does not exist answers: nothing tells the two apart
+            assert hidden.status_code == missing.status_code == 404, (path, hidden.text)
+            assert hidden.json()["detail"] == missing.json()["detail"].replace(str(nobody), job_id)
+        changed = http.post(f"/v1/jobs/{job_id}/cancel", headers=as_(private))
+        assert changed.status_code == 404 and changed.json()["detail"] == hidden.json()["detail"]
         assert http.get(f"/v1/jobs/{own_id}", headers=as_(private)).status_code == 200
         assert [j["id"] for j in http.get("/v1/jobs", params={"limit": 1000}, headers=as_(private)).json()] == [
             own_id]

@@ -46,19 +46,29 @@ def test_limits_follow_the_scope() -> None:
 @pytest.mark.parametrize("line, reason", [
     (f"ingest {DIGEST} submit max_priority=10", "max_priority=10: expected a whole number from 0 to 9"),
     (f"ingest {DIGEST} submit window=0", "window=0: expected a whole number from 1"),
-    (f"ingest {DIGEST} submit quota=5", "'quota=5' is not a limit"),
+    (f"ingest {DIGEST} submit quota=5", "a field after the scope is not a limit"),
     (f"ingest {DIGEST} submit window=2 window=3", "window is given twice"),
     (f"ingest {DIGEST} submit see=some", "see=some: expected see=own"),
     ("ingest sha256:abc submit", "the second field is not a token digest"),
     (f"ingest {DIGEST}", "got 2 fields"),
-    (f"ingest {DIGEST} admin", "scope 'admin' is not one of submit, read"),
-    (f"-ingest {DIGEST} submit", "cannot name an API client"),
+    (f"ingest {DIGEST} admin", "the third field is not a scope: use one of submit, read"),
+    (f"-ingest {DIGEST} submit", "the first field is not a client name"),
+    (f"ingest {DIGEST} dbl_pastedtoken", "the third field is not a scope"),  # no field is quoted back
+    (f"ingest {DIGEST} submit dbl_pasted", "a field after the scope is not a limit"),
     (f"ingest {DIGEST.upper()} submit", "the second field is not a token digest"),
     ("ingest dbl_pastedtoken submit", "the second field is not a token digest"),
 ])
 def test_a_bad_line_is_refused_with_its_number(line: str, reason: str) -> None:
-    with pytest.raises(ConfigurationError, match=r"clients, line 2: .*" + reason.replace("(", r"\(")):
+    with pytest.raises(ConfigurationError, match=r"clients, line 2: .*" + reason.replace("(", r"\(")) as refused:
         parse_clients(f"ok {token_digest('x')} read\n{line}\n", source="clients")
+    assert "pasted" not in str(refused.value)
+
+
+def test_a_file_that_starts_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A Windows editor saves the file with a byte-order mark; it once refused every client."""
+    path = tmp_path / "clients"
+    path.write_text(f"ingest {token_digest('t')} submit\n", encoding="utf-8-sig")
+    assert ClientRegistry(path).authenticate("t").name == "ingest"
 
 
 def test_a_name_or_token_declared_twice_is_refused() -> None:

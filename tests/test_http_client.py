@@ -175,3 +175,26 @@ def test_the_http_client_needs_no_database_broker_or_torch(tmp_path: Path) -> No
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).resolve().parent.parent)
     assert found.stdout.strip() == "[]", found.stdout + found.stderr
+
+
+def test_a_lost_answer_to_verify_is_not_asked_again() -> None:
+    """verify may read every output for minutes; a read that timed out once started up to five such reads."""
+    import httpx
+
+    from jobs.errors import TransientError
+    from producer.http_client import HttpClient
+
+    sent: list[str] = []
+
+    def timing_out(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        raise httpx.ReadTimeout("no answer in time", request=request)
+
+    with HttpClient("http://deblur.test", retries=3, backoff=0.01, transport=httpx.MockTransport(timing_out)) as api:
+        with pytest.raises(TransientError, match="did not answer"):
+            api.verify("j")
+        assert sent == ["/v1/jobs/j/verify"]
+        sent.clear()
+        with pytest.raises(TransientError):
+            api.status("j")  # a read is asked again
+        assert len(sent) == 4
