@@ -65,6 +65,7 @@ class Settings:
     notify_secret: str | None = None
     notify_max_retries: int = 8
     image_max_attempts: int = 3
+    model_cache_size: int = 8
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{deblur_home() / 'deblur.db'}"
@@ -126,6 +127,11 @@ HELP: dict[str, SettingInfo] = {
         "DEBLUR_IMAGE_MAX_ATTEMPTS",
         "starts of one image in a row that lose their worker before it is failed instead of tried again: an image "
         "whose restoration kills its worker (out of memory) would otherwise take down every worker it reaches",
+    ),
+    "model_cache_size": SettingInfo(
+        "DEBLUR_MODEL_CACHE_SIZE",
+        "loaded models a worker process keeps (the least recently used goes first): jobs with varied models or "
+        "parameters would otherwise pile up weights until memory runs out",
     ),
     "notify_max_retries": SettingInfo(
         "DEBLUR_NOTIFY_MAX_RETRIES",
@@ -208,7 +214,7 @@ def _validate(s: Settings) -> None:
         )
     if s.s3_endpoint_url and not s.s3_endpoint_url.startswith(("http://", "https://")):
         raise ConfigurationError(f"DEBLUR_S3_ENDPOINT_URL={s.s3_endpoint_url!r}: expected http(s)://host:port")
-    for name in ("batch_size", "io_threads", "flower_port", "api_port"):
+    for name in ("batch_size", "io_threads", "flower_port", "api_port", "model_cache_size"):
         if getattr(s, name) < 1:
             raise ConfigurationError(f"{HELP[name].env} must be >= 1, got {getattr(s, name)}")
     if s.job_window < 0:

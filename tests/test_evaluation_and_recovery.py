@@ -617,3 +617,25 @@ def test_storage_errors_no_retry_mends_fail_the_image_alone() -> None:
     assert "restore it first" in str(translate(archived, "s3://b/in/1.png"))
     slow = ClientError({"Error": {"Code": "SlowDown", "Message": "reduce your rate"}}, "GetObject")
     assert isinstance(translate(slow, "s3://b/in/1.png"), TransientError)
+
+
+def test_a_worker_keeps_at_most_its_cache_size_of_models(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Jobs with varied models or parameters once piled up loaded weights in each worker process until memory ran
+    out; the least recently used model is dropped first."""
+    import dataclasses
+
+    import models.loading
+    from jobs.settings import load_settings
+    from models.catalog import REGISTRY
+    from worker import runtime
+
+    loaded: list[str] = []
+    monkeypatch.setattr(models.loading, "load_model", lambda spec, device: loaded.append(spec.key()) or spec.key())
+    monkeypatch.setattr(runtime, "_models", {})
+    monkeypatch.setattr(runtime, "_state", {"settings": dataclasses.replace(load_settings(), model_cache_size=2),
+                                            "initialised": True, "device": "cpu"})
+    for text in ("wiener", "richardson-lucy", "wiener", "wiener:nsr=0.02", "richardson-lucy", "wiener"):
+        runtime.get_model(REGISTRY.parse(text))
+    # richardson-lucy was dropped for wiener:nsr=0.02 (wiener had been used since), then loaded again
+    assert [k.split(":")[0] for k in loaded] == ["wiener", "richardson-lucy", "wiener", "richardson-lucy", "wiener"]
+    assert len(runtime._models) == 2

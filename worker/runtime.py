@@ -87,17 +87,24 @@ def is_device_failure(exc: BaseException) -> bool:
 
 
 def get_model(spec: "ModelSpec") -> "RestorationModel":
-    """The loaded model for ``spec``, built on first use and cached for the process."""
+    """The loaded model for ``spec``, built on first use and cached for the process: at most
+    ``DEBLUR_MODEL_CACHE_SIZE`` models, the least recently used dropped first (a model still in use by a batch
+    lives on until the batch lets it go)."""
     from models.loading import load_model
 
     key = spec.key()
     with _lock:
-        model = _models.get(key)
+        model = _models.pop(key, None)
         if model is None:
             init_process()
             log.info("loading model %s on %s", key, device())
             model = load_model(spec, device())
-            _models[key] = model
+            limit = settings().model_cache_size
+            while len(_models) >= limit:  # the least recently used first (dicts keep insertion order)
+                dropped = next(iter(_models))
+                del _models[dropped]
+                log.info("dropped model %s from this process (DEBLUR_MODEL_CACHE_SIZE=%d)", dropped, limit)
+        _models[key] = model  # the most recently used last
         return model
 
 
