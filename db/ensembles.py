@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from db.queries import iso_utc
 from db.schema import Base, utcnow
 from jobs.errors import InputError
 
@@ -54,7 +55,7 @@ class NamedEnsemble(Base):
             "gain_db": None if self.psnr_fitted is None or self.psnr_equal is None
             else self.psnr_fitted - self.psnr_equal,
             "images": self.images,
-            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "created_at": iso_utc(self.created_at),
         }
 
 

@@ -37,6 +37,19 @@ def checked_output_format(_ctx: object, _param: object, value: str | None) -> st
             raise click.BadParameter(str(exc)) from None
     return value
 
+
+def checked_retention(_ctx: object, _param: object, value: float) -> float:
+    """A click callback: ``db prune --older-than`` refused at once when it is 0 or less
+    (:func:`producer.prune.cutoff_for`): every finished job would go, even one cancelled a second ago."""
+    from producer.prune import cutoff_for
+
+    try:
+        cutoff_for(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 # name → (module:attribute, one-line help); imported on first use.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.cli:worker_command", "Run a worker that pulls batches from Redis and restores them."),
@@ -419,17 +432,18 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
       deblur results JOB --review --format uris > review.txt
       deblur submit review.txt -o s3://archive/second-pass/ --model nafnet-gopro
     """
-    from producer.tracking import fetch_results, full_job_id, results_csv, results_json, results_table
+    from producer.tracking import fetch_results, full_job_id, metric_columns, results_csv, results_json, results_table
 
     settings = _settings()
     if review and failed:
         raise click.UsageError("--review lists done images and --failed failed ones: give one of them")
-    rows = fetch_results(settings, full_job_id(settings, job), status="failed" if failed else status_filter,
+    job = full_job_id(settings, job)
+    rows = fetch_results(settings, job, status="failed" if failed else status_filter,
                          worst=worst, metric=metric, limit=limit, offset=offset, review=review)
     if fmt == "json":
         click.echo(results_json(rows))
     elif fmt == "csv":
-        click.echo(results_csv(rows), nl=False)
+        click.echo(results_csv(rows, metric_columns(settings, job)), nl=False)
     elif fmt == "uris":
         for row in rows:
             click.echo(row["input"])
@@ -499,9 +513,11 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
                   f"{len(found.changed)} changed" + (f", {found.unrecorded} present but written before checksums "
                                                      "were recorded" if found.unrecorded else ""), soft_wrap=True)
     if quick:
-        read = found.checked - found.by_store_checksum - len(found.missing)
+        # outputs written before checksums were recorded were only found present (a HEAD request), not read
+        read = found.checked - found.by_store_checksum - len(found.missing) - found.unrecorded
         console.print(f"  {found.by_store_checksum} compared by the checksum the store keeps, {read} read back in "
-                      "full (no checksum kept)", soft_wrap=True)
+                      "full (no checksum kept)" + (f", {found.unrecorded} only found present (no checksum recorded "
+                                                   "to compare with)" if found.unrecorded else ""), soft_wrap=True)
     for label, pairs in (("missing", found.missing), ("changed", found.changed)):
         for input_uri, output in pairs[:20]:
             console.print(f"  {label}: {escape(output)} (from {escape(input_uri)})", soft_wrap=True)
@@ -728,16 +744,17 @@ def db_upgrade(revision: str) -> None:
 
 
 @db.command("prune")
-@option("--older-than", type=click.FloatRange(min=0), required=True, metavar="DAYS",
-        help="Delete the jobs that finished (done, failed or cancelled) more than DAYS days ago.")
+@option("--older-than", type=float, callback=checked_retention, required=True, metavar="DAYS",
+        help="Delete the jobs that finished (done, failed or cancelled) more than DAYS days ago (more than 0).")
 @option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (scripts, cron).")
 def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
     """Delete finished jobs older than DAYS, with their images' rows and metrics, to keep the database small.
 
     Storage is not touched: outputs, kernels and inputs stay in S3. Running and pending jobs are never pruned,
-    nor a job retried since it finished. Each job goes in its own transaction, so an interrupted prune can be
-    run again.
+    nor a job retried since it finished, nor a finished one with images still pending or running (a cancelled
+    job's running images; a failed submission's enqueued ones). Each job goes in its own transaction, so an
+    interrupted prune can be run again.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -31,15 +31,21 @@ class Pruned:
 
 
 def cutoff_for(days: float, now: datetime | None = None) -> datetime:
-    """The moment ``days`` before ``now``: jobs that finished before it are pruned."""
-    if days < 0:
-        raise ValueError(f"a retention period cannot be negative, got {days} days")
+    """The moment ``days`` before ``now``: jobs that finished before it are pruned.
+
+    Raises:
+        ValueError: ``days`` is 0 or less (every finished job, even one cancelled a second ago, would go).
+    """
+    if not days > 0:  # NaN too
+        raise ValueError(f"a retention period cannot be negative or zero, got {days} days: give the days a "
+                         "finished job is kept, e.g. --older-than 90")
     return (now or utcnow()) - timedelta(days=days)
 
 
 def prune_jobs(settings: Settings, older_than_days: float, dry_run: bool = False,
                progress: Callable[[int, int], None] | None = None) -> Pruned:
-    """Delete every job that finished more than ``older_than_days`` ago, with its images and metrics.
+    """Delete every job that finished more than ``older_than_days`` ago (more than 0) and has no image still
+    pending or running, with its images and metrics.
 
     ``progress`` is told (jobs done, jobs to do) after each job. With ``dry_run`` nothing is deleted and the
     figures say what would be.

@@ -67,6 +67,7 @@ class Row:
     values: dict[str, float | None]
     images: int
     seconds_per_image: float | None
+    non_finite: dict[str, int] = field(default_factory=dict)  # stored metric → infinite values left out of its mean
 
 
 @dataclass
@@ -107,7 +108,8 @@ class ReportTable:
             "counts": self.counts,
             "timing": self.timing,
             "rows": [
-                {"model": r.model, **r.values, "images": r.images, "seconds_per_image": r.seconds_per_image}
+                {"model": r.model, **r.values, "images": r.images, "seconds_per_image": r.seconds_per_image,
+                 "non_finite": r.non_finite}
                 for r in self.rows
             ],
             "diagnostics": self.diagnostics,
@@ -153,9 +155,10 @@ def build_table(session: Any, job_id: str) -> ReportTable:
     members = job_members(job.spec)
     counts = queries.status_counts(session, job_id)
     timing = queries.job_timing(session, job_id)
-    means: dict[tuple[str, str], tuple[float | None, int]] = {
-        (s["model"], s["name"]): (s["mean"], s["count"]) for s in queries.metric_summary(session, job_id)
-    }
+    summary = queries.metric_summary(session, job_id)
+    means: dict[tuple[str, str], tuple[float | None, int]] = {(s["model"], s["name"]): (s["mean"], s["count"])
+                                                              for s in summary}
+    left_out = {(s["model"], s["name"]): s["non_finite"] for s in summary if s["non_finite"]}
     models = _row_models(job.kind, members)
     restored = models[-1]
     rows: list[Row] = []
@@ -178,7 +181,8 @@ def build_table(session: Any, job_id: str) -> ReportTable:
                 "blur_effect": means.get((model, "blur_effect"), (None, 0))[0],
                 "disagreement": means.get((model, "disagreement"), (None, 0))[0],
             }
-        rows.append(Row(model, values, images, seconds))
+        rows.append(Row(model, values, images, seconds,
+                        {name: n for (owner, name), n in sorted(left_out.items()) if owner == model}))
     shown = set(models)
     diagnostics: dict[str, dict[str, float]] = {}
     for (model, name), (mean, _) in sorted(means.items()):
@@ -196,6 +200,10 @@ def build_table(session: Any, job_id: str) -> ReportTable:
         table.notes.append(f"the job is {job.status}: figures cover the {counts['done']} images done so far")
     if counts["failed"]:
         table.notes.append(f"{counts['failed']} images failed and are not in the means ('deblur results JOB --failed')")
+    if left_out:
+        table.notes.append(
+            "infinite values are not in the means (a PSNR is infinite where an image equals its reference): "
+            + ", ".join(f"{n} of {model} {name}" for (model, name), n in sorted(left_out.items())))
     table.review = queries.review_counts(session, job_id)
     if any(table.review.values()):
         table.notes.append(

@@ -35,7 +35,9 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
         # output_uri keeps the planned key even for failed images
         items = [ImageItem(input=i.input_uri, output=i.output_uri, reference=i.reference_uri) for i in images]
         if items:
-            queries.reset_for_retry(session, job_id, [i.input for i in items])
+            # only those still as selected: an image a worker finished meanwhile is not sent again
+            reset = queries.reset_for_retry(session, job_id, images)
+            items = [item for item in items if item.input in reset]
         spec, kind = job.spec, job.kind
         batch_size = int(spec.get("batch_size") or settings.batch_size)
         batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]

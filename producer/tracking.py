@@ -8,15 +8,18 @@ import os
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import ensure_schema, session_scope
+from db.queries import as_utc, iso_utc  # noqa: F401 - as_utc re-exported (producer.usage, producer.metrics)
+from db.schema import Job
 from jobs.errors import InputError, JobFinishedError
 from jobs.labels import check_labels
 from jobs.layout import describe_output_format
@@ -57,7 +60,7 @@ def list_jobs(settings: Settings, labels: dict[str, str] | None = None, status: 
     ensure_schema(url)
     with session_scope(url) as session:
         return [{"id": j.id, "kind": j.kind, "status": j.status, "total": j.total,
-                 "created_at": j.created_at.isoformat(), "labels": (j.spec or {}).get("labels") or {}}
+                 "created_at": iso_utc(j.created_at), "labels": (j.spec or {}).get("labels") or {}}
                 for j in queries.recent_jobs(session, limit, labels=check_labels(labels or {}), status=status)]
 
 
@@ -147,29 +150,38 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
         if (job.spec or {}).get("window"):  # batches listed, sent so far and in flight (producer.dispatch)
             info["batches"] = {"window": int(job.spec["window"]), "listed": job.batches_listed,
                                "sent": job.batches_sent, "in_flight": job.batches_in_flight}
-    finished = counts["done"] + counts["failed"] + counts["cancelled"]
-    rate = None
-    eta = None
-    if info["started_at"] is not None and counts["done"] + counts["failed"] > 0:
-        end = info["finished_at"] or datetime.now(timezone.utc)
-        start = info["started_at"]
-        start, end = as_utc(start), as_utc(end)
-        elapsed = max((end - start).total_seconds(), 1e-6)
-        rate = (counts["done"] + counts["failed"]) / elapsed
+        finished = counts["done"] + counts["failed"] + counts["cancelled"]
+        info["finished"] = finished
+        info["images_per_s"] = rate = _current_rate(session, job, counts)
         remaining = info["total"] - finished
-        eta = remaining / rate if rate > 0 and remaining > 0 else 0.0
-    info["finished"] = finished
-    info["images_per_s"] = rate
-    info["eta_s"] = eta
+        info["eta_s"] = None if rate is None else remaining / rate if remaining > 0 else 0.0
     for key in ("created_at", "started_at", "finished_at"):
-        info[key] = info[key].isoformat() if info[key] else None
+        info[key] = iso_utc(info[key])
     return info
 
 
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` in UTC: SQLite hands back naive UTC times (a naive time is taken as UTC), PostgreSQL aware
-    ones, and a caller's may be in any zone."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+RATE_WINDOW_S = 600  # a job's throughput is its pace over the last ten minutes of its run
+
+
+def _current_rate(session: Session, job: Job, counts: dict[str, int]) -> float | None:
+    """Images per second reaching an outcome over the last ``RATE_WINDOW_S`` of the job's run (up to now, or to
+    its finish), from the later of that window's start and the earliest start of the images finished in it; None
+    when none finished in it (the pace is not known now).
+
+    Not since the job started: a retried job keeps its first start, and its finishes of a day ago would make
+    today's pace look a hundred times slower. Starting at the first start of the images counted gives a retry's
+    images the minute they have taken, not the window's quiet minutes before it.
+    """
+    if job.started_at is None or counts["done"] + counts["failed"] == 0:
+        return None
+    end = as_utc(job.finished_at or datetime.now(timezone.utc))
+    since = max(as_utc(job.started_at), end - timedelta(seconds=RATE_WINDOW_S))
+    count, first_start = queries.recent_finishes(session, job.id, since, end)
+    if not count:
+        return None
+    if first_start is not None:
+        since = max(since, as_utc(first_start))
+    return count / max((end - since).total_seconds(), 1e-6)
 
 
 def _older_than(moment: datetime | None, seconds: float) -> bool:
@@ -284,6 +296,15 @@ def fetch_results(settings: Settings, job_id: str, status: str | None = None, wo
                                   review=review, after_id=after_id)
 
 
+def metric_columns(settings: Settings, job_id: str) -> list[str]:
+    """The metric columns of a job's CSV results, the same on every page: the names any of its images has
+    (:func:`db.queries.headline_metric_names`), sorted."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        return queries.headline_metric_names(session, job_id)
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -308,8 +329,10 @@ def _metric_names(rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    names = _metric_names(rows)
+def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
+    """The rows as CSV with a column per metric in ``names`` (:func:`metric_columns`, so that pages of one job
+    line up); without them, the rows' own names, sorted."""
+    names = sorted(_metric_names(rows)) if names is None else names
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     # 'review' last: scripts that read the earlier columns by position keep working
@@ -325,7 +348,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.4f}"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.4f}"
     return str(value)
 
 
@@ -378,6 +401,6 @@ def _short(value: Any) -> str:
         return ""
     if isinstance(value, float):
         if math.isinf(value):
-            return "inf"
+            return "inf" if value > 0 else "-inf"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)

@@ -73,16 +73,23 @@ class Verification:
 
 
 def _done_pages(settings: Settings, job_id: str) -> Iterator[list[dict[str, Any]]]:
-    """The job's done images that have an output, a page of rows at a time (memory stays flat)."""
+    """The job's done images that have an output, a page of rows at a time (memory stays flat), without their
+    metrics.
+
+    Pages follow image ids (each starts after the last id of the one before), so while images of the job change
+    status (it is still running, or being retried) none is skipped or checked twice, as offsets over the done
+    ones would.
+    """
     url = settings.resolved_database_url()
-    offset = 0
+    last_id: int | None = None
     while True:
         with session_scope(url) as session:
-            rows = queries.image_rows(session, job_id, status="done", limit=PAGE, offset=offset)
+            rows = queries.image_rows(session, job_id, status="done", limit=PAGE, after_id=last_id,
+                                      with_metrics=False)
         yield [row for row in rows if row["output"]]
         if len(rows) < PAGE:
             return
-        offset += PAGE
+        last_id = rows[-1]["id"]
 
 
 def _check(client: Any, row: dict[str, Any], quick: bool) -> tuple[str, bool]:

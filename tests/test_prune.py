@@ -108,3 +108,45 @@ def test_a_job_retried_after_the_listing_is_kept(env) -> None:  # type: ignore[n
     assert _counts(url, [job_id]) == {job_id: (3, 6)}
     with pytest.raises(ValueError, match="cannot be negative"):
         cutoff_for(-1)
+
+
+def test_a_finished_job_is_kept_while_images_of_it_are_pending_or_running(env) -> None:  # type: ignore[no-untyped-def]
+    """A cancelled job's running image still finishes, and a job failed as an abandoned submission still has the
+    images it enqueued restored: neither job goes until they have an outcome."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Image
+    from jobs.settings import load_settings
+    from producer.cli import main
+
+    url = load_settings().resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        cancelled = _job(session, "cancelled", 120)
+        abandoned = _job(session, "failed", 120)
+    with session_scope(url) as session:
+        session.query(Image).filter(Image.job_id == cancelled, Image.input_uri.endswith("/0.png")).update(
+            {"status": "running"}, synchronize_session=False)
+        session.query(Image).filter(Image.job_id == abandoned).update({"status": "pending"},
+                                                                      synchronize_session=False)
+    every = [cancelled, abandoned]
+    result = CliRunner().invoke(main, ["db", "prune", "--older-than", "90", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert _counts(url, every) == {cancelled: (3, 6), abandoned: (3, 6)}
+
+    with session_scope(url) as session:  # their images reach an outcome: both may go now
+        queries.record_outcomes(session, cancelled, [queries.ImageOutcome(f"s3://b/in/{cancelled}/0.png", "done")])
+        queries.record_outcomes(session, abandoned, [queries.ImageOutcome(f"s3://b/in/{abandoned}/{i}.png", "done")
+                                                     for i in range(3)])
+    result = CliRunner().invoke(main, ["db", "prune", "--older-than", "90", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert _counts(url, every) == {}
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "-0.5"])
+def test_a_retention_of_zero_or_less_is_refused_before_anything_is_read(days: str) -> None:
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, ["db", "prune", "--older-than", days, "--yes"])
+    assert result.exit_code == 2
+    assert "cannot be negative or zero" in result.output and "--older-than 90" in result.output

@@ -104,6 +104,41 @@ def test_stats_rank_worst_and_best_without_repeating_images(tmp_path: Path) -> N
         assert [r["input"][-5:] for r in stats.best] == ["2.png", "3.png"]
 
 
+def test_infinite_values_are_left_out_of_the_means_and_counted(database_url: str) -> None:
+    """An image identical to its reference has an infinite PSNR: it does not make the mean infinite, and the
+    table, its notes and its JSON say how many values were left out (SQLite and PostgreSQL store infinity)."""
+    import io
+
+    from rich.console import Console
+
+    from db import queries
+    from db.engine import session_scope
+    from producer.report import build_table
+    from producer.report_cli import print_table
+
+    job = _recorded_job(database_url, [1.0, 3.0, 2.0])
+    with session_scope(database_url) as session:
+        queries.record_outcomes(session, job, [queries.ImageOutcome("s3://b/blur/0.png", "done", metrics=[
+            ("input", "psnr", float("inf")), ("input", "ssim", 1.0), (MEMBERS[0], "psnr", float("-inf")),
+            (MEMBERS[1], "psnr", 25.0), ("ensemble", "psnr", 30.0), ("ensemble", "ssim", 0.9)])])
+        summary = {(r["model"], r["name"]): r for r in queries.metric_summary(session, job)}
+        table = build_table(session, job)
+    assert summary[("input", "psnr")] == {"model": "input", "name": "psnr", "mean": 25.0, "count": 2,
+                                          "non_finite": 1}
+    assert summary[("ensemble", "psnr")]["non_finite"] == 0
+    rows = {r.model: r for r in table.rows}
+    assert rows["input"].values["psnr"] == pytest.approx(25.0) and rows["input"].images == 2
+    assert rows[MEMBERS[0]].values["psnr"] == pytest.approx(25.0 + 2 * 2.5) and rows[MEMBERS[0]].images == 2
+    assert rows["ensemble"].values["psnr"] == pytest.approx((30.0 + 28.0 + 27.0) / 3)
+    assert [r["non_finite"] for r in table.to_dict()["rows"]] == [{"psnr": 1}, {"psnr": 1}, {}, {}]
+    assert "inf" not in table.markdown()
+    printed = io.StringIO()
+    print_table(table, Console(file=printed, width=200))
+    assert f"infinite values are not in the means (a PSNR is infinite where an image equals its reference): " \
+           f"1 of input psnr, 1 of {MEMBERS[0]} psnr" in " ".join(printed.getvalue().split())
+    json.dumps(table.to_dict(), allow_nan=False)
+
+
 def test_a_job_without_done_images_still_renders(tmp_path: Path) -> None:
     from db.engine import session_scope
     from producer.report import Report, build_table, collect_stats, render_html

@@ -20,6 +20,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("images") as batch:
-        batch.drop_column("output_sha256")
-        batch.drop_column("input_sha256")
+    # plain DROP COLUMNs (SQLite 3.35+; neither column is indexed): on SQLite a batch rebuild of images would cascade
+    # into metrics and delete them all
+    op.execute("ALTER TABLE images DROP COLUMN output_sha256")
+    op.execute("ALTER TABLE images DROP COLUMN input_sha256")

@@ -24,6 +24,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_images_job_batch", table_name="images")
-    with op.batch_alter_table("jobs") as batch:
-        for name in reversed(COUNTERS):
-            batch.drop_column(name)
+    # plain DROP COLUMNs (SQLite 3.35+; no counter is indexed): on SQLite a batch rebuild of jobs would cascade into
+    # images and metrics and delete them all
+    for name in reversed(COUNTERS):
+        op.execute(f"ALTER TABLE jobs DROP COLUMN {name}")
