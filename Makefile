@@ -24,9 +24,19 @@ help:
 	@echo "make test   - install, start the services, run the whole test suite"
 	@echo "             (one process per core; TEST_PROCESSES=0 for one process, PYTEST_ARGS=... for pytest)"
 
+# Debian splits `python3 -m venv` off into python3.X-venv: installed first when missing. A venv
+# that fails half-way is removed again, or the next make would skip this rule and lack pip.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || bash deploy/ensure-services.sh venv $(PYTHON)
+	@echo "$(PYTHON) -m venv $(VENV)"
+	@fresh=$$([ -e "$(VENV)" ] || echo 1); \
+	if ! { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip; }; then \
+	  if [ -n "$$fresh" ]; then rm -rf "$(VENV)"; else rm -f "$(BIN)/python"; fi; \
+	  echo "make: could not create the virtual environment $(VENV) with $(PYTHON); on Debian or Ubuntu" \
+	    "install the venv module (sudo apt-get install python3-venv, or python3.X-venv for python3.X)" \
+	    "and run make again" >&2; \
+	  exit 1; \
+	fi
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1

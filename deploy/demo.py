@@ -79,15 +79,15 @@ def demo_command(max_side: int, models: tuple[str, ...], timeout: int) -> None:
     4. prints the per-image results from SQL and where to look next
     The stack keeps running afterwards; stop it with 'deblur stack down'.
     """
-    from deploy.stack import LocalStack
-    from jobs.settings import load_settings
+    from deploy.stack import LocalStack, stack_settings
     from jobs.storage import s3_client
     from producer.submit import JobRequest, submit
     from producer.tracking import fetch_results, print_status, results_table, watch
 
     console.rule("[bold]1. local stack")
     connection = LocalStack().up(echo=lambda msg: console.print(f"  {msg}"))
-    settings = load_settings()
+    # the services up answered with, even where DEBLUR_BROKER_URL or DEBLUR_S3_ENDPOINT_URL name dead ones
+    settings = stack_settings(connection)
     client = s3_client(settings)
 
     console.rule("[bold]2. sample photographs")

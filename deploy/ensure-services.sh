@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the system packages and services deblur needs are present.
 #
+#   deploy/ensure-services.sh venv [PYTHON]
+#                                    the venv module of PYTHON (default python3): Debian ships it
+#                                    apart, as python3.X-venv (make runs this before creating its venv)
 #   deploy/ensure-services.sh demo   redis-server (the local stack starts its own Redis)
 #   deploy/ensure-services.sh test   the above, chromium (headless report screenshots) and a
 #                                    PostgreSQL server answering on 127.0.0.1:5432 with a
@@ -15,9 +18,9 @@ set -euo pipefail
 
 mode="${1:-demo}"
 case "$mode" in
-  demo | test) ;;
+  demo | test | venv) ;;
   *)
-    echo "usage: $0 demo|test" >&2
+    echo "usage: $0 demo|test|venv [PYTHON]" >&2
     exit 64
     ;;
 esac
@@ -57,6 +60,20 @@ apt_install() {
 }
 
 have() { command -v "$1" >/dev/null 2>&1; }
+
+if [ "$mode" = venv ]; then
+  python="${2:-python3}"
+  if "$python" -c 'import ensurepip' 2>/dev/null; then
+    exit 0
+  fi
+  version="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  if [ "$("$python" -c 'import sys; print(sys.base_prefix)')" != /usr ]; then
+    say "$python has no ensurepip module, which python -m venv needs; install that Python with it"
+    exit 1
+  fi
+  apt_install "python$version-venv"
+  exit 0
+fi
 postgres_installed() { compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; }
 
 want_postgres=0

@@ -32,12 +32,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from jobs.errors import DeblurError
-from jobs.settings import deblur_home
+from jobs.settings import Settings, deblur_home, load_settings
 
 Echo = Callable[[str], None]
 
@@ -99,14 +99,46 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time) from /proc, or None where /proc is not available."""
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields[0], int(fields[19])
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time) from /proc, or None where /proc is not available."""
+    stat = _proc_stat_fields(pid)
+    return (stat[0], int(stat[19])) if stat else None
+
+
+def descendants(pid: int) -> list[tuple[int, int | None]]:
+    """(pid, start time) of every process below ``pid``: children, grandchildren, ... (empty without /proc).
+
+    A multi-GPU worker's per-GPU processes run in process groups of their own, out of
+    reach of a signal to the group of ``pid``.
+    """
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    starts: dict[int, int] = {}
+    for child in entries:
+        stat = _proc_stat_fields(child)
+        if stat is None:
+            continue
+        children.setdefault(int(stat[1]), []).append(child)
+        starts[child] = int(stat[19])
+    found: list[tuple[int, int | None]] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append((child, starts.get(child)))
+        todo += children.get(child, [])
+    return found
 
 
 def process_start_time(pid: int) -> int | None:
@@ -151,23 +183,46 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def stop_process(pid: int, started: int | None, timeout: float) -> bool:
-    """SIGTERM the process group of ``pid``, SIGKILL it after ``timeout`` s. True if it had to be killed."""
+    """Stop ``pid`` and every process below it; True if any of them had to be killed.
+
+    SIGTERM goes to the process group of ``pid`` (a multi-GPU worker's supervisor forwards
+    it to its per-GPU processes, which have groups of their own); whatever of the family
+    still runs after ``timeout`` s gets SIGKILL, group by group.
+    """
     if not process_alive(pid, started):
         return False
+    family = {pid: started, **dict(descendants(pid))}
     _signal_group(pid, signal.SIGTERM)
+
+    def running() -> list[int]:
+        return [p for p, start in family.items() if process_alive(p, start)]
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process_alive(pid, started):
-            break
+    rescan = time.monotonic() + 1
+    while running() and time.monotonic() < deadline:
+        if time.monotonic() > rescan:  # children started late (a supervisor still starting its workers)
+            family.update(descendants(pid))
+            rescan = time.monotonic() + 1
         time.sleep(0.1)
-    killed = process_alive(pid, started)
-    # Also catches pool children that outlived their parent.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    family.update(descendants(pid))
+    left = running()
+    # The group of pid (also catches pool children that outlived their parent), and the groups
+    # of its descendants that lead one of their own.
+    groups = {pid}
+    for member in left:
+        stat = _proc_stat_fields(member)
+        if stat is not None and int(stat[2]) in family:
+            groups.add(int(stat[2]))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+    for member in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while process_alive(pid, started) and time.monotonic() < deadline:
+    while running() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return killed
+    return bool(left)
 
 
 def log_tail(path: str | None, lines: int = 15) -> str:
@@ -528,6 +583,8 @@ class LocalStack:
         kept = self._kept(records, "worker", echo)
         if kept:
             return kept
+        # With 2+ GPUs this is a supervisor of one process per GPU, each in a process group of its
+        # own: stop_process stops the supervisor's descendants too.
         argv = [
             sys.executable, "-m", "worker.cli", "worker",
             "--hostname", f"{self.worker_name}@%h", "--concurrency", "1",
@@ -536,22 +593,34 @@ class LocalStack:
         return self._started(records, started, record, echo)
 
     def _wait(self, checks: list[tuple[ServiceRecord, Callable[[], bool]]], deadline: float) -> None:
-        """Wait until every service answers; fail as soon as one of them exits, or at the deadline."""
+        """Wait until every service answers; fail as soon as one of them exits, or at the deadline.
+
+        A process of ours counts as up only if it still runs after its address answered:
+        another program may have taken its port meanwhile (it then exits: address in use).
+        """
         pending = list(checks)
         while pending:
             for record, answers in list(pending):
+                ours = record.pid is not None
+                if ours and not self.is_alive(record):
+                    raise self._exited(record)
                 if answers():
+                    if ours and not self.is_alive(record):
+                        raise self._exited(record, answered=True)
                     pending.remove((record, answers))
-                elif record.pid is not None and not self.is_alive(record):
-                    raise StackError(
-                        f"{record.name} exited while starting; see {record.log}:\n{log_tail(record.log)}"
-                    )
             if pending and time.monotonic() > deadline:
                 record = pending[0][0]
                 where = f"; see {record.log}:\n{log_tail(record.log)}" if record.log else ""
                 raise StackError(f"{record.name} ({redact(record.url)}) did not answer in time{where}")
             if pending:
                 time.sleep(0.25)
+
+    @staticmethod
+    def _exited(record: ServiceRecord, *, answered: bool = False) -> StackError:
+        other = f", and another program now answers at {redact(record.url)}" if answered else ""
+        return StackError(
+            f"{record.name} exited while starting{other}; see {record.log}:\n{log_tail(record.log)}"
+        )
 
     # down / status -------------------------------------------------------------------------
 
@@ -599,6 +668,16 @@ class LocalStack:
                 state = "running" if self.is_alive(record) else "stopped"
             result.append(ServiceStatus(name, state, record.pid, redact(record.url), record.log))
         return result
+
+
+def stack_settings(connection: Mapping[str, object]) -> Settings:
+    """Settings for the stack :meth:`LocalStack.up` returned ``connection`` for, whatever the environment says.
+
+    :func:`jobs.settings.load_settings` lets DEBLUR_BROKER_URL and DEBLUR_S3_ENDPOINT_URL win
+    over connection.json, but ``up`` starts its own services when those do not answer.
+    """
+    names = {f.name for f in fields(Settings)}
+    return load_settings(**{name: value for name, value in connection.items() if name in names})
 
 
 def _pid_text(record: ServiceRecord) -> str:

@@ -166,3 +166,92 @@ def test_worker_probes_run_the_workers_check_with_options_it_takes() -> None:
     workers.make_context("workers", argv[3:])
     hostname = container["args"][container["args"].index("--hostname") + 1]
     assert argv[-1] == hostname.replace("%h", "pod-name")
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    """(object name, pod spec) of every k8s object that makes pods: Deployments, Jobs, CronJobs, ..."""
+    found = []
+    for obj in k8s_objects():
+        spec = obj.get("spec") or {}
+        template = spec.get("template") or (spec.get("jobTemplate") or {}).get("spec", {}).get("template")
+        if template:
+            found.append((obj["metadata"]["name"], template["spec"]))
+    return found
+
+
+def scaled_object() -> dict[str, Any]:
+    return next(o for o in k8s_objects() if o["kind"] == "ScaledObject")
+
+
+def config_map() -> dict[str, str]:
+    return next(o for o in k8s_objects() if o["kind"] == "ConfigMap")["data"]
+
+
+def test_every_pod_turns_service_links_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Service links would give every pod DEBLUR_API_PORT=tcp://... (Service deblur-api), which the settings read."""
+    from jobs.errors import ConfigurationError
+    from jobs.settings import load_settings
+
+    specs = pod_specs()
+    assert {"deblur-api", "deblur-flower", "deblur-worker", "deblur-migrate"} <= {name for name, _ in specs}
+    assert [name for name, spec in specs if spec.get("enableServiceLinks") is not False] == []
+    # what a pod would see with them on
+    monkeypatch.setenv("DEBLUR_FLOWER_PORT", "tcp://10.0.0.1:5555")
+    with pytest.raises(ConfigurationError, match="DEBLUR_FLOWER_PORT"):
+        load_settings()
+
+
+def test_keda_alone_sets_the_worker_replica_count() -> None:
+    """A replica count in the Deployment would reset the workers to it on every kubectl apply."""
+    target = scaled_object()["spec"]["scaleTargetRef"]["name"]
+    worker = next(o for o in k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == target)
+    assert "replicas" not in worker["spec"]
+
+
+def compose_seconds(duration: str) -> float:
+    """A Compose duration (1h2m3s, 90s, 25m, 1.5s) in seconds."""
+    import re
+
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_a_stopping_worker_has_time_to_finish_its_batch() -> None:
+    """SIGTERM is Celery's warm shutdown: the batch in progress, up to DEBLUR_BATCH_TIME_LIMIT and the image it
+    is on, must finish before the grace period ends in SIGKILL (which redoes the batch after the visibility
+    timeout)."""
+    from jobs.settings import Settings
+
+    one_large_image = 240
+    assert compose_seconds("25m") == 1500 and compose_seconds("1m30s") == 90
+    k8s_limit = int(config_map()["DEBLUR_BATCH_TIME_LIMIT"])
+    (worker_pod,) = [spec for name, spec in pod_specs() if name == "deblur-worker"]
+    assert worker_pod["terminationGracePeriodSeconds"] >= k8s_limit + one_large_image
+    worker = compose()["services"]["worker"]
+    compose_limit = int(worker["environment"].get("DEBLUR_BATCH_TIME_LIMIT", Settings().batch_time_limit))
+    assert compose_seconds(worker["stop_grace_period"]) >= compose_limit + one_large_image
+
+
+def test_keda_sums_every_priority_list_of_the_broker_redis() -> None:
+    """KEDA takes the largest trigger, so the formula adds every list up; KEDA resolves the address from its own
+    namespace, so it is the broker's Service by its full name in the namespace the kustomization deploys to."""
+    import re
+    import urllib.parse
+
+    spec = scaled_object()["spec"]
+    triggers = spec["triggers"]
+    names = [t["name"] for t in triggers]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    terms = [term.strip() for term in modifiers["formula"].split("+")]
+    assert sorted(terms) == sorted(names) and len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in names)  # expr identifiers: no '-'
+    assert {t["metadata"]["listLength"] for t in triggers} == {modifiers["target"]}
+    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
+
+    namespace = load_all(DEPLOY / "k8s" / "kustomization.yaml")[0]["namespace"]
+    broker = urllib.parse.urlsplit(config_map()["DEBLUR_BROKER_URL"])
+    expected = f"{broker.hostname}.{namespace}.svc.cluster.local:{broker.port or 6379}"
+    assert {t["metadata"]["address"] for t in triggers} == {expected}
+    assert {t["metadata"]["databaseIndex"] for t in triggers} == {broker.path.strip("/") or "0"}

@@ -261,10 +261,142 @@ def test_a_reused_pid_is_not_mistaken_for_the_service() -> None:
         assert not process_alive(me, started + 1)
 
 
+def test_the_demo_talks_to_the_services_stack_up_started_not_to_dead_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DEBLUR_BROKER_URL and DEBLUR_S3_ENDPOINT_URL pointing at dead servers make `up` start local ones; the
+    environment still wins in load_settings, so the demo builds its settings from what `up` returned."""
+    from deploy.stack import stack_settings
+
+    connection = {
+        "broker_url": "redis://127.0.0.1:7001/0", "database_url": f"sqlite:///{tmp_path / 'deblur.db'}",
+        "s3_endpoint_url": "http://127.0.0.1:7002", "flower_address": "127.0.0.1", "flower_port": 7003,
+        "aws_access_key_id": LOCAL_AWS_CREDENTIAL, "aws_secret_access_key": LOCAL_AWS_CREDENTIAL,
+    }  # fmt: skip
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "connection.json").write_text(json.dumps(connection))
+    for name in SERVICE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DEBLUR_HOME", str(tmp_path))
+    monkeypatch.setenv("DEBLUR_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DEBLUR_S3_ENDPOINT_URL", "http://127.0.0.1:2")
+    settings = stack_settings(connection)
+    assert (settings.broker_url, settings.s3_endpoint_url, settings.flower_port) == (
+        connection["broker_url"], connection["s3_endpoint_url"], connection["flower_port"],
+    )  # fmt: skip
+    assert settings.resolved_database_url() == connection["database_url"]
+    assert os.environ["AWS_ACCESS_KEY_ID"] == LOCAL_AWS_CREDENTIAL  # moto's dummy credentials come along
+
+
+def exited_process() -> tuple[int, int | None]:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start_time(proc.pid)
+    proc.wait()
+    return proc.pid, started
+
+
+def test_start_up_fails_when_our_process_died_even_if_its_port_answers(tmp_path: Path) -> None:
+    """Another program may take the port of a service that died while starting: its answer is not ours."""
+    from deploy.stack import ServiceRecord, StackError
+
+    stack = LocalStack(tmp_path)
+    log = tmp_path / "redis.log"
+    log.write_text("Address already in use\n")
+    pid, started = exited_process()
+    dead = ServiceRecord(name="redis", url="redis://127.0.0.1:7001/0", pid=pid, started=started, log=str(log))
+    with pytest.raises(StackError, match="redis exited while starting") as raised:
+        stack._wait([(dead, lambda: True)], time.monotonic() + 5)
+    assert "Address already in use" in str(raised.value)
+
+    # alive when the probe starts, gone when it answers
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = ServiceRecord(name="s3", url="http://127.0.0.1:7002", pid=proc.pid,
+                               started=process_start_time(proc.pid), log=str(log))  # fmt: skip
+
+        def answers_after_it_died() -> bool:
+            proc.kill()
+            proc.wait()
+            return True
+
+        with pytest.raises(StackError, match="s3 exited while starting, and another program now answers"):
+            stack._wait([(record, answers_after_it_died)], time.monotonic() + 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = ServiceRecord(name="s3", url="http://x", pid=alive.pid, started=process_start_time(alive.pid))
+        stack._wait([(ours, lambda: True)], time.monotonic() + 5)  # a live process that answers is up
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+SUPERVISED_CHILD = """
+import os, signal, sys, time, pathlib
+if sys.argv[2] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # like a worker finishing a long batch
+pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("children", ["gentle", "stubborn"])
+def test_stopping_a_multi_gpu_worker_stops_its_per_gpu_processes(tmp_path: Path, children: str) -> None:
+    """With 2+ GPUs `deblur worker` supervises one process per GPU, each in a process group of its own; stopping
+    the stack's worker must stop them too, even when SIGTERM is not enough."""
+    from deploy.stack import stop_process
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("process trees are read from /proc")
+    markers = [tmp_path / "gpu0.pid", tmp_path / "gpu1.pid"]
+    script = tmp_path / "supervisor.py"
+    script.write_text(
+        "import sys\nfrom worker.cli import supervise\n"
+        f"child = {SUPERVISED_CHILD!r}\n"
+        f"sys.exit(supervise([([sys.executable, '-c', child, m, {children!r}], {{}}) "
+        f"for m in {[str(m) for m in markers]!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    supervisor = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not all(m.exists() and m.read_text() for m in markers):
+            assert time.monotonic() < deadline, "the supervised children did not start"
+            time.sleep(0.05)
+        pids = [int(m.read_text()) for m in markers]
+        assert all(os.getpgid(pid) == pid for pid in pids)  # out of reach of a signal to the supervisor's group
+        killed = stop_process(supervisor.pid, process_start_time(supervisor.pid), timeout=2)
+        assert killed is (children == "stubborn")
+        assert not process_alive(supervisor.pid)
+        assert not any(process_alive(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        if supervisor.poll() is None:
+            supervisor.kill()
+        supervisor.wait()
+
+
 @pytest.mark.integration
-def test_down_leaves_no_process_behind(running_stack: tuple[Path, dict[str, object], str]) -> None:
-    """Runs last in this file: it brings the module's stack down (the fixture's own down is then a no-op)."""
-    home, connection, _ = running_stack
+def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A stack of its own: pytest-xdist's work stealing may run the module's other tests after this one."""
+    require_services()
+    home = tmp_path
+    up = stack_cli(home, "up", "--timeout", "120")
+    try:
+        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+        check_down(home, json.loads((home / "stack" / "connection.json").read_text()))
+    finally:
+        stack_cli(home, "down", "--timeout", "20")
+
+
+def check_down(home: Path, connection: dict[str, object]) -> None:
     state = LocalStack(home).load_state()
     pids = {name: (r.pid, r.started) for name, r in state.items() if r.pid is not None}
     assert set(pids) == {"redis", "s3", "flower", "worker"}
@@ -283,3 +415,4 @@ def test_down_leaves_no_process_behind(running_stack: tuple[Path, dict[str, obje
     assert (home / "stack" / "redis.log").exists()  # logs stay for post-mortems
     status = stack_cli(home, "status")
     assert status.returncode == 3 and "no stack is running" in status.stdout
+

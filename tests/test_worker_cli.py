@@ -286,8 +286,28 @@ def test_flower_on_loopback_opens_the_api(clean_env: pytest.MonkeyPatch) -> None
     clean_env.setattr(app, "start", calls.append)
     result = CliRunner().invoke(wcli.flower_command, [], env={"DEBLUR_FLOWER_PORT": "5999"})
     assert result.exit_code == 0, result.output
-    assert calls == [["flower", "--address=127.0.0.1", "--port=5999"]]
+    assert calls == [["flower", "--address=127.0.0.1", "--port=5999", "--purge_offline_workers=300"]]
     assert os.environ["FLOWER_UNAUTHENTICATED_API"] == "1"
+
+
+def test_flower_forgets_a_worker_that_died_without_a_goodbye(clean_env: pytest.MonkeyPatch) -> None:
+    """Without --purge_offline_workers a SIGKILLed worker stays at flower_worker_online 1 and DeblurNoWorkers
+    never fires. Every Flower the project starts (the stack, Compose, Kubernetes) goes through this command."""
+    from tornado.options import options
+
+    import flower.options  # noqa: F401  (defines Flower's options)
+    from jobs.celery_app import app
+
+    calls: list[list[str]] = []
+    clean_env.setattr(app, "start", calls.append)
+    result = CliRunner().invoke(wcli.flower_command, ["--address", "0.0.0.0", "--basic-auth", "ops:pw"])
+    assert result.exit_code == 0, result.output
+    (purge,) = [arg for arg in calls[0] if arg.startswith("--purge_offline_workers=")]
+    name, _, seconds = purge[2:].partition("=")
+    # the name Flower defines (tornado spells it with dashes inside), in seconds
+    option = options._options[name.replace("_", "-")]
+    assert option.type is int and "seconds" in option.help
+    assert int(seconds) == wcli.FLOWER_PURGE_OFFLINE_WORKERS_S == 300
 
 
 def test_flower_basic_auth_goes_through_the_environment(clean_env: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,9 @@ DEFAULT_HOSTNAME = "deblur@%h"
 # Signals the supervisor hands on to its workers (Celery: TERM/INT warm shutdown, QUIT cold).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Flower forgets a worker this many seconds after its last heartbeat (its /metrics, flower_worker_online
+# included): without it a SIGKILLed worker stays "online" there for good and DeblurNoWorkers never fires.
+FLOWER_PURGE_OFFLINE_WORKERS_S = 300
 
 
 class GpuSelectionError(click.BadParameter):
@@ -372,7 +375,9 @@ def flower_command(address: str | None, port: int | None, basic_auth: str | None
     """Run Flower, the Celery monitor, for the configured broker.
 
     The web UI and /api/workers, /api/tasks show workers and tasks; /metrics
-    serves Prometheus text (always without authentication, for scrapers).
+    serves Prometheus text (always without authentication, for scrapers). A
+    worker silent for 5 minutes (killed without a goodbye) drops off the UI's
+    worker list and out of /metrics.
     """
     from jobs.settings import load_settings
 
@@ -391,7 +396,10 @@ def flower_command(address: str | None, port: int | None, basic_auth: str | None
         )
     from jobs.celery_app import app
 
-    app.start(["flower", f"--address={address}", f"--port={port}"])
+    app.start([
+        "flower", f"--address={address}", f"--port={port}",
+        f"--purge_offline_workers={FLOWER_PURGE_OFFLINE_WORKERS_S}",
+    ])  # fmt: skip
 
 
 def _main() -> None:
