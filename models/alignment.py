@@ -100,6 +100,20 @@ def _grey(image: np.ndarray) -> NDArray[np.float32]:
     return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
 
 
+def _improves(reference: NDArray[np.float32], image: NDArray[np.float32], warp: NDArray[np.float32]) -> bool:
+    """Whether ``warp`` brings ``image`` closer to ``reference`` than leaving it where it is, over the pixels the
+    warp keeps: ECC runs its iterations even from a pair already in register, and can drift away from it (an image
+    compared with itself scored 26 dB on a 32-px crop)."""
+    h, w = reference.shape
+    warped = cv2.warpPerspective(image, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    kept = cv2.warpPerspective(np.ones_like(image), warp, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    if not kept.any():
+        return False
+    return float(np.mean((warped[kept] - reference[kept]) ** 2)) < float(np.mean((image[kept] - reference[kept]) ** 2))
+
+
 @dataclass(frozen=True)
 class AlignOptions:
     """How :func:`align_to_reference` aligns.
@@ -162,10 +176,12 @@ def align_to_reference(
         correlation, warp = cv2.findTransformECC(
             _grey(x), _grey(matched), warp, cv2.MOTION_HOMOGRAPHY, criteria, None, options.gauss_filter_size
         )
-        converged = math.isfinite(correlation) and bool(np.all(np.isfinite(warp)))
+        # a correlation above 1 is ECC's arithmetic breaking down (seen on tiny images), not a fit
+        converged = math.isfinite(correlation) and correlation <= 1.0 + 1e-6 and bool(np.all(np.isfinite(warp)))
     except cv2.error:
         correlation, converged = math.nan, False
-    if not converged:
+    if not converged or not _improves(_grey(x), _grey(matched), warp):
+        # no fit, or ECC drifted from a pair already in register (then the identity is the fit: converged stays)
         warp = np.eye(3, dtype=np.float32)
 
     h, w = x.shape[:2]

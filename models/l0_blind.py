@@ -168,6 +168,7 @@ UNCONSTRAINED_FILL = 6
 UNCONSTRAINED_ALONG = 0.22
 NO_BLUR_EXTENT = 2
 NO_BLUR_EFFECT = 0.42
+FLAT_RANGE = 2.0 / 255.0  # luminance within two 8-bit levels everywhere: nothing to estimate a kernel from
 # Images whose short side is below this come back as they went in (blur_detected 0): a kernel at most a third of
 # the side (5 px here) leaves too few pixels to estimate it from, and the blur measure's 11-px box needs room.
 MIN_ESTIMATE_SIDE = 16
@@ -1352,16 +1353,19 @@ def restore(x: torch.Tensor, settings: L0Settings) -> Restored:
     channel_known = clipped_mask(x, settings, per_channel=True)
     known = None if channel_known is None else channel_known.amin(dim=1, keepdim=True)
     large_enough = min(h, w) >= MIN_ESTIMATE_SIDE
+    # a featureless image (a blank page, a black frame) has no edges to estimate a kernel from: the blur measure
+    # calls it 'very blurred' (nothing survives a box filter that was not there) and the spectrum a defocus
+    flat = (y.amax(dim=(1, 2, 3)) - y.amin(dim=(1, 2, 3))) < FLAT_RANGE
     if not large_enough:
         blurred = torch.zeros(n, dtype=torch.bool, device=x.device)
     elif settings.guard:
-        blurred = blur_effect(y) >= NO_BLUR_EFFECT
+        blurred = (blur_effect(y) >= NO_BLUR_EFFECT) & ~flat
     else:
         blurred = torch.ones(n, dtype=torch.bool, device=x.device)
     # images the blur measure calls sharp but whose spectrum says defocused: restored only with a disc (below)
     suspected = torch.zeros_like(blurred)
-    if settings.defocus and large_enough and not bool(blurred.all()):
-        rows = (~blurred).nonzero().flatten()
+    if settings.defocus and large_enough and not bool((blurred | flat).all()):
+        rows = (~blurred & ~flat).nonzero().flatten()
         suspected[rows] = blurred_by_spectrum(y[rows], _rows(known, rows), settings)
         blurred |= suspected
     side = choose_kernel_side(y[blurred], settings, _rows(known, blurred)) if bool(blurred.any()) \

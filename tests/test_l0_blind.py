@@ -252,6 +252,17 @@ def test_images_too_small_to_estimate_come_back_as_they_went_in(
     assert float(out.metrics["blur_detected"][0]) == 0.0 and float(out.metrics["kernel_size"][0]) == 1.0
 
 
+@pytest.mark.parametrize("level", [0.0, 0.5, 1.0])
+def test_a_featureless_image_is_judged_sharp_and_left_alone(level: float) -> None:
+    """A blank page or a black frame has no edge to estimate a kernel from; the blur measure once called it very
+    blurred (and the spectrum a defocus), so the estimator ran for nothing and the image was flagged as not
+    restored rather than as judged sharp."""
+    x = torch.full((1, 3, 64, 64), level)
+    out = load_model(REGISTRY.parse("l0-blind"), CPU)(x)
+    assert torch.equal(out.image, x)
+    assert float(out.metrics["blur_detected"][0]) == 0.0
+
+
 def test_linear_light_undoes_real_camera_shake(
     photos: dict[str, np.ndarray], shake: np.ndarray
 ) -> None:
