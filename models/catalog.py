@@ -72,6 +72,13 @@ CLASSIC: list[ModelInfo] = [
 
 # Other families append their entries here (kept as separate lists so each
 # family's declarations stay together).
+def _kernel_side(value: object) -> object:
+    """``l0-blind``'s kernel side: 0 (automatic) or at least 3 (a 1-pixel kernel is no blur to estimate)."""
+    if value not in (0,) and int(value) < 3:  # type: ignore[call-overload]
+        raise ValueError(f"kernel={value}: use 0 (automatic) or a side of at least 3 pixels")
+    return value
+
+
 BLIND: list[ModelInfo] = [
     ModelInfo(
         name="l0-blind",
@@ -84,9 +91,10 @@ BLIND: list[ModelInfo] = [
         ),
         factory="models.l0_blind:build_l0_blind",
         params=(
-            Param("kernel", int, 0, "odd kernel side in pixels; 0 = automatic (35, wider when a quick estimate at "
-                  "reduced resolution measures a wider blur; less on small images)",
-                  minimum=0, maximum=101),
+            Param("kernel", int, 0, "odd kernel side in pixels, at least 3 (an even one is rounded up); 0 = "
+                  "automatic (35, wider when a quick estimate at reduced resolution measures a wider blur; less on "
+                  "small images)",
+                  minimum=0, maximum=101, check=_kernel_side),
             Param("lambda", float, 2e-3, "initial L0 gradient-prior weight at each pyramid level (decays x0.9)",
                   minimum=1e-5, maximum=1.0),
             Param("iterations", int, 6, "kernel/latent alternations per pyramid level", minimum=1, maximum=50),

@@ -353,7 +353,7 @@ class PartiallyKnown:
         return out.view_as(v)
 
 
-def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iterations: int = 8,
+def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float | torch.Tensor, boundary_iterations: int = 8,
            known: torch.Tensor | None = None, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Wiener deconvolution of ``x`` (N, C, H, W) by ``kernel``.
 
@@ -364,9 +364,11 @@ def wiener(x: torch.Tensor, kernel: torch.Tensor, nsr: float, boundary_iteration
     margin is treated as missing data and refilled ``boundary_iterations``
     times with the re-blurred estimate (expectation-maximisation), so the
     solution only has to explain the pixels inside the photograph (and, with
-    ``known``, only those the mask keeps: see :func:`unsaturated_mask`).
+    ``known``, only those the mask keeps: see :func:`unsaturated_mask`). ``nsr``
+    is one number, or one per image (N, 1, 1, 1), so an image's result does not
+    depend on the noise of the others in its batch.
     """
-    if nsr <= 0:
+    if float(torch.as_tensor(nsr).min()) <= 0:
         raise ValueError(f"nsr must be > 0, got {nsr}")
     padded, margin, otf = padded_problem(x, kernel)
     mask = image_mask(padded, margin, x.shape[-2:], known)

@@ -1299,7 +1299,7 @@ def _deconvolve(x: torch.Tensor, kernels: torch.Tensor, settings: L0Settings, la
                 known: torch.Tensor | None, floor: torch.Tensor | None) -> torch.Tensor:
     """The solve behind :func:`final_deconvolution`, at a given prior weight ``lam`` and floors ``floor``."""
     if settings.final == "wiener":
-        return wiener(x, kernels, nsr=float(torch.as_tensor(lam).mean()), known=known, floor=floor)
+        return wiener(x, kernels, nsr=lam, known=known, floor=floor)  # each image at its own noise's weight
     alpha = 1.0 if settings.final == "tv" else 0.8
     if x.shape[1] != 3 or settings.chroma_weight <= 0:
         return sparse_deconv(x, kernels, lam, alpha=alpha, known=known, floor=floor)

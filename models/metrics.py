@@ -346,6 +346,10 @@ def full_reference_metrics(
             f"restored image has shape {np.shape(restored)} but the sharp image has "
             f"{np.shape(sharp)}; they must match (same size and channels)"
         )
+    if out.dtype.kind != "f" and out.dtype != ref.dtype:
+        raise MetricInputError(
+            f"restored image is {out.dtype} but the sharp image is {ref.dtype}: give the restoration as float in "
+            "[0, 1] or in the sharp image's own sample type")
     if ref.dtype.kind == "f":
         data_range = 1.0
         out = out.astype(np.float64)

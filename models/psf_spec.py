@@ -34,6 +34,8 @@ def parse_psf(text: str) -> tuple[str, dict[str, float]]:
             number = float(value)
         except ValueError:
             raise ValueError(f"PSF {kind!r}: {key} must be a number, got {value!r}") from None
+        if key in values:
+            raise ValueError(f"PSF {kind!r}: {key} is given twice in {text!r}")
         low, high, _ = allowed[key]
         if not low <= number <= high:
             raise ValueError(f"PSF {kind!r}: {key} must be within [{low}, {high}], got {number}")

@@ -229,6 +229,10 @@ def blur_image(
     if light == "linear":
         img = srgb_to_linear(np.clip(img, 0.0, 1.0))
     kh, kw = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"the kernel must have odd sides (a centre pixel), got {kh}x{kw}")
+    if mode == "valid" and (kh > img.shape[0] or kw > img.shape[1]):
+        raise ValueError(f"a {kh}x{kw} kernel does not fit in a {img.shape[0]}x{img.shape[1]} image ('valid' mode)")
     ph, pw = kh // 2, kw // 2
     chans = img[..., None] if img.ndim == 2 else img
     out = []

@@ -169,3 +169,32 @@ def test_fft_sizes_have_small_prime_factors_and_odd_ones_no_factor_two() -> None
     assert [fft_size(n) for n in (1, 7, 97, 1025)] == [1, 8, 100, 1080]
     # odd sizes (no Nyquist bin, for sub-pixel shifts) use 3, 5 and 7
     assert [fft_size(n, odd=True) for n in (1, 2, 11, 1056)] == [1, 3, 15, 1125]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("l0-blind:kernel=1", "a side of at least 3 pixels"),
+    ("l0-blind:kernel=2", "a side of at least 3 pixels"),
+    ("wiener:psf=motion:length=5,length=7", "length is given twice"),
+])
+def test_parameters_that_would_mislead_are_refused(spec: str, message: str) -> None:
+    from models.catalog import REGISTRY
+
+    with pytest.raises(Exception, match=message):
+        REGISTRY.parse(spec)
+
+
+def test_l0_blind_wiener_final_step_weighs_each_image_by_its_own_noise() -> None:
+    """final=wiener took the batch's mean noise for every image: a clean photograph batched with a noisy one came
+    out up to 0.09 different from the same photograph restored alone."""
+    import numpy as np
+    import torch
+
+    from models.deconv import wiener
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((2, 1, 32, 32))).float()
+    kernel = torch.full((2, 5, 5), 1 / 25)
+    per_image = torch.tensor([1e-3, 1e-1]).view(2, 1, 1, 1)
+    both = wiener(x, kernel, nsr=per_image)
+    alone = wiener(x[:1], kernel[:1], nsr=1e-3)
+    assert float((both[:1] - alone).abs().max()) < 1e-5

@@ -8,6 +8,7 @@ from scipy.signal import fftconvolve
 
 from models.synthetic_blur import (
     _rasterise,
+    blur_image,
     local_shake_kernel,
     random_motion_kernel,
     roll_angles,
@@ -68,3 +69,12 @@ def test_a_turning_camera_blurs_each_point_by_its_own_kernel(scene: np.ndarray) 
     for offset in ((-70, -70), (60, -70), (70, 65)):
         local = local_shake_kernel(path, angles, (float(offset[0]), float(offset[1])), 31)
         assert error_near(offset, local) < 0.3 * error_near(offset, centre_kernel)
+
+
+def test_kernels_without_a_centre_or_larger_than_a_valid_image_are_refused() -> None:
+    """scipy swaps the arguments of a 'valid' convolution with a kernel larger than the image (a 1x9 image came
+    back 9x1), and an even kernel shifts the result by half a pixel (16x16 became 17x17)."""
+    with pytest.raises(ValueError, match="odd sides"):
+        blur_image(np.zeros((16, 16)), np.ones((4, 4)) / 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        blur_image(np.zeros((1, 9)), np.ones((9, 9)) / 81, mode="valid")
