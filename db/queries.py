@@ -533,6 +533,18 @@ def _finished_before(before: datetime) -> Any:
                 ~in_flight.exists())
 
 
+def jobs_held_back(session: Session, before: datetime) -> list[str]:
+    """Jobs that finished before ``before`` but that pruning keeps, oldest first: images of theirs are still pending
+    or running (their workers may be gone: ``deblur retry JOB --stalled`` sends them again)."""
+    unfinished = aliased(Image)
+    in_flight = select(unfinished.id).where(unfinished.job_id == Job.id,
+                                            unfinished.status.in_(("pending", "running")))
+    return list(session.scalars(
+        select(Job.id).where(Job.status.in_(FINISHED_JOB_STATUSES),
+                             func.coalesce(Job.finished_at, Job.updated_at) < before, in_flight.exists())
+        .order_by(func.coalesce(Job.finished_at, Job.updated_at), Job.id)))
+
+
 def prunable_jobs(session: Session, before: datetime) -> list[tuple[str, int]]:
     """(id, images recorded) of every job that finished before ``before`` and has no image pending or running
     (:func:`_finished_before`), oldest first."""

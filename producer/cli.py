@@ -765,10 +765,10 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
     when = cutoff_for(older_than).strftime("%Y-%m-%d %H:%M UTC")
     if not dry_run:
         counted = prune_jobs(settings, older_than, dry_run=True)
-        if not counted.jobs:
+        if not counted.jobs and not counted.held_back:
             console.print(f"no job finished before {when}; nothing to prune")
             return
-        if not yes:
+        if not yes and counted.jobs:
             click.confirm(f"delete {plural(counted.jobs, 'job')} that finished before {when}, with the rows of "
                           f"{plural(counted.images, 'image')} (storage is not touched)?", abort=True)
     if dry_run:
@@ -783,6 +783,11 @@ def db_prune(older_than: float, dry_run: bool, yes: bool) -> None:
     console.print(f"{verb} {plural(pruned.jobs, 'job')} that finished before {when}, with the rows of "
                   f"{plural(pruned.images, 'image')}; storage untouched"
                   + (f"; kept {pruned.kept} retried meanwhile" if pruned.kept else ""))
+    if pruned.held_back:
+        shown = ", ".join(pruned.held_back[:3]) + (", ..." if len(pruned.held_back) > 3 else "")
+        console.print(f"kept {plural(len(pruned.held_back), 'finished job')} with images still pending or running "
+                      f"({shown}): they go once those finish; if their workers are gone, 'deblur retry JOB "
+                      "--stalled' sends them again")
 
 
 def _safe_url(url: str) -> str:

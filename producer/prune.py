@@ -12,7 +12,7 @@ keep their weights.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from db import queries
@@ -23,11 +23,13 @@ from jobs.settings import Settings
 
 @dataclass
 class Pruned:
-    """Jobs (and their images) deleted, or that would be with ``dry_run``; ``kept`` were retried meanwhile."""
+    """Jobs (and their images) deleted, or that would be with ``dry_run``; ``kept`` were retried meanwhile;
+    ``held_back`` finished in time but have images still pending or running, oldest first."""
 
     jobs: int = 0
     images: int = 0
     kept: int = 0
+    held_back: list[str] = field(default_factory=list)
 
 
 def cutoff_for(days: float, now: datetime | None = None) -> datetime:
@@ -55,7 +57,7 @@ def prune_jobs(settings: Settings, older_than_days: float, dry_run: bool = False
     before = cutoff_for(older_than_days)
     with session_scope(url) as session:
         candidates = queries.prunable_jobs(session, before)
-    found = Pruned()
+        found = Pruned(held_back=queries.jobs_held_back(session, before))
     for index, (job_id, images) in enumerate(candidates, start=1):
         if dry_run:
             found.jobs, found.images = found.jobs + 1, found.images + images

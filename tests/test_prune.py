@@ -5,6 +5,7 @@ Runs against the session's real databases (SQLite and PostgreSQL), with jobs in 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import timedelta
 
@@ -133,6 +134,10 @@ def test_a_finished_job_is_kept_while_images_of_it_are_pending_or_running(env) -
     result = CliRunner().invoke(main, ["db", "prune", "--older-than", "90", "--yes"])
     assert result.exit_code == 0, result.output
     assert _counts(url, every) == {cancelled: (3, 6), abandoned: (3, 6)}
+    said = " ".join(result.output.split())
+    # (at least these two: the PostgreSQL database is shared by the session's tests)
+    assert re.search(r"kept \d+ finished jobs with images still pending or running", said) and cancelled in said
+    assert "deblur retry JOB --stalled" in said
 
     with session_scope(url) as session:  # their images reach an outcome: both may go now
         queries.record_outcomes(session, cancelled, [queries.ImageOutcome(f"s3://b/in/{cancelled}/0.png", "done")])
