@@ -7,6 +7,7 @@ Every option also reads an environment variable ``DEBLUR_TRAIN_<OPTION>``
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -44,7 +45,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
               help="Run directory: train.log, last.pt (checkpoint for --resume), best.safetensors (best validation) "
                    "and last.safetensors (latest epoch) go here.")
 @click.option("--pairs", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=_env("pairs"),
-              help="Folder of real blurred/sharp pairs in GoPro layout (SCENE/blur/X.png next to SCENE/sharp/X.png).")
+              help="Folder of real blurred/sharp pairs in GoPro layout (SCENE/blur/X.png next to SCENE/sharp/X.png); "
+                   "with two scenes or more, whole scenes are held out for validation.")
 @click.option("--blurred-prefix", envvar=_env("blurred_prefix"),
               help="S3 prefix of blurred images (s3://bucket/blur/); pairs with --sharp-prefix by relative key.")
 @click.option("--sharp-prefix", envvar=_env("sharp_prefix"), help="S3 prefix of the matching sharp images.")
@@ -62,7 +64,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
                    "in all three channels), so the model also learns monochrome photographs; the shipped "
                    "refiners and seed002-unet were fine-tuned with 0.3.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.1, show_default=True,
-              envvar=_env("val_fraction"), help="Share of images or pairs held out for validation.")
+              envvar=_env("val_fraction"),
+              help="Share of images, pairs or scenes held out for validation, chosen by a hash of each one's name "
+                   "(the same whatever --seed, and adding files moves none of the others); at least one of two or "
+                   "more. Without validation no best weights are chosen.")
 @click.option("--val-count", type=click.IntRange(1), default=16, show_default=True, envvar=_env("val_count"),
               help="Validation crops drawn from the held-out images (synthetic blur, fixed seed).")
 @click.option("--val-size", type=click.IntRange(32), default=192, show_default=True, envvar=_env("val_size"),
@@ -117,9 +122,11 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--init", "init_weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar=_env("init"), help="Start from these .safetensors weights (fine-tuning) instead of random ones.")
 @click.option("--resume/--no-resume", default=False, envvar=_env("resume"),
-              help="Continue from OUTPUT/last.pt if it exists.")
+              help="Continue from OUTPUT/last.pt if it exists. Without it, an OUTPUT holding a run is refused. "
+                   "Ctrl-C or SIGTERM saves last.pt at the current step, so a resume goes on from there.")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path), envvar=_env("export"),
-              help="Also copy the best weights (.safetensors) here whenever validation improves.")
+              help="Also copy the best weights (.safetensors) here whenever validation improves (without "
+                   "validation data: the latest weights, every epoch).")
 @click.option("--device", default="auto", show_default=True, envvar=_env("device"),
               help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, envvar=_env("threads"),
@@ -195,10 +202,19 @@ def train_command(
 
     from models.learned import default_prior, resolve_arch
     from models.training import data as D
-    from models.training.loop import TrainConfig, train
+    from models.training.loop import TrainConfig, TrainingInterrupted, check_output, train
+
+    def say(message: str) -> None:
+        click.echo(message, err=True)
 
     torch.set_num_threads(threads)
     try:
+        data_options = [name for name, given in (("--pairs", pairs is not None),
+                                                 ("--blurred-prefix/--sharp-prefix", bool(blurred_prefix or sharp_prefix)),
+                                                 ("--sharp", sharp_dir is not None)) if given]
+        if len(data_options) > 1:
+            raise InputError(f"{' and '.join(data_options)} are different training data: choose one")
+        check_output(output, resume)  # before loading data or running a prior: a finished run is not overwritten
         arch_name, arch_kwargs = resolve_arch(arch)
         arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
         prior = prior or default_prior(arch)
@@ -208,7 +224,6 @@ def train_command(
             prior = in_light(REGISTRY.parse(prior), "linear").to_text()  # as the refiner will run it
         if int(arch_kwargs.get("in_channels", 3)) == 6 and not prior:  # type: ignore[call-overload]
             raise InputError("a refiner (in_channels=6) needs --prior, e.g. --prior l0-blind")
-        rng = np.random.default_rng(seed)
         validation: list[tuple[np.ndarray, np.ndarray]]
         synthetic_only = [name for name, given in (("--prior", bool(prior)), ("--light", light != "encoded"),
                                                    ("--grey-share", grey_share > 0)) if given]
@@ -221,31 +236,37 @@ def train_command(
             )
         if pairs is not None or blurred_prefix or sharp_prefix:
             if pairs is not None:
-                loaded = D.pairs_from_folder(pairs)
+                loaded = D.named_pairs_from_folder(pairs, report=say)
                 described = f"pairs from folder {pairs.name}"
             else:
                 if not (blurred_prefix and sharp_prefix):
                     raise InputError("give both --blurred-prefix and --sharp-prefix for S3 pairs")
-                loaded = D.pairs_from_s3(blurred_prefix, sharp_prefix)
+                loaded = D.named_pairs_from_s3(blurred_prefix, sharp_prefix, report=say)
                 described = f"pairs from {blurred_prefix} / {sharp_prefix}"
-            order = rng.permutation(len(loaded))
-            n_val = round(val_fraction * len(loaded)) if len(loaded) > 1 else 0
-            val_pairs = [loaded[i] for i in order[:n_val]]
-            source: D.PairSource = D.PairedImages([loaded[i] for i in order[n_val:]])
-            validation = [(b[:val_size, :val_size], s[:val_size, :val_size]) for b, s in val_pairs]
+            train_pairs, val_pairs, unit = D.split_pairs(loaded, val_fraction)
+            D.check_patch_fits([(p.file, p.blurred) for p in train_pairs], patch)
+            source: D.PairSource = D.PairedImages([(p.blurred, p.sharp) for p in train_pairs])
+            validation = [(p.blurred[:val_size, :val_size], p.sharp[:val_size, :val_size]) for p in val_pairs]
+            split = D.Split(tuple(p.name for p in train_pairs), tuple(p.name for p in val_pairs))
+            if unit == "scene":
+                scenes = sorted({p.scene for p in val_pairs})
+                described += (f"; validation: {len(val_pairs)} pairs of {len(scenes)} unseen "
+                              f"scene{'s' if len(scenes) != 1 else ''} ({', '.join(scenes[:5])}"
+                              f"{', ...' if len(scenes) > 5 else ''})")
+            elif val_pairs:
+                described += f"; validation: {len(val_pairs)} of {len(loaded)} pairs of one scene"
         else:
             if sharp_dir is not None:
                 files = sorted(p for p in sharp_dir.rglob("*") if p.suffix.lower() in D.IMAGE_SUFFIXES)
                 if not files:
                     raise InputError(f"no images ({', '.join(D.IMAGE_SUFFIXES)}) under {str(sharp_dir)!r}")
                 photos = {p.relative_to(sharp_dir).as_posix(): D.read_image(p) for p in files}
-                names = sorted(photos)
-                held = [names[i] for i in rng.permutation(len(names))[: round(val_fraction * len(names))]]
-                train_imgs, val_imgs = D.split_photographs(photos, held)
+                train_imgs, val_imgs = D.split_photographs(photos, D.held_out_names(sorted(photos), val_fraction))
                 described = f"synthetic blur of {len(train_imgs)} images from {sharp_dir.name}"
             else:
                 train_imgs, val_imgs = D.split_photographs(D.package_photographs())
                 described = f"synthetic blur of {len(train_imgs)} package photographs"
+            split = D.Split(tuple(sorted(train_imgs)), tuple(sorted(val_imgs)))
             synth = D.BlurSynthesizer(linear_prob={"encoded": 0.0, "linear": 1.0, "mixed": 0.5}[light],
                                       grey_prob=grey_share)
             if synth.recipe:
@@ -275,14 +296,27 @@ def train_command(
             seed=seed, init=init_weights, resume=resume, max_minutes=max_minutes, export=export, device=device, progress=progress,
             data_description=described, prior=prior or "",
         )
-        click.echo(f"training {arch_name} {arch_kwargs} on {described}; logging to {output / 'train.log'}", err=True)
-        reports = train(config, source, validation)
+        if not validation:
+            say(f"warning: nothing is held out for validation ({len(split.training)} training item"
+                f"{'s' if len(split.training) != 1 else ''}, --val-fraction {val_fraction:g}): no best weights are "
+                f"chosen, only the latest are written (last.safetensors{', and to --export' if export else ''}); "
+                "give two images or more and a --val-fraction above 0 to validate")
+        say(f"training {arch_name} {arch_kwargs} on {described}; logging to {output / 'train.log'}")
+        reports = train(config, source, validation, split)
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
+    except TrainingInterrupted as exc:
+        say(f"stopped at step {exc.step}: checkpoint saved to {exc.checkpoint}; to go on from there, run the same "
+            "command with --resume")
+        sys.exit(exc.exit_code)
     if reports:
         last = reports[-1]
-        click.echo(
-            f"step {last.step}: validation PSNR {last.val_psnr:.2f} dB (blurred input {last.input_psnr:.2f} dB, "
-            f"gain {last.gain_db:+.2f} dB), SSIM {last.val_ssim:.4f}; best weights: {output / 'best.safetensors'}, "
-            f"latest: {output / 'last.safetensors'}"
-        )
+        if validation:
+            click.echo(
+                f"step {last.step}: validation PSNR {last.val_psnr:.2f} dB (blurred input {last.input_psnr:.2f} dB, "
+                f"gain {last.gain_db:+.2f} dB), SSIM {last.val_ssim:.4f}; best weights: {output / 'best.safetensors'}, "
+                f"latest: {output / 'last.safetensors'}"
+            )
+        else:
+            click.echo(f"step {last.step}: training loss {last.train_loss:.5f}; not validated, so no best weights; "
+                       f"latest: {output / 'last.safetensors'}")

@@ -66,6 +66,7 @@ def test_a_model_error_fails_that_file_alone(tmp_path: Path, monkeypatch: pytest
 
     assert result.exit_code == 1, result.output
     assert f"failed {files[1]}: RuntimeError: padding size" in result.output
+    assert result.output.rstrip().endswith("1 of 3 failed")  # a closing count, after the per-file lines
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
 
 
@@ -164,3 +165,71 @@ def test_restore_with_linear_light_undoes_a_shake_that_blurred_light(tmp_path: P
     assert errors["linear"] < 0.4 * errors["encoded"]  # measured: 0.0013 against 0.0114
     result = CliRunner().invoke(main, ["restore", str(png), "--output", str(tmp_path / "x"), "--light", "gamma"])
     assert result.exit_code == 2 and "gamma" in result.output
+
+
+def test_symlinked_folders_are_followed_once_each(tmp_path: Path) -> None:
+    """rglob does not enter symlinked folders; the walk does, and a link loop or a second link to a folder
+    already read is skipped with a note, as is a link to nothing."""
+    from producer.cli import main
+
+    scans, elsewhere = tmp_path / "scans", tmp_path / "elsewhere"
+    for folder in (scans / "1950", elsewhere):
+        folder.mkdir(parents=True)
+    for path in (scans / "a.png", scans / "1950" / "b.png", elsewhere / "linked.png"):
+        cv2.imwrite(str(path), np.full((24, 32, 3), 90, np.uint8))
+    (scans / "trip").symlink_to(elsewhere, target_is_directory=True)
+    (scans / "1950" / "loop").symlink_to(scans, target_is_directory=True)
+    (scans / "gone.png").symlink_to(tmp_path / "missing.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", str(scans), "--output", str(out), "--model", "wiener"])
+
+    assert result.exit_code == 0, result.output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["1950/b.png", "a.png", "trip/linked.png"]
+    text = " ".join(result.output.split())
+    assert f"skipped 1 linked folder already read under another path (a link loop or a second link): " \
+           f"{scans / '1950' / 'loop'}" in text
+    assert f"skipped 1 link to nothing: {scans / 'gone.png'}" in text
+    assert text.endswith("3 of 3 restored")
+    # a link into the output folder would read the outputs back as inputs
+    (scans / "restored").symlink_to(out, target_is_directory=True)
+    result = CliRunner().invoke(main, ["restore", str(scans), "--output", str(out), "--model", "wiener"])
+    assert result.exit_code == 2 and "is a link into output folder" in result.output
+
+
+def test_an_interrupted_write_leaves_no_output_that_looks_finished(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.messages import BatchMessage, ImageItem
+    from worker import local_restore
+
+    png = tmp_path / "photo.png"
+    cv2.imwrite(str(png), np.full((24, 24, 3), 128, np.uint8))
+    message = BatchMessage(job_id="local", kind="deblur", models=["wiener"], sidecar=True,
+                           images=[ImageItem(input=str(png))])
+
+    def interrupted(src: object, dst: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_restore.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        local_restore.restore_file(png, tmp_path / "out" / "photo.png", message)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its temporary file
+    monkeypatch.undo()
+    local_restore.restore_file(png, tmp_path / "out" / "photo.png", message)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo.png", "photo.png.deblur.json"]
+
+
+def test_a_model_that_cannot_be_loaded_stops_the_run_before_the_first_file(tmp_path: Path) -> None:
+    from producer.cli import main
+
+    files = []
+    for name in ("a.png", "b.png"):
+        files.append(tmp_path / name)
+        cv2.imwrite(str(files[-1]), np.full((24, 24, 3), 128, np.uint8))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", *map(str, files), "--output", str(out),
+                                       "--model", f"nafnet-gopro:path={tmp_path / 'missing.pth'}"])
+
+    assert result.exit_code == 2, result.output
+    assert result.output.count("missing.pth") == 1 and "does not exist" in result.output
+    assert "failed" not in result.output and not out.exists()

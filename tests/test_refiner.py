@@ -221,7 +221,8 @@ def test_cli_trains_a_refiner_on_a_cached_prior(tmp_path: Path, photo: np.ndarra
         meta = fh.metadata()
     assert meta["prior"] == CHEAP_PRIOR and json.loads(meta["arch_kwargs"])["in_channels"] == 6
     assert "the prior" in (tmp_path / "run" / "train.log").read_text()
-    too_big = runner.invoke(train_command, [*args[:-2], "--patch", "96", "--no-progress"])
+    too_big = runner.invoke(train_command, [*args[:2], str(tmp_path / "big"), *args[3:-2], "--patch", "96",
+                                            "--no-progress"])
     assert too_big.exit_code != 0 and "--prior-size" in too_big.output
     # trained on blur in linear light, the refiner's prior runs there too, and its weights say so
     linear = [*args[:2], str(tmp_path / "linear"), *args[3:], "--light", "linear"]

@@ -333,3 +333,272 @@ def test_pairs_from_s3_prefixes(s3_endpoint: str, photo: np.ndarray) -> None:
     assert pairs[0][0].shape == photo.shape
     with pytest.raises(InputError, match="no pairs"):
         pairs_from_s3("s3://train-pairs/sharp/a/", "s3://train-pairs/blur/x/", client=client)
+
+
+# --- runs are not lost: refusal to overwrite, interruption, atomic copies -------------------------------------------
+
+def test_a_new_run_into_a_folder_holding_one_is_refused(tmp_path: Path, photo: np.ndarray) -> None:
+    from models.train_cli import train_command
+
+    run, export = tmp_path / "run", tmp_path / "deploy" / "model.safetensors"
+    train(_config(run, steps=10, export=export), *_data(photo))
+    kept = {p: p.read_bytes() for p in (run / "best.safetensors", run / "last.pt", run / "last.safetensors", export)}
+    with pytest.raises(InputError, match="holds a run at step 10; pass --resume to go on, or choose another --output"):
+        train(_config(run, steps=20, export=export), *_data(photo))
+    # the CLI refuses before loading any data, with the exit code of its other input errors
+    result = CliRunner().invoke(train_command, ["seed002", "-o", str(run), "--steps", "20", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert f"{run} holds a run at step 10; pass --resume to go on, or choose another --output" in result.output
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert [r.step for r in train(_config(run, steps=20, resume=True), *_data(photo))] == [20]  # resuming is fine
+
+
+def _signal_from_a_thread(signum: int) -> None:
+    """Send this process ``signum`` from another thread (the main thread's handler runs once it is back)."""
+    import os
+    import threading
+
+    sender = threading.Thread(target=os.kill, args=(os.getpid(), signum))
+    sender.start()
+    sender.join()
+
+
+class _SignalAtBatch:
+    """A pair source that has ``signum`` sent to this process while drawing its ``at``-th batch (mid-step)."""
+
+    def __init__(self, inner: SyntheticPairs, at: int, signum: int) -> None:
+        self.inner, self.at, self.signum, self.calls = inner, at, signum, 0
+
+    def batch(self, size: int, patch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.calls == self.at:
+            _signal_from_a_thread(self.signum)
+        return self.inner.batch(size, patch, rng)
+
+    def state_dict(self) -> dict[str, object]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_ctrl_c_mid_epoch_saves_that_step_and_the_resume_matches_an_unbroken_run(
+    tmp_path: Path, photo: np.ndarray
+) -> None:
+    import signal
+
+    from models.training.loop import TrainingInterrupted
+
+    cfg = {"steps": 20, "schedule": "cosine"}  # a per-step schedule, restored exactly too
+    straight = train(_config(tmp_path / "straight", **cfg), *_data(photo))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    source, val = _data(photo)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(_config(tmp_path / "split", **cfg), _SignalAtBatch(source, 7, signal.SIGINT), val)
+    assert (stopped.value.step, stopped.value.exit_code) == (7, 130)
+    assert stopped.value.checkpoint == tmp_path / "split" / "last.pt"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+    ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["running_count"]) == (7, 0, 7)  # no epoch counted, no validation
+    assert "stopped by SIGINT at step 7" in (tmp_path / "split" / "train.log").read_text()
+    resumed = train(_config(tmp_path / "split", resume=True, **cfg), *_data(photo))
+    assert [r.step for r in resumed] == [10, 20]
+    assert [(r.train_loss, r.val_psnr, r.lr) for r in resumed] == [(r.train_loss, r.val_psnr, r.lr) for r in straight]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigterm_stops_the_cli_with_exit_143_and_says_how_to_resume(
+    tmp_path: Path, photo: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from models.train_cli import train_command
+
+    sharp = tmp_path / "sharp"
+    sharp.mkdir()
+    for name, img in (("a.png", photo), ("b.png", photo[:, ::-1])):
+        cv2.imwrite(str(sharp / name), cv2.cvtColor((img * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+    real_batch = SyntheticPairs.batch
+    calls: list[int] = []
+
+    def batch(self: SyntheticPairs, *args: object) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(1)
+        if len(calls) == 3:
+            _signal_from_a_thread(signal.SIGTERM)
+        return real_batch(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SyntheticPairs, "batch", batch)
+    run = tmp_path / "run"
+    args = ["seed002", "-o", str(run), "--sharp", str(sharp), "--steps-per-epoch", "4", "--patch", "32",
+            "--batch-size", "2", "--arch-option", "width=4", "--val-count", "1", "--val-size", "32", "--no-progress"]
+    stopped = CliRunner().invoke(train_command, [*args, "--steps", "1000"])
+    assert stopped.exit_code == 143, stopped.output
+    assert (f"stopped at step 3: checkpoint saved to {run / 'last.pt'}; to go on from there, run the same command "
+            "with --resume") in " ".join(stopped.output.split())
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["running_count"]) == (3, 0, 3)
+    assert not (run / "best.safetensors").exists()  # nothing validated yet
+    resumed = CliRunner().invoke(train_command, [*args, "--steps", "5", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "step 5: validation PSNR" in resumed.output
+    assert "resumed from" in (run / "train.log").read_text()
+
+
+def test_best_weights_and_export_are_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from models.training.loop import _replace_with_copy
+
+    source, target = tmp_path / "new.safetensors", tmp_path / "deploy" / "model.safetensors"
+    source.write_bytes(b"new weights" * 1000)
+    target.parent.mkdir()
+    target.write_bytes(b"old weights")
+
+    def torn(src: object, dst: object, *args: object) -> None:
+        dst.write(b"new wei")  # type: ignore[attr-defined]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", torn)
+    with pytest.raises(OSError, match="No space"):
+        _replace_with_copy(source, target)
+    assert target.read_bytes() == b"old weights" and sorted(target.parent.iterdir()) == [target]
+    monkeypatch.undo()
+    _replace_with_copy(source, target)
+    assert target.read_bytes() == source.read_bytes() and sorted(target.parent.iterdir()) == [target]
+
+
+# --- which data is trained on and validated on ---------------------------------------------------------------------
+
+def test_validation_split_is_by_a_hash_of_each_name(tmp_path: Path, photo: np.ndarray) -> None:
+    from models.training.data import Split, held_out_names
+
+    names = [f"img{i:03d}.png" for i in range(200)]
+    held = set(held_out_names(names, 0.1))
+    assert 10 <= len(held) <= 30  # about a tenth
+    grown = set(held_out_names(names + [f"new{i}.png" for i in range(100)], 0.1))
+    assert grown & set(names) == held  # adding files moves none of the others
+    assert set(held_out_names(names[:100], 0.1)) == held & set(names[:100])  # nor does removing some
+    assert held_out_names(list(reversed(names)), 0.1) == sorted(held)  # the order does not matter
+    # small sets: at least one held out of two or more, none of one, none when asked for none
+    assert len(held_out_names(["a.png", "b.png", "c.png"], 0.1)) == 1
+    assert len(held_out_names(["a.png", "b.png"], 0.9)) == 1  # and something is left to train on
+    assert held_out_names(["a.png"], 0.1) == [] and held_out_names(names, 0.0) == []
+    # a resume whose split would train on a held-out item (or validate on a trained one) is refused
+    train(_config(tmp_path, steps=10), *_data(photo), split=Split(("a", "b"), ("c",)))
+    with pytest.raises(InputError, match=r"would train on 1 item\(s\) it held out for validation \(c\)"):
+        train(_config(tmp_path, steps=20, resume=True), *_data(photo), split=Split(("a", "b", "c"), ()))
+    with pytest.raises(InputError, match=r"validate on 1 item\(s\) it trained on \(b\)"):
+        train(_config(tmp_path, steps=20, resume=True), *_data(photo), split=Split(("a",), ("b", "c")))
+    # a new file on either side is fine
+    reports = train(_config(tmp_path, steps=20, resume=True), *_data(photo), split=Split(("a", "b", "d"), ("c", "e")))
+    assert [r.step for r in reports] == [20]
+
+
+def _write_scenes(root: Path, scenes: dict[str, int], size: tuple[int, int] = (40, 48)) -> None:
+    rng = np.random.default_rng(0)
+    for scene, frames in scenes.items():
+        for kind in ("blur", "sharp"):
+            (root / scene / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(frames):
+            img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / scene / "sharp" / f"{i:03d}.png"), img)
+            cv2.imwrite(str(root / scene / "blur" / f"{i:03d}.png"), cv2.GaussianBlur(img, (5, 5), 1.5))
+
+
+def test_gopro_pairs_are_split_by_scene(tmp_path: Path) -> None:
+    from models.training.data import held_out_names, named_pairs_from_folder, split_pairs
+
+    _write_scenes(tmp_path / "gopro", {f"GOPR{i:04d}": 3 for i in range(12)})
+    pairs = named_pairs_from_folder(tmp_path / "gopro")
+    assert pairs[0].name == "GOPR0000/blur/000.png" and pairs[0].scene == "GOPR0000"
+    training, validation, unit = split_pairs(pairs, 0.1)
+    assert unit == "scene" and validation and training
+    val_scenes = {p.scene for p in validation}
+    assert not val_scenes & {p.scene for p in training}  # validation scenes are unseen
+    assert len(validation) == 3 * len(val_scenes)  # whole scenes
+    # one scene: frames are the unit
+    _write_scenes(tmp_path / "one", {"only": 4})
+    training, validation, unit = split_pairs(named_pairs_from_folder(tmp_path / "one"), 0.1)
+    assert unit == "pair" and training and validation
+    assert sorted(p.name for p in validation) == held_out_names([f"only/blur/{i:03d}.png" for i in range(4)], 0.1)
+
+
+def test_a_mismatched_pair_is_refused_when_loaded_naming_both_files(tmp_path: Path) -> None:
+    _write_scenes(tmp_path, {"S": 2})
+    cv2.imwrite(str(tmp_path / "S" / "blur" / "001.png"), np.zeros((32, 48, 3), np.uint8))
+    expected = (f"blurred '{tmp_path / 'S' / 'blur' / '001.png'}' is 48x32 pixels but its sharp partner "
+                f"'{tmp_path / 'S' / 'sharp' / '001.png'}' is 48x40")
+    with pytest.raises(InputError) as error:
+        pairs_from_folder(tmp_path)
+    assert expected in str(error.value)
+
+
+def test_unmatched_files_are_reported_and_data_options_are_exclusive(tmp_path: Path, photo: np.ndarray) -> None:
+    from models.train_cli import train_command
+    from models.training.data import named_pairs_from_folder
+
+    _write_gopro(tmp_path / "data", photo)  # with blur/extra.png, which has no sharp partner
+    (tmp_path / "data" / "scene1" / "blur" / "x.jpg").write_bytes(b"")
+    (tmp_path / "data" / "scene1" / "sharp" / "x.png").write_bytes(b"")
+    said: list[str] = []
+    assert len(named_pairs_from_folder(tmp_path / "data", report=said.append)) == 3
+    assert said == ["matched 3 pairs; left out 2 blurred files without a sharp partner of the same name and "
+                    "extension (scene1/blur/extra.png, scene1/blur/x.jpg); left out 1 sharp file without a blurred "
+                    "partner (scene1/sharp/x.png)"]
+    result = CliRunner().invoke(train_command, ["seed002", "-o", str(tmp_path / "run"), "--pairs",
+                                                str(tmp_path / "data"), "--sharp", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "--pairs and --sharp are different training data: choose one" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_small_images_and_small_data_are_handled_at_load(tmp_path: Path) -> None:
+    """Images smaller than the patch are refused by name at load; one pair trains without validation and claims
+    no best weights; three pairs hold one out."""
+    from models.train_cli import train_command
+
+    _write_scenes(tmp_path / "three", {"S": 3}, size=(64, 64))
+    args = ["seed002", "--pairs", str(tmp_path / "three"), "--arch-option", "width=4", "--batch-size", "2",
+            "--steps", "2", "--steps-per-epoch", "1", "--no-progress"]
+    small = CliRunner().invoke(train_command, [*args, "-o", str(tmp_path / "a")])
+    assert small.exit_code == 2, small.output
+    assert "is 64x64 pixels, smaller than the 128-pixel training patch (and 1 more training image): pass --patch " \
+           "64 or smaller" in " ".join(small.output.split())
+    assert str(tmp_path / "three" / "S" / "blur") in small.output.replace("\n", "")
+    three = CliRunner().invoke(train_command, [*args, "-o", str(tmp_path / "b"), "--patch", "32"])
+    assert three.exit_code == 0, three.output
+    assert "validation: 1 of 3 pairs of one scene" in three.output and "best weights:" in three.output
+    _write_scenes(tmp_path / "one", {"S": 1}, size=(64, 64))
+    export = tmp_path / "deploy" / "m.safetensors"
+    args[2] = str(tmp_path / "one")
+    one = CliRunner().invoke(train_command, [*args, "-o", str(tmp_path / "c"), "--patch", "32", "--export", str(export)])
+    assert one.exit_code == 0, one.output
+    assert "warning: nothing is held out for validation" in one.output
+    assert "not validated, so no best weights; latest:" in one.output and "best.safetensors" not in one.output
+    assert not (tmp_path / "c" / "best.safetensors").exists()
+    assert export.read_bytes() == (tmp_path / "c" / "last.safetensors").read_bytes()
+
+
+def test_s3_pairs_report_unmatched_keys_and_refuse_a_mismatched_pair(s3_endpoint: str, photo: np.ndarray) -> None:
+    import boto3
+
+    from models.training.data import named_pairs_from_s3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="train-mismatch")
+    png = cv2.imencode(".png", (photo[..., ::-1] * 255).astype(np.uint8))[1].tobytes()
+    crop = cv2.imencode(".png", (photo[:80, :, ::-1] * 255).astype(np.uint8))[1].tobytes()
+    for key, body in (("blur/a/1.png", png), ("sharp/a/1.png", png), ("blur/b/2.png", png), ("sharp/b/2.png", png),
+                      ("blur/only.png", png)):
+        client.put_object(Bucket="train-mismatch", Key=key, Body=body)
+    said: list[str] = []
+    pairs = named_pairs_from_s3("s3://train-mismatch/blur/", "s3://train-mismatch/sharp/", client=client,
+                                report=said.append)
+    assert [(p.name, p.scene) for p in pairs] == [("a/1.png", "a"), ("b/2.png", "b")]
+    assert said == ["matched 2 pairs; left out 1 blurred file without a sharp partner of the same name and extension "
+                    "(s3://train-mismatch/blur/only.png)"]
+    client.put_object(Bucket="train-mismatch", Key="blur/b/2.png", Body=crop)
+    with pytest.raises(InputError, match=r"blurred 's3://train-mismatch/blur/b/2.png' is 128x80 pixels but its sharp "
+                                         r"partner 's3://train-mismatch/sharp/b/2.png' is 128x96"):
+        named_pairs_from_s3("s3://train-mismatch/blur/", "s3://train-mismatch/sharp/", client=client)

@@ -8,6 +8,7 @@ will produce.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,16 +32,59 @@ from producer.inputs import describe_ignored, ignored_kind
 console = Console(stderr=True)
 
 
+def _folder_files(folder: Path, output: Path, notes: list[str] | None) -> list[Path]:
+    """Every file under ``folder``, symlinked folders followed (each real folder read once, so a link loop
+    ends); what was skipped (folders reached a second time, links to nothing) is described in ``notes``.
+
+    Raises:
+        InputError: a folder reached through a link is the output folder or lies inside it.
+    """
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    again: list[str] = []
+    broken: list[str] = []
+    top = Path(os.path.realpath(folder))
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()  # a folder reached twice is kept under the path found first in sorted order
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            again.append(dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        real = Path(os.path.realpath(dirpath))
+        through_link = real != top and top not in real.parents
+        if through_link and (real == output or output in real.parents):
+            raise InputError(f"{dirpath} in input folder {folder} is a link into output folder {output}: the "
+                             "outputs would be read back as inputs; choose an output folder outside it")
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                broken.append(str(path))
+    if notes is not None:
+        if again:
+            notes.append(f"skipped {len(again)} linked folder{'s' if len(again) != 1 else ''} already read "
+                         f"under another path (a link loop or a second link): {', '.join(again[:3])}"
+                         f"{' ...' if len(again) > 3 else ''}")
+        if broken:
+            notes.append(f"skipped {len(broken)} link{'s' if len(broken) != 1 else ''} to nothing: "
+                         f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
+    return files
+
+
 def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | None = None,
-                 output_format: str | None = None) -> list[tuple[Path, Path]]:
+                 output_format: str | None = None, notes: list[str] | None = None) -> list[tuple[Path, Path]]:
     """Each image to restore with the file its restoration goes to.
 
     A file goes to ``output/<its name>``; a folder's images (``jobs.storage.IMAGE_SUFFIXES``,
-    found at any depth, in sorted order; kernel PNGs written by an earlier run
+    found at any depth, through symlinked folders too, in sorted order; kernel PNGs written by an earlier run
     left out) go to ``output/<their path inside the folder>``, as a prefix's
     outputs mirror it in S3. With ``output_format``, each name takes that
     format's extension. The other files a folder holds are counted in
-    ``ignored`` by kind (:func:`producer.inputs.ignored_kind`).
+    ``ignored`` by kind (:func:`producer.inputs.ignored_kind`); folders skipped
+    because they were already read (link loops) and links to nothing are described in ``notes``.
 
     Raises:
         InputError: a folder without images, an output folder inside an input
@@ -58,7 +102,7 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
         if out == folder or folder in out.parents:
             raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
                              "back as inputs next time; choose an output folder outside it")
-        files = [p for p in path.rglob("*") if p.is_file()]
+        files = _folder_files(path, out, notes)
         images = sorted(p for p in files if is_image_key(p.name) and not is_kernel_artefact(p.name))
         others = Counter(ignored_kind(p.name) for p in files if not is_image_key(p.name) or is_kernel_artefact(p.name))
         if not images:
@@ -77,6 +121,37 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
             raise InputError(f"{earlier} and {source} would both be written to {target}; restore them in separate "
                              "runs, or pass the folders that hold them so that their paths inside are kept")
     return planned
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``target``, then rename it: an interrupted run leaves the old
+    file or none, never a truncated one that looks finished."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.part"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_models(message: BatchMessage) -> None:
+    """Load every member of the ensemble once, before any file, so that a model that cannot be loaded
+    (missing weights, say) stops the run with one message instead of failing every file.
+
+    Raises:
+        DeblurError: a member cannot be loaded (an InputError such as WeightsError when it is the user's to fix).
+    """
+    from models.catalog import REGISTRY
+    from worker import runtime
+
+    for text in message.models:
+        try:
+            runtime.get_model(REGISTRY.parse(text))
+        except DeblurError:
+            raise
+        except Exception as exc:  # a loader's own error: name the model, not only the exception
+            raise DeblurError(f"cannot load model {text}: {type(exc).__name__}: {exc}") from exc
 
 
 def restore_file(path: Path, target: Path, message: BatchMessage,
@@ -101,18 +176,18 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
     target.parent.mkdir(parents=True, exist_ok=True)
     data = encode_image(work.decoded, work.restored, strip_metadata=message.strip_metadata,
                         quality=message.quality, pages=work.restored_pages)
-    target.write_bytes(data)
+    _write_atomically(target, data)
     kernels = []
     for model, kernel in work.kernels.items():
         kernels.append(target.parent / kernel_name(target.name, model, several=True))
-        kernels[-1].write_bytes(kernel_png(kernel))
+        _write_atomically(kernels[-1], kernel_png(kernel))
     if message.sidecar:
         from worker.provenance import provenance_record
 
         work.outcome.output_uri, work.outcome.output_sha256 = str(target), hashlib.sha256(data).hexdigest()
         record = provenance_record(message, work.outcome, work.decoded.format, [str(k) for k in kernels],
                                    len(work.decoded.pages) + 1)
-        Path(str(target) + SIDECAR_SUFFIX).write_bytes(record)
+        _write_atomically(Path(str(target) + SIDECAR_SUFFIX), record)
     return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
 
 
@@ -144,16 +219,23 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
 
     A file is written to OUTPUT/<its name>, a folder's images to OUTPUT/<their path inside the folder>.
     Useful for trying models and for scripts; bulk work belongs in 'deblur submit'.
-    A file that cannot be read or restored fails alone; the exit code is 1 if any failed.
+    Symlinked folders are followed (each folder once). Every output is written under a temporary name and
+    renamed when complete. A model that cannot be loaded stops the run before the first file; a file that
+    cannot be read or restored fails alone, and the exit code is 1 if any failed.
     """
     ensemble = parse_ensemble(list(models), strength=strength, light=light)
     ignored: Counter[str] = Counter()
-    planned = plan_outputs(files, output, ignored, output_format)
+    notes: list[str] = []
+    planned = plan_outputs(files, output, ignored, output_format, notes)
     if ignored:
         console.print(f"[yellow]note:[/yellow] left out {escape(describe_ignored(ignored))}", soft_wrap=True)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     message = BatchMessage(job_id="local", kind="deblur", models=[m.to_text() for m in ensemble.members],
                            strength=strength, strip_metadata=strip_metadata, output_format=output_format,
                            quality=quality, sidecar=sidecar, images=[ImageItem(input=str(f)) for f, _ in planned])
+    with console.status("loading models"):
+        load_models(message)
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -177,4 +259,6 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
                 console.print(f"[red]failed[/red] {path}: {type(exc).__name__}: {exc}", soft_wrap=True)
             progress.advance(task)
     if failures:
+        console.print(f"[red]{failures} of {len(planned)} failed[/red]", soft_wrap=True)
         sys.exit(1)
+    console.print(f"{len(planned)} of {len(planned)} restored", soft_wrap=True)

@@ -14,12 +14,21 @@ pairs through the same :class:`PairSource` interface:
   sibling ``sharp`` directory (``GOPRO_Large/train/SCENE/blur/000001.png`` ↔
   ``.../SCENE/sharp/000001.png``), from a local folder
   (:func:`pairs_from_folder`) or from two S3 prefixes (:func:`pairs_from_s3`).
+  Their ``named_`` variants keep each pair's name and scene, report the files
+  left unmatched, and refuse a pair whose two images differ in size, naming
+  both files.
+
+What is held out for validation is decided by a hash of each item's name
+(:func:`held_out_names`), not by the seed or the number of files: adding files
+never moves an existing one between training and validation. Pairs are held
+out by whole scenes when there are several (:func:`split_pairs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -386,8 +395,31 @@ class PairedImages:
         return np.stack(bs), np.stack(ss)
 
 
+@dataclass(frozen=True)
+class NamedPair:
+    """A loaded (blurred, sharp) pair with the names it is reported and split by.
+
+    ``name`` is the blurred file's path relative to the data root (or its key
+    relative to the blurred prefix), so it does not change when the data
+    moves; ``scene`` is the folder the pair belongs to (GoPro: the folder above
+    ``blur/``; S3: the key's folder), the unit of the train/validation split
+    when there are several; ``file`` is the blurred file's path or URI.
+    """
+
+    name: str
+    scene: str
+    blurred: np.ndarray
+    sharp: np.ndarray
+    file: str = ""  # the blurred file's full path or URI, for messages
+
+
 def _pair_paths(paths: Sequence[str]) -> list[tuple[str, str]]:
     """Match ``.../blur/REL`` with ``.../sharp/REL`` among relative paths (``/``-separated)."""
+    return _match_paths(paths)[0]
+
+
+def _match_paths(paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(matched (blur, sharp) paths, blurred paths without a sharp partner, sharp paths without a blurred one)."""
     blurs: dict[str, str] = {}
     sharps: dict[str, str] = {}
     for p in paths:
@@ -399,28 +431,85 @@ def _pair_paths(paths: Sequence[str]) -> list[tuple[str, str]]:
                 key = "/".join(parts[:i] + ["*"] + parts[i + 1 :])
                 (blurs if parts[i] == "blur" else sharps)[key] = p
                 break
-    return [(blurs[k], sharps[k]) for k in sorted(blurs) if k in sharps]
+    matched = [(blurs[k], sharps[k]) for k in sorted(blurs) if k in sharps]
+    return matched, [blurs[k] for k in sorted(blurs) if k not in sharps], [sharps[k] for k in sorted(sharps) if k not in blurs]
 
 
-def pairs_from_folder(root: str | os.PathLike[str], limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Load GoPro-layout pairs (``…/blur/NAME`` ↔ ``…/sharp/NAME``) found under ``root``."""
+def _scene_of(blur_path: str) -> str:
+    """The folder above the last ``blur`` component of a relative path ('' at the root)."""
+    parts = blur_path.split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "blur":
+            return "/".join(parts[:i])
+    return "/".join(parts[:-1])
+
+
+def _few(names: Sequence[str], count: int = 3) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def describe_matching(matched: int, lone_blurred: Sequence[str], lone_sharp: Sequence[str]) -> str:
+    """'matched 3 pairs; 2 blurred files have no sharp partner (S/blur/x.jpg, ...)...' for the user."""
+    text = f"matched {matched} pair{'s' if matched != 1 else ''}"
+    if lone_blurred:
+        text += (f"; left out {len(lone_blurred)} blurred file{'s' if len(lone_blurred) != 1 else ''} without a sharp "
+                 f"partner of the same name and extension ({_few(lone_blurred)})")
+    if lone_sharp:
+        text += (f"; left out {len(lone_sharp)} sharp file{'s' if len(lone_sharp) != 1 else ''} without a blurred "
+                 f"partner ({_few(lone_sharp)})")
+    return text
+
+
+def _checked_pair(name: str, scene: str, blurred: np.ndarray, sharp: np.ndarray, blurred_file: str,
+                  sharp_file: str) -> NamedPair:
+    """The pair, once its two images are known to be of one size (else an error naming both files)."""
+    if blurred.shape[:2] != sharp.shape[:2]:
+        raise InputError(
+            f"blurred {blurred_file!r} is {blurred.shape[1]}x{blurred.shape[0]} pixels but its sharp partner "
+            f"{sharp_file!r} is {sharp.shape[1]}x{sharp.shape[0]}: a pair must be two aligned images of one size; "
+            "fix or remove them"
+        )
+    return NamedPair(name, scene, blurred, sharp, blurred_file)
+
+
+def named_pairs_from_folder(
+    root: str | os.PathLike[str], limit: int | None = None, report: Callable[[str], None] | None = None
+) -> list[NamedPair]:
+    """Load GoPro-layout pairs (``…/blur/NAME`` ↔ ``…/sharp/NAME``) found under ``root``, with their names.
+
+    ``report`` is told how many files were matched and which were left out
+    (a blurred file whose sharp partner is missing or has another extension).
+    Each pair's two images must be of one size (checked as they are read).
+    """
     base = Path(root)
     if not base.is_dir():
         raise StorageNotFoundError(f"training folder {str(root)!r} does not exist or is not a directory")
     rel = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
-    matched = _pair_paths(rel)[:limit]
+    matched, lone_blurred, lone_sharp = _match_paths(rel)
+    matched = matched[:limit]
     if not matched:
+        found = f" ({describe_matching(0, lone_blurred, lone_sharp)})" if lone_blurred or lone_sharp else ""
         raise InputError(
             f"no blurred/sharp pairs under {str(root)!r}: expected GoPro layout "
-            "(SCENE/blur/NAME.png next to SCENE/sharp/NAME.png)"
+            f"(SCENE/blur/NAME.png next to SCENE/sharp/NAME.png){found}"
         )
-    return [(read_image(base / b), read_image(base / s)) for b, s in matched]
+    if report is not None:
+        report(describe_matching(len(matched), lone_blurred, lone_sharp))
+    return [_checked_pair(b, _scene_of(b), read_image(base / b), read_image(base / s), str(base / b), str(base / s))
+            for b, s in matched]
 
 
-def pairs_from_s3(
-    blurred_prefix: str, sharp_prefix: str, limit: int | None = None, client: object | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Load pairs matched by relative key under two S3 prefixes (``s3://bucket/blur/`` and ``…/sharp/``)."""
+def pairs_from_folder(root: str | os.PathLike[str], limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load GoPro-layout pairs (``…/blur/NAME`` ↔ ``…/sharp/NAME``) found under ``root``."""
+    return [(p.blurred, p.sharp) for p in named_pairs_from_folder(root, limit)]
+
+
+def named_pairs_from_s3(
+    blurred_prefix: str, sharp_prefix: str, limit: int | None = None, client: object | None = None,
+    report: Callable[[str], None] | None = None,
+) -> list[NamedPair]:
+    """Load pairs matched by relative key under two S3 prefixes, with their keys (see :func:`named_pairs_from_folder`)."""
     from jobs.s3uri import parse_s3_uri
     from jobs.settings import load_settings
     from jobs.storage import get_bytes, is_image_key, iter_objects, s3_client
@@ -429,37 +518,118 @@ def pairs_from_s3(
     sharp_uri = parse_s3_uri(sharp_prefix, want_prefix=True)
     s3 = client if client is not None else s3_client(load_settings())
     sharp_keys = {u.relative_to(sharp_uri): u for u, _ in iter_objects(s3, sharp_uri) if is_image_key(u.key)}
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    pairs: list[NamedPair] = []
+    lone: list[str] = []
+    used: set[str] = set()
     for uri, _ in iter_objects(s3, blur_uri):
         if not is_image_key(uri.key):
             continue
         rel = uri.relative_to(blur_uri)
         if rel not in sharp_keys:
+            lone.append(str(uri))
             continue
-        pairs.append(
-            (decode_image(get_bytes(s3, uri), str(uri)), decode_image(get_bytes(s3, sharp_keys[rel]), str(sharp_keys[rel])))
-        )
+        used.add(rel)
+        sharp = sharp_keys[rel]
+        pairs.append(_checked_pair(rel, rel.rpartition("/")[0], decode_image(get_bytes(s3, uri), str(uri)),
+                                   decode_image(get_bytes(s3, sharp), str(sharp)), str(uri), str(sharp)))
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
         raise InputError(f"no pairs with the same relative key under {blurred_prefix!r} and {sharp_prefix!r}")
+    if report is not None:
+        complete = limit is None or len(pairs) < limit
+        lone_sharp = [str(u) for rel, u in sorted(sharp_keys.items()) if rel not in used] if complete else []
+        report(describe_matching(len(pairs), lone, lone_sharp))
     return pairs
+
+
+def pairs_from_s3(
+    blurred_prefix: str, sharp_prefix: str, limit: int | None = None, client: object | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Load pairs matched by relative key under two S3 prefixes (``s3://bucket/blur/`` and ``…/sharp/``)."""
+    return [(p.blurred, p.sharp) for p in named_pairs_from_s3(blurred_prefix, sharp_prefix, limit, client)]
+
+
+@dataclass(frozen=True)
+class Split:
+    """The names of the items trained on and of those held out for validation (kept in checkpoints)."""
+
+    training: tuple[str, ...]
+    validation: tuple[str, ...]
+
+
+def stable_share(name: str) -> float:
+    """A number in [0, 1) fixed by ``name`` alone (SHA-256): the same on every machine, run and seed."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def held_out_names(names: Sequence[str], fraction: float) -> list[str]:
+    """The names held out for validation: those whose :func:`stable_share` is below ``fraction``.
+
+    Each name's side depends on the name only, not on the seed or on the other
+    names, so adding or removing files never moves an existing one between
+    training and validation. When that holds none out although ``fraction`` > 0
+    and there are two names or more (a small set), the name with the smallest
+    share is held out, so that there is something to validate on (this one
+    choice can change when names are added; a resume refuses a changed split).
+    """
+    unique = sorted(set(names))
+    if fraction <= 0 or len(unique) < 2:
+        return []
+    held = [n for n in unique if stable_share(n) < fraction]
+    if not held:
+        held = [min(unique, key=stable_share)]
+    if len(held) == len(unique):  # keep something to train on
+        held.remove(max(held, key=stable_share))
+    return held
+
+
+def split_pairs(pairs: Sequence[NamedPair], fraction: float) -> tuple[list[NamedPair], list[NamedPair], str]:
+    """(training, validation, unit) pairs: whole scenes are held out when there are two or more (``unit`` is
+    "scene"), so validation scenes are unseen in training; else single pairs (``unit`` is "pair")."""
+    scenes = sorted({p.scene for p in pairs})
+    if len(scenes) >= 2:
+        held = set(held_out_names(scenes, fraction))
+        return [p for p in pairs if p.scene not in held], [p for p in pairs if p.scene in held], "scene"
+    held = set(held_out_names([p.name for p in pairs], fraction))
+    return [p for p in pairs if p.name not in held], [p for p in pairs if p.name in held], "pair"
+
+
+def check_patch_fits(items: Sequence[tuple[str, np.ndarray]], patch: int) -> None:
+    """Refuse, naming the file, any training image smaller than the ``patch``-pixel training patch."""
+    small = [(name, img.shape[1], img.shape[0]) for name, img in items if min(img.shape[:2]) < patch]
+    if not small:
+        return
+    name, w, h = min(small, key=lambda t: min(t[1], t[2]))
+    fits = min(w, h) // 16 * 16
+    more = f" (and {len(small) - 1} more training image{'s' if len(small) > 2 else ''})" if len(small) > 1 else ""
+    advice = (f"pass --patch {fits} or smaller" if fits >= 16
+              else "remove it, as training patches are at least 16 pixels")
+    raise InputError(f"{name!r} is {w}x{h} pixels, smaller than the {patch}-pixel training patch{more}: {advice}")
 
 
 __all__ = [
     "VALIDATION_PHOTOS",
     "BlurSynthesizer",
+    "NamedPair",
     "PairSource",
     "PairedImages",
+    "Split",
     "SyntheticPairs",
     "augment_pair",
+    "check_patch_fits",
     "decode_image",
+    "held_out_names",
     "jpeg_roundtrip",
+    "named_pairs_from_folder",
+    "named_pairs_from_s3",
     "package_photographs",
     "pairs_from_folder",
     "pairs_from_s3",
     "read_image",
+    "split_pairs",
     "split_photographs",
+    "stable_share",
     "synthetic_validation_set",
     "to_float_rgb",
 ]

@@ -9,10 +9,19 @@ step for seed 001's GAN), and every ``steps_per_epoch`` steps validate
 (PSNR/SSIM of the restored validation crops and of their blurred inputs),
 step the schedule, write ``last.pt`` and ``last.safetensors`` (the latest
 weights, with their validation figures in the metadata) and, when validation
-PSNR improved, ``best.safetensors`` (and the ``export`` copy). ``resume=True`` continues
+PSNR improved, ``best.safetensors`` (and the ``export`` copy; both replaced
+atomically). Without validation data there is no "best": only the latest
+weights are written (and copied to ``export``). ``resume=True`` continues
 from ``last.pt`` exactly where it stopped: model, optimiser, schedule, random
-generators and the data source's kernel bank are all restored, so a resumed
-run matches an uninterrupted one.
+generators, the data source's kernel bank and the epoch's running loss are all
+restored, so a resumed run matches an uninterrupted one. A run into a folder
+that already holds one is refused unless it resumes (:func:`check_output`).
+
+Ctrl-C (SIGINT) or SIGTERM stops the run after the step under way: ``last.pt``
+is written at that step, without counting an epoch or stepping a per-epoch
+schedule, and :class:`TrainingInterrupted` is raised (the CLI exits 130 or
+143). Resuming from it gives the same weights as a run never stopped. A
+second Ctrl-C quits at once, keeping the checkpoint of the last epoch.
 
 Runs are deterministic for a given seed on a given machine and thread count.
 """
@@ -22,10 +31,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +50,7 @@ from torch import nn
 
 from jobs.errors import InputError
 from models.archs import ARCHITECTURES, build_network, run_network, value_range
-from models.training.data import PairSource
+from models.training.data import PairSource, Split
 from models.training.losses import (
     BALANCES,
     Seed001Loss,
@@ -262,6 +276,96 @@ def _init_from(net: nn.Module, path: Path, arch: str) -> None:
     log.info("initialised from %s", path)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by a signal after a checkpoint of the current step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130, 143)."""
+        return 128 + self.signum
+
+
+def existing_run_step(out: Path) -> int | None:
+    """The step of the run ``out`` holds (its ``last.pt``, else its weights' metadata), or None if it holds none.
+
+    -1 when there are weights or a checkpoint whose step cannot be read.
+    """
+    ckpt = out / "last.pt"
+    if ckpt.is_file():
+        try:
+            return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+        except Exception:  # noqa: BLE001 - a damaged checkpoint still marks a run
+            return -1
+    for name in ("last.safetensors", "best.safetensors"):
+        if (out / name).is_file():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(out / name), framework="pt") as fh:
+                    return int((fh.metadata() or {})["step"])
+            except Exception:  # noqa: BLE001
+                return -1
+    return None
+
+
+def check_output(out: Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds one: it would overwrite its weights and checkpoint."""
+    if resume:
+        return
+    step = existing_run_step(Path(out))
+    if step is not None:
+        at = f" at step {step}" if step >= 0 else ""
+        raise InputError(f"{out} holds a run{at}; pass --resume to go on, or choose another --output")
+
+
+def _replace_with_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary file in ``target``'s folder and an atomic rename,
+    so that ``target`` is always either the old file or the whole new one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Turn SIGINT and SIGTERM into requests (the list of signals received) honoured between steps.
+
+    A second SIGINT raises KeyboardInterrupt at once. Outside the main thread
+    (where handlers cannot be installed) signals keep their usual effect.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not received:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint"
+                             f"{' (Ctrl-C again to quit without it)' if signum == signal.SIGINT else ''}\n")
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _setup_logging(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -274,19 +378,51 @@ def train(
     config: TrainConfig,
     source: PairSource,
     validation: Sequence[tuple[np.ndarray, np.ndarray]],
+    split: Split | None = None,
 ) -> list[EpochReport]:
-    """Run (or resume) the training described by ``config``; returns this call's epoch reports."""
+    """Run (or resume) the training described by ``config``; returns this call's epoch reports.
+
+    ``split`` names the items trained on and held out; it is stored in the
+    checkpoint, and a resume whose split would train on a held-out item (or
+    validate on a trained one) is refused.
+
+    Raises:
+        InputError: bad settings, ``config.output_dir`` holding a run while
+            ``config.resume`` is off, or a resume with another split.
+        TrainingInterrupted: SIGINT or SIGTERM stopped the run (a checkpoint of the step was saved).
+    """
     from models.base import pick_device
 
-    device = pick_device(config.device)
     out = config.output_dir
+    check_output(out, config.resume)
+    device = pick_device(config.device)
     out.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(out / "train.log")
     try:
-        return _train(config, source, validation, device, out)
+        with _stop_requests() as stop:
+            return _train(config, source, validation, device, out, split, stop)
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _check_split(ckpt: dict[str, object], split: Split | None, ckpt_path: Path) -> None:
+    """Refuse a resume that would train on what the run held out, or validate on what it trained on."""
+    if split is None or "split" not in ckpt:
+        return
+    before = json.loads(str(ckpt["split"]))
+    leaked = sorted(set(before["validation"]) & set(split.training))
+    tainted = sorted(set(before["training"]) & set(split.validation))
+    if leaked or tainted:
+        problems = []
+        if leaked:
+            problems.append(f"train on {len(leaked)} item(s) it held out for validation ({', '.join(leaked[:3])})")
+        if tainted:
+            problems.append(f"validate on {len(tainted)} item(s) it trained on ({', '.join(tainted[:3])})")
+        raise InputError(
+            f"resuming from {ckpt_path} would {' and '.join(problems)}: the data's train/validation split differs "
+            "from the run's; resume with the same data, or start a new run with another --output"
+        )
 
 
 def _train(
@@ -295,6 +431,8 @@ def _train(
     validation: Sequence[tuple[np.ndarray, np.ndarray]],
     device: torch.device,
     out: Path,
+    split: Split | None = None,
+    stop: Sequence[int] = (),
 ) -> list[EpochReport]:
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -320,11 +458,13 @@ def _train(
         d_sched = _make_schedule(sched_name, d_opt, config.steps)
 
     step, epoch, best = 0, 0, -math.inf
+    running, count = 0.0, 0  # the epoch's loss so far (a checkpoint between epochs keeps it)
     ckpt_path = out / "last.pt"
     if config.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt["arch"] != config.arch:
             raise InputError(f"checkpoint {str(ckpt_path)!r} is for {ckpt['arch']!r}, not {config.arch!r}")
+        _check_split(ckpt, split, ckpt_path)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["schedule"])  # type: ignore[attr-defined]
@@ -333,6 +473,7 @@ def _train(
             d_opt.load_state_dict(ckpt["disc_optimizer"])  # type: ignore[union-attr]
             d_sched.load_state_dict(ckpt["disc_schedule"])  # type: ignore[union-attr]
         step, epoch, best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_psnr"])
+        running, count = float(ckpt.get("running_loss", 0.0)), int(ckpt.get("running_count", 0))
         rng.bit_generator.state = json.loads(ckpt["numpy_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         if hasattr(source, "load_state_dict") and "source" in ckpt:
@@ -345,11 +486,19 @@ def _train(
             prior_psnr = np.mean([float(psnr(_nchw(b[None, ..., 3:], device), _nchw(s[None], device))[0])
                                   for b, s in validation])
             log.info("validation: the prior %s alone reaches %.3f dB", config.prior, prior_psnr)
+        if not validation:
+            log.info("no validation data: no best weights are chosen; last.safetensors holds the latest")
+    if split is not None:
+        log.info("split: %d item(s) for training, %d held out for validation", len(split.training),
+                 len(split.validation))
+
+    def save(step: int, epoch: int, best: float, running: float, count: int) -> None:
+        _save_checkpoint(ckpt_path, config, net, opt, sched, disc, d_opt, d_sched, step, epoch, best, rng, source,
+                         split, running, count)
 
     reports: list[EpochReport] = []
     start = time.monotonic()
     deadline = start + 60 * config.max_minutes if config.max_minutes else math.inf
-    running, count = 0.0, 0
     net.train()
     bar = None
     if config.progress:
@@ -358,6 +507,11 @@ def _train(
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.arch}", unit="step", mininterval=5.0)
     try:
         while step < config.steps:
+            if stop:  # SIGINT/SIGTERM arrived: save this step (between steps, so the state is consistent)
+                save(step, epoch, best, running, count)
+                log.info("stopped by %s at step %d (epoch %d + %d steps); checkpoint %s", signal.Signals(stop[0]).name,
+                         step, epoch, count, ckpt_path)
+                raise TrainingInterrupted(stop[0], step, ckpt_path)
             blurred, sharp = source.batch(int(config.batch_size or 1), config.patch, rng)
             b, s = _nchw(blurred, device), _nchw(sharp, device)
             restored = run_network(net, b)
@@ -414,15 +568,15 @@ def _train(
                     info["prior"] = config.prior
                 # the latest weights too: with a decaying rate they can beat the best-validation ones
                 export_weights(net, out / "last.safetensors", config.arch, config.arch_kwargs, info)
-                improved = bool(validation) and vp > best
-                if improved or (not validation and epoch == 1):
-                    best = vp if validation else best
-                    shutil.copyfile(out / "last.safetensors", out / "best.safetensors")
+                if validation and vp > best:
+                    best = vp
+                    _replace_with_copy(out / "last.safetensors", out / "best.safetensors")
                     if config.export is not None:
-                        Path(config.export).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(out / "best.safetensors", config.export)
+                        _replace_with_copy(out / "best.safetensors", Path(config.export))
                     log.info("new best %.3f dB at step %d → %s", vp, step, out / "best.safetensors")
-                _save_checkpoint(ckpt_path, config, net, opt, sched, disc, d_opt, d_sched, step, epoch, best, rng, source)
+                elif not validation and config.export is not None:  # nothing to choose a best by: the latest
+                    _replace_with_copy(out / "last.safetensors", Path(config.export))
+                save(step, epoch, best, 0.0, 0)
                 if out_of_time:
                     log.info("stopping at step %d: the %.1f-minute limit was reached", step, config.max_minutes)
                     break
@@ -446,6 +600,9 @@ def _save_checkpoint(
     best: float,
     rng: np.random.Generator,
     source: PairSource,
+    split: Split | None = None,
+    running: float = 0.0,
+    count: int = 0,
 ) -> None:
     ckpt: dict[str, object] = {
         "arch": config.arch,
@@ -458,7 +615,11 @@ def _save_checkpoint(
         "best_psnr": best,
         "numpy_rng": json.dumps(rng.bit_generator.state),
         "torch_rng": torch.get_rng_state(),
+        "running_loss": running,
+        "running_count": count,
     }
+    if split is not None:
+        ckpt["split"] = json.dumps({"training": sorted(split.training), "validation": sorted(split.validation)})
     if disc is not None and d_opt is not None:
         ckpt["disc"] = disc.state_dict()
         ckpt["disc_optimizer"] = d_opt.state_dict()
