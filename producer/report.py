@@ -616,7 +616,7 @@ def render_html(report: Report) -> str:
     notes = "".join(f'<li class=note>{html.escape(n)}</li>' for n in [*t.notes, *report.crop_notes])
     c = t.counts
     ranked = "ensemble" if t.rows[-1].model == ENSEMBLE_MODEL else t.rows[-1].model
-    ranking = (f"{ranked} PSNR gain over the blurred input" if t.kind == "evaluate"
+    ranking = (f"{html.escape(ranked)} PSNR gain over the blurred input" if t.kind == "evaluate"
                else "ratio of the restored image's Laplacian variance to the input's")
     return "".join([
         "<!doctype html><html lang=en><head><meta charset=utf-8>",

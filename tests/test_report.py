@@ -154,6 +154,25 @@ def test_a_job_without_done_images_still_renders(tmp_path: Path) -> None:
     assert page.count("no finite values") == 3 and "<img" not in page
 
 
+def test_a_model_spec_is_text_not_markup_in_the_html_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec is free text after the model's name (a checkpoint path): it was written into the page unescaped, so a
+    job's model could run script in whoever opened its report."""
+    import producer.report as report_module
+    from db.engine import session_scope
+    from producer.report import Report, build_table, collect_stats, render_html
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    job = _recorded_job(url, [])
+    with session_scope(url) as session:
+        table = build_table(session, job)
+        stats = collect_stats(session, table, 3)
+    assert table.kind == "evaluate"
+    table.rows[-1].model = "nafnet-gopro:path=/w/<script>alert(1)</script>.pt"
+    monkeypatch.setattr(report_module, "_crop_section", lambda *_: "")  # no crops to draw: only the paragraph
+    page = render_html(Report(table, stats, [object()], [], [], "now"))
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
 # ------------------------------------------------------------- real jobs
 
 
