@@ -316,8 +316,9 @@ def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker:
     they were never started (:func:`start_image`), so no attempt was counted.
     """
     cancelled = job_status_of(session, job_id) == "cancelled"
+    # pending again, sent again now (handed over): their wait for a worker starts anew
     values = ({"status": "cancelled", "finished_at": utcnow(), "worker": None} if cancelled
-              else {"status": "pending", "started_at": None, "worker": None})
+              else {"status": "pending", "started_at": utcnow(), "worker": None})
     session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
@@ -850,8 +851,14 @@ def claim_window_batches(session: Session, job_id: str, window: int, released: i
             .returning(Job.batches_sent)
         ).scalar()
         if sent is None:
-            return claimed
+            break
         claimed.append(int(sent) - 1)
+    if claimed:
+        # their images wait in the broker from now: 'retry --stalled' measures a pending image's wait from here
+        # (unsent, it would count from the job's creation and re-send batches that are merely queued)
+        session.execute(update(Image).where(Image.job_id == job_id, Image.batch.in_(claimed),
+                                            Image.status == "pending").values(started_at=utcnow()))
+    return claimed
 
 
 def release_window_slots(session: Session, job_id: str, count: int) -> None:
@@ -885,20 +892,37 @@ def pending_batch_items(session: Session, job_id: str,
     return found
 
 
-def restart_window(session: Session, job_id: str, resent: int, resent_inputs: Sequence[str]) -> int:
-    """Count a windowed job's batches in flight afresh (``deblur retry --stalled``): the ``resent`` batches just
-    re-sent, plus the batches sent before whose unfinished images were not among ``resent_inputs`` (they are in
-    the broker or running). A count that drifted (a broker that lost its messages, a slot whose next batch could
-    not be sent) is right again. Returns the count."""
-    job = get_job(session, job_id)
-    again = set(resent_inputs)
-    outstanding = {batch for batch, uri in session.execute(
-        select(Image.batch, Image.input_uri)
-        .where(Image.job_id == job_id, Image.batch < job.batches_sent, Image.status.in_(("pending", "running")))
-    ) if uri not in again}
-    in_flight = resent + len(outstanding)
-    session.execute(update(Job).where(Job.id == job_id).values(batches_in_flight=in_flight))
-    return in_flight
+def relist_for_window(session: Session, job_id: str, inputs: Sequence[str], batch_size: int) -> int:
+    """Give a windowed job's retried images (reset to pending) new batch numbers after its last listed batch, so
+    that they are sent through its window like any other batch (a retry of thousands of failed images would
+    otherwise flood the broker past it, and its messages would hold no slot the window could count). Returns
+    the batches added. Not for a job still being listed: its producer writes ``batches_listed`` itself."""
+    listed = int(session.scalar(select(Job.batches_listed).where(Job.id == job_id)) or 0)
+    chunks = [list(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
+    for offset, chunk in enumerate(chunks):
+        for start in range(0, len(chunk), 1000):  # PostgreSQL takes at most 65535 parameters a statement
+            session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(chunk[start:start + 1000]))
+                            .values(batch=listed + offset).execution_options(synchronize_session=False))
+    if chunks:
+        session.execute(update(Job).where(Job.id == job_id).values(batches_listed=Job.batches_listed + len(chunks)))
+    return len(chunks)
+
+
+def restart_window(session: Session, job_id: str) -> int:
+    """Count a windowed job's batches in flight afresh (``deblur retry --stalled``): the batches sent whose images
+    are still pending or running (in the broker, or being worked on). Retried images were relisted
+    (:func:`relist_for_window`) after every batch sent, so they are not counted; their batches are claimed as the
+    window allows. A count that drifted (a broker that lost its messages, a slot whose next batch could not be
+    sent) is right again. One UPDATE, counted in it from the job's row as it is then, so a worker claiming or
+    freeing a slot meanwhile is not overwritten by a stale read. Returns the count."""
+    outstanding = (
+        select(func.count(func.distinct(Image.batch)))
+        .where(Image.job_id == job_id, Image.batch < Job.batches_sent, Image.status.in_(("pending", "running")))
+        .scalar_subquery()
+    )
+    session.execute(update(Job).where(Job.id == job_id).values(batches_in_flight=outstanding)
+                    .execution_options(synchronize_session=False))
+    return int(session.scalar(select(Job.batches_in_flight).where(Job.id == job_id)) or 0)
 
 
 def retryable_job_ids(session: Session) -> list[str]:

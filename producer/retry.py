@@ -16,12 +16,13 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     """Send the selected images again in fresh batches; returns how many were re-enqueued.
 
     Outputs go to the same keys, so retried images overwrite partial results.
-    For a job with a window (:mod:`producer.dispatch`), a retry of stalled
-    images also counts its batches in flight afresh and fills the window: after
-    the broker lost its messages (a Redis restarted without persistence, a
-    flushed queue) the job's count still included them, and no batch would have
-    been sent again. The retried batches hold slots, as do the batches sent
-    before that are still in the broker or running.
+    For a job with a window (:mod:`producer.dispatch`), the retried images
+    become new batches after the job's last, sent through its window as it
+    allows; a retry of stalled images also counts the batches in flight afresh
+    first: after the broker lost its messages (a Redis restarted without
+    persistence, a flushed queue) the job's count still included them, and no
+    batch would have been sent again. A windowed job still being listed gets
+    its retried images outside the window, as a job without one does.
     """
     from jobs.celery_app import app_for, broker_priority
 
@@ -40,16 +41,18 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
             items = [item for item in items if item.input in reset]
         spec, kind = job.spec, job.kind
         batch_size = int(spec.get("batch_size") or settings.batch_size)
-        batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-        restart_chain = bool(spec.get("window")) and stalled_after is not None
-        if restart_chain:
-            queries.restart_window(session, job_id, len(batches), [i.input for i in items])
+        windowed = bool(spec.get("window")) and queries.job_status_of(session, job_id) != "submitting"
+        batches = [] if windowed else [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+        if windowed:
+            queries.relist_for_window(session, job_id, [i.input for i in items], batch_size)
+            if stalled_after is not None:
+                queries.restart_window(session, job_id)
     with app.producer_or_acquire() as producer:
         for batch in batches:
-            app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch, slot=restart_chain)],
+            app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch)],
                           queue=settings.queue, priority=broker_priority(int(spec.get("priority", 5))),
                           producer=producer)
-        if restart_chain:
+        if windowed:
             send_window_batches(settings, job_id, kind, spec, producer=producer)
     return len(items)
 

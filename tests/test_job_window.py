@@ -76,12 +76,14 @@ def test_a_window_keeps_that_many_batches_in_the_broker_and_a_cancelled_job_send
 
     retried = CliRunner().invoke(main, ["retry", job_id, "--stalled", "--stalled-after", "1"])
     assert retried.exit_code == 0 and "re-enqueued 6 images" in retried.output, retried.output
-    assert len(queued_tasks(env)) == 6
+    # the six become batches 4-6 after the job's last, sent through the window: the unsent batch 3 first, then
+    # two of them (the three sent before were counted afresh as lost: none of theirs is left to run)
+    assert len(queued_tasks(env)) == 6 and _counters(job_id) == (7, 6, 3)
 
     run_cli("cancel", job_id)
     spec = job_status(load_settings(), job_id)["spec"]
     assert send_window_batches(load_settings(), job_id, "deblur", spec, finished_one=True) == 0
-    assert len(queued_tasks(env)) == 6 and _counters(job_id) == (4, 3, 2)
+    assert len(queued_tasks(env)) == 6 and _counters(job_id) == (7, 6, 2)
 
     # without a window every batch goes at submission, as before
     plain = run_cli("submit", "s3://windowed/in/", "--output", "s3://windowed/plain/", "--model", "wiener",
@@ -192,7 +194,8 @@ def test_after_the_broker_lost_its_queue_retry_all_stalled_restarts_every_job(  
     assert result.exit_code == 0, result.output
     assert f"re-enqueued 2 images of job {windowed}" in result.output  # the batches it had sent, not the held ones
     assert f"re-enqueued 5 images of job {plain}" in result.output
-    assert _counters(windowed) == (5, 2, 2)
+    # the two lost images are relisted as batches 5 and 6; the window (2) goes on with batches 2 and 3
+    assert _counters(windowed) == (7, 4, 2)
     assert sum(args[0]["job_id"] == windowed and args[0]["slot"] for _, args in queued_tasks(env)) == 2
 
     worker = WorkerProcess(service_env(env), tmp_path / "worker.log")
@@ -202,7 +205,7 @@ def test_after_the_broker_lost_its_queue_retry_all_stalled_restarts_every_job(  
         assert wait_done(plain, timeout=120)["counts"]["done"] == 5
     finally:
         worker.stop()
-    assert _counters(windowed) == (5, 5, 0)
+    assert _counters(windowed) == (7, 7, 0)
     no_job = CliRunner().invoke(main, ["retry", "--stalled"])
     assert no_job.exit_code == 2 and "--all" in no_job.output
 
@@ -344,3 +347,26 @@ def test_a_next_batch_the_broker_refuses_is_tried_again_and_the_slot_is_freed_on
     refusals[0] = 100
     tasks.send_next_batch(finished, settings)  # never taken: the claim is given back, the slot stays free
     assert _counters(job_id) == (3, 2, 0) and len(queued_tasks(env)) == 2
+
+
+def test_failed_images_of_a_windowed_job_are_retried_through_its_window(env) -> None:  # type: ignore[no-untyped-def]
+    """'retry --failed' once sent every failed image at once, outside the window (thousands of failures flooded
+    the broker past the jobs taking turns), in messages that held no slot a later recount could see. They become
+    new batches after the job's last and go out as the window allows."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.settings import load_settings
+    from producer.cli import main
+
+    _bucket(env, "refail", 3)
+    job_id = run_cli("submit", "s3://refail/in/", "--output", "s3://refail/out/", "--model", "wiener",
+                     "--batch-size", "1", "--window", "1", "-q").strip()
+    assert len(queued_tasks(env)) == 1 and _counters(job_id) == (3, 1, 1)
+    with session_scope(load_settings().resolved_database_url()) as session:  # every image failed; slots free
+        queries.record_outcomes(session, job_id, [queries.ImageOutcome(f"s3://refail/in/{i:02d}.png", "failed",
+                                                                       error="corrupt") for i in range(3)])
+        queries.release_window_slots(session, job_id, 1)
+    retried = CliRunner().invoke(main, ["retry", job_id, "--failed"])
+    assert retried.exit_code == 0 and "re-enqueued 3 images" in retried.output, retried.output
+    assert len(queued_tasks(env)) == 2  # the first message, and one retried batch: the window is 1
+    assert _counters(job_id) == (6, 4, 1)  # batches 3-5 added; 1 and 2 had nothing left and were passed over
