@@ -31,15 +31,91 @@ def _normalise(url: str) -> str:
     return url
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for another database, an in-memory one or a ``file:`` URI."""
+    parsed = make_url(_normalise(url))
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _is_default_database(path: Path) -> bool:
+    """True for $DEBLUR_HOME/deblur.db, the database used when DEBLUR_DATABASE_URL is unset
+    (:meth:`jobs.settings.Settings.resolved_database_url`; the local stack's too)."""
+    from jobs.settings import deblur_home
+
+    return path.resolve() == (deblur_home() / "deblur.db").resolve()
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold a database file (its first missing part, or a part that is a file); None when
+    it is a folder."""
+    if folder.is_dir():
+        return None
+    for part in [*reversed(folder.parents), folder]:
+        if not part.exists():
+            return f"the folder {part} does not exist"
+        if not part.is_dir():
+            return f"{part} is a file, not a folder"
+    return f"{folder} cannot be used as a folder"  # pragma: no cover - a race, or an unreadable parent
+
+
+def create_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite database (and its parents), for an explicit ``deblur db upgrade``.
+
+    Raises:
+        ConfigurationError: the folder cannot be made (a part of its path is a file, no permission, …).
+    """
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a part of the path is a file, no permission, a read-only file system…
+        why = _folder_problem(path.parent) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+        why = why or f"its folder {path.parent} cannot be created ({exc.strerror or exc})"
+        setting = ("DEBLUR_HOME (the default database's folder; or set DEBLUR_DATABASE_URL)"
+                   if _is_default_database(path) else "DEBLUR_DATABASE_URL")
+        raise ConfigurationError(f"the SQLite database {path} cannot be created: {why}; correct {setting}") from None
+
+
+def check_sqlite_folder(url: str) -> None:
+    """Make sure a SQLite database's folder is there before the file is opened.
+
+    Only the default database ($DEBLUR_HOME/deblur.db) gets its folder created: a DEBLUR_DATABASE_URL with a
+    typing error would otherwise make folders anywhere and show an empty database as if it were the real one.
+    ``deblur db upgrade`` creates any database's folder (:func:`create_sqlite_folder`).
+
+    Raises:
+        ConfigurationError: the folder is missing (or a part of its path is a file), naming it.
+    """
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    if _is_default_database(path):
+        create_sqlite_folder(url)
+        return
+    problem = _folder_problem(path.parent)
+    if problem is not None:
+        fix = ("" if "file, not a folder" in problem else f", or create the folder (mkdir -p {path.parent}, or "
+               "'deblur db upgrade', which also creates the schema)")
+        raise ConfigurationError(f"DEBLUR_DATABASE_URL names the SQLite database {path}, but {problem}. "
+                                 f"Correct DEBLUR_DATABASE_URL{fix}")
+
+
 @functools.lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    """One engine per URL per process (pooled connections)."""
+    """One engine per URL per process (pooled connections).
+
+    Raises:
+        ConfigurationError: a SQLite database's folder is missing (:func:`check_sqlite_folder`), or the URL is
+            not SQLite nor PostgreSQL.
+    """
     url = _normalise(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_folder(url)
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")

@@ -84,6 +84,7 @@ def down_command(timeout: float) -> None:
     show_default=True,
     envvar="DEBLUR_STACK_STATUS_FORMAT",
     show_envvar=True,
+    help="table for people, json (one object per service: name, state, pid, url, log) for scripts.",
 )
 def status_command(fmt: str) -> None:
     """Show each service, its pid, address, state and log.

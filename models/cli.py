@@ -58,7 +58,7 @@ def list_models(output_format: str, family: str | None) -> None:
     _print_table(entries)
 
 
-@models_group.command(name="pull", short_help="Download a model's official checkpoint, checksum verified.")
+@models_group.command(name="pull", short_help="Download a model's official checkpoint (sha256 checked when known).")
 @click.argument("name")
 @click.option(
     "--url",
@@ -73,7 +73,8 @@ def list_models(output_format: str, family: str | None) -> None:
     default=None,
     envvar="DEBLUR_PULL_SHA256",
     show_envvar=True,
-    help="Expected sha256 of the file; overrides the registered checksum.",
+    help="Expected sha256 of the file: a download that does not match is discarded. Overrides the registered "
+    "checksum; the official checkpoints have none registered, so without it their sha256 is only printed.",
 )
 @click.option(
     "--force",
@@ -108,8 +109,12 @@ def pull_model(
 ) -> None:
     """Download the official checkpoint of model NAME into the weights folder.
 
-    The file is checked against its sha256 before it is stored; a file that
-    does not match is discarded and nothing is left behind. Example:
+    When the sha256 is known (--sha256, or registered for the model) the file
+    is checked against it before it is stored; a file that does not match is
+    discarded and nothing is left behind. The official checkpoints have no
+    registered sha256 (their authors publish none): such a file is stored
+    unchecked and its sha256 is printed with a warning, to record and pass as
+    --sha256 on the next machine. Example:
 
         deblur models pull fftformer-gopro
     """

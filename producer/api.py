@@ -87,6 +87,7 @@ from producer.tracking import (
     job_status,
     list_jobs as find_jobs,
     pause_job,
+    ranking_metric,
     results_json,
     resume_job,
 )
@@ -776,7 +777,10 @@ def create_app(settings: Settings) -> FastAPI:
                                                                       "between them.")] = None,
         worst: Annotated[int | None, Query(ge=1, description="Only the N images with the lowest metric "
                                                              "(ensemble), worst first.")] = None,
-        metric: Annotated[str, Query(min_length=1, description="Metric that worst sorts by.")] = "psnr",
+        metric: Annotated[str | None, Query(min_length=1, description="Metric that worst sorts by, lowest first "
+                                                                  "(default: psnr for evaluation jobs, "
+                                                                  "laplacian_variance for deblur jobs); one the "
+                                                                  "job's images lack is refused.")] = None,
         review: Annotated[bool, Query(description="Only done images flagged for review (the blind model returned "
                                                   "them as they came; see the job's review counts).")] = False,
     ) -> ImagePage:
@@ -793,6 +797,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise _validation_error(("query", "after"), "after pages in image order: it cannot be combined with "
                                                         "worst or offset")
         if worst is not None:
+            try:
+                metric = ranking_metric(settings, key, metric)
+            except InputError as exc:
+                raise _validation_error(("query", "metric"), str(exc)) from None
             matching = min(matching, worst)
             take = max(0, min(limit, worst - offset))
             rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset,

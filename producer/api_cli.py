@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from jobs.errors import ConfigurationError
+from jobs.errors import ConfigurationError, InputError
 from jobs.settings import HELP, Settings, load_settings
 from producer.api_clients import ClientRegistry, add_client, parse_clients, remove_client
 
@@ -92,6 +92,16 @@ def _clients_file(path: str | None) -> Path:
     return Path(chosen)
 
 
+def _existing_clients_file(path: str | None) -> Path:
+    """The clients file to read or change, which must exist: a mistyped --file is not a file without clients."""
+    target = _clients_file(path)
+    if not target.is_file():
+        what = "is not a file" if target.exists() else "does not exist"
+        raise InputError(f"the clients file {target} {what}; check --file or DEBLUR_API_CLIENTS "
+                         "('deblur api-client add NAME' creates it)")
+    return target
+
+
 FILE_OPTION = click.option("--file", "path", default=None, metavar="PATH",
                            help="The clients file (default: DEBLUR_API_CLIENTS, the file the API reads).")
 
@@ -137,17 +147,17 @@ def add_command(name: str, read_only: bool, max_priority: int | None, window: in
                                "see": "own" if own_jobs_only else None})
     click.echo(token)
     console.print(f"client {name!r} added to {target} ({'read' if read_only else 'submit'}); the token above is "
-                  "not stored anywhere: hand it to the client now", highlight=False, soft_wrap=True)
+                  "not stored anywhere: hand it to the client now", highlight=False, soft_wrap=True, markup=False)
 
 
 @api_client_group.command("list")
 @FILE_OPTION
 def list_command(path: str | None) -> None:
     """The clients file's clients: name, scope, limits and the start of the token's digest."""
-    target = _clients_file(path)
-    clients = parse_clients(target.read_text(), source=str(target)) if target.exists() else {}
+    target = _existing_clients_file(path)
+    clients = parse_clients(target.read_text(), source=str(target))
     if not clients:
-        console.print(f"no clients in {target}", highlight=False)
+        console.print(f"no clients in {target}", highlight=False, markup=False)
     for digest, client in sorted(clients.items(), key=lambda item: item[1].name or ""):
         limits = " ".join(f"{k}={v}" for k, v in (("max_priority", client.max_priority), ("window", client.window),
                                                    ("see", None if client.sees_all else "own"))
@@ -160,8 +170,8 @@ def list_command(path: str | None) -> None:
 @FILE_OPTION
 def remove_command(name: str, path: str | None) -> None:
     """Revoke client NAME: its token stops working within a second."""
-    target = _clients_file(path)
-    if not remove_client(target, name):
-        raise click.ClickException(f"{target} has no client {name!r} (see 'deblur api-client list')")
-    console.print(f"client {name!r} removed from {target}", highlight=False)
+    target = _existing_clients_file(path)
+    if not remove_client(target, name):  # the user's input, like any other: exit 2 with 'error:'
+        raise InputError(f"{target} has no client {name!r} (see 'deblur api-client list')")
+    console.print(f"client {name!r} removed from {target}", highlight=False, markup=False)
 

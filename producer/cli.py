@@ -38,6 +38,23 @@ def checked_output_format(_ctx: object, _param: object, value: str | None) -> st
     return value
 
 
+def checked_output_file(_ctx: object, _param: object, value: Any) -> Any:
+    """A click callback: a file to write (``metrics -o``, ``report --html``) refused at once when its folder is
+    missing or not writable, before the command does its work and then fails to write it."""
+    import os
+    from pathlib import Path
+
+    if value is None:
+        return value
+    folder = Path(os.path.abspath(os.fspath(value))).parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist: create it first"
+        raise click.BadParameter(f"{os.fspath(value)!r}: the folder {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{os.fspath(value)!r}: no permission to write in the folder {folder}")
+    return value
+
+
 def checked_retention(_ctx: object, _param: object, value: float) -> float:
     """A click callback: ``db prune --older-than`` refused at once when it is 0 or less
     (:func:`producer.prune.cutoff_for`): every finished job would go, even one cancelled a second ago."""
@@ -101,7 +118,8 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DeblurError as exc:
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False, markup=True)
+            # the message quotes user text (paths, labels, keys, job ids): escaped, so '[draft]' stays as typed
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False, markup=True)
             sys.exit(2 if isinstance(exc, InputError) else 1)
         except Exception as exc:
             message = unreachable_service(exc)
@@ -157,7 +175,7 @@ def main() -> None:
     Start here:
       deblur demo                      local stack + a real job, end to end
       deblur doctor                    is everything a job needs ready? what to fix
-      deblur submit s3://b/in/ --output s3://b/out/ --wait
+      deblur submit s3://archive/in/ --output s3://archive/out/ --wait
       deblur status JOB --watch        progress from the database
       deblur results JOB --format json one object per image
 
@@ -194,6 +212,10 @@ WINDOW_HELP = (
     "At most this many of the job's batches in the broker at once, the next sent as each finishes, so jobs "
     "submitted later at the same priority take turns with this one instead of waiting behind all of it; 0 sends "
     "every batch now (first come, first served). Default: DEBLUR_JOB_WINDOW (0)."
+)
+WAIT_HELP = (
+    "Show a progress bar until the job finishes; then exit code 3 if any image failed or the job did not end "
+    "done (failed, cancelled), 0 when every image is done."
 )
 MODEL_HELP = (
     "Model as NAME[:PARAMS][:WEIGHT], e.g. wiener, l0-blind:kernel=31, "
@@ -278,7 +300,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--dry-run", is_flag=True,
         help="Validate everything and print how many images would be submitted and where the first ones would be "
              "written; write and enqueue nothing.")
-@option("--wait", is_flag=True, help="Show a progress bar until the job finishes (exit 3 if any image failed).")
+@option("--wait", is_flag=True, help=WAIT_HELP)
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemble: str | None, strength: float,
            batch_size: int | None, priority: int, window: int | None, labels: dict[str, str], strip_metadata: bool,
@@ -291,6 +313,10 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
     recursive; outputs mirror the path relative to it) or a manifest file
     (one S3 URI per line, or CSV with the URI in the first column).
     Everything is validated before anything is enqueued.
+
+    Exit codes: 0 submitted (with --wait: every image done); 2 invalid input
+    or settings, nothing enqueued; 1 a service did not answer; 3 with --wait
+    when an image failed or the job did not end done.
     """
     from producer.submit import JobRequest
 
@@ -326,14 +352,19 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 @option("--dry-run", is_flag=True,
         help="Validate everything and print how many pairs would be evaluated and the first ones; write and "
              "enqueue nothing.")
-@option("--wait", is_flag=True, help="Show a progress bar until the job finishes.")
+@option("--wait", is_flag=True, help=WAIT_HELP)
 @option("--quiet", "-q", is_flag=True, help="Print only the job id.")
 def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: tuple[str, ...], ensemble: str | None,
              output: str | None, strength: float, align: bool, crop_border: int, light: str | None,
              batch_size: int | None, priority: int, window: int | None, labels: dict[str, str], job_key: str | None,
              notify_url: str | None, dry_run: bool,
              wait: bool, quiet: bool) -> None:
-    """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image."""
+    """Submit an evaluation job: PSNR/SSIM of the input, every model and the ensemble per image.
+
+    Exit codes: 0 submitted (with --wait: every image done); 2 invalid input
+    or settings, nothing enqueued; 1 a service did not answer; 3 with --wait
+    when an image failed or the job did not end done.
+    """
     from producer.submit import JobRequest
 
     request = JobRequest(kind="evaluate", inputs=list(blurred), output=output, references=sharp, gopro=gopro,
@@ -384,6 +415,7 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
     import json
 
     from rich.table import Table
+    from rich.text import Text
 
     from producer.tracking import list_jobs
 
@@ -392,9 +424,9 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
         click.echo(json.dumps(jobs, indent=2))
         return
     table = Table("id", "kind", "status", "images", "created", "labels")
-    for j in jobs:
+    for j in jobs:  # Text cells: a label value such as '[draft]' is not rich markup
         table.add_row(j["id"], j["kind"], j["status"], str(j["total"]), j["created_at"][:19],
-                      " ".join(f"{k}={v}" for k, v in j["labels"].items()))
+                      Text(" ".join(f"{k}={v}" for k, v in j["labels"].items())))
     out.print(table)
     if labels or status:
         return  # a selection: the whole queue's figures below would not be about it
@@ -415,13 +447,16 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
 @option("--status", "status_filter", type=click.Choice(["pending", "running", "done", "failed", "cancelled"]),
         default=None, help="Only images with this status.")
 @option("--worst", type=click.IntRange(1), default=None, help="Only the N images with the lowest --metric (ensemble).")
-@option("--metric", default="psnr", show_default=True, help="Metric --worst sorts by.")
+@option("--metric", default=None,
+        help="Metric --worst sorts by, lowest first (the ensemble's). Default: psnr for evaluation jobs, "
+             "laplacian_variance (sharpness) for deblur jobs. A name the job's images do not have is refused "
+             "(exit 2), with the names they have.")
 @option("--limit", type=click.IntRange(1), default=None, help="At most this many rows.")
 @option("--offset", type=click.IntRange(0), default=0, help="Skip this many rows (paging).")
 @option("--review", is_flag=True,
         help="Only done images a person should look at: the blind model returned them as they came (blurred but "
              "no kernel estimate held, or judged sharp); the 'review' column says which.")
-def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str,
+def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str | None,
             limit: int | None, offset: int, review: bool) -> None:
     """Per-image results of a job: input, output, status, error and metrics.
 
@@ -432,12 +467,15 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
       deblur results JOB --review --format uris > review.txt
       deblur submit review.txt -o s3://archive/second-pass/ --model nafnet-gopro
     """
-    from producer.tracking import fetch_results, full_job_id, metric_columns, results_csv, results_json, results_table
+    from producer.tracking import (fetch_results, full_job_id, metric_columns, ranking_metric, results_csv,
+                                   results_json, results_table)
 
     settings = _settings()
     if review and failed:
         raise click.UsageError("--review lists done images and --failed failed ones: give one of them")
     job = full_job_id(settings, job)
+    if worst is not None:
+        metric = ranking_metric(settings, job, metric)  # by the job's kind; InputError for a name it lacks
     rows = fetch_results(settings, job, status="failed" if failed else status_filter,
                          worst=worst, metric=metric, limit=limit, offset=offset, review=review)
     if fmt == "json":
@@ -508,7 +546,7 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
             task = bar.add_task("verify", total=total)
             found = verify_outputs(settings, job, mark_failed, progress=lambda n: bar.update(task, completed=n),
                                    quick=quick)
-    console.print(f"{'records under ' if records else 'job '}{job}: {plural(found.checked, 'output')} checked, "
+    console.print(f"{'records under ' if records else 'job '}{escape(job)}: {plural(found.checked, 'output')} checked, "
                   f"{found.intact} intact, {len(found.missing)} missing, "
                   f"{len(found.changed)} changed" + (f", {found.unrecorded} present but written before checksums "
                                                      "were recorded" if found.unrecorded else ""), soft_wrap=True)
@@ -603,7 +641,7 @@ def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_
 
 
 @main.command()
-@option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+@option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, callback=checked_output_file,
         help="Write the metrics to this file instead of printing them; written beside it and renamed, so a "
              "reader never sees half a file (node_exporter's textfile collector wants NAME.prom).")
 def metrics(output: str | None) -> None:
@@ -702,7 +740,7 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
     if check:
         bad = {name: why for name, why in problems.items() if why}
         for name, why in bad.items():
-            console.print(f"[red]unhealthy:[/red] {name}: {why}", soft_wrap=True, highlight=False)
+            console.print(f"[red]unhealthy:[/red] {escape(name)}: {escape(why)}", soft_wrap=True, highlight=False)
         if bad:
             raise SystemExit(1)
         out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
@@ -735,10 +773,11 @@ def db() -> None:
 @db.command("upgrade")
 @option("--revision", default="head", show_default=True, help="Alembic revision to migrate to.")
 def db_upgrade(revision: str) -> None:
-    """Apply migrations (creates the schema from nothing)."""
-    from db.engine import current_revision, upgrade
+    """Apply migrations (creates the schema from nothing, and a SQLite database's folder)."""
+    from db.engine import create_sqlite_folder, current_revision, upgrade
 
     url = _settings().resolved_database_url()
+    create_sqlite_folder(url)  # asked for explicitly: other commands refuse a SQLite folder that is missing
     upgrade(url, revision)
     console.print(f"database at revision {current_revision(url)} ({_safe_url(url)})")
 
@@ -843,6 +882,7 @@ def config() -> None:
     """Show every setting, its environment variable and its current value."""
     settings = _settings()
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("environment variable", "value", "meaning")
     for name, info in HELP.items():
@@ -851,7 +891,7 @@ def config() -> None:
             value = _safe_url(settings.resolved_database_url())
         if name in {"api_token", "flower_basic_auth"} and value:
             value = "***"
-        table.add_row(info.env, str(value), info.help)
+        table.add_row(info.env, Text(str(value)), info.help)  # a value as set, brackets and all
     out.print(table)
 
 

@@ -6,8 +6,10 @@ import json
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from producer.ensembles import DEFAULT_MAX_IMAGES
 
@@ -20,10 +22,10 @@ def ensemble_group() -> None:
     """Fit ensemble weights on an evaluation job and save them under a name.
 
     \b
-      deblur evaluate --blurred s3://b/blur/ --sharp s3://b/sharp/ \\
-          --model wiener --model richardson-lucy --output s3://b/eval/ --wait
+      deblur evaluate --blurred s3://archive/blur/ --sharp s3://archive/sharp/ \\
+          --model wiener --model richardson-lucy --output s3://archive/eval/ --wait
       deblur ensemble fit JOB --name my-archive
-      deblur submit s3://b/scans/ --output s3://b/restored/ --ensemble my-archive
+      deblur submit s3://archive/scans/ --output s3://archive/restored/ --ensemble my-archive
     """
 
 
@@ -60,13 +62,14 @@ def fit_command(job: str, name: str, replace: bool, threads: int | None, max_ima
         console.print(f"fitted on {result.images_used} of {result.images_done} images (--max-images)")
     table = Table("member", "weight")
     for text, weight in zip(result.members, result.weights, strict=True):
-        table.add_row(text.rsplit(":", 1)[0], f"{weight:.4f}")
+        table.add_row(Text(text.rsplit(":", 1)[0]), f"{weight:.4f}")  # a spec's brackets are not markup
     out.print(table)
     out.print(
         f"mean PSNR {result.psnr_fitted:.3f} dB with fitted weights, {result.psnr_equal:.3f} dB with equal "
         f"weights: gain {result.gain_db:+.3f} dB over {result.images_used} images"
     )
-    out.print(f"saved as ensemble [bold]{result.name}[/bold]; use it with: deblur submit … --ensemble {result.name}",
+    out.print(f"saved as ensemble [bold]{escape(result.name)}[/bold]; use it with: deblur submit … --ensemble "
+              f"{escape(result.name)}",
               highlight=False)
 
 
@@ -92,7 +95,7 @@ def list_command(fmt: str) -> None:
     table = Table("name", "members (spec:weight)", "PSNR fitted", "gain vs equal", "images", "job", "created")
     for row in rows:
         table.add_row(
-            row["name"], "\n".join(row["members"]),
+            Text(row["name"]), Text("\n".join(row["members"])),
             "" if row["psnr_fitted"] is None else f"{row['psnr_fitted']:.3f}",
             "" if row["gain_db"] is None else f"{row['gain_db']:+.3f} dB",
             str(row["images"] or ""), (row["source_job_id"] or "")[:8], (row["created_at"] or "")[:19],

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from producer.cli import checked_output_file
 from producer.report import DEFAULT_CROPS, ReportTable
 
 console = Console(stderr=True)
@@ -16,24 +19,28 @@ out = Console()
 
 
 def print_table(table: ReportTable, console: Console) -> None:
-    """The table for a terminal, with the notes under it."""
-    view = Table(title=f"{table.kind} job {table.job_id} ({table.status})")
+    """The table for a terminal, with the notes under it.
+
+    Model specs, diagnostic names and notes are user text (a spec's path= may hold brackets): Text cells and
+    escaped or unstyled lines, so rich markup in them neither crashes the command nor changes what it shows.
+    """
+    view = Table(title=Text(f"{table.kind} job {table.job_id} ({table.status})"))
     for i, title in enumerate(table.header()):
-        view.add_column(title, justify="left" if i == 0 else "right")
+        view.add_column(Text(title), justify="left" if i == 0 else "right")
     for row in table.rows:
-        view.add_row(*table.cells(row))
+        view.add_row(*(Text(cell) for cell in table.cells(row)))
     console.print(view)
     for model, values in table.diagnostics.items():
         console.print(f"{model}: " + ", ".join(f"{name} {value:.4g}" for name, value in values.items()),
-                      highlight=False)
+                      highlight=False, markup=False)
     for note in table.notes:
-        console.print(f"[dim]note: {note}[/dim]", highlight=False)
+        console.print(f"[dim]note: {escape(note)}[/dim]", highlight=False)
 
 
 @click.command("report")
 @click.argument("job")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              envvar="DEBLUR_REPORT_HTML", show_envvar=True,
+              envvar="DEBLUR_REPORT_HTML", show_envvar=True, callback=checked_output_file,
               help="Where to write the HTML report (default: report-<job>.html).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
               show_default=True, envvar="DEBLUR_REPORT_FORMAT", show_envvar=True, help="How to print the table.")
@@ -56,11 +63,14 @@ def report_command(job: str, html_path: Path | None, fmt: str, crops: int) -> No
     with console.status("reading metrics and images…"):
         report = build_report(settings, full_job_id(settings, job), crops=crops)
     path = html_path or Path(f"report-{report.table.job_id}.html")
-    path.write_text(render_html(report), encoding="utf-8")
+    try:
+        path.write_text(render_html(report), encoding="utf-8")
+    except OSError as exc:  # the default report-<job>.html in a folder not writable, a full disk…
+        raise click.ClickException(f"could not write the HTML report to {path}: {exc.strerror or exc}") from None
     if fmt == "json":
         click.echo(json.dumps(_json_safe({**report.table.to_dict(), "html": str(path)}), indent=2))
     elif fmt == "markdown":
         click.echo(report.table.markdown(), nl=False)
     else:
         print_table(report.table, out)
-    console.print(f"HTML report written to {path}", highlight=False)
+    console.print(f"HTML report written to {path}", highlight=False, markup=False)

@@ -12,8 +12,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -217,7 +219,7 @@ def watch(settings: Settings, job_id: str, console: Console, interval: float = 1
                 f"done {c['done']}  failed {c['failed']}  pending {c['pending'] + c['running']}"
                 + (f"  {rate:.2f} img/s" if rate else "")
                 + (f"  ETA {format_duration(eta)}" if eta else "")
-                + f"  [{info['status']}]"
+                + escape(f"  [{info['status']}]")  # shown in brackets, not read as a style
             )
             progress.update(task, total=info["total"] or None, completed=info["finished"], detail=detail)
             if is_finished(info):
@@ -248,7 +250,8 @@ def print_status(info: dict[str, Any], console: Console) -> None:
     if info["images_per_s"]:
         console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {format_duration(info['eta_s'])}")
     spec = info["spec"] or {}
-    console.print(f"models: {', '.join(spec.get('models', []))}  strength: {spec.get('strength', 1.0)}")
+    # user text (model specs, labels, prefixes, errors) is escaped or printed without markup: '[draft]' stays
+    console.print(f"models: {escape(', '.join(spec.get('models', [])))}  strength: {spec.get('strength', 1.0)}")
     if spec.get("labels"):
         console.print("labels: " + " ".join(f"{k}={v}" for k, v in spec["labels"].items()), soft_wrap=True,
                       markup=False, highlight=False)
@@ -259,7 +262,7 @@ def print_status(info: dict[str, Any], console: Console) -> None:
     if spec.get("output"):
         written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""
-        console.print(f"output: {spec['output']}{written}{records}")
+        console.print(f"output: {escape(spec['output'])}{written}{records}")
     review = {reason: n for reason, n in (info.get("review") or {}).items() if n}
     if review:
         what = {NOT_RESTORED: "blurred but not restored (no kernel estimate held)",
@@ -271,7 +274,7 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         console.print("[yellow]paused:[/yellow] no more of its batches are sent (those sent before still run); "
                       f"'deblur resume {info['id'][:8]}' sends the rest", soft_wrap=True)
     if info["error"]:
-        console.print(f"[red]error:[/red] {info['error']}")
+        console.print(f"[red]error:[/red] {escape(info['error'])}", soft_wrap=True, highlight=False)
     if info.get("submission_stalled"):
         console.print(f"[yellow]stalled:[/yellow] no submission progress for over {queries.SUBMISSION_STALE_S // 60} "
                       "minutes; its producer probably died mid-listing, so some images were never enqueued. Submit "
@@ -279,18 +282,49 @@ def print_status(info: dict[str, Any], console: Console) -> None:
                       "one failed.")
 
 
-def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
-                  metric: str = "psnr", limit: int | None = None, offset: int = 0,
-                  review: bool = False, after_id: int | None = None) -> list[dict[str, Any]]:
-    """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at, and
-    ``after_id`` starts after that image (pages that neither skip nor repeat)."""
+def default_metric(kind: str) -> str:
+    """The ensemble metric ``--worst`` ranks a job of ``kind`` by when none is named: the one
+    :func:`producer.report.image_score` scores its images by (PSNR for evaluation jobs; deblur jobs have no
+    reference, so the Laplacian variance, their sharpness measure)."""
+    return "psnr" if kind == "evaluate" else "laplacian_variance"
+
+
+def ranking_metric(settings: Settings, job_id: str, metric: str | None = None) -> str:
+    """The metric to rank ``job_id``'s images by: ``metric``, or :func:`default_metric` for its kind.
+
+    Raises:
+        UnknownJobError: no such job.
+        InputError: the job's images have no such ensemble metric (a misspelt ``--metric``, or psnr asked of a
+            deblur job); the message lists the names they have. Ranking by a missing metric would return the
+            images in id order, looking ranked.
+    """
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
-        queries.get_job(session, job_id)
+        job = queries.get_job(session, job_id)
+        chosen = metric or default_metric(job.kind)
+        names = [n for n in queries.headline_metric_names(session, job_id) if not n.startswith("input_")]
+    if chosen not in names:
+        have = (f"its images have {', '.join(names)}" if names
+                else "its images have no metrics yet (none is done)")
+        raise InputError(f"--metric {chosen!r}: job {job_id} ({job.kind}) has no such metric to rank by; {have}")
+    return chosen
+
+
+def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
+                  metric: str | None = None, limit: int | None = None, offset: int = 0,
+                  review: bool = False, after_id: int | None = None) -> list[dict[str, Any]]:
+    """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at, and
+    ``after_id`` starts after that image (pages that neither skip nor repeat). ``worst`` keeps the N with the
+    lowest ensemble ``metric`` (default: :func:`default_metric` of the job's kind; not checked here, see
+    :func:`ranking_metric`)."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        job = queries.get_job(session, job_id)
         order = None
         if worst is not None:
-            order = ("ensemble", metric)
+            order = ("ensemble", metric or default_metric(job.kind))
             limit = worst
         return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order,
                                   review=review, after_id=after_id)
@@ -329,6 +363,24 @@ def _metric_names(rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not run as a formula (CSV injection): text starting with = + - @, a tab
+    or a carriage return gets a leading single quote, the usual defence, which spreadsheets show as text. Numbers
+    (``-inf`` too) and the lone ``-`` shown for a missing value are left as they are. The cells hold text from
+    users and clients (S3 keys, errors that quote them, label values, model specs), so a label value such as
+    ``=HYPERLINK(...)`` would otherwise become a live formula in whoever opens the export."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS) or value == "-":
+        return value
+    try:
+        float(value)
+        return value  # a number such as -0.5 or -inf
+    except ValueError:
+        return "'" + value
+
+
 def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
     """The rows as CSV with a column per metric in ``names`` (:func:`metric_columns`, so that pages of one job
     line up); without them, the rows' own names, sorted."""
@@ -338,9 +390,10 @@ def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> s
     # 'review' last: scripts that read the earlier columns by position keep working
     writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names, "review"])
     for row in rows:
-        writer.writerow([row["input"], row["output"] or "", row["status"], row["error"] or "",
-                         row["width"] or "", row["height"] or "", _fmt(row["inference_s"]),
-                         *(_fmt(row["metrics"].get(n)) for n in names), row.get("review") or ""])
+        writer.writerow([spreadsheet_safe(cell) for cell in (  # keys and errors are user text: no formulas
+            row["input"], row["output"] or "", row["status"], row["error"] or "", row["width"] or "",
+            row["height"] or "", _fmt(row["inference_s"]), *(_fmt(row["metrics"].get(n)) for n in names),
+            row.get("review") or "")])
     return buffer.getvalue()
 
 
@@ -369,7 +422,8 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
     names = [n for n in _metric_names(rows) if not n.startswith("input_")]
     names = [n for n in names if n not in {"ssim_3d"}]  # 'ssim' already is the 3-D figure
     prefix = _common_prefix([r["input"] for r in rows])
-    table = Table(show_lines=False, title=f"images under {prefix}" if prefix else None, title_justify="left")
+    # keys, errors and prefixes are user text: Text cells and escaped titles, so 'scan[draft].png' shows as is
+    table = Table(show_lines=False, title=Text(f"images under {prefix}") if prefix else None, title_justify="left")
     any_error = any(r["error"] for r in rows)
     any_review = any(r.get("review") for r in rows)
     headers = ["image", "status", "size", "sec", *(SHORT_NAMES.get(n, n) for n in names)]
@@ -388,12 +442,12 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
             else:
                 cells.append(_short(after))
         tail = ([row.get("review") or ""] if any_review else []) + (
-            [f"[red]{row['error'] or ''}[/red]"] if any_error else [])
-        table.add_row(row["input"].removeprefix(prefix), row["status"], size,
+            [Text(row["error"] or "", style="red")] if any_error else [])
+        table.add_row(Text(row["input"].removeprefix(prefix)), row["status"], size,
                       _short(row["inference_s"]), *cells, *tail)
     console.print(table)
     if out_prefix:
-        console.print(f"outputs under {out_prefix}")
+        console.print(f"outputs under {escape(out_prefix)}")
 
 
 def _short(value: Any) -> str:

@@ -30,7 +30,7 @@ from db.usage import UsageRecord
 from jobs.errors import InputError
 from jobs.labels import check_labels
 from jobs.settings import Settings
-from producer.tracking import as_utc
+from producer.tracking import as_utc, spreadsheet_safe
 
 PLAIN_GROUPINGS = ("job", "kind", "model", "device", "worker", "day", "month")
 GROUPING_HELP = "label:KEY, " + ", ".join(PLAIN_GROUPINGS)
@@ -202,12 +202,18 @@ USAGE_COLUMNS = ("jobs", "images_done", "images_failed", "megapixels", "model_se
 
 
 def usage_csv(report: UsageReport) -> str:
-    """One CSV row per group (the grouping keys first, then :data:`USAGE_COLUMNS`), and no total row."""
+    """One CSV row per group (the grouping keys first, then :data:`USAGE_COLUMNS`), and no total row, so that a
+    spreadsheet's column sums are the totals; with no group (no usage in the period) only the header. Without
+    ``by`` the one row is the total, written even when it is all zeros, as the table shows it.
+
+    Cells that a spreadsheet would run as a formula (a label value starting with =, +, - or @) get a leading
+    single quote: :func:`producer.tracking.spreadsheet_safe`, the usual CSV-injection defence."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*report.by, *USAGE_COLUMNS], lineterminator="\n")
     writer.writeheader()
-    for line in report.lines:
-        writer.writerow({key: "" if value is None else value for key, value in line.to_dict().items()})
+    for line in report.lines if report.by else [report.total]:
+        writer.writerow({key: "" if value is None else spreadsheet_safe(value)
+                         for key, value in line.to_dict().items()})
     return buffer.getvalue()
 
 

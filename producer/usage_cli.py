@@ -7,6 +7,7 @@ import json
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from jobs.errors import InputError
 from jobs.settings import load_settings
@@ -41,12 +42,12 @@ def print_usage_table(report: UsageReport, console: Console) -> None:
         view.add_column(key)
     for header in TABLE_HEADERS:
         view.add_column(header, justify="right")
-    for line in report.lines:
-        view.add_row(*line.group.values(), *table_cells(line))
     if report.by:
+        for line in report.lines:  # Text: a label value such as '[draft]' or '[/x]' is not rich markup
+            view.add_row(*(Text(value) for value in line.group.values()), *table_cells(line))
         view.add_section()
         view.add_row("total", *([""] * (len(report.by) - 1)), *table_cells(report.total), style="bold")
-    else:
+    else:  # without --by the only group is the total: one row
         view.add_row(*table_cells(report.total))
     console.print(view)
     if report.rolled_up_days:
@@ -64,7 +65,9 @@ def print_usage_table(report: UsageReport, console: Console) -> None:
         help="Only jobs carrying this label (repeat: all of them), e.g. team=ingest.")
 @option("--kind", type=click.Choice(["deblur", "evaluate"]), default=None, help="Only jobs of this kind.")
 @option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
-        help="table for people; csv (one row per group, no total) and json for spreadsheets and scripts.")
+        help="table for people; csv and json for spreadsheets and scripts. csv: one row per group and no total "
+             "row, so that columns sum to the total (only the header when nothing was used; without --by, the "
+             "one total row); a cell starting with = + - or @ gets a leading ' so spreadsheets show it as text.")
 def usage_command(since: str, until: str | None, by: list[str], labels: dict[str, str], kind: str | None,
                   fmt: str) -> None:
     """What the workers spent: images, megapixels and time, by team, model, device, worker or period.

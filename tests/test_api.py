@@ -166,6 +166,11 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
                           params={"worst": 3, "metric": "laplacian_variance", "limit": 2, "offset": 2}).json()
         assert len(rest["items"]) == 1 and rest["next_offset"] is None
         values = [i["metrics"]["laplacian_variance"] for i in worst["items"] + rest["items"]]
+        # a deblur job has no psnr: worst ranks it by sharpness by default, and a metric it lacks is refused
+        default = client.get(f"/v1/jobs/{job_id}/images", params={"worst": 3, "limit": 3}).json()
+        assert [i["id"] for i in default["items"]] == [i["id"] for i in worst["items"] + rest["items"]]
+        lacking = client.get(f"/v1/jobs/{job_id}/images", params={"worst": 3, "metric": "psnr"})
+        assert lacking.status_code == 422 and lacking.json()["detail"][0]["loc"] == ["query", "metric"]
         assert values == sorted(i["metrics"]["laplacian_variance"] for i in done)[:3]
 
         summary = client.get(f"/v1/jobs/{job_id}/summary").json()

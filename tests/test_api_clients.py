@@ -166,10 +166,14 @@ def test_api_client_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     again = runner.invoke(main, ["api-client", "add", "ingest"])
     assert again.exit_code == 2 and "remove it first" in again.output
     assert runner.invoke(main, ["api-client", "remove", "ingest"]).exit_code == 0
-    missing = runner.invoke(main, ["api-client", "remove", "ingest"])
-    assert missing.exit_code == 1 and "no client 'ingest'" in missing.output
-    elsewhere = runner.invoke(main, ["api-client", "list", "--file", str(tmp_path / "none")])
-    assert elsewhere.exit_code == 0 and "no clients" in elsewhere.output
+    missing = runner.invoke(main, ["api-client", "remove", "ingest"])  # the user's input: exit 2, as elsewhere
+    assert missing.exit_code == 2 and "error:" in missing.output and "no client 'ingest'" in missing.output
+    for command in ("list", "remove x"):  # a mistyped --file is not a file without clients
+        elsewhere = runner.invoke(main, ["api-client", *command.split(), "--file", str(tmp_path / "nodir" / "c")])
+        assert elsewhere.exit_code == 2 and f"{tmp_path / 'nodir' / 'c'} does not exist" in elsewhere.output
+    (tmp_path / "empty").write_text("")
+    empty = runner.invoke(main, ["api-client", "list", "--file", str(tmp_path / "empty")])
+    assert empty.exit_code == 0 and "no clients in" in empty.output
 
     monkeypatch.delenv("DEBLUR_API_CLIENTS")
     unset = runner.invoke(main, ["api-client", "add", "x"])

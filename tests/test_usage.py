@@ -210,6 +210,28 @@ def test_usage_cli_table_csv_json_and_refusals(history) -> None:  # type: ignore
         assert expected in refused.output, (args, refused.output)
 
 
+def test_usage_without_by_shows_the_total_once_and_csv_has_it_even_when_zero(history) -> None:  # type: ignore[no-untyped-def]
+    from producer.cli import main
+
+    runner = CliRunner()
+    base = ["usage", "--label", f"run={history['run']}", "--since", "30d"]
+    table = runner.invoke(main, base)
+    assert table.exit_code == 0, table.output
+    body = [line for line in table.output.splitlines() if line.startswith("│")]
+    assert len(body) == 1, table.output  # the total, not the one group and the total again
+    assert [cell.strip() for cell in body[0].strip("│").split("│")][:2] == ["3", "5"]  # jobs, done
+
+    total = list(csv.DictReader(io.StringIO(runner.invoke(main, [*base, "--format", "csv"]).output)))
+    assert [int(row["images_done"]) for row in total] == [5]
+
+    empty = ["usage", "--label", f"run={uuid.uuid4().hex}", "--since", "30d", "--format", "csv"]
+    zero = list(csv.DictReader(io.StringIO(runner.invoke(main, empty).output)))
+    assert [(row["jobs"], row["images_done"], row["megapixels"]) for row in zero] == [("0", "0", "0.0")]
+    assert runner.invoke(main, [*empty, "--by", "label:team"]).output.splitlines() == [
+        "label:team,jobs,images_done,images_failed,megapixels,model_seconds,worker_seconds,"
+        "model_seconds_per_megapixel"]  # with --by, no group: the header alone (no total row in CSV)
+
+
 def test_periods_in_other_time_zones_and_naive_times_are_taken_as_utc(history) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta, timezone
 

@@ -294,6 +294,7 @@ def _run_in_process(plan: WorkerProcess) -> None:
     show_default=True,
     envvar="DEBLUR_WORKER_LOGLEVEL",
     show_envvar=True,
+    help="Log level of the worker and Celery (debug: the most detail, critical: the least).",
 )
 @click.option(
     "--hostname",
