@@ -129,7 +129,10 @@ def get_engine(url: str) -> Engine:
 
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        # a server that does not answer (a dead host, a dropped route) fails a connection in 10 s instead of the
+        # TCP stack's minutes, so a worker's retry or an operator's command says so; the URL's own value wins
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": 10}
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args)
     raise ConfigurationError(f"unsupported database URL {url!r}; use sqlite:///file.db or postgresql://…")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ def load_settings(**overrides: Any) -> Settings:
         env = HELP[f.name].env
         if overrides.get(f.name) is not None:
             values[f.name] = overrides[f.name]
-        elif env in os.environ:
+        elif os.environ.get(env, "").strip():  # set and not empty: 'DEBLUR_DATABASE_URL=' means unset
             values[f.name] = _convert(f.name, f.type, os.environ[env])
         elif f.name in stack:
             values[f.name] = _convert(f.name, f.type, stack[f.name])
@@ -200,6 +201,9 @@ def load_settings(**overrides: Any) -> Settings:
     if "s3_endpoint_url" in stack and settings.s3_endpoint_url == stack["s3_endpoint_url"]:
         _export_stack_credentials(raw_stack)
     return settings
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 def _validate(s: Settings) -> None:
@@ -214,9 +218,20 @@ def _validate(s: Settings) -> None:
         )
     if s.s3_endpoint_url and not s.s3_endpoint_url.startswith(("http://", "https://")):
         raise ConfigurationError(f"DEBLUR_S3_ENDPOINT_URL={s.s3_endpoint_url!r}: expected http(s)://host:port")
-    for name in ("batch_size", "io_threads", "flower_port", "api_port", "model_cache_size"):
+    for name in ("batch_size", "io_threads", "flower_port", "api_port", "model_cache_size", "image_max_attempts",
+                 "image_max_pixels"):
         if getattr(s, name) < 1:
             raise ConfigurationError(f"{HELP[name].env} must be >= 1, got {getattr(s, name)}")
+    for name in ("flower_port", "api_port"):
+        if getattr(s, name) > 65535:
+            raise ConfigurationError(f"{HELP[name].env} must be a port (1..65535), got {getattr(s, name)}")
+    for name in ("task_max_retries", "notify_max_retries"):
+        if getattr(s, name) < 0:
+            raise ConfigurationError(f"{HELP[name].env} must be >= 0, got {getattr(s, name)}")
+    if not s.queue.strip():
+        raise ConfigurationError("DEBLUR_QUEUE is empty: name the queue the workers consume, e.g. deblur")
+    if not _DEVICE.fullmatch(s.device.strip().lower()):
+        raise ConfigurationError(f"DEBLUR_DEVICE={s.device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if s.job_window < 0:
         raise ConfigurationError(f"DEBLUR_JOB_WINDOW must be >= 0 batches (0: no window), got {s.job_window}")
     if s.torch_threads < 0:

@@ -97,11 +97,21 @@ def check_workers(settings: Settings) -> Finding:
     from producer.workers import worker_states
 
     def check() -> Finding:
-        states = [s for s in worker_states(settings, timeout=2.0, with_active=False)
-                  if settings.queue in s.queues]
+        answered = worker_states(settings, timeout=2.0, with_active=False)
+        states = [s for s in answered if settings.queue in s.queues]
+        # a node that answers but consumes nothing stopped itself after its device failed: it needs a restart
+        stopped = ", ".join(s.name for s in answered if s.answered and not s.queues)
+        restart = (f"restart {stopped}: they stopped consuming after a device failure (see their logs; a Kubernetes "
+                   "liveness probe, 'deblur workers --check', restarts them)")
         if not states:
+            if stopped:
+                return Finding("workers", "fail", f"no worker consumes {settings.queue!r}; {stopped} answer but "
+                               "consume nothing", restart)
             return Finding("workers", "warn", f"no worker consumes {settings.queue!r}: jobs are accepted and wait",
                            "start one with 'deblur worker' (one process per GPU: 'deblur worker --gpus auto')")
+        if stopped:
+            return Finding("workers", "warn", f"{len(states)} on {settings.queue!r}; {stopped} consume nothing",
+                           restart)
         outdated = [s for s in states if s.missing_fields(OPTIONAL_FIELDS)]
         names = ", ".join(s.name for s in states)
         if outdated:

@@ -18,9 +18,10 @@ going stale.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -46,14 +47,25 @@ T = TypeVar("T")
 
 
 def call_with_time_limit(function: Callable[[], T], seconds: float) -> T:
-    """``function()``, or :class:`TimeoutError` after ``seconds`` (the call is left to finish in its thread)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="time-limit")
+    """``function()``, or :class:`TimeoutError` after ``seconds``.
+
+    The call is left to finish in a daemon thread: a hung database or store must hold back neither the answer
+    nor the process's exit (a pool's worker threads are joined at exit, so 'deblur metrics' from cron would wait
+    for the hung call and pile up).
+    """
+    outcome: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(function())
+        except BaseException as exc:  # handed to the caller, who raises it
+            outcome.set_exception(exc)
+
+    threading.Thread(target=run, name="time-limit", daemon=True).start()
     try:
-        return pool.submit(function).result(timeout=seconds)
+        return outcome.result(timeout=seconds)
     except FutureTimeout:
         raise TimeoutError(f"no answer within {seconds:g} s") from None
-    finally:
-        pool.shutdown(wait=False)  # a hung call must not hold the answer back
 
 
 def priority_list_name(queue: str, user_priority: int) -> str:

@@ -44,8 +44,14 @@ def test_a_ready_installation(env, tmp_path: Path) -> None:  # type: ignore[no-u
         worker.wait_ready(app_for(settings))
         found = doctor("--bucket", bucket, "--format", "json")
         text = doctor("--bucket", bucket)
+        # a worker that stopped consuming (as after a failed GPU) answers, consumes nothing and needs a restart
+        app_for(settings).control.cancel_consumer(settings.queue, destination=[worker.name], reply=True, timeout=5)
+        stopped = doctor("--format", "json")
     finally:
         worker.stop()
+    workers = {c["part"]: c for c in json.loads(stopped.stdout)["checks"]}["workers"]
+    assert stopped.exit_code == 1 and workers["status"] == "fail" and worker.name in workers["detail"]
+    assert "restart" in workers["hint"]
     assert found.exit_code == 0, found.output
     report = json.loads(found.stdout)
     assert report["ok"] is True
