@@ -145,14 +145,19 @@ def _unit_float(image: np.ndarray) -> np.ndarray:
     raise EnsembleError(f"images of dtype {arr.dtype} are not supported; use unsigned integers or float in [0, 1]")
 
 
+PSNR_CAP_DB = 100.0
+"""A mix equal to its sharp image (a blank page, a saturated frame) counts as this, not as an infinite PSNR that
+would make the mean, and the fitted gain, infinite (saved, printed as -inf dB and written as JSON Infinity)."""
+
+
 def _mean_psnr(members: Sequence[np.ndarray], targets: Sequence[np.ndarray], weights: np.ndarray) -> float:
-    """Mean over images of the PSNR (range 1) of the weighted mix; images are
+    """Mean over images of the PSNR (range 1, at most :data:`PSNR_CAP_DB`) of the weighted mix; images are
     converted one at a time so memory stays at one image's worth."""
     values = []
     for stack, target in zip(members, targets, strict=True):
         mix = np.tensordot(weights, _unit_float(stack), axes=1)
         mse = float(np.mean((mix - _unit_float(target)) ** 2))
-        values.append(math.inf if mse == 0 else -10.0 * math.log10(mse))
+        values.append(PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else -10.0 * math.log10(mse))
     return float(np.mean(values))
 
 

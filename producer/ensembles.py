@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 DEFAULT_MAX_IMAGES = 200
+# Each image is fitted on at most this square of its centre: 200 scans of 12 megapixels with three members would
+# otherwise be held in memory whole (about 29 GB) for a fit that samples 200,000 pixels of them.
+FIT_SIDE = 1024
 # Weights below this are stored as 0 and their member is not run.
 WEIGHT_EPSILON = 1e-6
 
@@ -136,6 +139,12 @@ def _check_job(job_id: str, kind: str, spec: dict[str, Any], done: int, status: 
             f"job {job_id} evaluated a single model ({names}); there are no weights to fit. "
             "Run an evaluation with two or more --model"
         )
+    if spec.get("align"):
+        raise EnsembleFitError(
+            f"job {job_id} was evaluated with --align (RealBlur's protocol), which the fit cannot apply to the "
+            "members' outputs: its weights would be fitted on misregistered pairs. Fit on an evaluation without "
+            "--align (pairs in register, such as synthetic blur)"
+        )
     if not spec.get("output"):
         raise EnsembleFitError(
             f"job {job_id} ran without --output, so its members' outputs were not kept; "
@@ -164,7 +173,21 @@ def _load_pair(client: Any, row: dict[str, Any], spec: dict[str, Any], members: 
                 f"{uris[member.key]} is {out.shape} but its sharp image {row['reference']} is {sharp.shape}; "
                 "the member outputs do not match the references"
             )
-    return np.stack(outputs), sharp
+    # measured as the job measured it (its border crop, no alpha), on at most FIT_SIDE² of the centre
+    border = int(spec.get("crop_border") or 0)
+    return np.stack([_fit_region(out, border) for out in outputs]), _fit_region(sharp, border)
+
+
+def _fit_region(image: np.ndarray, border: int) -> np.ndarray:
+    """The pixels of ``image`` (H×W[×C]) a fit measures: without the job's ``border`` and any alpha channel, and at
+    most :data:`FIT_SIDE` square from the centre of what remains."""
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        image = image[..., :-1]
+    if border and min(image.shape[:2]) > 2 * border:
+        image = image[border:-border, border:-border]
+    h, w = image.shape[:2]
+    top, left = max(0, (h - FIT_SIDE) // 2), max(0, (w - FIT_SIDE) // 2)
+    return np.ascontiguousarray(image[top:top + FIT_SIDE, left:left + FIT_SIDE])
 
 
 def fit_ensemble(

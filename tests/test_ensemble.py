@@ -161,6 +161,15 @@ class TestFitWeights:
         weights, _ = ensemble.fit_weights([to8(o) for o in outputs], [to8(t) for t in targets])
         np.testing.assert_allclose(weights, [0.6, 0.3, 0.1], atol=0.02)
 
+    def test_an_image_its_mix_reproduces_exactly_counts_as_100_db(self) -> None:
+        """A blank page restored exactly once made the mean PSNR infinite: the gain was saved and printed as -inf
+        dB and written as JSON Infinity."""
+        outputs, targets = self._members_and_targets([0.6, 0.3, 0.1])
+        flat = np.full((40, 40, 3), 0.5)
+        weights, report = ensemble.fit_weights([*outputs, np.stack([flat] * 3)], [*targets, flat])
+        assert math.isfinite(report.psnr_equal) and math.isfinite(report.gain_db)
+        assert report.psnr_equal <= ensemble.PSNR_CAP_DB
+
     def test_mismatched_inputs_are_named(self) -> None:
         outputs, targets = self._members_and_targets([1.0, 0.0, 0.0])
         with pytest.raises(EnsembleError, match="2 images but 1 targets"):
