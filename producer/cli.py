@@ -693,9 +693,10 @@ def metrics(output: str | None) -> None:
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @option("--check", is_flag=True,
         help="Probe mode: exit 1 unless every NAME answers and consumes DEBLUR_QUEUE (without NAME: the nodes of "
-             "this machine that answer, NAME@HOST, and at least one must). For a container's liveness probe: a "
-             "worker whose GPU failed stops consuming and is then restarted instead of idling for good. A broker "
-             "that cannot be reached is not the worker's fault: exit 0 with a warning.")
+             "this machine that answer, NAME@HOST, and at least one must) and none has run a batch longer than "
+             "DEBLUR_VISIBILITY_TIMEOUT. For a container's liveness probe: a worker whose GPU failed stops "
+             "consuming, and one hung in a batch keeps it for ever; either is then restarted instead of idling "
+             "for good. A broker that cannot be reached is not the worker's fault: exit 0 with a warning.")
 @option("--timeout", type=click.FloatRange(0.5, 120), default=5.0, show_default=True,
         help="Seconds to wait for the nodes' answers.")
 @option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
@@ -721,8 +722,7 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
 
     settings = _settings()
     try:
-        states = worker_states(settings, list(names) or None, timeout, with_active=not check,
-                               with_release=not check)
+        states = worker_states(settings, list(names) or None, timeout, with_release=not check)
     except BrokerError as exc:
         if not check:
             raise
@@ -736,7 +736,8 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
             console.print(f"[red]unhealthy:[/red] no worker of this machine ({this_host()}) answered within "
                           f"{timeout:g} s", soft_wrap=True)
             raise SystemExit(1)
-    problems = {s.name: s.problem(settings.queue) for s in states}
+    # a batch running past the visibility timeout has been handed to another worker: its own is hung
+    problems = {s.name: s.problem(settings.queue, stuck_after=settings.visibility_timeout) for s in states}
     if check:
         bad = {name: why for name, why in problems.items() if why}
         for name, why in bad.items():
@@ -746,7 +747,8 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
         out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
         return
     # listing, also say which nodes are too old for the batches this release sends
-    states_text = {s.name: s.problem(settings.queue, needed=OPTIONAL_FIELDS) or "ok" for s in states}
+    states_text = {s.name: s.problem(settings.queue, needed=OPTIONAL_FIELDS, stuck_after=settings.visibility_timeout)
+                   or "ok" for s in states}
     if fmt == "json":
         import json
 

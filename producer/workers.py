@@ -12,6 +12,7 @@ instead of leaving it idle for good.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class WorkerState:
     active: int = 0
     release: str | None = None
     fields: tuple[str, ...] | None = None
+    longest_running_s: float | None = None  # how long its oldest running batch has run (None: none, or not asked)
 
     @property
     def known_fields(self) -> tuple[str, ...]:
@@ -43,10 +45,15 @@ class WorkerState:
         """Those of ``needed`` this node would not understand: it drops a batch that carries one."""
         return sorted(set(needed) - set(self.known_fields))
 
-    def problem(self, queue: str, needed: Iterable[str] = ()) -> str | None:
-        """Why this node is of no use to ``queue`` (or to batches with the ``needed`` fields), or None when healthy."""
+    def problem(self, queue: str, needed: Iterable[str] = (), stuck_after: float | None = None) -> str | None:
+        """Why this node is of no use to ``queue`` (or to batches with the ``needed`` fields, or has run one batch
+        longer than ``stuck_after`` seconds), or None when healthy."""
         if not self.answered:
             return "no answer: the worker is gone, wedged, or a solo pool busy with a batch"
+        if stuck_after is not None and self.longest_running_s is not None and self.longest_running_s > stuck_after:
+            return (f"stuck: a batch has run for {self.longest_running_s:.0f} s, longer than "
+                    f"DEBLUR_VISIBILITY_TIMEOUT ({stuck_after:g} s), after which the broker gave it to another "
+                    "worker (a hung GPU call, a blocked read); restart it")
         if queue not in self.queues:
             return (f"not consuming {queue!r}: it stopped itself (a failed GPU, see its log) or consumes "
                     f"{', '.join(self.queues) or 'nothing'}; restart it")
@@ -98,9 +105,17 @@ def worker_states(settings: Settings, names: list[str] | None = None, timeout: f
         told = isinstance(said, dict) and "message_fields" in said  # an older node answers with an error
         states.append(WorkerState(
             name=name, answered=name in queues, queues=tuple(q["name"] for q in queues.get(name) or []),
-            active=len(active.get(name) or []), release=said["release"] if told else None,
+            active=len(active.get(name) or []), longest_running_s=_longest_running(active.get(name) or []),
+            release=said["release"] if told else None,
             fields=tuple(said["message_fields"]) if told else None))
     return states
+
+
+def _longest_running(tasks: list[dict[str, Any]]) -> float | None:
+    """Seconds the oldest of a node's running tasks has run, from the wall-clock start Celery reports for each
+    (``time_start``); None when none runs or none says."""
+    starts = [float(t["time_start"]) for t in tasks if isinstance(t, dict) and t.get("time_start")]
+    return max(0.0, time.time() - min(starts)) if starts else None
 
 
 def batch_fields(window: int = 0, output_format: str | None = None, quality: int | None = None,

@@ -133,3 +133,21 @@ def test_workers_say_which_batch_fields_they_understand_and_jobs_wait_for_outdat
     finally:
         for worker in (lacking, silent, current):
             worker.stop()
+
+
+def test_the_probe_fails_a_worker_hung_in_a_batch_past_the_visibility_timeout() -> None:
+    """A worker's main process answers the probe even while its pool child hangs in a batch (a hung GPU call): the
+    probe stayed green for ever. A batch running past the visibility timeout (after which the broker gave it to
+    another worker) now makes the node unhealthy."""
+    import time
+
+    from producer.workers import WorkerState, _longest_running
+
+    now = time.time()
+    assert _longest_running([]) is None and _longest_running([{"id": "x"}]) is None
+    assert 99 < _longest_running([{"time_start": now - 100}, {"time_start": now - 5}]) < 110
+    busy = WorkerState("deblur@h", answered=True, queues=("deblur",), active=1, longest_running_s=600.0)
+    hung = WorkerState("deblur@h", answered=True, queues=("deblur",), active=1, longest_running_s=4000.0)
+    assert busy.problem("deblur", stuck_after=3600) is None
+    assert "stuck: a batch has run for 4000 s" in (hung.problem("deblur", stuck_after=3600) or "")
+    assert hung.problem("deblur") is None  # not asked to judge it
