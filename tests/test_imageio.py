@@ -815,3 +815,26 @@ def test_png_output_carries_the_resolution_turned_with_the_pixels(orientation: i
         written = Image.open(io.BytesIO(encode_image(image, image.pixels)))
         expected = (300, 150) if orientation == 1 else (150, 300)
         assert written.info["dpi"] == pytest.approx(expected, abs=0.02)  # pHYs counts whole dots a metre
+
+
+def test_every_page_of_a_tiff_keeps_its_own_resolution_and_name() -> None:
+    """Pages after the first were written at 1 dpi with no name: a scanner's 600-dpi detail page came back as
+    a 1-dpi page, and the names an archive gives its pages were gone."""
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    pages = [(rng.integers(0, 255, (20, 30, 3)).astype(np.uint8), 300, "recto"),
+             (rng.integers(0, 65535, (40, 10)).astype(np.uint16), 600, "verso detail"),
+             (rng.integers(0, 255, (12, 14, 3)).astype(np.uint8), 150, None)]
+    scan = io.BytesIO()
+    with tifffile.TiffWriter(scan) as tif:
+        for samples, dpi, name in pages:
+            tif.write(samples, photometric="rgb" if samples.ndim == 3 else "minisblack", resolution=(dpi, dpi),
+                      resolutionunit="INCH", metadata=None,
+                      extratags=[(285, "s", 0, name, True)] if name else [])
+    decoded = decode_image(scan.getvalue(), "scan.tif")
+    written = encode_image(decoded, decoded.pixels, pages=[page.pixels for page in decoded.pages])
+    with tifffile.TiffFile(io.BytesIO(written)) as tif:
+        found = [(p.shape, p.tags.valueof(282), p.tags.valueof(285)) for p in tif.pages]
+    assert [(shape, name) for shape, _, name in found] == [(s.shape, n) for s, _, n in pages]
+    assert [round(x[0] / x[1]) for _, x, _ in found] == [dpi for _, dpi, _ in pages]

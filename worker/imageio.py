@@ -181,6 +181,7 @@ class ImageMetadata:
     tiff_compression: int = 1  # TIFF Compression tag of the input
     tiff_alpha_kind: int = 2  # TIFF ExtraSamples: 1 associated (premultiplied), 2 unassociated
     tiff_miniswhite: bool = False  # TIFF grey stored with 0 as white: read inverted, written back so
+    tiff_page_name: str | None = None  # TIFF PageName of the page (multi-page scans name their pages)
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
     jp2: jpeg2000.Jp2Layout | None = None  # a JPEG 2000 input's coding and its other boxes
 
@@ -768,6 +769,7 @@ def _probe_tiff(data: bytes) -> _Probe:
                                for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
             end = max((o + n for o, n in zip(main.dataoffsets, main.databytecounts, strict=False)), default=0)
             miniswhite = _tiff_miniswhite(main)
+            page_name = _tiff_text(tags.valueof(285))
             pages = tuple((i, int(tif.pages[i].imagewidth), int(tif.pages[i].imagelength)) for i in pictures[1:])
     except _Unreadable:
         raise
@@ -788,6 +790,7 @@ def _probe_tiff(data: bytes) -> _Probe:
         tiff_compression=compression,
         tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
         tiff_miniswhite=miniswhite,
+        tiff_page_name=page_name,
     )
     return _Probe(
         "tiff",
@@ -881,7 +884,10 @@ def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
                 "tiff", samples.shape[1], samples.shape[0],
                 ImageMetadata(tiff_compression=int(page.compression),
                               tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
-                              tiff_miniswhite=_tiff_miniswhite(page)),
+                              tiff_miniswhite=_tiff_miniswhite(page),
+                              # each page keeps its own resolution and name (a scan's pages need not share them)
+                              dpi=_tiff_dpi(page.tags.valueof(282), page.tags.valueof(283), page.tags.valueof(296)),
+                              tiff_page_name=_tiff_text(page.tags.valueof(285))),
                 grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
             )
             pages.append(_assemble(samples, False, page_probe))
@@ -1443,6 +1449,7 @@ def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
     for code, blob in ((_TIFF_IPTC_TAG, meta.iptc), (_TIFF_PHOTOSHOP_TAG, meta.photoshop)):
         if blob:
             extratags.append((code, 7, len(blob), blob, True))  # UNDEFINED: bytes as they were
+    extratags += _page_name_tag(meta)
     for sub in tags.subifds:
         # tifffile refuses to write pointer tags: write the tag just below,
         # which sorts to the same place, and turn it into the pointer after.
@@ -1491,8 +1498,20 @@ def _append_tiff_page(encoded: bytes, samples: np.ndarray, alpha: np.ndarray | N
     array = _tiff_stored(samples, alpha, meta)
     buffer = io.BytesIO(encoded)
     with tifffile.TiffWriter(buffer, append=True, byteorder="<") as tif:
-        tif.write(array, **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta), metadata=None)
+        tif.write(array, **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta), metadata=None,
+                  resolution=meta.dpi, resolutionunit="INCH" if meta.dpi else "NONE",
+                  extratags=_page_name_tag(meta))
     return buffer.getvalue()
+
+
+def _page_name_tag(meta: ImageMetadata) -> list[tuple[Any, ...]]:
+    """tifffile's extra tag for the page's PageName, if it had one."""
+    return [(285, "s", 0, meta.tiff_page_name, True)] if meta.tiff_page_name else []
+
+
+def _tiff_text(value: Any) -> str | None:
+    """A TIFF ASCII tag's value as text, or None (absent, empty, or not ASCII text)."""
+    return value if isinstance(value, str) and value and value.isascii() else None
 
 
 @dataclass
