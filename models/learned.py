@@ -278,6 +278,13 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
             f"{str(path)!r} is not a refiner (no 'prior' in its metadata), but {name!r} refines {wanted}; "
             f"train one with 'deblur train {name} -o RUN_DIR'"
         )
+    if prior_text and wanted:  # (a file with a prior given to a plain architecture loads as a refiner of it)
+        from models.catalog import REGISTRY
+
+        recorded = REGISTRY.parse(prior_text).name
+        if recorded != REGISTRY.parse(wanted).name:
+            raise WeightsError(f"{str(path)!r} refines {recorded}, but {name!r} refines {wanted}: its network learned "
+                               f"to correct another model's results; train one with 'deblur train {name} -o RUN_DIR'")
     model: RestorationModel
     if prior_text:
         from models.loading import load_model

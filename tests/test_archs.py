@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -106,6 +108,36 @@ def test_seed003_loads_a_torchvision_vit_checkpoint(tmp_path) -> None:  # type: 
     tokens = vit._process_input((x - net.mean) / net.std)
     theirs = vit.encoder(torch.cat([vit.class_token, tokens], dim=1))
     assert torch.allclose(ours.flatten(2).transpose(1, 2), theirs[:, 1:], atol=1e-5)
+
+
+def test_seed003_weights_trained_from_a_vit_checkpoint_load_without_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Exported weights recorded the ViT file's path, so a worker without the training machine's file could not
+    rebuild the network (and a different file there would have built another); the head count, which no
+    checkpoint records, was guessed over the caller's."""
+    from torchvision.models import VisionTransformer
+
+    from models.training.loop import export_weights
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=96)
+    path = tmp_path / "vit.pth"
+    torch.save(vit.state_dict(), path)
+    net = ViTDeblur(vit_checkpoint=str(path), heads=4).eval()
+    assert net.vit.encoder.layers[0].num_heads == 4  # the caller's, not hidden_dim // 64
+    weights = tmp_path / "seed003.safetensors"
+    export_weights(net, weights, "seed003", {"vit_checkpoint": str(path), "heads": 4}, {})
+    path.unlink()
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as fh:
+        kwargs = json.loads(fh.metadata()["arch_kwargs"])
+    assert "vit_checkpoint" not in kwargs and kwargs["heads"] == 4 and kwargs["layers"] == 2
+    rebuilt = build_network("seed003", **kwargs).eval()
+    from safetensors.torch import load_file
+
+    rebuilt.load_state_dict(load_file(str(weights)))
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(rebuilt(x), net(x), atol=1e-6)
 
 
 def test_seed003_rejects_a_non_vit_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]

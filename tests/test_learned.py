@@ -162,3 +162,21 @@ def test_shipped_weights_improve_blurred_held_out_photos(info) -> None:  # type:
         out = model(x).image[0].permute(1, 2, 0).double().numpy()
         gains.append(_psnr(out, sharp) - _psnr(blurred, sharp))
     assert np.mean(gains) > 0.5, gains
+
+
+def test_a_named_refiner_loads_only_weights_that_refine_its_model(tmp_path: Path) -> None:
+    """seed002-refine given a file re-saved with another prior ran that prior: the network corrects one model's
+    results, and only that model's. (A plain architecture given a file with a prior still loads as a refiner of
+    it, by design.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from jobs.errors import WeightsError
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "weights" / "seed002-refine.safetensors"
+    with safe_open(str(shipped), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    other = tmp_path / "wiener-refiner.safetensors"
+    save_file(load_file(str(shipped)), str(other), metadata={**meta, "prior": "wiener:psf=gaussian:sigma=3"})
+    with pytest.raises(WeightsError, match="refines wiener, but 'seed002-refine' refines l0-blind"):
+        load_model(REGISTRY.parse(f"seed002-refine:weights={other}"), CPU)

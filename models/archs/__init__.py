@@ -2,7 +2,7 @@
 
 * :mod:`models.archs.seed001` — the two-stage CNN generator (t1/t2/t4 blocks,
   skip concatenations, tanh residual output) and its PatchGAN discriminator.
-* :mod:`models.archs.seed002` — the U-Net/ResNet hybrid (~0.97 M parameters).
+* :mod:`models.archs.seed002` — the U-Net/ResNet hybrid (955,715 parameters; the seed's 972,739).
 * :mod:`models.archs.seed003` — ViTDeblur: a ViT encoder with a CNN decoder.
 
 Every network here maps an (N, 3, H, W) batch in its ``value_range`` to a

@@ -1,17 +1,23 @@
-"""Seed 002: the U-Net/ResNet hybrid (about 0.97 M parameters at the default width).
+"""Seed 002: the U-Net/ResNet hybrid (955,715 parameters at the default width; the seed's table: 972,739).
 
 Layout from the seed's layer table: a 3×3 conv (3→16), a 3×3 conv (16→64),
 max-pool, a 3×3 conv (64→128), max-pool, two residual blocks at 128 channels
-(the first with a 1×1 projection shortcut, which is why it is the larger of
-the two in the table), two 3×3 stride-2 transposed convs (128→128, 128→64)
-and a 3×3 output conv (64→3). The seed's table gives 972,739 parameters;
-this version has 955,715 at ``width=16``.
+(conv-BN-ReLU-conv-BN), two 3×3 stride-2 transposed convs (128→128, 128→64)
+and a 3×3 output conv (64→3).
+
+What the table's counts say beyond its layout (Keras counts batch
+normalisation as 4 parameters a channel): its convs also see earlier features
+concatenated to their input (``conv2d_1`` takes 19 channels, ``conv2d_2`` 80,
+the first residual block 144), and both residual blocks have a 1×1
+projection shortcut, the first being larger only for its wider input. Here
+the encoder keeps the plain widths (no such concatenations) and only the first
+block has a projection.
 
 Differences from the seed, for a small CPU training budget and the U-Net it
 describes: the encoder features are brought back through U-Net skips (the
 transposed conv's output is concatenated with the encoder feature of the same
-scale and fused by a 1×1 conv), the output is a residual added to the
-blurred input, and residual blocks use batch normalisation. Values in [0, 1].
+scale and fused by a 1×1 conv), and the output is a residual added to the
+blurred input. Values in [0, 1].
 """
 
 from __future__ import annotations

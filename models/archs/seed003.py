@@ -22,6 +22,7 @@ heads=12, mlp_dim=3072``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -31,6 +32,8 @@ from torch import nn
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
 
 
 def read_vit_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ class ViTDeblur(nn.Module):
         self,
         hidden_dim: int = 192,
         layers: int = 4,
-        heads: int = 3,
+        heads: int | None = None,
         mlp_dim: int | None = None,
         patch_size: int = 16,
         image_size: int = 224,
@@ -89,7 +92,11 @@ class ViTDeblur(nn.Module):
             shape = _vit_shape(state)
             hidden_dim, layers, mlp_dim = shape["hidden_dim"], shape["layers"], shape["mlp_dim"]
             patch_size, image_size = shape["patch_size"], shape["image_size"]
-            heads = max(1, hidden_dim // 64)
+            if heads is None:  # a checkpoint does not record it: torchvision's ViTs use heads of 64 dimensions
+                heads = max(1, hidden_dim // 64)
+                log.info("ViT checkpoint %s: assuming %d attention heads (64 dimensions each); pass heads=N if it "
+                         "was trained with others", vit_checkpoint, heads)
+        heads = 3 if heads is None else heads
         if hidden_dim % heads:
             raise ValueError(f"hidden_dim {hidden_dim} must be divisible by heads {heads}")
         self.patch_size = patch_size
@@ -118,6 +125,14 @@ class ViTDeblur(nn.Module):
     @property
     def size_multiple(self) -> int:
         return self.patch_size
+
+    def rebuild_kwargs(self) -> dict[str, object]:
+        """The encoder's shape as constructor arguments, in place of a ``vit_checkpoint`` (exported weights hold
+        every tensor, so a worker must be able to rebuild the network without the file it was initialised from)."""
+        vit = self.vit
+        return {"hidden_dim": vit.hidden_dim, "layers": len(vit.encoder.layers),
+                "heads": vit.encoder.layers[0].num_heads, "mlp_dim": vit.mlp_dim, "patch_size": vit.patch_size,
+                "image_size": vit.image_size}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """ViT features on the patch grid, (N, hidden_dim, H/patch, W/patch)."""

@@ -248,6 +248,9 @@ def validate(
 def export_weights(net: nn.Module, path: Path, arch: str, arch_kwargs: dict[str, object], info: dict[str, object]) -> None:
     """Write the network's state dict to a ``.safetensors`` file with the architecture in its metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    rebuild = getattr(net, "rebuild_kwargs", None)
+    if "vit_checkpoint" in arch_kwargs and callable(rebuild):  # the file it started from is not needed to load it
+        arch_kwargs = {**{k: v for k, v in arch_kwargs.items() if k != "vit_checkpoint"}, **rebuild()}
     meta = {"arch": arch, "arch_kwargs": json.dumps(arch_kwargs, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
