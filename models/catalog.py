@@ -124,6 +124,9 @@ BLIND: list[ModelInfo] = [
         dtypes=("float32",),
         produces_kernel=True,
         shared_results=True,
+        # the day its computation last changed (a featureless image judged sharp, each image's own Wiener weight):
+        # recorded in every image's model_versions, so results of an earlier computation can be told apart
+        version="2026-12-07",
     ),
 ]
 
