@@ -3,8 +3,8 @@
 Fills a fresh database with FINISHED jobs of IMAGES done images each (the
 history a year of archive work leaves) and a few unfinished jobs (the backlog:
 pending, running, recently done), then times the SQL part of a scrape
-(``queries.operations_snapshot``) and a whole ``render_metrics`` against the
-Redis broker the settings name. Prints the median of several scrapes, and the
+(``queries.operations_snapshot``; the broker's part, one LLEN per priority
+list, does not grow with history). Prints the median of several scrapes, and the
 same figure with the history left out, so the ratio shows whether a scrape
 reads the history (it should not: it reads the jobs index and the images of
 unfinished or recently finished jobs).

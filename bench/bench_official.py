@@ -53,7 +53,8 @@ def photo(size: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256, help="side of the square test crop")
+    parser.add_argument("--size", type=int, default=256,
+                        help="side of the square test crop (at least 128: the tiled run overlaps tiles by 32 px)")
     parser.add_argument("--only", default="", help="comma-separated entry names")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -63,6 +64,9 @@ def main() -> None:
     from models.loading import load_model
 
     names = [n for n in OFFICIAL if not args.only or n in args.only.split(",")]
+    if args.size < 128:
+        parser.error(f"--size {args.size}: use at least 128 (tiles of size/2 + 32 px must overlap by 32 px, "
+                     "which needs tiles of more than 64 px)")
     x = photo(args.size)
     cpu = torch.device("cpu")
     print(f"crop {args.size}x{args.size}, 1 thread, random weights at the official sizes")
