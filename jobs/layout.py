@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 from jobs.errors import InputError
@@ -23,27 +23,36 @@ def member_output_uri(output_root: S3URI, model_key: str, relative: str) -> S3UR
     return output_root.join(f"_members/{member_folder(model_key)}/{relative}")
 
 
-def kernel_name(output_name: str, model_key: str, several: bool) -> str:
-    """A blind model's estimated kernel's file name next to the output named ``output_name``: the whole name
-    and ``.kernel.png`` (``.kernel.<model>.png`` with several blind members), as a provenance record keeps the
-    whole name, so that ``scan.tif`` and its access copy ``scan.jpg`` in one folder keep a kernel each."""
-    suffix = f".kernel.{member_folder(model_key.split(':')[0])}.png" if several else ".kernel.png"
-    return output_name + suffix
+def kernel_labels(model_keys: Sequence[str]) -> dict[str, str]:
+    """The part of each of several blind members' kernel file names that names it: its model's name, or its whole
+    key when another member is the same model with other parameters (two settings of ``l0-blind`` would otherwise
+    write one file, and the second overwrite the first)."""
+    names = [key.split(":")[0] for key in model_keys]
+    return {key: member_folder(key if names.count(name) > 1 else name) for key, name in zip(model_keys, names)}
 
 
-def kernel_uri(output: S3URI, model_key: str, several: bool) -> S3URI:
+def kernel_name(output_name: str, label: str | None = None) -> str:
+    """A blind model's estimated kernel's file name next to the output named ``output_name``: the whole name and
+    ``.kernel.png``, or ``.kernel.<label>.png`` with several blind members (:func:`kernel_labels`), as a provenance
+    record keeps the whole name, so that ``scan.tif`` and its access copy ``scan.jpg`` in one folder keep a kernel
+    each."""
+    return output_name + (f".kernel.{label}.png" if label else ".kernel.png")
+
+
+def kernel_uri(output: S3URI, label: str | None = None) -> S3URI:
     """Where a blind model's estimated kernel is stored: next to the output, as PNG (:func:`kernel_name`)."""
-    return S3URI(output.bucket, kernel_name(output.key, model_key, several))
+    return S3URI(output.bucket, kernel_name(output.key, label))
 
 
-def member_kernel_uri(first_kernel: str, first_model: str, model_key: str) -> str:
-    """Where a job with several blind members stored ``model_key``'s kernel, given the URI recorded for the
-    first (``first_model``'s): the same name with the member's in place of the first's, whichever naming the
-    release that ran the job used (before this one, the output's extension was left out)."""
-    first = f".kernel.{member_folder(first_model.split(':')[0])}.png"
+def member_kernel_uri(first_kernel: str, first_label: str, label: str) -> str:
+    """Where a job with several blind members stored the kernel labelled ``label`` (:func:`kernel_labels`), given
+    the URI recorded for the first (labelled ``first_label``): the same name with the member's label in place of
+    the first's, whichever naming the release that ran the job used (before this one, the output's extension was
+    left out)."""
+    first = f".kernel.{first_label}.png"
     if not first_kernel.endswith(first):
         return first_kernel
-    return first_kernel[: -len(first)] + f".kernel.{member_folder(model_key.split(':')[0])}.png"
+    return first_kernel[: -len(first)] + f".kernel.{label}.png"
 
 
 def is_kernel_artefact(key: str) -> bool:

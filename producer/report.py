@@ -33,7 +33,7 @@ from db import queries
 from db.engine import ensure_schema, session_scope
 from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, Image, Metric
 from jobs.errors import InputError, StorageNotFoundError
-from jobs.layout import member_folder, member_kernel_uri
+from jobs.layout import kernel_labels, member_kernel_uri
 from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
@@ -383,11 +383,12 @@ def _kernel_uris(row: dict[str, Any], members: Sequence[Member], client: Any) ->
         return {}
     first = row["kernel"]
     # with several blind members the first kernel is named after its member; the others sit next to it
-    owner = next((m for m in members if first.endswith(f".kernel.{member_folder(m.key.split(':')[0])}.png")), None)
+    labels = kernel_labels([m.key for m in members])
+    owner = next((m for m in members if first.endswith(f".kernel.{labels[m.key]}.png")), None)
     found: dict[str, str] = {}
     if owner is not None:
         for member in members:
-            uri = member_kernel_uri(first, owner.key, member.key)
+            uri = member_kernel_uri(first, labels[owner.key], labels[member.key])
             if uri == first or (len(members) > 1 and object_exists(client, parse_s3_uri(uri, exact=True))):
                 found[member.key] = uri
     if not found:

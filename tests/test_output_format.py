@@ -321,15 +321,21 @@ def test_outputs_are_verified_against_their_records_without_the_database(  # typ
 
 def test_kernels_of_two_outputs_with_one_stem_do_not_collide() -> None:
     """A TIFF master and its JPEG access copy in one folder once shared ``scan.kernel.png``: one kernel was lost
-    and both rows named the other. The kernel keeps the output's whole name; a report finds a job's members'
-    kernels from the first one's name, whichever naming wrote them."""
-    from jobs.layout import is_kernel_artefact, kernel_uri, member_kernel_uri
+    and both rows named the other. The kernel keeps the output's whole name; two settings of one blind model are
+    told apart by their whole keys; a report finds a job's members' kernels from the first one's name, whichever
+    naming wrote them."""
+    from jobs.layout import is_kernel_artefact, kernel_labels, kernel_uri, member_kernel_uri
     from jobs.s3uri import S3URI
 
     tif, jpg = S3URI("b", "out/scan.tif"), S3URI("b", "out/scan.jpg")
-    assert kernel_uri(tif, "l0-blind", several=False) != kernel_uri(jpg, "l0-blind", several=False)
-    assert str(kernel_uri(tif, "l0-blind:kernel=31", several=True)) == "s3://b/out/scan.tif.kernel.l0-blind.png"
-    assert all(is_kernel_artefact(kernel_uri(tif, "l0-blind", several).key) for several in (False, True))
+    assert kernel_uri(tif) != kernel_uri(jpg)
+    labels = kernel_labels(["l0-blind:kernel=31", "seed001-refine"])
+    assert labels == {"l0-blind:kernel=31": "l0-blind", "seed001-refine": "seed001-refine"}
+    assert str(kernel_uri(tif, labels["l0-blind:kernel=31"])) == "s3://b/out/scan.tif.kernel.l0-blind.png"
+    twice = kernel_labels(["l0-blind:kernel=21", "l0-blind:kernel=35"])
+    assert len(set(twice.values())) == 2 and all(is_kernel_artefact(kernel_uri(tif, label).key)
+                                                 for label in twice.values())
+    assert is_kernel_artefact(kernel_uri(tif).key)
     new = "s3://b/out/scan.tif.kernel.l0-blind.png"
     old = "s3://b/out/scan.kernel.l0-blind.png"  # as an earlier release named it
     assert member_kernel_uri(new, "l0-blind", "seed001-refine") == "s3://b/out/scan.tif.kernel.seed001-refine.png"

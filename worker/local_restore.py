@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, kernel_name, with_output_format
+from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, kernel_labels, kernel_name, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_image_key
@@ -178,8 +178,9 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
                         quality=message.quality, pages=work.restored_pages)
     _write_atomically(target, data)
     kernels = []
+    labels = kernel_labels(list(work.kernels))  # named after the model even alone, as this command always did
     for model, kernel in work.kernels.items():
-        kernels.append(target.parent / kernel_name(target.name, model, several=True))
+        kernels.append(target.parent / kernel_name(target.name, labels[model]))
         _write_atomically(kernels[-1], kernel_png(kernel))
     if message.sidecar:
         from worker.provenance import provenance_record

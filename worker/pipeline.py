@@ -34,7 +34,7 @@ from jobs.errors import DeviceFailure, InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.layout import format_of_name, kernel_uri, member_output_uri, sidecar_uri
+from jobs.layout import format_of_name, kernel_labels, kernel_uri, member_output_uri, sidecar_uri
 from jobs.notify import announce_if_wanted
 from jobs.storage import get_bytes, put_bytes, s3_client
 from models.catalog import REGISTRY
@@ -262,8 +262,9 @@ def _encode(work: Work, message: BatchMessage) -> None:
                                  content_type(work.decoded.format)))
         work.members = {}
     kernels = []
+    labels = kernel_labels(sorted(work.kernels)) if len(work.kernels) > 1 else {}
     for index, (model, kernel) in enumerate(sorted(work.kernels.items())):
-        target = kernel_uri(out_uri, model, several=len(work.kernels) > 1)
+        target = kernel_uri(out_uri, labels.get(model))
         work.uploads.append((target, kernel_png(kernel), "image/png"))
         kernels.append(str(target))
         if index == 0:
