@@ -9,6 +9,7 @@ a backend can find its own jobs among everyone's and tie them to its records.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 
 from jobs.errors import InputError
@@ -31,10 +32,16 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
         if not isinstance(key, str) or not KEY.fullmatch(key):
             raise InputError(f"--label: {key!r} is not a label name: 1-63 letters, digits, '_', '.', '-' or '/', "
                              "starting with a letter or digit, e.g. team=ingest")
-        if not isinstance(value, str) or len(value) > MAX_VALUE or any(ord(c) < 32 for c in value):
+        if not isinstance(value, str) or len(value) > MAX_VALUE or any(_unprintable(c) for c in value):
             raise InputError(f"--label {key}: the value must be text of at most {MAX_VALUE} characters without "
                              "control characters")
     return dict(labels)
+
+
+def _unprintable(character: str) -> bool:
+    """A control or format character (C0 and C1 controls, DEL, bidirectional overrides, line and paragraph
+    separators, byte-order marks): in a terminal or a notification it can rewrite what the rest of a line says."""
+    return unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp")
 
 
 def parse_labels(items: Iterable[str]) -> dict[str, str]:
@@ -44,7 +51,7 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise InputError(f"--label {item!r}: expected KEY=VALUE, e.g. team=ingest")
-        labels[key.strip()] = value
+        labels[key.strip()] = value.strip()  # ' team = ingest ' is team=ingest, as a filter typed without spaces
     return check_labels(labels)
 
 
@@ -54,7 +61,7 @@ def check_submitted_labels(labels: Mapping[str, str], api_client: str | None = N
     A submission that sets ``api-client`` itself is refused, so the label always names the token that
     submitted the job.
     """
-    if API_CLIENT_LABEL in labels:
+    if any(key.lower() == API_CLIENT_LABEL for key in labels):  # API-Client too: it reads as the same label
         raise InputError(f"--label {API_CLIENT_LABEL}: this label is set by the HTTP API from the token that "
                          "submits the job; choose another name")
     checked = check_labels(labels)

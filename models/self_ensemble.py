@@ -11,6 +11,8 @@ cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from jobs.errors import InvalidModelSpecError
@@ -77,6 +79,7 @@ class SelfEnsembleModel(RestorationModel):
         total: torch.Tensor | None = None  # shaped by the first output (a refiner returns fewer channels)
         kernels: list[torch.Tensor] = []
         metric_sums: dict[str, torch.Tensor] = {}
+        combined: dict[str, torch.Tensor] = {}  # metrics that name a choice or a flag: not averaged
         for t in self.transforms:
             out = self.inner(forward_transform(x, t), keep_grey_inputs=keep_grey_inputs)
             image = inverse_transform(out.image, t).to(x.device, torch.float32)
@@ -85,6 +88,9 @@ class SelfEnsembleModel(RestorationModel):
                 kernels.append(inverse_transform(out.kernels, t).to(x.device, torch.float32))
             for name, value in out.metrics.items():
                 value = value.to(x.device, torch.float32)
+                if name in _COMBINED:
+                    combined[name] = value if name not in combined else _COMBINED[name](combined[name], value)
+                    continue
                 metric_sums[name] = value if name not in metric_sums else metric_sums[name] + value
         count = len(self.transforms)
         kernel: torch.Tensor | None = None
@@ -95,5 +101,18 @@ class SelfEnsembleModel(RestorationModel):
         return Restored(
             image=total.div_(count).clamp_(0.0, 1.0),  # type: ignore[union-attr]
             kernels=kernel,
-            metrics={name: value / count for name, value in metric_sums.items()},
+            metrics={**{name: value / count for name, value in metric_sums.items()}, **combined},
         )
+
+
+_COMBINED: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # the average is the input only if every copy fell back, and blur was found if any copy found it (so
+    # jobs.review flags an image exactly when the averaged result is the input as it came)
+    "kernel_fallback": torch.minimum,
+    "blur_detected": torch.maximum,
+    # which candidate won, whether the kernel was refitted: the identity transform's (the first), as a number that
+    # names one (an average of 1 and 2 names none)
+    "kernel_candidate": lambda first, _later: first,
+    "kernel_refit": lambda first, _later: first,
+}
+"""How the transforms' values of the metrics that are choices or flags are combined (the others are averaged)."""

@@ -247,3 +247,19 @@ def test_worker_loglevel_has_help() -> None:
     pytest.importorskip("celery")
     worker = " ".join(invoke("worker", "--help").output.split())
     assert "Log level of the worker" in worker
+
+
+def test_labels_refuse_characters_that_rewrite_a_line_and_the_reserved_name_in_any_case() -> None:
+    """Only C0 controls were refused: a right-to-left override, an 8-bit terminal escape or a line separator in a
+    label reached 'deblur status' and notifications; 'API-Client' read as the API's own label; ' team = ingest '
+    kept its spaces, so a filter typed without them missed the job."""
+    from jobs.errors import InputError
+    from jobs.labels import check_submitted_labels, parse_labels
+
+    for value in ("a\u202eb", "\x9b2J", "x\u2028y", "\ufeffz", "del\x7f"):
+        with pytest.raises(InputError, match="without control characters"):
+            parse_labels([f"team={value}"])
+    with pytest.raises(InputError, match="set by the HTTP API"):
+        check_submitted_labels({"API-Client": "someone"})
+    assert parse_labels([" team = ingest "]) == {"team": "ingest"}
+    assert parse_labels(["place=Zürich ✓"]) == {"place": "Zürich ✓"}

@@ -136,3 +136,37 @@ def test_a_models_option_defaults_must_name_inherited_options_with_the_right_typ
         Registry([replace(INFO, option_defaults=(("strength", 1.0),))])
     with pytest.raises(ValueError, match="default of 'self_ensemble' must be a bool"):
         Registry([replace(INFO, option_defaults=(("self_ensemble", "yes"),))])
+
+
+def test_metrics_that_name_a_choice_or_a_flag_are_not_averaged() -> None:
+    """Averaged over the transforms, l0-blind's kernel_candidate came out 1.5 (no candidate), and its fallback and
+    blur flags as fractions that the review rule then compared with 0.5."""
+    import torch
+
+    from models.base import Restored
+    from models.self_ensemble import SelfEnsembleModel
+
+    class Flags:
+        """A stand-in inner model whose flags differ between transforms (the identity is the first call)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, x: torch.Tensor, *, keep_grey_inputs: bool = True) -> Restored:
+            first = self.calls == 0
+            self.calls += 1
+            one = torch.ones(x.shape[0])
+            return Restored(image=x.clone(), metrics={
+                "kernel_candidate": one * (2.0 if first else 1.0), "kernel_refit": one * (1.0 if first else 0.0),
+                "kernel_fallback": one * (1.0 if first else 0.0), "blur_detected": one * (1.0 if first else 0.0),
+                "kernel_size": one * (10.0 if first else 2.0)})
+
+    inner = Flags()
+    model = SelfEnsembleModel.__new__(SelfEnsembleModel)
+    model.inner, model.transforms = inner, ((0, False), (1, False), (2, True), (3, True))
+    metrics = model.restore_batch(torch.rand(1, 3, 8, 8)).metrics
+    assert {name: float(value[0]) for name, value in metrics.items()} == {
+        "kernel_candidate": 2.0, "kernel_refit": 1.0,  # the identity's
+        "kernel_fallback": 0.0,  # not every copy fell back: the average is not the input
+        "blur_detected": 1.0,  # one copy found blur
+        "kernel_size": 4.0}  # a measure: averaged

@@ -37,6 +37,7 @@ from jobs.settings import Settings
 from jobs.layout import format_of_name, kernel_labels, kernel_uri, member_output_uri, sidecar_uri
 from jobs.notify import announce_if_wanted
 from jobs.storage import get_bytes, put_bytes, s3_client
+from models import shared_results
 from models.catalog import REGISTRY
 from worker import runtime
 
@@ -357,6 +358,10 @@ def run_batch(message: BatchMessage, settings: Settings,
         except Exception:
             log.warning("could not take back the starts of %d image(s) of job %s", len(unrecorded), message.job_id)
         raise
+    finally:
+        # the results models share within an image (an ensemble's l0-blind and the refiners' prior) go with the
+        # batch: kept, every model setting a worker ever ran would hold one full image for the process's life
+        shared_results.clear()
     with session_scope(db_url) as session:
         record(session, works)
         if leftover:
