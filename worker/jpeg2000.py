@@ -29,12 +29,15 @@ Known limits:
   ratios, since a header does not record them; its last layer keeps the
   input's ratio, or stays lossless;
 - 16-bit colour, alpha with 16 bits and precisions other than 8 or 16 bits
-  are written untiled, in one layer, in OpenJPEG's default progression.
+  are written untiled, in one layer, in OpenJPEG's default progression, and a
+  lossy one without its compression ratio (OpenJPEG's encoder here takes a
+  target quality, not a rate), so larger than it came; a warning says so.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 from dataclasses import dataclass, field, replace
@@ -57,6 +60,8 @@ _COLOUR_SPACES = {12: "CMYK", 14: "CIELab", 18: "sYCC", 20: "e-sRGB", 21: "ROMM-
 _FIRST_LAYER_RATIO = 200.0  # the coarsest quality layer of a rebuilt ladder
 _LOSSLESS_PENULTIMATE_RATIO = 2.5  # the layer before a lossless one
 _MAX_CODEC_THREADS = 4  # OpenJPEG's threads: a 12-MP 16-bit master decodes 1.5x faster on two than on one
+
+log = logging.getLogger(__name__)
 
 
 class Jp2Error(ValueError):
@@ -407,6 +412,10 @@ def _encode_imagecodecs(array: np.ndarray, layout: Jp2Layout, channels: int) -> 
     import imagecodecs
 
     # imagecodecs' level is a target PSNR, not a rate: a lossy input is written at the best the 9/7 wavelet keeps.
+    if not layout.reversible and layout.ratio > 1.5:
+        log.warning("a lossy %d-bit JPEG 2000 (%.1f:1) is written without its compression ratio, which only Pillow's "
+                    "encoder can set and it cannot write this precision or layout: the file grows", layout.bits,
+                    layout.ratio)
     return bytes(imagecodecs.jpeg2k_encode(
         array,
         codecformat="JP2" if layout.container else "J2K",
