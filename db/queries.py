@@ -519,6 +519,13 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
     return reset
 
 
+def _images_in_flight() -> Any:
+    """The condition that a job (the outer query's) has an image still pending or running."""
+    unfinished = aliased(Image)
+    return select(unfinished.id).where(unfinished.job_id == Job.id,
+                                       unfinished.status.in_(("pending", "running"))).exists()
+
+
 def _finished_before(before: datetime) -> Any:
     """A job finished (done, failed or cancelled) before ``before`` with no image still pending or running; rows
     without a finish time count their last update.
@@ -527,22 +534,16 @@ def _finished_before(before: datetime) -> Any:
     abandoned submission (:func:`fail_abandoned_submissions`) still has the images it enqueued restored. Such a job
     is kept until they have an outcome (read from the (job, status) index).
     """
-    unfinished = aliased(Image)
-    in_flight = select(unfinished.id).where(unfinished.job_id == Job.id,
-                                            unfinished.status.in_(("pending", "running")))
     return and_(Job.status.in_(FINISHED_JOB_STATUSES), func.coalesce(Job.finished_at, Job.updated_at) < before,
-                ~in_flight.exists())
+                ~_images_in_flight())
 
 
 def jobs_held_back(session: Session, before: datetime) -> list[str]:
     """Jobs that finished before ``before`` but that pruning keeps, oldest first: images of theirs are still pending
     or running (their workers may be gone: ``deblur retry JOB --stalled`` sends them again)."""
-    unfinished = aliased(Image)
-    in_flight = select(unfinished.id).where(unfinished.job_id == Job.id,
-                                            unfinished.status.in_(("pending", "running")))
     return list(session.scalars(
         select(Job.id).where(Job.status.in_(FINISHED_JOB_STATUSES),
-                             func.coalesce(Job.finished_at, Job.updated_at) < before, in_flight.exists())
+                             func.coalesce(Job.finished_at, Job.updated_at) < before, _images_in_flight())
         .order_by(func.coalesce(Job.finished_at, Job.updated_at), Job.id)))
 
 
@@ -712,7 +713,11 @@ def metric_summary(session: Session, job_id: str) -> list[dict[str, Any]]:
             return float(average) if average is not None else None
         return float(low)  # every value the same infinity
 
-    return [{"model": m, "name": n, "mean": mean(v, int(c), low, high), "count": int(c),
+    def averaged(finite_count: int, every: int, low: float | None, high: float | None) -> int:
+        """How many values the mean stands for: the finite ones, or all when all are the same infinity."""
+        return every if not finite_count and low is not None and low == high else finite_count
+
+    return [{"model": m, "name": n, "mean": mean(v, int(c), low, high), "count": averaged(int(c), int(every), low, high),
              "non_finite": int(every) - int(c)}
             for m, n, v, c, every, low, high in rows]
 

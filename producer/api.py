@@ -351,6 +351,9 @@ class SummaryRow(BaseModel):
     name: str = Field(description="Metric name (psnr, ssim, …).")
     mean: MetricValue
     count: int = Field(description="Done images the mean is over.")
+    non_finite: int = Field(0, description="Infinite values left out of the mean (a PSNR is infinite where an "
+                                           "image equals its reference); when every value is, the mean is that "
+                                           "infinity and count counts them.")
 
 
 class JobSummary(BaseModel):

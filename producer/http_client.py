@@ -141,16 +141,23 @@ class HttpClient:
         """Every image of a job (or only those in ``status``, or flagged for ``review``), page by page, in image
         order: pages follow the last image's id, so an image whose status changes while the job is read is
         neither skipped nor repeated."""
-        after: int | None = 0
-        while after is not None:
-            params: dict[str, Any] = {"limit": page_size, "after": after}
-            if status:
-                params["status"] = status
-            if review:
-                params["review"] = "true"
+        params: dict[str, Any] = {"limit": page_size, "after": 0}
+        if status:
+            params["status"] = status
+        if review:
+            params["review"] = "true"
+        while True:
             page = self._call("GET", f"/v1/jobs/{job_id}/images", params=params)
             yield from page["items"]
-            after = page.get("next_after")
+            if "next_after" in page:
+                if page["next_after"] is None:
+                    return
+                params["after"] = page["next_after"]
+            else:  # a server older than id paging ignores 'after': go on by offset, as it pages
+                if page.get("next_offset") is None:
+                    return
+                params.pop("after", None)
+                params["offset"] = page["next_offset"]
 
     def summary(self, job_id: str) -> dict[str, Any]:
         """The mean of every metric per model, and how many images it covers."""

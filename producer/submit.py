@@ -233,16 +233,14 @@ def submit(
     """Validate ``request``, then write and enqueue the job. Returns its id.
 
     Nothing is written when validation fails. With a ``job_key`` already
-    used, the first job is returned and nothing new is listed or enqueued. With
+    used, the first job is returned at once: nothing is validated, listed or
+    enqueued. With
     ``skip_existing``, images whose output exists are left out, and when
     that leaves none, nothing is written and the result's ``job_id`` is empty.
     """
     from jobs.celery_app import app_for
 
     app = app_for(settings)
-    checked = _validate(request, settings)
-    request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
-                                                   checked.priority, checked.plan)
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
     if request.job_key:
@@ -250,6 +248,9 @@ def submit(
             keyed = queries.job_with_key(session, request.job_key)
             if keyed is not None:  # the same key returns the first job, even when nothing would be left to submit
                 return SubmitResult(keyed.id, False, keyed.total)
+    checked = _validate(request, settings)
+    request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
+                                                   checked.priority, checked.plan)
     ignored: Counter[str] = Counter()
     heartbeat = _Heartbeat(db_url)
     items, skipped = checked.items(ignored, heartbeat.tick)
@@ -341,11 +342,16 @@ def submit(
                 f"the broker did not take job {job_id}'s tasks ({exc}): the job is marked failed and {what}, "
                 "once Redis is running or DEBLUR_BROKER_URL points at a running one") from exc
         raise
+    status: str | None = None
+    finished = False
     with session_scope(db_url) as session:
         counts = queries.status_counts(session, job_id)
         distinct = sum(counts.values())
         started = counts["running"] + counts["done"] + counts["failed"] > 0
-        if not queries.finish_submission(session, job_id, distinct, "running" if started else "queued"):
+        listed = queries.finish_submission(session, job_id, distinct, "running" if started else "queued")
+        if listed:
+            finished = queries.finish_if_complete(session, job_id)  # the workers were quicker than the listing
+        else:
             # cancelled while it was being listed (or failed as abandoned): the listing stopped. A cancelled job's
             # images written after the cancellation, whose batches the workers drop, are cancelled too instead of
             # pending for good; an abandoned one's enqueued images are still restored, as its error says.
@@ -353,13 +359,11 @@ def submit(
             if status == "cancelled":
                 queries.cancel_pending_images(session, job_id)
             queries.set_job_state(session, job_id, total=sum(queries.status_counts(session, job_id).values()))
-            if status == "failed":
-                raise TransientError(
-                    f"job {job_id} was marked failed while this producer was still listing it (another "
-                    f"submission took it for abandoned): {queued} images were queued and are restored, the rest "
-                    "were not submitted; submit again with --skip-existing")
-            return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))
-        finished = queries.finish_if_complete(session, job_id)  # the workers were quicker than the listing
+    if status == "failed":  # raised once its total is committed: the images it queued are still restored
+        raise TransientError(
+            f"job {job_id} was marked failed while this producer was still listing it (another "
+            f"submission took it for abandoned): {queued} images were queued and are restored, the rest "
+            "were not submitted; submit again with --skip-existing")
     if finished:
         announce_if_wanted(settings, job_id, spec)
     return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))

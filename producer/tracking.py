@@ -304,9 +304,8 @@ def ranking_metric(settings: Settings, job_id: str, metric: str | None = None) -
         job = queries.get_job(session, job_id)
         chosen = metric or default_metric(job.kind)
         names = [n for n in queries.headline_metric_names(session, job_id) if not n.startswith("input_")]
-    if chosen not in names:
-        have = (f"its images have {', '.join(names)}" if names
-                else "its images have no metrics yet (none is done)")
+    if names and chosen not in names:  # with no metrics yet (nothing done) there is nothing to refuse or rank
+        have = f"its images have {', '.join(names)}"
         raise InputError(f"--metric {chosen!r}: job {job_id} ({job.kind}) has no such metric to rank by; {have}")
     return chosen
 

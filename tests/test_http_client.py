@@ -198,3 +198,21 @@ def test_a_lost_answer_to_verify_is_not_asked_again() -> None:
         with pytest.raises(TransientError):
             api.status("j")  # a read is asked again
         assert len(sent) == 4
+
+
+def test_results_from_a_server_older_than_id_paging_are_read_by_offset() -> None:
+    """An older server ignores 'after' and sends no next_after: the client once stopped after the first page."""
+    import httpx
+
+    from producer.http_client import HttpClient
+
+    items = [{"id": i, "input": f"s3://b/in/{i}.png"} for i in range(1, 6)]
+
+    def old_server(request: httpx.Request) -> httpx.Response:
+        offset, limit = int(request.url.params.get("offset", 0)), int(request.url.params["limit"])
+        page = items[offset:offset + limit]
+        more = offset + len(page) < len(items)
+        return httpx.Response(200, json={"items": page, "next_offset": offset + len(page) if more else None})
+
+    with HttpClient("http://deblur.test", transport=httpx.MockTransport(old_server)) as api:
+        assert [r["id"] for r in api.results("j", page_size=2)] == [1, 2, 3, 4, 5]

@@ -484,6 +484,11 @@ def test_a_job_failed_as_abandoned_under_a_live_producer_is_not_reported_as_subm
 
     with pytest.raises(TransientError, match="was marked failed while this producer was still listing it"):
         _submit_acting_after_the_first_chunk(s3, monkeypatch, fail)
+    from producer.tracking import list_jobs
+    from jobs.settings import load_settings
+
+    [failed] = [j for j in list_jobs(load_settings(), limit=5) if j["status"] == "failed"][:1]
+    assert failed["total"] == 2  # the images it queued (the first chunk) are counted, not left at 0
 
 
 def test_a_listing_that_yields_nothing_for_long_still_shows_the_producer_alive(env, s3, monkeypatch) -> None:  # type: ignore[no-untyped-def]
