@@ -650,3 +650,27 @@ def test_a_worker_keeps_at_most_its_cache_size_of_models(monkeypatch) -> None:  
     # richardson-lucy was dropped for wiener:nsr=0.02 (wiener had been used since), then loaded again
     assert [k.split(":")[0] for k in loaded] == ["wiener", "richardson-lucy", "wiener", "richardson-lucy", "wiener"]
     assert len(runtime._models) == 2
+
+
+def test_a_key_the_store_refuses_fails_that_image_alone(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An output key near the store's 1,024-byte limit is taken, but its kernel's or record's longer key is refused
+    (KeyTooLongError, which no retry mends): that failed the whole batch as an internal error."""
+    from jobs.errors import InputError
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline
+
+    job_id, payload = _one_batch_job(env, "longkey", ("1.png", "2.png"))
+    real = pipeline.put_bytes
+
+    def refusing(client: Any, uri: Any, *rest: Any, **kw: Any) -> Any:
+        if uri.key == "out/2.png":
+            raise InputError(f"{uri}: the key is longer than the store allows (S3 error KeyTooLongError)")
+        return real(client, uri, *rest, **kw)
+
+    monkeypatch.setattr(pipeline, "put_bytes", refusing)
+    assert pipeline.run_batch(BatchMessage.from_payload(payload), load_settings()) == {
+        "done": 1, "failed": 1, "handed_over": 0}
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert rows["1.png"]["status"] == "done" and rows["2.png"]["status"] == "failed"
+    assert "KeyTooLongError" in rows["2.png"]["error"]

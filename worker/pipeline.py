@@ -290,11 +290,18 @@ def kernel_png(kernel: np.ndarray) -> bytes:
 
 
 def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
+    """Store the image's output and its artefacts (members, kernels, record). A refusal no retry mends (a key
+    the store will not take: its kernel's or record's key is longer than the output's) fails this image alone;
+    a passing fault raises, and the batch is retried."""
     def send() -> None:
         for uri, data, kind in work.uploads:
             put_bytes(client, uri, data, kind)
 
-    _, seconds = _timed(send)
+    try:
+        _, seconds = _timed(send)
+    except InputError as exc:
+        work.fail(f"the store refused what was to be written: {exc}")
+        seconds = 0.0
     work.outcome.upload_s = seconds
     work.uploads = []
 
