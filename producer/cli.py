@@ -556,6 +556,14 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
         console.print(f"  {found.by_store_checksum} compared by the checksum the store keeps, {read} read back in "
                       "full (no checksum kept)" + (f", {found.unrecorded} only found present (no checksum recorded "
                                                    "to compare with)" if found.unrecorded else ""), soft_wrap=True)
+    if found.without_record:  # nothing beside them says what they should be: named, not a failure
+        console.print(f"  {plural(len(found.without_record), 'image')} without a provenance record beside "
+                      f"{'it' if len(found.without_record) == 1 else 'them'} (written without --sidecar, or the "
+                      "record was lost), so not checked:", soft_wrap=True)
+        for output in found.without_record[:20]:
+            console.print(f"  no record: {escape(output)}", soft_wrap=True)
+        if len(found.without_record) > 20:
+            console.print(f"  … and {len(found.without_record) - 20} more")
     for label, pairs in (("missing", found.missing), ("changed", found.changed)):
         for input_uri, output in pairs[:20]:
             console.print(f"  {label}: {escape(output)} (from {escape(input_uri)})", soft_wrap=True)

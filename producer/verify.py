@@ -36,10 +36,10 @@ from typing import Any
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, StorageNotFoundError
-from jobs.layout import SIDECAR_SUFFIX, is_sidecar
+from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, is_sidecar
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.storage import get_bytes, iter_objects, s3_client, stored_sha256
+from jobs.storage import get_bytes, is_image_key, iter_objects, s3_client, stored_sha256
 
 PAGE = 1000  # image rows read from SQL at a time
 
@@ -54,6 +54,9 @@ class Verification:
     by_store_checksum: int = 0  # judged by the SHA-256 the store keeps (quick), without reading the output
     missing: list[tuple[str, str]] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
+    # --records: images under the location with no record beside them (written without --sidecar, or the record
+    # was lost), so nothing there says what they should be: named, not counted as problems
+    without_record: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -167,10 +170,11 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
         TransientError: storage could not be reached.
     """
     records: Iterator[Any]
+    found = Verification()
     if location.startswith("s3://"):
         prefix = parse_s3_uri(location, want_prefix=True)
         client = s3_client(settings)
-        records = (uri for uri, _size in iter_objects(client, prefix) if is_sidecar(uri.key))
+        records = _records_noting_the_rest(iter_objects(client, prefix), prefix, found.without_record)
 
         def check(record: Any) -> tuple[str, bool, tuple[str, str]]:
             output = S3URI(record.bucket, record.key[: -len(SIDECAR_SUFFIX)])
@@ -179,12 +183,15 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
         folder = Path(location)
         if not folder.is_dir():
             raise InputError(f"{location} is neither an S3 prefix (s3://bucket/prefix/) nor a folder")
-        records = iter(sorted(folder.rglob("*" + SIDECAR_SUFFIX)))
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        names = {str(p) for p in files}
+        found.without_record.extend(str(p) for p in files if _an_output(p.relative_to(folder).as_posix())
+                                    and str(p) + SIDECAR_SUFFIX not in names)
+        records = iter([p for p in files if is_sidecar(p.name)])
 
         def check(record: Any) -> tuple[str, bool, tuple[str, str]]:
             return _check_record(record.read_bytes(), str(record)[: -len(SIDECAR_SUFFIX)],
                                  lambda: _local_digest(record))
-    found = Verification()
     with ThreadPoolExecutor(max_workers=settings.io_threads) as pool:
         while page := list(itertools.islice(records, PAGE)):  # a page at a time: memory stays flat
             for verdict, by_store, pair in pool.map(check, page):
@@ -197,6 +204,30 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
     return found
 
 
+def _an_output(relative: str) -> bool:
+    """Whether a file (its path relative to the location) is an output a record could stand beside: an image
+    deblur reads, not a kernel PNG, and not an evaluation member's output (under ``_members/``, never recorded)."""
+    return is_image_key(relative) and not is_kernel_artefact(relative) and "/_members/" not in "/" + relative
+
+
+def _records_noting_the_rest(listed: Iterator[tuple[S3URI, int]], prefix: S3URI,
+                             without_record: list[str]) -> Iterator[S3URI]:
+    """The provenance records of a listing, in order; outputs with no record beside them are added to
+    ``without_record`` as the listing passes them. A key's record (``KEY.deblur.json``) sorts after the key, and
+    only keys that start with the key come between, so an output still waiting when the listing passes the name
+    its record would have has none: the memory held is the few outputs waiting, not the listing."""
+    waiting: dict[str, S3URI] = {}  # outputs whose record may still come, in listing order
+    for uri, _size in listed:
+        while waiting and next(iter(waiting)) + SIDECAR_SUFFIX < uri.key:
+            without_record.append(str(waiting.pop(next(iter(waiting)))))
+        if is_sidecar(uri.key):
+            waiting.pop(uri.key[: -len(SIDECAR_SUFFIX)], None)
+            yield uri
+        elif _an_output(uri.relative_to(prefix)):
+            waiting[uri.key] = uri
+    without_record.extend(str(uri) for uri in waiting.values())
+
+
 def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str, bool]]
                   ) -> tuple[str, bool, tuple[str, str]]:
     """(verdict, judged by the store's checksum, (input, output)) for one record and the output beside it."""
@@ -205,12 +236,12 @@ def _check_record(record: bytes, output: str, digest: Callable[[], tuple[str, bo
         source, expected = str(written["input"]["uri"]), written["output"]["sha256"]
     except (ValueError, KeyError, TypeError):
         return "changed", False, ("(the provenance record cannot be read)", output)
-    if not expected:
-        return "unrecorded", False, (source, output)
     try:
         actual, by_store = digest()
     except StorageNotFoundError:
         return "missing", False, (source, output)
+    if not expected:  # present (just found), but the record holds no checksum to compare with
+        return "unrecorded", False, (source, output)
     return ("intact" if actual == expected else "changed"), by_store, (source, output)
 
 

@@ -295,9 +295,16 @@ def test_outputs_are_verified_against_their_records_without_the_database(  # typ
     for key in ("a.jpg", "a.jpg.deblur.json", "b.jpg", "b.jpg.deblur.json"):  # the tree copied elsewhere
         s3.copy_object(Bucket=b, Key=f"copy/{key}", CopySource={"Bucket": b, "Key": f"out/{key}"})
 
+    # images that have no record beside them (one sorting between an output and its record, one after all) are
+    # named, not passed over in silence, and not failures: nothing says what they should be
+    for key in ("copy/a.jpg-2.png", "copy/zz.png", "copy/_members/wiener/a.jpg", "copy/a.jpg.kernel.png"):
+        s3.put_object(Bucket=b, Key=key, Body=b"png")
     intact = CliRunner().invoke(main, ["verify", "--records", f"s3://{b}/copy/", "--quick"])
     assert intact.exit_code == 0, intact.output
     assert f"records under s3://{b}/copy/: 2 outputs checked, 2 intact, 0 missing, 0 changed" in intact.output
+    said = " ".join(intact.output.split())
+    assert "2 images without a provenance record beside them" in said
+    assert f"no record: s3://{b}/copy/a.jpg-2.png" in said and f"no record: s3://{b}/copy/zz.png" in said
     s3.put_object(Bucket=b, Key="copy/a.jpg", Body=b"replaced by a botched sync")
     s3.delete_object(Bucket=b, Key="copy/b.jpg")
     broken = CliRunner().invoke(main, ["verify", "--records", f"s3://{b}/copy/"])
@@ -309,7 +316,9 @@ def test_outputs_are_verified_against_their_records_without_the_database(  # typ
     folder.mkdir()
     for key in ("a.jpg", "a.jpg.deblur.json"):
         (folder / key).write_bytes(s3.get_object(Bucket=b, Key=f"out/{key}")["Body"].read())
-    assert "1 output checked, 1 intact" in CliRunner().invoke(main, ["verify", "--records", str(folder)]).output
+    (folder / "orphan.png").write_bytes(b"png")
+    local = " ".join(CliRunner().invoke(main, ["verify", "--records", str(folder)]).output.split())
+    assert "1 output checked, 1 intact" in local and f"no record: {folder / 'orphan.png'}" in local
     (folder / "a.jpg").write_bytes(b"truncated")
     assert CliRunner().invoke(main, ["verify", "--records", str(folder)]).exit_code == 1
     (tmp_path / "empty").mkdir()
