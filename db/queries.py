@@ -337,15 +337,24 @@ def unstart_images(session: Session, job_id: str, inputs: Sequence[str]) -> None
     )
 
 
-def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], status: str) -> set[str]:
-    """Which of ``inputs`` currently have ``status``."""
+def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], *statuses: str) -> set[str]:
+    """Which of ``inputs`` currently have one of ``statuses``."""
     return set(
         session.scalars(
             select(Image.input_uri).where(
-                Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == status
+                Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status.in_(statuses)
             )
         )
     )
+
+
+PARAMETERS_A_STATEMENT = 1000  # URIs per IN list: PostgreSQL takes at most 65,535 parameters a statement
+
+
+def _slices(items: Sequence[str]) -> Iterable[list[str]]:
+    """``items`` in lists of at most :data:`PARAMETERS_A_STATEMENT`, one statement's worth each."""
+    for start in range(0, len(items), PARAMETERS_A_STATEMENT):
+        yield list(items[start:start + PARAMETERS_A_STATEMENT])
 
 
 @dataclass
@@ -502,10 +511,10 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
     now = utcnow()
     reset: set[str] = set()
     for status, inputs in by_status.items():
-        for start in range(0, len(inputs), 1000):  # PostgreSQL takes at most 65535 parameters a statement
+        for part in _slices(inputs):
             reset.update(session.scalars(
                 update(Image)
-                .where(Image.job_id == job_id, Image.input_uri.in_(inputs[start:start + 1000]), Image.status == status)
+                .where(Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status)
                 .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None)
                 .returning(Image.input_uri)
                 .execution_options(synchronize_session=False)
@@ -534,17 +543,24 @@ def _finished_before(before: datetime) -> Any:
     abandoned submission (:func:`fail_abandoned_submissions`) still has the images it enqueued restored. Such a job
     is kept until they have an outcome (read from the (job, status) index).
     """
-    return and_(Job.status.in_(FINISHED_JOB_STATUSES), func.coalesce(Job.finished_at, Job.updated_at) < before,
-                ~_images_in_flight())
+    return and_(_ended_before(before), ~_images_in_flight())
+
+
+def _finish_time() -> Any:
+    """When a job finished: its finish time, or its last update for rows without one."""
+    return func.coalesce(Job.finished_at, Job.updated_at)
+
+
+def _ended_before(before: datetime) -> Any:
+    """A job done, failed or cancelled before ``before``, whether or not images of it are still in flight."""
+    return and_(Job.status.in_(FINISHED_JOB_STATUSES), _finish_time() < before)
 
 
 def jobs_held_back(session: Session, before: datetime) -> list[str]:
     """Jobs that finished before ``before`` but that pruning keeps, oldest first: images of theirs are still pending
     or running (their workers may be gone: ``deblur retry JOB --stalled`` sends them again)."""
     return list(session.scalars(
-        select(Job.id).where(Job.status.in_(FINISHED_JOB_STATUSES),
-                             func.coalesce(Job.finished_at, Job.updated_at) < before, _images_in_flight())
-        .order_by(func.coalesce(Job.finished_at, Job.updated_at), Job.id)))
+        select(Job.id).where(_ended_before(before), _images_in_flight()).order_by(_finish_time(), Job.id)))
 
 
 def prunable_jobs(session: Session, before: datetime) -> list[tuple[str, int]]:
@@ -555,7 +571,7 @@ def prunable_jobs(session: Session, before: datetime) -> list[tuple[str, int]]:
         .outerjoin(Image, Image.job_id == Job.id)
         .where(_finished_before(before))
         .group_by(Job.id, Job.finished_at, Job.updated_at)
-        .order_by(func.coalesce(Job.finished_at, Job.updated_at), Job.id)
+        .order_by(_finish_time(), Job.id)
     )
     return [(job_id, int(n)) for job_id, n in session.execute(counted)]
 
@@ -790,7 +806,7 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
     # for each and read every image of the history (130 ms at 1 M images) instead of the index (1 ms).
     unfinished = list(session.scalars(select(Job.id).where(Job.status.in_(UNFINISHED_JOB_STATUSES))))
     recent_job_ids = list(session.scalars(select(Job.id).where(
-        or_(Job.status.in_(UNFINISHED_JOB_STATUSES), func.coalesce(Job.finished_at, Job.updated_at) >= recent_since))))
+        or_(Job.status.in_(UNFINISHED_JOB_STATUSES), _finish_time() >= recent_since))))
     backlog = dict.fromkeys(IMAGE_STATUSES, 0)
     oldest, stalled, worker_lost = None, 0, 0
     if unfinished:
@@ -905,8 +921,8 @@ def relist_for_window(session: Session, job_id: str, inputs: Sequence[str], batc
     listed = int(session.scalar(select(Job.batches_listed).where(Job.id == job_id)) or 0)
     chunks = [list(inputs[start:start + batch_size]) for start in range(0, len(inputs), batch_size)]
     for offset, chunk in enumerate(chunks):
-        for start in range(0, len(chunk), 1000):  # PostgreSQL takes at most 65535 parameters a statement
-            session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(chunk[start:start + 1000]))
+        for part in _slices(chunk):
+            session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(part))
                             .values(batch=listed + offset).execution_options(synchronize_session=False))
     if chunks:
         session.execute(update(Job).where(Job.id == job_id).values(batches_listed=Job.batches_listed + len(chunks)))

@@ -22,7 +22,7 @@ from botocore.exceptions import (
 )
 
 from jobs.errors import InputError, StorageNotFoundError, TransientError
-from jobs.layout import SUFFIX_FORMATS
+from jobs.layout import SUFFIX_FORMATS, is_kernel_artefact
 from jobs.s3uri import S3URI
 from jobs.settings import Settings
 
@@ -132,6 +132,12 @@ def iter_objects(client, prefix: S3URI, page_size: int = 1000) -> Iterator[tuple
 
 def is_image_key(key: str) -> bool:
     return key.lower().endswith(IMAGE_SUFFIXES)
+
+
+def is_photograph(key: str) -> bool:
+    """Whether a key (or file name) is an image deblur restores: one it reads, and not a kernel PNG it wrote
+    next to an earlier output (:func:`jobs.layout.is_kernel_artefact`)."""
+    return is_image_key(key) and not is_kernel_artefact(key)
 
 
 def get_bytes(client, uri: S3URI) -> bytes:  # type: ignore[no-untyped-def]

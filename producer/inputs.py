@@ -19,7 +19,7 @@ from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
 from jobs.layout import is_kernel_artefact, is_sidecar, parse_output_format, with_output_format
 from jobs.messages import ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
-from jobs.storage import READ_FORMATS, check_bucket, is_image_key, iter_objects, object_exists
+from jobs.storage import READ_FORMATS, check_bucket, is_image_key, is_photograph, iter_objects, object_exists
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _manifest_buckets(path: Path) -> set[str]:
 
 def _holds_an_image(client, prefix: S3URI) -> bool:  # type: ignore[no-untyped-def]
     """Whether a prefix holds at least one image deblur reads (listing stops at the first)."""
-    return any(is_image_key(uri.key) and not is_kernel_artefact(uri.key) for uri, _size in iter_objects(client, prefix))
+    return any(is_photograph(uri.key) for uri, _size in iter_objects(client, prefix))
 
 
 @dataclass
@@ -144,7 +144,7 @@ class Plan:
                 for uri, _size in iter_objects(client, source.uri):
                     if tick is not None:
                         tick()
-                    if not is_image_key(uri.key) or is_kernel_artefact(uri.key):
+                    if not is_photograph(uri.key):
                         if ignored is not None and not uri.key.endswith("/"):  # "/": a folder marker, no file
                             ignored[ignored_kind(uri.key)] += 1
                         continue

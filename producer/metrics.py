@@ -33,9 +33,10 @@ from prometheus_client.registry import Collector
 
 from db import queries
 from db.engine import ensure_schema, session_scope
+from db.queries import as_utc
 from jobs.errors import describe_failure
 from jobs.settings import Settings
-from producer.tracking import as_utc, format_duration
+from producer.tracking import format_duration
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
 from jobs.storage import object_exists, s3_client
 from producer.ensembles import Member, decode_from_s3, job_members, member_output_uris
+from producer.tracking import default_metric
 
 CROP_SIZE = 160
 DEFAULT_CROPS = 3
@@ -262,7 +263,7 @@ def image_score(kind: str, by_model: Metrics, model: str) -> float | None:
     """How much ``model`` improved an image, from its metrics by model: PSNR
     gain in dB (evaluation), or the ratio of Laplacian variances
     restored/input (deblur)."""
-    name = "psnr" if kind == "evaluate" else "laplacian_variance"
+    name = default_metric(kind)
     out, base = _metric(by_model, model, name), _metric(by_model, INPUT_MODEL, name)
     if out is None or base is None or not (math.isfinite(out) and math.isfinite(base)):
         return None

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from db.queries import as_utc, iso_utc  # noqa: F401 - as_utc re-exported (producer.usage, producer.metrics)
+from db.queries import as_utc, iso_utc
 from db.schema import Job
 from jobs.errors import InputError, JobFinishedError
 from jobs.labels import check_labels

@@ -25,12 +25,13 @@ from typing import Any
 
 from db import usage as usage_queries
 from db.engine import ensure_schema, session_scope
+from db.queries import as_utc
 from db.schema import utcnow
 from db.usage import UsageRecord
 from jobs.errors import InputError
 from jobs.labels import check_labels
 from jobs.settings import Settings
-from producer.tracking import as_utc, spreadsheet_safe
+from producer.tracking import spreadsheet_safe
 
 PLAIN_GROUPINGS = ("job", "kind", "model", "device", "worker", "day", "month")
 GROUPING_HELP = "label:KEY, " + ", ".join(PLAIN_GROUPINGS)

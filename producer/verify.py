@@ -36,10 +36,10 @@ from typing import Any
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, StorageNotFoundError
-from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, is_sidecar
+from jobs.layout import SIDECAR_SUFFIX, is_sidecar
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.settings import Settings
-from jobs.storage import get_bytes, is_image_key, iter_objects, s3_client, stored_sha256
+from jobs.storage import get_bytes, is_photograph, iter_objects, s3_client, stored_sha256
 
 PAGE = 1000  # image rows read from SQL at a time
 
@@ -207,7 +207,7 @@ def verify_records(settings: Settings, location: str, quick: bool = False,
 def _an_output(relative: str) -> bool:
     """Whether a file (its path relative to the location) is an output a record could stand beside: an image
     deblur reads, not a kernel PNG, and not an evaluation member's output (under ``_members/``, never recorded)."""
-    return is_image_key(relative) and not is_kernel_artefact(relative) and "/_members/" not in "/" + relative
+    return is_photograph(relative) and "/_members/" not in "/" + relative
 
 
 def _records_noting_the_rest(listed: Iterator[tuple[S3URI, int]], prefix: S3URI,

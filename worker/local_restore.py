@@ -20,10 +20,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobs.errors import DeblurError, InputError
-from jobs.layout import SIDECAR_SUFFIX, is_kernel_artefact, kernel_labels, kernel_name, with_output_format
+from jobs.layout import SIDECAR_SUFFIX, kernel_labels, kernel_name, with_output_format
 from jobs.messages import BatchMessage, ImageItem
 from jobs.settings import load_settings
-from jobs.storage import READ_FORMATS, is_image_key
+from jobs.storage import READ_FORMATS, is_photograph
 from models.catalog import parse_ensemble
 from models.tone import LIGHT_CHOICES, LIGHT_HELP
 from producer.cli import checked_output_format
@@ -103,8 +103,8 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
             raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
                              "back as inputs next time; choose an output folder outside it")
         files = _folder_files(path, out, notes)
-        images = sorted(p for p in files if is_image_key(p.name) and not is_kernel_artefact(p.name))
-        others = Counter(ignored_kind(p.name) for p in files if not is_image_key(p.name) or is_kernel_artefact(p.name))
+        images = sorted(p for p in files if is_photograph(p.name))
+        others = Counter(ignored_kind(p.name) for p in files if not is_photograph(p.name))
         if not images:
             found = f"; found only {describe_ignored(others)}" if others else ""
             raise InputError(f"no images ({READ_FORMATS}) found in folder {path}{found}")

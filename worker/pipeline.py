@@ -506,8 +506,7 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
         inputs = [o.input_uri for o in outcomes]
         # what is done stays done, and what was cancelled meanwhile stays cancelled (a failed image would invite a
         # 'retry --failed' that brings the cancelled job back)
-        finished = (queries.inputs_with_status(session, message.job_id, inputs, "done")
-                    | queries.inputs_with_status(session, message.job_id, inputs, "cancelled"))
+        finished = queries.inputs_with_status(session, message.job_id, inputs, "done", "cancelled")
         failed = [o for o in outcomes if o.input_uri not in finished]
         queries.record_outcomes(session, message.job_id, failed)
         spec = _finished_spec(session, message.job_id)
