@@ -250,22 +250,41 @@ def review_counts(session: Session, job_id: str) -> dict[str, int]:
     return status_and_review_counts(session, job_id)[1]
 
 
-def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str) -> list[str]:
-    """Claim a batch's images; returns the inputs still to process (not cancelled/done).
+LEASE_S = 90
+"""How long a batch run's claim on its running images holds without renewal, by default (``DEBLUR_CLAIM_LEASE``;
+the worker renews it every quarter of that while the batch runs). Another delivery of the batch takes an image
+only once its lease ran out: the run that held it is then presumed lost (a killed process, a dead node)."""
 
-    Images already ``done`` (an earlier delivery of the same batch finished
-    them) are skipped, so a redelivered task only finishes what was left.
+
+@dataclass
+class BatchClaim:
+    """What one run of a batch task may work on (:func:`claim_images`)."""
+
+    todo: list[str]  # inputs claimed by this run, still to process
+    held: list[str] = field(default_factory=list)  # running under another run's live lease: that run's to finish
+    held_until: datetime | None = None  # when the last of those leases runs out, unless renewed
+
+
+def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: str, claim: str,
+                 lease_s: float = LEASE_S) -> BatchClaim:
+    """Claim a batch's images for the run ``claim`` of a batch task on ``worker``, leased for ``lease_s`` seconds.
+
+    Taken: images pending, or running with no live lease (their run was lost, or predates leases). Left: images
+    done, failed or cancelled (an earlier delivery finished them; 'retry --failed' makes a failed one pending
+    again), and images running under another run's live lease, returned as ``held``: two deliveries of one batch
+    (Redis hands a batch to a second worker once it outlives the visibility timeout) never restore an image at
+    once, write its output twice or record different checksums for it.
     """
     inputs = list(inputs)
     now = utcnow()
     job = session.get(Job, job_id)
     if job is None:
-        return []
+        return BatchClaim([])
     if job.status == "cancelled":
         # images given back after the cancellation (a batch out of time, a failed device) are cancelled with it
         session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(inputs),
                                             Image.status == "pending").values(status="cancelled", finished_at=now))
-        return []
+        return BatchClaim([])
     if job.started_at is None or job.status == "queued":
         # A job still "submitting" keeps that status until its producer has
         # listed every input, so it cannot be declared done too early.
@@ -278,39 +297,70 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
                 updated_at=now,
             )
         )
-    todo = list(
-        session.scalars(
-            select(Image.input_uri).where(
-                Image.job_id == job_id,
-                Image.input_uri.in_(inputs),
-                # not 'failed': a redelivered batch does not redo an image that failed (a corrupt file, or one that
-                # reached the cap on lost workers, whose count a new outcome would reset); 'retry --failed' makes
-                # such images pending again
-                Image.status.in_(("pending", "running")),
-            )
-        )
-    )
+    live = (Image.status == "running") & Image.lease_until.is_not(None) & (Image.lease_until > now) & (
+        Image.claim != claim)
+    mine = Image.job_id == job_id, Image.input_uri.in_(inputs)
+    # the lock makes two deliveries claiming at once take turns (PostgreSQL): the second sees the first's claims
+    rows = session.execute(
+        select(Image.input_uri, live, Image.lease_until).where(*mine, Image.status.in_(("pending", "running")))
+        .order_by(Image.id).with_for_update()
+    ).all()
+    todo = [uri for uri, held, _ in rows if not held]
+    held = [uri for uri, is_held, _ in rows if is_held]
+    held_until = max((as_utc(until) for _, is_held, until in rows if is_held), default=None)
     if todo:
         session.execute(
             update(Image)
             .where(Image.job_id == job_id, Image.input_uri.in_(todo))
-            .values(status="running", started_at=now, worker=worker)
+            .values(status="running", started_at=now, worker=worker, claim=claim,
+                    lease_until=now + timedelta(seconds=lease_s))
         )
-    return todo
+    return BatchClaim(todo, held, held_until)
 
 
-def start_image(session: Session, job_id: str, input_uri: str) -> int:
+def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str,
+                 claim: str | None = None) -> list[str]:
+    """Claim a batch's images (:func:`claim_images`, the run named by ``claim``, else by ``worker``); returns the
+    inputs to process, so a redelivered task only finishes what was left."""
+    return claim_images(session, job_id, inputs, worker, claim or worker[:32]).todo
+
+
+def renew_leases(session: Session, job_id: str, claim: str, lease_s: float = LEASE_S) -> int:
+    """Extend the lease of the running images ``claim`` holds by ``lease_s`` from now; returns how many it holds."""
+    result = session.execute(
+        update(Image).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running")
+        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+    )
+    return int(result.rowcount or 0)
+
+
+def drop_leases(session: Session, job_id: str, claim: str) -> None:
+    """End the leases ``claim`` holds at once (its run stops and its task is retried): its next delivery, or any
+    other, takes the images without waiting for them to run out."""
+    session.execute(update(Image).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running")
+                    .values(lease_until=None))
+
+
+def start_image(session: Session, job_id: str, input_uri: str, claim: str | None = None) -> int | None:
     """Count a start of the image (``attempts``, and ``unfinished_starts`` until an outcome or a retry resets it);
-    returns the unfinished starts, this one included: more than one means earlier starts lost their worker."""
+    returns the unfinished starts, this one included: more than one means earlier starts lost their worker.
+
+    With ``claim``, only while that run holds the image: None when another delivery took it meanwhile (this run's
+    lease ran out while it was stalled), and then this run leaves it to that one.
+    """
     condition = (Image.job_id == job_id) & (Image.input_uri == input_uri)
-    session.execute(update(Image).where(condition).values(
+    if claim is not None:
+        condition = condition & (Image.claim == claim) & (Image.status == "running")
+    result = session.execute(update(Image).where(condition).values(
         attempts=Image.attempts + 1, unfinished_starts=Image.unfinished_starts + 1, started_at=utcnow()))
+    if claim is not None and not result.rowcount:
+        return None
     return int(session.scalar(select(Image.unfinished_starts).where(condition)))
 
 
-def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker: str) -> None:
-    """Give back images ``worker`` claimed (:func:`mark_running`) but did not start: pending again, or cancelled
-    when the job was cancelled meanwhile (no task would take them).
+def release_claims(session: Session, job_id: str, inputs: Sequence[str], claim: str) -> None:
+    """Give back images the run ``claim`` claimed (:func:`claim_images`) but did not start: pending again, or
+    cancelled when the job was cancelled meanwhile (no task would take them).
 
     A batch that ran out of time hands its remaining images to a new task;
     they were never started (:func:`start_image`), so no attempt was counted.
@@ -322,8 +372,8 @@ def release_claims(session: Session, job_id: str, inputs: Sequence[str], worker:
     session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
-               Image.worker == worker)
-        .values(**values)
+               Image.claim == claim[:32])
+        .values(**values, claim=None, lease_until=None)
     )
 
 
@@ -335,6 +385,30 @@ def unstart_images(session: Session, job_id: str, inputs: Sequence[str]) -> None
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.unfinished_starts > 0)
         .values(unfinished_starts=Image.unfinished_starts - 1)
     )
+
+
+def free_slot_if_batch_finished(session: Session, job_id: str, inputs: Sequence[str]) -> bool:
+    """Free the window slot of the batch ``inputs`` belong to if this transaction just recorded the last of its
+    images (none pending or running any more); True when it did.
+
+    Called by the transaction that records a windowed batch's outcomes, and only by one that recorded some, the
+    slot is freed exactly once however many times the batch was delivered: a copy that finds nothing to do, or a
+    run that finished after another took part of its batch over, frees nothing. The job's row is locked first,
+    so two runs recording a batch's last images at once (PostgreSQL) see each other's outcomes in turn.
+    """
+    if not inputs:
+        return False
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    batches = list(session.scalars(select(func.distinct(Image.batch)).where(
+        Image.job_id == job_id, Image.input_uri.in_(list(inputs)))))
+    if len(batches) != 1:
+        return False
+    unfinished = session.scalar(select(func.count()).select_from(Image).where(
+        Image.job_id == job_id, Image.batch == batches[0], Image.status.in_(("pending", "running"))))
+    if unfinished:
+        return False
+    release_window_slots(session, job_id, 1)
+    return True
 
 
 def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], *statuses: str) -> set[str]:
@@ -382,18 +456,22 @@ class ImageOutcome:
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)  # (model, name, value)
 
 
-def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutcome]) -> None:
-    """Write a batch's results and metrics (replacing earlier ones) in the session's transaction."""
+def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutcome],
+                    claim: str | None = None) -> list[str]:
+    """Write a batch's results and metrics (replacing earlier ones) in the session's transaction; returns the
+    inputs recorded.
+
+    With ``claim``, only images that run still holds (:func:`claim_images`): one another delivery took over after
+    this run's lease ran out is that delivery's to record, so the checksum recorded is that of the output it
+    writes last.
+    """
     if not outcomes:
-        return
+        return []
     now = utcnow()
-    ids = dict(
-        session.execute(
-            select(Image.input_uri, Image.id).where(
-                Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])
-            )
-        ).all()
-    )
+    condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
+    if claim is not None:
+        condition.append(Image.claim == claim)
+    ids = dict(session.execute(select(Image.input_uri, Image.id).where(*condition)).all())
     for o in outcomes:
         image_id = ids.get(o.input_uri)
         if image_id is None:
@@ -409,7 +487,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 download_s=o.download_s, inference_s=o.inference_s, upload_s=o.upload_s,
                 device=o.device, worker=o.worker, model_versions=o.model_versions, finished_at=now,
                 input_sha256=o.input_sha256, output_sha256=o.output_sha256, unfinished_starts=0,
-                review=review_reason(o.metrics) if o.status == "done" else None,
+                review=review_reason(o.metrics) if o.status == "done" else None, lease_until=None,
             )
         )
     session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
@@ -421,6 +499,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
     ]
     if metric_rows:
         session.execute(Metric.__table__.insert(), metric_rows)
+    return [o.input_uri for o in outcomes if o.input_uri in ids]
 
 
 def _finite_or_inf(value: float | None) -> float | None:

@@ -109,6 +109,10 @@ class Image(Base):
     review: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # every page's pixels (a multi-page TIFF's width and height are its first page's); None: width × height
     pixels: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # the run of a batch task that holds this running image, and until when: another delivery of the same batch
+    # (a redelivery past the broker's visibility timeout, say) leaves it to that run while it renews the lease
+    claim: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="images")
 

@@ -51,6 +51,7 @@ class Settings:
     job_window: int = 0
     batch_time_limit: int = 1200
     visibility_timeout: int = 3600
+    claim_lease: int = 90
     io_threads: int = 8
     queue: str = "deblur"
     task_max_retries: int = 5
@@ -102,6 +103,12 @@ HELP: dict[str, SettingInfo] = {
     "visibility_timeout": SettingInfo(
         "DEBLUR_VISIBILITY_TIMEOUT",
         "seconds a batch may stay unacknowledged before Redis hands it to another worker (its own taken for dead)",
+    ),
+    "claim_lease": SettingInfo(
+        "DEBLUR_CLAIM_LEASE",
+        "seconds a worker's hold on the images it is restoring lasts unless renewed (it renews every quarter of "
+        "it): a second delivery of the batch leaves them alone meanwhile, and a lost worker's images wait this "
+        "long before another restores them (below DEBLUR_VISIBILITY_TIMEOUT)",
     ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
     "queue": SettingInfo("DEBLUR_QUEUE", "Celery queue the jobs go to"),
@@ -240,6 +247,11 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"DEBLUR_BATCH_TIME_LIMIT must be >= 0 seconds (0: never), got {s.batch_time_limit}")
     if s.visibility_timeout < 1:
         raise ConfigurationError(f"DEBLUR_VISIBILITY_TIMEOUT must be >= 1 second, got {s.visibility_timeout}")
+    if not 4 <= s.claim_lease < s.visibility_timeout:
+        raise ConfigurationError(
+            f"DEBLUR_CLAIM_LEASE={s.claim_lease} s must be at least 4 s and below DEBLUR_VISIBILITY_TIMEOUT="
+            f"{s.visibility_timeout} s: a lost worker's images must be free again by the time Redis redelivers its "
+            f"batch. The default, 90 s, suits a visibility timeout of a few minutes or more")
     if s.batch_time_limit >= s.visibility_timeout:
         raise ConfigurationError(
             f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="

@@ -23,8 +23,12 @@ What can go wrong, and what then happens:
   sends it. A job left with nothing in flight (a window of 1, say) waits until
   ``deblur retry JOB --stalled`` counts its batches in flight afresh and fills
   the window; its images stay pending, so the backlog alert fires meanwhile;
-- a redelivered batch that had already sent its successor sends one more:
-  the window grows by one for that job, nothing is lost or done twice.
+- a batch delivered twice (a worker lost after freeing its slot, or a batch
+  outliving the broker's visibility timeout): its slot is freed by the
+  transaction that records its last image (:func:`db.queries.
+  free_slot_if_batch_finished`), so once; the copy that finds nothing to do
+  only sends what the window has room for, and an image another delivery
+  holds under a live lease is left to it (:func:`db.queries.claim_images`).
 """
 
 from __future__ import annotations
@@ -63,12 +67,11 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
                         finished_one: bool = False, producer: Any = None) -> int:
     """Send as many of a windowed job's unsent batches as its window allows now; returns how many were sent.
 
-    ``finished_one``: a batch holding a slot just finished, so its slot is freed
-    first (the producer calls this with False after each chunk of listed
-    images; a worker frees its slot in :func:`worker.tasks.send_next_batch` itself). A claimed batch whose images are no longer pending (all
-    cancelled, or done by a retry) frees its slot at once and the next one is
-    claimed instead. Raises what the broker raises when a message cannot be
-    sent, after giving the claim back where it can.
+    ``finished_one``: a batch holding a slot just finished, so its slot is freed first (the producer calls this
+    with False after each chunk of listed images; a worker's batch frees its slot as it records its last image,
+    then calls this with False too). A claimed batch whose images are no longer pending (all cancelled, or done
+    by a retry) frees its slot at once and the next one is claimed instead. Raises what the broker raises when a
+    message cannot be sent, after giving the claim back where it can.
     """
     from jobs.celery_app import app_for, broker_priority
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.integration]
 @pytest.fixture
 def env(redis_url: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
-                        tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="0")
+                        tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="0",
+                        DEBLUR_CLAIM_LEASE="4")
 
 
 def _pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -133,6 +135,53 @@ def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -
     assert any(r["worker"] == second.name and r["attempts"] == 2 for r in rows), rows
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="crashy", Prefix="out/")["Contents"])
     assert keys == ["out/0.png", "out/1.png", "out/2.png"]
+
+
+def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Redis hands a batch unacknowledged past DEBLUR_VISIBILITY_TIMEOUT to another worker, though the first is
+    alive and restoring it (an image slower than the visibility timeout). The second worker once restored the
+    image again, uploading its output a second time. It now leaves the image to the first, whose lease is live,
+    and sends the batch again for later; that copy finds the image done."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    gate = tmp_path / "restore-gate"
+    worker_env = dict(service_env(env), TEST_RESTORE_GATE=str(gate))
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="slowpoke")
+    s3.put_object(Bucket="slowpoke", Key="in/0.png", Body=_png(_pairs()[0][1]))
+    app = app_for(load_settings())
+    first = WorkerProcess(worker_env, tmp_path / "first.log", app="tests.gated_worker_app")
+    second = None
+    try:
+        first.wait_ready(app)
+        job_id = run_cli("submit", "s3://slowpoke/in/", "--output", "s3://slowpoke/out/", "--model", "wiener",
+                         "-q").strip()
+        deadline = time.monotonic() + 60
+        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
+            assert time.monotonic() < deadline, "the first worker never started the image"
+            time.sleep(0.2)
+        second = WorkerProcess(worker_env, tmp_path / "second.log", app="tests.gated_worker_app")
+        second.wait_ready(app)
+        deadline = time.monotonic() + 60  # the visibility timeout is 8 s
+        while "being restored by another delivery" not in second.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, second.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        gate.touch()
+        assert wait_done(job_id, timeout=60)["counts"]["done"] == 1
+        deadline = time.monotonic() + 60  # the copy comes once the first worker's lease could have run out
+        while not any("{'done': 0, 'failed': 0, 'handed_over': 0}" in w.log.read_text(errors="replace")
+                      for w in (first, second)):
+            assert time.monotonic() < deadline, second.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+    finally:
+        gate.touch()
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert (row["status"], row["attempts"], row["worker"]) == ("done", 1, first.name), row
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket="slowpoke", Prefix="out/")["Contents"]] == ["out/0.png"]
 
 
 def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: ignore[no-untyped-def]
@@ -476,6 +525,7 @@ def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_bat
         try:
             return pipeline.run_batch(BatchMessage.from_payload(payload), load_settings())
         except SystemExit:
+            _lease_runs_out(job_id)  # as it has by the time Redis hands a dead worker's batch to another
             return None
 
     def rows() -> dict[str, dict[str, Any]]:
@@ -493,6 +543,18 @@ def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_bat
 
     run_cli("retry", job_id, "--failed")  # a retry gives the image a fresh allowance
     assert deliver() is None and rows()["2-poison.png"]["status"] == "running"
+
+
+def _lease_runs_out(job_id: str) -> None:
+    """The leases on the job's running images end, as they do DEBLUR_CLAIM_LEASE seconds after their run is lost."""
+    from sqlalchemy import update
+
+    from db.engine import session_scope
+    from db.schema import Image
+    from jobs.settings import load_settings
+
+    with session_scope(load_settings().resolved_database_url()) as session:
+        session.execute(update(Image).where(Image.job_id == job_id).values(lease_until=None))
 
 
 def test_passing_storage_faults_neither_undo_finished_images_nor_count_as_lost_workers(  # type: ignore[no-untyped-def]

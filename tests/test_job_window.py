@@ -149,7 +149,8 @@ def test_a_killed_worker_and_a_batch_out_of_time_keep_a_windowed_job_going(  # t
     from jobs.settings import load_settings
 
     env = use_services(monkeypatch, redis_url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
-                       tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="1")
+                       tmp_path / "home", DEBLUR_VISIBILITY_TIMEOUT="8", DEBLUR_BATCH_TIME_LIMIT="1",
+                       DEBLUR_CLAIM_LEASE="4")
     _bucket(env, "chain", 4, size=(384, 512))
     app = app_for(load_settings())
     first = WorkerProcess(service_env(env), tmp_path / "first.log")
@@ -314,9 +315,9 @@ def test_concurrent_claims_never_send_a_batch_twice_nor_exceed_the_window(databa
 
 
 def test_a_next_batch_the_broker_refuses_is_tried_again_and_the_slot_is_freed_once(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The finished batch stays finished (its task is not run again): the worker frees its slot once and tries
-    the next batch again; a broker that never takes it leaves the claim given back, for the next batch to finish
-    or 'deblur retry --stalled' to send."""
+    """The finished batch stays finished (its task is not run again): its slot was freed once, as it was recorded,
+    and the worker tries the next batch again; a broker that never takes it leaves the claim given back, for the
+    next batch to finish or 'deblur retry --stalled' to send."""
     import worker.tasks as tasks
     from jobs.celery_app import app_for
     from jobs.messages import BatchMessage, ImageItem
@@ -339,13 +340,27 @@ def test_a_next_batch_the_broker_refuses_is_tried_again_and_the_slot_is_freed_on
 
     monkeypatch.setattr(app, "send_task", flaky_send)
     monkeypatch.setattr(tasks.time, "sleep", lambda _s: None)
-    finished = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], slot=True,
-                            images=[ImageItem(input="s3://refused-next/in/00.png")])
+
+    def finish(name: str) -> BatchMessage:
+        """Batch ``name`` recorded as done, its slot freed as a worker's recording transaction frees it."""
+        from db import queries
+        from db.engine import session_scope
+
+        uri = f"s3://refused-next/in/{name}"
+        with session_scope(settings.resolved_database_url()) as session:
+            queries.mark_running(session, job_id, [uri], "w1")
+            queries.record_outcomes(session, job_id, [queries.ImageOutcome(uri, "done")])
+            assert queries.free_slot_if_batch_finished(session, job_id, [uri])
+        return BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], slot=True, images=[ImageItem(input=uri)])
+
+    finished = finish("00.png")
     tasks.send_next_batch(finished, settings)  # refused twice, then taken
+    assert _counters(job_id) == (3, 2, 1) and len(queued_tasks(env)) == 2
+    tasks.send_next_batch(finished, settings)  # the same batch again (delivered twice): it frees no second slot
     assert _counters(job_id) == (3, 2, 1) and len(queued_tasks(env)) == 2
 
     refusals[0] = 100
-    tasks.send_next_batch(finished, settings)  # never taken: the claim is given back, the slot stays free
+    tasks.send_next_batch(finish("01.png"), settings)  # never taken: the claim is given back, the slot stays free
     assert _counters(job_id) == (3, 2, 0) and len(queued_tasks(env)) == 2
 
 
@@ -370,3 +385,50 @@ def test_failed_images_of_a_windowed_job_are_retried_through_its_window(env) -> 
     assert retried.exit_code == 0 and "re-enqueued 3 images" in retried.output, retried.output
     assert len(queued_tasks(env)) == 2  # the first message, and one retried batch: the window is 1
     assert _counters(job_id) == (6, 4, 1)  # batches 3-5 added; 1 and 2 had nothing left and were passed over
+
+
+def test_a_batch_delivered_twice_at_once_restores_each_image_once_and_frees_one_slot(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Redis hands a batch that outlives its visibility timeout to a second worker while the first still works on
+    it. The second once restored the same images again (two uploads of one key, and the checksum recorded could
+    be the other upload's) and both freed the batch's window slot, so the job ran one batch over its window for
+    good. The second delivery now leaves the images the first holds under its lease, and sends itself again for
+    when that lease could have run out; the slot is freed once, by the recording of the batch's last image."""
+    import threading
+
+    from jobs.messages import BatchMessage
+    from worker import pipeline, tasks
+
+    _bucket(env, "sent-twice", 6)
+    job_id = run_cli("submit", "s3://sent-twice/in/", "--output", "s3://sent-twice/out/", "--model", "wiener",
+                     "--batch-size", "2", "--window", "2", "-q").strip()
+    assert _counters(job_id) == (3, 2, 2)
+    first_batch = next(args[0] for _, args in queued_tasks(env) if args[0]["images"][0]["input"].endswith("00.png"))
+    monkeypatch.setattr(tasks.runtime, "_state", {})  # the task reads its settings (this test's services) afresh
+    in_restore, second_done = threading.Event(), threading.Event()
+    real = pipeline.restore_work
+
+    def held_up(work: pipeline.Work, message: BatchMessage, *rest: object) -> None:
+        in_restore.set()
+        second_done.wait(60)  # the first delivery is still restoring while the second arrives
+        real(work, message, *rest)
+
+    monkeypatch.setattr(pipeline, "restore_work", held_up)
+    results: list[dict[str, int]] = []
+    first = threading.Thread(target=lambda: results.append(tasks.process_batch.apply(args=[first_batch]).get()))
+    first.start()
+    try:
+        assert in_restore.wait(60)
+        second = tasks.process_batch.apply(args=[first_batch]).get()
+    finally:
+        second_done.set()
+        first.join(120)
+    assert second == {"done": 0, "failed": 0, "handed_over": 2}
+    assert results == [{"done": 2, "failed": 0, "handed_over": 0}]
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert [(rows[n]["status"], rows[n]["attempts"]) for n in ("00.png", "01.png")] == [("done", 1), ("done", 1)]
+    # the first freed its slot and sent the third batch; the second freed nothing
+    assert _counters(job_id) == (3, 3, 2)
+    copies = [args[0] for _, args in queued_tasks(env) if args[0]["images"][0]["input"].endswith("00.png")]
+    assert copies == [first_batch] * 2  # the batch as submitted, and the second delivery's copy for later
+    assert tasks.process_batch.apply(args=[first_batch]).get() == {"done": 0, "failed": 0, "handed_over": 0}
+    assert _counters(job_id) == (3, 3, 2)  # it found the images restored: still two batches in flight

@@ -82,14 +82,15 @@ def test_every_downgrade_keeps_jobs_images_and_metrics_and_upgrades_back(empty_d
             batches_in_flight=0))
         image_id = connection.execute(insert(Image.__table__).values(
             job_id=job_id, input_uri="s3://b/a.png", status="done", attempts=1, batch=0, unfinished_starts=0,
-            input_sha256="a" * 64, output_sha256="b" * 64, review="judged_sharp", pixels=4,
+            input_sha256="a" * 64, output_sha256="b" * 64, review="judged_sharp", pixels=4, claim="c" * 32,
+            lease_until=datetime.now(timezone.utc),
             finished_at=datetime.now(timezone.utc)).returning(Image.__table__.c.id)).scalar_one()
         connection.execute(insert(Metric.__table__).values(image_id=image_id, model="ensemble", name="psnr",
                                                            value=30.0))
     assert _table_counts(url) == (1, 1, 1)
-    gone = {"0007": {"pixels"}, "0006": {"review"}, "0004": {"batches_listed", "batches_sent", "batches_in_flight"},
+    gone = {"0008": {"claim", "lease_until"}, "0007": {"pixels"}, "0006": {"review"}, "0004": {"batches_listed", "batches_sent", "batches_in_flight"},
             "0003": {"unfinished_starts"}, "0002": {"input_sha256", "output_sha256"}}
-    for revision in ("0007", "0006", "0005", "0004", "0003", "0002", "0001"):
+    for revision in ("0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"):
         with get_engine(url).begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection
@@ -105,6 +106,66 @@ def test_every_downgrade_keeps_jobs_images_and_metrics_and_upgrades_back(empty_d
     with get_engine(url).connect() as connection:
         assert connection.execute(select(Image.unfinished_starts, Image.output_sha256)).one() == (0, None)
     assert _table_counts(url) == (1, 1, 1) and current_revision(url) == head_revision()
+
+
+# --------------------------------------------------------------------- claims
+
+
+def test_a_run_holds_its_images_until_its_lease_runs_out(database: str) -> None:
+    """Two deliveries of one batch: the second takes nothing the first holds under a live lease, and learns when
+    that lease runs out; once it has, the second takes the images, and the first (back from a stall) can neither
+    start nor record them."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image, utcnow
+
+    job_id, uris = _job(database, 3)
+    with session_scope(database) as session:
+        first = queries.claim_images(session, job_id, uris, "w1@host", "a" * 32, lease_s=60)
+        assert sorted(first.todo) == sorted(uris) and not first.held
+        assert queries.start_image(session, job_id, uris[0], "a" * 32) == 1
+    with session_scope(database) as session:
+        second = queries.claim_images(session, job_id, uris, "w2@host", "b" * 32, lease_s=60)
+    assert second.todo == [] and sorted(second.held) == sorted(uris)
+    assert second.held_until is not None and 50 < (second.held_until - utcnow()).total_seconds() <= 60
+    with session_scope(database) as session:
+        assert queries.renew_leases(session, job_id, "a" * 32, lease_s=60) == 3
+        session.execute(update(Image).where(Image.job_id == job_id).values(lease_until=utcnow() - timedelta(1)))
+    with session_scope(database) as session:  # the first run's lease ran out: it is taken for lost
+        assert sorted(queries.claim_images(session, job_id, uris, "w2@host", "b" * 32).todo) == sorted(uris)
+    with session_scope(database) as session:
+        assert queries.start_image(session, job_id, uris[1], "a" * 32) is None
+        assert queries.record_outcomes(session, job_id, [queries.ImageOutcome(uris[0], "done")], claim="a" * 32) == []
+        assert queries.start_image(session, job_id, uris[1], "b" * 32) == 1
+        assert queries.record_outcomes(session, job_id, [queries.ImageOutcome(uris[1], "done")],
+                                       claim="b" * 32) == [uris[1]]
+    with session_scope(database) as session:
+        rows = dict(session.execute(select(Image.input_uri, Image.status).where(Image.job_id == job_id)).all())
+    assert [rows[u] for u in uris] == ["running", "done", "running"]
+
+
+def test_a_retried_run_drops_its_leases_so_the_retry_need_not_wait(database: str) -> None:
+    from db import queries
+    from db.engine import session_scope
+
+    job_id, uris = _job(database, 2)
+    with session_scope(database) as session:
+        queries.claim_images(session, job_id, uris, "w1@host", "a" * 32)
+        queries.drop_leases(session, job_id, "a" * 32)
+    with session_scope(database) as session:
+        assert sorted(queries.claim_images(session, job_id, uris, "w1@host", "c" * 32).todo) == sorted(uris)
+
+
+def test_the_lease_must_be_shorter_than_the_visibility_timeout(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from jobs.errors import ConfigurationError
+    from jobs.settings import load_settings
+
+    monkeypatch.setenv("DEBLUR_VISIBILITY_TIMEOUT", "60")
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "30")
+    with pytest.raises(ConfigurationError, match="DEBLUR_CLAIM_LEASE=90 s must be .* below DEBLUR_VISIBILITY_TIMEOUT"):
+        load_settings()
+    monkeypatch.setenv("DEBLUR_CLAIM_LEASE", "20")
+    assert load_settings().claim_lease == 20
 
 
 # -------------------------------------------------------------------- retries

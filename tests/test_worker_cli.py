@@ -393,6 +393,7 @@ def test_the_broker_sweeps_for_a_dead_workers_batches_at_a_tenth_of_the_visibili
     assert [restore_sweep_seconds(t) for t in (1, 8, 25, 300, 3600)] == [1, 1, 2, 30, 60]
     monkeypatch.setenv("DEBLUR_VISIBILITY_TIMEOUT", "8")
     monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "0")
+    monkeypatch.setenv("DEBLUR_CLAIM_LEASE", "4")
     options = make_app(load_settings(), set_as_current=False).conf.broker_transport_options
     assert options["visibility_timeout"] == 8
     assert options["unacked_restore_interval"] == 1 and options["unacked_restore_throttle"] == 1

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import session_scope
-from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
+from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, utcnow
 from jobs.errors import DeviceFailure, InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
@@ -60,6 +62,7 @@ class Work:
     members: dict[str, np.ndarray] = field(default_factory=dict)
     kernels: dict[str, np.ndarray] = field(default_factory=dict)
     uploads: list[tuple[S3URI, bytes, str]] = field(default_factory=list)
+    taken_over: bool = False  # another delivery of the batch took it after this run's lease ran out
 
     def fail(self, message: str) -> None:
         self.outcome.status = "failed"
@@ -306,9 +309,46 @@ def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     work.uploads = []
 
 
+class LeaseKeeper:
+    """Renews a batch run's lease on its running images (:func:`db.queries.renew_leases`) from a thread, every
+    quarter of the lease, while the run lasts; a renewal the database refuses is tried at the next tick (the
+    lease outlives three misses)."""
+
+    def __init__(self, db_url: str, job_id: str, claim: str, lease_s: float) -> None:
+        self._db_url, self._job_id, self._claim, self._lease_s = db_url, job_id, claim, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{claim[:8]}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease_s / 4):
+            try:
+                with session_scope(self._db_url) as session:
+                    queries.renew_leases(session, self._job_id, self._claim, self._lease_s)
+            except Exception as exc:  # the database is away: the lease holds a while yet
+                log.warning("could not renew the lease on job %s's running images: %s", self._job_id, exc)
+
+
+HELD_RECHECK_S = 5.0  # after a held lease runs out, before its images are looked at again
+
+
 def run_batch(message: BatchMessage, settings: Settings,
-              hand_over: Callable[[BatchMessage], None] | None = None) -> dict[str, int]:
+              hand_over: Callable[..., None] | None = None) -> dict[str, int]:
     """Process one batch; returns counts of done and failed images.
+
+    The run claims the images it works on under a lease it renews while it works (:func:`db.queries.claim_images`).
+    Another delivery of the same batch (Redis hands a batch to a second worker once it outlives the visibility
+    timeout) leaves images that run holds alone: it passes them to ``hand_over`` with a delay (``hand_over(rest,
+    seconds)``), so that if the run holding them is lost, its lease runs out and that later task restores them,
+    and if not, the later task finds them finished. An image is never restored by two runs at once, and a
+    windowed batch frees its slot once (:func:`db.queries.free_slot_if_batch_finished`).
 
     With ``hand_over``, a batch still working after ``settings.batch_time_limit``
     seconds starts no further image: the ones done so far are uploaded and
@@ -326,42 +366,64 @@ def run_batch(message: BatchMessage, settings: Settings,
     started = time.monotonic()
     db_url = settings.resolved_database_url()
     worker_name = runtime.hostname()
+    claim = uuid.uuid4().hex
     recorded: set[str] = set()
+    freed_slot = False
 
     def record(session: Session, finished: list[Work]) -> None:
         """Record images whose outputs are stored, so a worker lost later in the batch does not redo them."""
+        nonlocal freed_slot
         finished = [w for w in finished if w.item.input not in recorded]
         for work in finished:
             if work.outcome.status != "done":
                 work.outcome.output_uri = None
                 work.outcome.kernel_uri = None
                 work.outcome.output_sha256 = None
-        queries.record_outcomes(session, message.job_id, [w.outcome for w in finished])
+        written = queries.record_outcomes(session, message.job_id, [w.outcome for w in finished], claim=claim)
+        if len(written) < len(finished):
+            log.warning("job %s: %d image(s) were taken over by another delivery of their batch while this one "
+                        "stalled; that one records them", message.job_id, len(finished) - len(written))
         recorded.update(w.item.input for w in finished)
+        if written and message.slot and not freed_slot:
+            freed_slot = queries.free_slot_if_batch_finished(session, message.job_id, written)
 
     inputs = [item.input for item in message.images]
     with session_scope(db_url) as session:
-        todo = set(queries.mark_running(session, message.job_id, inputs, worker_name))
+        claimed = queries.claim_images(session, message.job_id, inputs, worker_name, claim, settings.claim_lease)
+    todo = set(claimed.todo)
+    held_counts = 0
+    if claimed.held and hand_over is not None:
+        wait = HELD_RECHECK_S
+        if claimed.held_until is not None:
+            wait += max(0.0, (claimed.held_until - utcnow()).total_seconds())
+        held = set(claimed.held)
+        log.warning("batch of job %s: %d image(s) are being restored by another delivery of this batch; they are "
+                    "looked at again in %.0f s, in case that one is lost", message.job_id, len(held), wait)
+        hand_over(message.model_copy(update={"images": [i for i in _distinct(message.images) if i.input in held]}),
+                  wait)
+        held_counts = len(held)
     works = [
         Work(item, queries.ImageOutcome(input_uri=item.input, status="done", worker=worker_name))
         for item in _distinct(message.images)
         if item.input in todo
     ]
     if not works:
-        return batch_counts(0, 0)
+        return batch_counts(0, 0, held_counts)
     client = s3_client(settings)
     started_inputs: list[str] = []  # images started (start_image) in this run, for a passing fault to take back
     try:
-        works, leftover, device_failure = _run_works(
-            works, message, settings, client, db_url, started, hand_over, record, started_inputs)
+        with LeaseKeeper(db_url, message.job_id, claim, settings.claim_lease):
+            works, leftover, device_failure = _run_works(
+                works, message, settings, client, db_url, started, hand_over, record, started_inputs, claim)
     except (TransientError, OperationalError):
         # storage or the database failed for a while: the batch is retried, and the images it had started were not
         # what took a worker down, so the cap on lost workers must not count these starts (best effort: the
-        # database may be what failed)
+        # database may be what failed); the retry takes the images at once instead of waiting for the lease
         unrecorded = [i for i in started_inputs if i not in recorded]
         try:
             with session_scope(db_url) as session:
                 queries.unstart_images(session, message.job_id, unrecorded)
+                queries.drop_leases(session, message.job_id, claim)
         except Exception:
             log.warning("could not take back the starts of %d image(s) of job %s", len(unrecorded), message.job_id)
         raise
@@ -370,9 +432,9 @@ def run_batch(message: BatchMessage, settings: Settings,
         # batch: kept, every model setting a worker ever ran would hold one full image for the process's life
         shared_results.clear()
     with session_scope(db_url) as session:
-        record(session, works)
         if leftover:
-            queries.release_claims(session, message.job_id, [w.item.input for w in leftover], worker_name)
+            queries.release_claims(session, message.job_id, [w.item.input for w in leftover], claim)
+        record(session, works)
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     if leftover and hand_over is not None:
@@ -382,7 +444,8 @@ def run_batch(message: BatchMessage, settings: Settings,
                         len(leftover))
         hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
     done = sum(w.outcome.status == "done" for w in works)
-    counts = batch_counts(done, len(works) - done, len(leftover))
+    failed = sum(w.outcome.status != "done" and not w.taken_over for w in works)
+    counts = batch_counts(done, failed, len(leftover) + held_counts)
     if device_failure is not None:
         # the image it struck keeps its start: if it is the cause after all (an input that trips a device-side
         # assert), the cap on starts without an outcome fails it after a few workers, as for any crash
@@ -394,7 +457,7 @@ def run_batch(message: BatchMessage, settings: Settings,
 def _run_works(works: list[Work], message: BatchMessage, settings: Settings, client: Any, db_url: str,
                started: float, hand_over: Callable[[BatchMessage], None] | None,
                record: Callable[[Session, list[Work]], None],
-               started_inputs: list[str]) -> tuple[list[Work], list[Work], DeviceFailure | None]:
+               started_inputs: list[str], claim: str) -> tuple[list[Work], list[Work], DeviceFailure | None]:
     """Download, restore, encode and upload the batch's claimed images in turn (see :func:`run_batch`); returns
     the images worked on, those left over (out of time, or after a device failure) and the device failure."""
     leftover: list[Work] = []
@@ -423,7 +486,12 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
             # down, a redelivery skips them instead of restoring and counting them again), and this one starts
             with session_scope(db_url) as session:
                 record(session, works[:index])
-                starts = queries.start_image(session, message.job_id, work.item.input)
+                starts = queries.start_image(session, message.job_id, work.item.input, claim)
+            if starts is None:  # another delivery took it over while this run stalled: it is that one's now
+                work.fail("taken over by another delivery of its batch")
+                work.taken_over = True
+                work.data = work.reference_data = None
+                continue
             started_inputs.append(work.item.input)
             if not _within_attempts(work, starts, settings.image_max_attempts) or work.outcome.status != "done":
                 work.data = work.reference_data = None  # failed: its bytes are not kept to the batch's end
@@ -509,6 +577,8 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
         finished = queries.inputs_with_status(session, message.job_id, inputs, "done", "cancelled")
         failed = [o for o in outcomes if o.input_uri not in finished]
         queries.record_outcomes(session, message.job_id, failed)
+        if failed and message.slot:
+            queries.free_slot_if_batch_finished(session, message.job_id, [o.input_uri for o in failed])
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     return len(failed)

@@ -127,10 +127,10 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
     # the broker's priority of this delivery, so the rest of an out-of-time batch waits no longer than it did
     priority = (self.request.delivery_info or {}).get("priority")
 
-    def hand_over(rest: BatchMessage) -> None:
+    def hand_over(rest: BatchMessage, countdown: float | None = None) -> None:
         try:
             app.send_task(PROCESS_BATCH_TASK, args=[rest.to_payload()], queue=settings.queue,
-                          priority=priority)
+                          priority=priority, countdown=countdown)
         except Exception as exc:  # the images were released: retrying the batch processes them here
             raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
 
@@ -159,7 +159,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
         counts = batch_counts(0, _fail_or_wait(self, message, settings, error))
-    if message.slot and not counts.get("handed_over"):
+    if message.slot:  # frees nothing itself (the recording did, once): fills whatever room the window has
         send_next_batch(message, settings)
     return counts
 
@@ -168,8 +168,10 @@ SEND_NEXT_ATTEMPTS = 5  # 1 + 2 + 4 + 8 s between them: a broker or database bli
 
 
 def send_next_batch(message: BatchMessage, settings: Any) -> None:
-    """This batch held one of its job's window slots and is finished: free the slot and send the job's next batch
-    in its place (:mod:`producer.dispatch`); a batch handed over keeps the slot, and its remainder sends the next.
+    """This batch held one of its job's window slots and ended: send the job's next batches as the window allows
+    (:mod:`producer.dispatch`). The slot itself was freed in the transaction that recorded the batch's last image
+    (:func:`db.queries.free_slot_if_batch_finished`), exactly once however often the batch was delivered, so a
+    copy of a batch that finds nothing left to do frees nothing and only sends what the window has room for.
 
     The batch itself is recorded and stays acknowledged whatever happens here (retrying the task would run it
     again). A broker or database that does not take the next batch is tried again for half a minute, then the
@@ -180,16 +182,12 @@ def send_next_batch(message: BatchMessage, settings: Any) -> None:
     from producer.dispatch import send_window_batches
 
     url = settings.resolved_database_url()
-    released = False
     for attempt in range(SEND_NEXT_ATTEMPTS):
         try:
             with session_scope(url) as session:
                 spec = queries.job_spec(session, message.job_id)
-                if spec is None:
-                    return
-                if not released:
-                    queries.release_window_slots(session, message.job_id, 1)
-            released = True
+            if spec is None:
+                return
             send_window_batches(settings, message.job_id, message.kind, spec)
             return
         except Exception as exc:  # the broker or the database: try again, then say what to do
