@@ -1,7 +1,9 @@
 """The deployment files agree with the code: setting names, CLI options, queue lists, ports.
 
 No Docker engine or cluster is needed: the files are parsed and checked against
-the settings module, the click commands and the Celery app they configure.
+the settings module, the click commands and the Celery app they configure, and
+the Kubernetes objects against the API's own schemas (kubernetes-validate ships
+them), as a cluster's API server would check them.
 """
 
 from __future__ import annotations
@@ -255,3 +257,31 @@ def test_keda_sums_every_priority_list_of_the_broker_redis() -> None:
     expected = f"{broker.hostname}.{namespace}.svc.cluster.local:{broker.port or 6379}"
     assert {t["metadata"]["address"] for t in triggers} == {expected}
     assert {t["metadata"]["databaseIndex"] for t in triggers} == {broker.path.strip("/") or "0"}
+
+
+# a release of two years before these files were written (clusters upgrade slowly), and the newest the schemas know
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+CUSTOM_RESOURCES = {"ScaledObject", "Kustomization"}  # KEDA's and kustomize's own kinds: no schema ships for them
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_kubernetes_object_is_valid_for_the_api_server(version: str) -> None:
+    """Strict: an unknown field (a typo the API server would refuse, or a field a newer release renamed) fails."""
+    import kubernetes_validate
+
+    checked = []
+    for obj in k8s_objects():
+        if obj["kind"] in CUSTOM_RESOURCES:
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{obj['kind']} {obj['metadata']['name']} is invalid for Kubernetes {version}: "
+                                 f"{exc.message} at {'/'.join(map(str, exc.path))}") from None
+        checked.append(obj["kind"])
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "Job", "Namespace"} <= set(checked)
+    worker = next(o for o in k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "deblur-worker")
+    misspelt = {**worker, "spec": {**worker["spec"], "template": {**worker["spec"]["template"], "spec": {
+        **worker["spec"]["template"]["spec"], "terminationGracePeriodSecond": 1500}}}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="terminationGracePeriodSecond"):
+        kubernetes_validate.validate(misspelt, version, strict=True)
