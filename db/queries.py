@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, aliased
 
 from db.schema import (
     ENSEMBLE_MODEL,
+    EarlierAttempt,
     IMAGE_STATUSES,
     INPUT_MODEL,
     JOB_STATUSES,
@@ -29,7 +30,7 @@ from db.schema import (
     Metric,
     utcnow,
 )
-from db.usage import IMAGE_PIXELS, roll_up_job
+from db.usage import IMAGE_PIXELS, keep_earlier_outcomes, roll_up_job
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
 from jobs.review import REVIEW_REASONS, review_reason
 from jobs.statuses import FINISHED_JOB_STATUSES
@@ -471,7 +472,10 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
     condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
     if claim is not None:
         condition.append(Image.claim == claim)
-    ids = dict(session.execute(select(Image.input_uri, Image.id).where(*condition)).all())
+    rows = session.execute(select(Image.input_uri, Image.id, Image.status).where(*condition)).all()
+    ids = {uri: image_id for uri, image_id, _ in rows}
+    # an outcome recorded over another (a batch failed twice) keeps the earlier one for usage
+    keep_earlier_outcomes(session, [image_id for _, image_id, status in rows if status in ("done", "failed")])
     for o in outcomes:
         image_id = ids.get(o.input_uri)
         if image_id is None:
@@ -528,10 +532,20 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
 
 
 def mark_image_failed(session: Session, job_id: str, input_uri: str, error: str) -> None:
-    """Turn a done image into a failed one (its output key is kept, so a retry writes it again)."""
+    """Turn a done image into a failed one (its output key is kept, so a retry writes it again).
+
+    The done attempt is kept for usage (:func:`db.usage.keep_earlier_outcomes`), in its own period; the failure
+    counts when it was found, with no seconds (no worker spent any on it).
+    """
+    image_id = session.scalar(select(Image.id).where(
+        Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done").with_for_update())
+    if image_id is None:
+        return
+    keep_earlier_outcomes(session, [image_id])
     session.execute(
-        update(Image).where(Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done")
-        .values(status="failed", error=error, output_sha256=None, review=None, finished_at=utcnow())
+        update(Image).where(Image.id == image_id)
+        .values(status="failed", error=error, output_sha256=None, review=None, finished_at=utcnow(),
+                download_s=None, inference_s=None, upload_s=None)
     )
 
 
@@ -582,7 +596,8 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
     between the selection and this UPDATE keeps its outcome (or its claim). A reset image gets a fresh allowance of
     lost workers, loses its earlier outcome's finish time, and its ``started_at`` restarts at the retry, so a
     ``retry --stalled`` soon after does not take it for stalled (it waits from now, as a freshly sent one; a
-    cleared time would fall back to the job's creation). The job becomes queued again only when an image was reset.
+    cleared time would fall back to the job's creation); the outcome it loses is kept for usage
+    (:func:`db.usage.keep_earlier_outcomes`). The job becomes queued again only when an image was reset.
     """
     by_status: dict[str, list[str]] = {}
     for image in images:
@@ -591,9 +606,13 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
     reset: set[str] = set()
     for status, inputs in by_status.items():
         for part in _slices(inputs):
+            # locked, so the outcomes kept for usage are exactly those the UPDATE then clears
+            ids = list(session.scalars(select(Image.id).where(
+                Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status).with_for_update()))
+            keep_earlier_outcomes(session, ids)
             reset.update(session.scalars(
                 update(Image)
-                .where(Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status)
+                .where(Image.id.in_(ids), Image.status == status)
                 .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None)
                 .returning(Image.input_uri)
                 .execution_options(synchronize_session=False)
@@ -671,6 +690,7 @@ def delete_finished_job(session: Session, job_id: str, before: datetime) -> int 
     if kept is None:
         return None
     roll_up_job(session, job_id)
+    session.execute(delete(EarlierAttempt).where(EarlierAttempt.job_id == job_id))
     images = select(Image.id).where(Image.job_id == job_id).scalar_subquery()
     session.execute(delete(Metric).where(Metric.image_id.in_(images)))
     deleted = session.execute(delete(Image).where(Image.job_id == job_id)).rowcount

@@ -128,6 +128,26 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class EarlierAttempt(Base):
+    """An image's outcome that a later one replaced on its row: a failed attempt retried, an output ``deblur
+    verify`` found missing. Kept (its finish time, device, worker, pixels and seconds) so ``deblur usage`` counts
+    every attempt the workers made, in the period it was made, not only each image's last; deleted with its job
+    (after :func:`db.usage.roll_up_job` has counted it)."""
+
+    __tablename__ = "earlier_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    pixels: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    download_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    inference_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    upload_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class UsageRollup(Base):
     """What a pruned job's images used, per UTC day, device and worker, so ``deblur usage`` outlives ``db prune``.
 

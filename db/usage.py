@@ -4,9 +4,12 @@ Two sources make one history. The images still recorded are read live, by
 their finish time (``ix_images_finished_at``), so a period's figures are exact to
 the second. ``deblur db prune`` deletes old jobs' images, so before it does it
 writes their totals per day, device and worker to ``usage_rollups``, in the
-same transaction; those count by whole UTC days. An image counts once, with its
-last outcome (a retried image's earlier attempts are overwritten by the worker
-that records the retry), and a cancelled image that never ran counts nothing.
+same transaction; those count by whole UTC days. Every attempt counts, in the
+period it finished: an outcome that a retry or ``deblur verify`` replaces on the
+image's row is kept first in ``earlier_attempts`` (:func:`keep_earlier_outcomes`),
+so a failed attempt's seconds stay with the day they were spent, and an output
+found missing months later leaves that month's figures as they were. A
+cancelled image that never ran counts nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Date, and_, case, cast, func, insert, literal_column, select
+from sqlalchemy import BigInteger, Date, case, cast, func, insert, literal_column, select, union_all
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from db.schema import Image, Job, UsageRollup
+from db.schema import EarlierAttempt, Image, Job, UsageRollup
 
 COUNTED_STATUSES = ("done", "failed")
 # an image's pixels, every page's (images.pixels), or width × height for rows recorded before that column; 64-bit
@@ -54,27 +57,39 @@ def models_text(spec: Mapping[str, Any] | None) -> str:
     return f"{ensemble} ({models})" if ensemble else models
 
 
-def _utc_day(session: Session) -> ColumnElement[Any]:
-    """The UTC calendar day an image finished on, in the session's dialect."""
+_ATTEMPT_COLUMNS = ("job_id", "status", "finished_at", "device", "worker", "download_s", "inference_s", "upload_s")
+
+
+def keep_earlier_outcomes(session: Session, image_ids: Any) -> None:
+    """Copy the outcomes of the images ``image_ids`` selects (a list or a subquery of ``images.id``) that have one
+    (done or failed, with a finish time) to ``earlier_attempts``, before a retry, a new record or ``deblur
+    verify`` replaces them on the image's row, so usage still counts them where they happened."""
+    kept = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS)
+            .where(Image.id.in_(image_ids), Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None)))
+    session.execute(insert(EarlierAttempt).from_select([*_ATTEMPT_COLUMNS, "pixels"], kept))
+
+
+def _utc_day(session: Session, finished_at: Any) -> ColumnElement[Any]:
+    """The UTC calendar day an attempt finished on, in the session's dialect."""
     if session.get_bind().dialect.name == "postgresql":
         # a literal, not a bound parameter, so GROUP BY repeats the very expression the SELECT has
-        return cast(func.timezone(literal_column("'UTC'"), Image.finished_at), Date)
-    return func.date(Image.finished_at)  # SQLite keeps UTC times as text: the day is their first ten characters
+        return cast(func.timezone(literal_column("'UTC'"), finished_at), Date)
+    return func.date(finished_at)  # SQLite keeps UTC times as text: the day is their first ten characters
 
 
 def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
-def _sums() -> list[ColumnElement[Any]]:
-    done = Image.status == "done"
+def _sums(attempts: Any) -> list[ColumnElement[Any]]:
+    done = attempts.c.status == "done"
     return [
         func.sum(case((done, 1), else_=0)),
-        func.sum(case((Image.status == "failed", 1), else_=0)),
-        func.sum(case((done, IMAGE_PIXELS), else_=0)),
-        func.coalesce(func.sum(Image.download_s), 0.0),
-        func.coalesce(func.sum(Image.inference_s), 0.0),
-        func.coalesce(func.sum(Image.upload_s), 0.0),
+        func.sum(case((attempts.c.status == "failed", 1), else_=0)),
+        func.sum(case((done, attempts.c.pixels), else_=0)),
+        func.coalesce(func.sum(attempts.c.download_s), 0.0),
+        func.coalesce(func.sum(attempts.c.inference_s), 0.0),
+        func.coalesce(func.sum(attempts.c.upload_s), 0.0),
     ]
 
 
@@ -90,17 +105,18 @@ def _record(day: Any, row: Any, job_id: str, kind: str, labels: Mapping[str, str
 
 def recorded_usage(session: Session, since: datetime, until: datetime, kind: str | None = None,
                    labels: Mapping[str, str] | None = None) -> list[UsageRecord]:
-    """The images still recorded that finished in ``[since, until)``, summed per job, UTC day, device and worker.
+    """The attempts of jobs still recorded that finished in ``[since, until)`` (:func:`_attempts`), summed per
+    job, UTC day, device and worker.
 
     Only jobs of ``kind`` and carrying every one of ``labels`` count, when given.
     """
-    day = _utc_day(session)
-    counted = and_(Image.status.in_(COUNTED_STATUSES), Image.finished_at >= since, Image.finished_at < until)
+    attempts = _attempts([Image.finished_at >= since, Image.finished_at < until],
+                         [EarlierAttempt.finished_at >= since, EarlierAttempt.finished_at < until])
+    day = _utc_day(session, attempts.c.finished_at)
     query = (
-        select(Image.job_id, day, Image.device, Image.worker, *_sums())
-        .join(Job, Job.id == Image.job_id)
-        .where(counted)
-        .group_by(Image.job_id, day, Image.device, Image.worker)
+        select(attempts.c.job_id, day, attempts.c.device, attempts.c.worker, *_sums(attempts))
+        .join(Job, Job.id == attempts.c.job_id)
+        .group_by(attempts.c.job_id, day, attempts.c.device, attempts.c.worker)
     )
     if kind is not None:
         query = query.where(Job.kind == kind)
@@ -115,6 +131,16 @@ def recorded_usage(session: Session, since: datetime, until: datetime, kind: str
         job_kind, spec = jobs[job_id]
         records.append(_record(row_day, rest, job_id, job_kind, spec.get("labels"), models_text(spec)))
     return records
+
+
+def _attempts(current: list[ColumnElement[bool]], earlier: list[ColumnElement[bool]]) -> Any:
+    """Every attempt with an outcome, as one subquery of the columns usage reads: the images' current outcomes
+    that meet ``current`` and the outcomes replaced before (``earlier_attempts``) that meet ``earlier``, each side
+    filtered on its own indexes."""
+    now = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS.label("pixels"))
+           .where(Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None), *current))
+    before = select(*(getattr(EarlierAttempt, c) for c in _ATTEMPT_COLUMNS), EarlierAttempt.pixels).where(*earlier)
+    return union_all(now, before).subquery("attempts")
 
 
 def _jobs(session: Session, job_ids: set[str]) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -147,16 +173,16 @@ def rolled_up_usage(session: Session, since: datetime, until: datetime, kind: st
 
 
 def roll_up_job(session: Session, job_id: str) -> int:
-    """Write a job's usage per UTC day, device and worker to ``usage_rollups`` (before its images are deleted);
-    returns the rows written."""
+    """Write a job's usage (every attempt, :func:`_attempts`) per UTC day, device and worker to ``usage_rollups``
+    (before its images are deleted); returns the rows written."""
     job = session.get(Job, job_id)
     if job is None:
         return 0
-    day = _utc_day(session)
-    counted = and_(Image.job_id == job_id, Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None))
+    attempts = _attempts([Image.job_id == job_id], [EarlierAttempt.job_id == job_id])
+    day = _utc_day(session, attempts.c.finished_at)
     rows = session.execute(
-        select(day, Image.device, Image.worker, *_sums()).where(counted)
-        .group_by(day, Image.device, Image.worker)
+        select(day, attempts.c.device, attempts.c.worker, *_sums(attempts))
+        .group_by(day, attempts.c.device, attempts.c.worker)
     ).all()
     spec = dict(job.spec or {})
     values = [asdict(_record(row_day, rest, job_id, job.kind, spec.get("labels"), models_text(spec)))

@@ -72,12 +72,12 @@ def usage_command(since: str, until: str | None, by: list[str], labels: dict[str
                   fmt: str) -> None:
     """What the workers spent: images, megapixels and time, by team, model, device, worker or period.
 
-    Counts the images that finished (done or failed) in the period, each once
-    with its last outcome, from the database the workers write to, including
-    jobs that 'deblur db prune' has deleted since (it keeps their totals per
-    day). "model time" is the models' seconds, "worker time" adds reading the
-    input and writing the output. A failed image counts its seconds but no
-    megapixels.
+    Counts every attempt that finished (done or failed) in the period, in the
+    period it finished (an image failed, then retried, counts both), from the
+    database the workers write to, including jobs that 'deblur db prune' has
+    deleted since (it keeps their totals per day). "model time" is the models'
+    seconds, "worker time" adds reading the input and writing the output. A
+    failed attempt counts its seconds but no megapixels.
 
     \b
     Examples:

@@ -217,8 +217,9 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         spent = client.get("/v1/usage", params={"since": "1h", "by": ["job", "kind"]})
         assert spent.status_code == 200, spent.text
         groups = {group["job"]: group for group in spent.json()["groups"]}
+        # the corrupt image failed twice (once, then after the retry): both attempts count
         assert (groups[job_id]["kind"], groups[job_id]["images_done"], groups[job_id]["images_failed"]) == (
-            "deblur", 4, 1)
+            "deblur", 4, 2)
         assert groups[job_id]["megapixels"] == pytest.approx(
             sum(i["width"] * i["height"] for i in done) / 1e6, abs=1e-6)
         assert (groups[eval_id]["kind"], groups[eval_id]["images_done"]) == ("evaluate", 2)

@@ -255,3 +255,87 @@ def test_parse_moment_reads_relative_times_and_utc_dates() -> None:
     assert parse_moment("2026-11-01T08:00Z") == datetime(2026, 11, 1, 8, tzinfo=timezone.utc)
     with pytest.raises(InputError, match="--until '3 days'"):
         parse_moment("3 days", option="--until")
+
+
+def _attempt(url: str, job_id: str, uri: str, status: str, finished: datetime, seconds: float) -> None:
+    """A worker's attempt at ``uri``: claimed, recorded with ``seconds`` of model time, finished at ``finished``."""
+    from sqlalchemy import update
+
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image
+
+    with session_scope(url) as session:
+        queries.mark_running(session, job_id, [uri], "gpu-a")
+        queries.record_outcomes(session, job_id, [queries.ImageOutcome(
+            uri, status, error=None if status == "done" else "out of memory", width=1000, height=1000,
+            device="cuda:0", worker="gpu-a", download_s=0.5, inference_s=seconds, upload_s=0.5)])
+        session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri == uri)
+                        .values(finished_at=finished))
+
+
+def test_a_retried_image_counts_each_attempt_in_its_own_period_and_after_pruning(env) -> None:  # type: ignore[no-untyped-def]
+    """A retry once replaced the failed attempt on the image's row: its seconds vanished from usage, and from the
+    month they were spent in. Every attempt now counts, on its own day, and the rollup of a pruned job keeps it."""
+    from sqlalchemy import func, select, update
+
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import EarlierAttempt, Job
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    ensure_schema(url)
+    run = uuid.uuid4().hex
+    with session_scope(url) as session:
+        job, _ = queries.create_job(session, "deblur", {"models": ["wiener"], "labels": {"run": run, "team": "t"}})
+        job_id = job.id
+        queries.insert_images(session, job_id, [{"input_uri": "s3://b/in/a.png", "output_uri": "s3://o/a.png"}], 0)
+        queries.finish_submission(session, job_id, 1, "queued")
+    _attempt(url, job_id, "s3://b/in/a.png", "failed", NOW - timedelta(days=20), 30.0)
+    with session_scope(url) as session:
+        retried = queries.images_to_retry(session, job_id, failed=True, stalled_before=None)
+        assert queries.reset_for_retry(session, job_id, retried) == {"s3://b/in/a.png"}
+    _attempt(url, job_id, "s3://b/in/a.png", "done", NOW - timedelta(days=2), 4.0)
+
+    def usage(days: int) -> tuple[int, int, float, float]:
+        total = _report({"run": run}, since=NOW - timedelta(days=days)).total.to_dict()
+        return total["images_done"], total["images_failed"], total["megapixels"], total["model_seconds"]
+
+    assert usage(30) == (1, 1, pytest.approx(1.0), pytest.approx(34.0))
+    assert usage(10) == (1, 0, pytest.approx(1.0), pytest.approx(4.0))  # the failed attempt stays on its day
+    with session_scope(url) as session:
+        queries.finish_if_complete(session, job_id)
+        session.execute(update(Job).where(Job.id == job_id).values(finished_at=OLD))
+        assert queries.delete_finished_job(session, job_id, NOW - timedelta(days=90)) == 1
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(EarlierAttempt)
+                              .where(EarlierAttempt.job_id == job_id)) == 0
+    assert usage(30) == (1, 1, pytest.approx(1.0), pytest.approx(34.0))  # from the rollups now
+
+
+def test_an_output_found_missing_leaves_its_restoration_in_its_own_month(env) -> None:  # type: ignore[no-untyped-def]
+    """'deblur verify --mark-failed' once moved a done image to failed at the time it was found: its megapixels and
+    seconds left the month they were restored in, and the report for that month changed after it was sent."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    ensure_schema(url)
+    run = uuid.uuid4().hex
+    with session_scope(url) as session:
+        job, _ = queries.create_job(session, "deblur", {"models": ["wiener"], "labels": {"run": run}})
+        job_id = job.id
+        queries.insert_images(session, job_id, [{"input_uri": "s3://b/in/a.png", "output_uri": "s3://o/a.png"}], 0)
+        queries.finish_submission(session, job_id, 1, "queued")
+    _attempt(url, job_id, "s3://b/in/a.png", "done", NOW - timedelta(days=40), 4.0)
+    month = {"since": NOW - timedelta(days=45), "until": NOW - timedelta(days=35)}
+    before = _report({"run": run}, **month).total.to_dict()
+    assert (before["images_done"], before["model_seconds"]) == (1, pytest.approx(4.0))
+    with session_scope(url) as session:
+        queries.mark_image_failed(session, job_id, "s3://b/in/a.png", "output missing")
+    assert _report({"run": run}, **month).total.to_dict() == before
+    marked_by = datetime.now(timezone.utc) + timedelta(seconds=1)  # NOW was taken when the module was imported
+    found = _report({"run": run}, since=NOW - timedelta(days=1), until=marked_by).total.to_dict()
+    assert (found["images_done"], found["images_failed"], found["model_seconds"]) == (0, 1, 0.0)
