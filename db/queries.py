@@ -565,7 +565,8 @@ def cancel_job(session: Session, job_id: str) -> int:
 
 def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before: datetime | None) -> list[Image]:
     """Failed images, and/or images pending or running since before ``stalled_before`` (of a windowed job, only
-    those of batches already sent: the others wait their turn)."""
+    those of batches already sent: the others wait their turn). A running image whose worker still renews its
+    lease (:func:`claim_images`) is slow, not stalled: it is left to that worker."""
     conditions = []
     if failed:
         conditions.append(Image.status == "failed")
@@ -576,6 +577,7 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
                 func.coalesce(Image.started_at, Image.finished_at, Job.created_at) < stalled_before,
                 # a windowed job's batches not sent yet are waiting their turn, not stalled (producer.dispatch)
                 or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
+                or_(Image.status == "pending", Image.lease_until.is_(None), Image.lease_until <= utcnow()),
             )
         )
     if not conditions:
@@ -613,7 +615,8 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
             reset.update(session.scalars(
                 update(Image)
                 .where(Image.id.in_(ids), Image.status == status)
-                .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None)
+                .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None,
+                        claim=None, lease_until=None)
                 .returning(Image.input_uri)
                 .execution_options(synchronize_session=False)
             ))

@@ -156,6 +156,28 @@ def test_a_retried_run_drops_its_leases_so_the_retry_need_not_wait(database: str
         assert sorted(queries.claim_images(session, job_id, uris, "w1@host", "c" * 32).todo) == sorted(uris)
 
 
+def test_retry_stalled_leaves_an_image_its_worker_still_renews(database: str) -> None:
+    """A 40-minute scan is slow, not stalled: 'retry --stalled' once made it pending and sent it again while its
+    worker went on. Only a running image whose lease ran out (its worker is gone) is stalled."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image, utcnow
+
+    job_id, uris = _job(database, 2)
+    with session_scope(database) as session:
+        queries.claim_images(session, job_id, uris, "w1@host", "a" * 32, lease_s=60)
+        session.execute(update(Image).where(Image.job_id == job_id).values(started_at=utcnow() - timedelta(hours=2)))
+        session.execute(update(Image).where(Image.input_uri == uris[1]).values(lease_until=utcnow() - timedelta(1)))
+    with session_scope(database) as session:
+        stalled = queries.images_to_retry(session, job_id, failed=False, stalled_before=utcnow() - timedelta(1 / 24))
+        assert [i.input_uri for i in stalled] == [uris[1]]
+        assert queries.reset_for_retry(session, job_id, stalled) == {uris[1]}
+    with session_scope(database) as session:
+        row = session.execute(select(Image.status, Image.claim, Image.lease_until).where(
+            Image.input_uri == uris[1])).one()
+    assert tuple(row) == ("pending", None, None)
+
+
 def test_the_lease_must_be_shorter_than_the_visibility_timeout(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from jobs.errors import ConfigurationError
     from jobs.settings import load_settings
