@@ -621,7 +621,8 @@ def resume(job: str) -> None:
 @option("--failed", is_flag=True, help="Re-enqueue the images that failed.")
 @option("--stalled", is_flag=True, help="Re-enqueue images pending or running for longer than --stalled-after.")
 @option("--stalled-after", type=click.IntRange(1), default=3600, show_default=True,
-        help="Seconds after which a pending/running image counts as stalled.")
+        help="Seconds after which a pending/running image counts as stalled (a running one only once its worker "
+             "stopped renewing its lease: a slow image is left to its worker).")
 @option("--all", "all_jobs", is_flag=True,
         help="Every queued, running or paused job instead of JOB, e.g. after the broker lost its queue (a Redis "
              "restarted without persistence): --all --stalled sends again what it held.")
