@@ -286,6 +286,25 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
         session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri.in_(inputs),
                                             Image.status == "pending").values(status="cancelled", finished_at=now))
         return BatchClaim([])
+    takeable = (Image.status == "pending") | (
+        (Image.status == "running") & (Image.lease_until.is_(None) | (Image.lease_until <= now) | (Image.claim == claim)))
+    mine = Image.job_id == job_id, Image.input_uri.in_(inputs)
+    # The UPDATE itself re-checks that each image may be taken, so two deliveries claiming at once never both take
+    # one (SQLite has no row locks, and its transaction starts only at the UPDATE); what it returns is what this
+    # run holds. Image rows are locked before the job's row, as in the recording transaction, so the two never wait
+    # for each other in opposite orders (PostgreSQL).
+    todo = list(session.scalars(
+        update(Image).where(*mine, takeable)
+        .values(status="running", started_at=now, worker=worker, claim=claim,
+                lease_until=now + timedelta(seconds=lease_s))
+        .returning(Image.input_uri)
+        .execution_options(synchronize_session=False)
+    ))
+    held_rows = session.execute(
+        select(Image.input_uri, Image.lease_until).where(*mine, Image.status == "running", Image.claim != claim)
+    ).all()
+    held = [uri for uri, _ in held_rows]
+    held_until = max((as_utc(until) for _, until in held_rows if until is not None), default=None)
     if job.started_at is None or job.status == "queued":
         # A job still "submitting" keeps that status until its producer has
         # listed every input, so it cannot be declared done too early.
@@ -297,24 +316,6 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
                 started_at=func.coalesce(Job.started_at, now),
                 updated_at=now,
             )
-        )
-    live = (Image.status == "running") & Image.lease_until.is_not(None) & (Image.lease_until > now) & (
-        Image.claim != claim)
-    mine = Image.job_id == job_id, Image.input_uri.in_(inputs)
-    # the lock makes two deliveries claiming at once take turns (PostgreSQL): the second sees the first's claims
-    rows = session.execute(
-        select(Image.input_uri, live, Image.lease_until).where(*mine, Image.status.in_(("pending", "running")))
-        .order_by(Image.id).with_for_update()
-    ).all()
-    todo = [uri for uri, held, _ in rows if not held]
-    held = [uri for uri, is_held, _ in rows if is_held]
-    held_until = max((as_utc(until) for _, is_held, until in rows if is_held), default=None)
-    if todo:
-        session.execute(
-            update(Image)
-            .where(Image.job_id == job_id, Image.input_uri.in_(todo))
-            .values(status="running", started_at=now, worker=worker, claim=claim,
-                    lease_until=now + timedelta(seconds=lease_s))
         )
     return BatchClaim(todo, held, held_until)
 
@@ -328,9 +329,13 @@ def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: s
 
 def renew_leases(session: Session, job_id: str, claim: str, lease_s: float = LEASE_S) -> int:
     """Extend the lease of the running images ``claim`` holds by ``lease_s`` from now; returns how many it holds."""
+    # rows the run's own recording transaction holds are skipped (it is renewing them as it records): waiting for
+    # them while it waits for another row this renewal took would deadlock the run with its own thread
+    ids = select(Image.id).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running") \
+        .with_for_update(skip_locked=True).scalar_subquery()
     result = session.execute(
-        update(Image).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running")
-        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        update(Image).where(Image.id.in_(ids)).values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)
 
@@ -388,28 +393,40 @@ def unstart_images(session: Session, job_id: str, inputs: Sequence[str]) -> None
     )
 
 
-def free_slot_if_batch_finished(session: Session, job_id: str, inputs: Sequence[str]) -> bool:
-    """Free the window slot of the batch ``inputs`` belong to if this transaction just recorded the last of its
-    images (none pending or running any more); True when it did.
+def free_slots_of_finished_batches(session: Session, job_id: str, inputs: Sequence[str]) -> int:
+    """Free the window slot of each sent batch ``inputs`` belong to that this transaction just finished (none of
+    its images pending or running any more); returns how many slots it freed.
 
-    Called by the transaction that records a windowed batch's outcomes, and only by one that recorded some, the
-    slot is freed exactly once however many times the batch was delivered: a copy that finds nothing to do, or a
-    run that finished after another took part of its batch over, frees nothing. The job's row is locked first,
-    so two runs recording a batch's last images at once (PostgreSQL) see each other's outcomes in turn.
+    Called by each transaction that records a windowed job's outcomes, with the images it recorded, the slot of a
+    batch is freed exactly once however many times the batch was delivered: only the transaction that records
+    its last image sees it finished, so a copy that finds nothing to do, or a run that finished after another took
+    part of its batch over, frees nothing. An image is counted in the batch it is in now: one that ``retry
+    --failed`` moved to a later batch frees that batch's slot (if it was sent) when recorded, whichever message
+    restored it. The job's row is locked first, so two runs recording a batch's last images at once (PostgreSQL)
+    see each other's outcomes in turn.
     """
     if not inputs:
-        return False
-    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-    batches = list(session.scalars(select(func.distinct(Image.batch)).where(
-        Image.job_id == job_id, Image.input_uri.in_(list(inputs)))))
-    if len(batches) != 1:
-        return False
-    unfinished = session.scalar(select(func.count()).select_from(Image).where(
-        Image.job_id == job_id, Image.batch == batches[0], Image.status.in_(("pending", "running"))))
-    if unfinished:
-        return False
-    release_window_slots(session, job_id, 1)
-    return True
+        return 0
+    sent = session.scalar(select(Job.batches_sent).where(Job.id == job_id).with_for_update())
+    if sent is None:
+        return 0
+    batches = set(session.scalars(select(func.distinct(Image.batch)).where(
+        Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.batch < sent)))
+    if not batches:
+        return 0
+    unfinished = set(session.scalars(select(func.distinct(Image.batch)).where(
+        Image.job_id == job_id, Image.batch.in_(batches), Image.status.in_(("pending", "running")))))
+    finished = len(batches - unfinished)
+    release_window_slots(session, job_id, finished)
+    return finished
+
+
+def inputs_under_live_lease(session: Session, job_id: str, inputs: Sequence[str]) -> set[str]:
+    """Which of ``inputs`` are running under a lease not yet run out (:func:`claim_images`): a run still holds
+    them."""
+    return set(session.scalars(select(Image.input_uri).where(
+        Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
+        Image.lease_until > utcnow())))
 
 
 def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], *statuses: str) -> set[str]:
@@ -470,9 +487,8 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
         return []
     now = utcnow()
     condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
-    if claim is not None:
-        condition.append(Image.claim == claim)
-    rows = session.execute(select(Image.input_uri, Image.id, Image.status).where(*condition)).all()
+    held = [Image.claim == claim, Image.status == "running"] if claim is not None else []
+    rows = session.execute(select(Image.input_uri, Image.id, Image.status).where(*condition, *held)).all()
     ids = {uri: image_id for uri, image_id, _ in rows}
     # an outcome recorded over another (a batch failed twice) keeps the earlier one for usage
     keep_earlier_outcomes(session, [image_id for _, image_id, status in rows if status in ("done", "failed")])
@@ -480,9 +496,9 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
         image_id = ids.get(o.input_uri)
         if image_id is None:
             continue
-        session.execute(
+        result = session.execute(
             update(Image)
-            .where(Image.id == image_id)
+            .where(Image.id == image_id, *held)  # still this run's when written, not only when read
             .values(
                 status=o.status, error=o.error, kernel_uri=o.kernel_uri,
                 # a failed image keeps its planned output key, so a retry writes the same key
@@ -494,6 +510,8 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
                 review=review_reason(o.metrics) if o.status == "done" else None, lease_until=None,
             )
         )
+        if not result.rowcount:  # another delivery took it over between the read and the write
+            del ids[o.input_uri]
     session.execute(delete(Metric).where(Metric.image_id.in_(list(ids.values()))))
     metric_rows = [
         {"image_id": ids[o.input_uri], "model": model, "name": name, "value": _finite_or_inf(value)}
@@ -531,12 +549,19 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
     return status if result.rowcount else None
 
 
+def _lock_job(session: Session, job_id: str) -> None:
+    """Lock a job's row (PostgreSQL) before its image rows: the order ``db prune`` takes them in (the job, then its
+    images), so an operator's retry or verify on a job being pruned waits for it instead of deadlocking with it."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+
 def mark_image_failed(session: Session, job_id: str, input_uri: str, error: str) -> None:
     """Turn a done image into a failed one (its output key is kept, so a retry writes it again).
 
     The done attempt is kept for usage (:func:`db.usage.keep_earlier_outcomes`), in its own period; the failure
     counts when it was found, with no seconds (no worker spent any on it).
     """
+    _lock_job(session, job_id)
     image_id = session.scalar(select(Image.id).where(
         Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done").with_for_update())
     if image_id is None:
@@ -606,6 +631,7 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
         by_status.setdefault(image.status, []).append(image.input_uri)
     now = utcnow()
     reset: set[str] = set()
+    _lock_job(session, job_id)
     for status, inputs in by_status.items():
         for part in _slices(inputs):
             # locked, so the outcomes kept for usage are exactly those the UPDATE then clears
@@ -896,7 +922,8 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
 
     ``stalled`` counts running images started before ``stalled_before`` (past
     the broker's visibility timeout their worker is gone and redelivery has not
-    picked them up); ``worker_lost`` counts images of unfinished jobs whose
+    picked them up) whose lease ran out (a worker renewing it is slow, not
+    gone); ``worker_lost`` counts images of unfinished jobs whose
     worker died at least once since their last outcome (pending again after a
     start, or started twice); the recent figures count outcomes at or after
     ``recent_since``.
@@ -919,7 +946,9 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
         oldest = session.scalar(select(func.min(Job.created_at)).where(Job.id.in_(unfinished)))
         stalled = session.scalar(
             select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
-                                       Image.started_at < stalled_before)
+                                       Image.started_at < stalled_before,
+                                       # a worker still renewing its lease is slow, not gone (claim_images)
+                                       or_(Image.lease_until.is_(None), Image.lease_until <= utcnow()))
         )
         worker_lost = session.scalar(
             select(func.count()).where(

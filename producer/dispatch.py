@@ -26,7 +26,7 @@ What can go wrong, and what then happens:
 - a batch delivered twice (a worker lost after freeing its slot, or a batch
   outliving the broker's visibility timeout): its slot is freed by the
   transaction that records its last image (:func:`db.queries.
-  free_slot_if_batch_finished`), so once; the copy that finds nothing to do
+  free_slots_of_finished_batches`), so once; the copy that finds nothing to do
   only sends what the window has room for, and an image another delivery
   holds under a live lease is left to it (:func:`db.queries.claim_images`).
 """

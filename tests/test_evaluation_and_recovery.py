@@ -250,20 +250,16 @@ def test_a_batch_naming_an_image_twice_restores_it_once(env, tmp_path) -> None: 
 
 def test_an_unexpected_batch_error_fails_its_images_instead_of_leaving_them_running(  # type: ignore[no-untyped-def]
         env, tmp_path, monkeypatch) -> None:
-    from db import queries
-    from db.engine import session_scope
     from worker import pipeline, runtime
     from worker.tasks import process_batch
 
     job_id, payload = _submit_one_image_named_twice(env, tmp_path)
 
-    def broken(message: Any, settings: Any, *_: object) -> None:
-        """Claims the images as the real one does, then fails outside any one image's restoration."""
-        with session_scope(settings.resolved_database_url()) as session:
-            queries.mark_running(session, message.job_id, [i.input for i in message.images], "worker@test")
+    def broken(*_: object) -> None:
+        """Called by the real batch once it has claimed its images: fails outside any one image's restoration."""
         raise RuntimeError("recording went wrong")
 
-    monkeypatch.setattr(pipeline, "run_batch", broken)
+    monkeypatch.setattr(pipeline, "_run_works", broken)
     monkeypatch.setitem(runtime._state, "settings", None)  # this process's worker settings: this test's services
     assert process_batch.apply(args=[payload]).get() == {"done": 0, "failed": 1, "handed_over": 0}
     rows = json.loads(run_cli("results", job_id, "--format", "json"))
@@ -637,6 +633,7 @@ def test_images_given_back_after_a_cancellation_are_cancelled_not_left_pending(e
     run_cli("cancel", job_id)
     with session_scope(url) as session:
         queries.release_claims(session, job_id, inputs[1:], "w1")
+        queries.drop_leases(session, job_id, "w1")  # the run stops, on a fault its retries do not mend
     assert fail_batch(message, load_settings(), "gave up") == 1  # the one still running; the others stay cancelled
     statuses = {r["input"]: r["status"] for r in json.loads(run_cli("results", job_id, "--format", "json"))}
     assert [statuses[i] for i in inputs] == ["failed", "cancelled", "cancelled"]

@@ -350,7 +350,7 @@ def test_a_next_batch_the_broker_refuses_is_tried_again_and_the_slot_is_freed_on
         with session_scope(settings.resolved_database_url()) as session:
             queries.mark_running(session, job_id, [uri], "w1")
             queries.record_outcomes(session, job_id, [queries.ImageOutcome(uri, "done")])
-            assert queries.free_slot_if_batch_finished(session, job_id, [uri])
+            assert queries.free_slots_of_finished_batches(session, job_id, [uri]) == 1
         return BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], slot=True, images=[ImageItem(input=uri)])
 
     finished = finish("00.png")

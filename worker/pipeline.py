@@ -348,7 +348,7 @@ def run_batch(message: BatchMessage, settings: Settings,
     timeout) leaves images that run holds alone: it passes them to ``hand_over`` with a delay (``hand_over(rest,
     seconds)``), so that if the run holding them is lost, its lease runs out and that later task restores them,
     and if not, the later task finds them finished. An image is never restored by two runs at once, and a
-    windowed batch frees its slot once (:func:`db.queries.free_slot_if_batch_finished`).
+    windowed batch frees its slot once (:func:`db.queries.free_slots_of_finished_batches`).
 
     With ``hand_over``, a batch still working after ``settings.batch_time_limit``
     seconds starts no further image: the ones done so far are uploaded and
@@ -368,11 +368,9 @@ def run_batch(message: BatchMessage, settings: Settings,
     worker_name = runtime.hostname()
     claim = uuid.uuid4().hex
     recorded: set[str] = set()
-    freed_slot = False
 
     def record(session: Session, finished: list[Work]) -> None:
         """Record images whose outputs are stored, so a worker lost later in the batch does not redo them."""
-        nonlocal freed_slot
         finished = [w for w in finished if w.item.input not in recorded]
         for work in finished:
             if work.outcome.status != "done":
@@ -384,8 +382,8 @@ def run_batch(message: BatchMessage, settings: Settings,
             log.warning("job %s: %d image(s) were taken over by another delivery of their batch while this one "
                         "stalled; that one records them", message.job_id, len(finished) - len(written))
         recorded.update(w.item.input for w in finished)
-        if written and message.slot and not freed_slot:
-            freed_slot = queries.free_slot_if_batch_finished(session, message.job_id, written)
+        if written and message.slot:
+            queries.free_slots_of_finished_batches(session, message.job_id, written)
 
     inputs = [item.input for item in message.images]
     with session_scope(db_url) as session:
@@ -415,27 +413,27 @@ def run_batch(message: BatchMessage, settings: Settings,
         with LeaseKeeper(db_url, message.job_id, claim, settings.claim_lease):
             works, leftover, device_failure = _run_works(
                 works, message, settings, client, db_url, started, hand_over, record, started_inputs, claim)
+        with session_scope(db_url) as session:
+            if leftover:
+                queries.release_claims(session, message.job_id, [w.item.input for w in leftover], claim)
+            record(session, works)
+            spec = _finished_spec(session, message.job_id)
     except (TransientError, OperationalError):
         # storage or the database failed for a while: the batch is retried, and the images it had started were not
         # what took a worker down, so the cap on lost workers must not count these starts (best effort: the
         # database may be what failed); the retry takes the images at once instead of waiting for the lease
         unrecorded = [i for i in started_inputs if i not in recorded]
-        try:
-            with session_scope(db_url) as session:
-                queries.unstart_images(session, message.job_id, unrecorded)
-                queries.drop_leases(session, message.job_id, claim)
-        except Exception:
-            log.warning("could not take back the starts of %d image(s) of job %s", len(unrecorded), message.job_id)
+        _end_run(db_url, message.job_id, claim, unrecorded)
+        raise
+    except Exception:
+        # a bug outside one image's restoration: the task fails the batch's images (worker.tasks), which it leaves
+        # alone while they are under a live lease, as it would another delivery's
+        _end_run(db_url, message.job_id, claim, [])
         raise
     finally:
         # the results models share within an image (an ensemble's l0-blind and the refiners' prior) go with the
         # batch: kept, every model setting a worker ever ran would hold one full image for the process's life
         shared_results.clear()
-    with session_scope(db_url) as session:
-        if leftover:
-            queries.release_claims(session, message.job_id, [w.item.input for w in leftover], claim)
-        record(session, works)
-        spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     if leftover and hand_over is not None:
         if device_failure is None:  # a warning so it shows in the worker's log (it keeps warnings and errors)
@@ -452,6 +450,19 @@ def run_batch(message: BatchMessage, settings: Settings,
         device_failure.counts = counts
         raise device_failure
     return counts
+
+
+def _end_run(db_url: str, job_id: str, claim: str, unstarted: list[str]) -> None:
+    """A run stopped by an exception: take back the starts of ``unstarted`` (:func:`db.queries.unstart_images`) and
+    end the run's leases, so the task's retry, or the failing of its images, need not wait for them to run out
+    (best effort: the database may be what failed, and then the leases run out by themselves)."""
+    try:
+        with session_scope(db_url) as session:
+            queries.unstart_images(session, job_id, unstarted)
+            queries.drop_leases(session, job_id, claim)
+    except Exception:
+        log.warning("could not end the claims of job %s's batch (%d start(s) to take back); they run out in "
+                    "DEBLUR_CLAIM_LEASE seconds", job_id, len(unstarted))
 
 
 def _run_works(works: list[Work], message: BatchMessage, settings: Settings, client: Any, db_url: str,
@@ -572,13 +583,16 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
             for item in _distinct(message.images)
         ]
         inputs = [o.input_uri for o in outcomes]
-        # what is done stays done, and what was cancelled meanwhile stays cancelled (a failed image would invite a
-        # 'retry --failed' that brings the cancelled job back)
-        finished = queries.inputs_with_status(session, message.job_id, inputs, "done", "cancelled")
+        # what is done stays done, what failed keeps its own reason (and counts once in usage), and what was
+        # cancelled meanwhile stays cancelled (a failed image would invite a 'retry --failed' that brings the
+        # cancelled job back); an image another delivery of the batch is restoring, under a live lease, is that
+        # one's to record
+        finished = queries.inputs_with_status(session, message.job_id, inputs, "done", "failed", "cancelled")
+        finished |= queries.inputs_under_live_lease(session, message.job_id, inputs)
         failed = [o for o in outcomes if o.input_uri not in finished]
-        queries.record_outcomes(session, message.job_id, failed)
-        if failed and message.slot:
-            queries.free_slot_if_batch_finished(session, message.job_id, [o.input_uri for o in failed])
+        written = queries.record_outcomes(session, message.job_id, failed)
+        if written and message.slot:
+            queries.free_slots_of_finished_batches(session, message.job_id, written)
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     return len(failed)

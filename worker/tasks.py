@@ -170,7 +170,7 @@ SEND_NEXT_ATTEMPTS = 5  # 1 + 2 + 4 + 8 s between them: a broker or database bli
 def send_next_batch(message: BatchMessage, settings: Any) -> None:
     """This batch held one of its job's window slots and ended: send the job's next batches as the window allows
     (:mod:`producer.dispatch`). The slot itself was freed in the transaction that recorded the batch's last image
-    (:func:`db.queries.free_slot_if_batch_finished`), exactly once however often the batch was delivered, so a
+    (:func:`db.queries.free_slots_of_finished_batches`), exactly once however often the batch was delivered, so a
     copy of a batch that finds nothing left to do frees nothing and only sends what the window has room for.
 
     The batch itself is recorded and stays acknowledged whatever happens here (retrying the task would run it

@@ -1,0 +1,411 @@
+"""Claims and leases on a batch's images, on SQLite and PostgreSQL: two deliveries of one batch never restore an
+image at once, a windowed batch frees its slot once, and the locks they take never deadlock.
+
+Each test forces an interleaving that once went wrong (threads, a hook on the SQL a session sends, or a lease
+aged by hand) and checks the outcome: the images each restored once, the job's batches in flight as many as are
+really in flight, usage counting each attempt once. The PostgreSQL database is shared by the session's tests, so
+every job here has buckets and keys of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import boto3
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import event, func, select, update
+
+pytestmark = [pytest.mark.integration]
+
+
+def make_job(url: str, batches: list[list[str]], window: int = 0) -> tuple[str, dict[str, str], str]:
+    """A queued job whose images (names) are split into ``batches``, with a window of ``window`` batches if given;
+    returns its id, each name's input URI and the tag its bucket is named after (``claims-TAG``)."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+
+    ensure_schema(url)
+    tag = uuid.uuid4().hex[:8]
+    uris = {}
+    with session_scope(url) as session:
+        spec = {"models": ["wiener"], "output": f"s3://claims-{tag}/out/", "batch_size": 2}
+        if window:
+            spec["window"] = window
+        job, _ = queries.create_job(session, "deblur", spec)
+        for number, names in enumerate(batches):
+            rows = []
+            for name in names:
+                uris[name] = f"s3://claims-{tag}/in/{name}"
+                rows.append({"input_uri": uris[name], "output_uri": f"s3://claims-{tag}/out/{name}"})
+            queries.insert_images(session, job.id, rows, number)
+        if window:
+            queries.record_listed_batches(session, job.id, len(batches))
+        queries.finish_submission(session, job.id, sum(map(len, batches)), "queued")
+        return job.id, uris, tag
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return cv2.imencode(".png", cv2.GaussianBlur(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8), (0, 0), 2))[1].tobytes()
+
+
+def _counters(url: str, job_id: str) -> tuple[int, int, int]:
+    from db.engine import session_scope
+    from db.schema import Job
+
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        return job.batches_listed, job.batches_sent, job.batches_in_flight
+
+
+def test_an_image_relisted_by_a_retry_and_restored_by_its_old_batch_frees_both_slots(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """'retry --failed' moves a failed image of a windowed job to a new batch, sent at once; the old batch's
+    message, retried after a passing fault, restores it there. Its recording then frees the new batch's slot and
+    its own batch's too (one flag per run once let it free only the first), and the new batch's message, finding
+    nothing to do, frees nothing: no slot is held for good."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.settings import load_settings
+    from producer.dispatch import send_window_batches
+    from producer.retry import retry_images
+    from tests.e2e_helpers import queued_tasks
+    from worker import tasks
+
+    settings = load_settings()
+    url = settings.resolved_database_url()
+    job_id, uris, tag = make_job(url, [["a.png", "b.png"], ["c.png"]], window=2)
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=f"claims-{tag}")
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        s3.put_object(Bucket=f"claims-{tag}", Key=f"in/{name}", Body=_png(i))
+    with session_scope(url) as session:
+        spec = queries.job_spec(session, job_id)
+    assert send_window_batches(settings, job_id, "deblur", spec) == 2
+    messages = {args[0]["images"][0]["input"].rsplit("/", 1)[1]: args[0] for _, args in queued_tasks(env)}
+    batch0, batch1 = messages["a.png"], messages["c.png"]
+    assert _counters(url, job_id) == (2, 2, 2)
+    monkeypatch.setattr(tasks.runtime, "_state", {})
+
+    # batch 1 runs and frees its slot
+    assert tasks.process_batch.apply(args=[batch1]).get()["done"] == 1
+
+    # batch 0's first run: a.png fails and is recorded as b.png starts; b.png's upload then fails for a while
+    # (TransientError): run_batch takes back the start and drops the lease, and Celery retries the task later
+    claim = "1" * 32
+    with session_scope(url) as session:
+        queries.claim_images(session, job_id, [uris["a.png"], uris["b.png"]], "w1", claim)
+        queries.record_outcomes(session, job_id, [queries.ImageOutcome(uris["a.png"], "failed", error="x")],
+                                claim=claim)
+        queries.start_image(session, job_id, uris["b.png"], claim)
+    with session_scope(url) as session:
+        queries.unstart_images(session, job_id, [uris["b.png"]])
+        queries.drop_leases(session, job_id, claim)
+
+    # meanwhile the operator retries the failed image: relisted as batch 2 and sent (the window has room)
+    assert retry_images(settings, job_id, failed=True, stalled_after=None) == 1
+    relisted = [args[0] for _, args in queued_tasks(env) if args[0]["images"][0]["input"] == uris["a.png"]
+                and len(args[0]["images"]) == 1]
+    assert relisted
+
+    # batch 0's Celery retry runs (same message): restores a.png and b.png
+    assert tasks.process_batch.apply(args=[batch0]).get() == {"done": 2, "failed": 0, "handed_over": 0}
+    # batch 2's message: nothing left to do
+    assert tasks.process_batch.apply(args=[relisted[0]]).get() == {"done": 0, "failed": 0, "handed_over": 0}
+    with session_scope(url) as session:
+        counts = queries.status_counts(session, job_id)
+    assert counts["done"] == 3
+    assert _counters(url, job_id) == (3, 3, 0)  # nothing in flight, no slot held
+
+
+def test_failing_a_batch_leaves_images_another_delivery_holds_and_frees_no_slot_twice(env) -> None:  # type: ignore[no-untyped-def]
+    """A second delivery gives up on a batch (an internal error) while the first still restores its image under a
+    live lease: the image is left to the first, which records it and frees the batch's slot, once."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Job
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    settings = load_settings()
+    url = settings.resolved_database_url()
+    job_id, uris, _ = make_job(url, [["f0.png"], ["f1.png"]], window=2)
+    with session_scope(url) as s:
+        assert queries.claim_window_batches(s, job_id, 2) == [0, 1]
+    f0 = uris["f0.png"]
+    with session_scope(url) as s:  # delivery 1 restores f0 under its live lease
+        queries.claim_images(s, job_id, [f0], "w1", "a" * 32)
+        queries.start_image(s, job_id, f0, "a" * 32)
+    message = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], slot=True, images=[ImageItem(input=f0)])
+    assert fail_batch(message, settings, "internal error while processing the batch") == 0  # delivery 2 gives up
+    with session_scope(url) as s:
+        assert s.get(Job, job_id).batches_in_flight == 2  # nothing failed, nothing freed
+    with session_scope(url) as s:  # delivery 1 finishes f0 and records it (pipeline.run_batch.record)
+        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(f0, "done")], claim="a" * 32)
+        assert queries.free_slots_of_finished_batches(s, job_id, written) == 1
+    with session_scope(url) as s:
+        assert s.get(Job, job_id).batches_in_flight == 1  # batch 1 is still in flight
+        assert s.scalar(select(queries.Image.status).where(queries.Image.input_uri == f0)) == "done"
+
+
+def test_failing_a_batch_keeps_an_image_failed_on_its_own_with_its_reason_counted_once(env) -> None:  # type: ignore[no-untyped-def]
+    """After its last retry a batch fails its unfinished images; one that had failed on its own keeps its own
+    reason, and usage counts it once, not twice."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import EarlierAttempt, utcnow
+    from db.usage import recorded_usage
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    settings = load_settings()
+    url = settings.resolved_database_url()
+    job_id, uris, _ = make_job(url, [["a.png", "b.png"]])
+    a, b = uris["a.png"], uris["b.png"]
+    # the batch's run: a.png fails on its own (a corrupt file, 3 s of model time), recorded; b.png then meets a
+    # storage outage over and over, and after the last retry the task fails the batch (worker.tasks._fail_or_wait)
+    with session_scope(url) as session:
+        queries.claim_images(session, job_id, [a, b], "w1", "c" * 32)
+        queries.record_outcomes(session, job_id, [queries.ImageOutcome(a, "failed", error="corrupt file",
+                                                                       worker="w1", inference_s=3.0)],
+                                claim="c" * 32)
+        queries.drop_leases(session, job_id, "c" * 32)  # as run_batch does when it stops on a passing fault
+    message = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"],
+                           images=[ImageItem(input=a), ImageItem(input=b)])
+    assert fail_batch(message, settings, "gave up after 5 retries: storage down") == 1  # b.png only
+    with session_scope(url) as session:
+        records = [r for r in recorded_usage(session, utcnow() - timedelta(hours=1), utcnow() + timedelta(hours=1))
+                   if r.job_id == job_id]
+        kept = session.scalar(select(func.count()).select_from(EarlierAttempt).where(EarlierAttempt.job_id == job_id))
+        error_a = session.scalar(select(queries.Image.error).where(queries.Image.input_uri == a))
+    assert sum(r.failed for r in records) == 2 and kept == 0  # two images, each attempted once
+    assert error_a == "corrupt file"
+
+
+def test_a_slow_image_under_a_live_lease_is_not_counted_stalled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The stalled-images gauge (and its alert) told the operator to run 'retry --stalled' for a scan its worker
+    was still restoring, which the retry rightly leaves alone; both now agree it is not stalled."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Image, utcnow
+
+    url = f"sqlite:///{tmp_path / 'stalled.db'}"  # a database of its own: the gauge counts every job's images
+    ensure_schema(url)
+    job_id, uris, _ = make_job(url, [["s0.png"]])
+    with session_scope(url) as s:  # a slow scan: its worker renews its lease; running for 2 h (> visibility 1 h)
+        queries.claim_images(s, job_id, list(uris.values()), "w1", "a" * 32, lease_s=90)
+        s.execute(update(Image).where(Image.job_id == job_id).values(started_at=utcnow() - timedelta(hours=2)))
+    with session_scope(url) as s:
+        before = utcnow() - timedelta(seconds=3600)
+        snap = queries.operations_snapshot(s, stalled_before=before, recent_since=utcnow() - timedelta(hours=1))
+        retry = queries.images_to_retry(s, job_id, failed=False, stalled_before=before)
+    assert (snap.stalled, retry) == (0, [])
+    with session_scope(url) as s:  # its worker is gone: the lease runs out, and then it is stalled
+        s.execute(update(Image).where(Image.job_id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+    with session_scope(url) as s:
+        snap = queries.operations_snapshot(s, stalled_before=before, recent_since=utcnow() - timedelta(hours=1))
+        assert snap.stalled == 1 and len(queries.images_to_retry(s, job_id, failed=False, stalled_before=before)) == 1
+
+
+def test_a_run_records_nothing_over_an_image_taken_over_between_its_read_and_write(database_url, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A run whose lease ran out (it stalled) records as another delivery takes the image over: the claim is
+    checked by the UPDATE itself, so the stale run writes nothing and the image is recorded once, by the other."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import EarlierAttempt, Image, utcnow
+
+    url = database_url
+    ensure_schema(url)
+    job_id, uris, _ = make_job(url, [["p.png"]])
+    p = uris["p.png"]
+    first, second = "a" * 32, "b" * 32
+    with session_scope(url) as s:
+        queries.claim_images(s, job_id, [p], "w1", first)
+        queries.start_image(s, job_id, p, first)
+    with session_scope(url) as s:  # the first run stalled past its lease (no renewal got through)
+        s.execute(update(Image).where(Image.input_uri == p).values(lease_until=utcnow() - timedelta(seconds=1)))
+
+    real_keep = queries.keep_earlier_outcomes
+    took: list = []
+
+    def keep_then_other_delivery_takes_over(session, ids):  # type: ignore[no-untyped-def]
+        # between record_outcomes' SELECT (claim still the first's) and its UPDATE: the second delivery claims and
+        # starts the image, in its own transaction
+        if not took:
+            with session_scope(url) as other:
+                took.append(queries.claim_images(other, job_id, [p], "w2", second).todo)
+                took.append(queries.start_image(other, job_id, p, second))
+        return real_keep(session, ids)
+
+    monkeypatch.setattr(queries, "keep_earlier_outcomes", keep_then_other_delivery_takes_over)
+    with session_scope(url) as s:
+        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(p, "done", worker="w1", inference_s=5.0,
+                                                                           width=10, height=10)], claim=first)
+    monkeypatch.setattr(queries, "keep_earlier_outcomes", real_keep)
+    with session_scope(url) as s:  # the second delivery finishes its restoration and records it
+        written2 = queries.record_outcomes(s, job_id, [queries.ImageOutcome(p, "done", worker="w2", inference_s=5.0,
+                                                                            width=10, height=10)], claim=second)
+        kept = s.scalar(select(func.count()).select_from(EarlierAttempt).where(EarlierAttempt.job_id == job_id))
+        row = s.execute(select(Image.status, Image.worker).where(Image.input_uri == p)).one()
+    # the other delivery took it over and started it (the stale run's start counts as lost), between the read and
+    # the write
+    assert took == [[p], 2]
+    assert (written, written2, kept, tuple(row)) == ([], [p], 0, ("done", "w2"))
+
+
+def test_two_deliveries_claiming_at_once_on_sqlite_never_both_take_an_image(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite has no row locks and starts its transaction at the first write: another delivery's claim landing
+    just before this one's UPDATE must be seen by that UPDATE, so only one of them takes (and restores) each
+    image."""
+    from db import queries
+    from db.engine import ensure_schema, get_engine, session_scope
+    from db.schema import Image, utcnow
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    ensure_schema(url)
+    job_id, uris, _ = make_job(url, [["q0.png", "q1.png"]])
+    inputs = list(uris.values())
+    with session_scope(url) as s:  # the job is running already (an earlier batch was claimed)
+        queries.set_job_state(s, job_id, status="running", started_at=utcnow())
+    engine = get_engine(url)
+    fired: list = []
+
+    def first_claims_and_starts(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        # the second delivery is about to claim: the first delivery's claim and start land just before (another
+        # process, another connection)
+        if statement.lstrip().upper().startswith("UPDATE IMAGES SET STATUS") and not fired:
+            fired.append(1)
+            with session_scope(url) as other:
+                fired.append(queries.claim_images(other, job_id, inputs, "w1", "a" * 32).todo)
+            with session_scope(url) as other:
+                fired.append(queries.start_image(other, job_id, inputs[0], "a" * 32))
+
+    event.listen(engine, "before_cursor_execute", first_claims_and_starts)
+    try:
+        with session_scope(url) as s:
+            second = queries.claim_images(s, job_id, inputs, "w2", "b" * 32)
+    finally:
+        event.remove(engine, "before_cursor_execute", first_claims_and_starts)
+    with session_scope(url) as s:
+        second_start = queries.start_image(s, job_id, inputs[0], "b" * 32)
+        row = s.execute(select(Image.claim, Image.attempts).where(Image.input_uri == inputs[0])).one()
+    assert fired[1:] == [inputs, 1]  # the first delivery claimed both and started q0
+    assert (second.todo, sorted(second.held), second_start) == ([], sorted(inputs), None)
+    assert tuple(row) == ("a" * 32, 1)
+
+
+@pytest.fixture
+def pg(postgres_url, monkeypatch):  # type: ignore[no-untyped-def]
+    """The session's PostgreSQL, as this process's settings name it: the lock tests need row locks."""
+    from db.engine import ensure_schema
+
+    monkeypatch.setenv("DEBLUR_DATABASE_URL", postgres_url)
+    ensure_schema(postgres_url)
+    return postgres_url
+
+
+def _run(fn, errors, name):  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a thread; what it raises goes to ``errors`` as (name, exception type, first line)."""
+    def target():  # type: ignore[no-untyped-def]
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            errors.append((name, type(exc).__name__, str(exc).splitlines()[0]))
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    return thread
+
+
+def test_lease_renewal_never_deadlocks_with_its_own_runs_recording(pg) -> None:  # type: ignore[no-untyped-def]
+    """The run records one image and starts the next in one transaction, waiting for the job's row (another
+    worker holds it) with the first image's row locked; its lease thread renews meanwhile. The renewal skips the
+    rows the run holds instead of waiting for them while holding the others (PostgreSQL aborted one of the two)."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image, Job
+
+    url = pg
+    # a batch from a manifest: listed (and so processed) in the manifest's order, not the keys' order
+    job_id, uris, _ = make_job(url, [["z0.png", "a1.png", "m2.png"]], window=1)
+    x0, x1, x2 = uris["z0.png"], uris["a1.png"], uris["m2.png"]
+    claim = "c" * 32
+    with session_scope(url) as s:  # the run: claims its batch, starts x0 (pipeline: one transaction each)
+        queries.claim_images(s, job_id, [x0, x1, x2], "w1", claim)
+    with session_scope(url) as s:
+        queries.start_image(s, job_id, x0, claim)
+    with session_scope(url) as s:  # x0's row re-indexed last (any earlier status change of it does this)
+        s.execute(update(Image).where(Image.input_uri == x0).values(batch=Image.batch + 100))
+    with session_scope(url) as s:
+        s.execute(update(Image).where(Image.input_uri == x0).values(batch=Image.batch - 100))
+    errors: list = []
+    other = session_scope(url)  # another worker recording a batch of the same job holds the job row
+    other_session = other.__enter__()
+    other_session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+
+    def main_thread() -> None:  # _run_works: record x0 (frees the slot if the batch is finished), start x1
+        with session_scope(url) as s:
+            written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(x0, "done")], claim=claim)
+            queries.free_slots_of_finished_batches(s, job_id, written)
+            queries.start_image(s, job_id, x1, claim)
+
+    def lease_thread() -> None:  # LeaseKeeper._run's tick
+        with session_scope(url) as s:
+            queries.renew_leases(s, job_id, claim, 90)
+
+    m = _run(main_thread, errors, "run")
+    time.sleep(0.5)  # the run has locked x0 and waits for the job row
+    r = _run(lease_thread, errors, "lease")
+    time.sleep(1.5)  # the renewal locks x1, x2 and waits for x0
+    other.__exit__(None, None, None)  # the other worker commits
+    m.join(30)
+    r.join(30)
+    assert not errors, errors
+
+
+def test_a_second_deliverys_claim_never_deadlocks_with_the_first_deliverys_recording(pg) -> None:  # type: ignore[no-untyped-def]
+    """The job is 'queued' again ('retry --failed' reset another batch's images), so a claim updates the job's row;
+    the first delivery's recording holds the image rows and then asks for the job's row. Claims now take the image
+    rows first and the job's row last, the recording's order, so the two wait for each other instead of deadlocking
+    (PostgreSQL aborted one of the two)."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Job
+
+    url = pg
+    job_id, uris, _ = make_job(url, [["y0.png", "y1.png"]], window=1)
+    y0, y1 = uris["y0.png"], uris["y1.png"]
+    first = "a" * 32
+    with session_scope(url) as s:
+        queries.claim_images(s, job_id, [y0, y1], "w1", first, lease_s=1)
+        queries.start_image(s, job_id, y0, first)
+        queries.start_image(s, job_id, y1, first)
+    with session_scope(url) as s:  # a retry of other images made the job queued again; the lease ran out (stall)
+        s.execute(update(Job).where(Job.id == job_id).values(status="queued"))
+    time.sleep(1.2)
+    errors: list = []
+    barrier = threading.Event()
+
+    def first_records() -> None:
+        with session_scope(url) as s:
+            written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(y0, "done"),
+                                                          queries.ImageOutcome(y1, "done")], claim=first)
+            barrier.set()
+            time.sleep(1.0)  # the second delivery's claim arrives now
+            queries.free_slots_of_finished_batches(s, job_id, written)
+
+    def second_claims() -> None:
+        barrier.wait(10)
+        with session_scope(url) as s:
+            queries.claim_images(s, job_id, [y0, y1], "w2", "b" * 32)
+
+    a = _run(first_records, errors, "record")
+    b = _run(second_claims, errors, "claim")
+    a.join(30)
+    b.join(30)
+    assert not errors, errors
