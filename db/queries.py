@@ -397,18 +397,18 @@ def free_slots_of_finished_batches(session: Session, job_id: str, inputs: Sequen
     """Free the window slot of each sent batch ``inputs`` belong to that this transaction just finished (none of
     its images pending or running any more); returns how many slots it freed.
 
-    Called by each transaction that records a windowed job's outcomes, with the images it recorded, the slot of a
-    batch is freed exactly once however many times the batch was delivered: only the transaction that records
-    its last image sees it finished, so a copy that finds nothing to do, or a run that finished after another took
-    part of its batch over, frees nothing. An image is counted in the batch it is in now: one that ``retry
-    --failed`` moved to a later batch frees that batch's slot (if it was sent) when recorded, whichever message
-    restored it. The job's row is locked first, so two runs recording a batch's last images at once (PostgreSQL)
-    see each other's outcomes in turn.
+    Called by each transaction that records outcomes, with the images it recorded (whatever message they came
+    in: a plain batch 'retry --stalled' sent, say), the slot of a batch is freed exactly once however many times
+    the batch was delivered: only the transaction that records its last image sees it finished, so a copy that
+    finds nothing to do, or a run that finished after another took part of its batch over, frees nothing. An
+    image is counted in the batch it is in now: one that ``retry --failed`` moved to a later batch frees that
+    batch's slot (if it was sent) when recorded, whichever message restored it. The job's row is locked first, so
+    two runs recording a batch's last images at once (PostgreSQL) see each other's outcomes in turn.
     """
-    if not inputs:
-        return 0
+    if not inputs or not session.scalar(select(Job.batches_sent).where(Job.id == job_id)):
+        return 0  # a job without a window sends no batch through one: nothing to lock or free
     sent = session.scalar(select(Job.batches_sent).where(Job.id == job_id).with_for_update())
-    if sent is None:
+    if not sent:
         return 0
     batches = set(session.scalars(select(func.distinct(Image.batch)).where(
         Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.batch < sent)))

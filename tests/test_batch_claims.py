@@ -122,6 +122,28 @@ def test_an_image_relisted_by_a_retry_and_restored_by_its_old_batch_frees_both_s
     assert _counters(url, job_id) == (3, 3, 0)  # nothing in flight, no slot held
 
 
+def test_a_plain_message_that_finishes_a_windowed_batch_frees_its_slot(env) -> None:  # type: ignore[no-untyped-def]
+    """'retry --stalled' on a windowed job still being listed sends its stalled images as plain batches, holding
+    no slot. One that records the last image of a batch sent with a slot frees that batch's slot: the batch's own
+    message, finding nothing to do, frees nothing, and the slot was once held for good."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    url = load_settings().resolved_database_url()
+    job_id, uris, _ = make_job(url, [["g0.png"], ["g1.png"]], window=2)
+    with session_scope(url) as s:
+        assert queries.claim_window_batches(s, job_id, 2) == [0, 1]
+    plain = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"], images=[ImageItem(input=uris["g0.png"])])
+    assert not plain.slot
+    assert fail_batch(plain, load_settings(), "the model is missing") == 1  # recorded by the plain message
+    assert _counters(url, job_id) == (2, 2, 1)
+    assert fail_batch(plain.model_copy(update={"slot": True}), load_settings(), "again") == 0  # the slot's own
+    assert _counters(url, job_id) == (2, 2, 1)
+
+
 def test_failing_a_batch_leaves_images_another_delivery_holds_and_frees_no_slot_twice(env) -> None:  # type: ignore[no-untyped-def]
     """A second delivery gives up on a batch (an internal error) while the first still restores its image under a
     live lease: the image is left to the first, which records it and frees the batch's slot, once."""

@@ -382,8 +382,7 @@ def run_batch(message: BatchMessage, settings: Settings,
             log.warning("job %s: %d image(s) were taken over by another delivery of their batch while this one "
                         "stalled; that one records them", message.job_id, len(finished) - len(written))
         recorded.update(w.item.input for w in finished)
-        if written and message.slot:
-            queries.free_slots_of_finished_batches(session, message.job_id, written)
+        queries.free_slots_of_finished_batches(session, message.job_id, written)
 
     inputs = [item.input for item in message.images]
     with session_scope(db_url) as session:
@@ -591,8 +590,7 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
         finished |= queries.inputs_under_live_lease(session, message.job_id, inputs)
         failed = [o for o in outcomes if o.input_uri not in finished]
         written = queries.record_outcomes(session, message.job_id, failed)
-        if written and message.slot:
-            queries.free_slots_of_finished_batches(session, message.job_id, written)
+        queries.free_slots_of_finished_batches(session, message.job_id, written)
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
     return len(failed)
