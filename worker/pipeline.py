@@ -396,8 +396,12 @@ def run_batch(message: BatchMessage, settings: Settings,
         held = set(claimed.held)
         log.warning("batch of job %s: %d image(s) are being restored by another delivery of this batch; they are "
                     "looked at again in %.0f s, in case that one is lost", message.job_id, len(held), wait)
-        hand_over(message.model_copy(update={"images": [i for i in _distinct(message.images) if i.input in held]}),
-                  wait)
+        try:
+            hand_over(message.model_copy(update={"images": [i for i in _distinct(message.images) if i.input in held]}),
+                      wait)
+        except Exception:  # the broker: the task is retried, and takes what this run claimed at once
+            _end_run(db_url, message.job_id, claim, [])
+            raise
         held_counts = len(held)
     works = [
         Work(item, queries.ImageOutcome(input_uri=item.input, status="done", worker=worker_name))
