@@ -287,7 +287,8 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
                                             Image.status == "pending").values(status="cancelled", finished_at=now))
         return BatchClaim([])
     takeable = (Image.status == "pending") | (
-        (Image.status == "running") & (Image.lease_until.is_(None) | (Image.lease_until <= now) | (Image.claim == claim)))
+        (Image.status == "running")
+        & (Image.lease_until.is_(None) | (Image.lease_until <= now) | (Image.claim == claim)))
     mine = Image.job_id == job_id, Image.input_uri.in_(inputs)
     # The UPDATE itself re-checks that each image may be taken, so two deliveries claiming at once never both take
     # one (SQLite has no row locks, and its transaction starts only at the UPDATE); what it returns is what this
@@ -443,7 +444,7 @@ def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], *st
 PARAMETERS_A_STATEMENT = 1000  # URIs per IN list: PostgreSQL takes at most 65,535 parameters a statement
 
 
-def _slices(items: Sequence[str]) -> Iterable[list[str]]:
+def _slices(items: Sequence[Any]) -> Iterable[list[Any]]:
     """``items`` in lists of at most :data:`PARAMETERS_A_STATEMENT`, one statement's worth each."""
     for start in range(0, len(items), PARAMETERS_A_STATEMENT):
         yield list(items[start:start + PARAMETERS_A_STATEMENT])
@@ -737,6 +738,7 @@ def image_rows(
     review: bool = False,
     after_id: int | None = None,
     with_metrics: bool = True,
+    history: bool = False,
 ) -> list[dict[str, Any]]:
     """Image results with their metrics, as plain dicts (one per image).
 
@@ -747,7 +749,8 @@ def image_rows(
     images flagged for review (:mod:`jobs.review`). ``after_id`` (in id order
     only) starts after that image: pages cut so neither skip nor repeat an image
     when others change status between them, as offsets over a filter would. Without ``with_metrics`` no metric
-    is read and both metric maps are empty.
+    is read and both metric maps are empty. With ``history`` each row's ``earlier_attempts`` lists the outcomes
+    the image had before (:func:`earlier_attempts_for`).
     """
     query = select(Image).where(Image.job_id == job_id)
     if after_id is not None:
@@ -774,7 +777,26 @@ def image_rows(
         query = query.offset(offset)
     images = list(session.scalars(query))
     metrics = metrics_for(session, [i.id for i in images]) if with_metrics else {}
-    return [image_dict(image, metrics.get(image.id, {})) for image in images]
+    rows = [image_dict(image, metrics.get(image.id, {})) for image in images]
+    if history:
+        earlier = earlier_attempts_for(session, [i.id for i in images])
+        for row in rows:
+            row["earlier_attempts"] = earlier.get(row["id"], [])
+    return rows
+
+
+def earlier_attempts_for(session: Session, image_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """The outcomes each image had before its current one (:class:`db.schema.EarlierAttempt`), oldest first: when
+    each attempt finished, how, why it failed, where it ran and its model seconds."""
+    found: dict[int, list[dict[str, Any]]] = {}
+    for part in _slices(image_ids):
+        for attempt in session.scalars(select(EarlierAttempt).where(EarlierAttempt.image_id.in_(part))
+                                       .order_by(EarlierAttempt.finished_at, EarlierAttempt.id)):
+            found.setdefault(int(attempt.image_id or 0), []).append({
+                "finished_at": iso_utc(attempt.finished_at), "status": attempt.status, "error": attempt.error,
+                "worker": attempt.worker, "device": attempt.device, "inference_s": attempt.inference_s,
+            })
+    return found
 
 
 def metrics_for(session: Session, image_ids: Sequence[int]) -> dict[int, dict[str, dict[str, float | None]]]:

@@ -130,9 +130,10 @@ class Metric(Base):
 
 class EarlierAttempt(Base):
     """An image's outcome that a later one replaced on its row: a failed attempt retried, an output ``deblur
-    verify`` found missing. Kept (its finish time, device, worker, pixels and seconds) so ``deblur usage`` counts
-    every attempt the workers made, in the period it was made, not only each image's last; deleted with its job
-    (after :func:`db.usage.roll_up_job` has counted it)."""
+    verify`` found missing. Kept (its finish time, device, worker, pixels, seconds and error) so ``deblur usage``
+    counts every attempt the workers made, in the period it was made, not only each image's last, and ``deblur
+    results --history`` shows what happened to an image before; deleted with its job (after
+    :func:`db.usage.roll_up_job` has counted it)."""
 
     __tablename__ = "earlier_attempts"
 
@@ -146,6 +147,9 @@ class EarlierAttempt(Base):
     download_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     inference_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     upload_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # which image, and why the attempt failed ('deblur results --history'); rows kept before these: NULL
+    image_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class UsageRollup(Base):

@@ -64,9 +64,9 @@ def keep_earlier_outcomes(session: Session, image_ids: Any) -> None:
     """Copy the outcomes of the images ``image_ids`` selects (a list or a subquery of ``images.id``) that have one
     (done or failed, with a finish time) to ``earlier_attempts``, before a retry, a new record or ``deblur
     verify`` replaces them on the image's row, so usage still counts them where they happened."""
-    kept = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS)
+    kept = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS, Image.id, Image.error)
             .where(Image.id.in_(image_ids), Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None)))
-    session.execute(insert(EarlierAttempt).from_select([*_ATTEMPT_COLUMNS, "pixels"], kept))
+    session.execute(insert(EarlierAttempt).from_select([*_ATTEMPT_COLUMNS, "pixels", "image_id", "error"], kept))
 
 
 def _utc_day(session: Session, finished_at: Any) -> ColumnElement[Any]:

@@ -302,6 +302,15 @@ class JobStatus(BaseModel):
     summary_url: str
 
 
+class EarlierAttempt(BaseModel):
+    finished_at: str | None
+    status: str = Field(description="done or failed.")
+    error: str | None = Field(description="Why it failed (null for attempts kept before errors were).")
+    worker: str | None
+    device: str | None
+    inference_s: float | None
+
+
 class ImageResult(BaseModel):
     id: int
     input: str
@@ -333,6 +342,8 @@ class ImageResult(BaseModel):
         description="The ensemble's metrics by name (psnr, ssim, …) and the input's as input_<name>.")
     metrics_by_model: dict[str, dict[str, MetricValue]] = Field(
         description="Every model's metrics, including 'input' and 'ensemble'.")
+    earlier_attempts: list[EarlierAttempt] | None = Field(
+        None, description="With history=true: the outcomes the image had before this one, oldest first.")
 
 
 class ImagePage(BaseModel):
@@ -786,6 +797,8 @@ def create_app(settings: Settings) -> FastAPI:
                                                                   "job's images lack is refused.")] = None,
         review: Annotated[bool, Query(description="Only done images flagged for review (the blind model returned "
                                                   "them as they came; see the job's review counts).")] = False,
+        history: Annotated[bool, Query(description="Add each image's earlier attempts (a failure before a retry, "
+                                                   "an output verify found missing).")] = False,
     ) -> ImagePage:
         """Page through a job's per-image results and metrics (ordered by image, or worst first)."""
         key = str(job_id)
@@ -807,10 +820,10 @@ def create_app(settings: Settings) -> FastAPI:
             matching = min(matching, worst)
             take = max(0, min(limit, worst - offset))
             rows = fetch_results(settings, key, status=status, worst=take, metric=metric, offset=offset,
-                                 review=review) if take else []
+                                 review=review, history=history) if take else []
         else:
             rows = fetch_results(settings, key, status=status, limit=limit, offset=offset, review=review,
-                                 after_id=after)
+                                 after_id=after, history=history)
         end = offset + len(rows)
         more = len(rows) == limit and (after is not None or end < matching)
         return ImagePage(job_id=key, items=[ImageResult(**row) for row in _json_ready(rows)], limit=limit,

@@ -456,8 +456,12 @@ def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str
 @option("--review", is_flag=True,
         help="Only done images a person should look at: the blind model returned them as they came (blurred but "
              "no kernel estimate held, or judged sharp); the 'review' column says which.")
+@option("--history", is_flag=True,
+        help="Also each image's earlier attempts (a failure before a retry, an output verify found missing): when, "
+             "how, why and where. json: an earlier_attempts list per image; csv: two more columns; table: an "
+             "'earlier' column.")
 def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: int | None, metric: str | None,
-            limit: int | None, offset: int, review: bool) -> None:
+            limit: int | None, offset: int, review: bool, history: bool) -> None:
     """Per-image results of a job: input, output, status, error and metrics.
 
     --format uris prints only the inputs' URIs, one a line: a manifest for a
@@ -477,7 +481,7 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
     if worst is not None:
         metric = ranking_metric(settings, job, metric)  # by the job's kind; InputError for a name it lacks
     rows = fetch_results(settings, job, status="failed" if failed else status_filter,
-                         worst=worst, metric=metric, limit=limit, offset=offset, review=review)
+                         worst=worst, metric=metric, limit=limit, offset=offset, review=review, history=history)
     if fmt == "json":
         click.echo(results_json(rows))
     elif fmt == "csv":

@@ -129,9 +129,10 @@ class Client:
             time.sleep(interval)
 
     def results(self, job_id: str, status: str | None = None, limit: int | None = None,
-                offset: int = 0) -> list[dict[str, Any]]:
-        """One dict per image: input, output, status, error, timings, metrics."""
-        return fetch_results(self.settings, job_id, status=status, limit=limit, offset=offset)
+                offset: int = 0, history: bool = False) -> list[dict[str, Any]]:
+        """One dict per image: input, output, status, error, timings, metrics; with ``history``, also its
+        ``earlier_attempts`` (a failure before a retry: when, how, why, where)."""
+        return fetch_results(self.settings, job_id, status=status, limit=limit, offset=offset, history=history)
 
     def cancel(self, job_id: str) -> int:
         """Cancel a job; returns how many pending images will be skipped (JobFinishedError if it finished)."""

@@ -137,15 +137,17 @@ class HttpClient:
         return self._call("GET", "/v1/jobs", params=params)  # type: ignore[return-value]
 
     def results(self, job_id: str, status: str | None = None, review: bool = False,
-                page_size: int = 500) -> Iterator[dict[str, Any]]:
+                page_size: int = 500, history: bool = False) -> Iterator[dict[str, Any]]:
         """Every image of a job (or only those in ``status``, or flagged for ``review``), page by page, in image
         order: pages follow the last image's id, so an image whose status changes while the job is read is
-        neither skipped nor repeated."""
+        neither skipped nor repeated. With ``history``, each image's ``earlier_attempts`` too."""
         params: dict[str, Any] = {"limit": page_size, "after": 0}
         if status:
             params["status"] = status
         if review:
             params["review"] = "true"
+        if history:
+            params["history"] = "true"
         while True:
             page = self._call("GET", f"/v1/jobs/{job_id}/images", params=params)
             yield from page["items"]

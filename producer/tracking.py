@@ -312,11 +312,11 @@ def ranking_metric(settings: Settings, job_id: str, metric: str | None = None) -
 
 def fetch_results(settings: Settings, job_id: str, status: str | None = None, worst: int | None = None,
                   metric: str | None = None, limit: int | None = None, offset: int = 0,
-                  review: bool = False, after_id: int | None = None) -> list[dict[str, Any]]:
+                  review: bool = False, after_id: int | None = None, history: bool = False) -> list[dict[str, Any]]:
     """A job's per-image rows (see :func:`db.queries.image_rows`); ``review`` keeps the images to look at, and
     ``after_id`` starts after that image (pages that neither skip nor repeat). ``worst`` keeps the N with the
     lowest ensemble ``metric`` (default: :func:`default_metric` of the job's kind; not checked here, see
-    :func:`ranking_metric`)."""
+    :func:`ranking_metric`). ``history`` adds each image's ``earlier_attempts``."""
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
@@ -326,7 +326,7 @@ def fetch_results(settings: Settings, job_id: str, status: str | None = None, wo
             order = ("ensemble", metric or default_metric(job.kind))
             limit = worst
         return queries.image_rows(session, job_id, status=status, limit=limit, offset=offset, order_by_metric=order,
-                                  review=review, after_id=after_id)
+                                  review=review, after_id=after_id, history=history)
 
 
 def metric_columns(settings: Settings, job_id: str) -> list[str]:
@@ -387,13 +387,31 @@ def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> s
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     # 'review' last: scripts that read the earlier columns by position keep working
-    writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names, "review"])
+    history = bool(rows) and "earlier_attempts" in rows[0]
+    writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names, "review",
+                     *(["earlier_attempts", "earlier_errors"] if history else [])])
     for row in rows:
         writer.writerow([spreadsheet_safe(cell) for cell in (  # keys and errors are user text: no formulas
             row["input"], row["output"] or "", row["status"], row["error"] or "", row["width"] or "",
             row["height"] or "", _fmt(row["inference_s"]), *(_fmt(row["metrics"].get(n)) for n in names),
-            row.get("review") or "")])
+            row.get("review") or "", *(_history_cells(row["earlier_attempts"]) if history else ()))])
     return buffer.getvalue()
+
+
+def _history_cells(attempts: list[dict[str, Any]]) -> tuple[str, str]:
+    """An image's earlier attempts as two CSV cells: how many, and each failed one's time and reason."""
+    errors = " | ".join(f"{a['finished_at']} {a['status']}: {a['error'] or 'no reason kept'}"
+                        for a in attempts if a["status"] == "failed")
+    return str(len(attempts)), errors
+
+
+def describe_history(attempts: list[dict[str, Any]]) -> str:
+    """An image's earlier attempts in a few words for a table cell, e.g. ``2, last failed: out of memory``."""
+    if not attempts:
+        return ""
+    last = attempts[-1]
+    reason = f": {last['error']}" if last["status"] == "failed" and last["error"] else ""
+    return f"{len(attempts)}, last {last['status']}{reason}"
 
 
 def _fmt(value: Any) -> str:
@@ -425,9 +443,11 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(show_lines=False, title=Text(f"images under {prefix}") if prefix else None, title_justify="left")
     any_error = any(r["error"] for r in rows)
     any_review = any(r.get("review") for r in rows)
+    any_earlier = any(r.get("earlier_attempts") for r in rows)
     headers = ["image", "status", "size", "sec", *(SHORT_NAMES.get(n, n) for n in names)]
-    for column in headers + (["review"] if any_review else []) + (["error"] if any_error else []):
-        table.add_column(column, overflow="fold", no_wrap=column not in {"image", "error"})
+    for column in (headers + (["review"] if any_review else []) + (["error"] if any_error else [])
+                   + (["earlier"] if any_earlier else [])):
+        table.add_column(column, overflow="fold", no_wrap=column not in {"image", "error", "earlier"})
     out_prefix = _common_prefix([r["output"] for r in rows if r["output"]])
     for row in rows:
         size = f"{row['width']}x{row['height']}" if row["width"] else ""
@@ -441,7 +461,8 @@ def results_table(rows: list[dict[str, Any]], console: Console) -> None:
             else:
                 cells.append(_short(after))
         tail = ([row.get("review") or ""] if any_review else []) + (
-            [Text(row["error"] or "", style="red")] if any_error else [])
+            [Text(row["error"] or "", style="red")] if any_error else []) + (
+            [Text(describe_history(row.get("earlier_attempts") or []))] if any_earlier else [])
         table.add_row(Text(row["input"].removeprefix(prefix)), row["status"], size,
                       _short(row["inference_s"]), *cells, *tail)
     console.print(table)

@@ -211,6 +211,12 @@ def test_job_lifecycle_over_http(env, bucket, client, tmp_path) -> None:  # type
         assert info["counts"]["failed"] == 1 and info["counts"]["done"] == 4
         again_failed = client.get(f"/v1/jobs/{job_id}/images", params={"status": "failed"}).json()["items"][0]
         assert again_failed["attempts"] == 2, "the retried image was processed a second time"
+        [with_history] = client.get(f"/v1/jobs/{job_id}/images",
+                                    params={"status": "failed", "history": "true"}).json()["items"]
+        [before] = with_history["earlier_attempts"]  # its first failure, kept when the retry reset it
+        assert (before["status"], before["error"], before["worker"]) == (
+            "failed", again_failed["error"], again_failed["worker"])
+        assert client.get(f"/v1/jobs/{job_id}/images").json()["items"][0]["earlier_attempts"] is None  # unasked
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
         # what the worker spent on each job, as a backend charging teams back reads it

@@ -63,6 +63,7 @@ def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[n
         assert sorted(i["input"] for i in images) == sorted(f"s3://{bucket}/in/{s.relative}" for s in samples)
         assert all(i["status"] == "done" and i["output"] for i in images)
         assert list(api.results(job_id, review=True)) == []  # wiener has no blind estimate to doubt
+        assert [i["earlier_attempts"] for i in api.results(job_id, history=True)] == [[]] * len(samples)
         assert [j["id"] for j in api.jobs(mine=True)] == [job_id]
         spent = api.usage(since="1h", by=["label:api-client"], labels={"team": "ingest"})
         [mine] = [g for g in spent["groups"] if g["label:api-client"] == "ingest"]

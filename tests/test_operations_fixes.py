@@ -90,7 +90,7 @@ def test_every_downgrade_keeps_jobs_images_and_metrics_and_upgrades_back(empty_d
     assert _table_counts(url) == (1, 1, 1)
     gone = {"0008": {"claim", "lease_until"}, "0007": {"pixels"}, "0006": {"review"}, "0004": {"batches_listed", "batches_sent", "batches_in_flight"},
             "0003": {"unfinished_starts"}, "0002": {"input_sha256", "output_sha256"}}
-    for revision in ("0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"):
+    for revision in ("0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"):
         with get_engine(url).begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection

@@ -304,6 +304,17 @@ def test_a_retried_image_counts_each_attempt_in_its_own_period_and_after_pruning
 
     assert usage(30) == (1, 1, pytest.approx(1.0), pytest.approx(34.0))
     assert usage(10) == (1, 0, pytest.approx(1.0), pytest.approx(4.0))  # the failed attempt stays on its day
+    # ... and 'deblur results --history' shows it: when, how, why, where
+    [row] = json.loads(_cli("results", job_id, "--history", "--format", "json"))
+    [before] = row["earlier_attempts"]
+    assert (before["status"], before["error"], before["worker"], before["inference_s"]) == (
+        "failed", "out of memory", "gpu-a", 30.0)
+    assert before["finished_at"].startswith((NOW - timedelta(days=20)).date().isoformat())
+    header, line = list(csv.reader(io.StringIO(_cli("results", job_id, "--history", "--format", "csv"))))
+    assert header[-2:] == ["earlier_attempts", "earlier_errors"] and line[-2] == "1"
+    assert line[-1].endswith("failed: out of memory")
+    assert "1, last failed: out of memory" in _cli("results", job_id, "--history")
+    assert "earlier_attempts" not in json.loads(_cli("results", job_id, "--format", "json"))[0]
     with session_scope(url) as session:
         queries.finish_if_complete(session, job_id)
         session.execute(update(Job).where(Job.id == job_id).values(finished_at=OLD))
@@ -339,3 +350,12 @@ def test_an_output_found_missing_leaves_its_restoration_in_its_own_month(env) ->
     marked_by = datetime.now(timezone.utc) + timedelta(seconds=1)  # NOW was taken when the module was imported
     found = _report({"run": run}, since=NOW - timedelta(days=1), until=marked_by).total.to_dict()
     assert (found["images_done"], found["images_failed"], found["model_seconds"]) == (0, 1, 0.0)
+
+
+def _cli(*args: str) -> str:
+    """A deblur command's output (a wide terminal, so table cells are not folded)."""
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
