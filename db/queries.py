@@ -257,6 +257,11 @@ the worker renews it every quarter of that while the batch runs). Another delive
 only once its lease ran out: the run that held it is then presumed lost (a killed process, a dead node)."""
 
 
+def _lease_over(now: datetime) -> Any:
+    """The condition that an image's lease, if it has one, ran out by ``now``: no run holds it any more."""
+    return or_(Image.lease_until.is_(None), Image.lease_until <= now)
+
+
 @dataclass
 class BatchClaim:
     """What one run of a batch task may work on (:func:`claim_images`)."""
@@ -287,8 +292,7 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
                                             Image.status == "pending").values(status="cancelled", finished_at=now))
         return BatchClaim([])
     takeable = (Image.status == "pending") | (
-        (Image.status == "running")
-        & (Image.lease_until.is_(None) | (Image.lease_until <= now) | (Image.claim == claim)))
+        (Image.status == "running") & (_lease_over(now) | (Image.claim == claim)))
     mine = Image.job_id == job_id, Image.input_uri.in_(inputs)
     # The UPDATE itself re-checks that each image may be taken, so two deliveries claiming at once never both take
     # one (SQLite has no row locks, and its transaction starts only at the UPDATE); what it returns is what this
@@ -406,9 +410,10 @@ def free_slots_of_finished_batches(session: Session, job_id: str, inputs: Sequen
     batch's slot (if it was sent) when recorded, whichever message restored it. The job's row is locked first, so
     two runs recording a batch's last images at once (PostgreSQL) see each other's outcomes in turn.
     """
-    if not inputs or not session.scalar(select(Job.batches_sent).where(Job.id == job_id)):
-        return 0  # a job without a window sends no batch through one: nothing to lock or free
-    sent = session.scalar(select(Job.batches_sent).where(Job.id == job_id).with_for_update())
+    if not inputs:
+        return 0
+    # a job without a window sent no batch through one: no row matches, so nothing is locked or freed
+    sent = session.scalar(select(Job.batches_sent).where(Job.id == job_id, Job.batches_sent > 0).with_for_update())
     if not sent:
         return 0
     batches = set(session.scalars(select(func.distinct(Image.batch)).where(
@@ -420,25 +425,6 @@ def free_slots_of_finished_batches(session: Session, job_id: str, inputs: Sequen
     finished = len(batches - unfinished)
     release_window_slots(session, job_id, finished)
     return finished
-
-
-def inputs_under_live_lease(session: Session, job_id: str, inputs: Sequence[str]) -> set[str]:
-    """Which of ``inputs`` are running under a lease not yet run out (:func:`claim_images`): a run still holds
-    them."""
-    return set(session.scalars(select(Image.input_uri).where(
-        Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
-        Image.lease_until > utcnow())))
-
-
-def inputs_with_status(session: Session, job_id: str, inputs: Sequence[str], *statuses: str) -> set[str]:
-    """Which of ``inputs`` currently have one of ``statuses``."""
-    return set(
-        session.scalars(
-            select(Image.input_uri).where(
-                Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status.in_(statuses)
-            )
-        )
-    )
 
 
 PARAMETERS_A_STATEMENT = 1000  # URIs per IN list: PostgreSQL takes at most 65,535 parameters a statement
@@ -476,23 +462,30 @@ class ImageOutcome:
 
 
 def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutcome],
-                    claim: str | None = None) -> list[str]:
+                    claim: str | None = None, unfinished_only: bool = False) -> list[str]:
     """Write a batch's results and metrics (replacing earlier ones) in the session's transaction; returns the
     inputs recorded.
 
     With ``claim``, only images that run still holds (:func:`claim_images`): one another delivery took over after
     this run's lease ran out is that delivery's to record, so the checksum recorded is that of the output it
-    writes last.
+    writes last. With ``unfinished_only`` (a batch failed as a whole), only images pending or running that no run
+    holds: what is done stays done, what failed keeps its own reason, what was cancelled stays cancelled, and an
+    image a delivery claims even between the read and the write is left to it. Both are checked by each UPDATE
+    itself, not only by the read before it.
     """
     if not outcomes:
         return []
     now = utcnow()
     condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
     held = [Image.claim == claim, Image.status == "running"] if claim is not None else []
+    if unfinished_only:
+        held += [Image.status.in_(("pending", "running")), _lease_over(now)]
     rows = session.execute(select(Image.input_uri, Image.id, Image.status).where(*condition, *held)).all()
     ids = {uri: image_id for uri, image_id, _ in rows}
-    # an outcome recorded over another (a batch failed twice) keeps the earlier one for usage
-    keep_earlier_outcomes(session, [image_id for _, image_id, status in rows if status in ("done", "failed")])
+    # an outcome recorded over another keeps the earlier one for usage and history
+    replaced = [image_id for _, image_id, status in rows if status in ("done", "failed")]
+    if replaced:
+        keep_earlier_outcomes(session, replaced)
     for o in outcomes:
         image_id = ids.get(o.input_uri)
         if image_id is None:
@@ -550,19 +543,12 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
     return status if result.rowcount else None
 
 
-def _lock_job(session: Session, job_id: str) -> None:
-    """Lock a job's row (PostgreSQL) before its image rows: the order ``db prune`` takes them in (the job, then its
-    images), so an operator's retry or verify on a job being pruned waits for it instead of deadlocking with it."""
-    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-
-
 def mark_image_failed(session: Session, job_id: str, input_uri: str, error: str) -> None:
     """Turn a done image into a failed one (its output key is kept, so a retry writes it again).
 
     The done attempt is kept for usage (:func:`db.usage.keep_earlier_outcomes`), in its own period; the failure
     counts when it was found, with no seconds (no worker spent any on it).
     """
-    _lock_job(session, job_id)
     image_id = session.scalar(select(Image.id).where(
         Image.job_id == job_id, Image.input_uri == input_uri, Image.status == "done").with_for_update())
     if image_id is None:
@@ -603,7 +589,7 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
                 func.coalesce(Image.started_at, Image.finished_at, Job.created_at) < stalled_before,
                 # a windowed job's batches not sent yet are waiting their turn, not stalled (producer.dispatch)
                 or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
-                or_(Image.status == "pending", Image.lease_until.is_(None), Image.lease_until <= utcnow()),
+                or_(Image.status == "pending", _lease_over(utcnow())),
             )
         )
     if not conditions:
@@ -632,12 +618,13 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
         by_status.setdefault(image.status, []).append(image.input_uri)
     now = utcnow()
     reset: set[str] = set()
-    _lock_job(session, job_id)
     for status, inputs in by_status.items():
         for part in _slices(inputs):
-            # locked, so the outcomes kept for usage are exactly those the UPDATE then clears
+            # locked, so the outcomes kept for usage are exactly those the UPDATE then clears; an image a run
+            # claimed since the selection (a redelivery) is that run's, not reset under it
             ids = list(session.scalars(select(Image.id).where(
-                Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status).with_for_update()))
+                Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status,
+                or_(Image.status != "running", _lease_over(now))).with_for_update()))
             keep_earlier_outcomes(session, ids)
             reset.update(session.scalars(
                 update(Image)
@@ -970,7 +957,7 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
             select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
                                        Image.started_at < stalled_before,
                                        # a worker still renewing its lease is slow, not gone (claim_images)
-                                       or_(Image.lease_until.is_(None), Image.lease_until <= utcnow()))
+                                       _lease_over(utcnow()))
         )
         worker_lost = session.scalar(
             select(func.count()).where(

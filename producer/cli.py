@@ -485,7 +485,7 @@ def results(job: str, fmt: str, failed: bool, status_filter: str | None, worst: 
     if fmt == "json":
         click.echo(results_json(rows))
     elif fmt == "csv":
-        click.echo(results_csv(rows, metric_columns(settings, job)), nl=False)
+        click.echo(results_csv(rows, metric_columns(settings, job), history=history), nl=False)
     elif fmt == "uris":
         for row in rows:
             click.echo(row["input"])

@@ -47,6 +47,10 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
             queries.relist_for_window(session, job_id, [i.input for i in items], batch_size)
             if stalled_after is not None:
                 queries.restart_window(session, job_id)
+        elif spec.get("window") and items:
+            # a windowed job still being listed: its images were reset in place, so batches that had freed their
+            # slot are in flight again, and counted so, for their recording to free it once more
+            queries.restart_window(session, job_id)
     with app.producer_or_acquire() as producer:
         for batch in batches:
             app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch)],

@@ -380,27 +380,27 @@ def spreadsheet_safe(value: Any) -> Any:
         return "'" + value
 
 
-def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None) -> str:
+def results_csv(rows: list[dict[str, Any]], names: list[str] | None = None, history: bool = False) -> str:
     """The rows as CSV with a column per metric in ``names`` (:func:`metric_columns`, so that pages of one job
-    line up); without them, the rows' own names, sorted."""
+    line up); without them, the rows' own names, sorted. ``history`` adds two columns, on every page: how many
+    earlier attempts each image had, and the failed ones' times and reasons."""
     names = sorted(_metric_names(rows)) if names is None else names
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     # 'review' last: scripts that read the earlier columns by position keep working
-    history = bool(rows) and "earlier_attempts" in rows[0]
     writer.writerow(["input", "output", "status", "error", "width", "height", "inference_s", *names, "review",
                      *(["earlier_attempts", "earlier_errors"] if history else [])])
     for row in rows:
         writer.writerow([spreadsheet_safe(cell) for cell in (  # keys and errors are user text: no formulas
             row["input"], row["output"] or "", row["status"], row["error"] or "", row["width"] or "",
             row["height"] or "", _fmt(row["inference_s"]), *(_fmt(row["metrics"].get(n)) for n in names),
-            row.get("review") or "", *(_history_cells(row["earlier_attempts"]) if history else ()))])
+            row.get("review") or "", *(_history_cells(row.get("earlier_attempts") or []) if history else ()))])
     return buffer.getvalue()
 
 
 def _history_cells(attempts: list[dict[str, Any]]) -> tuple[str, str]:
     """An image's earlier attempts as two CSV cells: how many, and each failed one's time and reason."""
-    errors = " | ".join(f"{a['finished_at']} {a['status']}: {a['error'] or 'no reason kept'}"
+    errors = " | ".join(f"{a['finished_at']}: {a['error'] or 'no reason kept'}"
                         for a in attempts if a["status"] == "failed")
     return str(len(attempts)), errors
 

@@ -239,7 +239,7 @@ def test_a_run_records_nothing_over_an_image_taken_over_between_its_read_and_wri
     """A run whose lease ran out (it stalled) records as another delivery takes the image over: the claim is
     checked by the UPDATE itself, so the stale run writes nothing and the image is recorded once, by the other."""
     from db import queries
-    from db.engine import ensure_schema, session_scope
+    from db.engine import ensure_schema, get_engine, session_scope
     from db.schema import EarlierAttempt, Image, utcnow
 
     url = database_url
@@ -253,23 +253,26 @@ def test_a_run_records_nothing_over_an_image_taken_over_between_its_read_and_wri
     with session_scope(url) as s:  # the first run stalled past its lease (no renewal got through)
         s.execute(update(Image).where(Image.input_uri == p).values(lease_until=utcnow() - timedelta(seconds=1)))
 
-    real_keep = queries.keep_earlier_outcomes
     took: list = []
 
-    def keep_then_other_delivery_takes_over(session, ids):  # type: ignore[no-untyped-def]
-        # between record_outcomes' SELECT (claim still the first's) and its UPDATE: the second delivery claims and
-        # starts the image, in its own transaction
-        if not took:
+    def other_delivery_takes_over(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        # between record_outcomes' read (claim still the first's) and its UPDATE (the only one that sets 'review'):
+        # the second delivery claims and starts the image, in its own transaction
+        if statement.lstrip().upper().startswith("UPDATE IMAGES SET") and "REVIEW=" in statement.upper() \
+                and not took:
             with session_scope(url) as other:
                 took.append(queries.claim_images(other, job_id, [p], "w2", second).todo)
+            with session_scope(url) as other:
                 took.append(queries.start_image(other, job_id, p, second))
-        return real_keep(session, ids)
 
-    monkeypatch.setattr(queries, "keep_earlier_outcomes", keep_then_other_delivery_takes_over)
-    with session_scope(url) as s:
-        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(p, "done", worker="w1", inference_s=5.0,
-                                                                           width=10, height=10)], claim=first)
-    monkeypatch.setattr(queries, "keep_earlier_outcomes", real_keep)
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", other_delivery_takes_over)
+    try:
+        with session_scope(url) as s:
+            written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(
+                p, "done", worker="w1", inference_s=5.0, width=10, height=10)], claim=first)
+    finally:
+        event.remove(engine, "before_cursor_execute", other_delivery_takes_over)
     with session_scope(url) as s:  # the second delivery finishes its restoration and records it
         written2 = queries.record_outcomes(s, job_id, [queries.ImageOutcome(p, "done", worker="w2", inference_s=5.0,
                                                                             width=10, height=10)], claim=second)
@@ -431,3 +434,207 @@ def test_a_second_deliverys_claim_never_deadlocks_with_the_first_deliverys_recor
     a.join(30)
     b.join(30)
     assert not errors, errors
+
+
+def test_a_plain_message_that_frees_a_slot_sends_the_next_batch(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The slot a plain batch freed (its images were a sent batch's last) was filled by nobody: only slot messages
+    sent the next batch, and the job, listed already, waited for good. Every batch now fills the window's room."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from tests.e2e_helpers import queued_tasks
+    from worker import tasks
+
+    url = load_settings().resolved_database_url()
+    job_id, uris, tag = make_job(url, [["a.png"], ["b.png"]], window=1)  # listed: the producer sends no more
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=f"claims-{tag}")
+    for i, name in enumerate(("a.png", "b.png")):
+        s3.put_object(Bucket=f"claims-{tag}", Key=f"in/{name}", Body=_png(i))
+    with session_scope(url) as s:  # batch 0 sent with its slot (its message then lost by the broker)
+        assert queries.claim_window_batches(s, job_id, 1) == [0]
+    monkeypatch.setattr(tasks.runtime, "_state", {})
+    plain = BatchMessage(job_id=job_id, kind="deblur", models=["wiener"],
+                         images=[ImageItem(input=uris["a.png"], output=f"s3://claims-{tag}/out/a.png")])
+    assert tasks.process_batch.apply(args=[plain.to_payload()]).get()["done"] == 1
+    assert _counters(url, job_id) == (2, 2, 1)  # batch 0's slot freed, batch 1 sent in its place
+    assert [[i["input"] for i in args[0]["images"]] for _, args in queued_tasks(env)] == [[uris["b.png"]]]
+
+
+def test_a_retry_of_a_job_still_being_listed_frees_no_slot_twice(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """'retry --failed' on a windowed job still being listed resets a failed image in its batch (no relisting)
+    and sends it as a plain batch; that batch had freed its slot when the image failed. The retry counts it in
+    flight again, so its recording frees one slot, not a second one the job never held."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Job
+    from jobs.settings import load_settings
+    from producer.dispatch import send_window_batches
+    from producer.retry import retry_images
+    from tests.e2e_helpers import queued_tasks
+    from worker import tasks
+
+    settings = load_settings()
+    url = settings.resolved_database_url()
+    job_id, uris, tag = make_job(url, [["a.png"], ["b.png"], ["c.png"]], window=1)
+    with session_scope(url) as s:  # the producer is still listing
+        s.execute(update(Job).where(Job.id == job_id).values(status="submitting"))
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=f"claims-{tag}")
+    s3.put_object(Bucket=f"claims-{tag}", Key="in/a.png", Body=_png(0))
+    a = uris["a.png"]
+    with session_scope(url) as s:
+        assert queries.claim_window_batches(s, job_id, 1) == [0]
+    with session_scope(url) as s:  # batch 0's run: a.png fails (its object was not there yet); slot freed
+        queries.claim_images(s, job_id, [a], "w1", "1" * 32)
+        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(a, "failed", error="missing")],
+                                          claim="1" * 32)
+        assert queries.free_slots_of_finished_batches(s, job_id, written) == 1
+    with session_scope(url) as s:  # batch 1 goes out and is in flight
+        assert queries.claim_window_batches(s, job_id, 1) == [1]
+    assert retry_images(settings, job_id, failed=True, stalled_after=None) == 1  # a plain batch, a.png in batch 0
+    [plain] = [args[0] for _, args in queued_tasks(env) if not args[0].get("slot")]
+    monkeypatch.setattr(tasks.runtime, "_state", {})
+    assert tasks.process_batch.apply(args=[plain]).get()["done"] == 1
+    assert _counters(url, job_id) == (3, 2, 1)  # batch 1 still in flight: the window is full
+    with session_scope(url) as s:
+        spec = queries.job_spec(s, job_id)
+    assert send_window_batches(settings, job_id, "deblur", spec) == 0  # the producer's next chunk waits its turn
+
+
+def test_failing_a_batch_leaves_an_image_claimed_between_its_read_and_write(database_url, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A batch failed after its retries (its leases ended) while a redelivery claims and starts one of its images:
+    the failure, checked by its UPDATE, leaves the image to the redelivery, which records it restored."""
+    from db import queries
+    from db.engine import ensure_schema, get_engine, session_scope
+    from db.schema import Image
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    monkeypatch.setenv("DEBLUR_DATABASE_URL", database_url)
+    ensure_schema(database_url)
+    job_id, uris, _ = make_job(database_url, [["k.png"]])
+    k = uris["k.png"]
+    with session_scope(database_url) as s:  # run 1 claimed, then stopped on a passing fault (_end_run)
+        queries.claim_images(s, job_id, [k], "w1", "1" * 32)
+        queries.drop_leases(s, job_id, "1" * 32)
+    took: list = []
+
+    def redelivery_claims_first(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        # record_outcomes' UPDATE (the only one that sets 'review'), after its read
+        if statement.lstrip().upper().startswith("UPDATE IMAGES SET") and "REVIEW=" in statement.upper() \
+                and not took:
+            took.append(0)
+            with session_scope(database_url) as other:
+                took.append(queries.claim_images(other, job_id, [k], "w2", "2" * 32).todo)
+            with session_scope(database_url) as other:
+                took.append(queries.start_image(other, job_id, k, "2" * 32))
+
+    engine = get_engine(database_url)
+    event.listen(engine, "before_cursor_execute", redelivery_claims_first)
+    try:
+        failed = fail_batch(BatchMessage(job_id=job_id, kind="deblur", models=["wiener"],
+                                         images=[ImageItem(input=k)]), load_settings(), "gave up after 5 retries")
+    finally:
+        event.remove(engine, "before_cursor_execute", redelivery_claims_first)
+    assert took == [0, [k], 1] and failed == 0
+    with session_scope(database_url) as s:
+        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(k, "done", worker="w2")], claim="2" * 32)
+        row = s.execute(select(Image.status, Image.error).where(Image.input_uri == k)).one()
+    assert written == [k] and tuple(row) == ("done", None)
+
+
+def test_retry_stalled_leaves_an_image_a_redelivery_claimed_since_it_looked(database_url) -> None:  # type: ignore[no-untyped-def]
+    """'retry --stalled' selects a running image whose worker is gone; a redelivery claims and starts it before
+    the reset. The reset leaves it (it re-checks the lease), and the redelivery's restoration is recorded."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Image, utcnow
+
+    ensure_schema(database_url)
+    job_id, uris, _ = make_job(database_url, [["r.png"]])
+    r = uris["r.png"]
+    with session_scope(database_url) as s:  # run 1 lost: its lease ran out, started 2 h ago
+        queries.claim_images(s, job_id, [r], "w1", "1" * 32)
+        s.execute(update(Image).where(Image.input_uri == r).values(
+            started_at=utcnow() - timedelta(hours=2), lease_until=utcnow() - timedelta(seconds=1)))
+    with session_scope(database_url) as retry:
+        images = queries.images_to_retry(retry, job_id, failed=False, stalled_before=utcnow() - timedelta(hours=1))
+        assert [i.input_uri for i in images] == [r]
+        with session_scope(database_url) as other:  # the redelivered batch claims and starts it now
+            assert queries.claim_images(other, job_id, [r], "w2", "2" * 32).todo == [r]
+            assert queries.start_image(other, job_id, r, "2" * 32) == 1
+        assert queries.reset_for_retry(retry, job_id, images) == set()
+    with session_scope(database_url) as s:
+        written = queries.record_outcomes(s, job_id, [queries.ImageOutcome(r, "done", worker="w2")], claim="2" * 32)
+        row = s.execute(select(Image.status, Image.claim).where(Image.input_uri == r)).one()
+    assert written == [r] and tuple(row) == ("done", "2" * 32)
+
+
+def test_retry_never_deadlocks_with_a_claim_or_a_failing_batch(pg) -> None:  # type: ignore[no-untyped-def]
+    """Retry once locked the job's row before its image rows, while claims and recordings lock image rows first:
+    'retry --stalled' on a queued job as a worker claimed its images deadlocked (PostgreSQL aborted one). Every
+    path now takes image rows first; each interleaving is forced with a hook on the SQL the sessions send."""
+    from db import queries
+    from db.engine import get_engine, session_scope
+    from db.schema import utcnow
+    from jobs.messages import BatchMessage, ImageItem
+    from jobs.settings import load_settings
+    from worker.pipeline import fail_batch
+
+    url = pg
+    queued_id, queued = make_job(url, [["d0.png", "d1.png"]])[:2]  # queued: a claim updates the job's row too
+    windowed_id, windowed = make_job(url, [["e0.png"], ["e1.png"]], window=2)[:2]
+    e0 = windowed["e0.png"]
+    with session_scope(url) as s:
+        assert queries.claim_window_batches(s, windowed_id, 2) == [0, 1]
+        queries.claim_images(s, windowed_id, [e0], "w1", "a" * 32)
+        queries.drop_leases(s, windowed_id, "a" * 32)  # the run stopped on a passing fault (_end_run)
+    message = BatchMessage(job_id=windowed_id, kind="deblur", models=["wiener"], slot=True,
+                           images=[ImageItem(input=e0)])
+    cases = {
+        "claim": (queued_id, "UPDATE JOBS",
+                  lambda: _in_session(url, lambda s: queries.claim_images(s, queued_id, list(queued.values()), "w1",
+                                                                        "a" * 32))),
+        "fail": (windowed_id, "SELECT JOBS",
+                 lambda: fail_batch(message, load_settings(), "gave up after 5 retries")),
+    }
+    engine = get_engine(url)
+    for name, (job_id, at_job, worker_side) in cases.items():
+        worker_at_job, retry_at_images = threading.Event(), threading.Event()
+
+        def hook(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+            thread = threading.current_thread().name
+            if thread == "worker" and statement.lstrip().upper().startswith(at_job):
+                worker_at_job.set()  # its image rows are locked; the job's row next
+                retry_at_images.wait(10)
+                time.sleep(0.5)  # the retry now asks for the image rows
+            if thread == "retry" and "FOR UPDATE" in statement and " images" in statement.split("FROM", 1)[-1][:40]:
+                retry_at_images.set()
+
+        def retry(job_id: str = job_id) -> None:
+            worker_at_job.wait(10)
+            with session_scope(url) as s:
+                images = queries.images_to_retry(s, job_id, failed=False,
+                                                 stalled_before=utcnow() + timedelta(seconds=5))
+                queries.reset_for_retry(s, job_id, images)
+
+        errors: list = []
+        event.listen(engine, "before_cursor_execute", hook)
+        try:
+            threads = [_run(worker_side, errors, "worker"), _run(retry, errors, "retry")]
+            for thread in threads:
+                thread.join(30)
+        finally:
+            event.remove(engine, "before_cursor_execute", hook)
+        assert not errors, (name, errors)
+
+
+def _in_session(url: str, work):  # type: ignore[no-untyped-def]
+    """``work(session)`` in a transaction of its own."""
+    from db.engine import session_scope
+
+    with session_scope(url) as session:
+        return work(session)

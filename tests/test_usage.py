@@ -312,7 +312,9 @@ def test_a_retried_image_counts_each_attempt_in_its_own_period_and_after_pruning
     assert before["finished_at"].startswith((NOW - timedelta(days=20)).date().isoformat())
     header, line = list(csv.reader(io.StringIO(_cli("results", job_id, "--history", "--format", "csv"))))
     assert header[-2:] == ["earlier_attempts", "earlier_errors"] and line[-2] == "1"
-    assert line[-1].endswith("failed: out of memory")
+    assert line[-1].endswith(": out of memory")
+    empty = _cli("results", job_id, "--history", "--format", "csv", "--status", "pending")  # no rows, same columns
+    assert next(csv.reader(io.StringIO(empty)))[-2:] == ["earlier_attempts", "earlier_errors"]
     assert "1, last failed: out of memory" in _cli("results", job_id, "--history")
     assert "earlier_attempts" not in json.loads(_cli("results", job_id, "--format", "json"))[0]
     with session_scope(url) as session:

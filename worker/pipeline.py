@@ -585,19 +585,14 @@ def fail_batch(message: BatchMessage, settings: Settings, error: str) -> int:
             queries.ImageOutcome(input_uri=item.input, status="failed", error=error, worker=runtime.hostname())
             for item in _distinct(message.images)
         ]
-        inputs = [o.input_uri for o in outcomes]
         # what is done stays done, what failed keeps its own reason (and counts once in usage), and what was
         # cancelled meanwhile stays cancelled (a failed image would invite a 'retry --failed' that brings the
-        # cancelled job back); an image another delivery of the batch is restoring, under a live lease, is that
-        # one's to record
-        finished = queries.inputs_with_status(session, message.job_id, inputs, "done", "failed", "cancelled")
-        finished |= queries.inputs_under_live_lease(session, message.job_id, inputs)
-        failed = [o for o in outcomes if o.input_uri not in finished]
-        written = queries.record_outcomes(session, message.job_id, failed)
+        # cancelled job back); an image a delivery of the batch holds under a live lease is that one's to record
+        written = queries.record_outcomes(session, message.job_id, outcomes, unfinished_only=True)
         queries.free_slots_of_finished_batches(session, message.job_id, written)
         spec = _finished_spec(session, message.job_id)
     _announce(settings, message.job_id, spec)
-    return len(failed)
+    return len(written)
 
 
 def _finished_spec(session: Session, job_id: str) -> dict[str, Any] | None:

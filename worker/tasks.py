@@ -75,8 +75,7 @@ def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -
                            f"({reason}); upgrade the workers, then 'deblur retry {job_id} --failed'")
     log.error("no newer worker took a batch of job %s in %d minutes: failed its %d images", job_id,
               NEWER_RELEASE_RETRY_S * NEWER_RELEASE_RETRIES // 60, failed)
-    if readable.slot:  # its window slot is free: the job's next batch goes out
-        send_next_batch(readable, settings)
+    send_next_batch(readable, settings)  # the job's next batch goes out if its failing freed a slot
     return batch_counts(0, failed)
 
 
@@ -120,8 +119,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         settings = runtime.settings()
         failed = _fail_or_wait(self, readable, settings, f"the batch message was malformed "
                                f"({describe_failure(exc)}); 'deblur retry {readable.job_id} --failed' sends it anew")
-        if readable.slot:
-            send_next_batch(readable, settings)
+        send_next_batch(readable, settings)
         return batch_counts(0, failed)
     settings = runtime.settings()
     # the broker's priority of this delivery, so the rest of an out-of-time batch waits no longer than it did
@@ -159,8 +157,9 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
         log.exception("batch of job %s failed", message.job_id)
         error = f"internal error while processing the batch: {type(exc).__name__}: {exc}"
         counts = batch_counts(0, _fail_or_wait(self, message, settings, error))
-    if message.slot:  # frees nothing itself (the recording did, once): fills whatever room the window has
-        send_next_batch(message, settings)
+    # frees nothing itself (the recording did, once, whatever message it came in): fills whatever room the job's
+    # window has, which a plain batch ('retry --stalled' on a job still being listed) may have made too
+    send_next_batch(message, settings)
     return counts
 
 
@@ -168,10 +167,11 @@ SEND_NEXT_ATTEMPTS = 5  # 1 + 2 + 4 + 8 s between them: a broker or database bli
 
 
 def send_next_batch(message: BatchMessage, settings: Any) -> None:
-    """This batch held one of its job's window slots and ended: send the job's next batches as the window allows
-    (:mod:`producer.dispatch`). The slot itself was freed in the transaction that recorded the batch's last image
-    (:func:`db.queries.free_slots_of_finished_batches`), exactly once however often the batch was delivered, so a
-    copy of a batch that finds nothing left to do frees nothing and only sends what the window has room for.
+    """A batch ended: send its job's next batches as the window allows (:mod:`producer.dispatch`; nothing for a job
+    without a window). A slot is freed in the transaction that records its batch's last image
+    (:func:`db.queries.free_slots_of_finished_batches`), exactly once however often the batch was delivered and
+    whatever message recorded it, so a copy of a batch that finds nothing left to do frees nothing and only sends
+    what the window has room for.
 
     The batch itself is recorded and stays acknowledged whatever happens here (retrying the task would run it
     again). A broker or database that does not take the next batch is tried again for half a minute, then the
