@@ -455,21 +455,21 @@ def run_batch(message: BatchMessage, settings: Settings,
     return counts
 
 
-def _end_run(db_url: str, job_id: str, claim: str, unstarted: list[str]) -> None:
-    """A run stopped by an exception: take back the starts of ``unstarted`` (:func:`db.queries.unstart_images`) and
+def _end_run(db_url: str, job_id: str, claim: str, to_unstart: list[str]) -> None:
+    """A run stopped by an exception: take back the starts of ``to_unstart`` (:func:`db.queries.unstart_images`) and
     end the run's leases, so the task's retry, or the failing of its images, need not wait for them to run out
     (best effort: the database may be what failed, and then the leases run out by themselves)."""
     try:
         with session_scope(db_url) as session:
-            queries.unstart_images(session, job_id, unstarted)
+            queries.unstart_images(session, job_id, to_unstart)
             queries.drop_leases(session, job_id, claim)
     except Exception:
         log.warning("could not end the claims of job %s's batch (%d start(s) to take back); they run out in "
-                    "DEBLUR_CLAIM_LEASE seconds", job_id, len(unstarted))
+                    "DEBLUR_CLAIM_LEASE seconds", job_id, len(to_unstart))
 
 
 def _run_works(works: list[Work], message: BatchMessage, settings: Settings, client: Any, db_url: str,
-               started: float, hand_over: Callable[[BatchMessage], None] | None,
+               started: float, hand_over: Callable[..., None] | None,
                record: Callable[[Session, list[Work]], None],
                started_inputs: list[str], claim: str) -> tuple[list[Work], list[Work], DeviceFailure | None]:
     """Download, restore, encode and upload the batch's claimed images in turn (see :func:`run_batch`); returns
