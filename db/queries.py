@@ -369,6 +369,12 @@ def start_image(session: Session, job_id: str, input_uri: str, claim: str | None
     return int(session.scalar(select(Image.unfinished_starts).where(condition)))
 
 
+def holds(session: Session, job_id: str, input_uri: str, claim: str) -> bool:
+    """Whether the run ``claim`` still holds the image (running under its claim: no other delivery took it)."""
+    return session.scalar(select(Image.id).where(Image.job_id == job_id, Image.input_uri == input_uri,
+                                                 Image.claim == claim, Image.status == "running")) is not None
+
+
 def release_claims(session: Session, job_id: str, inputs: Sequence[str], claim: str) -> None:
     """Give back images the run ``claim`` claimed (:func:`claim_images`) but did not start: pending again, or
     cancelled when the job was cancelled meanwhile (no task would take them).

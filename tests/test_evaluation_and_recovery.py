@@ -553,6 +553,40 @@ def _lease_runs_out(job_id: str) -> None:
         session.execute(update(Image).where(Image.job_id == job_id).values(lease_until=None))
 
 
+def test_a_run_that_lost_its_image_while_frozen_writes_no_output_for_it(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker frozen past its lease (a paused machine) finds, when it comes back, that another delivery took its
+    image over: it writes nothing for it, so the output in storage is the one whose checksum that delivery
+    records, and it does not count the image as failed."""
+    from sqlalchemy import update
+
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline
+
+    job_id, payload = _one_batch_job(env, "frozen", ("1.png", "2.png"))
+    url = load_settings().resolved_database_url()
+    real = pipeline.restore_work
+
+    def taken_over_meanwhile(work: Any, message: Any, *rest: Any) -> None:
+        real(work, message, *rest)
+        if work.item.input.endswith("/2.png"):  # frozen here past the lease; the redelivery took the image
+            with session_scope(url) as session:
+                session.execute(update(Image).where(Image.input_uri == work.item.input).values(lease_until=None))
+            with session_scope(url) as session:
+                assert queries.claim_images(session, job_id, [work.item.input], "w2", "2" * 32).todo
+
+    monkeypatch.setattr(pipeline, "restore_work", taken_over_meanwhile)
+    counts = pipeline.run_batch(BatchMessage.from_payload(payload), load_settings())
+    assert counts == {"done": 1, "failed": 0, "handed_over": 0}
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket="frozen", Prefix="out/")["Contents"]] == ["out/1.png"]
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert (rows["1.png"]["status"], rows["2.png"]["status"]) == ("done", "running")  # the redelivery's to record
+
+
 def test_passing_storage_faults_neither_undo_finished_images_nor_count_as_lost_workers(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """An upload that fails for a while once left the image it belonged to counted as started each time, so after

@@ -535,11 +535,31 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
                 work.uploads = []
             work.decoded = work.reference = work.restored = None  # keep memory per batch flat
             work.restored_pages = []
+            if work.uploads and not _still_held(db_url, message.job_id, work, claim):
+                work.uploads = []
             if work.uploads:
                 uploads[work.item.input] = pool.submit(_upload, client, work)
         for upload in uploads.values():
             upload.result()
     return works, leftover, device_failure
+
+
+def _still_held(db_url: str, job_id: str, work: Work, claim: str) -> bool:
+    """Whether this run still holds ``work``'s image before it writes the output (:func:`db.queries.holds`).
+
+    A run frozen past its lease (a paused machine, a database out of reach) may find that another delivery took
+    the image over meanwhile: it then writes nothing, so the output in storage is the one whose checksum that
+    delivery records. ``work`` is marked taken over. A database that does not answer raises, as any passing
+    fault does.
+    """
+    with session_scope(db_url) as session:
+        if queries.holds(session, job_id, work.item.input, claim):
+            return True
+    log.warning("image %s of job %s was taken over by another delivery of its batch while this one stalled; "
+                "its output is left to that one", work.item.input, job_id)
+    work.fail("taken over by another delivery of its batch")
+    work.taken_over = True
+    return False
 
 
 def _within_attempts(work: Work, starts: int, max_attempts: int) -> bool:
