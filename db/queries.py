@@ -269,6 +269,7 @@ class BatchClaim:
     todo: list[str]  # inputs claimed by this run, still to process
     held: list[str] = field(default_factory=list)  # running under another run's live lease: that run's to finish
     held_until: datetime | None = None  # when the last of those leases runs out, unless renewed
+    holders: dict[str, str | None] = field(default_factory=dict)  # the claims holding them, and their workers
 
 
 def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: str, claim: str,
@@ -306,10 +307,12 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
         .execution_options(synchronize_session=False)
     ))
     held_rows = session.execute(
-        select(Image.input_uri, Image.lease_until).where(*mine, Image.status == "running", Image.claim != claim)
+        select(Image.input_uri, Image.lease_until, Image.claim, Image.worker)
+        .where(*mine, Image.status == "running", Image.claim != claim)
     ).all()
-    held = [uri for uri, _ in held_rows]
-    held_until = max((as_utc(until) for _, until in held_rows if until is not None), default=None)
+    held = [uri for uri, _, _, _ in held_rows]
+    held_until = max((as_utc(until) for _, until, _, _ in held_rows if until is not None), default=None)
+    holders = {holder: worker for _, _, holder, worker in held_rows}
     if job.started_at is None or job.status == "queued":
         # A job still "submitting" keeps that status until its producer has
         # listed every input, so it cannot be declared done too early.
@@ -322,7 +325,7 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
                 updated_at=now,
             )
         )
-    return BatchClaim(todo, held, held_until)
+    return BatchClaim(todo, held, held_until, holders)
 
 
 def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str,

@@ -108,7 +108,8 @@ HELP: dict[str, SettingInfo] = {
         "DEBLUR_CLAIM_LEASE",
         "seconds a worker's hold on the images it is restoring lasts unless renewed (it renews every quarter of "
         "it): a second delivery of the batch leaves them alone meanwhile, and a worker process lost mid-batch has "
-        "its images restored by another after this long (below DEBLUR_VISIBILITY_TIMEOUT)",
+        "its images restored by another worker after this long (a sibling process of its own worker takes them at "
+        "once; below DEBLUR_VISIBILITY_TIMEOUT)",
     ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
     "queue": SettingInfo("DEBLUR_QUEUE", "Celery queue the jobs go to"),

@@ -553,6 +553,51 @@ def _lease_runs_out(job_id: str) -> None:
         session.execute(update(Image).where(Image.job_id == job_id).values(lease_until=None))
 
 
+def test_images_of_a_process_of_this_worker_that_died_are_taken_over_at_once(env) -> None:  # type: ignore[no-untyped-def]
+    """A pool child killed mid-batch (an OOM kill) has its batch handed on by Celery at once, but its images were
+    held under its lease for a minute and a half more. A sibling process of the same worker sees that the
+    holder is gone and takes them at once; a holder still alive, or on another worker, is waited for."""
+    import os
+    import subprocess
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.engine import session_scope
+    from db.schema import Image, utcnow
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline, runtime
+
+    job_id, payload = _one_batch_job(env, "orphans", ("1.png", "2.png"))
+    message = BatchMessage.from_payload(payload)
+    url = load_settings().resolved_database_url()
+    inputs = [i.input for i in message.images]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = os.getppid()  # this test's parent process: certainly alive, and not this process
+    handed: list[tuple[list[str], float]] = []
+
+    def hand_over(rest: BatchMessage, countdown: float | None = None) -> None:
+        handed.append(([i.input for i in rest.images], countdown or 0.0))
+
+    def held_by(pid: int, worker: str) -> None:
+        """Every image running under a live lease of a claim made by process ``pid`` of ``worker``."""
+        with session_scope(url) as session:
+            session.execute(update(Image).where(Image.job_id == job_id).values(
+                status="running", worker=worker, claim=f"{pid:08x}{'0' * 24}",
+                lease_until=utcnow() + timedelta(seconds=60)))
+
+    held_by(alive, runtime.hostname())
+    assert pipeline.run_batch(message, load_settings(), hand_over) == {"done": 0, "failed": 0, "handed_over": 2}
+    held_by(gone.pid, "another-worker@elsewhere")  # gone, but of another worker: its process cannot be seen
+    assert pipeline.run_batch(message, load_settings(), hand_over) == {"done": 0, "failed": 0, "handed_over": 2}
+    assert [sorted(images) for images, _ in handed] == [sorted(inputs)] * 2 and all(wait > 4 for _, wait in handed)
+    held_by(gone.pid, runtime.hostname())
+    assert pipeline.run_batch(message, load_settings(), hand_over) == {"done": 2, "failed": 0, "handed_over": 0}
+    assert len(handed) == 2  # taken at once, not handed over
+
+
 def test_a_run_that_lost_its_image_while_frozen_writes_no_output_for_it(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A worker frozen past its lease (a paused machine) finds, when it comes back, that another delivery took its
     image over: it writes nothing for it, so the output in storage is the one whose checksum that delivery

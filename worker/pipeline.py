@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 import uuid
@@ -309,6 +310,31 @@ def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     work.uploads = []
 
 
+def new_claim() -> str:
+    """A run's claim token: this process's id (8 hex digits, so a sibling process of the same worker can tell
+    whether it is still alive: :func:`holder_process_gone`), then 24 random ones."""
+    return f"{os.getpid() & 0xFFFFFFFF:08x}{uuid.uuid4().hex[:24]}"
+
+
+def holder_process_gone(holder: str) -> bool:
+    """Whether the process that made claim ``holder`` (:func:`new_claim`), a process of this machine's worker, no
+    longer exists. Only a certain absence counts: this process itself, one alive, one this user may not signal
+    and a claim from before tokens carried a process id are all taken as alive, so their leases are waited out."""
+    try:
+        pid = int(holder[:8], 16)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 class LeaseKeeper:
     """Renews a batch run's lease on its running images (:func:`db.queries.renew_leases`) from a thread, every
     quarter of the lease, while the run lasts; a renewal the database refuses is tried at the next tick (the
@@ -366,7 +392,7 @@ def run_batch(message: BatchMessage, settings: Settings,
     started = time.monotonic()
     db_url = settings.resolved_database_url()
     worker_name = runtime.hostname()
-    claim = uuid.uuid4().hex
+    claim = new_claim()
     recorded: set[str] = set()
 
     def record(session: Session, finished: list[Work]) -> None:
@@ -387,6 +413,19 @@ def run_batch(message: BatchMessage, settings: Settings,
     inputs = [item.input for item in message.images]
     with session_scope(db_url) as session:
         claimed = queries.claim_images(session, message.job_id, inputs, worker_name, claim, settings.claim_lease)
+    orphaned = [holder for holder, worker in claimed.holders.items()
+                if worker == worker_name and holder_process_gone(holder)]
+    if orphaned:
+        # a process of this very worker held them and is gone (an OOM kill: Celery hands its batch on at once):
+        # its leases end now instead of making the images wait for them to run out
+        with session_scope(db_url) as session:
+            for holder in orphaned:
+                queries.drop_leases(session, message.job_id, holder)
+            again = queries.claim_images(session, message.job_id, claimed.held, worker_name, claim,
+                                         settings.claim_lease)
+        log.warning("batch of job %s: took over %d image(s) from a process of this worker that is gone",
+                    message.job_id, len(again.todo))
+        claimed = queries.BatchClaim(claimed.todo + again.todo, again.held, again.held_until, again.holders)
     todo = set(claimed.todo)
     held_counts = 0
     if claimed.held and hand_over is not None:
