@@ -33,6 +33,7 @@ from db.schema import (
 from db.usage import IMAGE_PIXELS, keep_earlier_outcomes, roll_up_job
 from jobs.errors import AmbiguousJobIdError, UnknownJobError
 from jobs.review import REVIEW_REASONS, review_reason
+from jobs.settings import Settings
 from jobs.statuses import FINISHED_JOB_STATUSES
 
 
@@ -251,7 +252,7 @@ def review_counts(session: Session, job_id: str) -> dict[str, int]:
     return status_and_review_counts(session, job_id)[1]
 
 
-LEASE_S = 90
+LEASE_S = Settings.claim_lease
 """How long a batch run's claim on its running images holds without renewal, by default (``DEBLUR_CLAIM_LEASE``;
 the worker renews it every quarter of that while the batch runs). Another delivery of the batch takes an image
 only once its lease ran out: the run that held it is then presumed lost (a killed process, a dead node)."""
@@ -365,11 +366,10 @@ def start_image(session: Session, job_id: str, input_uri: str, claim: str | None
     condition = (Image.job_id == job_id) & (Image.input_uri == input_uri)
     if claim is not None:
         condition = condition & (Image.claim == claim) & (Image.status == "running")
-    result = session.execute(update(Image).where(condition).values(
-        attempts=Image.attempts + 1, unfinished_starts=Image.unfinished_starts + 1, started_at=utcnow()))
-    if claim is not None and not result.rowcount:
-        return None
-    return int(session.scalar(select(Image.unfinished_starts).where(condition)))
+    starts = session.scalar(update(Image).where(condition).values(
+        attempts=Image.attempts + 1, unfinished_starts=Image.unfinished_starts + 1, started_at=utcnow())
+        .returning(Image.unfinished_starts).execution_options(synchronize_session=False))
+    return None if starts is None else int(starts)
 
 
 def holds(session: Session, job_id: str, input_uri: str, claim: str) -> bool:

@@ -252,7 +252,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(
             f"DEBLUR_CLAIM_LEASE={s.claim_lease} s must be at least 4 s and below DEBLUR_VISIBILITY_TIMEOUT="
             f"{s.visibility_timeout} s: a lost worker's images must be free again by the time Redis redelivers its "
-            f"batch. The default, 90 s, suits a visibility timeout of a few minutes or more")
+            f"batch. Set DEBLUR_CLAIM_LEASE to about a tenth of the visibility timeout (the default, 90 s, suits a "
+            f"visibility timeout of fifteen minutes or more)")
     if s.batch_time_limit >= s.visibility_timeout:
         raise ConfigurationError(
             f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="

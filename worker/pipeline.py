@@ -410,7 +410,8 @@ def run_batch(message: BatchMessage, settings: Settings,
         recorded.update(w.item.input for w in finished)
         queries.free_slots_of_finished_batches(session, message.job_id, written)
 
-    inputs = [item.input for item in message.images]
+    items = _distinct(message.images)
+    inputs = [item.input for item in items]
     with session_scope(db_url) as session:
         claimed = queries.claim_images(session, message.job_id, inputs, worker_name, claim, settings.claim_lease)
     orphaned = [holder for holder, worker in claimed.holders.items()
@@ -436,15 +437,14 @@ def run_batch(message: BatchMessage, settings: Settings,
         log.warning("batch of job %s: %d image(s) are being restored by another delivery of this batch; they are "
                     "looked at again in %.0f s, in case that one is lost", message.job_id, len(held), wait)
         try:
-            hand_over(message.model_copy(update={"images": [i for i in _distinct(message.images) if i.input in held]}),
-                      wait)
+            hand_over(message.model_copy(update={"images": [i for i in items if i.input in held]}), wait)
         except Exception:  # the broker: the task is retried, and takes what this run claimed at once
             _end_run(db_url, message.job_id, claim, [])
             raise
         held_counts = len(held)
     works = [
         Work(item, queries.ImageOutcome(input_uri=item.input, status="done", worker=worker_name))
-        for item in _distinct(message.images)
+        for item in items
         if item.input in todo
     ]
     if not works:
