@@ -52,6 +52,7 @@ class Settings:
     batch_time_limit: int = 1200
     visibility_timeout: int = 3600
     claim_lease: int = 90
+    image_time_limit: int = 0
     io_threads: int = 8
     queue: str = "deblur"
     task_max_retries: int = 5
@@ -71,6 +72,13 @@ class Settings:
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{deblur_home() / 'deblur.db'}"
+
+    def resolved_image_time_limit(self) -> int:
+        """Seconds one image may take before its worker is taken for hung: ``image_time_limit``, or by default
+        the room the other limits leave for one image (the visibility timeout less the batch time limit)."""
+        if self.image_time_limit:
+            return self.image_time_limit
+        return self.visibility_timeout - self.batch_time_limit
 
 
 HELP: dict[str, SettingInfo] = {
@@ -110,6 +118,12 @@ HELP: dict[str, SettingInfo] = {
         "it): a second delivery of the batch leaves them alone meanwhile, and a worker process lost mid-batch has "
         "its images restored by another worker after this long (a sibling process of its own worker takes them at "
         "once; below DEBLUR_VISIBILITY_TIMEOUT)",
+    ),
+    "image_time_limit": SettingInfo(
+        "DEBLUR_IMAGE_TIME_LIMIT",
+        "seconds one image may take before its worker is taken for hung: the worker stops renewing its lease, so "
+        "a second delivery of the batch restores the image and the hung run writes nothing (0: "
+        "DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT, the room those leave for one image)",
     ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
     "queue": SettingInfo("DEBLUR_QUEUE", "Celery queue the jobs go to"),
@@ -254,6 +268,9 @@ def _validate(s: Settings) -> None:
             f"{s.visibility_timeout} s: a lost worker's images must be free again by the time Redis redelivers its "
             f"batch. Set DEBLUR_CLAIM_LEASE to about a tenth of the visibility timeout (the default, 90 s, suits a "
             f"visibility timeout of fifteen minutes or more)")
+    if s.image_time_limit < 0:
+        raise ConfigurationError(f"DEBLUR_IMAGE_TIME_LIMIT must be >= 0 seconds (0: the visibility timeout less the "
+                                 f"batch time limit), got {s.image_time_limit}")
     if s.batch_time_limit >= s.visibility_timeout:
         raise ConfigurationError(
             f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="

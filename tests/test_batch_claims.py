@@ -638,3 +638,45 @@ def _in_session(url: str, work):  # type: ignore[no-untyped-def]
 
     with session_scope(url) as session:
         return work(session)
+
+
+def test_a_run_hung_on_one_image_stops_renewing_its_lease_and_another_delivery_takes_it(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The lease was renewed by a timer thread whatever the run did, so a run hung on one image (a deadlocked
+    library) kept its images from every other delivery for good. Renewal now follows progress: past the image time
+    limit it stops, the lease runs out and a second delivery claims the images; a new image started renews again."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import Image
+    from worker.pipeline import LeaseKeeper
+
+    url = f"sqlite:///{tmp_path / 'hung.db'}"
+    ensure_schema(url)
+    job_id, uris, _ = make_job(url, [["h0.png", "h1.png"]])
+    inputs = list(uris.values())
+    hung, second = "0" * 8 + "a" * 24, "0" * 8 + "b" * 24
+
+    def lease_until() -> object:
+        with session_scope(url) as s:
+            return s.scalar(select(func.max(Image.lease_until)).where(Image.job_id == job_id))
+
+    with session_scope(url) as s:
+        assert sorted(queries.claim_images(s, job_id, inputs, "w1", hung, lease_s=0.6).todo) == sorted(inputs)
+    with LeaseKeeper(url, job_id, hung, lease_s=0.6, image_limit_s=0.8) as keeper:
+        keeper.image_started(inputs[0])
+        first = lease_until()
+        time.sleep(0.5)
+        assert lease_until() > first  # working: renewed
+        with session_scope(url) as s:  # a second delivery now leaves both images to the live lease
+            claim = queries.claim_images(s, job_id, inputs, "w2", second, lease_s=0.6)
+        assert (claim.todo, sorted(claim.held)) == ([], sorted(inputs))
+        time.sleep(1.8)  # past the image limit, and then past the lease
+        assert keeper.hung_on() == inputs[0]
+        with session_scope(url) as s:
+            claim = queries.claim_images(s, job_id, inputs, "w2", second, lease_s=60)
+        assert (sorted(claim.todo), claim.held) == (sorted(inputs), [])
+        keeper.image_started(inputs[1])  # the hung run wakes and starts its next image: it renews again...
+        assert keeper.hung_on() is None
+        time.sleep(0.4)
+    with session_scope(url) as s:  # ...but only what it still holds: the images the other delivery took stay taken
+        assert {i.claim for i in s.scalars(select(Image).where(Image.job_id == job_id))} == {second}
+    assert any("taken for hung" in r.getMessage() and inputs[0] in r.getMessage() for r in caplog.records)

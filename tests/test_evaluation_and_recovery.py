@@ -146,7 +146,8 @@ def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(
     from jobs.settings import load_settings
 
     gate = tmp_path / "restore-gate"
-    worker_env = dict(service_env(env), TEST_RESTORE_GATE=str(gate))
+    # slow, not hung: the image may take a minute before its worker stops renewing its lease
+    worker_env = dict(service_env(env), TEST_RESTORE_GATE=str(gate), DEBLUR_IMAGE_TIME_LIMIT="60")
     s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
     s3.create_bucket(Bucket="slowpoke")
     s3.put_object(Bucket="slowpoke", Key="in/0.png", Body=_png(_pairs()[0][1]))
@@ -182,6 +183,55 @@ def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 1, first.name), row
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="slowpoke", Prefix="out/")["Contents"]] == ["out/0.png"]
+
+
+def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_nothing(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker hung on one image (here: its restoration waits on a file that never comes) kept renewing its lease
+    from a timer thread, so every later delivery of the batch left the image to it, for good. Past
+    DEBLUR_IMAGE_TIME_LIMIT it now stops renewing: Redis redelivers the batch, the second worker restores the
+    image, and the hung run, woken at last, writes nothing over it."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    hung_gate, open_gate = tmp_path / "never-yet", tmp_path / "open"
+    open_gate.touch()
+    base = dict(service_env(env), DEBLUR_IMAGE_TIME_LIMIT="3")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="hangs")
+    s3.put_object(Bucket="hangs", Key="in/0.png", Body=_png(_pairs()[0][1]))
+    app = app_for(load_settings())
+    first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(hung_gate)), tmp_path / "first.log",
+                          app="tests.gated_worker_app")
+    second = None
+    try:
+        first.wait_ready(app)
+        job_id = run_cli("submit", "s3://hangs/in/", "--output", "s3://hangs/out/", "--model", "wiener",
+                         "-q").strip()
+        deadline = time.monotonic() + 60
+        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
+            assert time.monotonic() < deadline, "the first worker never started the image"
+            time.sleep(0.2)
+        second = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(open_gate)), tmp_path / "second.log",
+                               app="tests.gated_worker_app")
+        second.wait_ready(app)
+        info = wait_done(job_id, timeout=90)  # redelivery after 8 s, the lease out 3 + 4 s after the start
+        assert info["counts"]["done"] == 1, info
+        assert "taken for hung" in first.log.read_text(errors="replace")
+        hung_gate.touch()  # the hung run wakes: it finds the image taken over and writes nothing
+        deadline = time.monotonic() + 60
+        while "its output is left to that one" not in first.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, first.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+    finally:
+        hung_gate.touch()
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, second.name), row
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket="hangs", Prefix="out/")["Contents"]] == ["out/0.png"]
+    output = s3.get_object(Bucket="hangs", Key="out/0.png")["Body"].read()
+    assert hashlib.sha256(output).hexdigest() == row["output_sha256"]
 
 
 def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: ignore[no-untyped-def]

@@ -384,6 +384,21 @@ def test_a_batch_time_limit_is_read_and_refused_when_negative_or_past_the_visibi
     assert load_settings().visibility_timeout == 600
 
 
+def test_the_image_time_limit_defaults_to_the_room_the_other_limits_leave_for_one_image(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.errors import ConfigurationError
+    from jobs.settings import load_settings
+
+    assert load_settings().resolved_image_time_limit() == 3600 - 1200
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "0")  # no hand-over: a batch's one image may take it all
+    assert load_settings().resolved_image_time_limit() == 3600
+    monkeypatch.setenv("DEBLUR_IMAGE_TIME_LIMIT", "300")
+    assert load_settings().resolved_image_time_limit() == 300
+    monkeypatch.setenv("DEBLUR_IMAGE_TIME_LIMIT", "-1")
+    with pytest.raises(ConfigurationError, match="DEBLUR_IMAGE_TIME_LIMIT must be >= 0"):
+        load_settings()
+
+
 def test_the_broker_sweeps_for_a_dead_workers_batches_at_a_tenth_of_the_visibility_timeout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """kombu's own sweep runs about every 100 s; ours follows the timeout, between 1 s and a minute."""

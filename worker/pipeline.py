@@ -337,11 +337,22 @@ def holder_process_gone(holder: str) -> bool:
 
 class LeaseKeeper:
     """Renews a batch run's lease on its running images (:func:`db.queries.renew_leases`) from a thread, every
-    quarter of the lease, while the run lasts; a renewal the database refuses is tried at the next tick (the
-    lease outlives three misses)."""
+    quarter of the lease, while the run makes progress; a renewal the database refuses is tried at the next tick
+    (the lease outlives three misses).
 
-    def __init__(self, db_url: str, job_id: str, claim: str, lease_s: float) -> None:
+    Progress is an image started (:meth:`image_started`). Once the current image has taken longer than
+    ``image_limit_s`` seconds (``DEBLUR_IMAGE_TIME_LIMIT``) the run is taken for hung (a deadlocked library, a
+    device that never answers): renewal stops, so the lease runs out and the next delivery of the batch restores
+    the image, while this run, should it ever wake, writes nothing over it (its claim is gone). Renewal resumes if
+    the run starts another image. A renewal thread alone, ticking on a timer, would keep a hung run's images from
+    every other worker for good.
+    """
+
+    def __init__(self, db_url: str, job_id: str, claim: str, lease_s: float, image_limit_s: float) -> None:
         self._db_url, self._job_id, self._claim, self._lease_s = db_url, job_id, claim, lease_s
+        self._image_limit_s = image_limit_s
+        self._current: tuple[str, float] | None = None  # the image in progress and when it started (monotonic)
+        self._given_up: str | None = None  # the image whose lease this keeper stopped renewing, once said
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim[:8]}", daemon=True)
 
@@ -353,8 +364,28 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join()
 
+    def image_started(self, input_uri: str) -> None:
+        """The run started ``input_uri``: the time it may take counts from now."""
+        self._current = (input_uri, time.monotonic())
+
+    def hung_on(self) -> str | None:
+        """The image the run has been on for longer than the image time limit, if it has."""
+        current = self._current
+        if current is None or time.monotonic() - current[1] <= self._image_limit_s:
+            return None
+        return current[0]
+
     def _run(self) -> None:
         while not self._stop.wait(self._lease_s / 4):
+            hung = self.hung_on()
+            if hung is not None:
+                if hung != self._given_up:
+                    self._given_up = hung
+                    log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT):"
+                              " this worker is taken for hung on it and stops renewing its lease, so another "
+                              "delivery of its batch restores it within %.0f s; this run writes nothing for it",
+                              hung, self._job_id, self._image_limit_s, self._lease_s)
+                continue
             try:
                 with session_scope(self._db_url) as session:
                     queries.renew_leases(session, self._job_id, self._claim, self._lease_s)
@@ -452,9 +483,10 @@ def run_batch(message: BatchMessage, settings: Settings,
     client = s3_client(settings)
     started_inputs: list[str] = []  # images started (start_image) in this run, for a passing fault to take back
     try:
-        with LeaseKeeper(db_url, message.job_id, claim, settings.claim_lease):
+        with LeaseKeeper(db_url, message.job_id, claim, settings.claim_lease,
+                         settings.resolved_image_time_limit()) as keeper:
             works, leftover, device_failure = _run_works(
-                works, message, settings, client, db_url, started, hand_over, record, started_inputs, claim)
+                works, message, settings, client, db_url, started, hand_over, record, started_inputs, claim, keeper)
         with session_scope(db_url) as session:
             if leftover:
                 queries.release_claims(session, message.job_id, [w.item.input for w in leftover], claim)
@@ -510,7 +542,8 @@ def _end_run(db_url: str, job_id: str, claim: str, to_unstart: list[str]) -> Non
 def _run_works(works: list[Work], message: BatchMessage, settings: Settings, client: Any, db_url: str,
                started: float, hand_over: Callable[..., None] | None,
                record: Callable[[Session, list[Work]], None],
-               started_inputs: list[str], claim: str) -> tuple[list[Work], list[Work], DeviceFailure | None]:
+               started_inputs: list[str], claim: str,
+               keeper: LeaseKeeper) -> tuple[list[Work], list[Work], DeviceFailure | None]:
     """Download, restore, encode and upload the batch's claimed images in turn (see :func:`run_batch`); returns
     the images worked on, those left over (out of time, or after a device failure) and the device failure."""
     leftover: list[Work] = []
@@ -546,6 +579,7 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
                 work.data = work.reference_data = None
                 continue
             started_inputs.append(work.item.input)
+            keeper.image_started(work.item.input)
             if not _within_attempts(work, starts, settings.image_max_attempts) or work.outcome.status != "done":
                 work.data = work.reference_data = None  # failed: its bytes are not kept to the batch's end
                 continue
@@ -612,7 +646,8 @@ def _within_attempts(work: Work, starts: int, max_attempts: int) -> bool:
     """
     if starts > max_attempts:
         work.fail(f"not tried again: restoring this image lost its worker {starts - 1} times in a row (out of memory, "
-                  f"or a crash: see the worker logs); 'deblur retry JOB --failed' tries it {max_attempts} times more")
+                  f"a crash, or a restoration slower than DEBLUR_IMAGE_TIME_LIMIT: see the worker logs); "
+                  f"'deblur retry JOB --failed' tries it {max_attempts} times more")
         return False
     return True
 
