@@ -23,6 +23,10 @@ refuse those that do."""
 WORKER_INFO_COMMAND = "deblur_info"
 """The remote-control question a worker answers with its release and the optional fields it knows
 (:mod:`worker.control`)."""
+CLAIMS_GONE_COMMAND = "deblur_claims_gone"
+"""The remote-control question a worker answers with which of the given batch runs' claims were made by a process
+of its own that no longer exists (:mod:`worker.control`): a second delivery of a batch, landing on another worker
+after a pool process was killed, then takes the images at once instead of waiting out the lost run's lease."""
 FIELDS_BEFORE_INFO = ("output_format", "quality", "sidecar", "slot")
 """The optional fields a worker too old to answer :data:`WORKER_INFO_COMMAND` is taken to know: those of the
 release just before the question (windows' ``slot`` included). A worker older still, from before windows, cannot

@@ -115,9 +115,9 @@ HELP: dict[str, SettingInfo] = {
     "claim_lease": SettingInfo(
         "DEBLUR_CLAIM_LEASE",
         "seconds a worker's hold on the images it is restoring lasts unless renewed (it renews every quarter of "
-        "it): a second delivery of the batch leaves them alone meanwhile, and a worker process lost mid-batch has "
-        "its images restored by another worker after this long (a sibling process of its own worker takes them at "
-        "once; below DEBLUR_VISIBILITY_TIMEOUT)",
+        "it): a second delivery of the batch leaves them alone meanwhile. A pool process killed mid-batch has its "
+        "images taken at once by the process its batch goes to (its worker, asked, says it is gone); a holder "
+        "whose worker does not answer is waited out this long (below DEBLUR_VISIBILITY_TIMEOUT)",
     ),
     "image_time_limit": SettingInfo(
         "DEBLUR_IMAGE_TIME_LIMIT",

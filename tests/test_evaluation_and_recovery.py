@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,65 @@ def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 1, first.name), row
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="slowpoke", Prefix="out/")["Contents"]] == ["out/0.png"]
+
+
+def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_worker(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Celery hands the batch of a killed pool process (an OOM kill) back to the queue at once. When another worker
+    took it, that worker waited out the dead run's whole lease (here 60 s) before restoring its image. It now asks
+    the holder's worker, whose main process outlives its pool, and takes the image at once when told the run's
+    process is gone; a worker that does not answer, and a run still alive, are waited out as before."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.schema import Image
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+    from worker.tasks import gone_claims
+
+    closed, opened = tmp_path / "never", tmp_path / "open"
+    opened.touch()
+    base = dict(service_env(env), DEBLUR_VISIBILITY_TIMEOUT="300", DEBLUR_CLAIM_LEASE="60")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="oomed")
+    s3.put_object(Bucket="oomed", Key="in/0.png", Body=_png(_pairs()[0][1]))
+    app = app_for(load_settings())
+    first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(closed)), tmp_path / "first.log", pool="prefork",
+                          app="tests.gated_worker_app")
+    second = None
+    try:
+        first.wait_ready(app)
+        job_id = run_cli("submit", "s3://oomed/in/", "--output", "s3://oomed/out/", "--model", "wiener",
+                         "-q").strip()
+        deadline = time.monotonic() + 60
+        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
+            assert time.monotonic() < deadline, "the first worker never started the image"
+            time.sleep(0.2)
+        with session_scope(env["DEBLUR_DATABASE_URL"]) as session:
+            claim = session.scalar(select(Image.claim).where(Image.job_id == job_id))
+        # the questions, answered by the first worker's main process: its pool process is alive, a made-up one is
+        # gone, and a worker that does not exist answers nothing (its claim is not taken for gone)
+        made_up = "7ffffffe" + "0" * 24
+        assert gone_claims({claim: first.name, made_up: first.name, "7ffffffd" + "0" * 24: "nobody@nowhere"},
+                           load_settings()) == {made_up}
+        second = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(opened)), tmp_path / "second.log",
+                               app="tests.gated_worker_app")
+        second.wait_ready(app)
+        app.control.cancel_consumer(base.get("DEBLUR_QUEUE", "deblur"), destination=[first.name], reply=True)
+        os.kill(int(claim[:8], 16), signal.SIGKILL)  # the pool process restoring the image, as the OOM killer would
+        killed = time.monotonic()
+        info = wait_done(job_id, timeout=120)
+        waited = time.monotonic() - killed
+    finally:
+        closed.touch()
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+    log = second.log.read_text(errors="replace")
+    assert info["counts"]["done"] == 1, info
+    assert f"took over 1 image(s) from a lost process of worker(s) {first.name}" in log, log[-3000:]
+    assert waited < 45, f"restored {waited:.0f} s after the kill: the 60-s lease was waited out"
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, second.name), row
 
 
 def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_nothing(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -516,7 +577,8 @@ def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consumi
     """A worker whose GPU fails (a lost CUDA context) once failed every image it took, fast, so it swallowed the
     queue while healthy workers were busy. Now the batch's images go back to the queue unfailed and the worker
     stops consuming; a plain model error still fails its image alone."""
-    from jobs.celery_app import app
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
     from worker import pipeline, tasks
     from worker.runtime import is_device_failure
 
@@ -531,7 +593,8 @@ def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consumi
     monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
     monkeypatch.setattr(tasks.runtime, "_state", {})  # the task reads its settings (this test's services) afresh
     stopped: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(app.control, "cancel_consumer",
+    # the worker asks through the app of its own settings (this test's broker), whichever app this process made first
+    monkeypatch.setattr(app_for(load_settings()).control, "cancel_consumer",
                         lambda queue, destination: stopped.append((queue, destination)))
     result = tasks.process_batch.apply(args=[payload]).get()
     assert result == {"done": 1, "failed": 0, "handed_over": 2}

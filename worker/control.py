@@ -1,4 +1,5 @@
-"""What a worker says about itself when asked: its release and the batch fields it understands.
+"""What a worker says about itself when asked: its release and the batch fields it understands, and which
+batch runs' processes of its own are gone.
 
 Workers upgrade one by one, and a worker of an older release drops a batch whose
 message carries a field it does not know (a window's ``slot``, say), which
@@ -17,7 +18,8 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from jobs.messages import MESSAGE_VERSION, OPTIONAL_FIELDS, WORKER_INFO_COMMAND
+from jobs.messages import CLAIMS_GONE_COMMAND, MESSAGE_VERSION, OPTIONAL_FIELDS, WORKER_INFO_COMMAND
+from worker.claims import holder_process_gone
 
 
 def release() -> str:
@@ -34,3 +36,14 @@ def deblur_info(state: Any) -> dict[str, Any]:
     consumer = state.consumer.task_consumer
     return {"release": release(), "message_version": MESSAGE_VERSION, "message_fields": sorted(OPTIONAL_FIELDS),
             "queues": [queue.name for queue in consumer.queues] if consumer else []}
+
+
+@inspect_command(name=CLAIMS_GONE_COMMAND, args=[("claims", list)], signature="[CLAIM ...]")
+def deblur_claims_gone(state: Any, claims: list[str] | None = None) -> dict[str, list[str]]:
+    """The claims among ``claims`` whose process is certainly gone from this machine (a pool process killed, say).
+
+    Answered from the worker's main process, which outlives its pool processes. Only this worker's own claims mean
+    anything here (the process ids are this machine's); the asker keeps the answer for those. A worker whose
+    main process is busy (``--pool solo``) does not answer, and the asker then waits out the lease.
+    """
+    return {"gone": [claim for claim in claims or [] if isinstance(claim, str) and holder_process_gone(claim)]}

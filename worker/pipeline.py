@@ -17,11 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,6 +41,7 @@ from jobs.storage import get_bytes, put_bytes, s3_client
 from models import shared_results
 from models.catalog import REGISTRY
 from worker import runtime
+from worker.claims import holder_process_gone, new_claim
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -310,31 +309,6 @@ def _upload(client, work: Work) -> None:  # type: ignore[no-untyped-def]
     work.uploads = []
 
 
-def new_claim() -> str:
-    """A run's claim token: this process's id (8 hex digits, so a sibling process of the same worker can tell
-    whether it is still alive: :func:`holder_process_gone`), then 24 random ones."""
-    return f"{os.getpid() & 0xFFFFFFFF:08x}{uuid.uuid4().hex[:24]}"
-
-
-def holder_process_gone(holder: str) -> bool:
-    """Whether the process that made claim ``holder`` (:func:`new_claim`), a process of this machine's worker, no
-    longer exists. Only a certain absence counts: this process itself, one alive, one this user may not signal
-    and a claim from before tokens carried a process id are all taken as alive, so their leases are waited out."""
-    try:
-        pid = int(holder[:8], 16)
-    except (TypeError, ValueError):
-        return False
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 class LeaseKeeper:
     """Renews a batch run's lease on its running images (:func:`db.queries.renew_leases`) from a thread, every
     quarter of the lease, while the run makes progress; a renewal the database refuses is tried at the next tick
@@ -397,7 +371,8 @@ HELD_RECHECK_S = 5.0  # after a held lease runs out, before its images are looke
 
 
 def run_batch(message: BatchMessage, settings: Settings,
-              hand_over: Callable[..., None] | None = None) -> dict[str, int]:
+              hand_over: Callable[..., None] | None = None,
+              ask_holders: Callable[[dict[str, str]], Collection[str]] | None = None) -> dict[str, int]:
     """Process one batch; returns counts of done and failed images.
 
     The run claims the images it works on under a lease it renews while it works (:func:`db.queries.claim_images`).
@@ -405,7 +380,10 @@ def run_batch(message: BatchMessage, settings: Settings,
     timeout) leaves images that run holds alone: it passes them to ``hand_over`` with a delay (``hand_over(rest,
     seconds)``), so that if the run holding them is lost, its lease runs out and that later task restores them,
     and if not, the later task finds them finished. An image is never restored by two runs at once, and a
-    windowed batch frees its slot once (:func:`db.queries.free_slots_of_finished_batches`).
+    windowed batch frees its slot once (:func:`db.queries.free_slots_of_finished_batches`). A holder whose
+    process is gone (a pool process killed: Celery hands its batch on at once) need not be waited out: a sibling
+    process of its worker sees that for itself, and ``ask_holders({claim: worker})``, when given, returns the
+    claims another worker says are gone (:func:`worker.tasks.gone_claims`).
 
     With ``hand_over``, a batch still working after ``settings.batch_time_limit``
     seconds starts no further image: the ones done so far are uploaded and
@@ -445,18 +423,23 @@ def run_batch(message: BatchMessage, settings: Settings,
     inputs = [item.input for item in items]
     with session_scope(db_url) as session:
         claimed = queries.claim_images(session, message.job_id, inputs, worker_name, claim, settings.claim_lease)
+    # a run that held them is gone (a pool process killed out of memory: Celery hands its batch on at once): its
+    # leases end now instead of making the images wait for them to run out. A sibling process of this worker
+    # looks for itself; another worker is asked (ask_holders), and one that does not answer is waited out
     orphaned = [holder for holder, worker in claimed.holders.items()
                 if worker == worker_name and holder_process_gone(holder)]
+    elsewhere = {holder: worker for holder, worker in claimed.holders.items()
+                 if worker is not None and worker != worker_name}
+    if elsewhere and ask_holders is not None:
+        orphaned += [holder for holder in ask_holders(elsewhere) if holder in elsewhere]
     if orphaned:
-        # a process of this very worker held them and is gone (an OOM kill: Celery hands its batch on at once):
-        # its leases end now instead of making the images wait for them to run out
         with session_scope(db_url) as session:
             for holder in orphaned:
                 queries.drop_leases(session, message.job_id, holder)
             again = queries.claim_images(session, message.job_id, claimed.held, worker_name, claim,
                                          settings.claim_lease)
-        log.warning("batch of job %s: took over %d image(s) from a process of this worker that is gone",
-                    message.job_id, len(again.todo))
+        log.warning("batch of job %s: took over %d image(s) from a lost process of worker(s) %s",
+                    message.job_id, len(again.todo), ", ".join(sorted({claimed.holders[h] for h in orphaned})))
         claimed = queries.BatchClaim(claimed.todo + again.todo, again.held, again.held_until, again.holders)
     todo = set(claimed.todo)
     held_counts = 0

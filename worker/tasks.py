@@ -14,10 +14,11 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from jobs.celery_app import app
+from jobs.celery_app import app, app_for
 from jobs.errors import DeviceFailure, InputError, TransientError, UnknownJobError, describe_failure
-from jobs.messages import PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker, readable_part
+from jobs.messages import CLAIMS_GONE_COMMAND, PROCESS_BATCH_TASK, BatchMessage, needs_newer_worker, readable_part
 from jobs.notify import NOTIFY_TASK, body, deliver
+from jobs.settings import Settings
 from worker import control as _control  # noqa: F401 - registers the workers' remote-control answers
 from worker import runtime
 
@@ -98,6 +99,32 @@ def _fail_or_wait(task: Any, message: BatchMessage, settings: Any, error: str) -
         raise task.retry(countdown=DATABASE_WAIT_S, max_retries=None) from None
 
 
+CLAIMS_QUESTION_TIMEOUT_S = 1.0  # how long a second delivery waits for the holders' workers to answer
+
+
+def gone_claims(holders: dict[str, str], settings: Settings) -> set[str]:
+    """The claims among ``holders`` (claim -> the worker whose run made it) that their own worker says were made by
+    a process of its that is gone (:data:`jobs.messages.CLAIMS_GONE_COMMAND`). Each worker's answer counts for its
+    own claims only; a worker that does not answer within a second (lost, busy, or of an older release) vouches
+    for nothing, and its leases are waited out. Asked through ``settings``' broker."""
+    by_worker: dict[str, list[str]] = {}
+    for claim, worker in holders.items():
+        by_worker.setdefault(worker, []).append(claim)
+    try:
+        replies = app_for(settings).control.broadcast(CLAIMS_GONE_COMMAND, arguments={"claims": sorted(holders)},
+                                        destination=sorted(by_worker), reply=True, limit=len(by_worker),
+                                        timeout=CLAIMS_QUESTION_TIMEOUT_S) or []
+    except Exception as exc:  # the broker: the leases are waited out, as for a worker that does not answer
+        log.warning("could not ask workers %s about their batch runs: %s", ", ".join(sorted(by_worker)), exc)
+        return set()
+    gone: set[str] = set()
+    for reply in replies:
+        for worker, answer in reply.items():
+            if isinstance(answer, dict) and isinstance(answer.get("gone"), list):
+                gone.update(set(answer["gone"]) & set(by_worker.get(worker, ())))
+    return gone
+
+
 @app.task(name=PROCESS_BATCH_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Restore (or evaluate) one batch of images; see :func:`worker.pipeline.run_batch`."""
@@ -127,15 +154,15 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
 
     def hand_over(rest: BatchMessage, countdown: float | None = None) -> None:
         try:
-            app.send_task(PROCESS_BATCH_TASK, args=[rest.to_payload()], queue=settings.queue,
+            app_for(settings).send_task(PROCESS_BATCH_TASK, args=[rest.to_payload()], queue=settings.queue,
                           priority=priority, countdown=countdown)
         except Exception as exc:  # the images were released: retrying the batch processes them here
             raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
 
     try:
-        counts = run_batch(message, settings, hand_over)
+        counts = run_batch(message, settings, hand_over, lambda holders: gone_claims(holders, settings))
     except DeviceFailure as exc:
-        stop_consuming(settings.queue)
+        stop_consuming(settings)
         log.critical("%s. This worker (%s) takes no more batches from %r; the batch's other images went back to the "
                      "queue for the other workers. Check the device, then restart this worker.", exc,
                      runtime.hostname(), settings.queue)
@@ -200,13 +227,13 @@ def send_next_batch(message: BatchMessage, settings: Any) -> None:
             time.sleep(2 ** attempt)
 
 
-def stop_consuming(queue: str) -> None:
-    """Ask this worker node to stop consuming ``queue`` (a broadcast through the broker; it stays up, idle,
+def stop_consuming(settings: Settings) -> None:
+    """Ask this worker node to stop consuming its queue (a broadcast through the broker; it stays up, idle,
     visible in Flower), so a failed GPU does not swallow batch after batch."""
     try:
-        app.control.cancel_consumer(queue, destination=[runtime.hostname()])
+        app_for(settings).control.cancel_consumer(settings.queue, destination=[runtime.hostname()])
     except Exception:  # the broker is down: the next batch fails the same way and asks again
-        log.exception("could not ask this worker to stop consuming %r", queue)
+        log.exception("could not ask this worker to stop consuming %r", settings.queue)
 
 
 @app.task(name=NOTIFY_TASK, bind=True, max_retries=None, acks_late=True)
