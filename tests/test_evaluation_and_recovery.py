@@ -139,6 +139,22 @@ def test_a_killed_worker_batch_is_redelivered_to_another_worker(env, tmp_path) -
     assert keys == ["out/0.png", "out/1.png", "out/2.png"]
 
 
+def _one_image_started_on(first: WorkerProcess, env: dict[str, str], bucket: str, app: Any) -> tuple[str, Any]:
+    """Submit a one-image job in a bucket of its own once ``first`` is ready, and wait until it starts the image;
+    returns the job's id and the S3 client."""
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="in/0.png", Body=_png(_pairs()[0][1]))
+    first.wait_ready(app)
+    job_id = run_cli("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener",
+                     "-q").strip()
+    deadline = time.monotonic() + 60
+    while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
+        assert time.monotonic() < deadline, "the first worker never started the image"
+        time.sleep(0.2)
+    return job_id, s3
+
+
 def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Redis hands a batch unacknowledged past DEBLUR_VISIBILITY_TIMEOUT to another worker, though the first is
     alive and restoring it (an image slower than the visibility timeout). The second worker once restored the
@@ -150,20 +166,11 @@ def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(
     gate = tmp_path / "restore-gate"
     # slow, not hung: the image may take a minute before its worker stops renewing its lease
     worker_env = dict(service_env(env), TEST_RESTORE_GATE=str(gate), DEBLUR_IMAGE_TIME_LIMIT="60")
-    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
-    s3.create_bucket(Bucket="slowpoke")
-    s3.put_object(Bucket="slowpoke", Key="in/0.png", Body=_png(_pairs()[0][1]))
     app = app_for(load_settings())
     first = WorkerProcess(worker_env, tmp_path / "first.log", app="tests.gated_worker_app")
     second = None
     try:
-        first.wait_ready(app)
-        job_id = run_cli("submit", "s3://slowpoke/in/", "--output", "s3://slowpoke/out/", "--model", "wiener",
-                         "-q").strip()
-        deadline = time.monotonic() + 60
-        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
-            assert time.monotonic() < deadline, "the first worker never started the image"
-            time.sleep(0.2)
+        job_id, s3 = _one_image_started_on(first, env, "slowpoke", app)
         second = WorkerProcess(worker_env, tmp_path / "second.log", app="tests.gated_worker_app")
         second.wait_ready(app)
         deadline = time.monotonic() + 60  # the visibility timeout is 8 s
@@ -203,21 +210,12 @@ def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_
     closed, opened = tmp_path / "never", tmp_path / "open"
     opened.touch()
     base = dict(service_env(env), DEBLUR_VISIBILITY_TIMEOUT="300", DEBLUR_CLAIM_LEASE="60")
-    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
-    s3.create_bucket(Bucket="oomed")
-    s3.put_object(Bucket="oomed", Key="in/0.png", Body=_png(_pairs()[0][1]))
     app = app_for(load_settings())
     first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(closed)), tmp_path / "first.log", pool="prefork",
                           app="tests.gated_worker_app")
     second = None
     try:
-        first.wait_ready(app)
-        job_id = run_cli("submit", "s3://oomed/in/", "--output", "s3://oomed/out/", "--model", "wiener",
-                         "-q").strip()
-        deadline = time.monotonic() + 60
-        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
-            assert time.monotonic() < deadline, "the first worker never started the image"
-            time.sleep(0.2)
+        job_id, s3 = _one_image_started_on(first, env, "oomed", app)
         with session_scope(env["DEBLUR_DATABASE_URL"]) as session:
             claim = session.scalar(select(Image.claim).where(Image.job_id == job_id))
         # the questions, answered by the first worker's main process: its pool process is alive, a made-up one is
@@ -257,21 +255,12 @@ def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_noth
     hung_gate, open_gate = tmp_path / "never-yet", tmp_path / "open"
     open_gate.touch()
     base = dict(service_env(env), DEBLUR_IMAGE_TIME_LIMIT="3")
-    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
-    s3.create_bucket(Bucket="hangs")
-    s3.put_object(Bucket="hangs", Key="in/0.png", Body=_png(_pairs()[0][1]))
     app = app_for(load_settings())
     first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(hung_gate)), tmp_path / "first.log",
                           app="tests.gated_worker_app")
     second = None
     try:
-        first.wait_ready(app)
-        job_id = run_cli("submit", "s3://hangs/in/", "--output", "s3://hangs/out/", "--model", "wiener",
-                         "-q").strip()
-        deadline = time.monotonic() + 60
-        while json.loads(run_cli("results", job_id, "--format", "json"))[0]["attempts"] == 0:
-            assert time.monotonic() < deadline, "the first worker never started the image"
-            time.sleep(0.2)
+        job_id, s3 = _one_image_started_on(first, env, "hangs", app)
         second = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(open_gate)), tmp_path / "second.log",
                                app="tests.gated_worker_app")
         second.wait_ready(app)
