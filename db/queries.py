@@ -258,6 +258,18 @@ the worker renews it every quarter of that while the batch runs). Another delive
 only once its lease ran out: the run that held it is then presumed lost (a killed process, a dead node)."""
 
 
+def database_now(session: Session) -> datetime:
+    """The time by the database's clock (PostgreSQL's), which every lease is written and judged by.
+
+    Workers on different machines write leases and judge each other's: by their own clocks, one whose clock ran a
+    minute ahead would take a live lease for one run out (and restore the image a second time), and one behind
+    would keep a lost run's images waiting. SQLite is a file on this machine, so its clock is this machine's.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return as_utc(session.scalar(select(func.statement_timestamp())))
+    return utcnow()
+
+
 def _lease_over(now: datetime) -> Any:
     """The condition that an image's lease, if it has one, ran out by ``now``: no run holds it any more."""
     return or_(Image.lease_until.is_(None), Image.lease_until <= now)
@@ -271,6 +283,7 @@ class BatchClaim:
     held: list[str] = field(default_factory=list)  # running under another run's live lease: that run's to finish
     held_until: datetime | None = None  # when the last of those leases runs out, unless renewed
     holders: dict[str, str | None] = field(default_factory=dict)  # the claims holding them, and their workers
+    held_for: float = 0.0  # seconds until then, by the database's clock (this machine's may differ)
 
 
 def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: str, claim: str,
@@ -284,7 +297,7 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
     once, write its output twice or record different checksums for it.
     """
     inputs = list(inputs)
-    now = utcnow()
+    now = database_now(session)
     job = session.get(Job, job_id)
     if job is None:
         return BatchClaim([])
@@ -313,6 +326,7 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
     ).all()
     held = [uri for uri, _, _, _ in held_rows]
     held_until = max((as_utc(until) for _, until, _, _ in held_rows if until is not None), default=None)
+    held_for = max(0.0, (held_until - now).total_seconds()) if held_until is not None else 0.0
     holders = {holder: worker for _, _, holder, worker in held_rows}
     if job.started_at is None or job.status == "queued":
         # A job still "submitting" keeps that status until its producer has
@@ -326,7 +340,7 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
                 updated_at=now,
             )
         )
-    return BatchClaim(todo, held, held_until, holders)
+    return BatchClaim(todo, held, held_until, holders, held_for)
 
 
 def mark_running(session: Session, job_id: str, inputs: Iterable[str], worker: str,
@@ -343,7 +357,7 @@ def renew_leases(session: Session, job_id: str, claim: str, lease_s: float = LEA
     ids = select(Image.id).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running") \
         .with_for_update(skip_locked=True).scalar_subquery()
     result = session.execute(
-        update(Image).where(Image.id.in_(ids)).values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        update(Image).where(Image.id.in_(ids)).values(lease_until=database_now(session) + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount or 0)
@@ -484,7 +498,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
     """
     if not outcomes:
         return []
-    now = utcnow()
+    now = database_now(session)
     condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
     held = [Image.claim == claim, Image.status == "running"] if claim is not None else []
     if unfinished_only:
@@ -598,7 +612,7 @@ def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before:
                 func.coalesce(Image.started_at, Image.finished_at, Job.created_at) < stalled_before,
                 # a windowed job's batches not sent yet are waiting their turn, not stalled (producer.dispatch)
                 or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
-                or_(Image.status == "pending", _lease_over(utcnow())),
+                or_(Image.status == "pending", _lease_over(database_now(session))),
             )
         )
     if not conditions:
@@ -625,7 +639,7 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
     by_status: dict[str, list[str]] = {}
     for image in images:
         by_status.setdefault(image.status, []).append(image.input_uri)
-    now = utcnow()
+    now = database_now(session)
     reset: set[str] = set()
     for status, inputs in by_status.items():
         for part in _slices(inputs):
@@ -966,7 +980,7 @@ def operations_snapshot(session: Session, stalled_before: datetime, recent_since
             select(func.count()).where(Image.job_id.in_(unfinished), Image.status == "running",
                                        Image.started_at < stalled_before,
                                        # a worker still renewing its lease is slow, not gone (claim_images)
-                                       _lease_over(utcnow()))
+                                       _lease_over(database_now(session)))
         )
         worker_lost = session.scalar(
             select(func.count()).where(

@@ -680,3 +680,30 @@ def test_a_run_hung_on_one_image_stops_renewing_its_lease_and_another_delivery_t
     with session_scope(url) as s:  # ...but only what it still holds: the images the other delivery took stay taken
         assert {i.claim for i in s.scalars(select(Image).where(Image.job_id == job_id))} == {second}
     assert any("taken for hung" in r.getMessage() and inputs[0] in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("skew", [timedelta(minutes=10), -timedelta(minutes=10)], ids=["ahead", "behind"])
+def test_leases_go_by_the_database_clock_whatever_a_workers_clock_says(pg, monkeypatch, skew) -> None:  # type: ignore[no-untyped-def]
+    """Leases were written and judged by each worker's own clock. A worker whose clock ran ten minutes ahead took
+    another's live lease for over and restored its images a second time; one ten minutes behind kept a lost run's
+    images waiting ten minutes past its lease. Both now go by PostgreSQL's clock."""
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import utcnow
+
+    job_id, uris, _ = make_job(pg, [["k0.png"]])
+    inputs = list(uris.values())
+    with session_scope(pg) as s:  # a worker with a true clock holds the image under a live 60-s lease
+        assert queries.claim_images(s, job_id, inputs, "true-clock", "1" * 32, lease_s=60).todo == inputs
+    monkeypatch.setattr(queries, "utcnow", lambda: utcnow() + skew)  # this process is now the skewed worker
+    with session_scope(pg) as s:  # a second delivery lands on it: the lease is live, and has about 60 s left
+        claim = queries.claim_images(s, job_id, inputs, "skewed", "2" * 32, lease_s=60)
+    assert (claim.todo, claim.held) == ([], inputs)
+    assert 50 < claim.held_for <= 60
+    with session_scope(pg) as s:  # a renewal sent from the skewed machine writes the lease by the database's clock
+        queries.renew_leases(s, job_id, "1" * 32, lease_s=60)
+        until = s.scalar(select(func.max(queries.Image.lease_until)).where(queries.Image.job_id == job_id))
+        assert abs((queries.as_utc(until) - queries.database_now(s)).total_seconds() - 60) < 5
+        # and 'retry --stalled' from it leaves the image to its live lease (anything started before an hour from
+        # now counts as stalled, unless its lease is live)
+        assert queries.images_to_retry(s, job_id, failed=False, stalled_before=utcnow() + timedelta(hours=1)) == []

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import session_scope
-from db.schema import ENSEMBLE_MODEL, INPUT_MODEL, utcnow
+from db.schema import ENSEMBLE_MODEL, INPUT_MODEL
 from jobs.errors import DeviceFailure, InputError, TransientError
 from jobs.messages import BatchMessage, ImageItem
 from jobs.s3uri import S3URI, parse_s3_uri
@@ -440,13 +440,12 @@ def run_batch(message: BatchMessage, settings: Settings,
                                          settings.claim_lease)
         log.warning("batch of job %s: took over %d image(s) from a lost process of worker(s) %s",
                     message.job_id, len(again.todo), ", ".join(sorted({claimed.holders[h] for h in orphaned})))
-        claimed = queries.BatchClaim(claimed.todo + again.todo, again.held, again.held_until, again.holders)
+        claimed = queries.BatchClaim(claimed.todo + again.todo, again.held, again.held_until, again.holders,
+                                     again.held_for)
     todo = set(claimed.todo)
     held_counts = 0
     if claimed.held and hand_over is not None:
-        wait = HELD_RECHECK_S
-        if claimed.held_until is not None:
-            wait += max(0.0, (claimed.held_until - utcnow()).total_seconds())
+        wait = HELD_RECHECK_S + claimed.held_for
         held = set(claimed.held)
         log.warning("batch of job %s: %d image(s) are being restored by another delivery of this batch; they are "
                     "looked at again in %.0f s, in case that one is lost", message.job_id, len(held), wait)
