@@ -17,7 +17,7 @@ whole image grey once, since a part may look grey when the image is not.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -187,6 +187,29 @@ def _merge_channels(image: torch.Tensor, out: Restored, n: int, c: int) -> tuple
     kernels = None if out.kernels is None else out.kernels.reshape(n, c, *out.kernels.shape[1:]).mean(dim=1)
     metrics = {k: v.reshape(n, c, *v.shape[1:]).float().mean(dim=1) for k, v in out.metrics.items()}
     return merged, Restored(image=merged, kernels=kernels, metrics=metrics)
+
+
+def concat_restored(parts: Sequence[Restored]) -> Restored:
+    """One :class:`Restored` of the batches ``parts`` in order: images and the metrics every part has concatenated,
+    kernels of different sizes zero-padded to the largest, centred (an odd-sided kernel stays centred on its
+    middle pixel)."""
+    if len(parts) == 1:
+        return parts[0]
+    image = torch.cat([p.image for p in parts])
+    kernels = None
+    if all(p.kernels is not None for p in parts):
+        kh = max(p.kernels.shape[-2] for p in parts)  # type: ignore[union-attr]
+        kw = max(p.kernels.shape[-1] for p in parts)  # type: ignore[union-attr]
+        padded = []
+        for p in parts:
+            k = p.kernels
+            assert k is not None
+            dh, dw = kh - k.shape[-2], kw - k.shape[-1]
+            padded.append(F.pad(k, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2)))
+        kernels = torch.cat(padded)
+    names = [name for name in parts[0].metrics if all(name in p.metrics for p in parts)]
+    metrics = {name: torch.cat([p.metrics[name] for p in parts]) for name in names}
+    return Restored(image=image, kernels=kernels, metrics=metrics)
 
 
 def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:

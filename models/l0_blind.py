@@ -124,7 +124,7 @@ from typing import overload
 import torch
 import torch.nn.functional as F
 
-from models.base import RestorationModel, Restored
+from models.base import RestorationModel, Restored, concat_restored
 from models.catalog import REGISTRY
 from models.deconv import (
     centred_window,
@@ -2005,7 +2005,16 @@ class L0BlindModel(RestorationModel):
         )
 
     def restore_batch(self, x: torch.Tensor) -> Restored:
-        return restore(x, self.settings)
+        """Restore each image of ``x`` as it would be restored alone.
+
+        :func:`restore` chooses one estimation window position and one kernel side for its whole batch, so an
+        image's result would depend on what else shares its batch: a wide blur in one image would widen every
+        image's kernel window. Each image gets its own call here; each call still estimates its image's
+        candidates as one batch (the work a GPU runs in parallel).
+        """
+        if x.shape[0] == 1:
+            return restore(x, self.settings)
+        return concat_restored([restore(x[i:i + 1], self.settings) for i in range(x.shape[0])])
 
 
 def build_l0_blind(params: Mapping[str, object], device: torch.device) -> L0BlindModel:

@@ -13,6 +13,7 @@ from models.catalog import REGISTRY
 from models.deconv import shrink_vector, sparse_deconv
 from models.l0_blind import (
     GUARD_MAX_RESIDUAL,
+    L0BlindModel,
     L0Settings,
     LevelProblem,
     alternate,
@@ -872,3 +873,27 @@ def test_a_restoration_moved_by_a_texture_period_is_not_trusted(
     assert int(out.metrics["kernel_candidate"][0]) == 1 and float(out.metrics["kernel_fallback"][0]) == 0.0
     assert float(out.metrics["output_centring"][0]) > 0.9
     assert psnr(out.image[0, 0].numpy(), sharp) > psnr(blurred, sharp) + 2.0
+
+
+def test_the_model_restores_each_image_of_a_batch_as_it_would_alone(
+    photos: dict[str, np.ndarray], shake: np.ndarray
+) -> None:
+    """The batch shared one estimation window position (the best on average) and one kernel side, so an image's
+    result changed with what else was in its batch. The model now restores each image on its own."""
+    model = L0BlindModel({"candidates": 1, "refit": 0}, torch.device("cpu"))
+    model.settings = replace(model.settings, estimate_side=96)  # 160-px images: the window's position matters
+    rng = np.random.default_rng(3)
+    scenes = [photos["astronaut"][20:180, 180:340] / 255.0, photos["coffee"][200:360, 30:190] / 255.0]
+    kernels = (shake, np.pad(random_motion_kernel(11, rng), 4))
+    x = torch.cat([to_tensor(blur_image(s, k, noise_sigma=0.005, rng=rng)) for s, k in zip(scenes, kernels,
+                                                                                          strict=True)])
+    together = model(x)
+    for i in range(2):
+        alone = model(x[i:i + 1])
+        assert torch.equal(together.image[i], alone.image[0])
+        k = alone.kernels[0]
+        dh, dw = (together.kernels.shape[-2] - k.shape[-2]) // 2, (together.kernels.shape[-1] - k.shape[-1]) // 2
+        assert torch.equal(together.kernels[i, dh:dh + k.shape[-2], dw:dw + k.shape[-1]], k)
+        assert float(together.kernels[i].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert {name: float(v[i]) for name, v in together.metrics.items()} == \
+            {name: float(v[0]) for name, v in alone.metrics.items()}
