@@ -7,7 +7,9 @@ several worker processes can write to it; PostgreSQL is used as is.
 from __future__ import annotations
 
 import functools
+import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +114,12 @@ def get_engine(url: str) -> Engine:
         ConfigurationError: a SQLite database's folder is missing (:func:`check_sqlite_folder`), or the URL is
             not SQLite nor PostgreSQL.
     """
+    engine = _create_engine(url)
+    _engines.add(engine)
+    return engine
+
+
+def _create_engine(url: str) -> Engine:
     url = _normalise(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -136,9 +144,33 @@ def get_engine(url: str) -> Engine:
     raise ConfigurationError(f"unsupported database URL {url!r}; use sqlite:///file.db or postgresql://…")
 
 
-@functools.lru_cache(maxsize=8)
 def _sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    """The session factory of ``url``'s engine, made once per engine. Cached apart from the engine (both by URL,
+    each evicting on its own), a factory could outlive the engine :func:`get_engine` hands out, and sessions and
+    anything listening on that engine's events would then talk through two different pools."""
+    engine = get_engine(url)
+    maker: sessionmaker[Session] | None = getattr(engine, "_deblur_sessionmaker", None)
+    if maker is None:
+        maker = sessionmaker(engine, expire_on_commit=False)
+        engine._deblur_sessionmaker = maker  # type: ignore[attr-defined]  # lives and dies with its engine
+    return maker
+
+
+def _forget_parent_engines() -> None:
+    """In a forked child (a Celery pool process started after its parent used the database, as a worker's main
+    process does to look for abandoned images): the pooled connections the parent opened are the parent's.
+    A child that used one would interleave its statements with the parent's on one socket. They are dropped
+    without being closed (closing would end the parent's sessions; psycopg leaves a connection made by another
+    process alone when it is collected), and the child opens its own."""
+    for engine in list(_engines):
+        engine.dispose(close=False)
+    _engines.clear()
+    get_engine.cache_clear()
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # the engines get_engine made in this process
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_engines)
 
 
 @contextmanager
