@@ -598,6 +598,13 @@ def cancel_job(session: Session, job_id: str) -> int:
     return cancelled
 
 
+def _abandoned(before: datetime) -> Any:
+    """Images running under a lease that ran out before ``before``: the run that held them stopped renewing it (a
+    node lost, a worker hung past ``DEBLUR_IMAGE_TIME_LIMIT``) and no delivery of their batch took them since. An
+    image with no lease (from before leases, or a run that ended its leases as its task is retried) is not one."""
+    return and_(Image.status == "running", Image.lease_until.is_not(None), Image.lease_until < before)
+
+
 def images_to_retry(session: Session, job_id: str, failed: bool, stalled_before: datetime | None) -> list[Image]:
     """Failed images, and/or images pending or running since before ``stalled_before`` (of a windowed job, only
     those of batches already sent: the others wait their turn). A running image whose worker still renews its
@@ -645,13 +652,14 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
         for part in _slices(inputs):
             # locked, so the outcomes kept for usage are exactly those the UPDATE then clears; an image a run
             # claimed since the selection (a redelivery) is that run's, not reset under it
+            free = or_(Image.status != "running", _lease_over(now))
             ids = list(session.scalars(select(Image.id).where(
-                Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status,
-                or_(Image.status != "running", _lease_over(now))).with_for_update()))
+                Image.job_id == job_id, Image.input_uri.in_(part), Image.status == status, free)
+                .order_by(Image.id).with_for_update()))
             keep_earlier_outcomes(session, ids)
             reset.update(session.scalars(
                 update(Image)
-                .where(Image.id.in_(ids), Image.status == status)
+                .where(Image.id.in_(ids), Image.status == status, free)  # re-checked: SQLite locks no rows
                 .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None,
                         claim=None, lease_until=None)
                 .returning(Image.input_uri)
@@ -1099,6 +1107,10 @@ def restart_window(session: Session, job_id: str) -> int:
     window allows. A count that drifted (a broker that lost its messages, a slot whose next batch could not be
     sent) is right again. One UPDATE, counted in it from the job's row as it is then, so a worker claiming or
     freeing a slot meanwhile is not overwritten by a stale read. Returns the count."""
+    # the job's row first: on PostgreSQL the count below then sees what a worker that was freeing a slot under
+    # that lock committed (the statement's snapshot is taken once it holds the row), instead of counting the
+    # finished batch again over the slot it just freed
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     outstanding = (
         select(func.count(func.distinct(Image.batch)))
         .where(Image.job_id == job_id, Image.batch < Job.batches_sent, Image.status.in_(("pending", "running")))
@@ -1107,6 +1119,53 @@ def restart_window(session: Session, job_id: str) -> int:
     session.execute(update(Job).where(Job.id == job_id).values(batches_in_flight=outstanding)
                     .execution_options(synchronize_session=False))
     return int(session.scalar(select(Job.batches_in_flight).where(Job.id == job_id)) or 0)
+
+
+def jobs_with_abandoned_images(session: Session, abandoned_for: float) -> list[tuple[str, dict[str, Any]]]:
+    """Unfinished jobs (id and spec, oldest first) holding images whose lease ran out at least ``abandoned_for``
+    seconds ago:
+    their run was lost, and Redis would hand its batch on only after the whole visibility timeout (an hour by
+    default). A job still being listed is included: its producer lists, it does not watch its batches."""
+    before = database_now(session) - timedelta(seconds=abandoned_for)
+    lost = select(Image.id).where(Image.job_id == Job.id, _abandoned(before)).exists()
+    return [(job_id, spec) for job_id, spec in session.execute(
+        select(Job.id, Job.spec).where(Job.status.in_((*UNFINISHED_JOB_STATUSES, "cancelled")), lost)
+        .order_by(Job.created_at))]
+
+
+def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> list[tuple[str, str, str | None]]:
+    """Make a job's abandoned images (lease out for ``abandoned_for`` seconds) pending again, to be sent again in
+    this transaction; returns their (input, output, reference) URIs.
+
+    Unlike a retry, this takes back what a lost run held and nothing else: the image keeps its batch (a windowed
+    job's slot is freed when the batch's last image is recorded, whatever message carried it), its attempts and
+    its unfinished starts (the lost run's start counts towards ``DEBLUR_IMAGE_MAX_ATTEMPTS``, so an image that
+    kills or hangs every worker is failed after that many, not sent round for good), and the job its status.
+    Image rows are locked (in id order) before the job's row, as every path does. A job cancelled meanwhile is
+    not brought back: its abandoned images are cancelled with it.
+    """
+    now = database_now(session)
+    before = now - timedelta(seconds=abandoned_for)
+    ids = list(session.scalars(select(Image.id).where(Image.job_id == job_id, _abandoned(before))
+                               .order_by(Image.id).with_for_update()))
+    if not ids:
+        return []
+    status = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+    still = (Image.id.in_(ids), _abandoned(before))  # re-checked by each UPDATE: SQLite locks no rows
+    if status == "cancelled":
+        session.execute(update(Image).where(*still).values(status="cancelled", finished_at=now, claim=None,
+                                                           lease_until=None)
+                        .execution_options(synchronize_session=False))
+        return []
+    if status not in UNFINISHED_JOB_STATUSES:
+        return []
+    rows = session.execute(
+        update(Image).where(*still)
+        .values(status="pending", started_at=now, worker=None, claim=None, lease_until=None)
+        .returning(Image.input_uri, Image.output_uri, Image.reference_uri)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return sorted((uri, output, reference) for uri, output, reference in rows)
 
 
 def retryable_job_ids(session: Session) -> list[str]:

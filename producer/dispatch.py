@@ -63,6 +63,12 @@ def batch_payload(job_id: str, kind: JobKind, spec: dict[str, Any], images: Sequ
     ).to_payload()
 
 
+def job_queue(spec: dict[str, Any], settings: Settings) -> str:
+    """The queue a job's batches go to: the one it was submitted to (recorded in its spec), or for a job submitted
+    before queues were recorded, ``settings.queue``."""
+    return str(spec.get("queue") or settings.queue)
+
+
 def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: dict[str, Any],
                         finished_one: bool = False, producer: Any = None) -> int:
     """Send as many of a windowed job's unsent batches as its window allows now; returns how many were sent.
@@ -96,7 +102,7 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
             items = [ImageItem(input=i, output=o, reference=r) for i, o, r in rows]
             try:
                 app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, items, slot=True)],
-                              queue=settings.queue, priority=priority, producer=producer)
+                              queue=job_queue(spec, settings), priority=priority, producer=producer)
             except Exception:
                 with session_scope(url) as session:  # the empty batches' slots are free whatever happens next
                     queries.release_window_slots(session, job_id, released)

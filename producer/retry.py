@@ -9,7 +9,7 @@ from db.engine import ensure_schema, session_scope
 from db.schema import utcnow
 from jobs.messages import PROCESS_BATCH_TASK, ImageItem
 from jobs.settings import Settings
-from producer.dispatch import batch_payload, send_window_batches
+from producer.dispatch import batch_payload, job_queue, send_window_batches
 
 
 def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: int | None) -> int:
@@ -54,7 +54,7 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     with app.producer_or_acquire() as producer:
         for batch in batches:
             app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch)],
-                          queue=settings.queue, priority=broker_priority(int(spec.get("priority", 5))),
+                          queue=job_queue(spec, settings), priority=broker_priority(int(spec.get("priority", 5))),
                           producer=producer)
         if windowed:
             send_window_batches(settings, job_id, kind, spec, producer=producer)

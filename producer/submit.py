@@ -286,6 +286,9 @@ def submit(
         "sidecar": request.sidecar,
         "window": window,
         "labels": check_submitted_labels(request.labels, request.api_client),
+        # the queue its batches go to: a retry, a window's next batch and the workers' sweep for abandoned images
+        # send to it too, whatever queue the process sending them consumes or was set to
+        "queue": settings.queue,
     }
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)

@@ -9,6 +9,7 @@ every job here has buckets and keys of its own.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -33,7 +34,9 @@ def make_job(url: str, batches: list[list[str]], window: int = 0) -> tuple[str, 
     tag = uuid.uuid4().hex[:8]
     uris = {}
     with session_scope(url) as session:
-        spec = {"models": ["wiener"], "output": f"s3://claims-{tag}/out/", "batch_size": 2}
+        # the queue of this process's settings: the workers' sweep for abandoned images looks at its own only
+        spec = {"models": ["wiener"], "output": f"s3://claims-{tag}/out/", "batch_size": 2,
+                "queue": os.environ.get("DEBLUR_QUEUE", f"q-{tag}")}
         if window:
             spec["window"] = window
         job, _ = queries.create_job(session, "deblur", spec)
@@ -707,3 +710,107 @@ def test_leases_go_by_the_database_clock_whatever_a_workers_clock_says(pg, monke
         # and 'retry --stalled' from it leaves the image to its live lease (anything started before an hour from
         # now counts as stalled, unless its lease is live)
         assert queries.images_to_retry(s, job_id, failed=False, stalled_before=utcnow() + timedelta(hours=1)) == []
+
+
+def test_a_recount_of_the_window_waiting_on_a_freed_slot_counts_it_freed(  # type: ignore[no-untyped-def]
+        pg, redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
+    """'retry --stalled' recounts a windowed job's batches in flight in one UPDATE. On PostgreSQL that UPDATE
+    counted the images with the snapshot it started with: when a worker was freeing a slot under the job's lock
+    at that moment, the recount waited for the lock, then wrote back a count that still held the finished batch,
+    and a window-1 job never sent its next batch. The recount now takes the job's row before it counts."""
+    from db import queries
+    from db.engine import _sessionmaker, session_scope
+    from db.schema import Job
+    from jobs.settings import load_settings
+    from producer.retry import retry_images
+    from tests.e2e_helpers import use_services
+
+    use_services(monkeypatch, redis_url, s3_endpoint, pg, tmp_path / "home")  # the retry sends to this Redis
+    job_id, uris, _ = make_job(pg, [["n0.png"], ["n1.png"]], window=1)
+    with session_scope(pg) as s:
+        assert queries.claim_window_batches(s, job_id, 1) == [0]
+        queries.claim_images(s, job_id, [uris["n0.png"]], "w", "8" * 32)
+    worker = _sessionmaker(pg)()  # the worker records batch 0's last image and frees its slot: not committed yet
+    written = queries.record_outcomes(worker, job_id, [queries.ImageOutcome(uris["n0.png"], "done", worker="w")],
+                                      claim="8" * 32)
+    assert queries.free_slots_of_finished_batches(worker, job_id, written) == 1
+    retried: list[int] = []
+    retry = threading.Thread(target=lambda: retried.append(
+        retry_images(load_settings(), job_id, failed=False, stalled_after=3600)))
+    retry.start()
+    time.sleep(1.0)  # the retry's recount now waits for the job's row
+    worker.commit()
+    worker.close()
+    retry.join(30)
+    with session_scope(pg) as s:
+        job = s.get(Job, job_id)
+        # nothing was stalled; the freed slot stayed free, and the retry sent the next batch through it
+        assert (retried, job.batches_sent, job.batches_in_flight) == ([0], 2, 1)
+
+
+def test_a_run_starting_its_next_image_never_deadlocks_with_a_delivery_claiming_it(  # type: ignore[no-untyped-def]
+        pg, redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
+    """A run's transaction between two images recorded the last one (locking the job's row to free a window slot)
+    and then started the next (its image row). A delivery taking that next image over (its lease ran out) locks
+    the image row and then, for a queued job, the job's row: PostgreSQL found the two deadlocked and aborted one.
+    The run now starts the image first, so both take image rows before the job's."""
+    from db import queries
+    from db.engine import get_engine, session_scope
+    from db.schema import Image, Job
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from tests.e2e_helpers import queued_tasks, use_services
+    from tests.test_end_to_end import run_cli
+    from worker import pipeline
+
+    env = use_services(monkeypatch, redis_url, s3_endpoint, pg, tmp_path / "home")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    bucket = f"lockorder-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for i in range(2):
+        s3.put_object(Bucket=bucket, Key=f"in/{i}.png", Body=_png(i))
+    job_id = run_cli("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener",
+                     "--batch-size", "2", "--window", "1", "-q").strip()
+    [(_, args)] = queued_tasks(env)
+    second = f"s3://{bucket}/in/1.png"
+    armed, errors = threading.Event(), []
+    real = pipeline.restore_work
+
+    def restore(work, message, *rest):  # type: ignore[no-untyped-def]
+        if work.item.input.endswith("/0.png"):  # meanwhile the job went back to queued and the next image's lease
+            with session_scope(pg) as s:       # ran out (a slow run): a delivery may claim it, job row included
+                s.execute(update(Job).where(Job.id == job_id).values(status="queued"))
+                s.execute(update(Image).where(Image.input_uri == second)
+                          .values(lease_until=queries.database_now(s) - timedelta(seconds=1)))
+            armed.set()
+        real(work, message, *rest)
+
+    def claim() -> None:
+        try:
+            with session_scope(pg) as s:
+                queries.claim_images(s, job_id, [second], "other@node", "9" * 32, lease_s=60)
+        except Exception as exc:
+            errors.append(f"claim: {type(exc).__name__}: {exc}")
+
+    claimer: list[threading.Thread] = []
+
+    def hook(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        # the run has just locked the job's row to free slots: the delivery claims the next image right then
+        if armed.is_set() and not claimer and threading.current_thread() is threading.main_thread() \
+                and "FROM jobs" in statement and "FOR UPDATE" in statement:
+            claimer.append(threading.Thread(target=claim))
+            claimer[0].start()
+            time.sleep(1.0)
+
+    monkeypatch.setattr(pipeline, "restore_work", restore)
+    engine = get_engine(pg)
+    event.listen(engine, "after_cursor_execute", hook)
+    try:
+        pipeline.run_batch(BatchMessage.from_payload(args[0]), load_settings(), hand_over=lambda *a, **k: None)
+    except Exception as exc:
+        errors.append(f"run: {type(exc).__name__}: {exc}")
+    finally:
+        event.remove(engine, "after_cursor_execute", hook)
+        for thread in claimer:
+            thread.join(30)
+    assert claimer and errors == []

@@ -254,7 +254,7 @@ def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_noth
 
     hung_gate, open_gate = tmp_path / "never-yet", tmp_path / "open"
     open_gate.touch()
-    base = dict(service_env(env), DEBLUR_IMAGE_TIME_LIMIT="3")
+    base = dict(service_env(env), DEBLUR_IMAGE_TIME_LIMIT="4")
     app = app_for(load_settings())
     first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(hung_gate)), tmp_path / "first.log",
                           app="tests.gated_worker_app")
@@ -264,7 +264,7 @@ def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_noth
         second = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(open_gate)), tmp_path / "second.log",
                                app="tests.gated_worker_app")
         second.wait_ready(app)
-        info = wait_done(job_id, timeout=90)  # redelivery after 8 s, the lease out 3 + 4 s after the start
+        info = wait_done(job_id, timeout=90)  # the lease out 4 + 4 s after the start; redelivery or the sweep
         assert info["counts"]["done"] == 1, info
         assert "taken for hung" in first.log.read_text(errors="replace")
         hung_gate.touch()  # the hung run wakes: it finds the image taken over and writes nothing

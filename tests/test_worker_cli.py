@@ -397,6 +397,13 @@ def test_the_image_time_limit_defaults_to_the_room_the_other_limits_leave_for_on
     monkeypatch.setenv("DEBLUR_IMAGE_TIME_LIMIT", "-1")
     with pytest.raises(ConfigurationError, match="DEBLUR_IMAGE_TIME_LIMIT must be >= 0"):
         load_settings()
+    monkeypatch.setenv("DEBLUR_IMAGE_TIME_LIMIT", "30")  # shorter than the 90-s lease: images would go round
+    with pytest.raises(ConfigurationError, match="DEBLUR_IMAGE_TIME_LIMIT is 30 s, shorter than DEBLUR_CLAIM_LEASE"):
+        load_settings()
+    monkeypatch.setenv("DEBLUR_IMAGE_TIME_LIMIT", "0")
+    monkeypatch.setenv("DEBLUR_BATCH_TIME_LIMIT", "3590")  # leaves 10 s for one image by default
+    with pytest.raises(ConfigurationError, match=r"less DEBLUR_BATCH_TIME_LIMIT by default\) is 10 s"):
+        load_settings()
 
 
 def test_the_broker_sweeps_for_a_dead_workers_batches_at_a_tenth_of_the_visibility_timeout(

@@ -356,9 +356,10 @@ class LeaseKeeper:
                 if hung != self._given_up:
                     self._given_up = hung
                     log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT):"
-                              " this worker is taken for hung on it and stops renewing its lease, so another "
-                              "delivery of its batch restores it within %.0f s; this run writes nothing for it",
-                              hung, self._job_id, self._image_limit_s, self._lease_s)
+                              " this worker is taken for hung on it and stops renewing its lease, which runs out "
+                              "within %.0f s; the workers' sweep then sends its images again (or Redis, after the "
+                              "visibility timeout), and this run writes nothing for them", hung, self._job_id,
+                              self._image_limit_s, self._lease_s)
                 continue
             try:
                 with session_scope(self._db_url) as session:
@@ -551,10 +552,12 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
                     record(session, works[:index])
                 raise
             # one transaction: the images before this one, stored, are recorded (if this one takes the worker
-            # down, a redelivery skips them instead of restoring and counting them again), and this one starts
+            # down, a redelivery skips them instead of restoring and counting them again), and this one starts.
+            # It starts first: its image row is locked before the recording locks the job's row (to free a
+            # window slot), the order every path keeps, so a delivery claiming this image never deadlocks with it
             with session_scope(db_url) as session:
-                record(session, works[:index])
                 starts = queries.start_image(session, message.job_id, work.item.input, claim)
+                record(session, works[:index])
             if starts is None:  # another delivery took it over while this run stalled: it is that one's now
                 work.fail("taken over by another delivery of its batch")
                 work.taken_over = True
@@ -593,6 +596,7 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
             if work.uploads and not _still_held(db_url, message.job_id, work, claim):
                 work.uploads = []
             if work.uploads:
+                keeper.image_started(work.item.input)  # its upload gets a time limit of its own
                 uploads[work.item.input] = pool.submit(_upload, client, work)
         for upload in uploads.values():
             upload.result()

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
@@ -45,10 +45,24 @@ def _child_stopping(**_: Any) -> None:
         log.exception("error while releasing models")
 
 
+_sweeper: list[Any] = []  # the main process's AbandonedImageSweeper, once the worker is ready
+
+
 @worker_ready.connect
 def _ready(sender: Any = None, **_: Any) -> None:
     if sender is not None and getattr(sender, "hostname", None):
         runtime.set_hostname(sender.hostname)
+    # the main process, which outlives its pool: images a lost worker left are sent again within minutes
+    from worker.sweeper import AbandonedImageSweeper
+
+    if not _sweeper:
+        _sweeper.append(AbandonedImageSweeper(runtime.settings()).start())
+
+
+@worker_shutdown.connect
+def _stopping(**_: Any) -> None:
+    while _sweeper:
+        _sweeper.pop().stop()
 
 
 def _newer_release_batch(task: Any, payload: dict[str, Any], error: Exception) -> dict[str, int]:
