@@ -365,9 +365,11 @@ def renew_leases(session: Session, job_id: str, claim: str, lease_s: float = LEA
 
 def drop_leases(session: Session, job_id: str, claim: str) -> None:
     """End the leases ``claim`` holds at once (its run stops and its task is retried): its next delivery, or any
-    other, takes the images without waiting for them to run out."""
+    other, takes the images without waiting for them to run out. The lease runs out now rather than vanishing,
+    so that if no delivery ever comes (the task's retry could not be sent either), the workers' sweep finds the
+    images a lease later (:func:`take_back_abandoned`)."""
     session.execute(update(Image).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running")
-                    .values(lease_until=None))
+                    .values(lease_until=database_now(session)))
 
 
 def start_image(session: Session, job_id: str, input_uri: str, claim: str | None = None) -> int | None:
@@ -1141,8 +1143,8 @@ def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> 
     job's slot is freed when the batch's last image is recorded, whatever message carried it), its attempts and
     its unfinished starts (the lost run's start counts towards ``DEBLUR_IMAGE_MAX_ATTEMPTS``, so an image that
     kills or hangs every worker is failed after that many, not sent round for good), and the job its status.
-    Image rows are locked (in id order) before the job's row, as every path does. A job cancelled meanwhile is
-    not brought back: its abandoned images are cancelled with it.
+    Image rows are locked before the job's row, the order every path keeps. A job cancelled meanwhile is not
+    brought back: its abandoned images are cancelled with it.
     """
     now = database_now(session)
     before = now - timedelta(seconds=abandoned_for)

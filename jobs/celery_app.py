@@ -21,6 +21,9 @@ from jobs.settings import Settings, load_settings
 PRIORITY_LEVELS = 10
 # The longest wait between two sweeps for batches whose worker died.
 LONGEST_RESTORE_SWEEP_S = 60
+# Seconds a command to Redis, and a connection to it, may take (consumers wait at most 1 s per BRPOP).
+BROKER_SOCKET_TIMEOUT_S = 30
+BROKER_CONNECT_TIMEOUT_S = 10
 
 
 def restore_sweep_seconds(visibility_timeout: int) -> int:
@@ -73,6 +76,11 @@ def make_app(settings: Settings, set_as_current: bool = True) -> Celery:
             "unacked_restore_throttle": 1,
             "priority_steps": list(range(PRIORITY_LEVELS)),
             "queue_order_strategy": "priority",
+            # a broker that stops answering without closing the connection (a failover, a NAT or firewall
+            # timeout) fails a publish after this long instead of holding its sender for good: a worker's
+            # sweep publishes inside a database transaction (worker.sweeper), a producer mid-submission
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # a pool child imports torch as it starts (a CUDA build: about 5 s cold); Celery's default of 4 s would

@@ -122,7 +122,7 @@ HELP: dict[str, SettingInfo] = {
     "image_time_limit": SettingInfo(
         "DEBLUR_IMAGE_TIME_LIMIT",
         "seconds one image may take before its worker is taken for hung: the worker stops renewing its lease, so "
-        "a second delivery of the batch restores the image and the hung run writes nothing (0: "
+        "the workers' sweep sends the image again and the hung run writes nothing (0: "
         "DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT, the room those leave for one image)",
     ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),
@@ -274,11 +274,12 @@ def _validate(s: Settings) -> None:
     if 0 <= s.batch_time_limit < s.visibility_timeout and s.resolved_image_time_limit() < s.claim_lease:
         source = ("DEBLUR_IMAGE_TIME_LIMIT" if s.image_time_limit else
                   "DEBLUR_IMAGE_TIME_LIMIT (DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT by default)")
+        remedy = ("raise it to the longest one image may take (at least the lease)" if s.image_time_limit else
+                  "set DEBLUR_IMAGE_TIME_LIMIT to the longest one image may take (at least the lease), or lower "
+                  "DEBLUR_BATCH_TIME_LIMIT")
         raise ConfigurationError(
             f"{source} is {s.resolved_image_time_limit()} s, shorter than DEBLUR_CLAIM_LEASE={s.claim_lease} s: "
-            f"every image slower than that would be taken from its worker and sent round again. Set "
-            f"DEBLUR_IMAGE_TIME_LIMIT to the longest one image may take (at least the lease), or lower "
-            f"DEBLUR_BATCH_TIME_LIMIT")
+            f"every image slower than that would be taken from its worker and sent round again; {remedy}")
     if s.batch_time_limit >= s.visibility_timeout:
         raise ConfigurationError(
             f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="

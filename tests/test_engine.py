@@ -17,9 +17,10 @@ def test_a_forked_process_opens_its_own_connections_and_leaves_its_parents_alone
     """A worker's main process now uses the database (its sweep), and Celery forks a new pool process whenever
     one dies: the child inherited the parent's pooled connections, and the two interleaved statements on one
     socket. The child now drops them unclosed and opens its own."""
-    from db.engine import ensure_schema, session_scope
+    from db.engine import ensure_schema, get_engine, session_scope
 
     ensure_schema(postgres_url)
+    get_engine.cache_clear()  # a fresh engine: its pool then holds the one connection opened below, idle
     with session_scope(postgres_url) as s:
         parent_backend = s.scalar(text("select pg_backend_pid()"))
     read, write = os.pipe()

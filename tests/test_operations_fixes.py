@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -152,6 +153,11 @@ def test_a_retried_run_drops_its_leases_so_the_retry_need_not_wait(database: str
     with session_scope(database) as session:
         queries.claim_images(session, job_id, uris, "w1@host", "a" * 32)
         queries.drop_leases(session, job_id, "a" * 32)
+    # the lease ran out rather than vanished: if the retry never comes (its message could not be sent either), the
+    # workers' sweep finds the images once the lease has been out for a lease (here none), instead of never
+    time.sleep(0.01)
+    with session_scope(database) as session:
+        assert job_id in [j for j, _ in queries.jobs_with_abandoned_images(session, 0)]
     with session_scope(database) as session:
         assert sorted(queries.claim_images(session, job_id, uris, "w1@host", "c" * 32).todo) == sorted(uris)
 

@@ -419,3 +419,49 @@ def test_the_broker_sweeps_for_a_dead_workers_batches_at_a_tenth_of_the_visibili
     options = make_app(load_settings(), set_as_current=False).conf.broker_transport_options
     assert options["visibility_timeout"] == 8
     assert options["unacked_restore_interval"] == 1 and options["unacked_restore_throttle"] == 1
+
+
+@pytest.mark.timeout(60)  # without the socket timeout the publish waits for good
+def test_a_broker_that_stops_answering_fails_a_publish_instead_of_holding_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a socket timeout a publish to a Redis that stopped answering (a failover, a firewall timeout) waited
+    for good, and a worker's sweep publishes inside a database transaction. A loopback server that accepts and
+    never answers stands for it, with the timeout shortened to 1 s."""
+    import socket
+    import threading
+    import time
+
+    from jobs import celery_app
+    from jobs.messages import PROCESS_BATCH_TASK
+    from jobs.settings import load_settings
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])  # accepted, never answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setattr(celery_app, "BROKER_SOCKET_TIMEOUT_S", 1)
+    monkeypatch.setenv("DEBLUR_BROKER_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+    app = celery_app.make_app(load_settings(), set_as_current=False)
+    assert app.conf.broker_transport_options["socket_connect_timeout"] == celery_app.BROKER_CONNECT_TIMEOUT_S
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception):
+            app.send_task(PROCESS_BATCH_TASK, args=[{}], queue="silent", retry=False)
+        assert time.monotonic() - started < 15
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        silent.close()

@@ -62,19 +62,22 @@ class AbandonedImageSweeper:
         for job_id in job_ids:
             try:
                 count = self._send_again(url, job_id)
-            except Exception:  # the broker or the database: nothing was taken back; the next sweep tries again
-                log.exception("could not send job %s's abandoned images again", job_id)
+            except Exception:  # the broker or the database: the next sweep tries again
+                log.exception("the sweep of job %s's abandoned images failed; the next sweep tries again", job_id)
                 continue
             if count:
                 log.warning("job %s: %d image(s) were left running by a worker that stopped renewing their lease "
-                            "%.0f s ago or more (lost, or hung); sent again", job_id, count, self.abandoned_for)
+                            "(lost, or hung), which ran out %.0f s ago or more; sent again", job_id, count,
+                            self.abandoned_for)
             sent += count
         return sent
 
     def _send_again(self, url: str, job_id: str) -> int:
         """Take back one job's abandoned images and send them as plain batches, in one transaction: the messages
         are sent before it commits, so a broker that refuses them leaves the images as they were for the next
-        sweep (a commit that fails after the send only sends them twice; the second finds them done)."""
+        sweep (a commit that fails after the send only sends them twice; the second finds them done). Each send
+        is tried once, and a broker that stops answering fails it after the transport's socket timeout
+        (:func:`jobs.celery_app.make_app`), so the transaction never holds its rows for long."""
         from jobs.celery_app import app_for, broker_priority
         from jobs.messages import PROCESS_BATCH_TASK, ImageItem
         from producer.dispatch import batch_payload, job_queue
@@ -93,7 +96,7 @@ class AbandonedImageSweeper:
                 for start in range(0, len(items), size):
                     payload = batch_payload(job_id, kind, spec, items[start:start + size])
                     app.send_task(PROCESS_BATCH_TASK, args=[payload], queue=queue, priority=priority,
-                                  producer=producer)
+                                  producer=producer, retry=False)
         return len(items)
 
     def _run(self) -> None:
