@@ -599,6 +599,44 @@ def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consumi
     assert is_device_failure(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
 
 
+def test_images_whose_hand_over_could_not_be_sent_are_held_for_the_retry_or_the_sweep(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """A failed device hands the rest of its batch to a new task after releasing it (pending). When the broker
+    refused that message, and then the task's own retry, the released images waited with no message for good.
+    They are now claimed back under a lease that has run out: a retry takes them at once, and failing that the
+    workers' sweep finds them a lease later."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.errors import TransientError
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline
+
+    job_id, payload = _one_batch_job(env, "unsent", ("1.png", "2.png", "3.png"))
+    real = pipeline.restore_work
+
+    def gpu_dies_on_the_second(work: Any, message: Any, *rest: Any) -> None:
+        if work.item.input.endswith("/2.png"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real(work, message, *rest)
+
+    def broker_down(*_: Any, **__: Any) -> None:
+        raise TransientError("could not hand the rest of the batch to a new task: connection refused")
+
+    monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
+    with pytest.raises(TransientError):
+        pipeline.run_batch(BatchMessage.from_payload(payload), load_settings(), hand_over=broker_down)
+    results = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert {r["input"].rsplit("/", 1)[1]: r["status"] for r in results} == {
+        "1.png": "done", "2.png": "running", "3.png": "running"}
+    url = load_settings().resolved_database_url()
+    time.sleep(0.01)
+    with session_scope(url) as session:
+        assert [j for j, _ in queries.jobs_with_abandoned_images(session, 0)] == [job_id]
+        unsent = [f"s3://unsent/in/{n}" for n in ("2.png", "3.png")]
+        assert sorted(queries.claim_images(session, job_id, unsent, "retry@node", "r" * 32).todo) == unsent
+
+
 def test_an_image_that_kills_its_worker_is_failed_after_three_starts_and_its_batch_finishes(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """A poison image (one whose restoration takes the worker down: out of memory, a crash) once took down every

@@ -497,7 +497,11 @@ def run_batch(message: BatchMessage, settings: Settings,
             log.warning("batch of job %s out of time after %d image(s) (%.0f s, limit %d s): handing %d over to a "
                         "new task", message.job_id, len(works), time.monotonic() - started, settings.batch_time_limit,
                         len(leftover))
-        hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
+        try:
+            hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
+        except Exception:
+            _hold_unsent(db_url, message.job_id, [w.item.input for w in leftover], worker_name, claim)
+            raise
     done = sum(w.outcome.status == "done" for w in works)
     failed = sum(w.outcome.status != "done" and not w.taken_over for w in works)
     counts = batch_counts(done, failed, len(leftover) + held_counts)
@@ -507,6 +511,23 @@ def run_batch(message: BatchMessage, settings: Settings,
         device_failure.counts = counts
         raise device_failure
     return counts
+
+
+def _hold_unsent(db_url: str, job_id: str, inputs: list[str], worker: str, claim: str) -> None:
+    """Images released for a hand-over whose message could not be sent: claimed back under an expired lease.
+
+    Released, they were pending with no message to process them: if the task's own retry could not be sent
+    either, nothing would ever look at them again. Claimed back with their lease run out, the task's retry takes
+    them at once, and failing that the workers' sweep finds them a lease later (:mod:`worker.sweeper`). Best
+    effort: the database may be what failed too.
+    """
+    try:
+        with session_scope(db_url) as session:
+            queries.claim_images(session, job_id, inputs, worker, claim, lease_s=0)
+            queries.drop_leases(session, job_id, claim)
+    except Exception:
+        log.exception("could not hold %d image(s) of job %s whose hand-over was not sent; 'deblur retry %s "
+                      "--stalled' sends them if the batch's retry does not come", len(inputs), job_id, job_id)
 
 
 def _end_run(db_url: str, job_id: str, claim: str, to_unstart: list[str]) -> None:
