@@ -121,8 +121,9 @@ HELP: dict[str, SettingInfo] = {
     ),
     "image_time_limit": SettingInfo(
         "DEBLUR_IMAGE_TIME_LIMIT",
-        "seconds one image may take before its worker is taken for hung: the worker stops renewing its lease, so "
-        "the workers' sweep sends the image again and the hung run writes nothing (0: "
+        "seconds one image may take before its worker is taken for hung: a pool process ends itself and a fresh "
+        "one restores the image (--pool solo: the lease is no longer renewed and the workers' sweep sends the "
+        "image again); the hung run writes nothing (0: "
         "DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT, the room those leave for one image)",
     ),
     "io_threads": SettingInfo("DEBLUR_IO_THREADS", "download/upload threads per worker process"),

@@ -284,6 +284,34 @@ def test_a_worker_hung_on_an_image_loses_it_to_the_next_delivery_and_writes_noth
     assert hashlib.sha256(output).hexdigest() == row["output_sha256"]
 
 
+def test_a_pool_process_hung_on_an_image_ends_itself_and_a_fresh_one_restores_it(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pool process hung on one image kept its slot in the pool for good: the worker had one process less until
+    restarted. Past DEBLUR_IMAGE_TIME_LIMIT it now ends itself, as Celery's hard time limit would; Celery puts the
+    batch back at once and starts a fresh process, which restores the image."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    gate, once = tmp_path / "never", tmp_path / "hung-once"
+    worker = WorkerProcess(dict(service_env(env), TEST_RESTORE_GATE=str(gate), TEST_RESTORE_GATE_ONCE=str(once),
+                                DEBLUR_IMAGE_TIME_LIMIT="4"), tmp_path / "worker.log", pool="prefork",
+                           app="tests.gated_worker_app")
+    try:
+        job_id, s3 = _one_image_started_on(worker, env, "hangs-once", app_for(load_settings()))
+        started = time.monotonic()
+        info = wait_done(job_id, timeout=90)
+        waited = time.monotonic() - started
+    finally:
+        gate.touch()
+        worker.stop()
+    log = worker.log.read_text(errors="replace")
+    assert info["counts"]["done"] == 1, info
+    assert "this pool process is taken for hung and ends itself" in log and "signal 9" in log, log[-3000:]
+    assert waited < 30, f"restored {waited:.0f} s after it started hanging"
+    [row] = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, worker.name), row
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket="hangs-once", Prefix="out/")["Contents"]] == ["out/0.png"]
+
+
 def test_a_batch_out_of_time_hands_its_remaining_images_to_a_new_task(  # type: ignore[no-untyped-def]
         redis_url, s3_endpoint, tmp_path, monkeypatch) -> None:
     """With a 1-s limit, a 3-image batch of 2-3-s images runs as three tasks; no image is attempted twice."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -316,10 +318,11 @@ class LeaseKeeper:
 
     Progress is an image started (:meth:`image_started`). Once the current image has taken longer than
     ``image_limit_s`` seconds (``DEBLUR_IMAGE_TIME_LIMIT``) the run is taken for hung (a deadlocked library, a
-    device that never answers): renewal stops, so the lease runs out and the next delivery of the batch restores
-    the image, while this run, should it ever wake, writes nothing over it (its claim is gone). Renewal resumes if
-    the run starts another image. A renewal thread alone, ticking on a timer, would keep a hung run's images from
-    every other worker for good.
+    device that never answers). In a pool process, the process ends itself (:meth:`_end_hung_process`), as
+    Celery's hard time limit would. Otherwise (``--pool solo``, whose process is the worker itself) renewal
+    stops, so the lease runs out and the workers' sweep sends the images again, while this run, should it ever
+    wake, writes nothing over them (its claim is gone); renewal resumes if the run starts another image. A
+    renewal thread alone, ticking on a timer, would keep a hung run's images from every other worker for good.
     """
 
     def __init__(self, db_url: str, job_id: str, claim: str, lease_s: float, image_limit_s: float) -> None:
@@ -349,12 +352,31 @@ class LeaseKeeper:
             return None
         return current[0]
 
+    def _end_hung_process(self, hung: str) -> None:
+        """End this pool process, hung on ``hung``, as Celery's hard time limit would: its slot in the pool would
+        otherwise stay taken for good. Its leases end first (best effort), Celery puts its batch back on the queue
+        at once (late acknowledgement) and starts a fresh process, and whichever process takes the batch sees this
+        one gone and restores its images at once; the hung start counts towards DEBLUR_IMAGE_MAX_ATTEMPTS."""
+        log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT): this pool "
+                  "process is taken for hung and ends itself; its batch goes back to the queue and the worker starts "
+                  "a fresh process", hung, self._job_id, self._image_limit_s)
+        try:
+            with session_scope(self._db_url) as session:
+                queries.drop_leases(session, self._job_id, self._claim)
+        except Exception:  # the database: the lease runs out by itself
+            pass
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def _run(self) -> None:
         while not self._stop.wait(self._lease_s / 4):
             hung = self.hung_on()
             if hung is not None:
                 if hung != self._given_up:
                     self._given_up = hung
+                    if runtime.in_pool_process():
+                        self._end_hung_process(hung)
                     log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT):"
                               " this worker is taken for hung on it and stops renewing its lease, which runs out "
                               "within %.0f s; the workers' sweep then sends its images again (or Redis, after the "

@@ -45,6 +45,14 @@ def set_hostname(name: str) -> None:
     _state["hostname"] = name
 
 
+def in_pool_process() -> bool:
+    """Whether this is a prefork pool process (billiard names them ``ForkPoolWorker-N``), not a worker's main
+    process (``--pool solo`` runs batches in the main process)."""
+    from billiard.process import current_process
+
+    return "PoolWorker" in current_process().name
+
+
 def init_process() -> None:
     """Prepare torch in this (child) process: threads and device. Cheap and idempotent."""
     import torch
