@@ -602,8 +602,9 @@ def cancel_job(session: Session, job_id: str) -> int:
 
 def _abandoned(before: datetime) -> Any:
     """Images running under a lease that ran out before ``before``: the run that held them stopped renewing it (a
-    node lost, a worker hung past ``DEBLUR_IMAGE_TIME_LIMIT``) and no delivery of their batch took them since. An
-    image with no lease (from before leases, or a run that ended its leases as its task is retried) is not one."""
+    node lost, a worker hung past ``DEBLUR_IMAGE_TIME_LIMIT``, a run that ended its leases for a retry that never
+    came) and no delivery of their batch took them since. An image with no lease (from before leases) is not
+    one: 'deblur retry --stalled' is its way back."""
     return and_(Image.status == "running", Image.lease_until.is_not(None), Image.lease_until < before)
 
 
@@ -1124,10 +1125,10 @@ def restart_window(session: Session, job_id: str) -> int:
 
 
 def jobs_with_abandoned_images(session: Session, abandoned_for: float) -> list[tuple[str, dict[str, Any]]]:
-    """Unfinished jobs (id and spec, oldest first) holding images whose lease ran out at least ``abandoned_for``
-    seconds ago:
-    their run was lost, and Redis would hand its batch on only after the whole visibility timeout (an hour by
-    default). A job still being listed is included: its producer lists, it does not watch its batches."""
+    """Unfinished and cancelled jobs (id and spec, oldest first) holding images whose lease ran out at least
+    ``abandoned_for`` seconds ago: their run was lost, and Redis would hand its batch on only after the whole
+    visibility timeout (an hour by default). A job still being listed is included: its producer lists, it does
+    not watch its batches. A cancelled job's are cancelled (:func:`take_back_abandoned`)."""
     before = database_now(session) - timedelta(seconds=abandoned_for)
     lost = select(Image.id).where(Image.job_id == Job.id, _abandoned(before)).exists()
     return [(job_id, spec) for job_id, spec in session.execute(

@@ -545,8 +545,7 @@ def _hold_unsent(db_url: str, job_id: str, inputs: list[str], worker: str, claim
     """
     try:
         with session_scope(db_url) as session:
-            queries.claim_images(session, job_id, inputs, worker, claim, lease_s=0)
-            queries.drop_leases(session, job_id, claim)
+            queries.claim_images(session, job_id, inputs, worker, claim, lease_s=0)  # a lease that runs out now
     except Exception:
         log.exception("could not hold %d image(s) of job %s whose hand-over was not sent; 'deblur retry %s "
                       "--stalled' sends them if the batch's retry does not come", len(inputs), job_id, job_id)

@@ -117,17 +117,17 @@ CLAIMS_QUESTION_TIMEOUT_S = 1.0  # how long a second delivery waits for the hold
 
 
 def gone_claims(holders: dict[str, str], settings: Settings) -> set[str]:
-    """The claims among ``holders`` (claim -> the worker whose run made it) that their own worker says were made by
-    a process of its that is gone (:data:`jobs.messages.CLAIMS_GONE_COMMAND`). Each worker's answer counts for its
-    own claims only; a worker that does not answer within a second (lost, busy, or of an older release) vouches
-    for nothing, and its leases are waited out. Asked through ``settings``' broker."""
+    """The claims among ``holders`` (claim -> the worker whose run made it) that their own worker says were made
+    by a process of its own that is gone (:data:`jobs.messages.CLAIMS_GONE_COMMAND`). Each worker's answer counts
+    for its own claims only; a worker that does not answer within a second (lost, busy, or of an older release)
+    vouches for nothing, and its leases are waited out. Asked through ``settings``' broker."""
     by_worker: dict[str, list[str]] = {}
     for claim, worker in holders.items():
         by_worker.setdefault(worker, []).append(claim)
     try:
-        replies = app_for(settings).control.broadcast(CLAIMS_GONE_COMMAND, arguments={"claims": sorted(holders)},
-                                        destination=sorted(by_worker), reply=True, limit=len(by_worker),
-                                        timeout=CLAIMS_QUESTION_TIMEOUT_S) or []
+        replies = app_for(settings).control.broadcast(
+            CLAIMS_GONE_COMMAND, arguments={"claims": sorted(holders)}, destination=sorted(by_worker), reply=True,
+            limit=len(by_worker), timeout=CLAIMS_QUESTION_TIMEOUT_S) or []
     except Exception as exc:  # the broker: the leases are waited out, as for a worker that does not answer
         log.warning("could not ask workers %s about their batch runs: %s", ", ".join(sorted(by_worker)), exc)
         return set()
@@ -169,7 +169,7 @@ def process_batch(self, payload: dict[str, Any]) -> dict[str, int]:  # type: ign
     def hand_over(rest: BatchMessage, countdown: float | None = None) -> None:
         try:
             app_for(settings).send_task(PROCESS_BATCH_TASK, args=[rest.to_payload()], queue=settings.queue,
-                          priority=priority, countdown=countdown)
+                                        priority=priority, countdown=countdown)
         except Exception as exc:  # the images were released: retrying the batch processes them here
             raise TransientError(f"could not hand the rest of the batch to a new task: {exc}") from exc
 
