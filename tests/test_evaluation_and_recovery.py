@@ -632,10 +632,11 @@ def test_images_whose_hand_over_could_not_be_sent_are_held_for_the_retry_or_the_
     """A failed device hands the rest of its batch to a new task after releasing it (pending). When the broker
     refused that message, and then the task's own retry, the released images waited with no message for good.
     They are now claimed back under a lease that has run out: a retry takes them at once, and failing that the
-    workers' sweep finds them a lease later."""
+    workers' sweep finds them a lease later. The device failure still comes out, so the worker stops consuming
+    (the broker's error once replaced it, and the worker with the broken GPU went on taking batches)."""
     from db import queries
     from db.engine import session_scope
-    from jobs.errors import TransientError
+    from jobs.errors import DeviceFailure, TransientError
     from jobs.messages import BatchMessage
     from jobs.settings import load_settings
     from worker import pipeline
@@ -652,7 +653,8 @@ def test_images_whose_hand_over_could_not_be_sent_are_held_for_the_retry_or_the_
         raise TransientError("could not hand the rest of the batch to a new task: connection refused")
 
     monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
-    with pytest.raises(TransientError):
+    # the device failure still comes out (the worker must stop taking batches), not the broker's error
+    with pytest.raises(DeviceFailure):
         pipeline.run_batch(BatchMessage.from_payload(payload), load_settings(), hand_over=broker_down)
     results = json.loads(run_cli("results", job_id, "--format", "json"))
     assert {r["input"].rsplit("/", 1)[1]: r["status"] for r in results} == {

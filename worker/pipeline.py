@@ -360,13 +360,18 @@ class LeaseKeeper:
         log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT): this pool "
                   "process is taken for hung and ends itself; its batch goes back to the queue and the worker starts "
                   "a fresh process", hung, self._job_id, self._image_limit_s)
-        try:
-            with session_scope(self._db_url) as session:
-                queries.drop_leases(session, self._job_id, self._claim)
-        except Exception:  # the database: the lease runs out by itself
-            pass
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        def drop() -> None:
+            try:
+                with session_scope(self._db_url) as session:
+                    queries.drop_leases(session, self._job_id, self._claim)
+            except Exception:  # the database: the lease runs out by itself
+                pass
+
+        # at most a few seconds: the hung code may hold those rows itself, or the database may not answer, and
+        # the process must end either way (its lease then runs out by itself)
+        dropping = threading.Thread(target=drop, daemon=True)
+        dropping.start()
+        dropping.join(HUNG_DROP_WAIT_S)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _run(self) -> None:
@@ -391,6 +396,7 @@ class LeaseKeeper:
 
 
 HELD_RECHECK_S = 5.0  # after a held lease runs out, before its images are looked at again
+HUNG_DROP_WAIT_S = 5.0  # how long a hung pool process waits to end its leases before it ends itself
 
 
 def run_batch(message: BatchMessage, settings: Settings,
@@ -523,7 +529,12 @@ def run_batch(message: BatchMessage, settings: Settings,
             hand_over(message.model_copy(update={"images": [w.item for w in leftover]}))
         except Exception:
             _hold_unsent(db_url, message.job_id, [w.item.input for w in leftover], worker_name, claim)
-            raise
+            if device_failure is None:
+                raise
+            # the failed device matters more: the worker must stop taking batches, and the images held back are
+            # the workers' sweep's to send again a lease later
+            log.exception("batch of job %s: the hand-over after the device failure could not be sent",
+                          message.job_id)
     done = sum(w.outcome.status == "done" for w in works)
     failed = sum(w.outcome.status != "done" and not w.taken_over for w in works)
     counts = batch_counts(done, failed, len(leftover) + held_counts)
