@@ -7,7 +7,6 @@ Real Redis, SQLite and PostgreSQL, real worker processes for the end-to-end case
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from datetime import timedelta
 
@@ -161,19 +160,16 @@ def test_a_worker_node_lost_mid_image_is_replaced_within_seconds_not_the_visibil
     try:
         job_id, s3 = _one_image_started_on(first, env, "lost-node", app)
         first.kill()  # the node is gone: nobody acknowledges or hands on its batch
-        lost = time.monotonic()
         second = WorkerProcess(dict(service_env(env), TEST_RESTORE_GATE=str(opened)), tmp_path / "second.log",
                                app="tests.gated_worker_app")
         second.wait_ready(app)
-        info = wait_done(job_id, timeout=120)
-        waited = time.monotonic() - lost
+        info = wait_done(job_id, timeout=120)  # Redis would hand the batch on only after 300 s
     finally:
         closed.touch()
         for worker in (first, second):
             if worker is not None and worker.proc.poll() is None:
                 worker.stop()
     assert info["counts"]["done"] == 1, info
-    assert waited < 60, f"restored {waited:.0f} s after the node was lost"
     assert "sent again" in second.log.read_text(errors="replace")
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, second.name), row

@@ -196,7 +196,7 @@ def test_a_batch_redelivered_while_its_worker_still_works_is_not_restored_twice(
 
 def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_worker(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Celery hands the batch of a killed pool process (an OOM kill) back to the queue at once. When another worker
-    took it, that worker waited out the dead run's whole lease (here 60 s) before restoring its image. It now asks
+    took it, that worker waited out the dead run's whole lease (here 240 s) before restoring its image. It now asks
     the holder's worker, whose main process outlives its pool, and takes the image at once when told the run's
     process is gone; a worker that does not answer, and a run still alive, are waited out as before."""
     from sqlalchemy import select
@@ -209,7 +209,7 @@ def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_
 
     closed, opened = tmp_path / "never", tmp_path / "open"
     opened.touch()
-    base = dict(service_env(env), DEBLUR_VISIBILITY_TIMEOUT="300", DEBLUR_CLAIM_LEASE="60")
+    base = dict(service_env(env), DEBLUR_VISIBILITY_TIMEOUT="300", DEBLUR_CLAIM_LEASE="240")
     app = app_for(load_settings())
     first = WorkerProcess(dict(base, TEST_RESTORE_GATE=str(closed)), tmp_path / "first.log", pool="prefork",
                           app="tests.gated_worker_app")
@@ -228,9 +228,7 @@ def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_
         second.wait_ready(app)
         app.control.cancel_consumer(base.get("DEBLUR_QUEUE", "deblur"), destination=[first.name], reply=True)
         os.kill(int(claim[:8], 16), signal.SIGKILL)  # the pool process restoring the image, as the OOM killer would
-        killed = time.monotonic()
-        info = wait_done(job_id, timeout=120)
-        waited = time.monotonic() - killed
+        info = wait_done(job_id, timeout=120)  # well within the 240-s lease it would otherwise wait out
     finally:
         closed.touch()
         for worker in (first, second):
@@ -239,7 +237,6 @@ def test_a_batch_whose_pool_process_was_killed_is_taken_over_at_once_on_another_
     log = second.log.read_text(errors="replace")
     assert info["counts"]["done"] == 1, info
     assert f"took over 1 image(s) from a lost process of worker(s) {first.name}" in log, log[-3000:]
-    assert waited < 45, f"restored {waited:.0f} s after the kill: the 60-s lease was waited out"
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, second.name), row
 
@@ -297,16 +294,13 @@ def test_a_pool_process_hung_on_an_image_ends_itself_and_a_fresh_one_restores_it
                            app="tests.gated_worker_app")
     try:
         job_id, s3 = _one_image_started_on(worker, env, "hangs-once", app_for(load_settings()))
-        started = time.monotonic()
-        info = wait_done(job_id, timeout=90)
-        waited = time.monotonic() - started
+        info = wait_done(job_id, timeout=90)  # the worker's one pool process was the hung one
     finally:
         gate.touch()
         worker.stop()
     log = worker.log.read_text(errors="replace")
     assert info["counts"]["done"] == 1, info
     assert "this pool process is taken for hung and ends itself" in log and "signal 9" in log, log[-3000:]
-    assert waited < 30, f"restored {waited:.0f} s after it started hanging"
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, worker.name), row
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="hangs-once", Prefix="out/")["Contents"]] == ["out/0.png"]
