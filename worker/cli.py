@@ -260,7 +260,9 @@ def _run_in_process(plan: WorkerProcess) -> None:
     show_default=True,
     envvar="DEBLUR_WORKER_POOL",
     show_envvar=True,
-    help="Celery execution pool. solo runs tasks in the worker process itself.",
+    help="Celery execution pool. prefork (one process per batch slot) is the one to use: a process hung on an "
+    "image past DEBLUR_IMAGE_TIME_LIMIT ends itself and is replaced. solo runs tasks in the worker process "
+    "itself (a hang then only gives the images up); threads cannot end a hung thread, which keeps its slot.",
 )
 @click.option(
     "--queue",
