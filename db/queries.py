@@ -275,6 +275,11 @@ def _lease_over(now: datetime) -> Any:
     return or_(Image.lease_until.is_(None), Image.lease_until <= now)
 
 
+def _held_by(claim: str) -> Any:
+    """The condition that the run ``claim`` holds an image: running under its claim (no other delivery took it)."""
+    return and_(Image.claim == claim, Image.status == "running")
+
+
 @dataclass
 class BatchClaim:
     """What one run of a batch task may work on (:func:`claim_images`)."""
@@ -354,7 +359,7 @@ def renew_leases(session: Session, job_id: str, claim: str, lease_s: float = LEA
     """Extend the lease of the running images ``claim`` holds by ``lease_s`` from now; returns how many it holds."""
     # rows the run's own recording transaction holds are skipped (it is renewing them as it records): waiting for
     # them while it waits for another row this renewal took would deadlock the run with its own thread
-    ids = select(Image.id).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running") \
+    ids = select(Image.id).where(Image.job_id == job_id, _held_by(claim)) \
         .with_for_update(skip_locked=True).scalar_subquery()
     result = session.execute(
         update(Image).where(Image.id.in_(ids)).values(lease_until=database_now(session) + timedelta(seconds=lease_s))
@@ -368,7 +373,7 @@ def drop_leases(session: Session, job_id: str, claim: str) -> None:
     other, takes the images without waiting for them to run out. The lease runs out now rather than vanishing,
     so that if no delivery ever comes (the task's retry could not be sent either), the workers' sweep finds the
     images a lease later (:func:`take_back_abandoned`)."""
-    session.execute(update(Image).where(Image.job_id == job_id, Image.claim == claim, Image.status == "running")
+    session.execute(update(Image).where(Image.job_id == job_id, _held_by(claim))
                     .values(lease_until=database_now(session)))
 
 
@@ -381,7 +386,7 @@ def start_image(session: Session, job_id: str, input_uri: str, claim: str | None
     """
     condition = (Image.job_id == job_id) & (Image.input_uri == input_uri)
     if claim is not None:
-        condition = condition & (Image.claim == claim) & (Image.status == "running")
+        condition = condition & _held_by(claim)
     starts = session.scalar(update(Image).where(condition).values(
         attempts=Image.attempts + 1, unfinished_starts=Image.unfinished_starts + 1, started_at=utcnow())
         .returning(Image.unfinished_starts).execution_options(synchronize_session=False))
@@ -391,7 +396,7 @@ def start_image(session: Session, job_id: str, input_uri: str, claim: str | None
 def holds(session: Session, job_id: str, input_uri: str, claim: str) -> bool:
     """Whether the run ``claim`` still holds the image (running under its claim: no other delivery took it)."""
     return session.scalar(select(Image.id).where(Image.job_id == job_id, Image.input_uri == input_uri,
-                                                 Image.claim == claim, Image.status == "running")) is not None
+                                                 _held_by(claim))) is not None
 
 
 def release_claims(session: Session, job_id: str, inputs: Sequence[str], claim: str) -> None:
@@ -502,7 +507,7 @@ def record_outcomes(session: Session, job_id: str, outcomes: Sequence[ImageOutco
         return []
     now = database_now(session)
     condition = [Image.job_id == job_id, Image.input_uri.in_([o.input_uri for o in outcomes])]
-    held = [Image.claim == claim, Image.status == "running"] if claim is not None else []
+    held = [_held_by(claim)] if claim is not None else []
     if unfinished_only:
         held += [Image.status.in_(("pending", "running")), _lease_over(now)]
     rows = session.execute(select(Image.input_uri, Image.id, Image.status).where(*condition, *held)).all()

@@ -60,12 +60,18 @@ def models_text(spec: Mapping[str, Any] | None) -> str:
 _ATTEMPT_COLUMNS = ("job_id", "status", "finished_at", "device", "worker", "download_s", "inference_s", "upload_s")
 
 
+def _current_outcomes(*where: Any, extra: tuple[Any, ...] = ()) -> Any:
+    """The images' current outcomes (done or failed, with a finish time) meeting ``where``: the columns usage reads,
+    the pixels, then ``extra``. One definition for what a retry keeps and what usage counts, so they cannot part."""
+    return (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS.label("pixels"), *extra)
+            .where(Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None), *where))
+
+
 def keep_earlier_outcomes(session: Session, image_ids: Any) -> None:
     """Copy the outcomes of the images ``image_ids`` selects (a list or a subquery of ``images.id``) that have one
     (done or failed, with a finish time) to ``earlier_attempts``, before a retry, a new record or ``deblur
     verify`` replaces them on the image's row, so usage still counts them where they happened."""
-    kept = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS, Image.id, Image.error)
-            .where(Image.id.in_(image_ids), Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None)))
+    kept = _current_outcomes(Image.id.in_(image_ids), extra=(Image.id, Image.error))
     session.execute(insert(EarlierAttempt).from_select([*_ATTEMPT_COLUMNS, "pixels", "image_id", "error"], kept))
 
 
@@ -137,8 +143,7 @@ def _attempts(current: list[ColumnElement[bool]], earlier: list[ColumnElement[bo
     """Every attempt with an outcome, as one subquery of the columns usage reads: the images' current outcomes
     that meet ``current`` and the outcomes replaced before (``earlier_attempts``) that meet ``earlier``, each side
     filtered on its own indexes."""
-    now = (select(*(getattr(Image, c) for c in _ATTEMPT_COLUMNS), IMAGE_PIXELS.label("pixels"))
-           .where(Image.status.in_(COUNTED_STATUSES), Image.finished_at.is_not(None), *current))
+    now = _current_outcomes(*current)
     before = select(*(getattr(EarlierAttempt, c) for c in _ATTEMPT_COLUMNS), EarlierAttempt.pixels).where(*earlier)
     return union_all(now, before).subquery("attempts")
 

@@ -272,7 +272,13 @@ def _validate(s: Settings) -> None:
     if s.image_time_limit < 0:
         raise ConfigurationError(f"DEBLUR_IMAGE_TIME_LIMIT must be >= 0 seconds (0: the visibility timeout less the "
                                  f"batch time limit), got {s.image_time_limit}")
-    if 0 <= s.batch_time_limit < s.visibility_timeout and s.resolved_image_time_limit() < s.claim_lease:
+    if s.batch_time_limit >= s.visibility_timeout:
+        raise ConfigurationError(
+            f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="
+            f"{s.visibility_timeout} s: Redis would hand a batch still being worked on to a second worker. "
+            f"Lower the limit (leave room for one image), or set it to 0 to never hand a batch over"
+        )
+    if s.resolved_image_time_limit() < s.claim_lease:
         source = ("DEBLUR_IMAGE_TIME_LIMIT" if s.image_time_limit else
                   "DEBLUR_IMAGE_TIME_LIMIT (DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT by default)")
         remedy = ("raise it to the longest one image may take (at least the lease)" if s.image_time_limit else
@@ -281,9 +287,3 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(
             f"{source} is {s.resolved_image_time_limit()} s, shorter than DEBLUR_CLAIM_LEASE={s.claim_lease} s: "
             f"every image slower than that would be taken from its worker and sent round again; {remedy}")
-    if s.batch_time_limit >= s.visibility_timeout:
-        raise ConfigurationError(
-            f"DEBLUR_BATCH_TIME_LIMIT={s.batch_time_limit} s is not below DEBLUR_VISIBILITY_TIMEOUT="
-            f"{s.visibility_timeout} s: Redis would hand a batch still being worked on to a second worker. "
-            f"Lower the limit (leave room for one image), or set it to 0 to never hand a batch over"
-        )

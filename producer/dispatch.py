@@ -69,26 +69,52 @@ def job_queue(spec: dict[str, Any], settings: Settings) -> str:
     return str(spec.get("queue") or settings.queue)
 
 
+def job_priority(spec: dict[str, Any]) -> int:
+    """The broker priority of a job's batches (from the 0-9 priority it was submitted with)."""
+    from jobs.celery_app import broker_priority
+
+    return broker_priority(int(spec.get("priority", 5)))
+
+
+def send_plain_batches(settings: Settings, job_id: str, kind: JobKind, spec: dict[str, Any],
+                       items: Sequence[ImageItem], producer: Any = None, retry: bool = True) -> int:
+    """Send ``items`` in batches of the job's batch size, outside any window, to the job's queue at its priority
+    (a retry, the workers' sweep for abandoned images); returns how many messages were sent. ``retry=False`` tries
+    each send once (a sender holding database rows must not wait on the broker)."""
+    from jobs.celery_app import app_for
+
+    app = app_for(settings)
+    size = int(spec.get("batch_size") or settings.batch_size)
+    queue, priority = job_queue(spec, settings), job_priority(spec)
+    sent = 0
+    with app.producer_or_acquire(producer) as producer:
+        for start in range(0, len(items), size):
+            app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, items[start:start + size])],
+                          queue=queue, priority=priority, producer=producer, retry=retry)
+            sent += 1
+    return sent
+
+
 def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: dict[str, Any],
-                        finished_one: bool = False, producer: Any = None) -> int:
+                        producer: Any = None) -> int:
     """Send as many of a windowed job's unsent batches as its window allows now; returns how many were sent.
 
-    ``finished_one``: a batch holding a slot just finished, so its slot is freed first (the producer calls this
-    with False after each chunk of listed images; a worker's batch frees its slot as it records its last image,
-    then calls this with False too). A claimed batch whose images are no longer pending (all cancelled, or done
-    by a retry) frees its slot at once and the next one is claimed instead. Raises what the broker raises when a
-    message cannot be sent, after giving the claim back where it can.
+    The producer calls this after each chunk of listed images, a worker after each batch (the batch's slot was
+    freed as its last image was recorded: :func:`db.queries.free_slots_of_finished_batches`), and a retry after
+    relisting. A claimed batch whose images are no longer pending (all cancelled, or done by a retry) frees its
+    slot at once and the next one is claimed instead. Raises what the broker raises when a message cannot be
+    sent, after giving the claim back where it can.
     """
-    from jobs.celery_app import app_for, broker_priority
+    from jobs.celery_app import app_for
 
     window = int(spec.get("window") or 0)
     if window < 1:
         return 0
     app = app_for(settings)
-    priority = broker_priority(int(spec.get("priority", 5)))
+    queue, priority = job_queue(spec, settings), job_priority(spec)
     url = settings.resolved_database_url()
     sent = 0
-    released = 1 if finished_one else 0
+    released = 0
     while True:
         with session_scope(url) as session:
             claimed = queries.claim_window_batches(session, job_id, window, released=released)
@@ -102,7 +128,7 @@ def send_window_batches(settings: Settings, job_id: str, kind: JobKind, spec: di
             items = [ImageItem(input=i, output=o, reference=r) for i, o, r in rows]
             try:
                 app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, items, slot=True)],
-                              queue=job_queue(spec, settings), priority=priority, producer=producer)
+                              queue=queue, priority=priority, producer=producer)
             except Exception:
                 with session_scope(url) as session:  # the empty batches' slots are free whatever happens next
                     queries.release_window_slots(session, job_id, released)

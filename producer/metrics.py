@@ -205,8 +205,9 @@ class QueueCollector(Collector):
                      value=queue_age_seconds(snap.oldest_unfinished_created, now))
         yield _gauge("deblur_stalled_images",
                      "Images running for longer than the visibility timeout whose worker stopped renewing their "
-                     "lease: it is gone and the broker has not handed them on. 'deblur retry JOB --stalled' "
-                     "re-enqueues them.",
+                     "lease, and that neither the workers' sweep nor the broker sent again: no worker of their "
+                     "queue runs, the job predates recorded queues, or the broker's lists were flushed. "
+                     "'deblur retry JOB --stalled' re-enqueues them.",
                      value=snap.stalled)
         yield _gauge("deblur_worker_lost_images",
                      "Images of unfinished jobs whose worker died at least once since their last outcome (a crash, "
@@ -262,8 +263,10 @@ def describe_queue(state: QueueState) -> list[str]:
                        f"{db.inference_s_recently / done:.1f} model s per image")
         lines.append(recent)
         if db.stalled:
-            lines.append(f"stalled: {db.stalled:,} images have run longer than the visibility timeout and their "
-                         "worker stopped renewing their lease; 'deblur retry JOB --stalled' sends them again")
+            lines.append(f"stalled: {db.stalled:,} images have run longer than the visibility timeout, their "
+                         "worker stopped renewing their lease and nothing sent them again (no worker of their queue "
+                         "runs, the job predates recorded queues, or the broker's lists were flushed); 'deblur retry "
+                         "JOB --stalled' sends them again")
         if db.worker_lost:
             lines.append(f"{db.worker_lost:,} images lost their worker (a crash or an OOM kill) and wait for "
                          "redelivery; see the workers' logs")

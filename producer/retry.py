@@ -7,9 +7,9 @@ from datetime import timedelta
 from db import queries
 from db.engine import ensure_schema, session_scope
 from db.schema import utcnow
-from jobs.messages import PROCESS_BATCH_TASK, ImageItem
+from jobs.messages import ImageItem
 from jobs.settings import Settings
-from producer.dispatch import batch_payload, job_queue, send_window_batches
+from producer.dispatch import send_plain_batches, send_window_batches
 
 
 def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: int | None) -> int:
@@ -24,7 +24,7 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     batch would have been sent again. A windowed job still being listed gets
     its retried images outside the window, as a job without one does.
     """
-    from jobs.celery_app import app_for, broker_priority
+    from jobs.celery_app import app_for
 
     app = app_for(settings)
     url = settings.resolved_database_url()
@@ -42,7 +42,6 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
         spec, kind = job.spec, job.kind
         batch_size = int(spec.get("batch_size") or settings.batch_size)
         windowed = bool(spec.get("window")) and queries.job_status_of(session, job_id) != "submitting"
-        batches = [] if windowed else [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
         if windowed:
             queries.relist_for_window(session, job_id, [i.input for i in items], batch_size)
             if stalled_after is not None:
@@ -52,12 +51,10 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
             # slot are in flight again, and counted so, for their recording to free it once more
             queries.restart_window(session, job_id)
     with app.producer_or_acquire() as producer:
-        for batch in batches:
-            app.send_task(PROCESS_BATCH_TASK, args=[batch_payload(job_id, kind, spec, batch)],
-                          queue=job_queue(spec, settings), priority=broker_priority(int(spec.get("priority", 5))),
-                          producer=producer)
         if windowed:
             send_window_batches(settings, job_id, kind, spec, producer=producer)
+        else:
+            send_plain_batches(settings, job_id, kind, spec, items, producer=producer)
     return len(items)
 
 

@@ -21,12 +21,12 @@ from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, TransientError
 from jobs.labels import check_submitted_labels
-from jobs.messages import PROCESS_BATCH_TASK, ImageItem, JobKind
+from jobs.messages import ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import READ_FORMATS, s3_client
 from models.catalog import parse_ensemble
-from producer.dispatch import batch_payload, send_window_batches
+from producer.dispatch import send_plain_batches, send_window_batches
 from producer.inputs import Plan, build_plan, describe_ignored, digest
 from producer.workers import batch_fields, check_workers_know
 
@@ -96,7 +96,6 @@ class _Validated:
     request: JobRequest
     models: list[str]
     batch_size: int
-    priority: int | None
     client: Any  # a boto3 S3 client
     plan: Plan
 
@@ -168,7 +167,7 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     try:
-        priority = broker_priority(request.priority)
+        broker_priority(request.priority)  # the batches take it from the spec (producer.dispatch.job_priority)
     except ValueError as exc:
         raise InputError(f"--priority: {exc}") from None
     if request.crop_border < 0:
@@ -199,7 +198,7 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     if request.skip_existing and plan.output is None:
         raise InputError("--skip-existing needs --output: it leaves out images whose output already exists there")
     plan.check_outputs(client)
-    return _Validated(request, models, batch_size, priority, client, plan)
+    return _Validated(request, models, batch_size, client, plan)
 
 
 def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
@@ -249,8 +248,7 @@ def submit(
             if keyed is not None:  # the same key returns the first job, even when nothing would be left to submit
                 return SubmitResult(keyed.id, False, keyed.total)
     checked = _validate(request, settings)
-    request, models, batch_size, priority, plan = (checked.request, checked.models, checked.batch_size,
-                                                   checked.priority, checked.plan)
+    request, models, batch_size, plan = checked.request, checked.models, checked.batch_size, checked.plan
     ignored: Counter[str] = Counter()
     heartbeat = _Heartbeat(db_url)
     items, skipped = checked.items(ignored, heartbeat.tick)
@@ -322,12 +320,9 @@ def submit(
                     send_window_batches(settings, job_id, request.kind, spec, producer=producer)
                     queued += len(chunk)
                 else:
-                    for batch in batches:
-                        if batch:
-                            app.send_task(PROCESS_BATCH_TASK,
-                                          args=[batch_payload(job_id, request.kind, spec, batch)],
-                                          queue=settings.queue, priority=priority, producer=producer)
-                            queued += len(batch)
+                    for batch in batches:  # each already the job's batch size at most: one message each
+                        send_plain_batches(settings, job_id, request.kind, spec, batch, producer=producer)
+                        queued += len(batch)  # counted once the broker took it
                 batch_number += len(batches)
                 total += len(chunk)
                 if progress:

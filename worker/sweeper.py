@@ -78,25 +78,16 @@ class AbandonedImageSweeper:
         sweep (a commit that fails after the send only sends them twice; the second finds them done). Each send
         is tried once, and a broker that stops answering fails it after the transport's socket timeout
         (:func:`jobs.celery_app.make_app`), so the transaction never holds its rows for long."""
-        from jobs.celery_app import app_for, broker_priority
-        from jobs.messages import PROCESS_BATCH_TASK, ImageItem
-        from producer.dispatch import batch_payload, job_queue
+        from jobs.messages import ImageItem
+        from producer.dispatch import send_plain_batches
 
         with session_scope(url) as session:
             rows = queries.take_back_abandoned(session, job_id, self.abandoned_for)
             if not rows:
                 return 0
             job = queries.get_job(session, job_id)
-            spec, kind = job.spec, job.kind
             items = [ImageItem(input=i, output=o, reference=r) for i, o, r in rows]
-            size = int(spec.get("batch_size") or self.settings.batch_size)
-            app = app_for(self.settings)
-            queue, priority = job_queue(spec, self.settings), broker_priority(int(spec.get("priority", 5)))
-            with app.producer_or_acquire() as producer:
-                for start in range(0, len(items), size):
-                    payload = batch_payload(job_id, kind, spec, items[start:start + size])
-                    app.send_task(PROCESS_BATCH_TASK, args=[payload], queue=queue, priority=priority,
-                                  producer=producer, retry=False)
+            send_plain_batches(self.settings, job_id, job.kind, job.spec, items, retry=False)
         return len(items)
 
     def _run(self) -> None:
