@@ -1055,9 +1055,10 @@ def claim_window_batches(session: Session, job_id: str, window: int, released: i
         claimed.append(int(sent) - 1)
     if claimed:
         # their images wait in the broker from now: 'retry --stalled' measures a pending image's wait from here
-        # (unsent, it would count from the job's creation and re-send batches that are merely queued)
+        # (unsent, it would count from the job's creation and re-send batches that are merely queued), and a
+        # broker's loss is judged by it (worker.broker_watch), on the database's clock as that loss is
         session.execute(update(Image).where(Image.job_id == job_id, Image.batch.in_(claimed),
-                                            Image.status == "pending").values(started_at=utcnow()))
+                                            Image.status == "pending").values(started_at=database_now(session)))
     return claimed
 
 
@@ -1174,6 +1175,53 @@ def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> 
         .execution_options(synchronize_session=False)
     ).all()
     return sorted((uri, output, reference) for uri, output, reference in rows)
+
+
+def _waiting_since_before(before: datetime) -> Any:
+    """Pending images whose message went to the broker before ``before``: sent with their job (a windowed job's,
+    once their batch was), or again by a retry, a hand-over or a sweep, each of which restarts ``started_at``.
+    A windowed job's batches not sent yet hold no message, so they are not."""
+    return and_(
+        Image.status == "pending",
+        func.coalesce(Image.started_at, Job.created_at) < before,
+        or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
+    )
+
+
+def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:
+    """Unfinished jobs (id and spec, oldest first) with images waiting for a message sent before ``before``:
+    after the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job
+    still being listed is included (the messages its producer sent before the loss are gone too), and a paused
+    one (its batches already sent were lost as well)."""
+    waiting = select(Image.id).where(Image.job_id == Job.id, _waiting_since_before(before)).exists()
+    return [(job_id, spec) for job_id, spec in session.execute(
+        select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES), waiting).order_by(Job.created_at))]
+
+
+def take_waiting_since(session: Session, job_id: str, before: datetime,
+                       limit: int = 5000) -> list[tuple[str, str, str | None]]:
+    """Up to ``limit`` of a job's images waiting for a message sent before ``before``, to be sent again in this
+    transaction; returns their (input, output, reference) URIs, in id order.
+
+    They stay pending in their batch with their attempts (nothing was tried), and their ``started_at`` restarts
+    now: they wait for the new message, and the next pass does not take them again. Each is re-checked by the
+    UPDATE, so two workers sending at once send it once, and one a worker claimed meanwhile is its own.
+    """
+    now = database_now(session)
+    ids = list(session.scalars(
+        select(Image.id).join(Job, Job.id == Image.job_id).where(Image.job_id == job_id, _waiting_since_before(before))
+        .order_by(Image.id).limit(limit).with_for_update(of=Image)))
+    if not ids:
+        return []
+    rows = session.execute(
+        # re-checked, SQLite locks no rows: an image with no start of its own was selected by its job's creation
+        update(Image).where(Image.id.in_(ids), Image.status == "pending",
+                            or_(Image.started_at.is_(None), Image.started_at < before))
+        .values(started_at=now)
+        .returning(Image.id, Image.input_uri, Image.output_uri, Image.reference_uri)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(uri, output, reference) for _, uri, output, reference in sorted(rows)]
 
 
 def retryable_job_ids(session: Session) -> list[str]:

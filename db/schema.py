@@ -117,6 +117,32 @@ class Image(Base):
     job: Mapped[Job] = relationship(back_populates="images")
 
 
+class BrokerMark(Base):
+    """The count a queue's workers last wrote to the broker, to tell when the broker lost its messages.
+
+    Each worker's sweep (:mod:`worker.broker_watch`) adds one to ``counter`` and writes it to a key in the broker
+    too. A broker that restarted without persistence, was flushed, or came back from an older snapshot has lost
+    the key or holds a smaller count, and has lost the messages sent since with it: ``lost_before`` then records
+    when that was found, and the images of the queue's jobs waiting since before it are sent again. One row per
+    broker (its address, with no credentials) and queue, so deployments with brokers of their own can share one
+    database.
+    """
+
+    __tablename__ = "broker_marks"
+    __table_args__ = (UniqueConstraint("broker", "queue", name="uq_broker_marks_broker_queue"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    broker: Mapped[str] = mapped_column(String(512))
+    queue: Mapped[str] = mapped_column(String(255))
+    counter: Mapped[int] = mapped_column(BigInteger, default=0)
+    # written to the broker with the count: a broker holding another token's count serves another database's
+    # workers on the same queue name (a misconfiguration), which is not a loss
+    token: Mapped[str] = mapped_column(String(32))
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # when the broker was found to have lost messages, until every image waiting from before then is sent again
+    lost_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class Metric(Base):
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("image_id", "model", "name", name="uq_metrics_image_model_name"),)

@@ -150,7 +150,10 @@ class WorkerProcess:
             # a solo-pool worker busy with a task cannot answer pings: its log says it is ready
             if f"{self.name} ready." in self.log.read_text(errors="replace"):
                 return
-            replies = app.control.ping(destination=[self.name], timeout=1.0) or []
+            try:
+                replies = app.control.ping(destination=[self.name], timeout=1.0) or []
+            except Exception:  # a broker restarted under the client: its first call fails, the next reconnects
+                replies = []
             if any(self.name in r for r in replies):
                 return
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")

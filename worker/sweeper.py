@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 
 class AbandonedImageSweeper:
     """A daemon thread that sends abandoned images again (:meth:`sweep`) every ``settings.claim_lease`` seconds,
-    the first time after a random part of that (workers started together do not all look at once)."""
+    the first time after a random part of that (workers started together do not all look at once), and in the
+    same rounds those whose messages the broker lost (:class:`worker.broker_watch.BrokerWatch`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.interval = float(settings.claim_lease)
         self.abandoned_for = float(settings.claim_lease)
+        from worker.broker_watch import BrokerWatch, watches
+
+        # the same rounds look for a broker that lost the queue's messages (worker.broker_watch)
+        self.broker_watch = BrokerWatch(settings) if watches(settings.broker_url) else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deblur-sweeper", daemon=True)
 
@@ -98,3 +103,9 @@ class AbandonedImageSweeper:
                 self.sweep()
             except Exception:  # the database is away: the next sweep tries again
                 log.exception("the sweep for abandoned images failed")
+            if self.broker_watch is not None:
+                try:
+                    self.broker_watch.check()
+                    self.broker_watch.send_lost()
+                except Exception:  # the broker or the database is away: the next round compares again
+                    log.exception("the check for messages the broker lost failed")

@@ -1,0 +1,32 @@
+"""The count each queue's workers last wrote to the broker, to find a broker that lost its messages.
+
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-12-07
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "broker_marks",
+        sa.Column("id", sa.Integer(), nullable=False, autoincrement=True),
+        sa.Column("broker", sa.String(length=512), nullable=False),
+        sa.Column("queue", sa.String(length=255), nullable=False),
+        sa.Column("counter", sa.BigInteger(), nullable=False),
+        sa.Column("token", sa.String(length=32), nullable=False),
+        sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("lost_before", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("broker", "queue", name="uq_broker_marks_broker_queue"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("broker_marks")

@@ -1,0 +1,352 @@
+"""A broker that lost its messages (restarted without persistence, flushed, restored from an older snapshot) is
+found by the workers' sweep, and the images those messages carried are sent again.
+
+Real Redis (the session's, and for the end-to-end case a server of the test's own that it restarts), SQLite and
+PostgreSQL, and real worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from tests.conftest import free_port, stop, wait_for_port
+from tests.e2e_helpers import WorkerProcess, queued_tasks, service_env, use_services
+from tests.test_batch_claims import make_job
+from tests.test_end_to_end import run_cli, wait_done
+
+pytestmark = [pytest.mark.integration]
+
+
+def _watch(**changes):  # type: ignore[no-untyped-def]
+    from jobs.settings import load_settings
+    from worker.broker_watch import BrokerWatch
+
+    return BrokerWatch(replace(load_settings(), **changes))
+
+
+def _mark(url: str, queue: str) -> tuple[int, object]:
+    from db.engine import session_scope
+    from db.schema import BrokerMark
+
+    with session_scope(url) as s:
+        row = s.execute(select(BrokerMark.counter, BrokerMark.lost_before).where(BrokerMark.queue == queue)).one()
+        return int(row[0]), row[1]
+
+
+def _sent(env: dict[str, str]) -> list[tuple[str, list[str], object]]:
+    """(job, inputs, slot) of every batch message waiting in the test's queue."""
+    return [(m["job_id"], sorted(i["input"] for i in m["images"]), m.get("slot"))
+            for m in (args[0] for _, args in queued_tasks(env))]
+
+
+def _clear_queue(env: dict[str, str]) -> None:
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    for key in client.keys(env["DEBLUR_QUEUE"] + "*"):
+        client.delete(key)
+
+
+def _count(client, key: str) -> int:  # type: ignore[no-untyped-def]
+    return int(client.get(key).split(b":")[1])
+
+
+def test_the_first_check_starts_the_count_and_later_ones_find_no_loss(env) -> None:  # type: ignore[no-untyped-def]
+    from jobs.settings import load_settings
+
+    url, queue = load_settings().resolved_database_url(), env["DEBLUR_QUEUE"]
+    watch = _watch()
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    assert watch.check() is False
+    assert _mark(url, queue) == (1, None)
+    assert _count(client, watch.key) == 1
+    for expected in (2, 3):
+        assert watch.check() is False
+        assert _mark(url, queue)[0] == expected
+        assert _count(client, watch.key) == expected
+    # another worker of the queue, started later, carries on the same count
+    assert _watch().check() is False
+    assert _count(client, watch.key) == 4
+
+
+def test_a_broker_that_lost_its_data_is_found_and_its_waiting_images_are_sent_again(env) -> None:  # type: ignore[no-untyped-def]
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image, Job
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    assert watch.check() is False
+    plain, plain_uris, _ = make_job(url, [["p0.png", "p1.png"], ["p2.png", "p3.png"]])
+    windowed, win_uris, _ = make_job(url, [["w0.png", "w1.png"], ["w2.png"], ["w3.png"]], window=1)
+    with session_scope(url) as s:
+        assert queries.claim_window_batches(s, windowed, 1) == [0]  # batch 0 sent; 1 and 2 wait their turn
+        # p1 done, p2 running under a live run's lease: neither waits for a message
+        queries.record_outcomes(s, plain, [queries.ImageOutcome(input_uri=plain_uris["p1.png"], status="done")])
+        queries.claim_images(s, plain, [plain_uris["p2.png"]], "alive@node", "a" * 32, lease_s=600)
+    cancelled, _, _ = make_job(url, [["c0.png"]])
+    other_queue, _, _ = make_job(url, [["o0.png"]])
+    legacy, _, _ = make_job(url, [["l0.png"]])
+    with session_scope(url) as s:
+        queries.cancel_job(s, cancelled)
+        job = s.get(Job, other_queue)
+        job.spec = {**job.spec, "queue": "some-other-queue"}
+        job = s.get(Job, legacy)
+        job.spec = {k: v for k, v in job.spec.items() if k != "queue"}
+        # every image so far was sent a while ago
+        s.execute(update(Image).where(Image.job_id.in_([plain, windowed, cancelled, other_queue, legacy]),
+                                      Image.status == "pending")
+                  .values(started_at=queries.database_now(s) - timedelta(minutes=1)))
+
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)  # the broker restarted with nothing
+    assert watch.check() is True
+    counter, lost_before = _mark(url, env["DEBLUR_QUEUE"])
+    assert lost_before is not None
+    after, after_uris, _ = make_job(url, [["n0.png"]])  # submitted after the loss: its message is in the broker
+
+    assert watch.send_lost() == 4
+    assert sorted(_sent(env)) == sorted([
+        (plain, sorted([plain_uris["p0.png"], plain_uris["p3.png"]]), None),
+        (windowed, sorted([win_uris["w0.png"], win_uris["w1.png"]]), None),  # plain: the batch keeps its slot
+    ])
+    with session_scope(url) as s:
+        statuses = dict(s.execute(select(Image.input_uri, Image.status).where(
+            Image.job_id.in_([plain, windowed]))).all())
+        assert statuses[plain_uris["p2.png"]] == "running" and statuses[plain_uris["p1.png"]] == "done"
+        assert statuses[win_uris["w2.png"]] == "pending"
+        assert s.get(Job, windowed).batches_in_flight == 1
+    # sent once: the next pass finds them on their way
+    _clear_queue(env)
+    assert watch.send_lost() == 0
+    assert _sent(env) == []
+    # the next check finds nothing left of the loss (the legacy job is left to 'retry --stalled')
+    assert watch.check() is False
+    assert _mark(url, env["DEBLUR_QUEUE"]) == (counter + 1, None)
+    assert after_uris
+
+
+def test_a_broker_restored_from_an_older_snapshot_is_found_and_one_ahead_is_not(env) -> None:  # type: ignore[no-untyped-def]
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    for _ in range(3):
+        assert watch.check() is False
+    token = client.get(watch.key).split(b":")[0]
+    client.set(watch.key, token + b":1")  # the snapshot was taken after the first check
+    assert watch.check() is True
+    assert _mark(url, env["DEBLUR_QUEUE"])[1] is not None
+    client.set(watch.key, token + b":100")  # ahead of the database's (a check's write that outlived its rollback)
+    assert watch.check() is False
+    client.set(watch.key, b"garbage")
+    assert watch.check() is True
+
+
+def test_another_databases_count_on_the_same_queue_is_named_not_taken_for_a_loss(env, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Two deployments with databases of their own pointed at one broker and queue name: each finds the other's
+    count. Taken for a loss, each would send all its waiting images again at every check, without end."""
+    watch = _watch()
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
+    assert watch.check() is False
+    client.set(watch.key, b"0123456789abcdef0123456789abcdef:7")
+    with caplog.at_level("ERROR", logger="worker.broker_watch"):
+        assert watch.check() is False
+        client.set(watch.key, b"0123456789abcdef0123456789abcdef:8")
+        assert watch.check() is False
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "another database's count for queue" in caplog.records[0].getMessage()
+
+
+def test_images_a_refused_send_leaves_are_sent_by_the_next_pass(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import producer.dispatch
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    assert watch.check() is False
+    job, uris, _ = make_job(url, [["a.png", "b.png"]])
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image
+
+    with session_scope(url) as s:
+        s.execute(update(Image).where(Image.job_id == job)
+                  .values(started_at=queries.database_now(s) - timedelta(minutes=1)))
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
+    assert watch.check() is True
+
+    def refuse(*_, **__):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the broker refused the message")
+
+    monkeypatch.setattr(producer.dispatch, "send_plain_batches", refuse)
+    assert watch.send_lost() == 0
+    monkeypatch.undo()
+    assert watch.send_lost() == 2
+    assert _sent(env) == [(job, sorted(uris.values()), None)]
+
+
+def test_workers_of_one_queue_checking_at_once_find_no_loss(env) -> None:  # type: ignore[no-untyped-def]
+    """The queue's row is held from the count's increase to the broker's write, so the workers take turns: none
+    reads the broker between another's increase and its write."""
+    watches = [_watch() for _ in range(4)]
+    watches[0].check()
+    found: list[bool] = []
+
+    def run(watch) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(15):
+            found.append(watch.check())
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in watches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == [False] * 60
+
+
+def test_the_broker_identity_leaves_out_credentials() -> None:
+    from worker.broker_watch import broker_identity, watches
+
+    assert broker_identity("redis://user:secret@redis.internal:6380/2") == "redis://redis.internal:6380/2"
+    assert broker_identity("rediss://:pw@host/0") == "rediss://host/0"
+    assert broker_identity("unix:///run/redis.sock?virtual_host=3") == "unix:///run/redis.sock?db=3"
+    assert watches("redis://h/0") and not watches("memory://")
+
+
+class _OwnRedis:
+    """A Redis server of the test's own, without persistence, that the test can restart on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed")
+        self.port, self.workdir = free_port(), workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, 15, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+def _three_images_and_a_broker_of_its_own(s3_endpoint: str, tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                          bucket: str):
+    """A Redis of the test's own, this process's settings pointed at it (a 4-s lease, so sweeps come every 4 s)
+    and a bucket holding ``in/0.png`` .. ``in/2.png``; returns the broker, the settings' variables and S3."""
+    from tests.test_batch_claims import _png
+
+    broker = _OwnRedis(tmp_path / "redis")
+    env = use_services(monkeypatch, broker.url, s3_endpoint, f"sqlite:///{tmp_path / 'deblur.db'}",
+                       tmp_path / "home", DEBLUR_CLAIM_LEASE="4")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for number in range(3):
+        s3.put_object(Bucket=bucket, Key=f"in/{number}.png", Body=_png(number))
+    return broker, env, s3
+
+
+def test_a_job_whose_messages_a_restarted_broker_lost_is_finished_by_the_next_worker(  # type: ignore[no-untyped-def]
+        s3_endpoint, tmp_path, monkeypatch) -> None:
+    """The job's messages were in a Redis that restarted without persistence while no worker ran. Before, its
+    images stayed pending for good (until 'deblur retry --stalled'); the next worker's sweep finds the broker's
+    count gone and sends them again."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    broker, env, s3 = _three_images_and_a_broker_of_its_own(s3_endpoint, tmp_path, monkeypatch, "lost-messages")
+    worker = None
+    try:
+        app = app_for(load_settings())
+        first = WorkerProcess(service_env(env), tmp_path / "first.log")
+        first.wait_ready(app)
+        # the first worker's sweep has counted once (its first round comes within one lease, 4 s here)
+        client = redis.Redis.from_url(broker.url)
+        _wait(lambda: client.get("deblur:broker-mark:" + env["DEBLUR_QUEUE"]) is not None, "the first count")
+        first.stop()
+        job_id = run_cli("submit", "s3://lost-messages/in/", "--output", "s3://lost-messages/out/",
+                         "--model", "wiener", "--batch-size", "1", "-q").strip()
+        assert len(queued_tasks(env)) == 3
+        broker.stop()
+        broker.start()  # no persistence: the three messages are gone
+        assert queued_tasks(env) == []
+        worker = WorkerProcess(service_env(env), tmp_path / "second.log")
+        worker.wait_ready(app)
+        info = wait_done(job_id, timeout=120)
+    finally:
+        if worker is not None and worker.proc.poll() is None:
+            worker.stop()
+        broker.stop()
+    assert info["counts"]["done"] == 3, info
+    assert "has lost queue" in worker.log.read_text(errors="replace")
+    rows = json.loads(run_cli("results", job_id, "--format", "json"))
+    assert sorted((row["status"], row["attempts"]) for row in rows) == [("done", 1)] * 3
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="lost-messages", Prefix="out/")["Contents"]) == [
+        "out/0.png", "out/1.png", "out/2.png"]
+
+
+def _wait(condition, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never came"
+        time.sleep(0.2)
+
+
+def test_a_broker_restarted_under_a_running_worker_loses_no_image(  # type: ignore[no-untyped-def]
+        s3_endpoint, tmp_path, monkeypatch) -> None:
+    """Redis restarts without persistence while a worker restores the first of three one-image batches: the two
+    waiting batches are gone. The worker reconnects, finishes its image, and its sweep sends the other two again."""
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+
+    broker, env, s3 = _three_images_and_a_broker_of_its_own(s3_endpoint, tmp_path, monkeypatch,
+                                                           "restart-under-worker")
+    gate = tmp_path / "gate"
+    worker = WorkerProcess(dict(service_env(env), TEST_RESTORE_GATE=str(gate)), tmp_path / "worker.log",
+                           app="tests.gated_worker_app")
+    try:
+        worker.wait_ready(app_for(load_settings()))
+        client = redis.Redis.from_url(broker.url)
+        _wait(lambda: client.get("deblur:broker-mark:" + env["DEBLUR_QUEUE"]) is not None, "the first count")
+        job_id = run_cli("submit", "s3://restart-under-worker/in/", "--output", "s3://restart-under-worker/out/",
+                         "--model", "wiener", "--batch-size", "1", "-q").strip()
+        _wait(lambda: any(row["attempts"] for row in json.loads(run_cli("results", job_id, "--format", "json"))),
+              "the first image's start")
+        broker.stop()
+        broker.start()  # the two batches waiting in Redis are gone
+        assert queued_tasks(env) == []
+        gate.touch()
+        info = wait_done(job_id, timeout=120)
+    finally:
+        gate.touch()
+        if worker.proc.poll() is None:
+            worker.stop()
+        broker.stop()
+    assert info["counts"]["done"] == 3, info
+    assert "has lost queue" in worker.log.read_text(errors="replace")
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="restart-under-worker", Prefix="out/")["Contents"]) == [
+        "out/0.png", "out/1.png", "out/2.png"]
