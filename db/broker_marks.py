@@ -62,3 +62,11 @@ def mended(session: Session, broker: str, queue: str) -> None:
     """Every image the last loss took is on its way again (call with the queue's row held: :func:`advance`)."""
     session.execute(update(BrokerMark).where(BrokerMark.broker == broker, BrokerMark.queue == queue)
                     .values(lost_before=None))
+
+
+def unmended(session: Session) -> list[tuple[str, str, datetime]]:
+    """Every (broker, queue, moment) whose loss of messages the workers are still sending again, for ``deblur
+    doctor``."""
+    return [(broker, queue, as_utc(moment)) for broker, queue, moment in session.execute(
+        select(BrokerMark.broker, BrokerMark.queue, BrokerMark.lost_before)
+        .where(BrokerMark.lost_before.is_not(None)).order_by(BrokerMark.queue))]

@@ -1224,6 +1224,26 @@ def take_waiting_since(session: Session, job_id: str, before: datetime,
     return [(uri, output, reference) for _, uri, output, reference in sorted(rows)]
 
 
+def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:
+    """For each queue unfinished jobs were submitted to (None: jobs that predate recorded queues), how many such
+    jobs there are and how many of their images wait for a worker (pending), for ``deblur doctor``."""
+    jobs = session.execute(select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES))).all()
+    queue_of = {job_id: (spec or {}).get("queue") for job_id, spec in jobs}
+    found: dict[str | None, tuple[int, int]] = {}
+    for queue in queue_of.values():
+        count, waiting = found.get(queue, (0, 0))
+        found[queue] = (count + 1, waiting)
+    ids = list(queue_of)
+    for part in _slices(ids):
+        for job_id, waiting in session.execute(
+            select(Image.job_id, func.count()).where(Image.job_id.in_(part), Image.status == "pending")
+            .group_by(Image.job_id)
+        ):
+            count, total = found[queue_of[job_id]]
+            found[queue_of[job_id]] = (count, total + int(waiting))
+    return found
+
+
 def retryable_job_ids(session: Session) -> list[str]:
     """Jobs queued, running or paused, oldest first (``deblur retry --all``); a job still submitting is its
     producer's to finish listing."""

@@ -861,8 +861,10 @@ def doctor(buckets: tuple[str, ...], fmt: str) -> None:
 
     Asks, in the order a job needs them: the database (reachable, schema at this
     release's revision), the broker, the workers on DEBLUR_QUEUE (any, and none
-    of an older release that would drop batches), the S3 endpoint with these
-    credentials, and the API's clients file when DEBLUR_API_CLIENTS is set.
+    of an older release that would drop batches), the queues unfinished jobs
+    wait on (each needs a worker; a broker's lost messages still being sent
+    again), the S3 endpoint with these credentials, and the API's clients
+    file when DEBLUR_API_CLIENTS is set.
     Each line is ok, warn (jobs can run) or fail (they cannot); exits 1 when any
     fails. Passwords in URLs are not printed.
 

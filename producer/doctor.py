@@ -91,13 +91,16 @@ def check_broker(settings: Settings) -> Finding:
                                      "('redis-server --port N', or 'deblur stack up')")
 
 
-def check_workers(settings: Settings) -> Finding:
-    """At least one worker consumes the queue, and none would drop this release's batches."""
+def check_workers(settings: Settings, asked: dict[str, set[str]] | None = None) -> Finding:
+    """At least one worker consumes the queue, and none would drop this release's batches. Once the workers have
+    answered, ``asked["queues"]`` holds every queue they consume (left out when they could not be asked)."""
     from jobs.messages import OPTIONAL_FIELDS
     from producer.workers import worker_states
 
     def check() -> Finding:
         answered = worker_states(settings, timeout=2.0, with_active=False)
+        if asked is not None:
+            asked["queues"] = {q for s in answered for q in s.queues}
         states = [s for s in answered if settings.queue in s.queues]
         # a node that answers but consumes nothing stopped itself after its device failed: it needs a restart
         stopped = ", ".join(s.name for s in answered if s.answered and not s.queues)
@@ -122,6 +125,57 @@ def check_workers(settings: Settings) -> Finding:
         return Finding("workers", "ok", f"{len(states)} on {settings.queue!r}: {names}")
 
     return _guarded("workers", check, "the broker must answer first")
+
+
+def check_queues(settings: Settings, consumers: set[str] | None) -> Finding:
+    """Every queue with unfinished jobs has a worker, and no broker's loss of messages is still being mended.
+
+    ``consumers`` are the queues the answering workers consume (None: the broker could not be asked). A job waits
+    on the queue it was submitted to, which need not be this installation's ``DEBLUR_QUEUE``: a queue whose
+    workers all stopped holds its images back for good, and nothing else says so.
+    """
+    from db import broker_marks, queries
+    from db.engine import current_revision, head_revision, session_scope
+    from worker.broker_watch import broker_identity
+
+    url = settings.resolved_database_url()
+
+    def check() -> Finding:
+        revision = current_revision(url)  # the doctor looks; it migrates nothing
+        if revision is None:
+            return Finding("queues", "ok", "no schema yet, so no job")
+        with session_scope(url) as session:
+            work = queries.waiting_by_queue(session)
+            # a schema behind this release may not count losses yet (the database's finding says so)
+            losses = [(queue, moment) for broker, queue, moment in broker_marks.unmended(session)
+                      if broker == broker_identity(settings.broker_url)] if revision == head_revision() else []
+        by_queue: dict[str, tuple[int, int]] = {}
+        for queue, (jobs, waiting) in work.items():
+            # a job that predates recorded queues is sent again to the queue of whoever retries it
+            name = queue or settings.queue
+            before = by_queue.get(name, (0, 0))
+            by_queue[name] = (before[0] + jobs, before[1] + waiting)
+        unserved = {name: counts for name, counts in by_queue.items()
+                    if counts[1] and consumers is not None and name not in consumers}
+        problems = [f"{name!r} has {jobs:,} unfinished job(s) with {waiting:,} image(s) waiting and no worker "
+                    "consumes it" for name, (jobs, waiting) in sorted(unserved.items())]
+        problems += [f"the broker lost queue {queue!r}'s messages ({moment.isoformat(timespec='seconds')}): its "
+                     "workers are sending the waiting images again" for queue, moment in losses]
+        if problems:
+            hint = []
+            if unserved:
+                hint.append("start a worker for each ('deblur worker --queue NAME'), or cancel the jobs")
+            if losses:
+                hint.append("the workers finish sending within a sweep or two (DEBLUR_CLAIM_LEASE); if this stays, "
+                            "see their logs; give Redis an append-only file so a restart keeps its messages")
+            return Finding("queues", "warn", "; ".join(problems), "; ".join(hint))
+        if not by_queue:
+            return Finding("queues", "ok", "no unfinished job")
+        shown = ", ".join(f"{name!r} ({waiting:,} waiting in {jobs:,} job(s))"
+                          for name, (jobs, waiting) in sorted(by_queue.items()))
+        return Finding("queues", "ok", shown + ("" if consumers is not None else "; workers not asked"))
+
+    return _guarded("queues", check, "the database must answer first")
 
 
 def check_storage(settings: Settings, buckets: Sequence[str]) -> Finding:
@@ -170,8 +224,10 @@ def diagnose(settings: Settings, buckets: Sequence[str] = ()) -> list[Finding]:
     """Every check, in the order a job needs the parts."""
     findings = [check_database(settings), check_broker(settings)]
     broker_ok = findings[-1].status == "ok"
-    findings.append(check_workers(settings) if broker_ok else
+    asked: dict[str, set[str]] = {}
+    findings.append(check_workers(settings, asked) if broker_ok else
                     Finding("workers", "fail", "not asked: the broker does not answer", "fix the broker first"))
+    findings.append(check_queues(settings, asked.get("queues")))
     findings.append(check_storage(settings, buckets))
     clients = check_api_clients(settings)
     if clients is not None:

@@ -29,11 +29,15 @@ def doctor(*args: str):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(main, ["doctor", *args])
 
 
-def test_a_ready_installation(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_ready_installation(empty_database_url: str, redis_url: str, s3_endpoint: str,  # type: ignore[no-untyped-def]
+                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from db.engine import ensure_schema
     from jobs.celery_app import app_for
     from jobs.settings import load_settings
+    from tests.e2e_helpers import use_services
 
+    # a database of its own: other tests' unfinished jobs wait on queues no worker serves, which the doctor names
+    env = use_services(monkeypatch, redis_url, s3_endpoint, empty_database_url, tmp_path / "home")
     settings = load_settings()
     ensure_schema(settings.resolved_database_url())
     bucket = f"doctor-{uuid.uuid4().hex[:8]}"
@@ -56,10 +60,10 @@ def test_a_ready_installation(env, tmp_path: Path) -> None:  # type: ignore[no-u
     report = json.loads(found.stdout)
     assert report["ok"] is True
     assert {c["part"]: c["status"] for c in report["checks"]} == {
-        "database": "ok", "broker": "ok", "workers": "ok", "storage": "ok"}
+        "database": "ok", "broker": "ok", "workers": "ok", "queues": "ok", "storage": "ok"}
     checks = {c["part"]: c["detail"] for c in report["checks"]}
     assert worker.name in checks["workers"] and bucket in checks["storage"] and "(current)" in checks["database"]
-    assert text.exit_code == 0 and text.output.count("ok  ") == 4, text.output
+    assert text.exit_code == 0 and text.output.count("ok  ") == 5, text.output
 
 
 def test_each_problem_is_named_with_its_remedy(empty_database_url: str, redis_url: str, s3_endpoint: str,  # type: ignore[no-untyped-def]
@@ -98,3 +102,34 @@ def test_each_problem_is_named_with_its_remedy(empty_database_url: str, redis_ur
     assert down.exit_code == 1 and "s3cretpw" not in down.output
     assert "fail  broker" in down.output and "redis-server" in down.output, down.output
     assert "not asked: the broker does not answer" in down.output
+
+
+def test_a_queue_no_worker_serves_and_a_broker_loss_being_mended_are_named(  # type: ignore[no-untyped-def]
+        empty_database_url: str, redis_url: str, s3_endpoint: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs wait on the queue they were submitted to: one whose workers all stopped would hold them back for good,
+    and only the backlog alert would hint at it."""
+    from db import queries
+    from db.engine import ensure_schema, session_scope
+    from db.schema import BrokerMark
+    from tests.e2e_helpers import use_services
+    from worker.broker_watch import broker_identity
+
+    env = use_services(monkeypatch, redis_url, s3_endpoint, empty_database_url, tmp_path / "home")
+    ensure_schema(empty_database_url)
+    with session_scope(empty_database_url) as s:
+        for queue, count in (("gpu-large", 3), (env["DEBLUR_QUEUE"], 0)):
+            job, _ = queries.create_job(s, "deblur", {"models": ["wiener"], "queue": queue})
+            queries.insert_images(s, job.id, [{"input_uri": f"s3://b/{queue}/{n}.png"} for n in range(count)], 0)
+            queries.finish_submission(s, job.id, count, "queued")
+    quiet = json.loads(doctor("--format", "json").stdout)
+    checks = {c["part"]: c for c in quiet["checks"]}
+    assert checks["queues"]["status"] == "warn"
+    assert "'gpu-large' has 1 unfinished job(s) with 3 image(s) waiting and no worker" in checks["queues"]["detail"]
+    assert env["DEBLUR_QUEUE"] not in checks["queues"]["detail"]  # nothing of it waits
+    assert "deblur worker --queue NAME" in checks["queues"]["hint"]
+    with session_scope(empty_database_url) as s:
+        s.add(BrokerMark(broker=broker_identity(redis_url), queue="gpu-large", counter=5, token="t" * 32,
+                         checked_at=queries.database_now(s), lost_before=queries.database_now(s)))
+    lost = {c["part"]: c for c in json.loads(doctor("--format", "json").stdout)["checks"]}["queues"]
+    assert "the broker lost queue 'gpu-large'" in lost["detail"] and "append-only" in lost["hint"]
