@@ -317,7 +317,10 @@ def claim_images(session: Session, job_id: str, inputs: Iterable[str], worker: s
     # The UPDATE itself re-checks that each image may be taken, so two deliveries claiming at once never both take
     # one (SQLite has no row locks, and its transaction starts only at the UPDATE); what it returns is what this
     # run holds. Image rows are locked before the job's row, as in the recording transaction, so the two never wait
-    # for each other in opposite orders (PostgreSQL).
+    # for each other in opposite orders (PostgreSQL); and in id order first, as every path that locks several of a
+    # job's images does (the sweeps' take-backs, a retry's reset), where the UPDATE alone would lock them in its
+    # index's order (by URI, which a manifest's order need not follow).
+    session.execute(select(Image.id).where(*mine, takeable).order_by(Image.id).with_for_update())
     todo = list(session.scalars(
         update(Image).where(*mine, takeable)
         .values(status="running", started_at=now, worker=worker, claim=claim,
