@@ -946,6 +946,9 @@ def recent_finishes(session: Session, job_id: str, since: datetime, until: datet
 SENDING_JOB_STATUSES = ("submitting", "queued", "running")  # a windowed job in these may send its next batches
 UNFINISHED_JOB_STATUSES = (*SENDING_JOB_STATUSES, "paused")  # work left: what the metrics count as the backlog
 RETRYABLE_JOB_STATUSES = ("queued", "running", "paused")  # retry --all: a submitting job is its producer's
+# jobs whose images in the broker are still restored: unfinished ones, and one failed because its submission broke
+# off (fail_abandoned_submissions: "the images it enqueued are restored"); a job failed otherwise has none left
+STILL_RESTORED_JOB_STATUSES = (*UNFINISHED_JOB_STATUSES, "failed")
 
 
 @dataclass(frozen=True)
@@ -1134,14 +1137,15 @@ def restart_window(session: Session, job_id: str) -> int:
 
 
 def jobs_with_abandoned_images(session: Session, abandoned_for: float) -> list[tuple[str, dict[str, Any]]]:
-    """Unfinished and cancelled jobs (id and spec, oldest first) holding images whose lease ran out at least
-    ``abandoned_for`` seconds ago: their run was lost, and Redis would hand its batch on only after the whole
-    visibility timeout (an hour by default). A job still being listed is included: its producer lists, it does
-    not watch its batches. A cancelled job's are cancelled (:func:`take_back_abandoned`)."""
+    """Jobs still restored (unfinished, or failed with their submission broken off) and cancelled jobs (id and
+    spec, oldest first) holding images whose lease ran out at least ``abandoned_for`` seconds ago: their run was
+    lost, and Redis would hand its batch on only after the whole visibility timeout (an hour by default). A job
+    still being listed is included: its producer lists, it does not watch its batches. A cancelled job's are
+    cancelled (:func:`take_back_abandoned`)."""
     before = database_now(session) - timedelta(seconds=abandoned_for)
     lost = select(Image.id).where(Image.job_id == Job.id, _abandoned(before)).exists()
     return [(job_id, spec) for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_((*UNFINISHED_JOB_STATUSES, "cancelled")), lost)
+        select(Job.id, Job.spec).where(Job.status.in_((*STILL_RESTORED_JOB_STATUSES, "cancelled")), lost)
         .order_by(Job.created_at))]
 
 
@@ -1169,7 +1173,7 @@ def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> 
                                                            lease_until=None)
                         .execution_options(synchronize_session=False))
         return []
-    if status not in UNFINISHED_JOB_STATUSES:
+    if status not in STILL_RESTORED_JOB_STATUSES:
         return []
     rows = session.execute(
         update(Image).where(*still)
@@ -1192,13 +1196,15 @@ def _waiting_since_before(before: datetime) -> Any:
 
 
 def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:
-    """Unfinished jobs (id and spec, oldest first) with images waiting for a message sent before ``before``:
-    after the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job
-    still being listed is included (the messages its producer sent before the loss are gone too), and a paused
-    one (its batches already sent were lost as well)."""
+    """Jobs still restored (unfinished, or failed with their submission broken off: the images it enqueued are
+    restored) with images waiting for a message sent before ``before``, id and spec, oldest first: after the broker
+    lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still being listed is
+    included (the messages its producer sent before the loss are gone too), and a paused one (its batches already
+    sent were lost as well)."""
     waiting = select(Image.id).where(Image.job_id == Job.id, _waiting_since_before(before)).exists()
     return [(job_id, spec) for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES), waiting).order_by(Job.created_at))]
+        select(Job.id, Job.spec).where(Job.status.in_(STILL_RESTORED_JOB_STATUSES), waiting)
+        .order_by(Job.created_at))]
 
 
 def take_waiting_since(session: Session, job_id: str, before: datetime,

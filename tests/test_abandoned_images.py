@@ -174,3 +174,23 @@ def test_a_worker_node_lost_mid_image_is_replaced_within_seconds_not_the_visibil
     [row] = json.loads(run_cli("results", job_id, "--format", "json"))
     assert (row["status"], row["attempts"], row["worker"]) == ("done", 2, second.name), row
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="lost-node", Prefix="out/")["Contents"]] == ["out/0.png"]
+
+
+def test_a_broken_off_submissions_abandoned_images_are_sent_again(env) -> None:  # type: ignore[no-untyped-def]
+    """A job whose producer stopped mid-listing is failed, and "the images it enqueued are restored": one whose run
+    was lost stayed running for good (and held the job back from pruning). It is sent again like any other; a job
+    failed because all its images failed has none to send."""
+    from db import queries
+    from db.engine import session_scope
+    from jobs.settings import load_settings
+    from worker.sweeper import AbandonedImageSweeper
+
+    url = load_settings().resolved_database_url()
+    job_id, uris, _ = make_job(url, [["s0.png", "s1.png"]])
+    _lose(url, job_id, [uris["s0.png"]], "8" * 32, timedelta(minutes=5))
+    with session_scope(url) as s:
+        queries.set_job_state(s, job_id, status="failed", error="submission interrupted")
+    assert AbandonedImageSweeper(replace(load_settings(), claim_lease=60)).sweep() == 1
+    [message] = [args[0] for _, args in queued_tasks(env)]
+    assert [i["input"] for i in message["images"]] == [uris["s0.png"]]
+    assert _images(url, job_id)[uris["s0.png"]] == ("pending", 1, 1) and _job_status(url, job_id) == "failed"

@@ -94,17 +94,19 @@ def test_a_broker_that_lost_its_data_is_found_and_its_waiting_images_are_sent_ag
         # p1 done, p2 running under a live run's lease: neither waits for a message
         queries.record_outcomes(s, plain, [queries.ImageOutcome(input_uri=plain_uris["p1.png"], status="done")])
         queries.claim_images(s, plain, [plain_uris["p2.png"]], "alive@node", "a" * 32, lease_s=600)
+    broken_off, broken_uris, _ = make_job(url, [["b0.png"]])  # failed as its producer stopped mid-listing
     cancelled, _, _ = make_job(url, [["c0.png"]])
     other_queue, _, _ = make_job(url, [["o0.png"]])
     legacy, _, _ = make_job(url, [["l0.png"]])
     with session_scope(url) as s:
         queries.cancel_job(s, cancelled)
+        queries.set_job_state(s, broken_off, status="failed", error="submission interrupted")
         job = s.get(Job, other_queue)
         job.spec = {**job.spec, "queue": "some-other-queue"}
         job = s.get(Job, legacy)
         job.spec = {k: v for k, v in job.spec.items() if k != "queue"}
         # every image so far was sent a while ago
-        s.execute(update(Image).where(Image.job_id.in_([plain, windowed, cancelled, other_queue, legacy]),
+        s.execute(update(Image).where(Image.job_id.in_([plain, windowed, broken_off, cancelled, other_queue, legacy]),
                                       Image.status == "pending")
                   .values(started_at=queries.database_now(s) - timedelta(minutes=1)))
 
@@ -114,9 +116,10 @@ def test_a_broker_that_lost_its_data_is_found_and_its_waiting_images_are_sent_ag
     assert lost_before is not None
     after, after_uris, _ = make_job(url, [["n0.png"]])  # submitted after the loss: its message is in the broker
 
-    assert watch.send_lost() == 4
+    assert watch.send_lost() == 5
     assert sorted(_sent(env)) == sorted([
         (plain, sorted([plain_uris["p0.png"], plain_uris["p3.png"]]), None),
+        (broken_off, [broken_uris["b0.png"]], None),  # the images it enqueued are restored, as its error says
         (windowed, sorted([win_uris["w0.png"], win_uris["w1.png"]]), None),  # plain: the batch keeps its slot
     ])
     with session_scope(url) as s:
