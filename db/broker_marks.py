@@ -1,14 +1,15 @@
 """The counts a queue's workers write to the broker and to the database, read and written in one place.
 
-:mod:`worker.broker_watch` compares them to find a broker that lost its messages; these are its queries.
+:mod:`worker.broker_watch` compares them to find a broker that lost its messages; these are its queries. Each is
+its own short statement: no transaction here waits on the broker.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -16,29 +17,38 @@ from db.queries import as_utc, database_now
 from db.schema import BrokerMark
 
 
-def advance(session: Session, broker: str, queue: str) -> tuple[int, str] | None:
-    """Add one to the queue's count and return it with the database's token, holding the queue's row until the
-    transaction ends (so the workers of one queue compare and write the broker's copy one at a time); None when
-    the queue has no count yet."""
+def _row(broker: str, queue: str) -> tuple:  # type: ignore[type-arg]
+    return BrokerMark.broker == broker, BrokerMark.queue == queue
+
+
+def advance(session: Session, broker: str, queue: str) -> tuple[int, int, str] | None:
+    """Take the queue's next count; returns it with the largest count confirmed written to the broker and the
+    database's token, or None when the queue has no count yet (:func:`start`)."""
     row = session.execute(
-        update(BrokerMark).where(BrokerMark.broker == broker, BrokerMark.queue == queue)
+        update(BrokerMark).where(*_row(broker, queue))
         .values(counter=BrokerMark.counter + 1, checked_at=database_now(session))
-        .returning(BrokerMark.counter, BrokerMark.token)
+        .returning(BrokerMark.counter, BrokerMark.confirmed, BrokerMark.token)
     ).first()
-    return (int(row[0]), str(row[1])) if row is not None else None
+    return (int(row[0]), int(row[1]), str(row[2])) if row is not None else None
 
 
 def start(session: Session, broker: str, queue: str) -> str | None:
-    """Give the queue its first count, 1, and a token of its own; returns the token, or None when another worker
-    gave it one first."""
+    """Give the queue its first count, 1 (none confirmed yet), and a token of its own; returns the token, or None
+    when another worker gave it one first."""
     token = uuid.uuid4().hex
     try:
         with session.begin_nested():
-            session.add(BrokerMark(broker=broker, queue=queue, counter=1, token=token,
+            session.add(BrokerMark(broker=broker, queue=queue, counter=1, confirmed=0, token=token, losses=0,
                                    checked_at=database_now(session)))
     except IntegrityError:
         return None
     return token
+
+
+def confirm(session: Session, broker: str, queue: str, count: int) -> None:
+    """The broker's key holds ``count`` or more: a broker found to hold less later lost it since."""
+    session.execute(update(BrokerMark).where(*_row(broker, queue)).values(
+        confirmed=case((BrokerMark.confirmed < count, count), else_=BrokerMark.confirmed)))
 
 
 def note_loss(session: Session, broker: str, queue: str) -> datetime:
@@ -46,22 +56,43 @@ def note_loss(session: Session, broker: str, queue: str) -> datetime:
     database's clock). A loss found while an earlier one is still being mended moves the moment on: the images
     sent again since were lost once more."""
     now = database_now(session)
-    session.execute(update(BrokerMark).where(BrokerMark.broker == broker, BrokerMark.queue == queue)
-                    .values(lost_before=now))
+    session.execute(update(BrokerMark).where(*_row(broker, queue))
+                    .values(lost_before=now, losses=BrokerMark.losses + 1))
     return now
+
+
+def take_mending(session: Session, broker: str, queue: str, lease_s: float) -> tuple[datetime, int] | None:
+    """Become, for ``lease_s`` seconds, the one worker of the queue sending again what the last loss took; returns
+    that loss's moment and number, or None when there is none or another worker's lease is live."""
+    now = database_now(session)
+    row = session.execute(
+        update(BrokerMark)
+        .where(*_row(broker, queue), BrokerMark.lost_before.is_not(None),
+               (BrokerMark.mending_until.is_(None)) | (BrokerMark.mending_until < now))
+        .values(mending_until=now + timedelta(seconds=lease_s))
+        .returning(BrokerMark.lost_before, BrokerMark.losses)
+    ).first()
+    return (as_utc(row[0]), int(row[1])) if row is not None else None
+
+
+def renew_mending(session: Session, broker: str, queue: str, lease_s: float) -> None:
+    session.execute(update(BrokerMark).where(*_row(broker, queue))
+                    .values(mending_until=database_now(session) + timedelta(seconds=lease_s)))
+
+
+def end_mending(session: Session, broker: str, queue: str, losses: int, mended: bool) -> None:
+    """Give the mending lease back; with ``mended``, every image loss number ``losses`` took is on its way again,
+    and the loss is over unless another was found meanwhile."""
+    if mended:
+        session.execute(update(BrokerMark).where(*_row(broker, queue), BrokerMark.losses == losses)
+                        .values(lost_before=None))
+    session.execute(update(BrokerMark).where(*_row(broker, queue)).values(mending_until=None))
 
 
 def loss_to_mend(session: Session, broker: str, queue: str) -> datetime | None:
     """The moment of the queue's last loss whose images are still being sent again, or None."""
-    moment = session.scalar(select(BrokerMark.lost_before)
-                            .where(BrokerMark.broker == broker, BrokerMark.queue == queue))
+    moment = session.scalar(select(BrokerMark.lost_before).where(*_row(broker, queue)))
     return as_utc(moment) if moment is not None else None
-
-
-def mended(session: Session, broker: str, queue: str) -> None:
-    """Every image the last loss took is on its way again (call with the queue's row held: :func:`advance`)."""
-    session.execute(update(BrokerMark).where(BrokerMark.broker == broker, BrokerMark.queue == queue)
-                    .values(lost_before=None))
 
 
 def unmended(session: Session) -> list[tuple[str, str, datetime]]:

@@ -199,8 +199,11 @@ def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]],
     """
     if not rows:
         return set()
+    # sent now, or for a windowed job's batch when it is (claim_window_batches stamps it again)
+    sent_at = database_now(session)
     values = [
-        {"job_id": job_id, "status": "pending", "attempts": 0, "batch": batch, **row} for row in rows
+        {"job_id": job_id, "status": "pending", "attempts": 0, "batch": batch, "sent_at": sent_at, **row}
+        for row in rows
     ]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -410,9 +413,10 @@ def release_claims(session: Session, job_id: str, inputs: Sequence[str], claim: 
     they were never started (:func:`start_image`), so no attempt was counted.
     """
     cancelled = job_status_of(session, job_id) == "cancelled"
+    now = database_now(session)
     # pending again, sent again now (handed over): their wait for a worker starts anew
-    values = ({"status": "cancelled", "finished_at": utcnow(), "worker": None} if cancelled
-              else {"status": "pending", "started_at": utcnow(), "worker": None})
+    values = ({"status": "cancelled", "finished_at": now, "worker": None} if cancelled
+              else {"status": "pending", "started_at": now, "sent_at": now, "worker": None})
     session.execute(
         update(Image)
         .where(Image.job_id == job_id, Image.input_uri.in_(list(inputs)), Image.status == "running",
@@ -671,8 +675,8 @@ def reset_for_retry(session: Session, job_id: str, images: Sequence[Image]) -> s
             reset.update(session.scalars(
                 update(Image)
                 .where(Image.id.in_(ids), Image.status == status, free)  # re-checked: SQLite locks no rows
-                .values(status="pending", error=None, unfinished_starts=0, started_at=now, finished_at=None,
-                        claim=None, lease_until=None)
+                .values(status="pending", error=None, unfinished_starts=0, started_at=now, sent_at=now,
+                        finished_at=None, claim=None, lease_until=None)
                 .returning(Image.input_uri)
                 .execution_options(synchronize_session=False)
             ))
@@ -912,8 +916,8 @@ def metric_summary(session: Session, job_id: str) -> list[dict[str, Any]]:
         """How many values the mean stands for: the finite ones, or all when all are the same infinity."""
         return every if not finite_count and low is not None and low == high else finite_count
 
-    return [{"model": m, "name": n, "mean": mean(v, int(c), low, high), "count": averaged(int(c), int(every), low, high),
-             "non_finite": int(every) - int(c)}
+    return [{"model": m, "name": n, "mean": mean(v, int(c), low, high),
+             "count": averaged(int(c), int(every), low, high), "non_finite": int(every) - int(c)}
             for m, n, v, c, every, low, high in rows]
 
 
@@ -1063,8 +1067,9 @@ def claim_window_batches(session: Session, job_id: str, window: int, released: i
         # their images wait in the broker from now: 'retry --stalled' measures a pending image's wait from here
         # (unsent, it would count from the job's creation and re-send batches that are merely queued), and a
         # broker's loss is judged by it (worker.broker_watch), on the database's clock as that loss is
+        now = database_now(session)
         session.execute(update(Image).where(Image.job_id == job_id, Image.batch.in_(claimed),
-                                            Image.status == "pending").values(started_at=database_now(session)))
+                                            Image.status == "pending").values(started_at=now, sent_at=now))
     return claimed
 
 
@@ -1177,7 +1182,7 @@ def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> 
         return []
     rows = session.execute(
         update(Image).where(*still)
-        .values(status="pending", started_at=now, worker=None, claim=None, lease_until=None)
+        .values(status="pending", started_at=now, sent_at=now, worker=None, claim=None, lease_until=None)
         .returning(Image.input_uri, Image.output_uri, Image.reference_uri)
         .execution_options(synchronize_session=False)
     ).all()
@@ -1185,12 +1190,13 @@ def take_back_abandoned(session: Session, job_id: str, abandoned_for: float) -> 
 
 
 def _waiting_since_before(before: datetime) -> Any:
-    """Pending images whose message went to the broker before ``before``: sent with their job (a windowed job's,
-    once their batch was), or again by a retry, a hand-over or a sweep, each of which restarts ``started_at``.
-    A windowed job's batches not sent yet hold no message, so they are not."""
+    """Pending images whose message went to the broker before ``before`` (``sent_at``, stamped by the database's
+    clock before each send: with the job, once a windowed job's batch was claimed, by a retry, a hand-over or a
+    sweep; a row from before send times were kept counts as sent long ago). A windowed job's batches not sent
+    yet hold no message, so they are not."""
     return and_(
         Image.status == "pending",
-        func.coalesce(Image.started_at, Job.created_at) < before,
+        or_(Image.sent_at.is_(None), Image.sent_at < before),
         or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
     )
 
@@ -1207,30 +1213,29 @@ def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, di
         .order_by(Job.created_at))]
 
 
-def take_waiting_since(session: Session, job_id: str, before: datetime,
-                       limit: int = 5000) -> list[tuple[str, str, str | None]]:
-    """Up to ``limit`` of a job's images waiting for a message sent before ``before``, to be sent again in this
-    transaction; returns their (input, output, reference) URIs, in id order.
+def waiting_since(session: Session, job_id: str, before: datetime,
+                  limit: int = 5000) -> list[tuple[int, str, str, str | None]]:
+    """Up to ``limit`` of a job's images waiting for a message sent before ``before``, in id order: (id, input,
+    output, reference). Read without locking them: the caller sends them, then stamps them
+    (:func:`mark_sent`)."""
+    return [(int(i), uri, output, reference) for i, uri, output, reference in session.execute(
+        select(Image.id, Image.input_uri, Image.output_uri, Image.reference_uri)
+        .join(Job, Job.id == Image.job_id).where(Image.job_id == job_id, _waiting_since_before(before))
+        .order_by(Image.id).limit(limit))]
 
-    They stay pending in their batch with their attempts (nothing was tried), and their ``started_at`` restarts
-    now: they wait for the new message, and the next pass does not take them again. Each is re-checked by the
-    UPDATE, so two workers sending at once send it once, and one a worker claimed meanwhile is its own.
-    """
-    now = database_now(session)
-    ids = list(session.scalars(
-        select(Image.id).join(Job, Job.id == Image.job_id).where(Image.job_id == job_id, _waiting_since_before(before))
-        .order_by(Image.id).limit(limit).with_for_update(of=Image)))
-    if not ids:
-        return []
-    rows = session.execute(
-        # re-checked, SQLite locks no rows: an image with no start of its own was selected by its job's creation
-        update(Image).where(Image.id.in_(ids), Image.status == "pending",
-                            or_(Image.started_at.is_(None), Image.started_at < before))
-        .values(started_at=now)
-        .returning(Image.id, Image.input_uri, Image.output_uri, Image.reference_uri)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return [(uri, output, reference) for _, uri, output, reference in sorted(rows)]
+
+def mark_sent(session: Session, ids: Sequence[int], sent_at: datetime, before: datetime) -> int:
+    """Stamp images sent again (:func:`waiting_since`) with ``sent_at``, read before the send, so the next pass
+    leaves them; one a worker claimed or a retry sent meanwhile keeps what it has. Returns how many were
+    stamped."""
+    stamped = 0
+    for part in _slices(list(ids)):
+        result = session.execute(
+            update(Image).where(Image.id.in_(part), Image.status == "pending",
+                                or_(Image.sent_at.is_(None), Image.sent_at < before))
+            .values(sent_at=sent_at).execution_options(synchronize_session=False))
+        stamped += int(result.rowcount or 0)
+    return stamped
 
 
 def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:

@@ -113,17 +113,23 @@ class Image(Base):
     # (a redelivery past the broker's visibility timeout, say) leaves it to that run while it renews the lease
     claim: Mapped[str | None] = mapped_column(String(32), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # when the message that carries this pending image was sent, by the database's clock, stamped before the send:
+    # a broker found to have lost its messages (worker.broker_watch) lost those sent before then. NULL: a row from
+    # before this was kept, taken for sent long ago
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     job: Mapped[Job] = relationship(back_populates="images")
 
 
 class BrokerMark(Base):
-    """The count a queue's workers last wrote to the broker, to tell when the broker lost its messages.
+    """The count a queue's workers write to the broker, to tell when the broker lost its messages.
 
-    Each worker's sweep (:mod:`worker.broker_watch`) adds one to ``counter`` and writes it to a key in the broker
-    too. A broker that restarted without persistence, was flushed, or came back from an older snapshot has lost
-    the key or holds a smaller count, and has lost the messages sent since with it: ``lost_before`` then records
-    when that was found, and the images of the queue's jobs waiting since before it are sent again. One row per
+    Each worker's sweep (:mod:`worker.broker_watch`) takes the next ``counter`` and writes it to a key in the
+    broker, which only ever keeps the largest; ``confirmed`` is the largest count known to have been written. A
+    broker that restarted without persistence, was flushed, or came back from an older snapshot holds no key or a
+    smaller count than ``confirmed``, and has lost the messages sent since with it: ``lost_before`` then records
+    when that was found (``losses`` counts such findings), and the images of the queue's jobs waiting for a
+    message sent before it are sent again by one worker at a time (``mending_until``, its lease). One row per
     broker (its address, with no credentials) and queue, so deployments with brokers of their own can share one
     database.
     """
@@ -135,12 +141,15 @@ class BrokerMark(Base):
     broker: Mapped[str] = mapped_column(String(512))
     queue: Mapped[str] = mapped_column(String(255))
     counter: Mapped[int] = mapped_column(BigInteger, default=0)
+    confirmed: Mapped[int] = mapped_column(BigInteger, default=0)
     # written to the broker with the count: a broker holding another token's count serves another database's
     # workers on the same queue name (a misconfiguration), which is not a loss
     token: Mapped[str] = mapped_column(String(32))
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # when the broker was found to have lost messages, until every image waiting from before then is sent again
+    # when the broker was last found to have lost messages, until every image waiting from before then is sent
     lost_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    losses: Mapped[int] = mapped_column(Integer, default=0)
+    mending_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Metric(Base):

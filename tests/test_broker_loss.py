@@ -108,13 +108,13 @@ def test_a_broker_that_lost_its_data_is_found_and_its_waiting_images_are_sent_ag
         # every image so far was sent a while ago
         s.execute(update(Image).where(Image.job_id.in_([plain, windowed, broken_off, cancelled, other_queue, legacy]),
                                       Image.status == "pending")
-                  .values(started_at=queries.database_now(s) - timedelta(minutes=1)))
+                  .values(sent_at=queries.database_now(s) - timedelta(minutes=1)))
 
     redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)  # the broker restarted with nothing
     assert watch.check() is True
     counter, lost_before = _mark(url, env["DEBLUR_QUEUE"])
     assert lost_before is not None
-    after, after_uris, _ = make_job(url, [["n0.png"]])  # submitted after the loss: its message is in the broker
+    make_job(url, [["n0.png"]])  # submitted after the loss: its message is in the broker
 
     assert watch.send_lost() == 5
     assert sorted(_sent(env)) == sorted([
@@ -135,7 +135,6 @@ def test_a_broker_that_lost_its_data_is_found_and_its_waiting_images_are_sent_ag
     # the next check finds nothing left of the loss (the legacy job is left to 'retry --stalled')
     assert watch.check() is False
     assert _mark(url, env["DEBLUR_QUEUE"]) == (counter + 1, None)
-    assert after_uris
 
 
 def test_a_broker_restored_from_an_older_snapshot_is_found_and_one_ahead_is_not(env) -> None:  # type: ignore[no-untyped-def]
@@ -185,7 +184,7 @@ def test_images_a_refused_send_leaves_are_sent_by_the_next_pass(env, monkeypatch
 
     with session_scope(url) as s:
         s.execute(update(Image).where(Image.job_id == job)
-                  .values(started_at=queries.database_now(s) - timedelta(minutes=1)))
+                  .values(sent_at=queries.database_now(s) - timedelta(minutes=1)))
     redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
     assert watch.check() is True
 
@@ -218,13 +217,113 @@ def test_workers_of_one_queue_checking_at_once_find_no_loss(env) -> None:  # typ
     assert found == [False] * 60
 
 
-def test_the_broker_identity_leaves_out_credentials() -> None:
+def test_the_broker_identity_leaves_out_credentials_and_is_spelt_one_way() -> None:
     from worker.broker_watch import broker_identity, watches
 
     assert broker_identity("redis://user:secret@redis.internal:6380/2") == "redis://redis.internal:6380/2"
-    assert broker_identity("rediss://:pw@host/0") == "rediss://host/0"
+    assert broker_identity("rediss://:pw@host/0") == "rediss://host:6379/0"
+    assert {broker_identity(u) for u in ("redis://redis:6379/", "redis://redis/0", "redis://redis:6379/0",
+                                         "redis://redis")} == {"redis://redis:6379/0"}
     assert broker_identity("unix:///run/redis.sock?virtual_host=3") == "unix:///run/redis.sock?db=3"
+    assert broker_identity("unix:///run/redis.sock") == "unix:///run/redis.sock?db=0"
     assert watches("redis://h/0") and not watches("memory://")
+
+
+def test_a_loss_whose_recording_fails_is_found_again(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The loss is recorded before the broker's key is written again: a worker whose database fails (or that
+    dies) in between leaves the key as the loss left it, and the next check finds it."""
+    import db.broker_marks
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    for _ in range(2):
+        assert watch.check() is False
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
+
+    def fail(*_, **__):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(db.broker_marks, "note_loss", fail)
+    with pytest.raises(ConnectionError):
+        watch.check()
+    monkeypatch.undo()
+    assert redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).get(watch.key) is None
+    assert watch.check() is True
+    assert _mark(url, env["DEBLUR_QUEUE"])[1] is not None
+
+
+def test_send_times_come_from_the_database_clock_and_images_listed_after_the_loss_are_left(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """A producer or worker whose clock runs ahead once stamped images with times after the loss's moment (so they
+    were never sent again), and a job still being listed had every image listed after the loss sent twice at
+    every sweep. Send times now come from the database's clock."""
+    import db.queries
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Image, Job, utcnow
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    assert watch.check() is False
+    if url.startswith("postgresql"):  # SQLite is a file on this machine: its clock is this machine's
+        monkeypatch.setattr(db.queries, "utcnow", lambda: utcnow() + timedelta(minutes=2))  # this one runs ahead
+    listing, uris, _ = make_job(url, [["a.png", "b.png"]])
+    with session_scope(url) as s:
+        queries.set_job_state(s, listing, status="submitting")
+        # a batch of it handed over by a worker whose clock runs ahead: pending again, its rest sent anew
+        queries.claim_images(s, listing, [uris["b.png"]], "ahead@node", "c" * 32)
+        queries.release_claims(s, listing, [uris["b.png"]], "c" * 32)
+    monkeypatch.undo()
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
+    assert watch.check() is True
+    with session_scope(url) as s:  # the producer lists on after the loss
+        queries.insert_images(s, listing, [{"input_uri": "s3://later/c.png", "output_uri": "s3://later/out/c.png"}], 1)
+        assert s.get(Job, listing).status == "submitting"
+        assert s.scalar(select(Image.status).where(Image.input_uri == uris["b.png"])) == "pending"
+    assert watch.send_lost() == 2
+    assert _sent(env) == [(listing, sorted(uris.values()), None)]
+    assert watch.send_lost() == 0
+
+
+def test_no_database_transaction_waits_on_the_broker(tmp_path, redis_url, s3_endpoint, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A broker that accepts connections and never answers held SQLite's write lock for the whole socket time-out
+    of each call: every other writer (records, claims, submissions) waited. The database is free meanwhile."""
+    import socket
+    import sqlite3
+
+    from db.engine import ensure_schema
+
+    database = tmp_path / "deblur.db"
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    env = use_services(monkeypatch, f"redis://127.0.0.1:{silent.getsockname()[1]}/0", s3_endpoint,
+                       f"sqlite:///{database}", tmp_path / "home")
+    ensure_schema(f"sqlite:///{database}")
+    watch = _watch()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            watch.check()
+        except BaseException as exc:  # noqa: BLE001 - the broker's time-out is expected
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    connection, _ = silent.accept()  # the check is now waiting on the broker
+    try:
+        writer = sqlite3.connect(database, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")  # raises 'database is locked' if the check holds the write lock
+        writer.rollback()
+        writer.close()
+    finally:
+        thread.join()
+        connection.close()
+        silent.close()
+    assert errors and env
 
 
 class _OwnRedis:

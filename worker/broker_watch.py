@@ -6,26 +6,32 @@ lost every message sent since, and nothing tells the workers: the images those
 messages carried stay pending for good (before this, only ``deblur retry
 --stalled`` sent them again, once an operator noticed the backlog alert).
 
-Each worker's main process keeps a count per queue, in the database and in a
-key of the broker (``deblur:broker-mark:QUEUE``, holding the database's token
-and the count), and at every sweep
+Each worker's main process, at every sweep
 (:class:`worker.sweeper.AbandonedImageSweeper`, every ``DEBLUR_CLAIM_LEASE``
-seconds) adds one to both, holding the database's row meanwhile so the queue's
-workers take turns. A broker that holds no key, or a smaller count than the
-database's last, lost its data since it was written (:meth:`BrokerWatch.check`).
-The moment is recorded, and the images of the queue's jobs waiting for a
-message sent before it are sent again in plain batches
-(:meth:`BrokerWatch.send_lost`): pending, and for a windowed job in a batch
-already sent. Nothing is lost when a message survived after all: its second
-delivery finds the images done or held, and takes nothing
-(:func:`db.queries.claim_images`).
+seconds), takes the queue's next count from the database and writes it to a key
+of the broker (``deblur:broker-mark:QUEUE``, holding the database's token and
+the largest count written), in one atomic step that also returns what the key
+held (a Lua script: a broker restarting between a read and a write cannot
+slip in). The database keeps the largest count confirmed written. A broker that
+holds no key, or less than that, lost its data since (:meth:`BrokerWatch.check`):
+the moment is recorded first, then the key written again, so a worker that
+dies in between leaves the loss to be found again, not forgotten. One worker of
+the queue at a time (a lease in the database) then sends again, in plain
+batches, the images of the queue's jobs waiting for a message sent before that
+moment (:meth:`BrokerWatch.send_lost`): pending, and for a windowed job in a
+batch already sent. Send times are stamped by the database's clock before each
+send, so no worker's or producer's clock decides what was lost. Nothing is lost
+when a message survived after all: its second delivery finds the images done
+or held, and takes nothing (:func:`db.queries.claim_images`). No transaction
+waits on the broker.
 
 What it does not see: messages sent between a snapshot and the broker's
 crash when no sweep wrote the key in between (with Redis's append-only file,
 as ``deploy/`` configures it, at most a second of writes); a queue no worker
-serves (nobody compares its count; its images wait for a worker, and its first
-sweep finds the loss); jobs submitted before jobs recorded their queue, which
-are left to ``deblur retry --stalled`` (a warning names them).
+serves (nobody compares its count; ``deblur doctor`` names such a queue, and
+its first worker's sweep finds the loss); jobs submitted before jobs recorded
+their queue, which are left to ``deblur retry --stalled`` (a warning names
+them).
 """
 
 from __future__ import annotations
@@ -40,19 +46,49 @@ from jobs.settings import Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "deblur:broker-mark:"
-BROKER_TIMEOUT_S = 5.0  # the count's reads and writes: the queue's row is held meanwhile
-SEND_AT_ONCE = 5000  # images taken and sent per transaction, so a large backlog never holds its rows for long
+BROKER_TIMEOUT_S = 5.0  # each script call on the broker
+SEND_AT_ONCE = 5000  # images read, sent and stamped per step of a resend
+MENDING_LEASE_S = 300.0  # how long one worker sends a loss's images before another may take over
+
+# KEYS[1]: the key; ARGV: token, count, confirmed count, mode. "check" writes only when the key holds this
+# database's token with at least the confirmed count (a missing key counts 0); "seed" writes whatever it holds.
+# The key keeps the largest count written, so workers writing out of order never make it go back. Returns what
+# the key held ('' for nothing) and the verdict: ok, behind (missing, unreadable or short) or other (another
+# database's token).
+COMPARE_AND_WRITE = """
+local old = redis.call('GET', KEYS[1])
+local token, count = nil, nil
+if old then
+  local sep = string.find(old, ':', 1, true)
+  if sep then
+    token = string.sub(old, 1, sep - 1)
+    count = tonumber(string.sub(old, sep + 1))
+  end
+else
+  token, count = ARGV[1], 0
+end
+if ARGV[4] == 'check' then
+  if count == nil then return {old, 'behind'} end
+  if token ~= ARGV[1] then return {old, 'other'} end
+  if count < tonumber(ARGV[3]) then return {old or '', 'behind'} end
+end
+local keep = 0
+if token == ARGV[1] and count ~= nil then keep = count end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. string.format('%d', math.max(keep, tonumber(ARGV[2]))))
+return {old or '', 'ok'}
+"""
 
 
 def broker_identity(url: str) -> str:
-    """The broker's address without credentials (``redis://host:6379/0``): which broker a count belongs to."""
+    """The broker's address without credentials, spelt one way (``redis://host:6379/0``: the default port and
+    database written out), so workers whose URLs differ only in how they say it share one count."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
     query = parse_qs(parts.query)
-    database = (query.get("db") or query.get("virtual_host") or [""])[0]
-    return f"{parts.scheme}://{host}{parts.path or '/'}" + (f"?db={database}" if database else "")
+    if parts.scheme == "unix" or not parts.hostname:
+        database = (query.get("db") or query.get("virtual_host") or ["0"])[0] or "0"
+        return f"{parts.scheme}://{parts.path}?db={database}"
+    database = (parts.path or "/").lstrip("/") or (query.get("db") or ["0"])[0] or "0"
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}/{database}"
 
 
 def watches(url: str) -> bool:
@@ -69,63 +105,69 @@ class BrokerWatch:
         self.broker = broker_identity(settings.broker_url)
         self.queue = settings.queue
         self.key = KEY_PREFIX + settings.queue
-        self._redis = None
+        self._script = None
         self._warned_legacy: set[str] = set()
-        self._warned_tokens: set[str] = set()
+        self._warned_tokens: set[bytes] = set()
 
-    def _client(self):  # type: ignore[no-untyped-def]
-        if self._redis is None:
+    def _write(self, token: str, count: int, confirmed: int, mode: str) -> tuple[bytes, str]:
+        """Run :data:`COMPARE_AND_WRITE` on the broker; returns what the key held and the verdict."""
+        if self._script is None:
             import redis
 
-            self._redis = redis.Redis.from_url(self.settings.broker_url, socket_timeout=BROKER_TIMEOUT_S,
-                                               socket_connect_timeout=BROKER_TIMEOUT_S)
-        return self._redis
+            client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=BROKER_TIMEOUT_S,
+                                          socket_connect_timeout=BROKER_TIMEOUT_S)
+            self._script = client.register_script(COMPARE_AND_WRITE)
+        old, verdict = self._script(keys=[self.key], args=[token, count, confirmed, mode])
+        return bytes(old or b""), verdict.decode() if isinstance(verdict, bytes) else str(verdict)
 
     def check(self) -> bool:
-        """Add one to the queue's count in the database and in the broker; True when the broker's was missing or
-        behind, that is when it lost its data since the last check (the loss is then recorded for
+        """Take the queue's next count and write it to the broker; True when the broker held no count, or less
+        than was confirmed written, that is when it lost its data since (the loss is then recorded for
         :meth:`send_lost`). The first check of a queue starts its count and finds nothing."""
         url = self.settings.resolved_database_url()
         ensure_schema(url)
-        client = self._client()
         with session_scope(url) as session:
             advanced = broker_marks.advance(session, self.broker, self.queue)
             if advanced is None:
                 token = broker_marks.start(session, self.broker, self.queue)
-                if token is not None:
-                    client.set(self.key, f"{token}:1")  # before the commit: a broker that refuses it leaves no count
-                return False
-            counter, token = advanced
-            seen = client.get(self.key)
-            seen_token, seen_count = _parse(seen)
-            if seen_token is not None and seen_token != token:
-                # another database's workers count on this broker under the same queue name: their messages and
-                # ours mix, which is no loss to mend (sending everything again at every check would flood it)
-                if seen_token not in self._warned_tokens:
-                    self._warned_tokens.add(seen_token)
-                    log.error("the broker %s holds another database's count for queue %s: workers of two "
-                              "deployments with different databases share this queue name, and take each other's "
-                              "batches; give each deployment its own DEBLUR_QUEUE or Redis database",
-                              self.broker, self.queue)
-                lost = False
-            else:
-                lost = seen_count is None or seen_count < counter - 1
-            if lost:
-                moment = broker_marks.note_loss(session, self.broker, self.queue)
-                log.warning(
-                    "the broker %s has lost queue %s's messages since the last check (it holds %s, the database "
-                    "counted %d): restarted without persistence, flushed, or restored from an older snapshot; the "
-                    "images waiting for a message sent before %s are sent again", self.broker, self.queue,
-                    "no count" if seen_count is None else f"count {seen_count}", counter - 1,
-                    moment.isoformat(timespec="seconds"))
-            else:
-                moment = broker_marks.loss_to_mend(session, self.broker, self.queue)
-                if moment is not None and not self._jobs_to_mend(session, moment):
-                    broker_marks.mended(session, self.broker, self.queue)
-                    log.info("every image the broker's loss of queue %s's messages took has been sent again",
-                             self.queue)
-            client.set(self.key, f"{token}:{counter}")
-        return lost
+                if token is None:  # another worker started the count: the next round compares
+                    return False
+                advanced = (1, 0, token)
+        counter, confirmed, token = advanced
+        if confirmed == 0:
+            # nothing was ever confirmed on this broker (a new count, or one whose first write failed): there is
+            # no loss to find, and a key another database left (one replaced since) is taken over
+            self._write(token, counter, 0, "seed")
+            self._confirm(url, counter)
+            return False
+        old, verdict = self._write(token, counter, confirmed, "check")
+        if verdict == "other":
+            other = old.partition(b":")[0]
+            if other not in self._warned_tokens:
+                self._warned_tokens.add(other)
+                log.error("the broker %s holds another database's count for queue %s: workers of two deployments "
+                          "with different databases share this queue name, and take each other's batches; give "
+                          "each deployment its own DEBLUR_QUEUE or Redis database (a key left by a database "
+                          "replaced since: delete %s)", self.broker, self.queue, self.key)
+            return False
+        if verdict == "ok":
+            self._confirm(url, counter)
+            return False
+        with session_scope(url) as session:  # recorded before the key is written again: a crash finds it again
+            moment = broker_marks.note_loss(session, self.broker, self.queue)
+        log.warning(
+            "the broker %s has lost queue %s's messages since the last check (it holds %s, %d was written): "
+            "restarted without persistence, flushed, or restored from an older snapshot; the images waiting for a "
+            "message sent before %s are sent again", self.broker, self.queue,
+            "no count" if not old else f"{old.decode(errors='replace')!r}", confirmed,
+            moment.isoformat(timespec="seconds"))
+        self._write(token, counter, confirmed, "seed")
+        self._confirm(url, counter)
+        return True
+
+    def _confirm(self, url: str, counter: int) -> None:
+        with session_scope(url) as session:
+            broker_marks.confirm(session, self.broker, self.queue, counter)
 
     def _jobs_to_mend(self, session, moment) -> list[str]:  # type: ignore[no-untyped-def]
         """This queue's jobs with images waiting for a message sent before ``moment``; jobs that recorded no queue
@@ -143,46 +185,62 @@ class BrokerWatch:
 
     def send_lost(self) -> int:
         """Send again the images of the queue's jobs that wait for a message the broker lost, in plain batches of
-        each job's batch size; returns how many were sent. Each part is taken and sent in one transaction, sent
-        before it commits (tried once: the rows are held meanwhile), so a broker that refuses it leaves the
-        images for the next sweep."""
+        each job's batch size, if no other worker of the queue is doing it; returns how many were sent.
+
+        Each step reads up to :data:`SEND_AT_ONCE` images, sends them (each message tried once), then stamps
+        them with the time read before the send, so the next step and the next pass leave them. Nothing is held
+        in the database while the broker is asked. A step whose send fails leaves its images for the next pass;
+        one that dies after sending sends them twice, which loses nothing. The loss is over once nothing of it
+        waits (unless another was found meanwhile)."""
         from jobs.messages import ImageItem
         from producer.dispatch import send_plain_batches
 
         url = self.settings.resolved_database_url()
         ensure_schema(url)
         with session_scope(url) as session:
-            moment = broker_marks.loss_to_mend(session, self.broker, self.queue)
-            if moment is None:
-                return 0
-            job_ids = self._jobs_to_mend(session, moment)
-        sent = 0
-        for job_id in job_ids:
-            try:
-                while True:
-                    with session_scope(url) as session:
-                        rows = queries.take_waiting_since(session, job_id, moment, limit=SEND_AT_ONCE)
-                        if rows:
+            taken = broker_marks.take_mending(session, self.broker, self.queue, MENDING_LEASE_S)
+        if taken is None:
+            return 0
+        moment, losses = taken
+        sent, complete = 0, False
+        try:
+            with session_scope(url) as session:
+                job_ids = self._jobs_to_mend(session, moment)
+            failed = False
+            for job_id in job_ids:
+                try:
+                    while True:
+                        with session_scope(url) as session:
+                            stamp = queries.database_now(session)
+                            rows = queries.waiting_since(session, job_id, moment, limit=SEND_AT_ONCE)
                             job = queries.get_job(session, job_id)
-                            items = [ImageItem(input=i, output=o, reference=r) for i, o, r in rows]
-                            send_plain_batches(self.settings, job_id, job.kind, job.spec, items, retry=False)
-                    sent += len(rows)
-                    if len(rows) < SEND_AT_ONCE:
-                        break
-            except Exception:  # the broker or the database: the next sweep sends the rest
-                log.exception("sending job %s's images again after the broker's loss failed; the next sweep tries "
-                              "again", job_id)
+                            kind, spec = job.kind, job.spec
+                        if not rows:
+                            break
+                        items = [ImageItem(input=i, output=o, reference=r) for _, i, o, r in rows]
+                        send_plain_batches(self.settings, job_id, kind, spec, items, retry=False)
+                        with session_scope(url) as session:
+                            queries.mark_sent(session, [row[0] for row in rows], stamp, moment)
+                            broker_marks.renew_mending(session, self.broker, self.queue, MENDING_LEASE_S)
+                        sent += len(rows)
+                        if len(rows) < SEND_AT_ONCE:
+                            break
+                except Exception:  # the broker or the database: the next pass sends the rest
+                    failed = True
+                    log.exception("sending job %s's images again after the broker's loss failed; the next sweep "
+                                  "tries again", job_id)
+            if not failed:
+                with session_scope(url) as session:
+                    complete = not self._jobs_to_mend(session, moment)
+        finally:
+            try:
+                with session_scope(url) as session:
+                    broker_marks.end_mending(session, self.broker, self.queue, losses, mended=complete)
+            except Exception:  # the database: the lease runs out by itself
+                log.warning("could not end the lease on sending queue %s's lost images; it runs out in %.0f s",
+                            self.queue, MENDING_LEASE_S)
         if sent:
             log.warning("sent %d image(s) again whose messages the broker lost", sent)
+        if complete:
+            log.info("every image the broker's loss of queue %s's messages took has been sent again", self.queue)
         return sent
-
-
-def _parse(seen: bytes | None) -> tuple[str | None, int | None]:
-    """The token and count a broker's key holds (``TOKEN:COUNT``); (None, None) for a missing or unreadable one."""
-    if seen is None:
-        return None, None
-    token, _, count = seen.decode("ascii", errors="replace").partition(":")
-    try:
-        return token, int(count)
-    except ValueError:
-        return None, None
