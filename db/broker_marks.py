@@ -33,9 +33,10 @@ def advance(session: Session, broker: str, queue: str) -> tuple[int, int, str] |
 
 
 def start(session: Session, broker: str, queue: str) -> str | None:
-    """Give the queue its first count, 1 (none confirmed yet), and a token of its own; returns the token, or None
-    when another worker gave it one first."""
-    token = uuid.uuid4().hex
+    """Give the queue its first count, 1 (none confirmed yet), with the database's token (the one its other rows
+    carry: one broker reached under two addresses is still counted by one database); returns the token, or None
+    when another worker gave the queue a count first."""
+    token = session.scalar(select(BrokerMark.token).order_by(BrokerMark.id).limit(1)) or uuid.uuid4().hex
     try:
         with session.begin_nested():
             session.add(BrokerMark(broker=broker, queue=queue, counter=1, confirmed=0, token=token, losses=0,
@@ -51,42 +52,60 @@ def confirm(session: Session, broker: str, queue: str, count: int) -> None:
         confirmed=case((BrokerMark.confirmed < count, count), else_=BrokerMark.confirmed)))
 
 
-def note_loss(session: Session, broker: str, queue: str) -> datetime:
+def note_loss(session: Session, broker: str, queue: str) -> tuple[datetime, int, int]:
     """Record that the broker was found to have lost the queue's messages now; returns that moment (by the
-    database's clock). A loss found while an earlier one is still being mended moves the moment on: the images
-    sent again since were lost once more."""
+    database's clock), the loss's number, and a fresh count to write to the broker again (larger than any count
+    confirmed so far: one taken before the loss may not be). A loss found while an earlier one is still being
+    mended moves the moment on: the images sent again since were lost once more."""
     now = database_now(session)
-    session.execute(update(BrokerMark).where(*_row(broker, queue))
-                    .values(lost_before=now, losses=BrokerMark.losses + 1))
-    return now
+    number, counter = session.execute(
+        update(BrokerMark).where(*_row(broker, queue))
+        .values(lost_before=now, losses=BrokerMark.losses + 1, counter=BrokerMark.counter + 1)
+        .returning(BrokerMark.losses, BrokerMark.counter)
+    ).one()
+    return now, int(number), int(counter)
 
 
-def take_mending(session: Session, broker: str, queue: str, lease_s: float) -> tuple[datetime, int] | None:
-    """Become, for ``lease_s`` seconds, the one worker of the queue sending again what the last loss took; returns
-    that loss's moment and number, or None when there is none or another worker's lease is live."""
+def loss_rewritten(session: Session, broker: str, queue: str, losses: int) -> None:
+    """The broker's key was written again after loss number ``losses``: a broker that restarted once more between
+    the loss's record and that write lost what was sent meanwhile, so the loss's moment moves on to now, as a
+    loss of its own (a worker mending the first does not end it)."""
+    session.execute(update(BrokerMark).where(*_row(broker, queue), BrokerMark.losses == losses)
+                    .values(lost_before=database_now(session), losses=BrokerMark.losses + 1))
+
+
+def take_mending(session: Session, broker: str, queue: str, holder: str,
+                 lease_s: float) -> tuple[datetime, int] | None:
+    """Make ``holder`` the one worker of the queue sending again what the last loss took, for ``lease_s`` seconds;
+    returns that loss's moment and number, or None when there is none or another holder's lease is live."""
     now = database_now(session)
     row = session.execute(
         update(BrokerMark)
         .where(*_row(broker, queue), BrokerMark.lost_before.is_not(None),
                (BrokerMark.mending_until.is_(None)) | (BrokerMark.mending_until < now))
-        .values(mending_until=now + timedelta(seconds=lease_s))
+        .values(mending_until=now + timedelta(seconds=lease_s), mending_by=holder)
         .returning(BrokerMark.lost_before, BrokerMark.losses)
     ).first()
     return (as_utc(row[0]), int(row[1])) if row is not None else None
 
 
-def renew_mending(session: Session, broker: str, queue: str, lease_s: float) -> None:
-    session.execute(update(BrokerMark).where(*_row(broker, queue))
-                    .values(mending_until=database_now(session) + timedelta(seconds=lease_s)))
+def renew_mending(session: Session, broker: str, queue: str, holder: str, lease_s: float) -> bool:
+    """Extend ``holder``'s lease; False when it no longer holds it (it ran out and another worker took it)."""
+    result = session.execute(
+        update(BrokerMark).where(*_row(broker, queue), BrokerMark.mending_by == holder)
+        .values(mending_until=database_now(session) + timedelta(seconds=lease_s)))
+    return bool(result.rowcount)
 
 
-def end_mending(session: Session, broker: str, queue: str, losses: int, mended: bool) -> None:
-    """Give the mending lease back; with ``mended``, every image loss number ``losses`` took is on its way again,
-    and the loss is over unless another was found meanwhile."""
+def end_mending(session: Session, broker: str, queue: str, holder: str, losses: int, mended: bool) -> None:
+    """Give ``holder``'s lease back (if it still holds it); with ``mended``, every image loss number ``losses``
+    took is on its way again, and the loss is over unless another was found meanwhile."""
     if mended:
-        session.execute(update(BrokerMark).where(*_row(broker, queue), BrokerMark.losses == losses)
+        session.execute(update(BrokerMark).where(*_row(broker, queue), BrokerMark.losses == losses,
+                                                 BrokerMark.mending_by == holder)
                         .values(lost_before=None))
-    session.execute(update(BrokerMark).where(*_row(broker, queue)).values(mending_until=None))
+    session.execute(update(BrokerMark).where(*_row(broker, queue), BrokerMark.mending_by == holder)
+                    .values(mending_until=None, mending_by=None))
 
 
 def loss_to_mend(session: Session, broker: str, queue: str) -> datetime | None:

@@ -129,9 +129,9 @@ class BrokerMark(Base):
     broker that restarted without persistence, was flushed, or came back from an older snapshot holds no key or a
     smaller count than ``confirmed``, and has lost the messages sent since with it: ``lost_before`` then records
     when that was found (``losses`` counts such findings), and the images of the queue's jobs waiting for a
-    message sent before it are sent again by one worker at a time (``mending_until``, its lease). One row per
-    broker (its address, with no credentials) and queue, so deployments with brokers of their own can share one
-    database.
+    message sent before it are sent again by one worker at a time (``mending_by``, until ``mending_until``). One
+    row per broker (its address, with no credentials) and queue, so deployments with brokers of their own can
+    share one database; every row of one database carries the same token.
     """
 
     __tablename__ = "broker_marks"
@@ -150,6 +150,7 @@ class BrokerMark(Base):
     lost_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     losses: Mapped[int] = mapped_column(Integer, default=0)
     mending_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    mending_by: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the lease's holder
 
 
 class Metric(Base):

@@ -84,14 +84,14 @@ def test_every_downgrade_keeps_jobs_images_and_metrics_and_upgrades_back(empty_d
         image_id = connection.execute(insert(Image.__table__).values(
             job_id=job_id, input_uri="s3://b/a.png", status="done", attempts=1, batch=0, unfinished_starts=0,
             input_sha256="a" * 64, output_sha256="b" * 64, review="judged_sharp", pixels=4, claim="c" * 32,
-            lease_until=datetime.now(timezone.utc),
+            lease_until=datetime.now(timezone.utc), sent_at=datetime.now(timezone.utc),
             finished_at=datetime.now(timezone.utc)).returning(Image.__table__.c.id)).scalar_one()
         connection.execute(insert(Metric.__table__).values(image_id=image_id, model="ensemble", name="psnr",
                                                            value=30.0))
     assert _table_counts(url) == (1, 1, 1)
-    gone = {"0008": {"claim", "lease_until"}, "0007": {"pixels"}, "0006": {"review"}, "0004": {"batches_listed", "batches_sent", "batches_in_flight"},
+    gone = {"0011": {"sent_at"}, "0008": {"claim", "lease_until"}, "0007": {"pixels"}, "0006": {"review"}, "0004": {"batches_listed", "batches_sent", "batches_in_flight"},
             "0003": {"unfinished_starts"}, "0002": {"input_sha256", "output_sha256"}}
-    for revision in ("0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"):
+    for revision in ("0011", "0010", "0009", "0008", "0007", "0006", "0005", "0004", "0003", "0002", "0001"):
         with get_engine(url).begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection
@@ -100,7 +100,9 @@ def test_every_downgrade_keeps_jobs_images_and_metrics_and_upgrades_back(empty_d
         with get_engine(url).connect() as connection:
             columns = {c["name"] for table in ("jobs", "images") for c in inspect(connection).get_columns(table)}
             indexes = {i["name"] for i in inspect(connection).get_indexes("images")}
+            tables = set(inspect(connection).get_table_names())
         assert columns.isdisjoint(gone.get(revision, set())), revision
+        assert ("broker_marks" in tables) == (revision >= "0012"), revision
         assert ("ix_images_job_batch" in indexes) == (revision >= "0005")
     ensure_schema.cache_clear()
     ensure_schema(url)  # and forward again, the rows with it

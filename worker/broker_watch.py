@@ -27,16 +27,19 @@ waits on the broker.
 
 What it does not see: messages sent between a snapshot and the broker's
 crash when no sweep wrote the key in between (with Redis's append-only file,
-as ``deploy/`` configures it, at most a second of writes); a queue no worker
-serves (nobody compares its count; ``deblur doctor`` names such a queue, and
-its first worker's sweep finds the loss); jobs submitted before jobs recorded
-their queue, which are left to ``deblur retry --stalled`` (a warning names
-them).
+as ``deploy/`` configures it, at most a second of writes); a loss before a
+queue's first worker ever ran (there is no count to compare yet; once a worker
+has served it, a loss while its workers are all stopped is found by the next
+one's first sweep; ``deblur doctor`` names queues with waiting work and no
+worker); jobs submitted before jobs recorded their queue, which are left to
+``deblur retry --stalled`` (a warning names them).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 from db import broker_marks, queries
@@ -49,6 +52,10 @@ KEY_PREFIX = "deblur:broker-mark:"
 BROKER_TIMEOUT_S = 5.0  # each script call on the broker
 SEND_AT_ONCE = 5000  # images read, sent and stamped per step of a resend
 MENDING_LEASE_S = 300.0  # how long one worker sends a loss's images before another may take over
+# a loss stays open this long after it was found, however soon its images were sent again: a transaction that
+# stamped images before the loss and sent them to the broker just before it lost them may still be committing
+# (the sweep for abandoned images sends before it commits), and its images must be sent again too
+MEND_GRACE_S = 120.0
 
 # KEYS[1]: the key; ARGV: token, count, confirmed count, mode. "check" writes only when the key holds this
 # database's token with at least the confirmed count (a missing key counts 0); "seed" writes whatever it holds.
@@ -105,19 +112,19 @@ class BrokerWatch:
         self.broker = broker_identity(settings.broker_url)
         self.queue = settings.queue
         self.key = KEY_PREFIX + settings.queue
-        self._script = None
+        self.mend_grace_s = MEND_GRACE_S
+        self.holder = uuid.uuid4().hex  # this watch, as the holder of a mending lease
         self._warned_legacy: set[str] = set()
         self._warned_tokens: set[bytes] = set()
 
     def _write(self, token: str, count: int, confirmed: int, mode: str) -> tuple[bytes, str]:
-        """Run :data:`COMPARE_AND_WRITE` on the broker; returns what the key held and the verdict."""
-        if self._script is None:
-            import redis
+        """Run :data:`COMPARE_AND_WRITE` on the broker, through a connection made as Celery's own are (the same
+        URL options, TLS included); returns what the key held and the verdict."""
+        from jobs.celery_app import app_for
 
-            client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=BROKER_TIMEOUT_S,
-                                          socket_connect_timeout=BROKER_TIMEOUT_S)
-            self._script = client.register_script(COMPARE_AND_WRITE)
-        old, verdict = self._script(keys=[self.key], args=[token, count, confirmed, mode])
+        with app_for(self.settings).connection_for_write() as connection:
+            client = connection.default_channel.client
+            old, verdict = client.eval(COMPARE_AND_WRITE, 1, self.key, token, count, confirmed, mode)
         return bytes(old or b""), verdict.decode() if isinstance(verdict, bytes) else str(verdict)
 
     def check(self) -> bool:
@@ -154,15 +161,21 @@ class BrokerWatch:
             self._confirm(url, counter)
             return False
         with session_scope(url) as session:  # recorded before the key is written again: a crash finds it again
-            moment = broker_marks.note_loss(session, self.broker, self.queue)
-        log.warning(
-            "the broker %s has lost queue %s's messages since the last check (it holds %s, %d was written): "
-            "restarted without persistence, flushed, or restored from an older snapshot; the images waiting for a "
-            "message sent before %s are sent again", self.broker, self.queue,
-            "no count" if not old else f"{old.decode(errors='replace')!r}", confirmed,
-            moment.isoformat(timespec="seconds"))
-        self._write(token, counter, confirmed, "seed")
-        self._confirm(url, counter)
+            moment, losses, fresh = broker_marks.note_loss(session, self.broker, self.queue)
+        with session_scope(url) as session:
+            waiting = self._jobs_to_mend(session, moment)
+        # a local stack restarted with nothing waiting is no news: said quietly
+        log.log(logging.WARNING if waiting else logging.INFO,
+                "the broker %s has lost queue %s's messages since the last check (it holds %s, %d was written): "
+                "restarted without persistence, flushed, or restored from an older snapshot; the images of %d job(s) "
+                "waiting for a message sent before %s are sent again", self.broker, self.queue,
+                "no count" if not old else f"{old.decode(errors='replace')!r}", confirmed, len(waiting),
+                moment.isoformat(timespec="seconds"))
+        # a count taken now: another worker may have confirmed a larger one since this check took its own
+        self._write(token, fresh, confirmed, "seed")
+        self._confirm(url, fresh)
+        with session_scope(url) as session:
+            broker_marks.loss_rewritten(session, self.broker, self.queue, losses)
         return True
 
     def _confirm(self, url: str, counter: int) -> None:
@@ -198,7 +211,7 @@ class BrokerWatch:
         url = self.settings.resolved_database_url()
         ensure_schema(url)
         with session_scope(url) as session:
-            taken = broker_marks.take_mending(session, self.broker, self.queue, MENDING_LEASE_S)
+            taken = broker_marks.take_mending(session, self.broker, self.queue, self.holder, MENDING_LEASE_S)
         if taken is None:
             return 0
         moment, losses = taken
@@ -221,21 +234,28 @@ class BrokerWatch:
                         send_plain_batches(self.settings, job_id, kind, spec, items, retry=False)
                         with session_scope(url) as session:
                             queries.mark_sent(session, [row[0] for row in rows], stamp, moment)
-                            broker_marks.renew_mending(session, self.broker, self.queue, MENDING_LEASE_S)
+                            still = broker_marks.renew_mending(session, self.broker, self.queue, self.holder,
+                                                               MENDING_LEASE_S)
                         sent += len(rows)
+                        if not still:
+                            raise LeaseLost("another worker took over sending the lost images")
                         if len(rows) < SEND_AT_ONCE:
                             break
+                except LeaseLost:
+                    failed = True
+                    break
                 except Exception:  # the broker or the database: the next pass sends the rest
                     failed = True
                     log.exception("sending job %s's images again after the broker's loss failed; the next sweep "
                                   "tries again", job_id)
             if not failed:
                 with session_scope(url) as session:
-                    complete = not self._jobs_to_mend(session, moment)
+                    complete = (not self._jobs_to_mend(session, moment)
+                                and queries.database_now(session) - moment > timedelta(seconds=self.mend_grace_s))
         finally:
             try:
                 with session_scope(url) as session:
-                    broker_marks.end_mending(session, self.broker, self.queue, losses, mended=complete)
+                    broker_marks.end_mending(session, self.broker, self.queue, self.holder, losses, mended=complete)
             except Exception:  # the database: the lease runs out by itself
                 log.warning("could not end the lease on sending queue %s's lost images; it runs out in %.0f s",
                             self.queue, MENDING_LEASE_S)
@@ -244,3 +264,7 @@ class BrokerWatch:
         if complete:
             log.info("every image the broker's loss of queue %s's messages took has been sent again", self.queue)
         return sent
+
+
+class LeaseLost(Exception):
+    """A worker's mending lease ran out and another worker took it over: the rest is that one's to send."""

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("lost_before", sa.DateTime(timezone=True), nullable=True),
         sa.Column("losses", sa.Integer(), nullable=False),
         sa.Column("mending_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("mending_by", sa.String(length=32), nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("broker", "queue", name="uq_broker_marks_broker_queue"),
     )
