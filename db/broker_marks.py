@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.queries import as_utc, database_now
 from db.schema import BrokerMark
@@ -33,10 +33,9 @@ def advance(session: Session, broker: str, queue: str) -> tuple[int, int, str] |
 
 
 def start(session: Session, broker: str, queue: str) -> str | None:
-    """Give the queue its first count, 1 (none confirmed yet), with the database's token (the one its other rows
-    carry: one broker reached under two addresses is still counted by one database); returns the token, or None
+    """Give the queue its first count, 1 (none confirmed yet), and a token of its own; returns the token, or None
     when another worker gave the queue a count first."""
-    token = session.scalar(select(BrokerMark.token).order_by(BrokerMark.id).limit(1)) or uuid.uuid4().hex
+    token = uuid.uuid4().hex
     try:
         with session.begin_nested():
             session.add(BrokerMark(broker=broker, queue=queue, counter=1, confirmed=0, token=token, losses=0,
@@ -79,10 +78,15 @@ def take_mending(session: Session, broker: str, queue: str, holder: str,
     """Make ``holder`` the one worker of the queue sending again what the last loss took, for ``lease_s`` seconds;
     returns that loss's moment and number, or None when there is none or another holder's lease is live."""
     now = database_now(session)
+    # one sender per queue, whatever address found the loss: the images are the queue's (a broker reached under
+    # two addresses has a row for each, and both find the loss)
+    other = aliased(BrokerMark)
+    sending_elsewhere = select(other.id).where(other.queue == queue, other.broker != broker,
+                                               other.mending_until >= now).exists()
     row = session.execute(
         update(BrokerMark)
         .where(*_row(broker, queue), BrokerMark.lost_before.is_not(None),
-               (BrokerMark.mending_until.is_(None)) | (BrokerMark.mending_until < now))
+               (BrokerMark.mending_until.is_(None)) | (BrokerMark.mending_until < now), ~sending_elsewhere)
         .values(mending_until=now + timedelta(seconds=lease_s), mending_by=holder)
         .returning(BrokerMark.lost_before, BrokerMark.losses)
     ).first()

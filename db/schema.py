@@ -130,8 +130,8 @@ class BrokerMark(Base):
     smaller count than ``confirmed``, and has lost the messages sent since with it: ``lost_before`` then records
     when that was found (``losses`` counts such findings), and the images of the queue's jobs waiting for a
     message sent before it are sent again by one worker at a time (``mending_by``, until ``mending_until``). One
-    row per broker (its address, with no credentials) and queue, so deployments with brokers of their own can
-    share one database; every row of one database carries the same token.
+    row (and one key) per broker address (with no credentials) and queue, so deployments with brokers of their
+    own can share one database.
     """
 
     __tablename__ = "broker_marks"

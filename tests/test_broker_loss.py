@@ -325,18 +325,87 @@ def test_one_worker_at_a_time_sends_a_losss_images(env) -> None:  # type: ignore
     assert holder == second.holder and lost_before is not None
 
 
-def test_one_broker_under_two_addresses_is_counted_by_one_database(env, caplog) -> None:  # type: ignore[no-untyped-def]
-    """Workers that reach one Redis as localhost and as 127.0.0.1 keep two rows but write one key: with a token per
-    row, each took the other's for a second deployment's, logged an error and stopped comparing."""
+def test_one_broker_under_two_addresses_keeps_two_counts_and_one_sender(env, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Workers that reach one Redis as localhost and as 127.0.0.1 keep a row each. Sharing one key, the two counts
+    fought: each took the other's for a second deployment's and stopped comparing, or, after a real loss, one
+    wrote its smaller count back and the other found a loss that never happened. Each address now has a key of
+    its own; both find a real loss, and one worker at a time sends its images."""
+    from db import broker_marks
+    from db.engine import session_scope
+    from db.schema import Image
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
     port = env["DEBLUR_BROKER_URL"].split(":")[2].split("/")[0]
     here, there = _watch(), _watch(broker_url=f"redis://localhost:{port}/0")
-    assert here.broker != there.broker and here.key == there.key
+    assert here.broker != there.broker and here.key != there.key
+    client = redis.Redis.from_url(env["DEBLUR_BROKER_URL"])
     with caplog.at_level("ERROR", logger="worker.broker_watch"):
         for _ in range(3):
             assert here.check() is False and there.check() is False
     assert caplog.records == []
-    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(here.key)  # and both still find a loss
-    assert here.check() is True
+    job, uris, _ = make_job(url, [["a.png", "b.png"]])
+    with session_scope(url) as s:
+        s.execute(update(Image).where(Image.job_id == job)
+                  .values(sent_at=queries_now(s) - timedelta(minutes=1)))
+    client.delete(here.key, there.key)  # the broker restarted
+    assert here.check() is True and there.check() is True
+    with session_scope(url) as s:  # while one address's worker sends, the other's waits
+        assert broker_marks.take_mending(s, here.broker, here.queue, here.holder, 60) is not None
+        assert broker_marks.take_mending(s, there.broker, there.queue, there.holder, 60) is None
+        broker_marks.end_mending(s, here.broker, here.queue, here.holder, 0, mended=False)
+    here.mend_grace_s = there.mend_grace_s = 0
+    assert here.send_lost() + there.send_lost() == 2
+    assert _sent(env) == [(job, sorted(uris.values()), None)]
+    for _ in range(3):  # and no loss that never happened
+        assert here.check() is False and there.check() is False
+
+
+def test_a_loss_after_a_first_write_never_confirmed_is_found(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The first check wrote the key and its database step failed, so nothing was confirmed. Such a count was
+    seeded again at every round, and a loss before a round that confirmed went unseen."""
+    import db.broker_marks
+
+    watch = _watch()
+
+    def fail(*_, **__):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr(db.broker_marks, "confirm", fail)
+    with pytest.raises(ConnectionError):
+        watch.check()
+    monkeypatch.undo()
+    assert redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).get(watch.key) is not None
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
+    assert watch.check() is True
+
+
+def test_a_clock_stepped_back_does_not_send_the_same_images_for_ever(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Resent images are stamped with the time read before the send; one before the loss's moment (a clock stepped
+    back) left them waiting for a message sent before the loss, and the next step read them again, without end."""
+    import db.queries
+    import worker.broker_watch
+    from db.engine import session_scope
+    from db.schema import Image, utcnow
+    from jobs.settings import load_settings
+
+    url = load_settings().resolved_database_url()
+    watch = _watch()
+    assert watch.check() is False
+    job, uris, _ = make_job(url, [["a.png", "b.png", "c.png"]])
+    with session_scope(url) as s:
+        s.execute(update(Image).where(Image.job_id == job).values(sent_at=queries_now(s) - timedelta(minutes=5)))
+    redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
+    assert watch.check() is True
+    monkeypatch.setattr(worker.broker_watch, "SEND_AT_ONCE", 2)
+    if url.startswith("sqlite"):  # SQLite's clock is this machine's; PostgreSQL's cannot be stepped from here
+        monkeypatch.setattr(db.queries, "utcnow", lambda: utcnow() - timedelta(minutes=1))
+    else:
+        real = db.queries.database_now
+        monkeypatch.setattr(db.queries, "database_now", lambda s: real(s) - timedelta(minutes=1))
+    assert watch.send_lost() == 3
+    assert sorted(i for _, inputs, _ in _sent(env) for i in inputs) == sorted(uris.values())
+    assert watch.send_lost() == 0
 
 
 def test_the_broker_identity_leaves_out_credentials_and_is_spelt_one_way() -> None:
@@ -508,7 +577,7 @@ def test_a_job_whose_messages_a_restarted_broker_lost_is_finished_by_the_next_wo
         first.wait_ready(app)
         # the first worker's sweep has counted once (its first round comes within one lease, 4 s here)
         client = redis.Redis.from_url(broker.url)
-        _wait(lambda: client.get("deblur:broker-mark:" + env["DEBLUR_QUEUE"]) is not None, "the first count")
+        _wait(lambda: client.keys("deblur:broker-mark:" + env["DEBLUR_QUEUE"] + ":*"), "the first count")
         first.stop()
         job_id = run_cli("submit", "s3://lost-messages/in/", "--output", "s3://lost-messages/out/",
                          "--model", "wiener", "--batch-size", "1", "-q").strip()
@@ -555,7 +624,7 @@ def test_a_broker_restarted_under_a_running_worker_loses_no_image(  # type: igno
     try:
         worker.wait_ready(app_for(load_settings()))
         client = redis.Redis.from_url(broker.url)
-        _wait(lambda: client.get("deblur:broker-mark:" + env["DEBLUR_QUEUE"]) is not None, "the first count")
+        _wait(lambda: client.keys("deblur:broker-mark:" + env["DEBLUR_QUEUE"] + ":*"), "the first count")
         job_id = run_cli("submit", "s3://restart-under-worker/in/", "--output", "s3://restart-under-worker/out/",
                          "--model", "wiener", "--batch-size", "1", "-q").strip()
         _wait(lambda: any(row["attempts"] for row in json.loads(run_cli("results", job_id, "--format", "json"))),

@@ -9,13 +9,14 @@ messages carried stay pending for good (before this, only ``deblur retry
 Each worker's main process, at every sweep
 (:class:`worker.sweeper.AbandonedImageSweeper`, every ``DEBLUR_CLAIM_LEASE``
 seconds), takes the queue's next count from the database and writes it to a key
-of the broker (``deblur:broker-mark:QUEUE``, holding the database's token and
-the largest count written), in one atomic step that also returns what the key
-held (a Lua script: a broker restarting between a read and a write cannot
-slip in). The database keeps the largest count confirmed written. A broker that
-holds no key, or less than that, lost its data since (:meth:`BrokerWatch.check`):
-the moment is recorded first, then the key written again, so a worker that
-dies in between leaves the loss to be found again, not forgotten. One worker of
+of the broker (``deblur:broker-mark:QUEUE:DIGEST``, DIGEST naming the address
+the workers use; it holds the database's token and the largest count written),
+in one atomic step that also returns what the key held (a Lua script: a broker
+restarting between a read and a write cannot slip in). The database keeps the
+largest count confirmed written. A broker that holds no key, or less than
+that, lost its data since (:meth:`BrokerWatch.check`): the moment is recorded
+first, then the key written again, so a worker that dies in between leaves the
+loss to be found again, not forgotten. One worker of
 the queue at a time (a lease in the database) then sends again, in plain
 batches, the images of the queue's jobs waiting for a message sent before that
 moment (:meth:`BrokerWatch.send_lost`): pending, and for a windowed job in a
@@ -37,6 +38,7 @@ worker); jobs submitted before jobs recorded their queue, which are left to
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from datetime import timedelta
@@ -49,7 +51,7 @@ from jobs.settings import Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "deblur:broker-mark:"
-BROKER_TIMEOUT_S = 5.0  # each script call on the broker
+BROKER_TIMEOUT_S = 5.0  # each script call on the broker (connecting, and waiting for its answer)
 SEND_AT_ONCE = 5000  # images read, sent and stamped per step of a resend
 MENDING_LEASE_S = 300.0  # how long one worker sends a loss's images before another may take over
 # a loss stays open this long after it was found, however soon its images were sent again: a transaction that
@@ -111,7 +113,9 @@ class BrokerWatch:
         self.settings = settings
         self.broker = broker_identity(settings.broker_url)
         self.queue = settings.queue
-        self.key = KEY_PREFIX + settings.queue
+        # one key per address the workers use: a broker reached under two addresses keeps two counts, each with
+        # its own row, instead of two rows whose counts fight over one key
+        self.key = f"{KEY_PREFIX}{settings.queue}:{hashlib.sha256(self.broker.encode()).hexdigest()[:12]}"
         self.mend_grace_s = MEND_GRACE_S
         self.holder = uuid.uuid4().hex  # this watch, as the holder of a mending lease
         self._warned_legacy: set[str] = set()
@@ -122,7 +126,8 @@ class BrokerWatch:
         URL options, TLS included); returns what the key held and the verdict."""
         from jobs.celery_app import app_for
 
-        with app_for(self.settings).connection_for_write() as connection:
+        options = {"socket_timeout": BROKER_TIMEOUT_S, "socket_connect_timeout": BROKER_TIMEOUT_S}
+        with app_for(self.settings).connection_for_write(transport_options=options) as connection:
             client = connection.default_channel.client
             old, verdict = client.eval(COMPARE_AND_WRITE, 1, self.key, token, count, confirmed, mode)
         return bytes(old or b""), verdict.decode() if isinstance(verdict, bytes) else str(verdict)
@@ -141,12 +146,16 @@ class BrokerWatch:
                     return False
                 advanced = (1, 0, token)
         counter, confirmed, token = advanced
-        if confirmed == 0:
-            # nothing was ever confirmed on this broker (a new count, or one whose first write failed): there is
-            # no loss to find, and a key another database left (one replaced since) is taken over
+        if counter == 1:
+            # the round that started the count: nothing to compare yet, and a key another database left (one
+            # replaced since) is taken over
             self._write(token, counter, 0, "seed")
             self._confirm(url, counter)
             return False
+        # a later round whose first write was never confirmed (its database step failed) still compares: the key
+        # may have been written, and a broker that lost it since lost what was sent meanwhile (if the write itself
+        # failed, this costs the queue's waiting images a second message, nothing more)
+        confirmed = max(confirmed, 1)
         old, verdict = self._write(token, counter, confirmed, "check")
         if verdict == "other":
             other = old.partition(b":")[0]
@@ -224,7 +233,9 @@ class BrokerWatch:
                 try:
                     while True:
                         with session_scope(url) as session:
-                            stamp = queries.database_now(session)
+                            # never before the loss's moment (a clock stepped back): stamped so, the images would
+                            # be read again by the next step, for ever
+                            stamp = max(queries.database_now(session), moment)
                             rows = queries.waiting_since(session, job_id, moment, limit=SEND_AT_ONCE)
                             job = queries.get_job(session, job_id)
                             kind, spec = job.kind, job.spec
@@ -233,13 +244,13 @@ class BrokerWatch:
                         items = [ImageItem(input=i, output=o, reference=r) for _, i, o, r in rows]
                         send_plain_batches(self.settings, job_id, kind, spec, items, retry=False)
                         with session_scope(url) as session:
-                            queries.mark_sent(session, [row[0] for row in rows], stamp, moment)
+                            stamped = queries.mark_sent(session, [row[0] for row in rows], stamp, moment)
                             still = broker_marks.renew_mending(session, self.broker, self.queue, self.holder,
                                                                MENDING_LEASE_S)
                         sent += len(rows)
                         if not still:
                             raise LeaseLost("another worker took over sending the lost images")
-                        if len(rows) < SEND_AT_ONCE:
+                        if len(rows) < SEND_AT_ONCE or not stamped:  # (claimed meanwhile: the next pass looks)
                             break
                 except LeaseLost:
                     failed = True
