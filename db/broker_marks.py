@@ -21,15 +21,18 @@ def _row(broker: str, queue: str) -> tuple:  # type: ignore[type-arg]
     return BrokerMark.broker == broker, BrokerMark.queue == queue
 
 
-def advance(session: Session, broker: str, queue: str) -> tuple[int, int, str] | None:
-    """Take the queue's next count; returns it with the largest count confirmed written to the broker and the
-    database's token, or None when the queue has no count yet (:func:`start`)."""
+def advance(session: Session, broker: str, queue: str) -> tuple[int, int, str, float] | None:
+    """Take the queue's next count; returns it with the largest count confirmed written to the broker, the
+    database's token and the count's age in seconds, or None when the queue has no count yet (:func:`start`)."""
+    now = database_now(session)
     row = session.execute(
         update(BrokerMark).where(*_row(broker, queue))
-        .values(counter=BrokerMark.counter + 1, checked_at=database_now(session))
-        .returning(BrokerMark.counter, BrokerMark.confirmed, BrokerMark.token)
+        .values(counter=BrokerMark.counter + 1, checked_at=now)
+        .returning(BrokerMark.counter, BrokerMark.confirmed, BrokerMark.token, BrokerMark.created_at)
     ).first()
-    return (int(row[0]), int(row[1]), str(row[2])) if row is not None else None
+    if row is None:
+        return None
+    return int(row[0]), int(row[1]), str(row[2]), (now - as_utc(row[3])).total_seconds()
 
 
 def start(session: Session, broker: str, queue: str) -> str | None:
@@ -38,8 +41,9 @@ def start(session: Session, broker: str, queue: str) -> str | None:
     token = uuid.uuid4().hex
     try:
         with session.begin_nested():
+            now = database_now(session)
             session.add(BrokerMark(broker=broker, queue=queue, counter=1, confirmed=0, token=token, losses=0,
-                                   checked_at=database_now(session)))
+                                   created_at=now, checked_at=now))
     except IntegrityError:
         return None
     return token
@@ -79,7 +83,9 @@ def take_mending(session: Session, broker: str, queue: str, holder: str,
     returns that loss's moment and number, or None when there is none or another holder's lease is live."""
     now = database_now(session)
     # one sender per queue, whatever address found the loss: the images are the queue's (a broker reached under
-    # two addresses has a row for each, and both find the loss)
+    # two addresses has a row for each, and both find the loss). The queue's rows are locked first, so two
+    # addresses' workers asking at once take turns (PostgreSQL: neither would see the other's lease otherwise)
+    session.execute(select(BrokerMark.id).where(BrokerMark.queue == queue).order_by(BrokerMark.id).with_for_update())
     other = aliased(BrokerMark)
     sending_elsewhere = select(other.id).where(other.queue == queue, other.broker != broker,
                                                other.mending_until >= now).exists()

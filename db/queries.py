@@ -190,7 +190,8 @@ def recent_jobs(session: Session, limit: int = 20, labels: dict[str, str] | None
     return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
 
 
-def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int) -> set[str]:
+def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int,
+                  sent_at: datetime | None = None) -> set[str]:
     """Bulk-insert image rows (``input_uri``, ``output_uri``, ``reference_uri``).
 
     Duplicates of an existing (job, input), or of an earlier row in ``rows``,
@@ -199,8 +200,9 @@ def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]],
     """
     if not rows:
         return set()
-    # sent now, or for a windowed job's batch when it is (claim_window_batches stamps it again)
-    sent_at = database_now(session)
+    # sent now, or for a windowed job's batch when it is (claim_window_batches stamps it again); a producer
+    # writing several batches in one transaction reads the database's time once and passes it
+    sent_at = sent_at or database_now(session)
     values = [
         {"job_id": job_id, "status": "pending", "attempts": 0, "batch": batch, "sent_at": sent_at, **row}
         for row in rows
@@ -1202,14 +1204,15 @@ def _waiting_since_before(before: datetime) -> Any:
 
 
 def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:
-    """Jobs still restored (unfinished, or failed with their submission broken off: the images it enqueued are
-    restored) with images waiting for a message sent before ``before``, id and spec, oldest first: after the broker
-    lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still being listed is
-    included (the messages its producer sent before the loss are gone too), and a paused one (its batches already
-    sent were lost as well)."""
+    """Unfinished jobs with images waiting for a message sent before ``before``, id and spec, oldest first: after
+    the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still being
+    listed is included (the messages its producer sent before the loss are gone too), and a paused one (its batches
+    already sent were lost as well). A job failed as its submission broke off is not: its rows written but never
+    sent look the same as those sent, and its producer told the user they were not submitted (the abandoned-image
+    sweep still takes back the images of it a lost run held: those were sent)."""
     waiting = select(Image.id).where(Image.job_id == Job.id, _waiting_since_before(before)).exists()
     return [(job_id, spec) for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_(STILL_RESTORED_JOB_STATUSES), waiting)
+        select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES), waiting)
         .order_by(Job.created_at))]
 
 

@@ -145,6 +145,7 @@ class BrokerMark(Base):
     # written to the broker with the count: a broker holding another token's count serves another database's
     # workers on the same queue name (a misconfiguration), which is not a loss
     token: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # when the broker was last found to have lost messages, until every image waiting from before then is sent
     lost_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -305,12 +305,13 @@ def submit(
                 with session_scope(db_url) as session:
                     if queries.submission_progress(session, job_id) in ("cancelled", "failed"):
                         break  # cancelled meanwhile, or failed as abandoned: list no further
+                    sent_at = queries.database_now(session)  # once per chunk: a round trip on PostgreSQL
                     for offset, batch in enumerate(batches):
                         inserted = queries.insert_images(
                             session, job_id,
                             [{"input_uri": i.input, "output_uri": i.output, "reference_uri": i.reference}
                              for i in batch],
-                            batch=batch_number + offset,
+                            batch=batch_number + offset, sent_at=sent_at,
                         )
                         # an image named twice has one row, written the first time: its batch alone sends it
                         batches[offset] = [i for i in batch if i.input in inserted]

@@ -58,6 +58,10 @@ MENDING_LEASE_S = 300.0  # how long one worker sends a loss's images before anot
 # stamped images before the loss and sent them to the broker just before it lost them may still be committing
 # (the sweep for abandoned images sends before it commits), and its images must be sent again too
 MEND_GRACE_S = 120.0
+# a count this young and never confirmed may be one whose first write is still on its way (the worker that
+# started it writes it next): a key missing then is no loss; older, it is compared (its write's confirmation
+# failed, and a broker that lost the key since lost what was sent meanwhile)
+FIRST_WRITE_GRACE_S = 6 * BROKER_TIMEOUT_S
 
 # KEYS[1]: the key; ARGV: token, count, confirmed count, mode. "check" writes only when the key holds this
 # database's token with at least the confirmed count (a missing key counts 0); "seed" writes whatever it holds.
@@ -144,15 +148,15 @@ class BrokerWatch:
                 token = broker_marks.start(session, self.broker, self.queue)
                 if token is None:  # another worker started the count: the next round compares
                     return False
-                advanced = (1, 0, token)
-        counter, confirmed, token = advanced
-        if counter == 1:
-            # the round that started the count: nothing to compare yet, and a key another database left (one
-            # replaced since) is taken over
+                advanced = (1, 0, token, 0.0)
+        counter, confirmed, token, age = advanced
+        if confirmed == 0 and age < FIRST_WRITE_GRACE_S:
+            # a count just started, by this round or another worker's a moment ago: nothing to compare yet, and a
+            # key another database left (one replaced since) is taken over
             self._write(token, counter, 0, "seed")
             self._confirm(url, counter)
             return False
-        # a later round whose first write was never confirmed (its database step failed) still compares: the key
+        # an older count whose first write was never confirmed (its database step failed) still compares: the key
         # may have been written, and a broker that lost it since lost what was sent meanwhile (if the write itself
         # failed, this costs the queue's waiting images a second message, nothing more)
         confirmed = max(confirmed, 1)

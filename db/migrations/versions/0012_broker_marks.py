@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("counter", sa.BigInteger(), nullable=False),
         sa.Column("confirmed", sa.BigInteger(), nullable=False),
         sa.Column("token", sa.String(length=32), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("lost_before", sa.DateTime(timezone=True), nullable=True),
         sa.Column("losses", sa.Integer(), nullable=False),
