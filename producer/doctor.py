@@ -164,7 +164,8 @@ def check_queues(settings: Settings, consumers: set[str] | None) -> Finding:
         if problems:
             hint = []
             if unserved:
-                hint.append("start a worker for each ('deblur worker --queue NAME'), or cancel the jobs")
+                hint.append("start a worker for each ('deblur worker --queue NAME'), or cancel the jobs (a "
+                            "--pool solo worker busy with a batch does not answer: see 'deblur workers')")
             if losses:
                 hint.append("the workers finish sending within a sweep or two (DEBLUR_CLAIM_LEASE); if this stays, "
                             "see their logs; give Redis an append-only file so a restart keeps its messages")
