@@ -138,6 +138,15 @@ def cancel_pending_images(session: Session, job_id: str) -> int:
     return int(result.rowcount or 0)
 
 
+def cancel_unsent_batches(session: Session, job_id: str, first: int) -> int:
+    """Cancel a job's pending images in batches ``first`` and after, which its producer wrote but never sent (it
+    broke off while sending); returns how many."""
+    result = session.execute(update(Image).where(Image.job_id == job_id, Image.status == "pending",
+                                                 Image.batch >= first)
+                             .values(status="cancelled", finished_at=database_now(session)))
+    return int(result.rowcount or 0)
+
+
 def get_job(session: Session, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None:
@@ -1204,15 +1213,16 @@ def _waiting_since_before(before: datetime) -> Any:
 
 
 def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:
-    """Unfinished jobs with images waiting for a message sent before ``before``, id and spec, oldest first: after
-    the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still being
-    listed is included (the messages its producer sent before the loss are gone too), and a paused one (its batches
-    already sent were lost as well). A job failed as its submission broke off is not: its rows written but never
-    sent look the same as those sent, and its producer told the user they were not submitted (the abandoned-image
-    sweep still takes back the images of it a lost run held: those were sent)."""
+    """Jobs still restored with images waiting for a message sent before ``before``, id and spec, oldest first:
+    after the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still
+    being listed is included (the messages its producer sent before the loss are gone too), a paused one (its
+    batches already sent were lost as well), and one failed as its submission broke off: "the images it enqueued
+    are restored". Its producer cancels the rows it wrote and could not send; a producer killed between writing a
+    chunk and sending it leaves that chunk's rows pending, and a loss sends them too (``--skip-existing`` on a
+    second submission leaves out what they restored)."""
     waiting = select(Image.id).where(Image.job_id == Job.id, _waiting_since_before(before)).exists()
     return [(job_id, spec) for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES), waiting)
+        select(Job.id, Job.spec).where(Job.status.in_(STILL_RESTORED_JOB_STATUSES), waiting)
         .order_by(Job.created_at))]
 
 

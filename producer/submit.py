@@ -298,6 +298,7 @@ def submit(
     total = 0  # images listed and written
     queued = 0  # images whose batch the broker took (a window's are counted when listed)
     batch_number = 0
+    unsent_from: int | None = None  # the first batch written but not sent (a job without a window), while sending
     try:
         with app.producer_or_acquire() as producer:
             for chunk in _chunks(itertools.chain([first], items), ROWS_PER_TRANSACTION):
@@ -321,9 +322,12 @@ def submit(
                     send_window_batches(settings, job_id, request.kind, spec, producer=producer)
                     queued += len(chunk)
                 else:
+                    unsent_from = batch_number
                     for batch in batches:  # each already the job's batch size at most: one message each
                         send_plain_batches(settings, job_id, request.kind, spec, batch, producer=producer)
                         queued += len(batch)  # counted once the broker took it
+                        unsent_from += 1
+                    unsent_from = None
                 batch_number += len(batches)
                 total += len(chunk)
                 if progress:
@@ -333,6 +337,10 @@ def submit(
             # the key is released so that submitting again with it starts afresh
             queries.set_job_state(session, job_id, status="failed", job_key=None,
                                   error=f"submission interrupted after {total} images: {exc!r}")
+            if unsent_from is not None:
+                # written, never sent: cancelled, as the user is told, so nothing takes them for sent (a broker
+                # found to have lost its messages sends a failed job's waiting images again: worker.broker_watch)
+                queries.cancel_unsent_batches(session, job_id, unsent_from)
         if isinstance(exc, BrokerError):
             what = (f"the first {queued} images were queued and may still be restored: submit again with "
                     "--skip-existing to leave out those already restored" if queued

@@ -218,8 +218,11 @@ def test_a_broker_that_does_not_answer_fails_the_job_and_says_what_to_do(env, s3
     assert "the job is marked failed and nothing was queued" in message and "DEBLUR_BROKER_URL" in message
     job_id = message.split("the broker did not take job ")[1].split("'s tasks")[0]
     monkeypatch.setenv("DEBLUR_BROKER_URL", env["DEBLUR_BROKER_URL"])
-    assert Client().status(job_id)["status"] == "failed"
+    info = Client().status(job_id)
+    assert info["status"] == "failed"
     assert queue_length(env) == 0
+    # the rows written and never sent are cancelled, as said: a broker loss must not send them (worker.broker_watch)
+    assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == sum(info["counts"].values()) > 0
 
 
 def test_a_database_that_does_not_answer_is_named_without_its_password(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
