@@ -318,15 +318,16 @@ def submit(
                         batches[offset] = [i for i in batch if i.input in inserted]
                     if window:
                         queries.record_listed_batches(session, job_id, batch_number + len(batches))
+                # written now: without a window, each batch counts as unsent until the broker takes it
+                unsent_from = None if window else batch_number
                 if window:  # as many as the window has room for; finishing batches send the rest
                     send_window_batches(settings, job_id, request.kind, spec, producer=producer)
                     queued += len(chunk)
                 else:
-                    unsent_from = batch_number
                     for batch in batches:  # each already the job's batch size at most: one message each
                         send_plain_batches(settings, job_id, request.kind, spec, batch, producer=producer)
                         queued += len(batch)  # counted once the broker took it
-                        unsent_from += 1
+                        unsent_from = (unsent_from or 0) + 1
                     unsent_from = None
                 batch_number += len(batches)
                 total += len(chunk)
