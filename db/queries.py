@@ -1253,8 +1253,11 @@ def mark_sent(session: Session, ids: Sequence[int], sent_at: datetime, before: d
 
 def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:
     """For each queue unfinished jobs were submitted to (None: jobs that predate recorded queues), how many such
-    jobs there are and how many of their images wait for a worker (pending), for ``deblur doctor``."""
-    jobs = session.execute(select(Job.id, Job.spec).where(Job.status.in_(UNFINISHED_JOB_STATUSES))).all()
+    jobs there are and how many of their images wait for a worker (pending), for ``deblur doctor``. A job failed
+    as its submission broke off counts while images it sent still wait (they are restored, as its error says)."""
+    pending = select(Image.id).where(Image.job_id == Job.id, Image.status == "pending").exists()
+    jobs = session.execute(select(Job.id, Job.spec).where(
+        or_(Job.status.in_(UNFINISHED_JOB_STATUSES), and_(Job.status == "failed", pending)))).all()
     queue_of = {job_id: (spec or {}).get("queue") for job_id, spec in jobs}
     found: dict[str | None, tuple[int, int]] = {}
     for queue in queue_of.values():

@@ -118,14 +118,22 @@ def test_a_queue_no_worker_serves_and_a_broker_loss_being_mended_are_named(  # t
     env = use_services(monkeypatch, redis_url, s3_endpoint, empty_database_url, tmp_path / "home")
     ensure_schema(empty_database_url)
     with session_scope(empty_database_url) as s:
-        for queue, count in (("gpu-large", 3), (env["DEBLUR_QUEUE"], 0)):
+        for queue, count in (("gpu-large", 3), (env["DEBLUR_QUEUE"], 0), ("broken-off", 2)):
             job, _ = queries.create_job(s, "deblur", {"models": ["wiener"], "queue": queue})
             queries.insert_images(s, job.id, [{"input_uri": f"s3://b/{queue}/{n}.png"} for n in range(count)], 0)
             queries.finish_submission(s, job.id, count, "queued")
+        # failed as its submission broke off: the images it sent are still restored, so they need a worker
+        queries.set_job_state(s, job.id, status="failed")
+        failed_alone, _ = queries.create_job(s, "deblur", {"models": ["wiener"], "queue": "all-failed"})
+        queries.insert_images(s, failed_alone.id, [{"input_uri": "s3://b/f.png"}], 0)
+        queries.record_outcomes(s, failed_alone.id, [queries.ImageOutcome(input_uri="s3://b/f.png", status="failed")])
+        queries.set_job_state(s, failed_alone.id, status="failed")
     quiet = json.loads(doctor("--format", "json").stdout)
     checks = {c["part"]: c for c in quiet["checks"]}
     assert checks["queues"]["status"] == "warn"
     assert "'gpu-large' has 1 unfinished job(s) with 3 image(s) waiting and no worker" in checks["queues"]["detail"]
+    assert "'broken-off' has 1 unfinished job(s) with 2 image(s) waiting" in checks["queues"]["detail"]
+    assert "all-failed" not in checks["queues"]["detail"]  # nothing of it waits
     assert env["DEBLUR_QUEUE"] not in checks["queues"]["detail"]  # nothing of it waits
     assert "deblur worker --queue NAME" in checks["queues"]["hint"]
     with session_scope(empty_database_url) as s:
