@@ -118,12 +118,6 @@ def end_mending(session: Session, broker: str, queue: str, holder: str, losses: 
                     .values(mending_until=None, mending_by=None))
 
 
-def loss_to_mend(session: Session, broker: str, queue: str) -> datetime | None:
-    """The moment of the queue's last loss whose images are still being sent again, or None."""
-    moment = session.scalar(select(BrokerMark.lost_before).where(*_row(broker, queue)))
-    return as_utc(moment) if moment is not None else None
-
-
 def unmended(session: Session) -> list[tuple[str, str, datetime]]:
     """Every (broker, queue, moment) whose loss of messages the workers are still sending again, for ``deblur
     doctor``."""

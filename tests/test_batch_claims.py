@@ -706,10 +706,11 @@ def test_leases_go_by_the_database_clock_whatever_a_workers_clock_says(pg, monke
     with session_scope(pg) as s:  # a renewal sent from the skewed machine writes the lease by the database's clock
         queries.renew_leases(s, job_id, "1" * 32, lease_s=60)
         until = s.scalar(select(func.max(queries.Image.lease_until)).where(queries.Image.job_id == job_id))
-        # PostgreSQL's statement_timestamp() of the renewal: within the transaction, before this statement's own
-        assert queries.as_utc(until) - timedelta(seconds=60) <= queries.database_now(s)
-        assert queries.as_utc(until) - timedelta(seconds=60) >= queries.as_utc(
-            s.scalar(select(func.transaction_timestamp())))
+        # written as PostgreSQL's statement_timestamp() of the renewal plus the lease: an instant within this
+        # transaction (not before its start, not after this statement's own time), not the skewed machine's
+        renewed_at = queries.as_utc(until) - timedelta(seconds=60)
+        began = queries.as_utc(s.scalar(select(func.transaction_timestamp())))
+        assert began <= renewed_at <= queries.database_now(s)
         # and 'retry --stalled' from it leaves the image to its live lease (anything started before an hour from
         # now counts as stalled, unless its lease is live)
         assert queries.images_to_retry(s, job_id, failed=False, stalled_before=utcnow() + timedelta(hours=1)) == []

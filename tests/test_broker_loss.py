@@ -34,6 +34,19 @@ def queries_now(session):  # type: ignore[no-untyped-def]
     return database_now(session)
 
 
+def _check_fails_in(monkeypatch, watch, step: str) -> None:  # type: ignore[no-untyped-def]
+    """Run ``watch.check()`` with the database failing in ``db.broker_marks.<step>``; it raises."""
+    import db.broker_marks
+
+    def fail(*_, **__):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the database went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(db.broker_marks, step, fail)
+        with pytest.raises(ConnectionError):
+            watch.check()
+
+
 def _watch(**changes):  # type: ignore[no-untyped-def]
     from jobs.settings import load_settings
     from worker.broker_watch import BrokerWatch
@@ -364,17 +377,8 @@ def test_one_broker_under_two_addresses_keeps_two_counts_and_one_sender(env, cap
 def test_a_loss_after_a_first_write_never_confirmed_is_found(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The first check wrote the key and its database step failed, so nothing was confirmed. Such a count was
     seeded again at every round, and a loss before a round that confirmed went unseen."""
-    import db.broker_marks
-
     watch = _watch()
-
-    def fail(*_, **__):  # type: ignore[no-untyped-def]
-        raise ConnectionError("the database went away")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(db.broker_marks, "confirm", fail)
-        with pytest.raises(ConnectionError):
-            watch.check()
+    _check_fails_in(monkeypatch, watch, "confirm")
     assert redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).get(watch.key) is not None
     _age_count(watch, timedelta(minutes=1))  # past the first write's grace
     redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
@@ -477,7 +481,6 @@ def test_the_broker_identity_leaves_out_credentials_and_is_spelt_one_way() -> No
 def test_a_loss_whose_recording_fails_is_found_again(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The loss is recorded before the broker's key is written again: a worker whose database fails (or that
     dies) in between leaves the key as the loss left it, and the next check finds it."""
-    import db.broker_marks
     from jobs.settings import load_settings
 
     url = load_settings().resolved_database_url()
@@ -485,14 +488,7 @@ def test_a_loss_whose_recording_fails_is_found_again(env, monkeypatch) -> None: 
     for _ in range(2):
         assert watch.check() is False
     redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).delete(watch.key)
-
-    def fail(*_, **__):  # type: ignore[no-untyped-def]
-        raise ConnectionError("the database went away")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(db.broker_marks, "note_loss", fail)
-        with pytest.raises(ConnectionError):
-            watch.check()
+    _check_fails_in(monkeypatch, watch, "note_loss")
     assert redis.Redis.from_url(env["DEBLUR_BROKER_URL"]).get(watch.key) is None
     assert watch.check() is True
     assert _mark(url, env["DEBLUR_QUEUE"])[1] is not None

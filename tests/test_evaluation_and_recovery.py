@@ -583,6 +583,17 @@ def _one_batch_job(env: dict[str, str], bucket: str, names: tuple[str, ...]) -> 
     return job_id, args[0]
 
 
+def _gpu_dies_on(name: str, real: Any) -> Any:
+    """A restoration that loses its GPU (a device-side failure, not the image's fault) on the image ``name``, and
+    runs ``real`` on the others."""
+    def restore(work: Any, message: Any, *rest: Any) -> None:
+        if work.item.input.endswith("/" + name):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        real(work, message, *rest)
+
+    return restore
+
+
 def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consuming(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """A worker whose GPU fails (a lost CUDA context) once failed every image it took, fast, so it swallowed the
@@ -594,13 +605,7 @@ def test_a_failed_gpu_hands_its_batch_back_unfailed_and_its_worker_stops_consumi
     from worker.runtime import is_device_failure
 
     job_id, payload = _one_batch_job(env, "gpu", ("1.png", "2.png", "3.png"))
-    real = pipeline.restore_work
-
-    def gpu_dies_on_the_second(work: Any, message: Any, *rest: Any) -> None:
-        if work.item.input.endswith("/2.png"):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        real(work, message, *rest)
-
+    gpu_dies_on_the_second = _gpu_dies_on("2.png", pipeline.restore_work)
     monkeypatch.setattr(pipeline, "restore_work", gpu_dies_on_the_second)
     monkeypatch.setattr(tasks.runtime, "_state", {})  # the task reads its settings (this test's services) afresh
     stopped: list[tuple[str, list[str]]] = []
@@ -636,13 +641,7 @@ def test_images_whose_hand_over_could_not_be_sent_are_held_for_the_retry_or_the_
     from worker import pipeline
 
     job_id, payload = _one_batch_job(env, "unsent", ("1.png", "2.png", "3.png"))
-    real = pipeline.restore_work
-
-    def gpu_dies_on_the_second(work: Any, message: Any, *rest: Any) -> None:
-        if work.item.input.endswith("/2.png"):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        real(work, message, *rest)
-
+    gpu_dies_on_the_second = _gpu_dies_on("2.png", pipeline.restore_work)
     def broker_down(*_: Any, **__: Any) -> None:
         raise TransientError("could not hand the rest of the batch to a new task: connection refused")
 

@@ -108,4 +108,5 @@ class AbandonedImageSweeper:
                     self.broker_watch.check()
                     self.broker_watch.send_lost()
                 except Exception:  # the broker or the database is away: the next round compares again
-                    log.exception("the check for messages the broker lost failed")
+                    log.exception("the check for messages the broker lost failed; the next sweep, in %.0f s, "
+                                  "tries again", self.interval)
