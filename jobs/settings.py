@@ -121,7 +121,8 @@ HELP: dict[str, SettingInfo] = {
     ),
     "image_time_limit": SettingInfo(
         "DEBLUR_IMAGE_TIME_LIMIT",
-        "seconds one image may take before its worker is taken for hung: a pool process ends itself and a fresh "
+        "seconds one step of an image (awaiting its download, restoring it, uploading it) may take before its "
+        "worker is taken for hung: a pool process ends itself and a fresh "
         "one restores the image (--pool solo: the lease is no longer renewed and the workers' sweep sends the "
         "image again); the hung run writes nothing (0: "
         "DEBLUR_VISIBILITY_TIMEOUT less DEBLUR_BATCH_TIME_LIMIT, the room those leave for one image)",

@@ -795,6 +795,73 @@ def test_a_run_that_lost_its_image_while_frozen_writes_no_output_for_it(env, mon
     assert (rows["1.png"]["status"], rows["2.png"]["status"]) == ("done", "running")  # the redelivery's to record
 
 
+def test_a_download_still_coming_is_timed_as_its_own_image_and_the_images_before_it_are_recorded_first(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """The hang timer ran from the start of one image's upload to the start of the next image, so a slow
+    download counted against the image before it, which also stayed unrecorded until that download came: a
+    process taken for hung there counted a start against a finished image. Now the wait is timed as the next
+    image's own step, and the finished images are recorded before it."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.schema import Image
+    from jobs.messages import BatchMessage
+    from jobs.settings import load_settings
+    from worker import pipeline
+
+    job_id, payload = _one_batch_job(env, "slowdownload", ("1.png", "2.png"))
+    url = load_settings().resolved_database_url()
+    steps: list[str] = []  # the images the hang timer was told a step began on, in order
+
+    class Keeper(pipeline.LeaseKeeper):
+        def image_started(self, input_uri: str) -> None:
+            steps.append(input_uri.rsplit("/", 1)[1])
+            super().image_started(input_uri)
+
+    seen: dict[str, Any] = {}
+    real = pipeline._download
+
+    def slow_second(client: Any, work: Any) -> None:
+        if work.item.input.endswith("/2.png"):  # a store that stalls on this one until the first is recorded
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and "first" not in seen:
+                with session_scope(url) as session:
+                    if session.scalar(select(Image.status).where(Image.job_id == job_id,
+                                                                 Image.input_uri.endswith("/1.png"))) == "done":
+                        seen["first"], seen["steps"] = "recorded", list(steps)
+                time.sleep(0.05)
+        real(client, work)
+
+    monkeypatch.setattr(pipeline, "LeaseKeeper", Keeper)
+    monkeypatch.setattr(pipeline, "_download", slow_second)
+    assert pipeline.run_batch(BatchMessage.from_payload(payload), load_settings()) == {
+        "done": 2, "failed": 0, "handed_over": 0}
+    assert seen.get("first") == "recorded"  # while the second download was still awaited
+    # restore 1, upload 1, then the wait for 2's download timed as 2's own step
+    assert seen["steps"] == ["1.png", "1.png", "2.png"], seen
+    assert steps == ["1.png", "1.png", "2.png", "2.png", "2.png"]
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in json.loads(run_cli("results", job_id, "--format", "json"))}
+    assert [(rows[n]["status"], rows[n]["attempts"]) for n in ("1.png", "2.png")] == [("done", 1), ("done", 1)]
+
+
+def test_a_hang_timer_takes_a_later_step_of_the_same_image_for_hung_again(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The timer said an image hung once per image: a download that hung past the limit and then came, followed by
+    a restoration that hung too, went unnoticed the second time, and the run kept renewing nothing for good. Each
+    step begun now arms it afresh."""
+    from db.engine import ensure_schema
+    from worker.pipeline import LeaseKeeper
+
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    ensure_schema(url)
+    with LeaseKeeper(url, "no-such-job", "c" * 32, lease_s=0.4, image_limit_s=0.3) as keeper:
+        keeper.image_started("s3://b/in/1.png")  # its download, awaited past the limit
+        time.sleep(0.8)
+        keeper.image_started("s3://b/in/1.png")  # ...came: its restoration begins, and hangs too
+        time.sleep(0.8)
+    said = [r.getMessage() for r in caplog.records if "taken for hung" in r.getMessage()]
+    assert len(said) == 2 and all("s3://b/in/1.png" in m for m in said), said
+
+
 def test_passing_storage_faults_neither_undo_finished_images_nor_count_as_lost_workers(  # type: ignore[no-untyped-def]
         env, monkeypatch) -> None:
     """An upload that fails for a while once left the image it belonged to counted as started each time, so after

@@ -316,7 +316,8 @@ class LeaseKeeper:
     quarter of the lease, while the run makes progress; a renewal the database refuses is tried at the next tick
     (the lease outlives three misses).
 
-    Progress is an image started (:meth:`image_started`). Once the current image has taken longer than
+    Progress is a step begun on an image (:meth:`image_started`): its download awaited, its restoration, its
+    upload, each timed on its own. Once the current step has taken longer than
     ``image_limit_s`` seconds (``DEBLUR_IMAGE_TIME_LIMIT``) the run is taken for hung (a deadlocked library, a
     device that never answers). In a pool process, the process ends itself (:meth:`_end_hung_process`), as
     Celery's hard time limit would. Otherwise (``--pool solo``, whose process is the worker itself) renewal
@@ -329,7 +330,7 @@ class LeaseKeeper:
         self._db_url, self._job_id, self._claim, self._lease_s = db_url, job_id, claim, lease_s
         self._image_limit_s = image_limit_s
         self._current: tuple[str, float] | None = None  # the image in progress and when it started (monotonic)
-        self._given_up: str | None = None  # the image whose lease this keeper stopped renewing, once said
+        self._given_up: str | None = None  # the image whose current step this keeper gave up on, once said
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim[:8]}", daemon=True)
 
@@ -342,8 +343,10 @@ class LeaseKeeper:
         self._thread.join()
 
     def image_started(self, input_uri: str) -> None:
-        """The run started ``input_uri``: the time it may take counts from now."""
+        """The run began a step on ``input_uri`` (awaiting its download, restoring it, uploading it): the time that
+        step may take counts from now."""
         self._current = (input_uri, time.monotonic())
+        self._given_up = None  # a later step of the same image that hangs is taken for hung again
 
     def hung_on(self) -> str | None:
         """The image the run has been on for longer than the image time limit, if it has."""
@@ -357,7 +360,8 @@ class LeaseKeeper:
         otherwise stay taken for good. Its leases end first (best effort), Celery puts its batch back on the queue
         at once (late acknowledgement) and starts a fresh process, and whichever process takes the batch sees this
         one gone and restores its images at once; the hung start counts towards DEBLUR_IMAGE_MAX_ATTEMPTS."""
-        log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT): this pool "
+        log.error("image %s of job %s: one step (its download, restoration or upload) has taken more than %.0f s "
+                  "(DEBLUR_IMAGE_TIME_LIMIT): this pool "
                   "process is taken for hung and ends itself; its batch goes back to the queue and the worker starts "
                   "a fresh process", hung, self._job_id, self._image_limit_s)
         def drop() -> None:
@@ -382,7 +386,8 @@ class LeaseKeeper:
                     self._given_up = hung
                     if runtime.in_pool_process():
                         self._end_hung_process(hung)
-                    log.error("image %s of job %s has been restoring for more than %.0f s (DEBLUR_IMAGE_TIME_LIMIT):"
+                    log.error("image %s of job %s: one step (its download, restoration or upload) has taken more "
+                              "than %.0f s (DEBLUR_IMAGE_TIME_LIMIT):"
                               " this worker is taken for hung on it and stops renewing its lease, which runs out "
                               "within %.0f s; the workers' sweep then sends its images again (or Redis, after the "
                               "visibility timeout), and this run writes nothing for them", hung, self._job_id,
@@ -598,6 +603,14 @@ def _run_works(works: list[Work], message: BatchMessage, settings: Settings, cli
                 for pending in downloads[index:]:
                     pending.cancel()
                 break
+            if index and not downloads[index].done():
+                # this image's download is still coming: the time limit counts the wait as this image's, not as the
+                # previous one's upload, and the images before it, stored, are recorded now rather than with this
+                # one's start, so a store that stalls here holds no finished image back (and, should the process be
+                # taken for hung, counts no start against the image before it)
+                keeper.image_started(work.item.input)
+                with session_scope(db_url) as session:
+                    record(session, works[:index])
             try:
                 downloads[index].result()  # a storage outage raises TransientError here: the batch is retried
             except TransientError:
