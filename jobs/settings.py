@@ -10,6 +10,7 @@ server.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -67,6 +68,7 @@ class Settings:
     strip_metadata: bool = False
     notify_secret: str | None = None
     notify_max_retries: int = 8
+    notify_allow_networks: str = ""
     image_max_attempts: int = 3
     model_cache_size: int = 8
 
@@ -79,6 +81,10 @@ class Settings:
         if self.image_time_limit:
             return self.image_time_limit
         return self.visibility_timeout - self.batch_time_limit
+
+    def notify_allowed_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The networks of ``notify_allow_networks``: local addresses notifications may still go to."""
+        return parse_networks(self.notify_allow_networks, HELP["notify_allow_networks"].env)
 
 
 HELP: dict[str, SettingInfo] = {
@@ -162,6 +168,15 @@ HELP: dict[str, SettingInfo] = {
         "DEBLUR_NOTIFY_MAX_RETRIES",
         "attempts after the first to deliver a notification (back-off 5 s doubling to 10 min)",
     ),
+    "notify_allow_networks": SettingInfo(
+        "DEBLUR_NOTIFY_ALLOW_NETWORKS",
+        "comma-separated CIDRs (e.g. 10.0.0.0/8,127.0.0.1/32) of the local network that job-finished notifications "
+        "may be sent to. A notify URL whose host is or resolves to a loopback, private (RFC 1918, fc00::/7), "
+        "link-local (169.254.0.0/16 with the cloud metadata service, fe80::/10), shared (100.64.0.0/10), "
+        "unspecified, multicast or reserved address outside them is refused at submission, and again by the "
+        "worker before each delivery, which connects only to the addresses it checked (unset: none, only public "
+        "addresses); read by the producer, the HTTP API and the workers",
+    ),
 }
 
 
@@ -227,6 +242,25 @@ def load_settings(**overrides: Any) -> Settings:
     return settings
 
 
+def parse_networks(text: str, env: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks of a comma-separated list of CIDRs (a bare address is one host); raises ConfigurationError
+    quoting the entry that is none, such as ``10.0.0.1/8`` (host bits set: ``10.0.0.0/8`` was meant?)."""
+    networks = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError as exc:
+            try:
+                hint = f": did you mean {ipaddress.ip_network(entry, strict=False)}?"
+            except ValueError:
+                hint = f" ({exc})"
+            raise ConfigurationError(f"{env}={text!r}: {entry!r} is not a network in CIDR notation such as "
+                                     f"10.0.0.0/8, 127.0.0.1/32 or fd00::/8{hint}") from None
+    return tuple(networks)
+
+
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -252,6 +286,7 @@ def _validate(s: Settings) -> None:
     for name in ("task_max_retries", "notify_max_retries"):
         if getattr(s, name) < 0:
             raise ConfigurationError(f"{HELP[name].env} must be >= 0, got {getattr(s, name)}")
+    s.notify_allowed_networks()
     if not s.queue.strip():
         raise ConfigurationError("DEBLUR_QUEUE is empty: name the queue the workers consume, e.g. deblur")
     if not _DEVICE.fullmatch(s.device.strip().lower()):

@@ -29,6 +29,13 @@ pytestmark = [pytest.mark.integration]
 
 
 @pytest.fixture
+def env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The suite's services, with notifications allowed into loopback, where the tests' receivers listen."""
+    monkeypatch.setenv("DEBLUR_NOTIFY_ALLOW_NETWORKS", "127.0.0.0/8")
+    return {**env, "DEBLUR_NOTIFY_ALLOW_NETWORKS": "127.0.0.0/8"}
+
+
+@pytest.fixture
 def s3(env: dict[str, str]):  # type: ignore[no-untyped-def]
     return boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
 

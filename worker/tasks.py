@@ -267,7 +267,7 @@ def notify_job(self, job_id: str, delivery: str) -> str:  # type: ignore[no-unty
         url = (info.get("spec") or {}).get("notify_url")
         if not url:
             return "no notify URL"
-        status = deliver(url, body(info, delivery), settings.notify_secret)
+        status = deliver(url, body(info, delivery), settings.notify_secret, allow=settings.notify_allowed_networks())
     except UnknownJobError:
         log.error("not notifying: job %s does not exist", job_id)
         return "unknown job"
