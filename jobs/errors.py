@@ -57,6 +57,10 @@ class AmbiguousJobIdError(InputError):
     """A shortened job id is the start of more than one job's id."""
 
 
+class JobKeyReusedError(InputError):
+    """A job key (idempotency key) sent again with a different request than the job it first made."""
+
+
 class JobFinishedError(InputError):
     """An operation that needs an unfinished job (cancelling, pausing) was asked of one that finished."""
 

@@ -103,7 +103,11 @@ def parse_output_format(text: str) -> Mapping[str | None, str]:
         source, equals, target = pair.partition("=")
         if not equals:
             raise InputError(f"--output-format {text!r}: {pair!r} is not FROM=TO; write e.g. jpeg=png,webp=png")
-        mapping[name(source)] = name(target)
+        source_format, target_format = name(source), name(target)
+        if mapping.get(source_format, target_format) != target_format:
+            raise InputError(f"--output-format {text!r} maps {source_format} twice, to {mapping[source_format]} "
+                             f"and to {target_format}; keep one")
+        mapping[source_format] = target_format
     return MappingProxyType(mapping)
 
 

@@ -11,6 +11,12 @@ from jobs.errors import InvalidURIError
 # S3 bucket naming rules: 3-63 chars, lowercase letters, digits, dots and hyphens,
 # starting and ending with a letter or digit.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+MAX_KEY_BYTES = 1024  # S3's limit on a key's length, in UTF-8 bytes
+
+
+def _quoted(text: str, limit: int = 120) -> str:
+    """``text`` quoted for an error message, its middle left out when long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit // 2] + "…" + text[-limit // 2:])
 
 
 @dataclass(frozen=True, order=True)
@@ -82,6 +88,9 @@ def parse_s3_uri(text: str, *, want_prefix: bool | None = None, exact: bool = Fa
         if any(part in {".", ".."} for part in parts) or "//" in key.rstrip("/"):
             raise InvalidURIError(f"{text!r}: the key has empty, '.' or '..' segments")
         key = normpath(key).lstrip("/") + ("/" if trailing else "")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidURIError(f"{_quoted(text)}: the key is {len(key.encode('utf-8'))} bytes long; S3 keys are at "
+                              f"most {MAX_KEY_BYTES} bytes (UTF-8)")
     uri = S3URI(bucket, key)
     if want_prefix is True:
         return uri.as_prefix()

@@ -352,11 +352,18 @@ def _check_weights_named(spec: ModelSpec) -> None:
     build the untrained architecture. Official models are not checked: their weights may sit on the workers.
     """
     info = REGISTRY.get(spec.name)
+    if spec.name == "spandrel" and not str(spec.param_dict.get("path") or "").strip():
+        # an official model's file may sit on the workers, but this one names none at all
+        raise InvalidModelSpecError("model 'spandrel' needs the checkpoint to load, so every image would fail: "
+                                    "spandrel:path=/path/to/model.pth, a file the workers can read")
     if info.family == "learned-seed" and info.weights is None and not spec.param_dict.get("weights"):
         raise WeightsError(
             f"model {spec.name!r} ships no weights, so every image would fail: pass weights=PATH, a .safetensors "
             f"file the workers can read (train one with 'deblur train {spec.name} -o RUN_DIR'), or choose another "
             "model ('deblur models list')")
+
+
+MAX_ENSEMBLE_MEMBERS = 8  # models in one ensemble
 
 
 def parse_ensemble(texts: list[str] | tuple[str, ...], strength: float = 1.0, light: str | None = None
@@ -366,10 +373,19 @@ def parse_ensemble(texts: list[str] | tuple[str, ...], strength: float = 1.0, li
     ``light`` sets every member that has a ``light`` parameter and does not
     set it itself (:func:`in_light`).
     """
+    if len(texts) > MAX_ENSEMBLE_MEMBERS:
+        raise InvalidModelSpecError(f"an ensemble of {len(texts)} models: at most {MAX_ENSEMBLE_MEMBERS} members "
+                                    "(every member runs on every image, so each one adds its whole restoration time)")
     members: tuple[ModelSpec, ...] = (
         tuple(REGISTRY.parse(t) for t in texts) if texts else default_ensemble().members
     )
+    seen: set[str] = set()
     for member in members:
+        if member.key() in seen:
+            # its metrics are stored under its key, and two equal members would only weigh it twice
+            raise InvalidModelSpecError(f"model {member.key()!r} is named twice in the ensemble: name it once, with a "
+                                        f"weight (NAME[:PARAMS]:WEIGHT, e.g. {member.key()}:2) if it should count more")
+        seen.add(member.key())
         _check_weights_named(member)
     if light is not None:
         members = tuple(in_light(m, light) for m in members)

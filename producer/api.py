@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +55,7 @@ from jobs.errors import (
     InputError,
     InvalidModelSpecError,
     JobFinishedError,
+    JobKeyReusedError,
     LicenseError,
     TransientError,
     UnknownJobError,
@@ -64,10 +65,10 @@ from jobs.errors import (
 )
 from jobs.labels import API_CLIENT_LABEL, check_submitted_labels, parse_labels
 from jobs.layout import parse_output_format
-from jobs.statuses import JOB_STATUSES
+from jobs.statuses import IMAGE_STATUSES, JOB_STATUSES
 from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
-from models.catalog import REGISTRY
+from models.catalog import MAX_ENSEMBLE_MEMBERS, REGISTRY
 from models.registry import describe
 from models.tone import LIGHT_HELP
 from producer.api_clients import SHARED_TOKEN_CLIENT, ApiClient, ClientRegistry
@@ -100,9 +101,95 @@ API_VERSION = "v1"
 MAX_PAGE = 1000
 HEALTH_TIMEOUT_S = 5.0
 MAX_INPUTS = 100_000  # URIs in one request body; list more under a prefix
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused (413) before it is parsed
+MAX_ERRORS_SHOWN = 20  # validation errors listed in one 422; the rest are counted
+MAX_ECHO_CHARS = 200  # of a refused value quoted back in a 422
+MAX_MESSAGE_CHARS = 2000  # of an error message (a message may quote the whole value it refuses)
 
 # +inf (PSNR of identical images) travels as the string "inf".
 MetricValue = float | Literal["inf", "-inf"] | None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _shortened(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _echo(value: Any) -> Any:
+    """A refused value as a 422 may quote it back: JSON-safe (NaN and infinities as the strings "nan", "inf",
+    "-inf", which JSON cannot carry as numbers) and short (a long string is cut, a list or object is described)."""
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, str):
+        return _shortened(value, MAX_ECHO_CHARS)
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return f"(a list of {len(value)} item(s))"
+    if isinstance(value, dict):
+        return f"(an object of {len(value)} field(s))"
+    return _shortened(repr(value), MAX_ECHO_CHARS)
+
+
+def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's 422 ``detail`` for ``errors`` (pydantic's), safe to send whatever was refused: each value
+    quoted back JSON-safe and short (a body with NaN in it once got a 500, and one with 100,000 bad URIs a 16-MB
+    answer), each once (a path parameter that two dependencies declare is refused by both), at most
+    ``MAX_ERRORS_SHOWN`` errors, then one that counts the rest."""
+    distinct: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for error in errors:
+        distinct.setdefault((repr(error.get("loc")), str(error.get("msg")), str(error.get("type"))), error)
+    errors = list(distinct.values())
+    detail = [{"loc": list(error.get("loc", ())), "msg": _shortened(str(error.get("msg", ""))),
+               "type": str(error.get("type", "value_error")),
+               **({"input": _echo(error["input"])} if "input" in error else {}),
+               **({"ctx": {str(k): _echo(v) for k, v in error["ctx"].items()}} if error.get("ctx") else {})}
+              for error in errors[:MAX_ERRORS_SHOWN]]
+    if len(errors) > MAX_ERRORS_SHOWN:
+        detail.append({"loc": [], "msg": f"and {len(errors) - MAX_ERRORS_SHOWN} more error(s) like these",
+                       "type": "value_error"})
+    return detail
+
+
+class BodySizeLimit:
+    """ASGI middleware that refuses a request body over ``limit`` bytes with 413 before the route parses it,
+    whether its size is announced (Content-Length) or not (chunked: the read stops at the limit)."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    def _message(self) -> str:
+        return (f"the request body is over {self.limit // (1024 * 1024)} MB: list more images under an S3 prefix, "
+                f"or submit them in several jobs")
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        announced = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if announced.isdigit() and int(announced) > self.limit:
+            await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # raised inside the route's body read: FastAPI answers an HTTPException from there as it is
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -153,7 +240,7 @@ def _check_model_spec(text: str) -> str:
 class JobSubmission(BaseModel):
     """A deblur or evaluation job; the fields mirror ``deblur submit`` / ``deblur evaluate``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
 
     kind: Literal["deblur", "evaluate"] = Field(
         "deblur", description="deblur: restore and write outputs; evaluate: PSNR/SSIM against sharp references.")
@@ -167,8 +254,9 @@ class JobSubmission(BaseModel):
         None, description="S3 prefix for the restored images (required for deblur jobs); outputs mirror the "
                           "input's relative paths.", examples=["s3://archive/restored/"])
     models: list[Annotated[str, AfterValidator(_check_model_spec)]] = Field(
-        default_factory=list,
-        description="Model specs NAME[:PARAMS][:WEIGHT] (see GET /v1/models); several form an ensemble. "
+        default_factory=list, max_length=MAX_ENSEMBLE_MEMBERS,
+        description=f"Model specs NAME[:PARAMS][:WEIGHT] (see GET /v1/models); several (up to "
+                    f"{MAX_ENSEMBLE_MEMBERS}, each named once) form an ensemble. "
                     "Empty: the default ensemble.",
         examples=[["wiener:psf=motion:length=7,angle=30", "richardson-lucy:0.5"]],
     )
@@ -195,7 +283,8 @@ class JobSubmission(BaseModel):
         None, description=LIGHT_HELP + " Unset: each model spec decides (light=...).")
     job_key: str | None = Field(
         None, min_length=1, max_length=255,
-        description="Idempotency key (same as the Idempotency-Key header): a repeated key returns the first job. "
+        description="Idempotency key (same as the Idempotency-Key header): a repeated key with the same body "
+                    "returns the first job (200); with another body it is refused (409). "
                     "With a client's own token (DEBLUR_API_CLIENTS) the keys are that client's: another client's "
                     "equal key is another job.")
     notify_url: str | None = Field(
@@ -233,7 +322,7 @@ class JobSubmission(BaseModel):
 class RetryRequest(BaseModel):
     """Which images of a job to send again (their outputs are overwritten)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
 
     failed: bool = Field(True, description="Re-enqueue the images that failed.")
     stalled: bool = Field(False, description="Re-enqueue images pending or running for over stalled_after seconds.")
@@ -262,10 +351,36 @@ class JobCreated(BaseModel):
     status_url: str | None
 
 
+JobStatusName = Literal["submitting", "queued", "running", "paused", "done", "failed", "cancelled"]
+ImageStatusName = Literal["pending", "running", "done", "failed", "cancelled"]
+JobKindName = Literal["deblur", "evaluate"]
+assert get_args(JobStatusName) == JOB_STATUSES and get_args(ImageStatusName) == IMAGE_STATUSES  # one list each
+
+
+class ErrorMessage(BaseModel):
+    """A refusal or failure told in one sentence (401, 403, 404, 409, 413, 503)."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: body, query or path, then the field (and item index).")
+    msg: str
+    type: str
+    input: Any = Field(None, description="The value refused, shortened (NaN and infinities as strings).")
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationRefusal(BaseModel):
+    """422: what is malformed or refused, each naming its field; a long list ends with one counting the rest."""
+
+    detail: list[FieldError]
+
+
 class JobListItem(BaseModel):
     id: str
-    kind: str
-    status: str
+    kind: JobKindName
+    status: JobStatusName
     total: int
     created_at: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -274,8 +389,8 @@ class JobListItem(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: str
-    status: str = Field(description="submitting, queued, running, done, failed or cancelled.")
+    kind: JobKindName
+    status: JobStatusName = Field(description="submitting, queued, running, paused, done, failed or cancelled.")
     total: int
     counts: dict[str, int] = Field(description="Images per status: pending, running, done, failed, cancelled.")
     finished: int = Field(description="Images done, failed or cancelled.")
@@ -317,7 +432,7 @@ class ImageResult(BaseModel):
     output: str | None = Field(description="The restored image; null unless done.")
     reference: str | None
     kernel: str | None = Field(description="Estimated blur kernel, when the model produced one.")
-    status: str
+    status: ImageStatusName
     error: str | None
     attempts: int
     width: int | None
@@ -407,7 +522,7 @@ class RetryResult(BaseModel):
 class VerifyRequest(BaseModel):
     """How to check a job's outputs (``deblur verify``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
 
     quick: bool = Field(True, description="Compare the SHA-256 the store kept from each upload (a HEAD request, no "
                                           "egress) instead of reading every output back; outputs whose store keeps "
@@ -508,8 +623,11 @@ class Health(BaseModel):
 JobId = Annotated[uuid.UUID, Path(description="The job id (a UUID) returned by POST /v1/jobs.")]
 
 # Our error messages quote CLI options; map them to the body field they concern.
+# the longer option first where one begins another (--output-format before --output)
 _OPTION_FIELDS = {"--strength": "strength", "--batch-size": "batch_size", "--priority": "priority",
-                  "--window": "window", "--output": "output", "--sharp": "sharp"}
+                  "--window": "window", "--output-format": "output_format", "--quality": "quality",
+                  "--sidecar": "sidecar", "--output": "output", "--sharp": "sharp", "--gopro": "gopro",
+                  "--crop-border": "crop_border", "--align": "align", "--skip-existing": "skip_existing"}
 _MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, WeightsError)
 
 
@@ -517,6 +635,36 @@ def _submission_refused(exc: InputError, body: JobSubmission) -> RequestValidati
     """The 422 answer for a submission (or preview) that validation refused, located at the field it concerns."""
     field = _error_field(exc, body)
     return _validation_error(("body", field) if field else ("body",), str(exc))
+
+
+def _openapi_with_common_answers(app: FastAPI) -> dict[str, Any]:
+    """The schema FastAPI derives, with the answers every guarded route can give (401 without a valid token,
+    503 when a service is down, 403 to a read-only client on a change, 413 for a body over the limit), which its
+    routes do not declare one by one; built once."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, description=app.description,
+                         routes=app.routes)
+    message = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}}
+    common = {
+        "401": "Missing or wrong bearer token.",
+        "503": "Storage, the broker or the database does not answer (Retry-After says when to try again).",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if not (path.startswith(f"/{API_VERSION}/") or path == "/metrics"):
+            continue
+        for method, operation in operations.items():
+            answers = operation.setdefault("responses", {})
+            extra = dict(common)
+            if method in ("post", "put", "patch", "delete"):
+                extra["403"] = "This client may only read, or asked past its limits (DEBLUR_API_CLIENTS)."
+                extra["413"] = f"The body is over {MAX_BODY_BYTES // (1024 * 1024)} MB."
+            for code, description in extra.items():
+                answers.setdefault(code, {"description": description, "content": message})
+    app.openapi_schema = schema
+    return schema
 
 
 def _error_field(exc: InputError, body: JobSubmission) -> str | None:
@@ -529,6 +677,8 @@ def _error_field(exc: InputError, body: JobSubmission) -> str | None:
             return name
     if message.startswith("output"):
         return "output"
+    if message.startswith("sharp prefix"):
+        return "sharp"
     if message.startswith("notify URL"):
         return "notify_url"
     if message.startswith(("input", "no images", "no input")):
@@ -653,9 +803,20 @@ def create_app(settings: Settings) -> FastAPI:
     readers = [Depends(job_reader)]
     changers = [Depends(job_changer)]
 
+    app.add_middleware(BodySizeLimit)
+    app.openapi = lambda: _openapi_with_common_answers(app)  # type: ignore[method-assign]
+
+    @app.exception_handler(RequestValidationError)
+    def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_errors(list(exc.errors()))}, status_code=422)
+
     @app.exception_handler(UnknownJobError)
     def _unknown_job(_: Request, exc: UnknownJobError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(JobKeyReusedError)
+    def _key_reused(_: Request, exc: JobKeyReusedError) -> JSONResponse:
+        return JSONResponse({"detail": _shortened(str(exc))}, status_code=409)
 
     @app.exception_handler(JobFinishedError)  # before InputError, its base: a conflict, not a malformed request
     def _job_finished(_: Request, exc: JobFinishedError) -> JSONResponse:
@@ -663,11 +824,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(InputError)
     def _input_error(_: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": [{"loc": [], "msg": str(exc), "type": "value_error"}]}, status_code=422)
+        return JSONResponse({"detail": [{"loc": [], "msg": _shortened(str(exc)), "type": "value_error"}]},
+                            status_code=422)
 
     @app.exception_handler(TransientError)
     def _transient(_: Request, exc: TransientError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"detail": _shortened(str(exc))}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(BrokerError)
     def _broker_down(_: Request, exc: BrokerError) -> JSONResponse:
@@ -690,7 +852,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post(
         f"{prefix}/jobs", response_model=JobCreated, status_code=201, tags=["jobs"],
         responses={200: {"model": JobCreated, "description": "The key was used before: the first job."},
-                   422: {"description": "A field is malformed or refused (unknown model, missing bucket, …)."}},
+                   409: {"model": ErrorMessage,
+                         "description": "The key was used before with another request: its first job is not this "
+                                        "one, so nothing is made; use a new key."},
+                   422: {"model": ValidationRefusal,
+                         "description": "A field is malformed or refused (unknown model, missing bucket, …)."}},
     )
     def create_job(
         body: Annotated[JobSubmission, Body()],
@@ -716,6 +882,8 @@ def create_app(settings: Settings) -> FastAPI:
                 f"{API_CLIENT_LABEL}/{client.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}")
         try:
             result = submit(body.to_request(key, api_client=client.name), settings)
+        except JobKeyReusedError:
+            raise  # 409 (below): a conflict with the key's first job, not a malformed field
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         if not result.created:
@@ -769,7 +937,7 @@ def create_app(settings: Settings) -> FastAPI:
                 for job in find_jobs(settings, wanted, status, limit)]
 
     @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=readers, tags=["jobs"],
-             responses={404: {"description": "No job with this id."}})
+             responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def get_job(job_id: JobId) -> JobStatus:
         """A job's state, counts per image status, throughput (images/s) and ETA."""
         info = job_status(settings, str(job_id))
@@ -777,7 +945,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JobStatus(**info, images_url=links["images_url"], summary_url=links["summary_url"])
 
     @app.get(f"{prefix}/jobs/{{job_id}}/images", response_model=ImagePage, dependencies=readers, tags=["results"],
-             responses={404: {"description": "No job with this id."}})
+             responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def list_images(
         job_id: JobId,
         status: Annotated[Literal["pending", "running", "done", "failed", "cancelled"] | None,
@@ -832,7 +1000,7 @@ def create_app(settings: Settings) -> FastAPI:
                          next_after=rows[-1]["id"] if more and worst is None else None)
 
     @app.get(f"{prefix}/jobs/{{job_id}}/summary", response_model=JobSummary, dependencies=readers,
-             tags=["results"], responses={404: {"description": "No job with this id."}})
+             tags=["results"], responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def summary(job_id: JobId) -> JobSummary:
         """Mean of every metric per model (input, each member, ensemble) over the done images."""
         key = str(job_id)
@@ -844,8 +1012,8 @@ def create_app(settings: Settings) -> FastAPI:
         return JobSummary(job_id=key, status=status, metrics=[SummaryRow(**r) for r in _json_ready(rows)])
 
     @app.post(f"{prefix}/jobs/{{job_id}}/cancel", response_model=CancelResult, dependencies=changers,
-              tags=["jobs"], responses={404: {"description": "No job with this id."},
-                                        409: {"description": "The job already finished."}})
+              tags=["jobs"], responses={404: {"model": ErrorMessage, "description": "No job with this id."},
+                                        409: {"model": ErrorMessage, "description": "The job already finished."}})
     def cancel(job_id: JobId) -> CancelResult:
         """Cancel a job: pending images are skipped, images already running finish.
 
@@ -856,15 +1024,17 @@ def create_app(settings: Settings) -> FastAPI:
         return CancelResult(id=key, status="cancelled", cancelled=cancel_job(settings, key))
 
     @app.post(f"{prefix}/jobs/{{job_id}}/pause", response_model=PauseResult, dependencies=changers, tags=["jobs"],
-              responses={404: {"description": "No job with this id."}, 409: {"description": "The job finished."},
-                         422: {"description": "The job has no window, or is still being submitted."}})
+              responses={404: {"model": ErrorMessage, "description": "No job with this id."},
+                         409: {"model": ErrorMessage, "description": "The job finished."},
+                         422: {"model": ValidationRefusal,
+                               "description": "The job has no window, or is still being submitted."}})
     def pause(job_id: JobId) -> PauseResult:
         """Hold a job submitted with a window back: no more of its batches are sent; those sent still run."""
         key = str(job_id)
         return PauseResult(id=key, status="paused", changed=pause_job(settings, key))
 
     @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=changers,
-              tags=["jobs"], responses={404: {"description": "No job with this id."}})
+              tags=["jobs"], responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def resume(job_id: JobId) -> PauseResult:
         """Let a paused job send its batches again, at once as many as its window holds."""
         key = str(job_id)
@@ -875,7 +1045,7 @@ def create_app(settings: Settings) -> FastAPI:
                            sent=sent or 0)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=changers, tags=["jobs"],
-              responses={404: {"description": "No job with this id."}})
+              responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None) -> RetryResult:
         """Re-enqueue a job's failed and/or stalled images; outputs go to the same keys.
 
@@ -888,7 +1058,7 @@ def create_app(settings: Settings) -> FastAPI:
         return RetryResult(id=key, requeued=n)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=changers,
-              tags=["results"], responses={404: {"description": "No job with this id."}})
+              tags=["results"], responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
     def verify(job_id: JobId, body: Annotated[VerifyRequest | None, Body()] = None) -> VerifyResult:
         """Check that every done image's output is still in storage as written (fixity).
 
@@ -908,7 +1078,7 @@ def create_app(settings: Settings) -> FastAPI:
         return [dict(describe(info)) for info in REGISTRY]
 
     @app.get("/metrics", dependencies=guarded, tags=["operations"], response_class=Response,
-             responses={200: {"content": {METRICS_CONTENT_TYPE: {}},
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text format; deblur_up names a source that did not answer."}})
     def metrics() -> Response:
         """The queue's Prometheus metrics: backlog, recent throughput, stalled images, waiting batches.

@@ -12,13 +12,14 @@ import csv
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import InputError, InvalidURIError, StorageNotFoundError
 from jobs.layout import is_kernel_artefact, is_sidecar, parse_output_format, with_output_format
 from jobs.messages import ImageItem
-from jobs.s3uri import S3URI, parse_s3_uri
+from jobs.s3uri import MAX_KEY_BYTES, S3URI, parse_s3_uri
 from jobs.storage import READ_FORMATS, check_bucket, is_image_key, is_photograph, iter_objects, object_exists
 
 
@@ -91,7 +92,10 @@ def _manifest_uris(path: Path) -> Iterator[tuple[int, S3URI, S3URI | None]]:
     for number, fields in _manifest_rows(path):
         try:
             uri = parse_s3_uri(fields[0], want_prefix=False)
-            reference = parse_s3_uri(fields[1], want_prefix=False) if len(fields) > 1 and fields[1] else None
+            second = fields[1] if len(fields) > 1 else ""
+            # a second column that names no URI (a note, an accession number) is a column of the user's own
+            looks_like_uri = "://" in second or second.lower().startswith("s3:")
+            reference = parse_s3_uri(second, want_prefix=False) if looks_like_uri else None
         except InvalidURIError as exc:
             raise InvalidURIError(f"{path}:{number}: {exc}") from None
         yield number, uri, reference
@@ -280,6 +284,21 @@ def _gopro_sharp(relative: str) -> str:
     return (padded[:index] + "/sharp/" + padded[index + len("/blur/"):]).lstrip("/")
 
 
+KEY_CHECK_THREADS = 8  # HEAD requests in flight while the single keys a job names are checked (the client pools 10+)
+
+
+def _first_missing(client, keys: Sequence[S3URI]) -> S3URI | None:  # type: ignore[no-untyped-def]
+    """The first of ``keys`` (in their order) that does not exist, or None; checked ``KEY_CHECK_THREADS`` at a
+    time (one after the other, 100,000 keys took 13 minutes against a local endpoint)."""
+    if len(keys) <= 1:
+        return next((key for key in keys if not object_exists(client, key)), None)
+    with ThreadPoolExecutor(max_workers=KEY_CHECK_THREADS) as pool:
+        for key, exists in zip(keys, pool.map(lambda key: object_exists(client, key), keys)):
+            if not exists:
+                return key
+    return None
+
+
 def build_plan(
     client,  # type: ignore[no-untyped-def]
     inputs: Sequence[str],
@@ -300,7 +319,8 @@ def build_plan(
         raise InputError("no input given; name S3 keys, prefixes (s3://bucket/prefix/) or a manifest file")
     if output_format is not None:
         parse_output_format(output_format)  # refused here, with the names, rather than by every worker
-    sources = [classify(text) for text in inputs]
+    # a source named twice is listed (and checked) once: its images would be one image each anyway
+    sources = list({(s.kind, s.uri, s.path): s for s in map(classify, inputs)}.values())
     out_uri: S3URI | None = None
     if output:
         out_uri = parse_s3_uri(output, want_prefix=True)
@@ -321,9 +341,21 @@ def build_plan(
         buckets.add(ref_uri.bucket)
     for bucket in sorted(buckets):
         check_bucket(client, bucket)
+    if ref_uri is not None and not _holds_an_image(client, ref_uri):
+        raise StorageNotFoundError(
+            f"sharp prefix {ref_uri} holds no images ({READ_FORMATS}); check its spelling: every image would fail "
+            "for want of its reference")
+    keys = [source.uri for source in sources if source.kind == "key" and source.uri is not None]
+    missing = _first_missing(client, keys)
+    if missing is not None:
+        raise StorageNotFoundError(f"input {missing} does not exist")
     for source in sources:
-        if source.kind == "key" and source.uri is not None and not object_exists(client, source.uri):
-            raise StorageNotFoundError(f"input {source.uri} does not exist")
+        if out_uri is not None and source.kind == "key" and source.uri is not None:
+            written = out_uri.join(with_output_format(source.uri.name, output_format))
+            if len(written.key.encode("utf-8")) > MAX_KEY_BYTES:
+                raise InvalidURIError(f"the output of {source.uri} would be {written.key[:60]}…, "
+                                      f"{len(written.key.encode('utf-8'))} bytes long; S3 keys are at most "
+                                      f"{MAX_KEY_BYTES} bytes: choose a shorter output prefix")
         if out_uri is not None and source.kind == "prefix" and source.uri is not None and source.uri.contains(out_uri):
             raise InvalidURIError(
                 f"output prefix {out_uri} lies inside input prefix {source.uri}: the outputs would be "

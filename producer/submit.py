@@ -8,7 +8,10 @@ or giant groups: the job row and its image rows are the source of truth.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +22,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import InputError, TransientError
+from jobs.errors import InputError, JobKeyReusedError, TransientError
 from jobs.labels import check_submitted_labels
 from jobs.messages import ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
@@ -61,6 +64,12 @@ class JobRequest:
     window: int | None = None  # batches in the broker at once (DEBLUR_JOB_WINDOW when None; 0: all at submission)
     labels: dict[str, str] = field(default_factory=dict)  # a team's own names for the job (jobs.labels)
     api_client: str | None = None  # the HTTP API's caller (producer.api_clients): labelled api-client=NAME
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the request as sent, its key aside: a key sent again with another request is refused
+        (:func:`submit`) rather than answered with a job that is not what was asked for."""
+        fields = {name: value for name, value in dataclasses.asdict(self).items() if name != "job_key"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     def validated_models(self) -> list[str]:
         """Model specs in canonical text form (validated against the registry)."""
@@ -174,6 +183,9 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
         raise InputError(f"--crop-border must be >= 0, got {request.crop_border}")
     if request.kind == "deblur" and (request.align or request.crop_border):
         raise InputError("--align and --crop-border apply to evaluation jobs only")
+    if request.kind == "deblur" and (request.references or request.gopro):
+        raise InputError("--sharp and --gopro apply to evaluation jobs only: a deblur job has no sharp references "
+                         "(submit an evaluation job to measure against them)")
     if request.kind == "deblur" and not request.output:
         raise InputError("--output is required: an S3 prefix such as s3://bucket/restored/")
     if request.kind == "evaluate" and (request.output_format or request.quality or request.sidecar):
@@ -194,7 +206,7 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     ):
         raise InputError("an evaluation job needs --sharp PREFIX, --gopro, or a manifest of blurred,sharp pairs")
     if request.notify_url is not None:
-        check_notify_url(request.notify_url)
+        check_notify_url(request.notify_url, settings.notify_allowed_networks())
     if request.skip_existing and plan.output is None:
         raise InputError("--skip-existing needs --output: it leaves out images whose output already exists there")
     plan.check_outputs(client)
@@ -206,6 +218,17 @@ def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
     return InputError(f"no images ({READ_FORMATS}) found in {', '.join(request.inputs)}{found}")
 
 
+def _check_same_request(keyed: Any, job_key: str | None, asked: str | None) -> None:
+    """Refuse a request whose fingerprint is ``asked`` (:meth:`JobRequest.fingerprint`) when the job its key
+    ``job_key`` made, ``keyed``, came from another request (a job made before requests were fingerprinted
+    passes)."""
+    first = (keyed.spec or {}).get("request_sha256")
+    if first is not None and first != asked:
+        raise JobKeyReusedError(
+            f"job key {job_key!r} was used for another request (job {keyed.id}): the same key must come "
+            "with the same inputs, output, models and options; use a new key for a new job")
+
+
 def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview:
     """Validate ``request`` and list what :func:`submit` would enqueue, writing and enqueueing nothing.
 
@@ -215,7 +238,14 @@ def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview
     ignored: Counter[str] = Counter()
     items, skipped = checked.items(ignored)
     total, first = 0, []
+    # an input named twice (a key and its prefix, a manifest row repeated) is one image, as the job's rows make
+    # it; kept as 8-byte digests, as the output check does
+    seen: set[bytes] = set()
     for item in items:
+        key = digest(item.input)
+        if key in seen:
+            continue
+        seen.add(key)
         total += 1
         if len(first) < sample:
             first.append(item)
@@ -242,10 +272,12 @@ def submit(
     app = app_for(settings)
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
+    asked = request.fingerprint() if request.job_key else None  # the request as sent, before validation
     if request.job_key:
         with session_scope(db_url) as session:
             keyed = queries.job_with_key(session, request.job_key)
             if keyed is not None:  # the same key returns the first job, even when nothing would be left to submit
+                _check_same_request(keyed, request.job_key, asked)
                 return SubmitResult(keyed.id, False, keyed.total)
     checked = _validate(request, settings)
     request, models, batch_size, plan = checked.request, checked.models, checked.batch_size, checked.plan
@@ -288,10 +320,13 @@ def submit(
         # send to it too, whatever queue the process sending them consumes or was set to
         "queue": settings.queue,
     }
+    if asked is not None:
+        spec["request_sha256"] = asked
     with session_scope(db_url) as session:
         job, created = queries.create_job(session, request.kind, spec, request.job_key)
         job_id = job.id
-    if not created:
+    if not created:  # the key's first job was made meanwhile, by a submission sent at the same time
+        _check_same_request(job, request.job_key, asked)
         return SubmitResult(job_id, False, job.total)
     heartbeat.start(job_id)
 

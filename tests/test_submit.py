@@ -69,6 +69,9 @@ def job_count(env: dict[str, str]) -> int:
         (["s3://{b}/in/", "--output", "s3://{b}/in/"], "inside input prefix"),
         (["s3://{b}/in/nope.png", "--output", "s3://{b}/out/"], "does not exist"),
         (["s3://{b}/empty/", "--output", "s3://{b}/out/"], "no images"),
+        (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "spandrel"], "needs the checkpoint to load"),
+        (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "wiener", "--model", "wiener:3"], "named twice"),
+        (["s3://{b}/" + "k" * 1100 + ".png", "--output", "s3://{b}/out/"], "S3 keys are at most 1024 bytes"),
     ],
 )
 def test_invalid_jobs_are_refused_before_anything_is_written(env, s3, args, message) -> None:  # type: ignore[no-untyped-def]
@@ -79,6 +82,30 @@ def test_invalid_jobs_are_refused_before_anything_is_written(env, s3, args, mess
     assert message in result.output
     assert job_count(env) == jobs_before
     assert queue_length(env) == 0
+
+
+def test_an_evaluation_whose_sharp_prefix_holds_no_image_is_refused(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """A mistyped --sharp prefix was accepted, and every image then failed on the workers for want of its
+    reference."""
+    _, bucket = s3
+    jobs_before = job_count(env)
+    result = invoke("evaluate", "--blurred", f"s3://{bucket}/in/", "--sharp", f"s3://{bucket}/sharpp/",
+                    "--model", "wiener")
+    assert result.exit_code != 0 and f"sharp prefix s3://{bucket}/sharpp/ holds no images" in result.output, \
+        result.output
+    assert job_count(env) == jobs_before and queue_length(env) == 0
+
+
+def test_a_manifest_column_that_names_no_uri_is_the_users_own(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CSV manifest with a notes column was refused: its second column was always read as a sharp reference."""
+    _, bucket = s3
+    manifest = tmp_path / "scans.csv"
+    manifest.write_text(f"uri,note\ns3://{bucket}/in/a.png,hello\ns3://{bucket}/in/sub/b.jpg,\n")
+    result = invoke("submit", str(manifest), "--output", f"s3://{bucket}/out/", "-q")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(invoke("results", result.stdout.strip(), "--format", "json").stdout)
+    assert sorted((r["input"], r["reference"]) for r in rows) == [(f"s3://{bucket}/in/a.png", None),
+                                                                  (f"s3://{bucket}/in/sub/b.jpg", None)]
 
 
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
@@ -160,12 +187,16 @@ def test_streaming_listing_of_5000_keys(env, bucket_of_5000_keys, monkeypatch) -
 
 
 def test_python_client_submit_status_cancel(env, s3) -> None:  # type: ignore[no-untyped-def]
+    from jobs.errors import JobKeyReusedError
     from producer.client import Client
 
     _, bucket = s3
     client = Client()
     job_id = client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=["wiener:2"], job_key=bucket)
-    assert client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", job_key=bucket) == job_id
+    assert client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=["wiener:2"],
+                         job_key=bucket) == job_id
+    with pytest.raises(JobKeyReusedError, match=f"was used for another request \\(job {job_id}\\)"):
+        client.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", job_key=bucket)  # another ensemble
     info = client.status(job_id)
     assert info["status"] == "queued" and info["counts"]["pending"] == 2 and info["spec"]["models"] == ["wiener:2"]
     assert client.cancel(job_id) == 2
