@@ -16,19 +16,31 @@ api-client add``, or the shared one) and needs only ``httpx``:
 Errors are the project's own (:mod:`jobs.errors`), so code written against
 ``Client`` handles them alike: a refused request raises :class:`InputError`
 with the server's message and the field it names, an unknown job
-:class:`UnknownJobError`, a finished one :class:`JobFinishedError`, a missing
-or wrong token :class:`ApiAccessError`. A server that is unavailable (503, or
-no connection) is asked again with back-off, honouring ``Retry-After``, before
-:class:`TransientError` is raised. A submission is asked again only when the
-connection could not be opened (nothing was sent): a 503 or a lost answer may
-come from a job that was made and failed part-way, so it is raised, saying to
-look with :meth:`HttpClient.jobs` or submit again with the same ``job_key``.
+:class:`UnknownJobError`, a finished one :class:`JobFinishedError`, a job key
+sent again with another request :class:`JobKeyReusedError`, a missing or
+wrong token :class:`ApiAccessError`. An answer the API never gives (a 404
+from a route it lacks, a body that is not JSON, a redirect: a wrong base URL,
+or a proxy's login or error page) raises :class:`UnexpectedAnswerError`, naming
+the status, the content type and the start of the body.
+
+A request that was never sent (the connection could not be opened, or not in
+time, or no pooled connection came free) is sent again with back-off, and so
+are reads (and cancel, pause, resume, which change nothing the second time)
+that got a 503 or lost their answer (the connection broke or timed out after
+the request went out, or a proxy answered 502 or 504), honouring
+``Retry-After``, before :class:`TransientError` is raised. A submission with a
+``job_key`` whose answer was lost (502 and 504 included) is sent again too: the
+server returns the first job for the key. Without a key it is not, and a 503 is
+never sent again, key or not (it may come from a job that was made and failed
+part-way, which releases its key): the error says to look with
+:meth:`HttpClient.jobs` or submit again with the same ``job_key``.
 
 The calls are those of :class:`producer.client.Client`, with three
 differences: :meth:`HttpClient.results` yields every image page by page
-instead of a list, :meth:`HttpClient.usage` returns the API's JSON document
-instead of a report object, and :meth:`HttpClient.verify` is quick by default
-(as the API is).
+instead of a list (pages of at most the API's maximum, whatever ``page_size``
+asks), :meth:`HttpClient.usage` returns the API's JSON document instead of a
+report object, and :meth:`HttpClient.verify` is quick by default (as the API
+is).
 """
 
 from __future__ import annotations
@@ -39,13 +51,31 @@ from typing import Any
 
 import httpx
 
-from jobs.errors import DeblurError, InputError, JobFinishedError, TransientError, UnknownJobError
+from jobs.errors import DeblurError, InputError, JobFinishedError, JobKeyReusedError, TransientError, UnknownJobError
 from jobs.statuses import FINISHED_JOB_STATUSES
 
+MAX_PAGE_SIZE = 1000  # the API's largest page (producer.api.MAX_PAGE): larger pages are refused with a 422
+
+# what the API answers, word for word, for a job that does not exist (or is hidden from the client): a 404 that
+# says anything else comes from a route the server lacks, so the base URL is not that of a deblur API
+_UNKNOWN_JOB = "no job with id"
+
+# the request never left: no connection could be opened (in time), no pooled connection came free, or the proxy
+# would not open a tunnel to the server. Every other transport error may follow a request the server received.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
 
 
 class ApiAccessError(DeblurError):
     """The API refused the token (401) or what the token's client may do (403)."""
+
+
+class UnexpectedAnswerError(DeblurError):
+    """An answer the deblur API never gives: a 404 from a route it lacks, a body that is not JSON, a redirect.
+
+    The base URL is most likely not a deblur API's (a wrong host, port or path prefix), or something in between (a
+    proxy's login or error page) answered instead. The message names the status, the content type and the start
+    of the body. Not an :class:`UnknownJobError`: the job may well exist.
+    """
 
 
 class HttpClient:
@@ -77,7 +107,9 @@ class HttpClient:
     def submit(self, inputs: Sequence[str], output: str, models: Sequence[str] = (), *,
                job_key: str | None = None, **options: Any) -> str:
         """Submit a deblur job; returns its id (empty when ``skip_existing`` left nothing to do). ``job_key``
-        makes it idempotent: the same key returns the first job (and lets a lost answer be asked again).
+        makes it idempotent: the same key returns the first job, so with a key a lost answer (a broken or timed-out
+        connection, a proxy's 502 or 504) is sent again with back-off, as reads are. Without one it is raised as a
+        :class:`TransientError` saying the job may have been made; so is a 503, key or not.
 
         ``options`` are the API's job fields (``strength``, ``priority``, ``window``, ``labels``,
         ``notify_url``, ``skip_existing``, ``output_format``, ``sidecar``, ...; see ``/docs``).
@@ -100,14 +132,12 @@ class HttpClient:
 
     def _create(self, body: dict[str, Any], job_key: str | None) -> str:
         headers = {"Idempotency-Key": job_key} if job_key else {}
-        try:
-            created = self._call("POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None},
-                                 headers=headers, repeatable=False, timeout=self.long_timeout)
-        except TransientError as exc:
-            if isinstance(exc.__cause__, httpx.ConnectError):
-                raise  # nothing was sent
-            raise TransientError(f"{exc}. The job may have been made: see jobs(), or submit again with the same "
-                                 "job_key (a key returns the first job while it stands)") from exc
+        # a 503 is not sent again even with a key: a submission that failed part-way answers 503 and releases its
+        # key, so sending it again would make a second job beside the first one's queued images
+        created = self._call("POST", "/v1/jobs", json={k: v for k, v in body.items() if v is not None},
+                             headers=headers, repeatable=False, resend_lost=bool(job_key), timeout=self.long_timeout,
+                             if_received=". The job may have been made: see jobs(), or submit again with the same "
+                                         "job_key (a key returns the first job while it stands)")
         return created["id"] or ""
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -140,8 +170,11 @@ class HttpClient:
                 page_size: int = 500, history: bool = False) -> Iterator[dict[str, Any]]:
         """Every image of a job (or only those in ``status``, or flagged for ``review``), page by page, in image
         order: pages follow the last image's id, so an image whose status changes while the job is read is
-        neither skipped nor repeated. With ``history``, each image's ``earlier_attempts`` too."""
-        params: dict[str, Any] = {"limit": page_size, "after": 0}
+        neither skipped nor repeated. With ``history``, each image's ``earlier_attempts`` too.
+
+        ``page_size`` above the API's maximum (:data:`MAX_PAGE_SIZE`) is read in pages of that maximum: every image
+        is still yielded, in more requests."""
+        params: dict[str, Any] = {"limit": min(page_size, MAX_PAGE_SIZE), "after": 0}
         if status:
             params["status"] = status
         if review:
@@ -188,8 +221,8 @@ class HttpClient:
     def verify(self, job_id: str, mark_failed: bool = False, quick: bool = True) -> dict[str, Any]:
         """Check the job's outputs against their recorded checksums (quick by default: the store's checksums,
         no output read back)."""
-        # a 503 (refused before any work) is asked again, a lost answer is not: the server may still be reading
-        # every output, and asking again would start a second full read
+        # a 503 (refused before any work) is asked again, a lost answer (a proxy's 502 or 504 too) is not: the server
+        # may still be reading every output, and asking again would start a second full read
         return self._call("POST", f"/v1/jobs/{job_id}/verify", json={"quick": quick, "mark_failed": mark_failed},
                           repeatable=not mark_failed, resend_lost=False, timeout=self.long_timeout)
 
@@ -217,28 +250,47 @@ class HttpClient:
     # ------------------------------------------------------------------ transport
 
     def _call(self, method: str, path: str, *, repeatable: bool | None = None, resend_lost: bool | None = None,
-              **kwargs: Any) -> Any:
+              if_received: str = "", **kwargs: Any) -> Any:
         """One request; the answer's JSON, or the project's error for its status.
 
-        A connection that could not be opened is always tried again (nothing was sent). A 503 is tried again only
-        for ``repeatable`` requests (GETs by default), and a lost answer only for those and ``resend_lost`` (by
-        default as ``repeatable``): the others may have done their work, or be doing it still.
+        It is sent again with back-off (``Retry-After`` when the answer gives one), up to ``retries`` times:
+
+        - always when it was never sent (the connection could not be opened, or not in time; no pooled connection
+          came free; the proxy would not open a tunnel to the server);
+        - on a 503 (the API refused before doing anything) only when ``repeatable`` (GETs by default);
+        - on a lost answer (the connection broke or timed out after the request went out) or a proxy's 502 or 504
+          (it lost the answer or stopped waiting for it) only when ``resend_lost`` (by default as ``repeatable``):
+          the server may have done the work, or be doing it still.
+
+        ``if_received`` is added to the :class:`TransientError` raised when some attempt may have reached the
+        server (a request that may have done its work).
         """
         repeatable = method == "GET" if repeatable is None else repeatable
         resend_lost = repeatable if resend_lost is None else resend_lost
         attempt = 0
+        received = False  # some attempt may have reached the server
         while True:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                unsent = isinstance(exc, httpx.ConnectError)
+                unsent = isinstance(exc, _UNSENT)
+                received = received or not unsent
                 if not (resend_lost or unsent) or attempt >= self.retries:
                     what = "unreachable" if unsent else "did not answer"
-                    raise TransientError(f"deblur API at {self._http.base_url} {what}: {exc}") from exc
+                    raise TransientError(f"deblur API at {self._http.base_url} {what}: {exc}"
+                                         f"{if_received if received else ''}") from exc
                 delay = self.backoff * 2 ** attempt
             else:
-                if response.status_code != 503 or not repeatable or attempt >= self.retries:
-                    return _answer(response)
+                received = True
+                code = response.status_code
+                again = (code == 503 and repeatable) or (code in (502, 504) and resend_lost)
+                if not again or attempt >= self.retries:
+                    try:
+                        return _answer(response)
+                    except TransientError as exc:
+                        if not if_received:
+                            raise
+                        raise TransientError(f"{exc}{if_received}") from exc
                 delay = _retry_after(response, self.backoff * 2 ** attempt)
             time.sleep(delay)
             attempt += 1
@@ -251,11 +303,26 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return default
 
 
-def _detail(response: httpx.Response) -> str:
+def _shown(response: httpx.Response) -> str:
+    """The answer as a person would look at it: its status, content type and the start of its body."""
+    body = " ".join(response.text.split())
+    body = repr(body[:200] + ("…" if len(body) > 200 else "")) if body else "an empty body"
+    return (f"{response.request.method} {response.request.url} answered {response.status_code} "
+            f"({response.headers.get('Content-Type') or 'no content type'}): {body}")
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     try:
-        detail = response.json().get("detail")
+        document = response.json()
     except ValueError:
-        return response.text[:500]
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _detail(response: httpx.Response) -> str:
+    detail = (_json_object(response) or {}).get("detail")
+    if detail is None:  # not the API's error document (a proxy's page, say): show what came
+        return _shown(response)
     if isinstance(detail, list):  # FastAPI's validation errors: name each field
         return "; ".join(f"{'.'.join(str(p) for p in item.get('loc', [])[1:]) or 'request'}: {item.get('msg')}"
                          for item in detail if isinstance(item, dict))
@@ -264,12 +331,27 @@ def _detail(response: httpx.Response) -> str:
 
 def _answer(response: httpx.Response) -> Any:
     code = response.status_code
-    if code < 400:
-        return response.json()
-    detail = _detail(response)
+    if 300 <= code < 400:
+        location = response.headers.get("Location")
+        raise UnexpectedAnswerError(f"{_shown(response)}{f', to {location}' if location else ''}: the deblur API "
+                                    "does not redirect; check the base URL (https instead of http?) or what proxy "
+                                    "stands in between")
+    if code < 300:
+        try:
+            return response.json()
+        except ValueError:
+            raise UnexpectedAnswerError(f"{_shown(response)}: not JSON, so not the deblur API's answer (a proxy's "
+                                        "login or error page?); check the base URL") from None
     if code == 404:
-        raise UnknownJobError(detail)
+        detail = (_json_object(response) or {}).get("detail")
+        if isinstance(detail, str) and detail.startswith(_UNKNOWN_JOB):
+            raise UnknownJobError(detail)
+        raise UnexpectedAnswerError(f"{_shown(response)}: the URL does not look like a deblur API (it answers an "
+                                    "unknown job with 'no job with id …'); check the base URL")
+    detail = _detail(response)
     if code == 409:
+        if detail.startswith("job key "):  # the key was used before with another request
+            raise JobKeyReusedError(detail)
         raise JobFinishedError(detail)
     if code in (400, 422):
         raise InputError(detail)

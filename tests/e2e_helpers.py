@@ -223,6 +223,24 @@ class FlowerProcess:
         self._log.close()
 
 
+class LoopbackHttpServer:
+    """Serves a ``http.server`` handler on a free loopback port from a daemon thread: ``url`` is its address,
+    :meth:`close` stops it. Subclasses define their handler (quiet: no request log) and call :meth:`_serve`."""
+
+    def _serve(self, handler: type) -> None:
+        import http.server
+        import threading
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class HookReceiver:
     """An HTTP server on a loopback port that records the POSTs it gets (job-finished notifications).
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import boto3
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e_helpers import WorkerProcess, mixed_samples, serving_api, service_env, upload
+from tests.e2e_helpers import LoopbackHttpServer, WorkerProcess, mixed_samples, serving_api, service_env, upload
 
 pytestmark = [pytest.mark.integration]
 
@@ -31,7 +30,7 @@ MODEL = "wiener:psf=motion:length=7,angle=30"
 
 def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from jobs.celery_app import app_for
-    from jobs.errors import InputError, JobFinishedError, UnknownJobError
+    from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, UnknownJobError
     from jobs.settings import load_settings
     from producer.api_clients import add_client
     from producer.http_client import ApiAccessError, HttpClient
@@ -52,7 +51,10 @@ def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[n
             job_id = api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=[MODEL],
                                 job_key=key, batch_size=2, labels={"team": "ingest"})
             assert api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=[MODEL],
-                              job_key=key) == job_id, "the same key gives the same job"
+                              job_key=key, batch_size=2, labels={"team": "ingest"}) == job_id, \
+                "the same key with the same request gives the same job"
+            with pytest.raises(JobKeyReusedError, match=job_id):  # once read as "the job finished"
+                api.submit([f"s3://{bucket}/in/"], output=f"s3://{bucket}/out/", models=[MODEL], job_key=key)
             info = api.wait(job_id, timeout=240, interval=0.5)
         finally:
             worker.stop()
@@ -81,7 +83,7 @@ def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[n
             stranger.jobs()
 
 
-class FlakyServer:
+class FlakyServer(LoopbackHttpServer):
     """A loopback HTTP server that answers 503 (Retry-After: 0) ``failures`` times, then 200 with a JSON body."""
 
     def __init__(self, failures: int) -> None:
@@ -111,14 +113,7 @@ class FlakyServer:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
 @pytest.fixture
