@@ -91,7 +91,11 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server may listen on ``port`` of the loopback address. Sockets of a server that just died
+    (TIME_WAIT, FIN_WAIT_2) do not count: the servers set SO_REUSEADDR and start over them, as this probe does;
+    without it a stack whose Redis died could not be brought up again for a minute or more."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

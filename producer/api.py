@@ -882,8 +882,8 @@ def create_app(settings: Settings) -> FastAPI:
                 f"{API_CLIENT_LABEL}/{client.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}")
         try:
             result = submit(body.to_request(key, api_client=client.name), settings)
-        except JobKeyReusedError:
-            raise  # 409 (below): a conflict with the key's first job, not a malformed field
+        except (JobKeyReusedError, JobFinishedError):
+            raise  # 409: a conflict with the key's first job, or a job cancelled while it was listed, not a bad field
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         if not result.created:

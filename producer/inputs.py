@@ -91,11 +91,13 @@ def _manifest_uris(path: Path) -> Iterator[tuple[int, S3URI, S3URI | None]]:
     with the file and line that hold it."""
     for number, fields in _manifest_rows(path):
         try:
-            uri = parse_s3_uri(fields[0], want_prefix=False)
+            # keys as stored, '//', '.' and '..' segments included: a manifest is often what 'deblur results
+            # --format uris' listed, and a prefix's listing restores such keys
+            uri = parse_s3_uri(fields[0], want_prefix=False, exact=True)
             second = fields[1] if len(fields) > 1 else ""
             # a second column that names no URI (a note, an accession number) is a column of the user's own
             looks_like_uri = "://" in second or second.lower().startswith("s3:")
-            reference = parse_s3_uri(second, want_prefix=False) if looks_like_uri else None
+            reference = parse_s3_uri(second, want_prefix=False, exact=True) if looks_like_uri else None
         except InvalidURIError as exc:
             raise InvalidURIError(f"{path}:{number}: {exc}") from None
         yield number, uri, reference
@@ -364,6 +366,12 @@ def build_plan(
         if out_uri is not None and source.kind == "key" and source.uri is not None \
                 and out_uri.join(with_output_format(source.uri.name, output_format)) == source.uri:
             raise InvalidURIError(f"output {out_uri} would overwrite the input {source.uri}")
+        if out_uri is not None and source.kind == "key" and source.uri is not None \
+                and out_uri == S3URI(source.uri.bucket, source.uri.key[:len(source.uri.key) - len(source.uri.name)]):
+            # renamed by --output-format, scan.jpg's output would replace a scan.png beside it (an original)
+            raise InvalidURIError(
+                f"output prefix {out_uri} is the folder of the input {source.uri}: its output would be written "
+                "among the originals there; choose an output prefix outside it")
         if len(sources) > 1 and source.kind == "prefix" and source.uri is not None \
                 and not _holds_an_image(client, source.uri):
             raise StorageNotFoundError(

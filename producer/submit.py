@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import InputError, JobKeyReusedError, TransientError
+from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, TransientError
 from jobs.labels import check_submitted_labels
 from jobs.messages import ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
@@ -407,6 +407,10 @@ def submit(
             f"job {job_id} was marked failed while this producer was still listing it (another "
             f"submission took it for abandoned): {queued} images were queued and are restored, the rest "
             "were not submitted; submit again with --skip-existing")
+    if status == "cancelled":  # a success it was not: the rest of the input was never listed
+        raise JobFinishedError(
+            f"job {job_id} was cancelled while this producer was still listing it: {distinct} images were listed "
+            "and cancelled with it, the rest were not submitted; submit again to restore them")
     if finished:
         announce_if_wanted(settings, job_id, spec)
     return SubmitResult(job_id, True, distinct, skipped(), dict(ignored))

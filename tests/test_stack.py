@@ -416,3 +416,26 @@ def check_down(home: Path, connection: dict[str, object]) -> None:
     status = stack_cli(home, "status")
     assert status.returncode == 3 and "no stack is running" in status.stdout
 
+
+
+def test_a_port_left_in_time_wait_by_a_dead_server_counts_as_free_and_a_listened_one_does_not() -> None:
+    """After the stack's Redis died, 'deblur stack up' refused to start it again for over a minute: its port held
+    only the dead server's closing connections, which the servers (setting SO_REUSEADDR) start over, but the
+    stack's probe bound without it."""
+    import socket
+
+    from deploy.stack import port_is_free
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    assert not port_is_free(port)  # listened on
+    accepted.close()  # the server side closes first, as a dying server's does: its end waits in TIME_WAIT
+    server.close()
+    client.recv(1)
+    client.close()
+    assert port_is_free(port)

@@ -17,6 +17,8 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from jobs.errors import JobFinishedError
+
 pytestmark = [pytest.mark.integration]
 
 
@@ -70,6 +72,8 @@ def job_count(env: dict[str, str]) -> int:
         (["s3://{b}/in/nope.png", "--output", "s3://{b}/out/"], "does not exist"),
         (["s3://{b}/empty/", "--output", "s3://{b}/out/"], "no images"),
         (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "spandrel"], "needs the checkpoint to load"),
+        # renamed a.jpg, its output would replace an original a.jpg beside it
+        (["s3://{b}/in/a.png", "--output", "s3://{b}/in/", "--output-format", "jpeg"], "is the folder of the input"),
         (["s3://{b}/in/", "--output", "s3://{b}/out/", "--model", "wiener", "--model", "wiener:3"], "named twice"),
         (["s3://{b}/" + "k" * 1100 + ".png", "--output", "s3://{b}/out/"], "S3 keys are at most 1024 bytes"),
     ],
@@ -106,6 +110,25 @@ def test_a_manifest_column_that_names_no_uri_is_the_users_own(env, s3, tmp_path)
     rows = json.loads(invoke("results", result.stdout.strip(), "--format", "json").stdout)
     assert sorted((r["input"], r["reference"]) for r in rows) == [(f"s3://{bucket}/in/a.png", None),
                                                                   (f"s3://{bucket}/in/sub/b.jpg", None)]
+
+
+def test_a_listing_of_uris_with_dot_segments_is_submitted_again_as_a_manifest(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """'deblur results --format uris', the documented manifest for a second pass, was refused when a key held
+    '.', '..' or '//' segments, which a prefix's listing restores like any other key."""
+    client, bucket = s3
+    odd = ["in/odd/dot/../x.png", "in/odd/./y.png", "in/odd//z.png"]
+    for key in odd:
+        client.put_object(Bucket=bucket, Key=key, Body=b"\x89PNG")
+    first = invoke("submit", f"s3://{bucket}/in/odd/", "--output", f"s3://{bucket}/out/", "-q")
+    assert first.exit_code == 0, first.output
+    listed = tmp_path / "second-pass.txt"
+    listed.write_text(invoke("results", first.stdout.strip(), "--format", "uris").stdout)
+    again = invoke("submit", str(listed), "--output", f"s3://{bucket}/again/", "-q")
+    assert again.exit_code == 0, again.output
+    rows = json.loads(invoke("results", again.stdout.strip(), "--format", "json").stdout)
+    assert sorted(r["input"] for r in rows) == sorted(f"s3://{bucket}/{key}" for key in odd)
+    preview = invoke("submit", str(listed), "--output", f"s3://{bucket}/third/", "--dry-run")
+    assert all(f"s3://{bucket}/third/{key}" in preview.output for key in odd), preview.output  # kept as listed
 
 
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
@@ -432,9 +455,12 @@ def _submit_acting_after_the_first_chunk(s3, monkeypatch, act, window: int = 0):
         if len(seen) == 1:
             act(list_jobs(settings, status="submitting", limit=1)[0]["id"])
 
-    result = submit(JobRequest(kind="deblur", inputs=[f"s3://{bucket}/many/"], output=f"s3://{bucket}/out/",
-                               models=["wiener"], batch_size=2, window=window), settings, progress=progress)
-    return result, seen
+    request = JobRequest(kind="deblur", inputs=[f"s3://{bucket}/many/"], output=f"s3://{bucket}/out/",
+                         models=["wiener"], batch_size=2, window=window)
+    try:
+        return submit(request, settings, progress=progress), seen
+    except JobFinishedError as exc:  # what the producer says of a job cancelled meanwhile
+        return exc, seen
 
 
 @pytest.mark.parametrize("window", [0, 1])
@@ -446,12 +472,20 @@ def test_a_job_cancelled_while_it_is_listed_stays_cancelled_and_its_listing_stop
     from jobs.settings import load_settings
     from producer.tracking import cancel_job, job_status
 
-    result, seen = _submit_acting_after_the_first_chunk(
-        s3, monkeypatch, lambda job_id: cancel_job(load_settings(), job_id), window)
+    cancelled: list[str] = []
+
+    def cancel(job_id: str) -> None:
+        cancelled.append(job_id)
+        cancel_job(load_settings(), job_id)
+
+    refused, seen = _submit_acting_after_the_first_chunk(s3, monkeypatch, cancel, window)
     assert seen == [2]  # the listing stopped after the chunk during which the job was cancelled
-    info = job_status(load_settings(), result.job_id)
+    # it once answered as if the job had been submitted whole
+    assert isinstance(refused, JobFinishedError), refused
+    assert f"job {cancelled[0]} was cancelled while this producer was still listing it: 2 images" in str(refused)
+    info = job_status(load_settings(), cancelled[0])
     assert info["status"] == "cancelled", info
-    assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == result.total == 2
+    assert info["counts"]["pending"] == 0 and info["counts"]["cancelled"] == info["total"] == 2
     assert queue_length(env) == 1  # the first chunk's batch only (a worker drops it: the job is cancelled)
 
 
