@@ -51,6 +51,8 @@ def iso_utc(moment: datetime | None) -> str | None:
 
 
 SUBMISSION_STALE_S = 600  # a job 'submitting' with no progress for this long was abandoned by its producer
+SUBMISSION_INTERRUPTED = "submission interrupted"  # how the error of a job whose listing broke off begins
+ABANDONED_SUBMISSION = f"{SUBMISSION_INTERRUPTED}: no progress"  # ...and of one whose producer was found gone
 
 
 def create_job(session: Session, kind: str, spec: dict[str, Any], job_key: str | None = None) -> tuple[Job, bool]:
@@ -97,12 +99,15 @@ def fail_abandoned_submissions(session: Session) -> int:
     """Fail every job still 'submitting' with no progress for ``SUBMISSION_STALE_S`` seconds and free its key;
     returns how many there were. The images such a job enqueued are still restored; the others never will be."""
     cutoff = utcnow() - timedelta(seconds=SUBMISSION_STALE_S)
+    rows = select(func.count(Image.id)).where(Image.job_id == Job.id).scalar_subquery()
     result = session.execute(
         update(Job).where(Job.status == "submitting", Job.updated_at < cutoff)
-        .values(status="failed", job_key=None, finished_at=utcnow(),
-                error=f"submission interrupted: no progress for over {SUBMISSION_STALE_S} s (its producer stopped "
-                      "while listing): the images it enqueued are restored, the others were never submitted; "
-                      "submit again, its key (if any) is free")
+        # the database's clock, as the images' send times: the workers send again what was written before it
+        # (worker.sweeper), a producer killed between writing rows and sending them having left them waiting
+        .values(status="failed", job_key=None, finished_at=database_now(session), total=rows,
+                error=f"{ABANDONED_SUBMISSION} for over {SUBMISSION_STALE_S} s (its producer stopped "
+                      "while listing): the images it listed are restored, the others were never submitted; "
+                      "submit again with --skip-existing, its key (if any) is free")
         # compared in SQL only: SQLite hands back naive times, which Python cannot compare with the aware cutoff
         .execution_options(synchronize_session=False)
     )
@@ -582,6 +587,8 @@ def finish_if_complete(session: Session, job_id: str) -> str | None:
     if unfinished:
         return None
     status = "failed" if counts["done"] == 0 and counts["failed"] > 0 else "done"
+    if (job.error or "").startswith(SUBMISSION_INTERRUPTED):
+        status = "failed"  # retried to the end, but part of its input was never listed: it stays failed, as it says
     now = utcnow()
     # only one of several workers finishing at once makes the transition (and so sends one notification)
     result = session.execute(
@@ -962,7 +969,7 @@ SENDING_JOB_STATUSES = ("submitting", "queued", "running")  # a windowed job in 
 UNFINISHED_JOB_STATUSES = (*SENDING_JOB_STATUSES, "paused")  # work left: what the metrics count as the backlog
 RETRYABLE_JOB_STATUSES = ("queued", "running", "paused")  # retry --all: a submitting job is its producer's
 # jobs whose images in the broker are still restored: unfinished ones, and one failed because its submission broke
-# off (fail_abandoned_submissions: "the images it enqueued are restored"); a job failed otherwise has none left
+# off (fail_abandoned_submissions: "the images it listed are restored"); a job failed otherwise has none left
 STILL_RESTORED_JOB_STATUSES = (*UNFINISHED_JOB_STATUSES, "failed")
 
 
@@ -1210,6 +1217,32 @@ def _waiting_since_before(before: datetime) -> Any:
         or_(Image.sent_at.is_(None), Image.sent_at < before),
         or_(Job.batches_listed == 0, Image.batch < Job.batches_sent),
     )
+
+
+def abandoned_submissions_waiting(session: Session) -> list[tuple[str, datetime, dict[str, Any]]]:
+    """Jobs failed as their producer was found gone mid-listing (:func:`fail_abandoned_submissions`) with images
+    still pending from before that (id, when it was found gone, spec). Killed between writing rows and sending
+    them, the producer left rows no message will ever bring, and a windowed job's later batches are sent by no
+    one once it failed: the workers send them (:mod:`worker.sweeper`), as its error promises."""
+    waiting = select(Image.id).where(Image.job_id == Job.id, Image.status == "pending",
+                                     or_(Image.sent_at.is_(None), Image.sent_at < Job.finished_at)).exists()
+    return [(job_id, as_utc(found), spec) for job_id, found, spec in session.execute(
+        select(Job.id, Job.finished_at, Job.spec)
+        .where(Job.status == "failed", Job.error.startswith(ABANDONED_SUBMISSION), Job.finished_at.is_not(None),
+               waiting)
+        .order_by(Job.created_at))]
+
+
+def pending_sent_before(session: Session, job_id: str, before: datetime,
+                        limit: int = 5000) -> list[tuple[int, str, str, str | None]]:
+    """Up to ``limit`` of a job's pending images last sent (or written) before ``before``, in id order: (id, input,
+    output, reference), a windowed job's unsent batches included. Read without locks; stamp them once sent
+    (:func:`mark_sent`)."""
+    return [(int(i), uri, output, reference) for i, uri, output, reference in session.execute(
+        select(Image.id, Image.input_uri, Image.output_uri, Image.reference_uri)
+        .where(Image.job_id == job_id, Image.status == "pending",
+               or_(Image.sent_at.is_(None), Image.sent_at < before))
+        .order_by(Image.id).limit(limit))]
 
 
 def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:

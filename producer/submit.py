@@ -371,12 +371,15 @@ def submit(
     except BaseException as exc:
         with session_scope(db_url) as session:
             # the key is released so that submitting again with it starts afresh
+            # the count the user is told, queued, not the rows written: those never sent are cancelled below
             queries.set_job_state(session, job_id, status="failed", job_key=None,
-                                  error=f"submission interrupted after {total} images: {exc!r}")
+                                  error=f"{queries.SUBMISSION_INTERRUPTED} after {queued} images were queued "
+                                        f"(they are restored; the rest were not submitted): {exc!r}")
             if unsent_from is not None:
                 # written, never sent: cancelled, as the user is told, so nothing takes them for sent (a broker
                 # found to have lost its messages sends a failed job's waiting images again: worker.broker_watch)
                 queries.cancel_unsent_batches(session, job_id, unsent_from)
+            queries.set_job_state(session, job_id, total=sum(queries.status_counts(session, job_id).values()))
         if isinstance(exc, BrokerError):
             what = (f"the first {queued} images were queued and may still be restored: submit again with "
                     "--skip-existing to leave out those already restored" if queued

@@ -431,7 +431,7 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         assert old.status == "failed" and old.job_key is None and "submission interrupted" in (old.error or "")
         assert queries.get_job(session, fresh.stdout.strip()).job_key == keys["stale"]
         keyless = queries.get_job(session, ids["keyless"])
-        assert keyless.status == "failed" and "the images it enqueued are restored" in (keyless.error or "")
+        assert keyless.status == "failed" and "the images it listed are restored" in (keyless.error or "")
         assert queries.get_job(session, ids["live"]).status == "submitting"
 
 
