@@ -47,8 +47,18 @@ def _client(endpoint_url: str | None, region: str, pool: int):  # type: ignore[n
 
 
 def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
-    """A boto3 S3 client for the configured endpoint (cached per process)."""
-    return _client(settings.s3_endpoint_url, settings.s3_region, max(10, settings.io_threads * 2))
+    """A boto3 S3 client for the configured endpoint (cached per process).
+
+    Raises:
+        TransientError: the credentials are incomplete (AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY, or the
+            other way round): boto3 refuses them while building the client, before any request could say so, and
+            the message is the one missing credentials get (:func:`translate`).
+    """
+    try:
+        return _client(settings.s3_endpoint_url, settings.s3_region, max(10, settings.io_threads * 2))
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        where = f"S3 at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else "AWS S3"
+        raise translate(exc, where) from exc  # the cause kept for 'deblur doctor', which words it apart
 
 
 PERMANENT_ERRORS = {

@@ -7,12 +7,14 @@ extra still runs every other command.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 from jobs.errors import ConfigurationError, InputError
+from jobs.listening import LISTEN_FAILURE_EXIT, listen_failure, probe_listen
 from jobs.settings import HELP, Settings, load_settings
 from producer.api_clients import ClientRegistry, add_client, parse_clients, remove_client
 
@@ -79,6 +81,14 @@ def api_command(address: str, port: int, token: str | None, allow_no_token: bool
             "or set DEBLUR_API_TOKEN (or --token), listen on 127.0.0.1, or pass --allow-no-token if a proxy in "
             "front authenticates requests."
         )
+    try:  # uvicorn would log its own error and the command exit 3, which means failed images
+        probe_listen(settings.api_address, settings.api_port)
+    except OSError as exc:
+        reason = listen_failure(exc, settings.api_address, settings.api_port, "--port", "DEBLUR_API_PORT")
+        if reason is None:
+            raise
+        click.echo(f"error: {reason}", err=True)
+        sys.exit(LISTEN_FAILURE_EXIT)
     host = f"[{settings.api_address}]" if ":" in settings.api_address else settings.api_address
     console.print(f"deblur API on http://{host}:{settings.api_port}  docs: /docs  auth: {registry.describe()}",
                   highlight=False, soft_wrap=True)

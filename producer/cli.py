@@ -224,10 +224,29 @@ MODEL_HELP = (
 )
 
 
+INTERRUPTED_EXIT = 130
+"""Exit code when Ctrl-C stops 'submit --wait' or 'status --watch' (128 + SIGINT, as shells report it): the job
+keeps running."""
+
+
+def _watch_until_interrupted(settings: Settings, job_id: str) -> dict[str, Any]:
+    """:func:`producer.tracking.watch`; on Ctrl-C, say that the job goes on and how to follow it, and exit
+    :data:`INTERRUPTED_EXIT`."""
+    from producer.tracking import watch
+
+    try:
+        return watch(settings, job_id, console)
+    except KeyboardInterrupt:
+        console.print(f"stopped watching; job {job_id} keeps running: follow it with 'deblur status {job_id[:8]} "
+                      f"--watch', or stop it with 'deblur cancel {job_id[:8]}'", soft_wrap=True, highlight=False,
+                      markup=False)
+        sys.exit(INTERRUPTED_EXIT)
+
+
 def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = False) -> None:
     from producer.inputs import describe_ignored
     from producer.submit import preview, submit
-    from producer.tracking import print_status, watch
+    from producer.tracking import print_status
 
     settings = _settings()
     skipped_note = " whose outputs already exist (--skip-existing)"
@@ -259,7 +278,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
         left_out = f", {result.skipped} left out{skipped_note}" if result.skipped else ""
         console.print(f"{verb}: job {result.job_id} with {result.total} images{left_out}")
     if wait:
-        info = watch(settings, result.job_id, console)
+        info = _watch_until_interrupted(settings, result.job_id)
         if not quiet:
             print_status(info, console)
         if info["status"] != "done" or info["counts"]["failed"]:
@@ -279,7 +298,9 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", callback=checked_labels, help=LABEL_HELP)
 @option("--strip-metadata", is_flag=True, help="Do not copy EXIF/ICC/XMP to the outputs.")
 @option("--light", type=click.Choice(LIGHT_CHOICES), default=None, help=LIGHT_HELP)
-@option("--job-key", default=None, help="Idempotency key: submitting the same key again returns the first job.")
+@option("--job-key", default=None,
+        help="Idempotency key: submitting the same request again with it returns the first job (another request "
+             "with it is refused).")
 @option("--notify", "notify_url", default=None, metavar="URL", help=NOTIFY_HELP)
 @option("--skip-existing", is_flag=True,
         help="Leave out images whose output already exists under --output, e.g. to restore only the scans added "
@@ -316,7 +337,8 @@ def submit(inputs: tuple[str, ...], output: str, models: tuple[str, ...], ensemb
 
     Exit codes: 0 submitted (with --wait: every image done); 2 invalid input
     or settings, nothing enqueued; 1 a service did not answer; 3 with --wait
-    when an image failed or the job did not end done.
+    when an image failed or the job did not end done; 130 with --wait when
+    interrupted (Ctrl-C): the job keeps running.
     """
     from producer.submit import JobRequest
 
@@ -363,7 +385,8 @@ def evaluate(blurred: tuple[str, ...], sharp: str | None, gopro: bool, models: t
 
     Exit codes: 0 submitted (with --wait: every image done); 2 invalid input
     or settings, nothing enqueued; 1 a service did not answer; 3 with --wait
-    when an image failed or the job did not end done.
+    when an image failed or the job did not end done; 130 with --wait when
+    interrupted (Ctrl-C): the job keeps running.
     """
     from producer.submit import JobRequest
 
@@ -391,11 +414,17 @@ def status(job: str | None, watch: bool, fmt: str, labels: dict[str, str], state
     and running, what finished in the last 15 minutes (images/min, MP/min),
     stalled images, images whose worker died, and the broker's waiting batches
     by priority (the figures of 'deblur metrics').
+
+    --watch prints a line instead of a bar when the output is not a terminal
+    (a file, a CI log), and says so when no image has started for a while
+    (no worker on the job's queue, or busy ones).
+
+    Exit codes: 0 shown; 2 invalid input (no such job); 1 a service did not
+    answer; 130 with --watch when interrupted (Ctrl-C): the job keeps running.
     """
     import json
 
     from producer.tracking import full_job_id, job_status, print_status
-    from producer.tracking import watch as watch_job
 
     settings = _settings()
     if job is None:
@@ -404,7 +433,7 @@ def status(job: str | None, watch: bool, fmt: str, labels: dict[str, str], state
     if labels or state:
         raise click.UsageError("--label and --status select jobs to list: give them without JOB")
     job = full_job_id(settings, job)
-    info = watch_job(settings, job, console) if watch else job_status(settings, job)
+    info = _watch_until_interrupted(settings, job) if watch else job_status(settings, job)
     if fmt == "json":
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -577,10 +606,24 @@ def verify(job: str | None, records: str | None, mark_failed: bool, quick: bool)
         if mark_failed:
             console.print(f"marked {found.problems} images failed: 'deblur retry {job} --failed' restores them again")
         elif records:
-            console.print("restore them again from their inputs (named above) with 'deblur submit'")
+            console.print(f"restore them again from their inputs (named above) with {_restore_command(found)}, "
+                          "and --sidecar to write their records again", soft_wrap=True)
         else:
             console.print("run again with --mark-failed, then 'deblur retry JOB --failed', to restore them again")
         sys.exit(1)
+
+
+def _restore_command(found: Any) -> str:
+    """The command that restores records' missing or changed outputs again from their inputs: 'deblur submit'
+    for inputs in S3, 'deblur restore' for local files (records written by 'deblur restore --sidecar')."""
+    inputs = [source for source, _ in [*found.missing, *found.changed] if not source.startswith("(")]
+    in_s3 = any(source.startswith("s3://") for source in inputs)
+    local = any(not source.startswith("s3://") for source in inputs)
+    if in_s3 and not local:
+        return "'deblur submit'"
+    if local and not in_s3:
+        return "'deblur restore'"
+    return "'deblur submit' (inputs in S3) or 'deblur restore' (local files)"
 
 
 @main.command()

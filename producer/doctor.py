@@ -91,6 +91,10 @@ def check_broker(settings: Settings) -> Finding:
                                      "('redis-server --port N', or 'deblur stack up')")
 
 
+SILENT_WORKER = "a --pool solo worker busy with a batch does not answer: see 'deblur workers'"
+"""Why a worker may be there although it did not answer: said wherever its silence is reported."""
+
+
 def check_workers(settings: Settings, asked: dict[str, set[str]] | None = None) -> Finding:
     """At least one worker consumes the queue, and none would drop this release's batches. Once the workers have
     answered, ``asked["queues"]`` holds every queue they consume (left out when they could not be asked)."""
@@ -110,8 +114,10 @@ def check_workers(settings: Settings, asked: dict[str, set[str]] | None = None) 
             if stopped:
                 return Finding("workers", "fail", f"no worker consumes {settings.queue!r}; {stopped} answer but "
                                "consume nothing", restart)
-            return Finding("workers", "warn", f"no worker consumes {settings.queue!r}: jobs are accepted and wait",
-                           "start one with 'deblur worker' (one process per GPU: 'deblur worker --gpus auto')")
+            return Finding("workers", "warn", f"no worker that answered consumes {settings.queue!r}: jobs are "
+                           "accepted and wait",
+                           f"start one with 'deblur worker --queue {settings.queue}' (one process per GPU: --gpus "
+                           f"auto); {SILENT_WORKER}")
         if stopped:
             return Finding("workers", "warn", f"{len(states)} on {settings.queue!r}; {stopped} consume nothing",
                            restart)
@@ -164,8 +170,8 @@ def check_queues(settings: Settings, consumers: set[str] | None) -> Finding:
         if problems:
             hint = []
             if unserved:
-                hint.append("start a worker for each ('deblur worker --queue NAME'), or cancel the jobs (a "
-                            "--pool solo worker busy with a batch does not answer: see 'deblur workers')")
+                hint.append(f"start a worker for each ('deblur worker --queue NAME'), or cancel the jobs "
+                            f"({SILENT_WORKER})")
             if losses:
                 hint.append("the workers finish sending within a sweep or two (DEBLUR_CLAIM_LEASE); if this stays, "
                             "see their logs; give Redis an append-only file so a restart keeps its messages")
@@ -179,25 +185,46 @@ def check_queues(settings: Settings, consumers: set[str] | None) -> Finding:
     return _guarded("queues", check, "the database must answer first")
 
 
+STORAGE_HINT = ("check DEBLUR_S3_ENDPOINT_URL and the AWS_* credentials; name the buckets jobs use with --bucket "
+                "(credentials that may not list every bucket are normal: then the bucket check is what counts)")
+CREDENTIALS_HINT = ("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); for the local stack "
+                    "('deblur stack up') set neither: its own are used")
+
+
 def check_storage(settings: Settings, buckets: Sequence[str]) -> Finding:
     """The S3 endpoint answers with these credentials; each of ``buckets`` exists and may be read."""
-    from jobs.storage import s3_client
+    from botocore.exceptions import ClientError
+
+    from jobs.errors import StorageNotFoundError, TransientError
+    from jobs.storage import s3_client, translate
 
     where = settings.s3_endpoint_url or "AWS S3"
 
     def check() -> Finding:
-        client = s3_client(settings)
+        try:
+            client = s3_client(settings)
+        except TransientError as exc:  # incomplete credentials, refused before any request
+            return Finding("storage", "fail", f"{where}: {describe_failure(exc.__cause__ or exc)}", CREDENTIALS_HINT)
         if not buckets:
             names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
             return Finding("storage", "ok", f"{where}: the credentials list {len(names)} bucket(s)")
         for bucket in buckets:
-            client.head_bucket(Bucket=bucket)
+            try:
+                client.head_bucket(Bucket=bucket)
+            except ClientError as exc:
+                # said as 'deblur submit' says it (jobs.storage.check_bucket), with S3's own answer kept
+                if not isinstance(translate(exc, bucket), StorageNotFoundError):
+                    raise
+                answer = exc.response.get("Error", {})
+                said = " ".join(str(part) for part in (answer.get("Code"), answer.get("Message")) if part)
+                return Finding("storage", "fail", f"{where}: bucket {bucket!r} does not exist or is not accessible "
+                               f"(S3 answered {said or 'no'})",
+                               "create it, or name the bucket jobs use with --bucket; if it exists, the AWS_* "
+                               "credentials may not read it (check them and the bucket's policy)")
             client.list_objects_v2(Bucket=bucket, MaxKeys=1)
         return Finding("storage", "ok", f"{where}: {', '.join(buckets)} readable")
 
-    return _guarded("storage", check, "check DEBLUR_S3_ENDPOINT_URL and the AWS_* credentials; name the buckets "
-                                      "jobs use with --bucket (credentials that may not list every bucket are "
-                                      "normal: then the bucket check is what counts)")
+    return _guarded("storage", check, STORAGE_HINT)
 
 
 def check_api_clients(settings: Settings) -> Finding | None:

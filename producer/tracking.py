@@ -24,7 +24,7 @@ from db.queries import as_utc, iso_utc
 from db.schema import Job
 from jobs.errors import InputError, JobFinishedError
 from jobs.labels import check_labels
-from jobs.layout import describe_output_format
+from jobs.layout import describe_output_format, parse_output_format
 from jobs.notify import announce_if_wanted
 from jobs.review import JUDGED_SHARP, NOT_RESTORED
 from jobs.settings import Settings
@@ -156,7 +156,9 @@ def job_status(settings: Settings, job_id: str) -> dict[str, Any]:
         info["finished"] = finished
         info["images_per_s"] = rate = _current_rate(session, job, counts)
         remaining = info["total"] - finished
-        info["eta_s"] = None if rate is None else remaining / rate if remaining > 0 else 0.0
+        # a finished job is waited for no more, even a cancelled one whose last running image still ends
+        info["eta_s"] = (None if rate is None else 0.0 if remaining <= 0 or job.status in FINISHED_JOB_STATUSES
+                         else remaining / rate)
     for key in ("created_at", "started_at", "finished_at"):
         info[key] = iso_utc(info[key])
     return info
@@ -196,11 +198,40 @@ def is_finished(info: dict[str, Any]) -> bool:
     return info["status"] in FINISHED_JOB_STATUSES
 
 
-def watch(settings: Settings, job_id: str, console: Console, interval: float = 1.0,
+POLL_INTERVAL_S = 1.0
+"""How often :func:`watch` reads the job's state."""
+IDLE_WARNING_S = 30.0
+"""With images pending and none started for this long, :func:`watch` asks the workers on the job's queue why."""
+IDLE_REPEAT_S = 300.0
+"""And asks again, at most this often, while nothing starts."""
+PLAIN_EVERY_S = 30.0
+"""Not on a terminal (a file, a CI log): a progress line at least this often while the job runs..."""
+PLAIN_MIN_GAP_S = 10.0
+"""...and one when the counts change, but no more often than this."""
+
+
+def watch(settings: Settings, job_id: str, console: Console, interval: float | None = None,
           timeout: float | None = None) -> dict[str, Any]:
-    """Show a live progress bar until the job finishes; returns the final status."""
+    """Show the job's progress until it finishes; returns the final status.
+
+    On a terminal, a live progress bar. Elsewhere (output to a file or a CI log, where a bar would only be drawn
+    at the end) a plain line when the counts change (at most every ``PLAIN_MIN_GAP_S``) and at least every
+    ``PLAIN_EVERY_S``. When images are pending and none has started for ``IDLE_WARNING_S``, the workers of the
+    job's queue are asked (as 'deblur doctor' asks) and a line says whether any consumes it.
+    """
+    interval = POLL_INTERVAL_S if interval is None else interval
     info = job_status(settings, job_id)
     deadline = None if timeout is None else time.monotonic() + timeout
+    idle = _IdleWatch(settings, console)
+    if not console.is_terminal:
+        plain = _PlainProgress(console)
+        while True:
+            info = job_status(settings, job_id)
+            plain.show(info, last=is_finished(info))
+            if is_finished(info) or (deadline is not None and time.monotonic() > deadline):
+                return info
+            idle.check(info)
+            time.sleep(interval)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -212,22 +243,89 @@ def watch(settings: Settings, job_id: str, console: Console, interval: float = 1
         task = progress.add_task(job_id[:8], total=info["total"] or None, detail="")
         while True:
             info = job_status(settings, job_id)
-            c = info["counts"]
-            rate = info["images_per_s"]
-            eta = info["eta_s"]
-            detail = (
-                f"done {c['done']}  failed {c['failed']}  pending {c['pending'] + c['running']}"
-                + (f"  {rate:.2f} img/s" if rate else "")
-                + (f"  ETA {format_duration(eta)}" if eta else "")
-                + escape(f"  [{info['status']}]")  # shown in brackets, not read as a style
-            )
+            detail = escape(_progress_detail(info))  # the status in brackets, not read as a style
             progress.update(task, total=info["total"] or None, completed=info["finished"], detail=detail)
             if is_finished(info):
                 break
             if deadline is not None and time.monotonic() > deadline:
                 break
+            idle.check(info)
             time.sleep(interval)
     return info
+
+
+def _progress_detail(info: dict[str, Any]) -> str:
+    c = info["counts"]
+    rate, eta = info["images_per_s"], info["eta_s"]
+    return (f"done {c['done']}  failed {c['failed']}  pending {c['pending'] + c['running']}"
+            + (f"  {rate:.2f} img/s" if rate else "")
+            + (f"  ETA {format_duration(eta)}" if eta else "")
+            + f"  [{info['status']}]")
+
+
+class _PlainProgress:
+    """Progress lines for an output that is not a terminal: no bar, no redrawing, one line at a time."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.started = time.monotonic()
+        self.shown: tuple[Any, ...] | None = None
+        self.shown_at = -math.inf
+
+    def show(self, info: dict[str, Any], last: bool = False) -> None:
+        now = time.monotonic()
+        state = (info["status"], info["total"], *sorted(info["counts"].items()))
+        changed = state != self.shown
+        due = (now - self.shown_at >= PLAIN_EVERY_S
+               or (changed and now - self.shown_at >= PLAIN_MIN_GAP_S) or (last and changed))
+        if not due:
+            return
+        self.shown, self.shown_at = state, now
+        self.console.print(f"{info['id'][:8]}  {info['finished']}/{info['total']} finished  "
+                           f"{_progress_detail(info)}  {format_duration(now - self.started)} elapsed",
+                           markup=False, highlight=False, soft_wrap=True)
+
+
+class _IdleWatch:
+    """Notices a job none of whose pending images has started for ``IDLE_WARNING_S`` and says why, once, and
+    again at most every ``IDLE_REPEAT_S`` while it stays so: usually no worker consumes the job's queue."""
+
+    def __init__(self, settings: Settings, console: Console) -> None:
+        self.settings = settings
+        self.console = console
+        self.seen: tuple[Any, ...] | None = None
+        self.since = time.monotonic()
+        self.wait = IDLE_WARNING_S
+
+    def check(self, info: dict[str, Any]) -> None:
+        c = info["counts"]
+        now = time.monotonic()
+        seen = (c["done"], c["failed"], c["cancelled"], c["running"], c["pending"], info["status"])
+        waiting = c["pending"] > 0 and c["running"] == 0 and info["status"] not in {"paused", *FINISHED_JOB_STATUSES}
+        if seen != self.seen or not waiting:
+            self.seen, self.since, self.wait = seen, now, IDLE_WARNING_S
+            return
+        if now - self.since < self.wait:
+            return
+        self.wait = now - self.since + IDLE_REPEAT_S
+        self.console.print(idle_job_note(self.settings, info, now - self.since), soft_wrap=True, highlight=False)
+
+
+def idle_job_note(settings: Settings, info: dict[str, Any], waited: float) -> str:
+    """Rich markup telling why nothing of a job has started for ``waited`` seconds: the workers of its queue are
+    asked as 'deblur doctor' asks them (:func:`producer.doctor.check_workers`), so a worker that does not answer
+    in time is not called absent for certain."""
+    from dataclasses import replace
+
+    from producer.doctor import check_workers
+
+    queue = (info.get("spec") or {}).get("queue") or settings.queue
+    finding = check_workers(replace(settings, queue=queue))
+    head = f"job {info['id'][:8]}: no image has started for {format_duration(waited)}"
+    if finding.status == "ok":  # served: the workers are busy with work queued before this job's
+        return escape(f"note: {head}; the workers on {queue!r} may be busy with earlier batches ({finding.detail}); "
+                      "'deblur status' shows the whole queue")
+    return "[yellow]warning:[/yellow] " + escape(f"{head}. {finding.detail}. → {finding.hint}")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -248,7 +346,8 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         f"pending {c['pending']}  cancelled {c['cancelled']}"
     )
     if info["images_per_s"]:
-        console.print(f"throughput: {info['images_per_s']:.2f} images/s  ETA: {format_duration(info['eta_s'])}")
+        eta = "" if is_finished(info) else f"  ETA: {format_duration(info['eta_s'])}"  # nothing left to wait for
+        console.print(f"throughput: {info['images_per_s']:.2f} images/s{eta}")
     spec = info["spec"] or {}
     # user text (model specs, labels, prefixes, errors) is escaped or printed without markup: '[draft]' stays
     console.print(f"models: {escape(', '.join(spec.get('models', [])))}  strength: {spec.get('strength', 1.0)}")
@@ -260,7 +359,7 @@ def print_status(info: dict[str, Any], console: Console) -> None:
         console.print(f"window: {b['window']} batches at a time; {b['sent']} of {b['listed']} sent, "
                       f"{b['in_flight']} in the broker or running")
     if spec.get("output"):
-        written = f" as {describe_output_format(spec['output_format'])}" if spec.get("output_format") else ""
+        written = describe_written_as(spec["output_format"]) if spec.get("output_format") else ""
         records = ", each with a provenance record" if spec.get("sidecar") else ""
         console.print(f"output: {escape(spec['output'])}{written}{records}")
     review = {reason: n for reason, n in (info.get("review") or {}).items() if n}
@@ -280,6 +379,17 @@ def print_status(info: dict[str, Any], console: Console) -> None:
                       "minutes; its producer probably died mid-listing, so some images were never enqueued. Submit "
                       "again (with the same --job-key, the key goes to a new job); the next submission marks this "
                       "one failed.")
+
+
+def describe_written_as(output_format: str) -> str:
+    """What follows a job's output prefix to say its ``--output-format``: ``' as PNG'`` for one format, or
+    ``' (JPEG as PNG, WEBP as PNG; other formats as they are)'`` for a mapping of some inputs' formats."""
+    try:
+        mapping = parse_output_format(output_format)
+    except InputError:  # stored by an earlier release that took what this one refuses: shown as it was given
+        return escape(f" (--output-format {output_format})")
+    described = escape(describe_output_format(output_format))
+    return f" as {described}" if None in mapping else f" ({described}; other formats as they are)"
 
 
 def default_metric(kind: str) -> str:

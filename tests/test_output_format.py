@@ -198,7 +198,7 @@ def test_only_the_formats_named_are_converted(env, bucket) -> None:  # type: ign
     assert s3.get_object(Bucket=b, Key="out/access.png")["Body"].read().startswith(b"\x89PNG")
     kept = tifffile.imread(io.BytesIO(s3.get_object(Bucket=b, Key="out/master.tif")["Body"].read()))
     assert kept.dtype == np.uint16 and kept.shape == RGB.shape  # the master stays a 16-bit TIFF
-    assert "as JPEG as PNG" in " ".join(run_cli("status", job_id).split())
+    assert "out/ (JPEG as PNG; other formats as they are)" in " ".join(run_cli("status", job_id).split())
     typo = CliRunner().invoke(main, ["submit", f"s3://{b}/in/", "-o", f"s3://{b}/o2/", "--output-format", "jpeg=gif"])
     assert typo.exit_code == 2 and "unknown image format 'gif'" in typo.output
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from jobs.listening import LISTEN_FAILURE_EXIT, listen_failure
+
 CELERY_APP = "jobs.celery_app:app"
 LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
 POOLS = ("prefork", "solo", "threads")
@@ -381,6 +383,10 @@ def flower_command(address: str | None, port: int | None, basic_auth: str | None
     serves Prometheus text (always without authentication, for scrapers). A
     worker silent for 5 minutes (killed without a goodbye) drops off the UI's
     worker list and out of /metrics.
+
+    Exit codes: 0 stopped; 2 an invalid option, or the port is taken (the
+    local stack runs a Flower of its own: 'deblur stack status') or may not
+    be used.
     """
     from jobs.settings import load_settings
 
@@ -399,10 +405,17 @@ def flower_command(address: str | None, port: int | None, basic_auth: str | None
         )
     from jobs.celery_app import app
 
-    app.start([
-        "flower", f"--address={address}", f"--port={port}",
-        f"--purge_offline_workers={FLOWER_PURGE_OFFLINE_WORKERS_S}",
-    ])  # fmt: skip
+    try:
+        app.start([
+            "flower", f"--address={address}", f"--port={port}",
+            f"--purge_offline_workers={FLOWER_PURGE_OFFLINE_WORKERS_S}",
+        ])  # fmt: skip
+    except OSError as exc:
+        reason = listen_failure(exc, address, port, "--port", "DEBLUR_FLOWER_PORT")
+        if reason is None:
+            raise
+        click.echo(f"error: {reason}", err=True)
+        sys.exit(LISTEN_FAILURE_EXIT)
 
 
 def _main() -> None:
