@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -1282,6 +1282,27 @@ def mark_sent(session: Session, ids: Sequence[int], sent_at: datetime, before: d
             .values(sent_at=sent_at).execution_options(synchronize_session=False))
         stamped += int(result.rowcount or 0)
     return stamped
+
+
+def unfinished_job_outputs(session: Session, job_key: str | None = None) -> list[tuple[str, str, str]]:
+    """(id, status, output prefix) of every unfinished job that writes outputs, oldest first, but the one keyed
+    ``job_key`` (a submission racing another with its own key is answered with that job, not refused by it): one
+    short string per job, for a new job's submission to find those whose outputs its own could land on."""
+    output = Job.spec["output"].as_string()
+    query = select(Job.id, Job.status, output).where(Job.status.in_(UNFINISHED_JOB_STATUSES), output.is_not(None))
+    if job_key is not None:
+        query = query.where(or_(Job.job_key.is_(None), Job.job_key != job_key))
+    rows = session.execute(query.order_by(Job.created_at)).all()
+    return [(job_id, status, prefix) for job_id, status, prefix in rows if prefix]
+
+
+def outputs_still_to_write(session: Session, job_ids: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(job id, output URI) of every image of ``job_ids`` still pending or running, streamed."""
+    for part in _slices(list(job_ids)):
+        yield from session.execute(
+            select(Image.job_id, Image.output_uri)
+            .where(Image.job_id.in_(part), Image.status.in_(("pending", "running")), Image.output_uri.is_not(None))
+            .execution_options(yield_per=10_000))
 
 
 def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:

@@ -24,6 +24,7 @@ from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, TransientError
 from jobs.labels import check_submitted_labels
+from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.messages import ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
@@ -213,6 +214,48 @@ def _validate(request: JobRequest, settings: Settings) -> _Validated:
     return _Validated(request, models, batch_size, client, plan)
 
 
+def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) -> None:
+    """Refuse a job with an image whose output an unfinished job has still to write: both would write it, in
+    whatever order they ran, and the one that finished first would keep 'done' over an output the other replaced
+    (a nightly run started while last night's still runs into the same prefix, two models into one prefix). Only
+    jobs whose output prefix overlaps this one's are read, and only then is this job listed again: other
+    submissions pay one short query. A finished job's outputs may be written over: that is a job run again."""
+    output = checked.plan.output
+    if output is None:
+        return
+    db_url = settings.resolved_database_url()
+    ensure_schema(db_url)
+    with session_scope(db_url) as session:
+        overlapping = {job_id: status for job_id, status, prefix
+                       in queries.unfinished_job_outputs(session, checked.request.job_key)
+                       if _overlaps(output, prefix)}
+        if not overlapping:
+            return
+        names = list(overlapping)
+        position = {job_id: number for number, job_id in enumerate(names)}
+        writer = {digest(uri): position[job_id] for job_id, uri in queries.outputs_still_to_write(session, names)}
+    if not writer:
+        return
+    items, _ = checked.items()
+    for item in items:
+        taken = writer.get(digest(item.output or ""))
+        if taken is not None:
+            other = names[taken]
+            raise InputError(
+                f"output {item.output} (of {item.input}) is one job {other} ({overlapping[other]}) has still to "
+                f"write: the two jobs would write over each other's results. Wait for it ('deblur status {other} "
+                "--watch'), cancel it, or choose another output prefix")
+
+
+def _overlaps(output: S3URI, prefix: str) -> bool:
+    """Whether the output prefix ``prefix`` (a job's spec) and ``output`` lie one within the other."""
+    try:
+        other = parse_s3_uri(prefix, want_prefix=True, exact=True)
+    except InputError:  # a spec written by hand or by an older version: nothing to compare
+        return False
+    return output.contains(other) or other.contains(output)
+
+
 def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
     found = f"; found only {describe_ignored(ignored)}" if ignored else ""
     return InputError(f"no images ({READ_FORMATS}) found in {', '.join(request.inputs)}{found}")
@@ -235,6 +278,7 @@ def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview
     Raises what :func:`submit` raises for an invalid job, including a job with no images at all.
     """
     checked = _validate(request, settings)
+    _check_no_live_job_writes_the_same(checked, settings)
     ignored: Counter[str] = Counter()
     items, skipped = checked.items(ignored)
     total, first = 0, []
@@ -280,6 +324,7 @@ def submit(
                 _check_same_request(keyed, request.job_key, asked)
                 return SubmitResult(keyed.id, False, keyed.total)
     checked = _validate(request, settings)
+    _check_no_live_job_writes_the_same(checked, settings)
     request, models, batch_size, plan = checked.request, checked.models, checked.batch_size, checked.plan
     ignored: Counter[str] = Counter()
     heartbeat = _Heartbeat(db_url)

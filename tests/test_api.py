@@ -476,7 +476,9 @@ def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing( 
             assert refused.status_code == 403 and "may only read" in refused.json()["detail"], (path, refused.text)
         # a preview lists the store with the server's credentials: it needs the submit scope too
         assert http.post("/v1/jobs/preview", json=body, headers=as_(grafana)).status_code == 403
-        preview = http.post("/v1/jobs/preview", json=body, headers=as_(ingest))
+        # (into a prefix of its own: the job submitted with ``body`` still has body's outputs to write)
+        preview = http.post("/v1/jobs/preview", json={**body, "output": f"s3://{name}/preview/"},
+                            headers=as_(ingest))
         assert preview.status_code == 200 and preview.json()["total"] == 2
 
         # a client that sees only its own jobs: the others' answer as if they did not exist

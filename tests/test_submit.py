@@ -131,6 +131,35 @@ def test_a_listing_of_uris_with_dot_segments_is_submitted_again_as_a_manifest(en
     assert all(f"s3://{bucket}/third/{key}" in preview.output for key in odd), preview.output  # kept as listed
 
 
+def test_a_job_whose_outputs_an_unfinished_job_has_still_to_write_is_refused(env, s3, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two jobs writing the same output keys were both accepted: whichever ran last won, and the other kept 'done'
+    over outputs replaced under it (a nightly run while last night's still ran, two models into one prefix).
+    Jobs into one prefix whose keys differ (a long manifest split in parts) still run side by side, and a
+    finished job's outputs may be written over."""
+    from jobs.settings import load_settings
+    from producer.tracking import cancel_job
+
+    client, bucket = s3
+    first = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener", "-q")
+    assert first.exit_code == 0, first.output
+    jobs_before = job_count(env)
+    for args in ([f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "richardson-lucy"],
+                 [f"s3://{bucket}/in/sub/b.jpg", "--output", f"s3://{bucket}/out/sub/"],  # one key, inside
+                 [f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--dry-run"]):  # nor is it previewed
+        refused = invoke("submit", *args)
+        assert refused.exit_code == 2, (args, refused.output)
+        assert f"is one job {first.stdout.strip()} (queued) has still to write" in " ".join(refused.output.split())
+    assert job_count(env) == jobs_before
+    part = tmp_path / "part-2.txt"  # the same prefix, other keys: no image written twice
+    client.put_object(Bucket=bucket, Key="more/c.png", Body=b"x")
+    part.write_text(f"s3://{bucket}/more/c.png\n")
+    other = invoke("submit", str(part), "--output", f"s3://{bucket}/out/", "-q")
+    assert other.exit_code == 0, other.output
+    cancel_job(load_settings(), first.stdout.strip())  # finished: its outputs may be written over
+    again = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener", "-q")
+    assert again.exit_code == 0, again.output
+
+
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
     key = f"nightly-{uuid.uuid4().hex[:6]}"
