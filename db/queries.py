@@ -194,14 +194,24 @@ def resolve_job_id(session: Session, text: str) -> str:
 
 
 def recent_jobs(session: Session, limit: int = 20, labels: dict[str, str] | None = None,
-                status: str | None = None) -> list[Job]:
-    """The newest jobs first; only those carrying every one of ``labels`` and with ``status``, when given."""
+                status: str | None = None, before: str | None = None) -> list[Job]:
+    """The newest jobs first; only those carrying every one of ``labels`` and with ``status``, when given, and
+    only those listed after the job ``before`` (the last of the previous page: pages by creation time, then id,
+    so none is skipped or repeated however many jobs arrive meanwhile).
+
+    Raises:
+        UnknownJobError: ``before`` names no job.
+    """
     query = select(Job)
     for key, value in (labels or {}).items():
         query = query.where(Job.spec["labels"][key].as_string() == value)
     if status is not None:
         query = query.where(Job.status == status)
-    return list(session.scalars(query.order_by(Job.created_at.desc()).limit(limit)))
+    if before is not None:
+        last = get_job(session, before)
+        query = query.where(or_(Job.created_at < last.created_at,
+                                and_(Job.created_at == last.created_at, Job.id < last.id)))
+    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
 
 
 def insert_images(session: Session, job_id: str, rows: Sequence[dict[str, Any]], batch: int,

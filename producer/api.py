@@ -921,9 +921,13 @@ def create_app(settings: Settings) -> FastAPI:
                           Query(description="Only jobs in this state.")] = None,
         mine: Annotated[bool, Query(description="Only jobs submitted with your client token (label "
                                                 f"{API_CLIENT_LABEL}).")] = False,
+        before: Annotated[uuid.UUID | None, Query(
+            description="The id of the last job of the previous page: the next page starts after it (newest "
+                        "first; none is skipped or repeated while jobs arrive).")] = None,
         client: ApiClient = Depends(caller),  # noqa: B008
     ) -> list[JobListItem]:
-        """The most recent jobs, newest first; with ``label``, ``status`` and ``mine``, only those that match."""
+        """The most recent jobs, newest first; with ``label``, ``status`` and ``mine``, only those that match.
+        Page with ``before``: the last id of one page asks for the next."""
         try:
             wanted = parse_labels(label or [])
         except InputError as exc:
@@ -932,9 +936,15 @@ def create_app(settings: Settings) -> FastAPI:
             if client.name is None:
                 raise _validation_error(("query", "mine"), "mine=true needs a client's own token (DEBLUR_API_CLIENTS, "
                                                            "see 'deblur api-client add'); this request has none")
+            if wanted.get(API_CLIENT_LABEL, client.name) != client.name:
+                return []  # another client's jobs, asked by one that sees its own only: none it may see
             wanted[API_CLIENT_LABEL] = client.name
-        return [JobListItem(**job, status_url=urls(job["id"])["status_url"])
-                for job in find_jobs(settings, wanted, status, limit)]
+        try:
+            found = find_jobs(settings, wanted, status, limit, before=str(before) if before else None)
+        except UnknownJobError:
+            raise _validation_error(("query", "before"), f"no job with id {before}: pass the id of the last job "
+                                                         "of the previous page") from None
+        return [JobListItem(**job, status_url=urls(job["id"])["status_url"]) for job in found]
 
     @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=readers, tags=["jobs"],
              responses={404: {"model": ErrorMessage, "description": "No job with this id."}})

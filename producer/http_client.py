@@ -156,15 +156,30 @@ class HttpClient:
             time.sleep(interval)
 
     def jobs(self, labels: Mapping[str, str] | None = None, status: str | None = None, mine: bool = False,
-             limit: int = 20) -> list[dict[str, Any]]:
+             limit: int = 20, before: str | None = None) -> list[dict[str, Any]]:
         """The newest jobs first; only those with all of ``labels``, in ``status``, or submitted with this
-        client's token (``mine``), when given."""
+        client's token (``mine``), when given. One page of at most ``limit``: pass its last id as ``before`` for
+        the next (:meth:`all_jobs` walks them all)."""
         params: dict[str, Any] = {"limit": limit, "label": [f"{k}={v}" for k, v in (labels or {}).items()]}
         if status:
             params["status"] = status
         if mine:
             params["mine"] = "true"
+        if before:
+            params["before"] = before
         return self._call("GET", "/v1/jobs", params=params)  # type: ignore[return-value]
+
+    def all_jobs(self, labels: Mapping[str, str] | None = None, status: str | None = None, mine: bool = False,
+                 page_size: int = MAX_PAGE_SIZE) -> Iterator[dict[str, Any]]:
+        """Every job :meth:`jobs` would list, newest first, page by page: none skipped or repeated while jobs
+        arrive."""
+        before: str | None = None
+        while True:
+            page = self.jobs(labels, status, mine, min(page_size, MAX_PAGE_SIZE), before)
+            yield from page
+            if len(page) < min(page_size, MAX_PAGE_SIZE):
+                return
+            before = page[-1]["id"]
 
     def results(self, job_id: str, status: str | None = None, review: bool = False,
                 page_size: int = 500, history: bool = False) -> Iterator[dict[str, Any]]:

@@ -55,15 +55,16 @@ def cancel_job(settings: Settings, job_id: str) -> int:
 
 
 def list_jobs(settings: Settings, labels: dict[str, str] | None = None, status: str | None = None,
-              limit: int = 20) -> list[dict[str, Any]]:
+              limit: int = 20, before: str | None = None) -> list[dict[str, Any]]:
     """The newest jobs first, each as ``id, kind, status, total, created_at, labels``; only those carrying all of
-    ``labels`` and in ``status``, when given."""
+    ``labels`` and in ``status``, when given, and listed after the job ``before`` (the previous page's last)."""
     url = settings.resolved_database_url()
     ensure_schema(url)
     with session_scope(url) as session:
         return [{"id": j.id, "kind": j.kind, "status": j.status, "total": j.total,
                  "created_at": iso_utc(j.created_at), "labels": (j.spec or {}).get("labels") or {}}
-                for j in queries.recent_jobs(session, limit, labels=check_labels(labels or {}), status=status)]
+                for j in queries.recent_jobs(session, limit, labels=check_labels(labels or {}), status=status,
+                                             before=before)]
 
 
 def pause_job(settings: Settings, job_id: str) -> bool:

@@ -67,6 +67,7 @@ def test_a_job_through_the_http_client(env, tmp_path) -> None:  # type: ignore[n
         assert list(api.results(job_id, review=True)) == []  # wiener has no blind estimate to doubt
         assert [i["earlier_attempts"] for i in api.results(job_id, history=True)] == [[]] * len(samples)
         assert [j["id"] for j in api.jobs(mine=True)] == [job_id]
+        assert [j["id"] for j in api.all_jobs(mine=True, page_size=1)] == [job_id]  # pages of one, then none
         spent = api.usage(since="1h", by=["label:api-client"], labels={"team": "ingest"})
         [mine] = [g for g in spent["groups"] if g["label:api-client"] == "ingest"]
         assert mine["images_done"] >= len(samples)
