@@ -102,12 +102,11 @@ def fail_abandoned_submissions(session: Session) -> int:
     rows = select(func.count(Image.id)).where(Image.job_id == Job.id).scalar_subquery()
     result = session.execute(
         update(Job).where(Job.status == "submitting", Job.updated_at < cutoff)
-        # the database's clock, as the images' send times: the workers send again what was written before it
-        # (worker.sweeper), a producer killed between writing rows and sending them having left them waiting
         .values(status="failed", job_key=None, finished_at=database_now(session), total=rows,
                 error=f"{ABANDONED_SUBMISSION} for over {SUBMISSION_STALE_S} s (its producer stopped "
-                      "while listing): the images it listed are restored, the others were never submitted; "
-                      "submit again with --skip-existing, its key (if any) is free")
+                      "while listing): the images it sent are restored, the others were never submitted (rows "
+                      "it wrote but may not have sent wait: 'deblur retry JOB --stalled' sends them); submit "
+                      "again with --skip-existing for the rest, its key (if any) is free")
         # compared in SQL only: SQLite hands back naive times, which Python cannot compare with the aware cutoff
         .execution_options(synchronize_session=False)
     )
@@ -979,7 +978,7 @@ SENDING_JOB_STATUSES = ("submitting", "queued", "running")  # a windowed job in 
 UNFINISHED_JOB_STATUSES = (*SENDING_JOB_STATUSES, "paused")  # work left: what the metrics count as the backlog
 RETRYABLE_JOB_STATUSES = ("queued", "running", "paused")  # retry --all: a submitting job is its producer's
 # jobs whose images in the broker are still restored: unfinished ones, and one failed because its submission broke
-# off (fail_abandoned_submissions: "the images it listed are restored"); a job failed otherwise has none left
+# off (fail_abandoned_submissions: "the images it sent are restored"); a job failed otherwise has none left
 STILL_RESTORED_JOB_STATUSES = (*UNFINISHED_JOB_STATUSES, "failed")
 
 
@@ -1229,32 +1228,6 @@ def _waiting_since_before(before: datetime) -> Any:
     )
 
 
-def abandoned_submissions_waiting(session: Session) -> list[tuple[str, datetime, dict[str, Any]]]:
-    """Jobs failed as their producer was found gone mid-listing (:func:`fail_abandoned_submissions`) with images
-    still pending from before that (id, when it was found gone, spec). Killed between writing rows and sending
-    them, the producer left rows no message will ever bring, and a windowed job's later batches are sent by no
-    one once it failed: the workers send them (:mod:`worker.sweeper`), as its error promises."""
-    waiting = select(Image.id).where(Image.job_id == Job.id, Image.status == "pending",
-                                     or_(Image.sent_at.is_(None), Image.sent_at < Job.finished_at)).exists()
-    return [(job_id, as_utc(found), spec) for job_id, found, spec in session.execute(
-        select(Job.id, Job.finished_at, Job.spec)
-        .where(Job.status == "failed", Job.error.startswith(ABANDONED_SUBMISSION), Job.finished_at.is_not(None),
-               waiting)
-        .order_by(Job.created_at))]
-
-
-def pending_sent_before(session: Session, job_id: str, before: datetime,
-                        limit: int = 5000) -> list[tuple[int, str, str, str | None]]:
-    """Up to ``limit`` of a job's pending images last sent (or written) before ``before``, in id order: (id, input,
-    output, reference), a windowed job's unsent batches included. Read without locks; stamp them once sent
-    (:func:`mark_sent`)."""
-    return [(int(i), uri, output, reference) for i, uri, output, reference in session.execute(
-        select(Image.id, Image.input_uri, Image.output_uri, Image.reference_uri)
-        .where(Image.job_id == job_id, Image.status == "pending",
-               or_(Image.sent_at.is_(None), Image.sent_at < before))
-        .order_by(Image.id).limit(limit))]
-
-
 def jobs_waiting_since(session: Session, before: datetime) -> list[tuple[str, dict[str, Any]]]:
     """Jobs still restored with images waiting for a message sent before ``before``, id and spec, oldest first:
     after the broker lost its messages (:mod:`worker.broker_watch`), the images it would never deliver. A job still
@@ -1299,6 +1272,8 @@ def unfinished_job_outputs(session: Session, job_key: str | None = None) -> list
     ``job_key`` (a submission racing another with its own key is answered with that job, not refused by it): one
     short string per job, for a new job's submission to find those whose outputs its own could land on."""
     output = Job.spec["output"].as_string()
+    # not a job failed as its submission broke off, though it still restores what it sent: which of its pending
+    # rows were sent is not known, and a failed job cannot be cancelled, so it would hold the outputs for good
     query = select(Job.id, Job.status, output).where(Job.status.in_(UNFINISHED_JOB_STATUSES), output.is_not(None))
     if job_key is not None:
         query = query.where(or_(Job.job_key.is_(None), Job.job_key != job_key))

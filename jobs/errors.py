@@ -61,6 +61,14 @@ class JobKeyReusedError(InputError):
     """A job key (idempotency key) sent again with a different request than the job it first made."""
 
 
+class OutputsBusyError(InputError):
+    """A job's output is one an unfinished job has still to write; ``other_job`` is that job, ``output`` the key."""
+
+    def __init__(self, message: str, other_job: str, output: str) -> None:
+        super().__init__(message)
+        self.other_job, self.output = other_job, output
+
+
 class JobFinishedError(InputError):
     """An operation that needs an unfinished job (cancelling, pausing) was asked of one that finished."""
 

@@ -42,7 +42,7 @@ from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import OperationalError as DatabaseError
@@ -57,6 +57,7 @@ from jobs.errors import (
     JobFinishedError,
     JobKeyReusedError,
     LicenseError,
+    OutputsBusyError,
     TransientError,
     UnknownJobError,
     UnknownModelError,
@@ -237,10 +238,22 @@ def _check_model_spec(text: str) -> str:
     return text
 
 
+def _integral_float_as_int(value: Any) -> Any:
+    """5.0 as 5: JSON has one number type, and some encoders write every number with a point; 5.5 is left for the
+    strict check to refuse, as are true and "5"."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_integral_float_as_int)]
+"""An integer field of a request body: a whole number, with or without a point; not true, not "5", not 5.5."""
+
+
 class JobSubmission(BaseModel):
     """A deblur or evaluation job; the fields mirror ``deblur submit`` / ``deblur evaluate``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number (WholeNumber)
 
     kind: Literal["deblur", "evaluate"] = Field(
         "deblur", description="deblur: restore and write outputs; evaluate: PSNR/SSIM against sharp references.")
@@ -264,9 +277,10 @@ class JobSubmission(BaseModel):
         None, description="Evaluation jobs: S3 prefix of the sharp images, paired with inputs by relative path.")
     gopro: bool = Field(False, description="Evaluation jobs: GoPro layout, */blur/* paired with */sharp/*.")
     strength: float = Field(1.0, ge=0.0, le=1.0, description="1 = fully restored, 0 = the input unchanged.")
-    batch_size: int | None = Field(None, ge=1, le=10_000, description="Images per task (default: the server's).")
-    priority: int = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
-    window: int | None = Field(
+    batch_size: WholeNumber | None = Field(None, ge=1, le=10_000,
+                                           description="Images per task (default: the server's).")
+    priority: WholeNumber = Field(5, ge=0, le=9, description="0 (lowest) … 9 (most urgent).")
+    window: WholeNumber | None = Field(
         None, ge=0, le=MAX_WINDOW,
         description="At most this many of the job's batches in the broker at once, the next sent as each finishes, "
                     "so jobs submitted later at the same priority take turns with this one; 0: every batch at once. "
@@ -278,7 +292,7 @@ class JobSubmission(BaseModel):
     strip_metadata: bool = Field(False, description="Do not copy EXIF/ICC/XMP to the outputs.")
     align: bool = Field(False, description="Evaluation jobs: RealBlur protocol (intensity matching and ECC "
                                            "alignment to the sharp image) before measuring.")
-    crop_border: int = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
+    crop_border: WholeNumber = Field(0, ge=0, le=1000, description="Evaluation jobs: pixels ignored at each border.")
     light: Literal["encoded", "linear"] | None = Field(  # models.tone.LIGHT_CHOICES, spelled out for the schema
         None, description=LIGHT_HELP + " Unset: each model spec decides (light=...).")
     job_key: str | None = Field(
@@ -302,7 +316,7 @@ class JobSubmission(BaseModel):
                           "of JPEGs lossless; or only some inputs: 'jpeg=png,webp=png'. An image the format "
                           "cannot hold (alpha as jpeg) fails alone. Unset: each input's format.",
         examples=["png", "jpeg=png,webp=png"])
-    quality: int | None = Field(None, ge=1, le=100, description="Deblur jobs: quality of JPEG and lossy WebP "
+    quality: WholeNumber | None = Field(None, ge=1, le=100, description="Deblur jobs: quality of JPEG and lossy WebP "
                                                                 "outputs (unset: a JPEG input's own, else 95).")
     sidecar: bool = Field(False, description="Deblur jobs: write a provenance record (OUTPUT.deblur.json) next to "
                                              "each output: input and output SHA-256, models and weights' digests, "
@@ -322,11 +336,11 @@ class JobSubmission(BaseModel):
 class RetryRequest(BaseModel):
     """Which images of a job to send again (their outputs are overwritten)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number (WholeNumber)
 
     failed: bool = Field(True, description="Re-enqueue the images that failed.")
     stalled: bool = Field(False, description="Re-enqueue images pending or running for over stalled_after seconds.")
-    stalled_after: int = Field(3600, ge=1, le=10 * 365 * 86400,
+    stalled_after: WholeNumber = Field(3600, ge=1, le=10 * 365 * 86400,
                                description="Seconds after which a pending/running image is stalled.")
 
     @model_validator(mode="after")
@@ -522,7 +536,7 @@ class RetryResult(BaseModel):
 class VerifyRequest(BaseModel):
     """How to check a job's outputs (``deblur verify``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is no priority, "7" no number (WholeNumber)
 
     quick: bool = Field(True, description="Compare the SHA-256 the store kept from each upload (a HEAD request, no "
                                           "egress) instead of reading every output back; outputs whose store keeps "
@@ -635,6 +649,16 @@ def _submission_refused(exc: InputError, body: JobSubmission) -> RequestValidati
     """The 422 answer for a submission (or preview) that validation refused, located at the field it concerns."""
     field = _error_field(exc, body)
     return _validation_error(("body", field) if field else ("body",), str(exc))
+
+
+def scoped_key(key: str | None, client: ApiClient) -> str | None:
+    """The job key as stored for ``client``: each client's keys are its own (another's 'nightly-1' is another
+    job), hashed when the name and key together would be too long to store."""
+    if not key or not client.name:
+        return key
+    scoped = f"{API_CLIENT_LABEL}/{client.name}/{key}"
+    return scoped if len(scoped) <= 255 else (
+        f"{API_CLIENT_LABEL}/{client.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}")
 
 
 def _openapi_with_common_answers(app: FastAPI) -> dict[str, Any]:
@@ -853,8 +877,9 @@ def create_app(settings: Settings) -> FastAPI:
         f"{prefix}/jobs", response_model=JobCreated, status_code=201, tags=["jobs"],
         responses={200: {"model": JobCreated, "description": "The key was used before: the first job."},
                    409: {"model": ErrorMessage,
-                         "description": "The key was used before with another request: its first job is not this "
-                                        "one, so nothing is made; use a new key."},
+                         "description": "The key was used before with another request (its first job is not this "
+                                        "one, so nothing is made; use a new key), or an unfinished job has still "
+                                        "to write one of this job's outputs."},
                    422: {"model": ValidationRefusal,
                          "description": "A field is malformed or refused (unknown model, missing bucket, …)."}},
     )
@@ -875,15 +900,16 @@ def create_app(settings: Settings) -> FastAPI:
             raise _validation_error(("body", "job_key"), f"job_key {body.job_key!r} differs from the "
                                     f"Idempotency-Key header {idempotency_key!r}; send one of them")
         body = client_limits(body, client)
-        key = idempotency_key or body.job_key
-        if key and client.name:  # each client's keys are its own: another's 'nightly-1' is not this one's
-            scoped = f"{API_CLIENT_LABEL}/{client.name}/{key}"
-            key = scoped if len(scoped) <= 255 else (
-                f"{API_CLIENT_LABEL}/{client.name}/sha256:{hashlib.sha256(key.encode()).hexdigest()}")
+        asked_key = idempotency_key or body.job_key
+        key = scoped_key(asked_key, client)
         try:
             result = submit(body.to_request(key, api_client=client.name), settings)
-        except (JobKeyReusedError, JobFinishedError):
-            raise  # 409: a conflict with the key's first job, or a job cancelled while it was listed, not a bad field
+        except JobKeyReusedError as exc:  # 409, quoting the key as the client sent it, not as it is stored
+            raise JobKeyReusedError(str(exc).replace(repr(key), repr(asked_key))) from None
+        except JobFinishedError:
+            raise  # 409: a job cancelled while it was listed, not a bad field
+        except OutputsBusyError as exc:
+            raise busy_outputs(exc, client) from None
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         if not result.created:
@@ -895,6 +921,15 @@ def create_app(settings: Settings) -> FastAPI:
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
                           ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
 
+    def busy_outputs(exc: OutputsBusyError, client: ApiClient) -> HTTPException:
+        """409 for outputs another unfinished job has still to write; a client that may not read that job is not
+        told its id (to it, another client's job does not exist), only that its outputs are taken."""
+        if client.name is None or client.sees_all or owner_of(uuid.UUID(exc.other_job)) == client.name:
+            return HTTPException(409, _shortened(str(exc)))
+        return HTTPException(409, f"output {exc.output} is one an unfinished job of another client has still to "
+                                  "write: the two jobs would write over each other's results; choose another "
+                                  "output prefix, or wait")
+
     @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, tags=["jobs"])
     def preview_job(body: Annotated[JobSubmission, Body()],
                     sample: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 5,
@@ -905,8 +940,11 @@ def create_app(settings: Settings) -> FastAPI:
         included). Lists the whole input, so this call takes as long as submitting the job would.
         """
         body = client_limits(body, client)
-        try:
-            seen = preview(body.to_request(body.job_key, api_client=client.name), settings, sample=sample)
+        try:  # the key as POST /jobs would store it: a re-send of a keyed job is not its own obstacle
+            seen = preview(body.to_request(scoped_key(body.job_key, client), api_client=client.name), settings,
+                           sample=sample)
+        except OutputsBusyError as exc:
+            raise busy_outputs(exc, client) from None
         except InputError as exc:
             raise _submission_refused(exc, body) from None
         return JobPreview(total=seen.total, skipped=seen.skipped, ignored=seen.ignored,

@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, TransientError
+from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, OutputsBusyError, TransientError
 from jobs.labels import check_submitted_labels
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.messages import ImageItem, JobKind
@@ -226,6 +226,8 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
     db_url = settings.resolved_database_url()
     ensure_schema(db_url)
     with session_scope(db_url) as session:
+        queries.fail_abandoned_submissions(session)  # a dead producer's job must not hold the prefix for ever
+    with session_scope(db_url) as session:
         overlapping = {job_id: status for job_id, status, prefix
                        in queries.unfinished_job_outputs(session, checked.request.job_key)
                        if _overlaps(output, prefix)}
@@ -241,10 +243,10 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
         taken = writer.get(digest(item.output or ""))
         if taken is not None:
             other = names[taken]
-            raise InputError(
+            raise OutputsBusyError(
                 f"output {item.output} (of {item.input}) is one job {other} ({overlapping[other]}) has still to "
                 f"write: the two jobs would write over each other's results. Wait for it ('deblur status {other} "
-                "--watch'), cancel it, or choose another output prefix")
+                "--watch'), cancel it, or choose another output prefix", other, str(item.output))
 
 
 def _overlaps(output: S3URI, prefix: str) -> bool:
@@ -415,16 +417,20 @@ def submit(
                     progress(total)
     except BaseException as exc:
         with session_scope(db_url) as session:
-            # the key is released so that submitting again with it starts afresh
-            # the count the user is told, queued, not the rows written: those never sent are cancelled below
-            queries.set_job_state(session, job_id, status="failed", job_key=None,
-                                  error=f"{queries.SUBMISSION_INTERRUPTED} after {queued} images were queued "
-                                        f"(they are restored; the rest were not submitted): {exc!r}")
+            # failed first (the key released, so submitting again with it starts afresh): a windowed job's
+            # finishing batches send no further one from now on
+            queries.set_job_state(session, job_id, status="failed", job_key=None)
+            if window:  # the batches the window had not sent yet will never be: the workers send only for live jobs
+                unsent_from = queries.get_job(session, job_id).batches_sent
             if unsent_from is not None:
                 # written, never sent: cancelled, as the user is told, so nothing takes them for sent (a broker
                 # found to have lost its messages sends a failed job's waiting images again: worker.broker_watch)
                 queries.cancel_unsent_batches(session, job_id, unsent_from)
-            queries.set_job_state(session, job_id, total=sum(queries.status_counts(session, job_id).values()))
+            counts = queries.status_counts(session, job_id)
+            queued = sum(counts.values()) - counts["cancelled"]  # what the user is told: sent, not merely written
+            queries.set_job_state(session, job_id, total=sum(counts.values()),
+                                  error=f"{queries.SUBMISSION_INTERRUPTED} after {queued} images were queued "
+                                        f"(they are restored; the rest were not submitted): {exc!r}")
         if isinstance(exc, BrokerError):
             what = (f"the first {queued} images were queued and may still be restored: submit again with "
                     "--skip-existing to leave out those already restored" if queued

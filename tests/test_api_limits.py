@@ -168,11 +168,26 @@ def test_fields_of_the_other_job_kind_and_conflicting_formats_are_refused(served
 def test_values_of_the_wrong_json_type_are_refused_not_coerced(served) -> None:  # type: ignore[no-untyped-def]
     client, _, name = served
     good = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/"}
-    for field, value in (("priority", True), ("priority", "7"), ("sidecar", "yes"), ("batch_size", 2.0)):
+    for field, value in (("priority", True), ("priority", "7"), ("sidecar", "yes"), ("batch_size", 2.5)):
         response = client.post("/v1/jobs/preview", json={**good, field: value})
         assert response.status_code == 422, (field, value, response.text)
         assert response.json()["detail"][0]["loc"] == ["body", field]
     assert client.post("/v1/jobs/preview", json={**good, "strength": 1, "priority": 7}).status_code == 200
+    # a whole number written with a point (some encoders write every number so) is still a whole number
+    assert client.post("/v1/jobs/preview", json={**good, "priority": 7.0, "quality": 90.0}).status_code == 200
+    assert client.post("/v1/jobs/preview", json={**good, "priority": 7.5}).status_code == 422
+
+
+def test_outputs_an_unfinished_job_has_still_to_write_are_a_conflict_named_only_to_who_may_see_it(  # type: ignore[no-untyped-def]
+        served) -> None:
+    client, _, name = served
+    good = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/busy/"}
+    first = client.post("/v1/jobs", json=good)
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/jobs", json={**good, "models": ["richardson-lucy"]})
+    assert again.status_code == 409 and first.json()["id"] in again.json()["detail"], again.text
+    previewed = client.post("/v1/jobs/preview", json={**good, "models": ["richardson-lucy"]})
+    assert previewed.status_code == 409, previewed.text
 
 
 def test_a_malformed_job_id_is_named_once(served) -> None:  # type: ignore[no-untyped-def]

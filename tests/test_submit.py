@@ -159,6 +159,23 @@ def test_a_job_whose_outputs_an_unfinished_job_has_still_to_write_is_refused(env
     again = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "wiener", "-q")
     assert again.exit_code == 0, again.output
 
+    # a job whose producer died mid-listing held the prefix for good: nothing marked it failed before the check
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db import queries
+    from db.engine import session_scope
+    from db.schema import Job
+
+    with session_scope(env["DEBLUR_DATABASE_URL"]) as session:
+        session.execute(update(Job).where(Job.id == again.stdout.strip()).values(
+            status="submitting", updated_at=queries.utcnow() - timedelta(seconds=queries.SUBMISSION_STALE_S + 60)))
+    after_death = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "-q")
+    assert after_death.exit_code == 0, after_death.output
+    with session_scope(env["DEBLUR_DATABASE_URL"]) as session:
+        assert queries.get_job(session, again.stdout.strip()).status == "failed"
+
 
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
@@ -460,7 +477,7 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
         assert old.status == "failed" and old.job_key is None and "submission interrupted" in (old.error or "")
         assert queries.get_job(session, fresh.stdout.strip()).job_key == keys["stale"]
         keyless = queries.get_job(session, ids["keyless"])
-        assert keyless.status == "failed" and "the images it listed are restored" in (keyless.error or "")
+        assert keyless.status == "failed" and "the images it sent are restored" in (keyless.error or "")
         assert queries.get_job(session, ids["live"]).status == "submitting"
 
 
@@ -490,6 +507,35 @@ def _submit_acting_after_the_first_chunk(s3, monkeypatch, act, window: int = 0):
         return submit(request, settings, progress=progress), seen
     except JobFinishedError as exc:  # what the producer says of a job cancelled meanwhile
         return exc, seen
+
+
+def test_a_windowed_submission_that_breaks_off_cancels_the_batches_its_window_never_sent(  # type: ignore[no-untyped-def]
+        env, s3, monkeypatch) -> None:
+    """A windowed job whose listing broke off (Ctrl-C, a listing error) was failed with its unsent batches left
+    pending for good, since no worker sends a failed job's next batch, while its error said they were restored."""
+    import producer.submit as submit_module
+    from db import queries
+    from db.engine import session_scope
+    from jobs.settings import load_settings
+    from producer.submit import JobRequest, submit
+
+    client, bucket = s3
+    for i in range(6):
+        client.put_object(Bucket=bucket, Key=f"many/{i}.png", Body=b"x")
+    monkeypatch.setattr(submit_module, "ROWS_PER_TRANSACTION", 4)
+
+    def interrupted(total: int) -> None:
+        raise KeyboardInterrupt  # after the first chunk: four one-image batches written, the window sent one
+
+    request = JobRequest(kind="deblur", inputs=[f"s3://{bucket}/many/"], output=f"s3://{bucket}/out/",
+                         models=["wiener"], batch_size=1, window=1)
+    with pytest.raises(KeyboardInterrupt):
+        submit(request, load_settings(), progress=interrupted)
+    with session_scope(load_settings().resolved_database_url()) as session:
+        [job] = [j for j in queries.recent_jobs(session, 50) if (j.spec or {}).get("output") == f"s3://{bucket}/out/"]
+        counts = queries.status_counts(session, job.id)
+        assert (job.status, counts["pending"], counts["cancelled"], job.total) == ("failed", 1, 3, 4), counts
+        assert "after 1 images were queued" in job.error, job.error
 
 
 @pytest.mark.parametrize("window", [0, 1])

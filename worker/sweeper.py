@@ -25,7 +25,6 @@ import threading
 from db import queries
 from db.engine import ensure_schema, session_scope
 from jobs.settings import Settings
-from worker.broker_watch import SEND_AT_ONCE
 
 log = logging.getLogger(__name__)
 
@@ -96,45 +95,6 @@ class AbandonedImageSweeper:
             send_plain_batches(self.settings, job_id, job.kind, job.spec, items, retry=False)
         return len(items)
 
-    def send_abandoned_submissions(self) -> int:
-        """Send the images of this queue's jobs whose producer was found gone mid-listing that still wait from
-        before (:func:`db.queries.abandoned_submissions_waiting`): rows it wrote and was killed before sending, and
-        a windowed job's batches no one sends once it failed. Read a step at a time, sent as plain batches, then
-        stamped with the time read before the send, so each is sent once by this path; two workers at it together
-        send some twice, which the claims make harmless. Returns how many were sent."""
-        from jobs.messages import ImageItem
-        from producer.dispatch import send_plain_batches
-
-        url = self.settings.resolved_database_url()
-        ensure_schema(url)
-        with session_scope(url) as session:
-            jobs = [(job_id, found) for job_id, found, spec in queries.abandoned_submissions_waiting(session)
-                    if (spec or {}).get("queue") == self.settings.queue]
-        sent = 0
-        for job_id, found in jobs:
-            try:
-                while True:
-                    with session_scope(url) as session:
-                        stamp = max(queries.database_now(session), found)  # never before: it would be read again
-                        rows = queries.pending_sent_before(session, job_id, found, limit=SEND_AT_ONCE)
-                        job = queries.get_job(session, job_id)
-                    if not rows:
-                        break
-                    items = [ImageItem(input=i, output=o, reference=r) for _, i, o, r in rows]
-                    send_plain_batches(self.settings, job_id, job.kind, job.spec, items, retry=False)
-                    with session_scope(url) as session:
-                        stamped = queries.mark_sent(session, [row[0] for row in rows], stamp, found)
-                    sent += len(rows)
-                    log.warning("job %s's producer stopped while listing it: %d image(s) it wrote were sent "
-                                "(its listing stays incomplete: submit again with --skip-existing for the rest)",
-                                job_id, len(rows))
-                    if len(rows) < SEND_AT_ONCE or not stamped:
-                        break
-            except Exception:  # the broker or the database: the next sweep sends the rest
-                log.exception("sending the images of job %s, whose producer stopped while listing it, failed; the "
-                              "next sweep tries again", job_id)
-        return sent
-
     def _run(self) -> None:
         wait = self.interval * random.uniform(0.5, 1.0)
         while not self._stop.wait(wait):
@@ -143,10 +103,6 @@ class AbandonedImageSweeper:
                 self.sweep()
             except Exception:  # the database is away: the next sweep tries again
                 log.exception("the sweep for abandoned images failed")
-            try:
-                self.send_abandoned_submissions()
-            except Exception:  # the database is away: the next sweep tries again
-                log.exception("the look for images of abandoned submissions failed")
             if self.broker_watch is not None:
                 try:
                     self.broker_watch.check()
