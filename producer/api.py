@@ -1082,7 +1082,8 @@ def create_app(settings: Settings) -> FastAPI:
         return PauseResult(id=key, status="paused", changed=pause_job(settings, key))
 
     @app.post(f"{prefix}/jobs/{{job_id}}/resume", response_model=PauseResult, dependencies=changers,
-              tags=["jobs"], responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
+              tags=["jobs"], responses={404: {"model": ErrorMessage, "description": "No job with this id."},
+                                        409: {"model": ErrorMessage, "description": "The job finished."}})
     def resume(job_id: JobId) -> PauseResult:
         """Let a paused job send its batches again, at once as many as its window holds."""
         key = str(job_id)

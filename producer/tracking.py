@@ -105,6 +105,7 @@ def resume_job(settings: Settings, job_id: str) -> int | None:
 
     Raises:
         UnknownJobError: no such job.
+        JobFinishedError: the job is done, failed or cancelled (as pausing it would).
     """
     from producer.dispatch import send_window_batches
 
@@ -112,6 +113,8 @@ def resume_job(settings: Settings, job_id: str) -> int | None:
     ensure_schema(url)
     with session_scope(url) as session:
         job = queries.get_job(session, job_id)
+        if job.status in queries.FINISHED_JOB_STATUSES:
+            raise JobFinishedError(f"job {job_id} already finished ({job.status}); nothing to resume")
         if not queries.resume_job(session, job_id):
             return None
         kind, spec = job.kind, dict(job.spec)

@@ -241,3 +241,15 @@ def test_jobs_are_listed_page_by_page_none_skipped_or_repeated(served) -> None: 
     assert len(seen) == len(set(seen)) == 5 and set(seen) == set(made) and seen[0] in made[-2:]
     unknown = client.get("/v1/jobs", params={"before": str(uuid.uuid4())})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["query", "before"]
+
+
+def test_resuming_a_finished_job_is_a_conflict_as_pausing_it_is(served) -> None:  # type: ignore[no-untyped-def]
+    """Pausing a finished job answered 409, resuming it 200 'changed: false'."""
+    client, _, name = served
+    job = client.post("/v1/jobs", json={"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/resumed/",
+                                        "window": 1}).json()["id"]
+    assert client.post(f"/v1/jobs/{job}/pause").status_code == 200
+    assert client.post(f"/v1/jobs/{job}/cancel").status_code == 200
+    for action in ("pause", "resume"):
+        answer = client.post(f"/v1/jobs/{job}/{action}")
+        assert answer.status_code == 409 and "already finished (cancelled)" in answer.json()["detail"], answer.text
