@@ -986,9 +986,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get(f"{prefix}/jobs/{{job_id}}", response_model=JobStatus, dependencies=readers, tags=["jobs"],
              responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
-    def get_job(job_id: JobId) -> JobStatus:
+    def get_job(job_id: JobId,
+                spec: Annotated[bool, Query(description="false: leave the spec out (null), e.g. when polling a job "
+                                                        "submitted with 100,000 URIs, whose spec is megabytes")] = True,
+                ) -> JobStatus:
         """A job's state, counts per image status, throughput (images/s) and ETA."""
         info = job_status(settings, str(job_id))
+        if not spec:
+            info = {**info, "spec": None}
         links = urls(info["id"])
         return JobStatus(**info, images_url=links["images_url"], summary_url=links["summary_url"])
 

@@ -253,3 +253,14 @@ def test_resuming_a_finished_job_is_a_conflict_as_pausing_it_is(served) -> None:
     for action in ("pause", "resume"):
         answer = client.post(f"/v1/jobs/{job}/{action}")
         assert answer.status_code == 409 and "already finished (cancelled)" in answer.json()["detail"], answer.text
+
+
+def test_a_job_can_be_polled_without_its_spec(served) -> None:  # type: ignore[no-untyped-def]
+    """Each poll of a job submitted with 100,000 URIs carried its whole spec: 3 MB every two seconds."""
+    client, _, name = served
+    job = client.post("/v1/jobs", json={"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/polled/"}).json()
+    light = client.get(f"/v1/jobs/{job['id']}", params={"spec": "false"}).json()
+    whole = client.get(f"/v1/jobs/{job['id']}").json()
+    assert light["spec"] is None and whole["spec"]["output"] == f"s3://{name}/polled/"
+    assert {k: v for k, v in light.items() if k not in ("spec", "images_per_s", "eta_s")} == \
+        {k: v for k, v in whole.items() if k not in ("spec", "images_per_s", "eta_s")}
