@@ -356,7 +356,9 @@ class RetryRequest(BaseModel):
 class JobCreated(BaseModel):
     id: str | None = Field(description="The job id (a UUID); null when skip_existing left no image to submit.")
     created: bool = Field(description="false when an idempotency key returned an earlier job, or no job was made.")
-    total: int = Field(description="Images in the job.")
+    total: int = Field(description="Images in the job (so far, when submitting is true).")
+    submitting: bool = Field(False, description="true when an idempotency key returned a job its first submission "
+                                                "is still listing: total counts the images listed so far.")
     skipped: int = Field(0, description="Images left out by skip_existing because their output already existed.")
     ignored: dict[str, int] = Field(
         default_factory=dict, description="Files under the input prefixes that were left out because they are no "
@@ -919,7 +921,8 @@ def create_app(settings: Settings) -> FastAPI:
                               status_url=None)
         response.headers["Location"] = urls(result.job_id)["status_url"]
         return JobCreated(id=result.job_id, created=result.created, total=result.total, skipped=result.skipped,
-                          ignored=result.ignored, status_url=urls(result.job_id)["status_url"])
+                          ignored=result.ignored, status_url=urls(result.job_id)["status_url"],
+                          submitting=result.listing)
 
     def busy_outputs(exc: OutputsBusyError, client: ApiClient) -> HTTPException:
         """409 for outputs another unfinished job has still to write; a client that may not read that job is not

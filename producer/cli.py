@@ -275,8 +275,11 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
     click.echo(result.job_id)
     if not quiet:
         verb = "submitted" if result.created else "already submitted (same --job-key)"
+        so_far = ""
+        if result.listing:  # the key's first submission is still listing it: a count so far, not the job's size
+            verb, so_far = "already being submitted (same --job-key)", " listed so far"
         left_out = f", {result.skipped} left out{skipped_note}" if result.skipped else ""
-        console.print(f"{verb}: job {result.job_id} with {result.total} images{left_out}")
+        console.print(f"{verb}: job {result.job_id} with {result.total} images{so_far}{left_out}")
     if wait:
         info = _watch_until_interrupted(settings, result.job_id)
         if not quiet:

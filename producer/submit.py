@@ -89,6 +89,7 @@ class SubmitResult:
     total: int
     skipped: int = 0  # images left out because their output already existed
     ignored: dict[str, int] = field(default_factory=dict)  # files under a prefix that are no images, by kind
+    listing: bool = False  # a key's job still being listed by the submission that made it: total is so far
 
 
 @dataclass
@@ -263,6 +264,14 @@ def _no_images(request: JobRequest, ignored: Mapping[str, int]) -> InputError:
     return InputError(f"no images ({READ_FORMATS}) found in {', '.join(request.inputs)}{found}")
 
 
+def _keyed_result(session: Any, keyed: Any) -> SubmitResult:
+    """The answer to a key already used: its job, with the images it holds, counted so far while the submission
+    that made it is still listing it (its total is set only at the end)."""
+    if keyed.status == "submitting":
+        return SubmitResult(keyed.id, False, sum(queries.status_counts(session, keyed.id).values()), listing=True)
+    return SubmitResult(keyed.id, False, keyed.total)
+
+
 def _check_same_request(keyed: Any, job_key: str | None, asked: str | None) -> None:
     """Refuse a request whose fingerprint is ``asked`` (:meth:`JobRequest.fingerprint`) when the job its key
     ``job_key`` made, ``keyed``, came from another request (a job made before requests were fingerprinted
@@ -324,7 +333,7 @@ def submit(
             keyed = queries.job_with_key(session, request.job_key)
             if keyed is not None:  # the same key returns the first job, even when nothing would be left to submit
                 _check_same_request(keyed, request.job_key, asked)
-                return SubmitResult(keyed.id, False, keyed.total)
+                return _keyed_result(session, keyed)
     checked = _validate(request, settings)
     _check_no_live_job_writes_the_same(checked, settings)
     request, models, batch_size, plan = checked.request, checked.models, checked.batch_size, checked.plan
@@ -374,7 +383,8 @@ def submit(
         job_id = job.id
     if not created:  # the key's first job was made meanwhile, by a submission sent at the same time
         _check_same_request(job, request.job_key, asked)
-        return SubmitResult(job_id, False, job.total)
+        with session_scope(db_url) as session:
+            return _keyed_result(session, queries.get_job(session, job_id))
     heartbeat.start(job_id)
 
     total = 0  # images listed and written

@@ -399,7 +399,7 @@ def test_preview_skip_existing_and_colliding_outputs_over_http(env, bucket, clie
     nothing = client.post("/v1/jobs", json=body)
     assert nothing.status_code == 200, nothing.text
     assert nothing.json() == {"id": None, "created": False, "total": 0, "skipped": 1, "ignored": {".heic": 1},
-                              "status_url": None}
+                              "status_url": None, "submitting": False}
 
 
 def test_client_tokens_name_the_submitter_and_read_only_clients_change_nothing(  # type: ignore[no-untyped-def]

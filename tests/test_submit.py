@@ -472,6 +472,9 @@ def test_a_submission_abandoned_mid_listing_gives_its_key_to_a_new_job(env, s3) 
     assert fresh.stdout.strip() != ids["stale"]
     busy = invoke(*args, "--job-key", keys["live"])
     assert busy.exit_code == 0 and busy.stdout.strip() == ids["live"]  # still being submitted: the same job
+    told = invoke(*[a for a in args if a != "-q"], "--job-key", keys["live"])  # it once said "with 0 images"
+    assert f"already being submitted (same --job-key): job {ids['live']} with 0 images listed so far" in \
+        " ".join(told.output.split()), told.output
     with session_scope(url) as session:
         old = queries.get_job(session, ids["stale"])
         assert old.status == "failed" and old.job_key is None and "submission interrupted" in (old.error or "")
