@@ -228,7 +228,6 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
     ensure_schema(db_url)
     with session_scope(db_url) as session:
         queries.fail_abandoned_submissions(session)  # a dead producer's job must not hold the prefix for ever
-    with session_scope(db_url) as session:
         overlapping = {job_id: status for job_id, status, prefix
                        in queries.unfinished_job_outputs(session, checked.request.job_key)
                        if _overlaps(output, prefix)}

@@ -223,6 +223,17 @@ class FlowerProcess:
         self._log.close()
 
 
+def reply(handler: Any, code: int, kind: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """Answer a ``http.server`` request with ``body`` of content type ``kind`` and ``headers``."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", kind)
+    handler.send_header("Content-Length", str(len(body)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class LoopbackHttpServer:
     """Serves a ``http.server`` handler on a free loopback port from a daemon thread: ``url`` is its address,
     :meth:`close` stops it. Subclasses define their handler (quiet: no request log) and call :meth:`_serve`."""

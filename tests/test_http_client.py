@@ -21,7 +21,8 @@ import boto3
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e_helpers import LoopbackHttpServer, WorkerProcess, mixed_samples, serving_api, service_env, upload
+from tests.e2e_helpers import (LoopbackHttpServer, WorkerProcess, mixed_samples, reply, serving_api, service_env,
+                                upload)
 
 pytestmark = [pytest.mark.integration]
 
@@ -101,13 +102,7 @@ class FlakyServer(LoopbackHttpServer):
                     body, code = b'{"detail": "the database is unreachable"}', 503
                 else:
                     body, code = json.dumps({"id": "j", "status": "done", "counts": {}, "cancelled": 0}).encode(), 200
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if code == 503:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(body)
+                reply(self, code, "application/json", body, {"Retry-After": "0"} if code == 503 else None)
 
             do_GET = do_POST = _answer
 

@@ -21,7 +21,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.e2e_helpers import LoopbackHttpServer, mixed_samples, serving_api, upload
+from tests.e2e_helpers import LoopbackHttpServer, mixed_samples, reply, serving_api, upload
 
 MODEL = "wiener:psf=motion:length=7,angle=30"
 STUB_ANSWER = {"id": "j", "status": "done", "counts": {}, "cancelled": 0}
@@ -75,12 +75,7 @@ class Proxy(LoopbackHttpServer):
                     self._send(code, kind, text)
 
             def _send(self, code: int, kind: str, text: str) -> None:
-                data = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply(self, code, kind, text.encode())
 
             do_GET = do_POST = _answer
 
