@@ -84,6 +84,34 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def name_env_vars_after_flags(command: click.Command, prefix: str) -> None:
+    """Make every option of ``command`` (and of its subcommands, for a group) read ``<prefix>_<FLAG>``, the name
+    its long flag gives (``deblur results --format``: ``DEBLUR_RESULTS_FORMAT``), as the README promises.
+
+    Click names automatic variables after the Python parameter (``fmt``: ``DEBLUR_RESULTS_FMT``), which a user
+    cannot guess from ``--help``'s flags. That name is still read after the flag's, so a setting that relied on
+    it keeps working; an option that reads a setting's variable (``worker --queue``: ``DEBLUR_QUEUE``) reads the
+    flag's name first too. ``prefix`` is the command's own (``DEBLUR_RESULTS``)."""
+    if getattr(command, "_env_named_after_flags", False):
+        return
+    command._env_named_after_flags = True  # type: ignore[attr-defined]
+    for param in command.params:
+        flags = [name for name in getattr(param, "opts", ()) if name.startswith("--")]
+        if not isinstance(param, click.Option) or not flags or not param.allow_from_autoenv:
+            continue
+        wanted = f"{prefix}_{flags[0][2:].upper().replace('-', '_')}"
+        if param.envvar is None:
+            automatic = f"{prefix}_{(param.name or '').upper()}"
+            param.envvar = wanted if automatic == wanted else [wanted, automatic]
+        else:
+            given = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar)
+            if wanted not in given:
+                param.envvar = [wanted, *given]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            name_env_vars_after_flags(sub, f"{prefix}_{name.upper().replace('-', '_')}")
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
@@ -99,8 +127,11 @@ class LazyGroup(click.Group):
                     f"'deblur {name}' needs packages that are not installed ({exc.name or exc}); "
                     "install the worker extra: pip install 'deblur[worker]'"
                 ) from None
-            return command
-        return super().get_command(ctx, name)
+        else:
+            command = super().get_command(ctx, name)
+        if command is not None:
+            name_env_vars_after_flags(command, f"{ctx.auto_envvar_prefix or 'DEBLUR'}_{name.upper().replace('-', '_')}")
+        return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
