@@ -924,14 +924,14 @@ def create_app(settings: Settings) -> FastAPI:
                           ignored=result.ignored, status_url=urls(result.job_id)["status_url"],
                           submitting=result.listing)
 
-    def busy_outputs(exc: OutputsBusyError, client: ApiClient) -> HTTPException:
+    def busy_outputs(exc: OutputsBusyError, client: ApiClient,
+                     advice: str = "choose another output prefix, or wait") -> HTTPException:
         """409 for outputs another unfinished job has still to write; a client that may not read that job is not
         told its id (to it, another client's job does not exist), only that its outputs are taken."""
         if client.name is None or client.sees_all or owner_of(uuid.UUID(exc.other_job)) == client.name:
             return HTTPException(409, _shortened(str(exc)))
         return HTTPException(409, f"output {exc.output} is one an unfinished job of another client has still to "
-                                  "write: the two jobs would write over each other's results; choose another "
-                                  "output prefix, or wait")
+                                  f"write: the two jobs would write over each other's results; {advice}")
 
     @app.post(f"{prefix}/jobs/preview", response_model=JobPreview, tags=["jobs"])
     def preview_job(body: Annotated[JobSubmission, Body()],
@@ -1101,17 +1101,24 @@ def create_app(settings: Settings) -> FastAPI:
         return PauseResult(id=key, status=status, changed=sent is not None,
                            sent=sent or 0)
 
-    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, dependencies=changers, tags=["jobs"],
-              responses={404: {"model": ErrorMessage, "description": "No job with this id."}})
-    def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None) -> RetryResult:
+    @app.post(f"{prefix}/jobs/{{job_id}}/retry", response_model=RetryResult, tags=["jobs"],
+              responses={404: {"model": ErrorMessage, "description": "No job with this id."},
+                         409: {"model": ErrorMessage, "description": "Another unfinished job has still to write "
+                                                                     "an output of an image to retry."}})
+    def retry(job_id: JobId, body: Annotated[RetryRequest | None, Body()] = None,
+              client: ApiClient = Depends(job_changer)) -> RetryResult:  # noqa: B008
         """Re-enqueue a job's failed and/or stalled images; outputs go to the same keys.
 
-        Without a body, the failed images are retried.
+        Without a body, the failed images are retried. Refused (409), retrying nothing, while another
+        unfinished job has still to write one of their outputs.
         """
         body = body or RetryRequest()
         key = str(job_id)
-        n = retry_images(settings, key, failed=body.failed,
-                         stalled_after=body.stalled_after if body.stalled else None)
+        try:
+            n = retry_images(settings, key, failed=body.failed,
+                             stalled_after=body.stalled_after if body.stalled else None)
+        except OutputsBusyError as exc:
+            raise busy_outputs(exc, client, "wait for it to finish, then retry") from None
         return RetryResult(id=key, requeued=n)
 
     @app.post(f"{prefix}/jobs/{{job_id}}/verify", response_model=VerifyResult, dependencies=changers,

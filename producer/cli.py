@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from jobs.errors import ConfigurationError, DeblurError, InputError
+from jobs.errors import ConfigurationError, DeblurError, InputError, OutputsBusyError
 from jobs.layout import parse_output_format
 from jobs.settings import HELP, Settings, load_settings
 from jobs.statuses import JOB_STATUSES
@@ -723,11 +723,22 @@ def retry(job: str | None, failed: bool, stalled: bool, stalled_after: int, all_
         raise click.UsageError("name one JOB, or pass --all for every unfinished job")
     settings = _settings()
     jobs = retryable_job_ids(settings) if all_jobs else [full_job_id(settings, job)]  # type: ignore[arg-type]
+    refused = 0
     for job_id in jobs:
-        n = retry_images(settings, job_id, failed=failed, stalled_after=stalled_after if stalled else None)
+        try:
+            n = retry_images(settings, job_id, failed=failed, stalled_after=stalled_after if stalled else None)
+        except OutputsBusyError as exc:
+            if not all_jobs:
+                raise
+            refused += 1  # the other jobs are still retried: one conflict must not strand them
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            continue
         console.print(f"re-enqueued {n} images of job {job_id}")
     if all_jobs and not jobs:
         console.print("no queued, running or paused jobs")
+    if refused:
+        console.print(f"{refused} of {len(jobs)} jobs not retried: another job has still to write their outputs")
+        sys.exit(2)
 
 
 @main.command()

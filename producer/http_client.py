@@ -16,7 +16,8 @@ api-client add``, or the shared one) and needs only ``httpx``:
 Errors are the project's own (:mod:`jobs.errors`), so code written against
 ``Client`` handles them alike: a refused request raises :class:`InputError`
 with the server's message and the field it names, an unknown job
-:class:`UnknownJobError`, a finished one :class:`JobFinishedError`, a job key
+:class:`UnknownJobError`, a finished one :class:`JobFinishedError`, an output another
+unfinished job has still to write :class:`OutputsBusyError`, a job key
 sent again with another request :class:`JobKeyReusedError`, a missing or
 wrong token :class:`ApiAccessError`. An answer the API never gives (a 404
 from a route it lacks, a body that is not JSON, a redirect: a wrong base URL,
@@ -45,13 +46,22 @@ is).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 
-from jobs.errors import DeblurError, InputError, JobFinishedError, JobKeyReusedError, TransientError, UnknownJobError
+from jobs.errors import (
+    DeblurError,
+    InputError,
+    JobFinishedError,
+    JobKeyReusedError,
+    OutputsBusyError,
+    TransientError,
+    UnknownJobError,
+)
 from jobs.statuses import FINISHED_JOB_STATUSES
 
 MAX_PAGE_SIZE = 1000  # the API's largest page (producer.api.MAX_PAGE): larger pages are refused with a 422
@@ -313,6 +323,11 @@ class HttpClient:
             attempt += 1
 
 
+# the API's 409 for an output another unfinished job has still to write (producer.submit, producer.retry)
+_BUSY_OUTPUT = re.compile(r"output (?P<output>.+?) (?:\(of .*?\) )?is one (?:job (?P<job>[0-9a-f-]{36})|an unfinished "
+                          r"job of another client)", re.DOTALL)
+
+
 def _retry_after(response: httpx.Response, default: float) -> float:
     try:
         return max(0.0, min(float(response.headers.get("Retry-After", default)), 60.0))
@@ -369,6 +384,9 @@ def _answer(response: httpx.Response) -> Any:
     if code == 409:
         if detail.startswith("job key "):  # the key was used before with another request
             raise JobKeyReusedError(detail)
+        busy = _BUSY_OUTPUT.match(detail)
+        if busy:  # outputs another unfinished job has still to write (its id only when this client may read it)
+            raise OutputsBusyError(detail, busy.group("job") or "", busy.group("output"))
         raise JobFinishedError(detail)
     if code in (400, 422):
         raise InputError(detail)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from db import queries
 from db.engine import ensure_schema, session_scope
-from db.schema import utcnow
+from db.schema import Image, utcnow
+from jobs.errors import InputError, OutputsBusyError
 from jobs.messages import ImageItem
+from jobs.s3uri import parse_s3_uri
 from jobs.settings import Settings
 from producer.dispatch import send_plain_batches, send_window_batches
+from producer.inputs import digest
 
 
 def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: int | None) -> int:
@@ -23,6 +28,10 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     persistence, a flushed queue) the job's count still included them, and no
     batch would have been sent again. A windowed job still being listed gets
     its retried images outside the window, as a job without one does.
+
+    Raises :class:`OutputsBusyError`, retrying nothing, when another unfinished
+    job has still to write one of the selected images' outputs (a job run
+    again into the same prefix since): both would write it.
     """
     from jobs.celery_app import app_for
 
@@ -33,6 +42,7 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
     with session_scope(url) as session:
         job = queries.get_job(session, job_id)
         images = queries.images_to_retry(session, job_id, failed, stalled_before)
+        _check_no_other_job_writes(session, job_id, job.spec.get("output"), images)
         # output_uri keeps the planned key even for failed images
         items = [ImageItem(input=i.input_uri, output=i.output_uri, reference=i.reference_uri) for i in images]
         if items:
@@ -56,6 +66,33 @@ def retry_images(settings: Settings, job_id: str, failed: bool, stalled_after: i
         else:
             send_plain_batches(settings, job_id, kind, spec, items, producer=producer)
     return len(items)
+
+
+def _check_no_other_job_writes(session: Session, job_id: str, prefix: object, images: list[Image]) -> None:
+    """Refuse to send ``images`` of job ``job_id`` (output prefix ``prefix``) again when an unfinished job other
+    than this one has still to write one of their outputs: the two would write over each other, and whichever
+    finished first would keep 'done' over an output the other replaced (as a new job is refused,
+    :mod:`producer.submit`). Only jobs whose output prefix overlaps are read; the images are held already."""
+    from producer.submit import overlaps
+
+    if not images or not isinstance(prefix, str):
+        return
+    try:
+        output = parse_s3_uri(prefix, want_prefix=True, exact=True)
+    except InputError:  # a spec written by hand or by an older version: nothing to compare
+        return
+    overlapping = {other: status for other, status, its_prefix in queries.unfinished_job_outputs(session)
+                   if other != job_id and overlaps(output, its_prefix)}
+    if not overlapping:
+        return
+    retried = {digest(image.output_uri): image for image in images if image.output_uri}
+    for other, uri in queries.outputs_still_to_write(session, list(overlapping)):
+        image = retried.get(digest(uri))
+        if image is not None and image.output_uri == uri:
+            raise OutputsBusyError(
+                f"output {uri} (of {image.input_uri}) is one job {other} ({overlapping[other]}) has still to "
+                f"write: retrying job {job_id} now would write over that job's result. Wait for it ('deblur status "
+                f"{other} --watch') or cancel it, then retry", other, uri)
 
 
 def retryable_job_ids(settings: Settings) -> list[str]:

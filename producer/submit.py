@@ -230,7 +230,7 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
         queries.fail_abandoned_submissions(session)  # a dead producer's job must not hold the prefix for ever
         overlapping = {job_id: status for job_id, status, prefix
                        in queries.unfinished_job_outputs(session, checked.request.job_key)
-                       if _overlaps(output, prefix)}
+                       if overlaps(output, prefix)}
         if not overlapping:
             return
         names = list(overlapping)
@@ -249,7 +249,7 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
                 "--watch'), cancel it, or choose another output prefix", other, str(item.output))
 
 
-def _overlaps(output: S3URI, prefix: str) -> bool:
+def overlaps(output: S3URI, prefix: str) -> bool:
     """Whether the output prefix ``prefix`` (a job's spec) and ``output`` lie one within the other."""
     try:
         other = parse_s3_uri(prefix, want_prefix=True, exact=True)

@@ -190,6 +190,49 @@ def test_outputs_an_unfinished_job_has_still_to_write_are_a_conflict_named_only_
     assert previewed.status_code == 409, previewed.text
 
 
+def _fail_image(database_url: str, job_id: str, input_uri: str) -> None:
+    """Record ``input_uri`` of ``job_id`` as failed, as a worker would."""
+    from sqlalchemy import update
+
+    from db.engine import session_scope
+    from db.schema import Image
+
+    with session_scope(database_url) as session:
+        session.execute(update(Image).where(Image.job_id == job_id, Image.input_uri == input_uri)
+                        .values(status="failed", error="decode failed"))
+
+
+def test_a_retry_whose_outputs_another_unfinished_job_has_still_to_write_is_a_conflict(  # type: ignore[no-untyped-def]
+        served, env) -> None:
+    """A retry sent a failed image again while a newer job into the same prefix had still to write it: both
+    wrote it. It is a 409 now (OutputsBusyError in HttpClient, as for a submission), and nothing is sent."""
+    from jobs.errors import OutputsBusyError
+    from producer.http_client import HttpClient
+
+    client, s3, name = served
+    key = s3.list_objects_v2(Bucket=name, Prefix="in/")["Contents"][0]["Key"]
+    first = client.post("/v1/jobs", json={"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/again/"})
+    assert first.status_code == 201, first.text
+    _fail_image(env["DEBLUR_DATABASE_URL"], first.json()["id"], f"s3://{name}/{key}")
+    # its output is the failed image's, which the first job no longer has to write: accepted
+    folder = key.removeprefix("in/").rpartition("/")[0]  # a key keeps only its name below the output prefix
+    output = f"s3://{name}/again/" + (f"{folder}/" if folder else "")
+    second = client.post("/v1/jobs", json={"inputs": [f"s3://{name}/{key}"], "output": output})
+    assert second.status_code == 201, second.text
+    refused = client.post(f"/v1/jobs/{first.json()['id']}/retry")
+    assert refused.status_code == 409, refused.text
+    assert f"is one job {second.json()['id']} (queued) has still to write" in refused.json()["detail"]
+    [failed] = client.get(f"/v1/jobs/{first.json()['id']}/images", params={"status": "failed"}).json()["items"]
+    assert failed["input"] == f"s3://{name}/{key}"  # not made pending: nothing was sent
+    http = HttpClient(str(client.base_url), token=TOKEN, retries=0)
+    with pytest.raises(OutputsBusyError) as caught:
+        http.retry(first.json()["id"])
+    assert caught.value.other_job == second.json()["id"]
+    assert caught.value.output == f"s3://{name}/again/{key.removeprefix('in/')}"
+    with pytest.raises(OutputsBusyError):  # a submission's conflict is the same error, not JobFinishedError
+        http.submit([f"s3://{name}/in/"], output=f"s3://{name}/again/")
+
+
 def test_a_malformed_job_id_is_named_once(served) -> None:  # type: ignore[no-untyped-def]
     client, _, _ = served
     response = client.get("/v1/jobs/0123abcd")

@@ -177,6 +177,36 @@ def test_a_job_whose_outputs_an_unfinished_job_has_still_to_write_is_refused(env
         assert queries.get_job(session, again.stdout.strip()).status == "failed"
 
 
+def test_a_retry_whose_outputs_another_unfinished_job_has_still_to_write_is_refused(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """'deblur retry' sent a failed image again while a newer job into the same prefix had still to write it:
+    both wrote it. It is refused now, nothing sent; '--all' still retries the other jobs and exits 2."""
+    from sqlalchemy import update
+
+    from db.engine import session_scope
+    from db.schema import Image
+
+    _, bucket = s3
+    first = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/re/", "-q")
+    assert first.exit_code == 0, first.output
+    first_id = first.stdout.strip()
+    with session_scope(env["DEBLUR_DATABASE_URL"]) as session:  # a worker failed one image; the other waits
+        session.execute(update(Image).where(Image.job_id == first_id, Image.input_uri == f"s3://{bucket}/in/a.png")
+                        .values(status="failed", error="decode failed"))
+    second = invoke("submit", f"s3://{bucket}/in/a.png", "--output", f"s3://{bucket}/re/", "-q")
+    assert second.exit_code == 0, second.output  # the first job no longer has to write a.png's output
+    queued = queue_length(env)
+    refused = invoke("retry", first_id, "--failed")
+    assert refused.exit_code == 2, refused.output
+    assert f"is one job {second.stdout.strip()} (queued) has still to write" in " ".join(refused.output.split())
+    every = invoke("retry", "--all", "--failed")
+    assert every.exit_code == 2, every.output
+    assert "jobs not retried: another job has still to write their outputs" in " ".join(every.output.split())
+    assert f"re-enqueued 0 images of job {second.stdout.strip()}" in every.output  # the others were retried
+    assert queue_length(env) == queued
+    rows = json.loads(invoke("results", first_id, "--format", "json").stdout)
+    assert {r["input"]: r["status"] for r in rows}[f"s3://{bucket}/in/a.png"] == "failed"
+
+
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
     key = f"nightly-{uuid.uuid4().hex[:6]}"
