@@ -17,6 +17,7 @@ entry refuses any checkpoint detected as one of them unless
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from functools import lru_cache
@@ -25,7 +26,6 @@ from pathlib import Path
 import torch
 from spandrel import ArchRegistry, ImageModelDescriptor, ModelLoader, UnsupportedModelError
 from spandrel import MAIN_REGISTRY as SPANDREL_REGISTRY
-from spandrel_extra_arches import EXTRA_REGISTRY
 
 from jobs.errors import InvalidModelSpecError, LicenseError, WeightsError
 from models.base import Restored, RestorationModel
@@ -34,6 +34,13 @@ from models.checkpoints import StateDict, load_state_dict
 from models.loading import noncommercial_allowed
 from models.registry import ModelInfo, find_weights, weights_dir
 from models.weights_store import normalise_sha256, sha256_of
+
+with warnings.catch_warnings():
+    # one of its architectures (CodeFormer) applies torch.jit.script as it is imported, which newer torch
+    # deprecates with a FutureWarning every user saw on 'deblur restore --model spandrel:...'; nothing of
+    # ours or theirs calls it afterwards
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+    from spandrel_extra_arches import EXTRA_REGISTRY
 
 
 class OfficialModel(RestorationModel):

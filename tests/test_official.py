@@ -336,3 +336,14 @@ def test_the_published_configuration_loads_and_matches_spandrel(tmp_path: Path, 
     model = load_model(REGISTRY.parse(f"{name}:path={path},tile=-1"), CPU)
     x = photo(128, 128) if name == "uformer-gopro" else photo(45, 61)
     assert (model(x).image - spandrel_reference(sd, x)).abs().max().item() < 1e-5
+
+
+def test_importing_the_official_models_warns_nothing() -> None:
+    """'deblur restore --model spandrel:...' printed torch's FutureWarning about torch.jit.script, which one of
+    spandrel_extra_arches' architectures applies as it is imported: noise a user cannot act on."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", "import models.official"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
