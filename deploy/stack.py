@@ -9,7 +9,8 @@ live in one folder, ``$DEBLUR_HOME/stack/``:
   package provides ``db.engine.upgrade``),
 - Flower and one worker (``python -m worker.cli flower|worker``).
 
-Ports are picked free, never assumed. ``up`` writes ``connection.json``, which
+Ports are picked free, never assumed; a service gets the port it had last
+time again while that one is free (``ports.json``). ``up`` writes ``connection.json``, which
 :func:`jobs.settings.load_settings` reads, so every later ``deblur`` command
 talks to this stack without exports. A service the environment already points
 at (``DEBLUR_BROKER_URL``, ``DEBLUR_S3_ENDPOINT_URL``, ``DEBLUR_DATABASE_URL``)
@@ -327,6 +328,9 @@ class LocalStack:
         self.dir = self.home / "stack"
         self.state_path = self.dir / "state.json"
         self.connection_path = self.dir / "connection.json"
+        # each service's last port, kept after 'down': the next 'up' takes it again while it is free, so Flower's
+        # address and the connection URLs a user noted (or set in DEBLUR_BROKER_URL) stay the same
+        self.ports_path = self.dir / "ports.json"
         # unique per state folder: two stacks may share one Redis (DEBLUR_BROKER_URL)
         self.worker_name = f"{STACK_WORKER_NAME}-{hashlib.sha1(str(self.home).encode()).hexdigest()[:8]}"
 
@@ -354,6 +358,18 @@ class LocalStack:
     def _save_state(self, records: dict[str, ServiceRecord]) -> None:
         ordered = {name: asdict(records[name]) for name in SERVICE_ORDER if name in records}
         _write_json(self.state_path, {"services": ordered})
+        ports = {**self._last_ports(), **{name: r.port for name, r in records.items() if r.port and not r.external}}
+        _write_json(self.ports_path, ports)
+
+    def _last_ports(self) -> dict[str, int]:
+        """The port each service had when the stack last ran (empty when none was recorded or the file is bad)."""
+        try:
+            data = json.loads(self.ports_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {name: port for name, port in data.items() if isinstance(port, int) and 0 < port < 65536}
 
     def is_alive(self, record: ServiceRecord) -> bool:
         return record.pid is not None and process_alive(record.pid, record.started)
@@ -447,6 +463,9 @@ class LocalStack:
         if port is None:
             # services bind seconds after they start: never hand out a port another one is about to take
             taken = {r.port for r in records.values() if r.port}
+            last = self._last_ports().get(name)
+            if last is not None and last not in taken and port_is_free(last):
+                return last
             port = free_port()
             while port in taken:
                 port = free_port()

@@ -391,7 +391,14 @@ def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
     up = stack_cli(home, "up", "--timeout", "120")
     try:
         assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
-        check_down(home, json.loads((home / "stack" / "connection.json").read_text()))
+        first = json.loads((home / "stack" / "connection.json").read_text())
+        check_down(home, first)
+        # the next 'up' takes the same ports again: Flower's address and the URLs a user noted stay valid
+        again = stack_cli(home, "up", "--timeout", "120", "--no-worker")
+        assert again.returncode == 0, f"stack up failed:\n{again.stdout}\n{again.stderr}"
+        second = json.loads((home / "stack" / "connection.json").read_text())
+        assert {key: second[key] for key in ("broker_url", "s3_endpoint_url", "flower_port")} == \
+            {key: first[key] for key in ("broker_url", "s3_endpoint_url", "flower_port")}
     finally:
         stack_cli(home, "down", "--timeout", "20")
 
