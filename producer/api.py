@@ -645,12 +645,19 @@ _OPTION_FIELDS = {"--strength": "strength", "--batch-size": "batch_size", "--pri
                   "--sidecar": "sidecar", "--output": "output", "--sharp": "sharp", "--gopro": "gopro",
                   "--crop-border": "crop_border", "--align": "align", "--skip-existing": "skip_existing"}
 _MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, WeightsError)
+# the command line's flags that submission's messages name, as the API's fields (the rest are spelt alike)
+_FLAG_FIELDS = {**{option[2:]: name for option, name in _OPTION_FIELDS.items()},
+                "model": "models", "label": "labels", "notify": "notify_url", "job-key": "job_key"}
+_FLAG = re.compile(r"(?<![\w-])--(%s)(?![\w-])" % "|".join(sorted(map(re.escape, _FLAG_FIELDS), key=len,
+                                                                     reverse=True)))
 
 
 def _submission_refused(exc: InputError, body: JobSubmission) -> RequestValidationError:
-    """The 422 answer for a submission (or preview) that validation refused, located at the field it concerns."""
+    """The 422 answer for a submission (or preview) that validation refused, located at the field it concerns
+    and worded in the API's field names ('skip_existing needs output', not '--skip-existing needs --output')."""
     field = _error_field(exc, body)
-    return _validation_error(("body", field) if field else ("body",), str(exc))
+    message = _FLAG.sub(lambda flag: _FLAG_FIELDS[flag.group(1)], str(exc))
+    return _validation_error(("body", field) if field else ("body",), message)
 
 
 def scoped_key(key: str | None, client: ApiClient) -> str | None:

@@ -165,6 +165,21 @@ def test_fields_of_the_other_job_kind_and_conflicting_formats_are_refused(served
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "output_format"]
 
 
+def test_refusals_name_the_apis_fields_not_the_command_lines_flags(served) -> None:  # type: ignore[no-untyped-def]
+    """'--skip-existing needs --output' told an API client about flags it has never seen."""
+    client, _, name = served
+    evaluation = {"kind": "evaluate", "inputs": [f"s3://{name}/in/"], "sharp": f"s3://{name}/in/",
+                  "skip_existing": True}
+    response = client.post("/v1/jobs/preview", json=evaluation)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "output"], error  # what is missing
+    assert error["msg"].startswith("skip_existing needs output:"), error
+    unpaired = client.post("/v1/jobs/preview", json={"kind": "evaluate", "inputs": [f"s3://{name}/in/"]})
+    assert unpaired.status_code == 422, unpaired.text
+    assert "needs sharp PREFIX, gopro, or a manifest" in unpaired.json()["detail"][0]["msg"], unpaired.text
+
+
 def test_values_of_the_wrong_json_type_are_refused_not_coerced(served) -> None:  # type: ignore[no-untyped-def]
     client, _, name = served
     good = {"inputs": [f"s3://{name}/in/"], "output": f"s3://{name}/out/"}
