@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from jobs.errors import LicenseError
 from models.base import RestorationModel
 from models.catalog import REGISTRY
-from models.registry import ModelSpec, common_param_names
+from models.registry import ModelSpec, common_param_names, noncommercial_allowed
 from models.tiling import apply_inference_options
-
-
-def noncommercial_allowed() -> bool:
-    return os.environ.get("DEBLUR_ALLOW_NONCOMMERCIAL", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def check_license(name: str) -> None:

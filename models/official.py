@@ -31,8 +31,7 @@ from jobs.errors import InvalidModelSpecError, LicenseError, WeightsError
 from models.base import Restored, RestorationModel
 from models.catalog import REGISTRY
 from models.checkpoints import StateDict, load_state_dict
-from models.loading import noncommercial_allowed
-from models.registry import ModelInfo, find_weights, weights_dir
+from models.registry import ModelInfo, find_weights, noncommercial_allowed, weights_dir
 from models.weights_store import normalise_sha256, sha256_of
 
 with warnings.catch_warnings():

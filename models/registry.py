@@ -375,6 +375,29 @@ def weights_present(info: ModelInfo) -> bool:
     return info.weights is None or find_weights(info) is not None
 
 
+def noncommercial_allowed() -> bool:
+    """Whether the operator opted into models under non-commercial licences (``DEBLUR_ALLOW_NONCOMMERCIAL``)."""
+    return os.environ.get("DEBLUR_ALLOW_NONCOMMERCIAL", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def needs_worker_setup(info: ModelInfo) -> bool:
+    """Whether a worker may be unable to run ``info`` for want of its operator's setting up: weights that do not
+    ship with the code (``deblur models pull``), or a non-commercial licence (``DEBLUR_ALLOW_NONCOMMERCIAL``)."""
+    return info.noncommercial or (info.weights is not None and not info.weights.shipped)
+
+
+def unavailable_reason(info: ModelInfo) -> str | None:
+    """Why this installation cannot run ``info`` (None: it can): its licence is not opted into, or its weights
+    are not in the weights folder."""
+    if info.noncommercial and not noncommercial_allowed():
+        return (f"licensed {info.license!r}, which forbids commercial use, and DEBLUR_ALLOW_NONCOMMERCIAL is not "
+                "set there")
+    if not weights_present(info):
+        return (f"no weights ({info.weights.filename if info.weights else '?'}) in its DEBLUR_WEIGHTS_DIR: run "
+                f"'deblur models pull {info.name}' there")
+    return None
+
+
 def describe(info: ModelInfo) -> Mapping[str, object]:
     """A JSON-ready description, as printed by ``deblur models list --format json``."""
     return {

@@ -801,7 +801,8 @@ def metrics(output: str | None) -> None:
 @option("--timeout", type=click.FloatRange(0.5, 120), default=5.0, show_default=True,
         help="Seconds to wait for the nodes' answers.")
 @option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-        help="json: one object per node (name, state, queues, active, release, message_fields) for scripts.")
+        help="json: one object per node (name, state, queues, active, release, message_fields, "
+             "models_unavailable: the models it cannot run, with why) for scripts.")
 def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> None:
     """List the worker nodes that answer: the queues they consume and the batches they run.
 
@@ -855,7 +856,8 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
 
         click.echo(json.dumps([{"name": s.name, "state": states_text[s.name], "queues": list(s.queues),
                                 "active": s.active, "release": s.release,
-                                "message_fields": None if s.fields is None else list(s.fields)}
+                                "message_fields": None if s.fields is None else list(s.fields),
+                                "models_unavailable": s.models_unavailable}
                                for s in states], indent=2))
         return
     if not states:

@@ -29,7 +29,7 @@ from jobs.messages import ImageItem, JobKind
 from jobs.notify import announce_if_wanted, check_notify_url
 from jobs.settings import Settings
 from jobs.storage import READ_FORMATS, s3_client
-from models.catalog import parse_ensemble
+from models.catalog import REGISTRY, parse_ensemble
 from producer.dispatch import send_plain_batches, send_window_batches
 from producer.inputs import Plan, build_plan, describe_ignored, digest
 from producer.workers import batch_fields, check_workers_know
@@ -109,6 +109,10 @@ class _Validated:
     batch_size: int
     client: Any  # a boto3 S3 client
     plan: Plan
+
+    def model_names(self) -> list[str]:
+        """The registry names of the job's models (its ensemble's members)."""
+        return [REGISTRY.parse(text).name for text in self.models]
 
     def items(self, ignored: Counter[str] | None = None,
               tick: Callable[[], None] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
@@ -289,6 +293,7 @@ def preview(request: JobRequest, settings: Settings, sample: int = 5) -> Preview
     """
     checked = _validate(request, settings)
     _check_no_live_job_writes_the_same(checked, settings)
+    check_workers_know(settings, (), checked.model_names())  # a model a worker on the queue cannot run
     ignored: Counter[str] = Counter()
     items, skipped = checked.items(ignored)
     total, first = 0, []
@@ -347,9 +352,11 @@ def submit(
 
     window = settings.job_window if request.window is None else request.window
     # no worker on the queue may be one that drops the batches' optional fields (asked only for fields newer
-    # than the workers' self-description: none yet, so no submission waits for the question today)
+    # than the workers' self-description: none yet) or that cannot run a member (asked only for models whose
+    # weights do not ship or whose licence needs an opt-in)
     check_workers_know(settings, batch_fields(window=window, output_format=request.output_format,
-                                              quality=request.quality, sidecar=request.sidecar))
+                                              quality=request.quality, sidecar=request.sidecar),
+                       checked.model_names())
     spec: dict[str, Any] = {
         "inputs": list(request.inputs),
         "output": str(plan.output) if plan.output else None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,8 @@ class WorkerState:
     release: str | None = None
     fields: tuple[str, ...] | None = None
     longest_running_s: float | None = None  # how long its oldest running batch has run (None: none, or not asked)
+    # the registered models it cannot run, with why (None: too old to say, or not asked)
+    models_unavailable: Mapping[str, str] | None = None
 
     @property
     def known_fields(self) -> tuple[str, ...]:
@@ -107,8 +109,17 @@ def worker_states(settings: Settings, names: list[str] | None = None, timeout: f
             name=name, answered=name in queues, queues=tuple(q["name"] for q in queues.get(name) or []),
             active=len(active.get(name) or []), longest_running_s=_longest_running(active.get(name) or []),
             release=said["release"] if told else None,
-            fields=tuple(said["message_fields"]) if told else None))
+            fields=tuple(said["message_fields"]) if told else None,
+            models_unavailable=_models_unavailable(said) if told else None))
     return states
+
+
+def _models_unavailable(said: dict[str, Any]) -> dict[str, str] | None:
+    """The models a node's answer says it cannot run (None when the answer predates saying so)."""
+    models = said.get("models_unavailable")
+    if not isinstance(models, dict):
+        return None
+    return {str(name): str(reason) for name, reason in models.items()}
 
 
 def _longest_running(tasks: list[dict[str, Any]]) -> float | None:
@@ -126,26 +137,51 @@ def batch_fields(window: int = 0, output_format: str | None = None, quality: int
     return sorted(name for name, carried in used.items() if carried)
 
 
-def check_workers_know(settings: Settings, needed: Iterable[str], timeout: float = 1.0) -> None:
-    """Refuse (:class:`InputError`) a job whose batches carry the ``needed`` optional fields while a worker on
-    the job's queue would not understand them (it would drop those batches).
+def check_workers_know(settings: Settings, needed: Iterable[str], models: Iterable[str] = (),
+                       timeout: float = 1.0) -> None:
+    """Refuse a job whose batches carry the ``needed`` optional fields while a worker on the job's queue would
+    not understand them (it would drop those batches), or that names ``models`` a worker on its queue cannot
+    run (each image it took would fail): :class:`InputError`, :class:`WeightsError` or :class:`LicenseError`.
 
-    Only the nodes that answer within ``timeout`` seconds are checked: with none online the job is accepted,
-    since the workers that start later run whatever release they are deployed with. A broker that cannot be
-    reached is left for the submission itself to report.
+    The workers are asked only when a field is newer than their self-description or a model needs an
+    operator's setting-up (weights that do not ship, a non-commercial licence), so most submissions do not wait
+    for the question. Only the nodes that answer within ``timeout`` seconds are checked: with none online the
+    job is accepted, since the workers that start later run whatever they are deployed with. A broker that
+    cannot be reached is left for the submission itself to report.
     """
     from kombu.exceptions import OperationalError as BrokerError
 
+    from models.catalog import REGISTRY
+    from models.registry import needs_worker_setup
+
     needed = sorted(set(needed) - set(FIELDS_BEFORE_INFO))
-    if not needed:
+    set_up = sorted({name for name in models if name in REGISTRY and needs_worker_setup(REGISTRY.get(name))})
+    if not needed and not set_up:
         return
     try:
-        states = worker_states(settings, timeout=timeout, with_active=False)
+        states = [s for s in worker_states(settings, timeout=timeout, with_active=False)
+                  if settings.queue in s.queues]
     except BrokerError:
         return
-    outdated = [s for s in states if settings.queue in s.queues and s.missing_fields(needed)]
+    _check_models_runnable(states, set_up, settings.queue)
+    outdated = [s for s in states if s.missing_fields(needed)] if needed else []
     if outdated:
         names = ", ".join(f"{s.name} ({s.release or 'an older release'})" for s in outdated)
         raise InputError(f"worker(s) {names} on queue {settings.queue!r} do not know the batch field(s) "
                          f"{', '.join(needed)} this job's batches carry and would drop them; upgrade them first "
                          "(see 'deblur workers'), or submit without the options that need them")
+
+
+def _check_models_runnable(states: list[WorkerState], models: list[str], queue: str) -> None:
+    """Refuse ``models`` when a node of ``states`` (the queue's) says it cannot run one of them."""
+    from jobs.errors import LicenseError, WeightsError
+
+    unable = [(s, name, s.models_unavailable[name]) for s in states for name in models
+              if s.models_unavailable and name in s.models_unavailable]
+    if not unable:
+        return
+    shown = "; ".join(f"{s.name} cannot run {name}: {reason}" for s, name, reason in unable[:5])
+    more = f" (and {len(unable) - 5} more)" if len(unable) > 5 else ""
+    error = LicenseError if all("licensed" in reason for _, _, reason in unable) else WeightsError
+    raise error(f"worker(s) on queue {queue!r} would fail every image of this job: {shown}{more}. Set them up "
+                "(then submit again), or leave the model out")

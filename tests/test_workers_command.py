@@ -154,3 +154,54 @@ def test_the_probe_fails_a_worker_hung_in_a_batch_past_the_visibility_timeout() 
     assert busy.problem("deblur", stuck_after=3600) is None
     assert "stuck: a batch has run for 4000 s" in (hung.problem("deblur", stuck_after=3600) or "")
     assert hung.problem("deblur") is None  # not asked to judge it
+
+
+def test_a_job_naming_a_model_the_queues_workers_cannot_run_is_refused_before_anything_is_sent(  # type: ignore[no-untyped-def]
+        env, tmp_path, monkeypatch) -> None:
+    """A job naming an official model whose weights the workers lack, or a non-commercial one they were not
+    allowed, was accepted and every image failed on the workers. The workers say which models they cannot run;
+    the submission (and its preview) is refused naming the worker and what to do, and accepted once the weights
+    are there, read afresh."""
+    import boto3
+    import numpy as np
+    from PIL import Image
+
+    from jobs.celery_app import app_for
+    from jobs.settings import load_settings
+    from models.catalog import REGISTRY
+    from producer.workers import worker_states
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setenv("DEBLUR_WEIGHTS_DIR", str(weights))  # the producer's folder: no weights here either
+    settings = load_settings()
+    worker = WorkerProcess({**service_env(env), "DEBLUR_WEIGHTS_DIR": str(weights)}, tmp_path / "worker.log",
+                           pool="prefork")
+    s3 = boto3.client("s3", endpoint_url=env["DEBLUR_S3_ENDPOINT_URL"], region_name="us-east-1")
+    bucket = f"models-{env['DEBLUR_QUEUE']}"
+    s3.create_bucket(Bucket=bucket)
+    png = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+    s3.upload_file(str(png), bucket, "in/a.png")
+    try:
+        worker.wait_ready(app_for(settings))
+        [state] = worker_states(settings, [worker.name], timeout=10)
+        assert "nafnet-gopro" in state.models_unavailable and "wiener" not in state.models_unavailable
+        assert "licensed" in state.models_unavailable["mprnet-gopro"]
+        [listed] = [node for node in json.loads(invoke("workers", worker.name, "--format", "json").stdout)]
+        assert "no weights" in listed["models_unavailable"]["nafnet-gopro"]
+        args = [f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "-q"]
+        for extra in ([], ["--dry-run"]):
+            refused = invoke("submit", *args, "--model", "nafnet-gopro", *extra)
+            assert refused.exit_code == 2, refused.output
+            said = " ".join(refused.output.split())
+            assert f"{worker.name} cannot run nafnet-gopro: no weights" in said, said
+            assert "deblur models pull nafnet-gopro" in said, said
+        unlicensed = invoke("submit", *args, "--model", "mprnet-gopro")
+        assert unlicensed.exit_code == 2 and "DEBLUR_ALLOW_NONCOMMERCIAL" in unlicensed.output, unlicensed.output
+        assert invoke("status", "--format", "json").stdout.strip() in ("", "[]")  # nothing was submitted
+        (weights / REGISTRY.get("nafnet-gopro").weights.filename).write_bytes(b"pulled")  # type: ignore[union-attr]
+        accepted = invoke("submit", *args, "--model", "nafnet-gopro", "--dry-run")
+        assert accepted.exit_code == 0, accepted.output
+    finally:
+        worker.stop()

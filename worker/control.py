@@ -1,5 +1,5 @@
-"""What a worker says about itself when asked: its release and the batch fields it understands, and which
-batch runs' processes of its own are gone.
+"""What a worker says about itself when asked: its release, the batch fields it understands and the models it
+cannot run, and which batch runs' processes of its own are gone.
 
 Workers upgrade one by one, and a worker of an older release drops a batch whose
 message carries a field it does not know (a window's ``slot``, say), which
@@ -8,7 +8,10 @@ worker answers the remote-control question :data:`jobs.messages.WORKER_INFO_COMM
 with the optional batch fields it knows; ``deblur workers`` shows them, and a
 submission that needs a field refuses to start while a worker on its queue
 does not know it (see :mod:`producer.workers`). A worker older than this
-question answers it with an error, which says as much.
+question answers it with an error, which says as much. Likewise a job naming
+a model whose weights a worker on its queue lacks, or whose non-commercial
+licence it was not allowed, is refused before anything is enqueued: each of
+its images would fail there.
 """
 
 from __future__ import annotations
@@ -30,12 +33,24 @@ def release() -> str:
         return "unknown"
 
 
+def unavailable_models() -> dict[str, str]:
+    """The registered models this worker cannot run, with why: weights missing from its weights folder, or a
+    non-commercial licence it was not allowed to use. Read afresh on each question: a 'deblur models pull' on
+    this machine counts at once."""
+    from models.catalog import REGISTRY  # torch-free: the question is answered at once, even the first time
+    from models.registry import needs_worker_setup, unavailable_reason
+
+    reasons = {info.name: unavailable_reason(info) for info in REGISTRY if needs_worker_setup(info)}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
 @inspect_command(name=WORKER_INFO_COMMAND)
 def deblur_info(state: Any) -> dict[str, Any]:
     """Answered from the worker's main process, even while its pool works on a batch."""
     consumer = state.consumer.task_consumer
     return {"release": release(), "message_version": MESSAGE_VERSION, "message_fields": sorted(OPTIONAL_FIELDS),
-            "queues": [queue.name for queue in consumer.queues] if consumer else []}
+            "queues": [queue.name for queue in consumer.queues] if consumer else [],
+            "models_unavailable": unavailable_models()}
 
 
 @inspect_command(name=CLAIMS_GONE_COMMAND, args=[("claims", list)], signature="[CLAIM ...]")
