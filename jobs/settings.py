@@ -98,7 +98,8 @@ HELP: dict[str, SettingInfo] = {
     "s3_region": SettingInfo("DEBLUR_S3_REGION", "S3 region"),
     "weights_dir": SettingInfo("DEBLUR_WEIGHTS_DIR", "folder of downloaded model weights"),
     "device": SettingInfo("DEBLUR_DEVICE", "auto, cpu, cuda or cuda:N (auto picks CUDA when present)"),
-    "torch_threads": SettingInfo("DEBLUR_TORCH_THREADS", "CPU threads per worker process (0: torch's default)"),
+    "torch_threads": SettingInfo("DEBLUR_TORCH_THREADS", "CPU threads per pool process (0: 'deblur worker' divides "
+                                 "the CPUs it may use among them; other commands use torch's default)"),
     "allow_noncommercial": SettingInfo(
         "DEBLUR_ALLOW_NONCOMMERCIAL", "1 to allow models under non-commercial licences (MPRNet, Restormer)"
     ),

@@ -152,6 +152,8 @@ class LazyGroup(click.Group):
             # the message quotes user text (paths, labels, keys, job ids): escaped, so '[draft]' stays as typed
             console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False, markup=True)
             sys.exit(2 if isinstance(exc, InputError) else 1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click prints its own usage errors (a bad option, or its environment variable), one line each
         except Exception as exc:
             message = unreachable_service(exc)
             if message is None:
@@ -171,7 +173,9 @@ def unreachable_service(exc: BaseException) -> str | None:
     from sqlalchemy.exc import InterfaceError
     from sqlalchemy.exc import OperationalError as DatabaseError
 
-    settings = _settings()
+    if not isinstance(exc, (BrokerError, DatabaseError, InterfaceError)):
+        return None
+    settings = _settings()  # only now: settings that cannot be read are not what went wrong with other errors
     if isinstance(exc, BrokerError):
         return (f"the broker at {_safe_url(settings.broker_url)} does not answer ({exc}). Start Redis there or point "
                 "DEBLUR_BROKER_URL at a running one; 'deblur stack up' starts a local stack, 'deblur config' shows "
@@ -792,9 +796,14 @@ def metrics(output: str | None) -> None:
 
 @main.command()
 @click.argument("names", nargs=-1, metavar="[NAME]...")
+@option("--queue", default=None, metavar="QUEUE",
+        help="Judge the nodes against this queue: one that does not consume it is of no use. Without it, each "
+             "node is judged by the queues it consumes, so workers of several queues on one machine all pass, "
+             "and only a node that consumes none (stopped after a GPU failure) fails.")
 @option("--check", is_flag=True,
-        help="Probe mode: exit 1 unless every NAME answers and consumes DEBLUR_QUEUE (without NAME: the nodes of "
-             "this machine that answer, NAME@HOST, and at least one must) and none has run a batch longer than "
+        help="Probe mode: exit 1 unless every NAME answers and consumes a queue (--queue: that one; without NAME: "
+             "the nodes of this machine that answer, NAME@HOST, and at least one must) and none has run a batch "
+             "longer than "
              "DEBLUR_VISIBILITY_TIMEOUT. For a container's liveness probe: a worker whose GPU failed stops "
              "consuming, and one hung in a batch keeps it for ever; either is then restarted instead of idling "
              "for good. A broker that cannot be reached is not the worker's fault: exit 0 with a warning.")
@@ -803,7 +812,7 @@ def metrics(output: str | None) -> None:
 @option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
         help="json: one object per node (name, state, queues, active, release, message_fields, "
              "models_unavailable: the models it cannot run, with why) for scripts.")
-def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> None:
+def workers(names: tuple[str, ...], queue: str | None, check: bool, timeout: float, fmt: str) -> None:
     """List the worker nodes that answer: the queues they consume and the batches they run.
 
     \b
@@ -839,17 +848,19 @@ def workers(names: tuple[str, ...], check: bool, timeout: float, fmt: str) -> No
                           f"{timeout:g} s", soft_wrap=True)
             raise SystemExit(1)
     # a batch running past the visibility timeout has been handed to another worker: its own is hung
-    problems = {s.name: s.problem(settings.queue, stuck_after=settings.visibility_timeout) for s in states}
+    problems = {s.name: s.problem(queue, stuck_after=settings.visibility_timeout) for s in states}
     if check:
         bad = {name: why for name, why in problems.items() if why}
         for name, why in bad.items():
             console.print(f"[red]unhealthy:[/red] {escape(name)}: {escape(why)}", soft_wrap=True, highlight=False)
         if bad:
             raise SystemExit(1)
-        out.print(f"healthy: {', '.join(problems)} consuming {settings.queue!r}", highlight=False)
+        consumed = {q for s in states for q in s.queues} if queue is None else {queue}
+        out.print(f"healthy: {', '.join(problems)} consuming {', '.join(map(repr, sorted(consumed)))}",
+                  highlight=False)
         return
     # listing, also say which nodes are too old for the batches this release sends
-    states_text = {s.name: s.problem(settings.queue, needed=OPTIONAL_FIELDS, stuck_after=settings.visibility_timeout)
+    states_text = {s.name: s.problem(queue, needed=OPTIONAL_FIELDS, stuck_after=settings.visibility_timeout)
                    or "ok" for s in states}
     if fmt == "json":
         import json
@@ -984,6 +995,10 @@ def doctor(buckets: tuple[str, ...], fmt: str) -> None:
         raise SystemExit(1)
 
 
+# settings 'deblur config' shows as *** when set: its output is pasted into tickets and chats
+SECRET_SETTINGS = frozenset({"api_token", "flower_basic_auth", "notify_secret"})
+
+
 @main.command()
 def config() -> None:
     """Show every setting, its environment variable and its current value."""
@@ -991,12 +1006,16 @@ def config() -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from deploy.stack import redact
+
     table = Table("environment variable", "value", "meaning")
     for name, info in HELP.items():
         value = getattr(settings, name)
         if name == "database_url":
             value = _safe_url(settings.resolved_database_url())
-        if name in {"api_token", "flower_basic_auth"} and value:
+        elif name.endswith("_url") and value:
+            value = redact(str(value))  # a broker password (redis://:pw@host) is pasted into tickets with the rest
+        if name in SECRET_SETTINGS and value:
             value = "***"
         table.add_row(info.env, Text(str(value)), info.help)  # a value as set, brackets and all
     out.print(table)

@@ -47,16 +47,18 @@ class WorkerState:
         """Those of ``needed`` this node would not understand: it drops a batch that carries one."""
         return sorted(set(needed) - set(self.known_fields))
 
-    def problem(self, queue: str, needed: Iterable[str] = (), stuck_after: float | None = None) -> str | None:
-        """Why this node is of no use to ``queue`` (or to batches with the ``needed`` fields, or has run one batch
-        longer than ``stuck_after`` seconds), or None when healthy."""
+    def problem(self, queue: str | None, needed: Iterable[str] = (), stuck_after: float | None = None) -> str | None:
+        """Why this node is of no use to ``queue`` (None: to any queue, as a node consuming none is), or to batches
+        with the ``needed`` fields, or has run one batch longer than ``stuck_after`` seconds; None when healthy."""
         if not self.answered:
             return "no answer: the worker is gone, wedged, or a solo pool busy with a batch"
         if stuck_after is not None and self.longest_running_s is not None and self.longest_running_s > stuck_after:
             return (f"stuck: a batch has run for {self.longest_running_s:.0f} s, longer than "
                     f"DEBLUR_VISIBILITY_TIMEOUT ({stuck_after:g} s), after which the broker gave it to another "
                     "worker (a hung GPU call, a blocked read); restart it")
-        if queue not in self.queues:
+        if not self.queues:
+            return ("not consuming any queue: it stopped itself (a failed GPU, see its log); restart it")
+        if queue is not None and queue not in self.queues:
             return (f"not consuming {queue!r}: it stopped itself (a failed GPU, see its log) or consumes "
                     f"{', '.join(self.queues) or 'nothing'}; restart it")
         missing = self.missing_fields(needed)

@@ -40,3 +40,21 @@ def test_an_empty_variable_does_not_hide_the_local_stacks_value(monkeypatch: pyt
     assert load_settings().database_url == "sqlite:////stack/deblur.db"
     monkeypatch.setenv("DEBLUR_DEVICE", "CUDA:1")
     assert load_settings().device == "CUDA:1"  # read case-insensitively by the device picker
+
+
+def test_config_shows_no_password_or_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """'deblur config' printed the broker's password and DEBLUR_NOTIFY_SECRET as typed; its output is what
+    operators paste into tickets (deploy/alerts.yml sends them to it)."""
+    from click.testing import CliRunner
+
+    from producer.cli import main
+
+    monkeypatch.setenv("DEBLUR_HOME", str(tmp_path))
+    env = {"DEBLUR_BROKER_URL": "redis://:redispw@127.0.0.1:6390/0", "DEBLUR_NOTIFY_SECRET": "notifysecret",
+           "DEBLUR_DATABASE_URL": "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/x",
+           "DEBLUR_API_TOKEN": "apitoken", "DEBLUR_FLOWER_BASIC_AUTH": "admin:flowerpw"}
+    result = CliRunner().invoke(main, ["config"], env={**env, "COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    for secret in ("redispw", "notifysecret", "hunter2", "apitoken", "flowerpw"):
+        assert secret not in result.output, secret
+    assert "redis://:***@127.0.0.1:6390/0" in result.output

@@ -123,6 +123,19 @@ def test_cpu_plan_divides_the_cpus_between_pool_processes() -> None:
     assert wcli.torch_threads_for(4, 2) == 1
 
 
+def test_usable_cpus_follow_the_containers_quota_and_the_affinity(tmp_path: Path) -> None:
+    """os.cpu_count() counts the host's CPUs: a worker limited to 1.5 CPUs on a large node started one torch
+    thread per host CPU in each pool process."""
+    import os
+
+    affinity = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: two threads, rounded up
+    assert wcli.usable_cpus(tmp_path) == min(2, affinity)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
+    assert wcli.usable_cpus(tmp_path) == affinity
+    assert wcli.usable_cpus(tmp_path / "no-cgroup") == affinity
+
+
 # -- the worker command -----------------------------------------------------------------------
 
 
@@ -149,6 +162,20 @@ def test_worker_options_come_from_env_vars(clean_env: pytest.MonkeyPatch, tmp_pa
         plan.argv
     )
     assert plan.env == {"DEBLUR_QUEUE": "urgent", "DEBLUR_TORCH_THREADS": "2"}
+    runs.clear()  # a blank queue is unset, as producers read it: not a queue named '  ' nobody submits to
+    assert CliRunner().invoke(wcli.worker_command, [], env={**env, "DEBLUR_QUEUE": "  "}).exit_code == 0
+    assert "--queues=deblur" in runs[0].argv and runs[0].env["DEBLUR_QUEUE"] == "deblur"
+
+
+def test_a_bad_setting_behind_an_option_is_one_usage_line_not_a_traceback(clean_env: pytest.MonkeyPatch) -> None:
+    """DEBLUR_TORCH_THREADS=-2 gave a traceback: the error handler read the settings, which refused the value
+    again while the option's own error was being handled."""
+    from producer.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--gpus", "0"], env={"DEBLUR_TORCH_THREADS": "-2"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--torch-threads'" in result.output
+    assert isinstance(result.exception, SystemExit)  # click's usage exit, nothing raised past it
 
 
 def test_worker_with_two_gpus_supervises_one_celery_process_each(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -48,6 +48,19 @@ def test_workers_lists_a_node_and_the_probe_fails_once_it_stops_consuming_or_is_
         assert probe.exit_code == 0 and "healthy" in probe.output, probe.output
         monkeypatch.setattr(producer.workers, "this_host", lambda: "localhost")  # the test worker's node host
         assert invoke("workers", "--check", "--timeout", "2").exit_code == 0
+        # a worker of another queue on the same machine is healthy: it was called 'not consuming' and restarted
+        other = WorkerProcess({**service_env(env), "DEBLUR_QUEUE": f"{env['DEBLUR_QUEUE']}-other"},
+                              tmp_path / "other.log", pool="prefork")
+        try:
+            other.wait_ready(app)
+            both = invoke("workers", "--check", "--timeout", "2")
+            assert both.exit_code == 0 and f"{env['DEBLUR_QUEUE']}-other" in both.output, both.output
+            listed = invoke("workers", worker.name, other.name, "--format", "json")
+            assert {node["state"] for node in json.loads(listed.stdout)} == {"ok"}, listed.output
+            asked = invoke("workers", "--check", "--queue", env["DEBLUR_QUEUE"], other.name)
+            assert asked.exit_code == 1 and f"not consuming {env['DEBLUR_QUEUE']!r}" in asked.output, asked.output
+        finally:
+            other.stop()
 
         # what a failed GPU makes a worker do to itself (worker.tasks.stop_consuming)
         app.control.cancel_consumer(env["DEBLUR_QUEUE"], destination=[worker.name], reply=True, timeout=10)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -128,6 +129,20 @@ class WorkerProcess:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those its affinity allows, and no more than its container's CPU quota
+    (cgroup v2 ``cpu.max``, rounded up). ``os.cpu_count()`` counts the host's: a worker limited to 2 CPUs on a
+    64-core node would start 64 torch threads per process and spend its quota switching between them."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read: the affinity is the limit
+    return max(1, count)
+
+
 def torch_threads_for(concurrency: int, cpu_count: int | None) -> int:
     """Torch threads per pool process so that ``concurrency`` processes share the CPUs without oversubscription."""
     return max(1, (cpu_count or 1) // max(1, concurrency))
@@ -152,7 +167,7 @@ def plan_workers(
     """
     base_env = {"DEBLUR_QUEUE": queue}
     if not gpus:
-        threads = torch_threads if torch_threads else torch_threads_for(concurrency, cpu_count or os.cpu_count())
+        threads = torch_threads if torch_threads else torch_threads_for(concurrency, cpu_count or usable_cpus())
         args = celery_worker_args(
             concurrency=concurrency, pool=pool, queue=queue, loglevel=loglevel, hostname=hostname
         )
@@ -272,6 +287,7 @@ def _run_in_process(plan: WorkerProcess) -> None:
     show_default=True,
     envvar="DEBLUR_QUEUE",
     show_envvar=True,
+    callback=lambda _ctx, _param, value: value.strip() or "deblur",  # blank: unset, as producers read it
     help="Queue to consume.",
 )
 @click.option(
@@ -289,7 +305,8 @@ def _run_in_process(plan: WorkerProcess) -> None:
     default=0,
     envvar="DEBLUR_TORCH_THREADS",
     show_envvar=True,
-    help="CPU threads per pool process for torch (0: the CPUs divided by --concurrency).",
+    help="CPU threads per pool process for torch (0: the CPUs this process may use, its container's quota "
+    "included, divided by --concurrency).",
 )
 @click.option(
     "--loglevel",
