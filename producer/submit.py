@@ -22,7 +22,14 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from db import queries
 from db.engine import ensure_schema, session_scope
-from jobs.errors import InputError, JobFinishedError, JobKeyReusedError, OutputsBusyError, TransientError
+from jobs.errors import (
+    InputError,
+    InvalidModelSpecError,
+    JobFinishedError,
+    JobKeyReusedError,
+    OutputsBusyError,
+    TransientError,
+)
 from jobs.labels import check_submitted_labels
 from jobs.s3uri import S3URI, parse_s3_uri
 from jobs.messages import ImageItem, JobKind
@@ -77,7 +84,26 @@ class JobRequest:
         if not 0.0 <= self.strength <= 1.0:
             raise InputError(f"--strength must be within 0..1, got {self.strength}")
         ensemble = parse_ensemble(self.models, strength=self.strength, light=self.light)
+        for member in ensemble.members:
+            _check_worker_paths(member.name, member.param_dict)
         return [m.to_text() for m in ensemble.members]
+
+
+# model parameters that name a file: read by the workers, on their machines (models.catalog)
+FILE_PARAMS = ("weights", "path")
+
+
+def _check_worker_paths(model: str, params: Mapping[str, object]) -> None:
+    """Refuse a relative file parameter (``weights=runs/u1/best.safetensors``): the workers resolve it against
+    their own working folder, not the submitter's, so every image would fail. ``deblur restore`` runs here and
+    takes relative paths."""
+    for name in FILE_PARAMS:
+        value = str(params.get(name) or "").strip()
+        if value and not value.startswith("/"):
+            raise InvalidModelSpecError(
+                f"model {model!r}: {name}={value} is a relative path, which each worker would look for in its own "
+                f"working folder: give the absolute path of a file the workers can read (e.g. "
+                f"{name}=/shared/weights/{value.rsplit('/', 1)[-1]})")
 
 
 @dataclass

@@ -207,6 +207,21 @@ def test_a_retry_whose_outputs_another_unfinished_job_has_still_to_write_is_refu
     assert {r["input"]: r["status"] for r in rows}[f"s3://{bucket}/in/a.png"] == "failed"
 
 
+def test_a_relative_weights_or_checkpoint_path_is_refused_before_anything_is_sent(env, s3) -> None:  # type: ignore[no-untyped-def]
+    """'weights=runs/u1/best.safetensors' was accepted and failed on every image: each worker looked for it in
+    its own working folder. An absolute path is accepted (the file is the workers' to read)."""
+    _, bucket = s3
+    jobs_before = job_count(env)
+    for spec in ("seed002-unet:weights=runs/u1/best.safetensors", "spandrel:path=models/nafnet.pth"):
+        refused = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/rel/", "--model", spec)
+        assert refused.exit_code == 2, (spec, refused.output)
+        assert "is a relative path" in " ".join(refused.output.split()), refused.output
+    assert job_count(env) == jobs_before
+    absolute = invoke("submit", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/rel/", "--dry-run",
+                      "--model", "seed002-unet:weights=/shared/weights/best.safetensors")
+    assert absolute.exit_code == 0, absolute.output
+
+
 def test_job_key_returns_the_first_job(env, s3) -> None:  # type: ignore[no-untyped-def]
     _, bucket = s3
     key = f"nightly-{uuid.uuid4().hex[:6]}"
