@@ -1313,6 +1313,15 @@ def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:
     return found
 
 
+def queues_of_unfinished_jobs(session: Session) -> set[str | None]:
+    """The queues unfinished jobs were submitted to (None: a job that predates recorded queues), for the metrics'
+    broker figures: a scrape must read every queue with work left, not only its own ``DEBLUR_QUEUE``. Unlike
+    :func:`waiting_by_queue` it reads only the jobs table (the queue extracted in SQL), as a scrape runs every few
+    seconds."""
+    return set(session.scalars(select(Job.spec["queue"].as_string()).distinct()
+                               .where(Job.status.in_(UNFINISHED_JOB_STATUSES))))
+
+
 def retryable_job_ids(session: Session) -> list[str]:
     """Jobs queued, running or paused, oldest first (``deblur retry --all``); a job still submitting is its
     producer's to finish listing."""

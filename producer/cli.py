@@ -755,7 +755,7 @@ def metrics(output: str | None) -> None:
     The series the API serves at /metrics, read now from the database and the
     broker: deblur_backlog_images{status}, deblur_images_finished_recently,
     deblur_stalled_images, deblur_worker_lost_images,
-    deblur_broker_waiting_batches{priority}, deblur_up{source}, ... (see
+    deblur_broker_waiting_batches{queue,priority}, deblur_up{source}, ... (see
     deploy/alerts.yml for alerts built on them).
 
     \b

@@ -5,9 +5,11 @@ workers also needs what only the database and the broker know: how many
 images are waiting and how old the oldest job is, how many images finished
 (and failed) lately and how many megapixels that was, which images lost their
 worker or stalled past the visibility timeout, and how many batches wait at
-each priority. :func:`render_metrics` reads those at scrape time and returns
-the Prometheus text format; the API serves it at ``/metrics`` and ``deblur
-metrics`` prints it or writes it for node_exporter's textfile collector.
+each priority in each queue with unfinished jobs (not only this process's
+``DEBLUR_QUEUE``: a job keeps the queue it was submitted to).
+:func:`render_metrics` reads those at scrape time and returns the Prometheus
+text format; the API serves it at ``/metrics`` and ``deblur metrics`` prints
+it or writes it for node_exporter's textfile collector.
 
 A scrape never fails because a dependency is down: ``deblur_up`` says which
 one did not answer (within :data:`SOURCE_TIMEOUT_S`) and that source's series
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -81,30 +83,56 @@ def priority_list_name(queue: str, user_priority: int) -> str:
 
 @dataclass(frozen=True)
 class BrokerSnapshot:
-    """Batches waiting in the broker, by user priority, and batches taken by workers but not yet acknowledged."""
+    """Batches waiting in the broker, by queue and user priority, and batches taken by workers but not yet
+    acknowledged (one hash for every queue of the Redis database).
 
-    waiting: dict[int, int]
+    ``by_queue`` holds the configured queue (``configured``) and every queue unfinished jobs were submitted to:
+    jobs submitted with another ``DEBLUR_QUEUE`` wait there, and nothing else would show them.
+    """
+
+    configured: str
+    by_queue: dict[str, dict[int, int]]
     unacked: int
 
+    @property
+    def waiting(self) -> dict[int, int]:
+        """Batches waiting by priority, summed over every queue read (the API's ``waiting_batches``)."""
+        total: dict[int, int] = {}
+        for waiting in self.by_queue.values():
+            for priority, count in waiting.items():
+                total[priority] = total.get(priority, 0) + count
+        return total
 
-def broker_snapshot(settings: Settings) -> BrokerSnapshot:
-    """Read the queue's lists from the Redis broker."""
+
+def queues_to_read(configured: str, recorded: Iterable[str | None]) -> list[str]:
+    """``configured`` first, then the other queues of ``recorded`` (the queues unfinished jobs were submitted to),
+    sorted; a job that predates recorded queues is sent again to the configured queue, so None counts there."""
+    return [configured, *sorted({queue for queue in recorded if queue} - {configured})]
+
+
+def broker_snapshot(settings: Settings, recorded: Iterable[str | None] = ()) -> BrokerSnapshot:
+    """Read the lists of the configured queue and of the ``recorded`` ones from the Redis broker, in one round
+    trip (a pipeline), however many queues there are."""
     import redis
     from kombu.transport.redis import Channel
 
     from jobs.celery_app import PRIORITY_LEVELS
 
+    queues = queues_to_read(settings.queue, recorded)
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=SOURCE_TIMEOUT_S,
                                   socket_connect_timeout=SOURCE_TIMEOUT_S)
     try:
         pipe = client.pipeline(transaction=False)
-        for priority in range(PRIORITY_LEVELS):
-            pipe.llen(priority_list_name(settings.queue, priority))
+        for queue in queues:
+            for priority in range(PRIORITY_LEVELS):
+                pipe.llen(priority_list_name(queue, priority))
         pipe.hlen(Channel.unacked_key)
         *lengths, unacked = pipe.execute()
     finally:
         client.close()
-    return BrokerSnapshot(waiting={p: int(n) for p, n in enumerate(lengths)}, unacked=int(unacked))
+    by_queue = {queue: {p: int(lengths[i * PRIORITY_LEVELS + p]) for p in range(PRIORITY_LEVELS)}
+                for i, queue in enumerate(queues)}
+    return BrokerSnapshot(configured=settings.queue, by_queue=by_queue, unacked=int(unacked))
 
 
 def queue_age_seconds(moment: datetime | None, now: datetime) -> float:
@@ -146,17 +174,20 @@ def read_queue_state(settings: Settings) -> QueueState:
             log.warning("metrics: the %s did not answer: %s", source, down[source])
             return None
 
-    def read_database() -> queries.OperationsSnapshot:
+    def read_database() -> tuple[queries.OperationsSnapshot, set[str | None]]:
         ensure_schema(db_url)
         with session_scope(db_url) as session:
-            return queries.operations_snapshot(
+            snapshot = queries.operations_snapshot(
                 session, stalled_before=now - timedelta(seconds=settings.visibility_timeout),
                 recent_since=now - timedelta(seconds=RECENT_WINDOW_S))
+            return snapshot, queries.queues_of_unfinished_jobs(session)
 
-    database = read("database", read_database)
+    found = read("database", read_database)
+    # with the database down, only the configured queue's lists can be named
+    database, recorded = found if found is not None else (None, set())
     broker = None
     if not settings.broker_url.startswith("memory://"):
-        broker = read("broker", lambda: broker_snapshot(settings))
+        broker = read("broker", lambda: broker_snapshot(settings, recorded))
     return QueueState(now=now, database=database, broker=broker, down=down)
 
 
@@ -179,9 +210,11 @@ class QueueCollector(Collector):
             yield from self._database_families(snapshot, state.now)
         if broker is not None:
             yield _gauge("deblur_broker_waiting_batches",
-                         "Batches waiting in the broker for a worker, by the priority they were submitted at "
+                         "Batches waiting in the broker for a worker, by queue (the configured one and every "
+                         "queue unfinished jobs were submitted to) and the priority they were submitted at "
                          "(0 lowest, 9 most urgent).", labels=("queue", "priority"),
-                         samples={(self.settings.queue, str(p)): n for p, n in broker.waiting.items()})
+                         samples={(queue, str(p)): n for queue, waiting in broker.by_queue.items()
+                                  for p, n in waiting.items()})
             yield _gauge("deblur_broker_unacked_batches",
                          "Batches taken by a worker and not yet acknowledged (all queues of this Redis database); "
                          "those of a dead worker return to the queue after the visibility timeout.",
@@ -243,7 +276,7 @@ def render_metrics(settings: Settings) -> Exposition:
 
 def describe_queue(state: QueueState) -> list[str]:
     """A few lines for people (``deblur status`` without a job): the work left, what finished lately, what is
-    stuck, and the broker's waiting batches by priority."""
+    stuck, and the broker's waiting batches by priority (and by queue: :func:`describe_broker`)."""
     lines: list[str] = []
     db = state.database
     if db is not None:
@@ -271,14 +304,24 @@ def describe_queue(state: QueueState) -> list[str]:
             lines.append(f"{db.worker_lost:,} images lost their worker (a crash or an OOM kill) and wait for "
                          "redelivery; see the workers' logs")
     if state.broker is not None:
-        by_priority = ", ".join(f"priority {p}: {n:,}" for p, n in sorted(state.broker.waiting.items(), reverse=True)
-                                if n)
-        total = sum(state.broker.waiting.values())
-        lines.append(f"broker: {total:,} batches waiting" + (f" ({by_priority})" if total else "")
-                     + f", {state.broker.unacked:,} taken by workers")
+        lines.append(describe_broker(state.broker))
     for source, reason in state.down.items():
         lines.append(f"the {source} did not answer: {reason}")
     return lines
+
+
+def describe_broker(broker: BrokerSnapshot) -> str:
+    """The broker's line of ``deblur status``: the batches waiting in every queue with work, by priority, and by
+    queue as soon as any wait outside the configured queue (a job submitted with another ``DEBLUR_QUEUE``, which
+    this installation's workers may not consume)."""
+    waiting = broker.waiting
+    total = sum(waiting.values())
+    details = [", ".join(f"priority {p}: {n:,}" for p, n in sorted(waiting.items(), reverse=True) if n)]
+    by_queue = {queue: sum(counts.values()) for queue, counts in broker.by_queue.items()}
+    if any(n for queue, n in by_queue.items() if queue != broker.configured):
+        details.append("by queue: " + ", ".join(f"{queue!r} {n:,}" for queue, n in by_queue.items() if n))
+    return (f"broker: {total:,} batches waiting" + (f" ({'; '.join(details)})" if total else "")
+            + f", {broker.unacked:,} taken by workers")
 
 
 def _per_minute(count: float) -> str:

@@ -4,7 +4,8 @@ Given jobs submitted at two priorities with no worker running, a batch taken
 and not acknowledged, and image rows put in every state an operator watches
 for (running past the visibility timeout, back in the queue after a worker
 died, finished now, finished long ago), the exposition's figures are exactly
-those; it parses with Prometheus' own parser. A source that does not answer
+those; it parses with Prometheus' own parser. Jobs submitted to other queues
+than the reader's show under their own queue label. A source that does not answer
 reads ``deblur_up 0`` and the scrape still answers (the CLI exits 1 and still
 writes its file). The alerting rules shipped in ``deploy/`` use only series
 that exist.
@@ -145,6 +146,40 @@ def test_metrics_count_the_backlog_the_broker_and_every_state_an_operator_watche
     assert "broker: 3 batches waiting (priority 7: 2, priority 2: 1), 0 taken by workers" in listing.output
 
 
+def test_the_broker_figures_cover_every_queue_unfinished_jobs_were_submitted_to(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Jobs keep the queue they were submitted to: batches in queues that no worker consumes, and that are not the
+    reader's DEBLUR_QUEUE, still show in the scrape (a series per queue) and in 'deblur status' (summed, then by
+    queue)."""
+    from jobs.settings import load_settings
+    from producer.cli import main
+    from producer.metrics import queues_to_read, render_metrics
+
+    # a job that predates recorded queues (None) is sent again to the configured queue, which is read first
+    assert queues_to_read("deblur", {None, "b", "deblur", "a"}) == ["deblur", "a", "b"]
+
+    suffix = uuid.uuid4().hex[:6]
+    ghost, other, reader = f"ghost-{suffix}", f"other-{suffix}", f"reader-{suffix}"
+    monkeypatch.setenv("DEBLUR_QUEUE", ghost)
+    submit_fake_images(env, 3, priority=7, batch_size=2)  # two batches
+    monkeypatch.setenv("DEBLUR_QUEUE", other)
+    submit_fake_images(env, 1, priority=2, batch_size=8)  # one
+    monkeypatch.setenv("DEBLUR_QUEUE", reader)  # neither job's queue
+
+    found = samples(render_metrics(load_settings()).text)
+
+    def waiting(queue: str) -> dict[int, float]:
+        return {p: n for p in range(10) if (n := value(found, "deblur_broker_waiting_batches", queue=queue,
+                                                       priority=str(p)))}
+
+    assert waiting(ghost) == {7: 2} and waiting(other) == {2: 1}
+    assert waiting(reader) == {}  # the configured queue has its series, empty
+
+    listing = CliRunner().invoke(main, ["status"])
+    assert listing.exit_code == 0, listing.output
+    assert (f"broker: 3 batches waiting (priority 7: 2, priority 2: 1; by queue: {ghost!r} 2, {other!r} 1), "
+            "0 taken by workers") in listing.output
+
+
 def test_a_source_that_does_not_answer_reads_up_0_and_the_scrape_still_answers(env, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from jobs.settings import load_settings
     from producer.cli import main
@@ -198,7 +233,9 @@ def series_in(expression: str) -> set[str]:
     """The metric names a PromQL expression selects (parsed: a syntax error raises), histogram suffixes removed.
 
     Each API replica exports the same deblur_* figures, so a deblur_* series may only be read through max() or
-    min() across replicas: one selected bare or summed fails here (two replicas would double it)."""
+    min() across replicas: one selected bare or summed fails here (two replicas would double it). The broker's
+    waiting batches have a series per queue, so they are taken by queue (a max by priority alone would keep the
+    largest queue's figure and drop the others)."""
     import promql_parser
 
     found: set[str] = set()
@@ -211,6 +248,10 @@ def series_in(expression: str) -> set[str]:
                 taken = (str(parent.op) if kind == "AggregateExpr" else parent.func.name if kind == "Call"
                          else "nothing")
                 assert taken in {"max", "min", "absent"}, f"{node.name} read through {taken} in {expression}"
+            if node.name == "deblur_broker_waiting_batches":
+                modifier = getattr(parent, "modifier", None)
+                assert modifier is not None and str(modifier.type).endswith("By") and "queue" in modifier.labels, \
+                    f"{node.name} not taken per queue in {expression}"
         for attr in ("lhs", "rhs", "expr", "vector_selector", "args", "param"):
             child = getattr(node, attr, None)
             for item in child if isinstance(child, list) else [child] if child is not None else []:
@@ -236,6 +277,8 @@ def test_shipped_alerts_and_dashboard_are_promql_over_series_that_exist(env) -> 
         series_in('min(deblur_up{source="database"}')  # the parser does refuse what Prometheus would
     with pytest.raises(AssertionError, match="through sum"):
         series_in("sum(deblur_stalled_images) > 0")  # two API replicas would double it
+    with pytest.raises(AssertionError, match="per queue"):
+        series_in("sum(max by (priority) (deblur_broker_waiting_batches))")  # the largest queue's lists only
 
     rules = yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
