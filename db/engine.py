@@ -7,21 +7,34 @@ several worker processes can write to it; PostgreSQL is used as is.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-_upgrade_lock = threading.Lock()
+log = logging.getLogger(__name__)
+
+_upgrade_lock = threading.RLock()
+"""Held by the thread that migrates, or checks before it may (:func:`ensure_schema`, :func:`upgrade`): one thread
+of a process at a time. Reentrant, as ensure_schema holds it around :func:`_migration_lock`, which takes it too."""
+
+MIGRATION_LOCK_KEY = 0x6465626C7572  # "deblur" in ASCII
+"""The key of the PostgreSQL advisory lock every process of every release holds while it migrates a database:
+a constant, so that releases agree on it (advisory locks are per database, so one key serves all of them)."""
 
 
 def _normalise(url: str) -> str:
@@ -197,32 +210,159 @@ def alembic_config(url: str):  # type: ignore[no-untyped-def]
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (creates the schema from nothing)."""
+    """Apply migrations up to ``revision`` (creates the schema from nothing): the explicit ``deblur db upgrade``.
+
+    Holds the migration lock (:func:`_migration_lock`), so it waits for a worker that migrates the same database
+    meanwhile and then finds its work done, instead of applying the same DDL a second time.
+
+    Raises:
+        ConfigurationError: the database's schema is newer than this release knows.
+    """
+    with _migration_lock(url):
+        refuse_newer_schema(url, current_revision(url))
+        _apply_migrations(url, revision)
+
+
+def _apply_migrations(url: str, revision: str) -> None:
+    """Run Alembic up to ``revision`` on one of the engine's connections; the caller holds the migration lock."""
     from alembic import command
 
+    cfg = alembic_config(url)
+    with get_engine(url).begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    """Held while a process checks a database's revision and migrates it, by one process at a time per database.
+
+    Workers started together (a rolling update of several pods) all find the schema behind and migrate it at
+    once, and the second to add a column fails (DuplicateColumn). PostgreSQL: a session-level advisory lock on a
+    connection of its own, in autocommit so that it holds no transaction while it waits or the migration runs;
+    it ends with its connection if this process dies. A SQLite file: an exclusive ``flock`` on a lock file beside
+    it (SQLite's own locks end with each transaction, and Alembic runs SQLite's DDL in several); the kernel
+    releases it with the process. An in-memory database belongs to one process: the thread lock suffices.
+
+    Raises:
+        ConfigurationError: as :func:`get_engine` (a SQLite database's folder is missing, …).
+    """
     with _upgrade_lock:
-        cfg = alembic_config(url)
-        engine = get_engine(url)
-        with engine.begin() as connection:
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
+        engine = get_engine(url)  # first: a SQLite folder that is missing is said before the lock file is opened
+        if engine.dialect.name == "postgresql":
+            with _advisory_lock(engine):
+                yield
+            return
+        path = _sqlite_file(url)
+        if path is None:
+            yield
+            return
+        import fcntl
+
+        with open(path.with_name(path.name + ".migration-lock"), "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _advisory_lock(engine: Engine) -> Iterator[None]:
+    """PostgreSQL's session-level advisory lock :data:`MIGRATION_LOCK_KEY`, held on a connection of its own.
+
+    Were it left held (an unlock that failed on a connection that still works), the pool would hand the lock on
+    with the connection and keep it from every other process for good: such a connection is closed instead.
+    """
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        try:
+            yield
+        finally:
+            try:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            except Exception:
+                connection.invalidate()  # closing the session ends its locks
+                raise
 
 
 def current_revision(url: str) -> str | None:
+    """The database's Alembic revision, None when it has no schema yet."""
     from alembic.runtime.migration import MigrationContext
 
     with get_engine(url).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def head_revision() -> str:
+@functools.lru_cache(maxsize=1)
+def _scripts() -> ScriptDirectory:
+    """This release's migrations (read once: they do not change while it runs)."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head() or ""
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def head_revision() -> str:
+    """The revision this release's models are at."""
+    return _scripts().get_current_head() or ""
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision this release has a migration for: a database at another was migrated by a newer release."""
+    return frozenset(script.revision for script in _scripts().walk_revisions())
+
+
+def refuse_newer_schema(url: str, current: str | None) -> None:
+    """Stop with a clear message when ``url``'s database is at ``current``, a revision this release does not know.
+
+    Alembic would fail with "Can't locate revision" (a traceback from every command and every sweep of a
+    worker); nothing this release does can help: only an upgrade of this installation can.
+
+    Raises:
+        ConfigurationError: ``current`` is not one of :func:`known_revisions`, naming it and this release's head.
+    """
+    if current is None or current in known_revisions():
+        return
+    shown = make_url(url).render_as_string(hide_password=True)
+    raise ConfigurationError(f"the database's schema {current} is newer than this release knows ({head_revision()}): "
+                             f"upgrade this installation to the release that migrated the database at {shown}")
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic's own INFO lines (its plugins, "Will assume transactional DDL", each step) held back: they fill a
+    worker's log at every automatic check. The caller holds :data:`_upgrade_lock`, so no other thread restores
+    the level meanwhile; the explicit ``deblur db upgrade`` keeps them."""
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        alembic_log.setLevel(level)
 
 
 @functools.lru_cache(maxsize=8)
 def ensure_schema(url: str) -> None:
-    """Migrate to head when the database is behind (once per process and URL)."""
-    if current_revision(url) != head_revision():
-        upgrade(url)
+    """Migrate to head when the database is behind (once per process and URL).
+
+    Every worker does this at its first use of the database, so a rolling update's workers migrate together:
+    the revision is checked again under the migration lock, and only the first to take it migrates.
+
+    Raises:
+        ConfigurationError: the database's schema is newer than this release knows (the call is not cached, so
+            each later call says it again), or as :func:`get_engine`.
+    """
+    with _upgrade_lock, _quiet_alembic():
+        head, current = head_revision(), current_revision(url)
+        if current == head:
+            return
+        refuse_newer_schema(url, current)
+        with _migration_lock(url):
+            current = current_revision(url)  # another process may have migrated while this one waited
+            if current == head:
+                return
+            refuse_newer_schema(url, current)  # or a newer release
+            log.info("migrating the database schema from %s to %s", current or "nothing", head)
+            _apply_migrations(url, "head")
