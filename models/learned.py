@@ -283,8 +283,11 @@ def _build(name: str, params: Mapping[str, object], device: torch.device) -> Res
 
         recorded = REGISTRY.parse(prior_text).name
         if recorded != REGISTRY.parse(wanted).name:
+            plain = next(n for n, m in SEED_MODELS.items() if m.arch == SEED_MODELS[name].arch and not m.prior)
             raise WeightsError(f"{str(path)!r} refines {recorded}, but {name!r} refines {wanted}: its network learned "
-                               f"to correct another model's results; train one with 'deblur train {name} -o RUN_DIR'")
+                               f"to correct another model's results; restore it as a refiner of {recorded} with "
+                               f"'-m {plain}:weights={path}', or train one for {name!r} with 'deblur train {name} "
+                               "-o RUN_DIR' (no --prior)")
     model: RestorationModel
     if prior_text:
         from models.loading import load_model

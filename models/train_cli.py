@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -34,6 +35,20 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _finished(output: Path, steps: int, say: Callable[[str], None]) -> bool:
+    """Whether the run to resume in ``output`` is already at ``steps`` or beyond, said so: it used to exit 0
+    without a word, which looked like a resume that trained."""
+    from models.training.loop import existing_run_step
+
+    if not (output / "last.pt").is_file():  # --resume goes on from last.pt only
+        return False
+    step = existing_run_step(output)
+    if step is None or step < steps:
+        return False
+    say(f"nothing to do: the run in {output} is at step {step} of --steps {steps}; raise --steps to train further")
+    return True
 
 
 @click.command(
@@ -85,7 +100,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), envvar=_env("optimizer"),
               help="[default: the seed's: Adam for seed001/seed003, RMSprop (rho 0.9) for seed002]")
 @click.option("--lr", type=click.FloatRange(0.0, min_open=True), envvar=_env("lr"),
-              help="Learning rate [default: the seed's: 5e-4, 1e-3, 1e-4].")
+              help="Learning rate [default: the seed's: 5e-4, 1e-3, 1e-4]. With --resume, a run goes on at its own "
+                   "rate; a --lr given replaces it, scaling every rate of its schedule by new/old (said on stderr).")
 @click.option("--weight-decay", type=click.FloatRange(0.0), envvar=_env("weight_decay"),
               help="L2 weight decay [default: 5e-4 for seed001, else 0].")
 @click.option("--schedule", type=click.Choice(["plateau", "cosine", "constant"]), envvar=_env("schedule"),
@@ -107,9 +123,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
               help="Architecture option KEY=VALUE, repeatable (seed001: width, scale; seed002: width; "
                    "seed003: hidden_dim, layers, heads, vit_checkpoint).")
 @click.option("--prior", envvar=_env("prior"),
-              help="Train a refiner conditioned on this weight-free model's result (e.g. l0-blind): the network "
-                   "sees [blurred, prior] and corrects the prior. Its results on synthetic training patches are "
-                   "computed once into --prior-cache.")
+              help="Train a refiner conditioned on this weight-free model's result (e.g. l0-blind, wiener): the "
+                   "network sees [blurred, prior] and corrects the prior. A -refine model takes its own prior only; "
+                   "for another, train the bare architecture (seed001, seed002) and restore it with weights=. Its "
+                   "results on synthetic training patches are computed once into --prior-cache.")
 @click.option("--prior-cache", type=click.Path(file_okay=False, path_type=Path), envvar=_env("prior_cache"),
               help="Directory of the prior's cached results [default: OUTPUT/prior-cache]. Start the same "
                    "command in a second shell to fill it on two cores; an interrupted build resumes.")
@@ -176,7 +193,8 @@ def train_command(
     ARCH is an architecture (seed001, seed002, seed003) or a learned seed model
     from the registry (seed001-gan, seed002-unet, seed001-refine, seed002-refine,
     seed003-vit), whose shipped architecture options are then used. The
-    -refine models correct l0-blind's result: they imply --prior l0-blind.
+    -refine models correct l0-blind's result: they imply --prior l0-blind
+    and take no other (train the bare architecture to refine another).
 
     \b
     Data (choose one; default: synthetic blur of package photographs):
@@ -215,8 +233,14 @@ def train_command(
         if len(data_options) > 1:
             raise InputError(f"{' and '.join(data_options)} are different training data: choose one")
         check_output(output, resume)  # before loading data or running a prior: a finished run is not overwritten
+        if resume and _finished(output, steps, say):
+            return
         arch_name, arch_kwargs = resolve_arch(arch)
         arch_kwargs = {**arch_kwargs, **_parse_options(arch_options)}
+        if prior:
+            from models.training.prior import check_prior
+
+            check_prior(arch, prior)
         prior = prior or default_prior(arch)
         if prior and light == "linear":
             from models.catalog import REGISTRY, in_light

@@ -14,8 +14,13 @@ atomically). Without validation data there is no "best": only the latest
 weights are written (and copied to ``export``). ``resume=True`` continues
 from ``last.pt`` exactly where it stopped: model, optimiser, schedule, random
 generators, the data source's kernel bank and the epoch's running loss are all
-restored, so a resumed run matches an uninterrupted one. A run into a folder
-that already holds one is refused unless it resumes (:func:`check_output`).
+restored, so a resumed run matches an uninterrupted one. A resume into other
+architecture options than the checkpoint's is refused; a learning rate given
+on resume replaces the run's, scaling its schedule (:func:`_resume_lr`). A run
+into a folder that already holds one is refused unless it resumes
+(:func:`check_output`). Weight files are byte-for-byte the same for the same
+tensors and metadata (their sha256 is their provenance) and get the umask's
+mode like any new file (:func:`_write_atomically`).
 
 Ctrl-C (SIGINT) or SIGTERM stops the run after the step under way: ``last.pt``
 is written at that step, without counting an epoch or stepping a per-epoch
@@ -38,14 +43,15 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from jobs.errors import InputError
@@ -118,11 +124,14 @@ class TrainConfig:
     progress: bool = True
     data_description: str = ""
     prior: str = ""  # the blind model a refiner is conditioned on (stored in the weights' metadata)
+    # whether ``lr`` was given rather than the recipe's: only a given one replaces a resumed run's rate
+    lr_given: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise InputError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         recipe = RECIPES[self.arch]
+        self.lr_given = self.lr is not None
         self.batch_size = self.batch_size or recipe.batch_size
         self.optimizer = (self.optimizer or recipe.optimizer).lower()
         self.lr = recipe.lr if self.lr is None else self.lr
@@ -253,10 +262,25 @@ def export_weights(net: nn.Module, path: Path, arch: str, arch_kwargs: dict[str,
         arch_kwargs = {**{k: v for k, v in arch_kwargs.items() if k != "vit_checkpoint"}, **rebuild()}
     meta = {"arch": arch, "arch_kwargs": json.dumps(arch_kwargs, sort_keys=True)}
     meta.update({k: str(v) for k, v in info.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    data = deterministic_safetensors(state, meta)
+    _write_atomically(path, lambda fh: fh.write(data))
+
+
+def deterministic_safetensors(state: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """``state`` and ``meta`` as the bytes of a ``.safetensors`` file, the same bytes for the same input.
+
+    safetensors writes its metadata map in a random key order, so two identical runs gave files with
+    different sha256 -- and a weights file's sha256 is its provenance (registry, job records). The
+    format is an 8-byte little-endian header length, a JSON header, then the tensors' data, whose
+    offsets count from the end of the header: the header is written again with sorted keys (the
+    same length, as only the order changes) and padded with spaces to a multiple of 8 bytes as the
+    library pads it, so the data after it is untouched.
+    """
+    raw = safetensors_bytes(state, metadata=meta)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + length:]
 
 
 def _init_from(net: nn.Module, path: Path, arch: str) -> None:
@@ -269,7 +293,11 @@ def _init_from(net: nn.Module, path: Path, arch: str) -> None:
             found = (fh.metadata() or {}).get("arch")
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise InputError(f"cannot read initial weights {str(path)!r}: {exc}") from None
+        raise InputError(
+            f"cannot read initial weights {str(path)!r} as safetensors ({exc}): --init takes a .safetensors file, "
+            "e.g. a run's best.safetensors or last.safetensors (its last.pt is a checkpoint for --resume, and "
+            ".pt/.pth files from elsewhere are not read: they may run code when loaded)"
+        ) from None
     if found not in (None, arch):
         raise InputError(f"initial weights {str(path)!r} are for {found!r}, not {arch!r}")
     try:
@@ -326,13 +354,26 @@ def check_output(out: Path, resume: bool) -> None:
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` through a temporary file in ``target``'s folder and an atomic rename,
-    so that ``target`` is always either the old file or the whole new one."""
+    """Copy ``source`` to ``target`` atomically (:func:`_write_atomically`)."""
+    with open(source, "rb") as src:
+        _write_atomically(target, lambda dst: shutil.copyfileobj(src, dst))
+
+
+def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``target`` with ``write`` through a temporary file in its folder and an atomic rename, so that
+    ``target`` is always either the old file or the whole new one.
+
+    The temporary file is created afresh (a stale one is removed first), so every file training writes
+    gets the mode ``open()`` gives a new file, 0666 less the umask -- what ``deblur models pull`` gives
+    downloaded weights (:mod:`models.weights_store`): workers often run as another user than the one who
+    trained, and safetensors' own writer made owner-only (0600) files.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
     try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        with open(tmp, "xb") as dst:
+            write(dst)
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, target)
@@ -367,6 +408,23 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# tqdm's default bar without its "<remaining" estimate, for runs with a time limit (see _eta_text)
+_BAR_WITH_TIME_LIMIT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
+def _eta_text(done: int, left: int, now: float, start: float, deadline: float) -> str:
+    """Time until the run stops: the steps ``left`` at this call's rate, or the time limit, whichever comes first.
+
+    ``done`` steps were taken since ``start``; with none yet, only the time limit is known (shown as ``<=``).
+    """
+    from tqdm import tqdm
+
+    time_left = max(0.0, deadline - now)
+    if done <= 0:
+        return f"<={tqdm.format_interval(time_left)}"
+    return tqdm.format_interval(min(time_left, (now - start) / done * left))
 
 
 def _setup_logging(path: Path) -> logging.Handler:
@@ -428,6 +486,61 @@ def _check_split(ckpt: dict[str, object], split: Split | None, ckpt_path: Path) 
         )
 
 
+def _check_network(ckpt: dict[str, object], config: TrainConfig, ckpt_path: Path) -> None:
+    """Refuse a resume into another network than the checkpoint's: its tensors would not fit (or, worse, a
+    change of an option that keeps the shapes would go unnoticed), which surfaced as a raw size-mismatch
+    traceback from ``load_state_dict``."""
+    if ckpt["arch"] != config.arch:
+        raise InputError(f"checkpoint {str(ckpt_path)!r} is for {ckpt['arch']!r}, not {config.arch!r}")
+    if "arch_kwargs" not in ckpt:
+        return
+    recorded = json.loads(str(ckpt["arch_kwargs"]))
+    asked = json.loads(json.dumps(config.arch_kwargs, sort_keys=True))  # as it would be recorded
+    if recorded != asked:
+        raise InputError(
+            f"checkpoint {str(ckpt_path)!r} is a {config.arch} network with the options "
+            f"{json.dumps(recorded, sort_keys=True)}, but {json.dumps(asked, sort_keys=True)} were asked for: "
+            "resume with the same options (--arch-option, --prior), or start a new run with another --output"
+        )
+
+
+def _notice(message: str) -> None:
+    """Say ``message`` on stderr and in train.log: something the run does differently than asked or expected."""
+    log.info("%s", message)
+    sys.stderr.write(f"{message}\n")
+
+
+def _resume_lr(
+    ckpt: dict[str, object], config: TrainConfig, schedules: Sequence[tuple[torch.optim.Optimizer, object]], step: int
+) -> None:
+    """Apply a ``--lr`` given on resume; without one keep the run's own rate (and set ``config.lr`` to it).
+
+    The optimisers' and schedules' states restored from the checkpoint carry the run's rates, so a new
+    ``--lr`` used to be ignored without a word. Someone who passes one on resume means it (typically a
+    lower rate to go on from a plateau), so every rate of the schedule is scaled by new / old: the
+    schedule goes on from where it was (a cosine keeps its shape, a plateau schedule its halvings).
+    """
+    groups = ckpt["optimizer"]["param_groups"]  # type: ignore[index]
+    run_lr = float(ckpt.get("lr", groups[0].get("initial_lr", groups[0]["lr"])))  # older checkpoints: no "lr"
+    new_lr = float(config.lr or 0.0)
+    if not config.lr_given:
+        config.lr = run_lr
+        return
+    if math.isclose(new_lr, run_lr, rel_tol=1e-9):
+        return
+    ratio = new_lr / run_lr
+    for opt, sched in schedules:
+        for group in opt.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        for name in ("base_lrs", "_last_lr"):
+            if isinstance(getattr(sched, name, None), list):
+                setattr(sched, name, [float(v) * ratio for v in getattr(sched, name)])
+    _notice(f"resuming with --lr {new_lr:g} instead of the run's {run_lr:g}: the {config.schedule} schedule goes on "
+            f"from step {step} with its rates scaled by {ratio:g} (now {schedules[0][0].param_groups[0]['lr']:.3g})")
+
+
 def _train(
     config: TrainConfig,
     source: PairSource,
@@ -465,17 +578,19 @@ def _train(
     ckpt_path = out / "last.pt"
     if config.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["arch"] != config.arch:
-            raise InputError(f"checkpoint {str(ckpt_path)!r} is for {ckpt['arch']!r}, not {config.arch!r}")
+        _check_network(ckpt, config, ckpt_path)
         _check_split(ckpt, split, ckpt_path)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["schedule"])  # type: ignore[attr-defined]
+        schedules = [(opt, sched)]
         if disc is not None and "disc" in ckpt:
             disc.load_state_dict(ckpt["disc"])
             d_opt.load_state_dict(ckpt["disc_optimizer"])  # type: ignore[union-attr]
             d_sched.load_state_dict(ckpt["disc_schedule"])  # type: ignore[union-attr]
+            schedules.append((d_opt, d_sched))  # type: ignore[arg-type]
         step, epoch, best = int(ckpt["step"]), int(ckpt["epoch"]), float(ckpt["best_psnr"])
+        _resume_lr(ckpt, config, schedules, step)
         running, count = float(ckpt.get("running_loss", 0.0)), int(ckpt.get("running_count", 0))
         rng.bit_generator.state = json.loads(ckpt["numpy_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -507,7 +622,11 @@ def _train(
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.arch}", unit="step", mininterval=5.0)
+        # with a time limit, tqdm's own estimate (from --steps alone) would promise hours for a run that stops in
+        # minutes: the bar shows an "eta" bounded by the time left instead (_eta_text)
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.arch}", unit="step", mininterval=5.0,
+                   bar_format=_BAR_WITH_TIME_LIMIT if config.max_minutes else None)
+    first_step = step
     try:
         while step < config.steps:
             if stop:  # SIGINT/SIGTERM arrived: save this step (between steps, so the state is consistent)
@@ -546,7 +665,9 @@ def _train(
             count += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", best=f"{best:.2f}dB", refresh=False)
+                eta: dict[str, str] = {} if math.isinf(deadline) else {
+                    "eta": _eta_text(step - first_step, config.steps - step, time.monotonic(), start, deadline)}
+                bar.set_postfix(loss=f"{value:.4f}", best=f"{best:.2f}dB", **eta, refresh=False)
             out_of_time = time.monotonic() > deadline
             if step % config.steps_per_epoch == 0 or step == config.steps or out_of_time:
                 epoch += 1
@@ -610,6 +731,7 @@ def _save_checkpoint(
     ckpt: dict[str, object] = {
         "arch": config.arch,
         "arch_kwargs": json.dumps(config.arch_kwargs, sort_keys=True),
+        "lr": float(config.lr or 0.0),  # the base rate, which a --lr given on resume replaces (_resume_lr)
         "model": net.state_dict(),
         "optimizer": opt.state_dict(),
         "schedule": sched.state_dict(),  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ directory and training then samples patches from the cache:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,36 @@ def prior_runner(spec: str) -> Callable[[np.ndarray], np.ndarray]:
         return model(x).image[0].permute(1, 2, 0).numpy().astype(np.float32)
 
     return run
+
+
+def check_prior(model: str, prior: str) -> None:
+    """Refuse, before anything runs, a ``--prior`` whose refiner could not be used or trained as asked.
+
+    The prior must be weight-free (a classic model such as ``l0-blind`` or ``wiener``): the refiner's
+    weights name it in their metadata and it is rebuilt from that name alone at inference. A registered
+    refiner (``seed002-refine``) loads only weights refining its own prior (:mod:`models.learned`), so
+    training it on another prior gave weights that ``deblur restore`` refused after the whole run; the
+    bare architecture (``seed002``), restored as its plain model with ``weights=``, takes any prior.
+    """
+    from models.catalog import REGISTRY
+    from models.learned import SEED_MODELS, resolve_arch
+
+    info = REGISTRY.get(REGISTRY.parse(prior).name)
+    if info.family != "classic":
+        raise InputError(f"--prior {prior}: {info.name!r} is a learned model ({info.family}); a refiner's prior must "
+                         "be weight-free, one of: " + ", ".join(i.name for i in REGISTRY if i.family == "classic"))
+    own = SEED_MODELS[model].prior if model in SEED_MODELS else ""
+    if own and REGISTRY.parse(own).name != info.name:
+        arch, options = resolve_arch(model)
+        plain = next(name for name, m in SEED_MODELS.items() if m.arch == arch and not m.prior)
+        command = ["deblur train", arch, f"--prior '{prior}'",  # the shipped model's options, as JSON values
+                   *(f"--arch-option {k}={json.dumps(v)}" for k, v in options.items() if k != "in_channels")]
+        raise InputError(
+            f"{model!r} refines {own}: its weights load only as a refiner of {own}, so one trained on --prior "
+            f"{prior} could not be used as {model!r}. To refine {info.name}, train the bare architecture: "
+            f"{' '.join(command)} -o RUN_DIR, then restore with -m {plain}:weights=RUN_DIR/best.safetensors; "
+            f"or drop --prior to train {model!r} on {own}"
+        )
 
 
 def _chunk_path(folder: Path, index: int) -> Path:
