@@ -18,6 +18,7 @@ _PSF_HELP = (
     "point-spread function: gaussian:sigma=S, disk:radius=R or "
     "motion:length=L,angle=DEG"
 )
+_PSF = Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf, compound=True)
 # Clipped highlights break the blur model; deconvolutions leave them out of the data term.
 _SATURATION = Param(
     "saturation", float, 0.985,
@@ -47,7 +48,7 @@ CLASSIC: list[ModelInfo] = [
         summary="Non-blind Wiener deconvolution with a given PSF (FFT, edge-tapered borders).",
         factory="models.classic:build_wiener",
         params=(
-            Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
+            _PSF,
             Param("nsr", float, 0.01, "noise-to-signal power ratio (regularisation)", minimum=1e-6, maximum=10),
             _SATURATION,
             _LIGHT,
@@ -61,7 +62,7 @@ CLASSIC: list[ModelInfo] = [
         summary="Non-blind Richardson-Lucy deconvolution with a given PSF.",
         factory="models.classic:build_richardson_lucy",
         params=(
-            Param("psf", str, "gaussian:sigma=1.2", _PSF_HELP, check=check_psf),
+            _PSF,
             Param("iterations", int, 30, "number of multiplicative updates", minimum=1, maximum=1000),
             _SATURATION,
             _LIGHT,
@@ -213,13 +214,21 @@ def _path_param(default_help: str) -> Param:
 
 
 _OFFICIAL_DTYPES = ("float32", "bfloat16")
+# spandrel's id of the network each builder of models/official.py loads (it refuses any other)
+_ARCHITECTURES = {
+    "build_nafnet": "NAFNet",
+    "build_restormer": "Restormer",
+    "build_mprnet": "MPRNet",
+    "build_fftformer": "FFTformer",
+    "build_uformer": "Uformer",
+}
 _ACADEMIC = "Academic Public License (non-commercial)"
 
 
 def _official(
     name: str, builder: str, summary: str, licence: str, filename: str, url: str, size_multiple: int
 ) -> ModelInfo:
-    """A published checkpoint loaded through spandrel, default tile 512 px."""
+    """A published checkpoint loaded through spandrel, default tile 512 px; ``build_X`` loads architecture X."""
     return ModelInfo(
         name=name,
         family="learned-official",
@@ -229,6 +238,7 @@ def _official(
         factory=f"models.official:{builder}",
         params=(_path_param(f"checkpoint file; default: {filename} in DEBLUR_WEIGHTS_DIR"),),
         weights=WeightsFile(filename, url=url),
+        architecture=_ARCHITECTURES[builder],
         size_multiple=size_multiple,
         tile_size=512,
         dtypes=_OFFICIAL_DTYPES,

@@ -112,9 +112,10 @@ def pull_model(
     When the sha256 is known (--sha256, or registered for the model) the file
     is checked against it before it is stored; a file that does not match is
     discarded and nothing is left behind. The official checkpoints have no
-    registered sha256 (their authors publish none): such a file is stored
-    unchecked and its sha256 is printed with a warning, to record and pass as
-    --sha256 on the next machine. Example:
+    registered sha256 (their authors publish none): such a file is only stored
+    if it is a complete checkpoint of the model's network, and its sha256 is
+    printed with a warning, to record and pass as --sha256 on the next
+    machine. Example:
 
         deblur models pull fftformer-gopro
     """

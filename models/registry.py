@@ -12,6 +12,7 @@ only workers turn a spec into a torch module (:mod:`models.loading`).
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -44,6 +45,9 @@ class Param:
     check: Callable[[object], object] | None = None
     # one of COMMON_PARAMS (possibly with a model's own default): applied by wrapping, not by the factory
     common: bool = False
+    # the value itself holds comma-separated key=value parts (a PSF: motion:length=15,angle=30), so the spec
+    # parser keeps an unknown key after a comma in this value instead of calling it a misspelt parameter
+    compound: bool = False
 
     def convert(self, model: str, text: str) -> object:
         try:
@@ -120,6 +124,8 @@ class ModelInfo:
     option_defaults: tuple[tuple[str, object], ...] = ()
     # keep the latest result so an ensemble member and a refiner's prior compute it once
     shared_results: bool = False
+    # the network its weights file must hold (spandrel's architecture id), checked by 'deblur models pull'
+    architecture: str | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -174,6 +180,23 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return repr(value) if value != int(value) else str(int(value)) if abs(value) < 1e15 else repr(value)
     return str(value)
+
+
+def _check_weight(model: str, weight: float) -> None:
+    """Refuse an ensemble weight that is infinite, NaN or negative: the average of the members has no meaning
+    then, and workers would fail on every image."""
+    if not math.isfinite(weight) or weight < 0:
+        raise InvalidModelSpecError(f"model {model!r}: ensemble weight must be a finite number >= 0, got {weight}")
+
+
+def _unknown_parameter(info: ModelInfo, key: str) -> InvalidModelSpecError:
+    """The error for a parameter ``info`` does not take, listing the ones it does and the closest of them."""
+    names = [p.name for p in info.params]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return InvalidModelSpecError(
+        f"unknown parameter {key!r} for {info.name}; its parameters are: {', '.join(names) or 'none'}{hint}"
+    )
 
 
 def _looks_like_number(text: str) -> bool:
@@ -297,9 +320,12 @@ class Registry:
         """Parse ``NAME[:PARAMS][:WEIGHT]`` and validate it against the registry.
 
         Parameters are ``key=value`` pairs separated by commas. A value may
-        itself contain ``:`` and ``,`` (``psf=motion:length=15,angle=30``): a
-        comma-separated piece whose key is not a parameter of the model is
-        taken as part of the previous value. A trailing ``:NUMBER`` is the
+        itself contain ``:`` and ``,``: a piece without ``=`` continues the
+        previous value, and so does a ``key=value`` piece whose key is not a
+        parameter of the model when the previous parameter is
+        :attr:`Param.compound` (``psf=motion:length=15,angle=30``); anywhere
+        else such a piece is a misspelt parameter and is reported as one, not
+        as a bad value of its neighbour. A trailing ``:NUMBER`` is the
         ensemble weight.
         """
         text = text.strip()
@@ -314,27 +340,23 @@ class Registry:
                 weight, rest = float(rest), ""
             elif sep and _looks_like_number(tail):
                 weight, rest = float(tail), head
-        if not math.isfinite(weight) or weight < 0:
-            raise InvalidModelSpecError(
-                f"model {info.name!r}: ensemble weight must be a finite number >= 0, got {weight}"
-            )
+        _check_weight(info.name, weight)
         raw: dict[str, str] = {}
-        last: str | None = None
+        last: Param | None = None
         for piece in rest.split(",") if rest else []:
             key, eq, value = piece.partition("=")
             key = key.strip()
-            if eq and info.param(key) is not None:
+            param = info.param(key) if eq else None
+            if param is not None:
                 if key in raw:
                     raise InvalidModelSpecError(f"model {info.name!r}: parameter {key!r} given twice")
                 raw[key] = value.strip()
-                last = key
-            elif last is not None:
-                raw[last] += "," + piece
+                last = param
+            elif last is not None and (last.compound or not eq):
+                # a PSF's own 'angle=30', or a comma inside a value (a path): the previous value goes on
+                raw[last.name] += "," + piece
             else:
-                known = ", ".join(p.name for p in info.params) or "none"
-                raise InvalidModelSpecError(
-                    f"model {info.name!r}: unknown parameter {piece!r}; its parameters: {known}"
-                )
+                raise _unknown_parameter(info, key if eq else piece.strip())
         params = tuple(
             (p.name, p.convert(info.name, raw[p.name])) for p in info.params if p.name in raw
         )
@@ -429,7 +451,24 @@ class EnsembleSpec:
     extras: dict[str, object] = field(default_factory=dict, compare=False)
 
     def normalised_weights(self) -> list[float]:
-        total = sum(m.weight for m in self.members)
+        """Each member's share of the average, checked the way workers will compute it.
+
+        Workers sum the weights with :func:`math.fsum`, which raises on an infinite sum, so weights that are
+        each finite but overflow together (two of 1e308) are refused here, before anything is enqueued,
+        rather than failing every image.
+        """
+        for member in self.members:
+            _check_weight(member.name, member.weight)
+        try:
+            total = math.fsum(m.weight for m in self.members)
+        except OverflowError:
+            total = math.inf
+        if not math.isfinite(total):
+            weights = ", ".join(_fmt(m.weight) for m in self.members)
+            raise InvalidModelSpecError(
+                f"ensemble weights {weights} add up to more than the largest number there is; only their ratios "
+                "count, so use smaller ones (e.g. 1 and 2)"
+            )
         if total <= 0:
             raise InvalidModelSpecError("ensemble weights sum to zero; give at least one weight > 0")
         return [m.weight / total for m in self.members]

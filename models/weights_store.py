@@ -7,7 +7,11 @@ sha256 matches the registry (or the ``--sha256`` given) is renamed into
 place, readable by everyone the umask allows (the temporary file is private
 to its creator, and workers often run as another user than the operator who
 pulled); on a mismatch, an HTML page instead of a checkpoint, or any error,
-the temporary file is removed and nothing is left behind. Importing this
+the temporary file is removed and nothing is left behind. When no sha256 is
+known (the official checkpoints), the file must instead be a complete
+checkpoint (:func:`checkpoint_problem`: a server that closes early without a
+Content-Length otherwise leaves half a file) holding the network the entry
+runs (:func:`architecture_problem`, where torch is installed). Importing this
 module imports no torch.
 """
 
@@ -15,18 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from jobs.errors import TransientError, WeightsError
+from jobs.errors import DeblurError, TransientError, WeightsError
 from models.registry import ModelInfo, weights_dir
 
 CHUNK_BYTES = 1 << 20
@@ -112,13 +118,15 @@ def pull(
     """Download ``info``'s checkpoint into ``dest_dir`` (default: the weights folder).
 
     ``url`` and ``sha256`` override the registry's. An existing file is kept
-    (and checked against the expected sha256) unless ``force`` is set.
-    Raises :class:`WeightsError` when the entry has no weights or no URL,
-    the checksum does not match, or the server answers with an error or an
-    HTML page; :class:`TransientError` when the server cannot be reached.
+    (and checked against the expected sha256, or without one to be a complete
+    checkpoint) unless ``force`` is set. Raises :class:`WeightsError` when the
+    entry has no weights or no URL, the checksum does not match, the server
+    answers with an error or an HTML page, or, without a checksum, the file is
+    not a checkpoint of the entry's network; :class:`TransientError` when the
+    server cannot be reached or the file arrived incomplete.
     """
     if info.weights is None:
-        raise WeightsError(f"model {info.name!r} needs no weights file; nothing to pull")
+        raise WeightsError(_nothing_to_pull(info))
     source = url or info.weights.url
     if not source:
         raise WeightsError(
@@ -135,10 +143,133 @@ def pull(
                 f"{target} exists but its sha256 is {actual}, not the expected {expected}; "
                 "run again with --force to replace it"
             )
+        problem = None if expected is not None else checkpoint_problem(target)
+        if problem is not None:  # stored unchecked by an older version, or copied in by hand
+            raise WeightsError(f"{target} exists but {problem[1]}; run again with --force to replace it")
         return PullResult(target, actual, target.stat().st_size, False, expected is not None)
     folder.mkdir(parents=True, exist_ok=True)
-    actual, size = download(source, target, expected, progress=progress, timeout=timeout)
+    actual, size = download(
+        source, target, expected, progress=progress, timeout=timeout,
+        check=lambda path: checkpoint_problem(path) or architecture_problem(info, path),
+    )
     return PullResult(target, actual, size, True, expected is not None)
+
+
+# What is wrong with a downloaded file: the error to raise (TransientError when it looks cut short, so a retry
+# may help; WeightsError when it is not what was asked for) and why, worded to follow "the file ..." or a path.
+Problem = tuple[type[DeblurError], str]
+
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def checkpoint_problem(path: Path) -> Problem | None:
+    """What keeps ``path`` from being a complete checkpoint (None: nothing found).
+
+    A download that lost its end (a server that closes early without sending a Content-Length) is otherwise
+    stored as if whole, and only fails when a worker loads it. Recognised: safetensors (the header must parse
+    and the data must end where its offsets say), PyTorch zip archives (the central directory at the end must
+    read and every member's CRC match) and PyTorch's legacy pickle format (read with
+    :func:`models.checkpoints.read_checkpoint`, as workers read it, which needs torch installed).
+    """
+    with path.open("rb") as handle:
+        head = handle.read(9)
+        size = os.fstat(handle.fileno()).st_size
+        if head.startswith(b"PK\x03\x04"):
+            return _zip_problem(path)
+        header_length = int.from_bytes(head[:8], "little")
+        if len(head) == 9 and head[8:] == b"{" and header_length <= _SAFETENSORS_MAX_HEADER:
+            return _safetensors_problem(handle, header_length, size)
+    if head.startswith(b"\x80"):  # pickle protocol 2 or later: torch.save(..., _use_new_zipfile_serialization=False)
+        return _legacy_torch_problem(path)
+    return WeightsError, "is not a checkpoint (neither a PyTorch file nor safetensors)"
+
+
+def _zip_problem(path: Path) -> Problem | None:
+    """A PyTorch zip archive is complete when its central directory (written last) reads and its members'
+    checksums match; a zip without a ``data.pkl`` is some other archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return TransientError, f"is an incomplete PyTorch checkpoint (its zip directory does not read: {exc})"
+    if damaged is not None:
+        return TransientError, f"is a damaged PyTorch checkpoint (member {damaged!r} fails its checksum)"
+    if not any(name.endswith("data.pkl") for name in names):
+        return WeightsError, "is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)"
+    return None
+
+
+def _safetensors_problem(handle: BinaryIO, header_length: int, size: int) -> Problem | None:
+    """A safetensors file is complete when its JSON header parses and its tensor data ends where the largest
+    offset in the header says (the file is exactly 8 + header + data bytes)."""
+    if 8 + header_length > size:
+        return TransientError, f"is an incomplete safetensors file ({size} bytes, shorter than its own header)"
+    try:
+        handle.seek(8)
+        header = json.loads(handle.read(header_length))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        return WeightsError, f"is not a safetensors file (its header does not parse: {exc})"
+    data = size - 8 - header_length
+    needed = max(ends, default=0)
+    if data < needed:
+        return TransientError, f"is an incomplete safetensors file ({data} of {needed} bytes of tensor data)"
+    if data > needed:
+        return WeightsError, f"is not a valid safetensors file ({data - needed} bytes after its last tensor)"
+    return None
+
+
+def _legacy_torch_problem(path: Path) -> Problem | None:
+    """The legacy format can only be told whole by reading it, so it is read as workers read it."""
+    try:
+        from models.checkpoints import read_checkpoint
+    except ImportError:  # a producer-only install
+        return WeightsError, ("is in PyTorch's legacy (non-zip) format, which can only be checked where torch is "
+                              "installed: pull it on a worker")
+    try:
+        read_checkpoint(path)
+    except WeightsError as exc:
+        return WeightsError, str(exc).replace(f"checkpoint {str(path)!r} ", "")
+    return None
+
+
+def architecture_problem(info: ModelInfo, path: Path) -> Problem | None:
+    """Whether ``path`` holds the network ``info`` runs (:attr:`ModelInfo.architecture`), detected by the code
+    workers load it with, so that a checkpoint of another network does not replace a working file.
+
+    Not checked (None) without torch and spandrel (a producer-only install): the worker checks it on loading.
+    """
+    if info.architecture is None:
+        return None
+    try:
+        from models.checkpoints import load_state_dict
+        from models.official import describe_checkpoint
+    except ImportError:
+        return None
+    try:
+        found = str(describe_checkpoint(load_state_dict(path), "it").architecture.id)
+    except WeightsError as exc:
+        detail = str(exc).replace(f"checkpoint {str(path)!r}", "it")
+        return WeightsError, f"holds no {info.architecture} network that deblur can load ({detail})"
+    if found != info.architecture:
+        return WeightsError, (f"holds a {found} network, not the {info.architecture} network model {info.name!r} "
+                              f"runs (use spandrel:path=FILE to run another network)")
+    return None
+
+
+def _nothing_to_pull(info: ModelInfo) -> str:
+    """Why ``info`` has no registered file to download, and what it needs instead: a model without a weights
+    entry may still need weights (a checkpoint named by ``path=``, or trained weights named by ``weights=``),
+    and saying it needs none sent operators off to run it without."""
+    if info.param("path") is not None:
+        return (f"model {info.name!r} has no registered checkpoint to pull: it loads the file its path= parameter "
+                f"names ({info.name}:path=/path/to/model.pth, a file the workers can read)")
+    if info.param("weights") is not None:
+        return (f"model {info.name!r} ships no weights and has none to download: train them with "
+                f"'deblur train {info.name} -o RUN_DIR' and pass {info.name}:weights=PATH (a .safetensors file "
+                "the workers can read)")
+    return f"model {info.name!r} needs no weights file; nothing to pull"
 
 
 def download(
@@ -148,11 +279,13 @@ def download(
     *,
     progress: bool = True,
     timeout: float = 60.0,
+    check: Callable[[Path], Problem | None] | None = None,
 ) -> tuple[str, int]:
     """Stream ``url`` to ``target`` atomically; return (sha256, size in bytes).
 
     Nothing is written at ``target`` unless the whole body arrived and, when
-    ``expected_sha256`` is given, matched it.
+    ``expected_sha256`` is given, matched it; without one, ``check`` (if
+    given) must find nothing wrong with the downloaded file.
     """
     if not url.lower().startswith(("http://", "https://")):
         raise WeightsError(f"download URL {url!r} must start with http:// or https://")
@@ -197,6 +330,15 @@ def download(
                 f"checksum mismatch for {url}: expected sha256 {expected_sha256}, got {actual}; "
                 "the file was discarded (corrupt download, or the URL serves a different file)"
             )
+        if expected_sha256 is None and check is not None:
+            # nothing vouches for the bytes (a server may close early without saying how long the body was)
+            handle.flush()
+            problem = check(temp_path)
+            if problem is not None:
+                kind, reason = problem
+                advice = (f"retry, or download it elsewhere and copy it to {target}" if kind is TransientError
+                          else f"check that the address serves {target.name} itself")
+                raise kind(f"the file downloaded from {url} {reason}, so it was discarded; {advice}")
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()

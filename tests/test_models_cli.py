@@ -5,18 +5,34 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import io
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from spandrel.architectures.FFTformer import FFTformer
+from spandrel.architectures.NAFNet import NAFNet
 
 from models.catalog import REGISTRY
 from models.cli import models_group
 
-BODY = b"\x80\x02checkpoint bytes" * 50_000
+
+
+def nafnet_checkpoint(seed: int = 0) -> bytes:
+    """A small NAFNet (the official GoPro topology, narrower) saved as its official layout: what nafnet-gopro
+    must find in a file pulled without a checksum."""
+    torch.manual_seed(seed)
+    net = NAFNet(img_channel=3, width=8, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 2], dec_blk_nums=[1, 1, 1, 1])
+    buffer = io.BytesIO()
+    torch.save({"params": net.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+BODY = nafnet_checkpoint()
 
 
 @pytest.fixture()
@@ -129,3 +145,19 @@ def test_help_texts_explain_the_commands_and_their_environment_variables() -> No
     for text in ("sha256", "DEBLUR_PULL_URL", "DEBLUR_WEIGHTS_DIR", "--force", "nothing is left behind"):
         assert text in pull_help
     assert "DEBLUR_MODELS_FORMAT" in run("list", "--help").output
+
+
+def test_pull_force_keeps_a_working_file_when_the_download_holds_another_network(served: str, weights: Path) -> None:
+    """--force with a mirror serving another network's checkpoint (a Restormer one, in the review) replaced a
+    working NAFNet file and said 'stored'."""
+    assert run("pull", "nafnet-gopro", "--url", served, "--no-progress").exit_code == 0
+    torch.manual_seed(1)
+    fftformer = FFTformer(dim=8, num_blocks=[1, 1, 1], num_refinement_blocks=1)
+    torch.save({"params": fftformer.state_dict()}, weights.parent / "served" / "fftformer.pth")
+    other = served.rsplit("/", 1)[0] + "/fftformer.pth"
+    result = run("pull", "nafnet-gopro", "--url", other, "--force", "--no-progress")
+    assert result.exit_code == 1
+    assert "holds a FFTformer network, not the NAFNet network model 'nafnet-gopro' runs" in result.output
+    assert "stored" not in result.output
+    assert sorted(p.name for p in weights.iterdir()) == ["NAFNet-GoPro-width64.pth"]
+    assert (weights / "NAFNet-GoPro-width64.pth").read_bytes() == BODY

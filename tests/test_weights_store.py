@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
 import re
 import stat
@@ -26,14 +27,26 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 class Server:
     base: str
     hits: list[str] = field(default_factory=list)
+    # served without a Content-Length at /whole/NAME, and cut in half at /half/NAME
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     hits: list[str]
+    files: dict[str, bytes]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self.hits.append(self.path)
-        if self.path == "/model.pth":
+        part, _, name = self.path.strip("/").partition("/")
+        if part in {"whole", "half"} and name in self.files:
+            # no Content-Length: the client only learns where the body ends when the server closes
+            body = self.files[name]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.write(body if part == "whole" else body[: len(body) // 2])
+            self.close_connection = True
+        elif self.path == "/model.pth":
             self._reply(200, "application/octet-stream", PAYLOAD)
         elif self.path == "/interstitial":
             self._reply(200, "text/html; charset=utf-8", b"<html>Virus scan warning</html>")
@@ -60,12 +73,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def server() -> Iterator[Server]:
     hits: list[str] = []
-    handler = type("Handler", (_Handler,), {"hits": hits})
+    files: dict[str, bytes] = {}
+    handler = type("Handler", (_Handler,), {"hits": hits, "files": files})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", hits)
+        yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", hits, files)
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -125,9 +139,58 @@ def test_an_explicit_url_and_checksum_override_the_registry(server: Server, tmp_
     assert result.verified and result.path.read_bytes() == PAYLOAD
 
 
+def checkpoint(kind: str) -> bytes:
+    """A small checkpoint in one of the formats workers read: safetensors, a PyTorch zip archive, or PyTorch's
+    legacy (non-zip) pickle."""
+    torch = pytest.importorskip("torch")
+    tensors = {"head.weight": torch.arange(40_000, dtype=torch.float32).reshape(200, 200), "head.bias": torch.ones(7)}
+    if kind == "safetensors":
+        from safetensors.torch import save
+
+        return save(tensors)
+    buffer = io.BytesIO()
+    torch.save({"params": tensors}, buffer, _use_new_zipfile_serialization=kind == "zip")
+    return buffer.getvalue()
+
+
 def test_without_a_known_checksum_the_file_is_kept_but_marked_unverified(server: Server, tmp_path: Path) -> None:
-    result = pull(entry(f"{server.base}/model.pth", sha256=None), dest_dir=tmp_path, progress=False)
-    assert result.downloaded and not result.verified and result.sha256 == PAYLOAD_SHA
+    body = server.files["probe.pth"] = checkpoint("zip")
+    result = pull(entry(f"{server.base}/whole/probe.pth", sha256=None), dest_dir=tmp_path, progress=False)
+    assert result.downloaded and not result.verified and result.sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "zip", "legacy"])
+def test_a_checkpoint_cut_short_without_a_content_length_is_not_stored(
+    server: Server, tmp_path: Path, kind: str
+) -> None:
+    """A server that closes early without saying how long the body was gave half a checkpoint, stored as whole,
+    'present' to 'models list' and 'already present' to the next pull; the same file whole is stored."""
+    body = server.files["probe.pth"] = checkpoint(kind)
+    info = entry(f"{server.base}/half/probe.pth", sha256=None)
+    refused = "(incomplete|could not be read).*was discarded; (retry|check)"
+    with pytest.raises((TransientError, WeightsError), match=refused):
+        pull(info, dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    result = pull(info, url=f"{server.base}/whole/probe.pth", dest_dir=tmp_path, progress=False)
+    assert result.downloaded and result.path.read_bytes() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.pth"]
+
+
+def test_a_file_that_is_no_checkpoint_is_not_stored_without_a_checksum(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="is not a checkpoint"):
+        pull(entry(f"{server.base}/model.pth", sha256=None), dest_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_incomplete_checkpoint_is_reported_not_kept(server: Server, tmp_path: Path) -> None:
+    """A half file an older version stored is not 'already present': it is named, to be replaced with --force."""
+    body = server.files["probe.pth"] = checkpoint("zip")
+    (tmp_path / "probe.pth").write_bytes(body[: len(body) // 2])
+    info = entry(f"{server.base}/whole/probe.pth", sha256=None)
+    with pytest.raises(WeightsError, match="exists but is an incomplete PyTorch checkpoint.*--force"):
+        pull(info, dest_dir=tmp_path, progress=False)
+    assert server.hits == []
+    assert pull(info, dest_dir=tmp_path, progress=False, force=True).path.read_bytes() == body
 
 
 def test_an_html_page_is_rejected_and_nothing_is_left_behind(server: Server, tmp_path: Path) -> None:
