@@ -171,18 +171,15 @@ class Plan:
 
     def _may_collide(self) -> bool:
         """Whether an output could land on an input, a reference or another output, so that
-        :meth:`check_outputs` must list the job. A single prefix or key mirrored into an output prefix that holds
-        neither it nor the references cannot (its relative paths are distinct, and an output prefix inside the
-        input prefix is refused by :func:`build_plan`), unless outputs change format: ``a.jpg`` and ``a.tif``
-        both become ``a.png``."""
+        :meth:`check_outputs` must list the job. A single prefix or key mirrored into an output prefix that does
+        not hold the references cannot (its relative paths are distinct, and an output prefix inside the input
+        prefix or above its folder is refused by :func:`build_plan`), unless outputs change format: ``a.jpg``
+        and ``a.tif`` both become ``a.png``."""
         if self.output is None:
             return False
         if len(self.sources) != 1 or self.sources[0].kind == "manifest" or self.output_format is not None:
             return True
-        source = self.sources[0].uri
-        above_input = source is not None and self.output.contains(source)  # s3://b/ over s3://b/in/in/a.jpg
-        above_references = self.references is not None and self.output.contains(self.references)
-        return above_input or above_references
+        return self.references is not None and self.output.contains(self.references)
 
     def check_outputs(self, client) -> None:  # type: ignore[no-untyped-def]
         """Refuse a plan in which an output would overwrite an input or a sharp reference, or two inputs share
@@ -301,6 +298,15 @@ def _first_missing(client, keys: Sequence[S3URI]) -> S3URI | None:  # type: igno
     return None
 
 
+def _output_above(output: S3URI, source: S3URI) -> str:
+    """The refusal of an output prefix that holds the input's folder: the outputs would land among files that
+    are not this job's (``s3://b/scans/`` for ``s3://b/scans/sub/``: ``sub/a.png`` is written to ``a.png``,
+    replacing an original there), which no check of the job's own inputs can see."""
+    return (f"output prefix {output} holds the input {source}: the outputs would be written among the files "
+            "already there, replacing any of the same name (originals too); choose an output prefix outside the "
+            f"input's folder and its parents (such as {output}restored/)")
+
+
 def build_plan(
     client,  # type: ignore[no-untyped-def]
     inputs: Sequence[str],
@@ -366,12 +372,18 @@ def build_plan(
         if out_uri is not None and source.kind == "key" and source.uri is not None \
                 and out_uri.join(with_output_format(source.uri.name, output_format)) == source.uri:
             raise InvalidURIError(f"output {out_uri} would overwrite the input {source.uri}")
-        if out_uri is not None and source.kind == "key" and source.uri is not None \
-                and out_uri == S3URI(source.uri.bucket, source.uri.key[:len(source.uri.key) - len(source.uri.name)]):
-            # renamed by --output-format, scan.jpg's output would replace a scan.png beside it (an original)
-            raise InvalidURIError(
-                f"output prefix {out_uri} is the folder of the input {source.uri}: its output would be written "
-                "among the originals there; choose an output prefix outside it")
+        if out_uri is not None and source.kind == "key" and source.uri is not None:
+            folder = S3URI(source.uri.bucket, source.uri.key[:len(source.uri.key) - len(source.uri.name)])
+            if out_uri == folder:
+                # renamed by --output-format, scan.jpg's output would replace a scan.png beside it (an original)
+                raise InvalidURIError(
+                    f"output prefix {out_uri} is the folder of the input {source.uri}: its output would be written "
+                    "among the originals there; choose an output prefix outside it")
+            if out_uri.contains(folder):
+                raise InvalidURIError(_output_above(out_uri, source.uri))
+        if out_uri is not None and source.kind == "prefix" and source.uri is not None \
+                and out_uri.contains(source.uri) and not source.uri.contains(out_uri):
+            raise InvalidURIError(_output_above(out_uri, source.uri))
         if len(sources) > 1 and source.kind == "prefix" and source.uri is not None \
                 and not _holds_an_image(client, source.uri):
             raise StorageNotFoundError(

@@ -90,7 +90,7 @@ def test_thumbnails_and_slivers_restore_through_the_default_ensemble(tmp_path: P
 def test_folders_are_restored_with_their_layout_and_unsafe_plans_are_refused(tmp_path: Path) -> None:
     """A folder's images at any depth keep their paths inside it (an earlier run's kernel PNGs are no photographs);
     nothing is restored when an output would overwrite its input or another output, or when the output folder
-    lies inside an input folder."""
+    lies inside an input folder or above it."""
     from producer.cli import main
 
     scans = tmp_path / "scans"
@@ -119,6 +119,8 @@ def test_folders_are_restored_with_their_layout_and_unsafe_plans_are_refused(tmp
         ((str(scans / "a.png"), str(single), "--output", str(tmp_path / "o2")), "would both be written to"),
         ((str(single), "--output", str(single.parent)), "would be overwritten by its own restoration"),
         ((str(scans), "--output", str(scans / "restored")), "lies inside input folder"),
+        # 1950/b.jpg would have replaced scans/b.jpg, a file that is no input of this run
+        ((str(scans / "1950"), "--output", str(scans)), "holds the input folder"),
         ((str(tmp_path / "loose"), str(tmp_path / "o3"), "--output", str(tmp_path / "o4")), None),
     ]
     (tmp_path / "o3").mkdir()

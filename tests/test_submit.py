@@ -765,8 +765,8 @@ def test_manifests_are_read_whole_before_anything_is_written(env, s3, tmp_path) 
 
 def test_outputs_over_references_or_above_the_input_are_refused(env, s3) -> None:  # type: ignore[no-untyped-def]
     """An evaluation's outputs written into its sharp references would replace the ground truth; an output prefix
-    above the input prefix can land on an input (in/in/a.png → in/a.png); a mistyped prefix among several is named
-    instead of passed over."""
+    above the input's folder lands among files that are not the job's (in/in/a.png → in/a.png, an original
+    beside the input replaced); a mistyped prefix among several is named instead of passed over."""
     client, b = s3
     for key in ("sharp/a.png", "sharp/sub/b.jpg", "in/in/a.png"):
         client.put_object(Bucket=b, Key=key, Body=b"png")
@@ -777,7 +777,12 @@ def test_outputs_over_references_or_above_the_input_are_refused(env, s3) -> None
         (["evaluate", "--blurred", f"s3://{b}/in/", "--sharp", f"s3://{b}/sharp/", "--output",
           f"s3://{b}/sharp/restored/"], "lies inside the sharp references' prefix"),
         (["submit", f"s3://{b}/in/", "--output", f"s3://{b}/"],
-         f"the output of s3://{b}/in/in/a.png would overwrite the input s3://{b}/in/a.png"),
+         f"output prefix s3://{b}/ holds the input s3://{b}/in/: the outputs would be written among the files"),
+        # an original beside the input prefix was replaced: in/in/a.png → in/a.png, sharp/sub/b.jpg → sharp/b.jpg
+        (["submit", f"s3://{b}/sharp/sub/", "--output", f"s3://{b}/sharp/"],
+         f"output prefix s3://{b}/sharp/ holds the input s3://{b}/sharp/sub/"),
+        (["submit", f"s3://{b}/sharp/sub/b.jpg", "--output", f"s3://{b}/"],
+         f"output prefix s3://{b}/ holds the input s3://{b}/sharp/sub/b.jpg"),
         (["submit", f"s3://{b}/in/", f"s3://{b}/inn/", "--output", f"s3://{b}/out/"],
          f"input prefix s3://{b}/inn/ holds no images"),
     ]

@@ -88,7 +88,8 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
 
     Raises:
         InputError: a folder without images, an output folder inside an input
-            folder (a second run would restore the outputs), an input that would
+            folder (a second run would restore the outputs) or above it (the
+            outputs would land among other files), an input that would
             be overwritten by its own restoration, or two inputs that would be
             written to the same file (one would overwrite the other).
     """
@@ -102,6 +103,11 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
         if out == folder or folder in out.parents:
             raise InputError(f"output folder {output} lies inside input folder {path}: the outputs would be read "
                              "back as inputs next time; choose an output folder outside it")
+        if out in folder.parents:
+            # scans/sub/a.png would be written to scans/a.png, replacing whatever file of that name is there
+            raise InputError(f"output folder {output} holds the input folder {path}: the outputs would be written "
+                             "among the files already there, replacing any of the same name (originals too); "
+                             "choose an output folder outside the input folder and its parents")
         files = _folder_files(path, out, notes)
         images = sorted(p for p in files if is_photograph(p.name))
         others = Counter(ignored_kind(p.name) for p in files if not is_photograph(p.name))
