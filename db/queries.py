@@ -1313,6 +1313,16 @@ def waiting_by_queue(session: Session) -> dict[str | None, tuple[int, int]]:
     return found
 
 
+def failure_reasons(session: Session, job_id: str, limit: int = 3) -> list[tuple[str, int]]:
+    """The most frequent errors of ``job_id``'s failed images, with how many failed so: what 'deblur status' shows
+    of a job that failed, so a user sees why (a missing weights file fails every image alike) without paging
+    through its results."""
+    rows = session.execute(
+        select(Image.error, func.count()).where(Image.job_id == job_id, Image.status == "failed")
+        .group_by(Image.error).order_by(func.count().desc(), Image.error).limit(limit))
+    return [(error or "no reason recorded", int(count)) for error, count in rows]
+
+
 def queues_of_unfinished_jobs(session: Session) -> set[str | None]:
     """The queues unfinished jobs were submitted to (None: a job that predates recorded queues), for the metrics'
     broker figures: a scrape must read every queue with work left, not only its own ``DEBLUR_QUEUE``. Unlike

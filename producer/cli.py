@@ -281,7 +281,7 @@ def _watch_until_interrupted(settings: Settings, job_id: str) -> dict[str, Any]:
 def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = False) -> None:
     from producer.inputs import describe_ignored
     from producer.submit import preview, submit
-    from producer.tracking import print_status
+    from producer.tracking import failure_reasons, print_status
 
     settings = _settings()
     skipped_note = " whose outputs already exist (--skip-existing)"
@@ -318,7 +318,7 @@ def _submit_and_report(request: Any, wait: bool, quiet: bool, dry_run: bool = Fa
     if wait:
         info = _watch_until_interrupted(settings, result.job_id)
         if not quiet:
-            print_status(info, console)
+            print_status(info, console, failure_reasons(settings, result.job_id) if info["counts"]["failed"] else None)
         if info["status"] != "done" or info["counts"]["failed"]:
             sys.exit(3)
 
@@ -462,7 +462,7 @@ def status(job: str | None, watch: bool, fmt: str, labels: dict[str, str], state
     """
     import json
 
-    from producer.tracking import full_job_id, job_status, print_status
+    from producer.tracking import failure_reasons, full_job_id, job_status, print_status
 
     settings = _settings()
     if job is None:
@@ -475,7 +475,7 @@ def status(job: str | None, watch: bool, fmt: str, labels: dict[str, str], state
     if fmt == "json":
         click.echo(json.dumps(info, indent=2, default=str))
     else:
-        print_status(info, out)
+        print_status(info, out, failure_reasons(settings, job) if info["counts"]["failed"] else None)
 
 
 def _list_jobs(settings: Settings, fmt: str, labels: dict[str, str], status: str | None, limit: int) -> None:

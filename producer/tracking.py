@@ -342,7 +342,17 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def print_status(info: dict[str, Any], console: Console) -> None:
+def failure_reasons(settings: Settings, job_id: str, limit: int = 3) -> list[tuple[str, int]]:
+    """The ``limit`` most frequent errors of the job's failed images, with their counts
+    (:func:`db.queries.failure_reasons`)."""
+    url = settings.resolved_database_url()
+    ensure_schema(url)
+    with session_scope(url) as session:
+        return queries.failure_reasons(session, job_id, limit)
+
+
+def print_status(info: dict[str, Any], console: Console, failures: list[tuple[str, int]] | None = None) -> None:
+    """A job's state for people; ``failures`` (:func:`failure_reasons`) says why its failed images failed."""
     c = info["counts"]
     console.print(f"[bold]job[/bold] {info['id']}  ({info['kind']})  status: [bold]{info['status']}[/bold]")
     console.print(
@@ -378,6 +388,14 @@ def print_status(info: dict[str, Any], console: Console) -> None:
                       f"'deblur resume {info['id'][:8]}' sends the rest", soft_wrap=True)
     if info["error"]:
         console.print(f"[red]error:[/red] {escape(info['error'])}", soft_wrap=True, highlight=False)
+    if failures:
+        console.print(f"[red]failed:[/red] {c['failed']} of {info['total']} images; the most frequent reasons:",
+                      highlight=False)
+        for error, count in failures:
+            shown = error if len(error) <= 300 else error[:299] + "…"
+            console.print(f"  {count} × {escape(shown)}", soft_wrap=True, highlight=False)
+        console.print(f"  every one: 'deblur results {info['id'][:8]} --failed'; once fixed: "
+                      f"'deblur retry {info['id'][:8]} --failed'", soft_wrap=True, highlight=False)
     if info.get("submission_stalled"):
         console.print(f"[yellow]stalled:[/yellow] no submission progress for over {queries.SUBMISSION_STALE_S // 60} "
                       "minutes; its producer probably died mid-listing, so some images were never enqueued. Submit "

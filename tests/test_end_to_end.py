@@ -157,6 +157,9 @@ def test_corrupt_image_fails_alone_and_flower_lists_worker(env, s3, worker, tmp_
     failed = json.loads(run_cli("results", job_id, "--format", "json", "--failed"))
     assert len(failed) == 1 and failed[0]["input"] == "s3://mixed/in/broken.png"
     assert "broken.png" in failed[0]["error"] and failed[0]["output"] is None
+    shown = " ".join(run_cli("status", job_id).split())  # why it failed, without paging through the results
+    assert f"failed: 1 of 4 images; the most frequent reasons: 1 × {' '.join(failed[0]['error'].split())}" in shown
+    assert f"'deblur retry {job_id[:8]} --failed'" in shown
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="mixed", Prefix="out/").get("Contents", [])}
     assert keys == {"out/" + s.relative for s in samples}
 
