@@ -235,3 +235,21 @@ def test_a_model_that_cannot_be_loaded_stops_the_run_before_the_first_file(tmp_p
     assert result.exit_code == 2, result.output
     assert result.output.count("missing.pth") == 1 and "does not exist" in result.output
     assert "failed" not in result.output and not out.exists()
+
+
+def test_a_file_the_blind_model_left_as_it_came_is_said_so(tmp_path: Path) -> None:
+    """'deblur restore' said 'ok ... 3 of 3 restored' for photographs l0-blind judged sharp and returned as they
+    came, which the queue flags for review: the run now says which files came back unchanged and why."""
+    from skimage import data
+
+    from producer.cli import main
+
+    sharp = tmp_path / "sharp"
+    sharp.mkdir()
+    cv2.imwrite(str(sharp / "camera.png"), cv2.resize(data.camera(), (128, 128), interpolation=cv2.INTER_AREA))
+    result = CliRunner().invoke(main, ["restore", str(sharp), "--output", str(tmp_path / "out"),
+                                       "--model", "l0-blind:candidates=1"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "as it came" in text and "found no blur worth removing" in text, text
+    assert text.endswith("1 of 1 written; 1 of them as they came (1 judged sharp): look at them"), text

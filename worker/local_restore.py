@@ -12,6 +12,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from jobs.errors import DeblurError, InputError
 from jobs.layout import SIDECAR_SUFFIX, kernel_labels, kernel_name, with_output_format
 from jobs.messages import BatchMessage, ImageItem
+from jobs.review import REVIEW_REASONS, review_reason
 from jobs.settings import load_settings
 from jobs.storage import READ_FORMATS, is_photograph
 from models.catalog import parse_ensemble
@@ -160,9 +162,18 @@ def load_models(message: BatchMessage) -> None:
             raise DeblurError(f"cannot load model {text}: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class FileResult:
+    """What :func:`restore_file` did: the metrics (``model.name`` keys, and ``seconds``), and why the image
+    should be looked at when the blind model left it as it came (:func:`jobs.review.review_reason`), or None."""
+
+    metrics: dict[str, float | None]
+    review: str | None = None
+
+
 def restore_file(path: Path, target: Path, message: BatchMessage,
-                 on_model: Callable[[str], None] | None = None) -> dict[str, float | None]:
-    """Restore one file into ``target`` (its folder is made); returns its metrics.
+                 on_model: Callable[[str], None] | None = None) -> FileResult:
+    """Restore one file into ``target`` (its folder is made); returns its metrics and review reason.
 
     The kernels of blind models go next to it as ``<stem>.kernel.<model>.png``.
     ``on_model`` is told each ensemble member before it runs (a large scan takes minutes per model).
@@ -195,7 +206,8 @@ def restore_file(path: Path, target: Path, message: BatchMessage,
         record = provenance_record(message, work.outcome, work.decoded.format, [str(k) for k in kernels],
                                    len(work.decoded.pages) + 1)
         _write_atomically(Path(str(target) + SIDECAR_SUFFIX), record)
-    return {f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s}
+    return FileResult({f"{m}.{n}": v for m, n, v in work.outcome.metrics} | {"seconds": work.outcome.inference_s},
+                      review_reason(work.outcome.metrics))
 
 
 @click.command("restore")
@@ -245,6 +257,7 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
         load_models(message)
     output.mkdir(parents=True, exist_ok=True)
     failures = 0
+    unchanged: Counter[str] = Counter()  # files written as they came, by review reason
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -252,12 +265,18 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
         for path, target in planned:
             progress.update(task, description=path.name)
             try:
-                metrics = restore_file(
+                result = restore_file(
                     path, target, message,
                     lambda model, name=path.name: progress.update(task, description=f"{name}: {model}"))
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None and "laplacian" in k)
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+                                  if v is not None and "laplacian" in k)
                 # one unbroken line per file, whatever the width, so a log of the run can be searched by path
-                console.print(f"[green]ok[/green] {path} → {target}  {shown}", soft_wrap=True)
+                if result.review is None:
+                    console.print(f"[green]ok[/green] {path} → {target}  {shown}", soft_wrap=True)
+                else:  # written, but as it came: the queue flags these for review (deblur results --review)
+                    unchanged[result.review] += 1
+                    console.print(f"[yellow]as it came[/yellow] {path} → {target}  {REVIEW_REASONS[result.review]}",
+                                  soft_wrap=True)
             except DeblurError as exc:
                 failures += 1
                 console.print(f"[red]failed[/red] {path}: {exc}", soft_wrap=True)
@@ -268,4 +287,13 @@ def restore_command(files: tuple[Path, ...], output: Path, models: tuple[str, ..
     if failures:
         console.print(f"[red]{failures} of {len(planned)} failed[/red]", soft_wrap=True)
         sys.exit(1)
-    console.print(f"{len(planned)} of {len(planned)} restored", soft_wrap=True)
+    console.print(f"{len(planned)} of {len(planned)} {'written' if unchanged else 'restored'}"
+                  + _unchanged_note(unchanged), soft_wrap=True)
+
+
+def _unchanged_note(unchanged: Counter[str]) -> str:
+    """The closing line's note of the files written as they came (:data:`jobs.review.REVIEW_REASONS`), if any."""
+    if not unchanged:
+        return ""
+    parts = [f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(unchanged.items())]  # 1 judged sharp
+    return f"; {sum(unchanged.values())} of them as they came ({', '.join(parts)}): look at them"
