@@ -27,6 +27,9 @@ from models.registry import ModelInfo
 
 
 GREY_TOLERANCE = 1.0 / 255.0  # one 8-bit level: what rounding a grey image through YCbCr can leave
+# an image whose values are not 8-bit levels (16-bit, float) was stored without that rounding: a spread of more
+# than two of its own levels is colour (a faint tone of a 16-bit scan), not rounding
+FINE_GREY_TOLERANCE = 2.0 / 65535.0
 
 
 @dataclass
@@ -143,9 +146,15 @@ def bf16_native(device: torch.device) -> bool:
 
 
 def grey_images(x: torch.Tensor) -> torch.Tensor:
-    """Which images of an RGB batch (N, 3, H, W) are grey: all channels within ``GREY_TOLERANCE`` -> (N,) bool."""
+    """Which images of an RGB batch (N, 3, H, W) are grey -> (N,) bool: all channels within ``GREY_TOLERANCE``
+    (one 8-bit level) of an image whose values are 8-bit levels, within ``FINE_GREY_TOLERANCE`` of any other (a
+    16-bit scan whose tone differs by a few hundred of its 65,535 levels is colour: it was flattened to grey)."""
     spread = (x.amax(dim=1) - x.amin(dim=1)).flatten(1).amax(dim=1)
-    return spread <= GREY_TOLERANCE + 1e-6
+    levels = x.flatten(1).float() * 255.0
+    eight_bit = (levels - levels.round()).abs().amax(dim=1) < 1e-3
+    tolerance = torch.where(eight_bit, torch.full_like(spread, GREY_TOLERANCE), torch.full_like(spread,
+                                                                                                 FINE_GREY_TOLERANCE))
+    return spread <= tolerance + 1e-6
 
 
 def keep_grey(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
