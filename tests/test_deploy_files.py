@@ -220,20 +220,30 @@ def compose_seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-def test_a_stopping_worker_has_time_to_finish_its_batch() -> None:
-    """SIGTERM is Celery's warm shutdown: the batch in progress, up to DEBLUR_BATCH_TIME_LIMIT and the image it
-    is on, must finish before the grace period ends in SIGKILL (which redoes the batch after the visibility
-    timeout)."""
+def _longest_batch(environment: dict[str, str]) -> int:
+    """Seconds a batch may run under ``environment``'s settings: its time limit, and then the image it is on, up
+    to the image limit (as the workers resolve it: by default the room the visibility timeout leaves)."""
+    from dataclasses import replace
+
     from jobs.settings import Settings
 
-    one_large_image = 240
+    defaults = Settings()
+    settings = replace(defaults, **{name: int(environment[env]) for name, env in (
+        ("batch_time_limit", "DEBLUR_BATCH_TIME_LIMIT"), ("image_time_limit", "DEBLUR_IMAGE_TIME_LIMIT"),
+        ("visibility_timeout", "DEBLUR_VISIBILITY_TIMEOUT")) if env in environment})
+    return settings.batch_time_limit + settings.resolved_image_time_limit()
+
+
+def test_a_stopping_worker_has_time_to_finish_its_batch() -> None:
+    """SIGTERM is Celery's warm shutdown: the batch in progress, up to DEBLUR_BATCH_TIME_LIMIT and the image it
+    is on (up to DEBLUR_IMAGE_TIME_LIMIT), must finish before the grace period ends in SIGKILL (which wastes the
+    work: the images are restored again elsewhere). The grace periods covered the batch limit plus four minutes,
+    while the default image limit allowed forty."""
     assert compose_seconds("25m") == 1500 and compose_seconds("1m30s") == 90
-    k8s_limit = int(config_map()["DEBLUR_BATCH_TIME_LIMIT"])
     (worker_pod,) = [spec for name, spec in pod_specs() if name == "deblur-worker"]
-    assert worker_pod["terminationGracePeriodSeconds"] >= k8s_limit + one_large_image
+    assert worker_pod["terminationGracePeriodSeconds"] >= _longest_batch(config_map())
     worker = compose()["services"]["worker"]
-    compose_limit = int(worker["environment"].get("DEBLUR_BATCH_TIME_LIMIT", Settings().batch_time_limit))
-    assert compose_seconds(worker["stop_grace_period"]) >= compose_limit + one_large_image
+    assert compose_seconds(worker["stop_grace_period"]) >= _longest_batch(worker["environment"])
 
 
 def test_keda_sums_every_priority_list_of_the_broker_redis() -> None:
