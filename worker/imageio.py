@@ -3,8 +3,10 @@
 The worker restores pixels and nothing else: everything around them goes back
 out as it came in. :func:`decode_image` reads PNG, JPEG, TIFF, WebP, JPEG 2000
 and BMP (8- and 16-bit, float TIFF; grey, grey+alpha, RGB, RGBA), applies the EXIF
-orientation, sets the alpha channel aside untouched and hands the model
-float32 pixels in [0, 1]. :func:`encode_image` writes the restored pixels back
+orientation, sets the alpha channel aside untouched (a grey PNG's tRNS key
+becomes one, as OpenCV makes an RGB PNG's; premultiplied TIFF colour is divided
+by it, and multiplied back on writing) and hands the model float32 pixels in
+[0, 1]. :func:`encode_image` writes the restored pixels back
 in the same format, bit depth and channel layout, re-attaches the alpha
 channel byte for byte and carries the metadata over: EXIF (with orientation
 reset to 1, since the pixels are now upright), the ICC profile and XMP, plus
@@ -42,8 +44,9 @@ OpenCV reads (palette, CMYK), are refused with an error that says how to split
 them: cutting frames away unannounced would lose them.
 
 Known limits: palette PNGs come back as truecolour; CMYK JPEGs are
-converted to RGB (their CMYK ICC profile is dropped); float TIFF samples are
-clipped to [0, 1]; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
+converted to RGB (their CMYK ICC profile is dropped); float TIFF samples
+outside [0, 1] reach the models scaled into it (see :func:`_float_range`) and
+are scaled back on writing; the EXIF thumbnail of a JPEG/PNG/WebP keeps showing the
 input; in TIFF, the ExifIFD and GPS directories are rewritten, so maker notes
 that point outside themselves may break (as with most TIFF writers); BMP
 keeps its resolution but not a V5 header's ICC profile, and a palette BMP comes
@@ -95,6 +98,7 @@ _CONTENT_TYPES = {
 
 _EXIF_PREFIX = b"Exif\x00\x00"
 _XMP_JPEG_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_EXTENSION_JPEG_PREFIX = b"http://ns.adobe.com/xmp/extension/\x00"
 _ICC_JPEG_PREFIX = b"ICC_PROFILE\x00"
 _PHOTOSHOP_JPEG_PREFIX = b"Photoshop 3.0\x00"
 _PNG_RAW_EXIF_KEYWORD = b"Raw profile type exif"
@@ -182,7 +186,16 @@ class ImageMetadata:
     tiff_alpha_kind: int = 2  # TIFF ExtraSamples: 1 associated (premultiplied), 2 unassociated
     tiff_miniswhite: bool = False  # TIFF grey stored with 0 as white: read inverted, written back so
     tiff_page_name: str | None = None  # TIFF PageName of the page (multi-page scans name their pages)
+    tiff_resolution_unit: int = 2  # TIFF ResolutionUnit the input stated its resolution in: 2 inch, 3 cm, 1 none
+    pixel_aspect: tuple[float, float] | None = None  # TIFF X/Y resolution under ResolutionUnit NONE: shape, no size
+    float_range: tuple[float, float] | None = None
+    """Float samples reaching outside [0, 1] (linear or HDR scans): the (low, high) that the model's 0 and 1
+    stand for, so that they are mapped back on writing rather than clipped. None for samples within [0, 1]."""
     png_chunks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    jpeg_comments: list[bytes] = field(default_factory=list)  # JPEG COM segments (accession numbers, captions)
+    xmp_extension: list[bytes] = field(default_factory=list)
+    """A JPEG's extended XMP segments after their prefix (GUID, length, offset, part), which the main packet's
+    xmpNote:HasExtendedXMP names: carried byte for byte, so that GUID (their MD5) still matches."""
     jp2: jpeg2000.Jp2Layout | None = None  # a JPEG 2000 input's coding and its other boxes
 
     def stripped(self) -> ImageMetadata:
@@ -194,6 +207,8 @@ class ImageMetadata:
             xmp=None,
             iptc=None,
             photoshop=None,
+            jpeg_comments=[],
+            xmp_extension=[],
             png_chunks=[(kind, body) for kind, body in self.png_chunks if kind in _PNG_RENDERING_CHUNKS],
             jp2=replace(self.jp2, boxes=[]) if self.jp2 else None,
         )
@@ -260,6 +275,7 @@ class _Probe:
     height: int
     metadata: ImageMetadata
     grey_alpha: bool = False  # PNG colour type 4 / TIFF with two samples
+    png_grey_key: int | None = None  # a grey PNG's tRNS colour key, at the depth OpenCV decodes it to
     orientation: int | None = None  # stated by the container itself (TIFF tag 274)
     pictures: int = 1  # full-size TIFF pages, or frames of an animated PNG or WebP
     pages: tuple[tuple[int, int, int], ...] = ()  # a TIFF's full-size pages after the first: (index, width, height)
@@ -333,7 +349,9 @@ def encode_image(
     """Encode restored ``pixels`` like ``image`` was: same format, depth, channels.
 
     ``pixels`` is float32 H×W×C in [0, 1] with the shape of ``image.pixels``
-    (H×W is accepted for grey); values outside [0, 1] are clipped. The alpha
+    (H×W is accepted for grey); values outside [0, 1] are clipped, then a float
+    TIFF whose samples reached outside [0, 1] is scaled back to its own range
+    (``metadata.float_range``). The alpha
     channel of ``image`` is re-attached unchanged. Metadata is carried over
     unless ``strip_metadata``. ``quality`` (1–100) overrides the JPEG quality
     estimated from the input (default 95) and the lossy WebP quality. A
@@ -348,7 +366,8 @@ def encode_image(
     metadata = image.metadata.stripped() if strip_metadata else image.metadata
     encoded = _ENCODERS[image.format](samples, image.alpha, metadata, quality)
     for page, page_pixels in zip(image.pages, pages, strict=True):
-        encoded = _append_tiff_page(encoded, _samples_for(page, page_pixels), page.alpha, page.metadata)
+        page_metadata = page.metadata.stripped() if strip_metadata else page.metadata
+        encoded = _append_tiff_page(encoded, _samples_for(page, page_pixels), page.alpha, page_metadata)
     return encoded
 
 
@@ -420,7 +439,22 @@ def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
         # then spread over the full 16-bit range that jpeg2000.encode narrows again
         levels = np.rint(_clip_unit(np.multiply(arr, np.float32(2**bits - 1), dtype=np.float32), 2**bits - 1))
         return jpeg2000.widen(levels.astype(image.dtype), bits)
-    return quantise(arr, np.dtype(image.dtype))
+    dtype = np.dtype(image.dtype)
+    float_range = image.metadata.float_range if dtype == np.float32 else None
+    premultiplied = image.alpha is not None and image.metadata.tiff_alpha_kind == 1
+    if float_range is None and not premultiplied:
+        return quantise(arr, dtype)
+    values = quantise(arr, np.dtype(np.float32))
+    if float_range is not None:  # back to the float samples' own range
+        low, high = float_range
+        values = (values.astype(np.float64) * (high - low) + low).astype(np.float32)
+    if not premultiplied:
+        return values
+    assert image.alpha is not None
+    values *= _to_unit(image.alpha)[..., None]  # stored multiplied by alpha again, as the file declares
+    if dtype == np.float32:
+        return values
+    return np.minimum(quantise(values, dtype), image.alpha[..., None])  # rounding never lifts colour over alpha
 
 
 # ---------------------------------------------------------------- probing
@@ -464,7 +498,8 @@ def _describe_unknown(data: bytes) -> str:
 def _probe_png(data: bytes) -> _Probe:
     metadata = ImageMetadata()
     size: tuple[int, int] | None = None
-    colour_type = 0
+    colour_type = depth = 0
+    grey_key: int | None = None
     seen_idat = seen_iend = False
     frames = 1
     raw_exif: bytes | None = None
@@ -479,13 +514,15 @@ def _probe_png(data: bytes) -> _Probe:
         if kind == b"IHDR":
             if length != 13:
                 raise _Unreadable("corrupt PNG header")
-            width, height, _depth, colour_type = struct.unpack_from(">IIBB", body)
+            width, height, depth, colour_type = struct.unpack_from(">IIBB", body)
             size = (width, height)
         elif kind == b"IDAT":
             seen_idat = True
         elif kind == b"IEND":
             seen_iend = True
             break
+        elif kind == b"tRNS" and colour_type == 0 and length >= 2 and depth:
+            grey_key = _png_grey_key(body, depth)
         elif kind == b"acTL" and length >= 4:  # APNG: the frame count
             (frames,) = struct.unpack_from(">I", body)
         elif kind == b"eXIf":
@@ -511,7 +548,20 @@ def _probe_png(data: bytes) -> _Probe:
         raise _Unreadable("PNG without a header chunk")
     if not seen_idat or not seen_iend:
         raise _Unreadable("truncated PNG: " + ("no image data" if not seen_idat else "no end chunk"))
-    return _Probe("png", size[0], size[1], metadata, grey_alpha=colour_type == 4, pictures=max(frames, 1))
+    return _Probe("png", size[0], size[1], metadata, grey_alpha=colour_type == 4, pictures=max(frames, 1),
+                  png_grey_key=grey_key)
+
+
+def _png_grey_key(body: memoryview, depth: int) -> int:
+    """A grey PNG's tRNS key (the one grey level that is transparent) on the scale OpenCV decodes the samples to.
+
+    OpenCV drops a grey PNG's tRNS (it keeps an RGB or palette one, as an alpha channel), and widens 1, 2 and
+    4-bit grey to 8 bits by repeating the bits, which multiplies the key alike.
+    """
+    (key,) = struct.unpack_from(">H", body)
+    top = (1 << depth) - 1
+    key &= top
+    return key * (255 // top) if depth < 8 else key
 
 
 def _png_icc(body: bytes) -> bytes | None:
@@ -612,6 +662,10 @@ def _probe_jpeg(data: bytes) -> _Probe:
             metadata.exif = bytes(body)
         elif marker == 0xE1 and bytes(body[: len(_XMP_JPEG_PREFIX)]) == _XMP_JPEG_PREFIX:
             metadata.xmp = bytes(body[len(_XMP_JPEG_PREFIX) :])
+        elif marker == 0xE1 and bytes(body[: len(_XMP_EXTENSION_JPEG_PREFIX)]) == _XMP_EXTENSION_JPEG_PREFIX:
+            metadata.xmp_extension.append(bytes(body[len(_XMP_EXTENSION_JPEG_PREFIX) :]))
+        elif marker == 0xFE:
+            metadata.jpeg_comments.append(bytes(body))
         elif marker == 0xE2 and bytes(body[:12]) == _ICC_JPEG_PREFIX and len(body) > 14:
             icc_parts[body[12]] = bytes(body[14:])
         elif marker == 0xED and bytes(body[: len(_PHOTOSHOP_JPEG_PREFIX)]) == _PHOTOSHOP_JPEG_PREFIX:
@@ -759,17 +813,10 @@ def _probe_tiff(data: bytes) -> _Probe:
             tags = main.tags
             width, height = int(main.imagewidth), int(main.imagelength)
             samples = int(main.samplesperpixel)
-            extras = tags.valueof(338)
-            compression = int(main.compression)
-            icc = tags.valueof(_TIFF_ICC_TAG) or first.tags.valueof(_TIFF_ICC_TAG)
-            xmp = tags.valueof(_TIFF_XMP_TAG) or first.tags.valueof(_TIFF_XMP_TAG)
-            resolution = _tiff_dpi(tags.valueof(282), tags.valueof(283), tags.valueof(296))
+            alpha_kind = _tiff_alpha_kind(tags)
             orientation = tags.valueof(274)
-            iptc, photoshop = (_tiff_raw_tag(data, tags.get(code) or first.tags.get(code))
-                               for code in (_TIFF_IPTC_TAG, _TIFF_PHOTOSHOP_TAG))
+            metadata = _tiff_page_metadata(data, main, _tiff_exif(data), fallback=first)
             end = max((o + n for o, n in zip(main.dataoffsets, main.databytecounts, strict=False)), default=0)
-            miniswhite = _tiff_miniswhite(main)
-            page_name = _tiff_text(tags.valueof(285))
             pages = tuple((i, int(tif.pages[i].imagewidth), int(tif.pages[i].imagelength)) for i in pictures[1:])
     except _Unreadable:
         raise
@@ -779,19 +826,6 @@ def _probe_tiff(data: bytes) -> _Probe:
         raise _Unreadable(f"truncated TIFF: image data ends at byte {end}, file has {len(data)}")
     if not shape:
         raise _Unreadable("TIFF without image data")
-    extra_kind = extras[0] if isinstance(extras, tuple) else extras
-    metadata = ImageMetadata(
-        exif=_tiff_exif(data),
-        icc=bytes(icc) if icc else None,
-        xmp=bytes(xmp) if xmp else None,
-        iptc=iptc,
-        photoshop=photoshop,
-        dpi=resolution,
-        tiff_compression=compression,
-        tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
-        tiff_miniswhite=miniswhite,
-        tiff_page_name=page_name,
-    )
     return _Probe(
         "tiff",
         width,
@@ -802,7 +836,42 @@ def _probe_tiff(data: bytes) -> _Probe:
         pictures=max(len(pictures), 1),
         pages=pages,
         tiff_page=pictures[0] if pictures else 0,
-        tiff_alpha=extra_kind in (1, 2),
+        tiff_alpha=alpha_kind is not None,
+    )
+
+
+def _tiff_alpha_kind(tags: Any) -> int | None:
+    """A TIFF page's ExtraSamples value when it declares an alpha sample: 1 associated, 2 unassociated."""
+    extras = tags.valueof(338)
+    kind = extras[0] if isinstance(extras, tuple) else extras
+    return int(kind) if kind in (1, 2) else None
+
+
+def _tiff_page_metadata(data: bytes, page: Any, exif: bytes | None, fallback: Any = None) -> ImageMetadata:
+    """What travels with one full-size page of an open TIFF: ``exif`` (its descriptive tags), its own ICC profile,
+    XMP, IPTC, resolution and name, and the hints to write it in its own layout.
+
+    Each page keeps its own (a scan's recto and verso need not share profile, caption or resolution). ICC, XMP and
+    IPTC missing from the page are taken from ``fallback``, the first directory, when that is a preview before it.
+    """
+    tags = page.tags
+    directories = (tags,) if fallback is None else (tags, fallback.tags)
+
+    def own(code: int) -> Any:
+        return next((found for found in (d.get(code) for d in directories) if found is not None), None)
+
+    icc, xmp = (own(code) for code in (_TIFF_ICC_TAG, _TIFF_XMP_TAG))
+    return ImageMetadata(
+        exif=exif,
+        icc=bytes(icc.value) if icc is not None and icc.value else None,
+        xmp=bytes(xmp.value) if xmp is not None and xmp.value else None,
+        iptc=_tiff_raw_tag(data, own(_TIFF_IPTC_TAG)),
+        photoshop=_tiff_raw_tag(data, own(_TIFF_PHOTOSHOP_TAG)),
+        tiff_compression=int(page.compression),
+        tiff_alpha_kind=_tiff_alpha_kind(tags) or 2,
+        tiff_miniswhite=_tiff_miniswhite(page),
+        tiff_page_name=_tiff_text(tags.valueof(285)),
+        **_tiff_resolution(tags),
     )
 
 
@@ -877,17 +946,10 @@ def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
                 raise _Unreadable(f"corrupt TIFF page {index + 1}: {exc}") from None
             if samples is None:
                 raise _SeveralPictures(probe)
-            extras = page.tags.valueof(338)
             orientation = page.tags.valueof(274)
-            extra_kind = extras[0] if isinstance(extras, tuple) else extras
             page_probe = _Probe(
                 "tiff", samples.shape[1], samples.shape[0],
-                ImageMetadata(tiff_compression=int(page.compression),
-                              tiff_alpha_kind=int(extra_kind) if extra_kind in (1, 2) else 2,
-                              tiff_miniswhite=_tiff_miniswhite(page),
-                              # each page keeps its own resolution and name (a scan's pages need not share them)
-                              dpi=_tiff_dpi(page.tags.valueof(282), page.tags.valueof(283), page.tags.valueof(296)),
-                              tiff_page_name=_tiff_text(page.tags.valueof(285))),
+                _tiff_page_metadata(data, page, _tiff_text_exif(page.tags)),
                 grey_alpha=samples.shape[2] == 2, orientation=int(orientation) if orientation in range(1, 9) else None,
             )
             pages.append(_assemble(samples, False, page_probe))
@@ -901,17 +963,42 @@ def _tiff_raw_tag(data: bytes, tag: Any) -> bytes | None:
     return data[tag.valueoffset : tag.valueoffset + tag.valuebytecount]
 
 
-def _tiff_dpi(x: Any, y: Any, unit: Any) -> tuple[float, float] | None:
+def _tiff_resolution(tags: Any) -> dict[str, Any]:
+    """A TIFF page's resolution as :class:`ImageMetadata` fields: ``dpi``, the unit it was stated in, and
+    ``pixel_aspect`` for ResolutionUnit NONE, whose X/Y resolution gives the pixels' shape and no size.
+
+    An absent unit is an inch (the TIFF default). NONE stays unitless: read as dots per inch it would invent a size
+    (tifffile writes 1/1 NONE into every file it is not given a resolution for: 1 dpi).
+    """
+
     def value(r: Any) -> float:
         return r[0] / r[1] if isinstance(r, tuple) else float(r)
 
+    x, y, unit = tags.valueof(282), tags.valueof(283), tags.valueof(296)
     try:
-        if x is None or y is None or int(unit or 2) not in (2, 3):
-            return None
-        scale = 2.54 if int(unit or 2) == 3 else 1.0
-        return (value(x) * scale, value(y) * scale)
+        unit = 2 if unit is None else int(unit)
+        if x is None or y is None or unit not in (1, 2, 3):
+            return {}
+        resolution = (value(x), value(y))
     except (ZeroDivisionError, TypeError, ValueError):
-        return None
+        return {}
+    if unit == 1:
+        return {"tiff_resolution_unit": 1, "pixel_aspect": resolution}
+    scale = 2.54 if unit == 3 else 1.0
+    return {"dpi": (resolution[0] * scale, resolution[1] * scale), "tiff_resolution_unit": unit}
+
+
+def _tiff_text_exif(tags: Any) -> bytes | None:
+    """A later page's own descriptive tags (ImageDescription, Artist, …) as an EXIF block, the form in which the
+    first page's travel (:func:`_tiff_exif`) and are written back."""
+    from PIL import Image
+
+    block = Image.Exif()
+    for tag in _TIFF_TEXT_TAGS:
+        text = _tiff_text(tags.valueof(tag))
+        if text is not None:
+            block[tag] = text
+    return block.tobytes() if len(block) else None
 
 
 def _tiff_exif(data: bytes) -> bytes | None:
@@ -966,31 +1053,69 @@ def _with_exif_prefix(block: bytes) -> bytes:
     return block if block.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + block
 
 
-def _orientation_slot(tiff: bytes, base: int = 0) -> tuple[int, str] | None:
-    """Byte offset of IFD0's Orientation value in a TIFF structure at ``base``, and its byte order.
+def _ifd_slots(tiff: bytes, base: int = 0, ifd: int | None = None) -> tuple[str, dict[int, tuple[int, int]]] | None:
+    """The byte order of a TIFF structure at ``base`` and, for the directory at ``ifd`` (relative to ``base``;
+    IFD0 by default), each tag's type and the byte offset of its value field. None if it is not one.
 
-    Works on EXIF blocks (base 6, after the prefix) and on TIFF files,
-    classic or BigTIFF.
+    Works on EXIF blocks (base 6, after the prefix) and on TIFF files, classic or BigTIFF; entries cut off by the
+    end of the data are left out. Values are patched in place through these offsets, every other byte untouched.
     """
     order = {b"II": "<", b"MM": ">"}.get(tiff[base : base + 2])
     if order is None or len(tiff) < base + 16:
         return None
     big = struct.unpack_from(order + "H", tiff, base + 2)[0] == 43
     offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
-    (ifd,) = struct.unpack_from(order + offset_format, tiff, base + (8 if big else 4))
+    if ifd is None:
+        (ifd,) = struct.unpack_from(order + offset_format, tiff, base + (8 if big else 4))
     start = base + ifd
     head = struct.calcsize(count_format)
     if start + head > len(tiff):
         return None
     (count,) = struct.unpack_from(order + count_format, tiff, start)
+    slots: dict[int, tuple[int, int]] = {}
     for i in range(count):
         entry = start + head + entry_size * i
         if entry + entry_size > len(tiff):
-            return None
+            break
         tag, kind = struct.unpack_from(order + "HH", tiff, entry)
-        if tag == _ORIENTATION_TAG and kind == 3:
-            return entry + (12 if big else 8), order
-    return None
+        slots.setdefault(tag, (kind, entry + (12 if big else 8)))
+    return order, slots
+
+
+def _orientation_slot(tiff: bytes, base: int = 0) -> tuple[int, str] | None:
+    """Byte offset of IFD0's Orientation value (a SHORT) in a TIFF structure at ``base``, and its byte order."""
+    found = _ifd_slots(tiff, base)
+    if found is None:
+        return None
+    order, slots = found
+    kind, offset = slots.get(_ORIENTATION_TAG, (0, 0))
+    return (offset, order) if kind == 3 else None
+
+
+def _exif_dimensions_turned(exif: bytes) -> bytes:
+    """An EXIF block with its PixelXDimension and PixelYDimension exchanged, every other byte untouched.
+
+    Applying orientation 5-8 turns the picture a quarter: left as they were, the two would describe the stored
+    sideways image, not the upright one written. A value that does not fit the other's type stays put.
+    """
+    base = len(_EXIF_PREFIX)
+    ifd0 = _ifd_slots(exif, base)
+    if ifd0 is None or ifd0[1].get(_EXIF_IFD_TAG, (0, 0))[0] not in (4, 13):  # LONG or IFD: the ExifIFD's offset
+        return exif
+    order, slots = ifd0
+    (exif_ifd,) = struct.unpack_from(order + "I", exif, slots[_EXIF_IFD_TAG][1])
+    found = _ifd_slots(exif, base, exif_ifd)
+    formats = {3: "H", 4: "I"}  # SHORT or LONG, as the standard allows
+    sides = [found[1].get(tag) for tag in (0xA002, 0xA003)] if found else []
+    if len(sides) != 2 or any(side is None or side[0] not in formats for side in sides):
+        return exif
+    values = [struct.unpack_from(order + formats[kind], exif, slot)[0] for kind, slot in sides]
+    if max(values) > 0xFFFF and any(kind == 3 for kind, _ in sides):
+        return exif
+    turned = bytearray(exif)
+    for (kind, slot), value in zip(sides, values[::-1], strict=True):
+        struct.pack_into(order + formats[kind], turned, slot, value)
+    return bytes(turned)
 
 
 def _exif_orientation_slot(exif: bytes) -> tuple[int, str] | None:
@@ -1068,6 +1193,11 @@ def _decode_samples(data: bytes, probe: _Probe) -> tuple[np.ndarray, bool]:
         samples = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if samples.ndim == 2:
         samples = samples[..., None]
+    if probe.png_grey_key is not None and samples.shape[2] == 1:
+        # like RGB and palette tRNS: transparency as an alpha channel, which the restoration cannot shift the way
+        # it shifts grey levels off (or onto) a colour key
+        opaque = np.iinfo(samples.dtype).max
+        samples = np.dstack([samples, np.where(samples[..., 0] == probe.png_grey_key, 0, opaque).astype(samples.dtype)])
     if probe.format == "tiff" and samples.shape[2] == 4 and not probe.tiff_alpha:
         samples = samples[..., :3]  # OpenCV hands CMYK over as BGRA with an opaque A: no alpha in the file
     if probe.bmp_alpha is not None:
@@ -1202,12 +1332,18 @@ def _assemble(samples: np.ndarray, bgr: bool, probe: _Probe) -> DecodedImage:
     metadata.orientation = orientation
     if metadata.exif is not None and not probe.keeps_orientation_tags:
         metadata.exif = _upright(metadata.exif, _exif_orientation_slot(metadata.exif))
+        if orientation in (5, 6, 7, 8):
+            metadata.exif = _exif_dimensions_turned(metadata.exif)
     if metadata.xmp is not None and not probe.keeps_orientation_tags:
         metadata.xmp = _xmp_upright(metadata.xmp)
-    if orientation in (5, 6, 7, 8) and metadata.dpi is not None:
-        metadata.dpi = (metadata.dpi[1], metadata.dpi[0])
+    if orientation in (5, 6, 7, 8):
+        metadata.dpi = metadata.dpi and (metadata.dpi[1], metadata.dpi[0])
+        metadata.pixel_aspect = metadata.pixel_aspect and (metadata.pixel_aspect[1], metadata.pixel_aspect[0])
+    if alpha is not None and metadata.tiff_alpha_kind == 1:
+        colour = _unpremultiplied(colour, alpha)
+    metadata.float_range = _float_range(colour)
     return DecodedImage(
-        pixels=_to_unit(colour),
+        pixels=_to_unit(colour, metadata.float_range),
         alpha=alpha,
         format=probe.format,
         dtype=dtype,
@@ -1240,9 +1376,45 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
     return array
 
 
-def _to_unit(samples: np.ndarray) -> np.ndarray:
+def _unpremultiplied(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Colour stored multiplied by its alpha (TIFF ExtraSamples 1, associated alpha) divided by it, as float32.
+
+    The models must see the picture, not the picture faded towards black where it is transparent: they would
+    sharpen the alpha's edges into the colour, and the written colour would exceed its alpha. Integer samples come
+    back in [0, 1] (colour above its alpha, which a valid file has not, is clipped), float samples on their own
+    scale; fully transparent pixels have no colour and get 0.
+    """
+    weight = alpha.astype(np.float32)[..., None]
+    straight = np.divide(colour.astype(np.float32), weight, out=np.zeros(colour.shape, np.float32), where=weight > 0)
+    if colour.dtype != np.float32:
+        np.fmin(straight, np.float32(1.0), out=straight)
+    return straight
+
+
+def _float_range(samples: np.ndarray) -> tuple[float, float] | None:
+    """The (low, high) that float samples reaching outside [0, 1] are scaled from, or None.
+
+    The models work in [0, 1], but a linear or HDR float TIFF holds highlights above 1 and, after a conversion to
+    narrower primaries, out-of-gamut colours below 0: clipping them would lose them even at strength 0. The range
+    is [0, 1] widened to the finite samples' own extremes, so black stays at 0 unless a sample is negative, and a
+    linear restoration commutes with the mapping. NaN and infinities do not widen it (they are clipped as before).
+    """
+    if samples.dtype != np.float32:
+        return None
+    finite = samples[np.isfinite(samples)]
+    low = min(0.0, float(finite.min())) if finite.size else 0.0
+    high = max(1.0, float(finite.max())) if finite.size else 1.0
+    return None if (low, high) == (0.0, 1.0) else (low, high)
+
+
+def _to_unit(samples: np.ndarray, float_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Samples as float32 in [0, 1]: integers over their type's maximum, floats from ``float_range`` (or clipped)."""
     if samples.dtype == np.float32:
-        return _clip_unit(samples.copy(order="C"), 1.0)
+        if float_range is None:
+            return _clip_unit(samples.copy(order="C"), 1.0)
+        low, high = float_range
+        unit = ((samples.astype(np.float64) - low) / (high - low)).astype(np.float32, order="C")
+        return _clip_unit(unit, 1.0)
     unit = samples.astype(np.float32, order="C")  # rotated/BGR views become plain C arrays
     unit /= np.float32(np.iinfo(samples.dtype).max)
     return unit
@@ -1365,7 +1537,12 @@ def _jpeg_segment(marker: int, body: bytes) -> bytes:
 
 
 def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
-    """Put EXIF, XMP, Photoshop/IPTC and ICC segments (and the dpi) after the encoder's JFIF header."""
+    """Put EXIF, XMP (extended XMP too), Photoshop/IPTC, ICC and comment segments (and the dpi) after the
+    encoder's JFIF header.
+
+    APP11 (JUMBF: a C2PA provenance manifest) is not among them: its signature binds the input's bytes, so on the
+    restoration it would claim a provenance the new file does not have.
+    """
     pos = 2
     head = [encoded[:2]]
     if encoded[2:4] == b"\xff\xe0":  # JFIF APP0
@@ -1385,6 +1562,7 @@ def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
     if meta.xmp:
         if len(_XMP_JPEG_PREFIX) + len(meta.xmp) <= _MAX_SEGMENT:
             segments.append(_jpeg_segment(0xE1, _XMP_JPEG_PREFIX + meta.xmp))
+            segments += (_jpeg_segment(0xE1, _XMP_EXTENSION_JPEG_PREFIX + part) for part in meta.xmp_extension)
         else:
             log.warning("dropping a %d-byte XMP packet: extended XMP is not written", len(meta.xmp))
     if meta.photoshop:
@@ -1399,6 +1577,7 @@ def _jpeg_with_segments(encoded: bytes, meta: ImageMetadata) -> bytes:
             parts = []
         for i, part in enumerate(parts):
             segments.append(_jpeg_segment(0xE2, _ICC_JPEG_PREFIX + bytes([i + 1, len(parts)]) + part))
+    segments += (_jpeg_segment(0xFE, comment) for comment in meta.jpeg_comments)
     return b"".join([*head, *segments, encoded[pos:]])
 
 
@@ -1436,11 +1615,28 @@ def _grey_as_colour(array: np.ndarray) -> np.ndarray:
 def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata, _quality: int | None) -> bytes:
     import tifffile
 
+    array, options, subifds = _tiff_page_options(samples, alpha, meta)
+    for sub in subifds:
+        # tifffile refuses to write pointer tags: write the tag just below,
+        # which sorts to the same place, and turn it into the pointer after.
+        options["extratags"].append((sub - 1, "I", 1, 0, True))
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, **options, byteorder="<")
+    return _tiff_append_subifds(out.getvalue(), subifds)
+
+
+def _tiff_page_options(
+    samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetadata
+) -> tuple[np.ndarray, dict[str, Any], dict[int, dict[int, Any]]]:
+    """One page as tifffile writes it: the stored array, the write options (layout, resolution, ICC, XMP, IPTC,
+    descriptive tags), and the EXIF/GPS directories still to be appended (only a first page's EXIF has them).
+
+    Every page goes through here, so a later page keeps its own profile and captions as the first keeps its.
+    """
     array = _tiff_stored(samples, alpha, meta)
-    grey = samples.shape[2] == 1
     tags = _tiff_tags_from_exif(meta.exif)
-    extratags: list[tuple[int, str, int, Any, bool]] = [
-        (tag, "s", 0, value, True) for tag, value in tags.text.items() if tag not in (270, 305, 306)
+    extratags: list[tuple[int, Any, int, Any, bool]] = [  # the page's own name is written from tiff_page_name
+        (tag, "s", 0, value, True) for tag, value in tags.text.items() if tag not in (270, 285, 305, 306)
     ]
     if tags.orientation is not None:
         extratags.append((_ORIENTATION_TAG, "H", 1, 1, True))
@@ -1450,26 +1646,27 @@ def _encode_tiff(samples: np.ndarray, alpha: np.ndarray | None, meta: ImageMetad
         if blob:
             extratags.append((code, 7, len(blob), blob, True))  # UNDEFINED: bytes as they were
     extratags += _page_name_tag(meta)
-    for sub in tags.subifds:
-        # tifffile refuses to write pointer tags: write the tag just below,
-        # which sorts to the same place, and turn it into the pointer after.
-        extratags.append((sub - 1, "I", 1, 0, True))
-    out = io.BytesIO()
-    tifffile.imwrite(
-        out,
-        array,
-        **_tiff_layout(array, grey, alpha is not None, meta),
-        iccprofile=meta.icc or None,
-        description=tags.text.get(270),
-        software=tags.text.get(305, False),
-        datetime=tags.text.get(306),
-        resolution=meta.dpi,
-        resolutionunit="INCH" if meta.dpi else "NONE",
-        metadata=None,
-        extratags=extratags,
-        byteorder="<",
-    )
-    return _tiff_append_subifds(out.getvalue(), tags.subifds)
+    options = {
+        **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta),
+        **_tiff_resolution_options(meta),
+        "iccprofile": meta.icc or None,
+        "description": tags.text.get(270),
+        "software": tags.text.get(305, False),
+        "datetime": tags.text.get(306),
+        "metadata": None,
+        "extratags": extratags,
+    }
+    return array, options, tags.subifds
+
+
+def _tiff_resolution_options(meta: ImageMetadata) -> dict[str, Any]:
+    """tifffile's resolution options: dots per inch, or per centimetre for a TIFF that counted in them, or the
+    unitless X/Y resolution of a TIFF whose ResolutionUnit was NONE (which stays NONE: no size is invented)."""
+    if meta.dpi and meta.tiff_resolution_unit == 3:
+        return {"resolution": (meta.dpi[0] / 2.54, meta.dpi[1] / 2.54), "resolutionunit": "CENTIMETER"}
+    if meta.dpi:
+        return {"resolution": meta.dpi, "resolutionunit": "INCH"}
+    return {"resolution": meta.pixel_aspect, "resolutionunit": "NONE"}
 
 
 def _tiff_layout(array: np.ndarray, grey: bool, has_alpha: bool, meta: ImageMetadata) -> dict[str, Any]:
@@ -1495,12 +1692,10 @@ def _append_tiff_page(encoded: bytes, samples: np.ndarray, alpha: np.ndarray | N
     """``encoded`` (a TIFF) with one more page holding ``samples`` (and ``alpha``), in that page's own layout."""
     import tifffile
 
-    array = _tiff_stored(samples, alpha, meta)
+    array, options, _ = _tiff_page_options(samples, alpha, meta)  # a later page's EXIF holds text tags only
     buffer = io.BytesIO(encoded)
     with tifffile.TiffWriter(buffer, append=True, byteorder="<") as tif:
-        tif.write(array, **_tiff_layout(array, samples.shape[2] == 1, alpha is not None, meta), metadata=None,
-                  resolution=meta.dpi, resolutionunit="INCH" if meta.dpi else "NONE",
-                  extratags=_page_name_tag(meta))
+        tif.write(array, **options)
     return buffer.getvalue()
 
 
