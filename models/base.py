@@ -27,9 +27,11 @@ from models.registry import ModelInfo
 
 
 GREY_TOLERANCE = 1.0 / 255.0  # one 8-bit level: what rounding a grey image through YCbCr can leave
-# an image whose values are not 8-bit levels (16-bit, float) was stored without that rounding: a spread of more
-# than two of its own levels is colour (a faint tone of a 16-bit scan), not rounding
-FINE_GREY_TOLERANCE = 2.0 / 65535.0
+# an image whose values are not 8-bit levels (12- or 16-bit, float) was stored finer: a spread of one 12-bit
+# level (16 of 65,535) is still rounding (a colour transform, a colour-managed export), one of a few hundred
+# 16-bit levels is colour (a faint tone of a scan), not rounding
+FINE_GREY_TOLERANCE = 1.0 / 4095.0
+EIGHT_BIT_SAMPLE = 65536  # values looked at to tell 8-bit levels: any of them off a level says it (and is cheap)
 
 
 @dataclass
@@ -147,14 +149,17 @@ def bf16_native(device: torch.device) -> bool:
 
 def grey_images(x: torch.Tensor) -> torch.Tensor:
     """Which images of an RGB batch (N, 3, H, W) are grey -> (N,) bool: all channels within ``GREY_TOLERANCE``
-    (one 8-bit level) of an image whose values are 8-bit levels, within ``FINE_GREY_TOLERANCE`` of any other (a
-    16-bit scan whose tone differs by a few hundred of its 65,535 levels is colour: it was flattened to grey)."""
+    (one 8-bit level) of an image whose values are 8-bit levels, within ``FINE_GREY_TOLERANCE`` (one 12-bit
+    level) of any other (a 16-bit scan whose tone differs by a hundred of its 65,535 levels is colour: it was
+    flattened to grey). Whether values are 8-bit levels is asked only of images whose spread lies between the
+    two, and of a sample of their values: no full-size copies of a large scan."""
     spread = (x.amax(dim=1) - x.amin(dim=1)).flatten(1).amax(dim=1)
-    levels = x.flatten(1).float() * 255.0
-    eight_bit = (levels - levels.round()).abs().amax(dim=1) < 1e-3
-    tolerance = torch.where(eight_bit, torch.full_like(spread, GREY_TOLERANCE), torch.full_like(spread,
-                                                                                                 FINE_GREY_TOLERANCE))
-    return spread <= tolerance + 1e-6
+    grey = spread <= FINE_GREY_TOLERANCE + 1e-6
+    between = (~grey) & (spread <= GREY_TOLERANCE + 1e-6)
+    for index in torch.nonzero(between).flatten().tolist():
+        levels = x[index].flatten()[:EIGHT_BIT_SAMPLE].float() * 255.0
+        grey[index] = bool((levels - levels.round()).abs().amax() < 1e-3)
+    return grey
 
 
 def keep_grey(x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -52,6 +53,17 @@ def test_float_tiff_samples_outside_zero_one_come_back_at_strength_zero(low: flo
     assert image.metadata.float_range == pytest.approx((darkest, max(1.0, float(hdr.max()))))
     darker = tifffile.imread(io.BytesIO(encode_image(image, image.pixels * 0.5)))
     np.testing.assert_allclose(darker, (hdr - darkest) * 0.5 + darkest, rtol=0, atol=(high - low) * 2.0**-22)
+
+
+def test_a_float_tiff_written_as_png_keeps_its_own_values_clipped_to_what_png_holds() -> None:
+    """Converted with --output-format, a float scan whose highlights reach 4 was written as its [0, 1]-scaled
+    samples: four times too dark. Its own values are written, those above 1 clipped as a PNG must."""
+    hdr = (_unit(RGB) * 4.0).astype(np.float32)
+    image = decode_image(_tiff_bytes(hdr, photometric="rgb"), "hdr.tif")
+    png = cv2.imdecode(np.frombuffer(encode_image(as_format(image, "png"), image.pixels), np.uint8),
+                       cv2.IMREAD_UNCHANGED)[..., ::-1]
+    expected = np.rint(np.clip(hdr, 0.0, 1.0) * 65535).astype(np.uint16)
+    assert png.dtype == np.uint16 and int(np.abs(png.astype(np.int64) - expected).max()) <= 1
 
 
 def test_float_tiff_within_zero_one_is_written_as_before() -> None:

@@ -184,11 +184,13 @@ def test_a_named_refiner_loads_only_weights_that_refine_its_model(tmp_path: Path
 
 def test_a_faint_tone_of_a_16_bit_scan_is_colour_while_8_bit_rounding_is_grey() -> None:
     """A 16-bit scan whose red and blue differ from green by 120 of 65,535 levels was taken for grey (within one
-    8-bit level) and flattened; a grey JPEG's YCbCr rounding (one 8-bit level) still counts as grey."""
+    8-bit level) and flattened; a grey JPEG's YCbCr rounding (one 8-bit level) and a 12-bit image's (one 12-bit
+    level) still count as grey."""
     rng = np.random.default_rng(3)
     green = torch.from_numpy(rng.integers(2000, 60000, (1, 1, 16, 16))).float()
     toned = torch.cat([green + 120, green, green - 120], dim=1) / 65535.0
     exact = green.expand(1, 3, 16, 16) / 65535.0
     levels = torch.from_numpy(rng.integers(1, 254, (1, 1, 16, 16))).float()
     rounded = torch.cat([levels + 1, levels, levels], dim=1) / 255.0
-    assert base.grey_images(torch.cat([toned, exact, rounded])).tolist() == [False, True, True]
+    fine = torch.cat([green + 16, green, green], dim=1) / 65535.0  # a 12-bit level of rounding: still grey
+    assert base.grey_images(torch.cat([toned, exact, rounded, fine])).tolist() == [False, True, True, True]

@@ -420,7 +420,8 @@ def as_format(image: DecodedImage, fmt: str) -> DecodedImage:
         dtype = allowed[-1] if dtype.itemsize > allowed[-1].itemsize else allowed[0]
     meta = image.metadata
     converted = ImageMetadata(exif=meta.exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc, photoshop=meta.photoshop,
-                              orientation=meta.orientation, dpi=meta.dpi, tiff_compression=8)
+                              orientation=meta.orientation, dpi=meta.dpi, tiff_compression=8,
+                              float_range=meta.float_range)  # the pixels' own scale, whatever stores them
     alpha = image.alpha
     if alpha is not None and alpha.dtype != dtype:
         alpha = quantise(_to_unit(alpha), dtype)
@@ -440,7 +441,7 @@ def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
         levels = np.rint(_clip_unit(np.multiply(arr, np.float32(2**bits - 1), dtype=np.float32), 2**bits - 1))
         return jpeg2000.widen(levels.astype(image.dtype), bits)
     dtype = np.dtype(image.dtype)
-    float_range = image.metadata.float_range if dtype == np.float32 else None
+    float_range = image.metadata.float_range
     premultiplied = image.alpha is not None and image.metadata.tiff_alpha_kind == 1
     if float_range is None and not premultiplied:
         return quantise(arr, dtype)
@@ -449,7 +450,9 @@ def _samples_for(image: DecodedImage, pixels: np.ndarray) -> np.ndarray:
         low, high = float_range
         values = (values.astype(np.float64) * (high - low) + low).astype(np.float32)
     if not premultiplied:
-        return values
+        # a float scan written as integers (--output-format png): its own values, clipped to what those hold;
+        # left scaled into [0, 1], a scan whose highlights reached 4 came out four times too dark
+        return values if dtype == np.float32 else quantise(values, dtype)
     assert image.alpha is not None
     values *= _to_unit(image.alpha)[..., None]  # stored multiplied by alpha again, as the file declares
     if dtype == np.float32:
