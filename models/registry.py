@@ -408,12 +408,15 @@ def needs_worker_setup(info: ModelInfo) -> bool:
     return info.noncommercial or (info.weights is not None and not info.weights.shipped)
 
 
+LICENCE_REASON = "licensed"  # how unavailable_reason's licence refusal starts (a model's own file cannot mend it)
+
+
 def unavailable_reason(info: ModelInfo) -> str | None:
     """Why this installation cannot run ``info`` (None: it can): its licence is not opted into, or its weights
     are not in the weights folder."""
     if info.noncommercial and not noncommercial_allowed():
-        return (f"licensed {info.license!r}, which forbids commercial use, and DEBLUR_ALLOW_NONCOMMERCIAL is not "
-                "set there")
+        return (f"{LICENCE_REASON} {info.license!r}, which forbids commercial use, and DEBLUR_ALLOW_NONCOMMERCIAL "
+                "is not set there")
     if not weights_present(info):
         return (f"no weights ({info.weights.filename if info.weights else '?'}) in its DEBLUR_WEIGHTS_DIR: run "
                 f"'deblur models pull {info.name}' there")

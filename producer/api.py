@@ -648,7 +648,8 @@ _MODEL_ERRORS = (UnknownModelError, InvalidModelSpecError, LicenseError, Weights
 # the command line's flags that submission's messages name, as the API's fields (the rest are spelt alike)
 _FLAG_FIELDS = {**{option[2:]: name for option, name in _OPTION_FIELDS.items()},
                 "model": "models", "label": "labels", "notify": "notify_url", "job-key": "job_key"}
-_FLAG = re.compile(r"(?<![\w-])--(%s)(?![\w-])" % "|".join(sorted(map(re.escape, _FLAG_FIELDS), key=len,
+# a flag as the messages write it (followed by a space or punctuation), not '--sharp' inside a user's own key
+_FLAG = re.compile(r"(?<![\w-])--(%s)(?=[\s:,;)]|$)" % "|".join(sorted(map(re.escape, _FLAG_FIELDS), key=len,
                                                                      reverse=True)))
 
 

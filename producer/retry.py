@@ -90,9 +90,9 @@ def _check_no_other_job_writes(session: Session, job_id: str, prefix: object, im
         image = retried.get(digest(uri))
         if image is not None and image.output_uri == uri:
             raise OutputsBusyError(
-                f"output {uri} (of {image.input_uri}) is one job {other} ({overlapping[other]}) has still to "
-                f"write: retrying job {job_id} now would write over that job's result. Wait for it ('deblur status "
-                f"{other} --watch') or cancel it, then retry", other, uri)
+                f"output {uri} is one job {other} ({overlapping[other]}) has still to write (the output of "
+                f"{image.input_uri}): retrying job {job_id} now would write over that job's result. Wait for it "
+                f"('deblur status {other} --watch') or cancel it, then retry", other, uri)
 
 
 def retryable_job_ids(settings: Settings) -> list[str]:

@@ -136,9 +136,11 @@ class _Validated:
     client: Any  # a boto3 S3 client
     plan: Plan
 
-    def model_names(self) -> list[str]:
-        """The registry names of the job's models (its ensemble's members)."""
-        return [REGISTRY.parse(text).name for text in self.models]
+    def model_names(self) -> list[tuple[str, bool]]:
+        """The registry names of the job's models (its ensemble's members), each with whether the job names its
+        own file for it (``path=``, ``weights=``): then the workers' weights folder does not matter."""
+        members = [REGISTRY.parse(text) for text in self.models]
+        return [(m.name, any(m.param_dict.get(name) for name in FILE_PARAMS)) for m in members]
 
     def items(self, ignored: Counter[str] | None = None,
               tick: Callable[[], None] | None = None) -> tuple[Iterator[ImageItem], Callable[[], int]]:
@@ -274,9 +276,10 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
         if taken is not None:
             other = names[taken]
             raise OutputsBusyError(
-                f"output {item.output} (of {item.input}) is one job {other} ({overlapping[other]}) has still to "
-                f"write: the two jobs would write over each other's results. Wait for it ('deblur status {other} "
-                "--watch'), cancel it, or choose another output prefix", other, str(item.output))
+                # the job's id early: an answer shortened for the API still names it (HttpClient reads it)
+                f"output {item.output} is one job {other} ({overlapping[other]}) has still to write (the output "
+                f"of {item.input}): the two jobs would write over each other's results. Wait for it ('deblur "
+                f"status {other} --watch'), cancel it, or choose another output prefix", other, str(item.output))
 
 
 def overlaps(output: S3URI, prefix: str) -> bool:

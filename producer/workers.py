@@ -139,11 +139,13 @@ def batch_fields(window: int = 0, output_format: str | None = None, quality: int
     return sorted(name for name, carried in used.items() if carried)
 
 
-def check_workers_know(settings: Settings, needed: Iterable[str], models: Iterable[str] = (),
+def check_workers_know(settings: Settings, needed: Iterable[str], models: Iterable[tuple[str, bool]] = (),
                        timeout: float = 1.0) -> None:
     """Refuse a job whose batches carry the ``needed`` optional fields while a worker on the job's queue would
-    not understand them (it would drop those batches), or that names ``models`` a worker on its queue cannot
-    run (each image it took would fail): :class:`InputError`, :class:`WeightsError` or :class:`LicenseError`.
+    not understand them (it would drop those batches), or that names ``models`` (name, whether the job names its
+    own file for it) a worker on its queue cannot run (each image it took would fail): :class:`InputError`,
+    :class:`WeightsError` or :class:`LicenseError`. A model given its own file (``path=``) is judged by its
+    licence alone: the worker's weights folder plays no part.
 
     The workers are asked only when a field is newer than their self-description or a model needs an
     operator's setting-up (weights that do not ship, a non-commercial licence), so most submissions do not wait
@@ -157,7 +159,8 @@ def check_workers_know(settings: Settings, needed: Iterable[str], models: Iterab
     from models.registry import needs_worker_setup
 
     needed = sorted(set(needed) - set(FIELDS_BEFORE_INFO))
-    set_up = sorted({name for name in models if name in REGISTRY and needs_worker_setup(REGISTRY.get(name))})
+    set_up = sorted({(name, own_file) for name, own_file in models
+                     if name in REGISTRY and needs_worker_setup(REGISTRY.get(name))})
     if not needed and not set_up:
         return
     try:
@@ -174,16 +177,19 @@ def check_workers_know(settings: Settings, needed: Iterable[str], models: Iterab
                          "(see 'deblur workers'), or submit without the options that need them")
 
 
-def _check_models_runnable(states: list[WorkerState], models: list[str], queue: str) -> None:
-    """Refuse ``models`` when a node of ``states`` (the queue's) says it cannot run one of them."""
+def _check_models_runnable(states: list[WorkerState], models: list[tuple[str, bool]], queue: str) -> None:
+    """Refuse ``models`` (name, whether the job names its own file) when a node of ``states`` (the queue's) says
+    it cannot run one of them; a model with its own file only for want of the licence's opt-in."""
     from jobs.errors import LicenseError, WeightsError
+    from models.registry import LICENCE_REASON
 
-    unable = [(s, name, s.models_unavailable[name]) for s in states for name in models
-              if s.models_unavailable and name in s.models_unavailable]
+    unable = [(s, name, s.models_unavailable[name]) for s in states for name, own_file in models
+              if s.models_unavailable and name in s.models_unavailable
+              and (not own_file or s.models_unavailable[name].startswith(LICENCE_REASON))]
     if not unable:
         return
     shown = "; ".join(f"{s.name} cannot run {name}: {reason}" for s, name, reason in unable[:5])
     more = f" (and {len(unable) - 5} more)" if len(unable) > 5 else ""
-    error = LicenseError if all("licensed" in reason for _, _, reason in unable) else WeightsError
-    raise error(f"worker(s) on queue {queue!r} would fail every image of this job: {shown}{more}. Set them up "
-                "(then submit again), or leave the model out")
+    error = LicenseError if all(reason.startswith(LICENCE_REASON) for _, _, reason in unable) else WeightsError
+    raise error(f"worker(s) on queue {queue!r} would fail each image of this job they took: {shown}{more}. Set "
+                "them up (then submit again), or leave the model out")

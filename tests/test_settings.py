@@ -49,11 +49,14 @@ def test_config_shows_no_password_or_secret(monkeypatch: pytest.MonkeyPatch, tmp
 
     from producer.cli import main
 
+    import producer.cli
+
     monkeypatch.setenv("DEBLUR_HOME", str(tmp_path))
+    monkeypatch.setattr(producer.cli.out, "width", 400)  # no value cut short with '…' or wrapped
     env = {"DEBLUR_BROKER_URL": "redis://:redispw@127.0.0.1:6390/0", "DEBLUR_NOTIFY_SECRET": "notifysecret",
            "DEBLUR_DATABASE_URL": "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/x",
            "DEBLUR_API_TOKEN": "apitoken", "DEBLUR_FLOWER_BASIC_AUTH": "admin:flowerpw"}
-    result = CliRunner().invoke(main, ["config"], env={**env, "COLUMNS": "400"})
+    result = CliRunner().invoke(main, ["config"], env=env)
     assert result.exit_code == 0, result.output
     for secret in ("redispw", "notifysecret", "hunter2", "apitoken", "flowerpw"):
         assert secret not in result.output, secret

@@ -198,10 +198,11 @@ def test_a_retry_whose_outputs_another_unfinished_job_has_still_to_write_is_refu
     refused = invoke("retry", first_id, "--failed")
     assert refused.exit_code == 2, refused.output
     assert f"is one job {second.stdout.strip()} (queued) has still to write" in " ".join(refused.output.split())
-    every = invoke("retry", "--all", "--failed")
-    assert every.exit_code == 2, every.output
-    assert "jobs not retried: another job has still to write their outputs" in " ".join(every.output.split())
-    assert f"re-enqueued 0 images of job {second.stdout.strip()}" in every.output  # the others were retried
+    if env["DEBLUR_DATABASE_URL"].startswith("sqlite"):  # PostgreSQL is shared: --all would retry other tests' jobs
+        every = invoke("retry", "--all", "--failed")
+        assert every.exit_code == 2, every.output
+        assert "jobs not retried: another job has still to write their outputs" in " ".join(every.output.split())
+        assert f"re-enqueued 0 images of job {second.stdout.strip()}" in every.output  # the others were retried
     assert queue_length(env) == queued
     rows = json.loads(invoke("results", first_id, "--format", "json").stdout)
     assert {r["input"]: r["status"] for r in rows}[f"s3://{bucket}/in/a.png"] == "failed"

@@ -212,6 +212,11 @@ def test_a_job_naming_a_model_the_queues_workers_cannot_run_is_refused_before_an
             assert "deblur models pull nafnet-gopro" in said, said
         unlicensed = invoke("submit", *args, "--model", "mprnet-gopro")
         assert unlicensed.exit_code == 2 and "DEBLUR_ALLOW_NONCOMMERCIAL" in unlicensed.output, unlicensed.output
+        # a job that names its own checkpoint does not need the workers' copy, only the licence's opt-in
+        own = invoke("submit", *args, "--model", "nafnet-gopro:path=/shared/weights/mine.pth", "--dry-run")
+        assert own.exit_code == 0, own.output
+        own_unlicensed = invoke("submit", *args, "--model", "mprnet-gopro:path=/shared/weights/mine.pth", "--dry-run")
+        assert own_unlicensed.exit_code == 2 and "DEBLUR_ALLOW_NONCOMMERCIAL" in own_unlicensed.output
         assert invoke("status", "--format", "json").stdout.strip() in ("", "[]")  # nothing was submitted
         (weights / REGISTRY.get("nafnet-gopro").weights.filename).write_bytes(b"pulled")  # type: ignore[union-attr]
         accepted = invoke("submit", *args, "--model", "nafnet-gopro", "--dry-run")
