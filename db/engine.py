@@ -182,8 +182,16 @@ def _forget_parent_engines() -> None:
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()  # the engines get_engine made in this process
+def _fresh_upgrade_lock() -> None:
+    """A child process forked while a thread of its parent held :data:`_upgrade_lock` would inherit it held, by
+    a thread it does not have, for good: the child gets its own."""
+    global _upgrade_lock
+    _upgrade_lock = threading.RLock()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parent_engines)
+    os.register_at_fork(after_in_child=_fresh_upgrade_lock)
 
 
 @contextmanager
@@ -260,11 +268,22 @@ def _migration_lock(url: str) -> Iterator[None]:
         import fcntl
 
         with open(path.with_name(path.name + ".migration-lock"), "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say_waiting(engine)
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _say_waiting(engine: Engine) -> None:
+    """Log that this process waits for another's migration of ``engine``'s database: an index built on a large
+    table can take minutes, and a process (an API server, a worker) standing still meanwhile should say why."""
+    log.info("waiting for another process to finish migrating the database at %s",
+             engine.url.render_as_string(hide_password=True))
 
 
 @contextmanager
@@ -276,7 +295,9 @@ def _advisory_lock(engine: Engine) -> Iterator[None]:
     """
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}).scalar():
+            _say_waiting(engine)
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         try:
             yield
         finally:

@@ -120,7 +120,10 @@ def test_folders_are_restored_with_their_layout_and_unsafe_plans_are_refused(tmp
         ((str(single), "--output", str(single.parent)), "would be overwritten by its own restoration"),
         ((str(scans), "--output", str(scans / "restored")), "lies inside input folder"),
         # 1950/b.jpg would have replaced scans/b.jpg, a file that is no input of this run
-        ((str(scans / "1950"), "--output", str(scans)), "holds the input folder"),
+        ((str(scans / "1950"), "--output", str(scans)), "holds the input"),
+        # and so for a file: 1950/b.jpg into scans/ replaced scans/b.jpg, a.png as a.tif beside it an a.tif
+        ((str(scans / "1950" / "b.jpg"), "--output", str(scans)), "holds the input"),
+        ((str(scans / "a.png"), "--output", str(scans), "--output-format", "tiff"), "holds the input"),
         ((str(tmp_path / "loose"), str(tmp_path / "o3"), "--output", str(tmp_path / "o4")), None),
     ]
     (tmp_path / "o3").mkdir()

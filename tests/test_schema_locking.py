@@ -178,3 +178,43 @@ def test_commands_and_the_workers_sweep_say_a_newer_schema_in_one_line(
     said = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage().split(":")[0] for r in said] == ["the sweep for abandoned images cannot run"] * 2
     assert all(r.exc_info is None for r in said)
+
+
+def test_a_process_waiting_for_anothers_migration_says_so(old_databases: list[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A process that found the schema behind while another migrated it stood still without a word (an index
+    on a large table takes minutes): it now logs that it waits, then finds the work done or does it."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from db.engine import current_revision, ensure_schema, head_revision
+
+    url = old_databases[0]
+    ensure_schema.cache_clear()
+    with ExitStack() as held:  # the other process's hold on the lock, as that process would take it
+        if url.startswith("sqlite"):
+            import fcntl
+
+            path = Path(url.removeprefix("sqlite:///"))
+            lock = held.enter_context(open(path.with_name(path.name + ".migration-lock"), "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            from db.engine import MIGRATION_LOCK_KEY
+
+            engine = create_engine(url)
+            held.callback(engine.dispose)
+            connection = held.enter_context(engine.connect()).execution_options(isolation_level="AUTOCOMMIT")
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        caplog.set_level(logging.INFO, logger="db.engine")
+        migrating = threading.Thread(target=ensure_schema, args=(url,), daemon=True)
+        migrating.start()
+        said = threading.Event()
+        for _ in range(BOUND_S * 10):
+            if any("waiting for another process" in r.getMessage() for r in caplog.records):
+                said.set()
+                break
+            migrating.join(0.1)
+        assert said.is_set() and migrating.is_alive()  # it waits, and says so
+    migrating.join(BOUND_S)
+    assert not migrating.is_alive() and current_revision(url) == head_revision()

@@ -99,7 +99,12 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
     out = output.resolve()
     for path in inputs:
         if not path.is_dir():
-            planned.append((path, output / with_output_format(path.name, output_format)))
+            target = output / with_output_format(path.name, output_format)
+            parent = path.resolve().parent
+            if out in parent.parents or (out == parent and target.name != path.name):
+                # scans/sub/a.png into scans/, or scan.jpg as scan.png beside it: a file of that name is replaced
+                raise InputError(_output_holds(output, path))
+            planned.append((path, target))
             continue
         folder = path.resolve()
         if out == folder or folder in out.parents:
@@ -107,9 +112,7 @@ def plan_outputs(inputs: Sequence[Path], output: Path, ignored: Counter[str] | N
                              "back as inputs next time; choose an output folder outside it")
         if out in folder.parents:
             # scans/sub/a.png would be written to scans/a.png, replacing whatever file of that name is there
-            raise InputError(f"output folder {output} holds the input folder {path}: the outputs would be written "
-                             "among the files already there, replacing any of the same name (originals too); "
-                             "choose an output folder outside the input folder and its parents")
+            raise InputError(_output_holds(output, path))
         files = _folder_files(path, out, notes)
         images = sorted(p for p in files if is_photograph(p.name))
         others = Counter(ignored_kind(p.name) for p in files if not is_photograph(p.name))
@@ -169,6 +172,13 @@ class FileResult:
 
     metrics: dict[str, float | None]
     review: str | None = None
+
+
+def _output_holds(output: Path, source: Path) -> str:
+    """The refusal of an output folder that holds ``source``'s folder (or is it, for a renamed file)."""
+    return (f"output folder {output} holds the input {source}: the outputs would be written among the files "
+            "already there, replacing any of the same name (originals too); choose an output folder outside the "
+            "input's folder and its parents")
 
 
 def restore_file(path: Path, target: Path, message: BatchMessage,
