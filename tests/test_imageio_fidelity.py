@@ -288,3 +288,18 @@ def test_exif_pixel_dimensions_follow_the_picture_turned_upright(fmt: str) -> No
     dimensions = written.getexif().get_ifd(0x8769)
     assert written.getexif().get(0x0112, 1) == 1
     assert (dimensions[0xA002], dimensions[0xA003]) == written.size == (height, width)
+
+
+@pytest.mark.parametrize("pages", [1, 2])
+def test_a_half_float_tiff_is_refused_naming_its_sample_type_not_called_corrupt(pages: int) -> None:
+    """A 16-bit float scan failed as 'corrupt TIFF data' (OpenCV's guess), with OpenCV's noise on stderr."""
+    from worker.imageio import ImageDecodeError
+
+    half = _unit(RGB).astype(np.float16)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tif:
+        for _ in range(pages):
+            tif.write(half, photometric="rgb")
+    with pytest.raises(ImageDecodeError, match=r"float16 samples \(16-bit float\) are not supported: only 8/16-bit "
+                                               "integer and 32-bit float"):
+        decode_image(buffer.getvalue(), "half.tif")

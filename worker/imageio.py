@@ -945,6 +945,8 @@ def _tiff_pages(data: bytes, probe: _Probe) -> list[DecodedImage]:
             page = tif.pages[index]
             try:
                 samples = _page_samples(page)
+            except _Unreadable as exc:
+                raise _Unreadable(f"TIFF page {index + 1}: {exc}") from None
             except Exception as exc:  # tifffile raises many kinds on damaged data
                 raise _Unreadable(f"corrupt TIFF page {index + 1}: {exc}") from None
             if samples is None:
@@ -1282,6 +1284,11 @@ def _page_samples(page: Any) -> np.ndarray | None:
     if photometric not in (1, 2) and not (photometric == 6 and int(page.compression) == 7) \
             and not _tiff_miniswhite(page):
         return None
+    if page.dtype.kind in "fiu" and page.dtype not in (np.uint8, np.uint16, np.float32):
+        # OpenCV cannot read these either, and called a half-float scan 'corrupt TIFF data'
+        raise _Unreadable(f"{page.dtype} samples ({page.dtype.itemsize * 8}-bit "
+                          f"{'float' if page.dtype.kind == 'f' else 'integer'}) are not supported: only 8/16-bit "
+                          "integer and 32-bit float; convert the file to one of those")
     if page.dtype not in (np.uint8, np.uint16, np.float32) or page.axes not in ("YX", "YXS", "SYX"):
         return None
     if int(page.compression) not in tifffile.TIFF.DECOMPRESSORS or int(page.predictor) not in tifffile.TIFF.PREDICTORS:
