@@ -73,7 +73,7 @@ def _check_no_other_job_writes(session: Session, job_id: str, prefix: object, im
     than this one has still to write one of their outputs: the two would write over each other, and whichever
     finished first would keep 'done' over an output the other replaced (as a new job is refused,
     :mod:`producer.submit`). Only jobs whose output prefix overlaps are read; the images are held already."""
-    from producer.submit import overlaps
+    from producer.submit import jobs_writing_into
 
     if not images or not isinstance(prefix, str):
         return
@@ -81,8 +81,7 @@ def _check_no_other_job_writes(session: Session, job_id: str, prefix: object, im
         output = parse_s3_uri(prefix, want_prefix=True, exact=True)
     except InputError:  # a spec written by hand or by an older version: nothing to compare
         return
-    overlapping = {other: status for other, status, its_prefix in queries.unfinished_job_outputs(session)
-                   if other != job_id and overlaps(output, its_prefix)}
+    overlapping = jobs_writing_into(session, output, other_than=job_id)
     if not overlapping:
         return
     retried = {digest(image.output_uri): image for image in images if image.output_uri}

@@ -260,9 +260,7 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
     ensure_schema(db_url)
     with session_scope(db_url) as session:
         queries.fail_abandoned_submissions(session)  # a dead producer's job must not hold the prefix for ever
-        overlapping = {job_id: status for job_id, status, prefix
-                       in queries.unfinished_job_outputs(session, checked.request.job_key)
-                       if overlaps(output, prefix)}
+        overlapping = jobs_writing_into(session, output, job_key=checked.request.job_key)
         if not overlapping:
             return
         names = list(overlapping)
@@ -280,6 +278,15 @@ def _check_no_live_job_writes_the_same(checked: _Validated, settings: Settings) 
                 f"output {item.output} is one job {other} ({overlapping[other]}) has still to write (the output "
                 f"of {item.input}): the two jobs would write over each other's results. Wait for it ('deblur "
                 f"status {other} --watch'), cancel it, or choose another output prefix", other, str(item.output))
+
+
+def jobs_writing_into(session: Any, output: S3URI, *, job_key: str | None = None,
+                      other_than: str | None = None) -> dict[str, str]:
+    """The unfinished jobs (id -> status) whose output prefix lies within ``output`` or holds it, but the one
+    keyed ``job_key`` and the job ``other_than``: those whose outputs a job writing into ``output`` (a new one,
+    or one retried) could land on. One short query; their images are not read here."""
+    return {job_id: status for job_id, status, prefix in queries.unfinished_job_outputs(session, job_key)
+            if job_id != other_than and overlaps(output, prefix)}
 
 
 def overlaps(output: S3URI, prefix: str) -> bool:

@@ -234,12 +234,17 @@ def _longest_batch(environment: dict[str, str]) -> int:
     return settings.batch_time_limit + settings.resolved_image_time_limit()
 
 
+def test_compose_durations_are_read_as_compose_reads_them() -> None:
+    """The parser the grace-period check below relies on (Compose writes durations as '25m', '1m30s'): a unit
+    conversion of configuration text, nothing timed."""
+    assert compose_seconds("25m") == 1500 and compose_seconds("1m30s") == 90
+
+
 def test_a_stopping_worker_has_time_to_finish_its_batch() -> None:
     """SIGTERM is Celery's warm shutdown: the batch in progress, up to DEBLUR_BATCH_TIME_LIMIT and the image it
     is on (up to DEBLUR_IMAGE_TIME_LIMIT), must finish before the grace period ends in SIGKILL (which wastes the
     work: the images are restored again elsewhere). The grace periods covered the batch limit plus four minutes,
     while the default image limit allowed forty."""
-    assert compose_seconds("25m") == 1500 and compose_seconds("1m30s") == 90
     (worker_pod,) = [spec for name, spec in pod_specs() if name == "deblur-worker"]
     assert worker_pod["terminationGracePeriodSeconds"] >= _longest_batch(config_map())
     worker = compose()["services"]["worker"]
